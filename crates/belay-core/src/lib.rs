@@ -1,0 +1,14 @@
+//! Shared vocabulary of belay: migration versions and their ordering, script checksums,
+//! database URLs that redact their password wherever they are shown, and human durations.
+//! It owns parsing and display of these values and nothing else: it must not talk to a
+//! database, read migration directories, or depend on any other belay crate.
+
+mod checksum;
+mod duration;
+mod url;
+mod version;
+
+pub use checksum::Checksum;
+pub use duration::{format_duration, parse_duration, DurationError};
+pub use url::{redact_url, DatabaseUrl, UrlError};
+pub use version::{Version, VersionError};

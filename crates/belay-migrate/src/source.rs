@@ -1,0 +1,774 @@
+//! Migration sources: finds the migrations in a directory in any of the three layouts,
+//! reads their directives and checksums, and refuses anything ambiguous before a single
+//! statement runs.
+
+use crate::directives::{self, DirectiveError, Directives, NoTransactionSource};
+use crate::sql::{self, Statement};
+use belay_core::{Checksum, Version};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// `V<version>__<desc>.sql`, `U<version>__<desc>.sql`, `R__<desc>.sql`
+    Flyway,
+    /// `<version>_<desc>.up.sql` + `<version>_<desc>.down.sql` (golang-migrate, sqlx, dbmate habit)
+    Paired,
+    /// `<version>_<desc>/up.sql`, `down.sql`, `verify.sql` (diesel, sqitch habit)
+    Folder,
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Layout::Flyway => "Flyway (V1__desc.sql)",
+            Layout::Paired => "paired files (1_desc.up.sql/1_desc.down.sql)",
+            Layout::Folder => "folder per migration (1_desc/up.sql)",
+        })
+    }
+}
+
+/// One SQL file, read once: its exact bytes' checksum, directives and statements.
+#[derive(Debug, Clone)]
+pub struct Script {
+    pub path: PathBuf,
+    pub text: String,
+    pub checksum: Checksum,
+    pub directives: Directives,
+    pub statements: Vec<Statement>,
+}
+
+impl Script {
+    /// Whether it runs outside belay's per-migration transaction, and why.
+    pub fn no_transaction(&self) -> Option<NoTransactionSource> {
+        self.directives.no_transaction
+    }
+
+    /// A script with no statement (empty or comments only) is a valid no-op.
+    pub fn is_empty(&self) -> bool {
+        self.statements.is_empty()
+    }
+
+    pub fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Migration {
+    pub version: Version,
+    pub description: String,
+    pub up: Script,
+    pub down: Option<Script>,
+    pub verify: Option<Script>,
+    /// Covers the forward script and its undo: an edited undo is drift too, since it is
+    /// what a rollback would run.
+    pub checksum: Checksum,
+    /// The name recorded as `script` in history, relative to the migrations directory.
+    pub script_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Repeatable {
+    pub description: String,
+    pub script: Script,
+    pub script_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrationSet {
+    pub dir: PathBuf,
+    pub layout: Option<Layout>,
+    /// Sorted by version.
+    pub migrations: Vec<Migration>,
+    pub repeatables: Vec<Repeatable>,
+    pub warnings: Vec<String>,
+}
+
+impl MigrationSet {
+    pub fn find(&self, version: &Version) -> Option<&Migration> {
+        self.migrations.iter().find(|m| &m.version == version)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "migrations directory {} does not exist: pass --dir, set `dir` in belay.toml, or create it",
+        .0.display()
+    )]
+    NoDirectory(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not valid UTF-8; save the script as UTF-8", .0.display())]
+    NotUtf8(PathBuf),
+    #[error("{}: malformed migration name: {expected}", path.display())]
+    MalformedName { path: PathBuf, expected: String },
+    #[error(
+        "duplicate version {version}: {} and {}; give one of them a new version",
+        first.display(),
+        second.display()
+    )]
+    Duplicate {
+        version: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error(
+        "{}: undo script without a forward migration of version {version}; add the forward script or remove the undo",
+        path.display()
+    )]
+    UndoWithoutForward { path: PathBuf, version: String },
+    #[error(
+        "mixed migration layouts in {}: {} is {first_layout} but {} is {second_layout}; keep one layout per directory",
+        dir.display(),
+        first.display(),
+        second.display()
+    )]
+    MixedLayouts {
+        dir: PathBuf,
+        first: PathBuf,
+        first_layout: Layout,
+        second: PathBuf,
+        second_layout: Layout,
+    },
+    #[error("{}:{source}", path.display())]
+    Directive {
+        path: PathBuf,
+        source: DirectiveError,
+    },
+    #[error("{}: {reason}", path.display())]
+    BadSidecar { path: PathBuf, reason: String },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<SourceError>),
+}
+
+const FLYWAY_EXPECTED: &str = "expected V<version>__<description>.sql, U<version>__<description>.sql or R__<description>.sql (two underscores)";
+const PAIRED_EXPECTED: &str = "expected <version>_<description>.up.sql / .down.sql, with a numeric version";
+const ANY_EXPECTED: &str = "a .sql file in a migrations directory must be named V<version>__<desc>.sql (Flyway), <version>_<desc>.up.sql/.down.sql (paired), or live in a <version>_<desc>/ folder as up.sql/down.sql; move other SQL elsewhere";
+
+enum Kind {
+    Forward,
+    Undo,
+    Verify,
+}
+
+struct Found {
+    layout: Layout,
+    kind: Kind,
+    version: Version,
+    description: String,
+    path: PathBuf,
+    no_tx_sidecar: Option<NoTransactionSource>,
+}
+
+/// Loads every migration under `dir`. All problems are collected and reported together,
+/// each naming its file, so one run shows everything to fix.
+pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
+    if !dir.is_dir() {
+        return Err(SourceError::NoDirectory(dir.to_path_buf()));
+    }
+    let mut errors = Vec::new();
+    let mut found = Vec::new();
+    let mut repeatables_found = Vec::new();
+    scan(dir, dir, &mut found, &mut repeatables_found, &mut errors);
+
+    // One layout per directory.
+    let mut first_of: BTreeMap<u8, &PathBuf> = BTreeMap::new();
+    let mut first_layout: Option<(Layout, &PathBuf)> = None;
+    for (layout, path) in found
+        .iter()
+        .map(|f| (f.layout, &f.path))
+        .chain(repeatables_found.iter().map(|(_, p, _)| (Layout::Flyway, p)))
+    {
+        first_of.entry(layout as u8).or_insert(path);
+        match first_layout {
+            None => first_layout = Some((layout, path)),
+            Some((l, p)) if l != layout => {
+                errors.push(SourceError::MixedLayouts {
+                    dir: dir.to_path_buf(),
+                    first: p.clone(),
+                    first_layout: l,
+                    second: path.clone(),
+                    second_layout: layout,
+                });
+                break;
+            }
+            _ => {}
+        }
+    }
+    let layout = first_layout.map(|(l, _)| l);
+
+    // Pair forward, undo and verify scripts by version.
+    let mut by_version: BTreeMap<Version, [Option<Found>; 3]> = BTreeMap::new();
+    for f in found {
+        let slot = match f.kind {
+            Kind::Forward => 0,
+            Kind::Undo => 1,
+            Kind::Verify => 2,
+        };
+        let entry = by_version.entry(f.version.clone()).or_default();
+        if let Some(existing) = &entry[slot] {
+            errors.push(SourceError::Duplicate {
+                version: f.version.to_string(),
+                first: existing.path.clone(),
+                second: f.path.clone(),
+            });
+            continue;
+        }
+        entry[slot] = Some(f);
+    }
+
+    let mut warnings = Vec::new();
+    let mut migrations = Vec::new();
+    for (version, [up, down, verify]) in by_version {
+        let Some(up) = up else {
+            if let Some(undo) = down.or(verify) {
+                errors.push(SourceError::UndoWithoutForward {
+                    path: undo.path,
+                    version: version.to_string(),
+                });
+            }
+            continue;
+        };
+        let up_script = match read_script(&up.path, up.no_tx_sidecar, &mut warnings) {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let down_script = match down.map(|d| read_script(&d.path, d.no_tx_sidecar, &mut warnings)) {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                errors.push(e);
+                continue;
+            }
+            None => None,
+        };
+        let verify_script = match verify.map(|v| read_script(&v.path, None, &mut warnings)) {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                errors.push(e);
+                continue;
+            }
+            None => None,
+        };
+        let checksum = combined_checksum(&up_script, down_script.as_ref());
+        let script_name = relative(dir, &up.path);
+        migrations.push(Migration {
+            version,
+            description: up.description,
+            up: up_script,
+            down: down_script,
+            verify: verify_script,
+            checksum,
+            script_name,
+        });
+    }
+
+    let mut repeatables = Vec::new();
+    let mut seen_repeatable: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (description, path, sidecar) in repeatables_found {
+        if let Some(first) = seen_repeatable.get(&description) {
+            errors.push(SourceError::Duplicate {
+                version: format!("R__{description}"),
+                first: first.clone(),
+                second: path.clone(),
+            });
+            continue;
+        }
+        seen_repeatable.insert(description.clone(), path.clone());
+        match read_script(&path, sidecar, &mut warnings) {
+            Ok(script) => repeatables.push(Repeatable {
+                description,
+                script_name: relative(dir, &path),
+                script,
+            }),
+            Err(e) => errors.push(e),
+        }
+    }
+
+    match errors.len() {
+        0 => Ok(MigrationSet {
+            dir: dir.to_path_buf(),
+            layout,
+            migrations,
+            repeatables,
+            warnings,
+        }),
+        1 => Err(errors.remove(0)),
+        _ => Err(SourceError::Many(errors)),
+    }
+}
+
+fn relative(dir: &Path, path: &Path) -> String {
+    path.strip_prefix(dir)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn combined_checksum(up: &Script, down: Option<&Script>) -> Checksum {
+    match down {
+        None => up.checksum.clone(),
+        Some(down) => {
+            let joined = format!("{}\0undo\0{}", up.checksum, down.checksum);
+            Checksum::of(joined.as_bytes())
+        }
+    }
+}
+
+fn sorted_entries(dir: &Path, errors: &mut Vec<SourceError>) -> Vec<PathBuf> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(source) => {
+            errors.push(SourceError::Io {
+                path: dir.to_path_buf(),
+                source,
+            });
+            return Vec::new();
+        }
+    };
+    let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    paths
+}
+
+fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+fn scan(
+    root: &Path,
+    dir: &Path,
+    found: &mut Vec<Found>,
+    repeatables: &mut Vec<(String, PathBuf, Option<NoTransactionSource>)>,
+    errors: &mut Vec<SourceError>,
+) {
+    for path in sorted_entries(dir, errors) {
+        if is_hidden(&path) {
+            continue;
+        }
+        if path.is_dir() {
+            if path.join("up.sql").is_file() || path.join("down.sql").is_file() {
+                scan_folder(&path, found, errors);
+            } else {
+                // Flyway scans locations recursively; so do we, for loose files.
+                scan(root, &path, found, repeatables, errors);
+            }
+            continue;
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some(stem) = name.strip_suffix(".sql") else {
+            continue; // README, .conf sidecars, metadata: not migrations
+        };
+        match name.as_bytes().first() {
+            Some(b'V' | b'U' | b'R') => match parse_flyway(stem) {
+                Some(FlywayName::Versioned { undo, version, description }) => {
+                    let sidecar = match flyway_conf(&path) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            errors.push(e);
+                            None
+                        }
+                    };
+                    found.push(Found {
+                        layout: Layout::Flyway,
+                        kind: if undo { Kind::Undo } else { Kind::Forward },
+                        version,
+                        description,
+                        path,
+                        no_tx_sidecar: sidecar,
+                    })
+                }
+                Some(FlywayName::Repeatable { description }) => {
+                    let sidecar = flyway_conf(&path).unwrap_or_else(|e| {
+                        errors.push(e);
+                        None
+                    });
+                    repeatables.push((description, path, sidecar))
+                }
+                None => errors.push(SourceError::MalformedName {
+                    path,
+                    expected: FLYWAY_EXPECTED.into(),
+                }),
+            },
+            Some(c) if c.is_ascii_digit() => match parse_paired(stem) {
+                Some((kind, version, description)) => found.push(Found {
+                    layout: Layout::Paired,
+                    kind,
+                    version,
+                    description,
+                    path,
+                    no_tx_sidecar: None,
+                }),
+                None => errors.push(SourceError::MalformedName {
+                    path,
+                    expected: PAIRED_EXPECTED.into(),
+                }),
+            },
+            _ => errors.push(SourceError::MalformedName {
+                path,
+                expected: ANY_EXPECTED.into(),
+            }),
+        }
+    }
+}
+
+fn scan_folder(path: &Path, found: &mut Vec<Found>, errors: &mut Vec<SourceError>) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (version_part, description) = match name.split_once('_') {
+        Some((v, d)) => (v, d.replace('_', " ")),
+        None => (name.as_str(), String::new()),
+    };
+    let Ok(version) = Version::parse(version_part) else {
+        errors.push(SourceError::MalformedName {
+            path: path.to_path_buf(),
+            expected: "a migration folder is named <version>_<description> (e.g. 2024-01-31-120000_add_users or 3_add_users)".into(),
+        });
+        return;
+    };
+    let sidecar = match diesel_metadata(&path.join("metadata.toml")) {
+        Ok(s) => s,
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    for (file, kind) in [
+        ("up.sql", Kind::Forward),
+        ("down.sql", Kind::Undo),
+        ("verify.sql", Kind::Verify),
+    ] {
+        let p = path.join(file);
+        if p.is_file() {
+            found.push(Found {
+                layout: Layout::Folder,
+                kind,
+                version: version.clone(),
+                description: description.clone(),
+                path: p,
+                no_tx_sidecar: sidecar,
+            });
+        }
+    }
+}
+
+enum FlywayName {
+    Versioned {
+        undo: bool,
+        version: Version,
+        description: String,
+    },
+    Repeatable {
+        description: String,
+    },
+}
+
+fn parse_flyway(stem: &str) -> Option<FlywayName> {
+    let (prefix, rest) = stem.split_at(1);
+    if prefix == "R" {
+        let desc = rest.strip_prefix("__")?;
+        return Some(FlywayName::Repeatable {
+            description: desc.replace('_', " "),
+        });
+    }
+    let (version, desc) = rest.split_once("__")?;
+    let version = Version::parse(version).ok()?;
+    Some(FlywayName::Versioned {
+        undo: prefix == "U",
+        version,
+        description: desc.replace('_', " "),
+    })
+}
+
+fn parse_paired(stem: &str) -> Option<(Kind, Version, String)> {
+    let (kind, base) = if let Some(b) = stem.strip_suffix(".up") {
+        (Kind::Forward, b)
+    } else if let Some(b) = stem.strip_suffix(".down") {
+        (Kind::Undo, b)
+    } else {
+        // sqlx's simple (irreversible) migrations: <version>_<desc>.sql
+        (Kind::Forward, stem)
+    };
+    let (version, desc) = match base.split_once('_') {
+        Some((v, d)) => (v, d.replace('_', " ")),
+        None => (base, String::new()),
+    };
+    if desc.contains('.') {
+        return None; // e.g. 1_x.upp.sql: a typo, not a description
+    }
+    Some((kind, Version::parse(version).ok()?, desc))
+}
+
+/// Flyway's per-script config: `<script>.sql.conf` with `executeInTransaction=false`.
+fn flyway_conf(sql_path: &Path) -> Result<Option<NoTransactionSource>, SourceError> {
+    let mut conf = sql_path.as_os_str().to_owned();
+    conf.push(".conf");
+    let conf = PathBuf::from(conf);
+    let text = match std::fs::read_to_string(&conf) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(SourceError::Io { path: conf, source }),
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=')
+            && k.trim() == "executeInTransaction"
+        {
+            return match v.trim() {
+                "false" => Ok(Some(NoTransactionSource::FlywayConf)),
+                "true" => Ok(None),
+                other => Err(SourceError::BadSidecar {
+                    path: conf,
+                    reason: format!("executeInTransaction must be true or false, not {other:?}"),
+                }),
+            };
+        }
+    }
+    Ok(None)
+}
+
+/// diesel's `metadata.toml` with `run_in_transaction = false`.
+fn diesel_metadata(path: &Path) -> Result<Option<NoTransactionSource>, SourceError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(SourceError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let value: toml::Table = toml::from_str(&text).map_err(|e| SourceError::BadSidecar {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    match value.get("run_in_transaction") {
+        None => Ok(None),
+        Some(toml::Value::Boolean(true)) => Ok(None),
+        Some(toml::Value::Boolean(false)) => Ok(Some(NoTransactionSource::DieselMetadata)),
+        Some(other) => Err(SourceError::BadSidecar {
+            path: path.to_path_buf(),
+            reason: format!("run_in_transaction must be true or false, not {other}"),
+        }),
+    }
+}
+
+fn read_script(
+    path: &Path,
+    sidecar: Option<NoTransactionSource>,
+    warnings: &mut Vec<String>,
+) -> Result<Script, SourceError> {
+    let bytes = std::fs::read(path).map_err(|source| SourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let checksum = Checksum::of(&bytes);
+    let text = String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8(path.to_path_buf()))?;
+    let mut directives = directives::parse(&text).map_err(|source| SourceError::Directive {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if directives.no_transaction.is_none() {
+        directives.no_transaction = sidecar;
+    }
+    let statements = sql::split(&text);
+    if let Some(tc) = statements.iter().find(|s| s.is_transaction_control()) {
+        // A script that commits on its own would commit belay's history row with it, or
+        // without it: either breaks the promise that history matches what happened. So
+        // it runs statement by statement, its history row marked running first.
+        if directives.no_transaction.is_none() {
+            directives.no_transaction = Some(NoTransactionSource::OwnTransactionControl);
+            warnings.push(format!(
+                "{}:{}: script has its own transaction control ({}); running it without belay's transaction (as if `-- belay:no-transaction`)",
+                path.display(),
+                sql::line_of_offset(&text, tc.start),
+                tc.words.first().map(String::as_str).unwrap_or("?")
+            ));
+        }
+    }
+    Ok(Script {
+        path: path.to_path_buf(),
+        text,
+        checksum,
+        directives,
+        statements,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, body) in files {
+            let p = d.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        d
+    }
+
+    fn versions(set: &MigrationSet) -> Vec<String> {
+        set.migrations.iter().map(|m| m.version.to_string()).collect()
+    }
+
+    #[test]
+    fn detects_each_layout_and_orders_numerically() {
+        let flyway = dir_with(&[
+            ("V10__ten.sql", "select 10;"),
+            ("V2__two.sql", "select 2;"),
+            ("V1.1__one_one.sql", "select 11;"),
+            ("U2__two.sql", "select -2;"),
+            ("R__views.sql", "create or replace view v as select 1;"),
+            ("README.md", "not a migration"),
+        ]);
+        let set = load(flyway.path()).unwrap();
+        assert_eq!(set.layout, Some(Layout::Flyway));
+        assert_eq!(versions(&set), ["1.1", "2", "10"]);
+        assert!(set.migrations[1].down.is_some());
+        assert_eq!(set.migrations[0].description, "one one");
+        assert_eq!(set.repeatables.len(), 1);
+
+        let paired = dir_with(&[
+            ("2_b.up.sql", "select 2;"),
+            ("2_b.down.sql", "select -2;"),
+            ("1_a.up.sql", "select 1;"),
+            ("1_a.down.sql", "select -1;"),
+            ("3_simple.sql", "select 3;"),
+        ]);
+        let set = load(paired.path()).unwrap();
+        assert_eq!(set.layout, Some(Layout::Paired));
+        assert_eq!(versions(&set), ["1", "2", "3"]);
+        assert!(set.migrations[2].down.is_none());
+
+        let folder = dir_with(&[
+            ("2026-07-30-140000-0000_new thing/up.sql", "select 2;"),
+            ("2026-07-30-140000-0000_new thing/down.sql", "select -2;"),
+            ("20140924113530_old/up.sql", "select 1;"),
+            ("20140924113530_old/verify.sql", "select 1 where false;"),
+            ("20140924113530_old/metadata.toml", "run_in_transaction = false\n"),
+        ]);
+        let set = load(folder.path()).unwrap();
+        assert_eq!(set.layout, Some(Layout::Folder));
+        assert_eq!(versions(&set), ["20140924113530", "2026-07-30-140000-0000"]);
+        assert_eq!(set.migrations[1].description, "new thing");
+        assert!(set.migrations[0].verify.is_some());
+        assert_eq!(
+            set.migrations[0].up.no_transaction(),
+            Some(NoTransactionSource::DieselMetadata)
+        );
+    }
+
+    #[test]
+    fn layout_conventions_for_no_transaction() {
+        let d = dir_with(&[
+            ("V1__a.sql", "create index concurrently i on t(a);"),
+            ("V1__a.sql.conf", "# flyway\nexecuteInTransaction=false\n"),
+            ("V2__b.sql", "-- no-transaction\ncreate index concurrently j on t(b);"),
+            ("V3__c.sql", "BEGIN;\ncreate table x();\nCOMMIT;\n"),
+            ("V4__d.sql", "-- just a comment\n"),
+            ("V5__e.sql", ""),
+        ]);
+        let set = load(d.path()).unwrap();
+        let src: Vec<_> = set.migrations.iter().map(|m| m.up.no_transaction()).collect();
+        assert_eq!(
+            src,
+            [
+                Some(NoTransactionSource::FlywayConf),
+                Some(NoTransactionSource::Sqlx),
+                Some(NoTransactionSource::OwnTransactionControl),
+                None,
+                None
+            ]
+        );
+        assert!(set.warnings.iter().any(|w| w.contains("V3__c.sql:1")), "{:?}", set.warnings);
+        assert!(set.migrations[3].up.is_empty() && set.migrations[4].up.is_empty());
+    }
+
+    #[test]
+    fn checksum_covers_forward_and_undo_bytes() {
+        let a = dir_with(&[("V1__a.sql", "select 1;"), ("U1__a.sql", "select 2;")]);
+        let b = dir_with(&[("V1__a.sql", "select 1;"), ("U1__a.sql", "select 2; ")]);
+        let c = dir_with(&[("V1__a.sql", "select 1;")]);
+        let ca = &load(a.path()).unwrap().migrations[0].checksum;
+        let cb = &load(b.path()).unwrap().migrations[0].checksum;
+        let cc = &load(c.path()).unwrap().migrations[0].checksum;
+        assert_ne!(ca, cb);
+        assert_ne!(ca, cc);
+        assert_eq!(cc, &Checksum::of(b"select 1;"));
+    }
+
+    #[test]
+    fn bad_inputs_name_their_files() {
+        let cases: &[(&[(&str, &str)], &[&str])] = &[
+            (&[("V1_init.sql", "")], &["V1_init.sql", "malformed migration name"]),
+            (&[("Vx__init.sql", "")], &["Vx__init.sql", "malformed"]),
+            (&[("init.sql", "")], &["init.sql", "malformed"]),
+            (&[("1_a.upp.sql", "")], &["1_a.upp.sql", "malformed"]),
+            (&[("abc_x/up.sql", "")], &["abc_x", "malformed"]),
+            (
+                &[("V1__a.sql", ""), ("V1.0__b.sql", "")],
+                &["duplicate version", "V1__a.sql", "V1.0__b.sql"],
+            ),
+            (
+                &[("V1__a.sql", "-- belay:no-transactoin\n")],
+                &["V1__a.sql:line 1: unknown directive"],
+            ),
+            (
+                &[("V1__a.sql", ""), ("2_b.up.sql", "")],
+                &["mixed migration layouts", "V1__a.sql", "2_b.up.sql"],
+            ),
+            (&[("U3__a.sql", "")], &["U3__a.sql", "undo script without a forward"]),
+            (&[("3_a.down.sql", "")], &["3_a.down.sql", "undo script without a forward"]),
+            (&[("3_a/down.sql", "")], &["down.sql", "undo script without a forward"]),
+            (
+                &[("V1__a.sql", ""), ("V1__a.sql.conf", "executeInTransaction=maybe")],
+                &["V1__a.sql.conf", "executeInTransaction"],
+            ),
+            (
+                &[("init.sql", ""), ("V1_x.sql", "")],
+                &["init.sql", "V1_x.sql"],
+            ),
+        ];
+        for (files, wants) in cases {
+            let d = dir_with(files);
+            let err = load(d.path()).unwrap_err().to_string();
+            for want in *wants {
+                assert!(err.contains(want), "files {files:?}: {err:?} lacks {want:?}");
+            }
+        }
+        let err = load(Path::new("/nonexistent/belay")).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/belay") && err.contains("--dir"), "{err}");
+    }
+
+    #[test]
+    fn non_utf8_script_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("V1__a.sql"), [0xff, 0xfe, b';']).unwrap();
+        let err = load(d.path()).unwrap_err().to_string();
+        assert!(err.contains("V1__a.sql") && err.contains("UTF-8"), "{err}");
+    }
+}
