@@ -1,0 +1,265 @@
+//! `belay-agent`: runs beside each database and serves its targets over gRPC.
+//!
+//! Thin by design: parse arguments, start telemetry, bind, serve, stop on a
+//! signal. Behaviour lives in the capability crates; for now the agent serves
+//! only `grpc.health.v1` (the migration service lands in a later change).
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use belay_telemetry::LogFormat;
+use clap::Parser as _;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::Instrument as _;
+
+const BIN: &str = "belay-agent";
+const DEFAULT_LISTEN: &str = "127.0.0.1:7401";
+const LISTEN_ENV: &str = "BELAY_AGENT_LISTEN";
+const DEFAULT_LOG_FILTER: &str = "info";
+
+/// Services whose health this process reports; "" is the whole server, as the
+/// gRPC health protocol defines it.
+const HEALTH_SERVICES: [&str; 2] = ["", belay_proto::v1::migration_service_server::SERVICE_NAME];
+
+/// How long in-flight calls may run after a stop signal before we exit anyway;
+/// below systemd's TimeoutStopSec so we exit on our own terms.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Exit codes follow sysexits(3), so supervisors can tell "fix the config"
+/// from "retry later".
+mod exit {
+    pub const USAGE: u8 = 64;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   stopped cleanly after SIGTERM or SIGINT (also after --help and --version)
+  64  bad usage: unknown or malformed arguments, an invalid --listen address,
+      an invalid BELAY_LOG filter
+  69  the listen address is unavailable: in use, not local, or not permitted
+  70  internal error while serving
+
+Environment:
+  BELAY_LOG  log filter, e.g. `info` or `info,belay_migrate=debug`";
+
+/// The belay agent: runs migrations, backups, lock monitoring and health checks
+/// for the databases on this host, and serves them over gRPC.
+#[derive(Debug, clap::Parser)]
+#[command(name = BIN, version, after_help = EXIT_CODES_HELP)]
+struct Args {
+    /// Address to serve gRPC on, as IP:PORT (port 0 picks a free port; the
+    /// bound address is printed to stdout as `listening on ADDR`).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN, env = LISTEN_ENV, value_parser = parse_listen)]
+    listen: SocketAddr,
+
+    /// Log format on stderr.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, env = belay_telemetry::LOG_FORMAT_ENV)]
+    log_format: LogFormat,
+}
+
+fn parse_listen(value: &str) -> Result<SocketAddr, String> {
+    value.trim().parse().map_err(|_| {
+        format!("`{value}` is not a socket address: expected IP:PORT, e.g. {DEFAULT_LISTEN}")
+    })
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(err) => {
+            // Help and version go to stdout and are not errors.
+            let code = if err.use_stderr() { exit::USAGE } else { 0 };
+            // Nothing useful is left to do if stderr/stdout is gone.
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+
+    if let Err(err) = belay_telemetry::init(args.log_format, DEFAULT_LOG_FILTER) {
+        eprintln!("{BIN}: error: {err}");
+        return ExitCode::from(exit::USAGE);
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("{BIN}: error: cannot start the async runtime: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    let span = tracing::info_span!("serve", bin = BIN, listen = %args.listen);
+    runtime.block_on(serve(args).instrument(span))
+}
+
+async fn serve(args: Args) -> ExitCode {
+    // Register signal handlers before announcing the address: a supervisor (or
+    // test) may send SIGTERM as soon as it reads the line, and the default
+    // action would kill us without a clean shutdown.
+    let mut signals = match StopSignals::new() {
+        Ok(signals) => signals,
+        Err(err) => {
+            eprintln!("{BIN}: error: cannot install signal handlers: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!(
+                "{BIN}: error: cannot listen on {}: {err}; pick another address with --listen",
+                args.listen
+            );
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let local_addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(err) => {
+            eprintln!(
+                "{BIN}: error: cannot read the bound address of {}: {err}",
+                args.listen
+            );
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::Serving).await;
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+            // A dropped sender also means "stop".
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+
+    announce(local_addr);
+    tracing::info!(addr = %local_addr, "serving");
+
+    let signal = tokio::select! {
+        result = &mut server => {
+            // The server only returns before a stop signal when it failed.
+            return match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!(error = %err, "server failed");
+                    ExitCode::from(exit::SOFTWARE)
+                }
+            };
+        }
+        signal = signals.recv() => signal,
+    };
+
+    tracing::info!(signal, "stopping");
+    // Tell health watchers (load balancers, the controller) first, so they
+    // stop routing here while in-flight calls finish.
+    set_health(&reporter, ServingStatus::NotServing).await;
+    let _ = stop_tx.send(());
+
+    let code = tokio::select! {
+        result = tokio::time::timeout(SHUTDOWN_GRACE, &mut server) => match result {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "server failed while stopping");
+                ExitCode::from(exit::SOFTWARE)
+            }
+            Err(_) => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight calls did not finish in time; stopping anyway");
+                ExitCode::SUCCESS
+            }
+        },
+        signal = signals.recv() => {
+            tracing::warn!(signal, "second stop signal; not waiting for in-flight calls");
+            ExitCode::SUCCESS
+        }
+    };
+    tracing::info!("stopped");
+    code
+}
+
+/// Prints the one stdout line tests and supervisors read to learn the port.
+fn announce(addr: SocketAddr) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(err) = writeln!(stdout, "listening on {addr}").and_then(|()| stdout.flush()) {
+        // A closed stdout must not stop a daemon; the log line still says it.
+        tracing::warn!(error = %err, "cannot write the listening address to stdout");
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for service in HEALTH_SERVICES {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// SIGTERM (systemd, Kubernetes) and SIGINT (Ctrl-C) both mean "stop cleanly".
+struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl std::fmt::Debug for StopSignals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopSignals").finish_non_exhaustive()
+    }
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_accepts_ip_and_port_only() {
+        let cases = [
+            ("127.0.0.1:0", true),
+            (" 0.0.0.0:7400 ", true),
+            ("[::1]:7401", true),
+            ("not-an-addr", false),
+            ("localhost:7401", false),
+            ("127.0.0.1", false),
+            ("127.0.0.1:99999", false),
+        ];
+        for (input, ok) in cases {
+            assert_eq!(parse_listen(input).is_ok(), ok, "input {input:?}");
+        }
+        let err = parse_listen("nope").expect_err("not an address");
+        assert!(err.contains("`nope`"), "{err}");
+    }
+
+    #[test]
+    fn default_listen_parses_and_cli_is_consistent() {
+        assert!(parse_listen(DEFAULT_LISTEN).is_ok());
+        <Args as clap::CommandFactory>::command().debug_assert();
+    }
+}
