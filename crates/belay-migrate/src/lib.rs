@@ -8,3 +8,15 @@
 pub mod directives;
 pub mod source;
 pub mod sql;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod runner;
+pub mod status;
+
+pub use config::ExecConfig;
+pub use error::{ErrorKind, MigrateError};
+pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};
+pub use runner::{Migrator, Plan, RepairAction, RunReport, Step, StepResult, Target, UndoTarget};
+pub use source::{load, Layout, Migration, MigrationSet, SourceError};
+pub use status::{MigrationStatus, State};

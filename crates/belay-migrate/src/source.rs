@@ -263,7 +263,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
             None => None,
         };
         let checksum = combined_checksum(&up_script, down_script.as_ref());
-        let script_name = relative(dir, &up.path);
+        let script_name = relative_name(dir, &up.path);
         migrations.push(Migration {
             version,
             description: up.description,
@@ -290,7 +290,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
         match read_script(&path, sidecar, &mut warnings) {
             Ok(script) => repeatables.push(Repeatable {
                 description,
-                script_name: relative(dir, &path),
+                script_name: relative_name(dir, &path),
                 script,
             }),
             Err(e) => errors.push(e),
@@ -310,7 +310,8 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
     }
 }
 
-fn relative(dir: &Path, path: &Path) -> String {
+/// A script's path relative to its migrations directory, as history records it.
+pub fn relative_name(dir: &Path, path: &Path) -> String {
     path.strip_prefix(dir)
         .unwrap_or(path)
         .to_string_lossy()

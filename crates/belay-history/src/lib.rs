@@ -1,0 +1,477 @@
+//! The schema history table in each target database (`belay.schema_history` by default):
+//! a superset of Flyway's `flyway_schema_history`, so monitoring SQL written for Flyway
+//! ports directly. It owns the table's DDL, row types, and reads and writes on a
+//! connection the caller provides — so the executor can write a migration's row inside the
+//! migration's own transaction. It must not run migrations or decide what to apply.
+
+use chrono::{DateTime, Utc};
+use sqlx::{Connection, PgConnection, Row};
+use std::fmt;
+use uuid::Uuid;
+
+pub const DEFAULT_SCHEMA: &str = "belay";
+pub const TABLE: &str = "schema_history";
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error(
+        "invalid history schema name {0:?}: use letters, digits and underscores, starting with a letter or underscore"
+    )]
+    BadSchemaName(String),
+    #[error("history table {table}: {source}")]
+    Database {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("history table {table} has a row with unknown {column} {value:?} (rank {rank}); was it written by a newer belay?")]
+    UnknownValue {
+        table: String,
+        column: &'static str,
+        value: String,
+        rank: i32,
+    },
+}
+
+/// Flyway's `type` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum EntryType {
+    #[serde(rename = "SQL")]
+    Sql,
+    #[serde(rename = "UNDO_SQL")]
+    UndoSql,
+    #[serde(rename = "REPEATABLE")]
+    Repeatable,
+    #[serde(rename = "BASELINE")]
+    Baseline,
+}
+
+impl EntryType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryType::Sql => "SQL",
+            EntryType::UndoSql => "UNDO_SQL",
+            EntryType::Repeatable => "REPEATABLE",
+            EntryType::Baseline => "BASELINE",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "SQL" => EntryType::Sql,
+            "UNDO_SQL" => EntryType::UndoSql,
+            "REPEATABLE" => EntryType::Repeatable,
+            "BASELINE" => EntryType::Baseline,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for EntryType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The life of one row. `Running` is only ever committed for migrations that run outside
+/// a transaction; a `Running` row whose runner is gone means the process died mid-way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowState {
+    Running,
+    Success,
+    Failed,
+    /// A failed or interrupted row that `belay repair` set aside; kept, never deleted.
+    Repaired,
+}
+
+impl RowState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowState::Running => "running",
+            RowState::Success => "success",
+            RowState::Failed => "failed",
+            RowState::Repaired => "repaired",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => RowState::Running,
+            "success" => RowState::Success,
+            "failed" => RowState::Failed,
+            "repaired" => RowState::Repaired,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryRow {
+    pub installed_rank: i32,
+    pub version: Option<String>,
+    pub description: String,
+    #[serde(rename = "type")]
+    pub entry_type: EntryType,
+    pub script: String,
+    pub checksum: Option<String>,
+    pub installed_by: String,
+    pub installed_on: DateTime<Utc>,
+    pub execution_time_ms: i32,
+    pub success: bool,
+    pub deployment_id: Option<Uuid>,
+    pub backup_id: Option<String>,
+    pub lock_wait_ms: i64,
+    pub retries: i32,
+    pub state: RowState,
+    pub error: Option<String>,
+}
+
+/// A row to write. `installed_rank`, `installed_by` and `installed_on` come from the database.
+#[derive(Debug, Clone)]
+pub struct NewRow {
+    pub version: Option<String>,
+    pub description: String,
+    pub entry_type: EntryType,
+    pub script: String,
+    pub checksum: Option<String>,
+    pub execution_time_ms: i32,
+    pub deployment_id: Option<Uuid>,
+    pub backup_id: Option<String>,
+    pub lock_wait_ms: i64,
+    pub retries: i32,
+    pub state: RowState,
+    pub error: Option<String>,
+}
+
+/// Handle on one database's history table. Cheap to clone; holds no connection.
+#[derive(Debug, Clone)]
+pub struct History {
+    schema: String,
+    qualified: String,
+}
+
+impl History {
+    pub fn new(schema: &str) -> Result<Self, HistoryError> {
+        let ok = schema
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && schema.len() <= 63
+            && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(HistoryError::BadSchemaName(schema.to_string()));
+        }
+        Ok(History {
+            qualified: format!("\"{schema}\".\"{TABLE}\""),
+            schema: schema.to_string(),
+        })
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// `schema.schema_history`, for messages.
+    pub fn table_name(&self) -> String {
+        format!("{}.{TABLE}", self.schema)
+    }
+
+    fn err(&self, source: sqlx::Error) -> HistoryError {
+        HistoryError::Database {
+            table: self.table_name(),
+            source,
+        }
+    }
+
+    /// The DDL that creates the table; shown by `plan --sql` on a fresh database.
+    pub fn create_sql(&self) -> String {
+        format!(
+            r#"CREATE SCHEMA IF NOT EXISTS "{schema}";
+CREATE TABLE IF NOT EXISTS {table} (
+    installed_rank integer GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    version        text,
+    description    text        NOT NULL,
+    type           text        NOT NULL CHECK (type IN ('SQL', 'UNDO_SQL', 'REPEATABLE', 'BASELINE')),
+    script         text        NOT NULL,
+    checksum       text,
+    installed_by   text        NOT NULL DEFAULT current_user,
+    installed_on   timestamptz NOT NULL DEFAULT now(),
+    execution_time integer     NOT NULL DEFAULT 0,
+    success        boolean     NOT NULL,
+    deployment_id  uuid,
+    backup_id      text,
+    lock_wait_ms   bigint      NOT NULL DEFAULT 0,
+    retries        integer     NOT NULL DEFAULT 0,
+    state          text        NOT NULL CHECK (state IN ('running', 'success', 'failed', 'repaired')),
+    error          text
+);
+CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
+            schema = self.schema,
+            table = self.qualified,
+            idx = format_args!("{TABLE}_version_idx"),
+        )
+    }
+
+    /// Whether the table exists, without creating it (read-only commands must not write).
+    pub async fn exists(&self, conn: &mut PgConnection) -> Result<bool, HistoryError> {
+        let row = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&self.qualified)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        row.try_get::<bool, _>(0).map_err(|e| self.err(e))
+    }
+
+    /// Creates schema and table if missing. Callers hold the runner lock, so two runners
+    /// never race on `CREATE SCHEMA`.
+    pub async fn ensure(&self, conn: &mut PgConnection) -> Result<(), HistoryError> {
+        if self.exists(conn).await? {
+            return Ok(());
+        }
+        let mut tx = conn.begin().await.map_err(|e| self.err(e))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(self.create_sql()))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+        tx.commit().await.map_err(|e| self.err(e))
+    }
+
+    /// All rows in rank order; empty when the table does not exist yet.
+    pub async fn rows(&self, conn: &mut PgConnection) -> Result<Vec<HistoryRow>, HistoryError> {
+        if !self.exists(conn).await? {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT installed_rank, version, description, type, script, checksum, installed_by, \
+             installed_on, execution_time, success, deployment_id, backup_id, lock_wait_ms, \
+             retries, state, error FROM {} ORDER BY installed_rank",
+            self.qualified
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.iter().map(|r| self.decode(r)).collect()
+    }
+
+    fn decode(&self, r: &sqlx::postgres::PgRow) -> Result<HistoryRow, HistoryError> {
+        let e = |e| self.err(e);
+        let rank: i32 = r.try_get("installed_rank").map_err(e)?;
+        let type_text: String = r.try_get("type").map_err(e)?;
+        let state_text: String = r.try_get("state").map_err(e)?;
+        let unknown = |column, value: String| HistoryError::UnknownValue {
+            table: self.table_name(),
+            column,
+            value,
+            rank,
+        };
+        Ok(HistoryRow {
+            installed_rank: rank,
+            version: r.try_get("version").map_err(e)?,
+            description: r.try_get("description").map_err(e)?,
+            entry_type: EntryType::parse(&type_text).ok_or_else(|| unknown("type", type_text.clone()))?,
+            script: r.try_get("script").map_err(e)?,
+            checksum: r.try_get("checksum").map_err(e)?,
+            installed_by: r.try_get("installed_by").map_err(e)?,
+            installed_on: r.try_get("installed_on").map_err(e)?,
+            execution_time_ms: r.try_get("execution_time").map_err(e)?,
+            success: r.try_get("success").map_err(e)?,
+            deployment_id: r.try_get("deployment_id").map_err(e)?,
+            backup_id: r.try_get("backup_id").map_err(e)?,
+            lock_wait_ms: r.try_get("lock_wait_ms").map_err(e)?,
+            retries: r.try_get("retries").map_err(e)?,
+            state: RowState::parse(&state_text).ok_or_else(|| unknown("state", state_text.clone()))?,
+            error: r.try_get("error").map_err(e)?,
+        })
+    }
+
+    /// Writes a row on `conn` — inside the caller's transaction when it has one open, which
+    /// is how a migration and its success row commit or vanish together.
+    pub async fn insert(&self, conn: &mut PgConnection, row: &NewRow) -> Result<i32, HistoryError> {
+        let sql = format!(
+            "INSERT INTO {} (version, description, type, script, checksum, execution_time, \
+             success, deployment_id, backup_id, lock_wait_ms, retries, state, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING installed_rank",
+            self.qualified
+        );
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&row.version)
+            .bind(&row.description)
+            .bind(row.entry_type.as_str())
+            .bind(&row.script)
+            .bind(&row.checksum)
+            .bind(row.execution_time_ms)
+            .bind(row.state == RowState::Success)
+            .bind(row.deployment_id)
+            .bind(&row.backup_id)
+            .bind(row.lock_wait_ms)
+            .bind(row.retries)
+            .bind(row.state.as_str())
+            .bind(&row.error)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        r.try_get(0).map_err(|e| self.err(e))
+    }
+
+    /// The insert `insert` would run, with values inlined, for `plan --sql`.
+    pub fn insert_preview(&self, row: &NewRow) -> String {
+        let lit = |s: &Option<String>| match s {
+            Some(s) => format!("'{}'", s.replace('\'', "''")),
+            None => "NULL".to_string(),
+        };
+        format!(
+            "INSERT INTO {} (version, description, type, script, checksum, success, state) VALUES ({}, {}, '{}', {}, {}, {}, '{}');",
+            self.qualified,
+            lit(&row.version),
+            lit(&Some(row.description.clone())),
+            row.entry_type,
+            lit(&Some(row.script.clone())),
+            lit(&row.checksum),
+            row.state == RowState::Success,
+            row.state.as_str()
+        )
+    }
+
+    /// Ends a `running` row of a no-transaction migration.
+    pub async fn finish(
+        &self,
+        conn: &mut PgConnection,
+        rank: i32,
+        outcome: &Outcome,
+    ) -> Result<(), HistoryError> {
+        let sql = format!(
+            "UPDATE {} SET state = $2, success = $3, execution_time = $4, lock_wait_ms = $5, \
+             retries = $6, error = $7 WHERE installed_rank = $1",
+            self.qualified
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(rank)
+            .bind(outcome.state.as_str())
+            .bind(outcome.state == RowState::Success)
+            .bind(outcome.execution_time_ms)
+            .bind(outcome.lock_wait_ms)
+            .bind(outcome.retries)
+            .bind(&outcome.error)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Sets failed and interrupted rows aside (state `repaired`); they stay for the record.
+    pub async fn mark_repaired(&self, conn: &mut PgConnection, rank: i32) -> Result<(), HistoryError> {
+        let sql = format!(
+            "UPDATE {} SET state = 'repaired', success = false WHERE installed_rank = $1 AND state IN ('running', 'failed')",
+            self.qualified
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(rank)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Realigns a row's checksum with the script on disk (`belay repair` after a
+    /// deliberate, reviewed edit of an applied migration).
+    pub async fn update_checksum(
+        &self,
+        conn: &mut PgConnection,
+        rank: i32,
+        checksum: &str,
+    ) -> Result<(), HistoryError> {
+        let sql = format!(
+            "UPDATE {} SET checksum = $2 WHERE installed_rank = $1",
+            self.qualified
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(rank)
+            .bind(checksum)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+/// How a `running` row ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub state: RowState,
+    pub execution_time_ms: i32,
+    pub lock_wait_ms: i64,
+    pub retries: i32,
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_validated() {
+        assert!(History::new("belay").is_ok());
+        assert!(History::new("_ops2").is_ok());
+        for bad in ["", "1abc", "a-b", "a\"b", "a b", &"x".repeat(64)] {
+            assert!(History::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_round_trip_through_a_real_database() {
+        let db = belay_testkit::Cluster::shared().create_database().await.unwrap();
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        let h = History::new("belay").unwrap();
+        assert!(h.rows(&mut conn).await.unwrap().is_empty(), "no table yet reads as empty");
+        assert!(!h.exists(&mut conn).await.unwrap(), "reading must not create the table");
+        h.ensure(&mut conn).await.unwrap();
+        h.ensure(&mut conn).await.unwrap();
+        let row = NewRow {
+            version: Some("1.1".into()),
+            description: "it's a test".into(),
+            entry_type: EntryType::Sql,
+            script: "V1.1__test.sql".into(),
+            checksum: Some("abc".into()),
+            execution_time_ms: 12,
+            deployment_id: Some(Uuid::new_v4()),
+            backup_id: None,
+            lock_wait_ms: 300,
+            retries: 2,
+            state: RowState::Running,
+            error: None,
+        };
+        let rank = h.insert(&mut conn, &row).await.unwrap();
+        h.finish(
+            &mut conn,
+            rank,
+            &Outcome {
+                state: RowState::Failed,
+                execution_time_ms: 40,
+                lock_wait_ms: 500,
+                retries: 3,
+                error: Some("boom".into()),
+            },
+        )
+        .await
+        .unwrap();
+        let rows = h.rows(&mut conn).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(r.version.as_deref(), Some("1.1"));
+        assert_eq!(r.state, RowState::Failed);
+        assert!(!r.success);
+        assert_eq!((r.retries, r.lock_wait_ms, r.execution_time_ms), (3, 500, 40));
+        h.mark_repaired(&mut conn, rank).await.unwrap();
+        assert_eq!(h.rows(&mut conn).await.unwrap()[0].state, RowState::Repaired);
+        // The Flyway monitoring query from the seeds runs unchanged against our table.
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT installed_rank, version, description, type, script, checksum, installed_by, installed_on, execution_time, success FROM belay.schema_history ORDER BY installed_rank DESC) s",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(n, 1);
+    }
+}

@@ -1,0 +1,108 @@
+use crate::events::RunnerHolder;
+use crate::source::SourceError;
+use std::path::PathBuf;
+
+/// Everything the engine refuses or fails at. `kind()` sorts them for exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("database error on {url} while {doing}: {reason}")]
+    Database {
+        url: String,
+        doing: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    History(#[from] belay_history::HistoryError),
+    #[error("{}", script_failure(.path, .line, .column, .sqlstate, .message, .detail, .hint))]
+    ScriptFailed {
+        path: PathBuf,
+        line: usize,
+        column: Option<usize>,
+        sqlstate: Option<String>,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    #[error(
+        "{}:{line}: gave up after {attempts} attempts and {waited_ms} ms waiting for locks (lock_timeout {lock_timeout}); the application holds conflicting locks too long — find the blocker with `belay locks` or pg_stat_activity, or raise --max-attempts / --max-lock-wait",
+        path.display()
+    )]
+    LockRetriesExhausted {
+        path: PathBuf,
+        line: usize,
+        attempts: u32,
+        waited_ms: u64,
+        lock_timeout: String,
+    },
+    #[error(
+        "another belay runner is migrating this database: {holder}; waited {waited_s} s (--runner-wait). Try again when it is done"
+    )]
+    RunnerBusy { holder: RunnerHolder, waited_s: u64 },
+    #[error("refusing to {action}: {reason}")]
+    Refused { action: &'static str, reason: String },
+    #[error("no migration with version {0} in the migrations directory")]
+    UnknownVersion(String),
+}
+
+fn script_failure(
+    path: &std::path::Path,
+    line: &usize,
+    column: &Option<usize>,
+    sqlstate: &Option<String>,
+    message: &str,
+    detail: &Option<String>,
+    hint: &Option<String>,
+) -> String {
+    let mut s = format!("{}:{line}", path.display());
+    if let Some(c) = column {
+        s.push_str(&format!(":{c}"));
+    }
+    s.push_str(": ");
+    s.push_str(message);
+    if let Some(code) = sqlstate {
+        s.push_str(&format!(" (SQLSTATE {code})"));
+    }
+    if let Some(d) = detail {
+        s.push_str(&format!("\n  detail: {d}"));
+    }
+    if let Some(h) = hint {
+        s.push_str(&format!("\n  hint: {h}"));
+    }
+    s
+}
+
+/// Coarse classes of failure, stable for exit codes and gRPC status mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Migration files are invalid (names, duplicates, directives, layouts).
+    InvalidSource,
+    /// The database could not be reached.
+    Unavailable,
+    /// A migration ran and failed (SQL error, lock retries exhausted).
+    MigrationFailed,
+    /// The engine refused to act: history needs attention, or the request is impossible.
+    Refused,
+    /// Another runner holds the lock.
+    Busy,
+    /// Anything else from the database.
+    Internal,
+}
+
+impl MigrateError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            MigrateError::Source(_) => ErrorKind::InvalidSource,
+            MigrateError::Connect { .. } => ErrorKind::Unavailable,
+            MigrateError::ScriptFailed { .. } | MigrateError::LockRetriesExhausted { .. } => {
+                ErrorKind::MigrationFailed
+            }
+            MigrateError::Refused { .. } | MigrateError::UnknownVersion(_) => ErrorKind::Refused,
+            MigrateError::RunnerBusy { .. } => ErrorKind::Busy,
+            MigrateError::Database { .. } | MigrateError::History(_) => ErrorKind::Internal,
+        }
+    }
+}

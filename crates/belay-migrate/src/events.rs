@@ -1,0 +1,99 @@
+//! What the executor reports while it works. The CLI prints these; the agent streams them
+//! over gRPC; the rollback controller will act on `Failed` and `LockTimeout`.
+
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Forward,
+    Undo,
+    Repeatable,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Event {
+    pub deployment_id: Uuid,
+    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    /// Another runner holds this database's migration lock.
+    RunnerWaiting { holder: Option<RunnerHolder> },
+    RunnerAcquired { waited_ms: u64 },
+    Warning { message: String },
+    Started {
+        version: Option<String>,
+        script: String,
+        direction: Direction,
+        in_transaction: bool,
+    },
+    /// One attempt hit `lock_timeout`; the executor backs off and retries.
+    LockTimeout {
+        version: Option<String>,
+        script: String,
+        line: usize,
+        attempt: u32,
+        waited_ms: u64,
+        backoff_ms: u64,
+    },
+    /// A `CONCURRENTLY` statement failed and left an INVALID index, which was dropped.
+    InvalidIndexDropped { script: String, index: String },
+    Succeeded {
+        version: Option<String>,
+        script: String,
+        direction: Direction,
+        execution_ms: u64,
+        retries: u32,
+        lock_wait_ms: u64,
+    },
+    Failed {
+        version: Option<String>,
+        script: String,
+        direction: Direction,
+        error: String,
+    },
+}
+
+/// The session holding the runner lock, as `pg_stat_activity` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunnerHolder {
+    pub pid: i32,
+    pub since: Option<DateTime<Utc>>,
+    pub application_name: String,
+    pub user: Option<String>,
+    pub client_addr: Option<String>,
+}
+
+impl std::fmt::Display for RunnerHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {}", self.pid)?;
+        if !self.application_name.is_empty() {
+            write!(f, " ({})", self.application_name)?;
+        }
+        if let Some(u) = &self.user {
+            write!(f, " user {u}")?;
+        }
+        if let Some(a) = &self.client_addr {
+            write!(f, " from {a}")?;
+        }
+        if let Some(s) = self.since {
+            write!(f, " since {}", s.format("%Y-%m-%d %H:%M:%S UTC"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Where events go. Cheap to clone; called synchronously from the executor, so a sink
+/// must not block (forward to a channel when the consumer is slow).
+pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
+
+pub fn discard() -> EventSink {
+    Arc::new(|_| {})
+}

@@ -1,0 +1,1051 @@
+//! The executor: one runner per database, one transaction per migration with its history
+//! row inside, short lock timeouts retried with backoff, failures mapped to `file:line`.
+
+use crate::config::ExecConfig;
+use crate::directives::NoTransactionSource;
+use crate::error::MigrateError;
+use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
+use crate::source::{MigrationSet, Script};
+use crate::sql::{self, Statement};
+use crate::status::{self, MigrationStatus, State};
+use belay_core::{format_duration, DatabaseUrl, Version};
+use belay_history::{EntryType, History, HistoryRow, NewRow, Outcome, RowState};
+use chrono::Utc;
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgErrorPosition};
+use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+use tracing::{debug, info_span, Instrument};
+use uuid::Uuid;
+
+/// First key of the runner's advisory lock ("bela"); the second is the history schema's
+/// hash, so two belay histories in one database do not exclude each other.
+const LOCK_CLASS: i32 = 0x6265_6c61;
+
+/// How far `migrate` goes.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub to: Option<String>,
+    pub steps: Option<usize>,
+}
+
+/// How far `undo` goes back.
+#[derive(Debug, Clone)]
+pub enum UndoTarget {
+    Steps(usize),
+    /// Undo every applied migration newer than this version.
+    To(String),
+    All,
+}
+
+/// One script the executor will run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Step {
+    pub version: Option<String>,
+    pub description: String,
+    pub script: String,
+    pub direction: Direction,
+    pub no_transaction: Option<NoTransactionSource>,
+    #[serde(skip)]
+    pub source: Script,
+    #[serde(skip)]
+    checksum: String,
+}
+
+impl Step {
+    pub fn path(&self) -> &std::path::Path {
+        &self.source.path
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// Problems that would make `migrate` refuse (drift, failed migrations).
+    pub blockers: Vec<String>,
+    pub warnings: Vec<String>,
+    #[serde(skip)]
+    pub history_exists: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepResult {
+    pub version: Option<String>,
+    pub script: String,
+    pub direction: Direction,
+    pub execution_ms: u64,
+    pub retries: u32,
+    pub lock_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub deployment_id: Uuid,
+    pub results: Vec<StepResult>,
+    /// Set when another runner held the lock past `runner_wait` but left nothing to do.
+    pub other_runner: Option<RunnerHolder>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RepairAction {
+    pub version: Option<String>,
+    pub script: String,
+    pub action: String,
+}
+
+/// Runs migrations from one set against one database.
+pub struct Migrator {
+    url: DatabaseUrl,
+    set: MigrationSet,
+    config: ExecConfig,
+    history: History,
+    sink: EventSink,
+    deployment_id: Uuid,
+}
+
+impl std::fmt::Debug for Migrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migrator")
+            .field("url", &self.url)
+            .field("dir", &self.set.dir)
+            .field("deployment_id", &self.deployment_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("55P03"))
+}
+
+impl Migrator {
+    pub fn new(
+        url: DatabaseUrl,
+        set: MigrationSet,
+        config: ExecConfig,
+        sink: EventSink,
+    ) -> Result<Self, MigrateError> {
+        let history = History::new(&config.history_schema)?;
+        Ok(Migrator {
+            url,
+            set,
+            config,
+            history,
+            sink,
+            deployment_id: Uuid::new_v4(),
+        })
+    }
+
+    pub fn deployment_id(&self) -> Uuid {
+        self.deployment_id
+    }
+
+    pub fn set(&self) -> &MigrationSet {
+        &self.set
+    }
+
+    fn emit(&self, kind: EventKind) {
+        (self.sink)(&Event {
+            deployment_id: self.deployment_id,
+            at: Utc::now(),
+            kind,
+        });
+    }
+
+    fn db_err(&self, doing: &'static str) -> impl Fn(sqlx::Error) -> MigrateError + '_ {
+        move |e| MigrateError::Database {
+            url: self.url.to_string(),
+            doing,
+            reason: e.to_string(),
+        }
+    }
+
+    async fn connect(&self) -> Result<PgConnection, MigrateError> {
+        let connect_err = |reason: String| MigrateError::Connect {
+            url: self.url.to_string(),
+            reason,
+        };
+        let opts = PgConnectOptions::from_str(self.url.expose())
+            .map_err(|e| connect_err(belay_core::redact_url(&e.to_string())))?
+            .application_name("belay")
+            .log_statements(tracing::log::LevelFilter::Trace);
+        let mut conn = opts
+            .connect()
+            .await
+            .map_err(|e| connect_err(belay_core::redact_url(&e.to_string())))?;
+        // If belay dies mid-statement, let the server notice within a second and roll the
+        // statement back instead of finishing work nobody will record (PostgreSQL ≥ 14).
+        let _ = sqlx::raw_sql("SET client_connection_check_interval = '1s'")
+            .execute(&mut conn)
+            .await;
+        Ok(conn)
+    }
+
+    async fn runner_holder(&self, conn: &mut PgConnection) -> Result<Option<RunnerHolder>, MigrateError> {
+        let row = sqlx::query(
+            "SELECT a.pid, a.backend_start, coalesce(a.application_name, ''), a.usename::text, host(a.client_addr) \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND l.classid = $1::int4::oid AND l.objid = hashtext($2)::oid \
+             LIMIT 1",
+        )
+        .bind(LOCK_CLASS)
+        .bind(self.history.schema())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(self.db_err("looking up the runner lock holder"))?;
+        Ok(row.map(|r| RunnerHolder {
+            pid: r.get(0),
+            since: r.get(1),
+            application_name: r.get(2),
+            user: r.get(3),
+            client_addr: r.get(4),
+        }))
+    }
+
+    /// Waits for the runner lock by polling `pg_try_advisory_lock`: a session blocked in
+    /// `pg_advisory_lock` holds a snapshot, and the holder's `CREATE INDEX CONCURRENTLY`
+    /// would wait for that snapshot forever.
+    async fn acquire_runner_lock(&self, conn: &mut PgConnection) -> Result<Option<RunnerHolder>, MigrateError> {
+        let started = Instant::now();
+        let mut announced = false;
+        let mut poll = Duration::from_millis(50);
+        loop {
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+                .bind(LOCK_CLASS)
+                .bind(self.history.schema())
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(self.db_err("taking the runner lock"))?;
+            if got {
+                if announced {
+                    self.emit(EventKind::RunnerAcquired {
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    });
+                }
+                return Ok(None);
+            }
+            let holder = self.runner_holder(conn).await?;
+            if !announced {
+                announced = true;
+                self.emit(EventKind::RunnerWaiting { holder: holder.clone() });
+            }
+            if started.elapsed() >= self.config.runner_wait {
+                return Ok(Some(holder.unwrap_or(RunnerHolder {
+                    pid: 0,
+                    since: None,
+                    application_name: "unknown".into(),
+                    user: None,
+                    client_addr: None,
+                })));
+            }
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn release_runner_lock(&self, conn: &mut PgConnection) {
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind(LOCK_CLASS)
+            .bind(self.history.schema())
+            .execute(&mut *conn)
+            .await;
+    }
+
+    async fn read(&self, conn: &mut PgConnection) -> Result<(Vec<HistoryRow>, bool), MigrateError> {
+        let rows = self.history.rows(conn).await?;
+        let active = self.runner_holder(conn).await?.is_some();
+        Ok((rows, active))
+    }
+
+    /// Where every migration stands.
+    pub async fn status(&self) -> Result<Vec<MigrationStatus>, MigrateError> {
+        let mut conn = self.connect().await?;
+        let (rows, active) = self.read(&mut conn).await?;
+        Ok(status::compute(&self.set, &rows, active))
+    }
+
+    /// Problems that make `migrate` and `undo` refuse, one line each, naming files.
+    fn blockers(statuses: &[MigrationStatus]) -> Vec<String> {
+        statuses
+            .iter()
+            .filter_map(|s| {
+                let v = s.version.as_deref().unwrap_or("R");
+                match s.state {
+                    State::Failed => Some(format!(
+                        "migration {v} ({}) failed or was interrupted{}: inspect the database, then run `belay repair` to mark it resolved",
+                        s.script,
+                        s.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                    )),
+                    State::ChecksumMismatch => Some(format!(
+                        "migration {v} ({}) changed after it was applied: run `belay validate`; restore the file, or run `belay repair` if the edit is deliberate",
+                        s.script
+                    )),
+                    State::Running => Some(format!(
+                        "migration {v} ({}) is running in another belay process",
+                        s.script
+                    )),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    fn forward_steps(&self, statuses: &[MigrationStatus], target: &Target) -> Result<Vec<Step>, MigrateError> {
+        let to = match &target.to {
+            Some(t) => {
+                let v = Version::parse(t).map_err(|_| MigrateError::UnknownVersion(t.clone()))?;
+                if self.set.find(&v).is_none() {
+                    return Err(MigrateError::UnknownVersion(t.clone()));
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        let mut steps = Vec::new();
+        for m in &self.set.migrations {
+            if to.as_ref().is_some_and(|t| &m.version > t) {
+                break;
+            }
+            let st = statuses
+                .iter()
+                .find(|s| s.entry_type == EntryType::Sql && s.version.as_deref() == Some(m.version.as_str()))
+                .map(|s| s.state);
+            if matches!(st, Some(State::Pending | State::Undone)) {
+                steps.push(Step {
+                    version: Some(m.version.to_string()),
+                    description: m.description.clone(),
+                    script: m.script_name.clone(),
+                    direction: Direction::Forward,
+                    no_transaction: m.up.no_transaction(),
+                    source: m.up.clone(),
+                    checksum: m.checksum.to_string(),
+                });
+            }
+        }
+        if let Some(n) = target.steps {
+            steps.truncate(n);
+        }
+        if target.to.is_none() && target.steps.is_none() {
+            for r in &self.set.repeatables {
+                let pending = statuses.iter().any(|s| {
+                    s.entry_type == EntryType::Repeatable && s.script == r.script_name && s.state == State::Pending
+                });
+                if pending {
+                    steps.push(Step {
+                        version: None,
+                        description: r.description.clone(),
+                        script: r.script_name.clone(),
+                        direction: Direction::Repeatable,
+                        no_transaction: r.script.no_transaction(),
+                        source: r.script.clone(),
+                        checksum: r.script.checksum.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(steps)
+    }
+
+    fn undo_steps(&self, statuses: &[MigrationStatus], target: &UndoTarget) -> Result<Vec<Step>, MigrateError> {
+        let mut applied: Vec<(Version, &MigrationStatus)> = statuses
+            .iter()
+            .filter(|s| s.entry_type == EntryType::Sql)
+            .filter(|s| matches!(s.state, State::Success | State::Missing | State::Future))
+            .filter_map(|s| Some((Version::parse(s.version.as_deref()?).ok()?, s)))
+            .collect();
+        applied.sort_by(|a, b| b.0.cmp(&a.0));
+        let chosen: Vec<_> = match target {
+            UndoTarget::All => applied,
+            UndoTarget::Steps(n) => applied.into_iter().take(*n).collect(),
+            UndoTarget::To(t) => {
+                let v = Version::parse(t).map_err(|_| MigrateError::UnknownVersion(t.clone()))?;
+                applied.into_iter().filter(|(av, _)| av > &v).collect()
+            }
+        };
+        let mut problems = Vec::new();
+        let mut steps = Vec::new();
+        for (v, s) in chosen {
+            let Some(m) = self.set.find(&v) else {
+                problems.push(format!(
+                    "migration {v} ({}) is applied but its files are not in {}",
+                    s.script,
+                    self.set.dir.display()
+                ));
+                continue;
+            };
+            if m.up.directives.irreversible {
+                problems.push(format!("{} is marked `-- belay:irreversible`", m.up.path.display()));
+                continue;
+            }
+            let Some(down) = &m.down else {
+                problems.push(format!(
+                    "{} has no undo script; add one ({}) or restore from a backup",
+                    m.up.path.display(),
+                    match self.set.layout {
+                        Some(crate::source::Layout::Paired) => "<version>_<desc>.down.sql",
+                        Some(crate::source::Layout::Folder) => "down.sql in its folder",
+                        _ => "U<version>__<desc>.sql",
+                    }
+                ));
+                continue;
+            };
+            steps.push(Step {
+                version: Some(m.version.to_string()),
+                description: m.description.clone(),
+                script: crate::source::relative_name(&self.set.dir, &down.path),
+                direction: Direction::Undo,
+                no_transaction: down.no_transaction(),
+                source: down.clone(),
+                checksum: down.checksum.to_string(),
+            });
+        }
+        if !problems.is_empty() {
+            return Err(MigrateError::Refused {
+                action: "undo",
+                reason: format!("nothing was undone:\n  {}", problems.join("\n  ")),
+            });
+        }
+        Ok(steps)
+    }
+
+    /// What `migrate` would do now, without taking locks or writing anything.
+    pub async fn plan(&self, target: &Target) -> Result<Plan, MigrateError> {
+        let mut conn = self.connect().await?;
+        let (rows, active) = self.read(&mut conn).await?;
+        let statuses = status::compute(&self.set, &rows, active);
+        let steps = self.forward_steps(&statuses, target)?;
+        Ok(Plan {
+            steps,
+            blockers: Self::blockers(&statuses),
+            warnings: self.set.warnings.clone(),
+            history_exists: self.history.exists(&mut conn).await?,
+        })
+    }
+
+    /// What `undo` would do now.
+    pub async fn plan_undo(&self, target: &UndoTarget) -> Result<Plan, MigrateError> {
+        let mut conn = self.connect().await?;
+        let (rows, active) = self.read(&mut conn).await?;
+        let statuses = status::compute(&self.set, &rows, active);
+        Ok(Plan {
+            steps: self.undo_steps(&statuses, target)?,
+            blockers: Self::blockers(&statuses),
+            warnings: self.set.warnings.clone(),
+            history_exists: !rows.is_empty(),
+        })
+    }
+
+    /// Applies pending migrations up to `target`.
+    pub async fn migrate(&self, target: &Target) -> Result<RunReport, MigrateError> {
+        self.run(|statuses| self.forward_steps(statuses, target), "migrate")
+            .instrument(info_span!("migrate", deployment_id = %self.deployment_id))
+            .await
+    }
+
+    /// Reverts applied migrations, newest first, with their undo scripts.
+    pub async fn undo(&self, target: &UndoTarget) -> Result<RunReport, MigrateError> {
+        self.run(|statuses| self.undo_steps(statuses, target), "undo")
+            .instrument(info_span!("undo", deployment_id = %self.deployment_id))
+            .await
+    }
+
+    async fn run(
+        &self,
+        choose: impl Fn(&[MigrationStatus]) -> Result<Vec<Step>, MigrateError>,
+        action: &'static str,
+    ) -> Result<RunReport, MigrateError> {
+        for w in &self.set.warnings {
+            self.emit(EventKind::Warning { message: w.clone() });
+        }
+        let mut conn = self.connect().await?;
+        let mut report = RunReport {
+            deployment_id: self.deployment_id,
+            results: Vec::new(),
+            other_runner: None,
+        };
+        if let Some(holder) = self.acquire_runner_lock(&mut conn).await? {
+            // The other runner may be doing exactly our work; if so, there is no failure.
+            let (rows, _) = self.read(&mut conn).await?;
+            let statuses = status::compute(&self.set, &rows, true);
+            if choose(&statuses)?.is_empty() {
+                report.other_runner = Some(holder);
+                return Ok(report);
+            }
+            return Err(MigrateError::RunnerBusy {
+                holder,
+                waited_s: self.config.runner_wait.as_secs(),
+            });
+        }
+        let result = self.run_locked(&mut conn, &choose, action, &mut report).await;
+        self.release_runner_lock(&mut conn).await;
+        let _ = conn.close().await;
+        result.map(|()| report)
+    }
+
+    async fn run_locked(
+        &self,
+        conn: &mut PgConnection,
+        choose: &impl Fn(&[MigrationStatus]) -> Result<Vec<Step>, MigrateError>,
+        action: &'static str,
+        report: &mut RunReport,
+    ) -> Result<(), MigrateError> {
+        self.history.ensure(conn).await?;
+        let rows = self.history.rows(conn).await?;
+        // We hold the lock: a `running` row now can only be a crash's remains.
+        let statuses = status::compute(&self.set, &rows, false);
+        let blockers = Self::blockers(&statuses);
+        if !blockers.is_empty() {
+            return Err(MigrateError::Refused {
+                action,
+                reason: blockers.join("\n  "),
+            });
+        }
+        for step in choose(&statuses)? {
+            let result = self.execute(conn, &step).await?;
+            report.results.push(result);
+        }
+        Ok(())
+    }
+
+    fn new_row(&self, step: &Step, state: RowState) -> NewRow {
+        NewRow {
+            version: step.version.clone(),
+            description: step.description.clone(),
+            entry_type: match step.direction {
+                Direction::Forward => EntryType::Sql,
+                Direction::Undo => EntryType::UndoSql,
+                Direction::Repeatable => EntryType::Repeatable,
+            },
+            script: step.script.clone(),
+            checksum: Some(step.checksum.clone()),
+            execution_time_ms: 0,
+            deployment_id: Some(self.deployment_id),
+            backup_id: None,
+            lock_wait_ms: 0,
+            retries: 0,
+            state,
+            error: None,
+        }
+    }
+
+    fn lock_timeout_for(&self, script: &Script, st: Option<&Statement>) -> Duration {
+        if let Some(t) = script.directives.lock_timeout {
+            return t;
+        }
+        if st.is_some_and(|s| s.concurrently) {
+            self.config.concurrent_lock_timeout
+        } else {
+            self.config.lock_timeout
+        }
+    }
+
+    fn statement_timeout_for(&self, script: &Script) -> Option<Duration> {
+        script.directives.statement_timeout.or(self.config.statement_timeout)
+    }
+
+    /// Backoff before the next attempt, or `None` when the budget is spent.
+    fn next_backoff(&self, attempts: u32, started: Instant) -> Option<Duration> {
+        if attempts >= self.config.max_attempts {
+            return None;
+        }
+        let b = self.config.backoff(attempts);
+        (started.elapsed() + b < self.config.max_lock_wait).then_some(b)
+    }
+
+    async fn execute(&self, conn: &mut PgConnection, step: &Step) -> Result<StepResult, MigrateError> {
+        let span = info_span!("apply_migration", script = %step.script, version = ?step.version);
+        self.emit(EventKind::Started {
+            version: step.version.clone(),
+            script: step.script.clone(),
+            direction: step.direction,
+            in_transaction: step.no_transaction.is_none(),
+        });
+        let result = if step.no_transaction.is_some() {
+            self.execute_without_transaction(conn, step).instrument(span).await
+        } else {
+            self.execute_in_transaction(conn, step).instrument(span).await
+        };
+        match &result {
+            Ok(r) => self.emit(EventKind::Succeeded {
+                version: r.version.clone(),
+                script: r.script.clone(),
+                direction: r.direction,
+                execution_ms: r.execution_ms,
+                retries: r.retries,
+                lock_wait_ms: r.lock_wait_ms,
+            }),
+            Err(e) => self.emit(EventKind::Failed {
+                version: step.version.clone(),
+                script: step.script.clone(),
+                direction: step.direction,
+                error: e.to_string(),
+            }),
+        }
+        result
+    }
+
+    fn result(&self, step: &Step, execution: Duration, retries: u32, lock_wait: Duration) -> StepResult {
+        StepResult {
+            version: step.version.clone(),
+            script: step.script.clone(),
+            direction: step.direction,
+            execution_ms: execution.as_millis() as u64,
+            retries,
+            lock_wait_ms: lock_wait.as_millis() as u64,
+        }
+    }
+
+    async fn execute_in_transaction(&self, conn: &mut PgConnection, step: &Step) -> Result<StepResult, MigrateError> {
+        let script = &step.source;
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        let mut lock_wait = Duration::ZERO;
+        let lock_timeout = format_duration(self.lock_timeout_for(script, None));
+        let mut preamble = format!("SET LOCAL lock_timeout = '{lock_timeout}'");
+        if let Some(t) = self.statement_timeout_for(script) {
+            preamble.push_str(&format!("; SET LOCAL statement_timeout = '{}'", format_duration(t)));
+        }
+        loop {
+            attempts += 1;
+            let attempt_started = Instant::now();
+            let mut tx = conn.begin().await.map_err(self.db_err("beginning a transaction"))?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(preamble.clone()))
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db_err("setting lock_timeout"))?;
+            let mut failure = None;
+            for st in &script.statements {
+                if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
+                    .execute(&mut *tx)
+                    .await
+                {
+                    failure = Some((st, e));
+                    break;
+                }
+            }
+            match failure {
+                None => {
+                    let execution = attempt_started.elapsed();
+                    let mut row = self.new_row(step, RowState::Success);
+                    row.execution_time_ms = execution.as_millis().min(i32::MAX as u128) as i32;
+                    row.retries = (attempts - 1) as i32;
+                    row.lock_wait_ms = lock_wait.as_millis() as i64;
+                    self.history.insert(&mut tx, &row).await?;
+                    tx.commit().await.map_err(self.db_err("committing a migration"))?;
+                    return Ok(self.result(step, execution, attempts - 1, lock_wait));
+                }
+                Some((st, e)) => {
+                    let _ = tx.rollback().await;
+                    if !is_lock_timeout(&e) {
+                        return Err(script_error(script, st, &e));
+                    }
+                    lock_wait += attempt_started.elapsed();
+                    self.after_lock_timeout(step, st, attempts, started, lock_wait, &lock_timeout)
+                        .await?;
+                }
+            }
+        }
+    }
+
+    /// Reports a lock timeout and sleeps the backoff, or fails when the budget is spent.
+    async fn after_lock_timeout(
+        &self,
+        step: &Step,
+        st: &Statement,
+        attempts: u32,
+        started: Instant,
+        lock_wait: Duration,
+        lock_timeout: &str,
+    ) -> Result<(), MigrateError> {
+        let line = sql::line_of_offset(&step.source.text, st.start);
+        let Some(backoff) = self.next_backoff(attempts, started) else {
+            return Err(MigrateError::LockRetriesExhausted {
+                path: step.source.path.clone(),
+                line,
+                attempts,
+                waited_ms: lock_wait.as_millis() as u64,
+                lock_timeout: lock_timeout.to_string(),
+            });
+        };
+        self.emit(EventKind::LockTimeout {
+            version: step.version.clone(),
+            script: step.script.clone(),
+            line,
+            attempt: attempts,
+            waited_ms: lock_wait.as_millis() as u64,
+            backoff_ms: backoff.as_millis() as u64,
+        });
+        tokio::time::sleep(backoff).await;
+        Ok(())
+    }
+
+    /// A migration that cannot run in a transaction (`CREATE INDEX CONCURRENTLY`, its own
+    /// `BEGIN`/`COMMIT`): statement by statement, its history row committed as `running`
+    /// first, so a crash leaves a visible `failed` state rather than a silent half-change.
+    async fn execute_without_transaction(&self, conn: &mut PgConnection, step: &Step) -> Result<StepResult, MigrateError> {
+        let script = &step.source;
+        let rank = self.history.insert(conn, &self.new_row(step, RowState::Running)).await?;
+        let started = Instant::now();
+        let outcome = self.run_statements(conn, step).await;
+        let _ = sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout").execute(&mut *conn).await;
+        let (state, stats, error) = match &outcome {
+            Ok(stats) => (RowState::Success, *stats, None),
+            Err((stats, e)) => (RowState::Failed, *stats, Some(e.to_string())),
+        };
+        let execution = started.elapsed();
+        self.history
+            .finish(
+                conn,
+                rank,
+                &Outcome {
+                    state,
+                    execution_time_ms: execution.as_millis().min(i32::MAX as u128) as i32,
+                    lock_wait_ms: stats.1.as_millis() as i64,
+                    retries: stats.0 as i32,
+                    error,
+                },
+            )
+            .await?;
+        debug!(script = %script.path.display(), ?state, "no-transaction migration finished");
+        match outcome {
+            Ok((retries, lock_wait)) => Ok(self.result(step, execution, retries, lock_wait)),
+            Err((_, e)) => Err(e),
+        }
+    }
+
+    /// Runs each statement on its own; a lock timeout retries the statement, or the whole
+    /// `BEGIN ... COMMIT` block it sits in. Returns (retries, lock wait).
+    async fn run_statements(
+        &self,
+        conn: &mut PgConnection,
+        step: &Step,
+    ) -> Result<(u32, Duration), ((u32, Duration), MigrateError)> {
+        let script = &step.source;
+        let started = Instant::now();
+        let mut attempts = 1u32;
+        let mut lock_wait = Duration::ZERO;
+        let mut block_start: Option<usize> = None;
+        let mut i = 0;
+        if let Some(t) = self.statement_timeout_for(script) {
+            let set = format!("SET statement_timeout = '{}'", format_duration(t));
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(set)).execute(&mut *conn).await {
+                return Err(((0, lock_wait), self.db_err("setting statement_timeout")(e)));
+            }
+        }
+        while i < script.statements.len() {
+            let st = &script.statements[i];
+            if st.opens_transaction() {
+                block_start = Some(i);
+            }
+            let lock_timeout = format_duration(self.lock_timeout_for(script, Some(st)));
+            let sql_text = format!("SET lock_timeout = '{lock_timeout}'");
+            let attempt_started = Instant::now();
+            let res = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql_text)).execute(&mut *conn).await {
+                Ok(_) => sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
+                    .execute(&mut *conn)
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(()) => {
+                    if st.closes_transaction() {
+                        block_start = None;
+                    }
+                    i += 1;
+                }
+                Err(e) => {
+                    if block_start.is_some() {
+                        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                    }
+                    if st.concurrently {
+                        self.drop_invalid_index(conn, step, st).await;
+                    }
+                    if !is_lock_timeout(&e) {
+                        return Err(((attempts - 1, lock_wait), script_error(script, st, &e)));
+                    }
+                    lock_wait += attempt_started.elapsed();
+                    if let Err(err) = self
+                        .after_lock_timeout(step, st, attempts, started, lock_wait, &lock_timeout)
+                        .await
+                    {
+                        return Err(((attempts - 1, lock_wait), err));
+                    }
+                    attempts += 1;
+                    if let Some(b) = block_start.take() {
+                        i = b;
+                    }
+                }
+            }
+        }
+        if let Some(b) = block_start {
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            let st = &script.statements[b];
+            return Err((
+                (attempts - 1, lock_wait),
+                MigrateError::ScriptFailed {
+                    path: script.path.clone(),
+                    line: sql::line_of_offset(&script.text, st.start),
+                    column: None,
+                    sqlstate: None,
+                    message: "transaction opened here is never committed; add COMMIT at the end (it was rolled back)".into(),
+                    detail: None,
+                    hint: None,
+                },
+            ));
+        }
+        Ok((attempts - 1, lock_wait))
+    }
+
+    /// A failed `CREATE INDEX CONCURRENTLY` leaves an INVALID index that blocks a retry and
+    /// slows every write; drop it (concurrently, so the table stays available).
+    async fn drop_invalid_index(&self, conn: &mut PgConnection, step: &Step, st: &Statement) {
+        let Some(name) = st.concurrent_index_name() else { return };
+        let (schema, rel) = match name.rsplit_once('.') {
+            Some((s, r)) if !name.starts_with('"') => (Some(s.to_string()), r.to_string()),
+            _ => (None, name.clone()),
+        };
+        let found: Option<String> = sqlx::query_scalar(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE NOT i.indisvalid AND c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2) \
+               AND ($2::text IS NOT NULL OR pg_catalog.pg_table_is_visible(c.oid)) LIMIT 1",
+        )
+        .bind(&rel)
+        .bind(&schema)
+        .fetch_optional(&mut *conn)
+        .await
+        .ok()
+        .flatten();
+        if let Some(qualified) = found {
+            let drop = format!("SET lock_timeout = 0; DROP INDEX CONCURRENTLY IF EXISTS {qualified}");
+            if sqlx::raw_sql(sqlx::AssertSqlSafe(drop)).execute(&mut *conn).await.is_ok() {
+                self.emit(EventKind::InvalidIndexDropped {
+                    script: step.script.clone(),
+                    index: qualified,
+                });
+            }
+        }
+    }
+
+    /// Compares files with history; each problem names its file.
+    pub async fn validate(&self) -> Result<Vec<String>, MigrateError> {
+        let statuses = self.status().await?;
+        Ok(statuses
+            .iter()
+            .filter_map(|s| {
+                let v = s.version.as_deref().unwrap_or("R");
+                let path = self.set.dir.join(&s.script);
+                match s.state {
+                    State::ChecksumMismatch => Some(format!(
+                        "{}: changed after it was applied (version {v}); restore the applied text, or run `belay repair` if the change is deliberate",
+                        path.display()
+                    )),
+                    State::Failed => Some(format!(
+                        "{}: version {v} failed or was interrupted; inspect the database, then `belay repair`",
+                        path.display()
+                    )),
+                    State::Missing => Some(format!(
+                        "{}: version {v} is applied but the file is missing from {}",
+                        s.script,
+                        self.set.dir.display()
+                    )),
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
+    /// Sets failed rows aside and realigns checksums of deliberately edited migrations.
+    pub async fn repair(&self) -> Result<Vec<RepairAction>, MigrateError> {
+        let mut conn = self.connect().await?;
+        if let Some(holder) = self.acquire_runner_lock(&mut conn).await? {
+            return Err(MigrateError::RunnerBusy {
+                holder,
+                waited_s: self.config.runner_wait.as_secs(),
+            });
+        }
+        let result = async {
+            let rows = self.history.rows(&mut conn).await?;
+            let statuses = status::compute(&self.set, &rows, false);
+            let mut actions = Vec::new();
+            for s in &statuses {
+                let Some(rank) = s.installed_rank else { continue };
+                match s.state {
+                    State::Failed => {
+                        // Every failed or interrupted row of this script, not just the last.
+                        for r in rows.iter().filter(|r| {
+                            r.script == s.script && matches!(r.state, RowState::Failed | RowState::Running)
+                        }) {
+                            self.history.mark_repaired(&mut conn, r.installed_rank).await?;
+                        }
+                        actions.push(RepairAction {
+                            version: s.version.clone(),
+                            script: s.script.clone(),
+                            action: "marked the failed attempt as repaired; it is pending again (check for objects it may have left half-made)".into(),
+                        });
+                    }
+                    State::ChecksumMismatch => {
+                        let v = s.version.as_deref().and_then(|v| Version::parse(v).ok());
+                        if let Some(m) = v.and_then(|v| self.set.find(&v)) {
+                            self.history.update_checksum(&mut conn, rank, m.checksum.as_str()).await?;
+                            actions.push(RepairAction {
+                                version: s.version.clone(),
+                                script: s.script.clone(),
+                                action: format!("realigned the recorded checksum to the file ({})", m.checksum.short()),
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok(actions)
+        }
+        .await;
+        self.release_runner_lock(&mut conn).await;
+        result
+    }
+
+    /// Records that the database already contains everything up to `version`.
+    pub async fn baseline(&self, version: &str, description: &str) -> Result<(), MigrateError> {
+        let v = Version::parse(version).map_err(|_| MigrateError::UnknownVersion(version.to_string()))?;
+        let mut conn = self.connect().await?;
+        if let Some(holder) = self.acquire_runner_lock(&mut conn).await? {
+            return Err(MigrateError::RunnerBusy {
+                holder,
+                waited_s: self.config.runner_wait.as_secs(),
+            });
+        }
+        let result = async {
+            self.history.ensure(&mut conn).await?;
+            let rows = self.history.rows(&mut conn).await?;
+            if rows.iter().any(|r| r.state != RowState::Repaired) {
+                return Err(MigrateError::Refused {
+                    action: "baseline",
+                    reason: format!(
+                        "{} already has {} row(s); baseline only adopts a database belay has not migrated",
+                        self.history.table_name(),
+                        rows.len()
+                    ),
+                });
+            }
+            self.history
+                .insert(
+                    &mut conn,
+                    &NewRow {
+                        version: Some(v.to_string()),
+                        description: description.to_string(),
+                        entry_type: EntryType::Baseline,
+                        script: "<< baseline >>".into(),
+                        checksum: None,
+                        execution_time_ms: 0,
+                        deployment_id: Some(self.deployment_id),
+                        backup_id: None,
+                        lock_wait_ms: 0,
+                        retries: 0,
+                        state: RowState::Success,
+                        error: None,
+                    },
+                )
+                .await?;
+            Ok(())
+        }
+        .await;
+        self.release_runner_lock(&mut conn).await;
+        result
+    }
+
+    /// The SQL a plan would execute, in order, directives applied (`plan --sql`).
+    pub fn render_sql(&self, plan: &Plan) -> String {
+        let mut out = String::new();
+        if !plan.history_exists {
+            out.push_str("-- history table (created on first use)\n");
+            out.push_str(&self.history.create_sql());
+            out.push_str("\n\n");
+        }
+        for step in &plan.steps {
+            let script = &step.source;
+            let row = self.new_row(step, if step.no_transaction.is_some() { RowState::Running } else { RowState::Success });
+            match step.no_transaction {
+                None => {
+                    out.push_str(&format!("-- {} (in one transaction with its history row)\nBEGIN;\n", step.script));
+                    out.push_str(&format!(
+                        "SET LOCAL lock_timeout = '{}';\n",
+                        format_duration(self.lock_timeout_for(script, None))
+                    ));
+                    if let Some(t) = self.statement_timeout_for(script) {
+                        out.push_str(&format!("SET LOCAL statement_timeout = '{}';\n", format_duration(t)));
+                    }
+                    for st in &script.statements {
+                        out.push_str(st.text(&script.text).trim());
+                        out.push('\n');
+                    }
+                    out.push_str(&self.history.insert_preview(&row));
+                    out.push_str("\nCOMMIT;\n\n");
+                }
+                Some(reason) => {
+                    out.push_str(&format!(
+                        "-- {} (no transaction: {}; statement by statement)\n",
+                        step.script,
+                        serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                    ));
+                    out.push_str(&self.history.insert_preview(&row));
+                    out.push('\n');
+                    if let Some(t) = self.statement_timeout_for(script) {
+                        out.push_str(&format!("SET statement_timeout = '{}';\n", format_duration(t)));
+                    }
+                    for st in &script.statements {
+                        out.push_str(&format!(
+                            "SET lock_timeout = '{}';\n",
+                            format_duration(self.lock_timeout_for(script, Some(st)))
+                        ));
+                        out.push_str(st.text(&script.text).trim());
+                        out.push('\n');
+                    }
+                    out.push_str(&format!(
+                        "-- then: UPDATE {} SET state = 'success' for this row\n\n",
+                        self.history.table_name()
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Maps a PostgreSQL error back to the script's file, line and column.
+fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateError {
+    let base_line = sql::line_of_offset(&script.text, st.start);
+    let line_start = script.text[..st.start].rfind('\n').map_or(0, |i| i + 1);
+    let start_col = script.text[line_start..st.start].chars().count();
+    if let sqlx::Error::Database(db) = e
+        && let Some(pg) = db.try_downcast_ref::<PgDatabaseError>()
+    {
+        let (line, column) = match pg.position() {
+            Some(PgErrorPosition::Original(p)) => {
+                let (l, c) = sql::line_col(st.text(&script.text), p);
+                (base_line + l - 1, Some(if l == 1 { start_col + c } else { c }))
+            }
+            _ => (base_line, None),
+        };
+        return MigrateError::ScriptFailed {
+            path: script.path.clone(),
+            line,
+            column,
+            sqlstate: Some(pg.code().to_string()),
+            message: pg.message().to_string(),
+            detail: pg.detail().map(String::from),
+            hint: pg.hint().map(String::from),
+        };
+    }
+    MigrateError::ScriptFailed {
+        path: script.path.clone(),
+        line: base_line,
+        column: None,
+        sqlstate: None,
+        message: e.to_string(),
+        detail: None,
+        hint: None,
+    }
+}
