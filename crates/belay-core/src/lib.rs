@@ -9,6 +9,6 @@ mod url;
 mod version;
 
 pub use checksum::Checksum;
-pub use duration::{format_duration, parse_duration, DurationError};
-pub use url::{redact_url, DatabaseUrl, UrlError};
+pub use duration::{DurationError, format_duration, parse_duration};
+pub use url::{DatabaseUrl, UrlError, redact_url};
 pub use version::{Version, VersionError};

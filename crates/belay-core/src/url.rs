@@ -3,9 +3,7 @@ use std::str::FromStr;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UrlError {
-    #[error(
-        "invalid database URL {redacted}: {reason}; expected postgres://user@host:port/dbname"
-    )]
+    #[error("invalid database URL {redacted}: {reason}; expected postgres://user@host:port/dbname")]
     Invalid { redacted: String, reason: String },
     #[error(
         "unsupported database URL scheme {scheme:?} in {redacted}: use postgres:// or postgresql://"
@@ -143,7 +141,10 @@ mod tests {
                 "postgres://db/app?password=s3cret&sslmode=require",
                 "postgres://db/app?password=***&sslmode=require",
             ),
-            ("host=db password=s3cret user=x", "host=db password=*** user=x"),
+            (
+                "host=db password=s3cret user=x",
+                "host=db password=*** user=x",
+            ),
             ("postgres://a:p@ss:w0rd@db/x", "postgres://a:***@db/x"),
             ("not a url at all", "not a url at all"),
         ];

@@ -24,7 +24,9 @@ pub enum HistoryError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("history table {table} has a row with unknown {column} {value:?} (rank {rank}); was it written by a newer belay?")]
+    #[error(
+        "history table {table} has a row with unknown {column} {value:?} (rank {rank}); was it written by a newer belay?"
+    )]
     UnknownValue {
         table: String,
         column: &'static str,
@@ -158,7 +160,9 @@ impl History {
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && schema.len() <= 63
-            && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !ok {
             return Err(HistoryError::BadSchemaName(schema.to_string()));
         }
@@ -270,7 +274,8 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
             installed_rank: rank,
             version: r.try_get("version").map_err(e)?,
             description: r.try_get("description").map_err(e)?,
-            entry_type: EntryType::parse(&type_text).ok_or_else(|| unknown("type", type_text.clone()))?,
+            entry_type: EntryType::parse(&type_text)
+                .ok_or_else(|| unknown("type", type_text.clone()))?,
             script: r.try_get("script").map_err(e)?,
             checksum: r.try_get("checksum").map_err(e)?,
             installed_by: r.try_get("installed_by").map_err(e)?,
@@ -281,7 +286,8 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
             backup_id: r.try_get("backup_id").map_err(e)?,
             lock_wait_ms: r.try_get("lock_wait_ms").map_err(e)?,
             retries: r.try_get("retries").map_err(e)?,
-            state: RowState::parse(&state_text).ok_or_else(|| unknown("state", state_text.clone()))?,
+            state: RowState::parse(&state_text)
+                .ok_or_else(|| unknown("state", state_text.clone()))?,
             error: r.try_get("error").map_err(e)?,
         })
     }
@@ -361,7 +367,11 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
     }
 
     /// Sets failed and interrupted rows aside (state `repaired`); they stay for the record.
-    pub async fn mark_repaired(&self, conn: &mut PgConnection, rank: i32) -> Result<(), HistoryError> {
+    pub async fn mark_repaired(
+        &self,
+        conn: &mut PgConnection,
+        rank: i32,
+    ) -> Result<(), HistoryError> {
         let sql = format!(
             "UPDATE {} SET state = 'repaired', success = false WHERE installed_rank = $1 AND state IN ('running', 'failed')",
             self.qualified
@@ -421,11 +431,20 @@ mod tests {
 
     #[tokio::test]
     async fn rows_round_trip_through_a_real_database() {
-        let db = belay_testkit::Cluster::shared().create_database().await.unwrap();
+        let db = belay_testkit::Cluster::shared()
+            .create_database()
+            .await
+            .unwrap();
         let mut conn = PgConnection::connect(&db.url).await.unwrap();
         let h = History::new("belay").unwrap();
-        assert!(h.rows(&mut conn).await.unwrap().is_empty(), "no table yet reads as empty");
-        assert!(!h.exists(&mut conn).await.unwrap(), "reading must not create the table");
+        assert!(
+            h.rows(&mut conn).await.unwrap().is_empty(),
+            "no table yet reads as empty"
+        );
+        assert!(
+            !h.exists(&mut conn).await.unwrap(),
+            "reading must not create the table"
+        );
         h.ensure(&mut conn).await.unwrap();
         h.ensure(&mut conn).await.unwrap();
         let row = NewRow {
@@ -462,9 +481,15 @@ mod tests {
         assert_eq!(r.version.as_deref(), Some("1.1"));
         assert_eq!(r.state, RowState::Failed);
         assert!(!r.success);
-        assert_eq!((r.retries, r.lock_wait_ms, r.execution_time_ms), (3, 500, 40));
+        assert_eq!(
+            (r.retries, r.lock_wait_ms, r.execution_time_ms),
+            (3, 500, 40)
+        );
         h.mark_repaired(&mut conn, rank).await.unwrap();
-        assert_eq!(h.rows(&mut conn).await.unwrap()[0].state, RowState::Repaired);
+        assert_eq!(
+            h.rows(&mut conn).await.unwrap()[0].state,
+            RowState::Repaired
+        );
         // The Flyway monitoring query from the seeds runs unchanged against our table.
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (SELECT installed_rank, version, description, type, script, checksum, installed_by, installed_on, execution_time, success FROM belay.schema_history ORDER BY installed_rank DESC) s",

@@ -77,7 +77,10 @@ mod tests {
                 .backoff_initial
                 .saturating_mul(1 << (attempt - 1).min(20))
                 .min(c.backoff_max);
-            assert!(b >= nominal / 2, "attempt {attempt}: {b:?} < half of {nominal:?}");
+            assert!(
+                b >= nominal / 2,
+                "attempt {attempt}: {b:?} < half of {nominal:?}"
+            );
         }
         assert!(c.backoff(1) <= Duration::from_millis(100));
     }

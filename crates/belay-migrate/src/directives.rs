@@ -119,7 +119,7 @@ pub fn parse(text: &str) -> Result<Directives, DirectiveError> {
                 return Err(DirectiveError::Unknown {
                     line,
                     name: other.to_string(),
-                })
+                });
             }
         }
     }
@@ -146,7 +146,9 @@ mod tests {
     #[test]
     fn sqlx_no_transaction_only_on_first_line() {
         assert_eq!(
-            parse("-- no-transaction\nselect 1;").unwrap().no_transaction,
+            parse("-- no-transaction\nselect 1;")
+                .unwrap()
+                .no_transaction,
             Some(NoTransactionSource::Sqlx)
         );
         assert_eq!(parse("\n-- no-transaction\n").unwrap().no_transaction, None);
@@ -155,8 +157,14 @@ mod tests {
     #[test]
     fn rejects_unknown_and_bad_values() {
         let cases = [
-            ("-- belay:no-transactoin\n", "line 1: unknown directive `belay:no-transactoin`"),
-            ("\n-- belay:lock-timeout=fast\n", "line 2: directive `belay:lock-timeout` has a bad value"),
+            (
+                "-- belay:no-transactoin\n",
+                "line 1: unknown directive `belay:no-transactoin`",
+            ),
+            (
+                "\n-- belay:lock-timeout=fast\n",
+                "line 2: directive `belay:lock-timeout` has a bad value",
+            ),
             ("-- belay:lock-timeout=0\n", "must be greater than zero"),
             ("-- belay:lock-timeout\n", "needs a value"),
             ("-- belay:tables=\n", "names no table"),

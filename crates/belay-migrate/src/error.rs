@@ -43,7 +43,10 @@ pub enum MigrateError {
     )]
     RunnerBusy { holder: RunnerHolder, waited_s: u64 },
     #[error("refusing to {action}: {reason}")]
-    Refused { action: &'static str, reason: String },
+    Refused {
+        action: &'static str,
+        reason: String,
+    },
     #[error("no migration with version {0} in the migrations directory")]
     UnknownVersion(String),
 }

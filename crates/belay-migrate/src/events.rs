@@ -25,9 +25,15 @@ pub struct Event {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
     /// Another runner holds this database's migration lock.
-    RunnerWaiting { holder: Option<RunnerHolder> },
-    RunnerAcquired { waited_ms: u64 },
-    Warning { message: String },
+    RunnerWaiting {
+        holder: Option<RunnerHolder>,
+    },
+    RunnerAcquired {
+        waited_ms: u64,
+    },
+    Warning {
+        message: String,
+    },
     Started {
         version: Option<String>,
         script: String,
@@ -44,7 +50,10 @@ pub enum EventKind {
         backoff_ms: u64,
     },
     /// A `CONCURRENTLY` statement failed and left an INVALID index, which was dropped.
-    InvalidIndexDropped { script: String, index: String },
+    InvalidIndexDropped {
+        script: String,
+        index: String,
+    },
     Succeeded {
         version: Option<String>,
         script: String,

@@ -5,18 +5,18 @@
 //! It must not decide rollbacks (that is `belay-rollback`'s job) nor own the history
 //! table's storage (that is `belay-history`).
 
-pub mod directives;
-pub mod source;
-pub mod sql;
 pub mod config;
+pub mod directives;
 pub mod error;
 pub mod events;
 pub mod runner;
+pub mod source;
+pub mod sql;
 pub mod status;
 
 pub use config::ExecConfig;
 pub use error::{ErrorKind, MigrateError};
 pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 pub use runner::{Migrator, Plan, RepairAction, RunReport, Step, StepResult, Target, UndoTarget};
-pub use source::{load, Layout, Migration, MigrationSet, SourceError};
+pub use source::{Layout, Migration, MigrationSet, SourceError, load};
 pub use status::{MigrationStatus, State};

@@ -8,14 +8,14 @@ use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 use crate::source::{MigrationSet, Script};
 use crate::sql::{self, Statement};
 use crate::status::{self, MigrationStatus, State};
-use belay_core::{format_duration, DatabaseUrl, Version};
+use belay_core::{DatabaseUrl, Version, format_duration};
 use belay_history::{EntryType, History, HistoryRow, NewRow, Outcome, RowState};
 use chrono::Utc;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgErrorPosition};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
-use tracing::{debug, info_span, Instrument};
+use tracing::{Instrument, debug, info_span};
 use uuid::Uuid;
 
 /// First key of the runner's advisory lock ("bela"); the second is the history schema's
@@ -180,7 +180,10 @@ impl Migrator {
         Ok(conn)
     }
 
-    async fn runner_holder(&self, conn: &mut PgConnection) -> Result<Option<RunnerHolder>, MigrateError> {
+    async fn runner_holder(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Option<RunnerHolder>, MigrateError> {
         let row = sqlx::query(
             "SELECT a.pid, a.backend_start, coalesce(a.application_name, ''), a.usename::text, host(a.client_addr) \
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
@@ -206,7 +209,10 @@ impl Migrator {
     /// Waits for the runner lock by polling `pg_try_advisory_lock`: a session blocked in
     /// `pg_advisory_lock` holds a snapshot, and the holder's `CREATE INDEX CONCURRENTLY`
     /// would wait for that snapshot forever.
-    async fn acquire_runner_lock(&self, conn: &mut PgConnection) -> Result<Option<RunnerHolder>, MigrateError> {
+    async fn acquire_runner_lock(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Option<RunnerHolder>, MigrateError> {
         let started = Instant::now();
         let mut announced = false;
         let mut poll = Duration::from_millis(50);
@@ -228,7 +234,9 @@ impl Migrator {
             let holder = self.runner_holder(conn).await?;
             if !announced {
                 announced = true;
-                self.emit(EventKind::RunnerWaiting { holder: holder.clone() });
+                self.emit(EventKind::RunnerWaiting {
+                    holder: holder.clone(),
+                });
             }
             if started.elapsed() >= self.config.runner_wait {
                 return Ok(Some(holder.unwrap_or(RunnerHolder {
@@ -291,7 +299,11 @@ impl Migrator {
             .collect()
     }
 
-    fn forward_steps(&self, statuses: &[MigrationStatus], target: &Target) -> Result<Vec<Step>, MigrateError> {
+    fn forward_steps(
+        &self,
+        statuses: &[MigrationStatus],
+        target: &Target,
+    ) -> Result<Vec<Step>, MigrateError> {
         let to = match &target.to {
             Some(t) => {
                 let v = Version::parse(t).map_err(|_| MigrateError::UnknownVersion(t.clone()))?;
@@ -309,7 +321,10 @@ impl Migrator {
             }
             let st = statuses
                 .iter()
-                .find(|s| s.entry_type == EntryType::Sql && s.version.as_deref() == Some(m.version.as_str()))
+                .find(|s| {
+                    s.entry_type == EntryType::Sql
+                        && s.version.as_deref() == Some(m.version.as_str())
+                })
                 .map(|s| s.state);
             if matches!(st, Some(State::Pending | State::Undone)) {
                 steps.push(Step {
@@ -329,7 +344,9 @@ impl Migrator {
         if target.to.is_none() && target.steps.is_none() {
             for r in &self.set.repeatables {
                 let pending = statuses.iter().any(|s| {
-                    s.entry_type == EntryType::Repeatable && s.script == r.script_name && s.state == State::Pending
+                    s.entry_type == EntryType::Repeatable
+                        && s.script == r.script_name
+                        && s.state == State::Pending
                 });
                 if pending {
                     steps.push(Step {
@@ -347,7 +364,11 @@ impl Migrator {
         Ok(steps)
     }
 
-    fn undo_steps(&self, statuses: &[MigrationStatus], target: &UndoTarget) -> Result<Vec<Step>, MigrateError> {
+    fn undo_steps(
+        &self,
+        statuses: &[MigrationStatus],
+        target: &UndoTarget,
+    ) -> Result<Vec<Step>, MigrateError> {
         let mut applied: Vec<(Version, &MigrationStatus)> = statuses
             .iter()
             .filter(|s| s.entry_type == EntryType::Sql)
@@ -375,7 +396,10 @@ impl Migrator {
                 continue;
             };
             if m.up.directives.irreversible {
-                problems.push(format!("{} is marked `-- belay:irreversible`", m.up.path.display()));
+                problems.push(format!(
+                    "{} is marked `-- belay:irreversible`",
+                    m.up.path.display()
+                ));
                 continue;
             }
             let Some(down) = &m.down else {
@@ -477,7 +501,9 @@ impl Migrator {
                 waited_s: self.config.runner_wait.as_secs(),
             });
         }
-        let result = self.run_locked(&mut conn, &choose, action, &mut report).await;
+        let result = self
+            .run_locked(&mut conn, &choose, action, &mut report)
+            .await;
         self.release_runner_lock(&mut conn).await;
         let _ = conn.close().await;
         result.map(|()| report)
@@ -541,7 +567,10 @@ impl Migrator {
     }
 
     fn statement_timeout_for(&self, script: &Script) -> Option<Duration> {
-        script.directives.statement_timeout.or(self.config.statement_timeout)
+        script
+            .directives
+            .statement_timeout
+            .or(self.config.statement_timeout)
     }
 
     /// Backoff before the next attempt, or `None` when the budget is spent.
@@ -553,7 +582,11 @@ impl Migrator {
         (started.elapsed() + b < self.config.max_lock_wait).then_some(b)
     }
 
-    async fn execute(&self, conn: &mut PgConnection, step: &Step) -> Result<StepResult, MigrateError> {
+    async fn execute(
+        &self,
+        conn: &mut PgConnection,
+        step: &Step,
+    ) -> Result<StepResult, MigrateError> {
         let span = info_span!("apply_migration", script = %step.script, version = ?step.version);
         self.emit(EventKind::Started {
             version: step.version.clone(),
@@ -562,9 +595,13 @@ impl Migrator {
             in_transaction: step.no_transaction.is_none(),
         });
         let result = if step.no_transaction.is_some() {
-            self.execute_without_transaction(conn, step).instrument(span).await
+            self.execute_without_transaction(conn, step)
+                .instrument(span)
+                .await
         } else {
-            self.execute_in_transaction(conn, step).instrument(span).await
+            self.execute_in_transaction(conn, step)
+                .instrument(span)
+                .await
         };
         match &result {
             Ok(r) => self.emit(EventKind::Succeeded {
@@ -585,7 +622,13 @@ impl Migrator {
         result
     }
 
-    fn result(&self, step: &Step, execution: Duration, retries: u32, lock_wait: Duration) -> StepResult {
+    fn result(
+        &self,
+        step: &Step,
+        execution: Duration,
+        retries: u32,
+        lock_wait: Duration,
+    ) -> StepResult {
         StepResult {
             version: step.version.clone(),
             script: step.script.clone(),
@@ -596,7 +639,11 @@ impl Migrator {
         }
     }
 
-    async fn execute_in_transaction(&self, conn: &mut PgConnection, step: &Step) -> Result<StepResult, MigrateError> {
+    async fn execute_in_transaction(
+        &self,
+        conn: &mut PgConnection,
+        step: &Step,
+    ) -> Result<StepResult, MigrateError> {
         let script = &step.source;
         let started = Instant::now();
         let mut attempts = 0u32;
@@ -604,12 +651,18 @@ impl Migrator {
         let lock_timeout = format_duration(self.lock_timeout_for(script, None));
         let mut preamble = format!("SET LOCAL lock_timeout = '{lock_timeout}'");
         if let Some(t) = self.statement_timeout_for(script) {
-            preamble.push_str(&format!("; SET LOCAL statement_timeout = '{}'", format_duration(t)));
+            preamble.push_str(&format!(
+                "; SET LOCAL statement_timeout = '{}'",
+                format_duration(t)
+            ));
         }
         loop {
             attempts += 1;
             let attempt_started = Instant::now();
-            let mut tx = conn.begin().await.map_err(self.db_err("beginning a transaction"))?;
+            let mut tx = conn
+                .begin()
+                .await
+                .map_err(self.db_err("beginning a transaction"))?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(preamble.clone()))
                 .execute(&mut *tx)
                 .await
@@ -632,7 +685,9 @@ impl Migrator {
                     row.retries = (attempts - 1) as i32;
                     row.lock_wait_ms = lock_wait.as_millis() as i64;
                     self.history.insert(&mut tx, &row).await?;
-                    tx.commit().await.map_err(self.db_err("committing a migration"))?;
+                    tx.commit()
+                        .await
+                        .map_err(self.db_err("committing a migration"))?;
                     return Ok(self.result(step, execution, attempts - 1, lock_wait));
                 }
                 Some((st, e)) => {
@@ -683,12 +738,21 @@ impl Migrator {
     /// A migration that cannot run in a transaction (`CREATE INDEX CONCURRENTLY`, its own
     /// `BEGIN`/`COMMIT`): statement by statement, its history row committed as `running`
     /// first, so a crash leaves a visible `failed` state rather than a silent half-change.
-    async fn execute_without_transaction(&self, conn: &mut PgConnection, step: &Step) -> Result<StepResult, MigrateError> {
+    async fn execute_without_transaction(
+        &self,
+        conn: &mut PgConnection,
+        step: &Step,
+    ) -> Result<StepResult, MigrateError> {
         let script = &step.source;
-        let rank = self.history.insert(conn, &self.new_row(step, RowState::Running)).await?;
+        let rank = self
+            .history
+            .insert(conn, &self.new_row(step, RowState::Running))
+            .await?;
         let started = Instant::now();
         let outcome = self.run_statements(conn, step).await;
-        let _ = sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout").execute(&mut *conn).await;
+        let _ = sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout")
+            .execute(&mut *conn)
+            .await;
         let (state, stats, error) = match &outcome {
             Ok(stats) => (RowState::Success, *stats, None),
             Err((stats, e)) => (RowState::Failed, *stats, Some(e.to_string())),
@@ -729,7 +793,10 @@ impl Migrator {
         let mut i = 0;
         if let Some(t) = self.statement_timeout_for(script) {
             let set = format!("SET statement_timeout = '{}'", format_duration(t));
-            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(set)).execute(&mut *conn).await {
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(set))
+                .execute(&mut *conn)
+                .await
+            {
                 return Err(((0, lock_wait), self.db_err("setting statement_timeout")(e)));
             }
         }
@@ -741,7 +808,10 @@ impl Migrator {
             let lock_timeout = format_duration(self.lock_timeout_for(script, Some(st)));
             let sql_text = format!("SET lock_timeout = '{lock_timeout}'");
             let attempt_started = Instant::now();
-            let res = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql_text)).execute(&mut *conn).await {
+            let res = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql_text))
+                .execute(&mut *conn)
+                .await
+            {
                 Ok(_) => sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
                     .execute(&mut *conn)
                     .await
@@ -801,7 +871,9 @@ impl Migrator {
     /// A failed `CREATE INDEX CONCURRENTLY` leaves an INVALID index that blocks a retry and
     /// slows every write; drop it (concurrently, so the table stays available).
     async fn drop_invalid_index(&self, conn: &mut PgConnection, step: &Step, st: &Statement) {
-        let Some(name) = st.concurrent_index_name() else { return };
+        let Some(name) = st.concurrent_index_name() else {
+            return;
+        };
         let (schema, rel) = match name.rsplit_once('.') {
             Some((s, r)) if !name.starts_with('"') => (Some(s.to_string()), r.to_string()),
             _ => (None, name.clone()),
@@ -819,8 +891,13 @@ impl Migrator {
         .ok()
         .flatten();
         if let Some(qualified) = found {
-            let drop = format!("SET lock_timeout = 0; DROP INDEX CONCURRENTLY IF EXISTS {qualified}");
-            if sqlx::raw_sql(sqlx::AssertSqlSafe(drop)).execute(&mut *conn).await.is_ok() {
+            let drop =
+                format!("SET lock_timeout = 0; DROP INDEX CONCURRENTLY IF EXISTS {qualified}");
+            if sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                .execute(&mut *conn)
+                .await
+                .is_ok()
+            {
                 self.emit(EventKind::InvalidIndexDropped {
                     script: step.script.clone(),
                     index: qualified,
@@ -909,7 +986,8 @@ impl Migrator {
 
     /// Records that the database already contains everything up to `version`.
     pub async fn baseline(&self, version: &str, description: &str) -> Result<(), MigrateError> {
-        let v = Version::parse(version).map_err(|_| MigrateError::UnknownVersion(version.to_string()))?;
+        let v = Version::parse(version)
+            .map_err(|_| MigrateError::UnknownVersion(version.to_string()))?;
         let mut conn = self.connect().await?;
         if let Some(holder) = self.acquire_runner_lock(&mut conn).await? {
             return Err(MigrateError::RunnerBusy {
@@ -966,16 +1044,29 @@ impl Migrator {
         }
         for step in &plan.steps {
             let script = &step.source;
-            let row = self.new_row(step, if step.no_transaction.is_some() { RowState::Running } else { RowState::Success });
+            let row = self.new_row(
+                step,
+                if step.no_transaction.is_some() {
+                    RowState::Running
+                } else {
+                    RowState::Success
+                },
+            );
             match step.no_transaction {
                 None => {
-                    out.push_str(&format!("-- {} (in one transaction with its history row)\nBEGIN;\n", step.script));
+                    out.push_str(&format!(
+                        "-- {} (in one transaction with its history row)\nBEGIN;\n",
+                        step.script
+                    ));
                     out.push_str(&format!(
                         "SET LOCAL lock_timeout = '{}';\n",
                         format_duration(self.lock_timeout_for(script, None))
                     ));
                     if let Some(t) = self.statement_timeout_for(script) {
-                        out.push_str(&format!("SET LOCAL statement_timeout = '{}';\n", format_duration(t)));
+                        out.push_str(&format!(
+                            "SET LOCAL statement_timeout = '{}';\n",
+                            format_duration(t)
+                        ));
                     }
                     for st in &script.statements {
                         out.push_str(st.text(&script.text).trim());
@@ -988,12 +1079,18 @@ impl Migrator {
                     out.push_str(&format!(
                         "-- {} (no transaction: {}; statement by statement)\n",
                         step.script,
-                        serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                        serde_json::to_value(reason)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default()
                     ));
                     out.push_str(&self.history.insert_preview(&row));
                     out.push('\n');
                     if let Some(t) = self.statement_timeout_for(script) {
-                        out.push_str(&format!("SET statement_timeout = '{}';\n", format_duration(t)));
+                        out.push_str(&format!(
+                            "SET statement_timeout = '{}';\n",
+                            format_duration(t)
+                        ));
                     }
                     for st in &script.statements {
                         out.push_str(&format!(
@@ -1025,7 +1122,10 @@ fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateErro
         let (line, column) = match pg.position() {
             Some(PgErrorPosition::Original(p)) => {
                 let (l, c) = sql::line_col(st.text(&script.text), p);
-                (base_line + l - 1, Some(if l == 1 { start_col + c } else { c }))
+                (
+                    base_line + l - 1,
+                    Some(if l == 1 { start_col + c } else { c }),
+                )
             }
             _ => (base_line, None),
         };

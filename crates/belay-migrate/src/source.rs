@@ -152,7 +152,8 @@ pub enum SourceError {
 }
 
 const FLYWAY_EXPECTED: &str = "expected V<version>__<description>.sql, U<version>__<description>.sql or R__<description>.sql (two underscores)";
-const PAIRED_EXPECTED: &str = "expected <version>_<description>.up.sql / .down.sql, with a numeric version";
+const PAIRED_EXPECTED: &str =
+    "expected <version>_<description>.up.sql / .down.sql, with a numeric version";
 const ANY_EXPECTED: &str = "a .sql file in a migrations directory must be named V<version>__<desc>.sql (Flyway), <version>_<desc>.up.sql/.down.sql (paired), or live in a <version>_<desc>/ folder as up.sql/down.sql; move other SQL elsewhere";
 
 enum Kind {
@@ -184,11 +185,11 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
     // One layout per directory.
     let mut first_of: BTreeMap<u8, &PathBuf> = BTreeMap::new();
     let mut first_layout: Option<(Layout, &PathBuf)> = None;
-    for (layout, path) in found
-        .iter()
-        .map(|f| (f.layout, &f.path))
-        .chain(repeatables_found.iter().map(|(_, p, _)| (Layout::Flyway, p)))
-    {
+    for (layout, path) in found.iter().map(|f| (f.layout, &f.path)).chain(
+        repeatables_found
+            .iter()
+            .map(|(_, p, _)| (Layout::Flyway, p)),
+    ) {
         first_of.entry(layout as u8).or_insert(path);
         match first_layout {
             None => first_layout = Some((layout, path)),
@@ -378,7 +379,11 @@ fn scan(
         };
         match name.as_bytes().first() {
             Some(b'V' | b'U' | b'R') => match parse_flyway(stem) {
-                Some(FlywayName::Versioned { undo, version, description }) => {
+                Some(FlywayName::Versioned {
+                    undo,
+                    version,
+                    description,
+                }) => {
                     let sidecar = match flyway_conf(&path) {
                         Ok(s) => s,
                         Err(e) => {
@@ -558,7 +563,7 @@ fn diesel_metadata(path: &Path) -> Result<Option<NoTransactionSource>, SourceErr
             return Err(SourceError::Io {
                 path: path.to_path_buf(),
                 source,
-            })
+            });
         }
     };
     let value: toml::Table = toml::from_str(&text).map_err(|e| SourceError::BadSidecar {
@@ -633,7 +638,10 @@ mod tests {
     }
 
     fn versions(set: &MigrationSet) -> Vec<String> {
-        set.migrations.iter().map(|m| m.version.to_string()).collect()
+        set.migrations
+            .iter()
+            .map(|m| m.version.to_string())
+            .collect()
     }
 
     #[test]
@@ -670,7 +678,10 @@ mod tests {
             ("2026-07-30-140000-0000_new thing/down.sql", "select -2;"),
             ("20140924113530_old/up.sql", "select 1;"),
             ("20140924113530_old/verify.sql", "select 1 where false;"),
-            ("20140924113530_old/metadata.toml", "run_in_transaction = false\n"),
+            (
+                "20140924113530_old/metadata.toml",
+                "run_in_transaction = false\n",
+            ),
         ]);
         let set = load(folder.path()).unwrap();
         assert_eq!(set.layout, Some(Layout::Folder));
@@ -688,13 +699,20 @@ mod tests {
         let d = dir_with(&[
             ("V1__a.sql", "create index concurrently i on t(a);"),
             ("V1__a.sql.conf", "# flyway\nexecuteInTransaction=false\n"),
-            ("V2__b.sql", "-- no-transaction\ncreate index concurrently j on t(b);"),
+            (
+                "V2__b.sql",
+                "-- no-transaction\ncreate index concurrently j on t(b);",
+            ),
             ("V3__c.sql", "BEGIN;\ncreate table x();\nCOMMIT;\n"),
             ("V4__d.sql", "-- just a comment\n"),
             ("V5__e.sql", ""),
         ]);
         let set = load(d.path()).unwrap();
-        let src: Vec<_> = set.migrations.iter().map(|m| m.up.no_transaction()).collect();
+        let src: Vec<_> = set
+            .migrations
+            .iter()
+            .map(|m| m.up.no_transaction())
+            .collect();
         assert_eq!(
             src,
             [
@@ -705,7 +723,11 @@ mod tests {
                 None
             ]
         );
-        assert!(set.warnings.iter().any(|w| w.contains("V3__c.sql:1")), "{:?}", set.warnings);
+        assert!(
+            set.warnings.iter().any(|w| w.contains("V3__c.sql:1")),
+            "{:?}",
+            set.warnings
+        );
         assert!(set.migrations[3].up.is_empty() && set.migrations[4].up.is_empty());
     }
 
@@ -725,7 +747,10 @@ mod tests {
     #[test]
     fn bad_inputs_name_their_files() {
         let cases: &[(&[(&str, &str)], &[&str])] = &[
-            (&[("V1_init.sql", "")], &["V1_init.sql", "malformed migration name"]),
+            (
+                &[("V1_init.sql", "")],
+                &["V1_init.sql", "malformed migration name"],
+            ),
             (&[("Vx__init.sql", "")], &["Vx__init.sql", "malformed"]),
             (&[("init.sql", "")], &["init.sql", "malformed"]),
             (&[("1_a.upp.sql", "")], &["1_a.upp.sql", "malformed"]),
@@ -742,11 +767,23 @@ mod tests {
                 &[("V1__a.sql", ""), ("2_b.up.sql", "")],
                 &["mixed migration layouts", "V1__a.sql", "2_b.up.sql"],
             ),
-            (&[("U3__a.sql", "")], &["U3__a.sql", "undo script without a forward"]),
-            (&[("3_a.down.sql", "")], &["3_a.down.sql", "undo script without a forward"]),
-            (&[("3_a/down.sql", "")], &["down.sql", "undo script without a forward"]),
             (
-                &[("V1__a.sql", ""), ("V1__a.sql.conf", "executeInTransaction=maybe")],
+                &[("U3__a.sql", "")],
+                &["U3__a.sql", "undo script without a forward"],
+            ),
+            (
+                &[("3_a.down.sql", "")],
+                &["3_a.down.sql", "undo script without a forward"],
+            ),
+            (
+                &[("3_a/down.sql", "")],
+                &["down.sql", "undo script without a forward"],
+            ),
+            (
+                &[
+                    ("V1__a.sql", ""),
+                    ("V1__a.sql.conf", "executeInTransaction=maybe"),
+                ],
                 &["V1__a.sql.conf", "executeInTransaction"],
             ),
             (
@@ -758,11 +795,19 @@ mod tests {
             let d = dir_with(files);
             let err = load(d.path()).unwrap_err().to_string();
             for want in *wants {
-                assert!(err.contains(want), "files {files:?}: {err:?} lacks {want:?}");
+                assert!(
+                    err.contains(want),
+                    "files {files:?}: {err:?} lacks {want:?}"
+                );
             }
         }
-        let err = load(Path::new("/nonexistent/belay")).unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/belay") && err.contains("--dir"), "{err}");
+        let err = load(Path::new("/nonexistent/belay"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/belay") && err.contains("--dir"),
+            "{err}"
+        );
     }
 
     #[test]

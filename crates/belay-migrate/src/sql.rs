@@ -25,7 +25,11 @@ impl Statement {
 
     fn starts_with(&self, words: &[&str]) -> bool {
         self.words.len() >= words.len()
-            && self.words.iter().zip(words).all(|(a, b)| a.eq_ignore_ascii_case(b))
+            && self
+                .words
+                .iter()
+                .zip(words)
+                .all(|(a, b)| a.eq_ignore_ascii_case(b))
     }
 
     /// A statement that opens, ends or aborts a transaction block.
@@ -67,10 +71,12 @@ impl Statement {
             _ => return None,
         };
         let raw = &self.words[idx];
-        Some(match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
-            Some(quoted) => quoted.replace("\"\"", "\""),
-            None => raw.to_lowercase(),
-        })
+        Some(
+            match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => raw.to_lowercase(),
+            },
+        )
     }
 }
 
@@ -179,7 +185,10 @@ pub fn split(script: &str) -> Vec<Statement> {
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
                 while i < b.len()
-                    && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
                 {
                     i += 1;
                 }
@@ -187,7 +196,10 @@ pub fn split(script: &str) -> Vec<Statement> {
                 let is_create = cur
                     .as_ref()
                     .is_some_and(|s| s.words.first().is_some_and(|f| f == "CREATE"));
-                if w.eq_ignore_ascii_case("ATOMIC") && prev_word.eq_ignore_ascii_case("BEGIN") && is_create {
+                if w.eq_ignore_ascii_case("ATOMIC")
+                    && prev_word.eq_ignore_ascii_case("BEGIN")
+                    && is_create
+                {
                     atomic_depth += 1;
                 } else if atomic_depth > 0 && w.eq_ignore_ascii_case("CASE") {
                     atomic_depth += 1;
@@ -294,11 +306,20 @@ mod tests {
             ("select ';'; select 2", &["select ';';", "select 2"]),
             ("select 'it''s;'; x;", &["select 'it''s;';", "x;"]),
             (r"select E'a\';b'; x;", &[r"select E'a\';b';", "x;"]),
-            ("select \"a;b\" from t; x;", &["select \"a;b\" from t;", "x;"]),
-            ("-- c;\nselect 1; /* a; /* b; */ c; */ select 2;", &["select 1;", "select 2;"]),
+            (
+                "select \"a;b\" from t; x;",
+                &["select \"a;b\" from t;", "x;"],
+            ),
+            (
+                "-- c;\nselect 1; /* a; /* b; */ c; */ select 2;",
+                &["select 1;", "select 2;"],
+            ),
             (
                 "create function f() returns int as $$ select 1; $$ language sql; x;",
-                &["create function f() returns int as $$ select 1; $$ language sql;", "x;"],
+                &[
+                    "create function f() returns int as $$ select 1; $$ language sql;",
+                    "x;",
+                ],
             ),
             (
                 "do $body$ begin perform 1; end $body$; x;",
@@ -322,7 +343,9 @@ mod tests {
 
     #[test]
     fn recognises_transaction_control_and_concurrently() {
-        let s = split("BEGIN; create index concurrently if not exists idx_a on t(a); commit; rollback to s1; end;");
+        let s = split(
+            "BEGIN; create index concurrently if not exists idx_a on t(a); commit; rollback to s1; end;",
+        );
         assert!(s[0].opens_transaction());
         assert!(s[1].concurrently);
         assert_eq!(s[1].concurrent_index_name().as_deref(), Some("idx_a"));

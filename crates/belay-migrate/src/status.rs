@@ -99,13 +99,26 @@ fn row_state(row: &HistoryRow, runner_active: bool) -> State {
 
 /// `runner_active`: whether some runner holds the lock right now (a `running` row is then
 /// really running, not the remains of a crash).
-pub fn compute(set: &MigrationSet, rows: &[HistoryRow], runner_active: bool) -> Vec<MigrationStatus> {
-    let live: Vec<&HistoryRow> = rows.iter().filter(|r| r.state != RowState::Repaired).collect();
+pub fn compute(
+    set: &MigrationSet,
+    rows: &[HistoryRow],
+    runner_active: bool,
+) -> Vec<MigrationStatus> {
+    let live: Vec<&HistoryRow> = rows
+        .iter()
+        .filter(|r| r.state != RowState::Repaired)
+        .collect();
     let baseline = baseline(rows);
     let latest_for = |v: &Version| {
         live.iter()
             .filter(|r| matches!(r.entry_type, EntryType::Sql | EntryType::UndoSql))
-            .filter(|r| r.version.as_deref().and_then(|t| Version::parse(t).ok()).as_ref() == Some(v))
+            .filter(|r| {
+                r.version
+                    .as_deref()
+                    .and_then(|t| Version::parse(t).ok())
+                    .as_ref()
+                    == Some(v)
+            })
             .max_by_key(|r| r.installed_rank)
             .copied()
     };
@@ -152,7 +165,9 @@ pub fn compute(set: &MigrationSet, rows: &[HistoryRow], runner_active: bool) -> 
             continue;
         }
         seen.push(v.clone());
-        let Some(latest) = latest_for(&v) else { continue };
+        let Some(latest) = latest_for(&v) else {
+            continue;
+        };
         let mut s = MigrationStatus::from_row(Some(latest));
         s.entry_type = EntryType::Sql;
         s.state = match row_state(latest, runner_active) {
@@ -225,7 +240,12 @@ mod tests {
 
     fn states(st: &[MigrationStatus]) -> Vec<(String, State)> {
         st.iter()
-            .map(|s| (s.version.clone().unwrap_or_else(|| s.description.clone()), s.state))
+            .map(|s| {
+                (
+                    s.version.clone().unwrap_or_else(|| s.description.clone()),
+                    s.state,
+                )
+            })
             .collect()
     }
 
@@ -241,7 +261,12 @@ mod tests {
             ("V6__f.sql", "select 6;"),
             ("R__views.sql", "select 'r';"),
         ]);
-        let ck = |v: &str| s.find(&Version::parse(v).unwrap()).unwrap().checksum.to_string();
+        let ck = |v: &str| {
+            s.find(&Version::parse(v).unwrap())
+                .unwrap()
+                .checksum
+                .to_string()
+        };
         let rows = vec![
             row(1, "1", EntryType::Sql, RowState::Success, &ck("1")),
             row(2, "2", EntryType::Sql, RowState::Success, &ck("2")),
@@ -276,7 +301,11 @@ mod tests {
 
     #[test]
     fn repaired_failure_becomes_pending_and_baseline_covers_older() {
-        let (_d, s) = set(&[("V1__a.sql", "select 1;"), ("V2__b.sql", "select 2;"), ("V3__c.sql", "")]);
+        let (_d, s) = set(&[
+            ("V1__a.sql", "select 1;"),
+            ("V2__b.sql", "select 2;"),
+            ("V3__c.sql", ""),
+        ]);
         let rows = vec![
             row(1, "2", EntryType::Baseline, RowState::Success, ""),
             row(2, "3", EntryType::Sql, RowState::Repaired, ""),

@@ -1,0 +1,160 @@
+//! Command-line arguments. Flags beat environment, environment beats `belay.toml`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+pub const EXIT_CODES_HELP: &str = "\
+Database URL:
+  Give it by environment (BELAY_DATABASE_URL, or DATABASE_URL), by file (--url-file),
+  or in belay.toml. A password on the command line is visible to every user of the
+  machine in the process list: belay warns when it sees one there. URLs are shown with
+  their password replaced by ***.
+
+Exit codes:
+  0   success (also: nothing to do)
+  1   a migration failed: SQL error (file:line shown) or lock retries exhausted;
+      migrations before it stay applied and recorded, the failing one is not
+  2   refused: history needs attention (checksum drift, a failed migration), an undo
+      is impossible, or `validate` found problems; nothing was changed
+  3   another belay runner holds this database's migration lock past --runner-wait
+  64  bad usage or configuration (flags, belay.toml, URL)
+  65  invalid migration files (names, duplicates, directives, layouts); nothing applied
+  69  the database is unreachable
+  70  unexpected database or internal error
+
+Environment:
+  BELAY_DATABASE_URL / DATABASE_URL   target database
+  BELAY_LOG                           log filter for diagnostics on stderr (e.g. debug)";
+
+/// belay: safe PostgreSQL schema migrations.
+///
+/// Applies versioned SQL migrations (Flyway V1__x.sql, paired 1_x.up.sql/1_x.down.sql,
+/// or one folder per migration with up.sql/down.sql) so that the application keeps
+/// running: one runner per database, each migration in its own transaction together
+/// with its history row, and short lock timeouts retried with backoff so application
+/// queries never queue behind a migration for long.
+#[derive(Debug, Parser)]
+#[command(name = "belay", version, after_help = EXIT_CODES_HELP, max_term_width = 100)]
+pub struct Cli {
+    /// Target database URL, e.g. postgres://app@db:5432/shop (prefer the environment)
+    #[arg(
+        long,
+        global = true,
+        env = "BELAY_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub url: Option<String>,
+
+    /// Read the database URL from this file (first line), e.g. a mounted secret
+    #[arg(long, global = true, value_name = "PATH")]
+    pub url_file: Option<PathBuf>,
+
+    /// Migrations directory [default: ./migrations]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Configuration file [default: ./belay.toml when present]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Output format
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+
+    /// Schema of the history table in the target database [default: belay]
+    #[arg(long, global = true, value_name = "SCHEMA")]
+    pub history_schema: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what `migrate` would apply, in order, with directives and lint-free facts
+    Plan {
+        /// Print exactly the SQL that would run, transactions and history rows included
+        #[arg(long)]
+        sql: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Apply pending migrations (each in its own transaction, lock-safely)
+    Migrate {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Revert applied migrations with their undo scripts, newest first [default: one]
+    Undo {
+        /// Undo every applied migration newer than VERSION
+        #[arg(long, value_name = "VERSION", conflicts_with_all = ["steps", "all"])]
+        to: Option<String>,
+        /// Undo the N newest applied migrations
+        #[arg(long, value_name = "N", conflicts_with = "all")]
+        steps: Option<usize>,
+        /// Undo every applied migration
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Show every migration's state: success, pending, failed, missing, future, undone,
+    /// checksum_mismatch, baseline
+    Status,
+    /// Check applied migrations against the files: edits, failures, missing files
+    Validate,
+    /// Set failed or interrupted migrations aside (kept in history as `repaired`) and
+    /// realign checksums of deliberately edited migrations
+    Repair {
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Adopt an existing database: record that everything up to VERSION is already there
+    Baseline {
+        #[arg(long, value_name = "VERSION")]
+        version: String,
+        #[arg(long, default_value = "<< baseline >>")]
+        description: String,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// Stop after this version
+    #[arg(long, value_name = "VERSION", conflicts_with = "steps")]
+    pub to: Option<String>,
+    /// Apply at most N migrations
+    #[arg(long, value_name = "N")]
+    pub steps: Option<usize>,
+}
+
+/// Lock-safety settings; defaults explained in ARCHITECTURE.md ("Lock-safe execution").
+#[derive(Debug, Clone, Default, Args)]
+pub struct ExecArgs {
+    /// Longest a migration may wait for a lock before retrying; also the longest an
+    /// application query queues behind it [default: 100ms]
+    #[arg(long, value_name = "DURATION")]
+    pub lock_timeout: Option<String>,
+    /// Attempts per migration before giving up on locks [default: 60]
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+    /// Time budget per migration for lock waits and backoff [default: 2min]
+    #[arg(long, value_name = "DURATION")]
+    pub max_lock_wait: Option<String>,
+    /// statement_timeout for migrations without a directive [default: server's]
+    #[arg(long, value_name = "DURATION")]
+    pub statement_timeout: Option<String>,
+    /// How long to wait for another belay runner on the same database [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub runner_wait: Option<String>,
+}

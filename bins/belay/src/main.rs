@@ -1,0 +1,193 @@
+//! `belay`, the command-line interface. Thin: parse flags, resolve configuration, call
+//! the migration engine, print. Local mode only for now: the engine runs in-process
+//! against `--url`.
+
+mod cli;
+mod render;
+mod settings;
+
+use anyhow::anyhow;
+use belay_migrate::{ErrorKind, MigrateError, Migrator, Target, UndoTarget};
+use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
+use cli::{Cli, Command, Output};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+mod exit {
+    pub const FAILED: u8 = 1;
+    pub const REFUSED: u8 = 2;
+    pub const BUSY: u8 = 3;
+    pub const USAGE: u8 = 64;
+    pub const DATA: u8 = 65;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
+}
+
+/// An error and the exit code it deserves.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<MigrateError> for Failure {
+    fn from(e: MigrateError) -> Self {
+        let code = match e.kind() {
+            ErrorKind::InvalidSource => exit::DATA,
+            ErrorKind::Unavailable => exit::UNAVAILABLE,
+            ErrorKind::MigrationFailed => exit::FAILED,
+            ErrorKind::Refused => exit::REFUSED,
+            ErrorKind::Busy => exit::BUSY,
+            ErrorKind::Internal => exit::SOFTWARE,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn usage(e: anyhow::Error) -> Failure {
+    Failure {
+        code: exit::USAGE,
+        message: format!("{e:#}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let url_from_argv = matches.value_source("url") == Some(ValueSource::CommandLine);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let format = belay_telemetry::LogFormat::Text;
+    if let Err(e) = belay_telemetry::init(format, "warn") {
+        eprintln!("error: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
+    let output = cli.output;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    match runtime.block_on(run(cli, url_from_argv)) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            let message = belay_core::redact_url(&f.message);
+            if output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": message, "exit_code": f.code })
+                );
+            }
+            eprintln!("error: {message}");
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
+    let exec_args = match &cli.command {
+        Command::Migrate { exec, .. }
+        | Command::Undo { exec, .. }
+        | Command::Repair { exec }
+        | Command::Baseline { exec, .. } => Some(exec),
+        _ => None,
+    };
+    let settings = settings::resolve(&cli, url_from_argv, exec_args).map_err(usage)?;
+    if settings.url_from_argv_with_password {
+        eprintln!(
+            "warning: the database password is on the command line, where other users can read it; use BELAY_DATABASE_URL, --url-file or a .pgpass file"
+        );
+    }
+    let set = belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
+    let url = settings.url.clone().ok_or_else(|| {
+        usage(anyhow!(
+            "no database URL: set BELAY_DATABASE_URL (or DATABASE_URL), pass --url-file, or set `url_file` in belay.toml"
+        ))
+    })?;
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = render::sink(cli.output, events.clone());
+    let migrator = Migrator::new(url, set, settings.exec.clone(), sink)?;
+    let out = cli.output;
+
+    match cli.command {
+        Command::Plan { sql, target } => {
+            let target = Target {
+                to: target.to,
+                steps: target.steps,
+            };
+            let plan = migrator.plan(&target).await?;
+            if sql {
+                print!("{}", migrator.render_sql(&plan));
+            } else {
+                render::plan(out, &plan, &settings.exec);
+            }
+            Ok(0)
+        }
+        Command::Migrate { target, .. } => {
+            let target = Target {
+                to: target.to,
+                steps: target.steps,
+            };
+            let result = migrator.migrate(&target).await;
+            render::run_report(out, "migrate", &result, &events);
+            result.map(|_| 0).map_err(Failure::from)
+        }
+        Command::Undo { to, steps, all, .. } => {
+            let target = match (to, steps, all) {
+                (Some(v), _, _) => UndoTarget::To(v),
+                (_, Some(n), _) => UndoTarget::Steps(n),
+                (_, _, true) => UndoTarget::All,
+                _ => UndoTarget::Steps(1),
+            };
+            let result = migrator.undo(&target).await;
+            render::run_report(out, "undo", &result, &events);
+            result.map(|_| 0).map_err(Failure::from)
+        }
+        Command::Status => {
+            let statuses = migrator.status().await?;
+            render::status(out, &statuses);
+            Ok(0)
+        }
+        Command::Validate => {
+            let problems = migrator.validate().await?;
+            render::validate(out, &problems, migrator.set().migrations.len());
+            Ok(if problems.is_empty() {
+                0
+            } else {
+                exit::REFUSED
+            })
+        }
+        Command::Repair { .. } => {
+            let actions = migrator.repair().await?;
+            render::repair(out, &actions);
+            Ok(0)
+        }
+        Command::Baseline {
+            version,
+            description,
+            ..
+        } => {
+            migrator.baseline(&version, &description).await?;
+            render::message(out, &format!("baselined at version {version}"));
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Resolves flags, environment and `belay.toml` into one validated configuration.
+
+use crate::cli::{Cli, ExecArgs};
+use anyhow::{Context, Result, anyhow, bail};
+use belay_core::{DatabaseUrl, parse_duration};
+use belay_migrate::ExecConfig;
+use std::path::{Path, PathBuf};
+
+/// `belay.toml`. Unknown keys are errors: a misspelt setting silently ignored is a
+/// setting that does not protect you.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub url: Option<String>,
+    pub url_file: Option<PathBuf>,
+    pub dir: Option<PathBuf>,
+    pub history_schema: Option<String>,
+    #[serde(default)]
+    pub execution: FileExec,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileExec {
+    pub lock_timeout: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub max_lock_wait: Option<String>,
+    pub statement_timeout: Option<String>,
+    pub concurrent_lock_timeout: Option<String>,
+    pub runner_wait: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Settings {
+    pub url: Option<DatabaseUrl>,
+    pub url_from_argv_with_password: bool,
+    pub dir: PathBuf,
+    pub exec: ExecConfig,
+}
+
+pub fn load_file(cli: &Cli) -> Result<FileConfig> {
+    let (path, required) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("belay.toml"), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            return Ok(FileConfig::default());
+        }
+        Err(e) => return Err(anyhow!("cannot read config {}: {e}", path.display())),
+    };
+    toml::from_str(&text).map_err(|e| anyhow!("config {}: {e}", path.display()))
+}
+
+fn duration(flag: &str, v: &str) -> Result<std::time::Duration> {
+    parse_duration(v).with_context(|| format!("--{flag}"))
+}
+
+fn read_url_file(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --url-file {}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(String::from)
+        .ok_or_else(|| anyhow!("--url-file {} is empty", path.display()))
+}
+
+pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> Result<Settings> {
+    let file = load_file(cli)?;
+    let raw_url = if let Some(u) = &cli.url {
+        Some(u.clone())
+    } else if let Some(p) = &cli.url_file {
+        Some(read_url_file(p)?)
+    } else if let Ok(u) = std::env::var("DATABASE_URL") {
+        Some(u)
+    } else if let Some(u) = &file.url {
+        Some(u.clone())
+    } else if let Some(p) = &file.url_file {
+        Some(read_url_file(p)?)
+    } else {
+        None
+    };
+    let url = raw_url
+        .map(|u| DatabaseUrl::parse(&u))
+        .transpose()
+        .map_err(|e| anyhow!("{e}"))?;
+    let url_from_argv_with_password =
+        url_from_argv && url.as_ref().is_some_and(DatabaseUrl::has_password);
+
+    let mut exec = ExecConfig::default();
+    if let Some(s) = cli.history_schema.clone().or(file.history_schema.clone()) {
+        exec.history_schema = s;
+    }
+    let fe = &file.execution;
+    let ea = exec_args.cloned().unwrap_or_default();
+    if let Some(v) = ea.lock_timeout.as_ref().or(fe.lock_timeout.as_ref()) {
+        exec.lock_timeout = duration("lock-timeout", v)?;
+        if exec.lock_timeout.is_zero() {
+            bail!(
+                "--lock-timeout must be greater than zero: without it, application queries queue behind a waiting migration indefinitely"
+            );
+        }
+    }
+    if let Some(v) = ea.max_attempts.or(fe.max_attempts) {
+        if v == 0 {
+            bail!("--max-attempts must be at least 1");
+        }
+        exec.max_attempts = v;
+    }
+    if let Some(v) = ea.max_lock_wait.as_ref().or(fe.max_lock_wait.as_ref()) {
+        exec.max_lock_wait = duration("max-lock-wait", v)?;
+    }
+    if let Some(v) = ea
+        .statement_timeout
+        .as_ref()
+        .or(fe.statement_timeout.as_ref())
+    {
+        exec.statement_timeout = Some(duration("statement-timeout", v)?);
+    }
+    if let Some(v) = &fe.concurrent_lock_timeout {
+        exec.concurrent_lock_timeout = duration("concurrent_lock_timeout", v)?;
+    }
+    if let Some(v) = ea.runner_wait.as_ref().or(fe.runner_wait.as_ref()) {
+        exec.runner_wait = duration("runner-wait", v)?;
+    }
+    belay_history::History::new(&exec.history_schema).map_err(|e| anyhow!("{e}"))?;
+    Ok(Settings {
+        url,
+        url_from_argv_with_password,
+        dir: cli
+            .dir
+            .clone()
+            .or(file.dir)
+            .unwrap_or_else(|| PathBuf::from("migrations")),
+        exec,
+    })
+}

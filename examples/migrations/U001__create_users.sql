@@ -1,0 +1,2 @@
+-- belay:tables=users
+DROP TABLE users;

@@ -1,0 +1,2 @@
+-- belay:tables=user_sessions
+DROP TABLE user_sessions;
