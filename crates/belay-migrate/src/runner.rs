@@ -891,8 +891,10 @@ impl Migrator {
         .ok()
         .flatten();
         if let Some(qualified) = found {
-            let drop =
-                format!("SET lock_timeout = 0; DROP INDEX CONCURRENTLY IF EXISTS {qualified}");
+            // Two round trips: in one multi-statement query the DROP would run inside an
+            // implicit transaction block, where CONCURRENTLY is not allowed.
+            let _ = sqlx::raw_sql("SET lock_timeout = 0").execute(&mut *conn).await;
+            let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {qualified}");
             if sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
                 .execute(&mut *conn)
                 .await

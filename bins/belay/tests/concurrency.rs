@@ -1,0 +1,173 @@
+//! Runners racing each other, a runner blocked by another, and a migration waiting on a
+//! lock held by the application.
+
+mod support;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use support::*;
+
+/// A psql session the test drives line by line: it can hold locks while the test
+/// watches what belay does, and release them on cue.
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    fn open(url: &str) -> Session {
+        let bin = belay_testkit::bin_dir().expect("postgres binaries");
+        let mut child = Command::new(bin.join("psql"))
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start psql");
+        let stdin = child.stdin.take().expect("stdin");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        Session { child, stdin, out }
+    }
+
+    /// Runs `sql`, then returns its output lines once the server has answered.
+    fn run(&mut self, sql: &str) -> Vec<String> {
+        writeln!(self.stdin, "{sql}\n\\echo __done__").expect("write to psql");
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            assert!(self.out.read_line(&mut line).expect("read psql") > 0, "psql exited");
+            let line = line.trim_end().to_string();
+            if line == "__done__" {
+                return lines;
+            }
+            lines.push(line);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn four_concurrent_runners_apply_each_migration_exactly_once() {
+    let db = db();
+    let files: Vec<(String, String)> = (1..=8)
+        .map(|i| (format!("V{i}__t{i}.sql"), format!("CREATE TABLE t{i} (id int);\nSELECT pg_sleep(0.05);\n")))
+        .collect();
+    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let dir = migrations(&refs);
+    let children: Vec<Child> = (0..4)
+        .map(|_| {
+            belay_cmd(&db.url, dir.path())
+                .arg("migrate")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn belay")
+        })
+        .collect();
+    let mut applied_total = 0;
+    for c in children {
+        let o = c.wait_with_output().expect("wait belay");
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+        applied_total += stdout.lines().filter(|l| l.starts_with("applied V")).count();
+    }
+    assert_eq!(applied_total, 8, "each migration applied by exactly one runner");
+    assert_eq!(
+        psql(&db.url, "SELECT count(*), count(DISTINCT version) FROM belay.schema_history WHERE success"),
+        "8|8"
+    );
+}
+
+#[test]
+fn a_second_runner_names_the_holder_or_exits_0_when_nothing_is_left() {
+    let db = db();
+    let dir = migrations(&[("V1__a.sql", "CREATE TABLE a (id int);")]);
+    let mut holder = Session::open(&db.url);
+    let pid = holder.run("SELECT pg_backend_pid(); SELECT pg_advisory_lock(1650814049, hashtext('belay'));")[0].clone();
+
+    let r = belay(&db.url, dir.path(), &["migrate", "--runner-wait", "300ms"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains(&format!("pid {pid}")), "holder pid {pid} not named: {r:?}");
+    assert!(r.stderr.contains(" since "), "{r:?}");
+    assert!(r.stdout.contains("waiting: another belay runner"), "{r:?}");
+
+    holder.run("SELECT pg_advisory_unlock_all();");
+    belay_ok(&db.url, dir.path(), &["migrate"]);
+    holder.run("SELECT pg_advisory_lock(1650814049, hashtext('belay'));");
+    let r = belay_ok(&db.url, dir.path(), &["migrate", "--runner-wait", "300ms"]);
+    assert!(r.stdout.contains("nothing to do"), "{r:?}");
+}
+
+#[test]
+fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
+    let db = db();
+    psql(&db.url, "CREATE TABLE accounts (id int PRIMARY KEY, balance int); INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 100) g");
+    let dir = migrations(&[("V1__add_column.sql", "ALTER TABLE accounts ADD COLUMN note text;\n")]);
+
+    // The application holds ACCESS SHARE on accounts in an open transaction.
+    let mut holder = Session::open(&db.url);
+    holder.run("BEGIN; SELECT count(*) FROM accounts;");
+
+    let mut migrate = belay_cmd(&db.url, dir.path())
+        .arg("migrate")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn belay");
+    let mut out = BufReader::new(migrate.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    // Wait for the event that proves belay's ALTER gave up its place in the lock queue.
+    loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).expect("read belay") > 0, "belay ended early: {seen}");
+        seen.push_str(&line);
+        if line.contains("lock not granted within lock_timeout") {
+            break;
+        }
+    }
+    assert!(seen.contains("V1__add_column.sql:1"), "{seen}");
+
+    // New readers arriving while belay keeps retrying are not stuck behind its ALTER:
+    // each finishes well inside a 1 s statement_timeout (a naive ALTER would hold them
+    // until the holder commits).
+    let mut reader = Session::open(&db.url);
+    for _ in 0..5 {
+        let r = reader.run("SET statement_timeout = '1s'; SELECT count(*) FROM accounts;");
+        assert_eq!(r, ["100"]);
+    }
+
+    holder.run("COMMIT;");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("read belay");
+    let o = migrate.wait_with_output().expect("wait belay");
+    assert_eq!(o.status.code(), Some(0), "{:?} {seen}{rest}{}", o.status, String::from_utf8_lossy(&o.stderr));
+    assert!(rest.contains("applied V1__add_column.sql"), "{rest}");
+    let row = psql(&db.url, "SELECT retries > 0, lock_wait_ms > 0 FROM belay.schema_history WHERE version = '1'");
+    assert_eq!(row, "t|t", "retries and lock wait must be recorded");
+    let r = belay_ok(&db.url, dir.path(), &["status", "--output", "json"]);
+    let m = &r.json()[0];
+    assert!(m["retries"].as_i64().unwrap_or(0) > 0, "{m}");
+    assert!(m["lock_wait_ms"].as_i64().unwrap_or(0) > 0, "{m}");
+    assert_eq!(psql(&db.url, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'note'"), "1");
+}
+
+#[test]
+fn lock_retries_are_bounded_and_the_final_error_names_the_budget() {
+    let db = db();
+    psql(&db.url, "CREATE TABLE busy (id int)");
+    let dir = migrations(&[("V1__alter.sql", "ALTER TABLE busy ADD COLUMN x int;")]);
+    let mut holder = Session::open(&db.url);
+    holder.run("BEGIN; SELECT * FROM busy;");
+    let r = belay(&db.url, dir.path(), &["migrate", "--lock-timeout", "20ms", "--max-attempts", "3"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("V1__alter.sql:1: gave up after 3 attempts"), "{r:?}");
+    assert!(r.stderr.contains("lock_timeout 20ms"), "{r:?}");
+    assert_eq!(r.stdout.matches("lock not granted").count(), 2, "{r:?}");
+    assert_eq!(states(&db.url, dir.path())[0].1, "pending");
+    holder.run("COMMIT;");
+}
