@@ -34,7 +34,10 @@ impl Session {
         let mut lines = Vec::new();
         loop {
             let mut line = String::new();
-            assert!(self.out.read_line(&mut line).expect("read psql") > 0, "psql exited");
+            assert!(
+                self.out.read_line(&mut line).expect("read psql") > 0,
+                "psql exited"
+            );
             let line = line.trim_end().to_string();
             if line == "__done__" {
                 return lines;
@@ -55,9 +58,17 @@ impl Drop for Session {
 fn four_concurrent_runners_apply_each_migration_exactly_once() {
     let db = db();
     let files: Vec<(String, String)> = (1..=8)
-        .map(|i| (format!("V{i}__t{i}.sql"), format!("CREATE TABLE t{i} (id int);\nSELECT pg_sleep(0.05);\n")))
+        .map(|i| {
+            (
+                format!("V{i}__t{i}.sql"),
+                format!("CREATE TABLE t{i} (id int);\nSELECT pg_sleep(0.05);\n"),
+            )
+        })
         .collect();
-    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     let dir = migrations(&refs);
     let children: Vec<Child> = (0..4)
         .map(|_| {
@@ -73,12 +84,26 @@ fn four_concurrent_runners_apply_each_migration_exactly_once() {
     for c in children {
         let o = c.wait_with_output().expect("wait belay");
         let stdout = String::from_utf8_lossy(&o.stdout);
-        assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-        applied_total += stdout.lines().filter(|l| l.starts_with("applied V")).count();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        applied_total += stdout
+            .lines()
+            .filter(|l| l.starts_with("applied V"))
+            .count();
     }
-    assert_eq!(applied_total, 8, "each migration applied by exactly one runner");
     assert_eq!(
-        psql(&db.url, "SELECT count(*), count(DISTINCT version) FROM belay.schema_history WHERE success"),
+        applied_total, 8,
+        "each migration applied by exactly one runner"
+    );
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*), count(DISTINCT version) FROM belay.schema_history WHERE success"
+        ),
         "8|8"
     );
 }
@@ -88,11 +113,16 @@ fn a_second_runner_names_the_holder_or_exits_0_when_nothing_is_left() {
     let db = db();
     let dir = migrations(&[("V1__a.sql", "CREATE TABLE a (id int);")]);
     let mut holder = Session::open(&db.url);
-    let pid = holder.run("SELECT pg_backend_pid(); SELECT pg_advisory_lock(1650814049, hashtext('belay'));")[0].clone();
+    let pid = holder
+        .run("SELECT pg_backend_pid(); SELECT pg_advisory_lock(1650814049, hashtext('belay'));")[0]
+        .clone();
 
     let r = belay(&db.url, dir.path(), &["migrate", "--runner-wait", "300ms"]);
     assert_eq!(r.code, 3, "{r:?}");
-    assert!(r.stderr.contains(&format!("pid {pid}")), "holder pid {pid} not named: {r:?}");
+    assert!(
+        r.stderr.contains(&format!("pid {pid}")),
+        "holder pid {pid} not named: {r:?}"
+    );
     assert!(r.stderr.contains(" since "), "{r:?}");
     assert!(r.stdout.contains("waiting: another belay runner"), "{r:?}");
 
@@ -106,8 +136,14 @@ fn a_second_runner_names_the_holder_or_exits_0_when_nothing_is_left() {
 #[test]
 fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
     let db = db();
-    psql(&db.url, "CREATE TABLE accounts (id int PRIMARY KEY, balance int); INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 100) g");
-    let dir = migrations(&[("V1__add_column.sql", "ALTER TABLE accounts ADD COLUMN note text;\n")]);
+    psql(
+        &db.url,
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance int); INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 100) g",
+    );
+    let dir = migrations(&[(
+        "V1__add_column.sql",
+        "ALTER TABLE accounts ADD COLUMN note text;\n",
+    )]);
 
     // The application holds ACCESS SHARE on accounts in an open transaction.
     let mut holder = Session::open(&db.url);
@@ -124,7 +160,10 @@ fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
     // Wait for the event that proves belay's ALTER gave up its place in the lock queue.
     loop {
         let mut line = String::new();
-        assert!(out.read_line(&mut line).expect("read belay") > 0, "belay ended early: {seen}");
+        assert!(
+            out.read_line(&mut line).expect("read belay") > 0,
+            "belay ended early: {seen}"
+        );
         seen.push_str(&line);
         if line.contains("lock not granted within lock_timeout") {
             break;
@@ -145,15 +184,30 @@ fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut out, &mut rest).expect("read belay");
     let o = migrate.wait_with_output().expect("wait belay");
-    assert_eq!(o.status.code(), Some(0), "{:?} {seen}{rest}{}", o.status, String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{:?} {seen}{rest}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(rest.contains("applied V1__add_column.sql"), "{rest}");
-    let row = psql(&db.url, "SELECT retries > 0, lock_wait_ms > 0 FROM belay.schema_history WHERE version = '1'");
+    let row = psql(
+        &db.url,
+        "SELECT retries > 0, lock_wait_ms > 0 FROM belay.schema_history WHERE version = '1'",
+    );
     assert_eq!(row, "t|t", "retries and lock wait must be recorded");
     let r = belay_ok(&db.url, dir.path(), &["status", "--output", "json"]);
     let m = &r.json()[0];
     assert!(m["retries"].as_i64().unwrap_or(0) > 0, "{m}");
     assert!(m["lock_wait_ms"].as_i64().unwrap_or(0) > 0, "{m}");
-    assert_eq!(psql(&db.url, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'note'"), "1");
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'note'"
+        ),
+        "1"
+    );
 }
 
 #[test]
@@ -163,9 +217,17 @@ fn lock_retries_are_bounded_and_the_final_error_names_the_budget() {
     let dir = migrations(&[("V1__alter.sql", "ALTER TABLE busy ADD COLUMN x int;")]);
     let mut holder = Session::open(&db.url);
     holder.run("BEGIN; SELECT * FROM busy;");
-    let r = belay(&db.url, dir.path(), &["migrate", "--lock-timeout", "20ms", "--max-attempts", "3"]);
+    let r = belay(
+        &db.url,
+        dir.path(),
+        &["migrate", "--lock-timeout", "20ms", "--max-attempts", "3"],
+    );
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stderr.contains("V1__alter.sql:1: gave up after 3 attempts"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("V1__alter.sql:1: gave up after 3 attempts"),
+        "{r:?}"
+    );
     assert!(r.stderr.contains("lock_timeout 20ms"), "{r:?}");
     assert_eq!(r.stdout.matches("lock not granted").count(), 2, "{r:?}");
     assert_eq!(states(&db.url, dir.path())[0].1, "pending");

@@ -10,22 +10,40 @@ fn failure_in_migration_k_keeps_earlier_ones_and_records_nothing_for_k() {
     let dir = migrations(&[
         ("V1__one.sql", "CREATE TABLE one (id int);"),
         ("V2__two.sql", "CREATE TABLE two (id int);"),
-        ("V3__bad.sql", "-- a comment\nCREATE TABLE three (id int);\nSELEC 1;\n"),
+        (
+            "V3__bad.sql",
+            "-- a comment\nCREATE TABLE three (id int);\nSELEC 1;\n",
+        ),
         ("V4__four.sql", "CREATE TABLE four (id int);"),
     ]);
     let r = belay(&db.url, dir.path(), &["migrate"]);
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stderr.contains("V3__bad.sql:3:1: syntax error at or near \"SELEC\""), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("V3__bad.sql:3:1: syntax error at or near \"SELEC\""),
+        "{r:?}"
+    );
     assert!(r.stderr.contains("SQLSTATE 42601"), "{r:?}");
     let s = states(&db.url, dir.path());
-    let want: Vec<(String, String)> = [("1", "success"), ("2", "success"), ("3", "pending"), ("4", "pending")]
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
+    let want: Vec<(String, String)> = [
+        ("1", "success"),
+        ("2", "success"),
+        ("3", "pending"),
+        ("4", "pending"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
     assert_eq!(s, want);
     // Nothing of migration 3 is left: its CREATE TABLE rolled back with it, no history row.
     assert_eq!(psql(&db.url, "SELECT to_regclass('three') IS NULL"), "t");
-    assert_eq!(psql(&db.url, "SELECT count(*) FROM belay.schema_history WHERE version = '3'"), "0");
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*) FROM belay.schema_history WHERE version = '3'"
+        ),
+        "0"
+    );
 }
 
 #[test]
@@ -37,7 +55,11 @@ fn error_position_maps_to_line_and_column_mid_script() {
     )]);
     let r = belay(&db.url, dir.path(), &["migrate"]);
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stderr.contains("1_x.up.sql:1:33: column \"nope\" does not exist"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("1_x.up.sql:1:33: column \"nope\" does not exist"),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -49,33 +71,75 @@ fn edited_applied_migration_fails_validate_and_migrate_until_repaired() {
     ]);
     belay_ok(&db.url, dir.path(), &["migrate"]);
     belay_ok(&db.url, dir.path(), &["validate"]);
-    std::fs::write(dir.path().join("V2__two.sql"), "CREATE TABLE two (id bigint);").unwrap();
-    std::fs::write(dir.path().join("V3__three.sql"), "CREATE TABLE three (id int);").unwrap();
+    std::fs::write(
+        dir.path().join("V2__two.sql"),
+        "CREATE TABLE two (id bigint);",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("V3__three.sql"),
+        "CREATE TABLE three (id int);",
+    )
+    .unwrap();
 
     let r = belay(&db.url, dir.path(), &["validate"]);
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stdout.contains("V2__two.sql: changed after it was applied"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("V2__two.sql: changed after it was applied"),
+        "{r:?}"
+    );
     let r = belay(&db.url, dir.path(), &["migrate"]);
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("V2__two.sql) changed after it was applied"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("V2__two.sql) changed after it was applied"),
+        "{r:?}"
+    );
     assert!(r.stderr.contains("belay validate"), "{r:?}");
-    assert_eq!(psql(&db.url, "SELECT to_regclass('three') IS NULL"), "t", "migrate refused, yet applied V3");
+    assert_eq!(
+        psql(&db.url, "SELECT to_regclass('three') IS NULL"),
+        "t",
+        "migrate refused, yet applied V3"
+    );
 
     let r = belay_ok(&db.url, dir.path(), &["repair"]);
     assert!(r.stdout.contains("realigned"), "{r:?}");
     belay_ok(&db.url, dir.path(), &["validate"]);
     belay_ok(&db.url, dir.path(), &["migrate"]);
-    assert_eq!(psql(&db.url, "SELECT to_regclass('three') IS NOT NULL"), "t");
+    assert_eq!(
+        psql(&db.url, "SELECT to_regclass('three') IS NOT NULL"),
+        "t"
+    );
 }
 
 #[test]
 fn bad_migration_sources_name_the_file_and_apply_nothing() {
-    let cases: &[(&[(&str, &str)], &[&str])] = &[
-        (&[("V1__ok.sql", "CREATE TABLE a();"), ("V2_missing_underscore.sql", "")], &["V2_missing_underscore.sql", "malformed"]),
-        (&[("V1__ok.sql", "CREATE TABLE a();"), ("V1.0__again.sql", "")], &["duplicate version", "V1__ok.sql", "V1.0__again.sql"]),
-        (&[("V1__ok.sql", "-- belay:lock-timout=1s\nCREATE TABLE a();")], &["V1__ok.sql", "unknown directive `belay:lock-timout`"]),
-        (&[("V1__ok.sql", "CREATE TABLE a();"), ("2_other.up.sql", "")], &["mixed migration layouts", "V1__ok.sql", "2_other.up.sql"]),
-        (&[("V1__ok.sql", "CREATE TABLE a();"), ("U2__orphan.sql", "")], &["U2__orphan.sql", "undo script without a forward"]),
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
+        (
+            &[
+                ("V1__ok.sql", "CREATE TABLE a();"),
+                ("V2_missing_underscore.sql", ""),
+            ],
+            &["V2_missing_underscore.sql", "malformed"],
+        ),
+        (
+            &[("V1__ok.sql", "CREATE TABLE a();"), ("V1.0__again.sql", "")],
+            &["duplicate version", "V1__ok.sql", "V1.0__again.sql"],
+        ),
+        (
+            &[("V1__ok.sql", "-- belay:lock-timout=1s\nCREATE TABLE a();")],
+            &["V1__ok.sql", "unknown directive `belay:lock-timout`"],
+        ),
+        (
+            &[("V1__ok.sql", "CREATE TABLE a();"), ("2_other.up.sql", "")],
+            &["mixed migration layouts", "V1__ok.sql", "2_other.up.sql"],
+        ),
+        (
+            &[("V1__ok.sql", "CREATE TABLE a();"), ("U2__orphan.sql", "")],
+            &["U2__orphan.sql", "undo script without a forward"],
+        ),
     ];
     for (files, wants) in cases {
         let db = db();
@@ -85,7 +149,10 @@ fn bad_migration_sources_name_the_file_and_apply_nothing() {
         for w in *wants {
             assert!(r.stderr.contains(w), "{files:?}: stderr lacks {w:?}: {r:?}");
         }
-        assert!(!history_schema_exists(&db.url), "{files:?}: something was written");
+        assert!(
+            !history_schema_exists(&db.url),
+            "{files:?}: something was written"
+        );
         assert_eq!(psql(&db.url, "SELECT to_regclass('a') IS NULL"), "t");
     }
 }
@@ -96,7 +163,10 @@ fn missing_directory_bad_url_and_unreachable_database_are_clear() {
     let dir = migrations(&[("V1__a.sql", "SELECT 1;")]);
     let r = belay(&db.url, &dir.path().join("nope"), &["migrate"]);
     assert_eq!(r.code, 65, "{r:?}");
-    assert!(r.stderr.contains("nope does not exist") && r.stderr.contains("--dir"), "{r:?}");
+    assert!(
+        r.stderr.contains("nope does not exist") && r.stderr.contains("--dir"),
+        "{r:?}"
+    );
 
     let r = belay("mysql://root:hunter2@db/x", dir.path(), &["status"]);
     assert_eq!(r.code, 64, "{r:?}");
@@ -104,12 +174,24 @@ fn missing_directory_bad_url_and_unreachable_database_are_clear() {
     assert!(!format!("{r:?}").contains("hunter2"));
 
     // Nothing listens on port 1.
-    let r = belay("postgres://app:hunter2@127.0.0.1:1/x", dir.path(), &["migrate"]);
+    let r = belay(
+        "postgres://app:hunter2@127.0.0.1:1/x",
+        dir.path(),
+        &["migrate"],
+    );
     assert_eq!(r.code, 69, "{r:?}");
-    assert!(r.stderr.contains("cannot connect to postgres://app:***@127.0.0.1:1/x"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("cannot connect to postgres://app:***@127.0.0.1:1/x"),
+        "{r:?}"
+    );
     assert!(!format!("{r:?}").contains("hunter2"));
 
-    let r = belay_cmd("", dir.path()).env_remove("BELAY_DATABASE_URL").arg("status").output().unwrap();
+    let r = belay_cmd("", dir.path())
+        .env_remove("BELAY_DATABASE_URL")
+        .arg("status")
+        .output()
+        .unwrap();
     assert_eq!(r.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&r.stderr).contains("BELAY_DATABASE_URL"));
 
@@ -123,7 +205,11 @@ fn missing_directory_bad_url_and_unreachable_database_are_clear() {
         .arg("migrate")
         .output()
         .unwrap();
-    let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(o.status.code(), Some(0), "{all}");
     assert!(all.contains("password is on the command line"), "{all}");
     assert!(!all.contains("s3cretpw"), "{all}");
@@ -137,10 +223,16 @@ fn missing_directory_bad_url_and_unreachable_database_are_clear() {
 #[test]
 fn statement_timeout_directive_cancels_a_slow_migration() {
     let db = db();
-    let dir = migrations(&[("V1__slow.sql", "-- belay:statement-timeout=200ms\nSELECT pg_sleep(5);\n")]);
+    let dir = migrations(&[(
+        "V1__slow.sql",
+        "-- belay:statement-timeout=200ms\nSELECT pg_sleep(5);\n",
+    )]);
     let r = belay(&db.url, dir.path(), &["migrate"]);
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stderr.contains("V1__slow.sql:2") && r.stderr.contains("statement timeout"), "{r:?}");
+    assert!(
+        r.stderr.contains("V1__slow.sql:2") && r.stderr.contains("statement timeout"),
+        "{r:?}"
+    );
     assert_eq!(states(&db.url, dir.path())[0].1, "pending");
 }
 
@@ -148,14 +240,31 @@ fn statement_timeout_directive_cancels_a_slow_migration() {
 fn scripts_with_their_own_transaction_control_keep_history_honest() {
     let db = db();
     let dir = migrations(&[
-        ("1_own.up.sql", "BEGIN;\nCREATE TABLE own (id int);\nCOMMIT;\n"),
+        (
+            "1_own.up.sql",
+            "BEGIN;\nCREATE TABLE own (id int);\nCOMMIT;\n",
+        ),
         ("2_open.up.sql", "BEGIN;\nCREATE TABLE open_tx (id int);\n"),
     ]);
     let r = belay(&db.url, dir.path(), &["migrate"]);
-    assert!(r.stdout.contains("1_own.up.sql:1: script has its own transaction control"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("1_own.up.sql:1: script has its own transaction control"),
+        "{r:?}"
+    );
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stderr.contains("2_open.up.sql:1: transaction opened here is never committed"), "{r:?}");
-    assert_eq!(psql(&db.url, "SELECT to_regclass('own') IS NOT NULL, to_regclass('open_tx') IS NULL"), "t|t");
+    assert!(
+        r.stderr
+            .contains("2_open.up.sql:1: transaction opened here is never committed"),
+        "{r:?}"
+    );
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT to_regclass('own') IS NOT NULL, to_regclass('open_tx') IS NULL"
+        ),
+        "t|t"
+    );
     let s = states(&db.url, dir.path());
     assert_eq!(s[0].1, "success");
     assert_eq!(s[1].1, "failed", "a no-transaction failure stays visible");
@@ -168,15 +277,26 @@ fn undo_refuses_without_undo_scripts_and_changes_nothing() {
         ("V1__a.sql", "CREATE TABLE a (id int);"),
         ("U1__a.sql", "DROP TABLE a;"),
         ("V2__b.sql", "CREATE TABLE b (id int);"),
-        ("V3__c.sql", "-- belay:irreversible\nCREATE TABLE c (id int);"),
+        (
+            "V3__c.sql",
+            "-- belay:irreversible\nCREATE TABLE c (id int);",
+        ),
         ("U3__c.sql", "DROP TABLE c;"),
     ]);
     belay_ok(&db.url, dir.path(), &["migrate"]);
     let r = belay(&db.url, dir.path(), &["undo", "--all"]);
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("V3__c.sql is marked `-- belay:irreversible`"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("V3__c.sql is marked `-- belay:irreversible`"),
+        "{r:?}"
+    );
     assert!(r.stderr.contains("V2__b.sql has no undo script"), "{r:?}");
-    assert!(states(&db.url, dir.path()).iter().all(|(_, s)| s == "success"));
+    assert!(
+        states(&db.url, dir.path())
+            .iter()
+            .all(|(_, s)| s == "success")
+    );
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! up → undo all → up round trips, compared with `pg_dump --schema-only`.
 
 mod support;
-use support::*;
 use std::path::Path;
+use support::*;
 
 fn round_trip(dir: &Path) {
     let db = db();
@@ -13,11 +13,19 @@ fn round_trip(dir: &Path) {
     assert!(states(&db.url, dir).iter().all(|(_, s)| s == "success"));
 
     belay_ok(&db.url, dir, &["undo", "--all"]);
-    assert_eq!(schema(&db.url), start, "undo --all did not restore the starting schema");
+    assert_eq!(
+        schema(&db.url),
+        start,
+        "undo --all did not restore the starting schema"
+    );
     assert!(states(&db.url, dir).iter().all(|(_, s)| s == "undone"));
 
     belay_ok(&db.url, dir, &["migrate"]);
-    assert_eq!(schema(&db.url), applied, "re-apply differs from the first apply");
+    assert_eq!(
+        schema(&db.url),
+        applied,
+        "re-apply differs from the first apply"
+    );
     assert!(states(&db.url, dir).iter().all(|(_, s)| s == "success"));
 }
 
@@ -53,7 +61,12 @@ const CORPUS: &[(&str, &str, &str, bool)] = &[
         "DROP INDEX CONCURRENTLY people_name_idx;\n",
         true,
     ),
-    ("comment_only", "-- nothing to do here, on purpose\n", "", false),
+    (
+        "comment_only",
+        "-- nothing to do here, on purpose\n",
+        "",
+        false,
+    ),
 ];
 
 #[test]
@@ -64,12 +77,22 @@ fn corpus_round_trips_in_flyway_layout() {
         files.push((format!("V{v}__{name}.sql"), up.to_string()));
         // Flyway's own convention for the forward script, belay's directive for the undo.
         if *no_tx {
-            files.push((format!("V{v}__{name}.sql.conf"), "executeInTransaction=false\n".into()));
+            files.push((
+                format!("V{v}__{name}.sql.conf"),
+                "executeInTransaction=false\n".into(),
+            ));
         }
-        let down = if *no_tx { format!("-- belay:no-transaction\n{down}") } else { down.to_string() };
+        let down = if *no_tx {
+            format!("-- belay:no-transaction\n{down}")
+        } else {
+            down.to_string()
+        };
         files.push((format!("U{v}__{name}.sql"), down));
     }
-    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     round_trip(migrations(&refs).path());
 }
 
@@ -83,7 +106,10 @@ fn corpus_round_trips_in_paired_layout() {
         files.push((format!("{v}_{name}.up.sql"), format!("{prefix}{up}")));
         files.push((format!("{v}_{name}.down.sql"), format!("{prefix}{down}")));
     }
-    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     round_trip(migrations(&refs).path());
 }
 
@@ -96,10 +122,16 @@ fn corpus_round_trips_in_folder_layout() {
         files.push((format!("{folder}/up.sql"), up.to_string()));
         files.push((format!("{folder}/down.sql"), down.to_string()));
         if *no_tx {
-            files.push((format!("{folder}/metadata.toml"), "run_in_transaction = false\n".into()));
+            files.push((
+                format!("{folder}/metadata.toml"),
+                "run_in_transaction = false\n".into(),
+            ));
         }
     }
-    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     round_trip(migrations(&refs).path());
 }
 
@@ -109,11 +141,23 @@ fn plan_sql_shows_transactions_directives_and_history_rows() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/migrations");
     let r = belay_ok(&db.url, &dir, &["plan", "--sql"]);
     let sql = &r.stdout;
-    assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"belay\".\"schema_history\""), "{sql}");
-    assert!(sql.contains("BEGIN;\nSET LOCAL lock_timeout = '100ms';\nCREATE TABLE users"), "{sql}");
-    assert!(sql.contains("INSERT INTO \"belay\".\"schema_history\""), "{sql}");
+    assert!(
+        sql.contains("CREATE TABLE IF NOT EXISTS \"belay\".\"schema_history\""),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("BEGIN;\nSET LOCAL lock_timeout = '100ms';\nCREATE TABLE users"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("INSERT INTO \"belay\".\"schema_history\""),
+        "{sql}"
+    );
     assert!(sql.contains("no transaction: directive"), "{sql}");
-    assert!(sql.contains("SET lock_timeout = '30min';\nCREATE INDEX CONCURRENTLY"), "{sql}");
+    assert!(
+        sql.contains("SET lock_timeout = '30min';\nCREATE INDEX CONCURRENTLY"),
+        "{sql}"
+    );
     assert!(!history_schema_exists(&db.url), "plan must not write");
     // plan text lists the four migrations in order
     let r = belay_ok(&db.url, &dir, &["plan"]);
@@ -131,7 +175,11 @@ fn steps_and_to_limit_migrate_and_undo() {
     belay_ok(&db.url, &dir, &["migrate", "--steps", "1"]);
     belay_ok(&db.url, &dir, &["migrate", "--to", "003"]);
     let s = states(&db.url, &dir);
-    assert_eq!(s.iter().filter(|(_, st)| st == "success").count(), 3, "{s:?}");
+    assert_eq!(
+        s.iter().filter(|(_, st)| st == "success").count(),
+        3,
+        "{s:?}"
+    );
     belay_ok(&db.url, &dir, &["undo", "--to", "001"]);
     let s = states(&db.url, &dir);
     assert_eq!(s[0], ("001".into(), "success".into()));

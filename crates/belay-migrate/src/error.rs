@@ -17,16 +17,8 @@ pub enum MigrateError {
     },
     #[error(transparent)]
     History(#[from] belay_history::HistoryError),
-    #[error("{}", script_failure(.path, .line, .column, .sqlstate, .message, .detail, .hint))]
-    ScriptFailed {
-        path: PathBuf,
-        line: usize,
-        column: Option<usize>,
-        sqlstate: Option<String>,
-        message: String,
-        detail: Option<String>,
-        hint: Option<String>,
-    },
+    #[error("{0}")]
+    ScriptFailed(Box<ScriptFailure>),
     #[error(
         "{}:{line}: gave up after {attempts} attempts and {waited_ms} ms waiting for locks (lock_timeout {lock_timeout}); the application holds conflicting locks too long — find the blocker with `belay locks` or pg_stat_activity, or raise --max-attempts / --max-lock-wait",
         path.display()
@@ -41,7 +33,10 @@ pub enum MigrateError {
     #[error(
         "another belay runner is migrating this database: {holder}; waited {waited_s} s (--runner-wait). Try again when it is done"
     )]
-    RunnerBusy { holder: RunnerHolder, waited_s: u64 },
+    RunnerBusy {
+        holder: Box<RunnerHolder>,
+        waited_s: u64,
+    },
     #[error("refusing to {action}: {reason}")]
     Refused {
         action: &'static str,
@@ -51,31 +46,36 @@ pub enum MigrateError {
     UnknownVersion(String),
 }
 
-fn script_failure(
-    path: &std::path::Path,
-    line: &usize,
-    column: &Option<usize>,
-    sqlstate: &Option<String>,
-    message: &str,
-    detail: &Option<String>,
-    hint: &Option<String>,
-) -> String {
-    let mut s = format!("{}:{line}", path.display());
-    if let Some(c) = column {
-        s.push_str(&format!(":{c}"));
+/// A script that PostgreSQL rejected, located in its file.
+#[derive(Debug)]
+pub struct ScriptFailure {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: Option<usize>,
+    pub sqlstate: Option<String>,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ScriptFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.path.display(), self.line)?;
+        if let Some(c) = self.column {
+            write!(f, ":{c}")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(code) = &self.sqlstate {
+            write!(f, " (SQLSTATE {code})")?;
+        }
+        if let Some(d) = &self.detail {
+            write!(f, "\n  detail: {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "\n  hint: {h}")?;
+        }
+        Ok(())
     }
-    s.push_str(": ");
-    s.push_str(message);
-    if let Some(code) = sqlstate {
-        s.push_str(&format!(" (SQLSTATE {code})"));
-    }
-    if let Some(d) = detail {
-        s.push_str(&format!("\n  detail: {d}"));
-    }
-    if let Some(h) = hint {
-        s.push_str(&format!("\n  hint: {h}"));
-    }
-    s
 }
 
 /// Coarse classes of failure, stable for exit codes and gRPC status mapping.
@@ -100,7 +100,7 @@ impl MigrateError {
         match self {
             MigrateError::Source(_) => ErrorKind::InvalidSource,
             MigrateError::Connect { .. } => ErrorKind::Unavailable,
-            MigrateError::ScriptFailed { .. } | MigrateError::LockRetriesExhausted { .. } => {
+            MigrateError::ScriptFailed(_) | MigrateError::LockRetriesExhausted { .. } => {
                 ErrorKind::MigrationFailed
             }
             MigrateError::Refused { .. } | MigrateError::UnknownVersion(_) => ErrorKind::Refused,

@@ -15,7 +15,7 @@ pub mod sql;
 pub mod status;
 
 pub use config::ExecConfig;
-pub use error::{ErrorKind, MigrateError};
+pub use error::{ErrorKind, MigrateError, ScriptFailure};
 pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 pub use runner::{Migrator, Plan, RepairAction, RunReport, Step, StepResult, Target, UndoTarget};
 pub use source::{Layout, Migration, MigrationSet, SourceError, load};

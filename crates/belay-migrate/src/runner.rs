@@ -3,7 +3,7 @@
 
 use crate::config::ExecConfig;
 use crate::directives::NoTransactionSource;
-use crate::error::MigrateError;
+use crate::error::{MigrateError, ScriptFailure};
 use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 use crate::source::{MigrationSet, Script};
 use crate::sql::{self, Statement};
@@ -497,7 +497,7 @@ impl Migrator {
                 return Ok(report);
             }
             return Err(MigrateError::RunnerBusy {
-                holder,
+                holder: Box::new(holder),
                 waited_s: self.config.runner_wait.as_secs(),
             });
         }
@@ -854,7 +854,7 @@ impl Migrator {
             let st = &script.statements[b];
             return Err((
                 (attempts - 1, lock_wait),
-                MigrateError::ScriptFailed {
+                MigrateError::ScriptFailed(Box::new(ScriptFailure {
                     path: script.path.clone(),
                     line: sql::line_of_offset(&script.text, st.start),
                     column: None,
@@ -862,7 +862,7 @@ impl Migrator {
                     message: "transaction opened here is never committed; add COMMIT at the end (it was rolled back)".into(),
                     detail: None,
                     hint: None,
-                },
+                })),
             ));
         }
         Ok((attempts - 1, lock_wait))
@@ -893,7 +893,9 @@ impl Migrator {
         if let Some(qualified) = found {
             // Two round trips: in one multi-statement query the DROP would run inside an
             // implicit transaction block, where CONCURRENTLY is not allowed.
-            let _ = sqlx::raw_sql("SET lock_timeout = 0").execute(&mut *conn).await;
+            let _ = sqlx::raw_sql("SET lock_timeout = 0")
+                .execute(&mut *conn)
+                .await;
             let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {qualified}");
             if sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
                 .execute(&mut *conn)
@@ -941,7 +943,7 @@ impl Migrator {
         let mut conn = self.connect().await?;
         if let Some(holder) = self.acquire_runner_lock(&mut conn).await? {
             return Err(MigrateError::RunnerBusy {
-                holder,
+                holder: Box::new(holder),
                 waited_s: self.config.runner_wait.as_secs(),
             });
         }
@@ -993,7 +995,7 @@ impl Migrator {
         let mut conn = self.connect().await?;
         if let Some(holder) = self.acquire_runner_lock(&mut conn).await? {
             return Err(MigrateError::RunnerBusy {
-                holder,
+                holder: Box::new(holder),
                 waited_s: self.config.runner_wait.as_secs(),
             });
         }
@@ -1131,7 +1133,7 @@ fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateErro
             }
             _ => (base_line, None),
         };
-        return MigrateError::ScriptFailed {
+        return MigrateError::ScriptFailed(Box::new(ScriptFailure {
             path: script.path.clone(),
             line,
             column,
@@ -1139,9 +1141,9 @@ fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateErro
             message: pg.message().to_string(),
             detail: pg.detail().map(String::from),
             hint: pg.hint().map(String::from),
-        };
+        }));
     }
-    MigrateError::ScriptFailed {
+    MigrateError::ScriptFailed(Box::new(ScriptFailure {
         path: script.path.clone(),
         line: base_line,
         column: None,
@@ -1149,5 +1151,5 @@ fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateErro
         message: e.to_string(),
         detail: None,
         hint: None,
-    }
+    }))
 }

@@ -180,7 +180,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
     let mut errors = Vec::new();
     let mut found = Vec::new();
     let mut repeatables_found = Vec::new();
-    scan(dir, dir, &mut found, &mut repeatables_found, &mut errors);
+    scan(dir, &mut found, &mut repeatables_found, &mut errors);
 
     // One layout per directory.
     let mut first_of: BTreeMap<u8, &PathBuf> = BTreeMap::new();
@@ -351,7 +351,6 @@ fn is_hidden(p: &Path) -> bool {
 }
 
 fn scan(
-    root: &Path,
     dir: &Path,
     found: &mut Vec<Found>,
     repeatables: &mut Vec<(String, PathBuf, Option<NoTransactionSource>)>,
@@ -366,7 +365,7 @@ fn scan(
                 scan_folder(&path, found, errors);
             } else {
                 // Flyway scans locations recursively; so do we, for loose files.
-                scan(root, &path, found, repeatables, errors);
+                scan(&path, found, repeatables, errors);
             }
             continue;
         }
@@ -746,7 +745,8 @@ mod tests {
 
     #[test]
     fn bad_inputs_name_their_files() {
-        let cases: &[(&[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
             (
                 &[("V1_init.sql", "")],
                 &["V1_init.sql", "malformed migration name"],

@@ -193,15 +193,15 @@ pub fn split(script: &str) -> Vec<Statement> {
                     i += 1;
                 }
                 let w = &script[start..i];
-                let is_create = cur
-                    .as_ref()
-                    .is_some_and(|s| s.words.first().is_some_and(|f| f == "CREATE"));
-                if w.eq_ignore_ascii_case("ATOMIC")
+                let is_create = cur.as_ref().is_some_and(|s| {
+                    s.words
+                        .first()
+                        .is_some_and(|f| f.eq_ignore_ascii_case("CREATE"))
+                });
+                let opens_atomic = w.eq_ignore_ascii_case("ATOMIC")
                     && prev_word.eq_ignore_ascii_case("BEGIN")
-                    && is_create
-                {
-                    atomic_depth += 1;
-                } else if atomic_depth > 0 && w.eq_ignore_ascii_case("CASE") {
+                    && is_create;
+                if opens_atomic || (atomic_depth > 0 && w.eq_ignore_ascii_case("CASE")) {
                     atomic_depth += 1;
                 } else if atomic_depth > 0 && w.eq_ignore_ascii_case("END") {
                     atomic_depth -= 1;

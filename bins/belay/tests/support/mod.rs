@@ -34,14 +34,22 @@ pub struct Run {
 
 impl Run {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout.trim())
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
@@ -65,7 +73,8 @@ pub fn belay_ok(url: &str, dir: &Path, args: &[&str]) -> Run {
 }
 
 pub fn psql(url: &str, sql: &str) -> String {
-    belay_testkit::psql(url, sql).unwrap_or_else(|e| panic!("psql {sql}: {e}"))
+    belay_testkit::psql(url, sql)
+        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
         .trim()
         .to_string()
 }
@@ -75,13 +84,26 @@ pub fn psql(url: &str, sql: &str) -> String {
 pub fn schema(url: &str) -> String {
     let bin: PathBuf = belay_testkit::bin_dir().expect("postgres binaries");
     let out = Command::new(bin.join("pg_dump"))
-        .args(["--schema-only", "--no-owner", "--no-privileges", "--exclude-schema=belay", "--dbname", url])
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--exclude-schema=belay",
+            "--dbname",
+            url,
+        ])
         .output()
         .expect("run pg_dump");
-    assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .filter(|l| {
+            !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -114,7 +136,10 @@ pub fn states(url: &str, dir: &Path) -> Vec<(String, String)> {
 }
 
 pub fn history_schema_exists(url: &str) -> bool {
-    psql(url, "SELECT count(*) FROM pg_namespace WHERE nspname = 'belay'") == "1"
+    psql(
+        url,
+        "SELECT count(*) FROM pg_namespace WHERE nspname = 'belay'",
+    ) == "1"
 }
 
 pub fn cluster() -> &'static Cluster {
