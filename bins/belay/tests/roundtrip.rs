@@ -191,3 +191,86 @@ fn steps_and_to_limit_migrate_and_undo() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("no migration with version 77"), "{r:?}");
 }
+
+#[test]
+fn repeatable_migrations_rerun_when_their_checksum_changes() {
+    let db = db();
+    let dir = migrations(&[
+        ("V1__t.sql", "CREATE TABLE t (id int, v text);"),
+        (
+            "R__view.sql",
+            "CREATE OR REPLACE VIEW t_view AS SELECT id FROM t;",
+        ),
+    ]);
+    let r = belay_ok(&db.url, dir.path(), &["migrate"]);
+    assert!(
+        r.stdout.contains("applied (repeatable) R__view.sql"),
+        "{r:?}"
+    );
+    let r = belay_ok(&db.url, dir.path(), &["migrate"]);
+    assert!(r.stdout.contains("nothing to migrate"), "{r:?}");
+    std::fs::write(
+        dir.path().join("R__view.sql"),
+        "CREATE OR REPLACE VIEW t_view AS SELECT id, v FROM t;",
+    )
+    .unwrap();
+    assert_eq!(
+        states(&db.url, dir.path())[1],
+        ("R".into(), "pending".into())
+    );
+    belay_ok(&db.url, dir.path(), &["migrate"]);
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 't_view'"
+        ),
+        "2"
+    );
+    assert_eq!(
+        states(&db.url, dir.path())[1],
+        ("R".into(), "success".into())
+    );
+}
+
+#[test]
+fn directives_reach_the_executed_sql() {
+    let db = db();
+    let dir = migrations(&[(
+        "V1__t.sql",
+        "-- belay:lock-timeout=250ms\n-- belay:statement-timeout=5min\nCREATE TABLE t (id int);",
+    )]);
+    let r = belay_ok(&db.url, dir.path(), &["plan", "--sql"]);
+    assert!(
+        r.stdout
+            .contains("SET LOCAL lock_timeout = '250ms';\nSET LOCAL statement_timeout = '5min';"),
+        "{r:?}"
+    );
+    let r = belay_ok(&db.url, dir.path(), &["plan"]);
+    assert!(
+        r.stdout
+            .contains("lock-timeout 250ms; statement-timeout 5min"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_version_older_than_the_newest_applied_is_applied_with_a_warning() {
+    let db = db();
+    let dir = migrations(&[
+        ("V1__a.sql", "CREATE TABLE a (id int);"),
+        ("V3__c.sql", "CREATE TABLE c (id int);"),
+    ]);
+    belay_ok(&db.url, dir.path(), &["migrate"]);
+    std::fs::write(dir.path().join("V2__b.sql"), "CREATE TABLE b (id int);").unwrap();
+    let r = belay_ok(&db.url, dir.path(), &["migrate"]);
+    assert!(
+        r.stdout
+            .contains("V2__b.sql is applied out of order: version 3 is already applied"),
+        "{r:?}"
+    );
+    assert!(
+        states(&db.url, dir.path())
+            .iter()
+            .all(|(_, s)| s == "success")
+    );
+}

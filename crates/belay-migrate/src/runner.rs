@@ -527,7 +527,25 @@ impl Migrator {
                 reason: blockers.join("\n  "),
             });
         }
-        for step in choose(&statuses)? {
+        let steps = choose(&statuses)?;
+        if let Some(newest) = newest_applied(&statuses) {
+            for step in steps.iter().filter(|s| s.direction == Direction::Forward) {
+                if step
+                    .version
+                    .as_deref()
+                    .and_then(|v| Version::parse(v).ok())
+                    .is_some_and(|v| v < newest)
+                {
+                    self.emit(EventKind::Warning {
+                        message: format!(
+                            "{} is applied out of order: version {newest} is already applied",
+                            step.script
+                        ),
+                    });
+                }
+            }
+        }
+        for step in steps {
             let result = self.execute(conn, &step).await?;
             report.results.push(result);
         }
@@ -1113,6 +1131,14 @@ impl Migrator {
         }
         out
     }
+}
+
+fn newest_applied(statuses: &[MigrationStatus]) -> Option<Version> {
+    statuses
+        .iter()
+        .filter(|s| s.entry_type == EntryType::Sql && s.state == State::Success)
+        .filter_map(|s| Version::parse(s.version.as_deref()?).ok())
+        .max()
 }
 
 /// Maps a PostgreSQL error back to the script's file, line and column.
