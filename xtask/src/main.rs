@@ -1,0 +1,93 @@
+//! `cargo xtask`: the project's automation (checks, demo, benchmarks), in Rust so it runs
+//! the same on every machine and in CI.
+
+mod bench;
+mod check;
+mod demo;
+mod pg;
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "belay project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install PostgreSQL if missing, then fmt check, clippy, tidy and `cargo test --workspace`.
+    Test,
+    /// fmt check, clippy (warnings are errors) and the tidy checks.
+    Lint,
+    /// Only the tidy checks (`//!` atop every lib.rs; no todo/unimplemented/ignored tests).
+    Tidy,
+    /// Build `belay` and walk it through status/plan/migrate/undo on a throwaway cluster.
+    Demo,
+    /// Benchmarks against throwaway clusters (release build of `belay`).
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Migration runner overhead: `belay migrate` vs. one psql session doing the same work.
+    Runner {
+        /// Interleaved repetitions per side, each on a fresh database.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Number of generated migrations.
+        #[arg(long, default_value_t = 500)]
+        migrations: usize,
+        /// Benchmark this `belay` binary instead of building target/release/belay.
+        #[arg(long)]
+        belay_bin: Option<PathBuf>,
+    },
+    /// Application latency under pgbench while an ALTER TABLE waits behind a long
+    /// transaction: naive psql vs. `belay migrate`.
+    Lock {
+        /// pgbench duration in seconds.
+        #[arg(long, default_value_t = 12)]
+        seconds: u64,
+        /// Benchmark this `belay` binary instead of building target/release/belay.
+        #[arg(long)]
+        belay_bin: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Printed here rather than returned from main: a returned anyhow error prints a
+    // backtrace when RUST_BACKTRACE is set, which buries the one line that matters.
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("\nerror: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Test => check::test(),
+        Task::Lint => check::lint(),
+        Task::Tidy => check::tidy_step(),
+        Task::Demo => demo::run(),
+        Task::Bench { which } => match which {
+            Bench::Runner {
+                reps,
+                migrations,
+                belay_bin,
+            } => bench::runner(reps, migrations, belay_bin),
+            Bench::Lock { seconds, belay_bin } => bench::lock(seconds, belay_bin),
+        },
+    }
+}
