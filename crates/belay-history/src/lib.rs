@@ -321,22 +321,36 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
         r.try_get(0).map_err(|e| self.err(e))
     }
 
-    /// The insert `insert` would run, with values inlined, for `plan --sql`.
-    pub fn insert_preview(&self, row: &NewRow) -> String {
-        let lit = |s: &Option<String>| match s {
-            Some(s) => format!("'{}'", s.replace('\'', "''")),
-            None => "NULL".to_string(),
-        };
+    /// The row's INSERT as one literal statement (no parameters), so the executor can
+    /// send it with the migration's COMMIT in a single round trip, and `plan --sql` can
+    /// print exactly what runs. Strings are `E''` literals, whose escaping does not depend
+    /// on `standard_conforming_strings`.
+    pub fn insert_statement(&self, row: &NewRow) -> String {
+        fn lit(s: Option<&str>) -> String {
+            match s {
+                Some(s) => format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'")),
+                None => "NULL".to_string(),
+            }
+        }
         format!(
-            "INSERT INTO {} (version, description, type, script, checksum, success, state) VALUES ({}, {}, '{}', {}, {}, {}, '{}');",
+            "INSERT INTO {} (version, description, type, script, checksum, execution_time, \
+             success, deployment_id, backup_id, lock_wait_ms, retries, state, error) \
+             VALUES ({}, {}, '{}', {}, {}, {}, {}, {}, {}, {}, {}, '{}', {})",
             self.qualified,
-            lit(&row.version),
-            lit(&Some(row.description.clone())),
+            lit(row.version.as_deref()),
+            lit(Some(&row.description)),
             row.entry_type,
-            lit(&Some(row.script.clone())),
-            lit(&row.checksum),
+            lit(Some(&row.script)),
+            lit(row.checksum.as_deref()),
+            row.execution_time_ms,
             row.state == RowState::Success,
-            row.state.as_str()
+            row.deployment_id
+                .map_or("NULL".to_string(), |u| format!("'{u}'")),
+            lit(row.backup_id.as_deref()),
+            row.lock_wait_ms,
+            row.retries,
+            row.state.as_str(),
+            lit(row.error.as_deref()),
         )
     }
 
@@ -486,6 +500,21 @@ mod tests {
             (3, 500, 40)
         );
         h.mark_repaired(&mut conn, rank).await.unwrap();
+        // The literal form stores the same values, however awkward the text.
+        let mut tricky = row.clone();
+        tricky.description = r"it's \ a 'quoted' \n test".into();
+        tricky.state = RowState::Success;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(h.insert_statement(&tricky)))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let last = h.rows(&mut conn).await.unwrap().pop().unwrap();
+        assert_eq!(last.description, tricky.description);
+        assert_eq!(
+            (last.state, last.success, last.retries),
+            (RowState::Success, true, 2)
+        );
+        assert_eq!(last.deployment_id, row.deployment_id);
         assert_eq!(
             h.rows(&mut conn).await.unwrap()[0].state,
             RowState::Repaired
@@ -497,6 +526,6 @@ mod tests {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(n, 2);
     }
 }

@@ -314,18 +314,17 @@ impl Migrator {
             }
             None => None,
         };
+        let state_of: std::collections::HashMap<&str, State> = statuses
+            .iter()
+            .filter(|s| s.entry_type == EntryType::Sql)
+            .map(|s| (s.script.as_str(), s.state))
+            .collect();
         let mut steps = Vec::new();
         for m in &self.set.migrations {
             if to.as_ref().is_some_and(|t| &m.version > t) {
                 break;
             }
-            let st = statuses
-                .iter()
-                .find(|s| {
-                    s.entry_type == EntryType::Sql
-                        && s.version.as_deref() == Some(m.version.as_str())
-                })
-                .map(|s| s.state);
+            let st = state_of.get(m.script_name.as_str()).copied();
             if matches!(st, Some(State::Pending | State::Undone)) {
                 steps.push(Step {
                     version: Some(m.version.to_string()),
@@ -667,9 +666,12 @@ impl Migrator {
         let mut attempts = 0u32;
         let mut lock_wait = Duration::ZERO;
         let lock_timeout = format_duration(self.lock_timeout_for(script, None));
-        let mut preamble = format!("SET LOCAL lock_timeout = '{lock_timeout}'");
+        // The transaction is driven with plain BEGIN/COMMIT rather than sqlx's
+        // `Transaction` so that BEGIN travels with its settings, and the history row with
+        // the COMMIT: two round trips around the script's statements instead of four.
+        let mut begin = format!("BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'");
         if let Some(t) = self.statement_timeout_for(script) {
-            preamble.push_str(&format!(
+            begin.push_str(&format!(
                 "; SET LOCAL statement_timeout = '{}'",
                 format_duration(t)
             ));
@@ -677,18 +679,14 @@ impl Migrator {
         loop {
             attempts += 1;
             let attempt_started = Instant::now();
-            let mut tx = conn
-                .begin()
+            sqlx::raw_sql(sqlx::AssertSqlSafe(begin.clone()))
+                .execute(&mut *conn)
                 .await
                 .map_err(self.db_err("beginning a transaction"))?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(preamble.clone()))
-                .execute(&mut *tx)
-                .await
-                .map_err(self.db_err("setting lock_timeout"))?;
             let mut failure = None;
             for st in &script.statements {
                 if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
-                    .execute(&mut *tx)
+                    .execute(&mut *conn)
                     .await
                 {
                     failure = Some((st, e));
@@ -702,14 +700,23 @@ impl Migrator {
                     row.execution_time_ms = execution.as_millis().min(i32::MAX as u128) as i32;
                     row.retries = (attempts - 1) as i32;
                     row.lock_wait_ms = lock_wait.as_millis() as i64;
-                    self.history.insert(&mut tx, &row).await?;
-                    tx.commit()
+                    let finish = format!("{}; COMMIT", self.history.insert_statement(&row));
+                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(finish))
+                        .execute(&mut *conn)
                         .await
-                        .map_err(self.db_err("committing a migration"))?;
+                    {
+                        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                        // Deferred constraints are checked at COMMIT: that is the
+                        // script's failure, reported at its last statement.
+                        return Err(match script.statements.last() {
+                            Some(last) => script_error(script, last, &e),
+                            None => self.db_err("recording the migration")(e),
+                        });
+                    }
                     return Ok(self.result(step, execution, attempts - 1, lock_wait));
                 }
                 Some((st, e)) => {
-                    let _ = tx.rollback().await;
+                    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
                     if !is_lock_timeout(&e) {
                         return Err(script_error(script, st, &e));
                     }
@@ -1094,7 +1101,8 @@ impl Migrator {
                         out.push_str(st.text(&script.text).trim());
                         out.push('\n');
                     }
-                    out.push_str(&self.history.insert_preview(&row));
+                    out.push_str(&self.history.insert_statement(&row));
+                    out.push(';');
                     out.push_str("\nCOMMIT;\n\n");
                 }
                 Some(reason) => {
@@ -1106,7 +1114,8 @@ impl Migrator {
                             .and_then(|v| v.as_str().map(String::from))
                             .unwrap_or_default()
                     ));
-                    out.push_str(&self.history.insert_preview(&row));
+                    out.push_str(&self.history.insert_statement(&row));
+                    out.push(';');
                     out.push('\n');
                     if let Some(t) = self.statement_timeout_for(script) {
                         out.push_str(&format!(

@@ -5,6 +5,7 @@ use crate::source::MigrationSet;
 use belay_core::Version;
 use belay_history::{EntryType, HistoryRow, RowState};
 use chrono::{DateTime, Utc};
+use std::collections::{HashMap, HashSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -109,19 +110,22 @@ pub fn compute(
         .filter(|r| r.state != RowState::Repaired)
         .collect();
     let baseline = baseline(rows);
-    let latest_for = |v: &Version| {
-        live.iter()
-            .filter(|r| matches!(r.entry_type, EntryType::Sql | EntryType::UndoSql))
-            .filter(|r| {
-                r.version
-                    .as_deref()
-                    .and_then(|t| Version::parse(t).ok())
-                    .as_ref()
-                    == Some(v)
-            })
-            .max_by_key(|r| r.installed_rank)
-            .copied()
-    };
+    // The latest forward-or-undo row of each version, indexed once: a history of
+    // thousands of rows must not cost thousands of scans.
+    let mut latest: HashMap<Version, &HistoryRow> = HashMap::new();
+    for r in live
+        .iter()
+        .filter(|r| matches!(r.entry_type, EntryType::Sql | EntryType::UndoSql))
+    {
+        let Some(v) = r.version.as_deref().and_then(|t| Version::parse(t).ok()) else {
+            continue;
+        };
+        let e = latest.entry(v).or_insert(r);
+        if r.installed_rank > e.installed_rank {
+            *e = r;
+        }
+    }
+    let latest_for = |v: &Version| latest.get(v).copied();
     let mut out = Vec::new();
 
     if let Some(b) = live.iter().find(|r| r.entry_type == EntryType::Baseline) {
@@ -153,7 +157,7 @@ pub fn compute(
 
     // Applied versions with no local file.
     let newest_local = set.migrations.last().map(|m| m.version.clone());
-    let mut seen: Vec<Version> = set.migrations.iter().map(|m| m.version.clone()).collect();
+    let mut seen: HashSet<Version> = set.migrations.iter().map(|m| m.version.clone()).collect();
     for r in &live {
         if !matches!(r.entry_type, EntryType::Sql | EntryType::UndoSql) {
             continue;
@@ -164,7 +168,7 @@ pub fn compute(
         if seen.contains(&v) {
             continue;
         }
-        seen.push(v.clone());
+        seen.insert(v.clone());
         let Some(latest) = latest_for(&v) else {
             continue;
         };
