@@ -5,7 +5,7 @@
 //! migration's own transaction. It must not run migrations or decide what to apply.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{PgConnection, Row};
 use std::fmt;
 use uuid::Uuid;
 
@@ -230,15 +230,24 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
     /// Creates schema and table if missing. Callers hold the runner lock, so two runners
     /// never race on `CREATE SCHEMA`.
     pub async fn ensure(&self, conn: &mut PgConnection) -> Result<(), HistoryError> {
+        self.ensure_and_read(conn).await.map(drop)
+    }
+
+    /// Creates the table if missing and returns its rows, in as few round trips as it
+    /// takes (the runner calls this once per run, under its lock).
+    pub async fn ensure_and_read(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Vec<HistoryRow>, HistoryError> {
         if self.exists(conn).await? {
-            return Ok(());
+            return self.fetch_rows(conn).await;
         }
-        let mut tx = conn.begin().await.map_err(|e| self.err(e))?;
+        // One multi-statement query runs as one implicit transaction: all or nothing.
         sqlx::raw_sql(sqlx::AssertSqlSafe(self.create_sql()))
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
-        tx.commit().await.map_err(|e| self.err(e))
+        Ok(Vec::new())
     }
 
     /// All rows in rank order; empty when the table does not exist yet.
@@ -246,6 +255,10 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
         if !self.exists(conn).await? {
             return Ok(Vec::new());
         }
+        self.fetch_rows(conn).await
+    }
+
+    async fn fetch_rows(&self, conn: &mut PgConnection) -> Result<Vec<HistoryRow>, HistoryError> {
         let sql = format!(
             "SELECT installed_rank, version, description, type, script, checksum, installed_by, \
              installed_on, execution_time, success, deployment_id, backup_id, lock_wait_ms, \
@@ -433,6 +446,7 @@ pub struct Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlx::Connection;
 
     #[test]
     fn schema_names_are_validated() {

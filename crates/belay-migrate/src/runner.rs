@@ -515,8 +515,7 @@ impl Migrator {
         action: &'static str,
         report: &mut RunReport,
     ) -> Result<(), MigrateError> {
-        self.history.ensure(conn).await?;
-        let rows = self.history.rows(conn).await?;
+        let rows = self.history.ensure_and_read(conn).await?;
         // We hold the lock: a `running` row now can only be a crash's remains.
         let statuses = status::compute(&self.set, &rows, false);
         let blockers = Self::blockers(&statuses);
