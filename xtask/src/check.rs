@@ -13,9 +13,52 @@ pub fn test() -> Result<()> {
     let bin = ensure_postgres()?;
     println!("using {}", bin.display());
     lint()?;
-    step(cargo().args(["test", "--workspace"]))?;
+    let (passed, failed) = run_tests()?;
     println!("\nall checks passed");
+    // The last line totals every test binary: CI reads it, and the last line cargo
+    // itself prints belongs to a doc-test binary with nothing in it.
+    println!("tests: {passed} passed, {failed} failed");
     Ok(())
+}
+
+/// `cargo test --workspace`, echoed as it runs, with the `test result:` lines totalled.
+fn run_tests() -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"]).stdout(Stdio::piped());
+    let text = crate::util::describe(&cmd);
+    heading(&text);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("could not run `{text}`"))?;
+    let stdout = child.stdout.take().context("no stdout from cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split([';', '.']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(kind)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match kind {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{text}`"))?;
+    if !status.success() {
+        println!("tests: {passed} passed, {failed} failed");
+        bail!("`{text}` failed ({status})");
+    }
+    Ok((passed, failed))
 }
 
 pub fn lint() -> Result<()> {
