@@ -7,7 +7,9 @@ mod render;
 mod settings;
 
 use anyhow::anyhow;
-use belay_migrate::{ErrorKind, MigrateError, Migrator, Target, UndoTarget};
+use belay_migrate::{
+    ApiError, ErrorKind, LocalTargets, MigrateError, MigrationApi, Target, TargetSpec, UndoTarget,
+};
 use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
 use cli::{Cli, Command, Output};
 use std::process::ExitCode;
@@ -20,6 +22,7 @@ mod exit {
     pub const USAGE: u8 = 64;
     pub const DATA: u8 = 65;
     pub const UNAVAILABLE: u8 = 69;
+    pub const NOPERM: u8 = 77;
     pub const SOFTWARE: u8 = 70;
 }
 
@@ -29,20 +32,28 @@ struct Failure {
     message: String,
 }
 
-impl From<MigrateError> for Failure {
-    fn from(e: MigrateError) -> Self {
-        let code = match e.kind() {
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        let code = match e.kind {
             ErrorKind::InvalidSource => exit::DATA,
-            ErrorKind::Unavailable => exit::UNAVAILABLE,
+            ErrorKind::Unavailable | ErrorKind::AgentUnreachable => exit::UNAVAILABLE,
             ErrorKind::MigrationFailed => exit::FAILED,
             ErrorKind::Refused => exit::REFUSED,
             ErrorKind::Busy => exit::BUSY,
             ErrorKind::Internal => exit::SOFTWARE,
+            ErrorKind::UnknownTarget => exit::USAGE,
+            ErrorKind::Unauthenticated => exit::NOPERM,
         };
         Failure {
             code,
-            message: e.to_string(),
+            message: e.message,
         }
+    }
+}
+
+impl From<MigrateError> for Failure {
+    fn from(e: MigrateError) -> Self {
+        ApiError::from(e).into()
     }
 }
 
@@ -116,37 +127,54 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             "warning: the database password is on the command line, where other users can read it; use BELAY_DATABASE_URL, --url-file or a .pgpass file"
         );
     }
-    let set = belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
     let url = settings.url.clone().ok_or_else(|| {
         usage(anyhow!(
             "no database URL: set BELAY_DATABASE_URL (or DATABASE_URL), pass --url-file, or set `url_file` in belay.toml"
         ))
     })?;
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let sink = render::sink(cli.output, events.clone());
-    let migrator = Migrator::new(url, set, settings.exec.clone(), sink)?;
-    let out = cli.output;
+    // Files are checked before anything else touches the database.
+    belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
+    let api = LocalTargets::new([TargetSpec {
+        name: LOCAL_TARGET.to_string(),
+        url,
+        dir: settings.dir.clone(),
+        exec: settings.exec.clone(),
+    }]);
+    execute(&api, LOCAL_TARGET, cli.command, cli.output).await
+}
 
-    match cli.command {
-        Command::Plan { sql, target } => {
+/// The name of the one target of local mode.
+const LOCAL_TARGET: &str = "local";
+
+/// Runs one command against `target` through the migration API, local or remote alike,
+/// so both modes print the same thing.
+async fn execute(
+    api: &dyn MigrationApi,
+    target_name: &str,
+    command: Command,
+    out: Output,
+) -> Result<u8, Failure> {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = render::sink(out, events.clone());
+    match command {
+        Command::Plan { sql, target: t } => {
             let target = Target {
-                to: target.to,
-                steps: target.steps,
+                to: t.to,
+                steps: t.steps,
             };
-            let plan = migrator.plan(&target).await?;
-            if sql {
-                print!("{}", migrator.render_sql(&plan));
-            } else {
-                render::plan(out, &plan, &settings.exec);
+            let plan = api.plan(target_name, &target, sql).await?;
+            match (&plan.sql, sql) {
+                (Some(text), true) => print!("{text}"),
+                _ => render::plan(out, &plan),
             }
             Ok(0)
         }
-        Command::Migrate { target, .. } => {
+        Command::Migrate { target: t, .. } => {
             let target = Target {
-                to: target.to,
-                steps: target.steps,
+                to: t.to,
+                steps: t.steps,
             };
-            let result = migrator.migrate(&target).await;
+            let result = api.apply(target_name, &target, None, sink).await;
             render::run_report(out, "migrate", &result, &events);
             result.map(|_| 0).map_err(Failure::from)
         }
@@ -157,26 +185,26 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
                 (_, _, true) => UndoTarget::All,
                 _ => UndoTarget::Steps(1),
             };
-            let result = migrator.undo(&target).await;
+            let result = api.undo(target_name, &target, None, sink).await;
             render::run_report(out, "undo", &result, &events);
             result.map(|_| 0).map_err(Failure::from)
         }
         Command::Status => {
-            let statuses = migrator.status().await?;
+            let statuses = api.status(target_name).await?;
             render::status(out, &statuses);
             Ok(0)
         }
         Command::Validate => {
-            let problems = migrator.validate().await?;
-            render::validate(out, &problems, migrator.set().migrations.len());
-            Ok(if problems.is_empty() {
+            let v = api.validate(target_name).await?;
+            render::validate(out, &v.problems, v.checked);
+            Ok(if v.problems.is_empty() {
                 0
             } else {
                 exit::REFUSED
             })
         }
         Command::Repair { .. } => {
-            let actions = migrator.repair().await?;
+            let actions = api.repair(target_name).await?;
             render::repair(out, &actions);
             Ok(0)
         }
@@ -185,7 +213,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             description,
             ..
         } => {
-            migrator.baseline(&version, &description).await?;
+            api.baseline(target_name, &version, &description).await?;
             render::message(out, &format!("baselined at version {version}"));
             Ok(0)
         }

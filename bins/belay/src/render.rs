@@ -3,8 +3,8 @@
 
 use crate::cli::Output;
 use belay_migrate::{
-    Direction, Event, EventKind, EventSink, ExecConfig, MigrateError, MigrationStatus, Plan,
-    RepairAction, RunReport,
+    ApiError, Direction, Event, EventKind, EventSink, MigrationStatus, PlanView, RepairAction,
+    RunReport,
 };
 use std::sync::{Arc, Mutex};
 
@@ -86,7 +86,7 @@ pub fn message(output: Output, text: &str) {
 pub fn run_report(
     output: Output,
     action: &str,
-    result: &Result<RunReport, MigrateError>,
+    result: &Result<RunReport, ApiError>,
     events: &Arc<Mutex<Vec<Event>>>,
 ) {
     match output {
@@ -125,7 +125,7 @@ pub fn run_report(
     }
 }
 
-pub fn plan(output: Output, plan: &Plan, exec: &ExecConfig) {
+pub fn plan(output: Output, plan: &PlanView) {
     if output == Output::Json {
         println!("{}", serde_json::json!(plan));
         return;
@@ -143,12 +143,12 @@ pub fn plan(output: Output, plan: &Plan, exec: &ExecConfig) {
     println!(
         "{} migration(s) to apply (lock_timeout {}, up to {} attempts each):",
         plan.steps.len(),
-        belay_core::format_duration(exec.lock_timeout),
-        exec.max_attempts
+        belay_core::format_duration(std::time::Duration::from_millis(plan.lock_timeout_ms)),
+        plan.max_attempts
     );
     for s in &plan.steps {
         let mut notes = Vec::new();
-        if let Some(reason) = s.no_transaction {
+        if let Some(reason) = s.directives.no_transaction {
             notes.push(format!(
                 "no transaction ({})",
                 serde_json::to_value(reason)
@@ -157,7 +157,7 @@ pub fn plan(output: Output, plan: &Plan, exec: &ExecConfig) {
                     .unwrap_or_default()
             ));
         }
-        let d = &s.source.directives;
+        let d = &s.directives;
         if let Some(t) = d.lock_timeout {
             notes.push(format!("lock-timeout {}", belay_core::format_duration(t)));
         }
@@ -173,7 +173,7 @@ pub fn plan(output: Output, plan: &Plan, exec: &ExecConfig) {
         if !d.tables.is_empty() {
             notes.push(format!("tables {}", d.tables.join(",")));
         }
-        if s.source.is_empty() {
+        if s.empty {
             notes.push("empty (no-op)".into());
         }
         let notes = if notes.is_empty() {

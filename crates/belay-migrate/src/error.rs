@@ -79,7 +79,8 @@ impl std::fmt::Display for ScriptFailure {
 }
 
 /// Coarse classes of failure, stable for exit codes and gRPC status mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// Migration files are invalid (names, duplicates, directives, layouts).
     InvalidSource,
@@ -93,6 +94,12 @@ pub enum ErrorKind {
     Busy,
     /// Anything else from the database.
     Internal,
+    /// No such target (remote mode: no agent owns it).
+    UnknownTarget,
+    /// The agent owning the target cannot be reached.
+    AgentUnreachable,
+    /// The caller is not authenticated or authorised.
+    Unauthenticated,
 }
 
 impl MigrateError {

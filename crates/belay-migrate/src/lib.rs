@@ -5,6 +5,7 @@
 //! It must not decide rollbacks (that is `belay-rollback`'s job) nor own the history
 //! table's storage (that is `belay-history`).
 
+pub mod api;
 pub mod config;
 pub mod directives;
 pub mod error;
@@ -14,6 +15,9 @@ pub mod source;
 pub mod sql;
 pub mod status;
 
+pub use api::{
+    ApiError, LocalTargets, MigrationApi, PlanStepView, PlanView, TargetSpec, Validation,
+};
 pub use config::ExecConfig;
 pub use error::{ErrorKind, MigrateError, ScriptFailure};
 pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};

@@ -135,6 +135,13 @@ impl Migrator {
         })
     }
 
+    /// Runs under a caller-chosen deployment id (the controller's), recorded in every
+    /// history row and event of this run.
+    pub fn with_deployment_id(mut self, id: Uuid) -> Self {
+        self.deployment_id = id;
+        self
+    }
+
     pub fn deployment_id(&self) -> Uuid {
         self.deployment_id
     }

@@ -1,0 +1,233 @@
+//! The migration capability as a trait, so callers do not care where it runs: the CLI's
+//! local mode and the agent use [`LocalTargets`] (the engine in-process); the CLI's remote
+//! mode and the controller use a gRPC client implementing the same trait (`belay-rpc`).
+
+use crate::config::ExecConfig;
+use crate::directives::Directives;
+use crate::error::{ErrorKind, MigrateError};
+use crate::events::{Direction, EventSink};
+use crate::runner::{Migrator, RepairAction, RunReport, Target, UndoTarget};
+use crate::status::MigrationStatus;
+use belay_core::DatabaseUrl;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use uuid::Uuid;
+
+/// A failure as every caller sees it, local or remote: a class and a human message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<MigrateError> for ApiError {
+    fn from(e: MigrateError) -> Self {
+        ApiError {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// One step of a plan, without the script's text: what crosses the wire.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PlanStepView {
+    pub version: Option<String>,
+    pub description: String,
+    pub script: String,
+    pub direction: Direction,
+    pub directives: Directives,
+    /// No statement: empty or comments only.
+    pub empty: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PlanView {
+    pub steps: Vec<PlanStepView>,
+    pub blockers: Vec<String>,
+    pub warnings: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
+    pub lock_timeout_ms: u64,
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Validation {
+    pub problems: Vec<String>,
+    pub checked: usize,
+}
+
+/// What belay can do to a target's migrations.
+#[async_trait::async_trait]
+pub trait MigrationApi: Send + Sync {
+    async fn status(&self, target: &str) -> Result<Vec<MigrationStatus>, ApiError>;
+    async fn plan(&self, target: &str, forward: &Target, sql: bool) -> Result<PlanView, ApiError>;
+    /// `sink` receives events as they happen; the report comes at the end.
+    async fn apply(
+        &self,
+        target: &str,
+        forward: &Target,
+        deployment_id: Option<Uuid>,
+        sink: EventSink,
+    ) -> Result<RunReport, ApiError>;
+    async fn undo(
+        &self,
+        target: &str,
+        undo: &UndoTarget,
+        deployment_id: Option<Uuid>,
+        sink: EventSink,
+    ) -> Result<RunReport, ApiError>;
+    async fn validate(&self, target: &str) -> Result<Validation, ApiError>;
+    async fn repair(&self, target: &str) -> Result<Vec<RepairAction>, ApiError>;
+    async fn baseline(
+        &self,
+        target: &str,
+        version: &str,
+        description: &str,
+    ) -> Result<(), ApiError>;
+}
+
+/// A database this process can reach directly, and its migrations.
+#[derive(Debug, Clone)]
+pub struct TargetSpec {
+    pub name: String,
+    pub url: DatabaseUrl,
+    pub dir: PathBuf,
+    pub exec: ExecConfig,
+}
+
+/// The engine in-process over a set of targets. Migration files are read afresh on every
+/// call, so an edit on disk is seen by the next command, as in local mode.
+#[derive(Debug, Clone, Default)]
+pub struct LocalTargets {
+    targets: BTreeMap<String, TargetSpec>,
+}
+
+impl LocalTargets {
+    pub fn new(targets: impl IntoIterator<Item = TargetSpec>) -> Self {
+        LocalTargets {
+            targets: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),
+        }
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.targets.keys().map(String::as_str)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TargetSpec> {
+        self.targets.get(name)
+    }
+
+    fn migrator(
+        &self,
+        target: &str,
+        sink: EventSink,
+        deployment_id: Option<Uuid>,
+    ) -> Result<Migrator, ApiError> {
+        let spec = self.targets.get(target).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::UnknownTarget,
+                format!(
+                    "unknown target {target:?}; known: {}",
+                    self.targets.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?;
+        let set = crate::source::load(&spec.dir).map_err(MigrateError::from)?;
+        let mut m = Migrator::new(spec.url.clone(), set, spec.exec.clone(), sink)?;
+        if let Some(id) = deployment_id {
+            m = m.with_deployment_id(id);
+        }
+        Ok(m)
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationApi for LocalTargets {
+    async fn status(&self, target: &str) -> Result<Vec<MigrationStatus>, ApiError> {
+        let m = self.migrator(target, crate::events::discard(), None)?;
+        Ok(m.status().await?)
+    }
+
+    async fn plan(&self, target: &str, forward: &Target, sql: bool) -> Result<PlanView, ApiError> {
+        let m = self.migrator(target, crate::events::discard(), None)?;
+        let plan = m.plan(forward).await?;
+        let config = &self.targets[target].exec;
+        Ok(PlanView {
+            steps: plan
+                .steps
+                .iter()
+                .map(|s| PlanStepView {
+                    version: s.version.clone(),
+                    description: s.description.clone(),
+                    script: s.script.clone(),
+                    direction: s.direction,
+                    directives: s.source.directives.clone(),
+                    empty: s.source.is_empty(),
+                })
+                .collect(),
+            blockers: plan.blockers.clone(),
+            warnings: plan.warnings.clone(),
+            sql: sql.then(|| m.render_sql(&plan)),
+            lock_timeout_ms: config.lock_timeout.as_millis() as u64,
+            max_attempts: config.max_attempts,
+        })
+    }
+
+    async fn apply(
+        &self,
+        target: &str,
+        forward: &Target,
+        deployment_id: Option<Uuid>,
+        sink: EventSink,
+    ) -> Result<RunReport, ApiError> {
+        let m = self.migrator(target, sink, deployment_id)?;
+        Ok(m.migrate(forward).await?)
+    }
+
+    async fn undo(
+        &self,
+        target: &str,
+        undo: &UndoTarget,
+        deployment_id: Option<Uuid>,
+        sink: EventSink,
+    ) -> Result<RunReport, ApiError> {
+        let m = self.migrator(target, sink, deployment_id)?;
+        Ok(m.undo(undo).await?)
+    }
+
+    async fn validate(&self, target: &str) -> Result<Validation, ApiError> {
+        let m = self.migrator(target, crate::events::discard(), None)?;
+        let problems = m.validate().await?;
+        Ok(Validation {
+            problems,
+            checked: m.set().migrations.len(),
+        })
+    }
+
+    async fn repair(&self, target: &str) -> Result<Vec<RepairAction>, ApiError> {
+        let m = self.migrator(target, crate::events::discard(), None)?;
+        Ok(m.repair().await?)
+    }
+
+    async fn baseline(
+        &self,
+        target: &str,
+        version: &str,
+        description: &str,
+    ) -> Result<(), ApiError> {
+        let m = self.migrator(target, crate::events::discard(), None)?;
+        Ok(m.baseline(version, description).await?)
+    }
+}
