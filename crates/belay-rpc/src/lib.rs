@@ -1,1 +1,15 @@
-//! placeholder: being written
+//! The gRPC edge of belay's capabilities: conversions between protobuf messages and the
+//! engine's domain types (in one place, `convert`), a tonic server adapter serving any
+//! [`belay_migrate::MigrationApi`], and a client implementing that same trait over gRPC.
+//! Wiring decides in-process or remote; callers see one trait. It must hold no migration
+//! logic of its own and must never carry a database URL over the wire.
+
+pub mod client;
+pub mod convert;
+pub mod server;
+
+pub use client::{Connection, MigrationClient};
+pub use server::MigrationGrpc;
+
+/// Metadata key carrying an error's machine-readable class (`ErrorReason` name).
+pub const REASON_KEY: &str = "belay-reason";

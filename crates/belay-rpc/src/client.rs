@@ -1,0 +1,265 @@
+//! `MigrationApi` over gRPC: the CLI's remote mode and the controller's calls to agents.
+
+use crate::convert;
+use belay_migrate::{
+    ApiError, ErrorKind, EventSink, MigrationApi, MigrationStatus, PlanView, RepairAction,
+    RunReport, Target, UndoTarget, Validation,
+};
+use belay_proto::v1 as pb;
+use pb::migration_service_client::MigrationServiceClient;
+use std::time::Duration;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use uuid::Uuid;
+
+/// Adds `authorization: Bearer …` to every request when a token is configured.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(***)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to a belay server (agent or controller), with its credentials.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub channel: Channel,
+    pub bearer: Bearer,
+    /// Who is on the other end, for messages ("agent db-1 at 10.0.0.5:7401").
+    pub peer: String,
+}
+
+impl Connection {
+    /// Connects lazily: an unreachable peer surfaces on the first call as
+    /// `AgentUnreachable`, naming `peer`.
+    pub fn new(
+        address: &str,
+        tls: Option<ClientTlsConfig>,
+        token: Option<&str>,
+        peer: impl Into<String>,
+    ) -> Result<Self, ApiError> {
+        let peer = peer.into();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let uri = if address.contains("://") {
+            address.to_string()
+        } else {
+            format!("{scheme}://{address}")
+        };
+        let bad = |e: &dyn std::fmt::Display| {
+            ApiError::new(
+                ErrorKind::AgentUnreachable,
+                format!("bad address {address:?} for {peer}: {e}"),
+            )
+        };
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| bad(&e))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).map_err(|e| bad(&e))?;
+        }
+        let bearer = match token {
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+                ApiError::new(
+                    ErrorKind::Unauthenticated,
+                    "the token contains characters not allowed in a header",
+                )
+            })?),
+            None => None,
+        };
+        Ok(Connection {
+            channel: endpoint.connect_lazy(),
+            bearer: Bearer(bearer),
+            peer,
+        })
+    }
+
+    pub fn intercepted(&self) -> InterceptedService<Channel, Bearer> {
+        InterceptedService::new(self.channel.clone(), self.bearer.clone())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MigrationClient {
+    client: MigrationServiceClient<InterceptedService<Channel, Bearer>>,
+    peer: String,
+}
+
+impl MigrationClient {
+    pub fn new(conn: &Connection) -> Self {
+        MigrationClient {
+            client: MigrationServiceClient::new(conn.intercepted()),
+            peer: conn.peer.clone(),
+        }
+    }
+
+    fn err(&self, s: &tonic::Status) -> ApiError {
+        convert::api_error_from(s, &self.peer)
+    }
+
+    async fn drain(
+        &self,
+        mut stream: tonic::Streaming<pb::RunMessage>,
+        sink: EventSink,
+    ) -> Result<RunReport, ApiError> {
+        loop {
+            match stream.message().await {
+                Ok(Some(pb::RunMessage {
+                    message: Some(pb::run_message::Message::Event(e)),
+                })) => sink(&convert::event_from(&e)?),
+                Ok(Some(pb::RunMessage {
+                    message: Some(pb::run_message::Message::Report(r)),
+                })) => return Ok(convert::report_from(&r)?),
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    return Err(ApiError::new(
+                        ErrorKind::AgentUnreachable,
+                        format!(
+                            "{} ended the run without a report: the outcome is unknown; check `belay status`",
+                            self.peer
+                        ),
+                    ));
+                }
+                Err(s) => {
+                    let mut e = self.err(&s);
+                    if e.kind == ErrorKind::AgentUnreachable {
+                        e.message = format!(
+                            "{} (the connection broke mid-run: the outcome is unknown; check `belay status`)",
+                            e.message
+                        );
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+fn target(name: &str) -> Option<pb::Target> {
+    Some(pb::Target {
+        name: name.to_string(),
+    })
+}
+
+#[async_trait::async_trait]
+impl MigrationApi for MigrationClient {
+    async fn status(&self, t: &str) -> Result<Vec<MigrationStatus>, ApiError> {
+        let r = self
+            .client
+            .clone()
+            .status(pb::StatusRequest { target: target(t) })
+            .await
+            .map_err(|s| self.err(&s))?;
+        Ok(r.get_ref()
+            .migrations
+            .iter()
+            .map(convert::migration_status)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn plan(&self, t: &str, forward: &Target, sql: bool) -> Result<PlanView, ApiError> {
+        let r = self
+            .client
+            .clone()
+            .plan(pb::PlanRequest {
+                target: target(t),
+                forward: Some(convert::forward(forward)),
+                sql,
+            })
+            .await
+            .map_err(|s| self.err(&s))?;
+        Ok(convert::plan_from(r.get_ref())?)
+    }
+
+    async fn apply(
+        &self,
+        t: &str,
+        forward: &Target,
+        deployment_id: Option<Uuid>,
+        sink: EventSink,
+    ) -> Result<RunReport, ApiError> {
+        let stream = self
+            .client
+            .clone()
+            .apply(pb::ApplyRequest {
+                target: target(t),
+                forward: Some(convert::forward(forward)),
+                deployment_id: deployment_id.map(|u| u.to_string()).unwrap_or_default(),
+            })
+            .await
+            .map_err(|s| self.err(&s))?
+            .into_inner();
+        self.drain(stream, sink).await
+    }
+
+    async fn undo(
+        &self,
+        t: &str,
+        undo: &UndoTarget,
+        deployment_id: Option<Uuid>,
+        sink: EventSink,
+    ) -> Result<RunReport, ApiError> {
+        let stream = self
+            .client
+            .clone()
+            .undo(pb::UndoRequest {
+                target: target(t),
+                undo: Some(convert::undo(undo)),
+                deployment_id: deployment_id.map(|u| u.to_string()).unwrap_or_default(),
+            })
+            .await
+            .map_err(|s| self.err(&s))?
+            .into_inner();
+        self.drain(stream, sink).await
+    }
+
+    async fn validate(&self, t: &str) -> Result<Validation, ApiError> {
+        let r = self
+            .client
+            .clone()
+            .validate(pb::ValidateRequest { target: target(t) })
+            .await
+            .map_err(|s| self.err(&s))?;
+        Ok(convert::validation_from(r.get_ref()))
+    }
+
+    async fn repair(&self, t: &str) -> Result<Vec<RepairAction>, ApiError> {
+        let r = self
+            .client
+            .clone()
+            .repair(pb::RepairRequest { target: target(t) })
+            .await
+            .map_err(|s| self.err(&s))?;
+        Ok(convert::repair_actions_from(r.get_ref()))
+    }
+
+    async fn baseline(&self, t: &str, version: &str, description: &str) -> Result<(), ApiError> {
+        self.client
+            .clone()
+            .baseline(pb::BaselineRequest {
+                target: target(t),
+                version: version.to_string(),
+                description: description.to_string(),
+            })
+            .await
+            .map_err(|s| self.err(&s))?;
+        Ok(())
+    }
+}

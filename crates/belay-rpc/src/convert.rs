@@ -1,0 +1,733 @@
+//! protobuf ↔ domain conversions. Decoding validates: a message that cannot become a
+//! domain value is an `invalid_argument` status (server side) or an internal error
+//! (client side), never a panic.
+
+use belay_history::EntryType;
+use belay_migrate::directives::{Directives, NoTransactionSource};
+use belay_migrate::{
+    ApiError, Direction, ErrorKind, Event, EventKind, MigrationStatus, PlanStepView, PlanView,
+    RepairAction, RunReport, RunnerHolder, State, StepResult, Target, UndoTarget, Validation,
+};
+use belay_proto::v1 as pb;
+use chrono::{DateTime, TimeZone, Utc};
+use std::time::Duration;
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+/// A message that does not decode into a domain value.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed {what} in a belay.v1 message: {problem}")]
+pub struct DecodeError {
+    pub what: &'static str,
+    pub problem: String,
+}
+
+fn bad(what: &'static str, problem: impl Into<String>) -> DecodeError {
+    DecodeError {
+        what,
+        problem: problem.into(),
+    }
+}
+
+impl From<DecodeError> for Status {
+    fn from(e: DecodeError) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<DecodeError> for ApiError {
+    fn from(e: DecodeError) -> Self {
+        ApiError::new(ErrorKind::Internal, e.to_string())
+    }
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn from_timestamp(t: &prost_types::Timestamp) -> Result<DateTime<Utc>, DecodeError> {
+    Utc.timestamp_opt(t.seconds, t.nanos.max(0) as u32)
+        .single()
+        .ok_or_else(|| {
+            bad(
+                "timestamp",
+                format!("{}s {}ns is out of range", t.seconds, t.nanos),
+            )
+        })
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+// ---- errors ----
+
+fn reason_of(kind: ErrorKind) -> pb::ErrorReason {
+    match kind {
+        ErrorKind::InvalidSource => pb::ErrorReason::InvalidSource,
+        ErrorKind::Unavailable => pb::ErrorReason::DatabaseUnavailable,
+        ErrorKind::MigrationFailed => pb::ErrorReason::MigrationFailed,
+        ErrorKind::Refused => pb::ErrorReason::Refused,
+        ErrorKind::Busy => pb::ErrorReason::Busy,
+        ErrorKind::Internal => pb::ErrorReason::Internal,
+        ErrorKind::UnknownTarget => pb::ErrorReason::UnknownTarget,
+        ErrorKind::AgentUnreachable => pb::ErrorReason::AgentUnreachable,
+        ErrorKind::Unauthenticated => pb::ErrorReason::Unspecified,
+    }
+}
+
+fn kind_of(reason: pb::ErrorReason) -> Option<ErrorKind> {
+    Some(match reason {
+        pb::ErrorReason::InvalidSource => ErrorKind::InvalidSource,
+        pb::ErrorReason::DatabaseUnavailable => ErrorKind::Unavailable,
+        pb::ErrorReason::MigrationFailed => ErrorKind::MigrationFailed,
+        pb::ErrorReason::Refused => ErrorKind::Refused,
+        pb::ErrorReason::Busy => ErrorKind::Busy,
+        pb::ErrorReason::Internal => ErrorKind::Internal,
+        pb::ErrorReason::UnknownTarget => ErrorKind::UnknownTarget,
+        pb::ErrorReason::AgentUnreachable => ErrorKind::AgentUnreachable,
+        pb::ErrorReason::Unspecified => return None,
+    })
+}
+
+/// An engine failure as a gRPC status: the code for generic clients, the reason in
+/// metadata for belay's own, the human message as is.
+pub fn status_from(e: &ApiError) -> Status {
+    let code = match e.kind {
+        ErrorKind::InvalidSource => Code::InvalidArgument,
+        ErrorKind::Unavailable | ErrorKind::AgentUnreachable => Code::Unavailable,
+        ErrorKind::MigrationFailed => Code::Aborted,
+        ErrorKind::Refused => Code::FailedPrecondition,
+        ErrorKind::Busy => Code::ResourceExhausted,
+        ErrorKind::Internal => Code::Internal,
+        ErrorKind::UnknownTarget => Code::NotFound,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+    };
+    let mut status = Status::new(code, e.message.clone());
+    if let Ok(v) = reason_of(e.kind).as_str_name().parse() {
+        status.metadata_mut().insert(crate::REASON_KEY, v);
+    }
+    status
+}
+
+/// A gRPC status back into the engine's terms. A status without belay's reason came from
+/// the transport or a proxy: `unavailable` then means the peer could not be reached.
+pub fn api_error_from(status: &Status, peer: &str) -> ApiError {
+    let reason = status
+        .metadata()
+        .get(crate::REASON_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(pb::ErrorReason::from_str_name)
+        .and_then(kind_of);
+    if let Some(kind) = reason {
+        return ApiError::new(kind, status.message());
+    }
+    let (kind, message) = match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => (
+            ErrorKind::AgentUnreachable,
+            format!("cannot reach {peer}: {}", status.message()),
+        ),
+        Code::Unauthenticated | Code::PermissionDenied => (
+            ErrorKind::Unauthenticated,
+            format!("{peer} refused the call: {}", status.message()),
+        ),
+        Code::NotFound => (ErrorKind::UnknownTarget, status.message().to_string()),
+        Code::InvalidArgument => (ErrorKind::InvalidSource, status.message().to_string()),
+        Code::FailedPrecondition => (ErrorKind::Refused, status.message().to_string()),
+        Code::Aborted => (ErrorKind::MigrationFailed, status.message().to_string()),
+        Code::ResourceExhausted => (ErrorKind::Busy, status.message().to_string()),
+        _ => (ErrorKind::Internal, format!("{peer}: {}", status.message())),
+    };
+    ApiError::new(kind, message)
+}
+
+// ---- enums ----
+
+fn entry_type(t: EntryType) -> pb::MigrationType {
+    match t {
+        EntryType::Sql => pb::MigrationType::Sql,
+        EntryType::UndoSql => pb::MigrationType::UndoSql,
+        EntryType::Repeatable => pb::MigrationType::Repeatable,
+        EntryType::Baseline => pb::MigrationType::Baseline,
+    }
+}
+
+fn entry_type_from(t: i32) -> Result<EntryType, DecodeError> {
+    Ok(match pb::MigrationType::try_from(t) {
+        Ok(pb::MigrationType::Sql) => EntryType::Sql,
+        Ok(pb::MigrationType::UndoSql) => EntryType::UndoSql,
+        Ok(pb::MigrationType::Repeatable) => EntryType::Repeatable,
+        Ok(pb::MigrationType::Baseline) => EntryType::Baseline,
+        _ => return Err(bad("migration type", format!("unknown value {t}"))),
+    })
+}
+
+fn state(s: State) -> pb::MigrationState {
+    match s {
+        State::Success => pb::MigrationState::Success,
+        State::Pending => pb::MigrationState::Pending,
+        State::Failed => pb::MigrationState::Failed,
+        State::Running => pb::MigrationState::Running,
+        State::Missing => pb::MigrationState::Missing,
+        State::Future => pb::MigrationState::Future,
+        State::Undone => pb::MigrationState::Undone,
+        State::ChecksumMismatch => pb::MigrationState::ChecksumMismatch,
+        State::Baseline => pb::MigrationState::Baseline,
+    }
+}
+
+fn state_from(s: i32) -> Result<State, DecodeError> {
+    Ok(match pb::MigrationState::try_from(s) {
+        Ok(pb::MigrationState::Success) => State::Success,
+        Ok(pb::MigrationState::Pending) => State::Pending,
+        Ok(pb::MigrationState::Failed) => State::Failed,
+        Ok(pb::MigrationState::Running) => State::Running,
+        Ok(pb::MigrationState::Missing) => State::Missing,
+        Ok(pb::MigrationState::Future) => State::Future,
+        Ok(pb::MigrationState::Undone) => State::Undone,
+        Ok(pb::MigrationState::ChecksumMismatch) => State::ChecksumMismatch,
+        Ok(pb::MigrationState::Baseline) => State::Baseline,
+        _ => return Err(bad("migration state", format!("unknown value {s}"))),
+    })
+}
+
+pub fn direction(d: Direction) -> pb::Direction {
+    match d {
+        Direction::Forward => pb::Direction::Forward,
+        Direction::Undo => pb::Direction::Undo,
+        Direction::Repeatable => pb::Direction::Repeatable,
+    }
+}
+
+fn direction_from(d: i32) -> Result<Direction, DecodeError> {
+    Ok(match pb::Direction::try_from(d) {
+        Ok(pb::Direction::Forward) => Direction::Forward,
+        Ok(pb::Direction::Undo) => Direction::Undo,
+        Ok(pb::Direction::Repeatable) => Direction::Repeatable,
+        _ => return Err(bad("direction", format!("unknown value {d}"))),
+    })
+}
+
+fn no_tx_name(s: NoTransactionSource) -> &'static str {
+    match s {
+        NoTransactionSource::Directive => "directive",
+        NoTransactionSource::Sqlx => "sqlx",
+        NoTransactionSource::FlywayConf => "flyway_conf",
+        NoTransactionSource::DieselMetadata => "diesel_metadata",
+        NoTransactionSource::OwnTransactionControl => "own_transaction_control",
+    }
+}
+
+fn no_tx_from(s: &str) -> Result<Option<NoTransactionSource>, DecodeError> {
+    Ok(Some(match s {
+        "" => return Ok(None),
+        "directive" => NoTransactionSource::Directive,
+        "sqlx" => NoTransactionSource::Sqlx,
+        "flyway_conf" => NoTransactionSource::FlywayConf,
+        "diesel_metadata" => NoTransactionSource::DieselMetadata,
+        "own_transaction_control" => NoTransactionSource::OwnTransactionControl,
+        other => return Err(bad("no_transaction", format!("unknown source {other:?}"))),
+    }))
+}
+
+// ---- status ----
+
+pub fn migration_info(s: &MigrationStatus) -> pb::MigrationInfo {
+    pb::MigrationInfo {
+        version: s.version.clone().unwrap_or_default(),
+        description: s.description.clone(),
+        r#type: entry_type(s.entry_type) as i32,
+        state: state(s.state) as i32,
+        script: s.script.clone(),
+        installed_on: s.installed_on.map(timestamp),
+        execution_time_ms: s.execution_time_ms,
+        retries: s.retries,
+        lock_wait_ms: s.lock_wait_ms,
+        installed_rank: s.installed_rank,
+        error: s.error.clone(),
+        undoable: s.undoable,
+    }
+}
+
+pub fn migration_status(m: &pb::MigrationInfo) -> Result<MigrationStatus, DecodeError> {
+    Ok(MigrationStatus {
+        version: opt(&m.version),
+        description: m.description.clone(),
+        entry_type: entry_type_from(m.r#type)?,
+        script: m.script.clone(),
+        state: state_from(m.state)?,
+        installed_on: m.installed_on.as_ref().map(from_timestamp).transpose()?,
+        execution_time_ms: m.execution_time_ms,
+        retries: m.retries,
+        lock_wait_ms: m.lock_wait_ms,
+        installed_rank: m.installed_rank,
+        error: m.error.clone(),
+        undoable: m.undoable,
+    })
+}
+
+// ---- targets ----
+
+pub fn forward(t: &Target) -> pb::ForwardTarget {
+    pb::ForwardTarget {
+        to_version: t.to.clone(),
+        steps: t.steps.map(|n| n.min(u32::MAX as usize) as u32),
+    }
+}
+
+pub fn forward_from(t: Option<&pb::ForwardTarget>) -> Target {
+    Target {
+        to: t.and_then(|t| t.to_version.clone()),
+        steps: t.and_then(|t| t.steps).map(|n| n as usize),
+    }
+}
+
+pub fn undo(t: &UndoTarget) -> pb::UndoTarget {
+    use pb::undo_target::Target as T;
+    pb::UndoTarget {
+        target: Some(match t {
+            UndoTarget::Steps(n) => T::Steps(*n as u32),
+            UndoTarget::To(v) => T::ToVersion(v.clone()),
+            UndoTarget::All => T::All(true),
+        }),
+    }
+}
+
+pub fn undo_from(t: Option<&pb::UndoTarget>) -> UndoTarget {
+    use pb::undo_target::Target as T;
+    match t.and_then(|t| t.target.as_ref()) {
+        Some(T::Steps(n)) => UndoTarget::Steps(*n as usize),
+        Some(T::ToVersion(v)) => UndoTarget::To(v.clone()),
+        Some(T::All(true)) => UndoTarget::All,
+        _ => UndoTarget::Steps(1),
+    }
+}
+
+// ---- plan ----
+
+fn directives(d: &Directives) -> pb::Directives {
+    pb::Directives {
+        no_transaction: d
+            .no_transaction
+            .map(no_tx_name)
+            .unwrap_or_default()
+            .to_string(),
+        irreversible: d.irreversible,
+        lock_timeout_ms: d.lock_timeout.map(|t| t.as_millis() as u64),
+        statement_timeout_ms: d.statement_timeout.map(|t| t.as_millis() as u64),
+        tables: d.tables.clone(),
+    }
+}
+
+fn directives_from(d: Option<&pb::Directives>) -> Result<Directives, DecodeError> {
+    let Some(d) = d else {
+        return Ok(Directives::default());
+    };
+    Ok(Directives {
+        no_transaction: no_tx_from(&d.no_transaction)?,
+        irreversible: d.irreversible,
+        lock_timeout: d.lock_timeout_ms.map(Duration::from_millis),
+        statement_timeout: d.statement_timeout_ms.map(Duration::from_millis),
+        tables: d.tables.clone(),
+    })
+}
+
+pub fn plan(p: &PlanView) -> pb::PlanResponse {
+    pb::PlanResponse {
+        steps: p
+            .steps
+            .iter()
+            .map(|s| pb::PlanStep {
+                version: s.version.clone().unwrap_or_default(),
+                description: s.description.clone(),
+                script: s.script.clone(),
+                direction: direction(s.direction) as i32,
+                directives: Some(directives(&s.directives)),
+                empty: s.empty,
+            })
+            .collect(),
+        blockers: p.blockers.clone(),
+        warnings: p.warnings.clone(),
+        sql: p.sql.clone(),
+        lock_timeout_ms: p.lock_timeout_ms,
+        max_attempts: p.max_attempts,
+    }
+}
+
+pub fn plan_from(p: &pb::PlanResponse) -> Result<PlanView, DecodeError> {
+    Ok(PlanView {
+        steps: p
+            .steps
+            .iter()
+            .map(|s| {
+                Ok(PlanStepView {
+                    version: opt(&s.version),
+                    description: s.description.clone(),
+                    script: s.script.clone(),
+                    direction: direction_from(s.direction)?,
+                    directives: directives_from(s.directives.as_ref())?,
+                    empty: s.empty,
+                })
+            })
+            .collect::<Result<_, DecodeError>>()?,
+        blockers: p.blockers.clone(),
+        warnings: p.warnings.clone(),
+        sql: p.sql.clone(),
+        lock_timeout_ms: p.lock_timeout_ms,
+        max_attempts: p.max_attempts,
+    })
+}
+
+// ---- events and reports ----
+
+fn holder(h: &RunnerHolder) -> pb::RunnerHolder {
+    pb::RunnerHolder {
+        pid: h.pid,
+        since: h.since.map(timestamp),
+        application_name: h.application_name.clone(),
+        user: h.user.clone(),
+        client_addr: h.client_addr.clone(),
+    }
+}
+
+fn holder_from(h: &pb::RunnerHolder) -> Result<RunnerHolder, DecodeError> {
+    Ok(RunnerHolder {
+        pid: h.pid,
+        since: h.since.as_ref().map(from_timestamp).transpose()?,
+        application_name: h.application_name.clone(),
+        user: h.user.clone(),
+        client_addr: h.client_addr.clone(),
+    })
+}
+
+pub fn event(e: &Event, target: &str) -> pb::MigrationEvent {
+    use pb::migration_event::Event as E;
+    let v = |v: &Option<String>| v.clone().unwrap_or_default();
+    let kind = match &e.kind {
+        EventKind::RunnerWaiting { holder: h } => E::RunnerWaiting(pb::RunnerWaiting {
+            holder: h.as_ref().map(holder),
+        }),
+        EventKind::RunnerAcquired { waited_ms } => E::RunnerAcquired(pb::RunnerAcquired {
+            waited_ms: *waited_ms,
+        }),
+        EventKind::Warning { message } => E::Warning(pb::Warning {
+            message: message.clone(),
+        }),
+        EventKind::Started {
+            version,
+            script,
+            direction: d,
+            in_transaction,
+        } => E::Started(pb::MigrationStarted {
+            version: v(version),
+            script: script.clone(),
+            direction: direction(*d) as i32,
+            in_transaction: *in_transaction,
+        }),
+        EventKind::LockTimeout {
+            version,
+            script,
+            line,
+            attempt,
+            waited_ms,
+            backoff_ms,
+        } => E::LockTimeout(pb::LockTimeout {
+            version: v(version),
+            script: script.clone(),
+            line: *line as u32,
+            attempt: *attempt,
+            waited_ms: *waited_ms,
+            backoff_ms: *backoff_ms,
+        }),
+        EventKind::InvalidIndexDropped { script, index } => {
+            E::InvalidIndexDropped(pb::InvalidIndexDropped {
+                script: script.clone(),
+                index: index.clone(),
+            })
+        }
+        EventKind::Succeeded {
+            version,
+            script,
+            direction: d,
+            execution_ms,
+            retries,
+            lock_wait_ms,
+        } => E::Succeeded(pb::MigrationSucceeded {
+            version: v(version),
+            script: script.clone(),
+            direction: direction(*d) as i32,
+            execution_ms: *execution_ms,
+            retries: *retries,
+            lock_wait_ms: *lock_wait_ms,
+        }),
+        EventKind::Failed {
+            version,
+            script,
+            direction: d,
+            error,
+        } => E::Failed(pb::MigrationFailed {
+            version: v(version),
+            script: script.clone(),
+            direction: direction(*d) as i32,
+            error: error.clone(),
+        }),
+    };
+    pb::MigrationEvent {
+        deployment_id: e.deployment_id.to_string(),
+        target: Some(pb::Target {
+            name: target.to_string(),
+        }),
+        at: Some(timestamp(e.at)),
+        event: Some(kind),
+    }
+}
+
+pub fn event_from(e: &pb::MigrationEvent) -> Result<Event, DecodeError> {
+    use pb::migration_event::Event as E;
+    let kind = match e.event.as_ref().ok_or_else(|| bad("event", "empty"))? {
+        E::RunnerWaiting(w) => EventKind::RunnerWaiting {
+            holder: w.holder.as_ref().map(holder_from).transpose()?,
+        },
+        E::RunnerAcquired(a) => EventKind::RunnerAcquired {
+            waited_ms: a.waited_ms,
+        },
+        E::Warning(w) => EventKind::Warning {
+            message: w.message.clone(),
+        },
+        E::Started(s) => EventKind::Started {
+            version: opt(&s.version),
+            script: s.script.clone(),
+            direction: direction_from(s.direction)?,
+            in_transaction: s.in_transaction,
+        },
+        E::LockTimeout(l) => EventKind::LockTimeout {
+            version: opt(&l.version),
+            script: l.script.clone(),
+            line: l.line as usize,
+            attempt: l.attempt,
+            waited_ms: l.waited_ms,
+            backoff_ms: l.backoff_ms,
+        },
+        E::InvalidIndexDropped(i) => EventKind::InvalidIndexDropped {
+            script: i.script.clone(),
+            index: i.index.clone(),
+        },
+        E::Succeeded(s) => EventKind::Succeeded {
+            version: opt(&s.version),
+            script: s.script.clone(),
+            direction: direction_from(s.direction)?,
+            execution_ms: s.execution_ms,
+            retries: s.retries,
+            lock_wait_ms: s.lock_wait_ms,
+        },
+        E::Failed(f) => EventKind::Failed {
+            version: opt(&f.version),
+            script: f.script.clone(),
+            direction: direction_from(f.direction)?,
+            error: f.error.clone(),
+        },
+    };
+    Ok(Event {
+        deployment_id: parse_uuid(&e.deployment_id)?,
+        at: e
+            .at
+            .as_ref()
+            .map(from_timestamp)
+            .transpose()?
+            .unwrap_or_else(Utc::now),
+        kind,
+    })
+}
+
+pub fn parse_uuid(s: &str) -> Result<Uuid, DecodeError> {
+    Uuid::parse_str(s).map_err(|e| bad("deployment id", format!("{s:?}: {e}")))
+}
+
+pub fn report(r: &RunReport) -> pb::RunReport {
+    pb::RunReport {
+        deployment_id: r.deployment_id.to_string(),
+        results: r
+            .results
+            .iter()
+            .map(|s| pb::StepResult {
+                version: s.version.clone().unwrap_or_default(),
+                script: s.script.clone(),
+                direction: direction(s.direction) as i32,
+                execution_ms: s.execution_ms,
+                retries: s.retries,
+                lock_wait_ms: s.lock_wait_ms,
+            })
+            .collect(),
+        other_runner: r.other_runner.as_ref().map(holder),
+    }
+}
+
+pub fn report_from(r: &pb::RunReport) -> Result<RunReport, DecodeError> {
+    Ok(RunReport {
+        deployment_id: parse_uuid(&r.deployment_id)?,
+        results: r
+            .results
+            .iter()
+            .map(|s| {
+                Ok(StepResult {
+                    version: opt(&s.version),
+                    script: s.script.clone(),
+                    direction: direction_from(s.direction)?,
+                    execution_ms: s.execution_ms,
+                    retries: s.retries,
+                    lock_wait_ms: s.lock_wait_ms,
+                })
+            })
+            .collect::<Result<_, DecodeError>>()?,
+        other_runner: r.other_runner.as_ref().map(holder_from).transpose()?,
+    })
+}
+
+pub fn repair_actions(a: &[RepairAction]) -> pb::RepairResponse {
+    pb::RepairResponse {
+        actions: a
+            .iter()
+            .map(|a| pb::RepairAction {
+                version: a.version.clone().unwrap_or_default(),
+                script: a.script.clone(),
+                action: a.action.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub fn repair_actions_from(r: &pb::RepairResponse) -> Vec<RepairAction> {
+    r.actions
+        .iter()
+        .map(|a| RepairAction {
+            version: opt(&a.version),
+            script: a.script.clone(),
+            action: a.action.clone(),
+        })
+        .collect()
+}
+
+pub fn validation(v: &Validation) -> pb::ValidateResponse {
+    pb::ValidateResponse {
+        problems: v.problems.clone(),
+        checked: v.checked as u32,
+    }
+}
+
+pub fn validation_from(v: &pb::ValidateResponse) -> Validation {
+    Validation {
+        problems: v.problems.clone(),
+        checked: v.checked as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_round_trip() {
+        let s = MigrationStatus {
+            version: Some("1.1".into()),
+            description: "d".into(),
+            entry_type: EntryType::UndoSql,
+            script: "U1.1__d.sql".into(),
+            state: State::ChecksumMismatch,
+            installed_on: Some(Utc.timestamp_opt(1_700_000_000, 123_000).unwrap()),
+            execution_time_ms: Some(5),
+            retries: Some(2),
+            lock_wait_ms: Some(300),
+            installed_rank: Some(7),
+            error: None,
+            undoable: true,
+        };
+        let back = migration_status(&migration_info(&s)).unwrap();
+        assert_eq!(serde_json_like(&back), serde_json_like(&s));
+    }
+
+    fn serde_json_like(s: &MigrationStatus) -> String {
+        format!("{s:?}")
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let id = Uuid::new_v4();
+        let kinds = vec![
+            EventKind::LockTimeout {
+                version: Some("2".into()),
+                script: "V2__x.sql".into(),
+                line: 3,
+                attempt: 1,
+                waited_ms: 100,
+                backoff_ms: 70,
+            },
+            EventKind::Failed {
+                version: None,
+                script: "R__v.sql".into(),
+                direction: Direction::Repeatable,
+                error: "R__v.sql:1: boom".into(),
+            },
+        ];
+        for kind in kinds {
+            let e = Event {
+                deployment_id: id,
+                at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
+                kind,
+            };
+            let pbe = event(&e, "tenant_a");
+            assert_eq!(pbe.target.as_ref().unwrap().name, "tenant_a");
+            let back = event_from(&pbe).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{e:?}"));
+        }
+    }
+
+    #[test]
+    fn errors_keep_their_class_across_the_wire() {
+        for kind in [
+            ErrorKind::InvalidSource,
+            ErrorKind::Unavailable,
+            ErrorKind::MigrationFailed,
+            ErrorKind::Refused,
+            ErrorKind::Busy,
+            ErrorKind::Internal,
+            ErrorKind::UnknownTarget,
+            ErrorKind::AgentUnreachable,
+        ] {
+            let e = ApiError::new(kind, "V1__x.sql:3: boom");
+            let back = api_error_from(&status_from(&e), "agent-1");
+            assert_eq!(back.kind, kind);
+            assert_eq!(back.message, e.message);
+        }
+        let transport = api_error_from(
+            &Status::unavailable("connection refused"),
+            "agent-1 at 127.0.0.1:1",
+        );
+        assert_eq!(transport.kind, ErrorKind::AgentUnreachable);
+        assert!(transport.message.contains("agent-1 at 127.0.0.1:1"));
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_not_panics() {
+        let mut m = migration_info(&MigrationStatus {
+            version: None,
+            description: String::new(),
+            entry_type: EntryType::Sql,
+            script: String::new(),
+            state: State::Pending,
+            installed_on: None,
+            execution_time_ms: None,
+            retries: None,
+            lock_wait_ms: None,
+            installed_rank: None,
+            error: None,
+            undoable: false,
+        });
+        m.state = 99;
+        assert!(migration_status(&m).is_err());
+        assert!(parse_uuid("not-a-uuid").is_err());
+        assert!(event_from(&pb::MigrationEvent::default()).is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! Serves any `MigrationApi` as `belay.v1.MigrationService`.
+
+use crate::convert;
+use belay_migrate::{EventSink, MigrationApi};
+use belay_proto::v1 as pb;
+use pb::migration_service_server::{MigrationService, MigrationServiceServer};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info_span};
+use uuid::Uuid;
+
+/// The gRPC face of a migration capability: the agent serves its local targets through
+/// it, the controller its router to agents.
+#[derive(Clone)]
+pub struct MigrationGrpc {
+    api: Arc<dyn MigrationApi>,
+}
+
+impl std::fmt::Debug for MigrationGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationGrpc").finish_non_exhaustive()
+    }
+}
+
+impl MigrationGrpc {
+    pub fn new(api: Arc<dyn MigrationApi>) -> Self {
+        MigrationGrpc { api }
+    }
+
+    pub fn into_service(self) -> MigrationServiceServer<Self> {
+        MigrationServiceServer::new(self)
+    }
+}
+
+fn target_name(t: Option<&pb::Target>) -> Result<String, Status> {
+    t.map(|t| t.name.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| Status::invalid_argument("the request names no target: pass --target NAME"))
+}
+
+fn deployment_id(s: &str) -> Result<Option<Uuid>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    convert::parse_uuid(s).map(Some).map_err(Status::from)
+}
+
+type RunStream = UnboundedReceiverStream<Result<pb::RunMessage, Status>>;
+
+/// Runs `work` in its own task, forwarding events and the final report into a stream.
+/// The task is not tied to the caller: a client that disconnects mid-run does not
+/// abandon a migration half-way; it finishes and is recorded as usual.
+fn run_stream<F, Fut>(target: String, work: F) -> RunStream
+where
+    F: FnOnce(EventSink) -> Fut,
+    Fut: std::future::Future<Output = Result<belay_migrate::RunReport, belay_migrate::ApiError>>
+        + Send
+        + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let events = tx.clone();
+    let event_target = target.clone();
+    let sink: EventSink = Arc::new(move |e| {
+        let msg = pb::RunMessage {
+            message: Some(pb::run_message::Message::Event(convert::event(
+                e,
+                &event_target,
+            ))),
+        };
+        let _ = events.send(Ok(msg));
+    });
+    let fut = work(sink);
+    tokio::spawn(
+        async move {
+            let msg = match fut.await {
+                Ok(report) => Ok(pb::RunMessage {
+                    message: Some(pb::run_message::Message::Report(convert::report(&report))),
+                }),
+                Err(e) => Err(convert::status_from(&e)),
+            };
+            let _ = tx.send(msg);
+        }
+        .instrument(info_span!("migration_run", target = %target)),
+    );
+    UnboundedReceiverStream::new(rx)
+}
+
+#[tonic::async_trait]
+impl MigrationService for MigrationGrpc {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let target = target_name(req.get_ref().target.as_ref())?;
+        let statuses = self
+            .api
+            .status(&target)
+            .await
+            .map_err(|e| convert::status_from(&e))?;
+        Ok(Response::new(pb::StatusResponse {
+            migrations: statuses.iter().map(convert::migration_info).collect(),
+        }))
+    }
+
+    async fn plan(
+        &self,
+        req: Request<pb::PlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        let r = req.get_ref();
+        let target = target_name(r.target.as_ref())?;
+        let forward = convert::forward_from(r.forward.as_ref());
+        let plan = self
+            .api
+            .plan(&target, &forward, r.sql)
+            .await
+            .map_err(|e| convert::status_from(&e))?;
+        Ok(Response::new(convert::plan(&plan)))
+    }
+
+    type ApplyStream = RunStream;
+
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+    ) -> Result<Response<Self::ApplyStream>, Status> {
+        let r = req.into_inner();
+        let target = target_name(r.target.as_ref())?;
+        let id = deployment_id(&r.deployment_id)?;
+        let forward = convert::forward_from(r.forward.as_ref());
+        let api = self.api.clone();
+        let t = target.clone();
+        Ok(Response::new(run_stream(target, move |sink| async move {
+            api.apply(&t, &forward, id, sink).await
+        })))
+    }
+
+    type UndoStream = RunStream;
+
+    async fn undo(
+        &self,
+        req: Request<pb::UndoRequest>,
+    ) -> Result<Response<Self::UndoStream>, Status> {
+        let r = req.into_inner();
+        let target = target_name(r.target.as_ref())?;
+        let id = deployment_id(&r.deployment_id)?;
+        let undo = convert::undo_from(r.undo.as_ref());
+        let api = self.api.clone();
+        let t = target.clone();
+        Ok(Response::new(run_stream(target, move |sink| async move {
+            api.undo(&t, &undo, id, sink).await
+        })))
+    }
+
+    async fn validate(
+        &self,
+        req: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        let target = target_name(req.get_ref().target.as_ref())?;
+        let v = self
+            .api
+            .validate(&target)
+            .await
+            .map_err(|e| convert::status_from(&e))?;
+        Ok(Response::new(convert::validation(&v)))
+    }
+
+    async fn repair(
+        &self,
+        req: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
+        let target = target_name(req.get_ref().target.as_ref())?;
+        let actions = self
+            .api
+            .repair(&target)
+            .await
+            .map_err(|e| convert::status_from(&e))?;
+        Ok(Response::new(convert::repair_actions(&actions)))
+    }
+
+    async fn baseline(
+        &self,
+        req: Request<pb::BaselineRequest>,
+    ) -> Result<Response<pb::BaselineResponse>, Status> {
+        let r = req.get_ref();
+        let target = target_name(r.target.as_ref())?;
+        self.api
+            .baseline(&target, &r.version, &r.description)
+            .await
+            .map_err(|e| convert::status_from(&e))?;
+        Ok(Response::new(pb::BaselineResponse {}))
+    }
+}
