@@ -9,8 +9,14 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod config;
+mod register;
+
+use belay_migrate::LocalTargets;
+use belay_proto::v1 as pb;
 use belay_telemetry::LogFormat;
 use clap::Parser as _;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tonic::transport::Server;
@@ -60,6 +66,10 @@ struct Args {
     /// bound address is printed to stdout as `listening on ADDR`).
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN, env = LISTEN_ENV, value_parser = parse_listen)]
     listen: SocketAddr,
+
+    /// Agent configuration: its name, controller, and the targets it owns
+    #[arg(long, value_name = "PATH", env = "BELAY_AGENT_CONFIG")]
+    config: Option<std::path::PathBuf>,
 
     /// Log format on stderr.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, env = belay_telemetry::LOG_FORMAT_ENV)]
@@ -115,6 +125,36 @@ async fn serve(args: Args) -> ExitCode {
         }
     };
 
+    let (agent_config, targets) = match &args.config {
+        Some(path) => match config::load(path) {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                eprintln!("{BIN}: error: {err:#}");
+                return ExitCode::from(exit::USAGE);
+            }
+        },
+        None => (
+            config::AgentConfig {
+                name: None,
+                controller: None,
+                advertise: None,
+                token_file: None,
+                targets: Vec::new(),
+            },
+            Vec::new(),
+        ),
+    };
+    let registration_targets: Vec<pb::TargetInfo> = targets
+        .iter()
+        .map(|t| pb::TargetInfo {
+            name: t.spec.name.clone(),
+            environment: t.environment.clone().unwrap_or_default(),
+            labels: t.labels.clone().into_iter().collect(),
+        })
+        .collect();
+    let local = LocalTargets::new(targets.into_iter().map(|t| t.spec));
+    let migration_service = belay_rpc::MigrationGrpc::new(Arc::new(local));
+
     let listener = match TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -140,8 +180,39 @@ async fn serve(args: Args) -> ExitCode {
     set_health(&reporter, ServingStatus::Serving).await;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(controller) = &agent_config.controller {
+        let name = agent_config.name.clone().unwrap_or_else(default_name);
+        let advertise = agent_config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local_addr.to_string());
+        match belay_rpc::Connection::new(
+            controller,
+            None,
+            None,
+            format!("controller at {controller}"),
+        ) {
+            Ok(conn) => {
+                tokio::spawn(register::run(
+                    conn,
+                    pb::RegisterAgentRequest {
+                        name,
+                        address: advertise,
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                        targets: registration_targets,
+                    },
+                ));
+            }
+            Err(err) => {
+                eprintln!("{BIN}: error: {err}");
+                return ExitCode::from(exit::USAGE);
+            }
+        }
+    }
+
     let server = Server::builder()
         .add_service(health_service)
+        .add_service(migration_service.clone().into_service())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
             // A dropped sender also means "stop".
             let _ = stop_rx.await;
@@ -190,6 +261,15 @@ async fn serve(args: Args) -> ExitCode {
     };
     tracing::info!("stopped");
     code
+}
+
+/// The host name, the natural name of the agent beside a database.
+fn default_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "belay-agent".to_string())
 }
 
 /// Prints the one stdout line tests and supervisors read to learn the port.

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use belay_proto::v1 as pb;
 use belay_telemetry::LogFormat;
 use clap::Parser as _;
 use tokio::net::TcpListener;
@@ -66,9 +67,37 @@ struct Args {
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN, env = LISTEN_ENV, value_parser = parse_listen)]
     listen: SocketAddr,
 
+    /// The controller's store: a SQLite file path (created if missing) or a
+    /// postgres:// URL (prefer BELAY_CONTROLLER_STORE to keep passwords off argv)
+    #[arg(
+        long,
+        value_name = "PATH_OR_URL",
+        env = "BELAY_CONTROLLER_STORE",
+        default_value = "belay-controller.db",
+        hide_env_values = true
+    )]
+    store: String,
+
+    /// Environments in promotion order, e.g. staging,production: a version must
+    /// succeed in one before it may be deployed to the next
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    environments: Vec<String>,
+
+    /// How often agents heartbeat; three missed heartbeats make an agent unreachable
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+    heartbeat_interval: Duration,
+
     /// Log format on stderr.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, env = belay_telemetry::LOG_FORMAT_ENV)]
     log_format: LogFormat,
+}
+
+fn parse_interval(value: &str) -> Result<Duration, String> {
+    match belay_core::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be greater than zero".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_listen(value: &str) -> Result<SocketAddr, String> {
@@ -141,12 +170,43 @@ async fn serve(args: Args) -> ExitCode {
         }
     };
 
+    let store = match belay_store::Store::open(&args.store).await {
+        Ok(store) => store,
+        Err(err) => {
+            eprintln!("{BIN}: error: {err}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let fleet = match belay_fleet::Fleet::new(
+        store,
+        belay_fleet::FleetConfig {
+            heartbeat_interval: args.heartbeat_interval,
+            environments: args.environments.clone(),
+            agent_token: None,
+        },
+    )
+    .await
+    {
+        Ok(fleet) => fleet,
+        Err(err) => {
+            eprintln!("{BIN}: error: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
         .add_service(health_service)
+        .add_service(pb::controller_service_server::ControllerServiceServer::new(
+            belay_fleet::grpc::ControllerGrpc(fleet.clone()),
+        ))
+        .add_service(pb::history_service_server::HistoryServiceServer::new(
+            belay_fleet::grpc::HistoryGrpc(fleet.clone()),
+        ))
+        .add_service(belay_rpc::MigrationGrpc::new(std::sync::Arc::new(fleet)).into_service())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
             // A dropped sender also means "stop".
             let _ = stop_rx.await;

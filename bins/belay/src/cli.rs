@@ -19,11 +19,14 @@ Exit codes:
   3   another belay runner holds this database's migration lock past --runner-wait
   64  bad usage or configuration (flags, belay.toml, URL)
   65  invalid migration files (names, duplicates, directives, layouts); nothing applied
-  69  the database is unreachable
+  69  the database, the controller or the target's agent is unreachable
+  77  the controller refused the credentials
   70  unexpected database or internal error
 
 Environment:
   BELAY_DATABASE_URL / DATABASE_URL   target database
+  BELAY_CONTROLLER, BELAY_TARGET      remote mode: controller address and target name
+  BELAY_TOKEN                         remote mode: bearer token (or --token-file)
   BELAY_LOG                           log filter for diagnostics on stderr (e.g. debug)";
 
 /// belay: safe PostgreSQL schema migrations.
@@ -60,6 +63,18 @@ pub struct Cli {
     /// Output format
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+
+    /// Remote mode: run against the controller at ADDR (host:port) instead of a local URL
+    #[arg(long, global = true, value_name = "ADDR", env = "BELAY_CONTROLLER")]
+    pub controller: Option<String>,
+
+    /// Remote mode: the target (database) to act on, by its registered name
+    #[arg(long, global = true, value_name = "NAME", env = "BELAY_TARGET")]
+    pub target: Option<String>,
+
+    /// Remote mode: file holding the bearer token for the controller (or BELAY_TOKEN)
+    #[arg(long, global = true, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 
     /// Schema of the history table in the target database [default: belay]
     #[arg(long, global = true, value_name = "SCHEMA")]
@@ -117,6 +132,41 @@ pub enum Command {
         #[command(flatten)]
         exec: ExecArgs,
     },
+    /// Remote mode: migrate many targets in waves (canary first), halting on the first
+    /// failing wave
+    Deploy {
+        /// Target names or glob patterns, comma-separated (e.g. 'tenant_*')
+        #[arg(long, value_name = "LIST", value_delimiter = ',', required = true)]
+        targets: Vec<String>,
+        /// Migrate up to this version [default: latest]
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
+        /// Targets in the first wave
+        #[arg(long, default_value_t = 1)]
+        canary: u32,
+        /// Size of each later wave: a percentage (25%) or a count (10)
+        #[arg(long, default_value = "25%")]
+        batch: String,
+        /// Targets migrated at once within a wave
+        #[arg(long, default_value_t = 4)]
+        parallel: u32,
+        /// Environment of the targets, for the promotion gate
+        #[arg(long, value_name = "NAME")]
+        environment: Option<String>,
+        /// Deploy even though the version has not succeeded in the previous environment
+        #[arg(long, requires = "reason")]
+        skip_promotion: bool,
+        /// Why the promotion gate is skipped (recorded in the deployment)
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remote mode: deployments recorded by the controller
+    Deployments {
+        #[command(subcommand)]
+        command: Option<DeploymentsCommand>,
+    },
+    /// Remote mode: agents registered with the controller and their targets
+    Agents,
     /// Adopt an existing database: record that everything up to VERSION is already there
     Baseline {
         #[arg(long, value_name = "VERSION")]
@@ -126,6 +176,19 @@ pub enum Command {
         #[command(flatten)]
         exec: ExecArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeploymentsCommand {
+    /// The newest deployments
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One deployment: state and per-target outcome
+    Show { id: String },
+    /// Follow a deployment's events until it finishes
+    Watch { id: String },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -3,6 +3,7 @@
 //! against `--url`.
 
 mod cli;
+mod remote;
 mod render;
 mod settings;
 
@@ -15,7 +16,7 @@ use cli::{Cli, Command, Output};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-mod exit {
+pub(crate) mod exit {
     pub const FAILED: u8 = 1;
     pub const REFUSED: u8 = 2;
     pub const BUSY: u8 = 3;
@@ -27,9 +28,9 @@ mod exit {
 }
 
 /// An error and the exit code it deserves.
-struct Failure {
-    code: u8,
-    message: String,
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) message: String,
 }
 
 impl From<ApiError> for Failure {
@@ -121,6 +122,24 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         | Command::Baseline { exec, .. } => Some(exec),
         _ => None,
     };
+    if let Some(addr) = cli.controller.clone() {
+        let token = read_token(cli.token_file.as_deref())?;
+        let conn = belay_rpc::Connection::new(
+            &addr,
+            None,
+            token.as_deref(),
+            format!("controller at {addr}"),
+        )?;
+        if let Some(result) = remote::fleet_command(&conn, &cli.command, cli.output).await {
+            return result;
+        }
+        let target = remote::remote_target(cli.target.as_deref())?.to_string();
+        let api = belay_rpc::MigrationClient::new(&conn);
+        return execute(&api, &target, cli.command, cli.output).await;
+    }
+    if let Some(f) = remote::needs_controller(&cli.command) {
+        return Err(f);
+    }
     let settings = settings::resolve(&cli, url_from_argv, exec_args).map_err(usage)?;
     if settings.url_from_argv_with_password {
         eprintln!(
@@ -141,6 +160,22 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         exec: settings.exec.clone(),
     }]);
     execute(&api, LOCAL_TARGET, cli.command, cli.output).await
+}
+
+/// The bearer token for the controller: `--token-file`, else `BELAY_TOKEN`.
+fn read_token(file: Option<&std::path::Path>) -> Result<Option<String>, Failure> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(anyhow!("cannot read --token-file {}: {e}", path.display())))?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(usage(anyhow!("--token-file {} is empty", path.display())));
+        }
+        return Ok(Some(token));
+    }
+    Ok(std::env::var("BELAY_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty()))
 }
 
 /// The name of the one target of local mode.
@@ -207,6 +242,12 @@ async fn execute(
             let actions = api.repair(target_name).await?;
             render::repair(out, &actions);
             Ok(0)
+        }
+        Command::Deploy { .. } | Command::Deployments { .. } | Command::Agents => {
+            Err(remote::needs_controller(&command).unwrap_or(Failure {
+                code: exit::USAGE,
+                message: "needs --controller".into(),
+            }))
         }
         Command::Baseline {
             version,

@@ -3,8 +3,7 @@
 
 use crate::cli::Output;
 use belay_migrate::{
-    ApiError, Direction, Event, EventKind, EventSink, MigrationStatus, PlanView, RepairAction,
-    RunReport,
+    ApiError, Event, EventSink, MigrationStatus, PlanView, RepairAction, RunReport,
 };
 use std::sync::{Arc, Mutex};
 
@@ -17,62 +16,9 @@ pub fn sink(output: Output, store: Arc<Mutex<Vec<Event>>>) -> EventSink {
             }
             return;
         }
-        if let Some(line) = event_line(e) {
+        if let Some(line) = e.kind.describe() {
             println!("{line}");
         }
-    })
-}
-
-fn verb(d: Direction) -> &'static str {
-    match d {
-        Direction::Forward => "applied",
-        Direction::Undo => "undone",
-        Direction::Repeatable => "applied (repeatable)",
-    }
-}
-
-fn event_line(e: &Event) -> Option<String> {
-    Some(match &e.kind {
-        EventKind::RunnerWaiting { holder } => match holder {
-            Some(h) => format!("waiting: another belay runner holds the migration lock ({h})"),
-            None => "waiting for the migration lock".to_string(),
-        },
-        EventKind::RunnerAcquired { waited_ms } => {
-            format!("acquired the migration lock after {waited_ms} ms")
-        }
-        EventKind::Warning { message } => format!("warning: {message}"),
-        EventKind::Started { .. } => return None,
-        EventKind::LockTimeout {
-            script,
-            line,
-            attempt,
-            backoff_ms,
-            ..
-        } => format!(
-            "  {script}:{line}: lock not granted within lock_timeout (attempt {attempt}); application queries were released; retrying in {backoff_ms} ms"
-        ),
-        EventKind::InvalidIndexDropped { script, index } => {
-            format!(
-                "  {script}: dropped INVALID index {index} left by the failed CONCURRENTLY build"
-            )
-        }
-        EventKind::Succeeded {
-            script,
-            direction,
-            execution_ms,
-            retries,
-            lock_wait_ms,
-            ..
-        } => {
-            let mut s = format!("{} {script} in {execution_ms} ms", verb(*direction));
-            if *retries > 0 {
-                s.push_str(&format!(
-                    " after {retries} retries ({lock_wait_ms} ms waiting for locks)"
-                ));
-            }
-            s
-        }
-        EventKind::Failed { script, .. } => format!("FAILED {script}"),
     })
 }
 

@@ -99,6 +99,63 @@ impl std::fmt::Display for RunnerHolder {
     }
 }
 
+fn verb(d: Direction) -> &'static str {
+    match d {
+        Direction::Forward => "applied",
+        Direction::Undo => "undone",
+        Direction::Repeatable => "applied (repeatable)",
+    }
+}
+
+impl EventKind {
+    /// One human line for this event, as the CLI prints it and the controller records
+    /// it; `None` for events that only matter to machines.
+    pub fn describe(&self) -> Option<String> {
+        Some(match self {
+            EventKind::RunnerWaiting { holder } => match holder {
+                Some(h) => format!("waiting: another belay runner holds the migration lock ({h})"),
+                None => "waiting for the migration lock".to_string(),
+            },
+            EventKind::RunnerAcquired { waited_ms } => {
+                format!("acquired the migration lock after {waited_ms} ms")
+            }
+            EventKind::Warning { message } => format!("warning: {message}"),
+            EventKind::Started { .. } => return None,
+            EventKind::LockTimeout {
+                script,
+                line,
+                attempt,
+                backoff_ms,
+                ..
+            } => format!(
+                "  {script}:{line}: lock not granted within lock_timeout (attempt {attempt}); application queries were released; retrying in {backoff_ms} ms"
+            ),
+            EventKind::InvalidIndexDropped { script, index } => {
+                format!(
+                    "  {script}: dropped INVALID index {index} left by the failed CONCURRENTLY build"
+                )
+            }
+            EventKind::Succeeded {
+                script,
+                direction,
+                execution_ms,
+                retries,
+                lock_wait_ms,
+                ..
+            } => {
+                let mut s = format!("{} {script} in {execution_ms} ms", verb(*direction));
+                if *retries > 0 {
+                    s.push_str(&format!(
+                        " after {retries} retries ({lock_wait_ms} ms waiting for locks)"
+                    ));
+                }
+                s
+            }
+            EventKind::Failed { script, .. } => format!("FAILED {script}"),
+        })
+    }
+}
+
 /// Where events go. Cheap to clone; called synchronously from the executor, so a sink
 /// must not block (forward to a channel when the consumer is slow).
 pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;

@@ -1,0 +1,165 @@
+//! `agent.toml`: the agent's name, its controller, and the targets it owns.
+
+use anyhow::{Context, Result, anyhow, bail};
+use belay_core::{DatabaseUrl, parse_duration};
+use belay_migrate::{ExecConfig, TargetSpec};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Defaults to the host name.
+    pub name: Option<String>,
+    /// Controller address (host:port); without one the agent serves standalone.
+    pub controller: Option<String>,
+    /// Address the controller uses to reach this agent; defaults to the bound address.
+    pub advertise: Option<String>,
+    /// Bearer token presented to the controller and required from callers.
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    /// Name of an environment variable holding the URL (preferred: no secret in files).
+    pub url_env: Option<String>,
+    /// File whose first line is the URL (e.g. a mounted secret).
+    pub url_file: Option<PathBuf>,
+    /// The URL itself; keep passwords out of it (use a .pgpass or url_env).
+    pub url: Option<String>,
+    /// Migrations directory, relative to this file.
+    pub migrations: PathBuf,
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub lock_timeout: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub max_lock_wait: Option<String>,
+    pub history_schema: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct LoadedTarget {
+    pub spec: TargetSpec,
+    pub environment: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read agent config {}", path.display()))?;
+    let config: AgentConfig =
+        toml::from_str(&text).map_err(|e| anyhow!("agent config {}: {e}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut targets = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for t in &config.targets {
+        if !seen.insert(t.name.clone()) {
+            bail!(
+                "agent config {}: target {:?} is listed twice",
+                path.display(),
+                t.name
+            );
+        }
+        targets
+            .push(load_target(base, t).with_context(|| {
+                format!("agent config {}: target {:?}", path.display(), t.name)
+            })?);
+    }
+    Ok((config, targets))
+}
+
+fn load_target(base: &Path, t: &TargetConfig) -> Result<LoadedTarget> {
+    let raw = match (&t.url_env, &t.url_file, &t.url) {
+        (Some(var), None, None) => std::env::var(var)
+            .map_err(|_| anyhow!("environment variable {var} (url_env) is not set"))?,
+        (None, Some(file), None) => {
+            let file = base.join(file);
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read url_file {}", file.display()))?;
+            text.lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .ok_or_else(|| anyhow!("url_file {} is empty", file.display()))?
+                .to_string()
+        }
+        (None, None, Some(url)) => url.clone(),
+        _ => bail!("give exactly one of url_env, url_file or url"),
+    };
+    let url = DatabaseUrl::parse(&raw).map_err(|e| anyhow!("{e}"))?;
+    let mut exec = ExecConfig::default();
+    if let Some(v) = &t.lock_timeout {
+        exec.lock_timeout = parse_duration(v)?;
+    }
+    if let Some(v) = t.max_attempts {
+        exec.max_attempts = v;
+    }
+    if let Some(v) = &t.max_lock_wait {
+        exec.max_lock_wait = parse_duration(v)?;
+    }
+    if let Some(v) = &t.history_schema {
+        exec.history_schema = v.clone();
+    }
+    Ok(LoadedTarget {
+        spec: TargetSpec {
+            name: t.name.clone(),
+            url,
+            dir: base.join(&t.migrations),
+            exec,
+        },
+        environment: t.environment.clone(),
+        labels: t.labels.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_targets_and_rejects_mistakes() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |body: &str| {
+            let p = dir.path().join("agent.toml");
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        std::fs::write(dir.path().join("db.url"), "postgres://app:pw@db/shop\n").unwrap();
+        let p = write(
+            "name = \"a1\"\n[[targets]]\nname = \"shop\"\nurl_file = \"db.url\"\nmigrations = \"m\"\nenvironment = \"staging\"\nlabels = { region = \"eu\" }\nlock_timeout = \"200ms\"\n",
+        );
+        let (cfg, targets) = load(&p).unwrap();
+        assert_eq!(cfg.name.as_deref(), Some("a1"));
+        assert_eq!(targets[0].spec.dir, dir.path().join("m"));
+        assert_eq!(targets[0].spec.exec.lock_timeout.as_millis(), 200);
+        assert!(!format!("{:?}", targets[0].spec).contains("pw"));
+
+        for (body, want) in [
+            ("bogus = 1\n", "unknown field"),
+            (
+                "[[targets]]\nname = \"x\"\nmigrations = \"m\"\n",
+                "exactly one of url_env",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl_env = \"BELAY_TEST_NOPE_UNSET\"\nmigrations = \"m\"\n",
+                "BELAY_TEST_NOPE_UNSET",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"mysql://a:secret@b/c\"\nmigrations = \"m\"\n",
+                "unsupported database URL scheme",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n",
+                "listed twice",
+            ),
+        ] {
+            let err = format!("{:#}", load(&write(body)).unwrap_err());
+            assert!(err.contains(want), "{body}: {err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+    }
+}

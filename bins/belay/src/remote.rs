@@ -1,0 +1,266 @@
+//! Remote mode: the same commands against a controller, plus the fleet commands.
+
+use crate::cli::{Command, DeploymentsCommand, Output};
+use crate::{Failure, exit};
+use belay_migrate::{ApiError, ErrorKind};
+use belay_proto::v1 as pb;
+use belay_rpc::Connection;
+use belay_rpc::convert::api_error_from;
+use pb::controller_service_client::ControllerServiceClient;
+use pb::history_service_client::HistoryServiceClient;
+use serde_json::json;
+
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| belay_rpc::convert::from_timestamp(t).ok())
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+fn err(conn: &Connection) -> impl Fn(tonic::Status) -> Failure + '_ {
+    move |s| Failure::from(api_error_from(&s, &conn.peer))
+}
+
+fn deployment_json(d: &pb::Deployment) -> serde_json::Value {
+    json!({
+        "id": d.id,
+        "state": d.state,
+        "to_version": d.to_version,
+        "environment": d.environment,
+        "created_at": ts(&d.created_at),
+        "finished_at": d.finished_at.as_ref().map(|_| ts(&d.finished_at)),
+        "skip_promotion_reason": d.skip_promotion_reason,
+        "targets": d.targets.iter().map(|t| json!({
+            "target": t.target, "state": t.state, "message": t.message, "updated_at": ts(&t.updated_at),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn event_json(e: &pb::DeploymentEvent) -> serde_json::Value {
+    json!({
+        "seq": e.seq, "at": ts(&e.at), "target": e.target, "kind": e.kind, "message": e.message,
+    })
+}
+
+fn print_deployment(d: &pb::Deployment) {
+    println!("deployment {}: {}", d.id, d.state);
+    if let Some(v) = &d.to_version {
+        println!("  to version {v}");
+    }
+    if let Some(r) = &d.skip_promotion_reason {
+        println!("  promotion gate skipped: {r}");
+    }
+    for t in &d.targets {
+        println!("  {:<24} {:<10} {}", t.target, t.state, t.message);
+    }
+}
+
+/// Follows a deployment's event stream, then prints its final state; exit 1 unless it
+/// succeeded.
+async fn follow(
+    conn: &Connection,
+    mut stream: tonic::Streaming<pb::DeploymentEvent>,
+    out: Output,
+) -> Result<u8, Failure> {
+    let mut id = String::new();
+    let mut events = Vec::new();
+    while let Some(e) = stream.message().await.map_err(err(conn))? {
+        id.clone_from(&e.deployment_id);
+        if out == Output::Text && !e.message.is_empty() {
+            match &e.target {
+                Some(t) => println!("[{}] {t}: {}", e.seq, e.message),
+                None => println!("[{}] {}", e.seq, e.message),
+            }
+        }
+        events.push(event_json(&e));
+    }
+    let d = HistoryServiceClient::new(conn.intercepted())
+        .get_deployment(pb::GetDeploymentRequest { id })
+        .await
+        .map_err(err(conn))?
+        .into_inner();
+    match out {
+        Output::Text => print_deployment(&d),
+        Output::Json => {
+            let mut doc = deployment_json(&d);
+            doc["events"] = json!(events);
+            println!("{doc}");
+        }
+    }
+    Ok(if d.state == "succeeded" {
+        0
+    } else {
+        exit::FAILED
+    })
+}
+
+/// The fleet commands; `None` when `command` is a per-target command.
+pub async fn fleet_command(
+    conn: &Connection,
+    command: &Command,
+    out: Output,
+) -> Option<Result<u8, Failure>> {
+    Some(match command {
+        Command::Deploy {
+            targets,
+            to,
+            canary,
+            batch,
+            parallel,
+            environment,
+            skip_promotion,
+            reason,
+        } => {
+            let req = pb::DeployRequest {
+                targets: targets.clone(),
+                to_version: to.clone(),
+                canary: *canary,
+                batch: batch.clone(),
+                parallel: *parallel,
+                environment: environment.clone(),
+                skip_promotion_reason: if *skip_promotion {
+                    reason.clone()
+                } else {
+                    None
+                },
+                requested_by: std::env::var("USER").ok(),
+            };
+            match ControllerServiceClient::new(conn.intercepted())
+                .deploy(req)
+                .await
+            {
+                Ok(stream) => follow(conn, stream.into_inner(), out).await,
+                Err(s) => Err(err(conn)(s)),
+            }
+        }
+        Command::Deployments { command } => {
+            let mut client = HistoryServiceClient::new(conn.intercepted());
+            match command
+                .as_ref()
+                .unwrap_or(&DeploymentsCommand::List { limit: 20 })
+            {
+                DeploymentsCommand::List { limit } => {
+                    match client
+                        .list_deployments(pb::ListDeploymentsRequest { limit: *limit })
+                        .await
+                    {
+                        Ok(r) => {
+                            let ds = r.into_inner().deployments;
+                            match out {
+                                Output::Json => println!(
+                                    "{}",
+                                    json!(ds.iter().map(deployment_json).collect::<Vec<_>>())
+                                ),
+                                Output::Text if ds.is_empty() => println!("no deployments yet"),
+                                Output::Text => {
+                                    for d in &ds {
+                                        let ok = d
+                                            .targets
+                                            .iter()
+                                            .filter(|t| t.state == "succeeded")
+                                            .count();
+                                        println!(
+                                            "{}  {:<11} {}  {}/{} targets  to {}",
+                                            d.id,
+                                            d.state,
+                                            ts(&d.created_at),
+                                            ok,
+                                            d.targets.len(),
+                                            d.to_version.as_deref().unwrap_or("latest")
+                                        );
+                                    }
+                                }
+                            }
+                            Ok(0)
+                        }
+                        Err(s) => Err(err(conn)(s)),
+                    }
+                }
+                DeploymentsCommand::Show { id } => {
+                    match client
+                        .get_deployment(pb::GetDeploymentRequest { id: id.clone() })
+                        .await
+                    {
+                        Ok(d) => {
+                            let d = d.into_inner();
+                            match out {
+                                Output::Json => println!("{}", deployment_json(&d)),
+                                Output::Text => print_deployment(&d),
+                            }
+                            Ok(0)
+                        }
+                        Err(s) => Err(err(conn)(s)),
+                    }
+                }
+                DeploymentsCommand::Watch { id } => {
+                    match client
+                        .watch_deployment(pb::WatchDeploymentRequest {
+                            id: id.clone(),
+                            after_seq: 0,
+                        })
+                        .await
+                    {
+                        Ok(stream) => follow(conn, stream.into_inner(), out).await,
+                        Err(s) => Err(err(conn)(s)),
+                    }
+                }
+            }
+        }
+        Command::Agents => match ControllerServiceClient::new(conn.intercepted())
+            .list_agents(pb::ListAgentsRequest {})
+            .await
+        {
+            Ok(r) => {
+                let agents = r.into_inner().agents;
+                match out {
+                    Output::Json => println!(
+                        "{}",
+                        json!(agents.iter().map(|a| json!({
+                            "name": a.name, "address": a.address, "version": a.version, "state": a.state,
+                            "last_heartbeat": ts(&a.last_heartbeat), "targets": a.targets,
+                        })).collect::<Vec<_>>())
+                    ),
+                    Output::Text if agents.is_empty() => println!("no agents registered"),
+                    Output::Text => {
+                        for a in &agents {
+                            println!(
+                                "{:<20} {:<22} {:<11} last heartbeat {}  targets: {}",
+                                a.name,
+                                a.address,
+                                a.state,
+                                ts(&a.last_heartbeat),
+                                a.targets.join(", ")
+                            );
+                        }
+                    }
+                }
+                Ok(0)
+            }
+            Err(s) => Err(err(conn)(s)),
+        },
+        _ => return None,
+    })
+}
+
+/// The error for fleet commands run without `--controller`.
+pub fn needs_controller(command: &Command) -> Option<Failure> {
+    matches!(
+        command,
+        Command::Deploy { .. } | Command::Deployments { .. } | Command::Agents
+    )
+    .then(|| Failure {
+        code: exit::USAGE,
+        message:
+            "this command talks to a controller: pass --controller ADDR (or set BELAY_CONTROLLER)"
+                .into(),
+    })
+}
+
+pub fn remote_target(target: Option<&str>) -> Result<&str, Failure> {
+    target.ok_or_else(|| {
+        Failure::from(ApiError::new(
+            ErrorKind::UnknownTarget,
+            "remote mode acts on one target: pass --target NAME (see `belay agents`)",
+        ))
+    })
+}

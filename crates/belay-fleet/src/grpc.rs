@@ -1,0 +1,333 @@
+//! `ControllerService` and `HistoryService` over the fleet.
+
+use crate::waves::Batch;
+use crate::{DeploySpec, Fleet, store_err};
+use belay_migrate::{ApiError, ErrorKind};
+use belay_proto::v1 as pb;
+use belay_rpc::convert::{status_from, timestamp};
+use belay_store::{AgentRegistration, DeploymentRecord, EventRecord, TargetRegistration};
+use chrono::Utc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct ControllerGrpc(pub Fleet);
+
+#[derive(Debug, Clone)]
+pub struct HistoryGrpc(pub Fleet);
+
+fn st(e: ApiError) -> Status {
+    status_from(&e)
+}
+
+fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_prost).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(json_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn json_struct(o: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: o
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_prost(v)))
+            .collect(),
+    }
+}
+
+pub fn event_pb(e: &EventRecord) -> pb::DeploymentEvent {
+    pb::DeploymentEvent {
+        deployment_id: e.deployment_id.to_string(),
+        seq: e.seq,
+        at: Some(timestamp(e.at)),
+        target: e.target.clone(),
+        kind: e.kind.clone(),
+        message: e.message.clone(),
+        payload: match &e.payload {
+            serde_json::Value::Object(o) => Some(json_struct(o)),
+            _ => None,
+        },
+    }
+}
+
+pub fn deployment_pb(d: &DeploymentRecord) -> pb::Deployment {
+    pb::Deployment {
+        id: d.id.to_string(),
+        state: d.state.as_str().to_string(),
+        to_version: d.to_version.clone(),
+        environment: d.environment.clone(),
+        created_at: Some(timestamp(d.created_at)),
+        finished_at: d.finished_at.map(timestamp),
+        targets: d
+            .targets
+            .iter()
+            .map(|t| pb::TargetStatus {
+                target: t.target.clone(),
+                state: t.state.as_str().to_string(),
+                message: t.message.clone(),
+                updated_at: Some(timestamp(t.updated_at)),
+            })
+            .collect(),
+        skip_promotion_reason: d.skip_promotion_reason.clone(),
+        requested_by: d.requested_by.clone(),
+    }
+}
+
+fn parse_id(s: &str) -> Result<Uuid, Status> {
+    Uuid::parse_str(s.trim())
+        .map_err(|_| Status::invalid_argument(format!("{s:?} is not a deployment id (a UUID)")))
+}
+
+type EventStream = UnboundedReceiverStream<Result<pb::DeploymentEvent, Status>>;
+
+/// Streams a deployment's events after `after_seq`, following new ones until the
+/// deployment is finished and no longer running in this controller.
+fn watch(fleet: Fleet, id: Uuid, mut after_seq: i64) -> EventStream {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            // Armed before reading, so an event stored meanwhile still wakes us.
+            let changed = fleet.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let events = match fleet.store().events(id, after_seq).await {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = tx.send(Err(st(store_err(e))));
+                    return;
+                }
+            };
+            for e in &events {
+                after_seq = e.seq;
+                if tx.send(Ok(event_pb(e))).is_err() {
+                    return; // the watcher went away
+                }
+            }
+            let done = match fleet.store().deployment(id).await {
+                Ok(Some(d)) => d.state.is_finished() && !fleet.is_active(id),
+                Ok(None) => true,
+                Err(_) => true,
+            };
+            if done {
+                // One last read: events stored between the read above and the state check.
+                if let Ok(rest) = fleet.store().events(id, after_seq).await {
+                    for e in &rest {
+                        let _ = tx.send(Ok(event_pb(e)));
+                    }
+                }
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+        }
+    });
+    UnboundedReceiverStream::new(rx)
+}
+
+#[tonic::async_trait]
+impl pb::controller_service_server::ControllerService for ControllerGrpc {
+    async fn register_agent(
+        &self,
+        req: Request<pb::RegisterAgentRequest>,
+    ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+        let r = req.into_inner();
+        if r.name.trim().is_empty() || r.address.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "an agent registers with a name and an address",
+            ));
+        }
+        self.0
+            .register(AgentRegistration {
+                name: r.name,
+                address: r.address,
+                version: r.version,
+                targets: r
+                    .targets
+                    .into_iter()
+                    .map(|t| TargetRegistration {
+                        name: t.name,
+                        environment: (!t.environment.is_empty()).then_some(t.environment),
+                        labels: t.labels.into_iter().collect(),
+                    })
+                    .collect(),
+            })
+            .await
+            .map_err(st)?;
+        Ok(Response::new(pb::RegisterAgentResponse {
+            heartbeat_interval_ms: self.0.config().heartbeat_interval.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let known = self
+            .0
+            .store()
+            .heartbeat(&req.get_ref().name, Utc::now())
+            .await
+            .map_err(|e| st(store_err(e)))?;
+        Ok(Response::new(pb::HeartbeatResponse { known }))
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self
+            .0
+            .store()
+            .agents()
+            .await
+            .map_err(|e| st(store_err(e)))?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents
+                .iter()
+                .map(|a| pb::Agent {
+                    name: a.name.clone(),
+                    address: a.address.clone(),
+                    version: a.version.clone(),
+                    registered_at: Some(timestamp(a.registered_at)),
+                    last_heartbeat: Some(timestamp(a.last_heartbeat)),
+                    state: if self.0.is_alive(a) {
+                        "connected"
+                    } else {
+                        "unreachable"
+                    }
+                    .to_string(),
+                    targets: a.targets.clone(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_targets(
+        &self,
+        _req: Request<pb::ListTargetsRequest>,
+    ) -> Result<Response<pb::ListTargetsResponse>, Status> {
+        let targets = self
+            .0
+            .store()
+            .targets()
+            .await
+            .map_err(|e| st(store_err(e)))?;
+        Ok(Response::new(pb::ListTargetsResponse {
+            agents: targets.iter().map(|t| t.agent.clone()).collect(),
+            targets: targets
+                .into_iter()
+                .map(|t| pb::TargetInfo {
+                    name: t.name,
+                    environment: t.environment.unwrap_or_default(),
+                    labels: t.labels.into_iter().collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    type DeployStream = EventStream;
+
+    async fn deploy(
+        &self,
+        req: Request<pb::DeployRequest>,
+    ) -> Result<Response<Self::DeployStream>, Status> {
+        let r = req.into_inner();
+        let batch = Batch::parse(&r.batch).map_err(Status::invalid_argument)?;
+        let spec = DeploySpec {
+            patterns: r.targets,
+            to_version: r.to_version.filter(|v| !v.is_empty()),
+            canary: r.canary as usize,
+            batch,
+            parallel: if r.parallel == 0 {
+                4
+            } else {
+                r.parallel as usize
+            },
+            environment: r.environment.filter(|e| !e.is_empty()),
+            skip_promotion_reason: r.skip_promotion_reason,
+            requested_by: r.requested_by,
+        };
+        let id = self.0.start_deploy(spec).await.map_err(st)?;
+        Ok(Response::new(watch(self.0.clone(), id, 0)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::history_service_server::HistoryService for HistoryGrpc {
+    async fn list_deployments(
+        &self,
+        req: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        let limit = match req.get_ref().limit {
+            0 => 20,
+            n => i64::from(n),
+        };
+        let ds = self
+            .0
+            .store()
+            .deployments(limit)
+            .await
+            .map_err(|e| st(store_err(e)))?;
+        Ok(Response::new(pb::ListDeploymentsResponse {
+            deployments: ds.iter().map(deployment_pb).collect(),
+        }))
+    }
+
+    async fn get_deployment(
+        &self,
+        req: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let id = parse_id(&req.get_ref().id)?;
+        match self
+            .0
+            .store()
+            .deployment(id)
+            .await
+            .map_err(|e| st(store_err(e)))?
+        {
+            Some(d) => Ok(Response::new(deployment_pb(&d))),
+            None => Err(st(ApiError::new(
+                ErrorKind::UnknownTarget,
+                format!("no deployment {id}"),
+            ))),
+        }
+    }
+
+    type WatchDeploymentStream = EventStream;
+
+    async fn watch_deployment(
+        &self,
+        req: Request<pb::WatchDeploymentRequest>,
+    ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
+        let id = parse_id(&req.get_ref().id)?;
+        if self
+            .0
+            .store()
+            .deployment(id)
+            .await
+            .map_err(|e| st(store_err(e)))?
+            .is_none()
+        {
+            return Err(st(ApiError::new(
+                ErrorKind::UnknownTarget,
+                format!("no deployment {id}"),
+            )));
+        }
+        Ok(Response::new(watch(
+            self.0.clone(),
+            id,
+            req.get_ref().after_seq,
+        )))
+    }
+}

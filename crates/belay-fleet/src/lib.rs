@@ -1,0 +1,411 @@
+//! The controller's behaviour: the registry of agents and their targets, routing of
+//! migration calls to the agent that owns a target, fleet deployments in waves with a
+//! promotion gate, and reconciliation of deployments interrupted by a crash (of an agent
+//! or of the controller). It owns no storage (that is `belay-store`) and never connects
+//! to a target database: every database action goes through the owning agent.
+
+mod deploy;
+pub mod grpc;
+pub mod waves;
+
+pub use deploy::DeploySpec;
+
+use belay_migrate::{
+    ApiError, ErrorKind, EventSink, MigrationApi, MigrationStatus, PlanView, RepairAction,
+    RunReport, Target, UndoTarget, Validation,
+};
+use belay_rpc::{Connection, MigrationClient};
+use belay_store::{AgentRecord, AgentRegistration, NewEvent, Store, StoreError, TargetState};
+use chrono::Utc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// How often agents heartbeat; three missed ones make an agent unreachable.
+    pub heartbeat_interval: Duration,
+    /// Environments in promotion order ("staging", "production"); empty: no gate.
+    pub environments: Vec<String>,
+    /// Token the controller presents to agents.
+    pub agent_token: Option<String>,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            environments: Vec::new(),
+            agent_token: None,
+        }
+    }
+}
+
+/// Shared controller state; cheap to clone.
+#[derive(Clone)]
+pub struct Fleet {
+    store: Store,
+    config: Arc<FleetConfig>,
+    conns: Arc<Mutex<HashMap<String, Connection>>>,
+    /// Woken whenever an event is stored, so watchers follow without polling hard.
+    changed: Arc<Notify>,
+    /// Deployments this process is running right now.
+    active: Arc<Mutex<HashSet<Uuid>>>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn store_err(e: StoreError) -> ApiError {
+    ApiError::new(ErrorKind::Internal, format!("controller store: {e}"))
+}
+
+impl Fleet {
+    /// Opens the fleet over `store` and settles deployments a previous controller process
+    /// left unfinished: they are marked failed, with their running targets `unknown` until
+    /// their agents report back.
+    pub async fn new(store: Store, config: FleetConfig) -> Result<Fleet, ApiError> {
+        let fleet = Fleet {
+            store,
+            config: Arc::new(config),
+            conns: Arc::default(),
+            changed: Arc::default(),
+            active: Arc::default(),
+        };
+        for d in fleet.store.unfinished().await.map_err(store_err)? {
+            // A failed deployment is settled already (a rollback may follow, not a restart).
+            if d.state == belay_store::DeploymentState::Failed {
+                continue;
+            }
+            warn!(deployment = %d.id, "deployment was running when the controller stopped; marking it failed");
+            for t in &d.targets {
+                let (state, msg) = match t.state {
+                    TargetState::Running => (
+                        TargetState::Unknown,
+                        "the controller restarted while this target was migrating; its state will be reconciled when its agent reports",
+                    ),
+                    TargetState::Pending => (
+                        TargetState::Skipped,
+                        "not started: the controller restarted",
+                    ),
+                    _ => continue,
+                };
+                fleet
+                    .store
+                    .set_target_state(d.id, &t.target, state, msg)
+                    .await
+                    .map_err(store_err)?;
+            }
+            fleet
+                .store
+                .transition(
+                    d.id,
+                    belay_store::DeploymentState::Failed,
+                    "the controller restarted mid-deployment",
+                )
+                .await
+                .map_err(store_err)?;
+        }
+        Ok(fleet)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &FleetConfig {
+        &self.config
+    }
+
+    pub(crate) fn notify(&self) {
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Whether this controller process is running the deployment right now.
+    pub fn is_active(&self, id: Uuid) -> bool {
+        self.active.lock().is_ok_and(|a| a.contains(&id))
+    }
+
+    pub(crate) async fn record(&self, e: NewEvent) -> Result<(), ApiError> {
+        self.store.append_event(&e).await.map_err(store_err)?;
+        self.notify();
+        Ok(())
+    }
+
+    pub(crate) async fn set_target(
+        &self,
+        id: Uuid,
+        target: &str,
+        state: TargetState,
+        msg: &str,
+    ) -> Result<(), ApiError> {
+        self.store
+            .set_target_state(id, target, state, msg)
+            .await
+            .map_err(store_err)?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Whether the agent heartbeat recently enough (within three intervals).
+    pub fn is_alive(&self, a: &AgentRecord) -> bool {
+        let limit = self.config.heartbeat_interval * 3;
+        Utc::now()
+            .signed_duration_since(a.last_heartbeat)
+            .to_std()
+            .map_or(true, |age| age <= limit)
+    }
+
+    fn connection(&self, agent: &AgentRecord) -> Result<Connection, ApiError> {
+        let mut conns = self
+            .conns
+            .lock()
+            .map_err(|_| ApiError::new(ErrorKind::Internal, "connection cache poisoned"))?;
+        if let Some(c) = conns.get(&agent.name)
+            && c.peer.ends_with(&agent.address)
+        {
+            return Ok(c.clone());
+        }
+        let conn = Connection::new(
+            &agent.address,
+            None,
+            self.config.agent_token.as_deref(),
+            format!("agent {} at {}", agent.name, agent.address),
+        )?;
+        conns.insert(agent.name.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    /// The client for the agent owning `target`, refusing early when the agent is known
+    /// to be down.
+    pub(crate) async fn client_for(
+        &self,
+        target: &str,
+    ) -> Result<(MigrationClient, AgentRecord), ApiError> {
+        let t = self
+            .store
+            .target(target)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::UnknownTarget,
+                    format!(
+                        "unknown target {target:?}: no agent has registered it (see `belay agents`)"
+                    ),
+                )
+            })?;
+        let agent = self
+            .store
+            .agents()
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .find(|a| a.name == t.agent)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "target {target:?} names agent {:?}, which is not registered",
+                        t.agent
+                    ),
+                )
+            })?;
+        if !self.is_alive(&agent) {
+            return Err(ApiError::new(
+                ErrorKind::AgentUnreachable,
+                format!(
+                    "agent {} at {} owns target {target:?} but has missed its heartbeats since {}; start it or check the network",
+                    agent.name,
+                    agent.address,
+                    agent.last_heartbeat.format("%Y-%m-%d %H:%M:%S UTC")
+                ),
+            ));
+        }
+        Ok((MigrationClient::new(&self.connection(&agent)?), agent))
+    }
+
+    /// Records an agent and its targets; then settles deployments its absence left
+    /// `unknown`, by asking it where each target stands now.
+    pub async fn register(&self, reg: AgentRegistration) -> Result<(), ApiError> {
+        self.store.register_agent(&reg).await.map_err(|e| match e {
+            StoreError::TargetOwned { .. } => ApiError::new(ErrorKind::Refused, e.to_string()),
+            other => store_err(other),
+        })?;
+        self.conns.lock().map(|mut c| c.remove(&reg.name)).ok();
+        info!(agent = %reg.name, address = %reg.address, targets = reg.targets.len(), "agent registered");
+        let fleet = self.clone();
+        let targets: HashSet<String> = reg.targets.iter().map(|t| t.name.clone()).collect();
+        tokio::spawn(async move {
+            if let Err(e) = fleet.reconcile(&targets).await {
+                warn!(error = %e, "reconciliation after registration failed");
+            }
+        });
+        Ok(())
+    }
+
+    async fn reconcile(&self, targets: &HashSet<String>) -> Result<(), ApiError> {
+        let active = self.active.lock().map(|a| a.clone()).unwrap_or_default();
+        for d in self.store.deployments(200).await.map_err(store_err)? {
+            if active.contains(&d.id) {
+                continue;
+            }
+            for t in d.targets.iter().filter(|t| {
+                matches!(t.state, TargetState::Unknown | TargetState::Running)
+                    && targets.contains(&t.target)
+            }) {
+                let (client, _) = self.client_for(&t.target).await?;
+                let statuses = match client.status(&t.target).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(target = %t.target, error = %e, "cannot reconcile yet");
+                        continue;
+                    }
+                };
+                let (state, summary) = summarize(&statuses, d.to_version.as_deref());
+                self.set_target(
+                    d.id,
+                    &t.target,
+                    state,
+                    &format!("reconciled after the agent came back: {summary}"),
+                )
+                .await?;
+                self.record(NewEvent {
+                    deployment_id: d.id,
+                    target: Some(t.target.clone()),
+                    kind: "reconciled".into(),
+                    message: summary,
+                    payload: serde_json::json!({ "state": state.as_str() }),
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a target stands, in one line, and whether that counts as the deployment's
+/// goal reached.
+fn summarize(statuses: &[MigrationStatus], to_version: Option<&str>) -> (TargetState, String) {
+    use belay_migrate::State;
+    let count = |st: State| statuses.iter().filter(|s| s.state == st).count();
+    let failed: Vec<&str> = statuses
+        .iter()
+        .filter(|s| s.state == State::Failed)
+        .map(|s| s.script.as_str())
+        .collect();
+    let wanted = |s: &&MigrationStatus| match (to_version, s.version.as_deref()) {
+        (Some(to), Some(v)) => at_or_below(v, to),
+        _ => true,
+    };
+    let pending = statuses
+        .iter()
+        .filter(wanted)
+        .filter(|s| matches!(s.state, State::Pending | State::Undone))
+        .count();
+    let summary = format!(
+        "{} applied, {} pending, {} failed{}",
+        count(State::Success),
+        pending,
+        failed.len(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", failed.join(", "))
+        }
+    );
+    let state = if failed.is_empty() && pending == 0 {
+        TargetState::Succeeded
+    } else {
+        TargetState::Failed
+    };
+    (state, summary)
+}
+
+/// `v <= to` by belay's version order; unparsable versions count as wanted.
+fn at_or_below(v: &str, to: &str) -> bool {
+    match (
+        belay_core::Version::parse(v),
+        belay_core::Version::parse(to),
+    ) {
+        (Ok(a), Ok(b)) => a <= b,
+        _ => true,
+    }
+}
+
+/// The controller routes every migration call to the agent owning the target.
+#[async_trait::async_trait]
+impl MigrationApi for Fleet {
+    async fn status(&self, target: &str) -> Result<Vec<MigrationStatus>, ApiError> {
+        self.client_for(target).await?.0.status(target).await
+    }
+
+    async fn plan(&self, target: &str, forward: &Target, sql: bool) -> Result<PlanView, ApiError> {
+        self.client_for(target)
+            .await?
+            .0
+            .plan(target, forward, sql)
+            .await
+    }
+
+    async fn apply(
+        &self,
+        target: &str,
+        forward: &Target,
+        deployment_id: Option<Uuid>,
+        sink: EventSink,
+    ) -> Result<RunReport, ApiError> {
+        self.client_for(target)
+            .await?
+            .0
+            .apply(target, forward, deployment_id, sink)
+            .await
+    }
+
+    async fn undo(
+        &self,
+        target: &str,
+        undo: &UndoTarget,
+        deployment_id: Option<Uuid>,
+        sink: EventSink,
+    ) -> Result<RunReport, ApiError> {
+        self.client_for(target)
+            .await?
+            .0
+            .undo(target, undo, deployment_id, sink)
+            .await
+    }
+
+    async fn validate(&self, target: &str) -> Result<Validation, ApiError> {
+        self.client_for(target).await?.0.validate(target).await
+    }
+
+    async fn repair(&self, target: &str) -> Result<Vec<RepairAction>, ApiError> {
+        self.client_for(target).await?.0.repair(target).await
+    }
+
+    async fn baseline(
+        &self,
+        target: &str,
+        version: &str,
+        description: &str,
+    ) -> Result<(), ApiError> {
+        self.client_for(target)
+            .await?
+            .0
+            .baseline(target, version, description)
+            .await
+    }
+}
