@@ -1,1 +1,278 @@
-//! End-to-end tests that run the real binaries; the tests live in `tests/*.rs`.
+//! Support for the end-to-end tests in `tests/*.rs`: builds the real binaries once, starts
+//! controllers and agents as real processes on free ports, and runs the real CLI.
+
+use anyhow::{Context, Result, anyhow, ensure};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+/// Path of a freshly built executable of the workspace (`belay`, `belay-agent`,
+/// `belay-controller`). `cargo test` builds a package's binaries only for that package's
+/// own tests, so this runs `cargo build` once per test process and reads the paths from
+/// cargo's JSON messages (which also honours a custom target dir).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<Vec<(String, PathBuf)>, String>> = OnceLock::new();
+    let built = BUILT
+        .get_or_init(|| build().map_err(|err| format!("{err:#}")))
+        .as_ref()
+        .map_err(|err| anyhow!("building the binaries failed: {err}"))?;
+    built
+        .iter()
+        .find(|(bin, _)| bin == name)
+        .map(|(_, path)| path.clone())
+        .ok_or_else(|| anyhow!("cargo built no executable named {name}"))
+}
+
+fn build() -> Result<Vec<(String, PathBuf)>> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = std::process::Command::new(cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "build",
+            "--quiet",
+            "--message-format=json-render-diagnostics",
+            "-p",
+            "belay",
+            "-p",
+            "belay-agent",
+            "-p",
+            "belay-controller",
+            "--bins",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build for the binaries")?;
+    ensure!(
+        output.status.success(),
+        "cargo build failed: {}",
+        output.status
+    );
+    let mut built = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if message["reason"] != "compiler-artifact" {
+            continue;
+        }
+        if let (Some(name), Some(exe)) = (
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) {
+            built.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    Ok(built)
+}
+
+/// A daemon started by a test; killed when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Daemon {
+    /// Starts `bin` with `args` (which should include `--listen 127.0.0.1:0`) and waits
+    /// for its `listening on ADDR` line.
+    pub async fn start(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
+        let mut cmd = Command::new(binary(bin)?);
+        cmd.args(args)
+            .env_remove("BELAY_AGENT_LISTEN")
+            .env_remove("BELAY_CONTROLLER_LISTEN")
+            .env_remove("BELAY_CONTROLLER_STORE")
+            .env_remove("BELAY_LOG_FORMAT")
+            .env("BELAY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {bin}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut stderr = child.stderr.take().context("no stderr")?;
+        let stderr = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text).await;
+            text
+        });
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .with_context(|| format!("{bin} did not announce its address within 30 s"))??;
+        let Some(addr) = line
+            .as_deref()
+            .and_then(|l| l.strip_prefix("listening on "))
+        else {
+            let _ = child.kill().await;
+            let err = stderr.await.unwrap_or_default();
+            return Err(anyhow!("{bin} did not start: {line:?}\n{err}"));
+        };
+        Ok(Daemon {
+            addr: addr.to_string(),
+            child,
+            stderr: Some(stderr),
+        })
+    }
+
+    /// SIGKILL, as a crash would.
+    pub async fn kill(&mut self) -> Result<String> {
+        self.child.kill().await.context("killing the daemon")?;
+        Ok(match self.stderr.take() {
+            Some(h) => h.await.unwrap_or_default(),
+            None => String::new(),
+        })
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code and stderr.
+    pub async fn stop(&mut self) -> Result<(Option<i32>, String)> {
+        let pid = self.child.id().context("already reaped")?;
+        std::process::Command::new("sh")
+            .args(["-c", "kill -TERM \"$1\"", "sh", &pid.to_string()])
+            .status()
+            .context("kill -TERM")?;
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .context("the daemon did not stop within 20 s")??;
+        let stderr = match self.stderr.take() {
+            Some(h) => h.await.unwrap_or_default(),
+            None => String::new(),
+        };
+        Ok((status.code(), stderr))
+    }
+}
+
+/// One target of an agent's configuration.
+#[derive(Debug)]
+pub struct TargetDef<'a> {
+    pub name: &'a str,
+    pub url: &'a str,
+    pub migrations: &'a Path,
+    pub environment: Option<&'a str>,
+}
+
+/// Writes an `agent.toml` into `dir` and returns its path.
+pub fn agent_config(
+    dir: &Path,
+    name: &str,
+    controller: &str,
+    targets: &[TargetDef],
+) -> Result<PathBuf> {
+    let mut text = format!("name = \"{name}\"\ncontroller = \"{controller}\"\n");
+    for t in targets {
+        text.push_str(&format!(
+            "\n[[targets]]\nname = \"{}\"\nurl = \"{}\"\nmigrations = \"{}\"\n",
+            t.name,
+            t.url,
+            t.migrations.display()
+        ));
+        if let Some(env) = t.environment {
+            text.push_str(&format!("environment = \"{env}\"\n"));
+        }
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).context("writing agent config")?;
+    Ok(path)
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// Runs the real CLI against `controller`.
+pub async fn belay(controller: &str, args: &[&str]) -> Result<Run> {
+    let out = Command::new(binary("belay")?)
+        .arg("--controller")
+        .arg(controller)
+        .args(args)
+        .env_remove("BELAY_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove("BELAY_TARGET")
+        .env_remove("BELAY_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running belay")?;
+    Ok(Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Runs the real CLI in local mode against `url`.
+pub async fn belay_local(url: &str, dir: &Path, args: &[&str]) -> Result<Run> {
+    let out = Command::new(binary("belay")?)
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .env("BELAY_DATABASE_URL", url)
+        .env_remove("DATABASE_URL")
+        .env_remove("BELAY_CONTROLLER")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("running belay")?;
+    Ok(Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Polls `cond` (an observable state, not a fixed delay) until it holds, up to 30 s.
+pub async fn wait_for<F, Fut>(what: &str, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if cond().await? {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the controller lists `n` connected agents.
+pub async fn wait_agents(controller: &str, n: usize) -> Result<()> {
+    wait_for(&format!("{n} connected agents"), || async {
+        let r = belay(controller, &["agents", "--output", "json"]).await?;
+        Ok(r.code == 0
+            && r.json()
+                .as_array()
+                .is_some_and(|a| a.iter().filter(|x| x["state"] == "connected").count() == n))
+    })
+    .await
+}

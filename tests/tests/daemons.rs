@@ -11,7 +11,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -289,6 +288,8 @@ fn command(daemon: Daemon, args: &[&str]) -> Result<Command> {
         // Hermetic: the developer's environment must not change flags or logs.
         .env_remove("BELAY_AGENT_LISTEN")
         .env_remove("BELAY_CONTROLLER_LISTEN")
+        // The controller's store goes to a scratch file, never the working directory.
+        .env("BELAY_CONTROLLER_STORE", scratch_store())
         .env_remove("BELAY_LOG_FORMAT")
         .env("BELAY_LOG", "info")
         .stdin(Stdio::null())
@@ -321,58 +322,15 @@ fn send_sigterm(child: &Child) -> Result<()> {
     Ok(())
 }
 
-/// Path of a freshly built daemon executable.
-fn binary(name: &str) -> Result<PathBuf> {
-    static BUILT: OnceLock<Result<Vec<(String, PathBuf)>, String>> = OnceLock::new();
-    let built = BUILT
-        .get_or_init(|| build_daemons().map_err(|err| format!("{err:#}")))
-        .as_ref()
-        .map_err(|err| anyhow!("building the daemons failed: {err}"))?;
-    built
-        .iter()
-        .find(|(bin, _)| bin == name)
-        .map(|(_, path)| path.clone())
-        .ok_or_else(|| anyhow!("cargo built no executable named {name}"))
+/// A fresh SQLite store path under cargo's per-target scratch directory.
+fn scratch_store() -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("daemons-{}-{n}.db", std::process::id()))
 }
 
-fn build_daemons() -> Result<Vec<(String, PathBuf)>> {
-    // `CARGO` is set by `cargo test` for the test process; fall back to PATH.
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = std::process::Command::new(cargo)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "build",
-            "--quiet",
-            "--message-format=json-render-diagnostics",
-            "-p",
-            "belay-agent",
-            "-p",
-            "belay-controller",
-            "--bins",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo build for the daemons")?;
-    ensure!(
-        output.status.success(),
-        "cargo build failed: {}",
-        output.status
-    );
-
-    let mut built = Vec::new();
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if message["reason"] != "compiler-artifact" {
-            continue;
-        }
-        if let (Some(name), Some(exe)) = (
-            message["target"]["name"].as_str(),
-            message["executable"].as_str(),
-        ) {
-            built.push((name.to_owned(), PathBuf::from(exe)));
-        }
-    }
-    Ok(built)
+/// Path of a freshly built daemon executable.
+fn binary(name: &str) -> Result<PathBuf> {
+    belay_e2e::binary(name)
 }

@@ -107,7 +107,7 @@ mod tests {
                     })
                     .collect(),
             ),
-            (2, 5, "50%", vec![0..2]),
+            (2, 5, "50%", std::iter::once(0..2).collect()),
             (0, 1, "50%", vec![]),
         ];
         for (total, canary, batch, want) in cases {

@@ -1,11 +1,14 @@
 //! Process-wide telemetry for the belay binaries: the tracing subscriber, the
-//! log format, and a panic hook that reports panics through tracing.
+//! log format, a panic hook that reports panics through tracing, OpenTelemetry
+//! span export over OTLP/gRPC, and the Prometheus metrics registry with its
+//! `/metrics` endpoint.
 //!
 //! Logs always go to stderr so that stdout stays free for command output and
 //! machine-readable lines (`listening on ADDR`). The subscriber is global to the
-//! process, so [`init`] installs it once and later calls do nothing. This crate
-//! must not depend on any capability crate; OpenTelemetry export and the
-//! Prometheus registry land here later.
+//! process, so [`init`] / [`init_with_otlp`] install it once and later calls do
+//! nothing; the same holds for the metrics recorder behind [`metrics_handle`].
+//! Every `belay_*` metric is named in [`names`] and described in
+//! [`describe_metrics`]. This crate must not depend on any capability crate.
 
 use std::fmt;
 use std::io::IsTerminal as _;
@@ -13,7 +16,15 @@ use std::str::FromStr;
 use std::sync::Mutex;
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+
+mod otlp;
+mod prometheus;
+
+pub use metrics_exporter_prometheus::PrometheusHandle;
+pub use otlp::{OTLP_EXPORT_TIMEOUT, TelemetryGuard, init_with_otlp};
+pub use prometheus::{describe_metrics, metrics_handle, names, serve_metrics};
 
 /// Environment variable holding the log filter (`EnvFilter` syntax, e.g.
 /// `info,belay_migrate=debug`). It overrides the binary's default filter.
@@ -78,6 +89,21 @@ pub enum Error {
     },
     #[error("another tracing subscriber is already installed in this process: {0}")]
     Install(#[source] tracing_subscriber::util::TryInitError),
+    #[error(
+        "cannot enable OTLP export to {endpoint}: the tracing subscriber was already installed \
+         without it (call init_with_otlp before anything else logs)"
+    )]
+    OtlpAfterInit { endpoint: String },
+    #[error("cannot set up OTLP export to {endpoint}: {source}")]
+    Otlp {
+        endpoint: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("another metrics recorder is already installed in this process")]
+    MetricsRecorder(#[source] metrics_exporter_prometheus::BuildError),
+    #[error("the metrics endpoint failed: {0}")]
+    MetricsServe(#[source] std::io::Error),
 }
 
 /// Set once the subscriber is ours; a Mutex (not a Once) so a failed attempt
@@ -90,35 +116,53 @@ static INSTALLED: Mutex<bool> = Mutex::new(false);
 /// from `default_filter`. Calling it again after a success does nothing, so
 /// tests and binaries can both call it freely.
 pub fn init(format: LogFormat, default_filter: &str) -> Result<(), Error> {
-    // A poisoned lock only means a panic happened mid-init elsewhere; the bool
-    // is still accurate because it is written last.
-    let mut installed = INSTALLED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut installed = lock_installed();
     if *installed {
         return Ok(());
     }
+    install(format, default_filter, None)?;
+    *installed = true;
+    Ok(())
+}
 
+/// A poisoned lock only means a panic happened mid-init elsewhere; the bool is
+/// still accurate because it is written last.
+fn lock_installed() -> std::sync::MutexGuard<'static, bool> {
+    INSTALLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Builds and installs the subscriber: filter, stderr formatting and, when
+/// given, the OpenTelemetry layer exporting spans through `tracer`. The caller
+/// holds the [`INSTALLED`] lock.
+fn install(
+    format: LogFormat,
+    default_filter: &str,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+) -> Result<(), Error> {
     let filter = build_filter(std::env::var(LOG_FILTER_ENV).ok(), default_filter)?;
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    let result = match format {
-        LogFormat::Text => builder
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
-            .finish()
-            .try_init(),
-        LogFormat::Json => builder
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .finish()
-            .try_init(),
-    };
-    result.map_err(Error::Install)?;
-
+    });
+    let otel = tracer.map(|tracer| tracing_opentelemetry::layer().with_tracer(tracer));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .with(otel)
+        .try_init()
+        .map_err(Error::Install)?;
     install_panic_hook();
-    *installed = true;
     Ok(())
 }
 

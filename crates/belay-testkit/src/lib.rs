@@ -9,6 +9,7 @@ mod bins;
 mod cluster;
 mod error;
 mod os;
+pub mod pki;
 mod template;
 mod tools;
 
