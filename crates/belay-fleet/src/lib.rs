@@ -267,12 +267,24 @@ impl Fleet {
                     && targets.contains(&t.target)
             }) {
                 let (client, _) = self.client_for(&t.target).await?;
-                let statuses = match client.status(&t.target).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(target = %t.target, error = %e, "cannot reconcile yet");
-                        continue;
+                // A migration still `running` means the old agent's session is still on
+                // the server (it is cancelled once the server notices the dead client):
+                // ask again until the target has settled, for up to a minute.
+                let mut statuses = None;
+                for _ in 0..60 {
+                    match client.status(&t.target).await {
+                        Ok(s) if s.iter().any(|m| m.state == belay_migrate::State::Running) => {}
+                        Ok(s) => {
+                            statuses = Some(s);
+                            break;
+                        }
+                        Err(e) => warn!(target = %t.target, error = %e, "cannot reconcile yet"),
                     }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let Some(statuses) = statuses else {
+                    warn!(target = %t.target, "target did not settle within a minute; left unknown");
+                    continue;
                 };
                 let (state, summary) = summarize(&statuses, d.to_version.as_deref());
                 self.set_target(
