@@ -165,7 +165,19 @@ pub fn agent_config(
     controller: &str,
     targets: &[TargetDef],
 ) -> Result<PathBuf> {
-    let mut text = format!("name = \"{name}\"\ncontroller = \"{controller}\"\n");
+    agent_config_with(dir, name, controller, "", targets)
+}
+
+/// [`agent_config`] with extra TOML after the top-level keys (`token_file`, a `[tls]`
+/// table): it goes before the `[[targets]]`.
+pub fn agent_config_with(
+    dir: &Path,
+    name: &str,
+    controller: &str,
+    extra: &str,
+    targets: &[TargetDef],
+) -> Result<PathBuf> {
+    let mut text = format!("name = \"{name}\"\ncontroller = \"{controller}\"\n{extra}\n");
     for t in targets {
         text.push_str(&format!(
             "\n[[targets]]\nname = \"{}\"\nurl = \"{}\"\nmigrations = \"{}\"\n",
@@ -267,8 +279,15 @@ where
 
 /// Waits until the controller lists `n` connected agents.
 pub async fn wait_agents(controller: &str, n: usize) -> Result<()> {
+    wait_agents_with(controller, n, &[]).await
+}
+
+/// [`wait_agents`] with extra CLI arguments (credentials).
+pub async fn wait_agents_with(controller: &str, n: usize, extra: &[&str]) -> Result<()> {
     wait_for(&format!("{n} connected agents"), || async {
-        let r = belay(controller, &["agents", "--output", "json"]).await?;
+        let mut args = extra.to_vec();
+        args.extend(["agents", "--output", "json"]);
+        let r = belay(controller, &args).await?;
         Ok(r.code == 0
             && r.json()
                 .as_array()

@@ -26,7 +26,10 @@ fn psql(url: &str, sql: &str) -> String {
 }
 
 fn has_history(url: &str) -> bool {
-    psql(url, "SELECT count(*) FROM pg_namespace WHERE nspname = 'belay'") == "1"
+    psql(
+        url,
+        "SELECT count(*) FROM pg_namespace WHERE nspname = 'belay'",
+    ) == "1"
 }
 
 async fn controller(store: &str, extra: &[&str]) -> Result<Daemon> {
@@ -40,11 +43,21 @@ async fn controller(store: &str, extra: &[&str]) -> Result<Daemon> {
 
 async fn agent(config: &Path) -> Result<Daemon> {
     let config = config.to_string_lossy().into_owned();
-    Daemon::start("belay-agent", &["--listen", "127.0.0.1:0", "--config", &config], &[]).await
+    Daemon::start(
+        "belay-agent",
+        &["--listen", "127.0.0.1:0", "--config", &config],
+        &[],
+    )
+    .await
 }
 
 fn def<'a>(name: &'a str, db: &'a TestDb, migrations: &'a Path) -> TargetDef<'a> {
-    TargetDef { name, url: &db.url, migrations, environment: None }
+    TargetDef {
+        name,
+        url: &db.url,
+        migrations,
+        environment: None,
+    }
 }
 
 fn store_path(dir: &Path) -> String {
@@ -57,12 +70,36 @@ async fn deploy_reaches_every_target_and_history_agrees_with_events() -> Result<
     let db = dbs(3).await?;
     let ex = examples();
     let c = controller(&store_path(tmp.path()), &[]).await?;
-    let a1 = agent_config(tmp.path(), "agent-1", &c.addr, &[def("shop_1", &db[0], &ex), def("shop_2", &db[1], &ex)])?;
-    let a2 = agent_config(tmp.path(), "agent-2", &c.addr, &[def("shop_3", &db[2], &ex)])?;
+    let a1 = agent_config(
+        tmp.path(),
+        "agent-1",
+        &c.addr,
+        &[def("shop_1", &db[0], &ex), def("shop_2", &db[1], &ex)],
+    )?;
+    let a2 = agent_config(
+        tmp.path(),
+        "agent-2",
+        &c.addr,
+        &[def("shop_3", &db[2], &ex)],
+    )?;
     let (_a1, _a2) = (agent(&a1).await?, agent(&a2).await?);
     wait_agents(&c.addr, 2).await?;
 
-    let r = belay(&c.addr, &["deploy", "--targets", "shop_*", "--canary", "1", "--batch", "50%", "--output", "json"]).await?;
+    let r = belay(
+        &c.addr,
+        &[
+            "deploy",
+            "--targets",
+            "shop_*",
+            "--canary",
+            "1",
+            "--batch",
+            "50%",
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
     assert_eq!(r.code, 0, "{r:?}");
     let doc = r.json();
     assert_eq!(doc["state"], "succeeded", "{doc}");
@@ -70,7 +107,10 @@ async fn deploy_reaches_every_target_and_history_agrees_with_events() -> Result<
     for (name, d) in [("shop_1", &db[0]), ("shop_2", &db[1]), ("shop_3", &db[2])] {
         // History on the target and the controller's events tell the same story.
         assert_eq!(
-            psql(&d.url, "SELECT count(*), count(DISTINCT deployment_id), min(deployment_id::text) FROM belay.schema_history WHERE success"),
+            psql(
+                &d.url,
+                "SELECT count(*), count(DISTINCT deployment_id), min(deployment_id::text) FROM belay.schema_history WHERE success"
+            ),
             format!("4|1|{id}"),
             "{name}"
         );
@@ -82,12 +122,26 @@ async fn deploy_reaches_every_target_and_history_agrees_with_events() -> Result<
             .map(|e| e["message"].as_str().unwrap_or(""))
             .collect();
         assert_eq!(succeeded.len(), 4, "{name}: {succeeded:?}");
-        assert!(succeeded[0].contains("V001__create_users.sql"), "{succeeded:?}");
+        assert!(
+            succeeded[0].contains("V001__create_users.sql"),
+            "{succeeded:?}"
+        );
     }
-    assert!(doc["targets"].as_array().expect("targets").iter().all(|t| t["state"] == "succeeded"), "{doc}");
+    assert!(
+        doc["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .all(|t| t["state"] == "succeeded"),
+        "{doc}"
+    );
 
     // The same command gives the same answer locally and through the controller.
-    let remote = belay(&c.addr, &["--target", "shop_2", "status", "--output", "json"]).await?;
+    let remote = belay(
+        &c.addr,
+        &["--target", "shop_2", "status", "--output", "json"],
+    )
+    .await?;
     let local = belay_local(&db[1].url, &ex, &["status", "--output", "json"]).await?;
     assert_eq!(remote.code, 0, "{remote:?}");
     assert_eq!(remote.json(), local.json());
@@ -106,7 +160,12 @@ async fn unknown_targets_and_unreachable_agents_fail_before_anything_runs() -> R
     let db = dbs(3).await?;
     let ex = examples();
     let c = controller(&store_path(tmp.path()), &[]).await?;
-    let a1 = agent_config(tmp.path(), "agent-1", &c.addr, &[def("u_1", &db[0], &ex), def("u_2", &db[1], &ex)])?;
+    let a1 = agent_config(
+        tmp.path(),
+        "agent-1",
+        &c.addr,
+        &[def("u_1", &db[0], &ex), def("u_2", &db[1], &ex)],
+    )?;
     let a2 = agent_config(tmp.path(), "agent-2", &c.addr, &[def("u_3", &db[2], &ex)])?;
     let (_a1, mut a2d) = (agent(&a1).await?, agent(&a2).await?);
     wait_agents(&c.addr, 2).await?;
@@ -123,12 +182,18 @@ async fn unknown_targets_and_unreachable_agents_fail_before_anything_runs() -> R
     a2d.kill().await?;
     wait_for("agent-2 to be reported unreachable", || async {
         let r = belay(&c.addr, &["agents", "--output", "json"]).await?;
-        Ok(r.json().as_array().is_some_and(|a| a.iter().any(|x| x["name"] == "agent-2" && x["state"] == "unreachable")))
+        Ok(r.json().as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["name"] == "agent-2" && x["state"] == "unreachable")
+        }))
     })
     .await?;
     let r = belay(&c.addr, &["deploy", "--targets", "u_*"]).await?;
     assert_eq!(r.code, 69, "{r:?}");
-    assert!(r.stderr.contains("agent agent-2") && r.stderr.contains("u_3"), "{r:?}");
+    assert!(
+        r.stderr.contains("agent agent-2") && r.stderr.contains("u_3"),
+        "{r:?}"
+    );
     for d in &db {
         assert!(!has_history(&d.url), "something was applied by surprise");
     }
@@ -154,29 +219,86 @@ async fn waves_halt_after_the_failing_wave_and_leave_the_rest_untouched() -> Res
     let defs: Vec<TargetDef> = names
         .iter()
         .zip(&db)
-        .map(|(n, d)| TargetDef { name: n, url: &d.url, migrations: &ex, environment: None })
+        .map(|(n, d)| TargetDef {
+            name: n,
+            url: &d.url,
+            migrations: &ex,
+            environment: None,
+        })
         .collect();
     let a = agent_config(tmp.path(), "agent-1", &c.addr, &defs)?;
     let _a = agent(&a).await?;
     wait_agents(&c.addr, 1).await?;
 
-    let r = belay(&c.addr, &["deploy", "--targets", "tenant_*", "--canary", "1", "--batch", "50%", "--parallel", "4"]).await?;
+    let r = belay(
+        &c.addr,
+        &[
+            "deploy",
+            "--targets",
+            "tenant_*",
+            "--canary",
+            "1",
+            "--batch",
+            "50%",
+            "--parallel",
+            "4",
+        ],
+    )
+    .await?;
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("halted after wave 2/3"), "{r:?}");
-    assert!(r.stdout.contains("untouched: tenant_6, tenant_7, tenant_8"), "{r:?}");
-    let id = r.stdout.lines().find_map(|l| l.strip_prefix("deployment ")).and_then(|l| l.split(':').next()).expect("id");
-    let doc = belay(&c.addr, &["deployments", "show", id, "--output", "json"]).await?.json();
+    assert!(
+        r.stdout.contains("untouched: tenant_6, tenant_7, tenant_8"),
+        "{r:?}"
+    );
+    let id = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("deployment "))
+        .and_then(|l| l.split(':').next())
+        .expect("id");
+    let doc = belay(&c.addr, &["deployments", "show", id, "--output", "json"])
+        .await?
+        .json();
     assert_eq!(doc["state"], "failed");
     let state = |t: &str| {
-        doc["targets"].as_array().expect("targets").iter().find(|x| x["target"] == t).map(|x| x["state"].as_str().unwrap_or("").to_string())
+        doc["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .find(|x| x["target"] == t)
+            .map(|x| x["state"].as_str().unwrap_or("").to_string())
     };
-    for (i, want) in ["succeeded", "succeeded", "failed", "succeeded", "succeeded", "skipped", "skipped", "skipped"].iter().enumerate() {
-        assert_eq!(state(&names[i]).as_deref(), Some(*want), "{}: {doc}", names[i]);
+    for (i, want) in [
+        "succeeded",
+        "succeeded",
+        "failed",
+        "succeeded",
+        "succeeded",
+        "skipped",
+        "skipped",
+        "skipped",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(
+            state(&names[i]).as_deref(),
+            Some(*want),
+            "{}: {doc}",
+            names[i]
+        );
     }
     for d in &db[5..] {
         assert!(!has_history(&d.url), "an untouched target was migrated");
     }
-    assert_eq!(psql(&db[0].url, "SELECT count(*) FROM belay.schema_history WHERE success"), "4");
+    assert_eq!(
+        psql(
+            &db[0].url,
+            "SELECT count(*) FROM belay.schema_history WHERE success"
+        ),
+        "4"
+    );
     Ok(())
 }
 
@@ -186,7 +308,17 @@ async fn restart_keeps_deployments(store: &str) -> Result<()> {
     let ex = examples();
     let mut c = controller(store, &[]).await?;
     let addr = c.addr.clone();
-    let a = agent_config(tmp.path(), "agent-1", &addr, &[TargetDef { name: "r_1", url: &db[0].url, migrations: &ex, environment: None }])?;
+    let a = agent_config(
+        tmp.path(),
+        "agent-1",
+        &addr,
+        &[TargetDef {
+            name: "r_1",
+            url: &db[0].url,
+            migrations: &ex,
+            environment: None,
+        }],
+    )?;
     let _a = agent(&a).await?;
     wait_agents(&addr, 1).await?;
     let r = belay(&addr, &["deploy", "--targets", "r_1", "--output", "json"]).await?;
@@ -203,7 +335,10 @@ async fn restart_keeps_deployments(store: &str) -> Result<()> {
     assert_eq!(shown.code, 0, "{shown:?}");
     let after = shown.json();
     assert_eq!(after["state"], "succeeded");
-    assert_eq!(after["events"], before["events"], "events changed across the restart");
+    assert_eq!(
+        after["events"], before["events"],
+        "events changed across the restart"
+    );
     wait_agents(&addr, 1).await?;
     let r = belay(&addr, &["--target", "r_1", "status", "--output", "json"]).await?;
     assert_eq!(r.code, 0, "{r:?}");
@@ -223,15 +358,29 @@ async fn deployments_survive_a_controller_restart_on_postgres() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_agent_killed_mid_deployment_is_never_reported_succeeded_and_is_reconciled() -> Result<()> {
+async fn an_agent_killed_mid_deployment_is_never_reported_succeeded_and_is_reconciled() -> Result<()>
+{
     let tmp = tempfile::tempdir()?;
     let db = dbs(1).await?;
     let migrations = tmp.path().join("m");
     std::fs::create_dir_all(&migrations)?;
     std::fs::write(migrations.join("V1__ok.sql"), "CREATE TABLE ok (id int);")?;
-    std::fs::write(migrations.join("V2__slow.sql"), "-- belay:no-transaction\nSELECT pg_sleep(30);\n")?;
+    std::fs::write(
+        migrations.join("V2__slow.sql"),
+        "-- belay:no-transaction\nSELECT pg_sleep(30);\n",
+    )?;
     let c = controller(&store_path(tmp.path()), &[]).await?;
-    let a = agent_config(tmp.path(), "agent-1", &c.addr, &[TargetDef { name: "k_1", url: &db[0].url, migrations: &migrations, environment: None }])?;
+    let a = agent_config(
+        tmp.path(),
+        "agent-1",
+        &c.addr,
+        &[TargetDef {
+            name: "k_1",
+            url: &db[0].url,
+            migrations: &migrations,
+            environment: None,
+        }],
+    )?;
     let mut ad = agent(&a).await?;
     wait_agents(&c.addr, 1).await?;
 
@@ -249,25 +398,44 @@ async fn an_agent_killed_mid_deployment_is_never_reported_succeeded_and_is_recon
     ad.kill().await?;
     let r = deploy.await??;
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stdout.contains("deployment ") && r.stdout.contains(": failed"), "{r:?}");
-    assert!(r.stdout.contains("k_1") && r.stdout.contains("unknown"), "{r:?}");
+    assert!(
+        r.stdout.contains("deployment ") && r.stdout.contains(": failed"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("k_1") && r.stdout.contains("unknown"),
+        "{r:?}"
+    );
 
     // The agent comes back; the controller asks it where k_1 stands and records the truth.
     let _ad = agent(&a).await?;
-    let id = r.stdout.lines().find_map(|l| l.strip_prefix("deployment ")).and_then(|l| l.split(':').next()).expect("id").to_string();
+    let id = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("deployment "))
+        .and_then(|l| l.split(':').next())
+        .expect("id")
+        .to_string();
     wait_for("k_1 to be reconciled", || {
         let (addr, id) = (c.addr.clone(), id.clone());
         async move {
-            let d = belay(&addr, &["deployments", "show", &id, "--output", "json"]).await?.json();
+            let d = belay(&addr, &["deployments", "show", &id, "--output", "json"])
+                .await?
+                .json();
             Ok(d["targets"][0]["state"] != "unknown")
         }
     })
     .await?;
-    let d = belay(&c.addr, &["deployments", "show", &id, "--output", "json"]).await?.json();
+    let d = belay(&c.addr, &["deployments", "show", &id, "--output", "json"])
+        .await?
+        .json();
     assert_eq!(d["state"], "failed", "{d}");
     assert_eq!(d["targets"][0]["state"], "failed", "{d}");
     let msg = d["targets"][0]["message"].as_str().unwrap_or("");
-    assert!(msg.contains("reconciled") && msg.contains("1 failed (V2__slow.sql)"), "{msg}");
+    assert!(
+        msg.contains("reconciled") && msg.contains("1 failed (V2__slow.sql)"),
+        "{msg}"
+    );
     Ok(())
 }
 
@@ -276,37 +444,129 @@ async fn promotion_gate_refuses_production_before_staging_and_records_overrides(
     let tmp = tempfile::tempdir()?;
     let db = dbs(2).await?;
     let ex = examples();
-    let c = controller(&store_path(tmp.path()), &["--environments", "staging,production"]).await?;
+    let c = controller(
+        &store_path(tmp.path()),
+        &["--environments", "staging,production"],
+    )
+    .await?;
     let a = agent_config(
         tmp.path(),
         "agent-1",
         &c.addr,
         &[
-            TargetDef { name: "stage_1", url: &db[0].url, migrations: &ex, environment: Some("staging") },
-            TargetDef { name: "prod_1", url: &db[1].url, migrations: &ex, environment: Some("production") },
+            TargetDef {
+                name: "stage_1",
+                url: &db[0].url,
+                migrations: &ex,
+                environment: Some("staging"),
+            },
+            TargetDef {
+                name: "prod_1",
+                url: &db[1].url,
+                migrations: &ex,
+                environment: Some("production"),
+            },
         ],
     )?;
     let _a = agent(&a).await?;
     wait_agents(&c.addr, 1).await?;
 
-    let r = belay(&c.addr, &["deploy", "--targets", "prod_1", "--environment", "production", "--to", "004"]).await?;
+    let r = belay(
+        &c.addr,
+        &[
+            "deploy",
+            "--targets",
+            "prod_1",
+            "--environment",
+            "production",
+            "--to",
+            "004",
+        ],
+    )
+    .await?;
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("version 004 has not succeeded in staging"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("version 004 has not succeeded in staging"),
+        "{r:?}"
+    );
     assert!(!has_history(&db[1].url));
     let r = belay(&c.addr, &["deploy", "--targets", "prod_1"]).await?;
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("pass --environment"), "{r:?}");
-    let r = belay(&c.addr, &["deploy", "--targets", "stage_1", "--environment", "production", "--to", "004"]).await?;
-    assert_eq!(r.code, 2, "a staging target in a production deployment: {r:?}");
+    let r = belay(
+        &c.addr,
+        &[
+            "deploy",
+            "--targets",
+            "stage_1",
+            "--environment",
+            "production",
+            "--to",
+            "004",
+        ],
+    )
+    .await?;
+    assert_eq!(
+        r.code, 2,
+        "a staging target in a production deployment: {r:?}"
+    );
 
-    let r = belay(&c.addr, &["deploy", "--targets", "prod_1", "--environment", "production", "--to", "002", "--skip-promotion", "--reason", "hotfix INC-42", "--output", "json"]).await?;
+    let r = belay(
+        &c.addr,
+        &[
+            "deploy",
+            "--targets",
+            "prod_1",
+            "--environment",
+            "production",
+            "--to",
+            "002",
+            "--skip-promotion",
+            "--reason",
+            "hotfix INC-42",
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["skip_promotion_reason"], "hotfix INC-42");
 
-    let r = belay(&c.addr, &["deploy", "--targets", "stage_1", "--environment", "staging", "--to", "004"]).await?;
+    let r = belay(
+        &c.addr,
+        &[
+            "deploy",
+            "--targets",
+            "stage_1",
+            "--environment",
+            "staging",
+            "--to",
+            "004",
+        ],
+    )
+    .await?;
     assert_eq!(r.code, 0, "{r:?}");
-    let r = belay(&c.addr, &["deploy", "--targets", "prod_1", "--environment", "production", "--to", "004"]).await?;
+    let r = belay(
+        &c.addr,
+        &[
+            "deploy",
+            "--targets",
+            "prod_1",
+            "--environment",
+            "production",
+            "--to",
+            "004",
+        ],
+    )
+    .await?;
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(psql(&db[1].url, "SELECT count(*) FROM belay.schema_history WHERE success"), "4");
+    assert_eq!(
+        psql(
+            &db[1].url,
+            "SELECT count(*) FROM belay.schema_history WHERE success"
+        ),
+        "4"
+    );
     Ok(())
 }

@@ -15,11 +15,28 @@ pub struct AgentConfig {
     pub controller: Option<String>,
     /// Address the controller uses to reach this agent; defaults to the bound address.
     pub advertise: Option<String>,
-    /// Bearer token presented to the controller and required from callers.
-    #[allow(dead_code, reason = "read once token wiring lands in main")]
+    /// Bearer token presented to the controller and required from callers (else
+    /// BELAY_TOKEN; else none).
     pub token_file: Option<PathBuf>,
+    /// mTLS with the controller: this agent's identity and the CA both sides trust.
+    pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Name the controller's certificate must carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "localhost".to_string()
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -53,9 +70,15 @@ pub struct LoadedTarget {
 pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read agent config {}", path.display()))?;
-    let config: AgentConfig =
+    let mut config: AgentConfig =
         toml::from_str(&text).map_err(|e| anyhow!("agent config {}: {e}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
+    if let Some(tls) = &mut config.tls {
+        tls.ca = base.join(&tls.ca);
+        tls.cert = base.join(&tls.cert);
+        tls.key = base.join(&tls.key);
+    }
+    config.token_file = config.token_file.map(|f| base.join(f));
     let mut targets = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for t in &config.targets {

@@ -139,6 +139,7 @@ async fn serve(args: Args) -> ExitCode {
                 controller: None,
                 advertise: None,
                 token_file: None,
+                tls: None,
                 targets: Vec::new(),
             },
             Vec::new(),
@@ -152,6 +153,36 @@ async fn serve(args: Args) -> ExitCode {
             labels: t.labels.clone().into_iter().collect(),
         })
         .collect();
+    let token =
+        match belay_auth::read_secret(belay_auth::TOKEN_ENV, agent_config.token_file.as_deref()) {
+            Ok(t) => t,
+            Err(err) => {
+                eprintln!("{BIN}: error: {err}");
+                return ExitCode::from(exit::USAGE);
+            }
+        };
+    let (server_tls, controller_tls) = match &agent_config.tls {
+        Some(t) => {
+            let files = belay_auth::TlsFiles {
+                ca: t.ca.clone(),
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            };
+            // Only the controller calls agents: it must present a certificate.
+            match (
+                belay_auth::server_tls(&files),
+                belay_auth::client_tls(&files, &t.server_name),
+            ) {
+                (Ok(s), Ok(c)) => (Some(s), Some(c)),
+                (Err(err), _) | (_, Err(err)) => {
+                    eprintln!("{BIN}: error: {err}");
+                    return ExitCode::from(exit::USAGE);
+                }
+            }
+        }
+        None => (None, None),
+    };
+    let check = belay_auth::MaybeTokenCheck(token.clone().map(belay_auth::TokenCheck::new));
     let local = LocalTargets::new(targets.into_iter().map(|t| t.spec));
     let migration_service = belay_rpc::MigrationGrpc::new(Arc::new(local));
 
@@ -188,8 +219,8 @@ async fn serve(args: Args) -> ExitCode {
             .unwrap_or_else(|| local_addr.to_string());
         match belay_rpc::Connection::new(
             controller,
-            None,
-            None,
+            controller_tls,
+            token.as_ref().map(belay_auth::Secret::expose),
             format!("controller at {controller}"),
         ) {
             Ok(conn) => {
@@ -210,9 +241,22 @@ async fn serve(args: Args) -> ExitCode {
         }
     }
 
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = server_tls {
+        builder = match builder.tls_config(tls) {
+            Ok(b) => b,
+            Err(err) => {
+                eprintln!("{BIN}: error: TLS configuration: {err}");
+                return ExitCode::from(exit::USAGE);
+            }
+        };
+    }
+    let server = builder
         .add_service(health_service)
-        .add_service(migration_service.clone().into_service())
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            migration_service.clone().into_service(),
+            check,
+        ))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
             // A dropped sender also means "stop".
             let _ = stop_rx.await;

@@ -87,6 +87,28 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
     heartbeat_interval: Duration,
 
+    /// File holding the bearer token every caller (CLI and agents) must present; without
+    /// it, BELAY_TOKEN; without either, calls are not authenticated
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
+
+    /// CA certificate (PEM) for TLS: agents must present certificates it signed, and
+    /// agents' certificates are checked against it
+    #[arg(long, value_name = "PATH", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<std::path::PathBuf>,
+
+    /// This controller's certificate (PEM), served to callers and presented to agents
+    #[arg(long, value_name = "PATH", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// This controller's private key (PEM)
+    #[arg(long, value_name = "PATH", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<std::path::PathBuf>,
+
+    /// Name the agents' certificates must carry
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    agent_tls_name: String,
+
     /// Log format on stderr.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, env = belay_telemetry::LOG_FORMAT_ENV)]
     log_format: LogFormat,
@@ -177,12 +199,42 @@ async fn serve(args: Args) -> ExitCode {
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
+    let token = match belay_auth::read_secret(belay_auth::TOKEN_ENV, args.token_file.as_deref()) {
+        Ok(t) => t,
+        Err(err) => {
+            eprintln!("{BIN}: error: {err}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let tls_files = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(belay_auth::TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    let (server_tls, agent_tls) = match &tls_files {
+        Some(files) => match (
+            belay_auth::server_tls_client_optional(files),
+            belay_auth::client_tls(files, &args.agent_tls_name),
+        ) {
+            (Ok(s), Ok(c)) => (Some(s), Some(c)),
+            (Err(err), _) | (_, Err(err)) => {
+                eprintln!("{BIN}: error: {err}");
+                return ExitCode::from(exit::USAGE);
+            }
+        },
+        None => (None, None),
+    };
+    let check = belay_auth::MaybeTokenCheck(token.clone().map(belay_auth::TokenCheck::new));
     let fleet = match belay_fleet::Fleet::new(
         store,
         belay_fleet::FleetConfig {
             heartbeat_interval: args.heartbeat_interval,
             environments: args.environments.clone(),
-            agent_token: None,
+            agent_token: token.as_ref().map(|t| t.expose().to_string()),
+            agent_tls,
         },
     )
     .await
@@ -198,15 +250,35 @@ async fn serve(args: Args) -> ExitCode {
     set_health(&reporter, ServingStatus::Serving).await;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = server_tls {
+        builder = match builder.tls_config(tls) {
+            Ok(b) => b,
+            Err(err) => {
+                eprintln!("{BIN}: error: TLS configuration: {err}");
+                return ExitCode::from(exit::USAGE);
+            }
+        };
+    }
+    // Health stays open (load balancers, probes); everything else checks the token.
+    let server = builder
         .add_service(health_service)
-        .add_service(pb::controller_service_server::ControllerServiceServer::new(
-            belay_fleet::grpc::ControllerGrpc(fleet.clone()),
+        .add_service(
+            pb::controller_service_server::ControllerServiceServer::with_interceptor(
+                belay_fleet::grpc::ControllerGrpc(fleet.clone()),
+                check.clone(),
+            ),
+        )
+        .add_service(
+            pb::history_service_server::HistoryServiceServer::with_interceptor(
+                belay_fleet::grpc::HistoryGrpc(fleet.clone()),
+                check.clone(),
+            ),
+        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            belay_rpc::MigrationGrpc::new(std::sync::Arc::new(fleet)).into_service(),
+            check,
         ))
-        .add_service(pb::history_service_server::HistoryServiceServer::new(
-            belay_fleet::grpc::HistoryGrpc(fleet.clone()),
-        ))
-        .add_service(belay_rpc::MigrationGrpc::new(std::sync::Arc::new(fleet)).into_service())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
             // A dropped sender also means "stop".
             let _ = stop_rx.await;

@@ -189,6 +189,21 @@ impl Interceptor for TokenCheck {
     }
 }
 
+/// A token check that may be switched off: servers wrap every protected service with it
+/// whether or not a token is configured, so the service types do not depend on the
+/// configuration. Health stays unwrapped, and thus open.
+#[derive(Clone, Debug, Default)]
+pub struct MaybeTokenCheck(pub Option<TokenCheck>);
+
+impl Interceptor for MaybeTokenCheck {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        match &self.0 {
+            Some(check) => check.check(request.metadata()).map(|()| request),
+            None => Ok(request),
+        }
+    }
+}
+
 /// Compares in time that depends only on the length of `presented`, never on where the
 /// first difference is (the expected token's length may still be inferable, as with any
 /// length-checking comparison).

@@ -32,6 +32,8 @@ pub struct FleetConfig {
     pub environments: Vec<String>,
     /// Token the controller presents to agents.
     pub agent_token: Option<String>,
+    /// mTLS identity the controller presents to agents.
+    pub agent_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for FleetConfig {
@@ -40,6 +42,7 @@ impl Default for FleetConfig {
             heartbeat_interval: Duration::from_secs(1),
             environments: Vec::new(),
             agent_token: None,
+            agent_tls: None,
         }
     }
 }
@@ -180,7 +183,7 @@ impl Fleet {
         }
         let conn = Connection::new(
             &agent.address,
-            None,
+            self.config.agent_tls.clone(),
             self.config.agent_token.as_deref(),
             format!("agent {} at {}", agent.name, agent.address),
         )?;

@@ -62,7 +62,11 @@ impl TestPki {
             &ca,
             "belay-test-server",
             &[SERVER_NAME, "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            // Controller and agents both serve and call each other with one identity.
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
         )?;
         let (server_cert, server_key) = server.write(&root, "server")?;
 
@@ -70,7 +74,7 @@ impl TestPki {
             &ca,
             "belay-test-client",
             &[],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
         )?;
         let (client_cert, client_key) = client.write(&root, "client")?;
 
@@ -80,7 +84,7 @@ impl TestPki {
             &other_ca,
             "belay-test-client",
             &[],
-            ExtendedKeyUsagePurpose::ClientAuth,
+            &[ExtendedKeyUsagePurpose::ClientAuth],
         )?;
         let (other_client_cert, other_client_key) = other.write(&root, "other-client")?;
 
@@ -167,7 +171,7 @@ fn new_leaf(
     issuer: &Issuer<'static, KeyPair>,
     common_name: &str,
     sans: &[&str],
-    usage: ExtendedKeyUsagePurpose,
+    usages: &[ExtendedKeyUsagePurpose],
 ) -> Result<Leaf, Error> {
     let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
     let mut params = CertificateParams::new(sans).map_err(rcgen_err("leaf parameters"))?;
@@ -179,7 +183,7 @@ fn new_leaf(
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    params.extended_key_usages = vec![usage];
+    params.extended_key_usages = usages.to_vec();
     let key = KeyPair::generate().map_err(rcgen_err("leaf key"))?;
     let cert = params
         .signed_by(&key, issuer)
