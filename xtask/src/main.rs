@@ -2,6 +2,7 @@
 //! the same on every machine and in CI.
 
 mod bench;
+mod bench_fleet;
 mod check;
 mod demo;
 mod pg;
@@ -60,6 +61,23 @@ enum Bench {
         #[arg(long)]
         belay_bin: Option<PathBuf>,
     },
+    /// A 3-migration deploy to many tenant databases through controller + agent vs.
+    /// local-mode `belay migrate` on each in turn; then the controller's CPU and memory
+    /// with many simulated agents heartbeating every second.
+    Fleet {
+        /// Tenant databases (targets) per side.
+        #[arg(long, default_value_t = 200)]
+        tenants: usize,
+        /// Targets the deploy migrates at once within a wave.
+        #[arg(long, default_value_t = 8)]
+        parallel: u32,
+        /// Simulated agents in the heartbeat bench.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Length of the heartbeat bench's measured window, in seconds.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +106,12 @@ fn run(task: Task) -> anyhow::Result<()> {
                 belay_bin,
             } => bench::runner(reps, migrations, belay_bin),
             Bench::Lock { seconds, belay_bin } => bench::lock(seconds, belay_bin),
+            Bench::Fleet {
+                tenants,
+                parallel,
+                agents,
+                seconds,
+            } => bench_fleet::fleet(tenants, agents, seconds, parallel),
         },
     }
 }

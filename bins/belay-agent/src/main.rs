@@ -71,6 +71,15 @@ struct Args {
     #[arg(long, value_name = "PATH", env = "BELAY_AGENT_CONFIG")]
     config: Option<std::path::PathBuf>,
 
+    /// Serve Prometheus metrics on ADDR (GET /metrics); off when not given
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    metrics_listen: Option<SocketAddr>,
+
+    /// Export traces to this OpenTelemetry collector (OTLP/gRPC, http://host:4317); an
+    /// unreachable collector never blocks or stops the daemon
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+
     /// Log format on stderr.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, env = belay_telemetry::LOG_FORMAT_ENV)]
     log_format: LogFormat,
@@ -94,10 +103,19 @@ fn main() -> ExitCode {
         }
     };
 
-    if let Err(err) = belay_telemetry::init(args.log_format, DEFAULT_LOG_FILTER) {
-        eprintln!("{BIN}: error: {err}");
-        return ExitCode::from(exit::USAGE);
-    }
+    // Kept until exit: dropping it flushes spans (bounded, never hanging).
+    let _telemetry = match belay_telemetry::init_with_otlp(
+        args.log_format,
+        DEFAULT_LOG_FILTER,
+        args.otlp_endpoint.as_deref(),
+        BIN,
+    ) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("{BIN}: error: {err}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -207,6 +225,44 @@ async fn serve(args: Args) -> ExitCode {
         }
     };
 
+    if let Some(addr) = args.metrics_listen {
+        let handle = match belay_telemetry::metrics_handle() {
+            Ok(h) => h,
+            Err(err) => {
+                eprintln!("{BIN}: error: {err}");
+                return ExitCode::from(exit::SOFTWARE);
+            }
+        };
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                tokio::spawn(async move {
+                    if let Err(err) =
+                        belay_telemetry::serve_metrics(l, handle, std::future::pending()).await
+                    {
+                        tracing::error!(error = %err, "metrics endpoint failed");
+                    }
+                });
+            }
+            Err(err) => {
+                eprintln!(
+                    "{BIN}: error: cannot serve metrics on {addr}: {err}; pick another --metrics-listen"
+                );
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        }
+    }
+    let reflection = match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(belay_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(r) => r,
+        Err(err) => {
+            eprintln!("{BIN}: error: reflection: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
 
@@ -253,6 +309,7 @@ async fn serve(args: Args) -> ExitCode {
     }
     let server = builder
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             migration_service.clone().into_service(),
             check,
@@ -303,6 +360,21 @@ async fn serve(args: Args) -> ExitCode {
             ExitCode::SUCCESS
         }
     };
+    // Runs keep going after their caller leaves; let them finish and record their
+    // outcome rather than cutting a migration off mid-way.
+    let runs = migration_service.runs();
+    runs.close();
+    if !runs.is_empty() {
+        tracing::info!(runs = runs.len(), "waiting for migrations in flight");
+        if tokio::time::timeout(SHUTDOWN_GRACE, runs.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "migrations still running after the grace period; their transactions roll back and no-transaction ones show as failed"
+            );
+        }
+    }
     tracing::info!("stopped");
     code
 }

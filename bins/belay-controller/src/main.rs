@@ -109,6 +109,15 @@ struct Args {
     #[arg(long, value_name = "NAME", default_value = "localhost")]
     agent_tls_name: String,
 
+    /// Serve Prometheus metrics on ADDR (GET /metrics); off when not given
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    metrics_listen: Option<SocketAddr>,
+
+    /// Export traces to this OpenTelemetry collector (OTLP/gRPC, http://host:4317); an
+    /// unreachable collector never blocks or stops the daemon
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+
     /// Log format on stderr.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, env = belay_telemetry::LOG_FORMAT_ENV)]
     log_format: LogFormat,
@@ -140,10 +149,19 @@ fn main() -> ExitCode {
         }
     };
 
-    if let Err(err) = belay_telemetry::init(args.log_format, DEFAULT_LOG_FILTER) {
-        eprintln!("{BIN}: error: {err}");
-        return ExitCode::from(exit::USAGE);
-    }
+    // Kept until exit: dropping it flushes spans (bounded, never hanging).
+    let _telemetry = match belay_telemetry::init_with_otlp(
+        args.log_format,
+        DEFAULT_LOG_FILTER,
+        args.otlp_endpoint.as_deref(),
+        BIN,
+    ) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("{BIN}: error: {err}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -246,6 +264,45 @@ async fn serve(args: Args) -> ExitCode {
         }
     };
 
+    if let Some(addr) = args.metrics_listen {
+        let handle = match belay_telemetry::metrics_handle() {
+            Ok(h) => h,
+            Err(err) => {
+                eprintln!("{BIN}: error: {err}");
+                return ExitCode::from(exit::SOFTWARE);
+            }
+        };
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                tokio::spawn(async move {
+                    if let Err(err) =
+                        belay_telemetry::serve_metrics(l, handle, std::future::pending()).await
+                    {
+                        tracing::error!(error = %err, "metrics endpoint failed");
+                    }
+                });
+            }
+            Err(err) => {
+                eprintln!(
+                    "{BIN}: error: cannot serve metrics on {addr}: {err}; pick another --metrics-listen"
+                );
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        }
+    }
+    let reflection = match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(belay_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(r) => r,
+        Err(err) => {
+            eprintln!("{BIN}: error: reflection: {err}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+
+    fleet.spawn_gauges();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::Serving).await;
 
@@ -263,6 +320,7 @@ async fn serve(args: Args) -> ExitCode {
     // Health stays open (load balancers, probes); everything else checks the token.
     let server = builder
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(
             pb::controller_service_server::ControllerServiceServer::with_interceptor(
                 belay_fleet::grpc::ControllerGrpc(fleet.clone()),

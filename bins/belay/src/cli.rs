@@ -22,6 +22,10 @@ Exit codes:
   69  the database, the controller or the target's agent is unreachable
   77  the controller refused the credentials
   70  unexpected database or internal error
+  backup commands also: 1 `backup verify` found the backup bad (each problem names its
+      file); 2 refused (restore of a backup failing verification without --force, pg_dump
+      missing or older than the server); 66 no such backup; 73 out of disk space or over
+      the size limit (the partial backup is removed, the catalog unchanged)
 
 Environment:
   BELAY_DATABASE_URL / DATABASE_URL   target database
@@ -72,6 +76,14 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "NAME", env = "BELAY_TARGET")]
     pub target: Option<String>,
 
+    /// Remote mode: CA certificate (PEM) to verify a TLS controller with
+    #[arg(long, global = true, value_name = "PATH", env = "BELAY_CA")]
+    pub ca: Option<PathBuf>,
+
+    /// Remote mode: name the controller's certificate must carry
+    #[arg(long, global = true, value_name = "NAME", default_value = "localhost")]
+    pub tls_server_name: String,
+
     /// Remote mode: file holding the bearer token for the controller (or BELAY_TOKEN)
     #[arg(long, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
@@ -79,6 +91,10 @@ pub struct Cli {
     /// Schema of the history table in the target database [default: belay]
     #[arg(long, global = true, value_name = "SCHEMA")]
     pub history_schema: Option<String>,
+
+    /// Where local backups are kept [default: ./.belay/backups, or `backup_dir` in belay.toml]
+    #[arg(long, global = true, value_name = "DIR", env = "BELAY_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -106,6 +122,10 @@ pub enum Command {
         target: TargetArgs,
         #[command(flatten)]
         exec: ExecArgs,
+        /// Backup taken (and verified) before the first statement; its id is recorded in
+        /// the history rows [default: full, or `backup` in belay.toml]
+        #[arg(long, value_enum, value_name = "SCOPE")]
+        backup: Option<crate::backup_cmd::BackupMode>,
     },
     /// Revert applied migrations with their undo scripts, newest first [default: one]
     Undo {
@@ -120,6 +140,10 @@ pub enum Command {
         all: bool,
         #[command(flatten)]
         exec: ExecArgs,
+        /// Backup taken before the undo scripts run [default: tables, a snapshot of the
+        /// tables the undos drop, truncate or drop columns of; none when there are none]
+        #[arg(long, value_enum, value_name = "SCOPE")]
+        backup: Option<crate::backup_cmd::BackupMode>,
     },
     /// Show every migration's state: success, pending, failed, missing, future, undone,
     /// checksum_mismatch, baseline
@@ -167,6 +191,12 @@ pub enum Command {
     },
     /// Remote mode: agents registered with the controller and their targets
     Agents,
+    /// Backups of the database with pg_dump: create, list, verify, restore, prune (local
+    /// mode; kept under --backup-dir)
+    Backup {
+        #[command(subcommand)]
+        command: crate::backup_cmd::BackupCommand,
+    },
     /// Adopt an existing database: record that everything up to VERSION is already there
     Baseline {
         #[arg(long, value_name = "VERSION")]

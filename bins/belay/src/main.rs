@@ -2,6 +2,7 @@
 //! the migration engine, print. Local mode only for now: the engine runs in-process
 //! against `--url`.
 
+mod backup_cmd;
 mod cli;
 mod remote;
 mod render;
@@ -122,11 +123,23 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         | Command::Baseline { exec, .. } => Some(exec),
         _ => None,
     };
+    if cli.controller.is_some()
+        && let Some(f) = backup_cmd::remote_unsupported(&cli.command)
+    {
+        return Err(f);
+    }
     if let Some(addr) = cli.controller.clone() {
         let token = read_token(cli.token_file.as_deref())?;
+        let tls = match &cli.ca {
+            Some(ca) => Some(
+                belay_auth::client_tls_ca_only(ca, &cli.tls_server_name)
+                    .map_err(|e| usage(anyhow!("{e}")))?,
+            ),
+            None => None,
+        };
         let conn = belay_rpc::Connection::new(
             &addr,
-            None,
+            tls,
             token.as_deref(),
             format!("controller at {addr}"),
         )?;
@@ -151,14 +164,22 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             "no database URL: set BELAY_DATABASE_URL (or DATABASE_URL), pass --url-file, or set `url_file` in belay.toml"
         ))
     })?;
+    if let Command::Backup { command } = &cli.command {
+        return backup_cmd::run(command, &settings, &url, cli.output).await;
+    }
     // Files are checked before anything else touches the database.
     belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
+    let backup_hook = backup_cmd::hook_for(&cli.command, &settings, &url);
     let api = LocalTargets::new([TargetSpec {
         name: LOCAL_TARGET.to_string(),
         url,
         dir: settings.dir.clone(),
         exec: settings.exec.clone(),
     }]);
+    let api = match backup_hook {
+        Some(hook) => api.with_backup_hook(LOCAL_TARGET, hook),
+        None => api,
+    };
     execute(&api, LOCAL_TARGET, cli.command, cli.output).await
 }
 
@@ -242,6 +263,12 @@ async fn execute(
             let actions = api.repair(target_name).await?;
             render::repair(out, &actions);
             Ok(0)
+        }
+        Command::Backup { .. } => {
+            Err(backup_cmd::remote_unsupported(&command).unwrap_or(Failure {
+                code: exit::USAGE,
+                message: "backup commands run in local mode".into(),
+            }))
         }
         Command::Deploy { .. } | Command::Deployments { .. } | Command::Agents => {
             Err(remote::needs_controller(&command).unwrap_or(Failure {

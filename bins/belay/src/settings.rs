@@ -15,6 +15,10 @@ pub struct FileConfig {
     pub url_file: Option<PathBuf>,
     pub dir: Option<PathBuf>,
     pub history_schema: Option<String>,
+    /// Where local backups are kept (`--backup-dir`).
+    pub backup_dir: Option<PathBuf>,
+    /// `migrate`'s default `--backup`: full, schema, tables or none.
+    pub backup: Option<crate::backup_cmd::BackupMode>,
     #[serde(default)]
     pub execution: FileExec,
 }
@@ -36,6 +40,8 @@ pub struct Settings {
     pub url_from_argv_with_password: bool,
     pub dir: PathBuf,
     pub exec: ExecConfig,
+    pub backup_dir: PathBuf,
+    pub backup: Option<crate::backup_cmd::BackupMode>,
 }
 
 pub fn load_file(cli: &Cli) -> Result<FileConfig> {
@@ -126,7 +132,14 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
         exec.runner_wait = duration("runner-wait", v)?;
     }
     belay_history::History::new(&exec.history_schema).map_err(|e| anyhow!("{e}"))?;
+    let backup_dir = cli
+        .backup_dir
+        .clone()
+        .or(file.backup_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(".belay/backups"));
     Ok(Settings {
+        backup_dir,
+        backup: file.backup,
         url,
         url_from_argv_with_password,
         dir: cli

@@ -200,6 +200,7 @@ fn missing_directory_bad_url_and_unreachable_database_are_clear() {
     let o = std::process::Command::new(BELAY)
         .env_remove("BELAY_DATABASE_URL")
         .env_remove("DATABASE_URL")
+        .env("BELAY_BACKUP_DIR", default_backup_dir())
         .args(["--url", &url_with_pw, "--dir"])
         .arg(dir.path())
         .arg("migrate")

@@ -218,6 +218,8 @@ impl Fleet {
                     .transition(id, DeploymentState::Failed, &msg)
                     .await
                     .map_err(store_err)?;
+                metrics::counter!(belay_telemetry::names::DEPLOYMENTS_TOTAL, "status" => "failed")
+                    .increment(1);
                 self.notify();
                 return Ok(());
             }
@@ -230,6 +232,8 @@ impl Fleet {
             )
             .await
             .map_err(store_err)?;
+        metrics::counter!(belay_telemetry::names::DEPLOYMENTS_TOTAL, "status" => "succeeded")
+            .increment(1);
         self.notify();
         Ok(())
     }

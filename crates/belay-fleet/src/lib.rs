@@ -120,6 +120,20 @@ impl Fleet {
         Ok(fleet)
     }
 
+    /// Keeps `belay_agents_connected` current, once per heartbeat interval.
+    pub fn spawn_gauges(&self) {
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(agents) = fleet.store.agents().await {
+                    let alive = agents.iter().filter(|a| fleet.is_alive(a)).count();
+                    metrics::gauge!(belay_telemetry::names::AGENTS_CONNECTED).set(alive as f64);
+                }
+                tokio::time::sleep(fleet.config.heartbeat_interval).await;
+            }
+        });
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }

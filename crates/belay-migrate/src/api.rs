@@ -2,6 +2,7 @@
 //! local mode and the agent use [`LocalTargets`] (the engine in-process); the CLI's remote
 //! mode and the controller use a gRPC client implementing the same trait (`belay-rpc`).
 
+use crate::backup::BackupHook;
 use crate::config::ExecConfig;
 use crate::directives::Directives;
 use crate::error::{ErrorKind, MigrateError};
@@ -11,6 +12,7 @@ use crate::status::MigrationStatus;
 use belay_core::DatabaseUrl;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// A failure as every caller sees it, local or remote: a class and a human message.
@@ -109,16 +111,38 @@ pub struct TargetSpec {
 
 /// The engine in-process over a set of targets. Migration files are read afresh on every
 /// call, so an edit on disk is seen by the next command, as in local mode.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct LocalTargets {
     targets: BTreeMap<String, TargetSpec>,
+    /// Per target: the backup taken before `apply` and `undo` change anything.
+    backup_hooks: BTreeMap<String, Arc<dyn BackupHook>>,
+}
+
+impl std::fmt::Debug for LocalTargets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalTargets")
+            .field("targets", &self.targets)
+            .field(
+                "backup_hooks",
+                &self.backup_hooks.keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl LocalTargets {
     pub fn new(targets: impl IntoIterator<Item = TargetSpec>) -> Self {
         LocalTargets {
             targets: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            backup_hooks: BTreeMap::new(),
         }
+    }
+
+    /// Runs `hook` before every `apply` and `undo` on `target` that has something to do
+    /// (see [`BackupHook`]).
+    pub fn with_backup_hook(mut self, target: &str, hook: Arc<dyn BackupHook>) -> Self {
+        self.backup_hooks.insert(target.to_string(), hook);
+        self
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -148,6 +172,9 @@ impl LocalTargets {
         let mut m = Migrator::new(spec.url.clone(), set, spec.exec.clone(), sink)?;
         if let Some(id) = deployment_id {
             m = m.with_deployment_id(id);
+        }
+        if let Some(hook) = self.backup_hooks.get(target) {
+            m = m.with_backup_hook(hook.clone());
         }
         Ok(m)
     }

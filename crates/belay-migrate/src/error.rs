@@ -44,6 +44,14 @@ pub enum MigrateError {
     },
     #[error("no migration with version {0} in the migrations directory")]
     UnknownVersion(String),
+    #[error("refusing to {action}: the backup before it failed, so nothing was changed: {message}")]
+    BackupFailed {
+        action: &'static str,
+        /// The hook's class: `Unavailable` when the database could not be reached,
+        /// otherwise `Refused`.
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 /// A script that PostgreSQL rejected, located in its file.
@@ -113,6 +121,7 @@ impl MigrateError {
             MigrateError::Refused { .. } | MigrateError::UnknownVersion(_) => ErrorKind::Refused,
             MigrateError::RunnerBusy { .. } => ErrorKind::Busy,
             MigrateError::Database { .. } | MigrateError::History(_) => ErrorKind::Internal,
+            MigrateError::BackupFailed { kind, .. } => *kind,
         }
     }
 }

@@ -68,6 +68,14 @@ pub enum EventKind {
         direction: Direction,
         error: String,
     },
+    /// The backup before the run's first statement is taken (and verified): its id is in
+    /// every history row of the run.
+    BackupTaken {
+        id: String,
+        /// `full`, `schema_only` or `tables`.
+        scope: String,
+        ms: u64,
+    },
 }
 
 /// The session holding the runner lock, as `pg_stat_activity` shows it.
@@ -152,6 +160,9 @@ impl EventKind {
                 s
             }
             EventKind::Failed { script, .. } => format!("FAILED {script}"),
+            EventKind::BackupTaken { id, scope, ms } => {
+                format!("backup {id} ({scope}) taken and verified in {ms} ms")
+            }
         })
     }
 }

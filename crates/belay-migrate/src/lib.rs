@@ -6,6 +6,7 @@
 //! table's storage (that is `belay-history`).
 
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod directives;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod status;
 pub use api::{
     ApiError, LocalTargets, MigrationApi, PlanStepView, PlanView, TargetSpec, Validation,
 };
+pub use backup::{BackupContext, BackupHook, BackupStep, BackupTaken};
 pub use config::ExecConfig;
 pub use error::{ErrorKind, MigrateError, ScriptFailure};
 pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};

@@ -1,6 +1,7 @@
 //! The executor: one runner per database, one transaction per migration with its history
 //! row inside, short lock timeouts retried with backoff, failures mapped to `file:line`.
 
+use crate::backup::{BackupContext, BackupHook, BackupStep};
 use crate::config::ExecConfig;
 use crate::directives::NoTransactionSource;
 use crate::error::{MigrateError, ScriptFailure};
@@ -14,6 +15,7 @@ use chrono::Utc;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgErrorPosition};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{Instrument, debug, info_span};
 use uuid::Uuid;
@@ -50,6 +52,9 @@ pub struct Step {
     pub source: Script,
     #[serde(skip)]
     checksum: String,
+    /// The backup taken before the run, recorded in this step's history row.
+    #[serde(skip)]
+    backup_id: Option<String>,
 }
 
 impl Step {
@@ -101,6 +106,7 @@ pub struct Migrator {
     history: History,
     sink: EventSink,
     deployment_id: Uuid,
+    backup_hook: Option<Arc<dyn BackupHook>>,
 }
 
 impl std::fmt::Debug for Migrator {
@@ -109,6 +115,7 @@ impl std::fmt::Debug for Migrator {
             .field("url", &self.url)
             .field("dir", &self.set.dir)
             .field("deployment_id", &self.deployment_id)
+            .field("backup_hook", &self.backup_hook.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -132,7 +139,15 @@ impl Migrator {
             history,
             sink,
             deployment_id: Uuid::new_v4(),
+            backup_hook: None,
         })
+    }
+
+    /// Takes a backup through `hook` before `migrate` and `undo` change anything (see
+    /// [`BackupHook`]); its id goes into every history row of the run.
+    pub fn with_backup_hook(mut self, hook: Arc<dyn BackupHook>) -> Self {
+        self.backup_hook = Some(hook);
+        self
     }
 
     /// Runs under a caller-chosen deployment id (the controller's), recorded in every
@@ -341,6 +356,7 @@ impl Migrator {
                     no_transaction: m.up.no_transaction(),
                     source: m.up.clone(),
                     checksum: m.checksum.to_string(),
+                    backup_id: None,
                 });
             }
         }
@@ -363,6 +379,7 @@ impl Migrator {
                         no_transaction: r.script.no_transaction(),
                         source: r.script.clone(),
                         checksum: r.script.checksum.to_string(),
+                        backup_id: None,
                     });
                 }
             }
@@ -428,6 +445,7 @@ impl Migrator {
                 no_transaction: down.no_transaction(),
                 source: down.clone(),
                 checksum: down.checksum.to_string(),
+                backup_id: None,
             });
         }
         if !problems.is_empty() {
@@ -532,7 +550,7 @@ impl Migrator {
                 reason: blockers.join("\n  "),
             });
         }
-        let steps = choose(&statuses)?;
+        let mut steps = choose(&statuses)?;
         if let Some(newest) = newest_applied(&statuses) {
             for step in steps.iter().filter(|s| s.direction == Direction::Forward) {
                 if step
@@ -550,11 +568,120 @@ impl Migrator {
                 }
             }
         }
+        // The backup comes after the lock and the plan, before the first statement.
+        if !steps.is_empty()
+            && let Some(hook) = &self.backup_hook
+        {
+            let backup_id = self
+                .take_backup(conn, hook.as_ref(), &steps, action)
+                .await?;
+            for step in &mut steps {
+                step.backup_id.clone_from(&backup_id);
+            }
+        }
         for step in steps {
             let result = self.execute(conn, &step).await?;
             report.results.push(result);
         }
         Ok(())
+    }
+
+    /// Runs the backup hook for `steps`; a failure refuses the run (nothing applied yet).
+    async fn take_backup(
+        &self,
+        conn: &mut PgConnection,
+        hook: &dyn BackupHook,
+        steps: &[Step],
+        action: &'static str,
+    ) -> Result<Option<String>, MigrateError> {
+        let undo = steps.iter().any(|s| s.direction == Direction::Undo);
+        let mut named = Vec::new();
+        for step in steps {
+            named.extend(step.source.directives.tables.iter().cloned());
+            for st in &step.source.statements {
+                let t = st.table_targets(&step.source.text);
+                named.extend(t.data_lost);
+                if !undo {
+                    named.extend(t.altered);
+                }
+            }
+        }
+        let tables = self.existing_tables(conn, &named).await?;
+        let ctx = BackupContext {
+            deployment_id: self.deployment_id,
+            direction: if undo {
+                Direction::Undo
+            } else {
+                Direction::Forward
+            },
+            steps: steps
+                .iter()
+                .map(|s| BackupStep {
+                    version: s.version.clone(),
+                    script: s.script.clone(),
+                    direction: s.direction,
+                })
+                .collect(),
+            tables,
+        };
+        let started = Instant::now();
+        let taken = if undo {
+            let versions: Vec<&str> = steps.iter().filter_map(|s| s.version.as_deref()).collect();
+            let reason = format!(
+                "before undo of {} (deployment {})",
+                versions.join(", "),
+                self.deployment_id
+            );
+            hook.before_undo(&ctx, &reason).await
+        } else {
+            hook.before_apply(&ctx).await
+        }
+        .map_err(|e| MigrateError::BackupFailed {
+            action,
+            kind: match e.kind {
+                crate::error::ErrorKind::Unavailable => crate::error::ErrorKind::Unavailable,
+                _ => crate::error::ErrorKind::Refused,
+            },
+            message: e.message,
+        })?;
+        Ok(taken.map(|t| {
+            self.emit(EventKind::BackupTaken {
+                id: t.id.clone(),
+                scope: t.scope,
+                ms: started.elapsed().as_millis() as u64,
+            });
+            t.id
+        }))
+    }
+
+    /// Of `names` (as written in scripts), the ordinary or partitioned tables that exist,
+    /// as `schema.table` (quoted where needed), deduplicated in order. Names PostgreSQL
+    /// cannot parse are skipped.
+    async fn existing_tables(
+        &self,
+        conn: &mut PgConnection,
+        names: &[String],
+    ) -> Result<Vec<String>, MigrateError> {
+        let mut out: Vec<String> = Vec::new();
+        for name in names {
+            let found: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
+                "SELECT format('%I.%I', n.nspname, c.relname) \
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                  WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
+            )
+            .bind(name)
+            .fetch_optional(&mut *conn)
+            .await;
+            match found {
+                Ok(Some(t)) if !out.contains(&t) => out.push(t),
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) => {
+                    debug!(table = %name, error = %e, "not a table name PostgreSQL can parse");
+                }
+                Err(e) => return Err(self.db_err("looking up tables to back up")(e)),
+            }
+        }
+        Ok(out)
     }
 
     fn new_row(&self, step: &Step, state: RowState) -> NewRow {
@@ -570,7 +697,7 @@ impl Migrator {
             checksum: Some(step.checksum.clone()),
             execution_time_ms: 0,
             deployment_id: Some(self.deployment_id),
-            backup_id: None,
+            backup_id: step.backup_id.clone(),
             lock_wait_ms: 0,
             retries: 0,
             state,

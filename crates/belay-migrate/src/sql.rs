@@ -260,6 +260,233 @@ fn dollar_tag_end(b: &[u8], i: usize) -> Option<usize> {
     None
 }
 
+/// Tables a statement touches, as far as its tokens tell (a lexer, not a parser): names as
+/// written (`schema.table`, quoted identifiers keep their quotes), in order, deduplicated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableTargets {
+    /// Dropped (`DROP TABLE`), emptied (`TRUNCATE`) or losing columns
+    /// (`ALTER TABLE … DROP [COLUMN]`): their data is gone once the statement runs.
+    pub data_lost: Vec<String>,
+    /// Altered in other ways (`ALTER TABLE` without a dropped column).
+    pub altered: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    Word(String),
+    Punct(char),
+}
+
+impl Tok {
+    fn is_kw(&self, kw: &str) -> bool {
+        matches!(self, Tok::Word(w) if w.eq_ignore_ascii_case(kw))
+    }
+}
+
+/// Words (quoted identifiers verbatim) and punctuation; comments skipped, strings and
+/// dollar-quoted bodies reduced to one punctuation token.
+fn tokens(text: &str) -> Vec<Tok> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 1;
+                i += 2;
+                while i < b.len() && depth > 0 {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'\'' => {
+                let escapes =
+                    matches!(out.last(), Some(Tok::Word(w)) if w.eq_ignore_ascii_case("E"));
+                i = skip_quoted(b, i, b'\'', escapes);
+                out.push(Tok::Punct('\''));
+            }
+            b'"' => {
+                let start = i;
+                i = skip_quoted(b, i, b'"', false);
+                out.push(Tok::Word(text[start..i].to_string()));
+            }
+            b'$' => match dollar_tag_end(b, i) {
+                Some(tag_end) => {
+                    let tag = &b[i..=tag_end];
+                    let mut j = tag_end + 1;
+                    while j + tag.len() <= b.len() && &b[j..j + tag.len()] != tag {
+                        j += 1;
+                    }
+                    i = (j + tag.len()).min(b.len());
+                    out.push(Tok::Punct('$'));
+                }
+                None => {
+                    i += 1;
+                    out.push(Tok::Punct('$'));
+                }
+            },
+            c if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 => {
+                let start = i;
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                out.push(Tok::Word(text[start..i].to_string()));
+            }
+            c if c.is_ascii_whitespace() => i += 1,
+            c => {
+                out.push(Tok::Punct(c as char));
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// A possibly qualified name starting at `i`: (`a.b` as written, index after it).
+fn name_at(toks: &[Tok], mut i: usize) -> Option<(String, usize)> {
+    let Some(Tok::Word(first)) = toks.get(i) else {
+        return None;
+    };
+    let mut name = first.clone();
+    i += 1;
+    while let (Some(Tok::Punct('.')), Some(Tok::Word(next))) = (toks.get(i), toks.get(i + 1)) {
+        name.push('.');
+        name.push_str(next);
+        i += 2;
+    }
+    Some((name, i))
+}
+
+/// Skips `IF EXISTS` at `i`.
+fn skip_if_exists(toks: &[Tok], i: usize) -> usize {
+    if toks.get(i).is_some_and(|t| t.is_kw("IF"))
+        && toks.get(i + 1).is_some_and(|t| t.is_kw("EXISTS"))
+    {
+        i + 2
+    } else {
+        i
+    }
+}
+
+/// A comma-separated list of table names from `i` (`ONLY` and a trailing `*` allowed).
+fn name_list(toks: &[Tok], mut i: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        if toks.get(i).is_some_and(|t| t.is_kw("ONLY")) {
+            i += 1;
+        }
+        let Some((name, next)) = name_at(toks, i) else {
+            break;
+        };
+        names.push(name);
+        i = next;
+        if toks.get(i) == Some(&Tok::Punct('*')) {
+            i += 1;
+        }
+        if toks.get(i) == Some(&Tok::Punct(',')) {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    names
+}
+
+impl Statement {
+    /// The tables this statement drops, truncates, drops columns of, or otherwise alters.
+    /// Best effort from tokens: `DROP TABLE`, `TRUNCATE`, `ALTER TABLE` are recognised;
+    /// anything else (functions, `DROP SCHEMA … CASCADE`) names no table.
+    pub fn table_targets(&self, script: &str) -> TableTargets {
+        let mut t = TableTargets::default();
+        let first = self.words.first().map(|w| w.to_ascii_uppercase());
+        let second = self.words.get(1).map(|w| w.to_ascii_uppercase());
+        match (first.as_deref(), second.as_deref()) {
+            (Some("DROP"), Some("TABLE"))
+            | (Some("TRUNCATE"), _)
+            | (Some("ALTER"), Some("TABLE")) => {}
+            _ => return t,
+        }
+        let toks = tokens(self.text(script));
+        match (first.as_deref(), second.as_deref()) {
+            (Some("DROP"), _) => t.data_lost = name_list(&toks, skip_if_exists(&toks, 2)),
+            (Some("TRUNCATE"), _) => {
+                let i = if toks.get(1).is_some_and(|t| t.is_kw("TABLE")) {
+                    2
+                } else {
+                    1
+                };
+                t.data_lost = name_list(&toks, i);
+            }
+            _ => {
+                let mut i = skip_if_exists(&toks, 2);
+                if toks.get(i).is_some_and(|t| t.is_kw("ONLY")) {
+                    i += 1;
+                }
+                if toks.get(i).is_some_and(|t| t.is_kw("ALL")) {
+                    return t; // ALTER TABLE ALL IN TABLESPACE
+                }
+                let Some((name, mut i)) = name_at(&toks, i) else {
+                    return t;
+                };
+                if toks.get(i) == Some(&Tok::Punct('*')) {
+                    i += 1;
+                }
+                // Actions are separated by commas outside parentheses; one starting with
+                // DROP (other than DROP CONSTRAINT) drops a column.
+                let mut depth = 0usize;
+                let mut action_start = true;
+                let mut drops_column = false;
+                while i < toks.len() {
+                    match &toks[i] {
+                        Tok::Punct('(') => depth += 1,
+                        Tok::Punct(')') => depth = depth.saturating_sub(1),
+                        Tok::Punct(',') if depth == 0 => {
+                            action_start = true;
+                            i += 1;
+                            continue;
+                        }
+                        tok if action_start
+                            && depth == 0
+                            && tok.is_kw("DROP")
+                            && !toks.get(i + 1).is_some_and(|n| n.is_kw("CONSTRAINT")) =>
+                        {
+                            drops_column = true;
+                        }
+                        _ => {}
+                    }
+                    action_start = false;
+                    i += 1;
+                }
+                if drops_column {
+                    t.data_lost.push(name);
+                } else {
+                    t.altered.push(name);
+                }
+            }
+        }
+        t.data_lost.dedup();
+        t
+    }
+}
+
 /// Maps PostgreSQL's 1-based *character* position within `text` to a 1-based line and
 /// column.
 pub fn line_col(text: &str, char_pos: usize) -> (usize, usize) {
@@ -357,6 +584,36 @@ mod tests {
         let body = split("do $$ begin commit; end $$;");
         assert!(!body[0].is_transaction_control());
         assert!(split("start transaction isolation level serializable;")[0].opens_transaction());
+    }
+
+    #[test]
+    fn finds_tables_that_lose_data_or_are_altered() {
+        let script = r#"
+            drop table if exists public.orders, "Line Items" cascade;
+            TRUNCATE TABLE ONLY a, b;
+            alter table only s.t drop column c, add column d int;
+            ALTER TABLE u ADD COLUMN x int DEFAULT 0, DROP CONSTRAINT u_fk;
+            alter table v alter column w drop default;
+            alter table if exists w drop x;
+            create function f() returns void as $$ drop table nope; $$ language sql;
+            drop index i;
+        "#;
+        let targets: Vec<TableTargets> = split(script)
+            .iter()
+            .map(|s| s.table_targets(script))
+            .collect();
+        assert_eq!(targets[0].data_lost, ["public.orders", "\"Line Items\""]);
+        assert_eq!(targets[1].data_lost, ["a", "b"]);
+        assert_eq!(targets[2].data_lost, ["s.t"]);
+        assert_eq!(
+            (targets[3].data_lost.len(), &targets[3].altered[..]),
+            (0, &["u".to_string()][..])
+        );
+        assert_eq!(targets[4].altered, ["v"]);
+        assert!(targets[4].data_lost.is_empty());
+        assert_eq!(targets[5].data_lost, ["w"]);
+        assert_eq!(targets[6], TableTargets::default());
+        assert_eq!(targets[7], TableTargets::default());
     }
 
     #[test]

@@ -474,6 +474,11 @@ pub fn event(e: &Event, target: &str) -> pb::MigrationEvent {
             direction: direction(*d) as i32,
             error: error.clone(),
         }),
+        EventKind::BackupTaken { id, scope, ms } => E::BackupTaken(pb::BackupTaken {
+            id: id.clone(),
+            scope: scope.clone(),
+            ms: *ms,
+        }),
     };
     pb::MigrationEvent {
         deployment_id: e.deployment_id.to_string(),
@@ -528,6 +533,11 @@ pub fn event_from(e: &pb::MigrationEvent) -> Result<Event, DecodeError> {
             script: f.script.clone(),
             direction: direction_from(f.direction)?,
             error: f.error.clone(),
+        },
+        E::BackupTaken(b) => EventKind::BackupTaken {
+            id: b.id.clone(),
+            scope: b.scope.clone(),
+            ms: b.ms,
         },
     };
     Ok(Event {
@@ -669,6 +679,11 @@ mod tests {
                 script: "R__v.sql".into(),
                 direction: Direction::Repeatable,
                 error: "R__v.sql:1: boom".into(),
+            },
+            EventKind::BackupTaken {
+                id: "20260422T101530.123Z-3f9a1c".into(),
+                scope: "full".into(),
+                ms: 420,
             },
         ];
         for kind in kinds {

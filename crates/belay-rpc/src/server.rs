@@ -7,6 +7,7 @@ use pb::migration_service_server::{MigrationService, MigrationServiceServer};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 use uuid::Uuid;
@@ -16,6 +17,7 @@ use uuid::Uuid;
 #[derive(Clone)]
 pub struct MigrationGrpc {
     api: Arc<dyn MigrationApi>,
+    runs: TaskTracker,
 }
 
 impl std::fmt::Debug for MigrationGrpc {
@@ -26,7 +28,16 @@ impl std::fmt::Debug for MigrationGrpc {
 
 impl MigrationGrpc {
     pub fn new(api: Arc<dyn MigrationApi>) -> Self {
-        MigrationGrpc { api }
+        MigrationGrpc {
+            api,
+            runs: TaskTracker::new(),
+        }
+    }
+
+    /// The runs in flight. On shutdown a daemon closes it and waits (bounded), so a
+    /// migration under way finishes and is recorded rather than cut off.
+    pub fn runs(&self) -> &TaskTracker {
+        &self.runs
     }
 
     pub fn into_service(self) -> MigrationServiceServer<Self> {
@@ -49,10 +60,39 @@ fn deployment_id(s: &str) -> Result<Option<Uuid>, Status> {
 
 type RunStream = UnboundedReceiverStream<Result<pb::RunMessage, Status>>;
 
+/// The migration metrics of a target, from its run's events (a no-op without an
+/// installed recorder).
+fn record_metrics(target: &str, e: &belay_migrate::Event) {
+    use belay_migrate::EventKind;
+    use belay_telemetry::names;
+    match &e.kind {
+        EventKind::Succeeded {
+            execution_ms,
+            retries,
+            lock_wait_ms,
+            ..
+        } => {
+            let t = target.to_string();
+            metrics::counter!(names::MIGRATIONS_TOTAL, "target" => t.clone(), "status" => "success").increment(1);
+            metrics::histogram!(names::MIGRATION_DURATION_SECONDS, "target" => t.clone())
+                .record(*execution_ms as f64 / 1000.0);
+            metrics::histogram!(names::MIGRATION_LOCK_WAIT_SECONDS, "target" => t.clone())
+                .record(*lock_wait_ms as f64 / 1000.0);
+            metrics::counter!(names::MIGRATION_RETRIES_TOTAL, "target" => t)
+                .increment(u64::from(*retries));
+        }
+        EventKind::Failed { .. } => {
+            metrics::counter!(names::MIGRATIONS_TOTAL, "target" => target.to_string(), "status" => "failed")
+                .increment(1);
+        }
+        _ => {}
+    }
+}
+
 /// Runs `work` in its own task, forwarding events and the final report into a stream.
 /// The task is not tied to the caller: a client that disconnects mid-run does not
 /// abandon a migration half-way; it finishes and is recorded as usual.
-fn run_stream<F, Fut>(target: String, work: F) -> RunStream
+fn run_stream<F, Fut>(runs: &TaskTracker, target: String, work: F) -> RunStream
 where
     F: FnOnce(EventSink) -> Fut,
     Fut: std::future::Future<Output = Result<belay_migrate::RunReport, belay_migrate::ApiError>>
@@ -63,6 +103,7 @@ where
     let events = tx.clone();
     let event_target = target.clone();
     let sink: EventSink = Arc::new(move |e| {
+        record_metrics(&event_target, e);
         let msg = pb::RunMessage {
             message: Some(pb::run_message::Message::Event(convert::event(
                 e,
@@ -72,7 +113,7 @@ where
         let _ = events.send(Ok(msg));
     });
     let fut = work(sink);
-    tokio::spawn(
+    runs.spawn(
         async move {
             let msg = match fut.await {
                 Ok(report) => Ok(pb::RunMessage {
@@ -131,9 +172,11 @@ impl MigrationService for MigrationGrpc {
         let forward = convert::forward_from(r.forward.as_ref());
         let api = self.api.clone();
         let t = target.clone();
-        Ok(Response::new(run_stream(target, move |sink| async move {
-            api.apply(&t, &forward, id, sink).await
-        })))
+        Ok(Response::new(run_stream(
+            &self.runs,
+            target,
+            move |sink| async move { api.apply(&t, &forward, id, sink).await },
+        )))
     }
 
     type UndoStream = RunStream;
@@ -148,9 +191,11 @@ impl MigrationService for MigrationGrpc {
         let undo = convert::undo_from(r.undo.as_ref());
         let api = self.api.clone();
         let t = target.clone();
-        Ok(Response::new(run_stream(target, move |sink| async move {
-            api.undo(&t, &undo, id, sink).await
-        })))
+        Ok(Response::new(run_stream(
+            &self.runs,
+            target,
+            move |sink| async move { api.undo(&t, &undo, id, sink).await },
+        )))
     }
 
     async fn validate(

@@ -19,6 +19,7 @@ pub fn belay_cmd(url: &str, dir: &Path) -> Command {
     c.env("BELAY_DATABASE_URL", url)
         .env_remove("DATABASE_URL")
         .env_remove("BELAY_LOG")
+        .env("BELAY_BACKUP_DIR", default_backup_dir())
         .arg("--dir")
         .arg(dir)
         .current_dir(std::env::temp_dir())
@@ -144,4 +145,24 @@ pub fn history_schema_exists(url: &str) -> bool {
 
 pub fn cluster() -> &'static Cluster {
     Cluster::shared()
+}
+
+/// Where backups go when a test names no `--backup-dir` (`migrate` takes one by default):
+/// under cargo's per-target temp dir rather than the working directory.
+pub fn default_backup_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("belay-backups")
+}
+
+/// `belay --backup-dir <backups> ARGS`.
+pub fn belay_b(url: &str, dir: &Path, backups: &Path, args: &[&str]) -> Run {
+    let mut all = vec!["--backup-dir", backups.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    belay(url, dir, &all)
+}
+
+/// Like [`belay_b`], asserting exit 0.
+pub fn belay_b_ok(url: &str, dir: &Path, backups: &Path, args: &[&str]) -> Run {
+    let r = belay_b(url, dir, backups, args);
+    assert_eq!(r.code, 0, "belay {args:?} failed: {r:?}");
+    r
 }

@@ -1,0 +1,733 @@
+//! `belay backup …` in local mode, the `--backup` flag of `migrate` and `undo` (a
+//! [`BackupHook`] over `belay-backup`), progress lines and exit codes for backup errors.
+//!
+//! Backups of the local target live under `--backup-dir` (default `./.belay/backups`) in
+//! a catalog named after the database of the URL (`local` when the URL names none).
+
+use crate::cli::Output;
+use crate::settings::Settings;
+use crate::{Failure, exit};
+use belay_backup::{
+    BackupError, BackupFormat, BackupManager, BackupRequest, BackupScope, CatalogEntry, Operation,
+    Progress, RestoreRequest,
+};
+use belay_core::DatabaseUrl;
+use belay_migrate::{ApiError, BackupContext, BackupHook, BackupTaken, Direction};
+use clap::{Subcommand, ValueEnum};
+use serde_json::json;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Exit code: the backup (or target) does not exist (sysexits EX_NOINPUT).
+pub const NOT_FOUND: u8 = 66;
+/// Exit code: out of disk space or over the size budget (sysexits EX_CANTCREAT).
+pub const NO_SPACE: u8 = 73;
+
+/// What `migrate --backup` / `undo --backup` take before the first statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupMode {
+    /// Schema and data of the whole database
+    Full,
+    /// Definitions only
+    Schema,
+    /// The existing tables the scripts name (`-- belay:tables=`) or alter, drop or
+    /// truncate
+    Tables,
+    /// No backup (a warning says so)
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// One compressed file (pg_dump --format=custom)
+    Custom,
+    /// A directory of per-table files, dumped in parallel (--jobs)
+    Directory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScopeArg {
+    Full,
+    /// Definitions only (--schema-only)
+    Schema,
+    /// The tables given with --tables
+    Tables,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Back up the database with pg_dump, then verify the backup
+    Create {
+        #[arg(long, value_enum, default_value_t = FormatArg::Custom)]
+        format: FormatArg,
+        /// Parallel dump jobs (directory format only) [default: 2]
+        #[arg(long, value_name = "N")]
+        jobs: Option<u32>,
+        /// What to back up [default: full, or tables when --tables is given]
+        #[arg(long, value_enum)]
+        scope: Option<ScopeArg>,
+        /// Tables to back up (schema.table or table), comma-separated
+        #[arg(long, value_name = "LIST", value_delimiter = ',')]
+        tables: Vec<String>,
+        /// Free text shown by `backup list`
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// The backups of this database, newest first
+    List,
+    /// Check every file's sha256 and that pg_restore can read the archive
+    Verify {
+        id: String,
+        /// Also restore into a scratch database, compare row counts, drop it again
+        #[arg(long)]
+        restore_test: bool,
+    },
+    /// Restore a backup: in full (--clean --if-exists), selected tables, or into a new
+    /// database; refuses a backup that fails verification unless --force
+    Restore {
+        id: String,
+        /// Restore only these tables, in place; other tables are left as they are
+        #[arg(long, value_name = "LIST", value_delimiter = ',')]
+        tables: Vec<String>,
+        /// Create this database and restore into it instead
+        #[arg(long, value_name = "NAME")]
+        into: Option<String>,
+        /// Restore even if the backup fails verification
+        #[arg(long)]
+        force: bool,
+        /// Skip the backup of the current state taken before an in-place restore
+        #[arg(long)]
+        no_emergency_backup: bool,
+    },
+    /// Delete old backups, keeping the newest N verified ones (and always the newest
+    /// verified one)
+    Prune {
+        #[arg(long, value_name = "N")]
+        keep: usize,
+        /// Only say what would be deleted
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// The catalog name of the local target: the URL's database name, or `local`.
+pub fn target_name(url: &DatabaseUrl) -> String {
+    let Some(db) = url.database() else {
+        return "local".into();
+    };
+    let cleaned: String = db
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let cleaned: String = cleaned.trim_start_matches('.').chars().take(128).collect();
+    if belay_backup::validate_name("target", &cleaned).is_ok() {
+        cleaned
+    } else {
+        "local".into()
+    }
+}
+
+fn manager(settings: &Settings) -> BackupManager {
+    BackupManager::new(settings.backup_dir.clone())
+        .with_history_schema(settings.exec.history_schema.clone())
+}
+
+/// A backup error and its exit code.
+pub fn failure(e: BackupError) -> Failure {
+    use belay_backup::ErrorKind as K;
+    let code = match e.kind() {
+        K::InvalidArgument => exit::USAGE,
+        K::NotFound => NOT_FOUND,
+        K::FailedPrecondition => exit::REFUSED,
+        K::Unavailable => exit::UNAVAILABLE,
+        K::ResourceExhausted => NO_SPACE,
+        K::Internal => exit::SOFTWARE,
+    };
+    Failure {
+        code,
+        message: e.to_string(),
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: exit::USAGE,
+        message: message.into(),
+    }
+}
+
+/// Backup commands and `--backup` are local-mode only for now.
+pub fn remote_unsupported(command: &crate::cli::Command) -> Option<Failure> {
+    use crate::cli::Command;
+    let what = match command {
+        Command::Backup { .. } => "`belay backup`",
+        Command::Migrate {
+            backup: Some(_), ..
+        }
+        | Command::Undo {
+            backup: Some(_), ..
+        } => "--backup",
+        _ => return None,
+    };
+    Some(usage(format!(
+        "{what} is not yet available in remote mode (--controller): run it in local mode against the database URL"
+    )))
+}
+
+/// The hook for `migrate` and `undo`; `None` for other commands.
+pub fn hook_for(
+    command: &crate::cli::Command,
+    settings: &Settings,
+    url: &DatabaseUrl,
+) -> Option<Arc<dyn BackupHook>> {
+    use crate::cli::Command;
+    let (mode, undo) = match command {
+        Command::Migrate { backup, .. } => (
+            backup.or(settings.backup).unwrap_or(BackupMode::Full),
+            false,
+        ),
+        Command::Undo { backup, .. } => (backup.unwrap_or(BackupMode::Tables), true),
+        _ => return None,
+    };
+    let flag = if undo { "undo" } else { "migrate" };
+    Some(Arc::new(CliHook {
+        manager: manager(settings),
+        url: url.clone(),
+        target: target_name(url),
+        mode,
+        flag,
+    }))
+}
+
+struct CliHook {
+    manager: BackupManager,
+    url: DatabaseUrl,
+    target: String,
+    mode: BackupMode,
+    flag: &'static str,
+}
+
+fn api_error(e: BackupError) -> ApiError {
+    let kind = match e.kind() {
+        belay_backup::ErrorKind::Unavailable => belay_migrate::ErrorKind::Unavailable,
+        _ => belay_migrate::ErrorKind::Refused,
+    };
+    ApiError::new(kind, e.to_string())
+}
+
+impl CliHook {
+    /// Creates and verifies a backup of `scope`; an unverifiable backup is a failure.
+    async fn take(&self, scope: BackupScope, label: String) -> Result<BackupTaken, ApiError> {
+        let req = BackupRequest {
+            format: BackupFormat::Custom,
+            scope,
+            label: Some(label),
+        };
+        let printer = ProgressPrinter::new();
+        let progress = |p: Progress| printer.show(p);
+        let manifest = self
+            .manager
+            .create(&self.url, &self.target, &req, &progress)
+            .await
+            .map_err(api_error)?;
+        let report = self
+            .manager
+            .verify(&self.target, &manifest.id, None)
+            .await
+            .map_err(api_error)?;
+        if !report.ok {
+            return Err(api_error(BackupError::VerificationFailed {
+                target: self.target.clone(),
+                id: manifest.id,
+                problems: report.problems,
+            }));
+        }
+        Ok(BackupTaken {
+            id: manifest.id,
+            scope: manifest.scope.name().to_string(),
+        })
+    }
+
+    fn skipped(&self) {
+        eprintln!(
+            "warning: {} --backup none: no backup is taken before this run; restoring its changes will need a backup taken earlier",
+            self.flag
+        );
+    }
+}
+
+#[async_trait::async_trait]
+impl BackupHook for CliHook {
+    async fn before_apply(&self, ctx: &BackupContext) -> Result<Option<BackupTaken>, ApiError> {
+        let label = format!("before deployment {}", ctx.deployment_id);
+        let scope = match self.mode {
+            BackupMode::None => {
+                self.skipped();
+                return Ok(None);
+            }
+            BackupMode::Full => BackupScope::Full,
+            BackupMode::Schema => BackupScope::SchemaOnly,
+            BackupMode::Tables if ctx.tables.is_empty() => {
+                eprintln!(
+                    "note: --backup tables: the migrations name no existing table (-- belay:tables=, ALTER/DROP/TRUNCATE TABLE); taking a full backup instead"
+                );
+                BackupScope::Full
+            }
+            BackupMode::Tables => BackupScope::Tables(ctx.tables.clone()),
+        };
+        self.take(scope, label).await.map(Some)
+    }
+
+    async fn before_undo(
+        &self,
+        ctx: &BackupContext,
+        reason: &str,
+    ) -> Result<Option<BackupTaken>, ApiError> {
+        debug_assert_eq!(ctx.direction, Direction::Undo);
+        let scope = match self.mode {
+            BackupMode::None => {
+                self.skipped();
+                return Ok(None);
+            }
+            BackupMode::Full => BackupScope::Full,
+            BackupMode::Schema => BackupScope::SchemaOnly,
+            BackupMode::Tables if ctx.tables.is_empty() => {
+                // Nothing the undo drops holds data: nothing to snapshot.
+                return Ok(None);
+            }
+            BackupMode::Tables => {
+                eprintln!(
+                    "snapshotting {} before the undo drops data",
+                    ctx.tables.join(", ")
+                );
+                let manifest = self
+                    .manager
+                    .snapshot_tables(&self.url, &self.target, &ctx.tables, reason)
+                    .await
+                    .map_err(api_error)?;
+                return Ok(Some(BackupTaken {
+                    id: manifest.id,
+                    scope: manifest.scope.name().to_string(),
+                }));
+            }
+        };
+        self.take(scope, reason.to_string()).await.map(Some)
+    }
+}
+
+/// Progress on stderr: one updating line on a terminal, plain lines otherwise.
+struct ProgressPrinter {
+    tty: bool,
+    state: Mutex<ProgressState>,
+}
+
+struct ProgressState {
+    what: String,
+    done: usize,
+    total: usize,
+    bytes: u64,
+    last_line: Instant,
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+impl ProgressPrinter {
+    fn new() -> Self {
+        ProgressPrinter {
+            tty: std::io::stderr().is_terminal(),
+            state: Mutex::new(ProgressState {
+                what: String::new(),
+                done: 0,
+                total: 0,
+                bytes: 0,
+                last_line: Instant::now(),
+            }),
+        }
+    }
+
+    fn show(&self, p: Progress) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut err = std::io::stderr().lock();
+        let verb = |op: Operation| match op {
+            Operation::Create => "backing up",
+            Operation::Restore => "restoring",
+        };
+        match p {
+            Progress::Started {
+                operation,
+                target,
+                id,
+                tables,
+            } => {
+                s.what = format!("{} {target} ({id})", verb(operation));
+                s.total = tables;
+                s.done = 0;
+                s.bytes = 0;
+                if !self.tty {
+                    let _ = writeln!(err, "{}: {tables} table(s)", s.what);
+                }
+            }
+            Progress::Table { name, done, total } => {
+                s.done = done;
+                s.total = total;
+                if !self.tty {
+                    let _ = writeln!(err, "  table {name} ({done}/{total})");
+                }
+            }
+            Progress::Bytes { written } => {
+                s.bytes = written;
+                if !self.tty && s.last_line.elapsed() >= Duration::from_secs(5) {
+                    s.last_line = Instant::now();
+                    let _ = writeln!(err, "  {} written", human_bytes(written));
+                }
+            }
+            Progress::Finished {
+                bytes, duration_ms, ..
+            } => {
+                if self.tty {
+                    let _ = write!(err, "\r\x1b[K");
+                }
+                let _ = writeln!(
+                    err,
+                    "{}: done, {} in {duration_ms} ms",
+                    s.what,
+                    human_bytes(bytes)
+                );
+                return;
+            }
+        }
+        if self.tty {
+            let bar_width = 24usize;
+            let filled = (s.done * bar_width)
+                .checked_div(s.total)
+                .map_or(0, |f| f.min(bar_width));
+            let _ = write!(
+                err,
+                "\r\x1b[K{} [{}{}] {}/{} tables, {}",
+                s.what,
+                "#".repeat(filled),
+                " ".repeat(bar_width - filled),
+                s.done,
+                s.total,
+                human_bytes(s.bytes)
+            );
+            let _ = err.flush();
+        }
+    }
+}
+
+fn format_json(format: &BackupFormat) -> (String, Option<u32>) {
+    match format {
+        BackupFormat::Custom => ("custom".into(), None),
+        BackupFormat::Directory { jobs } => ("directory".into(), Some(*jobs)),
+    }
+}
+
+fn scope_tables(scope: &BackupScope) -> Option<&[String]> {
+    match scope {
+        BackupScope::Tables(t) => Some(t),
+        _ => None,
+    }
+}
+
+fn entry_json(e: &CatalogEntry) -> serde_json::Value {
+    let (format, jobs) = format_json(&e.format);
+    json!({
+        "id": e.id,
+        "target": e.target,
+        "label": e.label,
+        "created_at": e.created_at,
+        "format": format,
+        "jobs": jobs,
+        "scope": e.scope.name(),
+        "tables": scope_tables(&e.scope),
+        "schema_version": e.schema_version,
+        "verified": e.verified,
+        "verified_at": e.verified_at,
+        "restore_tested": e.restore_tested,
+        "size": e.size,
+        "path": e.path,
+        "files": e.files.iter().map(|f| json!({
+            "path": f.path, "size": f.size, "sha256": f.sha256,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Runs `belay backup …` against the local database.
+pub async fn run(
+    command: &BackupCommand,
+    settings: &Settings,
+    url: &DatabaseUrl,
+    out: Output,
+) -> Result<u8, Failure> {
+    let mgr = manager(settings);
+    let target = target_name(url);
+    let printer = ProgressPrinter::new();
+    let progress = |p: Progress| printer.show(p);
+    match command {
+        BackupCommand::Create {
+            format,
+            jobs,
+            scope,
+            tables,
+            label,
+        } => {
+            let format = match (format, jobs) {
+                (FormatArg::Custom, Some(_)) => {
+                    return Err(usage("--jobs needs --format directory"));
+                }
+                (FormatArg::Custom, None) => BackupFormat::Custom,
+                (FormatArg::Directory, j) => BackupFormat::Directory {
+                    jobs: j.unwrap_or(2),
+                },
+            };
+            let scope = match (scope, tables.is_empty()) {
+                (None | Some(ScopeArg::Tables), false) => BackupScope::Tables(tables.clone()),
+                (Some(ScopeArg::Tables), true) => {
+                    return Err(usage("--scope tables needs --tables a,b"));
+                }
+                (Some(_), false) => {
+                    return Err(usage("--tables goes with --scope tables"));
+                }
+                (None | Some(ScopeArg::Full), true) => BackupScope::Full,
+                (Some(ScopeArg::Schema), true) => BackupScope::SchemaOnly,
+            };
+            let req = BackupRequest {
+                format,
+                scope,
+                label: label.clone(),
+            };
+            let manifest = mgr
+                .create(url, &target, &req, &progress)
+                .await
+                .map_err(failure)?;
+            let report = mgr
+                .verify(&target, &manifest.id, None)
+                .await
+                .map_err(failure)?;
+            let entry = mgr
+                .catalog(&target)
+                .and_then(|c| c.list())
+                .map_err(failure)?
+                .into_iter()
+                .find(|e| e.id == manifest.id);
+            match out {
+                Output::Json => {
+                    let mut doc = entry.as_ref().map(entry_json).unwrap_or(json!({}));
+                    doc["tables_counted"] = json!(manifest.tables);
+                    doc["server_version"] = json!(manifest.server_version);
+                    doc["pg_dump_version"] = json!(manifest.pg_dump_version);
+                    doc["duration_ms"] = json!(manifest.duration_ms);
+                    doc["problems"] = json!(report.problems);
+                    println!("{doc}");
+                }
+                Output::Text => {
+                    let (format, _) = format_json(&manifest.format);
+                    println!(
+                        "backup {} of {target}: {}, {format}, {}, {} table(s), {}",
+                        manifest.id,
+                        manifest.scope.name(),
+                        human_bytes(manifest.total_size()),
+                        manifest.tables.len(),
+                        if report.ok {
+                            "verified"
+                        } else {
+                            "FAILED verification"
+                        }
+                    );
+                    for p in &report.problems {
+                        println!("  problem: {p}");
+                    }
+                }
+            }
+            Ok(if report.ok { 0 } else { exit::FAILED })
+        }
+        BackupCommand::List => {
+            let entries = mgr
+                .catalog(&target)
+                .and_then(|c| c.list())
+                .map_err(failure)?;
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::Value::Array(entries.iter().map(entry_json).collect())
+                ),
+                Output::Text if entries.is_empty() => println!(
+                    "no backups of {target} in {}",
+                    settings.backup_dir.display()
+                ),
+                Output::Text => {
+                    println!(
+                        "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} label",
+                        "id", "created", "format", "scope", "size", "verified"
+                    );
+                    for e in &entries {
+                        let (format, _) = format_json(&e.format);
+                        println!(
+                            "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} {}",
+                            e.id,
+                            e.created_at.format("%Y-%m-%d %H:%M:%S"),
+                            format,
+                            e.scope.name(),
+                            human_bytes(e.size),
+                            if e.restore_tested {
+                                "restored"
+                            } else if e.verified {
+                                "yes"
+                            } else {
+                                "no"
+                            },
+                            e.label.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
+        BackupCommand::Verify { id, restore_test } => {
+            let report = mgr
+                .verify(&target, id, restore_test.then_some(url))
+                .await
+                .map_err(failure)?;
+            match out {
+                Output::Json => println!("{}", json!(report)),
+                Output::Text if report.ok => {
+                    let mut line = format!(
+                        "backup {id} verified: {} file(s), {}, {} archive entries",
+                        report.files_checked,
+                        human_bytes(report.bytes_checked),
+                        report.archive_entries
+                    );
+                    if let Some(t) = &report.restore_test {
+                        line.push_str(&format!(
+                            "; restore test into {}: {} table(s) match their row counts",
+                            t.database, t.tables_compared
+                        ));
+                    }
+                    println!("{line}");
+                }
+                Output::Text => {
+                    println!("backup {id} FAILED verification:");
+                    for p in &report.problems {
+                        println!("  {p}");
+                    }
+                }
+            }
+            Ok(if report.ok { 0 } else { exit::FAILED })
+        }
+        BackupCommand::Restore {
+            id,
+            tables,
+            into,
+            force,
+            no_emergency_backup,
+        } => {
+            let req = RestoreRequest {
+                tables: (!tables.is_empty()).then(|| tables.clone()),
+                into: into.clone(),
+                force: *force,
+                emergency_backup: !no_emergency_backup,
+            };
+            let report = mgr
+                .restore(url, &target, id, &req, &progress)
+                .await
+                .map_err(failure)?;
+            match out {
+                Output::Json => println!("{}", json!(report)),
+                Output::Text => {
+                    if report.forced {
+                        for p in &report.verification_problems {
+                            println!("warning: restored despite: {p}");
+                        }
+                    }
+                    if let Some(e) = &report.emergency_backup {
+                        println!("emergency backup of the state before the restore: {e}");
+                    }
+                    for fk in &report.foreign_keys_readded {
+                        println!("re-added foreign key {fk}");
+                    }
+                    for m in &report.mismatches {
+                        println!(
+                            "warning: table {} has {} rows, the backup recorded {}",
+                            m.table,
+                            m.actual,
+                            m.expected.map(|v| v.to_string()).unwrap_or("?".into())
+                        );
+                    }
+                    let what = match &report.tables {
+                        Some(t) => format!("table(s) {}", t.join(", ")),
+                        None => "everything".into(),
+                    };
+                    println!(
+                        "restored {what} from backup {id} into database {} in {} ms",
+                        report.database, report.duration_ms
+                    );
+                }
+            }
+            Ok(if report.mismatches.is_empty() {
+                0
+            } else {
+                exit::FAILED
+            })
+        }
+        BackupCommand::Prune { keep, dry_run } => {
+            let report = mgr
+                .catalog(&target)
+                .and_then(|c| c.prune(*keep, &[], *dry_run))
+                .map_err(failure)?;
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({
+                        "target": report.target,
+                        "dry_run": report.dry_run,
+                        "deleted": report.deleted.iter().map(entry_json).collect::<Vec<_>>(),
+                        "kept": report.kept,
+                        "incomplete_removed": report.incomplete_removed,
+                    })
+                ),
+                Output::Text => {
+                    let verb = if *dry_run { "would delete" } else { "deleted" };
+                    for e in &report.deleted {
+                        println!("{verb} {} ({})", e.id, human_bytes(e.size));
+                    }
+                    for p in &report.incomplete_removed {
+                        println!("{verb} incomplete backup {}", p.display());
+                    }
+                    for k in &report.kept {
+                        let why = serde_json::to_value(k.reason)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default();
+                        println!("kept {} ({why})", k.id);
+                    }
+                    if report.deleted.is_empty() && report.incomplete_removed.is_empty() {
+                        println!("nothing to prune");
+                    }
+                }
+            }
+            Ok(0)
+        }
+    }
+}

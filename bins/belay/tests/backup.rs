@@ -1,0 +1,417 @@
+//! Backups wired into the product (local mode): the pre-deployment backup of `migrate`,
+//! the data snapshot of an undo, and `belay backup create | list | verify | restore`, all
+//! with the real pg_dump/pg_restore and real files.
+
+mod support;
+use support::*;
+
+use std::path::Path;
+
+fn backups() -> tempfile::TempDir {
+    tempfile::tempdir().expect("backup dir")
+}
+
+fn list(url: &str, dir: &Path, backups: &Path) -> Vec<serde_json::Value> {
+    belay_b_ok(url, dir, backups, &["backup", "list", "--output", "json"])
+        .json()
+        .as_array()
+        .expect("backup list is an array")
+        .clone()
+}
+
+fn history_backup_ids(url: &str, entry_type: &str) -> Vec<String> {
+    let out = psql(
+        url,
+        &format!(
+            "SELECT coalesce(backup_id, '-') FROM belay.schema_history \
+             WHERE type = '{entry_type}' ORDER BY installed_rank"
+        ),
+    );
+    out.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn migrate_records_its_verified_backup_in_every_history_row() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__orders.sql",
+            "CREATE TABLE orders (id int PRIMARY KEY, note text);\nINSERT INTO orders SELECT g, 'n' || g FROM generate_series(1, 50) g;",
+        ),
+        ("V2__idx.sql", "CREATE INDEX orders_note ON orders (note);"),
+    ]);
+    let r = belay_b_ok(&db.url, dir.path(), b.path(), &["migrate"]);
+    let ids = history_backup_ids(&db.url, "SQL");
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_ne!(ids[0], "-", "backup id recorded: {r:?}");
+    assert_eq!(ids[0], ids[1], "one backup for the run: {ids:?}");
+    let id = &ids[0];
+    assert!(
+        r.stdout.contains(&format!("backup {id} (full)")),
+        "the backup event is shown: {r:?}"
+    );
+    // The backup was finished before the first migration: it holds no `orders`.
+    let entries = list(&db.url, dir.path(), b.path());
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["id"], id.as_str());
+    assert_eq!(entries[0]["scope"], "full");
+    assert_eq!(entries[0]["verified"], true);
+    let v = belay_b_ok(&db.url, dir.path(), b.path(), &["backup", "verify", id]);
+    assert!(v.stdout.contains("verified"), "{v:?}");
+
+    // Nothing pending: no backup.
+    belay_b_ok(&db.url, dir.path(), b.path(), &["migrate"]);
+    assert_eq!(list(&db.url, dir.path(), b.path()).len(), 1);
+
+    // JSON output carries the event too.
+    let dir2 = migrations(&[
+        (
+            "V1__orders.sql",
+            "CREATE TABLE orders (id int PRIMARY KEY, note text);\nINSERT INTO orders SELECT g, 'n' || g FROM generate_series(1, 50) g;",
+        ),
+        ("V2__idx.sql", "CREATE INDEX orders_note ON orders (note);"),
+        (
+            "V3__more.sql",
+            "-- belay:tables=orders\nALTER TABLE orders ADD COLUMN extra int;",
+        ),
+    ]);
+    let r = belay_b_ok(
+        &db.url,
+        dir2.path(),
+        b.path(),
+        &["migrate", "--backup", "tables", "--output", "json"],
+    );
+    let doc = r.json();
+    let taken: Vec<&serde_json::Value> = doc["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["event"] == "backup_taken")
+        .collect();
+    assert_eq!(taken.len(), 1, "{doc}");
+    assert_eq!(taken[0]["scope"], "tables", "{doc}");
+    let id3 = taken[0]["id"].as_str().expect("id").to_string();
+    assert_eq!(history_backup_ids(&db.url, "SQL")[2], id3);
+    let entries = list(&db.url, dir2.path(), b.path());
+    let e = entries
+        .iter()
+        .find(|e| e["id"] == id3.as_str())
+        .expect("listed");
+    assert_eq!(e["tables"], serde_json::json!(["public.orders"]), "{e}");
+}
+
+#[test]
+fn an_undo_dropping_a_column_leaves_a_snapshot_that_restores_the_data() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__customers.sql",
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 20) g;",
+        ),
+        ("U1__customers.sql", "DROP TABLE customers;"),
+        (
+            "V2__email.sql",
+            "ALTER TABLE customers ADD COLUMN email text;\nUPDATE customers SET email = 'c' || id || '@example.com';",
+        ),
+        ("U2__email.sql", "ALTER TABLE customers DROP COLUMN email;"),
+        ("V3__t.sql", "CREATE TABLE other (id int);"),
+        (
+            "U3__t.sql",
+            "DROP INDEX IF EXISTS nothing_here;\nDROP TABLE other;",
+        ),
+    ]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    let before = psql(
+        &db.url,
+        "SELECT string_agg(id || ':' || email, ',' ORDER BY id) FROM customers",
+    );
+    assert!(before.starts_with("1:c1@example.com,2:"), "{before}");
+
+    // Undo V3 and V2: V2's undo drops customers.email, V3's drops the empty table `other`.
+    let r = belay_b_ok(&db.url, dir.path(), b.path(), &["undo", "--steps", "2"]);
+    assert!(r.stderr.contains("snapshotting"), "{r:?}");
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'customers' AND column_name = 'email'"
+        ),
+        "0"
+    );
+    let undo_ids = history_backup_ids(&db.url, "UNDO_SQL");
+    assert_eq!(undo_ids.len(), 2, "{undo_ids:?}");
+    assert_ne!(undo_ids[0], "-");
+    assert_eq!(undo_ids[0], undo_ids[1]);
+    let snapshot = undo_ids[0].clone();
+    let entries = list(&db.url, dir.path(), b.path());
+    let e = entries
+        .iter()
+        .find(|e| e["id"] == snapshot.as_str())
+        .expect("snapshot listed");
+    assert_eq!(e["scope"], "tables");
+    assert_eq!(
+        e["tables"],
+        // In the order the undos run: V3's first.
+        serde_json::json!(["public.other", "public.customers"]),
+        "{e}"
+    );
+    assert_eq!(e["verified"], true);
+
+    // The column's data comes back from the snapshot.
+    let r = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "restore", &snapshot, "--tables", "customers"],
+    );
+    assert!(r.stdout.contains("restored table(s)"), "{r:?}");
+    let after = psql(
+        &db.url,
+        "SELECT string_agg(id || ':' || email, ',' ORDER BY id) FROM customers",
+    );
+    assert_eq!(after, before);
+
+    // An undo that drops nothing with data takes no snapshot; `--backup none` skips it
+    // knowingly.
+    let n = list(&db.url, dir.path(), b.path()).len();
+    let r = belay_b_ok(&db.url, dir.path(), b.path(), &["undo", "--backup", "none"]);
+    assert!(r.stderr.contains("--backup none"), "{r:?}");
+    assert_eq!(list(&db.url, dir.path(), b.path()).len(), n);
+}
+
+#[test]
+fn create_and_list_show_formats_scopes_and_files() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[(
+        "V1__t.sql",
+        "CREATE TABLE t (id int);\nINSERT INTO t SELECT generate_series(1, 10);\nCREATE TABLE u (id int);",
+    )]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    let c = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "create", "--output", "json"],
+    );
+    let created = c.json();
+    assert_eq!(created["verified"], true, "{created}");
+    let r = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &[
+            "backup",
+            "create",
+            "--format",
+            "directory",
+            "--jobs",
+            "2",
+            "--tables",
+            "t",
+            "--label",
+            "just t",
+        ],
+    );
+    assert!(r.stdout.contains("verified"), "{r:?}");
+    assert!(!r.stderr.is_empty(), "progress lines on stderr: {r:?}");
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "create", "--scope", "schema"],
+    );
+
+    let entries = list(&db.url, dir.path(), b.path());
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    // Newest first.
+    let scopes: Vec<&str> = entries
+        .iter()
+        .map(|e| e["scope"].as_str().expect("scope"))
+        .collect();
+    assert_eq!(scopes, ["schema_only", "tables", "full"]);
+    let formats: Vec<&str> = entries
+        .iter()
+        .map(|e| e["format"].as_str().expect("format"))
+        .collect();
+    assert_eq!(formats, ["custom", "directory", "custom"]);
+    assert_eq!(entries[1]["label"], "just t");
+    assert_eq!(entries[2]["id"], created["id"]);
+    for e in &entries {
+        assert!(e["id"].as_str().is_some_and(|s| !s.is_empty()), "{e}");
+        assert!(
+            e["created_at"].as_str().is_some_and(|s| s.contains('T')),
+            "{e}"
+        );
+        assert_eq!(e["verified"], true, "{e}");
+        let files = e["files"].as_array().expect("files");
+        assert!(!files.is_empty(), "{e}");
+        for f in files {
+            assert!(f["path"].as_str().is_some_and(|p| !p.is_empty()), "{f}");
+            assert!(f["size"].as_u64().is_some(), "{f}");
+            let sha = f["sha256"].as_str().expect("sha256");
+            assert_eq!(sha.len(), 64, "{f}");
+            assert!(sha.chars().all(|c| c.is_ascii_hexdigit()), "{f}");
+        }
+    }
+    let text = belay_b_ok(&db.url, dir.path(), b.path(), &["backup", "list"]);
+    assert!(text.stdout.contains("just t"), "{text:?}");
+
+    // Retention keeps the newest verified backup even when asked to keep none.
+    let p = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "prune", "--keep", "0", "--dry-run"],
+    );
+    assert_eq!(p.stdout.matches("would delete").count(), 2, "{p:?}");
+    assert_eq!(list(&db.url, dir.path(), b.path()).len(), 3);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "prune", "--keep", "0"],
+    );
+    let left = list(&db.url, dir.path(), b.path());
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["scope"], "schema_only");
+}
+
+#[test]
+fn a_corrupted_backup_fails_verification_and_is_not_restored_without_force() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[(
+        "V1__t.sql",
+        "CREATE TABLE t (id int, payload text);\nINSERT INTO t SELECT g, repeat(md5(g::text), 20) FROM generate_series(1, 500) g;",
+    )]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    let created = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "create", "--output", "json"],
+    )
+    .json();
+    let id = created["id"].as_str().expect("id").to_string();
+    let dump = Path::new(created["path"].as_str().expect("path")).join("dump.pgdump");
+    let mut bytes = std::fs::read(&dump).expect("read dump");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&dump, &bytes).expect("write dump");
+
+    let v = belay_b(&db.url, dir.path(), b.path(), &["backup", "verify", &id]);
+    assert_eq!(v.code, 1, "{v:?}");
+    assert!(v.stdout.contains("dump.pgdump"), "names the file: {v:?}");
+    let r = belay_b(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "restore", &id, "--tables", "t"],
+    );
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--force"), "{r:?}");
+    assert_eq!(psql(&db.url, "SELECT count(*) FROM t"), "500");
+
+    let missing = belay_b(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "verify", "20200101T000000.000Z-abcdef"],
+    );
+    assert_eq!(missing.code, 66, "{missing:?}");
+}
+
+#[test]
+fn migrate_with_backup_none_takes_no_backup_and_says_so() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[("V1__t.sql", "CREATE TABLE t (id int);")]);
+    let r = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    assert!(r.stderr.contains("warning"), "{r:?}");
+    assert!(r.stderr.contains("no backup"), "{r:?}");
+    assert_eq!(history_backup_ids(&db.url, "SQL"), ["-"]);
+    assert!(list(&db.url, dir.path(), b.path()).is_empty());
+    assert!(!b.path().join(&db.name).exists());
+}
+
+#[test]
+fn a_failing_backup_refuses_the_migration_with_nothing_applied() {
+    let db = db();
+    let dir = migrations(&[
+        ("V1__t.sql", "CREATE TABLE t (id int);"),
+        ("V2__u.sql", "CREATE TABLE u (id int);"),
+    ]);
+    let not_a_dir = tempfile::NamedTempFile::new().expect("file");
+    let r = belay_b(&db.url, dir.path(), not_a_dir.path(), &["migrate"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("backup"), "{r:?}");
+    assert!(r.stderr.contains("nothing was changed"), "{r:?}");
+    assert_eq!(psql(&db.url, "SELECT to_regclass('t') IS NULL"), "t");
+    let s = states(&db.url, dir.path());
+    assert!(s.iter().all(|(_, st)| st == "pending"), "{s:?}");
+
+    // The same with a directory the backup cannot write into (unless we are root, whom
+    // permissions do not stop).
+    let ro = backups();
+    let mut perms = std::fs::metadata(ro.path()).expect("meta").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o500);
+    std::fs::set_permissions(ro.path(), perms).expect("chmod");
+    let probe = ro.path().join("probe");
+    if std::fs::write(&probe, b"x").is_err() {
+        let r = belay_b(&db.url, dir.path(), ro.path(), &["migrate"]);
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(r.stderr.contains("nothing was changed"), "{r:?}");
+        assert_eq!(psql(&db.url, "SELECT to_regclass('t') IS NULL"), "t");
+    }
+}
+
+#[test]
+fn backup_commands_are_local_only_for_now() {
+    let db = db();
+    let dir = migrations(&[]);
+    let r = belay(
+        &db.url,
+        dir.path(),
+        &[
+            "--controller",
+            "127.0.0.1:1",
+            "--target",
+            "x",
+            "backup",
+            "list",
+        ],
+    );
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(
+        r.stderr.contains("not yet available in remote mode"),
+        "{r:?}"
+    );
+    let r = belay(
+        &db.url,
+        dir.path(),
+        &["--controller", "127.0.0.1:1", "migrate", "--backup", "none"],
+    );
+    assert_eq!(r.code, 64, "{r:?}");
+}

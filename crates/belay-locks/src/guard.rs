@@ -1,0 +1,382 @@
+//! The lock guard and the executor's helpers for retrying at the right moment.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use belay_core::DatabaseUrl;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::LocksError;
+use crate::watch::connect;
+
+/// `application_name` of the guard's session.
+pub const GUARD_APPLICATION: &str = "belay-lock-guard";
+
+/// Every session waiting for a heavyweight lock, whom it waits for, and since when. The
+/// migration's own backend is included (its `blocked_by` are its blockers). One read of
+/// `pg_locks`; `pg_blocking_pids` only for waiting sessions.
+const QUEUE_SQL: &str = r#"
+WITH w AS MATERIALIZED (
+    SELECT pid, min((to_jsonb(l) ->> 'waitstart')::timestamptz) AS waitstart
+    FROM pg_locks l WHERE NOT granted AND pid IS NOT NULL GROUP BY pid
+)
+SELECT s.pid, coalesce(s.leader_pid, s.pid) AS leader,
+       pg_blocking_pids(s.pid) AS blocked_by,
+       (extract(epoch FROM clock_timestamp() - coalesce(w.waitstart, s.state_change)) * 1000)::bigint AS waiting_ms
+FROM pg_stat_activity s LEFT JOIN w ON w.pid = s.pid
+WHERE s.wait_event_type = 'Lock' AND s.pid <> pg_backend_pid()
+"#;
+
+/// One intervention of the guard: sessions queued behind the migration waited past the
+/// budget, so the migration's statement was cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GuardTrip {
+    pub at: DateTime<Utc>,
+    /// The migration's backend.
+    pub migration_pid: i32,
+    /// Sessions queued behind the migration, directly or transitively.
+    pub blocked_sessions: Vec<i32>,
+    /// The longest of their waits when the guard tripped.
+    pub longest_wait_ms: u64,
+    /// Whom the migration itself was waiting for (empty when it held its locks and was
+    /// running, e.g. a table rewrite): the sessions to wait out before retrying.
+    pub blockers_of_migration: Vec<i32>,
+    /// Whether `pg_cancel_backend` reported that the signal was sent.
+    pub cancelled: bool,
+}
+
+/// Watches the lock queue behind a migration's backend from a connection of its own and
+/// cancels the migration's statement when that queue has waited past `max_blocking`.
+///
+/// Typical use by the executor, per statement attempt:
+/// `start` → run the statement → `stop`; if the statement failed with SQLSTATE 57014
+/// (query_canceled) and `stop` returned a trip, it was the guard: wait for
+/// `trip.blockers_of_migration` with [`wait_until_gone`], then retry (bounded).
+///
+/// After a trip the guard does not trip again until it has seen the queue behind the
+/// migration empty, so one stall causes one cancel.
+#[derive(Debug)]
+pub struct LockGuard {
+    trips: mpsc::UnboundedReceiver<GuardTrip>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), LocksError>>,
+}
+
+impl LockGuard {
+    /// Connects (so a bad URL fails here, before the migration runs) and starts polling
+    /// every `period`.
+    pub async fn start(
+        url: &DatabaseUrl,
+        migration_backend_pid: i32,
+        max_blocking: Duration,
+        period: Duration,
+    ) -> Result<LockGuard, LocksError> {
+        let conn = connect(url, GUARD_APPLICATION).await?;
+        Ok(Self::start_on(
+            conn,
+            migration_backend_pid,
+            max_blocking,
+            period,
+        ))
+    }
+
+    /// As [`LockGuard::start`], on a connection the caller opened (it is closed on stop).
+    pub fn start_on(
+        mut conn: PgConnection,
+        migration_pid: i32,
+        max_blocking: Duration,
+        period: Duration,
+    ) -> LockGuard {
+        let (trip_tx, trips) = mpsc::unbounded_channel();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let budget = u64::try_from(max_blocking.as_millis()).unwrap_or(u64::MAX);
+        let task = tokio::spawn(async move {
+            // Each poll must stay cheap; a poll that cannot finish quickly is skipped.
+            sqlx::query("SET statement_timeout = '2s'")
+                .execute(&mut conn)
+                .await
+                .map_err(LocksError::query("set statement_timeout"))?;
+            let mut tick = tokio::time::interval(period.max(Duration::from_millis(5)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut armed = true;
+            let result = loop {
+                tokio::select! {
+                    _ = &mut stopped => break Ok(()),
+                    _ = tick.tick() => {}
+                }
+                let queue = match queue_behind(&mut conn, migration_pid).await {
+                    Ok(q) => q,
+                    Err(e) => break Err(e),
+                };
+                if queue.queued.is_empty() {
+                    armed = true;
+                    continue;
+                }
+                if !armed || queue.longest_wait_ms <= budget {
+                    continue;
+                }
+                let cancelled: bool = match sqlx::query_scalar("SELECT pg_cancel_backend($1)")
+                    .bind(migration_pid)
+                    .fetch_one(&mut conn)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        break Err(LocksError::Query {
+                            what: "pg_cancel_backend",
+                            source: e,
+                        });
+                    }
+                };
+                armed = false;
+                let trip = GuardTrip {
+                    at: Utc::now(),
+                    migration_pid,
+                    blocked_sessions: queue.queued,
+                    longest_wait_ms: queue.longest_wait_ms,
+                    blockers_of_migration: queue.blockers_of_migration,
+                    cancelled,
+                };
+                tracing::warn!(
+                    migration_pid,
+                    blocked = trip.blocked_sessions.len(),
+                    longest_wait_ms = trip.longest_wait_ms,
+                    blockers = ?trip.blockers_of_migration,
+                    "lock guard cancelled the migration statement"
+                );
+                let _ = trip_tx.send(trip);
+            };
+            let _ = conn.close().await;
+            result
+        });
+        LockGuard {
+            trips,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// The next trip, waiting for it (`None` once the guard has stopped).
+    pub async fn next_trip(&mut self) -> Option<GuardTrip> {
+        self.trips.recv().await
+    }
+
+    /// A trip already reported, without waiting.
+    pub fn try_trip(&mut self) -> Option<GuardTrip> {
+        self.trips.try_recv().ok()
+    }
+
+    /// Stops polling and closes the guard's connection. Returns the trips not yet taken
+    /// with [`LockGuard::next_trip`]/[`LockGuard::try_trip`], or the error that stopped the
+    /// guard early (the migration was never cancelled after that error).
+    pub async fn stop(mut self) -> Result<Vec<GuardTrip>, LocksError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let outcome = (&mut self.task)
+            .await
+            .map_err(|e| LocksError::Task(e.to_string()))?;
+        let mut trips = Vec::new();
+        while let Ok(t) = self.trips.try_recv() {
+            trips.push(t);
+        }
+        outcome.map(|()| trips)
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    queued: Vec<i32>,
+    longest_wait_ms: u64,
+    blockers_of_migration: Vec<i32>,
+}
+
+async fn queue_behind(conn: &mut PgConnection, migration_pid: i32) -> Result<Queue, LocksError> {
+    let rows: Vec<(i32, i32, Vec<i32>, Option<i64>)> = sqlx::query_as(QUEUE_SQL)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LocksError::query("lock queue"))?;
+    Ok(queue_from_rows(migration_pid, &rows))
+}
+
+/// Sessions waiting (directly or through other waiters) for `migration_pid`, parallel
+/// workers counted as their leader.
+fn queue_from_rows(migration_pid: i32, rows: &[(i32, i32, Vec<i32>, Option<i64>)]) -> Queue {
+    let mut waits_for: BTreeMap<i32, BTreeSet<i32>> = BTreeMap::new();
+    let mut waited: HashMap<i32, u64> = HashMap::new();
+    let leader: HashMap<i32, i32> = rows.iter().map(|r| (r.0, r.1)).collect();
+    let canon = |p: i32| leader.get(&p).copied().unwrap_or(p);
+    let mut blockers_of_migration = BTreeSet::new();
+    for (pid, lead, blocked_by, waiting_ms) in rows {
+        let w = waiting_ms.map_or(0, |v| u64::try_from(v).unwrap_or(0));
+        if *lead == migration_pid {
+            blockers_of_migration.extend(
+                blocked_by
+                    .iter()
+                    .map(|b| canon(*b))
+                    .filter(|b| *b != migration_pid),
+            );
+            continue;
+        }
+        let _ = pid;
+        let e = waited.entry(*lead).or_default();
+        *e = (*e).max(w);
+        waits_for
+            .entry(*lead)
+            .or_default()
+            .extend(blocked_by.iter().map(|b| canon(*b)));
+    }
+    // Everyone whose waits-for chain reaches the migration.
+    let mut behind: BTreeSet<i32> = BTreeSet::new();
+    let mut frontier = vec![migration_pid];
+    while let Some(p) = frontier.pop() {
+        for (w, set) in &waits_for {
+            if set.contains(&p) && *w != migration_pid && behind.insert(*w) {
+                frontier.push(*w);
+            }
+        }
+    }
+    let longest = behind
+        .iter()
+        .filter_map(|p| waited.get(p).copied())
+        .max()
+        .unwrap_or(0);
+    Queue {
+        queued: behind.into_iter().collect(),
+        longest_wait_ms: longest,
+        blockers_of_migration: blockers_of_migration.into_iter().collect(),
+    }
+}
+
+/// The sessions `pid` waits for right now (`pg_blocking_pids`, deduplicated and sorted;
+/// empty when it waits for no lock).
+pub async fn blockers_of(conn: &mut PgConnection, pid: i32) -> Result<Vec<i32>, LocksError> {
+    let mut v: Vec<i32> = sqlx::query_scalar("SELECT pg_blocking_pids($1)")
+        .bind(pid)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(LocksError::query("pg_blocking_pids"))?;
+    v.sort_unstable();
+    v.dedup();
+    Ok(v)
+}
+
+/// How [`wait_until_gone`] ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum WaitOutcome {
+    /// Every session has ended its transaction (or disconnected).
+    Gone { waited_ms: u64 },
+    /// The timeout passed; these are still in the transaction they were in at the start.
+    TimedOut { remaining: Vec<i32> },
+}
+
+const GONE_POLL: Duration = Duration::from_millis(25);
+
+/// The transaction of each session: `(backend_start, xact_start)` in microseconds. A
+/// session is "gone" once that changes (it disconnected, or finished the transaction that
+/// held the lock; a pid reused by a new backend has another backend_start).
+const XACT_SQL: &str = r#"
+SELECT pid,
+       (extract(epoch FROM backend_start) * 1000000)::bigint,
+       (extract(epoch FROM xact_start) * 1000000)::bigint
+FROM pg_stat_activity WHERE pid = ANY($1)
+"#;
+
+/// Waits until every session in `pids` has finished the transaction it is in now (or
+/// disconnected), polling every 25 ms, for at most `timeout`. Sessions not in a
+/// transaction at the start count as gone. This is what lets the executor retry the
+/// moment its blockers are gone instead of after a blind backoff.
+pub async fn wait_until_gone(
+    conn: &mut PgConnection,
+    pids: &[i32],
+    timeout: Duration,
+) -> Result<WaitOutcome, LocksError> {
+    let start = Instant::now();
+    let pids: Vec<i32> = pids.iter().copied().filter(|p| *p != 0).collect();
+    let fetch = |rows: Vec<(i32, Option<i64>, Option<i64>)>| -> HashMap<i32, (Option<i64>, i64)> {
+        rows.into_iter()
+            .filter_map(|(pid, backend, xact)| xact.map(|x| (pid, (backend, x))))
+            .collect()
+    };
+    let initial = fetch(
+        sqlx::query_as(XACT_SQL)
+            .bind(&pids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(LocksError::query("session transactions"))?,
+    );
+    loop {
+        let now = fetch(
+            sqlx::query_as(XACT_SQL)
+                .bind(&pids)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(LocksError::query("session transactions"))?,
+        );
+        let remaining: Vec<i32> = initial
+            .iter()
+            .filter(|(pid, key)| now.get(pid) == Some(key))
+            .map(|(pid, _)| *pid)
+            .collect();
+        if remaining.is_empty() {
+            return Ok(WaitOutcome::Gone {
+                waited_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        if start.elapsed() >= timeout {
+            let mut remaining = remaining;
+            remaining.sort_unstable();
+            return Ok(WaitOutcome::TimedOut { remaining });
+        }
+        tokio::time::sleep(GONE_POLL.min(timeout.saturating_sub(start.elapsed()))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_is_transitive_and_ignores_other_chains() {
+        // migration 10 waits for 1; 20 waits for 10; 30 waits for 20 (soft); 40 waits for 1 only.
+        let rows = vec![
+            (10, 10, vec![1], Some(900)),
+            (20, 20, vec![10, 1], Some(300)),
+            (30, 30, vec![20], Some(100)),
+            (40, 40, vec![1], Some(5000)),
+        ];
+        let q = queue_from_rows(10, &rows);
+        assert_eq!(q.queued, vec![20, 30]);
+        assert_eq!(q.longest_wait_ms, 300);
+        assert_eq!(q.blockers_of_migration, vec![1]);
+    }
+
+    #[test]
+    fn workers_count_as_their_leader() {
+        let rows = vec![(21, 20, vec![10], Some(700)), (20, 20, vec![10], Some(600))];
+        let q = queue_from_rows(10, &rows);
+        assert_eq!(q.queued, vec![20]);
+        assert_eq!(q.longest_wait_ms, 700);
+    }
+
+    #[test]
+    fn nobody_behind_means_empty() {
+        let rows = vec![(10, 10, vec![1], Some(900))];
+        let q = queue_from_rows(10, &rows);
+        assert!(q.queued.is_empty());
+        assert_eq!(q.blockers_of_migration, vec![1]);
+    }
+}

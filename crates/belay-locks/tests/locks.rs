@@ -1,0 +1,469 @@
+//! Against a real PostgreSQL: sessions hold and queue for locks on their own connections.
+
+use std::time::{Duration, Instant};
+
+use belay_core::DatabaseUrl;
+use belay_locks::{
+    LockGuard, LockNode, LockSnapshot, SnapshotOptions, WaitOutcome, blockers_of, snapshot,
+    wait_until_gone, watch,
+};
+use belay_testkit::{Cluster, TestDb};
+use sqlx::{Connection, PgConnection};
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+
+type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+async fn setup() -> R<(TestDb, PgConnection)> {
+    let db = Cluster::shared().create_database().await?;
+    let mut c = PgConnection::connect(&db.url).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)",
+    )
+    .execute(&mut c)
+    .await?;
+    Ok((db, c))
+}
+
+async fn session(url: &str) -> R<(PgConnection, i32)> {
+    let mut c = PgConnection::connect(url).await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut c)
+        .await?;
+    Ok((c, pid))
+}
+
+/// Runs `sql` on its own session in the background; the task yields the session back.
+async fn background(
+    url: &str,
+    sql: &'static str,
+) -> R<(i32, JoinHandle<(PgConnection, Result<(), sqlx::Error>)>)> {
+    let (mut c, pid) = session(url).await?;
+    let h = tokio::spawn(async move {
+        let r = sqlx::raw_sql(sql).execute(&mut c).await.map(|_| ());
+        (c, r)
+    });
+    Ok((pid, h))
+}
+
+async fn until(
+    conn: &mut PgConnection,
+    opts: &SnapshotOptions,
+    what: &str,
+    ok: impl Fn(&LockSnapshot) -> bool,
+) -> R<LockSnapshot> {
+    let start = Instant::now();
+    loop {
+        let s = snapshot(conn, opts).await?;
+        if ok(&s) {
+            return Ok(s);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!("timed out waiting for {what}; last snapshot: {s:#?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn tree_of(s: &LockSnapshot, root: i32) -> Option<&LockNode> {
+    s.trees.iter().find(|t| t.pid == root)
+}
+
+async fn cancel(c: &mut PgConnection, pid: i32) -> R<()> {
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_sessions_in_conflict_form_a_tree() -> R<()> {
+    let (db, mut mon) = setup().await?;
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; INSERT INTO t VALUES (100)")
+        .execute(&mut a)
+        .await?;
+    let (b_pid, b) = background(&db.url, "ALTER TABLE t ADD COLUMN x int").await?;
+
+    let opts = SnapshotOptions::default();
+    let s = until(&mut mon, &opts, "a tree rooted at A", |s| {
+        tree_of(s, a_pid).is_some_and(|t| t.children.iter().any(|c| c.pid == b_pid))
+    })
+    .await?;
+    let root = tree_of(&s, a_pid).ok_or("no tree")?;
+    assert_eq!(s.trees.len(), 1, "{s:#?}");
+    assert_eq!(root.waiting_ms, None);
+    assert_eq!(root.mode.as_deref(), Some("RowExclusiveLock"));
+    assert_eq!(root.relation.as_deref(), Some("t"));
+    assert_eq!(root.state.as_deref(), Some("idle in transaction"));
+    assert!(
+        root.query
+            .as_deref()
+            .is_some_and(|q| q.contains("INSERT INTO t"))
+    );
+    let child = &root.children[0];
+    assert_eq!(child.mode.as_deref(), Some("AccessExclusiveLock"));
+    assert_eq!(child.relation.as_deref(), Some("t"));
+    assert_eq!(child.lock_type.as_deref(), Some("relation"));
+    assert!(child.waiting_ms.is_some());
+    assert_eq!(child.blocked_by, vec![a_pid]);
+    assert_eq!(child.wait_event.as_deref(), Some("Lock:relation"));
+    assert_eq!(blockers_of(&mut mon, b_pid).await?, vec![a_pid]);
+
+    // JSON carries the issue's field names.
+    let json = serde_json::to_value(&s)?;
+    for k in [
+        "trees",
+        "long_running",
+        "idle_in_transaction",
+        "replication",
+    ] {
+        assert!(json.get(k).is_some(), "missing {k}");
+    }
+    let node = &json["trees"][0];
+    for k in ["pid", "mode", "relation", "waiting_ms", "query", "children"] {
+        assert!(node.get(k).is_some(), "missing node field {k}");
+    }
+
+    // min_wait hides trees whose waits are shorter.
+    let hidden = snapshot(
+        &mut mon,
+        &SnapshotOptions {
+            min_wait: Duration::from_secs(3600),
+            ..SnapshotOptions::default()
+        },
+    )
+    .await?;
+    assert!(hidden.trees.is_empty());
+
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
+    let (_, r) = b.await?;
+    r?;
+    let s = snapshot(&mut mon, &opts).await?;
+    assert!(s.trees.is_empty(), "{s:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_level_chain_is_a_chain() -> R<()> {
+    let (db, mut mon) = setup().await?;
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
+        .execute(&mut a)
+        .await?;
+    let (b_pid, b) = background(&db.url, "ALTER TABLE t ADD COLUMN x int").await?;
+    let opts = SnapshotOptions::default();
+    until(&mut mon, &opts, "B waiting", |s| {
+        tree_of(s, a_pid).is_some_and(|t| t.find(b_pid).is_some())
+    })
+    .await?;
+    let (c_pid, c) = background(&db.url, "SELECT count(*) FROM t").await?;
+    let s = until(&mut mon, &opts, "C behind B", |s| {
+        tree_of(s, a_pid).is_some_and(|t| t.find(c_pid).is_some())
+    })
+    .await?;
+
+    assert_eq!(s.trees.len(), 1, "{s:#?}");
+    let root = &s.trees[0];
+    assert_eq!(root.pid, a_pid);
+    assert_eq!(root.mode.as_deref(), Some("AccessShareLock"));
+    assert_eq!(root.relation.as_deref(), Some("t"));
+    assert_eq!(root.children.len(), 1, "{root:#?}");
+    let b_node = &root.children[0];
+    assert_eq!(b_node.pid, b_pid);
+    assert_eq!(b_node.mode.as_deref(), Some("AccessExclusiveLock"));
+    assert_eq!(b_node.children.len(), 1);
+    let c_node = &b_node.children[0];
+    assert_eq!(c_node.pid, c_pid);
+    assert_eq!(c_node.mode.as_deref(), Some("AccessShareLock"));
+    assert_eq!(c_node.relation.as_deref(), Some("t"));
+    assert!(c_node.blocked_by.contains(&b_pid));
+    assert!(c_node.children.is_empty());
+    assert_eq!(s.waiting_count(), 2);
+
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
+    b.await?.1?;
+    c.await?.1?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_running_and_idle_in_transaction_follow_thresholds() -> R<()> {
+    let (db, mut mon) = setup().await?;
+    let (mut idle, idle_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; SELECT 1").execute(&mut idle).await?;
+    let (sleep_pid, sleeper) = background(&db.url, "SELECT pg_sleep(60) /* belay-long */").await?;
+
+    let short = SnapshotOptions {
+        long_running: Duration::from_millis(200),
+        idle_in_transaction: Duration::from_millis(200),
+        ..SnapshotOptions::default()
+    };
+    let s = until(&mut mon, &short, "both flagged", |s| {
+        s.long_running.iter().any(|x| x.pid == sleep_pid)
+            && s.idle_in_transaction.iter().any(|x| x.pid == idle_pid)
+    })
+    .await?;
+    let long = s
+        .long_running
+        .iter()
+        .find(|x| x.pid == sleep_pid)
+        .ok_or("no long")?;
+    assert!(long.query_ms.is_some_and(|ms| ms >= 200));
+    assert!(
+        long.query
+            .as_deref()
+            .is_some_and(|q| q.contains("belay-long"))
+    );
+    let idle_info = s
+        .idle_in_transaction
+        .iter()
+        .find(|x| x.pid == idle_pid)
+        .ok_or("no idle")?;
+    assert!(idle_info.state_ms.is_some_and(|ms| ms >= 200));
+    assert!(!s.long_running.iter().any(|x| x.pid == idle_pid));
+
+    // Default thresholds (5 min, 1 min): neither is flagged yet.
+    let s = snapshot(&mut mon, &SnapshotOptions::default()).await?;
+    assert!(!s.long_running.iter().any(|x| x.pid == sleep_pid));
+    assert!(!s.idle_in_transaction.iter().any(|x| x.pid == idle_pid));
+
+    // exclude_pid hides a session from both lists.
+    let s = snapshot(
+        &mut mon,
+        &SnapshotOptions {
+            exclude_pid: Some(sleep_pid),
+            ..short.clone()
+        },
+    )
+    .await?;
+    assert!(!s.long_running.iter().any(|x| x.pid == sleep_pid));
+
+    cancel(&mut mon, sleep_pid).await?;
+    let _ = sleeper.await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pg_monitor_only_role_sees_everything() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let role = format!("mon_{}", db.name);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN; GRANT pg_monitor TO {role}"
+    )))
+    .execute(&mut admin)
+    .await?;
+    let mon_url = db
+        .url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    assert_ne!(mon_url, db.url);
+    let mut mon = PgConnection::connect(&mon_url).await?;
+
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; INSERT INTO t VALUES (100)")
+        .execute(&mut a)
+        .await?;
+    let (b_pid, b) = background(&db.url, "ALTER TABLE t ADD COLUMN x int /* secret-ish */").await?;
+    let (sleep_pid, sleeper) = background(&db.url, "SELECT pg_sleep(60) /* by postgres */").await?;
+
+    let opts = SnapshotOptions {
+        long_running: Duration::from_millis(100),
+        ..SnapshotOptions::default()
+    };
+    let s = until(&mut mon, &opts, "tree and long query as pg_monitor", |s| {
+        tree_of(s, a_pid).is_some_and(|t| t.find(b_pid).is_some())
+            && s.long_running.iter().any(|x| x.pid == sleep_pid)
+    })
+    .await?;
+    let long = s
+        .long_running
+        .iter()
+        .find(|x| x.pid == sleep_pid)
+        .ok_or("no long")?;
+    assert!(
+        long.query
+            .as_deref()
+            .is_some_and(|q| q.contains("by postgres")),
+        "other users' queries visible: {long:?}"
+    );
+    assert_eq!(long.user.as_deref(), Some("postgres"));
+    let root = tree_of(&s, a_pid).ok_or("no tree")?;
+    assert_eq!(root.relation.as_deref(), Some("t"));
+    assert!(
+        root.children[0]
+            .query
+            .as_deref()
+            .is_some_and(|q| q.contains("ALTER TABLE t"))
+    );
+
+    cancel(&mut admin, sleep_pid).await?;
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
+    b.await?.1?;
+    let _ = sleeper.await?;
+    mon.close().await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "REASSIGN OWNED BY {role} TO postgres; DROP OWNED BY {role}; DROP ROLE {role}"
+    )))
+    .execute(&mut admin)
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guard_cancels_a_migration_whose_queue_waits_too_long() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let url = DatabaseUrl::parse(&db.url)?;
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
+        .execute(&mut a)
+        .await?;
+
+    let (mut m, m_pid) = session(&db.url).await?;
+    let mut guard = LockGuard::start(
+        &url,
+        m_pid,
+        Duration::from_millis(300),
+        Duration::from_millis(50),
+    )
+    .await?;
+    let migration = tokio::spawn(async move {
+        let r = sqlx::raw_sql("ALTER TABLE t ADD COLUMN z int")
+            .execute(&mut m)
+            .await
+            .map(|_| ());
+        (m, r)
+    });
+    let opts = SnapshotOptions::default();
+    until(&mut admin, &opts, "migration waiting", |s| {
+        tree_of(s, a_pid).is_some_and(|t| t.find(m_pid).is_some())
+    })
+    .await?;
+    let queued_at = Instant::now();
+    let (r_pid, reader) = background(&db.url, "SELECT count(*) FROM t").await?;
+
+    let trip = tokio::time::timeout(Duration::from_secs(10), guard.next_trip())
+        .await?
+        .ok_or("guard stopped without tripping")?;
+    assert_eq!(trip.migration_pid, m_pid);
+    assert!(trip.blocked_sessions.contains(&r_pid), "{trip:?}");
+    assert!(trip.longest_wait_ms > 300, "{trip:?}");
+    assert_eq!(trip.blockers_of_migration, vec![a_pid]);
+    assert!(trip.cancelled);
+
+    let (_m, r) = migration.await?;
+    let err = r.err().ok_or("migration should have been cancelled")?;
+    let code = err
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("57014"), "{err}");
+
+    // The reader is released at once (A only holds a share lock).
+    tokio::time::timeout(Duration::from_secs(5), reader)
+        .await??
+        .1?;
+    assert!(queued_at.elapsed() < Duration::from_secs(5));
+    assert!(guard.stop().await?.is_empty());
+
+    // The column was not added: the cancelled statement rolled back.
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
+    let cols: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'z'",
+    )
+    .fetch_one(&mut admin)
+    .await?;
+    assert_eq!(cols, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guard_stays_quiet_when_nobody_queues_behind() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let url = DatabaseUrl::parse(&db.url)?;
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
+        .execute(&mut a)
+        .await?;
+    let (mut m, m_pid) = session(&db.url).await?;
+    let guard = LockGuard::start(
+        &url,
+        m_pid,
+        Duration::from_millis(100),
+        Duration::from_millis(20),
+    )
+    .await?;
+    let migration = tokio::spawn(async move {
+        let r = sqlx::raw_sql("ALTER TABLE t ADD COLUMN z int")
+            .execute(&mut m)
+            .await
+            .map(|_| ());
+        (m, r)
+    });
+    until(
+        &mut admin,
+        &SnapshotOptions::default(),
+        "migration waiting",
+        |s| tree_of(s, a_pid).is_some_and(|t| t.find(m_pid).is_some()),
+    )
+    .await?;
+    // The migration waits far past the budget, but nobody waits for it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
+    migration.await?.1?;
+    let trips = guard.stop().await?;
+    assert!(trips.is_empty(), "{trips:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wait_until_gone_returns_when_the_blocker_commits() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
+        .execute(&mut a)
+        .await?;
+
+    let out = wait_until_gone(&mut admin, &[a_pid], Duration::from_millis(150)).await?;
+    assert_eq!(
+        out,
+        WaitOutcome::TimedOut {
+            remaining: vec![a_pid]
+        }
+    );
+
+    let committer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = sqlx::raw_sql("COMMIT").execute(&mut a).await.map(|_| ());
+        (a, r)
+    });
+    let start = Instant::now();
+    let out = wait_until_gone(&mut admin, &[a_pid], Duration::from_secs(10)).await?;
+    let took = start.elapsed();
+    committer.await?.1?;
+    assert!(matches!(out, WaitOutcome::Gone { .. }), "{out:?}");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+
+    // Sessions not in a transaction (or gone) count as gone at once.
+    let out = wait_until_gone(&mut admin, &[a_pid, 999_999], Duration::from_secs(1)).await?;
+    assert!(matches!(out, WaitOutcome::Gone { .. }), "{out:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_streams_samples_on_one_connection() -> R<()> {
+    let (db, _c) = setup().await?;
+    let url = DatabaseUrl::parse(&db.url)?;
+    let stream = watch(url, Duration::from_millis(50), SnapshotOptions::default());
+    tokio::pin!(stream);
+    let mut ats = Vec::new();
+    for _ in 0..3 {
+        let s = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await?
+            .ok_or("stream ended")??;
+        ats.push(s.at);
+    }
+    assert!(ats.windows(2).all(|w| w[0] < w[1]));
+    Ok(())
+}

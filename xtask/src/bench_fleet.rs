@@ -1,0 +1,714 @@
+//! `cargo xtask bench fleet`: a deployment through controller + agent against local-mode
+//! `belay migrate` run target by target, and the controller's cost of many heartbeating
+//! agents.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use belay_proto::v1 as pb;
+use belay_testkit::Cluster;
+use pb::controller_service_client::ControllerServiceClient;
+use tonic::transport::Endpoint;
+
+use crate::pg::ensure_postgres;
+use crate::util::{capture, cargo, describe, heading, step, target_dir};
+
+/// The three migrations of the change every tenant receives.
+const CHANGE: &[(&str, &str)] = &[
+    (
+        "V1__create_items.sql",
+        "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL);\n",
+    ),
+    (
+        "V2__add_created_at.sql",
+        "ALTER TABLE items ADD COLUMN created_at timestamptz NOT NULL DEFAULT now();\n",
+    ),
+    (
+        "V3__index_items_name.sql",
+        "CREATE INDEX items_name_idx ON items (name);\n",
+    ),
+];
+
+/// HTTP/2 connections the simulated agents share (each carries many concurrent streams).
+const SIM_CHANNELS: usize = 16;
+
+/// Environment that would change what the daemons and the CLI do (credentials, listen
+/// addresses, a controller or database from the caller's shell).
+const SCRUBBED_ENV: &[&str] = &[
+    "BELAY_TOKEN",
+    "BELAY_CONTROLLER",
+    "BELAY_CONTROLLER_LISTEN",
+    "BELAY_CONTROLLER_STORE",
+    "BELAY_AGENT_LISTEN",
+    "BELAY_DATABASE_URL",
+    "DATABASE_URL",
+    "BELAY_TARGET",
+    "BELAY_LOG_FORMAT",
+];
+
+#[derive(Debug)]
+struct Bins {
+    belay: PathBuf,
+    agent: PathBuf,
+    controller: PathBuf,
+}
+
+/// Release builds of the CLI, the agent and the controller.
+fn build_release() -> Result<Bins> {
+    step(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "belay",
+        "-p",
+        "belay-agent",
+        "-p",
+        "belay-controller",
+        "--bins",
+    ]))?;
+    let dir = target_dir().join("release");
+    let bins = Bins {
+        belay: dir.join("belay"),
+        agent: dir.join("belay-agent"),
+        controller: dir.join("belay-controller"),
+    };
+    for bin in [&bins.belay, &bins.agent, &bins.controller] {
+        ensure!(bin.is_file(), "{} was not built", bin.display());
+    }
+    Ok(bins)
+}
+
+fn scrubbed(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    for var in SCRUBBED_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+pub fn fleet(tenants: usize, agents: usize, seconds: u64, parallel: u32) -> Result<()> {
+    ensure!(
+        (1..=2000).contains(&tenants),
+        "--tenants must be within 1..=2000"
+    );
+    ensure!(
+        (1..=20_000).contains(&agents),
+        "--agents must be within 1..=20000"
+    );
+    ensure!(
+        (1..=600).contains(&seconds),
+        "--seconds must be within 1..=600"
+    );
+    ensure!(parallel >= 1, "--parallel must be at least 1");
+    let pg_bin = ensure_postgres()?;
+    let bins = build_release()?;
+    let work = tempfile::tempdir().context("could not create a temp dir")?;
+
+    let deploy_line = {
+        heading("starting a throwaway PostgreSQL cluster");
+        let cluster = Cluster::start().context("could not start a PostgreSQL cluster")?;
+        deploy_vs_sequential(&cluster, &pg_bin, &bins, work.path(), tenants, parallel)?
+    };
+    let heartbeat_line = heartbeats(&bins, work.path(), agents, seconds)?;
+
+    heading(&format!(
+        "results ({} CPUs; the bench's clients share them with the daemons)",
+        thread::available_parallelism().map_or(0, usize::from)
+    ));
+    println!("{deploy_line}");
+    println!("{heartbeat_line}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// (a) deploy through controller + agent vs. (b) local-mode migrate, target by target
+
+fn deploy_vs_sequential(
+    cluster: &Cluster,
+    pg_bin: &Path,
+    bins: &Bins,
+    work: &Path,
+    tenants: usize,
+    parallel: u32,
+) -> Result<String> {
+    let migrations = work.join("migrations");
+    fs::create_dir(&migrations).context("could not create the migrations dir")?;
+    for (name, sql) in CHANGE {
+        fs::write(migrations.join(name), sql).with_context(|| format!("could not write {name}"))?;
+    }
+
+    // Same work on both sides: N fresh databases each, plus one to warm up on.
+    let fleet_dbs: Vec<String> = (1..=tenants).map(|i| format!("tenant_{i:04}")).collect();
+    let seq_dbs: Vec<String> = (1..=tenants).map(|i| format!("seq_{i:04}")).collect();
+    let warmup = "warmup_0".to_owned();
+    heading(&format!("creating {} databases", 2 * tenants + 1));
+    let created = Instant::now();
+    let mut script = String::new();
+    for db in fleet_dbs.iter().chain(&seq_dbs).chain([&warmup]) {
+        let _ = writeln!(script, "CREATE DATABASE {db} TEMPLATE template0;");
+    }
+    let script_path = work.join("create_databases.sql");
+    fs::write(&script_path, script).context("could not write the CREATE DATABASE script")?;
+    capture(
+        Command::new(pg_bin.join("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(cluster.url("postgres"))
+            .arg("-f")
+            .arg(&script_path),
+    )?;
+    println!(
+        "created in {:.1}s (one psql session)",
+        created.elapsed().as_secs_f64()
+    );
+
+    let local_migrate = local_migrate_command(&bins.belay, &migrations)?;
+    // One untimed run: the first migrations after a cluster starts pay for cold caches.
+    capture(&mut local_migrate(&cluster.url(&warmup)))?;
+
+    heading("starting a controller and one agent owning every tenant");
+    let controller = Daemon::start(
+        "belay-controller",
+        scrubbed(&bins.controller)
+            .args(["--listen", "127.0.0.1:0", "--store"])
+            .arg(work.join("deploy-store.db"))
+            .args(["--heartbeat-interval", "1s"]),
+        &work.join("controller-deploy.log"),
+    )?;
+    let mut config = format!("name = \"bench-agent\"\ncontroller = \"{}\"\n", controller.addr);
+    for db in &fleet_dbs {
+        let _ = write!(
+            config,
+            "\n[[targets]]\nname = \"{db}\"\nurl = \"{}\"\nmigrations = \"{}\"\n",
+            cluster.url(db),
+            migrations.display()
+        );
+    }
+    let config_path = work.join("agent.toml");
+    fs::write(&config_path, config).context("could not write agent.toml")?;
+    let _agent = Daemon::start(
+        "belay-agent",
+        scrubbed(&bins.agent)
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&config_path),
+        &work.join("agent.log"),
+    )?;
+    wait_for_agent(&bins.belay, &controller, tenants)?;
+
+    heading(&format!(
+        "(a) deploy to {tenants} targets through controller + agent"
+    ));
+    let mut deploy = scrubbed(&bins.belay);
+    deploy
+        .arg("--controller")
+        .arg(&controller.addr)
+        .args(["deploy", "--targets", "tenant_*", "--canary", "1"])
+        .args(["--batch", "25%", "--parallel", &parallel.to_string()])
+        .args(["--output", "json"]);
+    println!("$ {}", describe(&deploy));
+    let started = Instant::now();
+    let out = deploy.output().context("could not run belay deploy")?;
+    let fleet_time = started.elapsed();
+    check_deploy(&out, tenants, &controller)?;
+    println!(
+        "deployment succeeded on {tenants} targets in {:.2}s",
+        fleet_time.as_secs_f64()
+    );
+    let (_, controller_peak) = controller.memory()?;
+
+    heading(&format!(
+        "(b) local-mode `belay migrate` on {tenants} databases, one after another"
+    ));
+    println!(
+        "$ {} (per database)",
+        describe(&local_migrate(&cluster.url(&seq_dbs[0])))
+    );
+    let started = Instant::now();
+    for db in &seq_dbs {
+        capture(&mut local_migrate(&cluster.url(db)))
+            .with_context(|| format!("local migrate of {db} failed"))?;
+    }
+    let seq_time = started.elapsed();
+    println!(
+        "{tenants} databases migrated in {:.2}s",
+        seq_time.as_secs_f64()
+    );
+
+    heading("checking every database's history");
+    for db in fleet_dbs.iter().chain(&seq_dbs) {
+        let rows = belay_testkit::psql(
+            &cluster.url(db),
+            "SELECT count(*) FROM belay.schema_history WHERE success AND state = 'success'",
+        )
+        .with_context(|| format!("could not read the history of {db}"))?;
+        ensure!(
+            rows.trim() == CHANGE.len().to_string(),
+            "{db}: {} successful history rows, expected {}",
+            rows.trim(),
+            CHANGE.len()
+        );
+    }
+    println!("all {} databases record {} migrations", 2 * tenants, CHANGE.len());
+
+    let (f, s) = (fleet_time.as_secs_f64(), seq_time.as_secs_f64());
+    let n = tenants as f64;
+    Ok(format!(
+        "fleet {tenants} targets x {} migrations: controller+agent {f:.1}s (--parallel {parallel}), \
+         sequential local {s:.1}s, ratio {:.2}, per target {:.0} ms vs {:.0} ms, \
+         controller peak RSS {}",
+        CHANGE.len(),
+        f / s,
+        f * 1000.0 / n,
+        s * 1000.0 / n,
+        mib(controller_peak)
+    ))
+}
+
+/// `belay --dir D migrate` for a database URL; without a pre-deployment backup when the
+/// CLI takes one by default, since the agent's deploy path is what it is compared with.
+fn local_migrate_command(
+    belay: &Path,
+    migrations: &Path,
+) -> Result<impl Fn(&str) -> Command> {
+    let help = capture(scrubbed(belay).args(["migrate", "--help"]))?;
+    let no_backup = String::from_utf8_lossy(&help.stdout).contains("--backup");
+    let (belay, migrations) = (belay.to_path_buf(), migrations.to_path_buf());
+    Ok(move |url: &str| {
+        let mut cmd = scrubbed(&belay);
+        cmd.arg("--dir").arg(&migrations).arg("migrate");
+        if no_backup {
+            cmd.args(["--backup", "none"]);
+        }
+        cmd.env("BELAY_DATABASE_URL", url);
+        cmd
+    })
+}
+
+fn wait_for_agent(belay: &Path, controller: &Daemon, targets: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = scrubbed(belay)
+            .arg("--controller")
+            .arg(&controller.addr)
+            .args(["agents", "--output", "json"])
+            .output()
+            .context("could not run belay agents")?;
+        if out.status.success() {
+            let doc: serde_json::Value =
+                serde_json::from_slice(&out.stdout).context("belay agents: not JSON")?;
+            let ready = doc.as_array().is_some_and(|agents| {
+                agents.iter().any(|a| {
+                    a["state"] == "connected"
+                        && a["targets"].as_array().map(Vec::len) == Some(targets)
+                })
+            });
+            if ready {
+                println!("agent connected with {targets} targets");
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the agent did not connect with {targets} targets within 60 s; last `belay agents`: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Fails, naming the targets that did not succeed, unless the deployment succeeded on
+/// every target.
+fn check_deploy(out: &std::process::Output, tenants: usize, controller: &Daemon) -> Result<()> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed = |why: String| -> anyhow::Error {
+        anyhow::anyhow!(
+            "the fleet deployment failed: {why}\n--- belay deploy stderr\n{stderr}\n--- controller log (tail)\n{}",
+            controller.log_tail(30)
+        )
+    };
+    let doc: serde_json::Value = match serde_json::from_str(stdout.trim()) {
+        Ok(doc) => doc,
+        Err(_) => {
+            return Err(failed(format!(
+                "exit {}, output is not JSON:\n{}",
+                out.status,
+                stdout.chars().take(4000).collect::<String>()
+            )));
+        }
+    };
+    let targets = doc["targets"].as_array().cloned().unwrap_or_default();
+    let not_ok: Vec<String> = targets
+        .iter()
+        .filter(|t| t["state"] != "succeeded")
+        .take(10)
+        .map(|t| format!("{} {}: {}", t["target"], t["state"], t["message"]))
+        .collect();
+    if !out.status.success() || doc["state"] != "succeeded" || !not_ok.is_empty() {
+        return Err(failed(format!(
+            "exit {}, deployment state {}; targets not succeeded (first 10): {not_ok:?}",
+            out.status, doc["state"]
+        )));
+    }
+    if targets.len() != tenants {
+        return Err(failed(format!(
+            "the deployment covers {} targets, expected {tenants}",
+            targets.len()
+        )));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// heartbeats: many simulated agents against one controller
+
+fn heartbeats(bins: &Bins, work: &Path, agents: usize, seconds: u64) -> Result<String> {
+    heading(&format!(
+        "{agents} simulated agents heartbeating every second for {seconds}s against a fresh controller"
+    ));
+    let controller = Daemon::start(
+        "belay-controller",
+        scrubbed(&bins.controller)
+            .args(["--listen", "127.0.0.1:0", "--store"])
+            .arg(work.join("heartbeat-store.db"))
+            .args(["--heartbeat-interval", "1s"]),
+        &work.join("controller-heartbeat.log"),
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("could not start a tokio runtime")?;
+    let stats = runtime.block_on(simulate(&controller, agents, seconds))?;
+    let (rss, peak) = controller.memory()?;
+    ensure!(
+        stats.failed == 0,
+        "{} of {} heartbeats failed or were not recognised; controller log (tail):\n{}",
+        stats.failed,
+        stats.sent,
+        controller.log_tail(30)
+    );
+    ensure!(
+        stats.connected == agents,
+        "the controller lists {} of {agents} agents as connected",
+        stats.connected
+    );
+    println!(
+        "{} heartbeats in the window, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        stats.sent, stats.p50_ms, stats.p99_ms, stats.max_ms
+    );
+    Ok(format!(
+        "heartbeats {agents} agents @1s for {seconds}s: controller CPU {:.1}% of a core, \
+         RSS {} (peak {}); {:.0} heartbeats/s, latency p99 {:.1} ms",
+        stats.cpu_percent,
+        mib(rss),
+        mib(peak),
+        stats.sent as f64 / stats.window.as_secs_f64(),
+        stats.p99_ms
+    ))
+}
+
+#[derive(Debug)]
+struct HeartbeatStats {
+    sent: u64,
+    failed: u64,
+    connected: usize,
+    cpu_percent: f64,
+    window: Duration,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+async fn simulate(controller: &Daemon, agents: usize, seconds: u64) -> Result<HeartbeatStats> {
+    let uri = format!("http://{}", controller.addr);
+    let mut channels = Vec::new();
+    for _ in 0..SIM_CHANNELS.min(agents) {
+        let channel = Endpoint::from_shared(uri.clone())
+            .context("bad controller address")?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("could not connect to the controller at {uri}"))?;
+        channels.push(channel);
+    }
+
+    // Registration, a few at a time per channel.
+    let registered = Instant::now();
+    let mut registering = tokio::task::JoinSet::new();
+    for (c, channel) in channels.iter().enumerate() {
+        let channel = channel.clone();
+        let names: Vec<usize> = (c..agents).step_by(channels.len()).collect();
+        registering.spawn(async move {
+            let mut client = ControllerServiceClient::new(channel);
+            for i in names {
+                client
+                    .register_agent(pb::RegisterAgentRequest {
+                        name: format!("sim-agent-{i}"),
+                        // Never dialled: nothing is deployed to the simulated targets.
+                        address: "127.0.0.1:9".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        targets: vec![pb::TargetInfo {
+                            name: format!("sim_{i}"),
+                            ..Default::default()
+                        }],
+                    })
+                    .await
+                    .with_context(|| format!("registering sim-agent-{i}"))?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(joined) = registering.join_next().await {
+        joined.context("a registration task panicked")??;
+    }
+    println!(
+        "{agents} agents registered in {:.2}s over {} connections",
+        registered.elapsed().as_secs_f64(),
+        channels.len()
+    );
+
+    // Heartbeats, spread evenly over each second as independent agents' would be.
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = tokio::time::Instant::now();
+    for i in 0..agents {
+        let mut client = ControllerServiceClient::new(channels[i % channels.len()].clone());
+        let offset = Duration::from_micros((i as u64 * 1_000_000) / agents as u64);
+        let (sent, failed, measuring, latencies) = (
+            sent.clone(),
+            failed.clone(),
+            measuring.clone(),
+            latencies.clone(),
+        );
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval_at(start + offset, Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let name = format!("sim-agent-{i}");
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let t = Instant::now();
+                let ok = matches!(
+                    client.heartbeat(pb::HeartbeatRequest { name: name.clone() }).await,
+                    Ok(r) if r.get_ref().known
+                );
+                if measuring.load(Ordering::Relaxed) {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let us = u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX);
+                    if let Ok(mut l) = latencies.lock() {
+                        l.push(us);
+                    }
+                }
+            }
+        });
+    }
+
+    // Two seconds to settle (first heartbeats, connection warm-up), then the window.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = controller.pid;
+    let (cpu0, t0) = (cpu_ticks(pid)?, Instant::now());
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let (cpu1, window) = (cpu_ticks(pid)?, t0.elapsed());
+
+    // Whether the controller sees every agent alive, asked while they still heartbeat.
+    let listed = ControllerServiceClient::new(channels[0].clone())
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .context("ListAgents")?;
+    let connected = listed
+        .get_ref()
+        .agents
+        .iter()
+        .filter(|a| a.state == "connected")
+        .count();
+    let _ = stop_tx.send(true);
+    while let Some(joined) = tasks.join_next().await {
+        joined.context("a heartbeat task panicked")?;
+    }
+
+    let ticks_per_sec = clock_ticks_per_second();
+    let cpu_percent = (cpu1 - cpu0) as f64 / ticks_per_sec / window.as_secs_f64() * 100.0;
+    let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    lat.sort_unstable();
+    let pct = |p: usize| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = (lat.len() * p).div_ceil(100).saturating_sub(1);
+        f64::from(lat[i]) / 1000.0
+    };
+    Ok(HeartbeatStats {
+        sent: sent.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        connected,
+        cpu_percent,
+        window,
+        p50_ms: pct(50),
+        p99_ms: pct(99),
+        max_ms: lat.last().map_or(0.0, |&us| f64::from(us) / 1000.0),
+    })
+}
+
+/// utime + stime of a process, in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("could not read /proc/{pid}/stat"))?;
+    parse_cpu_ticks(&stat).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may hold spaces: count from the
+    // last ')'. After it, field 3 (state) comes first, so utime is index 11.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .filter(|&t| t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// `VmRSS` and `VmHWM` (peak RSS) of `/proc/<pid>/status`, in KiB.
+fn parse_memory(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.0} MiB", kib as f64 / 1024.0)
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// A controller or agent started by the bench: stderr goes to a log file; killed when
+/// dropped.
+#[derive(Debug)]
+struct Daemon {
+    child: Child,
+    pid: u32,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` (which listens on 127.0.0.1:0) and waits for its `listening on ADDR`.
+    fn start(what: &str, cmd: &mut Command, log: &Path) -> Result<Daemon> {
+        let log_file =
+            fs::File::create(log).with_context(|| format!("could not create {}", log.display()))?;
+        cmd.stdout(Stdio::piped()).stderr(log_file);
+        println!("$ {}", describe(cmd));
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("could not start {what}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        // Reads the first line, then keeps draining so the daemon never blocks on stdout.
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            for _ in lines {}
+        });
+        let pid = child.id();
+        let mut daemon = Daemon {
+            child,
+            pid,
+            addr: String::new(),
+            log: log.to_path_buf(),
+        };
+        let line = rx.recv_timeout(Duration::from_secs(30)).ok().flatten();
+        match line
+            .and_then(Result::ok)
+            .as_deref()
+            .and_then(|l| l.strip_prefix("listening on "))
+        {
+            Some(addr) => daemon.addr = addr.trim().to_owned(),
+            None => bail!(
+                "{what} did not announce its address within 30 s; its log:\n{}",
+                daemon.log_tail(30)
+            ),
+        }
+        Ok(daemon)
+    }
+
+    /// Current and peak resident memory in KiB.
+    fn memory(&self) -> Result<(u64, u64)> {
+        let path = format!("/proc/{}/status", self.pid);
+        let status = fs::read_to_string(&path).with_context(|| format!("could not read {path}"))?;
+        parse_memory(&status).with_context(|| format!("no VmRSS/VmHWM in {path}"))
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_command_name_with_spaces() {
+        let stat = "1234 (belay (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0 99 1000 50";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+    }
+
+    #[test]
+    fn memory_fields_are_read() {
+        let status = "Name:\tbelay-controller\nVmHWM:\t   43008 kB\nVmRSS:\t   41984 kB\n";
+        assert_eq!(parse_memory(status), Some((41984, 43008)));
+        assert_eq!(mib(43008), "42 MiB");
+    }
+}
