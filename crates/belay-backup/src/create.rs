@@ -86,6 +86,12 @@ impl BackupManager {
         // rows in the dump.
         db.exec("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .await?;
+        // The row counts take ACCESS SHARE locks too: bound their wait like pg_dump's.
+        db.exec(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            self.lock_wait_timeout.as_millis().max(1)
+        ))
+        .await?;
         let err = db.err("exporting a snapshot");
         let snapshot: String = sqlx::query("SELECT pg_export_snapshot()")
             .fetch_one(&mut db.conn)
@@ -113,6 +119,10 @@ impl BackupManager {
             "--verbose".to_owned(),
             "--no-password".to_owned(),
             format!("--snapshot={snapshot}"),
+            format!(
+                "--lock-wait-timeout={}ms",
+                self.lock_wait_timeout.as_millis().max(1)
+            ),
             format!("--file={}", dump_path.display()),
         ];
         match req.format {
@@ -213,11 +223,18 @@ impl BackupManager {
                     dir: catalog.dir().to_path_buf(),
                 });
             }
+            let mut stderr = stderr_summary(&run.stderr);
+            if stderr.contains("LOCK TABLE") && stderr.contains("timeout") {
+                stderr = format!(
+                    "{stderr} | another session holds a table exclusively; pg_dump gave up after the lock wait bound of {} ms: retry once it is released",
+                    self.lock_wait_timeout.as_millis()
+                );
+            }
             return Err(BackupError::ToolFailed {
                 tool: "pg_dump".into(),
                 target: target.to_owned(),
                 status: run.status.to_string(),
-                stderr: stderr_summary(&run.stderr),
+                stderr,
             });
         }
         let tables = counted?;

@@ -38,12 +38,16 @@ pub use tools::{CommandHook, CommandLine, PgTools, parse_version_num};
 /// Where progress events go. `&|_| {}` ignores them.
 pub type ProgressFn<'a> = &'a (dyn Fn(Progress) + Send + Sync);
 
+/// Default bound on `pg_dump`'s wait for table locks.
+pub const DEFAULT_LOCK_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Creates, verifies, restores and prunes backups under one backup root.
 #[derive(Clone)]
 pub struct BackupManager {
     root: PathBuf,
     bin_dir: Option<PathBuf>,
     size_limit: Option<u64>,
+    lock_wait_timeout: std::time::Duration,
     history_schema: String,
     hook: Option<CommandHook>,
     tools: Arc<tokio::sync::OnceCell<PgTools>>,
@@ -67,6 +71,7 @@ impl BackupManager {
             root: root.into(),
             bin_dir: None,
             size_limit: None,
+            lock_wait_timeout: DEFAULT_LOCK_WAIT_TIMEOUT,
             history_schema: "belay".to_owned(),
             hook: None,
             tools: Arc::new(tokio::sync::OnceCell::new()),
@@ -77,6 +82,13 @@ impl BackupManager {
     pub fn with_bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.bin_dir = Some(dir.into());
         self.tools = Arc::new(tokio::sync::OnceCell::new());
+        self
+    }
+
+    /// How long `pg_dump` may wait for its ACCESS SHARE locks before giving up with a clear
+    /// error (every lock wait belay makes is bounded; default 30 s).
+    pub fn with_lock_wait_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.lock_wait_timeout = timeout;
         self
     }
 

@@ -853,3 +853,40 @@ async fn missing_client_tools_say_how_to_install_them() {
                 .is_none()
     );
 }
+
+/// An application holding ACCESS EXCLUSIVE on a table: the backup gives up after its lock
+/// wait bound with a clear error, instead of waiting for as long as the holder likes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_waits_for_table_locks_only_as_long_as_allowed() {
+    use sqlx::Connection as _;
+    let (db, url) = fixture().await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.expect("holder");
+    sqlx::raw_sql("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mgr = manager(dir.path()).with_lock_wait_timeout(std::time::Duration::from_millis(300));
+    // The outer bound only turns a hang (the bug) into a failure; it is not a speed check.
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        mgr.create(&url, "shop", &BackupRequest::default(), &|_| {}),
+    )
+    .await
+    .expect("the backup must not wait for the lock indefinitely");
+    let err = result.expect_err("the table is locked");
+    let msg = err.to_string();
+    assert!(msg.contains("LOCK TABLE public.orders"), "{msg}");
+    assert!(msg.contains("holds a table exclusively"), "{msg}");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("shop"))
+        .map(|d| d.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a partial backup was left: {left:?}");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .expect("release");
+    mgr.create(&url, "shop", &BackupRequest::default(), &|_| {})
+        .await
+        .expect("once the lock is gone the backup works");
+}

@@ -437,3 +437,71 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use metrics::{
+        Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
+
+    use super::*;
+
+    /// Records `name{labels} += n` lines.
+    #[derive(Debug, Default)]
+    struct Lines(Arc<Mutex<Vec<String>>>);
+
+    struct Line(Arc<Mutex<Vec<String>>>, String);
+
+    impl CounterFn for Line {
+        fn increment(&self, value: u64) {
+            self.0
+                .lock()
+                .expect("lines")
+                .push(format!("{} += {value}", self.1));
+        }
+        fn absolute(&self, _: u64) {}
+    }
+
+    impl Recorder for Lines {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            let labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            Counter::from_arc(Arc::new(Line(self.0.clone(), name)))
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn failures_and_transitions_are_counted_per_probe() {
+        let recorder = Lines::default();
+        metrics::with_local_recorder(&recorder, || {
+            record_metrics("api", ProbeResult::Pass, None);
+            record_metrics("api", ProbeResult::Fail, None);
+            record_metrics("api", ProbeResult::Error, Some(Transition::Triggered));
+            record_metrics("api", ProbeResult::Pass, Some(Transition::Recovered));
+        });
+        let lines = recorder.0.lock().expect("lines").clone();
+        assert_eq!(
+            lines,
+            [
+                "belay_probe_failures_total{probe=api} += 1",
+                "belay_probe_failures_total{probe=api} += 1",
+                "belay_probe_transitions_total{probe=api,to=triggered} += 1",
+                "belay_probe_transitions_total{probe=api,to=recovered} += 1",
+            ]
+        );
+    }
+}
