@@ -579,7 +579,8 @@ fn free_port() -> Result<String> {
 async fn scrape(addr: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: belay\r\nConnection: close\r\n\r\n").await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: belay\r\nConnection: close\r\n\r\n")
+        .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     Ok(out)
@@ -594,7 +595,19 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
     let c = controller(&store_path(tmp.path()), &["--metrics-listen", &cm]).await?;
     let a = agent_config(tmp.path(), "agent-1", &c.addr, &[def("m_1", &db[0], &ex)])?;
     let a_s = a.to_string_lossy().into_owned();
-    let ad = Daemon::start("belay-agent", &["--listen", "127.0.0.1:0", "--config", &a_s, "--metrics-listen", &am], &[]).await?;
+    let ad = Daemon::start(
+        "belay-agent",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            &a_s,
+            "--metrics-listen",
+            &am,
+        ],
+        &[],
+    )
+    .await?;
     wait_agents(&c.addr, 1).await?;
     let r = belay(&c.addr, &["deploy", "--targets", "m_1"]).await?;
     assert_eq!(r.code, 0, "{r:?}");
@@ -604,34 +617,51 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
         agent_metrics.contains(r#"belay_migrations_total{target="m_1",status="success"} 4"#),
         "{agent_metrics}"
     );
-    assert!(agent_metrics.contains("belay_migration_duration_seconds_bucket"), "{agent_metrics}");
+    assert!(
+        agent_metrics.contains("belay_migration_duration_seconds_bucket"),
+        "{agent_metrics}"
+    );
     wait_for("the agents gauge", || async {
         Ok(scrape(&cm).await?.contains("belay_agents_connected 1"))
     })
     .await?;
     let controller_metrics = scrape(&cm).await?;
-    assert!(controller_metrics.contains(r#"belay_deployments_total{status="succeeded"} 1"#), "{controller_metrics}");
+    assert!(
+        controller_metrics.contains(r#"belay_deployments_total{status="succeeded"} 1"#),
+        "{controller_metrics}"
+    );
 
     // grpcurl-style discovery through server reflection, on both daemons.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    for (addr, want) in [(&ad.addr, "belay.v1.MigrationService"), (&c.addr, "belay.v1.ControllerService")] {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    for (addr, want) in [
+        (&ad.addr, "belay.v1.MigrationService"),
+        (&c.addr, "belay.v1.ControllerService"),
+    ] {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
         let mut client = ServerReflectionClient::new(channel);
         let req = ServerReflectionRequest {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),
         };
-        let mut stream = client.server_reflection_info(tokio_stream::iter([req])).await?.into_inner();
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await?
+            .into_inner();
         let resp = stream.message().await?.expect("a reflection response");
         let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
             panic!("unexpected reflection response");
         };
         let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
         assert!(names.iter().any(|n| n == want), "{addr}: {names:?}");
-        assert!(names.iter().any(|n| n == "grpc.health.v1.Health"), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{names:?}"
+        );
     }
     Ok(())
 }

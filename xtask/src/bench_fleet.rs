@@ -62,8 +62,19 @@ struct Bins {
     controller: PathBuf,
 }
 
-/// Release builds of the CLI, the agent and the controller.
-fn build_release() -> Result<Bins> {
+/// The binaries in `given`, or release builds of the CLI, the agent and the controller.
+fn release_bins(given: Option<PathBuf>) -> Result<Bins> {
+    if let Some(dir) = given {
+        let bins = Bins {
+            belay: dir.join("belay"),
+            agent: dir.join("belay-agent"),
+            controller: dir.join("belay-controller"),
+        };
+        for bin in [&bins.belay, &bins.agent, &bins.controller] {
+            ensure!(bin.is_file(), "{} is not a file", bin.display());
+        }
+        return Ok(bins);
+    }
     step(cargo().args([
         "build",
         "--release",
@@ -96,7 +107,13 @@ fn scrubbed(program: &Path) -> Command {
     cmd
 }
 
-pub fn fleet(tenants: usize, agents: usize, seconds: u64, parallel: u32) -> Result<()> {
+pub fn fleet(
+    tenants: usize,
+    agents: usize,
+    seconds: u64,
+    parallel: u32,
+    bin_dir: Option<PathBuf>,
+) -> Result<()> {
     ensure!(
         (1..=2000).contains(&tenants),
         "--tenants must be within 1..=2000"
@@ -111,7 +128,7 @@ pub fn fleet(tenants: usize, agents: usize, seconds: u64, parallel: u32) -> Resu
     );
     ensure!(parallel >= 1, "--parallel must be at least 1");
     let pg_bin = ensure_postgres()?;
-    let bins = build_release()?;
+    let bins = release_bins(bin_dir)?;
     let work = tempfile::tempdir().context("could not create a temp dir")?;
 
     let deploy_line = {
@@ -184,7 +201,10 @@ fn deploy_vs_sequential(
             .args(["--heartbeat-interval", "1s"]),
         &work.join("controller-deploy.log"),
     )?;
-    let mut config = format!("name = \"bench-agent\"\ncontroller = \"{}\"\n", controller.addr);
+    let mut config = format!(
+        "name = \"bench-agent\"\ncontroller = \"{}\"\n",
+        controller.addr
+    );
     for db in &fleet_dbs {
         let _ = write!(
             config,
@@ -257,7 +277,11 @@ fn deploy_vs_sequential(
             CHANGE.len()
         );
     }
-    println!("all {} databases record {} migrations", 2 * tenants, CHANGE.len());
+    println!(
+        "all {} databases record {} migrations",
+        2 * tenants,
+        CHANGE.len()
+    );
 
     let (f, s) = (fleet_time.as_secs_f64(), seq_time.as_secs_f64());
     let n = tenants as f64;
@@ -275,10 +299,7 @@ fn deploy_vs_sequential(
 
 /// `belay --dir D migrate` for a database URL; without a pre-deployment backup when the
 /// CLI takes one by default, since the agent's deploy path is what it is compared with.
-fn local_migrate_command(
-    belay: &Path,
-    migrations: &Path,
-) -> Result<impl Fn(&str) -> Command> {
+fn local_migrate_command(belay: &Path, migrations: &Path) -> Result<impl Fn(&str) -> Command> {
     let help = capture(scrubbed(belay).args(["migrate", "--help"]))?;
     let no_backup = String::from_utf8_lossy(&help.stdout).contains("--backup");
     let (belay, migrations) = (belay.to_path_buf(), migrations.to_path_buf());
@@ -596,7 +617,12 @@ fn clock_ticks_per_second() -> f64 {
         .arg("CLK_TCK")
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .filter(|&t| t > 0.0)
         .unwrap_or(100.0)
 }

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::pg::ensure_postgres;
+use crate::pg::{ensure_build_deps, ensure_postgres};
 use crate::util::{cargo, heading, root, step};
 
 pub fn test() -> Result<()> {
     heading("checking PostgreSQL programs");
     let bin = ensure_postgres()?;
+    ensure_build_deps()?;
     println!("using {}", bin.display());
     lint()?;
     let (passed, failed) = run_tests()?;
@@ -62,6 +63,7 @@ fn run_tests() -> Result<(u64, u64)> {
 }
 
 pub fn lint() -> Result<()> {
+    ensure_build_deps()?;
     step(cargo().args(["fmt", "--all", "--", "--check"]))?;
     step(cargo().args([
         "clippy",

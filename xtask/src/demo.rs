@@ -5,11 +5,12 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use belay_testkit::Cluster;
 
-use crate::pg::ensure_postgres;
+use crate::pg::{ensure_build_deps, ensure_postgres};
 use crate::util::{build_belay, heading, root};
 
 pub fn run() -> Result<()> {
     ensure_postgres()?;
+    ensure_build_deps()?;
     let belay = build_belay(false)?;
     let dir = root().join("examples/migrations");
     anyhow::ensure!(dir.is_dir(), "{} does not exist", dir.display());

@@ -77,6 +77,10 @@ enum Bench {
         /// Length of the heartbeat bench's measured window, in seconds.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Take belay, belay-agent and belay-controller from this directory instead of
+        /// building them in release mode.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
     },
 }
 
@@ -111,7 +115,8 @@ fn run(task: Task) -> anyhow::Result<()> {
                 parallel,
                 agents,
                 seconds,
-            } => bench_fleet::fleet(tenants, agents, seconds, parallel),
+                bin_dir,
+            } => bench_fleet::fleet(tenants, agents, seconds, parallel, bin_dir),
         },
     }
 }

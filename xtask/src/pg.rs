@@ -60,3 +60,64 @@ fn installed() -> Option<PathBuf> {
         .all(|tool| dir.join(tool).is_file())
         .then_some(dir)
 }
+
+/// Build-time system libraries the workspace needs: libclang, for the bindgen step of
+/// `pg_query` (belay-lint's real PostgreSQL parser). Installed from Debian's packages when
+/// missing and running as root.
+pub fn ensure_build_deps() -> Result<()> {
+    if libclang_present() {
+        return Ok(());
+    }
+    if !belay_testkit::running_as_root() {
+        bail!(
+            "libclang not found (pg_query's build needs it); install it with `sudo apt-get \
+             install libclang-dev`, or set LIBCLANG_PATH to the directory holding libclang.so"
+        );
+    }
+    step(Command::new("apt-get").arg("update"))?;
+    step(
+        Command::new("apt-get")
+            .args(["install", "-y", "libclang-dev"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    if !libclang_present() {
+        bail!("libclang still missing after `apt-get install libclang-dev`; set LIBCLANG_PATH");
+    }
+    Ok(())
+}
+
+fn libclang_present() -> bool {
+    // On Debian, ask the package manager: the image may carry libclang-cpp (a different
+    // library) or the runtime libclang without the headers bindgen needs.
+    if let Ok(out) = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "libclang-dev"])
+        .output()
+    {
+        return String::from_utf8_lossy(&out.stdout).contains("install ok installed");
+    }
+    let is_libclang = |name: &str| {
+        name.starts_with("libclang.so")
+            || name
+                .strip_prefix("libclang-")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    };
+    let has_lib = |dir: &std::path::Path| {
+        std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| is_libclang(&e.file_name().to_string_lossy()))
+        })
+    };
+    if let Some(dir) = std::env::var_os("LIBCLANG_PATH") {
+        return has_lib(std::path::Path::new(&dir));
+    }
+    let llvm_dirs = std::fs::read_dir("/usr/lib")
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+                .map(|e| e.path().join("lib"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    llvm_dirs.iter().any(|d| has_lib(d))
+}

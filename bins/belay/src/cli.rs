@@ -15,8 +15,10 @@ Exit codes:
   1   a migration failed: SQL error (file:line shown) or lock retries exhausted;
       migrations before it stay applied and recorded, the failing one is not
   2   refused: history needs attention (checksum drift, a failed migration), an undo
-      is impossible, or `validate` found problems; nothing was changed
+      is impossible, `validate` found problems, or a preflight/postflight check blocks;
+      nothing was changed
   3   another belay runner holds this database's migration lock past --runner-wait
+  4   a probe crossed its failure threshold (probe, migrate --watch); evidence printed
   64  bad usage or configuration (flags, belay.toml, URL)
   65  invalid migration files (names, duplicates, directives, layouts); nothing applied
   69  the database, the controller or the target's agent is unreachable
@@ -126,6 +128,8 @@ pub enum Command {
         /// the history rows [default: full, or `backup` in belay.toml]
         #[arg(long, value_enum, value_name = "SCOPE")]
         backup: Option<crate::backup_cmd::BackupMode>,
+        #[command(flatten)]
+        checks: MigrateChecks,
     },
     /// Revert applied migrations with their undo scripts, newest first [default: one]
     Undo {
@@ -155,6 +159,17 @@ pub enum Command {
     Repair {
         #[command(flatten)]
         exec: ExecArgs,
+    },
+    /// Health checklists: preflight before a migration, postflight after
+    Check {
+        #[command(subcommand)]
+        command: CheckCommand,
+    },
+    /// Probe an HTTP endpoint or a SQL query until it crosses its failure threshold (exit
+    /// 4, with the evidence) or --for elapses
+    Probe {
+        #[command(subcommand)]
+        command: ProbeCommand,
     },
     /// Remote mode: migrate many targets in waves (canary first), halting on the first
     /// failing wave
@@ -219,6 +234,91 @@ pub enum DeploymentsCommand {
     Show { id: String },
     /// Follow a deployment's events until it finishes
     Watch { id: String },
+}
+
+/// Health checks around `migrate` (local mode).
+#[derive(Debug, Clone, Default, Args)]
+pub struct MigrateChecks {
+    /// Go ahead although preflight check NAME blocks (repeatable; needs --reason)
+    #[arg(long = "override-check", value_name = "NAME", requires = "reason")]
+    pub override_check: Vec<String>,
+    /// Why the checks are overridden (printed and kept in the run's events)
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Skip the preflight checklist entirely (a warning says so)
+    #[arg(long, conflicts_with = "override_check")]
+    pub no_preflight: bool,
+    /// After applying, keep probing ([[probes]] in belay.toml) for this long; exit 4 with
+    /// the evidence if a probe crosses its failure threshold
+    #[arg(long, value_name = "DURATION")]
+    pub watch: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckCommand {
+    /// Before a migration: connectivity, size, disk for the backup, connections, long
+    /// queries, idle transactions, lock waits, replication lag, failed or drifted
+    /// migrations. Each check passes, warns or blocks; exit 2 when any blocks
+    Preflight {
+        /// Treat a blocking check NAME as a warning (repeatable; needs --reason)
+        #[arg(long = "override-check", value_name = "NAME", requires = "reason")]
+        override_check: Vec<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// After a migration: history, verify.sql of applied migrations, invalid indexes,
+    /// NOT VALID constraints, [[checks]] assertions and [[smoke]] queries; exit 2 when any
+    /// blocks
+    Postflight,
+}
+
+/// Probe settings (Kubernetes probe semantics).
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// Time between attempts [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub period: Option<String>,
+    /// An attempt slower than this fails [default: 1s]
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Consecutive failures that trigger [default: 3]
+    #[arg(long, value_name = "N")]
+    pub failure_threshold: Option<u32>,
+    /// Consecutive passes that recover [default: 1]
+    #[arg(long, value_name = "N")]
+    pub success_threshold: Option<u32>,
+    /// Stop after this long without a trigger (exit 0) [default: until triggered]
+    #[arg(long = "for", value_name = "DURATION")]
+    pub r#for: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProbeCommand {
+    /// Probe an HTTP endpoint: status (any 2xx/3xx unless --expect-status), optionally a
+    /// JSON field; refused connections and timeouts count as failures
+    Http {
+        /// The endpoint, e.g. http://app:8080/health
+        #[arg(value_name = "URL")]
+        endpoint: String,
+        #[arg(long, value_name = "N")]
+        expect_status: Option<u16>,
+        /// RFC 6901 pointer into the JSON body, e.g. /status
+        #[arg(long, value_name = "POINTER", requires = "equals")]
+        json_pointer: Option<String>,
+        /// Value the pointer must resolve to (JSON, or a bare string)
+        #[arg(long, value_name = "VALUE")]
+        equals: Option<String>,
+        #[command(flatten)]
+        args: ProbeArgs,
+    },
+    /// Probe the database with a query: --expect no_rows | zero | equals=N | at_most=N
+    Sql {
+        query: String,
+        #[arg(long, default_value = "no_rows")]
+        expect: String,
+        #[command(flatten)]
+        args: ProbeArgs,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -4,6 +4,7 @@
 
 mod backup_cmd;
 mod cli;
+mod health_cmd;
 mod remote;
 mod render;
 mod settings;
@@ -21,6 +22,7 @@ pub(crate) mod exit {
     pub const FAILED: u8 = 1;
     pub const REFUSED: u8 = 2;
     pub const BUSY: u8 = 3;
+    pub const PROBE_FAILED: u8 = 4;
     pub const USAGE: u8 = 64;
     pub const DATA: u8 = 65;
     pub const UNAVAILABLE: u8 = 69;
@@ -154,6 +156,9 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         return Err(f);
     }
     let settings = settings::resolve(&cli, url_from_argv, exec_args).map_err(usage)?;
+    if let Command::Probe { command } = &cli.command {
+        return health_cmd::probe(command, settings.url.as_ref(), cli.output).await;
+    }
     if settings.url_from_argv_with_password {
         eprintln!(
             "warning: the database password is on the command line, where other users can read it; use BELAY_DATABASE_URL, --url-file or a .pgpass file"
@@ -172,7 +177,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     let backup_hook = backup_cmd::hook_for(&cli.command, &settings, &url);
     let api = LocalTargets::new([TargetSpec {
         name: LOCAL_TARGET.to_string(),
-        url,
+        url: url.clone(),
         dir: settings.dir.clone(),
         exec: settings.exec.clone(),
     }]);
@@ -180,7 +185,62 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         Some(hook) => api.with_backup_hook(LOCAL_TARGET, hook),
         None => api,
     };
-    execute(&api, LOCAL_TARGET, cli.command, cli.output).await
+    if let Command::Check { command } = &cli.command {
+        return health_cmd::check(command, &api, LOCAL_TARGET, &settings, &url, cli.output).await;
+    }
+    let mut watch = None;
+    if let Command::Migrate { checks, .. } = &cli.command {
+        if checks.no_preflight {
+            eprintln!("warning: --no-preflight: migrating without the preflight checklist");
+        } else {
+            let results = health_cmd::preflight(
+                &api,
+                LOCAL_TARGET,
+                &settings,
+                &url,
+                &checks.override_check,
+                checks.reason.as_deref(),
+            )
+            .await?;
+            let shown: Vec<_> = results
+                .iter()
+                .filter(|r| r.status != belay_health::CheckStatus::Pass)
+                .cloned()
+                .collect();
+            if cli.output == Output::Text && !shown.is_empty() {
+                println!("preflight:");
+                health_cmd::render(cli.output, &shown);
+            }
+            for r in results.iter().filter(|r| r.overridden.is_some()) {
+                eprintln!(
+                    "warning: preflight check {} overridden: {}",
+                    r.name,
+                    checks.reason.as_deref().unwrap_or("")
+                );
+            }
+            health_cmd::refuse_on_block(&results, "migrate refused: preflight")?;
+        }
+        if let Some(w) = &checks.watch {
+            let window =
+                belay_core::parse_duration(w).map_err(|e| usage(anyhow!("--watch: {e}")))?;
+            if settings.probes.is_empty() {
+                return Err(usage(anyhow!(
+                    "--watch needs probes: add [[probes]] to belay.toml (see `belay probe --help`)"
+                )));
+            }
+            watch = Some(window);
+        }
+    }
+    let code = execute(&api, LOCAL_TARGET, cli.command, cli.output).await?;
+    if let Some(window) = watch {
+        println!(
+            "watching {} probe(s) for {}",
+            settings.probes.len(),
+            belay_core::format_duration(window)
+        );
+        return health_cmd::watch(settings.probes.clone(), window, cli.output).await;
+    }
+    Ok(code)
 }
 
 /// The bearer token for the controller: `--token-file`, else `BELAY_TOKEN`.
@@ -270,6 +330,10 @@ async fn execute(
                 message: "backup commands run in local mode".into(),
             }))
         }
+        Command::Check { .. } | Command::Probe { .. } => Err(Failure {
+            code: exit::USAGE,
+            message: "check and probe run in local mode for now: drop --controller".into(),
+        }),
         Command::Deploy { .. } | Command::Deployments { .. } | Command::Agents => {
             Err(remote::needs_controller(&command).unwrap_or(Failure {
                 code: exit::USAGE,

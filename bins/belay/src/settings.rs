@@ -21,6 +21,19 @@ pub struct FileConfig {
     pub backup: Option<crate::backup_cmd::BackupMode>,
     #[serde(default)]
     pub execution: FileExec,
+    /// Preflight thresholds.
+    pub preflight: Option<belay_health::Thresholds>,
+    /// Postflight settings (`not_valid_constraints`, `statement_timeout`).
+    pub postflight: Option<belay_health::PostflightSpec>,
+    /// `[[checks]]`: postflight assertions.
+    #[serde(default)]
+    pub checks: Vec<belay_health::UserCheck>,
+    /// `[[smoke]]`: postflight smoke queries.
+    #[serde(default)]
+    pub smoke: Vec<belay_health::SmokeQuery>,
+    /// `[[probes]]`: watched by `migrate --watch`.
+    #[serde(default)]
+    pub probes: Vec<belay_health::ProbeSpec>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -42,6 +55,9 @@ pub struct Settings {
     pub exec: ExecConfig,
     pub backup_dir: PathBuf,
     pub backup: Option<crate::backup_cmd::BackupMode>,
+    pub thresholds: belay_health::Thresholds,
+    pub postflight: belay_health::PostflightSpec,
+    pub probes: Vec<belay_health::ProbeSpec>,
 }
 
 pub fn load_file(cli: &Cli) -> Result<FileConfig> {
@@ -137,7 +153,17 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
         .clone()
         .or(file.backup_dir.clone())
         .unwrap_or_else(|| PathBuf::from(".belay/backups"));
+    let mut postflight = file.postflight.unwrap_or_default();
+    postflight.checks.extend(file.checks);
+    postflight.smoke.extend(file.smoke);
+    for p in &file.probes {
+        p.validate()
+            .map_err(|e| anyhow!("belay.toml [[probes]]: {e}"))?;
+    }
     Ok(Settings {
+        thresholds: file.preflight.unwrap_or_default(),
+        postflight,
+        probes: file.probes,
         backup_dir,
         backup: file.backup,
         url,

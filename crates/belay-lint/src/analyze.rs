@@ -196,9 +196,10 @@ fn rv_name(rv: Option<&RangeVar>) -> Option<String> {
 fn is_created(name: Option<&str>, created: &BTreeSet<String>) -> bool {
     let Some(name) = name else { return false };
     let bare = |n: &str| n.rsplit('.').next().unwrap_or(n).to_string();
-    created
-        .iter()
-        .any(|c| c == name || (!c.contains('.') || !name.contains('.')) && bare(c) == bare(name))
+    created.iter().any(|c| {
+        // `orders` matches `public.orders`; two different schemas do not match.
+        c == name || ((!c.contains('.') || !name.contains('.')) && bare(c) == bare(name))
+    })
 }
 
 fn strings(nodes: &[Node]) -> Vec<String> {
@@ -1054,7 +1055,7 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
     };
     let mut any_ddl = false;
     // (offset of ADD VALUE, type, value, index of the first statement after it)
-    let mut enum_adds: Vec<(usize, String, String, usize, bool)> = Vec::new();
+    let mut enum_adds: Vec<(usize, String, String, usize)> = Vec::new();
 
     for (i, (off, node)) in parsed.stmts.iter().enumerate() {
         if let NodeEnum::TransactionStmt(t) = node {
@@ -1102,7 +1103,6 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
                 facts.target.clone().unwrap_or_default(),
                 s.new_val.clone(),
                 i + 1,
-                false,
             ));
         }
     }
@@ -1110,7 +1110,7 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
     // ADD VALUE in a transaction: an error if a later statement of the same transaction
     // uses the value, a warning otherwise (it cannot be used before the commit; before
     // PostgreSQL 12 it cannot run in a transaction at all).
-    for (off, ty, value, next, _) in &mut enum_adds {
+    for (off, ty, value, next) in &enum_adds {
         let mut used_at = None;
         for (o, n) in parsed.stmts.iter().skip(*next) {
             if let NodeEnum::TransactionStmt(t) = n

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-pub use analyze::{StatementInfo, statements};
+pub use analyze::{ParseFailure, StatementInfo, statements};
 pub use rules::{RULES, Rule, rule};
 
 /// How bad a finding is. `error` findings make `migrate` refuse unless allowed.

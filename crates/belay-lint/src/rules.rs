@@ -138,7 +138,7 @@ pub const RULES: &[Rule] = &[
     },
 ];
 
-/// The rule with this id. Panics on an unknown id: ids are compile-time constants here.
+/// The rule with this id (`parse-error` for an unknown id; ids used here are constants).
 pub fn rule(id: &str) -> &'static Rule {
     RULES.iter().find(|r| r.id == id).unwrap_or(&RULES[0])
 }

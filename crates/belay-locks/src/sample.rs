@@ -260,7 +260,7 @@ pub(crate) fn build(raw: RawSample, opts: &SnapshotOptions) -> LockSnapshot {
         })
         .map(session_info)
         .collect();
-    long_running.sort_by(|a, b| b.query_ms.cmp(&a.query_ms));
+    long_running.sort_by_key(|s| std::cmp::Reverse(s.query_ms));
 
     let mut idle: Vec<SessionInfo> = raw
         .sessions
@@ -274,7 +274,7 @@ pub(crate) fn build(raw: RawSample, opts: &SnapshotOptions) -> LockSnapshot {
         })
         .map(session_info)
         .collect();
-    idle.sort_by(|a, b| b.state_ms.cmp(&a.state_ms));
+    idle.sort_by_key(|s| std::cmp::Reverse(s.state_ms));
 
     let replication = raw
         .replication
