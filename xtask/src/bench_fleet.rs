@@ -286,8 +286,8 @@ fn deploy_vs_sequential(
     let (f, s) = (fleet_time.as_secs_f64(), seq_time.as_secs_f64());
     let n = tenants as f64;
     Ok(format!(
-        "fleet {tenants} targets x {} migrations: controller+agent {f:.1}s (--parallel {parallel}), \
-         sequential local {s:.1}s, ratio {:.2}, per target {:.0} ms vs {:.0} ms, \
+        "fleet {tenants} targets x {} migrations: controller+agent {f:.2}s (--parallel {parallel}), \
+         sequential local {s:.2}s, ratio {:.2}, per target {:.0} ms vs {:.0} ms, \
          controller peak RSS {}",
         CHANGE.len(),
         f / s,

@@ -27,7 +27,8 @@ fn run_tests() -> Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]).stdout(Stdio::piped());
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .stdout(Stdio::piped());
     let text = crate::util::describe(&cmd);
     heading(&text);
     let mut child = cmd

@@ -93,6 +93,11 @@ pub async fn preflight(
 }
 
 fn blocked(results: &[CheckResult], what: &str) -> Failure {
+    let lines: Vec<String> = results
+        .iter()
+        .filter(|r| r.status == CheckStatus::Block)
+        .map(|r| format!("  {}: {} (remedy: {})", r.name, r.value, r.remedy))
+        .collect();
     let names: Vec<&str> = results
         .iter()
         .filter(|r| r.status == CheckStatus::Block)
@@ -101,8 +106,9 @@ fn blocked(results: &[CheckResult], what: &str) -> Failure {
     Failure {
         code: exit::REFUSED,
         message: format!(
-            "{what} blocked by: {}; fix the cause, or pass --override-check NAME --reason \"…\" to go ahead knowingly",
-            names.join(", ")
+            "{what} blocked by: {}\n{}\nfix the cause, or pass --override-check NAME --reason \"…\" to go ahead knowingly",
+            names.join(", "),
+            lines.join("\n")
         ),
     }
 }
