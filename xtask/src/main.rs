@@ -2,7 +2,9 @@
 //! the same on every machine and in CI.
 
 mod bench;
+mod bench_backup;
 mod bench_fleet;
+mod bench_probes;
 mod check;
 mod demo;
 mod pg;
@@ -82,6 +84,27 @@ enum Bench {
         #[arg(long)]
         bin_dir: Option<PathBuf>,
     },
+    /// belay backup create/verify/restore vs. raw pg_dump/pg_restore on a pgbench database.
+    Backup {
+        /// pgbench scale factor (60 is about 1 GB).
+        #[arg(long, default_value_t = 60)]
+        scale: u32,
+        /// Interleaved repetitions of every comparison.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+    /// Time from an HTTP endpoint starting to fail to the probe's trigger event.
+    Probes {
+        /// Repetitions, each switching at a different phase of the probe period.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Probe period in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        period_ms: u64,
+        /// Consecutive failures that trigger.
+        #[arg(long, default_value_t = 3)]
+        threshold: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -117,6 +140,12 @@ fn run(task: Task) -> anyhow::Result<()> {
                 seconds,
                 bin_dir,
             } => bench_fleet::fleet(tenants, agents, seconds, parallel, bin_dir),
+            Bench::Backup { scale, reps } => bench_backup::backup(scale, reps),
+            Bench::Probes {
+                reps,
+                period_ms,
+                threshold,
+            } => bench_probes::probes(reps, period_ms, threshold),
         },
     }
 }

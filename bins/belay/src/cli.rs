@@ -16,7 +16,8 @@ Exit codes:
       migrations before it stay applied and recorded, the failing one is not
   2   refused: history needs attention (checksum drift, a failed migration), an undo
       is impossible, `validate` found problems, or a preflight/postflight check blocks;
-      nothing was changed
+      nothing was changed. `lint`: an `error` finding no `-- belay:allow=` accepts;
+      `migrate` refuses pending scripts with such findings (--no-lint skips linting)
   3   another belay runner holds this database's migration lock past --runner-wait
   4   a probe crossed its failure threshold (probe, migrate --watch); evidence printed
   64  bad usage or configuration (flags, belay.toml, URL)
@@ -110,7 +111,8 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Show what `migrate` would apply, in order, with directives and lint-free facts
+    /// Show what `migrate` would apply, in order, with directives and each step's lint
+    /// findings
     Plan {
         /// Print exactly the SQL that would run, transactions and history rows included
         #[arg(long)]
@@ -212,6 +214,24 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::backup_cmd::BackupCommand,
     },
+    /// Lint migration scripts with PostgreSQL's own parser: the lock each statement takes,
+    /// table rewrites, unsafe patterns and their safe rewrites. Exit 2 when an `error`
+    /// finding is not accepted by a `-- belay:allow=<rule> <reason>` directive
+    Lint {
+        /// Migration files or directories [default: the migrations directory, --dir]
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Output format [default: text, or json with --output json]
+        #[arg(long, value_enum)]
+        format: Option<crate::lint_cmd::LintFormat>,
+    },
+    /// Live lock monitor: blocking trees (root blocker → waiters, with lock modes, relations
+    /// and waiting times), long-running queries, idle-in-transaction sessions, replication
+    /// lag (local mode)
+    Locks {
+        #[command(flatten)]
+        args: crate::locks_cmd::LocksArgs,
+    },
     /// Adopt an existing database: record that everything up to VERSION is already there
     Baseline {
         #[arg(long, value_name = "VERSION")]
@@ -248,6 +268,10 @@ pub struct MigrateChecks {
     /// Skip the preflight checklist entirely (a warning says so)
     #[arg(long, conflicts_with = "override_check")]
     pub no_preflight: bool,
+    /// Apply pending scripts even if they have lint errors (a warning says so); prefer a
+    /// `-- belay:allow=<rule> <reason>` directive in the script, which names what is accepted
+    #[arg(long)]
+    pub no_lint: bool,
     /// After applying, keep probing ([[probes]] in belay.toml) for this long; exit 4 with
     /// the evidence if a probe crosses its failure threshold
     #[arg(long, value_name = "DURATION")]

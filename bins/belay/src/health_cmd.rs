@@ -76,11 +76,16 @@ pub async fn preflight(
     url: &DatabaseUrl,
     overrides: &[String],
     reason: Option<&str>,
+    include_migration_state: bool,
 ) -> Result<Vec<CheckResult>, Failure> {
     let ctx = PreflightContext {
         backup_dir: Some(settings.backup_dir.clone()),
         expected_backup_bytes: None,
-        migration_summary: Some(summary(api, target).await?),
+        migration_summary: if include_migration_state {
+            Some(summary(api, target).await?)
+        } else {
+            None
+        },
     };
     let mut results = belay_health::preflight_url(url, &ctx, &settings.thresholds)
         .await
@@ -113,7 +118,23 @@ fn blocked(results: &[CheckResult], what: &str) -> Failure {
     }
 }
 
+/// The connectivity check blocks only when the database cannot be reached: that is
+/// "unavailable" (exit 69), as everywhere else, not a refusal.
+fn unreachable(results: &[CheckResult]) -> Option<Failure> {
+    results
+        .iter()
+        .find(|r| r.name == "connectivity" && r.status == CheckStatus::Block)
+        .map(|r| Failure {
+            code: exit::UNAVAILABLE,
+            // Worded as the executor's own connection errors.
+            message: r.value.replacen("could not connect", "cannot connect", 1),
+        })
+}
+
 pub fn refuse_on_block(results: &[CheckResult], what: &str) -> Result<(), Failure> {
+    if let Some(f) = unreachable(results) {
+        return Err(f);
+    }
     if belay_health::any_blocks(results) {
         Err(blocked(results, what))
     } else {
@@ -141,6 +162,7 @@ pub async fn check(
                 url,
                 override_check,
                 reason.as_deref(),
+                true,
             )
             .await?
         }
@@ -177,6 +199,9 @@ pub async fn check(
         }
     };
     render(out, &results);
+    if let Some(f) = unreachable(&results) {
+        return Err(f);
+    }
     Ok(if belay_health::any_blocks(&results) {
         exit::REFUSED
     } else {

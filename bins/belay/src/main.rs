@@ -5,6 +5,8 @@
 mod backup_cmd;
 mod cli;
 mod health_cmd;
+mod lint_cmd;
+mod locks_cmd;
 mod remote;
 mod render;
 mod settings;
@@ -130,6 +132,14 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     {
         return Err(f);
     }
+    // Lint reads local files only: the same in both modes.
+    if let Command::Lint { paths, format } = &cli.command {
+        let settings = settings::resolve(&cli, url_from_argv, None).map_err(usage)?;
+        return lint_cmd::run(paths, *format, &settings.dir, cli.output);
+    }
+    if cli.controller.is_some() && matches!(cli.command, Command::Locks { .. }) {
+        return Err(locks_cmd::remote_unsupported());
+    }
     if let Some(addr) = cli.controller.clone() {
         let token = read_token(cli.token_file.as_deref())?;
         let tls = match &cli.ca {
@@ -172,6 +182,9 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     if let Command::Backup { command } = &cli.command {
         return backup_cmd::run(command, &settings, &url, cli.output).await;
     }
+    if let Command::Locks { args } = &cli.command {
+        return locks_cmd::run(args, &url, cli.output).await;
+    }
     // Files are checked before anything else touches the database.
     belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
     let backup_hook = backup_cmd::hook_for(&cli.command, &settings, &url);
@@ -188,6 +201,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     if let Command::Check { command } = &cli.command {
         return health_cmd::check(command, &api, LOCAL_TARGET, &settings, &url, cli.output).await;
     }
+    if let Command::Plan { sql: false, target } = &cli.command {
+        return lint_cmd::plan(&api, LOCAL_TARGET, &settings.dir, target, cli.output).await;
+    }
+    if let Command::Migrate { checks, target, .. } = &cli.command {
+        lint_cmd::gate(&api, LOCAL_TARGET, &settings.dir, target, checks.no_lint).await?;
+    }
     let mut watch = None;
     if let Command::Migrate { checks, .. } = &cli.command {
         if checks.no_preflight {
@@ -200,6 +219,9 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
                 &url,
                 &checks.override_check,
                 checks.reason.as_deref(),
+                // Failed and drifted migrations are the executor's to refuse, with
+                // remedies that no override could replace.
+                false,
             )
             .await?;
             let shown: Vec<_> = results
@@ -330,6 +352,11 @@ async fn execute(
                 message: "backup commands run in local mode".into(),
             }))
         }
+        Command::Locks { .. } => Err(locks_cmd::remote_unsupported()),
+        Command::Lint { .. } => Err(Failure {
+            code: exit::USAGE,
+            message: "lint reads local files; it does not go through the migration API".into(),
+        }),
         Command::Check { .. } | Command::Probe { .. } => Err(Failure {
             code: exit::USAGE,
             message: "check and probe run in local mode for now: drop --controller".into(),

@@ -72,6 +72,11 @@ pub fn run_report(
 }
 
 pub fn plan(output: Output, plan: &PlanView) {
+    plan_annotated(output, plan, &|_| Vec::new());
+}
+
+/// The plan, with `notes(i)` printed under step `i` in text (e.g. its lint findings).
+pub fn plan_annotated(output: Output, plan: &PlanView, note_lines: &dyn Fn(usize) -> Vec<String>) {
     if output == Output::Json {
         println!("{}", serde_json::json!(plan));
         return;
@@ -92,7 +97,7 @@ pub fn plan(output: Output, plan: &PlanView) {
         belay_core::format_duration(std::time::Duration::from_millis(plan.lock_timeout_ms)),
         plan.max_attempts
     );
-    for s in &plan.steps {
+    for (i, s) in plan.steps.iter().enumerate() {
         let mut notes = Vec::new();
         if let Some(reason) = s.directives.no_transaction {
             notes.push(format!(
@@ -119,6 +124,10 @@ pub fn plan(output: Output, plan: &PlanView) {
         if !d.tables.is_empty() {
             notes.push(format!("tables {}", d.tables.join(",")));
         }
+        if !d.allow.is_empty() {
+            let rules: Vec<&str> = d.allow.keys().map(String::as_str).collect();
+            notes.push(format!("allows {}", rules.join(",")));
+        }
         if s.empty {
             notes.push("empty (no-op)".into());
         }
@@ -132,6 +141,9 @@ pub fn plan(output: Output, plan: &PlanView) {
             s.version.as_deref().unwrap_or("R"),
             s.script
         );
+        for line in note_lines(i) {
+            println!("      {line}");
+        }
     }
 }
 

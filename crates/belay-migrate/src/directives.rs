@@ -1,6 +1,7 @@
 //! Per-script directives read from a script's leading comment block.
 
 use belay_core::parse_duration;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Why a script runs outside a transaction; shown by `plan` so nobody has to guess.
@@ -29,6 +30,11 @@ pub struct Directives {
     pub statement_timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<String>,
+    /// Lint rule id → reason, from `-- belay:allow=<rule> <reason>`: the linter's findings
+    /// of that rule in this script are accepted (still shown, with the reason). The rule id
+    /// is checked against the linter's rules by the caller: this crate does not know them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub allow: BTreeMap<String, String>,
 }
 
 mod opt_duration {
@@ -44,7 +50,7 @@ mod opt_duration {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DirectiveError {
     #[error(
-        "line {line}: unknown directive `belay:{name}`; known: no-transaction, irreversible, lock-timeout=DURATION, statement-timeout=DURATION, tables=a,b"
+        "line {line}: unknown directive `belay:{name}`; known: no-transaction, irreversible, lock-timeout=DURATION, statement-timeout=DURATION, tables=a,b, allow=RULE REASON"
     )]
     Unknown { line: usize, name: String },
     #[error("line {line}: directive `belay:{name}` {problem}")]
@@ -115,6 +121,33 @@ pub fn parse(text: &str) -> Result<Directives, DirectiveError> {
                     return Err(bad("names no table"));
                 }
             }
+            "allow" => {
+                let v = value.filter(|v| !v.is_empty()).ok_or_else(|| {
+                    bad("needs a rule and a reason, like =create-index-concurrently small table")
+                })?;
+                let (rule, reason) = match v.split_once(char::is_whitespace) {
+                    Some((r, why)) => (r.trim(), why.trim()),
+                    None => (v, ""),
+                };
+                if rule.is_empty()
+                    || !rule
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                {
+                    return Err(bad(&format!(
+                        "needs a lint rule id (like create-index-concurrently), not `{rule}`"
+                    )));
+                }
+                if reason.is_empty() {
+                    return Err(bad(&format!(
+                        "needs a reason after the rule: `-- belay:allow={rule} <why this is safe here>`"
+                    )));
+                }
+                if d.allow.contains_key(rule) {
+                    return Err(bad(&format!("allows rule `{rule}` twice")));
+                }
+                d.allow.insert(rule.to_string(), reason.to_string());
+            }
             other => {
                 return Err(DirectiveError::Unknown {
                     line,
@@ -144,6 +177,34 @@ mod tests {
     }
 
     #[test]
+    fn reads_allow_directives_with_reasons() {
+        let d = parse(
+            "-- belay:allow=create-index-concurrently small table, built at deploy\n-- belay:allow=rename   view kept for old readers  \n-- belay:no-transaction\nselect 1;\n-- belay:allow=vacuum-full too late\n",
+        )
+        .unwrap();
+        assert_eq!(
+            d.allow.get("create-index-concurrently").map(String::as_str),
+            Some("small table, built at deploy")
+        );
+        assert_eq!(
+            d.allow.get("rename").map(String::as_str),
+            Some("view kept for old readers")
+        );
+        assert!(
+            !d.allow.contains_key("vacuum-full"),
+            "below the first statement"
+        );
+        assert_eq!(d.allow.len(), 2);
+        assert_eq!(d.no_transaction, Some(NoTransactionSource::Directive));
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["allow"]["rename"], "view kept for old readers");
+        assert!(
+            serde_json::to_value(parse("select 1;").unwrap()).unwrap()["allow"].is_null(),
+            "no allow key when there is none"
+        );
+    }
+
+    #[test]
     fn sqlx_no_transaction_only_on_first_line() {
         assert_eq!(
             parse("-- no-transaction\nselect 1;")
@@ -168,6 +229,20 @@ mod tests {
             ("-- belay:lock-timeout=0\n", "must be greater than zero"),
             ("-- belay:lock-timeout\n", "needs a value"),
             ("-- belay:tables=\n", "names no table"),
+            ("-- belay:allow\n", "needs a rule and a reason"),
+            ("-- belay:allow=\n", "needs a rule and a reason"),
+            (
+                "-- belay:allow=create-index-concurrently\n",
+                "line 1: directive `belay:allow` needs a reason after the rule",
+            ),
+            (
+                "-- belay:allow=Create_Index small table\n",
+                "needs a lint rule id",
+            ),
+            (
+                "-- belay:allow=rename a\n-- belay:allow=rename b\n",
+                "line 2: directive `belay:allow` allows rule `rename` twice",
+            ),
         ];
         for (input, want) in cases {
             let err = parse(input).unwrap_err().to_string();

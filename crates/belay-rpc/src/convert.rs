@@ -319,6 +319,11 @@ fn directives(d: &Directives) -> pb::Directives {
         lock_timeout_ms: d.lock_timeout.map(|t| t.as_millis() as u64),
         statement_timeout_ms: d.statement_timeout.map(|t| t.as_millis() as u64),
         tables: d.tables.clone(),
+        allow: d
+            .allow
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -332,6 +337,11 @@ fn directives_from(d: Option<&pb::Directives>) -> Result<Directives, DecodeError
         lock_timeout: d.lock_timeout_ms.map(Duration::from_millis),
         statement_timeout: d.statement_timeout_ms.map(Duration::from_millis),
         tables: d.tables.clone(),
+        allow: d
+            .allow
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -656,6 +666,39 @@ mod tests {
         };
         let back = migration_status(&migration_info(&s)).unwrap();
         assert_eq!(serde_json_like(&back), serde_json_like(&s));
+    }
+
+    #[test]
+    fn plans_round_trip_with_directives() {
+        let mut d = Directives {
+            no_transaction: Some(NoTransactionSource::Directive),
+            irreversible: true,
+            lock_timeout: Some(Duration::from_millis(250)),
+            statement_timeout: Some(Duration::from_secs(60)),
+            tables: vec!["users".into()],
+            ..Directives::default()
+        };
+        d.allow.insert(
+            "create-index-concurrently".into(),
+            "small table, built at deploy".into(),
+        );
+        d.allow.insert("rename".into(), "view kept".into());
+        let p = PlanView {
+            steps: vec![PlanStepView {
+                version: Some("2".into()),
+                description: "idx".into(),
+                script: "V2__idx.sql".into(),
+                direction: Direction::Forward,
+                directives: d,
+                empty: false,
+            }],
+            blockers: vec![],
+            warnings: vec!["w".into()],
+            sql: None,
+            lock_timeout_ms: 100,
+            max_attempts: 60,
+        };
+        assert_eq!(plan_from(&plan(&p)).unwrap(), p);
     }
 
     fn serde_json_like(s: &MigrationStatus) -> String {
