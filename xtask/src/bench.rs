@@ -131,9 +131,9 @@ fn time_belay(belay: &Path, dir: &Path, db: &TestDb) -> Result<Duration> {
     cmd.arg("--dir")
         .arg(dir)
         .arg("migrate")
-        // The migration itself is measured; the pre-deployment backup is benchmarked
-        // on its own (`bench backup`).
-        .args(["--backup", "none"])
+        // The executor itself is measured against psql: the pre-deployment backup
+        // (`bench backup`) and the preflight checklist are separate, fixed costs.
+        .args(["--backup", "none", "--no-preflight"])
         .env("BELAY_DATABASE_URL", &db.url);
     let start = Instant::now();
     capture(&mut cmd)?;

@@ -302,12 +302,17 @@ fn deploy_vs_sequential(
 fn local_migrate_command(belay: &Path, migrations: &Path) -> Result<impl Fn(&str) -> Command> {
     let help = capture(scrubbed(belay).args(["migrate", "--help"]))?;
     let no_backup = String::from_utf8_lossy(&help.stdout).contains("--backup");
+    // The agent's deploy path runs no preflight either: same work on both sides.
+    let no_preflight = String::from_utf8_lossy(&help.stdout).contains("--no-preflight");
     let (belay, migrations) = (belay.to_path_buf(), migrations.to_path_buf());
     Ok(move |url: &str| {
         let mut cmd = scrubbed(&belay);
         cmd.arg("--dir").arg(&migrations).arg("migrate");
         if no_backup {
             cmd.args(["--backup", "none"]);
+        }
+        if no_preflight {
+            cmd.arg("--no-preflight");
         }
         cmd.env("BELAY_DATABASE_URL", url);
         cmd
