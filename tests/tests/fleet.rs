@@ -665,3 +665,47 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_with_a_backup_dir_backs_up_before_every_deployment() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let db = dbs(1).await?;
+    let ex = examples();
+    let c = controller(&store_path(tmp.path()), &[]).await?;
+    let backups = tmp.path().join("backups");
+    let cfg = tmp.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"agent-1\"\ncontroller = \"{}\"\n\n[[targets]]\nname = \"b_1\"\nurl = \"{}\"\nmigrations = \"{}\"\nbackup_dir = \"{}\"\n",
+            c.addr,
+            db[0].url,
+            ex.display(),
+            backups.display()
+        ),
+    )?;
+    let _a = agent(&cfg).await?;
+    wait_agents(&c.addr, 1).await?;
+    let r = belay(&c.addr, &["deploy", "--targets", "b_1", "--output", "json"]).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    let doc = r.json();
+    let taken: Vec<&serde_json::Value> = doc["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "backup_taken")
+        .collect();
+    assert_eq!(taken.len(), 1, "{doc}");
+    // Every history row of the run names the backup, and the backup is on disk, verified.
+    let ids = psql(
+        &db[0].url,
+        "SELECT count(*), count(DISTINCT backup_id), min(backup_id) FROM belay.schema_history WHERE success",
+    );
+    let id = ids.rsplit('|').next().expect("id").to_string();
+    assert!(ids.starts_with("4|1|") && !id.is_empty(), "{ids}");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        backups.join("b_1").join(&id).join("manifest.json"),
+    )?)?;
+    assert_eq!(manifest["verified"], true, "{manifest}");
+    Ok(())
+}

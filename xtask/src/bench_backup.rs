@@ -115,7 +115,7 @@ pub fn backup(scale: u32, reps: usize) -> Result<()> {
         median(&t.restore_test)
     );
     println!(
-        "restore into a new database: belay {:.2}s, pg_restore {:.2}s, ratio {:.3}",
+        "restore into a new database: belay {:.2}s, CREATE DATABASE + pg_restore --single-transaction {:.2}s, ratio {:.3}",
         median(&t.belay_restore),
         median(&t.raw_restore),
         ratio(&t.belay_restore, &t.raw_restore)
@@ -178,11 +178,7 @@ impl Bench {
         for belay in [first, !first] {
             if belay {
                 let (took, id, size) = self.belay_create(BackupFormat::Custom)?;
-                println!(
-                    "rep {rep}: belay create custom      {:>7.2}s ({})",
-                    took.as_secs_f64(),
-                    format_bytes(size)
-                );
+                report_rep(rep, "belay create custom", took, Some(size));
                 t.belay_custom.push(took);
                 t.custom_size = size;
                 custom_id = Some(id);
@@ -196,22 +192,14 @@ impl Bench {
                 let size = std::fs::metadata(&file).map_or(0, |m| m.len());
                 std::fs::remove_file(&file)
                     .with_context(|| format!("could not remove {}", file.display()))?;
-                println!(
-                    "rep {rep}: pg_dump custom           {:>7.2}s ({})",
-                    took.as_secs_f64(),
-                    format_bytes(size)
-                );
+                report_rep(rep, "pg_dump custom", took, Some(size));
                 t.raw_custom.push(took);
             }
         }
         let custom_id = custom_id.context("no custom backup was taken")?;
 
         let (took, id, size) = self.belay_create(BackupFormat::Directory { jobs: 2 })?;
-        println!(
-            "rep {rep}: belay create directory -j2 {:>7.2}s ({})",
-            took.as_secs_f64(),
-            format_bytes(size)
-        );
+        report_rep(rep, "belay create directory -j2", took, Some(size));
         t.belay_dir.push(took);
         t.dir_size = size;
         self.delete_backup(&id)?;
@@ -223,10 +211,7 @@ impl Bench {
             .context("belay verify failed")?;
         let took = started.elapsed();
         anyhow::ensure!(report.ok, "verification failed: {:?}", report.problems);
-        println!(
-            "rep {rep}: belay verify              {:>7.2}s",
-            took.as_secs_f64()
-        );
+        report_rep(rep, "belay verify", took, None);
         t.verify.push(took);
 
         let started = Instant::now();
@@ -240,10 +225,7 @@ impl Bench {
             "verification with restore test failed: {:?}",
             report.problems
         );
-        println!(
-            "rep {rep}: belay verify restore-test {:>7.2}s",
-            took.as_secs_f64()
-        );
+        report_rep(rep, "belay verify restore-test", took, None);
         t.restore_test.push(took);
 
         // Restore the same archive: belay into a new database vs. CREATE DATABASE +
@@ -275,10 +257,7 @@ impl Bench {
                     "row counts differ after the restore: {:?}",
                     report.mismatches
                 );
-                println!(
-                    "rep {rep}: belay restore --into      {:>7.2}s",
-                    took.as_secs_f64()
-                );
+                report_rep(rep, "belay restore --into", took, None);
                 t.belay_restore.push(took);
             } else {
                 let name = format!("bench_raw_{rep}");
@@ -298,10 +277,7 @@ impl Bench {
                 capture(&mut cmd)?;
                 let took = started.elapsed();
                 self.drop_database(&name)?;
-                println!(
-                    "rep {rep}: pg_restore                {:>7.2}s",
-                    took.as_secs_f64()
-                );
+                report_rep(rep, "pg_restore", took, None);
                 t.raw_restore.push(took);
             }
         }
@@ -347,6 +323,13 @@ impl Bench {
         )?;
         Ok(())
     }
+}
+
+fn report_rep(rep: usize, label: &str, took: Duration, size: Option<u64>) {
+    let size = size
+        .map(|s| format!(" ({})", format_bytes(s)))
+        .unwrap_or_default();
+    println!("rep {rep}: {label:<27}{:>7.2}s{size}", took.as_secs_f64());
 }
 
 fn timed(cmd: &mut Command) -> Result<Duration> {

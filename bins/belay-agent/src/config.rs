@@ -54,6 +54,11 @@ pub struct TargetConfig {
     pub environment: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Where this target's backups go; with it, every deployment starts with a verified
+    /// backup (see `backup`), its id recorded in the history rows.
+    pub backup_dir: Option<PathBuf>,
+    /// What the pre-deployment backup holds: full (default), schema, tables or none.
+    pub backup: Option<belay_guards::BackupMode>,
     pub lock_timeout: Option<String>,
     pub max_attempts: Option<u32>,
     pub max_lock_wait: Option<String>,
@@ -63,6 +68,8 @@ pub struct TargetConfig {
 #[derive(Debug)]
 pub struct LoadedTarget {
     pub spec: TargetSpec,
+    /// Backups: (directory, mode).
+    pub backup: Option<(PathBuf, belay_guards::BackupMode)>,
     pub environment: Option<String>,
     pub labels: BTreeMap<String, String>,
 }
@@ -137,6 +144,14 @@ fn load_target(base: &Path, t: &TargetConfig) -> Result<LoadedTarget> {
         },
         environment: t.environment.clone(),
         labels: t.labels.clone(),
+        backup: match (&t.backup_dir, t.backup) {
+            (Some(dir), mode) => Some((
+                base.join(dir),
+                mode.unwrap_or(belay_guards::BackupMode::Full),
+            )),
+            (None, Some(_)) => bail!("`backup` needs `backup_dir`: where should the backups go?"),
+            (None, None) => None,
+        },
     })
 }
 

@@ -201,7 +201,33 @@ async fn serve(args: Args) -> ExitCode {
         None => (None, None),
     };
     let check = belay_auth::MaybeTokenCheck(token.clone().map(belay_auth::TokenCheck::new));
-    let local = LocalTargets::new(targets.into_iter().map(|t| t.spec));
+    let backups: Vec<(
+        String,
+        belay_core::DatabaseUrl,
+        std::path::PathBuf,
+        belay_guards::BackupMode,
+    )> = targets
+        .iter()
+        .filter_map(|t| {
+            t.backup
+                .clone()
+                .map(|(dir, mode)| (t.spec.name.clone(), t.spec.url.clone(), dir, mode))
+        })
+        .collect();
+    let mut local = LocalTargets::new(targets.into_iter().map(|t| t.spec));
+    for (name, url, dir, mode) in backups {
+        let target = name.clone();
+        let guard = belay_guards::BackupGuard::new(
+            belay_backup::BackupManager::new(dir),
+            url,
+            name.clone(),
+            mode,
+        )
+        .with_notify(Arc::new(
+            move |m: &str| tracing::info!(target = %target, "{m}"),
+        ));
+        local = local.with_backup_hook(&name, Arc::new(guard));
+    }
     let migration_service = belay_rpc::MigrationGrpc::new(Arc::new(local));
 
     let listener = match TcpListener::bind(args.listen).await {

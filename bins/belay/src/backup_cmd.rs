@@ -12,7 +12,7 @@ use belay_backup::{
     Progress, RestoreRequest,
 };
 use belay_core::DatabaseUrl;
-use belay_migrate::{ApiError, BackupContext, BackupHook, BackupTaken, Direction};
+use belay_migrate::BackupHook;
 use clap::{Subcommand, ValueEnum};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
@@ -189,138 +189,23 @@ pub fn hook_for(
     url: &DatabaseUrl,
 ) -> Option<Arc<dyn BackupHook>> {
     use crate::cli::Command;
-    let (mode, undo) = match command {
-        Command::Migrate { backup, .. } => (
-            backup.or(settings.backup).unwrap_or(BackupMode::Full),
-            false,
-        ),
-        Command::Undo { backup, .. } => (backup.unwrap_or(BackupMode::Tables), true),
+    let mode = match command {
+        Command::Migrate { backup, .. } => backup.or(settings.backup).unwrap_or(BackupMode::Full),
+        Command::Undo { backup, .. } => backup.unwrap_or(BackupMode::Tables),
         _ => return None,
     };
-    let flag = if undo { "undo" } else { "migrate" };
-    Some(Arc::new(CliHook {
-        manager: manager(settings),
-        url: url.clone(),
-        target: target_name(url),
-        mode,
-        flag,
-    }))
-}
-
-struct CliHook {
-    manager: BackupManager,
-    url: DatabaseUrl,
-    target: String,
-    mode: BackupMode,
-    flag: &'static str,
-}
-
-fn api_error(e: BackupError) -> ApiError {
-    let kind = match e.kind() {
-        belay_backup::ErrorKind::Unavailable => belay_migrate::ErrorKind::Unavailable,
-        _ => belay_migrate::ErrorKind::Refused,
+    let mode = match mode {
+        BackupMode::None => belay_guards::BackupMode::None,
+        BackupMode::Full => belay_guards::BackupMode::Full,
+        BackupMode::Schema => belay_guards::BackupMode::Schema,
+        BackupMode::Tables => belay_guards::BackupMode::Tables,
     };
-    ApiError::new(kind, e.to_string())
-}
-
-impl CliHook {
-    /// Creates and verifies a backup of `scope`; an unverifiable backup is a failure.
-    async fn take(&self, scope: BackupScope, label: String) -> Result<BackupTaken, ApiError> {
-        let req = BackupRequest {
-            format: BackupFormat::Custom,
-            scope,
-            label: Some(label),
-        };
-        let printer = ProgressPrinter::new();
-        let progress = |p: Progress| printer.show(p);
-        let manifest = self
-            .manager
-            .create(&self.url, &self.target, &req, &progress)
-            .await
-            .map_err(api_error)?;
-        let report = self
-            .manager
-            .verify(&self.target, &manifest.id, None)
-            .await
-            .map_err(api_error)?;
-        if !report.ok {
-            return Err(api_error(BackupError::VerificationFailed {
-                target: self.target.clone(),
-                id: manifest.id,
-                problems: report.problems,
-            }));
-        }
-        Ok(BackupTaken {
-            id: manifest.id,
-            scope: manifest.scope.name().to_string(),
-        })
-    }
-
-    fn skipped(&self) {
-        eprintln!(
-            "warning: {} --backup none: no backup is taken before this run; restoring its changes will need a backup taken earlier",
-            self.flag
-        );
-    }
-}
-
-#[async_trait::async_trait]
-impl BackupHook for CliHook {
-    async fn before_apply(&self, ctx: &BackupContext) -> Result<Option<BackupTaken>, ApiError> {
-        let label = format!("before deployment {}", ctx.deployment_id);
-        let scope = match self.mode {
-            BackupMode::None => {
-                self.skipped();
-                return Ok(None);
-            }
-            BackupMode::Full => BackupScope::Full,
-            BackupMode::Schema => BackupScope::SchemaOnly,
-            BackupMode::Tables if ctx.tables.is_empty() => {
-                eprintln!(
-                    "note: --backup tables: the migrations name no existing table (-- belay:tables=, ALTER/DROP/TRUNCATE TABLE); taking a full backup instead"
-                );
-                BackupScope::Full
-            }
-            BackupMode::Tables => BackupScope::Tables(ctx.tables.clone()),
-        };
-        self.take(scope, label).await.map(Some)
-    }
-
-    async fn before_undo(
-        &self,
-        ctx: &BackupContext,
-        reason: &str,
-    ) -> Result<Option<BackupTaken>, ApiError> {
-        debug_assert_eq!(ctx.direction, Direction::Undo);
-        let scope = match self.mode {
-            BackupMode::None => {
-                self.skipped();
-                return Ok(None);
-            }
-            BackupMode::Full => BackupScope::Full,
-            BackupMode::Schema => BackupScope::SchemaOnly,
-            BackupMode::Tables if ctx.tables.is_empty() => {
-                // Nothing the undo drops holds data: nothing to snapshot.
-                return Ok(None);
-            }
-            BackupMode::Tables => {
-                eprintln!(
-                    "snapshotting {} before the undo drops data",
-                    ctx.tables.join(", ")
-                );
-                let manifest = self
-                    .manager
-                    .snapshot_tables(&self.url, &self.target, &ctx.tables, reason)
-                    .await
-                    .map_err(api_error)?;
-                return Ok(Some(BackupTaken {
-                    id: manifest.id,
-                    scope: manifest.scope.name().to_string(),
-                }));
-            }
-        };
-        self.take(scope, reason.to_string()).await.map(Some)
-    }
+    let printer = Arc::new(ProgressPrinter::new());
+    Some(Arc::new(
+        belay_guards::BackupGuard::new(manager(settings), url.clone(), target_name(url), mode)
+            .with_notify(Arc::new(|m: &str| eprintln!("{m}")))
+            .with_progress(Arc::new(move |p| printer.show(p))),
+    ))
 }
 
 /// Progress on stderr: one updating line on a terminal, plain lines otherwise.

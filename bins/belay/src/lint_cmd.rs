@@ -166,7 +166,12 @@ fn lint_file(file: &Path, dir: &Path) -> Result<Vec<Finding>, Failure> {
         directives,
         statements: Vec::new(),
     };
-    lint_script(&script, script.directives.irreversible, false, &BTreeSet::new())
+    lint_script(
+        &script,
+        script.directives.irreversible,
+        false,
+        &BTreeSet::new(),
+    )
 }
 
 /// `belay lint [PATH…]`: exit 2 when any finding blocks.
@@ -242,19 +247,21 @@ pub fn plan_findings(set: &MigrationSet, plan: &PlanView) -> Result<Vec<Vec<Find
         let migration = set.migrations.iter().find(|m| m.script_name == step.script);
         let findings = match migration {
             Some(m) => lint_forward(&m.up, m.down.as_ref(), &created)?,
-            None => match set.repeatables.iter().find(|r| r.script_name == step.script) {
+            None => match set
+                .repeatables
+                .iter()
+                .find(|r| r.script_name == step.script)
+            {
                 Some(r) => lint_script(&r.script, true, false, &created)?,
                 None => Vec::new(),
             },
         };
-        let script = migration
-            .map(|m| &m.up)
-            .or_else(|| {
-                set.repeatables
-                    .iter()
-                    .find(|r| r.script_name == step.script)
-                    .map(|r| &r.script)
-            });
+        let script = migration.map(|m| &m.up).or_else(|| {
+            set.repeatables
+                .iter()
+                .find(|r| r.script_name == step.script)
+                .map(|r| &r.script)
+        });
         if let Some(s) = script
             && let Ok(stmts) = belay_lint::statements(&s.text)
         {

@@ -135,8 +135,7 @@ pub fn filtered(mut s: LockSnapshot, database: Option<&str>) -> LockSnapshot {
         n.database.as_deref() == Some(db) || n.children.iter().any(|c| touches(c, db))
     }
     s.trees.retain(|t| touches(t, db));
-    s.long_running
-        .retain(|x| x.database.as_deref() == Some(db));
+    s.long_running.retain(|x| x.database.as_deref() == Some(db));
     s.idle_in_transaction
         .retain(|x| x.database.as_deref() == Some(db));
     s
@@ -222,7 +221,11 @@ fn draw(n: &LockNode, prefix: &str, last: bool, root: bool, out: &mut String) {
         (format!("{prefix}├─ "), format!("{prefix}│  "))
     };
     out.push_str(&format!("{branch}{}\n", node_line(n)));
-    let bar = if n.children.is_empty() { "   " } else { "│  " };
+    let bar = if n.children.is_empty() {
+        "   "
+    } else {
+        "│  "
+    };
     if let Some(q) = n.query.as_deref().filter(|q| !q.trim().is_empty()) {
         out.push_str(&format!("{child_prefix}{bar}query: {}\n", excerpt(q, 120)));
     }
@@ -273,7 +276,11 @@ pub fn text(s: &LockSnapshot, opts: &SnapshotOptions) -> String {
             draw(t, "", true, true, &mut out);
         }
     }
-    let section = |out: &mut String, title: String, rows: &[SessionInfo], pick: &dyn Fn(&SessionInfo) -> Option<u64>, what: &str| {
+    let section = |out: &mut String,
+                   title: String,
+                   rows: &[SessionInfo],
+                   pick: &dyn Fn(&SessionInfo) -> Option<u64>,
+                   what: &str| {
         if rows.is_empty() {
             out.push_str(&format!("{title}: none\n"));
         } else {
@@ -303,7 +310,10 @@ pub fn text(s: &LockSnapshot, opts: &SnapshotOptions) -> String {
     if s.replication.is_empty() {
         out.push_str("replication: no streaming replicas\n");
     } else {
-        out.push_str(&format!("replication: {} replica(s)\n", s.replication.len()));
+        out.push_str(&format!(
+            "replication: {} replica(s)\n",
+            s.replication.len()
+        ));
         for r in &s.replication {
             let lag = |v: Option<u64>| v.map_or_else(|| "-".to_string(), human);
             out.push_str(&format!(
@@ -372,14 +382,30 @@ mod tests {
             1,
             "shop",
             None,
-            vec![node(2, "shop", Some(1_500), vec![node(3, "shop", Some(700), vec![])])],
+            vec![node(
+                2,
+                "shop",
+                Some(1_500),
+                vec![node(3, "shop", Some(700), vec![])],
+            )],
         )]);
         let t = text(&s, &SnapshotOptions::default());
-        assert!(t.contains("blocking trees: 1 (2 session(s) waiting, longest wait 1.5s)"), "{t}");
-        assert!(t.contains("pid 1 · user=app app=psql · active · holds AccessExclusiveLock on public.t"), "{t}");
+        assert!(
+            t.contains("blocking trees: 1 (2 session(s) waiting, longest wait 1.5s)"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "pid 1 · user=app app=psql · active · holds AccessExclusiveLock on public.t"
+            ),
+            "{t}"
+        );
         assert!(t.contains("└─ pid 2 "), "{t}");
         assert!(t.contains("   └─ pid 3 "), "{t}");
-        assert!(t.contains("waits 700ms for AccessShareLock on public.t"), "{t}");
+        assert!(
+            t.contains("waits 700ms for AccessShareLock on public.t"),
+            "{t}"
+        );
         assert!(t.contains("query: SELECT * FROM t"), "{t}");
         assert!(t.contains("replication: no streaming replicas"), "{t}");
     }
