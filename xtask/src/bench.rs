@@ -132,8 +132,8 @@ fn time_belay(belay: &Path, dir: &Path, db: &TestDb) -> Result<Duration> {
         .arg(dir)
         .arg("migrate")
         // The executor itself is measured against psql: the pre-deployment backup
-        // (`bench backup`) and the preflight checklist are separate, fixed costs.
-        .args(["--backup", "none", "--no-preflight"])
+        // (`bench backup`), the preflight checklist and the lint pass are separate costs.
+        .args(["--backup", "none", "--no-preflight", "--no-lint"])
         .env("BELAY_DATABASE_URL", &db.url);
     let start = Instant::now();
     capture(&mut cmd)?;

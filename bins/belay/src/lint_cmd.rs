@@ -302,18 +302,23 @@ pub async fn plan(
         Output::Text => crate::render::plan_annotated(output, &plan, &|i| {
             findings
                 .get(i)
-                .map(|fs| fs.iter().map(describe).collect())
+                .map(|fs| fs.iter().map(|f| describe(&set.dir, f)).collect())
                 .unwrap_or_default()
         }),
     }
     Ok(0)
 }
 
+/// The script's name as history records it (relative to the migrations directory).
+fn name(dir: &Path, f: &Finding) -> String {
+    belay_migrate::source::relative_name(dir, &f.file)
+}
+
 /// One line per finding, for `plan` and `migrate`.
-fn describe(f: &Finding) -> String {
+fn describe(dir: &Path, f: &Finding) -> String {
     let mut s = format!(
         "{}:{}: {}[{}]: {}",
-        f.file.display(),
+        name(dir, f),
         f.line,
         f.severity,
         f.rule,
@@ -355,7 +360,7 @@ pub async fn gate(
     let set = belay_migrate::load(dir).map_err(MigrateError::from)?;
     let findings: Vec<Finding> = plan_findings(&set, &plan)?.into_iter().flatten().collect();
     for f in findings.iter().filter(|f| f.allowed.is_some()) {
-        eprintln!("warning: lint: {}", describe(f));
+        eprintln!("warning: lint: {}", describe(&set.dir, f));
     }
     let blocking: Vec<&Finding> = findings.iter().filter(|f| f.is_blocking()).collect();
     if blocking.is_empty() {
@@ -368,7 +373,7 @@ pub async fn gate(
     for f in &blocking {
         message.push_str(&format!(
             "\n  {}:{}:{}: error[{}]: {}\n    fix: {}",
-            f.file.display(),
+            name(&set.dir, f),
             f.line,
             f.column,
             f.rule,
