@@ -236,6 +236,9 @@ impl Bench {
             .backup_dir(&custom_id)?
             .join(BackupFormat::Custom.dump_path());
         for belay in [first, !first] {
+            // Untimed: the WAL of the previous restore (or of the restore test) is
+            // flushed first, so neither side pays for the other's checkpoint.
+            psql(&self.admin_url, "CHECKPOINT")?;
             if belay {
                 let name = format!("bench_belay_{rep}");
                 let req = RestoreRequest {

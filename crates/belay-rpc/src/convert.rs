@@ -125,7 +125,22 @@ pub fn api_error_from(status: &Status, peer: &str) -> ApiError {
     if let Some(kind) = reason {
         return ApiError::new(kind, status.message());
     }
+    // A status without belay's reason that names the transport (a TLS mismatch, a peer
+    // speaking another protocol) is a connection problem whatever its code.
+    let transport = [
+        "h2 protocol error",
+        "transport error",
+        "connection",
+        "tls",
+        "handshake",
+    ]
+    .iter()
+    .any(|w| status.message().to_ascii_lowercase().contains(w));
     let (kind, message) = match status.code() {
+        Code::Internal if transport => (
+            ErrorKind::AgentUnreachable,
+            format!("cannot reach {peer}: {}", status.message()),
+        ),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => (
             ErrorKind::AgentUnreachable,
             format!("cannot reach {peer}: {}", status.message()),
@@ -765,6 +780,15 @@ mod tests {
         );
         assert_eq!(transport.kind, ErrorKind::AgentUnreachable);
         assert!(transport.message.contains("agent-1 at 127.0.0.1:1"));
+        // Plain text to a TLS server surfaces as an internal h2 error: still unreachable.
+        let h2 = api_error_from(
+            &Status::internal("h2 protocol error: http2 error"),
+            "controller",
+        );
+        assert_eq!(h2.kind, ErrorKind::AgentUnreachable);
+        // A real internal error keeps its class.
+        let internal = api_error_from(&Status::internal("index out of range"), "controller");
+        assert_eq!(internal.kind, ErrorKind::Internal);
     }
 
     #[test]
