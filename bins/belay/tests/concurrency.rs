@@ -2,57 +2,9 @@
 //! lock held by the application.
 
 mod support;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
 use support::*;
-
-/// A psql session the test drives line by line: it can hold locks while the test
-/// watches what belay does, and release them on cue.
-struct Session {
-    child: Child,
-    stdin: ChildStdin,
-    out: BufReader<std::process::ChildStdout>,
-}
-
-impl Session {
-    fn open(url: &str) -> Session {
-        let bin = belay_testkit::bin_dir().expect("postgres binaries");
-        let mut child = Command::new(bin.join("psql"))
-            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", url])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start psql");
-        let stdin = child.stdin.take().expect("stdin");
-        let out = BufReader::new(child.stdout.take().expect("stdout"));
-        Session { child, stdin, out }
-    }
-
-    /// Runs `sql`, then returns its output lines once the server has answered.
-    fn run(&mut self, sql: &str) -> Vec<String> {
-        writeln!(self.stdin, "{sql}\n\\echo __done__").expect("write to psql");
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            assert!(
-                self.out.read_line(&mut line).expect("read psql") > 0,
-                "psql exited"
-            );
-            let line = line.trim_end().to_string();
-            if line == "__done__" {
-                return lines;
-            }
-            lines.push(line);
-        }
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn four_concurrent_runners_apply_each_migration_exactly_once() {

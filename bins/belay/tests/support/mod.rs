@@ -2,8 +2,9 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use belay_testkit::{Cluster, TestDb};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
 
 pub const BELAY: &str = env!("CARGO_BIN_EXE_belay");
 
@@ -165,4 +166,64 @@ pub fn belay_b_ok(url: &str, dir: &Path, backups: &Path, args: &[&str]) -> Run {
     let r = belay_b(url, dir, backups, args);
     assert_eq!(r.code, 0, "belay {args:?} failed: {r:?}");
     r
+}
+
+/// A psql session a test drives line by line: it holds locks, or sends a statement that
+/// blocks, while belay looks.
+pub struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    pub fn open(url: &str) -> Session {
+        let bin = belay_testkit::bin_dir().expect("postgres binaries");
+        let mut child = Command::new(bin.join("psql"))
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start psql");
+        let stdin = child.stdin.take().expect("stdin");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        Session { child, stdin, out }
+    }
+
+    /// Runs `sql`, then returns its output lines once the server has answered.
+    pub fn run(&mut self, sql: &str) -> Vec<String> {
+        writeln!(self.stdin, "{sql}\n\\echo __done__").expect("write to psql");
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            assert!(
+                self.out.read_line(&mut line).expect("read psql") > 0,
+                "psql exited"
+            );
+            let line = line.trim_end().to_string();
+            if line == "__done__" {
+                return lines;
+            }
+            lines.push(line);
+        }
+    }
+
+    /// Sends `sql` without waiting for an answer (it is expected to block).
+    pub fn send(&mut self, sql: &str) {
+        writeln!(self.stdin, "{sql}").expect("write to psql");
+        self.stdin.flush().expect("flush psql");
+    }
+
+    pub fn pid(&mut self) -> i64 {
+        self.run("SELECT pg_backend_pid();")[0]
+            .parse()
+            .expect("a pid")
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
