@@ -4,7 +4,6 @@
 //! signal. Behaviour lives in the capability crates; for now the agent serves
 //! only `grpc.health.v1` (the migration service lands in a later change).
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -18,11 +17,9 @@ use belay_telemetry::LogFormat;
 use clap::Parser as _;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 use tracing::Instrument as _;
 
 const BIN: &str = "belay-agent";
@@ -135,7 +132,7 @@ async fn serve(args: Args) -> ExitCode {
     // Register signal handlers before announcing the address: a supervisor (or
     // test) may send SIGTERM as soon as it reads the line, and the default
     // action would kill us without a clean shutdown.
-    let mut signals = match StopSignals::new() {
+    let mut signals = match belay_rpc::daemon::StopSignals::new() {
         Ok(signals) => signals,
         Err(err) => {
             eprintln!("{BIN}: error: cannot install signal handlers: {err}");
@@ -251,46 +248,22 @@ async fn serve(args: Args) -> ExitCode {
         }
     };
 
-    if let Some(addr) = args.metrics_listen {
-        let handle = match belay_telemetry::metrics_handle() {
-            Ok(h) => h,
-            Err(err) => {
-                eprintln!("{BIN}: error: {err}");
-                return ExitCode::from(exit::SOFTWARE);
-            }
-        };
-        match TcpListener::bind(addr).await {
-            Ok(l) => {
-                tokio::spawn(async move {
-                    if let Err(err) =
-                        belay_telemetry::serve_metrics(l, handle, std::future::pending()).await
-                    {
-                        tracing::error!(error = %err, "metrics endpoint failed");
-                    }
-                });
-            }
-            Err(err) => {
-                eprintln!(
-                    "{BIN}: error: cannot serve metrics on {addr}: {err}; pick another --metrics-listen"
-                );
-                return ExitCode::from(exit::UNAVAILABLE);
-            }
-        }
-    }
-    let reflection = match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(belay_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    if let Some(addr) = args.metrics_listen
+        && let Err(err) = belay_rpc::daemon::serve_metrics(addr).await
     {
+        eprintln!("{BIN}: error: {err}");
+        return ExitCode::from(exit::UNAVAILABLE);
+    }
+    let reflection = match belay_rpc::daemon::reflection() {
         Ok(r) => r,
         Err(err) => {
-            eprintln!("{BIN}: error: reflection: {err}");
+            eprintln!("{BIN}: error: {err}");
             return ExitCode::from(exit::SOFTWARE);
         }
     };
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    set_health(&reporter, ServingStatus::Serving).await;
+    belay_rpc::daemon::set_health(&reporter, &HEALTH_SERVICES, ServingStatus::Serving).await;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     if let Some(controller) = &agent_config.controller {
@@ -346,7 +319,7 @@ async fn serve(args: Args) -> ExitCode {
         });
     tokio::pin!(server);
 
-    announce(local_addr);
+    belay_rpc::daemon::announce(local_addr);
     tracing::info!(addr = %local_addr, "serving");
 
     let signal = tokio::select! {
@@ -366,7 +339,7 @@ async fn serve(args: Args) -> ExitCode {
     tracing::info!(signal, "stopping");
     // Tell health watchers (load balancers, the controller) first, so they
     // stop routing here while in-flight calls finish.
-    set_health(&reporter, ServingStatus::NotServing).await;
+    belay_rpc::daemon::set_health(&reporter, &HEALTH_SERVICES, ServingStatus::NotServing).await;
     let _ = stop_tx.send(());
 
     let code = tokio::select! {
@@ -412,49 +385,6 @@ fn default_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "belay-agent".to_string())
-}
-
-/// Prints the one stdout line tests and supervisors read to learn the port.
-fn announce(addr: SocketAddr) {
-    let mut stdout = std::io::stdout().lock();
-    if let Err(err) = writeln!(stdout, "listening on {addr}").and_then(|()| stdout.flush()) {
-        // A closed stdout must not stop a daemon; the log line still says it.
-        tracing::warn!(error = %err, "cannot write the listening address to stdout");
-    }
-}
-
-async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
-    for service in HEALTH_SERVICES {
-        reporter.set_service_status(service, status).await;
-    }
-}
-
-/// SIGTERM (systemd, Kubernetes) and SIGINT (Ctrl-C) both mean "stop cleanly".
-struct StopSignals {
-    term: Signal,
-    int: Signal,
-}
-
-impl std::fmt::Debug for StopSignals {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StopSignals").finish_non_exhaustive()
-    }
-}
-
-impl StopSignals {
-    fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-        }
-    }
 }
 
 #[cfg(test)]

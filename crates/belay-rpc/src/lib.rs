@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod daemon;
 pub mod server;
 
 pub use client::{Connection, MigrationClient};
