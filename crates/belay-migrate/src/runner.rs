@@ -802,13 +802,7 @@ impl Migrator {
         // The transaction is driven with plain BEGIN/COMMIT rather than sqlx's
         // `Transaction` so that BEGIN travels with its settings, and the history row with
         // the COMMIT: two round trips around the script's statements instead of four.
-        let mut begin = format!("BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'");
-        if let Some(t) = self.statement_timeout_for(script) {
-            begin.push_str(&format!(
-                "; SET LOCAL statement_timeout = '{}'",
-                format_duration(t)
-            ));
-        }
+        let begin = self.begin_sql(script);
         loop {
             attempts += 1;
             let attempt_started = Instant::now();
@@ -833,7 +827,7 @@ impl Migrator {
                     row.execution_time_ms = execution.as_millis().min(i32::MAX as u128) as i32;
                     row.retries = (attempts - 1) as i32;
                     row.lock_wait_ms = lock_wait.as_millis() as i64;
-                    let finish = format!("{}; COMMIT", self.history.insert_statement(&row));
+                    let finish = self.commit_sql(&row);
                     if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(finish))
                         .execute(&mut *conn)
                         .await
@@ -949,14 +943,12 @@ impl Migrator {
         let mut lock_wait = Duration::ZERO;
         let mut block_start: Option<usize> = None;
         let mut i = 0;
-        if let Some(t) = self.statement_timeout_for(script) {
-            let set = format!("SET statement_timeout = '{}'", format_duration(t));
-            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(set))
+        if let Some(set) = self.statement_timeout_sql(script)
+            && let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(set))
                 .execute(&mut *conn)
                 .await
-            {
-                return Err(((0, lock_wait), self.db_err("setting statement_timeout")(e)));
-            }
+        {
+            return Err(((0, lock_wait), self.db_err("setting statement_timeout")(e)));
         }
         while i < script.statements.len() {
             let st = &script.statements[i];
@@ -964,7 +956,7 @@ impl Migrator {
                 block_start = Some(i);
             }
             let lock_timeout = format_duration(self.lock_timeout_for(script, Some(st)));
-            let sql_text = format!("SET lock_timeout = '{lock_timeout}'");
+            let sql_text = self.lock_timeout_sql(script, st);
             let attempt_started = Instant::now();
             let res = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql_text))
                 .execute(&mut *conn)
@@ -1196,6 +1188,43 @@ impl Migrator {
         result
     }
 
+    // The SQL around a script's own statements, built once for the executor and for
+    // `plan --sql`, which promises to print exactly what runs.
+
+    /// BEGIN with the script's settings: one round trip before a transactional script.
+    fn begin_sql(&self, script: &Script) -> String {
+        let mut sql = format!(
+            "BEGIN;\nSET LOCAL lock_timeout = '{}'",
+            format_duration(self.lock_timeout_for(script, None))
+        );
+        if let Some(t) = self.statement_timeout_for(script) {
+            sql.push_str(&format!(
+                ";\nSET LOCAL statement_timeout = '{}'",
+                format_duration(t)
+            ));
+        }
+        sql
+    }
+
+    /// The history row and COMMIT: one round trip after a transactional script.
+    fn commit_sql(&self, row: &NewRow) -> String {
+        format!("{};\nCOMMIT", self.history.insert_statement(row))
+    }
+
+    /// Session `statement_timeout` for a no-transaction script, when it has one.
+    fn statement_timeout_sql(&self, script: &Script) -> Option<String> {
+        self.statement_timeout_for(script)
+            .map(|t| format!("SET statement_timeout = '{}'", format_duration(t)))
+    }
+
+    /// `lock_timeout` before each statement of a no-transaction script.
+    fn lock_timeout_sql(&self, script: &Script, st: &Statement) -> String {
+        format!(
+            "SET lock_timeout = '{}'",
+            format_duration(self.lock_timeout_for(script, Some(st)))
+        )
+    }
+
     /// The SQL a plan would execute, in order, directives applied (`plan --sql`).
     pub fn render_sql(&self, plan: &Plan) -> String {
         let mut out = String::new();
@@ -1217,26 +1246,16 @@ impl Migrator {
             match step.no_transaction {
                 None => {
                     out.push_str(&format!(
-                        "-- {} (in one transaction with its history row)\nBEGIN;\n",
-                        step.script
+                        "-- {} (in one transaction with its history row)\n{};\n",
+                        step.script,
+                        self.begin_sql(script)
                     ));
-                    out.push_str(&format!(
-                        "SET LOCAL lock_timeout = '{}';\n",
-                        format_duration(self.lock_timeout_for(script, None))
-                    ));
-                    if let Some(t) = self.statement_timeout_for(script) {
-                        out.push_str(&format!(
-                            "SET LOCAL statement_timeout = '{}';\n",
-                            format_duration(t)
-                        ));
-                    }
                     for st in &script.statements {
                         out.push_str(st.text(&script.text).trim());
                         out.push('\n');
                     }
-                    out.push_str(&self.history.insert_statement(&row));
-                    out.push(';');
-                    out.push_str("\nCOMMIT;\n\n");
+                    out.push_str(&self.commit_sql(&row));
+                    out.push_str(";\n\n");
                 }
                 Some(reason) => {
                     out.push_str(&format!(
@@ -1250,17 +1269,11 @@ impl Migrator {
                     out.push_str(&self.history.insert_statement(&row));
                     out.push(';');
                     out.push('\n');
-                    if let Some(t) = self.statement_timeout_for(script) {
-                        out.push_str(&format!(
-                            "SET statement_timeout = '{}';\n",
-                            format_duration(t)
-                        ));
+                    if let Some(set) = self.statement_timeout_sql(script) {
+                        out.push_str(&format!("{set};\n"));
                     }
                     for st in &script.statements {
-                        out.push_str(&format!(
-                            "SET lock_timeout = '{}';\n",
-                            format_duration(self.lock_timeout_for(script, Some(st)))
-                        ));
+                        out.push_str(&format!("{};\n", self.lock_timeout_sql(script, st)));
                         out.push_str(st.text(&script.text).trim());
                         out.push('\n');
                     }
