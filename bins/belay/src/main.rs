@@ -267,18 +267,9 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
 
 /// The bearer token for the controller: `--token-file`, else `BELAY_TOKEN`.
 fn read_token(file: Option<&std::path::Path>) -> Result<Option<String>, Failure> {
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| usage(anyhow!("cannot read --token-file {}: {e}", path.display())))?;
-        let token = text.trim().to_string();
-        if token.is_empty() {
-            return Err(usage(anyhow!("--token-file {} is empty", path.display())));
-        }
-        return Ok(Some(token));
-    }
-    Ok(std::env::var("BELAY_TOKEN")
-        .ok()
-        .filter(|t| !t.trim().is_empty()))
+    belay_auth::read_secret(belay_auth::TOKEN_ENV, file)
+        .map(|t| t.map(|t| t.expose().to_string()))
+        .map_err(|e| usage(anyhow!("{e}")))
 }
 
 /// The name of the one target of local mode.

@@ -37,8 +37,8 @@ mod token;
 
 pub use tls::{TlsFiles, client_tls, client_tls_ca_only, server_tls, server_tls_client_optional};
 pub use token::{
-    GuardFuture, HEALTH_SERVICE, INVALID_TOKEN_MESSAGE, MISSING_TOKEN_MESSAGE, MaybeTokenCheck,
-    Secret, TOKEN_ENV, TokenAttach, TokenCheck, TokenGuard, read_secret,
+    GuardFuture, HEALTH_SERVICE, INVALID_TOKEN_MESSAGE, MISSING_TOKEN_MESSAGE, MaybeTokenAttach,
+    MaybeTokenCheck, Secret, TOKEN_ENV, TokenAttach, TokenCheck, TokenGuard, read_secret,
 };
 
 use std::path::PathBuf;

@@ -204,6 +204,20 @@ impl Interceptor for MaybeTokenCheck {
     }
 }
 
+/// A client token that may be absent, so clients have one type either way (the client
+/// side of [`MaybeTokenCheck`]).
+#[derive(Clone, Debug, Default)]
+pub struct MaybeTokenAttach(pub Option<TokenAttach>);
+
+impl Interceptor for MaybeTokenAttach {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        match &mut self.0 {
+            Some(attach) => attach.call(request),
+            None => Ok(request),
+        }
+    }
+}
+
 /// Compares in time that depends only on the length of `presented`, never on where the
 /// first difference is (the expected token's length may still be inferable, as with any
 /// length-checking comparison).

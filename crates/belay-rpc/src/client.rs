@@ -1,6 +1,7 @@
 //! `MigrationApi` over gRPC: the CLI's remote mode and the controller's calls to agents.
 
 use crate::convert;
+use belay_auth::{MaybeTokenAttach, Secret, TokenAttach};
 use belay_migrate::{
     ApiError, ErrorKind, EventSink, MigrationApi, MigrationStatus, PlanView, RepairAction,
     RunReport, Target, UndoTarget, Validation,
@@ -8,40 +9,15 @@ use belay_migrate::{
 use belay_proto::v1 as pb;
 use pb::migration_service_client::MigrationServiceClient;
 use std::time::Duration;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use uuid::Uuid;
-
-/// Adds `authorization: Bearer …` to every request when a token is configured.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl std::fmt::Debug for Bearer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Bearer(***)"
-        } else {
-            "Bearer(none)"
-        })
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
 
 /// A channel to a belay server (agent or controller), with its credentials.
 #[derive(Clone, Debug)]
 pub struct Connection {
     pub channel: Channel,
-    pub bearer: Bearer,
+    pub token: MaybeTokenAttach,
     /// Who is on the other end, for messages ("agent db-1 at 10.0.0.5:7401").
     pub peer: String,
 }
@@ -75,30 +51,25 @@ impl Connection {
         if let Some(tls) = tls {
             endpoint = endpoint.tls_config(tls).map_err(|e| bad(&e))?;
         }
-        let bearer = match token {
-            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
-                ApiError::new(
-                    ErrorKind::Unauthenticated,
-                    "the token contains characters not allowed in a header",
-                )
-            })?),
-            None => None,
-        };
+        let token = token
+            .map(|t| TokenAttach::new(&Secret::new(t)))
+            .transpose()
+            .map_err(|e| ApiError::new(ErrorKind::Unauthenticated, e.to_string()))?;
         Ok(Connection {
             channel: endpoint.connect_lazy(),
-            bearer: Bearer(bearer),
+            token: MaybeTokenAttach(token),
             peer,
         })
     }
 
-    pub fn intercepted(&self) -> InterceptedService<Channel, Bearer> {
-        InterceptedService::new(self.channel.clone(), self.bearer.clone())
+    pub fn intercepted(&self) -> InterceptedService<Channel, MaybeTokenAttach> {
+        InterceptedService::new(self.channel.clone(), self.token.clone())
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct MigrationClient {
-    client: MigrationServiceClient<InterceptedService<Channel, Bearer>>,
+    client: MigrationServiceClient<InterceptedService<Channel, MaybeTokenAttach>>,
     peer: String,
 }
 
