@@ -16,7 +16,6 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
-use tracing::Instrument as _;
 
 const BIN: &str = "belay-controller";
 const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
@@ -31,17 +30,7 @@ const CONTROLLER_SERVICE: &str = "belay.v1.ControllerService";
 /// gRPC health protocol defines it.
 const HEALTH_SERVICES: [&str; 2] = ["", CONTROLLER_SERVICE];
 
-/// How long in-flight calls may run after a stop signal before we exit anyway;
-/// below systemd's TimeoutStopSec so we exit on our own terms.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Exit codes follow sysexits(3), so supervisors can tell "fix the config"
-/// from "retry later".
-mod exit {
-    pub const USAGE: u8 = 64;
-    pub const UNAVAILABLE: u8 = 69;
-    pub const SOFTWARE: u8 = 70;
-}
+use belay_rpc::daemon::exit;
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -129,9 +118,7 @@ fn parse_interval(value: &str) -> Result<Duration, String> {
 }
 
 fn parse_listen(value: &str) -> Result<SocketAddr, String> {
-    value.trim().parse().map_err(|_| {
-        format!("`{value}` is not a socket address: expected IP:PORT, e.g. {DEFAULT_LISTEN}")
-    })
+    belay_rpc::daemon::parse_listen(value, DEFAULT_LISTEN)
 }
 
 fn main() -> ExitCode {
@@ -146,32 +133,15 @@ fn main() -> ExitCode {
         }
     };
 
-    // Kept until exit: dropping it flushes spans (bounded, never hanging).
-    let _telemetry = match belay_telemetry::init_with_otlp(
-        args.log_format,
-        DEFAULT_LOG_FILTER,
-        args.otlp_endpoint.as_deref(),
+    let (format, otlp, listen) = (args.log_format, args.otlp_endpoint.clone(), args.listen);
+    belay_rpc::daemon::run(
         BIN,
-    ) {
-        Ok(guard) => guard,
-        Err(err) => {
-            eprintln!("{BIN}: error: {err}");
-            return ExitCode::from(exit::USAGE);
-        }
-    };
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("{BIN}: error: cannot start the async runtime: {err}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
-    };
-    let span = tracing::info_span!("serve", bin = BIN, listen = %args.listen);
-    runtime.block_on(serve(args).instrument(span))
+        format,
+        DEFAULT_LOG_FILTER,
+        otlp.as_deref(),
+        listen,
+        || serve(args),
+    )
 }
 
 async fn serve(args: Args) -> ExitCode {
@@ -314,48 +284,18 @@ async fn serve(args: Args) -> ExitCode {
             // A dropped sender also means "stop".
             let _ = stop_rx.await;
         });
-    tokio::pin!(server);
-
     belay_rpc::daemon::announce(local_addr);
     tracing::info!(addr = %local_addr, "serving");
-
-    let signal = tokio::select! {
-        result = &mut server => {
-            // The server only returns before a stop signal when it failed.
-            return match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    tracing::error!(error = %err, "server failed");
-                    ExitCode::from(exit::SOFTWARE)
-                }
-            };
-        }
-        signal = signals.recv() => signal,
-    };
-
-    tracing::info!(signal, "stopping");
-    // Tell health watchers (load balancers, the controller) first, so they
-    // stop routing here while in-flight calls finish.
-    belay_rpc::daemon::set_health(&reporter, &HEALTH_SERVICES, ServingStatus::NotServing).await;
-    let _ = stop_tx.send(());
-
-    let code = tokio::select! {
-        result = tokio::time::timeout(SHUTDOWN_GRACE, &mut server) => match result {
-            Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(err)) => {
-                tracing::error!(error = %err, "server failed while stopping");
-                ExitCode::from(exit::SOFTWARE)
-            }
-            Err(_) => {
-                tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight calls did not finish in time; stopping anyway");
-                ExitCode::SUCCESS
-            }
-        },
-        signal = signals.recv() => {
-            tracing::warn!(signal, "second stop signal; not waiting for in-flight calls");
-            ExitCode::SUCCESS
-        }
-    };
+    let code = ExitCode::from(
+        belay_rpc::daemon::serve_until_stopped(
+            server,
+            stop_tx,
+            &mut signals,
+            &reporter,
+            &HEALTH_SERVICES,
+        )
+        .await,
+    );
     tracing::info!("stopped");
     code
 }

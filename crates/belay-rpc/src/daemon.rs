@@ -83,3 +83,108 @@ pub fn reflection() -> Result<
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))
 }
+
+/// How long in-flight calls may run after a stop signal before the daemon exits anyway;
+/// below systemd's TimeoutStopSec so it exits on its own terms.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Exit codes of the daemons (sysexits(3)), so supervisors can tell "fix the config"
+/// from "retry later".
+pub mod exit {
+    pub const USAGE: u8 = 64;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
+}
+
+/// Parses a `--listen` value: IP:PORT only (port 0 picks a free one).
+pub fn parse_listen(value: &str, example: &str) -> Result<SocketAddr, String> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a socket address: expected IP:PORT, e.g. {example}"))
+}
+
+/// The body of a daemon's `main`: telemetry (kept until exit, so spans are flushed), a
+/// multi-threaded runtime, and `serve` inside a span named after the binary.
+pub fn run<Fut>(
+    bin: &str,
+    log_format: belay_telemetry::LogFormat,
+    default_filter: &str,
+    otlp_endpoint: Option<&str>,
+    listen: SocketAddr,
+    serve: impl FnOnce() -> Fut,
+) -> std::process::ExitCode
+where
+    Fut: std::future::Future<Output = std::process::ExitCode>,
+{
+    use tracing::Instrument as _;
+    let _telemetry =
+        match belay_telemetry::init_with_otlp(log_format, default_filter, otlp_endpoint, bin) {
+            Ok(guard) => guard,
+            Err(err) => {
+                eprintln!("{bin}: error: {err}");
+                return std::process::ExitCode::from(exit::USAGE);
+            }
+        };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("{bin}: error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    let span = tracing::info_span!("serve", bin, listen = %listen);
+    runtime.block_on(serve().instrument(span))
+}
+
+/// Serves until SIGTERM or SIGINT, then stops cleanly: health goes NOT_SERVING first (so
+/// load balancers and the controller stop routing here), in-flight calls get
+/// [`SHUTDOWN_GRACE`], and a second signal stops at once. Returns the exit code.
+pub async fn serve_until_stopped<F>(
+    server: F,
+    stop: tokio::sync::oneshot::Sender<()>,
+    signals: &mut StopSignals,
+    reporter: &HealthReporter,
+    services: &[&str],
+) -> u8
+where
+    F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
+{
+    tokio::pin!(server);
+    let signal = tokio::select! {
+        result = &mut server => {
+            // The server only returns before a stop signal when it failed.
+            return match result {
+                Ok(()) => 0,
+                Err(err) => {
+                    tracing::error!(error = %err, "server failed");
+                    exit::SOFTWARE
+                }
+            };
+        }
+        signal = signals.recv() => signal,
+    };
+    tracing::info!(signal, "stopping");
+    set_health(reporter, services, ServingStatus::NotServing).await;
+    let _ = stop.send(());
+    tokio::select! {
+        result = tokio::time::timeout(SHUTDOWN_GRACE, &mut server) => match result {
+            Ok(Ok(())) => 0,
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "server failed while stopping");
+                exit::SOFTWARE
+            }
+            Err(_) => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight calls did not finish in time; stopping anyway");
+                0
+            }
+        },
+        signal = signals.recv() => {
+            tracing::warn!(signal, "second stop signal; not waiting for in-flight calls");
+            0
+        }
+    }
+}
