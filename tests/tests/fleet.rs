@@ -470,20 +470,18 @@ async fn promotion_gate_refuses_production_before_staging_and_records_overrides(
     )?;
     let _a = agent(&a).await?;
     wait_agents(&c.addr, 1).await?;
+    // Refused now, accepted once 004 has succeeded in staging.
+    const TO_PRODUCTION: [&str; 7] = [
+        "deploy",
+        "--targets",
+        "prod_1",
+        "--environment",
+        "production",
+        "--to",
+        "004",
+    ];
 
-    let r = belay(
-        &c.addr,
-        &[
-            "deploy",
-            "--targets",
-            "prod_1",
-            "--environment",
-            "production",
-            "--to",
-            "004",
-        ],
-    )
-    .await?;
+    let r = belay(&c.addr, &TO_PRODUCTION).await?;
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
         r.stderr
@@ -547,19 +545,7 @@ async fn promotion_gate_refuses_production_before_staging_and_records_overrides(
     )
     .await?;
     assert_eq!(r.code, 0, "{r:?}");
-    let r = belay(
-        &c.addr,
-        &[
-            "deploy",
-            "--targets",
-            "prod_1",
-            "--environment",
-            "production",
-            "--to",
-            "004",
-        ],
-    )
-    .await?;
+    let r = belay(&c.addr, &TO_PRODUCTION).await?;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(
         psql(
