@@ -282,13 +282,12 @@ pub fn plan_findings(set: &MigrationSet, plan: &PlanView) -> Result<Vec<Vec<Find
 pub async fn plan(
     api: &dyn MigrationApi,
     target_name: &str,
-    dir: &Path,
+    set: &MigrationSet,
     t: &TargetArgs,
     output: Output,
 ) -> Result<u8, Failure> {
     let plan = api.plan(target_name, &target(t), false).await?;
-    let set = belay_migrate::load(dir).map_err(MigrateError::from)?;
-    let findings = plan_findings(&set, &plan)?;
+    let findings = plan_findings(set, &plan)?;
     match output {
         Output::Json => {
             let mut doc = serde_json::to_value(&plan).unwrap_or_default();
@@ -345,7 +344,7 @@ fn describe(dir: &Path, f: &Finding) -> String {
 pub async fn gate(
     api: &dyn MigrationApi,
     target_name: &str,
-    dir: &Path,
+    set: &MigrationSet,
     t: &TargetArgs,
     skip: bool,
 ) -> Result<(), Failure> {
@@ -357,8 +356,7 @@ pub async fn gate(
     if plan.steps.is_empty() {
         return Ok(());
     }
-    let set = belay_migrate::load(dir).map_err(MigrateError::from)?;
-    let findings: Vec<Finding> = plan_findings(&set, &plan)?.into_iter().flatten().collect();
+    let findings: Vec<Finding> = plan_findings(set, &plan)?.into_iter().flatten().collect();
     for f in findings.iter().filter(|f| f.allowed.is_some()) {
         eprintln!("warning: lint: {}", describe(&set.dir, f));
     }

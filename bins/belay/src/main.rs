@@ -186,7 +186,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         return locks_cmd::run(args, &url, cli.output).await;
     }
     // Files are checked before anything else touches the database.
-    belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
+    let set = belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
     let backup_hook = backup_cmd::hook_for(&cli.command, &settings, &url);
     let api = LocalTargets::new([TargetSpec {
         name: LOCAL_TARGET.to_string(),
@@ -202,10 +202,10 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         return health_cmd::check(command, &api, LOCAL_TARGET, &settings, &url, cli.output).await;
     }
     if let Command::Plan { sql: false, target } = &cli.command {
-        return lint_cmd::plan(&api, LOCAL_TARGET, &settings.dir, target, cli.output).await;
+        return lint_cmd::plan(&api, LOCAL_TARGET, &set, target, cli.output).await;
     }
     if let Command::Migrate { checks, target, .. } = &cli.command {
-        lint_cmd::gate(&api, LOCAL_TARGET, &settings.dir, target, checks.no_lint).await?;
+        lint_cmd::gate(&api, LOCAL_TARGET, &set, target, checks.no_lint).await?;
     }
     let mut watch = None;
     if let Command::Migrate { checks, .. } = &cli.command {
