@@ -79,9 +79,10 @@ pub fn metrics_handle() -> Result<PrometheusHandle, Error> {
         .map_err(Error::MetricsRecorder)?
         .install_recorder()
         .map_err(Error::MetricsRecorder)?;
-    *slot = Some(handle.clone());
-    drop(slot);
+    // Describe while still holding the slot: a second caller that got the handle before the
+    // help texts were registered would render metrics without their `# HELP` lines.
     describe_metrics();
+    *slot = Some(handle.clone());
     Ok(handle)
 }
 
