@@ -293,6 +293,7 @@ impl Bench {
             format,
             scope: BackupScope::Full,
             label: Some("bench".to_owned()),
+            deployment_id: None,
         };
         let started = Instant::now();
         let manifest = self

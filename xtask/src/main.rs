@@ -4,6 +4,7 @@
 mod bench;
 mod bench_backup;
 mod bench_fleet;
+mod bench_locks;
 mod bench_probes;
 mod check;
 mod demo;
@@ -54,11 +55,19 @@ enum Bench {
         belay_bin: Option<PathBuf>,
     },
     /// Application latency under pgbench while an ALTER TABLE waits behind a long
-    /// transaction: naive psql vs. `belay migrate`.
-    Lock {
-        /// pgbench duration in seconds.
+    /// transaction (no migration vs. naive psql vs. `belay migrate`), how fast the lock
+    /// monitor reports a queued ALTER, and what its sampling costs pgbench.
+    #[command(alias = "lock")]
+    Locks {
+        /// pgbench duration in seconds for each latency run.
         #[arg(long, default_value_t = 12)]
         seconds: u64,
+        /// Queued ALTERs the monitor must report, for its latency.
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+        /// Seconds of each unthrottled pgbench run for the monitor's overhead.
+        #[arg(long, default_value_t = 8)]
+        overhead_secs: u64,
         /// Benchmark this `belay` binary instead of building target/release/belay.
         #[arg(long)]
         belay_bin: Option<PathBuf>,
@@ -132,7 +141,12 @@ fn run(task: Task) -> anyhow::Result<()> {
                 migrations,
                 belay_bin,
             } => bench::runner(reps, migrations, belay_bin),
-            Bench::Lock { seconds, belay_bin } => bench::lock(seconds, belay_bin),
+            Bench::Locks {
+                seconds,
+                trials,
+                overhead_secs,
+                belay_bin,
+            } => bench_locks::locks(seconds, trials, overhead_secs, belay_bin),
             Bench::Fleet {
                 tenants,
                 parallel,

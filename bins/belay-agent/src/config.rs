@@ -63,6 +63,11 @@ pub struct TargetConfig {
     pub max_attempts: Option<u32>,
     pub max_lock_wait: Option<String>,
     pub history_schema: Option<String>,
+    /// The lock guard's budget: how long the application may queue behind a migration
+    /// statement before the guard cancels and retries it [default: 500ms].
+    pub max_blocking: Option<String>,
+    /// `false` runs this target's migrations without the lock guard [default: true].
+    pub lock_guard: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -72,6 +77,8 @@ pub struct LoadedTarget {
     pub backup: Option<(PathBuf, belay_guards::BackupMode)>,
     pub environment: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// Whether the lock guard watches this target's migrations (`exec.max_blocking`).
+    pub lock_guard: bool,
 }
 
 pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
@@ -135,6 +142,12 @@ fn load_target(base: &Path, t: &TargetConfig) -> Result<LoadedTarget> {
     if let Some(v) = &t.history_schema {
         exec.history_schema = v.clone();
     }
+    if let Some(v) = &t.max_blocking {
+        exec.max_blocking = parse_duration(v)?;
+        if exec.max_blocking.is_zero() {
+            bail!("max_blocking must be greater than zero; set lock_guard = false to run without the guard");
+        }
+    }
     Ok(LoadedTarget {
         spec: TargetSpec {
             name: t.name.clone(),
@@ -144,6 +157,7 @@ fn load_target(base: &Path, t: &TargetConfig) -> Result<LoadedTarget> {
         },
         environment: t.environment.clone(),
         labels: t.labels.clone(),
+        lock_guard: t.lock_guard.unwrap_or(true),
         backup: match (&t.backup_dir, t.backup) {
             (Some(dir), mode) => Some((
                 base.join(dir),
@@ -175,6 +189,15 @@ mod tests {
         assert_eq!(cfg.name.as_deref(), Some("a1"));
         assert_eq!(targets[0].spec.dir, dir.path().join("m"));
         assert_eq!(targets[0].spec.exec.lock_timeout.as_millis(), 200);
+        assert!(targets[0].lock_guard, "the guard is on by default");
+        assert_eq!(targets[0].spec.exec.max_blocking.as_millis(), 500);
+        let p = write(
+            "[[targets]]\nname = \"a\"\nurl = \"postgres://db/a\"\nmigrations = \"m\"\nmax_blocking = \"250ms\"\n[[targets]]\nname = \"b\"\nurl = \"postgres://db/b\"\nmigrations = \"m\"\nlock_guard = false\n",
+        );
+        let (_, targets) = load(&p).unwrap();
+        assert_eq!(targets[0].spec.exec.max_blocking.as_millis(), 250);
+        assert!(targets[0].lock_guard);
+        assert!(!targets[1].lock_guard);
         assert!(!format!("{:?}", targets[0].spec).contains("pw"));
 
         for (body, want) in [
@@ -194,6 +217,10 @@ mod tests {
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n",
                 "listed twice",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nmax_blocking = \"0s\"\n",
+                "max_blocking must be greater than zero",
             ),
         ] {
             let err = format!("{:#}", load(&write(body)).unwrap_err());

@@ -1,13 +1,15 @@
 //! `belay-agent`: runs beside each database and serves its targets over gRPC.
 //!
 //! Thin by design: parse arguments, start telemetry, bind, serve, stop on a
-//! signal. Behaviour lives in the capability crates; for now the agent serves
-//! only `grpc.health.v1` (the migration service lands in a later change).
+//! signal. Behaviour lives in the capability crates; the agent serves its targets'
+//! migration, backup, lock-monitor and health services, and `grpc.health.v1`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+mod backups;
 mod config;
+mod monitor;
 mod register;
 
 use belay_migrate::LocalTargets;
@@ -27,7 +29,13 @@ const DEFAULT_LOG_FILTER: &str = "info";
 
 /// Services whose health this process reports; "" is the whole server, as the
 /// gRPC health protocol defines it.
-const HEALTH_SERVICES: [&str; 2] = ["", belay_proto::v1::migration_service_server::SERVICE_NAME];
+const HEALTH_SERVICES: [&str; 5] = [
+    "",
+    belay_proto::v1::migration_service_server::SERVICE_NAME,
+    belay_proto::v1::lock_monitor_service_server::SERVICE_NAME,
+    belay_proto::v1::health_service_server::SERVICE_NAME,
+    belay_proto::v1::backup_service_server::SERVICE_NAME,
+];
 
 use belay_rpc::daemon::{SHUTDOWN_GRACE, exit};
 
@@ -180,7 +188,19 @@ async fn serve(args: Args) -> ExitCode {
                 .map(|(dir, mode)| (t.spec.name.clone(), t.spec.url.clone(), dir, mode))
         })
         .collect();
+    let (lock_monitor, health_checks) = monitor::services(&targets);
+    let backup_service =
+        belay_rpc::BackupGrpc::new(Arc::new(backups::service(&targets, args.config.as_deref())));
+    // The lock guard watches every target's migrations unless its config says not to.
+    let guarded: Vec<(String, belay_core::DatabaseUrl)> = targets
+        .iter()
+        .filter(|t| t.lock_guard)
+        .map(|t| (t.spec.name.clone(), t.spec.url.clone()))
+        .collect();
     let mut local = LocalTargets::new(targets.into_iter().map(|t| t.spec));
+    for (name, url) in guarded {
+        local = local.with_lock_guard(&name, Arc::new(belay_guards::LockGuardAdapter::new(url)));
+    }
     for (name, url, dir, mode) in backups {
         let target = name.clone();
         let guard = belay_guards::BackupGuard::new(
@@ -279,6 +299,18 @@ async fn serve(args: Args) -> ExitCode {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(tonic::service::interceptor::InterceptedService::new(
+            lock_monitor.into_service(),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            backup_service.clone().into_service(),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            health_checks.into_service(),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             migration_service.clone().into_service(),
             check,
         ))
@@ -311,6 +343,22 @@ async fn serve(args: Args) -> ExitCode {
             tracing::warn!(
                 "migrations still running after the grace period; their transactions roll back and no-transaction ones show as failed"
             );
+        }
+    }
+    // A restore or backup under way finishes too: one cut off leaves a catalog entry
+    // missing or a database half restored (its transaction rolls back, but the work is lost).
+    let ops = backup_service.ops();
+    ops.close();
+    if !ops.is_empty() {
+        tracing::info!(
+            operations = ops.len(),
+            "waiting for backups and restores in flight"
+        );
+        if tokio::time::timeout(SHUTDOWN_GRACE, ops.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("backups or restores still running after the grace period");
         }
     }
     tracing::info!("stopped");

@@ -277,6 +277,18 @@ async fn serve(args: Args) -> ExitCode {
             ),
         )
         .add_service(tonic::service::interceptor::InterceptedService::new(
+            belay_rpc::LockMonitorGrpc::new(std::sync::Arc::new(fleet.clone())).into_service(),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            belay_rpc::HealthGrpc::new(std::sync::Arc::new(fleet.clone())).into_service(),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            belay_rpc::BackupGrpc::new(std::sync::Arc::new(fleet.clone())).into_service(),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             belay_rpc::MigrationGrpc::new(std::sync::Arc::new(fleet)).into_service(),
             check,
         ))

@@ -1,15 +1,18 @@
-//! `belay backup …` in local mode, the `--backup` flag of `migrate` and `undo` (a
-//! [`BackupHook`] over `belay-backup`), progress lines and exit codes for backup errors.
+//! `belay backup …` in both modes, through one [`BackupApi`] (in-process
+//! [`LocalBackups`], or the controller's `BackupService`), so both print the same text and
+//! JSON; the `--backup` flag of `migrate` and `undo` (a [`BackupHook`] over
+//! `belay-backup`, local mode); progress lines.
 //!
 //! Backups of the local target live under `--backup-dir` (default `./.belay/backups`) in
-//! a catalog named after the database of the URL (`local` when the URL names none).
+//! a catalog named after the database of the URL (`local` when the URL names none). In
+//! remote mode they live on the agent owning the target, under its `backup_dir`.
 
 use crate::cli::Output;
 use crate::settings::Settings;
 use crate::{Failure, exit};
 use belay_backup::{
-    BackupError, BackupFormat, BackupManager, BackupRequest, BackupScope, CatalogEntry, Operation,
-    Progress, RestoreRequest,
+    BackupApi, BackupFormat, BackupManager, BackupRequest, BackupScope, CatalogEntry, LocalBackups,
+    Operation, Progress, PruneRequest, RestoreRequest,
 };
 use belay_core::DatabaseUrl;
 use belay_migrate::BackupHook;
@@ -18,11 +21,6 @@ use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Exit code: the backup (or target) does not exist (sysexits EX_NOINPUT).
-pub const NOT_FOUND: u8 = 66;
-/// Exit code: out of disk space or over the size budget (sysexits EX_CANTCREAT).
-pub const NO_SPACE: u8 = 73;
 
 /// What `migrate --backup` / `undo --backup` take before the first statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
@@ -140,21 +138,9 @@ fn manager(settings: &Settings) -> BackupManager {
         .with_history_schema(settings.exec.history_schema.clone())
 }
 
-/// A backup error and its exit code.
-pub fn failure(e: BackupError) -> Failure {
-    use belay_backup::ErrorKind as K;
-    let code = match e.kind() {
-        K::InvalidArgument => exit::USAGE,
-        K::NotFound => NOT_FOUND,
-        K::FailedPrecondition => exit::REFUSED,
-        K::Unavailable => exit::UNAVAILABLE,
-        K::ResourceExhausted => NO_SPACE,
-        K::Internal => exit::SOFTWARE,
-    };
-    Failure {
-        code,
-        message: e.to_string(),
-    }
+/// The backup capability of local mode: the one target, backed up under `--backup-dir`.
+pub fn local(settings: &Settings, url: &DatabaseUrl) -> LocalBackups {
+    LocalBackups::new().with_target(target_name(url), url.clone(), manager(settings))
 }
 
 fn usage(message: impl Into<String>) -> Failure {
@@ -164,11 +150,11 @@ fn usage(message: impl Into<String>) -> Failure {
     }
 }
 
-/// Backup commands and `--backup` are local-mode only for now.
+/// `--backup` is local-mode only for now: through the controller, the agent's
+/// configuration (`backup`, `backup_dir`) decides the pre-deployment backup.
 pub fn remote_unsupported(command: &crate::cli::Command) -> Option<Failure> {
     use crate::cli::Command;
     let what = match command {
-        Command::Backup { .. } => "`belay backup`",
         Command::Migrate {
             backup: Some(_), ..
         }
@@ -342,6 +328,7 @@ fn entry_json(e: &CatalogEntry) -> serde_json::Value {
         "id": e.id,
         "target": e.target,
         "label": e.label,
+        "deployment_id": e.deployment_id,
         "created_at": e.created_at,
         "format": format,
         "jobs": jobs,
@@ -359,17 +346,15 @@ fn entry_json(e: &CatalogEntry) -> serde_json::Value {
     })
 }
 
-/// Runs `belay backup …` against the local database.
+/// Runs `belay backup …` against `target` through `api`, local or remote alike.
 pub async fn run(
     command: &BackupCommand,
-    settings: &Settings,
-    url: &DatabaseUrl,
+    api: &dyn BackupApi,
+    target: &str,
     out: Output,
 ) -> Result<u8, Failure> {
-    let mgr = manager(settings);
-    let target = target_name(url);
-    let printer = ProgressPrinter::new();
-    let progress = |p: Progress| printer.show(p);
+    let printer = Arc::new(ProgressPrinter::new());
+    let progress: belay_backup::ProgressSink = Arc::new(move |p: Progress| printer.show(p));
     match command {
         BackupCommand::Create {
             format,
@@ -402,19 +387,13 @@ pub async fn run(
                 format,
                 scope,
                 label: label.clone(),
+                deployment_id: None,
             };
-            let manifest = mgr
-                .create(url, &target, &req, &progress)
-                .await
-                .map_err(failure)?;
-            let report = mgr
-                .verify(&target, &manifest.id, None)
-                .await
-                .map_err(failure)?;
-            let entry = mgr
-                .catalog(&target)
-                .and_then(|c| c.list())
-                .map_err(failure)?
+            let manifest = api.create(target, &req, progress).await?;
+            let report = api.verify(target, &manifest.id, false).await?;
+            let entry = api
+                .list(target)
+                .await?
                 .into_iter()
                 .find(|e| e.id == manifest.id);
             match out {
@@ -449,19 +428,13 @@ pub async fn run(
             Ok(if report.ok { 0 } else { exit::FAILED })
         }
         BackupCommand::List => {
-            let entries = mgr
-                .catalog(&target)
-                .and_then(|c| c.list())
-                .map_err(failure)?;
+            let entries = api.list(target).await?;
             match out {
                 Output::Json => println!(
                     "{}",
                     serde_json::Value::Array(entries.iter().map(entry_json).collect())
                 ),
-                Output::Text if entries.is_empty() => println!(
-                    "no backups of {target} in {}",
-                    settings.backup_dir.display()
-                ),
+                Output::Text if entries.is_empty() => println!("no backups of {target}"),
                 Output::Text => {
                     println!(
                         "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} label",
@@ -491,10 +464,7 @@ pub async fn run(
             Ok(0)
         }
         BackupCommand::Verify { id, restore_test } => {
-            let report = mgr
-                .verify(&target, id, restore_test.then_some(url))
-                .await
-                .map_err(failure)?;
+            let report = api.verify(target, id, *restore_test).await?;
             match out {
                 Output::Json => println!("{}", json!(report)),
                 Output::Text if report.ok => {
@@ -534,10 +504,7 @@ pub async fn run(
                 force: *force,
                 emergency_backup: !no_emergency_backup,
             };
-            let report = mgr
-                .restore(url, &target, id, &req, &progress)
-                .await
-                .map_err(failure)?;
+            let report = api.restore(target, id, &req, progress).await?;
             match out {
                 Output::Json => println!("{}", json!(report)),
                 Output::Text => {
@@ -577,10 +544,12 @@ pub async fn run(
             })
         }
         BackupCommand::Prune { keep, dry_run } => {
-            let report = mgr
-                .catalog(&target)
-                .and_then(|c| c.prune(*keep, &[], *dry_run))
-                .map_err(failure)?;
+            let req = PruneRequest {
+                keep: *keep,
+                dry_run: *dry_run,
+                protect: Vec::new(),
+            };
+            let report = api.prune(target, &req).await?;
             match out {
                 Output::Json => println!(
                     "{}",
@@ -605,7 +574,10 @@ pub async fn run(
                             .ok()
                             .and_then(|v| v.as_str().map(String::from))
                             .unwrap_or_default();
-                        println!("kept {} ({why})", k.id);
+                        match &k.note {
+                            Some(note) => println!("kept {} ({why}: {note})", k.id),
+                            None => println!("kept {} ({why})", k.id),
+                        }
                     }
                     if report.deleted.is_empty() && report.incomplete_removed.is_empty() {
                         println!("nothing to prune");

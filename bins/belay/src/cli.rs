@@ -29,6 +29,8 @@ Exit codes:
       file); 2 refused (restore of a backup failing verification without --force, pg_dump
       missing or older than the server); 66 no such backup; 73 out of disk space or over
       the size limit (the partial backup is removed, the catalog unchanged)
+  backfill also: 130 stopped by SIGINT (143 SIGTERM) between batches; the same command
+      resumes from the last committed batch
 
 Environment:
   BELAY_DATABASE_URL / DATABASE_URL   target database
@@ -232,6 +234,14 @@ pub enum Command {
         #[command(flatten)]
         args: crate::locks_cmd::LocksArgs,
     },
+    #[command(
+        about = crate::backfill_cmd::ABOUT,
+        long_about = crate::backfill_cmd::LONG_ABOUT
+    )]
+    Backfill {
+        #[command(flatten)]
+        args: crate::backfill_cmd::BackfillArgs,
+    },
     /// Adopt an existing database: record that everything up to VERSION is already there
     Baseline {
         #[arg(long, value_name = "VERSION")]
@@ -374,4 +384,13 @@ pub struct ExecArgs {
     /// How long to wait for another belay runner on the same database [default: 60s]
     #[arg(long, value_name = "DURATION")]
     pub runner_wait: Option<String>,
+    /// Lock guard budget: longest an application session may queue behind a running
+    /// migration statement before the guard cancels it (rolled back) and retries once the
+    /// migration's blockers are gone [default: 500ms]
+    #[arg(long, value_name = "DURATION")]
+    pub max_blocking: Option<String>,
+    /// Run without the lock guard: lock_timeout alone bounds how long the application
+    /// queues behind a migration waiting for its lock (not behind one holding it)
+    #[arg(long, conflicts_with = "max_blocking")]
+    pub no_lock_guard: bool,
 }

@@ -1,50 +1,24 @@
-//! Health commands (local mode): `check preflight|postflight`, `probe http|sql`, and the
-//! preflight and watch window around `migrate`.
+//! Health commands: `check preflight|postflight`, `probe http|sql` (local and remote
+//! alike, through `belay_health::HealthApi`), and the preflight and watch window around
+//! `migrate` (local mode).
 
-use crate::cli::{CheckCommand, Output, ProbeArgs, ProbeCommand};
+use crate::cli::{CheckCommand, Cli, Command, Output, ProbeArgs, ProbeCommand};
 use crate::settings::Settings;
 use crate::{Failure, exit};
 use belay_core::{DatabaseUrl, parse_duration};
 use belay_health::{
-    CheckResult, CheckStatus, Expectation, MigrationSummary, PostflightSpec, PreflightContext,
-    ProbeEvent, ProbeSpec, VerifyScript, WatchOutcome,
+    CheckResult, CheckStatus, Expectation, HealthApi, HealthTarget, HealthTargets,
+    PreflightOptions, ProbeCheck, ProbeEvent, ProbeEvents, ProbeSpec, TargetProbe, WatchOutcome,
 };
-use belay_migrate::{MigrationApi, State};
-use sqlx::Connection;
+use belay_migrate::LocalTargets;
+use std::sync::Arc;
+use tokio_stream::StreamExt;
 
 fn health_err(e: impl std::fmt::Display) -> Failure {
     Failure {
         code: exit::USAGE,
         message: belay_core::redact_url(&e.to_string()),
     }
-}
-
-/// Pending, failed and drifted migrations, as preflight and postflight report them.
-pub async fn summary(api: &dyn MigrationApi, target: &str) -> Result<MigrationSummary, Failure> {
-    let statuses = api.status(target).await?;
-    let name = |s: &belay_migrate::MigrationStatus| {
-        format!(
-            "{} ({})",
-            s.version.clone().unwrap_or_else(|| "R".into()),
-            s.script
-        )
-    };
-    Ok(MigrationSummary {
-        pending: statuses
-            .iter()
-            .filter(|s| matches!(s.state, State::Pending | State::Undone))
-            .count(),
-        failed: statuses
-            .iter()
-            .filter(|s| s.state == State::Failed)
-            .map(name)
-            .collect(),
-        drift: statuses
-            .iter()
-            .filter(|s| s.state == State::ChecksumMismatch)
-            .map(name)
-            .collect(),
-    })
 }
 
 pub fn render(out: Output, results: &[CheckResult]) {
@@ -68,9 +42,31 @@ pub fn render(out: Output, results: &[CheckResult]) {
     }
 }
 
-/// Runs preflight; `Err` (exit 2) when a check blocks and is not overridden.
+/// The health checker of local mode: the one target at `url`, its backups under
+/// `--backup-dir`, its migration state from `migrations` (the engine over the same target).
+pub fn local_health(
+    migrations: &LocalTargets,
+    target: &str,
+    settings: &Settings,
+    url: Option<&DatabaseUrl>,
+) -> HealthTargets {
+    let facts = belay_guards::MigrationFactsAdapter::new(
+        Arc::new(migrations.clone()),
+        [(target.to_string(), settings.dir.clone())],
+    );
+    HealthTargets::new([(
+        target.to_string(),
+        HealthTarget {
+            url: url.cloned(),
+            backup_dir: Some(settings.backup_dir.clone()),
+        },
+    )])
+    .with_migration_facts(Arc::new(facts))
+}
+
+/// Runs preflight before `migrate`; the caller refuses on a block (`refuse_on_block`).
 pub async fn preflight(
-    api: &dyn MigrationApi,
+    migrations: &LocalTargets,
     target: &str,
     settings: &Settings,
     url: &DatabaseUrl,
@@ -78,23 +74,15 @@ pub async fn preflight(
     reason: Option<&str>,
     include_migration_state: bool,
 ) -> Result<Vec<CheckResult>, Failure> {
-    let ctx = PreflightContext {
-        backup_dir: Some(settings.backup_dir.clone()),
-        expected_backup_bytes: None,
-        migration_summary: if include_migration_state {
-            Some(summary(api, target).await?)
-        } else {
-            None
-        },
+    let options = PreflightOptions {
+        thresholds: settings.thresholds.clone(),
+        overrides: overrides.to_vec(),
+        reason: reason.map(str::to_string),
+        migration_checks: include_migration_state,
     };
-    let mut results = belay_health::preflight_url(url, &ctx, &settings.thresholds)
-        .await
-        .map_err(health_err)?;
-    if !overrides.is_empty() {
-        belay_health::apply_overrides(&mut results, overrides, reason.unwrap_or(""))
-            .map_err(health_err)?;
-    }
-    Ok(results)
+    Ok(local_health(migrations, target, settings, Some(url))
+        .preflight(target, &options)
+        .await?)
 }
 
 fn blocked(results: &[CheckResult], what: &str) -> Failure {
@@ -142,12 +130,13 @@ pub fn refuse_on_block(results: &[CheckResult], what: &str) -> Result<(), Failur
     }
 }
 
+/// `check preflight|postflight` of `target`: the report, then exit 2 when a check blocks
+/// (69 when the database cannot be reached at all).
 pub async fn check(
     command: &CheckCommand,
-    api: &dyn MigrationApi,
+    api: &dyn HealthApi,
     target: &str,
     settings: &Settings,
-    url: &DatabaseUrl,
     out: Output,
 ) -> Result<u8, Failure> {
     let results = match command {
@@ -155,48 +144,17 @@ pub async fn check(
             override_check,
             reason,
         } => {
-            preflight(
-                api,
-                target,
-                settings,
-                url,
-                override_check,
-                reason.as_deref(),
-                true,
-            )
-            .await?
+            let options = PreflightOptions {
+                thresholds: settings.thresholds.clone(),
+                overrides: override_check.clone(),
+                reason: reason.clone(),
+                migration_checks: true,
+            };
+            api.preflight(target, &options).await?
         }
-        CheckCommand::Postflight => {
-            let mut spec: PostflightSpec = settings.postflight.clone();
-            spec.history = Some(summary(api, target).await?);
-            // The verify.sql of every applied migration that has one.
-            let set =
-                belay_migrate::load(&settings.dir).map_err(belay_migrate::MigrateError::from)?;
-            let statuses = api.status(target).await?;
-            for m in &set.migrations {
-                let applied = statuses.iter().any(|s| {
-                    s.version.as_deref() == Some(m.version.as_str()) && s.state == State::Success
-                });
-                if let (true, Some(v)) = (applied, &m.verify) {
-                    spec.verify_scripts
-                        .push(VerifyScript::from((v.path.clone(), v.text.clone())));
-                }
-            }
-            let mut conn = sqlx::PgConnection::connect(url.expose())
-                .await
-                .map_err(|e| Failure {
-                    code: exit::UNAVAILABLE,
-                    message: format!(
-                        "cannot connect to {url}: {}",
-                        belay_core::redact_url(&e.to_string())
-                    ),
-                })?;
-            let results = belay_health::postflight(&mut conn, &spec)
-                .await
-                .map_err(health_err)?;
-            let _ = conn.close().await;
-            results
-        }
+        // The history and verify.sql checks come from wherever the target's migrations
+        // are: this process in local mode, the target's agent in remote mode.
+        CheckCommand::Postflight => api.postflight(target, &settings.postflight).await?,
     };
     render(out, &results);
     if let Some(f) = unreachable(&results) {
@@ -226,25 +184,25 @@ fn parse_expect(s: &str) -> Result<Expectation, Failure> {
     })
 }
 
-fn apply_args(mut spec: ProbeSpec, a: &ProbeArgs) -> Result<ProbeSpec, Failure> {
+fn apply_args(mut probe: TargetProbe, a: &ProbeArgs) -> Result<TargetProbe, Failure> {
     let d = |flag: &str, v: &Option<String>| -> Result<Option<std::time::Duration>, Failure> {
         v.as_deref()
             .map(|v| parse_duration(v).map_err(|e| health_err(format!("--{flag}: {e}"))))
             .transpose()
     };
     if let Some(p) = d("period", &a.period)? {
-        spec.period = p;
+        probe.period = p;
     }
     if let Some(t) = d("timeout", &a.timeout)? {
-        spec.timeout = t;
+        probe.timeout = t;
     }
     if let Some(n) = a.failure_threshold {
-        spec.failure_threshold = n;
+        probe.failure_threshold = n;
     }
     if let Some(n) = a.success_threshold {
-        spec.success_threshold = n;
+        probe.success_threshold = n;
     }
-    Ok(spec)
+    Ok(probe)
 }
 
 pub fn print_event(out: Output, e: &ProbeEvent) {
@@ -254,7 +212,27 @@ pub fn print_event(out: Output, e: &ProbeEvent) {
     }
 }
 
-/// Watches `specs` for `window`; exit 4 with the evidence when one crosses its threshold.
+fn healthy(attempts: u64, out: Output) -> u8 {
+    if out == Output::Text {
+        println!("healthy: {attempts} probe attempt(s), no failure threshold crossed");
+    }
+    0
+}
+
+fn triggered(e: &ProbeEvent) -> Failure {
+    Failure {
+        code: exit::PROBE_FAILED,
+        message: format!(
+            "probe {} crossed its failure threshold ({} consecutive failures): {}",
+            e.probe,
+            e.consecutive_failures,
+            e.summary()
+        ),
+    }
+}
+
+/// Watches `specs` (`[[probes]]` of belay.toml) for `window` after `migrate`; exit 4 with
+/// the evidence when one crosses its threshold.
 pub async fn watch(
     specs: Vec<ProbeSpec>,
     window: std::time::Duration,
@@ -264,30 +242,40 @@ pub async fn watch(
         .await
         .map_err(health_err)?
     {
-        WatchOutcome::Healthy { attempts } => {
-            if out == Output::Text {
-                println!("healthy: {attempts} probe attempt(s), no failure threshold crossed");
-            }
-            Ok(0)
-        }
-        WatchOutcome::Triggered(e) => Err(Failure {
-            code: exit::PROBE_FAILED,
-            message: format!(
-                "probe {} crossed its failure threshold ({} consecutive failures): {}",
-                e.probe,
-                e.consecutive_failures,
-                e.summary()
-            ),
-        }),
+        WatchOutcome::Healthy { attempts } => Ok(healthy(attempts, out)),
+        WatchOutcome::Triggered(e) => Err(triggered(&e)),
     }
 }
 
+/// Prints every event until the window ends (exit 0) or one crosses its threshold (exit
+/// 4); dropping the stream then stops the probe, wherever it runs.
+async fn follow(mut events: ProbeEvents, out: Output) -> Result<u8, Failure> {
+    let mut attempts = 0;
+    while let Some(event) = events.next().await {
+        let event = event?;
+        attempts += 1;
+        print_event(out, &event);
+        if event.triggered {
+            return Err(triggered(&event));
+        }
+    }
+    Ok(healthy(attempts, out))
+}
+
+/// Whether the probe needs the target's database (local mode then needs a URL).
+fn needs_database(command: &ProbeCommand) -> bool {
+    matches!(command, ProbeCommand::Sql { .. })
+}
+
+/// `probe http|sql` of `target`: HTTP probes run where the target's health checker runs
+/// (this process, or the target's agent), SQL probes on the target's database.
 pub async fn probe(
     command: &ProbeCommand,
-    url: Option<&DatabaseUrl>,
+    api: &dyn HealthApi,
+    target: &str,
     out: Output,
 ) -> Result<u8, Failure> {
-    let (spec, args) = match command {
+    let (probe, args) = match command {
         ProbeCommand::Http {
             endpoint,
             expect_status,
@@ -295,8 +283,8 @@ pub async fn probe(
             equals,
             args,
         } => {
-            let mut spec = ProbeSpec::http("http", endpoint.clone());
-            if let belay_health::ProbeKind::Http(h) = &mut spec.kind {
+            let mut probe = TargetProbe::http("http", endpoint.clone());
+            if let ProbeCheck::Http(h) = &mut probe.check {
                 h.expect_status = *expect_status;
                 h.json_pointer.clone_from(json_pointer);
                 h.equals = equals.as_deref().map(|v| {
@@ -304,30 +292,82 @@ pub async fn probe(
                         .unwrap_or_else(|_| serde_json::Value::String(v.to_string()))
                 });
             }
-            (spec, args)
+            (probe, args)
         }
         ProbeCommand::Sql {
             query,
             expect,
             args,
-        } => {
-            let url = url.cloned().ok_or_else(|| {
-                health_err(
-                    "no database URL: set BELAY_DATABASE_URL (or DATABASE_URL) or pass --url-file",
-                )
-            })?;
-            (
-                ProbeSpec::sql("sql", url, query.clone(), parse_expect(expect)?),
-                args,
-            )
-        }
+        } => (
+            TargetProbe::sql("sql", query.clone(), parse_expect(expect)?),
+            args,
+        ),
     };
-    let spec = apply_args(spec, args)?;
-    spec.validate().map_err(health_err)?;
+    let probe = apply_args(probe, args)?;
     // Without --for, probe until the threshold is crossed (or Ctrl-C).
     let window = match &args.r#for {
         Some(v) => parse_duration(v).map_err(|e| health_err(format!("--for: {e}")))?,
         None => std::time::Duration::from_secs(60 * 60 * 24 * 365),
     };
-    watch(vec![spec], window, out).await
+    follow(api.probe(target, &probe, window).await?, out).await
+}
+
+/// `probe` in local mode: HTTP probes need no database; SQL probes run on the URL's.
+pub async fn probe_local(
+    command: &ProbeCommand,
+    settings: &Settings,
+    out: Output,
+) -> Result<u8, Failure> {
+    const TARGET: &str = "local";
+    if needs_database(command) && settings.url.is_none() {
+        return Err(health_err(
+            "no database URL: set BELAY_DATABASE_URL (or DATABASE_URL) or pass --url-file",
+        ));
+    }
+    let api = HealthTargets::new([(
+        TARGET.to_string(),
+        HealthTarget {
+            url: settings.url.clone(),
+            backup_dir: None,
+        },
+    )]);
+    probe(command, &api, TARGET, out).await
+}
+
+/// `locks`, `check` and `probe` in remote mode: through the controller, which routes to
+/// the target's agent; `None` for every other command.
+pub async fn remote(
+    cli: &Cli,
+    url_from_argv: bool,
+    conn: &belay_rpc::Connection,
+    target: &str,
+) -> Option<Result<u8, Failure>> {
+    let out = cli.output;
+    Some(match &cli.command {
+        Command::Locks { args } => {
+            crate::locks_cmd::run(args, &belay_rpc::LockMonitorClient::new(conn), target, out)
+                .await
+        }
+        Command::Check { command } => {
+            // Thresholds, assertions and smoke queries are the caller's (belay.toml);
+            // measuring is the agent's.
+            match crate::settings::resolve(cli, url_from_argv, None) {
+                Ok(settings) => {
+                    check(
+                        command,
+                        &belay_rpc::HealthClient::new(conn),
+                        target,
+                        &settings,
+                        out,
+                    )
+                    .await
+                }
+                Err(e) => Err(crate::usage(e)),
+            }
+        }
+        Command::Probe { command } => {
+            probe(command, &belay_rpc::HealthClient::new(conn), target, out).await
+        }
+        _ => return None,
+    })
 }

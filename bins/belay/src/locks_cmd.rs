@@ -1,11 +1,14 @@
-//! `belay locks`: the live lock monitor (`belay-locks`) rendered as text or JSON.
+//! `belay locks`: the live lock monitor (`belay_locks::LockMonitorApi`, local or remote
+//! alike) rendered as text or JSON.
 
+use crate::Failure;
 use crate::cli::Output;
-use crate::{Failure, exit};
 use belay_core::{DatabaseUrl, parse_duration};
-use belay_locks::{LockNode, LockSnapshot, LocksError, SessionInfo, SnapshotOptions};
+use belay_locks::{
+    LocalLocks, LockMonitorApi, LockNode, LockSnapshot, MonitorOptions, SessionInfo,
+    SnapshotOptions,
+};
 use clap::Args;
-use sqlx::{Connection, PgConnection};
 use std::time::Duration;
 use tokio_stream::StreamExt;
 
@@ -18,6 +21,9 @@ pub struct LocksArgs {
     /// Time between samples with --watch
     #[arg(long, value_name = "DURATION", default_value = "1s")]
     pub period: String,
+    /// With --watch: stop after printing N snapshots [default: until Ctrl-C]
+    #[arg(long, value_name = "N", requires = "watch")]
+    pub count: Option<u64>,
     /// Leave out blocking trees whose longest wait is shorter than this [default: 0, every
     /// tree]
     #[arg(long, value_name = "DURATION")]
@@ -33,19 +39,11 @@ pub struct LocksArgs {
     pub all_databases: bool,
 }
 
-/// `locks` needs a direct connection to the database.
-pub fn remote_unsupported() -> Failure {
-    Failure {
-        code: exit::USAGE,
-        message: "`belay locks` is not yet available in remote mode (--controller): run it in local mode against the database URL".into(),
-    }
-}
-
 fn duration(flag: &str, v: &str) -> Result<Duration, Failure> {
     parse_duration(v).map_err(|e| crate::usage(anyhow::anyhow!("--{flag}: {e}")))
 }
 
-fn options(args: &LocksArgs) -> Result<SnapshotOptions, Failure> {
+fn options(args: &LocksArgs) -> Result<MonitorOptions, Failure> {
     let mut o = SnapshotOptions::default();
     if let Some(v) = &args.min_wait {
         o.min_wait = duration("min-wait", v)?;
@@ -56,89 +54,67 @@ fn options(args: &LocksArgs) -> Result<SnapshotOptions, Failure> {
     if let Some(v) = &args.idle_in_transaction {
         o.idle_in_transaction = duration("idle-in-transaction", v)?;
     }
-    Ok(o)
-}
-
-fn failure(e: &LocksError) -> Failure {
-    Failure {
-        code: if e.is_connection() {
-            exit::UNAVAILABLE
-        } else {
-            exit::SOFTWARE
-        },
-        message: e.to_string(),
-    }
-}
-
-async fn connect(url: &DatabaseUrl) -> Result<PgConnection, Failure> {
-    use std::str::FromStr;
-    let unavailable = |e: sqlx::Error| Failure {
-        code: exit::UNAVAILABLE,
-        message: format!("cannot connect to {}: {e}", url.redacted()),
-    };
-    let opts = sqlx::postgres::PgConnectOptions::from_str(url.expose())
-        .map_err(unavailable)?
-        .application_name(belay_locks::MONITOR_APPLICATION);
-    PgConnection::connect_with(&opts).await.map_err(unavailable)
-}
-
-pub async fn run(args: &LocksArgs, url: &DatabaseUrl, output: Output) -> Result<u8, Failure> {
-    let opts = options(args)?;
     let period = duration("period", &args.period)?;
     if period.is_zero() {
         return Err(crate::usage(anyhow::anyhow!(
             "--period must be greater than zero"
         )));
     }
-    let mut conn = connect(url).await?;
-    let database: Option<String> = if args.all_databases {
-        None
-    } else {
-        Some(
-            sqlx::query_scalar("SELECT current_database()::text")
-                .fetch_one(&mut conn)
-                .await
-                .map_err(|e| Failure {
-                    code: exit::SOFTWARE,
-                    message: format!("cannot read the current database: {e}"),
-                })?,
-        )
-    };
+    if args.count == Some(0) {
+        return Err(crate::usage(anyhow::anyhow!(
+            "--count must be at least 1"
+        )));
+    }
+    Ok(MonitorOptions {
+        snapshot: o,
+        all_databases: args.all_databases,
+        period,
+    })
+}
+
+/// Local mode: the one target at `url`.
+pub async fn run_local(args: &LocksArgs, url: &DatabaseUrl, output: Output) -> Result<u8, Failure> {
+    const TARGET: &str = "local";
+    let api = LocalLocks::new([(TARGET.to_string(), url.clone())]);
+    run(args, &api, TARGET, output).await
+}
+
+pub async fn run(
+    args: &LocksArgs,
+    api: &dyn LockMonitorApi,
+    target: &str,
+    output: Output,
+) -> Result<u8, Failure> {
+    let opts = options(args)?;
     if !args.watch {
-        let snap = belay_locks::snapshot(&mut conn, &opts)
-            .await
-            .map_err(|e| failure(&e))?;
-        let _ = conn.close().await;
-        print(output, &filtered(snap, database.as_deref()), &opts, false);
+        let snap = api.snapshot(target, &opts).await?;
+        print(output, &snap, &opts.snapshot, false);
         return Ok(0);
     }
-    let _ = conn.close().await;
-    let stream = belay_locks::watch(url.clone(), period, opts.clone());
-    tokio::pin!(stream);
+    let mut stream = api.watch(target, &opts).await?;
+    let mut shown = 0;
+    // A stream that ends right after an error ended because of it (a remote monitor lost).
+    let mut last_error = None;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(0),
             next = stream.next() => match next {
-                None => return Ok(0),
-                Some(Ok(snap)) => print(output, &filtered(snap, database.as_deref()), &opts, true),
-                Some(Err(e)) => eprintln!("error: {}", belay_core::redact_url(&e.to_string())),
+                None => return last_error.map_or(Ok(0), |e| Err(Failure::from(e))),
+                Some(Ok(snap)) => {
+                    last_error = None;
+                    print(output, &snap, &opts.snapshot, true);
+                    shown += 1;
+                    if args.count.is_some_and(|n| shown >= n) {
+                        return Ok(0);
+                    }
+                }
+                Some(Err(e)) => {
+                    eprintln!("error: {}", belay_core::redact_url(&e.message));
+                    last_error = Some(e);
+                }
             },
         }
     }
-}
-
-/// Keeps what concerns `database` (`None`: everything): trees with a session in it, and
-/// its long-running and idle-in-transaction sessions. Replication is the server's.
-pub fn filtered(mut s: LockSnapshot, database: Option<&str>) -> LockSnapshot {
-    let Some(db) = database else { return s };
-    fn touches(n: &LockNode, db: &str) -> bool {
-        n.database.as_deref() == Some(db) || n.children.iter().any(|c| touches(c, db))
-    }
-    s.trees.retain(|t| touches(t, db));
-    s.long_running.retain(|x| x.database.as_deref() == Some(db));
-    s.idle_in_transaction
-        .retain(|x| x.database.as_deref() == Some(db));
-    s
 }
 
 fn print(output: Output, s: &LockSnapshot, opts: &SnapshotOptions, watching: bool) {
@@ -408,18 +384,6 @@ mod tests {
         );
         assert!(t.contains("query: SELECT * FROM t"), "{t}");
         assert!(t.contains("replication: no streaming replicas"), "{t}");
-    }
-
-    #[test]
-    fn keeps_trees_of_the_target_database() {
-        let s = snap(vec![
-            node(1, "shop", None, vec![node(2, "shop", Some(10), vec![])]),
-            node(3, "other", None, vec![node(4, "other", Some(10), vec![])]),
-        ]);
-        let f = filtered(s.clone(), Some("shop"));
-        assert_eq!(f.trees.len(), 1);
-        assert_eq!(f.trees[0].pid, 1);
-        assert_eq!(filtered(s, None).trees.len(), 2);
     }
 
     #[test]

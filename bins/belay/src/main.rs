@@ -2,6 +2,7 @@
 //! the migration engine, print. Local mode only for now: the engine runs in-process
 //! against `--url`.
 
+mod backfill_cmd;
 mod backup_cmd;
 mod cli;
 mod health_cmd;
@@ -27,6 +28,10 @@ pub(crate) mod exit {
     pub const PROBE_FAILED: u8 = 4;
     pub const USAGE: u8 = 64;
     pub const DATA: u8 = 65;
+    /// The backup (or other object) does not exist (sysexits EX_NOINPUT).
+    pub const NOT_FOUND: u8 = 66;
+    /// Out of disk space or over the size budget (sysexits EX_CANTCREAT).
+    pub const NO_SPACE: u8 = 73;
     pub const UNAVAILABLE: u8 = 69;
     pub const NOPERM: u8 = 77;
     pub const SOFTWARE: u8 = 70;
@@ -49,6 +54,9 @@ impl From<ApiError> for Failure {
             ErrorKind::Internal => exit::SOFTWARE,
             ErrorKind::UnknownTarget => exit::USAGE,
             ErrorKind::Unauthenticated => exit::NOPERM,
+            ErrorKind::InvalidArgument => exit::USAGE,
+            ErrorKind::NotFound => exit::NOT_FOUND,
+            ErrorKind::OutOfSpace => exit::NO_SPACE,
         };
         Failure {
             code,
@@ -137,8 +145,8 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         let settings = settings::resolve(&cli, url_from_argv, None).map_err(usage)?;
         return lint_cmd::run(paths, *format, &settings.dir, cli.output);
     }
-    if cli.controller.is_some() && matches!(cli.command, Command::Locks { .. }) {
-        return Err(locks_cmd::remote_unsupported());
+    if cli.controller.is_some() && matches!(cli.command, Command::Backfill { .. }) {
+        return Err(backfill_cmd::remote_unsupported());
     }
     if let Some(addr) = cli.controller.clone() {
         let token = read_token(cli.token_file.as_deref())?;
@@ -159,15 +167,26 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             return result;
         }
         let target = remote::remote_target(cli.target.as_deref())?.to_string();
+        if let Command::Backup { command } = &cli.command {
+            let api = belay_rpc::BackupClient::new(&conn);
+            return backup_cmd::run(command, &api, &target, cli.output).await;
+        }
+        if let Some(result) = health_cmd::remote(&cli, url_from_argv, &conn, &target).await {
+            return result;
+        }
         let api = belay_rpc::MigrationClient::new(&conn);
         return execute(&api, &target, cli.command, cli.output).await;
     }
     if let Some(f) = remote::needs_controller(&cli.command) {
         return Err(f);
     }
+    // Backfills need no migrations directory: handled before the files are loaded.
+    if let Command::Backfill { args } = &cli.command {
+        return backfill_cmd::run(&cli, args, url_from_argv).await;
+    }
     let settings = settings::resolve(&cli, url_from_argv, exec_args).map_err(usage)?;
     if let Command::Probe { command } = &cli.command {
-        return health_cmd::probe(command, settings.url.as_ref(), cli.output).await;
+        return health_cmd::probe_local(command, &settings, cli.output).await;
     }
     if settings.url_from_argv_with_password {
         eprintln!(
@@ -180,10 +199,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         ))
     })?;
     if let Command::Backup { command } = &cli.command {
-        return backup_cmd::run(command, &settings, &url, cli.output).await;
+        let api = backup_cmd::local(&settings, &url);
+        let target = backup_cmd::target_name(&url);
+        return backup_cmd::run(command, &api, &target, cli.output).await;
     }
     if let Command::Locks { args } = &cli.command {
-        return locks_cmd::run(args, &url, cli.output).await;
+        return locks_cmd::run_local(args, &url, cli.output).await;
     }
     // Files are checked before anything else touches the database.
     let set = belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
@@ -198,8 +219,17 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         Some(hook) => api.with_backup_hook(LOCAL_TARGET, hook),
         None => api,
     };
+    let api = if settings.lock_guard {
+        api.with_lock_guard(
+            LOCAL_TARGET,
+            Arc::new(belay_guards::LockGuardAdapter::new(url.clone())),
+        )
+    } else {
+        api
+    };
     if let Command::Check { command } = &cli.command {
-        return health_cmd::check(command, &api, LOCAL_TARGET, &settings, &url, cli.output).await;
+        let health = health_cmd::local_health(&api, LOCAL_TARGET, &settings, Some(&url));
+        return health_cmd::check(command, &health, LOCAL_TARGET, &settings, cli.output).await;
     }
     if let Command::Plan { sql: false, target } = &cli.command {
         return lint_cmd::plan(&api, LOCAL_TARGET, &set, target, cli.output).await;
@@ -208,6 +238,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         lint_cmd::gate(&api, LOCAL_TARGET, &set, target, checks.no_lint).await?;
     }
     let mut watch = None;
+    let mut overridden = Vec::new();
     if let Command::Migrate { checks, .. } = &cli.command {
         if checks.no_preflight {
             eprintln!("warning: --no-preflight: migrating without the preflight checklist");
@@ -239,6 +270,10 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
                     r.name,
                     checks.reason.as_deref().unwrap_or("")
                 );
+                overridden.push(belay_migrate::CheckOverride {
+                    check: r.name.clone(),
+                    reason: r.overridden.clone().unwrap_or_default(),
+                });
             }
             health_cmd::refuse_on_block(&results, "migrate refused: preflight")?;
         }
@@ -253,6 +288,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             watch = Some(window);
         }
     }
+    // Every history row of the run records the checks the operator overrode.
+    let api = if overridden.is_empty() {
+        api
+    } else {
+        api.with_overrides(LOCAL_TARGET, overridden)
+    };
     let code = execute(&api, LOCAL_TARGET, cli.command, cli.output).await?;
     if let Some(window) = watch {
         println!(
@@ -337,20 +378,18 @@ async fn execute(
             render::repair(out, &actions);
             Ok(0)
         }
-        Command::Backup { .. } => {
-            Err(backup_cmd::remote_unsupported(&command).unwrap_or(Failure {
-                code: exit::USAGE,
-                message: "backup commands run in local mode".into(),
-            }))
-        }
-        Command::Locks { .. } => Err(locks_cmd::remote_unsupported()),
+        Command::Backup { .. } => Err(Failure {
+            code: exit::SOFTWARE,
+            message: "backup commands go through the backup API, not the migration API".into(),
+        }),
+        Command::Backfill { .. } => Err(backfill_cmd::remote_unsupported()),
         Command::Lint { .. } => Err(Failure {
             code: exit::USAGE,
             message: "lint reads local files; it does not go through the migration API".into(),
         }),
-        Command::Check { .. } | Command::Probe { .. } => Err(Failure {
+        Command::Locks { .. } | Command::Check { .. } | Command::Probe { .. } => Err(Failure {
             code: exit::USAGE,
-            message: "check and probe run in local mode for now: drop --controller".into(),
+            message: "locks, check and probe go through the lock monitor and health APIs, not the migration API".into(),
         }),
         Command::Deploy { .. } | Command::Deployments { .. } | Command::Agents => {
             Err(remote::needs_controller(&command).unwrap_or(Failure {

@@ -45,6 +45,10 @@ pub struct FileExec {
     pub statement_timeout: Option<String>,
     pub concurrent_lock_timeout: Option<String>,
     pub runner_wait: Option<String>,
+    /// The lock guard's budget (`--max-blocking`).
+    pub max_blocking: Option<String>,
+    /// `false` runs without the lock guard (`--no-lock-guard`).
+    pub lock_guard: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -53,6 +57,8 @@ pub struct Settings {
     pub url_from_argv_with_password: bool,
     pub dir: PathBuf,
     pub exec: ExecConfig,
+    /// Whether `migrate` and `undo` run under the lock guard (with `exec.max_blocking`).
+    pub lock_guard: bool,
     pub backup_dir: PathBuf,
     pub backup: Option<crate::backup_cmd::BackupMode>,
     pub thresholds: belay_health::Thresholds,
@@ -147,6 +153,15 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
     if let Some(v) = ea.runner_wait.as_ref().or(fe.runner_wait.as_ref()) {
         exec.runner_wait = duration("runner-wait", v)?;
     }
+    if let Some(v) = ea.max_blocking.as_ref().or(fe.max_blocking.as_ref()) {
+        exec.max_blocking = duration("max-blocking", v)?;
+        if exec.max_blocking.is_zero() {
+            bail!(
+                "--max-blocking must be greater than zero (it would cancel a migration the moment anything queued behind it); use --no-lock-guard to run without the guard"
+            );
+        }
+    }
+    let lock_guard = !ea.no_lock_guard && fe.lock_guard.unwrap_or(true);
     belay_history::History::new(&exec.history_schema).map_err(|e| anyhow!("{e}"))?;
     let backup_dir = cli
         .backup_dir
@@ -166,6 +181,7 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
         probes: file.probes,
         backup_dir,
         backup: file.backup,
+        lock_guard,
         url,
         url_from_argv_with_password,
         dir: cli

@@ -388,7 +388,117 @@ fn a_failing_backup_refuses_the_migration_with_nothing_applied() {
 }
 
 #[test]
-fn backup_commands_are_local_only_for_now() {
+fn prune_keeps_the_backup_of_an_unfinished_deployment_until_it_is_repaired() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        ("V1__t.sql", "CREATE TABLE t (id int);"),
+        ("V2__boom.sql", "-- belay:no-transaction\nSELECT 1/0;"),
+    ]);
+    let r = belay_b(&db.url, dir.path(), b.path(), &["migrate"]);
+    assert_eq!(r.code, 1, "V2 fails: {r:?}");
+    let ids = history_backup_ids(&db.url, "SQL");
+    assert_eq!(
+        ids.len(),
+        2,
+        "V1 success and V2 failed, both with the backup: {ids:?}"
+    );
+    let pre = ids[0].clone();
+    let deployment = psql(
+        &db.url,
+        "SELECT DISTINCT deployment_id FROM belay.schema_history",
+    );
+    // Two newer verified backups: retention alone, keeping none, would delete `pre`.
+    let c1 = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "create", "--output", "json"],
+    )
+    .json()["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    belay_b_ok(&db.url, dir.path(), b.path(), &["backup", "create"]);
+
+    let p = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "prune", "--keep", "0", "--output", "json"],
+    )
+    .json();
+    let deleted: Vec<&str> = p["deleted"]
+        .as_array()
+        .expect("deleted")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(deleted, [c1.as_str()], "{p}");
+    let kept = p["kept"]
+        .as_array()
+        .expect("kept")
+        .iter()
+        .find(|k| k["id"] == pre.as_str())
+        .unwrap_or_else(|| panic!("the pre-deployment backup is kept: {p}"));
+    assert_eq!(kept["reason"], "protected", "{p}");
+    let note = kept["note"].as_str().expect("a note says why");
+    assert!(
+        note.contains(&deployment) && note.contains("V2__boom.sql is failed"),
+        "{note}"
+    );
+    // The text says why too.
+    let t = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "prune", "--keep", "0", "--dry-run"],
+    );
+    assert!(
+        t.stdout
+            .contains(&format!("kept {pre} (protected: deployment {deployment}")),
+        "{t:?}"
+    );
+    assert!(
+        list(&db.url, dir.path(), b.path())
+            .iter()
+            .any(|e| e["id"] == pre.as_str())
+    );
+
+    // Once repaired, the deployment is settled and its backup is ordinary again.
+    belay_b_ok(&db.url, dir.path(), b.path(), &["repair"]);
+    let p = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["backup", "prune", "--keep", "0", "--output", "json"],
+    )
+    .json();
+    assert_eq!(p["deleted"][0]["id"], pre.as_str(), "{p}");
+    assert_eq!(list(&db.url, dir.path(), b.path()).len(), 1);
+}
+
+#[test]
+fn prune_refuses_without_the_history_rather_than_delete_blind() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[]);
+    belay_b_ok(&db.url, dir.path(), b.path(), &["backup", "create"]);
+    // The same catalog, but the database is unreachable now.
+    let name = psql(&db.url, "SELECT current_database()");
+    let gone = format!("postgres://nobody@127.0.0.1:1/{name}");
+    let r = belay_b(
+        &gone,
+        dir.path(),
+        b.path(),
+        &["backup", "prune", "--keep", "0"],
+    );
+    assert_eq!(r.code, 69, "{r:?}");
+    assert_eq!(list(&db.url, dir.path(), b.path()).len(), 1);
+}
+
+#[test]
+fn remote_backup_commands_go_to_the_controller_and_backup_flags_stay_local() {
     let db = db();
     let dir = migrations(&[]);
     let r = belay(
@@ -403,15 +513,16 @@ fn backup_commands_are_local_only_for_now() {
             "list",
         ],
     );
-    assert_eq!(r.code, 64, "{r:?}");
-    assert!(
-        r.stderr.contains("not yet available in remote mode"),
-        "{r:?}"
-    );
+    assert_eq!(r.code, 69, "{r:?}");
+    assert!(r.stderr.contains("controller at 127.0.0.1:1"), "{r:?}");
     let r = belay(
         &db.url,
         dir.path(),
         &["--controller", "127.0.0.1:1", "migrate", "--backup", "none"],
     );
     assert_eq!(r.code, 64, "{r:?}");
+    assert!(
+        r.stderr.contains("not yet available in remote mode"),
+        "{r:?}"
+    );
 }

@@ -157,6 +157,7 @@ impl Catalog {
                 Some(reason) => report.kept.push(KeptBackup {
                     id: entry.id,
                     reason,
+                    note: None,
                 }),
                 None => {
                     if !dry_run {
@@ -240,21 +241,7 @@ enum Slot {
 }
 
 fn entry(m: Manifest, path: PathBuf) -> CatalogEntry {
-    CatalogEntry {
-        size: m.total_size(),
-        id: m.id,
-        target: m.target,
-        label: m.label,
-        created_at: m.created_at,
-        format: m.format,
-        scope: m.scope,
-        schema_version: m.schema_version,
-        verified: m.verified,
-        verified_at: m.verified_at,
-        restore_tested: m.restore_tested,
-        files: m.files,
-        path,
-    }
+    CatalogEntry::from_manifest(m, path)
 }
 
 fn remove_backup_dir(path: &Path) -> Result<(), BackupError> {

@@ -277,6 +277,7 @@ impl BackupManager {
             verified: false,
             verified_at: None,
             restore_tested: false,
+            deployment_id: req.deployment_id,
         };
         write_manifest(&partial, &manifest).map_err(|e| match e {
             BackupError::Io {

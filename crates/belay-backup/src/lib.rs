@@ -11,7 +11,11 @@
 //! Layout: `<root>/<target>/<id>/` holds the dump (`dump.pgdump`, or `dump/` for the
 //! directory format) and `manifest.json`, written last. [`BackupManager`] is the entry point
 //! (one per process, cheap to clone); [`Catalog`] reads and prunes a target's backups.
+//! [`BackupApi`] is the capability as every caller sees it (in-process [`LocalBackups`],
+//! or over gRPC in `belay-rpc`); its prune never deletes the backup an unfinished
+//! deployment may need.
 
+mod api;
 mod catalog;
 mod create;
 mod db;
@@ -26,6 +30,7 @@ mod verify;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use api::{BackupApi, LocalBackups, ProgressSink, PruneRequest};
 pub use catalog::{Catalog, new_id, validate_name};
 pub use error::{BackupError, ErrorKind};
 pub use model::{
@@ -110,6 +115,11 @@ impl BackupManager {
         self
     }
 
+    /// Schema of the history table this manager reads (default `belay`).
+    pub fn history_schema(&self) -> &str {
+        &self.history_schema
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -147,6 +157,7 @@ impl BackupManager {
             format: BackupFormat::Custom,
             scope: BackupScope::Tables(tables.to_vec()),
             label: Some(reason.to_owned()),
+            deployment_id: None,
         };
         let manifest = self.create(url, target, &req, &|_| {}).await?;
         let report = self.verify(target, &manifest.id, None).await?;

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// The archive format `pg_dump` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +64,10 @@ pub struct BackupRequest {
     pub scope: BackupScope,
     /// Free text shown in listings: "before deployment 7f3…", "undo of V12 drops orders.note".
     pub label: Option<String>,
+    /// The deployment (run) this backup precedes: retention keeps it while that deployment
+    /// is unfinished, and the controller's mirror answers "which backup precedes it".
+    #[serde(default)]
+    pub deployment_id: Option<Uuid>,
 }
 
 impl Default for BackupRequest {
@@ -71,6 +76,7 @@ impl Default for BackupRequest {
             format: BackupFormat::Custom,
             scope: BackupScope::Full,
             label: None,
+            deployment_id: None,
         }
     }
 }
@@ -130,6 +136,9 @@ pub struct Manifest {
     /// Whether the last successful verification included a restore into a scratch database.
     #[serde(default)]
     pub restore_tested: bool,
+    /// The deployment this backup was taken before, if any (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<Uuid>,
 }
 
 impl Manifest {
@@ -153,8 +162,33 @@ pub struct CatalogEntry {
     pub restore_tested: bool,
     pub size: u64,
     pub files: Vec<FileEntry>,
-    /// The backup's directory.
+    /// The deployment this backup was taken before, if any.
+    #[serde(default)]
+    pub deployment_id: Option<Uuid>,
+    /// The backup's directory (on the host holding the catalog).
     pub path: std::path::PathBuf,
+}
+
+impl CatalogEntry {
+    /// The catalog's view of a manifest, its backup in `path`.
+    pub fn from_manifest(m: Manifest, path: std::path::PathBuf) -> CatalogEntry {
+        CatalogEntry {
+            size: m.total_size(),
+            id: m.id,
+            target: m.target,
+            label: m.label,
+            created_at: m.created_at,
+            format: m.format,
+            scope: m.scope,
+            schema_version: m.schema_version,
+            verified: m.verified,
+            verified_at: m.verified_at,
+            restore_tested: m.restore_tested,
+            files: m.files,
+            deployment_id: m.deployment_id,
+            path,
+        }
+    }
 }
 
 /// Something wrong with a backup, found by verification.
@@ -261,6 +295,9 @@ pub struct PruneReport {
 pub struct KeptBackup {
     pub id: String,
     pub reason: KeepReason,
+    /// Why it is protected, in words (e.g. which unfinished deployment it precedes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

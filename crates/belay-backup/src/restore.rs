@@ -265,6 +265,7 @@ impl BackupManager {
             format: BackupFormat::Custom,
             scope,
             label: Some(format!("emergency backup before restoring {id}")),
+            deployment_id: None,
         };
         let manifest = self.create(url, target, &req, &|_| {}).await?;
         let report = self.verify(target, &manifest.id, None).await?;

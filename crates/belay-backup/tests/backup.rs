@@ -86,6 +86,7 @@ async fn roundtrip(format: BackupFormat) {
         format,
         scope: BackupScope::Full,
         label: Some("roundtrip".into()),
+        deployment_id: None,
     };
     let manifest = mgr
         .create(&url, "shop", &req, &|p| events.lock().unwrap().push(p))

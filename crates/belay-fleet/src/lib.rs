@@ -4,8 +4,10 @@
 //! or of the controller). It owns no storage (that is `belay-store`) and never connects
 //! to a target database: every database action goes through the owning agent.
 
+mod backup;
 mod deploy;
 pub mod grpc;
+mod monitor;
 pub mod waves;
 
 pub use deploy::DeploySpec;
@@ -205,12 +207,22 @@ impl Fleet {
         Ok(conn)
     }
 
-    /// The client for the agent owning `target`, refusing early when the agent is known
-    /// to be down.
+    /// The migration client for the agent owning `target`, refusing early when the agent
+    /// is known to be down.
     pub(crate) async fn client_for(
         &self,
         target: &str,
     ) -> Result<(MigrationClient, AgentRecord), ApiError> {
+        let (conn, agent) = self.connection_for(target).await?;
+        Ok((MigrationClient::new(&conn), agent))
+    }
+
+    /// The connection to the agent owning `target`, for any service's client, refusing
+    /// early when the agent is known to be down.
+    pub async fn connection_for(
+        &self,
+        target: &str,
+    ) -> Result<(Connection, AgentRecord), ApiError> {
         let t = self
             .store
             .target(target)
@@ -251,7 +263,7 @@ impl Fleet {
                 ),
             ));
         }
-        Ok((MigrationClient::new(&self.connection(&agent)?), agent))
+        Ok((self.connection(&agent)?, agent))
     }
 
     /// Records an agent and its targets; then settles deployments its absence left

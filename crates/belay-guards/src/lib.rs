@@ -1,9 +1,16 @@
 //! Adapters that plug capability crates into the executor's hooks, so `belay-migrate`
-//! needs no backup (or, next, lock-guard) code and the capability crates need no
-//! executor code: [`BackupGuard`] implements `belay_migrate::BackupHook` over
-//! `belay-backup`. The CLI and the agent wire it the same way. It holds no policy beyond
-//! choosing what to back up from the run's context, and prints nothing itself: callers
-//! pass `notify` and `progress` callbacks.
+//! needs no backup or lock-monitoring code and the capability crates need no executor
+//! code: [`BackupGuard`] implements `belay_migrate::BackupHook` over `belay-backup`;
+//! [`LockGuardAdapter`] implements `belay_migrate::LockGuardHook` over `belay-locks`. The
+//! CLI and the agent wire them the same way. They hold no policy beyond choosing what to
+//! back up from the run's context (the guard's budget comes from the executor's
+//! config), and print nothing themselves: callers pass `notify` and `progress` callbacks.
+
+mod health;
+mod lock_guard;
+
+pub use health::{MigrationFactsAdapter, summarize};
+pub use lock_guard::LockGuardAdapter;
 
 use belay_backup::{
     BackupError, BackupFormat, BackupManager, BackupRequest, BackupScope, Progress,
@@ -87,12 +94,20 @@ impl BackupGuard {
         self
     }
 
-    /// Creates and verifies a backup of `scope`; an unverifiable backup is a failure.
-    async fn take(&self, scope: BackupScope, label: String) -> Result<BackupTaken, ApiError> {
+    /// Creates and verifies a backup of `scope`; an unverifiable backup is a failure. The
+    /// run's deployment id goes into the manifest, so retention keeps the backup while
+    /// that deployment is unfinished.
+    async fn take(
+        &self,
+        scope: BackupScope,
+        label: String,
+        ctx: &BackupContext,
+    ) -> Result<BackupTaken, ApiError> {
         let req = BackupRequest {
             format: BackupFormat::Custom,
             scope,
             label: Some(label),
+            deployment_id: Some(ctx.deployment_id),
         };
         let progress = self.progress.clone();
         let report_progress = move |p: Progress| progress(p);
@@ -145,7 +160,7 @@ impl BackupHook for BackupGuard {
             }
             BackupMode::Tables => BackupScope::Tables(ctx.tables.clone()),
         };
-        self.take(scope, label).await.map(Some)
+        self.take(scope, label, ctx).await.map(Some)
     }
 
     async fn before_undo(
@@ -178,6 +193,6 @@ impl BackupHook for BackupGuard {
                 }));
             }
         };
-        self.take(scope, reason.to_string()).await.map(Some)
+        self.take(scope, reason.to_string(), ctx).await.map(Some)
     }
 }

@@ -12,7 +12,11 @@
 //! - [`run_probe`] / [`watch`]: a stream of [`ProbeEvent`]s driven by the pure
 //!   [`ProbeMachine`]; an event with `triggered: true` is the one a rollback controller
 //!   acts on.
+//! - [`HealthApi`]: preflight, postflight and probes of a named target, as every caller
+//!   sees them (in-process: [`HealthTargets`]; over gRPC and through the controller:
+//!   `belay-rpc`).
 
+mod api;
 mod check;
 mod disk;
 mod error;
@@ -21,6 +25,10 @@ mod preflight;
 mod probe;
 mod units;
 
+pub use api::{
+    HealthApi, HealthTarget, HealthTargets, MigrationFacts, PreflightOptions, ProbeCheck,
+    ProbeEvents, TargetProbe,
+};
 pub use check::{CheckResult, CheckStatus, Severity, any_blocks, apply_overrides};
 pub use disk::{DiskSpace, disk_space};
 pub use error::HealthError;

@@ -127,6 +127,12 @@ pub struct HistoryRow {
     pub retries: i32,
     pub state: RowState,
     pub error: Option<String>,
+    /// How many times the lock guard cancelled this migration's statement because the
+    /// application queued behind it past the budget (0 on rows written before the column).
+    pub lock_trips: i32,
+    /// What else is worth knowing about this run of the migration (allowed lint findings,
+    /// overridden preflight checks, lock guard trips); `None` when there is nothing to say.
+    pub notes: Option<serde_json::Value>,
 }
 
 /// A row to write. `installed_rank`, `installed_by` and `installed_on` come from the database.
@@ -144,6 +150,33 @@ pub struct NewRow {
     pub retries: i32,
     pub state: RowState,
     pub error: Option<String>,
+    pub lock_trips: i32,
+    /// A JSON object, or `None` (stored as SQL NULL) when there is nothing to say.
+    pub notes: Option<serde_json::Value>,
+}
+
+/// Columns added after the table's first release: (name, definition). `ensure` adds the
+/// missing ones to an existing table; reads fill in their defaults when they are absent, so
+/// read-only commands work on a table an older belay created.
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("lock_trips", "integer NOT NULL DEFAULT 0"),
+    ("notes", "jsonb"),
+];
+
+/// `notes` as jsonb accepts it: PostgreSQL text cannot hold NUL, and jsonb rejects the
+/// `\u0000` escape serde_json would write for one, so NULs are dropped from every string.
+fn storable_notes(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.contains('\0') => Value::String(s.replace('\0', "")),
+        Value::Array(a) => Value::Array(a.iter().map(storable_notes).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (k.replace('\0', ""), storable_notes(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 /// Handle on one database's history table. Cheap to clone; holds no connection.
@@ -208,7 +241,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     lock_wait_ms   bigint      NOT NULL DEFAULT 0,
     retries        integer     NOT NULL DEFAULT 0,
     state          text        NOT NULL CHECK (state IN ('running', 'success', 'failed', 'repaired')),
-    error          text
+    error          text,
+    lock_trips     integer     NOT NULL DEFAULT 0,
+    notes          jsonb
 );
 CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
             schema = self.schema,
@@ -219,12 +254,42 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
 
     /// Whether the table exists, without creating it (read-only commands must not write).
     pub async fn exists(&self, conn: &mut PgConnection) -> Result<bool, HistoryError> {
-        let row = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
-            .bind(&self.qualified)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| self.err(e))?;
-        row.try_get::<bool, _>(0).map_err(|e| self.err(e))
+        Ok(self.columns(conn).await?.is_some())
+    }
+
+    /// The table's columns, or `None` when it does not exist: one round trip, so the reads
+    /// can adapt to a table an older belay created without costing an extra query.
+    async fn columns(&self, conn: &mut PgConnection) -> Result<Option<Vec<String>>, HistoryError> {
+        let row = sqlx::query(
+            "SELECT to_regclass($1) IS NOT NULL, \
+                    coalesce((SELECT array_agg(attname::text) FROM pg_attribute \
+                              WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped), '{}')",
+        )
+        .bind(&self.qualified)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| self.err(e))?;
+        let exists: bool = row.try_get(0).map_err(|e| self.err(e))?;
+        let columns: Vec<String> = row.try_get(1).map_err(|e| self.err(e))?;
+        Ok(exists.then_some(columns))
+    }
+
+    /// `ALTER TABLE` adding the columns `columns` lacks, or `None` when it has them all.
+    fn upgrade_sql(&self, columns: &[String]) -> Option<String> {
+        let missing: Vec<String> = ADDED_COLUMNS
+            .iter()
+            .filter(|(name, _)| !columns.iter().any(|c| c == name))
+            .map(|(name, def)| format!("ADD COLUMN IF NOT EXISTS {name} {def}"))
+            .collect();
+        (!missing.is_empty()).then(|| {
+            // Bounded like every lock belay takes; the table is belay's own, so the wait
+            // can only be a monitoring query reading it.
+            format!(
+                "SET LOCAL lock_timeout = '10s'; ALTER TABLE {} {}",
+                self.qualified,
+                missing.join(", ")
+            )
+        })
     }
 
     /// Creates schema and table if missing. Callers hold the runner lock, so two runners
@@ -239,8 +304,18 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
         &self,
         conn: &mut PgConnection,
     ) -> Result<Vec<HistoryRow>, HistoryError> {
-        if self.exists(conn).await? {
-            return self.fetch_rows(conn).await;
+        if let Some(columns) = self.columns(conn).await? {
+            if let Some(upgrade) = self.upgrade_sql(&columns) {
+                tracing::info!(table = %self.table_name(), "adding the history columns this belay records");
+                // Two statements in one query: one implicit transaction, so SET LOCAL
+                // holds for the ALTER and nothing outlives a failure.
+                sqlx::raw_sql(sqlx::AssertSqlSafe(upgrade))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                return self.fetch_rows(conn, &[]).await;
+            }
+            return self.fetch_rows(conn, &columns).await;
         }
         // One multi-statement query runs as one implicit transaction: all or nothing.
         sqlx::raw_sql(sqlx::AssertSqlSafe(self.create_sql()))
@@ -252,17 +327,26 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
 
     /// All rows in rank order; empty when the table does not exist yet.
     pub async fn rows(&self, conn: &mut PgConnection) -> Result<Vec<HistoryRow>, HistoryError> {
-        if !self.exists(conn).await? {
-            return Ok(Vec::new());
+        match self.columns(conn).await? {
+            Some(columns) => self.fetch_rows(conn, &columns).await,
+            None => Ok(Vec::new()),
         }
-        self.fetch_rows(conn).await
     }
 
-    async fn fetch_rows(&self, conn: &mut PgConnection) -> Result<Vec<HistoryRow>, HistoryError> {
+    /// Reads every row. `columns` are the table's columns (empty: all known to exist); a
+    /// column added since the table was created reads as its default until `ensure` adds it.
+    async fn fetch_rows(
+        &self,
+        conn: &mut PgConnection,
+        columns: &[String],
+    ) -> Result<Vec<HistoryRow>, HistoryError> {
+        let has = |c: &str| columns.is_empty() || columns.iter().any(|x| x == c);
         let sql = format!(
             "SELECT installed_rank, version, description, type, script, checksum, installed_by, \
              installed_on, execution_time, success, deployment_id, backup_id, lock_wait_ms, \
-             retries, state, error FROM {} ORDER BY installed_rank",
+             retries, state, error, {} AS lock_trips, {} AS notes FROM {} ORDER BY installed_rank",
+            if has("lock_trips") { "lock_trips" } else { "0" },
+            if has("notes") { "notes" } else { "NULL::jsonb" },
             self.qualified
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -302,6 +386,8 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
             state: RowState::parse(&state_text)
                 .ok_or_else(|| unknown("state", state_text.clone()))?,
             error: r.try_get("error").map_err(e)?,
+            lock_trips: r.try_get("lock_trips").map_err(e)?,
+            notes: r.try_get("notes").map_err(e)?,
         })
     }
 
@@ -310,8 +396,8 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
     pub async fn insert(&self, conn: &mut PgConnection, row: &NewRow) -> Result<i32, HistoryError> {
         let sql = format!(
             "INSERT INTO {} (version, description, type, script, checksum, execution_time, \
-             success, deployment_id, backup_id, lock_wait_ms, retries, state, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING installed_rank",
+             success, deployment_id, backup_id, lock_wait_ms, retries, state, error, lock_trips, notes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING installed_rank",
             self.qualified
         );
         let r = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -328,6 +414,8 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
             .bind(row.retries)
             .bind(row.state.as_str())
             .bind(&row.error)
+            .bind(row.lock_trips)
+            .bind(row.notes.as_ref().map(|n| sqlx::types::Json(storable_notes(n))))
             .fetch_one(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
@@ -347,8 +435,8 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
         }
         format!(
             "INSERT INTO {} (version, description, type, script, checksum, execution_time, \
-             success, deployment_id, backup_id, lock_wait_ms, retries, state, error) \
-             VALUES ({}, {}, '{}', {}, {}, {}, {}, {}, {}, {}, {}, '{}', {})",
+             success, deployment_id, backup_id, lock_wait_ms, retries, state, error, lock_trips, notes) \
+             VALUES ({}, {}, '{}', {}, {}, {}, {}, {}, {}, {}, {}, '{}', {}, {}, {})",
             self.qualified,
             lit(row.version.as_deref()),
             lit(Some(&row.description)),
@@ -364,6 +452,13 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
             row.retries,
             row.state.as_str(),
             lit(row.error.as_deref()),
+            row.lock_trips,
+            // JSON text in an E'' literal: its backslashes and quotes escaped like any
+            // other string, then cast.
+            match &row.notes {
+                Some(n) => format!("{}::jsonb", lit(Some(&storable_notes(n).to_string()))),
+                None => "NULL".to_string(),
+            },
         )
     }
 
@@ -376,7 +471,7 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
     ) -> Result<(), HistoryError> {
         let sql = format!(
             "UPDATE {} SET state = $2, success = $3, execution_time = $4, lock_wait_ms = $5, \
-             retries = $6, error = $7 WHERE installed_rank = $1",
+             retries = $6, error = $7, lock_trips = $8, notes = $9 WHERE installed_rank = $1",
             self.qualified
         );
         sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -387,6 +482,13 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
             .bind(outcome.lock_wait_ms)
             .bind(outcome.retries)
             .bind(&outcome.error)
+            .bind(outcome.lock_trips)
+            .bind(
+                outcome
+                    .notes
+                    .as_ref()
+                    .map(|n| sqlx::types::Json(storable_notes(n))),
+            )
             .execute(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
@@ -441,6 +543,9 @@ pub struct Outcome {
     pub lock_wait_ms: i64,
     pub retries: i32,
     pub error: Option<String>,
+    pub lock_trips: i32,
+    /// Replaces the row's notes (the runner writes them whole).
+    pub notes: Option<serde_json::Value>,
 }
 
 #[cfg(test)]
@@ -455,6 +560,118 @@ mod tests {
         for bad in ["", "1abc", "a-b", "a\"b", "a b", &"x".repeat(64)] {
             assert!(History::new(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Notes with everything that could break a literal: quotes, backslashes, JSON escapes,
+    /// a newline, non-ASCII and a NUL (which jsonb cannot store).
+    fn tricky_notes() -> serde_json::Value {
+        serde_json::json!({
+            "allowed_lint": { "rename-column": "it's \\ \"fine\"\n\\u0041 é \u{0}" },
+            "overrides": [{ "check": "long_queries", "reason": "O'Brien said so; E'\\x'" }],
+        })
+    }
+
+    fn tricky_notes_stored() -> serde_json::Value {
+        serde_json::json!({
+            "allowed_lint": { "rename-column": "it's \\ \"fine\"\n\\u0041 é " },
+            "overrides": [{ "check": "long_queries", "reason": "O'Brien said so; E'\\x'" }],
+        })
+    }
+
+    #[tokio::test]
+    async fn a_table_from_before_lock_trips_and_notes_gains_them() {
+        let db = belay_testkit::Cluster::shared()
+            .create_database()
+            .await
+            .unwrap();
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        // The table as belay created it before the columns existed, with a row in it.
+        sqlx::raw_sql(
+            r#"CREATE SCHEMA belay;
+CREATE TABLE belay.schema_history (
+    installed_rank integer GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    version text, description text NOT NULL, type text NOT NULL, script text NOT NULL,
+    checksum text, installed_by text NOT NULL DEFAULT current_user,
+    installed_on timestamptz NOT NULL DEFAULT now(), execution_time integer NOT NULL DEFAULT 0,
+    success boolean NOT NULL, deployment_id uuid, backup_id text,
+    lock_wait_ms bigint NOT NULL DEFAULT 0, retries integer NOT NULL DEFAULT 0,
+    state text NOT NULL, error text);
+INSERT INTO belay.schema_history (version, description, type, script, success, state)
+VALUES ('1', 'old', 'SQL', 'V1__old.sql', true, 'success');"#,
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let h = History::new("belay").unwrap();
+        // Read-only commands read it as it is, without altering it.
+        let rows = h.rows(&mut conn).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].lock_trips, rows[0].notes.clone()), (0, None));
+        const ADDED: &str = "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = 'belay' AND table_name = 'schema_history' \
+               AND column_name IN ('lock_trips', 'notes') ORDER BY 1";
+        assert!(
+            sqlx::query_scalar::<_, String>(ADDED)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // The runner's ensure adds them; the old row keeps its values and gets defaults.
+        let rows = h.ensure_and_read(&mut conn).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].script, "V1__old.sql");
+        assert_eq!(
+            sqlx::query_scalar::<_, String>(ADDED)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap(),
+            vec!["lock_trips", "notes"]
+        );
+        let not_null: String = sqlx::query_scalar(
+            "SELECT is_nullable::text FROM information_schema.columns \
+             WHERE table_schema = 'belay' AND table_name = 'schema_history' AND column_name = 'lock_trips'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(not_null, "NO");
+        // New rows carry them; ensuring again changes nothing.
+        h.ensure(&mut conn).await.unwrap();
+        let mut row = NewRow {
+            version: Some("2".into()),
+            description: "new".into(),
+            entry_type: EntryType::Sql,
+            script: "V2__new.sql".into(),
+            checksum: None,
+            execution_time_ms: 1,
+            deployment_id: None,
+            backup_id: None,
+            lock_wait_ms: 0,
+            retries: 0,
+            state: RowState::Success,
+            error: None,
+            lock_trips: 3,
+            notes: Some(serde_json::json!({ "lock_guard_trips": [] })),
+        };
+        h.insert(&mut conn, &row).await.unwrap();
+        row.notes = None;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(h.insert_statement(&row)))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let rows = h.rows(&mut conn).await.unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[1].lock_trips, 3);
+        assert_eq!(rows[1].notes, Some(serde_json::json!({ "lock_guard_trips": [] })));
+        assert_eq!(rows[2].notes, None, "no notes is SQL NULL, not a JSON null");
+        let sql_null: bool = sqlx::query_scalar(
+            "SELECT notes IS NULL FROM belay.schema_history ORDER BY installed_rank DESC LIMIT 1",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(sql_null);
     }
 
     #[tokio::test]
@@ -488,6 +705,8 @@ mod tests {
             retries: 2,
             state: RowState::Running,
             error: None,
+            lock_trips: 0,
+            notes: None,
         };
         let rank = h.insert(&mut conn, &row).await.unwrap();
         h.finish(
@@ -499,6 +718,8 @@ mod tests {
                 lock_wait_ms: 500,
                 retries: 3,
                 error: Some("boom".into()),
+                lock_trips: 2,
+                notes: Some(serde_json::json!({ "lock_guard_trips": [{ "blocked_sessions": 3 }] })),
             },
         )
         .await
@@ -513,11 +734,18 @@ mod tests {
             (r.retries, r.lock_wait_ms, r.execution_time_ms),
             (3, 500, 40)
         );
+        assert_eq!(r.lock_trips, 2);
+        assert_eq!(
+            r.notes.as_ref().map(|n| n["lock_guard_trips"][0]["blocked_sessions"].clone()),
+            Some(serde_json::json!(3))
+        );
         h.mark_repaired(&mut conn, rank).await.unwrap();
         // The literal form stores the same values, however awkward the text.
         let mut tricky = row.clone();
         tricky.description = r"it's \ a 'quoted' \n test".into();
         tricky.state = RowState::Success;
+        tricky.lock_trips = 1;
+        tricky.notes = Some(tricky_notes());
         sqlx::raw_sql(sqlx::AssertSqlSafe(h.insert_statement(&tricky)))
             .execute(&mut conn)
             .await
@@ -529,6 +757,13 @@ mod tests {
             (RowState::Success, true, 2)
         );
         assert_eq!(last.deployment_id, row.deployment_id);
+        assert_eq!(last.lock_trips, 1);
+        assert_eq!(last.notes, Some(tricky_notes_stored()));
+        // And the bound form stores the same notes.
+        let rank = h.insert(&mut conn, &tricky).await.unwrap();
+        let bound = h.rows(&mut conn).await.unwrap().pop().unwrap();
+        assert_eq!(bound.installed_rank, rank);
+        assert_eq!(bound.notes, Some(tricky_notes_stored()));
         assert_eq!(
             h.rows(&mut conn).await.unwrap()[0].state,
             RowState::Repaired
@@ -540,6 +775,6 @@ mod tests {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-        assert_eq!(n, 2);
+        assert_eq!(n, 3);
     }
 }

@@ -10,8 +10,9 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::LocksError;
+use crate::model::SessionInfo;
 use crate::watch::connect;
+use crate::{LocksError, QUERY_EXCERPT_CHARS};
 
 /// `application_name` of the guard's session.
 pub const GUARD_APPLICATION: &str = "belay-lock-guard";
@@ -63,7 +64,8 @@ pub struct GuardTrip {
 pub struct LockGuard {
     trips: mpsc::UnboundedReceiver<GuardTrip>,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), LocksError>>,
+    /// Ends with the outcome and, after a clean stop, the connection (for reuse).
+    task: JoinHandle<(Result<(), LocksError>, Option<PgConnection>)>,
 }
 
 impl LockGuard {
@@ -96,10 +98,13 @@ impl LockGuard {
         let budget = u64::try_from(max_blocking.as_millis()).unwrap_or(u64::MAX);
         let task = tokio::spawn(async move {
             // Each poll must stay cheap; a poll that cannot finish quickly is skipped.
-            sqlx::query("SET statement_timeout = '2s'")
+            if let Err(e) = sqlx::query("SET statement_timeout = '2s'")
                 .execute(&mut conn)
                 .await
-                .map_err(LocksError::query("set statement_timeout"))?;
+            {
+                let _ = conn.close().await;
+                return (Err(LocksError::query("set statement_timeout")(e)), None);
+            }
             let mut tick = tokio::time::interval(period.max(Duration::from_millis(5)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut armed = true;
@@ -150,8 +155,12 @@ impl LockGuard {
                 );
                 let _ = trip_tx.send(trip);
             };
-            let _ = conn.close().await;
-            result
+            if result.is_err() {
+                // The connection may be what failed: never hand it out again.
+                let _ = conn.close().await;
+                return (result, None);
+            }
+            (result, Some(conn))
         });
         LockGuard {
             trips,
@@ -173,18 +182,31 @@ impl LockGuard {
     /// Stops polling and closes the guard's connection. Returns the trips not yet taken
     /// with [`LockGuard::next_trip`]/[`LockGuard::try_trip`], or the error that stopped the
     /// guard early (the migration was never cancelled after that error).
-    pub async fn stop(mut self) -> Result<Vec<GuardTrip>, LocksError> {
+    pub async fn stop(self) -> Result<Vec<GuardTrip>, LocksError> {
+        let (trips, conn) = self.stop_keeping_connection().await?;
+        if let Some(conn) = conn {
+            let _ = conn.close().await;
+        }
+        Ok(trips)
+    }
+
+    /// As [`LockGuard::stop`], handing back the guard's connection (when it is still
+    /// sound) instead of closing it, so a caller guarding one statement after another can
+    /// [`LockGuard::start_on`] it again rather than connect for every statement.
+    pub async fn stop_keeping_connection(
+        mut self,
+    ) -> Result<(Vec<GuardTrip>, Option<PgConnection>), LocksError> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        let outcome = (&mut self.task)
+        let (outcome, conn) = (&mut self.task)
             .await
             .map_err(|e| LocksError::Task(e.to_string()))?;
         let mut trips = Vec::new();
         while let Ok(t) = self.trips.try_recv() {
             trips.push(t);
         }
-        outcome.map(|()| trips)
+        outcome.map(|()| (trips, conn))
     }
 }
 
@@ -271,6 +293,75 @@ pub async fn blockers_of(conn: &mut PgConnection, pid: i32) -> Result<Vec<i32>, 
     v.sort_unstable();
     v.dedup();
     Ok(v)
+}
+
+/// A session for the guard's own queries ([`wait_until_gone`], [`describe_sessions`],
+/// [`LockGuard::start_on`]), named [`GUARD_APPLICATION`] in `pg_stat_activity`.
+pub async fn guard_session(url: &DatabaseUrl) -> Result<PgConnection, LocksError> {
+    connect(url, GUARD_APPLICATION).await
+}
+
+/// `pg_stat_activity` of the given pids, for naming them to a person.
+const DESCRIBE_SQL: &str = r#"
+SELECT pid, usename::text, application_name, datname::text, host(client_addr), state,
+       CASE WHEN wait_event IS NULL THEN NULL ELSE wait_event_type || ':' || wait_event END,
+       backend_type,
+       (extract(epoch FROM clock_timestamp() - query_start) * 1000)::bigint,
+       (extract(epoch FROM clock_timestamp() - xact_start) * 1000)::bigint,
+       (extract(epoch FROM clock_timestamp() - state_change) * 1000)::bigint,
+       left(query, $2)
+FROM pg_stat_activity WHERE pid = ANY($1) ORDER BY pid
+"#;
+
+type DescribeRow = (
+    i32,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
+
+/// Who the sessions `pids` are and what they are doing (user, application, state, how
+/// long their transaction has been open, a query excerpt), so a message can name a
+/// blocker rather than just its pid. Sessions that have gone are left out.
+pub async fn describe_sessions(
+    conn: &mut PgConnection,
+    pids: &[i32],
+) -> Result<Vec<SessionInfo>, LocksError> {
+    if pids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ms = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+    let rows: Vec<DescribeRow> = sqlx::query_as(DESCRIBE_SQL)
+        .bind(pids)
+        .bind(i32::try_from(QUERY_EXCERPT_CHARS).unwrap_or(i32::MAX))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(LocksError::query("describe sessions"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| SessionInfo {
+            pid: r.0,
+            user: r.1,
+            application: r.2.filter(|a| !a.is_empty()),
+            database: r.3,
+            client_addr: r.4,
+            state: r.5,
+            wait_event: r.6,
+            backend_type: r.7,
+            query_ms: ms(r.8),
+            xact_ms: ms(r.9),
+            state_ms: ms(r.10),
+            query: r.11,
+        })
+        .collect())
 }
 
 /// How [`wait_until_gone`] ended.

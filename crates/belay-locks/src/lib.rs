@@ -6,6 +6,8 @@
 //!   blocking trees (root blocker → waiters), long-running queries, idle-in-transaction
 //!   sessions and replication lag. Works for a role with only `pg_monitor`.
 //! - [`watch`]: the same sample repeated on one long-lived connection, as a stream.
+//! - [`LockMonitorApi`]: snapshot and watch of a named target, as every caller sees them
+//!   (in-process: [`LocalLocks`]; over gRPC and through the controller: `belay-rpc`).
 //! - [`LockGuard`]: the executor's guard. While a migration statement runs, it watches the
 //!   queue that forms behind the migration's backend and cancels the statement
 //!   (`pg_cancel_backend`) as soon as someone has waited in that queue longer than the
@@ -15,6 +17,7 @@
 //! It must not change schema: every statement it runs reads catalog views, except
 //! `pg_cancel_backend` issued by the guard on the migration's own backend.
 
+mod api;
 mod error;
 mod guard;
 mod model;
@@ -22,9 +25,11 @@ mod sample;
 mod tree;
 mod watch;
 
+pub use api::{LocalLocks, LockMonitorApi, MonitorOptions, SnapshotStream, filtered};
 pub use error::LocksError;
 pub use guard::{
-    GUARD_APPLICATION, GuardTrip, LockGuard, WaitOutcome, blockers_of, wait_until_gone,
+    GUARD_APPLICATION, GuardTrip, LockGuard, WaitOutcome, blockers_of, describe_sessions,
+    guard_session, wait_until_gone,
 };
 pub use model::{LockNode, LockSnapshot, ReplicaLag, SessionInfo, SnapshotOptions};
 pub use sample::snapshot;

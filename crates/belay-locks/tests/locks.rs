@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use belay_core::DatabaseUrl;
 use belay_locks::{
-    LockGuard, LockNode, LockSnapshot, SnapshotOptions, WaitOutcome, blockers_of, snapshot,
-    wait_until_gone, watch,
+    GUARD_APPLICATION, LockGuard, LockNode, LockSnapshot, SnapshotOptions, WaitOutcome,
+    blockers_of, describe_sessions, guard_session, snapshot, wait_until_gone, watch,
 };
 use belay_testkit::{Cluster, TestDb};
 use sqlx::{Connection, PgConnection};
@@ -475,5 +475,56 @@ async fn watch_streams_samples_on_one_connection() -> R<()> {
         ats.push(s.at);
     }
     assert!(ats.windows(2).all(|w| w[0] < w[1]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_guard_hands_back_its_connection_and_names_sessions() -> R<()> {
+    let (db, _admin) = setup().await?;
+    let url = DatabaseUrl::parse(&db.url)?;
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("SET application_name = 'reporter'; BEGIN; SELECT count(*) FROM t /* report */")
+        .execute(&mut a)
+        .await?;
+
+    let conn = guard_session(&url).await?;
+    let guard = LockGuard::start_on(
+        conn,
+        a_pid,
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+    );
+    let (trips, conn) = guard.stop_keeping_connection().await?;
+    assert!(trips.is_empty());
+    let mut conn = conn.ok_or("a cleanly stopped guard hands its connection back")?;
+    let app: String = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    assert_eq!(app, GUARD_APPLICATION);
+
+    // Gone or unknown pids are left out; a live one is named with what it is doing.
+    let d = describe_sessions(&mut conn, &[a_pid, 0]).await?;
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].pid, a_pid);
+    assert_eq!(d[0].application.as_deref(), Some("reporter"));
+    assert_eq!(d[0].state.as_deref(), Some("idle in transaction"));
+    assert!(d[0].xact_ms.is_some());
+    assert!(
+        d[0].query.as_deref().is_some_and(|q| q.contains("/* report */")),
+        "{d:?}"
+    );
+    assert!(describe_sessions(&mut conn, &[]).await?.is_empty());
+
+    // The same connection guards the next statement.
+    let guard = LockGuard::start_on(
+        conn,
+        a_pid,
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+    );
+    assert!(guard.stop().await?.is_empty());
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
     Ok(())
 }

@@ -7,7 +7,8 @@ use crate::config::ExecConfig;
 use crate::directives::Directives;
 use crate::error::{ErrorKind, MigrateError};
 use crate::events::{Direction, EventSink};
-use crate::runner::{Migrator, RepairAction, RunReport, Target, UndoTarget};
+use crate::guard::LockGuardHook;
+use crate::runner::{CheckOverride, Migrator, RepairAction, RunReport, Target, UndoTarget};
 use crate::status::MigrationStatus;
 use belay_core::DatabaseUrl;
 use std::collections::BTreeMap;
@@ -15,22 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// A failure as every caller sees it, local or remote: a class and a human message.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct ApiError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ApiError {
-            kind,
-            message: message.into(),
-        }
-    }
-}
+pub use belay_core::ApiError;
 
 impl From<MigrateError> for ApiError {
     fn from(e: MigrateError) -> Self {
@@ -116,6 +102,10 @@ pub struct LocalTargets {
     targets: BTreeMap<String, TargetSpec>,
     /// Per target: the backup taken before `apply` and `undo` change anything.
     backup_hooks: BTreeMap<String, Arc<dyn BackupHook>>,
+    /// Per target: the guard around each statement of `apply` and `undo`.
+    lock_guards: BTreeMap<String, Arc<dyn LockGuardHook>>,
+    /// Per target: preflight checks overridden for the next runs (recorded in history).
+    overrides: BTreeMap<String, Vec<CheckOverride>>,
 }
 
 impl std::fmt::Debug for LocalTargets {
@@ -126,6 +116,8 @@ impl std::fmt::Debug for LocalTargets {
                 "backup_hooks",
                 &self.backup_hooks.keys().collect::<Vec<_>>(),
             )
+            .field("lock_guards", &self.lock_guards.keys().collect::<Vec<_>>())
+            .field("overrides", &self.overrides)
             .finish()
     }
 }
@@ -135,7 +127,23 @@ impl LocalTargets {
         LocalTargets {
             targets: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),
             backup_hooks: BTreeMap::new(),
+            lock_guards: BTreeMap::new(),
+            overrides: BTreeMap::new(),
         }
+    }
+
+    /// Guards every statement of `apply` and `undo` on `target` with `hook` (see
+    /// [`LockGuardHook`]), with the target's `max_blocking`.
+    pub fn with_lock_guard(mut self, target: &str, hook: Arc<dyn LockGuardHook>) -> Self {
+        self.lock_guards.insert(target.to_string(), hook);
+        self
+    }
+
+    /// Records `overrides` (preflight checks the operator overrode) in the notes of the
+    /// history rows of runs on `target`.
+    pub fn with_overrides(mut self, target: &str, overrides: Vec<CheckOverride>) -> Self {
+        self.overrides.insert(target.to_string(), overrides);
+        self
     }
 
     /// Runs `hook` before every `apply` and `undo` on `target` that has something to do
@@ -175,6 +183,12 @@ impl LocalTargets {
         }
         if let Some(hook) = self.backup_hooks.get(target) {
             m = m.with_backup_hook(hook.clone());
+        }
+        if let Some(hook) = self.lock_guards.get(target) {
+            m = m.with_lock_guard(hook.clone());
+        }
+        if let Some(o) = self.overrides.get(target) {
+            m = m.with_overrides(o.clone());
         }
         Ok(m)
     }

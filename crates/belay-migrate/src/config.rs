@@ -32,6 +32,17 @@ pub struct ExecConfig {
     /// How long a second runner waits for the first to finish.
     pub runner_wait: Duration,
     pub history_schema: String,
+    /// The lock guard's budget (used when a `LockGuardHook` is installed): the longest
+    /// an application session may wait in the lock queue behind a running migration
+    /// statement before the guard cancels the statement and the executor retries it
+    /// once the migration's blockers are gone.
+    ///
+    /// 500 ms: well under the second or two after which people and HTTP clients notice
+    /// and time out, and five times `lock_timeout`, so a migration merely waiting for its
+    /// lock is stopped by `lock_timeout` first (the guard never competes with it) — the
+    /// guard acts on what `lock_timeout` cannot see: a long `-- belay:lock-timeout`, or a
+    /// statement that holds its lock while it works.
+    pub max_blocking: Duration,
 }
 
 impl Default for ExecConfig {
@@ -46,6 +57,7 @@ impl Default for ExecConfig {
             concurrent_lock_timeout: Duration::from_secs(30 * 60),
             runner_wait: Duration::from_secs(60),
             history_schema: belay_history::DEFAULT_SCHEMA.to_string(),
+            max_blocking: Duration::from_millis(500),
         }
     }
 }

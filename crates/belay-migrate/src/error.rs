@@ -31,6 +31,23 @@ pub enum MigrateError {
         lock_timeout: String,
     },
     #[error(
+        "{}:{line}: gave up after {attempts} attempt(s) in {elapsed} (limits: --max-attempts {max_attempts}, --max-lock-wait {max_lock_wait}): application sessions queued behind the migration for longer than --max-blocking {max_blocking}, so the lock guard cancelled it ({trips} trip(s)). {cause}",
+        path.display()
+    )]
+    LockGuardExhausted {
+        path: PathBuf,
+        line: usize,
+        attempts: u32,
+        trips: u32,
+        elapsed: String,
+        max_attempts: u32,
+        max_lock_wait: String,
+        max_blocking: String,
+        /// What was rolled back, who held the migration up (its blockers, described) and
+        /// what to do about it.
+        cause: String,
+    },
+    #[error(
         "another belay runner is migrating this database: {holder}; waited {waited_s} s (--runner-wait). Try again when it is done"
     )]
     RunnerBusy {
@@ -86,38 +103,16 @@ impl std::fmt::Display for ScriptFailure {
     }
 }
 
-/// Coarse classes of failure, stable for exit codes and gRPC status mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    /// Migration files are invalid (names, duplicates, directives, layouts).
-    InvalidSource,
-    /// The database could not be reached.
-    Unavailable,
-    /// A migration ran and failed (SQL error, lock retries exhausted).
-    MigrationFailed,
-    /// The engine refused to act: history needs attention, or the request is impossible.
-    Refused,
-    /// Another runner holds the lock.
-    Busy,
-    /// Anything else from the database.
-    Internal,
-    /// No such target (remote mode: no agent owns it).
-    UnknownTarget,
-    /// The agent owning the target cannot be reached.
-    AgentUnreachable,
-    /// The caller is not authenticated or authorised.
-    Unauthenticated,
-}
+pub use belay_core::ErrorKind;
 
 impl MigrateError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             MigrateError::Source(_) => ErrorKind::InvalidSource,
             MigrateError::Connect { .. } => ErrorKind::Unavailable,
-            MigrateError::ScriptFailed(_) | MigrateError::LockRetriesExhausted { .. } => {
-                ErrorKind::MigrationFailed
-            }
+            MigrateError::ScriptFailed(_)
+            | MigrateError::LockRetriesExhausted { .. }
+            | MigrateError::LockGuardExhausted { .. } => ErrorKind::MigrationFailed,
             MigrateError::Refused { .. } | MigrateError::UnknownVersion(_) => ErrorKind::Refused,
             MigrateError::RunnerBusy { .. } => ErrorKind::Busy,
             MigrateError::Database { .. } | MigrateError::History(_) => ErrorKind::Internal,

@@ -49,6 +49,24 @@ pub enum EventKind {
         waited_ms: u64,
         backoff_ms: u64,
     },
+    /// The lock guard found application sessions queued behind the migration for longer
+    /// than `max_blocking` and cancelled its statement (rolled back); unless the budget is
+    /// spent, the executor waits for `blockers` to finish their transactions and retries.
+    LockGuardTripped {
+        version: Option<String>,
+        script: String,
+        line: usize,
+        attempt: u32,
+        /// Sessions queued behind the migration when the guard tripped.
+        blocked_sessions: u32,
+        longest_wait_ms: u64,
+        /// Pids of the sessions the migration itself was waiting for (empty: it held its
+        /// locks and was working).
+        blockers: Vec<i32>,
+        /// Whether the cancel stopped the statement; false when the statement finished
+        /// first (the trip is still counted: the application did wait that long).
+        cancelled: bool,
+    },
     /// A `CONCURRENTLY` statement failed and left an INVALID index, which was dropped.
     InvalidIndexDropped {
         script: String,
@@ -138,6 +156,33 @@ impl EventKind {
             } => format!(
                 "  {script}:{line}: lock not granted within lock_timeout (attempt {attempt}); application queries were released; retrying in {backoff_ms} ms"
             ),
+            EventKind::LockGuardTripped {
+                script,
+                line,
+                attempt,
+                blocked_sessions,
+                longest_wait_ms,
+                blockers,
+                cancelled,
+                ..
+            } => {
+                let mut s = format!(
+                    "  {script}:{line}: lock guard: {blocked_sessions} session(s) queued behind the migration for {longest_wait_ms} ms (attempt {attempt})"
+                );
+                if *cancelled {
+                    s.push_str("; statement cancelled and rolled back, application released");
+                } else {
+                    s.push_str("; the statement finished before the cancel");
+                }
+                if !blockers.is_empty() {
+                    let pids: Vec<String> = blockers.iter().map(i32::to_string).collect();
+                    s.push_str(&format!(
+                        "; the migration was waiting for pid {}",
+                        pids.join(", ")
+                    ));
+                }
+                s
+            }
             EventKind::InvalidIndexDropped { script, index } => {
                 format!(
                     "  {script}: dropped INVALID index {index} left by the failed CONCURRENTLY build"

@@ -11,6 +11,7 @@ pub mod config;
 pub mod directives;
 pub mod error;
 pub mod events;
+pub mod guard;
 pub mod runner;
 pub mod source;
 pub mod sql;
@@ -23,6 +24,9 @@ pub use backup::{BackupContext, BackupHook, BackupStep, BackupTaken};
 pub use config::ExecConfig;
 pub use error::{ErrorKind, MigrateError, ScriptFailure};
 pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};
-pub use runner::{Migrator, Plan, RepairAction, RunReport, Step, StepResult, Target, UndoTarget};
+pub use guard::{LockGuardHook, LockTrip, LockWatch, SessionBrief};
+pub use runner::{
+    CheckOverride, Migrator, Plan, RepairAction, RunReport, Step, StepResult, Target, UndoTarget,
+};
 pub use source::{Layout, Migration, MigrationSet, SourceError, load};
 pub use status::{MigrationStatus, State};

@@ -6,6 +6,7 @@ use crate::config::ExecConfig;
 use crate::directives::NoTransactionSource;
 use crate::error::{MigrateError, ScriptFailure};
 use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
+use crate::guard::{LockGuardHook, LockTrip, SessionBrief};
 use crate::source::{MigrationSet, Script};
 use crate::sql::{self, Statement};
 use crate::status::{self, MigrationStatus, State};
@@ -16,6 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgErrorPosition};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tracing::{Instrument, debug, info_span};
 use uuid::Uuid;
@@ -98,6 +100,26 @@ pub struct RepairAction {
     pub action: String,
 }
 
+/// A preflight check the operator overrode for this run (`migrate --override-check NAME
+/// --reason "…"`), recorded in the notes of every history row the run writes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckOverride {
+    pub check: String,
+    pub reason: String,
+}
+
+/// One lock guard trip, as a history row's notes keep it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct TripNote {
+    #[serde(flatten)]
+    trip: LockTrip,
+    attempt: u32,
+    /// The statement's line in the script.
+    line: usize,
+    /// Whether the cancel stopped the statement (false: it finished first).
+    cancelled: bool,
+}
+
 /// Runs migrations from one set against one database.
 pub struct Migrator {
     url: DatabaseUrl,
@@ -107,6 +129,11 @@ pub struct Migrator {
     sink: EventSink,
     deployment_id: Uuid,
     backup_hook: Option<Arc<dyn BackupHook>>,
+    lock_guard: Option<Arc<dyn LockGuardHook>>,
+    overrides: Vec<CheckOverride>,
+    /// Set once the guard has failed and the user was warned: one warning per run, not
+    /// one per statement.
+    guard_warned: AtomicBool,
 }
 
 impl std::fmt::Debug for Migrator {
@@ -116,12 +143,27 @@ impl std::fmt::Debug for Migrator {
             .field("dir", &self.set.dir)
             .field("deployment_id", &self.deployment_id)
             .field("backup_hook", &self.backup_hook.is_some())
+            .field("lock_guard", &self.lock_guard.is_some())
+            .field("overrides", &self.overrides)
             .finish_non_exhaustive()
     }
 }
 
 fn is_lock_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("55P03"))
+}
+
+/// `query_canceled`: the lock guard's cancel (or a statement_timeout, or someone's
+/// pg_cancel_backend — only a trip reported by the guard makes it the guard's).
+fn is_query_canceled(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("57014"))
+}
+
+/// What a statement came to.
+struct Ran {
+    result: Result<(), sqlx::Error>,
+    /// The guard cancelled the statement: it failed with 57014 and the guard tripped.
+    tripped: bool,
 }
 
 impl Migrator {
@@ -140,7 +182,23 @@ impl Migrator {
             sink,
             deployment_id: Uuid::new_v4(),
             backup_hook: None,
+            lock_guard: None,
+            overrides: Vec::new(),
+            guard_warned: AtomicBool::new(false),
         })
+    }
+
+    /// Guards every statement of `migrate` and `undo` with `hook` (see [`LockGuardHook`]),
+    /// with `max_blocking` from the [`ExecConfig`].
+    pub fn with_lock_guard(mut self, hook: Arc<dyn LockGuardHook>) -> Self {
+        self.lock_guard = Some(hook);
+        self
+    }
+
+    /// Preflight checks overridden for this run, recorded in the notes of its history rows.
+    pub fn with_overrides(mut self, overrides: Vec<CheckOverride>) -> Self {
+        self.overrides = overrides;
+        self
     }
 
     /// Takes a backup through `hook` before `migrate` and `undo` change anything (see
@@ -579,11 +637,224 @@ impl Migrator {
                 step.backup_id.clone_from(&backup_id);
             }
         }
+        let backend_pid = self.backend_pid(conn, !steps.is_empty()).await;
         for step in steps {
-            let result = self.execute(conn, &step).await?;
+            let result = self.execute(conn, &step, backend_pid).await?;
             report.results.push(result);
         }
         Ok(())
+    }
+
+    /// The migration session's pid, for the lock guard to watch; `None` without a guard
+    /// (or nothing to run), or if the server would not say (then the run goes unguarded,
+    /// with a warning).
+    async fn backend_pid(&self, conn: &mut PgConnection, needed: bool) -> Option<i32> {
+        if self.lock_guard.is_none() || !needed {
+            return None;
+        }
+        match sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+        {
+            Ok(pid) => Some(pid),
+            Err(e) => {
+                self.guard_unavailable(&e.to_string());
+                None
+            }
+        }
+    }
+
+    /// The guard could not watch (or stopped early): statements run under `lock_timeout`
+    /// alone. Said once per run.
+    fn guard_unavailable(&self, why: &str) {
+        if !self.guard_warned.swap(true, Ordering::Relaxed) {
+            self.emit(EventKind::Warning {
+                message: format!(
+                    "the lock guard is not watching ({}); statements run with lock_timeout alone",
+                    belay_core::redact_url(why)
+                ),
+            });
+        }
+    }
+
+    /// Runs one statement of a migration; with a lock guard, under its watch. Transaction
+    /// control is not watched (it takes no table lock), nor are `CONCURRENTLY` statements:
+    /// they take SHARE UPDATE EXCLUSIVE, which the application's reads and writes do not
+    /// queue for, and cancelling a long index build over some other DDL's wait would
+    /// waste it and leave an INVALID index.
+    async fn run_statement(
+        &self,
+        conn: &mut PgConnection,
+        step: &Step,
+        st: &Statement,
+        attempt: u32,
+        backend_pid: Option<i32>,
+        trips: &mut Vec<TripNote>,
+    ) -> Ran {
+        let script = &step.source;
+        let watch = match (&self.lock_guard, backend_pid) {
+            (Some(hook), Some(pid))
+                if !st.concurrently && !st.opens_transaction() && !st.closes_transaction() =>
+            {
+                match hook.watch(pid, self.config.max_blocking).await {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        self.guard_unavailable(&e.message);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
+            .execute(&mut *conn)
+            .await
+            .map(|_| ());
+        let new_trips = match watch {
+            Some(w) => w.stop().await.unwrap_or_else(|e| {
+                self.guard_unavailable(&e.message);
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        let tripped = !new_trips.is_empty() && matches!(&result, Err(e) if is_query_canceled(e));
+        let line = sql::line_of_offset(&script.text, st.start);
+        let n = new_trips.len();
+        for (k, trip) in new_trips.into_iter().enumerate() {
+            // The last trip is the one whose cancel landed, if any did.
+            let cancelled = tripped && k + 1 == n;
+            self.emit(EventKind::LockGuardTripped {
+                version: step.version.clone(),
+                script: step.script.clone(),
+                line,
+                attempt,
+                blocked_sessions: trip.blocked_sessions,
+                longest_wait_ms: trip.longest_wait_ms,
+                blockers: trip.blockers.iter().map(|b| b.pid).collect(),
+                cancelled,
+            });
+            trips.push(TripNote {
+                trip,
+                attempt,
+                line,
+                cancelled,
+            });
+        }
+        Ran { result, tripped }
+    }
+
+    /// After the guard cancelled a statement: waits (bounded by what is left of the
+    /// migration's budget) until the sessions the migration was waiting for have finished
+    /// their transactions, then backs off with jitter, or fails naming them when the
+    /// budget is spent. Adds the wait to `lock_wait`.
+    #[allow(clippy::too_many_arguments, reason = "one retry's whole state")]
+    async fn after_guard_trip(
+        &self,
+        step: &Step,
+        st: &Statement,
+        attempts: u32,
+        started: Instant,
+        lock_wait: &mut Duration,
+        trips: &[TripNote],
+    ) -> Result<(), MigrateError> {
+        let blockers: Vec<SessionBrief> = trips
+            .last()
+            .map(|t| t.trip.blockers.clone())
+            .unwrap_or_default();
+        let exhausted = |blockers: &[SessionBrief], still: bool| {
+            self.guard_exhausted(step, st, attempts, started, trips, blockers, still)
+        };
+        if attempts >= self.config.max_attempts || started.elapsed() >= self.config.max_lock_wait
+        {
+            return Err(exhausted(&blockers, false));
+        }
+        if let Some(hook) = &self.lock_guard
+            && !blockers.is_empty()
+        {
+            let pids: Vec<i32> = blockers.iter().map(|b| b.pid).collect();
+            let budget = self.config.max_lock_wait.saturating_sub(started.elapsed());
+            let waiting = Instant::now();
+            let outcome = hook
+                .wait_until_gone(&pids, budget)
+                .instrument(info_span!("wait_for_blockers", pids = ?pids))
+                .await;
+            *lock_wait += waiting.elapsed();
+            match outcome {
+                Ok(remaining) if !remaining.is_empty() => {
+                    return Err(exhausted(&remaining, true));
+                }
+                Ok(_) => {}
+                // Not knowing when they are gone, fall back to the backoff alone.
+                Err(e) => self.guard_unavailable(&e.message),
+            }
+        }
+        let Some(backoff) = self.next_backoff(attempts, started) else {
+            return Err(exhausted(&blockers, false));
+        };
+        debug!(attempt = attempts, backoff_ms = backoff.as_millis() as u64, "retrying after a lock guard trip");
+        tokio::time::sleep(backoff).await;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "everything the message names")]
+    fn guard_exhausted(
+        &self,
+        step: &Step,
+        st: &Statement,
+        attempts: u32,
+        started: Instant,
+        trips: &[TripNote],
+        blockers: &[SessionBrief],
+        still_there: bool,
+    ) -> MigrateError {
+        let line = sql::line_of_offset(&step.source.text, st.start);
+        let rolled_back = if step.no_transaction.is_some() {
+            "The cancelled statement was rolled back; statements of this no-transaction script before it stay applied and its history row is `failed`: check them, then `belay repair`."
+        } else {
+            "The migration's transaction was rolled back: nothing of it was applied."
+        };
+        let who = if blockers.is_empty() {
+            "Nothing blocked the migration: its own statement held its locks longer than the application could wait; make it lighter (`belay lint` suggests rewrites) or run it when traffic is low.".to_string()
+        } else {
+            let named: Vec<String> = blockers.iter().map(ToString::to_string).collect();
+            format!(
+                "The migration was waiting for {}{}; end or commit that transaction (`belay locks` shows it), then run migrate again.",
+                named.join("; "),
+                if still_there {
+                    ", still in the same transaction when the budget ran out"
+                } else {
+                    ""
+                }
+            )
+        };
+        MigrateError::LockGuardExhausted {
+            path: step.source.path.clone(),
+            line,
+            attempts,
+            trips: u32::try_from(trips.len()).unwrap_or(u32::MAX),
+            elapsed: format_duration(Duration::from_millis(started.elapsed().as_millis() as u64)),
+            max_attempts: self.config.max_attempts,
+            max_lock_wait: format_duration(self.config.max_lock_wait),
+            max_blocking: format_duration(self.config.max_blocking),
+            cause: format!("{rolled_back} {who}"),
+        }
+    }
+
+    /// The row's notes: the script's `-- belay:allow=` directives, the run's preflight
+    /// overrides and the lock guard's trips; `None` when there is nothing to say.
+    fn notes(&self, step: &Step, trips: &[TripNote]) -> Option<serde_json::Value> {
+        let mut notes = serde_json::Map::new();
+        let allow = &step.source.directives.allow;
+        if !allow.is_empty() {
+            notes.insert("allowed_lint".into(), serde_json::json!(allow));
+        }
+        if !self.overrides.is_empty() {
+            notes.insert("overrides".into(), serde_json::json!(self.overrides));
+        }
+        if !trips.is_empty() {
+            notes.insert("lock_guard_trips".into(), serde_json::json!(trips));
+        }
+        (!notes.is_empty()).then_some(serde_json::Value::Object(notes))
     }
 
     /// Runs the backup hook for `steps`; a failure refuses the run (nothing applied yet).
@@ -702,6 +973,8 @@ impl Migrator {
             retries: 0,
             state,
             error: None,
+            lock_trips: 0,
+            notes: self.notes(step, &[]),
         }
     }
 
@@ -736,6 +1009,7 @@ impl Migrator {
         &self,
         conn: &mut PgConnection,
         step: &Step,
+        backend_pid: Option<i32>,
     ) -> Result<StepResult, MigrateError> {
         let span = info_span!("apply_migration", script = %step.script, version = ?step.version);
         self.emit(EventKind::Started {
@@ -745,11 +1019,11 @@ impl Migrator {
             in_transaction: step.no_transaction.is_none(),
         });
         let result = if step.no_transaction.is_some() {
-            self.execute_without_transaction(conn, step)
+            self.execute_without_transaction(conn, step, backend_pid)
                 .instrument(span)
                 .await
         } else {
-            self.execute_in_transaction(conn, step)
+            self.execute_in_transaction(conn, step, backend_pid)
                 .instrument(span)
                 .await
         };
@@ -793,11 +1067,13 @@ impl Migrator {
         &self,
         conn: &mut PgConnection,
         step: &Step,
+        backend_pid: Option<i32>,
     ) -> Result<StepResult, MigrateError> {
         let script = &step.source;
         let started = Instant::now();
         let mut attempts = 0u32;
         let mut lock_wait = Duration::ZERO;
+        let mut trips = Vec::new();
         let lock_timeout = format_duration(self.lock_timeout_for(script, None));
         // The transaction is driven with plain BEGIN/COMMIT rather than sqlx's
         // `Transaction` so that BEGIN travels with its settings, and the history row with
@@ -812,11 +1088,11 @@ impl Migrator {
                 .map_err(self.db_err("beginning a transaction"))?;
             let mut failure = None;
             for st in &script.statements {
-                if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
-                    .execute(&mut *conn)
-                    .await
-                {
-                    failure = Some((st, e));
+                let ran = self
+                    .run_statement(conn, step, st, attempts, backend_pid, &mut trips)
+                    .await;
+                if let Err(e) = ran.result {
+                    failure = Some((st, e, ran.tripped));
                     break;
                 }
             }
@@ -827,6 +1103,8 @@ impl Migrator {
                     row.execution_time_ms = execution.as_millis().min(i32::MAX as u128) as i32;
                     row.retries = (attempts - 1) as i32;
                     row.lock_wait_ms = lock_wait.as_millis() as i64;
+                    row.lock_trips = i32::try_from(trips.len()).unwrap_or(i32::MAX);
+                    row.notes = self.notes(step, &trips);
                     let finish = self.commit_sql(&row);
                     if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(finish))
                         .execute(&mut *conn)
@@ -842,8 +1120,15 @@ impl Migrator {
                     }
                     return Ok(self.result(step, execution, attempts - 1, lock_wait));
                 }
-                Some((st, e)) => {
+                Some((st, e, tripped)) => {
                     let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                    if tripped {
+                        // The whole transaction is retried, from BEGIN.
+                        lock_wait += attempt_started.elapsed();
+                        self.after_guard_trip(step, st, attempts, started, &mut lock_wait, &trips)
+                            .await?;
+                        continue;
+                    }
                     if !is_lock_timeout(&e) {
                         return Err(script_error(script, st, &e));
                     }
@@ -894,6 +1179,7 @@ impl Migrator {
         &self,
         conn: &mut PgConnection,
         step: &Step,
+        backend_pid: Option<i32>,
     ) -> Result<StepResult, MigrateError> {
         let script = &step.source;
         let rank = self
@@ -901,7 +1187,10 @@ impl Migrator {
             .insert(conn, &self.new_row(step, RowState::Running))
             .await?;
         let started = Instant::now();
-        let outcome = self.run_statements(conn, step).await;
+        let mut trips = Vec::new();
+        let outcome = self
+            .run_statements(conn, step, backend_pid, &mut trips)
+            .await;
         let _ = sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout")
             .execute(&mut *conn)
             .await;
@@ -920,6 +1209,8 @@ impl Migrator {
                     lock_wait_ms: stats.1.as_millis() as i64,
                     retries: stats.0 as i32,
                     error,
+                    lock_trips: i32::try_from(trips.len()).unwrap_or(i32::MAX),
+                    notes: self.notes(step, &trips),
                 },
             )
             .await?;
@@ -936,6 +1227,8 @@ impl Migrator {
         &self,
         conn: &mut PgConnection,
         step: &Step,
+        backend_pid: Option<i32>,
+        trips: &mut Vec<TripNote>,
     ) -> Result<(u32, Duration), ((u32, Duration), MigrateError)> {
         let script = &step.source;
         let started = Instant::now();
@@ -958,15 +1251,17 @@ impl Migrator {
             let lock_timeout = format_duration(self.lock_timeout_for(script, Some(st)));
             let sql_text = self.lock_timeout_sql(script, st);
             let attempt_started = Instant::now();
-            let res = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql_text))
+            let (res, tripped) = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql_text))
                 .execute(&mut *conn)
                 .await
             {
-                Ok(_) => sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
-                    .execute(&mut *conn)
-                    .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
+                Ok(_) => {
+                    let ran = self
+                        .run_statement(conn, step, st, attempts, backend_pid, trips)
+                        .await;
+                    (ran.result, ran.tripped)
+                }
+                Err(e) => (Err(e), false),
             };
             match res {
                 Ok(()) => {
@@ -981,6 +1276,21 @@ impl Migrator {
                     }
                     if st.concurrently {
                         self.drop_invalid_index(conn, step, st).await;
+                    }
+                    if tripped {
+                        // The statement (or the BEGIN ... COMMIT block it is in) again.
+                        lock_wait += attempt_started.elapsed();
+                        if let Err(err) = self
+                            .after_guard_trip(step, st, attempts, started, &mut lock_wait, trips)
+                            .await
+                        {
+                            return Err(((attempts - 1, lock_wait), err));
+                        }
+                        attempts += 1;
+                        if let Some(b) = block_start.take() {
+                            i = b;
+                        }
+                        continue;
                     }
                     if !is_lock_timeout(&e) {
                         return Err(((attempts - 1, lock_wait), script_error(script, st, &e)));
@@ -1178,6 +1488,8 @@ impl Migrator {
                         retries: 0,
                         state: RowState::Success,
                         error: None,
+                        lock_trips: 0,
+                        notes: None,
                     },
                 )
                 .await?;

@@ -60,6 +60,10 @@ pub struct MigrationStatus {
     pub error: Option<String>,
     /// Whether an undo script exists locally.
     pub undoable: bool,
+    /// Times the lock guard cancelled the migration on the way to this row.
+    pub lock_trips: Option<i32>,
+    /// The row's notes (allowed lint findings, overridden checks, lock guard trips).
+    pub notes: Option<serde_json::Value>,
 }
 
 impl MigrationStatus {
@@ -77,6 +81,8 @@ impl MigrationStatus {
             installed_rank: row.map(|r| r.installed_rank),
             error: row.and_then(|r| r.error.clone()),
             undoable: false,
+            lock_trips: row.map(|r| r.lock_trips),
+            notes: row.and_then(|r| r.notes.clone()),
         }
     }
 }
@@ -239,6 +245,8 @@ mod tests {
             retries: 0,
             state,
             error: None,
+            lock_trips: 0,
+            notes: None,
         }
     }
 

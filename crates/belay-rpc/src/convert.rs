@@ -65,7 +65,7 @@ fn opt(s: &str) -> Option<String> {
 
 // ---- errors ----
 
-fn reason_of(kind: ErrorKind) -> pb::ErrorReason {
+pub(crate) fn reason_of(kind: ErrorKind) -> pb::ErrorReason {
     match kind {
         ErrorKind::InvalidSource => pb::ErrorReason::InvalidSource,
         ErrorKind::Unavailable => pb::ErrorReason::DatabaseUnavailable,
@@ -76,10 +76,13 @@ fn reason_of(kind: ErrorKind) -> pb::ErrorReason {
         ErrorKind::UnknownTarget => pb::ErrorReason::UnknownTarget,
         ErrorKind::AgentUnreachable => pb::ErrorReason::AgentUnreachable,
         ErrorKind::Unauthenticated => pb::ErrorReason::Unspecified,
+        ErrorKind::InvalidArgument => pb::ErrorReason::InvalidArgument,
+        ErrorKind::NotFound => pb::ErrorReason::NotFound,
+        ErrorKind::OutOfSpace => pb::ErrorReason::OutOfSpace,
     }
 }
 
-fn kind_of(reason: pb::ErrorReason) -> Option<ErrorKind> {
+pub(crate) fn kind_of(reason: pb::ErrorReason) -> Option<ErrorKind> {
     Some(match reason {
         pb::ErrorReason::InvalidSource => ErrorKind::InvalidSource,
         pb::ErrorReason::DatabaseUnavailable => ErrorKind::Unavailable,
@@ -89,6 +92,9 @@ fn kind_of(reason: pb::ErrorReason) -> Option<ErrorKind> {
         pb::ErrorReason::Internal => ErrorKind::Internal,
         pb::ErrorReason::UnknownTarget => ErrorKind::UnknownTarget,
         pb::ErrorReason::AgentUnreachable => ErrorKind::AgentUnreachable,
+        pb::ErrorReason::InvalidArgument => ErrorKind::InvalidArgument,
+        pb::ErrorReason::NotFound => ErrorKind::NotFound,
+        pb::ErrorReason::OutOfSpace => ErrorKind::OutOfSpace,
         pb::ErrorReason::Unspecified => return None,
     })
 }
@@ -97,13 +103,13 @@ fn kind_of(reason: pb::ErrorReason) -> Option<ErrorKind> {
 /// metadata for belay's own, the human message as is.
 pub fn status_from(e: &ApiError) -> Status {
     let code = match e.kind {
-        ErrorKind::InvalidSource => Code::InvalidArgument,
+        ErrorKind::InvalidSource | ErrorKind::InvalidArgument => Code::InvalidArgument,
         ErrorKind::Unavailable | ErrorKind::AgentUnreachable => Code::Unavailable,
         ErrorKind::MigrationFailed => Code::Aborted,
         ErrorKind::Refused => Code::FailedPrecondition,
-        ErrorKind::Busy => Code::ResourceExhausted,
+        ErrorKind::Busy | ErrorKind::OutOfSpace => Code::ResourceExhausted,
         ErrorKind::Internal => Code::Internal,
-        ErrorKind::UnknownTarget => Code::NotFound,
+        ErrorKind::UnknownTarget | ErrorKind::NotFound => Code::NotFound,
         ErrorKind::Unauthenticated => Code::Unauthenticated,
     };
     let mut status = Status::new(code, e.message.clone());
@@ -264,6 +270,8 @@ pub fn migration_info(s: &MigrationStatus) -> pb::MigrationInfo {
         installed_rank: s.installed_rank,
         error: s.error.clone(),
         undoable: s.undoable,
+        lock_trips: s.lock_trips,
+        notes_json: s.notes.as_ref().map(|n| n.to_string()),
     }
 }
 
@@ -281,6 +289,13 @@ pub fn migration_status(m: &pb::MigrationInfo) -> Result<MigrationStatus, Decode
         installed_rank: m.installed_rank,
         error: m.error.clone(),
         undoable: m.undoable,
+        lock_trips: m.lock_trips,
+        notes: m
+            .notes_json
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| bad("notes_json", e.to_string()))?,
     })
 }
 
@@ -467,6 +482,25 @@ pub fn event(e: &Event, target: &str) -> pb::MigrationEvent {
             waited_ms: *waited_ms,
             backoff_ms: *backoff_ms,
         }),
+        EventKind::LockGuardTripped {
+            version,
+            script,
+            line,
+            attempt,
+            blocked_sessions,
+            longest_wait_ms,
+            blockers,
+            cancelled,
+        } => E::LockGuardTripped(pb::LockGuardTripped {
+            version: v(version),
+            script: script.clone(),
+            line: u32::try_from(*line).unwrap_or(u32::MAX),
+            attempt: *attempt,
+            blocked_sessions: *blocked_sessions,
+            longest_wait_ms: *longest_wait_ms,
+            blockers: blockers.clone(),
+            cancelled: *cancelled,
+        }),
         EventKind::InvalidIndexDropped { script, index } => {
             E::InvalidIndexDropped(pb::InvalidIndexDropped {
                 script: script.clone(),
@@ -540,6 +574,16 @@ pub fn event_from(e: &pb::MigrationEvent) -> Result<Event, DecodeError> {
             attempt: l.attempt,
             waited_ms: l.waited_ms,
             backoff_ms: l.backoff_ms,
+        },
+        E::LockGuardTripped(t) => EventKind::LockGuardTripped {
+            version: opt(&t.version),
+            script: t.script.clone(),
+            line: t.line as usize,
+            attempt: t.attempt,
+            blocked_sessions: t.blocked_sessions,
+            longest_wait_ms: t.longest_wait_ms,
+            blockers: t.blockers.clone(),
+            cancelled: t.cancelled,
         },
         E::InvalidIndexDropped(i) => EventKind::InvalidIndexDropped {
             script: i.script.clone(),
@@ -678,6 +722,11 @@ mod tests {
             installed_rank: Some(7),
             error: None,
             undoable: true,
+            lock_trips: Some(2),
+            notes: Some(serde_json::json!({
+                "allowed_lint": { "rename-column": "view kept" },
+                "lock_guard_trips": [{ "blocked_sessions": 3, "blockers": [{ "pid": 42 }] }],
+            })),
         };
         let back = migration_status(&migration_info(&s)).unwrap();
         assert_eq!(serde_json_like(&back), serde_json_like(&s));
@@ -743,6 +792,16 @@ mod tests {
                 scope: "full".into(),
                 ms: 420,
             },
+            EventKind::LockGuardTripped {
+                version: Some("3".into()),
+                script: "V3__col.sql".into(),
+                line: 2,
+                attempt: 1,
+                blocked_sessions: 4,
+                longest_wait_ms: 612,
+                blockers: vec![4242, 4243],
+                cancelled: true,
+            },
         ];
         for kind in kinds {
             let e = Event {
@@ -768,6 +827,9 @@ mod tests {
             ErrorKind::Internal,
             ErrorKind::UnknownTarget,
             ErrorKind::AgentUnreachable,
+            ErrorKind::InvalidArgument,
+            ErrorKind::NotFound,
+            ErrorKind::OutOfSpace,
         ] {
             let e = ApiError::new(kind, "V1__x.sql:3: boom");
             let back = api_error_from(&status_from(&e), "agent-1");
@@ -806,6 +868,8 @@ mod tests {
             installed_rank: None,
             error: None,
             undoable: false,
+            lock_trips: None,
+            notes: None,
         });
         m.state = 99;
         assert!(migration_status(&m).is_err());

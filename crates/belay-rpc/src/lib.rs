@@ -4,12 +4,18 @@
 //! Wiring decides in-process or remote; callers see one trait. It must hold no migration
 //! logic of its own and must never carry a database URL over the wire.
 
+pub mod backup;
 pub mod client;
 pub mod convert;
 pub mod daemon;
+pub mod health;
+pub mod locks;
 pub mod server;
 
+pub use backup::{BackupClient, BackupGrpc};
 pub use client::{Connection, MigrationClient};
+pub use health::{HealthClient, HealthGrpc};
+pub use locks::{LockMonitorClient, LockMonitorGrpc};
 pub use server::MigrationGrpc;
 
 /// Metadata key carrying an error's machine-readable class (`ErrorReason` name).

@@ -45,7 +45,7 @@ impl MigrationGrpc {
     }
 }
 
-fn target_name(t: Option<&pb::Target>) -> Result<String, Status> {
+pub(crate) fn target_name(t: Option<&pb::Target>) -> Result<String, Status> {
     t.map(|t| t.name.trim().to_string())
         .filter(|n| !n.is_empty())
         .ok_or_else(|| Status::invalid_argument("the request names no target: pass --target NAME"))
@@ -83,6 +83,10 @@ fn record_metrics(target: &str, e: &belay_migrate::Event) {
         }
         EventKind::Failed { .. } => {
             metrics::counter!(names::MIGRATIONS_TOTAL, "target" => target.to_string(), "status" => "failed")
+                .increment(1);
+        }
+        EventKind::LockGuardTripped { .. } => {
+            metrics::counter!(names::LOCK_GUARD_TRIPS_TOTAL, "target" => target.to_string())
                 .increment(1);
         }
         _ => {}

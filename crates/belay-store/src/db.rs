@@ -29,6 +29,8 @@ pub(crate) enum Val<'a> {
     Ts(DateTime<Utc>),
     OptTs(Option<DateTime<Utc>>),
     Uuid(Uuid),
+    OptUuid(Option<Uuid>),
+    Bool(bool),
     Json(&'a serde_json::Value),
 }
 
@@ -59,6 +61,8 @@ fn sqlite_query(
             Val::Ts(t) => q.bind(ts_text(*t)),
             Val::OptTs(t) => q.bind(t.map(ts_text)),
             Val::Uuid(u) => q.bind(u.to_string()),
+            Val::OptUuid(u) => q.bind(u.map(|u| u.to_string())),
+            Val::Bool(b) => q.bind(*b),
             Val::Json(j) => q.bind(j.to_string()),
         };
     }
@@ -78,6 +82,8 @@ fn pg_query(
             Val::Ts(t) => q.bind(*t),
             Val::OptTs(t) => q.bind(*t),
             Val::Uuid(u) => q.bind(*u),
+            Val::OptUuid(u) => q.bind(*u),
+            Val::Bool(b) => q.bind(*b),
             Val::Json(j) => q.bind(sqlx::types::Json(*j)),
         };
     }
@@ -141,6 +147,25 @@ impl Row {
                 let s: String = r.try_get(col)?;
                 Uuid::parse_str(&s).map_err(|e| decode_err(col, format!("uuid {s:?}: {e}")))
             }
+            Row::Pg(r) => r.try_get(col),
+        }
+    }
+
+    pub(crate) fn opt_uuid(&self, col: &str) -> Result<Option<Uuid>, sqlx::Error> {
+        match self {
+            Row::Sqlite(r) => r
+                .try_get::<Option<String>, _>(col)?
+                .map(|s| {
+                    Uuid::parse_str(&s).map_err(|e| decode_err(col, format!("uuid {s:?}: {e}")))
+                })
+                .transpose(),
+            Row::Pg(r) => r.try_get(col),
+        }
+    }
+
+    pub(crate) fn bool(&self, col: &str) -> Result<bool, sqlx::Error> {
+        match self {
+            Row::Sqlite(r) => r.try_get(col),
             Row::Pg(r) => r.try_get(col),
         }
     }

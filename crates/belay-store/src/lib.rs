@@ -6,11 +6,13 @@
 //! target databases or run deployments — the controller drives those and records here what
 //! happened.
 
+mod backups;
 mod db;
 mod error;
 mod model;
 mod schema;
 
+pub use backups::BackupRecord;
 pub use error::StoreError;
 pub use model::{
     AgentRecord, AgentRegistration, Backend, DeploymentRecord, DeploymentState, EventRecord,

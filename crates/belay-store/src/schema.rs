@@ -19,17 +19,31 @@ pub(crate) struct Script {
     pub sql: &'static str,
 }
 
-pub(crate) const SQLITE: &[Script] = &[Script {
-    version: 1,
-    name: "V1__init.sql",
-    sql: include_str!("../migrations/sqlite/V1__init.sql"),
-}];
+pub(crate) const SQLITE: &[Script] = &[
+    Script {
+        version: 1,
+        name: "V1__init.sql",
+        sql: include_str!("../migrations/sqlite/V1__init.sql"),
+    },
+    Script {
+        version: 2,
+        name: "V2__backups.sql",
+        sql: include_str!("../migrations/sqlite/V2__backups.sql"),
+    },
+];
 
-pub(crate) const POSTGRES: &[Script] = &[Script {
-    version: 1,
-    name: "V1__init.sql",
-    sql: include_str!("../migrations/postgres/V1__init.sql"),
-}];
+pub(crate) const POSTGRES: &[Script] = &[
+    Script {
+        version: 1,
+        name: "V1__init.sql",
+        sql: include_str!("../migrations/postgres/V1__init.sql"),
+    },
+    Script {
+        version: 2,
+        name: "V2__backups.sql",
+        sql: include_str!("../migrations/postgres/V2__backups.sql"),
+    },
+];
 
 /// Where belay's engine keeps the PostgreSQL store's migration history.
 pub const POSTGRES_HISTORY_SCHEMA: &str = "belay_store";

@@ -2,8 +2,8 @@
 //! database on the shared throwaway PostgreSQL cluster.
 
 use belay_store::{
-    AgentRegistration, Backend, DeploymentState, NewDeployment, NewEvent, Store, StoreError,
-    TargetRegistration, TargetState,
+    AgentRegistration, Backend, BackupRecord, DeploymentState, NewDeployment, NewEvent, Store,
+    StoreError, TargetRegistration, TargetState,
 };
 use chrono::{Duration as ChronoDuration, Utc};
 use serde_json::json;
@@ -705,4 +705,94 @@ async fn sqlite_store_runs_in_wal_mode_with_foreign_keys() {
             .unwrap();
     assert_eq!(fks, ["deployments"]);
     raw.close().await;
+}
+
+fn backup(target: &str, id: &str, minute: i64, deployment: Option<Uuid>) -> BackupRecord {
+    let created_at = chrono::DateTime::from_timestamp(1_800_000_000 + minute * 60, 0).unwrap();
+    BackupRecord {
+        target: target.into(),
+        id: id.into(),
+        created_at,
+        format: "custom".into(),
+        scope: "full".into(),
+        verified: false,
+        size: 4096,
+        deployment_id: deployment,
+        manifest: json!({ "id": id, "files": [{ "path": "dump.pgdump", "size": 4096 }] }),
+        mirrored_at: created_at,
+    }
+}
+
+#[tokio::test]
+async fn the_backup_mirror_follows_the_catalog_and_finds_a_deployments_backup() {
+    for f in both().await {
+        let b = f.backend;
+        let store = f.open().await;
+        let d = Uuid::new_v4();
+        store
+            .mirror_backups(
+                "shop",
+                &[
+                    backup("shop", "b1", 1, None),
+                    backup("shop", "b2", 2, Some(d)),
+                ],
+            )
+            .await
+            .unwrap();
+        store
+            .upsert_backup(&backup("orders", "o1", 3, Some(d)))
+            .await
+            .unwrap();
+        let listed = store.backups("shop").await.unwrap();
+        let ids: Vec<&str> = listed.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["b2", "b1"], "{b}: newest first");
+        assert_eq!(listed[0].deployment_id, Some(d), "{b}");
+        assert_eq!(listed[0].size, 4096, "{b}");
+        assert_eq!(listed[0].manifest["files"][0]["path"], "dump.pgdump", "{b}");
+        assert!(!listed[0].verified, "{b}");
+
+        // Verification updates the row in place.
+        let mut verified = backup("shop", "b2", 2, Some(d));
+        verified.verified = true;
+        store.upsert_backup(&verified).await.unwrap();
+        assert!(store.backups("shop").await.unwrap()[0].verified, "{b}");
+
+        // Which backups precede deployment d: one per target it reached.
+        let before = store.backups_before(d).await.unwrap();
+        let found: Vec<(&str, &str)> = before
+            .iter()
+            .map(|r| (r.target.as_str(), r.id.as_str()))
+            .collect();
+        assert_eq!(found, [("orders", "o1"), ("shop", "b2")], "{b}");
+
+        // A fresh listing replaces the mirror: b1 was pruned on the agent, b3 is new.
+        store
+            .mirror_backups("shop", &[backup("shop", "b3", 4, None), verified.clone()])
+            .await
+            .unwrap();
+        let ids: Vec<String> = store
+            .backups("shop")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["b3", "b2"], "{b}");
+        store.delete_backups("shop", &["b3".into()]).await.unwrap();
+        assert_eq!(store.backups("shop").await.unwrap().len(), 1, "{b}");
+        // Other targets' mirrors are untouched.
+        assert_eq!(store.backups("orders").await.unwrap().len(), 1, "{b}");
+
+        // The mirror survives a restart of the controller.
+        store.close().await;
+        let store = f.open().await;
+        assert_eq!(store.backups("shop").await.unwrap()[0].id, "b2", "{b}");
+
+        // A record for another target is refused rather than mirrored under the wrong name.
+        let err = store
+            .mirror_backups("shop", &[backup("orders", "o2", 5, None)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid { .. }), "{b}: {err}");
+    }
 }

@@ -50,8 +50,23 @@ pub mod names {
     pub const LONG_RUNNING_QUERIES: &str = "belay_long_running_queries";
     /// Gauge, bytes: replication lag of the most lagging replica.
     pub const REPLICATION_LAG_BYTES: &str = "belay_replication_lag_bytes";
-    /// Counter: failed post-deployment health probes.
+    /// Counter, label `probe` (and `target` where the controller relays a probe): failed
+    /// post-deployment health probes.
     pub const PROBE_FAILURES_TOTAL: &str = "belay_probe_failures_total";
+    /// Counter, labels `probe`, `to` (`triggered`, `recovered`), and `target` where the
+    /// controller relays a probe: probe state changes.
+    pub const PROBE_TRANSITIONS_TOTAL: &str = "belay_probe_transitions_total";
+    /// Counter, label `target`: migration statements the lock guard cancelled because
+    /// application sessions queued behind them longer than `max_blocking`.
+    pub const LOCK_GUARD_TRIPS_TOTAL: &str = "belay_lock_guard_trips_total";
+    /// Counter, label `backfill`: rows updated by `belay backfill` batches.
+    pub const BACKFILL_ROWS_TOTAL: &str = "belay_backfill_rows_total";
+    /// Gauge, label `backfill`: share of the table's rows a backfill has walked (from 0 to
+    /// 1; estimated from the planner's row count until the last batch).
+    pub const BACKFILL_PROGRESS_RATIO: &str = "belay_backfill_progress_ratio";
+    /// Counter, label `backfill`: batches rolled back and retried after a lock timeout or
+    /// a deadlock.
+    pub const BACKFILL_LOCK_RETRIES_TOTAL: &str = "belay_backfill_lock_retries_total";
 }
 
 /// Histogram buckets for every `*_seconds` histogram: 5 ms up to an hour, since lock waits
@@ -166,6 +181,30 @@ pub fn describe_metrics() {
         PROBE_FAILURES_TOTAL,
         Unit::Count,
         "Failed post-deployment health probes."
+    );
+    describe_counter!(
+        PROBE_TRANSITIONS_TOTAL,
+        Unit::Count,
+        "Probe state changes: triggered (failure threshold crossed) and recovered."
+    );
+    describe_counter!(
+        LOCK_GUARD_TRIPS_TOTAL,
+        Unit::Count,
+        "Migration statements the lock guard cancelled because application sessions queued behind them longer than max_blocking, by target."
+    );
+    describe_counter!(
+        BACKFILL_ROWS_TOTAL,
+        Unit::Count,
+        "Rows updated by backfill batches, by backfill name."
+    );
+    describe_gauge!(
+        BACKFILL_PROGRESS_RATIO,
+        "Share of the table's rows a backfill has walked (0 to 1), by backfill name."
+    );
+    describe_counter!(
+        BACKFILL_LOCK_RETRIES_TOTAL,
+        Unit::Count,
+        "Backfill batches rolled back and retried after a lock timeout or deadlock."
     );
 }
 

@@ -47,7 +47,7 @@ pub struct ProbeSpec {
     pub initial_delay: Duration,
 }
 
-mod defaults {
+pub(crate) mod defaults {
     use std::time::Duration;
     pub fn period() -> Duration {
         Duration::from_secs(10)

@@ -1,0 +1,97 @@
+//! `belay_health::MigrationFacts` over the migration engine: what preflight and postflight
+//! need to know about a target's migrations (pending, failed, drifted; the `verify.sql`
+//! of applied ones), so the health checker needs no executor and the CLI and the agent
+//! answer the same way.
+
+use belay_health::{MigrationFacts, MigrationSummary, VerifyScript};
+use belay_migrate::{ApiError, ErrorKind, MigrateError, MigrationApi, MigrationStatus, State};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// [`MigrationFacts`] from a [`MigrationApi`] (for states) and each target's migrations
+/// directory (for `verify.sql` scripts).
+#[derive(Clone)]
+pub struct MigrationFactsAdapter {
+    api: Arc<dyn MigrationApi>,
+    dirs: BTreeMap<String, PathBuf>,
+}
+
+impl std::fmt::Debug for MigrationFactsAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationFactsAdapter")
+            .field("dirs", &self.dirs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MigrationFactsAdapter {
+    pub fn new(
+        api: Arc<dyn MigrationApi>,
+        dirs: impl IntoIterator<Item = (String, PathBuf)>,
+    ) -> Self {
+        MigrationFactsAdapter {
+            api,
+            dirs: dirs.into_iter().collect(),
+        }
+    }
+}
+
+/// Pending, failed and drifted migrations, as preflight and postflight report them.
+pub fn summarize(statuses: &[MigrationStatus]) -> MigrationSummary {
+    let name = |s: &MigrationStatus| {
+        format!(
+            "{} ({})",
+            s.version.clone().unwrap_or_else(|| "R".into()),
+            s.script
+        )
+    };
+    MigrationSummary {
+        pending: statuses
+            .iter()
+            .filter(|s| matches!(s.state, State::Pending | State::Undone))
+            .count(),
+        failed: statuses
+            .iter()
+            .filter(|s| s.state == State::Failed)
+            .map(name)
+            .collect(),
+        drift: statuses
+            .iter()
+            .filter(|s| s.state == State::ChecksumMismatch)
+            .map(name)
+            .collect(),
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationFacts for MigrationFactsAdapter {
+    async fn summary(&self, target: &str) -> Result<MigrationSummary, ApiError> {
+        Ok(summarize(&self.api.status(target).await?))
+    }
+
+    async fn verify_scripts(&self, target: &str) -> Result<Vec<VerifyScript>, ApiError> {
+        let dir = self.dirs.get(target).ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::UnknownTarget,
+                format!("unknown target {target:?}: no migrations directory"),
+            )
+        })?;
+        let set = belay_migrate::load(dir).map_err(MigrateError::from)?;
+        let statuses = self.api.status(target).await?;
+        Ok(set
+            .migrations
+            .iter()
+            .filter(|m| {
+                statuses.iter().any(|s| {
+                    s.version.as_deref() == Some(m.version.as_str()) && s.state == State::Success
+                })
+            })
+            .filter_map(|m| {
+                m.verify
+                    .as_ref()
+                    .map(|v| VerifyScript::from((v.path.clone(), v.text.clone())))
+            })
+            .collect())
+    }
+}

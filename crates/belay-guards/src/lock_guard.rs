@@ -1,0 +1,193 @@
+//! [`LockGuardAdapter`]: `belay_migrate::LockGuardHook` over `belay_locks::LockGuard`.
+
+use belay_core::DatabaseUrl;
+use belay_locks::{LockGuard, LocksError, SessionInfo, WaitOutcome};
+use belay_migrate::{ApiError, ErrorKind, LockGuardHook, LockTrip, LockWatch, SessionBrief};
+use sqlx::PgConnection;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tracing::Instrument;
+
+/// The lock guard around a target's migration statements: watches the lock queue behind
+/// the migration's session from a session of its own (`belay-lock-guard` in
+/// `pg_stat_activity`, needing `pg_monitor` or the migration's own role to see and cancel
+/// it), cancels the statement when the application has queued behind it past the budget,
+/// and waits out the migration's blockers before the executor retries.
+///
+/// One connection serves the whole run: handed from one statement's watch to the next
+/// (a guard connecting per statement would cost a connection setup per statement).
+#[derive(Clone)]
+pub struct LockGuardAdapter {
+    url: DatabaseUrl,
+    /// The guard's connection between watches; `None` while a watch holds it, or before
+    /// the first.
+    idle: Arc<Mutex<Option<PgConnection>>>,
+}
+
+impl std::fmt::Debug for LockGuardAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuardAdapter")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn api_error(e: LocksError) -> ApiError {
+    let kind = if e.is_connection() {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Internal
+    };
+    ApiError::new(kind, format!("lock guard: {e}"))
+}
+
+/// How often the guard looks at the queue: a fifth of the budget, so a trip comes at most
+/// ~20% late, between 10 ms (the queue query's cost stays negligible) and 100 ms.
+fn period_for(max_blocking: Duration) -> Duration {
+    (max_blocking / 5).clamp(Duration::from_millis(10), Duration::from_millis(100))
+}
+
+fn brief(s: SessionInfo) -> SessionBrief {
+    SessionBrief {
+        pid: s.pid,
+        user: s.user,
+        application: s.application,
+        state: s.state,
+        xact_ms: s.xact_ms,
+        query: s.query,
+    }
+}
+
+/// `pids` described as `pg_stat_activity` shows them now, in their order; a session that
+/// has gone, or a failed lookup, leaves just the pid.
+async fn describe(conn: Option<&mut PgConnection>, pids: &[i32]) -> Vec<SessionBrief> {
+    let mut known = match conn {
+        Some(c) => belay_locks::describe_sessions(c, pids)
+            .await
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    pids.iter()
+        .map(|p| match known.iter().position(|s| s.pid == *p) {
+            Some(i) => brief(known.swap_remove(i)),
+            None => SessionBrief::pid(*p),
+        })
+        .collect()
+}
+
+impl LockGuardAdapter {
+    pub fn new(url: DatabaseUrl) -> Self {
+        LockGuardAdapter {
+            url,
+            idle: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The idle connection, or a new one.
+    async fn session(&self) -> Result<PgConnection, ApiError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match idle {
+            Some(c) => Ok(c),
+            None => belay_locks::guard_session(&self.url)
+                .await
+                .map_err(api_error),
+        }
+    }
+}
+
+fn give_back(idle: &Mutex<Option<PgConnection>>, conn: PgConnection) {
+    *idle.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+}
+
+/// One statement's watch.
+struct Watch {
+    guard: LockGuard,
+    idle: Arc<Mutex<Option<PgConnection>>>,
+}
+
+#[async_trait::async_trait]
+impl LockWatch for Watch {
+    async fn stop(self: Box<Self>) -> Result<Vec<LockTrip>, ApiError> {
+        let Watch { guard, idle } = *self;
+        let (trips, mut conn) = guard.stop_keeping_connection().await.map_err(api_error)?;
+        let mut out = Vec::with_capacity(trips.len());
+        for t in trips {
+            // Described now, while the blockers are most likely still there: the error
+            // that may end the run names who they are, not just their pids.
+            let blockers = describe(conn.as_mut(), &t.blockers_of_migration).await;
+            out.push(LockTrip {
+                at: t.at,
+                blocked_sessions: u32::try_from(t.blocked_sessions.len()).unwrap_or(u32::MAX),
+                longest_wait_ms: t.longest_wait_ms,
+                blockers,
+            });
+        }
+        if let Some(c) = conn {
+            give_back(&idle, c);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl LockGuardHook for LockGuardAdapter {
+    async fn watch(
+        &self,
+        backend_pid: i32,
+        max_blocking: Duration,
+    ) -> Result<Box<dyn LockWatch>, ApiError> {
+        let conn = self.session().await?;
+        let guard = LockGuard::start_on(conn, backend_pid, max_blocking, period_for(max_blocking));
+        Ok(Box::new(Watch {
+            guard,
+            idle: self.idle.clone(),
+        }))
+    }
+
+    async fn wait_until_gone(
+        &self,
+        pids: &[i32],
+        timeout: Duration,
+    ) -> Result<Vec<SessionBrief>, ApiError> {
+        let mut conn = self.session().await?;
+        let outcome = belay_locks::wait_until_gone(&mut conn, pids, timeout)
+            .instrument(tracing::info_span!("wait_until_gone", ?pids))
+            .await
+            .map_err(api_error)?;
+        let remaining = match outcome {
+            WaitOutcome::Gone { .. } => Vec::new(),
+            WaitOutcome::TimedOut { remaining } => describe(Some(&mut conn), &remaining).await,
+        };
+        give_back(&self.idle, conn);
+        Ok(remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guard_looks_five_times_per_budget_within_bounds() {
+        assert_eq!(
+            period_for(Duration::from_millis(500)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            period_for(Duration::from_millis(200)),
+            Duration::from_millis(40)
+        );
+        assert_eq!(
+            period_for(Duration::from_millis(1)),
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            period_for(Duration::from_secs(60)),
+            Duration::from_millis(100)
+        );
+    }
+}

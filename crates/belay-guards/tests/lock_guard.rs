@@ -1,0 +1,441 @@
+//! The lock guard wired into the executor, against a real PostgreSQL: application
+//! sessions run short transactions on `t` while a blocker holds a lock on it and a
+//! migration queues behind the blocker (with a long `lock_timeout`, so only the guard can
+//! release the application).
+
+use belay_core::DatabaseUrl;
+use belay_guards::LockGuardAdapter;
+use belay_history::{History, HistoryRow, RowState};
+use belay_migrate::{
+    Event, EventKind, ExecConfig, MigrateError, Migrator, RunReport, Target, load,
+};
+use belay_testkit::{Cluster, TestDb};
+use sqlx::{Connection, PgConnection};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Generous bounds on awaiting what must happen; reaching one fails the test instead of
+/// hanging it.
+const SOON: Duration = Duration::from_secs(20);
+
+async fn setup() -> R<(TestDb, PgConnection)> {
+    let db = Cluster::shared().create_database().await?;
+    let mut c = PgConnection::connect(&db.url).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); \
+         INSERT INTO t SELECT generate_series(1, 100)",
+    )
+    .execute(&mut c)
+    .await?;
+    Ok((db, c))
+}
+
+/// A session holding ACCESS SHARE on `t` in an open transaction: it blocks the
+/// migration's ALTER TABLE, not the application.
+async fn blocker(url: &str) -> R<(PgConnection, i32)> {
+    let mut c = PgConnection::connect(url).await?;
+    let pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut c)
+        .await?;
+    // Its last query is what a message about it shows.
+    sqlx::raw_sql("SET application_name = 'nightly-report'; BEGIN; SELECT count(*) FROM t")
+        .execute(&mut c)
+        .await?;
+    Ok((c, pid))
+}
+
+/// pgbench-like application sessions: each loops over short SELECT + UPDATE transactions
+/// on its own row, publishing how many it has completed and recording each one's latency.
+struct App {
+    done: Vec<watch::Receiver<u64>>,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<Result<(), sqlx::Error>>>,
+}
+
+impl App {
+    async fn start(url: &str, sessions: i32) -> R<App> {
+        let (stop, stopped) = watch::channel(false);
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        let mut done = Vec::new();
+        let mut tasks = Vec::new();
+        for id in 1..=sessions {
+            let mut c = PgConnection::connect(url).await?;
+            sqlx::raw_sql("SET application_name = 'app'")
+                .execute(&mut c)
+                .await?;
+            let (tx, rx) = watch::channel(0u64);
+            done.push(rx);
+            let stopped = stopped.clone();
+            let latencies = latencies.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                while !*stopped.borrow() {
+                    let started = Instant::now();
+                    let mut tx_ = c.begin().await?;
+                    sqlx::query("SELECT n FROM t WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&mut *tx_)
+                        .await?;
+                    sqlx::query("UPDATE t SET n = n + 1 WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *tx_)
+                        .await?;
+                    tx_.commit().await?;
+                    if let Ok(mut l) = latencies.lock() {
+                        l.push(started.elapsed());
+                    }
+                    n += 1;
+                    tx.send_replace(n);
+                    // Think time, so the sessions do not saturate the two CPUs the
+                    // whole test suite shares.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(())
+            }));
+        }
+        Ok(App {
+            done,
+            latencies,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Waits until every session has completed a transaction after this call.
+    async fn all_complete_another(&mut self) -> R<()> {
+        for rx in &mut self.done {
+            let before = *rx.borrow_and_update();
+            tokio::time::timeout(SOON, rx.wait_for(|n| *n > before))
+                .await
+                .map_err(|_| "an application session stayed stuck behind the migration")??;
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> R<Vec<Duration>> {
+        self.stop.send_replace(true);
+        for t in self.tasks {
+            t.await??;
+        }
+        let l = self.latencies.lock().map_err(|_| "poisoned")?.clone();
+        Ok(l)
+    }
+}
+
+fn migrations(files: &[(&str, &str)]) -> R<tempfile::TempDir> {
+    let d = tempfile::tempdir()?;
+    for (name, body) in files {
+        std::fs::write(d.path().join(name), body)?;
+    }
+    Ok(d)
+}
+
+/// Runs `migrate` in a task, its events forwarded to a channel.
+fn migrate(
+    db: &TestDb,
+    dir: &std::path::Path,
+    config: ExecConfig,
+) -> R<(
+    JoinHandle<Result<RunReport, MigrateError>>,
+    mpsc::UnboundedReceiver<Event>,
+)> {
+    let url = DatabaseUrl::parse(&db.url)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sink = Arc::new(move |e: &Event| {
+        let _ = tx.send(e.clone());
+    });
+    let m = Migrator::new(url.clone(), load(dir)?, config, sink)?
+        .with_lock_guard(Arc::new(LockGuardAdapter::new(url)));
+    Ok((
+        tokio::spawn(async move { m.migrate(&Target::default()).await }),
+        rx,
+    ))
+}
+
+/// The next event `pick` accepts (others are skipped).
+async fn next_event<T>(
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    what: &str,
+    pick: impl Fn(&EventKind) -> Option<T>,
+) -> R<T> {
+    tokio::time::timeout(SOON, async {
+        while let Some(e) = rx.recv().await {
+            if let Some(t) = pick(&e.kind) {
+                return Ok(t);
+            }
+        }
+        Err(format!("the run ended without {what}").into())
+    })
+    .await
+    .map_err(|_| format!("no {what} within {SOON:?}"))?
+}
+
+fn trip_of(k: &EventKind) -> Option<(u32, u32, u64, Vec<i32>, bool)> {
+    match k {
+        EventKind::LockGuardTripped {
+            attempt,
+            blocked_sessions,
+            longest_wait_ms,
+            blockers,
+            cancelled,
+            ..
+        } => Some((
+            *attempt,
+            *blocked_sessions,
+            *longest_wait_ms,
+            blockers.clone(),
+            *cancelled,
+        )),
+        _ => None,
+    }
+}
+
+async fn column_exists(c: &mut PgConnection, name: &str) -> R<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM information_schema.columns WHERE table_name = 't' AND column_name = $1)",
+    )
+    .bind(name)
+    .fetch_one(c)
+    .await?)
+}
+
+async fn rows(c: &mut PgConnection) -> R<Vec<HistoryRow>> {
+    Ok(History::new("belay")?.rows(c).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guard_releases_the_application_and_the_migration_lands_after_the_blocker() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let dir = migrations(&[(
+        "V1__add_c.sql",
+        "-- belay:lock-timeout=30s\n\
+         -- belay:allow=volatile-default the column has no default at all\n\
+         ALTER TABLE t ADD COLUMN c int;\n",
+    )])?;
+    let (mut blocker, blocker_pid) = blocker(&db.url).await?;
+    let mut app = App::start(&db.url, 4).await?;
+    app.all_complete_another().await?;
+
+    let config = ExecConfig::default();
+    assert_eq!(config.max_blocking, Duration::from_millis(500), "the default");
+    let (run, mut events) = migrate(&db, dir.path(), config)?;
+
+    // The migration queues behind the blocker and the application behind the
+    // migration, until the guard cancels the migration's statement.
+    let (attempt, blocked, longest, blockers, cancelled) =
+        next_event(&mut events, "a lock guard trip", trip_of).await?;
+    assert_eq!(attempt, 1);
+    assert!(blocked >= 1, "application sessions were queued behind it");
+    assert!(longest >= 500, "tripped only past max_blocking: {longest} ms");
+    assert_eq!(blockers, vec![blocker_pid]);
+    assert!(cancelled);
+
+    // The application flows again while the blocker still holds its lock, and the
+    // executor waits for the blocker instead of queueing again.
+    app.all_complete_another().await?;
+    app.all_complete_another().await?;
+    let blocker_state: String =
+        sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+            .bind(blocker_pid)
+            .fetch_one(&mut admin)
+            .await?;
+    assert_eq!(blocker_state, "idle in transaction");
+    assert!(!column_exists(&mut admin, "c").await?, "not applied yet");
+    assert!(!run.is_finished());
+
+    // Once the blocker's transaction ends, the migration lands.
+    sqlx::raw_sql("COMMIT").execute(&mut blocker).await?;
+    let report = tokio::time::timeout(SOON, run).await???;
+    assert_eq!(report.results.len(), 1);
+    assert!(report.results[0].retries >= 1, "{report:?}");
+    assert!(column_exists(&mut admin, "c").await?);
+    app.all_complete_another().await?;
+    let latencies = app.finish().await?;
+    let worst = latencies.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} application transactions, the slowest {worst:?}",
+        latencies.len()
+    );
+
+    let rows = rows(&mut admin).await?;
+    let row = rows.last().ok_or("no history row")?;
+    assert_eq!(row.state, RowState::Success);
+    assert!(row.lock_trips >= 1, "{row:?}");
+    let notes = row.notes.as_ref().ok_or("no notes")?;
+    let trips = notes["lock_guard_trips"]
+        .as_array()
+        .ok_or("no trips in the notes")?;
+    assert_eq!(trips.len(), usize::try_from(row.lock_trips)?);
+    let first = &trips[0];
+    assert_eq!(first["blockers"][0]["pid"], blocker_pid);
+    assert_eq!(first["blockers"][0]["application"], "nightly-report");
+    assert!(
+        first["blockers"][0]["query"]
+            .as_str()
+            .is_some_and(|q| q.contains("SELECT count(*) FROM t")),
+        "{first}"
+    );
+    assert!(first["blocked_sessions"].as_u64().is_some_and(|n| n >= 1));
+    assert!(first["longest_wait_ms"].as_u64().is_some_and(|n| n >= 500));
+    assert!(first["at"].is_string());
+    assert_eq!(first["line"], 3);
+    assert_eq!(
+        notes["allowed_lint"]["volatile-default"],
+        "the column has no default at all"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exhausted_attempts_name_the_blocker_and_apply_nothing() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let dir = migrations(&[(
+        "V1__add_c.sql",
+        "-- belay:lock-timeout=30s\nALTER TABLE t ADD COLUMN c int;\n",
+    )])?;
+    let (mut blocker, blocker_pid) = blocker(&db.url).await?;
+    let mut app = App::start(&db.url, 2).await?;
+    app.all_complete_another().await?;
+
+    let config = ExecConfig {
+        max_blocking: Duration::from_millis(200),
+        max_attempts: 2,
+        // Less than the blocker will hold its lock: waiting it out runs out of budget.
+        max_lock_wait: Duration::from_secs(2),
+        ..ExecConfig::default()
+    };
+    let (run, mut events) = migrate(&db, dir.path(), config)?;
+    let (_, _, _, blockers, _) = next_event(&mut events, "a lock guard trip", trip_of).await?;
+    assert_eq!(blockers, vec![blocker_pid]);
+    let err = tokio::time::timeout(SOON, run)
+        .await??
+        .err()
+        .ok_or("the migration must fail while the blocker stays")?;
+    let text = err.to_string();
+    assert!(matches!(err, MigrateError::LockGuardExhausted { .. }), "{text}");
+    assert_eq!(err.kind(), belay_migrate::ErrorKind::MigrationFailed);
+    for want in [
+        "V1__add_c.sql:2",
+        &format!("pid {blocker_pid}"),
+        "application nightly-report",
+        "SELECT count(*) FROM t",
+        "--max-attempts 2",
+        "--max-lock-wait 2s",
+        "--max-blocking 200ms",
+        "nothing of it was applied",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from: {text}");
+    }
+    let failed = next_event(&mut events, "the failure event", |k| match k {
+        EventKind::Failed { error, .. } => Some(error.clone()),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(failed, text);
+
+    // The application was released and keeps going; nothing was applied, and a failed
+    // transactional migration leaves no history row.
+    app.all_complete_another().await?;
+    assert!(!column_exists(&mut admin, "c").await?);
+    assert!(rows(&mut admin).await?.is_empty());
+    sqlx::raw_sql("COMMIT").execute(&mut blocker).await?;
+    app.finish().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_no_transaction_script_retries_just_the_cancelled_statement() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    // The first statement must run exactly once: a retry of the whole script would fail
+    // on the table that already exists.
+    let dir = migrations(&[(
+        "V1__two_steps.sql",
+        "-- belay:no-transaction\n-- belay:lock-timeout=30s\n\
+         CREATE TABLE u (id int);\n\
+         ALTER TABLE t ADD COLUMN c int;\n",
+    )])?;
+    let (mut blocker, blocker_pid) = blocker(&db.url).await?;
+    let mut app = App::start(&db.url, 2).await?;
+    app.all_complete_another().await?;
+    let (run, mut events) = migrate(
+        &db,
+        dir.path(),
+        ExecConfig {
+            max_blocking: Duration::from_millis(200),
+            ..ExecConfig::default()
+        },
+    )?;
+    let (_, _, _, blockers, cancelled) =
+        next_event(&mut events, "a lock guard trip", trip_of).await?;
+    assert_eq!(blockers, vec![blocker_pid]);
+    assert!(cancelled);
+    app.all_complete_another().await?;
+    // Meanwhile the history shows the migration running, as for any no-transaction one.
+    let running = rows(&mut admin).await?;
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].state, RowState::Running);
+
+    sqlx::raw_sql("COMMIT").execute(&mut blocker).await?;
+    let report = tokio::time::timeout(SOON, run).await???;
+    assert!(report.results[0].retries >= 1);
+    assert!(column_exists(&mut admin, "c").await?);
+    app.finish().await?;
+    let rows = rows(&mut admin).await?;
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row.state, RowState::Success);
+    assert!(row.lock_trips >= 1);
+    let notes = row.notes.as_ref().ok_or("no notes")?;
+    assert_eq!(notes["lock_guard_trips"][0]["blockers"][0]["pid"], blocker_pid);
+    assert_eq!(notes["lock_guard_trips"][0]["line"], 4);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_statement_holding_its_lock_too_long_is_cancelled_and_named_as_the_cause() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    // Nothing blocks this migration: it takes its lock at once, then keeps it while it
+    // works, and the application queues behind it.
+    let dir = migrations(&[(
+        "V1__slow.sql",
+        "ALTER TABLE t ADD COLUMN c int;\nSELECT pg_sleep(30);\n",
+    )])?;
+    let mut app = App::start(&db.url, 2).await?;
+    app.all_complete_another().await?;
+    let (run, mut events) = migrate(
+        &db,
+        dir.path(),
+        ExecConfig {
+            max_blocking: Duration::from_millis(200),
+            max_attempts: 1,
+            ..ExecConfig::default()
+        },
+    )?;
+    let (_, blocked, _, blockers, cancelled) =
+        next_event(&mut events, "a lock guard trip", trip_of).await?;
+    assert!(blocked >= 1);
+    assert!(blockers.is_empty(), "nobody blocked the migration: {blockers:?}");
+    assert!(cancelled);
+    let err = tokio::time::timeout(SOON, run)
+        .await??
+        .err()
+        .ok_or("with one attempt allowed, the trip ends the run")?
+        .to_string();
+    for want in [
+        "V1__slow.sql:2",
+        "gave up after 1 attempt(s)",
+        "Nothing blocked the migration",
+        "nothing of it was applied",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    app.all_complete_another().await?;
+    assert!(!column_exists(&mut admin, "c").await?, "rolled back with the sleep");
+    app.finish().await?;
+    Ok(())
+}

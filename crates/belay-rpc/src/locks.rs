@@ -1,0 +1,491 @@
+//! `belay.v1.LockMonitorService`: conversions, the server adapter over any
+//! [`LockMonitorApi`] and the client implementing it over gRPC.
+
+use crate::Connection;
+use crate::convert::{self, DecodeError};
+use belay_auth::MaybeTokenAttach;
+use belay_core::{ApiError, ErrorKind};
+use belay_locks::{
+    LockMonitorApi, LockNode, LockSnapshot, MonitorOptions, ReplicaLag, SessionInfo,
+    SnapshotOptions, SnapshotStream,
+};
+use belay_proto::v1 as pb;
+use pb::lock_monitor_service_client::LockMonitorServiceClient;
+use pb::lock_monitor_service_server::{LockMonitorService, LockMonitorServiceServer};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info_span};
+
+// ---- conversions ----
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn node(n: &LockNode) -> pb::LockNode {
+    pb::LockNode {
+        pid: n.pid,
+        user: n.user.clone(),
+        application: n.application.clone(),
+        state: n.state.clone(),
+        wait_event: n.wait_event.clone(),
+        mode: n.mode.clone(),
+        relation: n.relation.clone(),
+        waiting_ms: n.waiting_ms,
+        query: n.query.clone(),
+        children: n.children.iter().map(node).collect(),
+        database: n.database.clone(),
+        lock_type: n.lock_type.clone(),
+        xact_ms: n.xact_ms,
+        blocked_by: n.blocked_by.clone(),
+        in_cycle: n.in_cycle,
+    }
+}
+
+fn node_from(n: &pb::LockNode) -> LockNode {
+    LockNode {
+        pid: n.pid,
+        user: n.user.clone(),
+        application: n.application.clone(),
+        database: n.database.clone(),
+        state: n.state.clone(),
+        wait_event: n.wait_event.clone(),
+        mode: n.mode.clone(),
+        lock_type: n.lock_type.clone(),
+        relation: n.relation.clone(),
+        waiting_ms: n.waiting_ms,
+        xact_ms: n.xact_ms,
+        query: n.query.clone(),
+        blocked_by: n.blocked_by.clone(),
+        in_cycle: n.in_cycle,
+        children: n.children.iter().map(node_from).collect(),
+    }
+}
+
+fn session(s: &SessionInfo) -> pb::SessionInfo {
+    pb::SessionInfo {
+        pid: s.pid,
+        user: s.user.clone(),
+        application: s.application.clone(),
+        query_ms: s.query_ms,
+        query: s.query.clone(),
+        database: s.database.clone(),
+        client_addr: s.client_addr.clone(),
+        state: s.state.clone(),
+        wait_event: s.wait_event.clone(),
+        backend_type: s.backend_type.clone(),
+        xact_ms: s.xact_ms,
+        state_ms: s.state_ms,
+    }
+}
+
+fn session_from(s: &pb::SessionInfo) -> SessionInfo {
+    SessionInfo {
+        pid: s.pid,
+        user: s.user.clone(),
+        application: s.application.clone(),
+        database: s.database.clone(),
+        client_addr: s.client_addr.clone(),
+        state: s.state.clone(),
+        wait_event: s.wait_event.clone(),
+        backend_type: s.backend_type.clone(),
+        query_ms: s.query_ms,
+        xact_ms: s.xact_ms,
+        state_ms: s.state_ms,
+        query: s.query.clone(),
+    }
+}
+
+fn replica(r: &ReplicaLag) -> pb::ReplicaLag {
+    pb::ReplicaLag {
+        client_addr: r.client_addr.clone(),
+        state: r.state.clone(),
+        pid: r.pid,
+        application: r.application.clone(),
+        sync_state: r.sync_state.clone(),
+        write_lag_ms: r.write_lag_ms,
+        flush_lag_ms: r.flush_lag_ms,
+        replay_lag_ms: r.replay_lag_ms,
+        replay_lag_bytes: r.replay_lag_bytes,
+    }
+}
+
+fn replica_from(r: &pb::ReplicaLag) -> ReplicaLag {
+    ReplicaLag {
+        pid: r.pid,
+        application: r.application.clone(),
+        client_addr: r.client_addr.clone(),
+        state: r.state.clone(),
+        sync_state: r.sync_state.clone(),
+        write_lag_ms: r.write_lag_ms,
+        flush_lag_ms: r.flush_lag_ms,
+        replay_lag_ms: r.replay_lag_ms,
+        replay_lag_bytes: r.replay_lag_bytes,
+    }
+}
+
+pub fn snapshot(s: &LockSnapshot) -> pb::LockSnapshot {
+    pb::LockSnapshot {
+        at: Some(convert::timestamp(s.at)),
+        trees: s.trees.iter().map(node).collect(),
+        long_running: s.long_running.iter().map(session).collect(),
+        idle_in_transaction: s.idle_in_transaction.iter().map(session).collect(),
+        replication: s.replication.iter().map(replica).collect(),
+    }
+}
+
+pub fn snapshot_from(s: &pb::LockSnapshot) -> Result<LockSnapshot, DecodeError> {
+    let at = s.at.as_ref().ok_or_else(|| DecodeError {
+        what: "lock snapshot",
+        problem: "no sample time".into(),
+    })?;
+    Ok(LockSnapshot {
+        at: convert::from_timestamp(at)?,
+        trees: s.trees.iter().map(node_from).collect(),
+        long_running: s.long_running.iter().map(session_from).collect(),
+        idle_in_transaction: s.idle_in_transaction.iter().map(session_from).collect(),
+        replication: s.replication.iter().map(replica_from).collect(),
+    })
+}
+
+fn snapshot_options(
+    min_wait_ms: u64,
+    long_running_ms: Option<u64>,
+    idle_ms: Option<u64>,
+) -> SnapshotOptions {
+    let defaults = SnapshotOptions::default();
+    SnapshotOptions {
+        min_wait: Duration::from_millis(min_wait_ms),
+        long_running: long_running_ms.map_or(defaults.long_running, Duration::from_millis),
+        idle_in_transaction: idle_ms.map_or(defaults.idle_in_transaction, Duration::from_millis),
+        // A pid of the caller's own session means nothing on the agent's server.
+        exclude_pid: None,
+    }
+}
+
+pub fn snapshot_request(target: &str, o: &MonitorOptions) -> pb::LockSnapshotRequest {
+    pb::LockSnapshotRequest {
+        target: Some(pb::Target {
+            name: target.to_string(),
+        }),
+        min_wait_ms: millis(o.snapshot.min_wait),
+        long_running_ms: Some(millis(o.snapshot.long_running)),
+        idle_in_transaction_ms: Some(millis(o.snapshot.idle_in_transaction)),
+        all_databases: o.all_databases,
+    }
+}
+
+pub fn snapshot_request_from(r: &pb::LockSnapshotRequest) -> MonitorOptions {
+    MonitorOptions {
+        snapshot: snapshot_options(
+            r.min_wait_ms,
+            r.long_running_ms,
+            r.idle_in_transaction_ms,
+        ),
+        all_databases: r.all_databases,
+        ..MonitorOptions::default()
+    }
+}
+
+pub fn watch_request(target: &str, o: &MonitorOptions) -> pb::LockWatchRequest {
+    pb::LockWatchRequest {
+        target: Some(pb::Target {
+            name: target.to_string(),
+        }),
+        min_wait_ms: millis(o.snapshot.min_wait),
+        period_ms: millis(o.period),
+        long_running_ms: Some(millis(o.snapshot.long_running)),
+        idle_in_transaction_ms: Some(millis(o.snapshot.idle_in_transaction)),
+        all_databases: o.all_databases,
+    }
+}
+
+pub fn watch_request_from(r: &pb::LockWatchRequest) -> MonitorOptions {
+    MonitorOptions {
+        snapshot: snapshot_options(
+            r.min_wait_ms,
+            r.long_running_ms,
+            r.idle_in_transaction_ms,
+        ),
+        all_databases: r.all_databases,
+        period: if r.period_ms == 0 {
+            MonitorOptions::default().period
+        } else {
+            Duration::from_millis(r.period_ms)
+        },
+    }
+}
+
+/// One item of a watch on the wire: a snapshot, or a sample that failed.
+pub fn watch_message(item: &Result<LockSnapshot, ApiError>) -> pb::LockWatchMessage {
+    use pb::lock_watch_message::Message;
+    pb::LockWatchMessage {
+        message: Some(match item {
+            Ok(s) => Message::Snapshot(snapshot(s)),
+            Err(e) => Message::Error(pb::LockSampleError {
+                reason: convert::reason_of(e.kind) as i32,
+                message: e.message.clone(),
+            }),
+        }),
+    }
+}
+
+pub fn watch_message_from(m: &pb::LockWatchMessage) -> Result<LockSnapshot, ApiError> {
+    use pb::lock_watch_message::Message;
+    match &m.message {
+        Some(Message::Snapshot(s)) => Ok(snapshot_from(s)?),
+        Some(Message::Error(e)) => {
+            let kind = pb::ErrorReason::try_from(e.reason)
+                .ok()
+                .and_then(convert::kind_of)
+                .unwrap_or(ErrorKind::Internal);
+            Err(ApiError::new(kind, e.message.clone()))
+        }
+        None => Err(DecodeError {
+            what: "lock watch message",
+            problem: "neither a snapshot nor an error".into(),
+        }
+        .into()),
+    }
+}
+
+// ---- server ----
+
+/// The gRPC face of a lock monitor: the agent serves its targets through it, the
+/// controller its router to agents.
+#[derive(Clone)]
+pub struct LockMonitorGrpc {
+    api: Arc<dyn LockMonitorApi>,
+}
+
+impl std::fmt::Debug for LockMonitorGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockMonitorGrpc").finish_non_exhaustive()
+    }
+}
+
+impl LockMonitorGrpc {
+    pub fn new(api: Arc<dyn LockMonitorApi>) -> Self {
+        LockMonitorGrpc { api }
+    }
+
+    pub fn into_service(self) -> LockMonitorServiceServer<Self> {
+        LockMonitorServiceServer::new(self)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::LockWatchMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LockMonitorService for LockMonitorGrpc {
+    async fn snapshot(
+        &self,
+        req: Request<pb::LockSnapshotRequest>,
+    ) -> Result<Response<pb::LockSnapshot>, Status> {
+        let r = req.get_ref();
+        let target = crate::server::target_name(r.target.as_ref())?;
+        let options = snapshot_request_from(r);
+        let s = self
+            .api
+            .snapshot(&target, &options)
+            .instrument(info_span!("lock_snapshot_rpc", target = %target))
+            .await
+            .map_err(|e| convert::status_from(&e))?;
+        Ok(Response::new(snapshot(&s)))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::LockWatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = req.get_ref();
+        let target = crate::server::target_name(r.target.as_ref())?;
+        let options = watch_request_from(r);
+        let stream = self
+            .api
+            .watch(&target, &options)
+            .instrument(info_span!("lock_watch_rpc", target = %target))
+            .await
+            .map_err(|e| convert::status_from(&e))?;
+        // Dropped when the caller goes away, which stops the sampling behind it.
+        Ok(Response::new(Box::pin(
+            stream.map(|item| Ok(watch_message(&item))),
+        )))
+    }
+}
+
+// ---- client ----
+
+/// [`LockMonitorApi`] over gRPC: the CLI's remote mode and the controller's calls to agents.
+#[derive(Clone, Debug)]
+pub struct LockMonitorClient {
+    client: LockMonitorServiceClient<InterceptedService<Channel, MaybeTokenAttach>>,
+    peer: String,
+}
+
+impl LockMonitorClient {
+    pub fn new(conn: &Connection) -> Self {
+        LockMonitorClient {
+            client: LockMonitorServiceClient::new(conn.intercepted()),
+            peer: conn.peer.clone(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl LockMonitorApi for LockMonitorClient {
+    async fn snapshot(
+        &self,
+        target: &str,
+        options: &MonitorOptions,
+    ) -> Result<LockSnapshot, ApiError> {
+        let r = self
+            .client
+            .clone()
+            .snapshot(snapshot_request(target, options))
+            .await
+            .map_err(|s| convert::api_error_from(&s, &self.peer))?;
+        Ok(snapshot_from(r.get_ref())?)
+    }
+
+    async fn watch(
+        &self,
+        target: &str,
+        options: &MonitorOptions,
+    ) -> Result<SnapshotStream, ApiError> {
+        let stream = self
+            .client
+            .clone()
+            .watch(watch_request(target, options))
+            .await
+            .map_err(|s| convert::api_error_from(&s, &self.peer))?
+            .into_inner();
+        let peer = self.peer.clone();
+        Ok(Box::pin(stream.map(move |m| match m {
+            Ok(m) => watch_message_from(&m),
+            Err(s) => Err(convert::api_error_from(&s, &peer)),
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn full_node(pid: i32, waiting: Option<u64>, children: Vec<LockNode>) -> LockNode {
+        LockNode {
+            pid,
+            user: Some("app".into()),
+            // An empty application name is not an absent one.
+            application: Some(String::new()),
+            database: Some("shop".into()),
+            state: Some("active".into()),
+            wait_event: waiting.map(|_| "Lock:relation".into()),
+            mode: Some("AccessExclusiveLock".into()),
+            lock_type: Some("relation".into()),
+            relation: Some("public.orders".into()),
+            waiting_ms: waiting,
+            xact_ms: Some(1_234),
+            query: Some("ALTER TABLE orders ADD COLUMN x int".into()),
+            blocked_by: waiting.map(|_| vec![1]).unwrap_or_default(),
+            in_cycle: pid == 1,
+            children,
+        }
+    }
+
+    fn sample() -> LockSnapshot {
+        let s = |pid| SessionInfo {
+            pid,
+            user: Some("app".into()),
+            application: None,
+            database: Some("shop".into()),
+            client_addr: Some("10.0.0.7".into()),
+            state: Some("idle in transaction".into()),
+            wait_event: Some("Client:ClientRead".into()),
+            backend_type: Some("client backend".into()),
+            query_ms: Some(90_000),
+            xact_ms: Some(91_000),
+            state_ms: None,
+            query: Some("SELECT 1".into()),
+        };
+        LockSnapshot {
+            at: chrono::Utc
+                .timestamp_opt(1_700_000_000, 123_456_000)
+                .single()
+                .unwrap(),
+            trees: vec![full_node(
+                1,
+                None,
+                vec![full_node(2, Some(0), vec![full_node(3, Some(700), vec![])])],
+            )],
+            long_running: vec![s(4)],
+            idle_in_transaction: vec![s(5), s(6)],
+            replication: vec![ReplicaLag {
+                pid: 7,
+                application: Some("walreceiver".into()),
+                client_addr: None,
+                state: Some("streaming".into()),
+                sync_state: Some("async".into()),
+                write_lag_ms: Some(1),
+                flush_lag_ms: None,
+                replay_lag_ms: Some(3),
+                replay_lag_bytes: Some(-1),
+            }],
+        }
+    }
+
+    #[test]
+    fn snapshots_round_trip_exactly() {
+        let s = sample();
+        let back = snapshot_from(&snapshot(&s)).unwrap();
+        assert_eq!(back, s);
+        // The JSON the CLI prints is the same on both sides of the wire.
+        assert_eq!(
+            serde_json::to_string(&back).unwrap(),
+            serde_json::to_string(&s).unwrap()
+        );
+        let mut no_time = snapshot(&s);
+        no_time.at = None;
+        assert!(snapshot_from(&no_time).is_err());
+    }
+
+    #[test]
+    fn options_round_trip_and_defaults_fill_gaps() {
+        let o = MonitorOptions {
+            snapshot: SnapshotOptions {
+                min_wait: Duration::from_millis(250),
+                long_running: Duration::ZERO,
+                idle_in_transaction: Duration::from_secs(5),
+                exclude_pid: None,
+            },
+            all_databases: true,
+            period: Duration::from_millis(300),
+        };
+        let back = snapshot_request_from(&snapshot_request("t", &o));
+        assert_eq!(back.snapshot, o.snapshot);
+        assert!(back.all_databases);
+        assert_eq!(watch_request_from(&watch_request("t", &o)), o);
+        let bare = watch_request_from(&pb::LockWatchRequest::default());
+        assert_eq!(bare, MonitorOptions::default());
+    }
+
+    #[test]
+    fn watch_items_keep_errors_and_their_class() {
+        let ok = watch_message_from(&watch_message(&Ok(sample()))).unwrap();
+        assert_eq!(ok, sample());
+        let err = ApiError::new(ErrorKind::Unavailable, "cannot connect to postgres://db");
+        let back = watch_message_from(&watch_message(&Err(err))).unwrap_err();
+        assert_eq!(back.kind, ErrorKind::Unavailable);
+        assert_eq!(back.message, "cannot connect to postgres://db");
+        let empty = watch_message_from(&pb::LockWatchMessage { message: None });
+        assert!(empty.is_err());
+    }
+}

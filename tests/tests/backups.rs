@@ -1,0 +1,420 @@
+//! Backups through the fleet: the real CLI in remote mode, a real controller and agent,
+//! real PostgreSQL and pg_dump. The agent keeps the catalog; the controller routes to it and
+//! mirrors the catalog into its store.
+
+use anyhow::{Context, Result};
+use belay_e2e::{Daemon, Run, belay, belay_local, wait_agents, wait_for};
+use belay_testkit::{Cluster, TestDb};
+use std::path::{Path, PathBuf};
+
+fn psql(url: &str, sql: &str) -> String {
+    belay_testkit::psql(url, sql)
+        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
+        .trim()
+        .to_string()
+}
+
+async fn controller(store: &Path) -> Result<Daemon> {
+    let store = store.to_string_lossy().into_owned();
+    Daemon::start(
+        "belay-controller",
+        &[
+            "--store",
+            &store,
+            "--heartbeat-interval",
+            "200ms",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    )
+    .await
+}
+
+/// One target of the agent: its name, database, and backup directory if it has one.
+struct Def<'a> {
+    name: &'a str,
+    db: &'a TestDb,
+    backup_dir: Option<&'a Path>,
+}
+
+/// An agent whose targets may have a `backup_dir` (the shared helper writes none).
+async fn agent(
+    dir: &Path,
+    controller: &str,
+    migrations: &Path,
+    defs: &[Def<'_>],
+) -> Result<Daemon> {
+    let mut text = format!("name = \"agent-1\"\ncontroller = \"{controller}\"\n");
+    for d in defs {
+        text.push_str(&format!(
+            "\n[[targets]]\nname = \"{}\"\nurl = \"{}\"\nmigrations = \"{}\"\n",
+            d.name,
+            d.db.url,
+            migrations.display()
+        ));
+        if let Some(b) = d.backup_dir {
+            text.push_str(&format!("backup_dir = \"{}\"\n", b.display()));
+        }
+    }
+    let path = dir.join("agent-1.toml");
+    std::fs::write(&path, text).context("writing agent config")?;
+    let path = path.to_string_lossy().into_owned();
+    Daemon::start(
+        "belay-agent",
+        &["--listen", "127.0.0.1:0", "--config", &path],
+        &[],
+    )
+    .await
+}
+
+fn ok(r: Run) -> Run {
+    assert_eq!(r.code, 0, "{r:?}");
+    r
+}
+
+/// The controller store's mirror of `target`: (id, verified, deployment_id, sha256 of the
+/// first file), newest first.
+async fn mirror(store: &Path, target: &str) -> Result<Vec<(String, bool, Option<String>, String)>> {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", store.display())).await?;
+    let rows: Vec<(String, i64, Option<String>, String)> = sqlx::query_as(
+        "SELECT id, verified, deployment_id, json_extract(manifest, '$.files[0].sha256')
+         FROM backups WHERE target = $1 ORDER BY created_at DESC, id DESC",
+    )
+    .bind(target)
+    .fetch_all(&pool)
+    .await?;
+    pool.close().await;
+    Ok(rows
+        .into_iter()
+        .map(|(id, v, d, sha)| (id, v == 1, d, sha))
+        .collect())
+}
+
+fn empty_migrations(dir: &Path) -> Result<PathBuf> {
+    let m = dir.join("migrations");
+    std::fs::create_dir_all(&m)?;
+    Ok(m)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_backups_create_list_verify_restore_and_are_mirrored() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let db = Cluster::shared().create_database().await?;
+    let other = Cluster::shared().create_database().await?;
+    let migrations = empty_migrations(tmp.path())?;
+    let backups = tmp.path().join("agent-backups");
+    let store = tmp.path().join("controller.db");
+    psql(
+        &db.url,
+        "CREATE TABLE orders (id int PRIMARY KEY, note text);
+         INSERT INTO orders SELECT g, 'n' || g FROM generate_series(1, 50) g;",
+    );
+    let c = controller(&store).await?;
+    // Named like its database, so local mode (catalog named after the database) reads the
+    // same catalog and the outputs can be compared.
+    let t = db.name.as_str();
+    let mut a = agent(
+        tmp.path(),
+        &c.addr,
+        &migrations,
+        &[
+            Def {
+                name: t,
+                db: &db,
+                backup_dir: Some(&backups),
+            },
+            Def {
+                name: "nobackup",
+                db: &other,
+                backup_dir: None,
+            },
+        ],
+    )
+    .await?;
+    wait_agents(&c.addr, 1).await?;
+
+    // Create: progress streams back from the agent, the result is a verified backup.
+    let created = ok(belay(
+        &c.addr,
+        &["--target", t, "backup", "create", "--output", "json"],
+    )
+    .await?);
+    let doc = created.json();
+    let id = doc["id"].as_str().context("id")?.to_string();
+    assert!(
+        created.stderr.contains(&format!("backing up {t} ({id})"))
+            && created.stderr.contains("done,"),
+        "progress lines come from the stream: {created:?}"
+    );
+    assert_eq!(doc["verified"], true, "{doc}");
+    assert!(
+        doc["tables_counted"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["name"] == "orders" && x["rows"] == 50)),
+        "{doc}"
+    );
+    assert!(
+        backups.join(t).join(&id).join("manifest.json").is_file(),
+        "the catalog is the agent's"
+    );
+
+    // List: the same backup, with what a catalog entry carries.
+    let listed = ok(belay(
+        &c.addr,
+        &["--target", t, "backup", "list", "--output", "json"],
+    )
+    .await?);
+    let entries = listed.json();
+    let e = &entries.as_array().context("array")?[0];
+    assert_eq!(entries.as_array().map(Vec::len), Some(1), "{entries}");
+    assert_eq!(e["id"], id.as_str());
+    assert!(
+        e["created_at"].as_str().is_some_and(|s| s.contains('T')),
+        "{e}"
+    );
+    assert_eq!(e["format"], "custom", "{e}");
+    assert_eq!(e["scope"], "full", "{e}");
+    assert_eq!(e["verified"], true, "{e}");
+    let files = e["files"].as_array().context("files")?;
+    assert_eq!(files[0]["path"], "dump.pgdump", "{e}");
+    assert!(files[0]["size"].as_u64().is_some_and(|n| n > 0), "{e}");
+    let sha = files[0]["sha256"].as_str().context("sha256")?.to_string();
+    assert_eq!(sha.len(), 64, "{e}");
+
+    // Local mode on the same catalog prints exactly the same.
+    let backup_dir = backups.to_string_lossy().into_owned();
+    let local = belay_local(
+        &db.url,
+        &migrations,
+        &[
+            "--backup-dir",
+            &backup_dir,
+            "backup",
+            "list",
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
+    assert_eq!(local.json(), entries, "{local:?}");
+    let remote_text = ok(belay(&c.addr, &["--target", t, "backup", "list"]).await?);
+    let local_text = belay_local(
+        &db.url,
+        &migrations,
+        &["--backup-dir", &backup_dir, "backup", "list"],
+    )
+    .await?;
+    assert_eq!(remote_text.stdout, local_text.stdout);
+
+    // The controller mirrored it into its store.
+    let m = mirror(&store, t).await?;
+    assert_eq!(m, [(id.clone(), true, None, sha.clone())]);
+
+    // Verify, with a restore into a scratch database on the target's server.
+    let v = ok(belay(
+        &c.addr,
+        &["--target", t, "backup", "verify", &id, "--restore-test"],
+    )
+    .await?);
+    assert!(
+        v.stdout.contains(&format!("backup {id} verified"))
+            && v.stdout.contains("restore test into"),
+        "{v:?}"
+    );
+
+    // Restore brings changed data back, behind an emergency backup.
+    psql(
+        &db.url,
+        "DELETE FROM orders WHERE id > 10; UPDATE orders SET note = 'changed'",
+    );
+    let r = ok(belay(
+        &c.addr,
+        &["--target", t, "backup", "restore", &id, "--output", "json"],
+    )
+    .await?);
+    let report = r.json();
+    assert!(r.stderr.contains(&format!("restoring {t} ({id})")), "{r:?}");
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*), count(*) FILTER (WHERE note = 'changed') FROM orders"
+        ),
+        "50|0"
+    );
+    let emergency = report["emergency_backup"]
+        .as_str()
+        .context("emergency backup")?
+        .to_string();
+    // The mirror follows: the emergency backup is in it too.
+    let ids: Vec<String> = mirror(&store, t).await?.into_iter().map(|r| r.0).collect();
+    assert_eq!(ids, [emergency.clone(), id.clone()]);
+
+    // Errors keep their meaning and exit codes across the wire.
+    let r = belay(
+        &c.addr,
+        &[
+            "--target",
+            t,
+            "backup",
+            "verify",
+            "20000101T000000.000Z-000000",
+        ],
+    )
+    .await?;
+    assert_eq!(r.code, 66, "no such backup: {r:?}");
+    let r = belay(&c.addr, &["--target", "nobackup", "backup", "list"]).await?;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("\"nobackup\"") && r.stderr.contains("backup_dir"),
+        "names the target and the key to set: {r:?}"
+    );
+    let r = belay(&c.addr, &["--target", "nope", "backup", "list"]).await?;
+    assert_eq!(r.code, 64, "{r:?}");
+
+    // With the agent down, the listing fails, saying what the controller last saw.
+    a.kill().await?;
+    wait_for("the agent to be reported unreachable", || async {
+        let r = belay(&c.addr, &["agents", "--output", "json"]).await?;
+        Ok(r.json()
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["state"] == "unreachable")))
+    })
+    .await?;
+    let r = belay(&c.addr, &["--target", t, "backup", "list"]).await?;
+    assert_eq!(r.code, 69, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "the controller last saw 2 backup(s) of {t} (newest {emergency}"
+        )),
+        "{r:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_through_the_controller_keeps_the_backup_of_a_failed_deployment() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let db = Cluster::shared().create_database().await?;
+    let migrations = tmp.path().join("migrations");
+    std::fs::create_dir_all(&migrations)?;
+    std::fs::write(
+        migrations.join("V1__t.sql"),
+        "CREATE TABLE t (id int);\nINSERT INTO t SELECT generate_series(1, 10);",
+    )?;
+    // Fails in its own transaction: no history row records the failure, so the target's
+    // history alone looks finished; only the controller knows the deployment failed.
+    std::fs::write(migrations.join("V2__boom.sql"), "SELECT 1/0;")?;
+    let backups = tmp.path().join("agent-backups");
+    let store = tmp.path().join("controller.db");
+    let c = controller(&store).await?;
+    let t = db.name.as_str();
+    let _a = agent(
+        tmp.path(),
+        &c.addr,
+        &migrations,
+        &[Def {
+            name: t,
+            db: &db,
+            backup_dir: Some(&backups),
+        }],
+    )
+    .await?;
+    wait_agents(&c.addr, 1).await?;
+
+    let r = belay(&c.addr, &["deploy", "--targets", t, "--output", "json"]).await?;
+    assert_eq!(r.code, 1, "{r:?}");
+    let deployment = r.json()["id"]
+        .as_str()
+        .context("deployment id")?
+        .to_string();
+    assert_eq!(r.json()["state"], "failed", "{r:?}");
+    let pre = psql(
+        &db.url,
+        "SELECT DISTINCT backup_id FROM belay.schema_history",
+    );
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT string_agg(state, ',') FROM belay.schema_history"
+        ),
+        "success"
+    );
+
+    // Two newer verified backups: keeping none, retention alone would delete `pre`.
+    let c1 = ok(belay(
+        &c.addr,
+        &["--target", t, "backup", "create", "--output", "json"],
+    )
+    .await?)
+    .json()["id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    ok(belay(&c.addr, &["--target", t, "backup", "create"]).await?);
+
+    // The controller mirrors which backup precedes the deployment.
+    let m = mirror(&store, t).await?;
+    let before: Vec<&str> = m
+        .iter()
+        .filter(|r| r.2.as_deref() == Some(deployment.as_str()))
+        .map(|r| r.0.as_str())
+        .collect();
+    assert_eq!(before, [pre.as_str()], "{m:?}");
+
+    // Locally, the history shows nothing unfinished: a dry run would delete `pre`.
+    let backup_dir = backups.to_string_lossy().into_owned();
+    let local = belay_local(
+        &db.url,
+        &migrations,
+        &[
+            "--backup-dir",
+            &backup_dir,
+            "backup",
+            "prune",
+            "--keep",
+            "0",
+            "--dry-run",
+        ],
+    )
+    .await?;
+    assert!(
+        local.stdout.contains(&format!("would delete {pre}")),
+        "{local:?}"
+    );
+
+    // Through the controller, the failed deployment keeps it.
+    let p = ok(belay(
+        &c.addr,
+        &[
+            "--target", t, "backup", "prune", "--keep", "0", "--output", "json",
+        ],
+    )
+    .await?)
+    .json();
+    let deleted: Vec<&str> = p["deleted"]
+        .as_array()
+        .context("deleted")?
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(deleted, [c1.as_str()], "{p}");
+    let kept = p["kept"]
+        .as_array()
+        .context("kept")?
+        .iter()
+        .find(|k| k["id"] == pre.as_str())
+        .with_context(|| format!("pre-deployment backup kept: {p}"))?;
+    assert_eq!(kept["reason"], "protected", "{p}");
+    assert!(
+        kept["note"]
+            .as_str()
+            .is_some_and(|n| n.contains(&deployment) && n.contains("failed")),
+        "{p}"
+    );
+    assert!(backups.join(t).join(&pre).is_dir());
+    // The mirror lost the pruned backup and kept the protected one.
+    let ids: Vec<String> = mirror(&store, t).await?.into_iter().map(|r| r.0).collect();
+    assert!(!ids.contains(&c1) && ids.contains(&pre), "{ids:?}");
+    Ok(())
+}
