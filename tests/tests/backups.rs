@@ -341,6 +341,16 @@ async fn prune_through_the_controller_keeps_the_backup_of_a_failed_deployment() 
         "success"
     );
 
+    // The controller mirrored at once which backup precedes the deployment.
+    let m = mirror(&store, t).await?;
+    assert_eq!(
+        m.iter()
+            .map(|r| (r.0.as_str(), r.1, r.2.as_deref()))
+            .collect::<Vec<_>>(),
+        [(pre.as_str(), true, Some(deployment.as_str()))],
+        "{m:?}"
+    );
+
     // Two newer verified backups: keeping none, retention alone would delete `pre`.
     let c1 = ok(belay(
         &c.addr,
@@ -352,15 +362,6 @@ async fn prune_through_the_controller_keeps_the_backup_of_a_failed_deployment() 
         .context("id")?
         .to_string();
     ok(belay(&c.addr, &["--target", t, "backup", "create"]).await?);
-
-    // The controller mirrors which backup precedes the deployment.
-    let m = mirror(&store, t).await?;
-    let before: Vec<&str> = m
-        .iter()
-        .filter(|r| r.2.as_deref() == Some(deployment.as_str()))
-        .map(|r| r.0.as_str())
-        .collect();
-    assert_eq!(before, [pre.as_str()], "{m:?}");
 
     // Locally, the history shows nothing unfinished: a dry run would delete `pre`.
     let backup_dir = backups.to_string_lossy().into_owned();

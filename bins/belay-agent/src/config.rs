@@ -145,7 +145,9 @@ fn load_target(base: &Path, t: &TargetConfig) -> Result<LoadedTarget> {
     if let Some(v) = &t.max_blocking {
         exec.max_blocking = parse_duration(v)?;
         if exec.max_blocking.is_zero() {
-            bail!("max_blocking must be greater than zero; set lock_guard = false to run without the guard");
+            bail!(
+                "max_blocking must be greater than zero; set lock_guard = false to run without the guard"
+            );
         }
     }
     Ok(LoadedTarget {

@@ -12,7 +12,8 @@ Database URL:
 
 Exit codes:
   0   success (also: nothing to do)
-  1   a migration failed: SQL error (file:line shown) or lock retries exhausted;
+  1   a migration failed: SQL error (file:line shown), lock retries exhausted, or the
+      lock guard's retries exhausted (its blockers named);
       migrations before it stay applied and recorded, the failing one is not
   2   refused: history needs attention (checksum drift, a failed migration), an undo
       is impossible, `validate` found problems, or a preflight/postflight check blocks;
@@ -170,7 +171,7 @@ pub enum Command {
         command: CheckCommand,
     },
     /// Probe an HTTP endpoint or a SQL query until it crosses its failure threshold (exit
-    /// 4, with the evidence) or --for elapses
+    /// 4, with the evidence) or --for elapses; in remote mode the target's agent probes
     Probe {
         #[command(subcommand)]
         command: ProbeCommand,
@@ -229,7 +230,7 @@ pub enum Command {
     },
     /// Live lock monitor: blocking trees (root blocker → waiters, with lock modes, relations
     /// and waiting times), long-running queries, idle-in-transaction sessions, replication
-    /// lag (local mode)
+    /// lag; in remote mode sampled by the target's agent
     Locks {
         #[command(flatten)]
         args: crate::locks_cmd::LocksArgs,

@@ -348,3 +348,161 @@ fn help_teaches_batches_and_resuming() {
         );
     }
 }
+
+/// Spawns `belay backfill …` with piped output and returns it with its stderr reader.
+fn spawn_backfill(
+    url: &str,
+    dir: &Path,
+    args: &[&str],
+) -> (std::process::Child, BufReader<std::process::ChildStderr>) {
+    let mut child = belay_cmd(url, dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn belay");
+    let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    (child, stderr)
+}
+
+/// Reads stderr into `seen` up to and including the first line containing `needle`.
+fn read_until(stderr: &mut BufReader<std::process::ChildStderr>, seen: &mut String, needle: &str) {
+    loop {
+        let mut line = String::new();
+        let n = stderr.read_line(&mut line).expect("read stderr");
+        assert!(n > 0, "belay ended before printing {needle:?}:\n{seen}");
+        seen.push_str(&line);
+        if line.contains(needle) {
+            return;
+        }
+    }
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[test]
+fn sigterm_stops_between_batches_with_a_json_summary_and_the_resume_command() {
+    let db = db();
+    seed(&db.url);
+    let dir = migrations(&[]);
+    let (child, mut stderr) = spawn_backfill(
+        &db.url,
+        dir.path(),
+        &[
+            "--output", "json", "backfill", "--table", "items", "--set", SET, "--where", WHERE,
+            "--batch", "10", "--sleep", "250ms",
+        ],
+    );
+    let mut seen = String::new();
+    read_until(&mut stderr, &mut seen, ": batch 1: ");
+    signal(&child, "-TERM");
+    stderr.read_to_string(&mut seen).expect("read stderr");
+    let out = child.wait_with_output().expect("wait belay");
+    assert_eq!(out.status.code(), Some(143), "SIGTERM exit code:\n{seen}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON summary on stdout");
+    assert_eq!(v["done"], false, "{v}");
+    assert_eq!(v["interrupted"], true, "{v}");
+    let saved = psql(
+        &db.url,
+        "SELECT concat_ws(' ', rows_updated, batches, last_key[1]) FROM belay.backfill_progress",
+    );
+    assert_eq!(
+        format!(
+            "{} {} {}",
+            v["rows_updated"],
+            v["batches"],
+            v["last_key"][0].as_str().unwrap_or("?")
+        ),
+        saved,
+        "{v}"
+    );
+    let resume = v["resume"].as_str().expect("resume command");
+    assert!(
+        resume.starts_with("belay --output json backfill --table items ")
+            && resume.contains(&format!("--name {}", v["name"].as_str().unwrap_or("?"))),
+        "{resume}"
+    );
+}
+
+#[test]
+fn a_second_sigint_abandons_the_batch_in_flight_and_postgres_rolls_it_back() {
+    let db = db();
+    seed(&db.url);
+    let dir = migrations(&[]);
+    // Row 14 (matching --where) is locked: batch 2 (keys 11..20) waits for it inside its
+    // transaction.
+    let mut blocker = Session::open(&db.url);
+    blocker.run("BEGIN; SELECT id FROM items WHERE id = 14 FOR UPDATE;");
+    let (child, mut stderr) = spawn_backfill(
+        &db.url,
+        dir.path(),
+        &[
+            "backfill",
+            "--table",
+            "items",
+            "--set",
+            SET,
+            "--where",
+            WHERE,
+            "--batch",
+            "10",
+            "--lock-timeout",
+            "30s",
+        ],
+    );
+    let mut seen = String::new();
+    read_until(&mut stderr, &mut seen, ": batch 1: ");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while psql(
+        &db.url,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'belay-backfill' AND wait_event_type = 'Lock' AND datname = current_database()",
+    ) != "1"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch 2 never waited for the lock:\n{seen}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    signal(&child, "-INT");
+    read_until(
+        &mut stderr,
+        &mut seen,
+        "stopping after the batch in flight commits",
+    );
+    signal(&child, "-INT");
+    stderr.read_to_string(&mut seen).expect("read stderr");
+    let out = child.wait_with_output().expect("wait belay");
+    assert_eq!(out.status.code(), Some(130), "{seen}");
+    assert!(
+        seen.contains("stopped at once: the batch in flight was abandoned"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("8 rows updated in 1 batches so far, up to key (10)"),
+        "{seen}"
+    );
+    blocker.run("ROLLBACK;");
+    // Batch 2 may have updated rows 11..13 before it waited; none of it is visible.
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*) FROM items WHERE total IS NOT NULL AND id > 10"
+        ),
+        "0"
+    );
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT concat_ws(' ', rows_updated, batches, last_key::text) FROM belay.backfill_progress"
+        ),
+        "8 1 {10}"
+    );
+}

@@ -190,17 +190,19 @@ fn locks_watch_prints_one_json_object_per_sample_until_interrupted() {
 }
 
 #[test]
-fn locks_is_not_yet_available_in_remote_mode() {
+fn locks_in_remote_mode_asks_the_controller_not_the_local_url() {
     let db = db();
     let dir = migrations(&[]);
+    // The local URL is ignored: the sample comes from the target's agent, here through a
+    // controller that cannot be reached (remote mode end to end: tests/monitor.rs).
     let r = belay(
         &db.url,
         dir.path(),
         &["--controller", "127.0.0.1:1", "--target", "x", "locks"],
     );
-    assert_eq!(r.code, 64, "{r:?}");
+    assert_eq!(r.code, 69, "{r:?}");
     assert!(
-        r.stderr.contains("not yet available in remote mode"),
+        r.stderr.contains("cannot reach controller at 127.0.0.1:1"),
         "{r:?}"
     );
 }

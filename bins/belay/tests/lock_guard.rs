@@ -113,7 +113,10 @@ fn migrate_max_blocking_releases_the_application_and_records_the_trip() {
     assert!(v1["retries"].as_i64().is_some_and(|n| n >= 1), "{v1}");
     let trip = &v1["notes"]["lock_guard_trips"][0];
     assert_eq!(trip["blockers"][0]["pid"], blocker_pid, "{v1}");
-    assert!(trip["longest_wait_ms"].as_u64().is_some_and(|ms| ms >= 300), "{v1}");
+    assert!(
+        trip["longest_wait_ms"].as_u64().is_some_and(|ms| ms >= 300),
+        "{v1}"
+    );
     assert_eq!(
         psql(
             &db.url,
@@ -171,20 +174,25 @@ fn notes_record_allowed_lint_and_overridden_checks() {
     }]);
     let v1 = status_of(&db.url, dir.path(), "1");
     assert_eq!(
-        v1["notes"]["allowed_lint"]["rename"],
-        "a view keeps the old name for old readers",
+        v1["notes"]["allowed_lint"]["rename"], "a view keeps the old name for old readers",
         "{v1}"
     );
     assert_eq!(v1["notes"]["overrides"], override_note, "{v1}");
     assert_eq!(v1["lock_trips"], 0);
     assert!(v1["notes"].get("lock_guard_trips").is_none(), "{v1}");
     let v2 = status_of(&db.url, dir.path(), "2");
-    assert_eq!(v2["notes"]["overrides"], override_note, "every row of the run");
+    assert_eq!(
+        v2["notes"]["overrides"], override_note,
+        "every row of the run"
+    );
     assert!(v2["notes"].get("allowed_lint").is_none(), "{v2}");
 
     // A run with nothing to say leaves notes NULL.
-    std::fs::write(dir.path().join("V3__more.sql"), "CREATE TABLE w (id int);\n")
-        .expect("write V3");
+    std::fs::write(
+        dir.path().join("V3__more.sql"),
+        "CREATE TABLE w (id int);\n",
+    )
+    .expect("write V3");
     belay_ok(&db.url, dir.path(), &["migrate", "--backup", "none"]);
     assert_eq!(
         psql(
@@ -205,10 +213,7 @@ fn lock_guard_flags_are_checked() {
             &["migrate", "--max-blocking", "0s"][..],
             "--max-blocking must be greater than zero",
         ),
-        (
-            &["migrate", "--max-blocking", "soon"][..],
-            "--max-blocking",
-        ),
+        (&["migrate", "--max-blocking", "soon"][..], "--max-blocking"),
         (
             &["migrate", "--no-lock-guard", "--max-blocking", "1s"][..],
             "cannot be used with",
@@ -229,5 +234,8 @@ fn lock_guard_flags_are_checked() {
         dir.path(),
         &["migrate", "--backup", "none", "--no-lock-guard"],
     );
-    assert_eq!(states(&db.url, dir.path()), vec![("1".into(), "success".into())]);
+    assert_eq!(
+        states(&db.url, dir.path()),
+        vec![("1".into(), "success".into())]
+    );
 }

@@ -254,8 +254,9 @@ impl Backfill {
     /// Checks everything before the first batch, in this order, so that a mistake changes
     /// nothing in the database: the spec, the table and its primary key, the `SET` and
     /// `WHERE` texts (PostgreSQL plans them with `EXPLAIN`). Then takes the backfill's run
-    /// lock (a session advisory lock: one run per backfill name), creates the progress
-    /// table if needed, and reads or creates the backfill's row.
+    /// lock (a session advisory lock: one run per backfill name, held until the session
+    /// ends; released again if preparing fails), creates the progress table if needed,
+    /// and reads or creates the backfill's row.
     pub async fn prepare(
         conn: &mut PgConnection,
         spec: BackfillSpec,
@@ -278,89 +279,109 @@ impl Backfill {
             None => default_name(&table, &set, filter.as_deref()),
         };
         take_run_lock(conn, &name).await?;
-        let store = Store::new(&spec.progress_schema);
-        store.ensure(conn).await?;
-        let keys = table.key_names();
-        let saved = store.load(conn, &name).await?;
-        let (start, committed) = match saved {
-            Some(s) if !spec.restart => {
-                if s.table_name != table.qualified
-                    || s.set_clause != set
-                    || s.where_clause != filter
-                {
-                    return Err(BackfillError::NameInUse {
-                        name,
-                        existing: describe(&s.table_name, &s.set_clause, s.where_clause.as_deref()),
-                    });
-                }
-                if s.key_columns != keys {
-                    return Err(BackfillError::KeyChanged {
-                        name,
-                        table: table.display,
-                        was: s.key_columns.join(", "),
-                        now: keys.join(", "),
-                    });
-                }
-                let counters = Counters {
-                    last_key: s.last_key.clone(),
-                    rows_updated: s.rows_updated,
-                    rows_examined: s.rows_examined,
-                    batches: s.batches,
-                    finished: s.finished_at.is_some(),
-                };
-                let start = match s.finished_at {
-                    Some(finished_at) => Start::AlreadyDone {
+        let lock_name = name.clone();
+        let opened: Result<Backfill, BackfillError> = async {
+            let store = Store::new(&spec.progress_schema);
+            store.ensure(conn).await?;
+            let keys = table.key_names();
+            let saved = store.load(conn, &name).await?;
+            let (start, committed) = match saved {
+                Some(s) if !spec.restart => {
+                    if s.table_name != table.qualified
+                        || s.set_clause != set
+                        || s.where_clause != filter
+                    {
+                        return Err(BackfillError::NameInUse {
+                            name,
+                            existing: describe(
+                                &s.table_name,
+                                &s.set_clause,
+                                s.where_clause.as_deref(),
+                            ),
+                        });
+                    }
+                    if s.key_columns != keys {
+                        return Err(BackfillError::KeyChanged {
+                            name,
+                            table: table.display,
+                            was: s.key_columns.join(", "),
+                            now: keys.join(", "),
+                        });
+                    }
+                    let counters = Counters {
+                        last_key: s.last_key.clone(),
                         rows_updated: s.rows_updated,
+                        rows_examined: s.rows_examined,
                         batches: s.batches,
-                        finished_at,
-                    },
-                    None => Start::Resuming {
-                        last_key: s.last_key,
-                        rows_updated: s.rows_updated,
-                        batches: s.batches,
-                    },
-                };
-                (start, counters)
-            }
-            existing => {
-                let counters = store
-                    .start(
-                        conn,
-                        &name,
-                        &table.qualified,
-                        &set,
-                        filter.as_deref(),
-                        &keys,
-                    )
-                    .await?;
-                let start = if existing.is_some() {
-                    Start::Restarted
-                } else {
-                    Start::Fresh
-                };
-                (start, counters)
-            }
-        };
-        let estimated_rows = if committed.finished {
-            None
-        } else {
-            table::estimate_rows(conn, &table, spec.limits.statement_timeout).await
-        };
-        tracing::info!(backfill = %name, table = %table.display, ?start, "backfill prepared");
-        Ok(Backfill {
-            sql: table.batch_sql(&set, filter.as_deref()),
-            name,
-            table,
-            batch_size: spec.batch_size,
-            sleep: spec.sleep,
-            limits: spec.limits,
-            store,
-            start,
-            committed,
-            estimated_rows,
-            rows_this_run: 0,
-            batches_this_run: 0,
-        })
+                        finished: s.finished_at.is_some(),
+                    };
+                    let start = match s.finished_at {
+                        Some(finished_at) => Start::AlreadyDone {
+                            rows_updated: s.rows_updated,
+                            batches: s.batches,
+                            finished_at,
+                        },
+                        None => Start::Resuming {
+                            last_key: s.last_key,
+                            rows_updated: s.rows_updated,
+                            batches: s.batches,
+                        },
+                    };
+                    (start, counters)
+                }
+                existing => {
+                    let counters = store
+                        .start(
+                            conn,
+                            &name,
+                            &table.qualified,
+                            &set,
+                            filter.as_deref(),
+                            &keys,
+                        )
+                        .await?;
+                    let start = if existing.is_some() {
+                        Start::Restarted
+                    } else {
+                        Start::Fresh
+                    };
+                    (start, counters)
+                }
+            };
+            let estimated_rows = if committed.finished {
+                None
+            } else {
+                // A count of a large, never-analyzed table must not delay the first batch long.
+                let budget = spec.limits.statement_timeout.min(Duration::from_secs(5));
+                table::estimate_rows(conn, &table, budget).await
+            };
+            tracing::info!(backfill = %name, table = %table.display, ?start, "backfill prepared");
+            Ok(Backfill {
+                sql: table.batch_sql(&set, filter.as_deref()),
+                name,
+                table,
+                batch_size: spec.batch_size,
+                sleep: spec.sleep,
+                limits: spec.limits,
+                store,
+                start,
+                committed,
+                estimated_rows,
+                rows_this_run: 0,
+                batches_this_run: 0,
+            })
+        }
+        .await;
+        if opened.is_err() {
+            // The caller may keep using the session: do not leave it holding the run lock
+            // of a backfill that never started.
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+                .bind(LOCK_CLASS)
+                .bind(&lock_name)
+                .execute(&mut *conn)
+                .await;
+        }
+        opened
     }
 
     pub fn name(&self) -> &str {

@@ -558,6 +558,25 @@ async fn one_run_per_backfill_and_one_backfill_per_name() -> R<()> {
         .expect_err("the name is taken by other work");
     assert!(matches!(e, BackfillError::NameInUse { .. }), "{e}");
     assert!(e.to_string().contains("SET v = 1"), "{e}");
+
+    // A prepare that fails gives its run lock back: the session stays usable and the
+    // backfill can be opened elsewhere.
+    second.close().await?;
+    let mut third = backfill_conn(&db).await?;
+    let mut other_work = spec("t", "v = 2", None, 2);
+    other_work.name = Some("fill_v".into());
+    Backfill::prepare(&mut third, other_work)
+        .await
+        .expect_err("still taken");
+    let mut fourth = backfill_conn(&db).await?;
+    let mut same = spec("t", "v = 1", None, 2);
+    same.name = Some("fill_v".into());
+    let reopened = Backfill::prepare(&mut fourth, same).await?;
+    assert!(
+        matches!(reopened.start(), Start::AlreadyDone { .. }),
+        "{:?}",
+        reopened.start()
+    );
     Ok(())
 }
 

@@ -69,34 +69,46 @@ impl Fleet {
         Ok(entries)
     }
 
+    /// Refreshes the mirror of `target` from its agent (after a run or a restore took a
+    /// backup); a failure is logged, and the next listing repairs the mirror.
+    pub(crate) async fn mirror_catalog(&self, target: &str) {
+        if let Err(err) = self.refresh(target).await {
+            warn!(target, error = %err, "could not refresh the backup mirror after a run");
+        }
+    }
+
     /// Backups in `entries` whose deployment the store has not seen finish, with why.
     async fn protected_by_store(&self, entries: &[CatalogEntry]) -> Vec<(String, String)> {
-        let mut states: HashMap<uuid::Uuid, Option<DeploymentState>> = HashMap::new();
+        // Per deployment: why its backups are kept, or `None` when they need not be.
+        let mut notes: HashMap<uuid::Uuid, Option<String>> = HashMap::new();
         let mut out = Vec::new();
         for e in entries {
             let Some(d) = e.deployment_id else { continue };
-            if !states.contains_key(&d) {
-                let state = match self.store().deployment(d).await {
-                    Ok(rec) => rec.map(|r| r.state),
-                    Err(err) => {
-                        // Unknown is treated as needing the backup: deleting blind is the
-                        // mistake retention must not make.
-                        warn!(deployment = %d, error = %err, "cannot read a deployment; keeping its backup");
-                        Some(DeploymentState::Failed)
-                    }
-                };
-                states.insert(d, state);
-            }
-            if let Some(Some(state)) = states.get(&d)
-                && needs_its_backup(*state)
-            {
-                out.push((
-                    e.id.clone(),
-                    format!(
-                        "deployment {d} is {} in the controller; a rollback may need this backup",
-                        state.as_str()
-                    ),
-                ));
+            let note = match notes.get(&d) {
+                Some(n) => n.clone(),
+                None => {
+                    let n = match self.store().deployment(d).await {
+                        Ok(Some(rec)) if needs_its_backup(rec.state) => Some(format!(
+                            "deployment {d} is {} in the controller; a rollback may need this backup",
+                            rec.state.as_str()
+                        )),
+                        // Settled, or a run the controller did not drive (the agent's
+                        // history speaks for those).
+                        Ok(_) => None,
+                        // Deleting blind is the mistake retention must not make.
+                        Err(err) => {
+                            warn!(deployment = %d, error = %err, "cannot read a deployment; keeping its backup");
+                            Some(format!(
+                                "the controller cannot read deployment {d} ({err}); kept to be safe"
+                            ))
+                        }
+                    };
+                    notes.insert(d, n.clone());
+                    n
+                }
+            };
+            if let Some(note) = note {
+                out.push((e.id.clone(), note));
             }
         }
         out
@@ -197,11 +209,7 @@ impl BackupApi for Fleet {
                     }
                 }
                 // Not mirrored yet (taken before the controller saw it): mirror it all.
-                None => {
-                    if let Err(err) = self.refresh(target).await {
-                        warn!(target, error = %err, "could not refresh the backup mirror");
-                    }
-                }
+                None => self.mirror_catalog(target).await,
             }
             Ok(report)
         }
@@ -223,10 +231,8 @@ impl BackupApi for Fleet {
                 .restore(target, id, req, progress)
                 .await?;
             // The emergency backup is new in the catalog.
-            if report.emergency_backup.is_some()
-                && let Err(err) = self.refresh(target).await
-            {
-                warn!(target, error = %err, "could not refresh the backup mirror");
+            if report.emergency_backup.is_some() {
+                self.mirror_catalog(target).await;
             }
             Ok(report)
         }

@@ -254,7 +254,9 @@ impl Fleet {
         let recorder = {
             let (fleet, target) = (self.clone(), target.to_string());
             tokio::spawn(async move {
+                let mut took_backup = false;
                 while let Some(e) = rx.recv().await {
+                    took_backup |= matches!(e.kind, belay_migrate::EventKind::BackupTaken { .. });
                     let kind = serde_json::to_value(&e.kind).unwrap_or_default();
                     let name = kind
                         .get("event")
@@ -271,6 +273,7 @@ impl Fleet {
                         })
                         .await;
                 }
+                took_backup
             })
         };
         let result = match self.client_for(target).await {
@@ -283,7 +286,11 @@ impl Fleet {
         };
         // The sink is gone with the call: the recorder drains what is left, then ends,
         // so the target's final state comes after all of its events.
-        let _ = recorder.await;
+        let took_backup = recorder.await.unwrap_or(false);
+        if took_backup {
+            // The mirror learns at once which backup precedes this deployment.
+            self.mirror_catalog(target).await;
+        }
         match &result {
             Ok(r) => {
                 self.set_target(

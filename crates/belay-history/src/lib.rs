@@ -415,7 +415,11 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
             .bind(row.state.as_str())
             .bind(&row.error)
             .bind(row.lock_trips)
-            .bind(row.notes.as_ref().map(|n| sqlx::types::Json(storable_notes(n))))
+            .bind(
+                row.notes
+                    .as_ref()
+                    .map(|n| sqlx::types::Json(storable_notes(n))),
+            )
             .fetch_one(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
@@ -663,7 +667,10 @@ VALUES ('1', 'old', 'SQL', 'V1__old.sql', true, 'success');"#,
         let rows = h.rows(&mut conn).await.unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[1].lock_trips, 3);
-        assert_eq!(rows[1].notes, Some(serde_json::json!({ "lock_guard_trips": [] })));
+        assert_eq!(
+            rows[1].notes,
+            Some(serde_json::json!({ "lock_guard_trips": [] }))
+        );
         assert_eq!(rows[2].notes, None, "no notes is SQL NULL, not a JSON null");
         let sql_null: bool = sqlx::query_scalar(
             "SELECT notes IS NULL FROM belay.schema_history ORDER BY installed_rank DESC LIMIT 1",
@@ -736,7 +743,9 @@ VALUES ('1', 'old', 'SQL', 'V1__old.sql', true, 'success');"#,
         );
         assert_eq!(r.lock_trips, 2);
         assert_eq!(
-            r.notes.as_ref().map(|n| n["lock_guard_trips"][0]["blocked_sessions"].clone()),
+            r.notes
+                .as_ref()
+                .map(|n| n["lock_guard_trips"][0]["blocked_sessions"].clone()),
             Some(serde_json::json!(3))
         );
         h.mark_repaired(&mut conn, rank).await.unwrap();

@@ -512,7 +512,9 @@ async fn a_stopped_guard_hands_back_its_connection_and_names_sessions() -> R<()>
     assert_eq!(d[0].state.as_deref(), Some("idle in transaction"));
     assert!(d[0].xact_ms.is_some());
     assert!(
-        d[0].query.as_deref().is_some_and(|q| q.contains("/* report */")),
+        d[0].query
+            .as_deref()
+            .is_some_and(|q| q.contains("/* report */")),
         "{d:?}"
     );
     assert!(describe_sessions(&mut conn, &[]).await?.is_empty());

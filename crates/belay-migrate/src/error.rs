@@ -30,23 +30,9 @@ pub enum MigrateError {
         waited_ms: u64,
         lock_timeout: String,
     },
-    #[error(
-        "{}:{line}: gave up after {attempts} attempt(s) in {elapsed} (limits: --max-attempts {max_attempts}, --max-lock-wait {max_lock_wait}): application sessions queued behind the migration for longer than --max-blocking {max_blocking}, so the lock guard cancelled it ({trips} trip(s)). {cause}",
-        path.display()
-    )]
-    LockGuardExhausted {
-        path: PathBuf,
-        line: usize,
-        attempts: u32,
-        trips: u32,
-        elapsed: String,
-        max_attempts: u32,
-        max_lock_wait: String,
-        max_blocking: String,
-        /// What was rolled back, who held the migration up (its blockers, described) and
-        /// what to do about it.
-        cause: String,
-    },
+    /// The lock guard kept cancelling a migration until its budget was spent.
+    #[error("{0}")]
+    LockGuardExhausted(Box<GuardExhaustion>),
     #[error(
         "another belay runner is migrating this database: {holder}; waited {waited_s} s (--runner-wait). Try again when it is done"
     )]
@@ -69,6 +55,40 @@ pub enum MigrateError {
         kind: ErrorKind,
         message: String,
     },
+}
+
+/// A migration the lock guard cancelled until the attempts or the time ran out.
+#[derive(Debug)]
+pub struct GuardExhaustion {
+    pub path: PathBuf,
+    pub line: usize,
+    pub attempts: u32,
+    pub trips: u32,
+    pub elapsed: String,
+    pub max_attempts: u32,
+    pub max_lock_wait: String,
+    pub max_blocking: String,
+    /// What was rolled back, who held the migration up (its blockers, described) and
+    /// what to do about it.
+    pub cause: String,
+}
+
+impl std::fmt::Display for GuardExhaustion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}: gave up after {} attempt(s) in {} (limits: --max-attempts {}, --max-lock-wait {}): application sessions queued behind the migration for longer than --max-blocking {}, so the lock guard cancelled it ({} trip(s)). {}",
+            self.path.display(),
+            self.line,
+            self.attempts,
+            self.elapsed,
+            self.max_attempts,
+            self.max_lock_wait,
+            self.max_blocking,
+            self.trips,
+            self.cause
+        )
+    }
 }
 
 /// A script that PostgreSQL rejected, located in its file.
@@ -112,7 +132,7 @@ impl MigrateError {
             MigrateError::Connect { .. } => ErrorKind::Unavailable,
             MigrateError::ScriptFailed(_)
             | MigrateError::LockRetriesExhausted { .. }
-            | MigrateError::LockGuardExhausted { .. } => ErrorKind::MigrationFailed,
+            | MigrateError::LockGuardExhausted(_) => ErrorKind::MigrationFailed,
             MigrateError::Refused { .. } | MigrateError::UnknownVersion(_) => ErrorKind::Refused,
             MigrateError::RunnerBusy { .. } => ErrorKind::Busy,
             MigrateError::Database { .. } | MigrateError::History(_) => ErrorKind::Internal,

@@ -22,7 +22,7 @@ pub use api::{
 };
 pub use backup::{BackupContext, BackupHook, BackupStep, BackupTaken};
 pub use config::ExecConfig;
-pub use error::{ErrorKind, MigrateError, ScriptFailure};
+pub use error::{ErrorKind, GuardExhaustion, MigrateError, ScriptFailure};
 pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 pub use guard::{LockGuardHook, LockTrip, LockWatch, SessionBrief};
 pub use runner::{

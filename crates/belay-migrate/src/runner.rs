@@ -4,7 +4,7 @@
 use crate::backup::{BackupContext, BackupHook, BackupStep};
 use crate::config::ExecConfig;
 use crate::directives::NoTransactionSource;
-use crate::error::{MigrateError, ScriptFailure};
+use crate::error::{GuardExhaustion, MigrateError, ScriptFailure};
 use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 use crate::guard::{LockGuardHook, LockTrip, SessionBrief};
 use crate::source::{MigrationSet, Script};
@@ -747,7 +747,6 @@ impl Migrator {
     /// migration's budget) until the sessions the migration was waiting for have finished
     /// their transactions, then backs off with jitter, or fails naming them when the
     /// budget is spent. Adds the wait to `lock_wait`.
-    #[allow(clippy::too_many_arguments, reason = "one retry's whole state")]
     async fn after_guard_trip(
         &self,
         step: &Step,
@@ -764,8 +763,7 @@ impl Migrator {
         let exhausted = |blockers: &[SessionBrief], still: bool| {
             self.guard_exhausted(step, st, attempts, started, trips, blockers, still)
         };
-        if attempts >= self.config.max_attempts || started.elapsed() >= self.config.max_lock_wait
-        {
+        if attempts >= self.config.max_attempts || started.elapsed() >= self.config.max_lock_wait {
             return Err(exhausted(&blockers, false));
         }
         if let Some(hook) = &self.lock_guard
@@ -791,7 +789,11 @@ impl Migrator {
         let Some(backoff) = self.next_backoff(attempts, started) else {
             return Err(exhausted(&blockers, false));
         };
-        debug!(attempt = attempts, backoff_ms = backoff.as_millis() as u64, "retrying after a lock guard trip");
+        debug!(
+            attempt = attempts,
+            backoff_ms = backoff.as_millis() as u64,
+            "retrying after a lock guard trip"
+        );
         tokio::time::sleep(backoff).await;
         Ok(())
     }
@@ -827,7 +829,7 @@ impl Migrator {
                 }
             )
         };
-        MigrateError::LockGuardExhausted {
+        MigrateError::LockGuardExhausted(Box::new(GuardExhaustion {
             path: step.source.path.clone(),
             line,
             attempts,
@@ -837,7 +839,7 @@ impl Migrator {
             max_lock_wait: format_duration(self.config.max_lock_wait),
             max_blocking: format_duration(self.config.max_blocking),
             cause: format!("{rolled_back} {who}"),
-        }
+        }))
     }
 
     /// The row's notes: the script's `-- belay:allow=` directives, the run's preflight

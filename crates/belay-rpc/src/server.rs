@@ -241,3 +241,41 @@ impl MigrationService for MigrationGrpc {
         Ok(Response::new(pb::BaselineResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use belay_migrate::{Event, EventKind};
+
+    #[test]
+    fn every_lock_guard_trip_is_counted_per_target() {
+        let handle = belay_telemetry::metrics_handle().expect("recorder installs");
+        let trip = Event {
+            deployment_id: Uuid::new_v4(),
+            at: chrono::Utc::now(),
+            kind: EventKind::LockGuardTripped {
+                version: Some("3".into()),
+                script: "V3__col.sql".into(),
+                line: 2,
+                attempt: 1,
+                blocked_sessions: 4,
+                longest_wait_ms: 612,
+                blockers: vec![4242],
+                cancelled: true,
+            },
+        };
+        record_metrics("guarded_shop", &trip);
+        record_metrics("guarded_shop", &trip);
+        let text = handle.render();
+        assert!(
+            text.contains(r#"belay_lock_guard_trips_total{target="guarded_shop"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "# HELP belay_lock_guard_trips_total Migration statements the lock guard cancelled"
+            ),
+            "{text}"
+        );
+    }
+}

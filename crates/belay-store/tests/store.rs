@@ -708,7 +708,8 @@ async fn sqlite_store_runs_in_wal_mode_with_foreign_keys() {
 }
 
 fn backup(target: &str, id: &str, minute: i64, deployment: Option<Uuid>) -> BackupRecord {
-    let created_at = chrono::DateTime::from_timestamp(1_800_000_000 + minute * 60, 0).unwrap();
+    let created_at =
+        chrono::DateTime::from_timestamp(1_800_000_000 + minute * 60, 0).expect("valid time");
     BackupRecord {
         target: target.into(),
         id: id.into(),
