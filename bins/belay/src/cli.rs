@@ -28,8 +28,10 @@ Exit codes:
   70  unexpected database or internal error
   backup commands also: 1 `backup verify` found the backup bad (each problem names its
       file); 2 refused (restore of a backup failing verification without --force, pg_dump
-      missing or older than the server); 66 no such backup; 73 out of disk space or over
-      the size limit (the partial backup is removed, the catalog unchanged)
+      missing or older than the server, a remote target without `backup_dir`); 66 no such
+      backup; 69 prune cannot read the history to protect unfinished deployments'
+      backups; 73 out of disk space or over the size limit (the partial backup is
+      removed, the catalog unchanged)
   backfill also: 130 stopped by SIGINT (143 SIGTERM) between batches; the same command
       resumes from the last committed batch
 

@@ -345,8 +345,7 @@ pub async fn remote(
     let out = cli.output;
     Some(match &cli.command {
         Command::Locks { args } => {
-            crate::locks_cmd::run(args, &belay_rpc::LockMonitorClient::new(conn), target, out)
-                .await
+            crate::locks_cmd::run(args, &belay_rpc::LockMonitorClient::new(conn), target, out).await
         }
         Command::Check { command } => {
             // Thresholds, assertions and smoke queries are the caller's (belay.toml);

@@ -61,9 +61,7 @@ fn options(args: &LocksArgs) -> Result<MonitorOptions, Failure> {
         )));
     }
     if args.count == Some(0) {
-        return Err(crate::usage(anyhow::anyhow!(
-            "--count must be at least 1"
-        )));
+        return Err(crate::usage(anyhow::anyhow!("--count must be at least 1")));
     }
     Ok(MonitorOptions {
         snapshot: o,

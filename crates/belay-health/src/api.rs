@@ -15,9 +15,7 @@ use tracing::{Instrument, info_span};
 
 use crate::postflight::{Expectation, PostflightSpec, VerifyScript};
 use crate::preflight::{MigrationSummary, PreflightContext, Thresholds};
-use crate::probe::{
-    HttpProbe, ProbeEvent, ProbeKind, ProbeSpec, SqlProbe, defaults, run_probe,
-};
+use crate::probe::{HttpProbe, ProbeEvent, ProbeKind, ProbeSpec, SqlProbe, defaults, run_probe};
 use crate::{CheckResult, HealthError, apply_overrides, postflight, preflight_url};
 
 impl From<HealthError> for ApiError {

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use belay_core::{ApiError, DatabaseUrl, ErrorKind};
 use belay_health::{
-    CheckResult, CheckStatus, Expectation, HealthApi, HealthTarget, HealthTargets,
-    MigrationFacts, MigrationSummary, PostflightSpec, PreflightOptions, ProbeResult, TargetProbe,
-    VerifyScript,
+    CheckResult, CheckStatus, Expectation, HealthApi, HealthTarget, HealthTargets, MigrationFacts,
+    MigrationSummary, PostflightSpec, PreflightOptions, ProbeResult, TargetProbe, VerifyScript,
 };
 use belay_testkit::{Cluster, TestDb};
 use futures::StreamExt;
@@ -147,7 +146,10 @@ async fn a_probe_stream_ends_with_its_window_and_sql_probes_use_the_target() {
         seen.push(e.unwrap());
     }
     assert!(seen.len() >= 2, "{seen:?}");
-    assert!(seen.iter().all(|e| e.result == ProbeResult::Fail), "{seen:?}");
+    assert!(
+        seen.iter().all(|e| e.result == ProbeResult::Fail),
+        "{seen:?}"
+    );
     assert_eq!(seen.iter().filter(|e| e.triggered).count(), 1, "{seen:?}");
     assert!(seen[1].triggered, "the second failure crosses threshold 2");
 

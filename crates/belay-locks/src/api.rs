@@ -55,8 +55,11 @@ pub trait LockMonitorApi: Send + Sync {
 
     /// A sample every `options.period` until the stream is dropped. Fails at once when
     /// the target is unknown or cannot be reached at all.
-    async fn watch(&self, target: &str, options: &MonitorOptions)
-    -> Result<SnapshotStream, ApiError>;
+    async fn watch(
+        &self,
+        target: &str,
+        options: &MonitorOptions,
+    ) -> Result<SnapshotStream, ApiError>;
 }
 
 impl From<LocksError> for ApiError {
@@ -173,8 +176,10 @@ impl LockMonitorApi for LocalLocks {
         }
         .instrument(info_span!("lock_watch", target = %target))
         .await?;
-        let stream = watch(url.clone(), options.period, options.snapshot.clone())
-            .map(move |r| r.map(|s| filtered(s, db.as_deref())).map_err(ApiError::from));
+        let stream = watch(url.clone(), options.period, options.snapshot.clone()).map(move |r| {
+            r.map(|s| filtered(s, db.as_deref()))
+                .map_err(ApiError::from)
+        });
         Ok(Box::pin(stream))
     }
 }

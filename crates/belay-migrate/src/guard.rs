@@ -108,7 +108,8 @@ pub trait LockWatch: Send {
 pub trait LockGuardHook: Send + Sync {
     /// Starts watching the queue behind `backend_pid` (the migration's session) from a
     /// session of the hook's own; the statement is cancelled when someone has waited in
-    /// that queue longer than `max_blocking`. Returns once watching has begun.
+    /// that queue longer than `max_blocking`. Fails (the executor then runs the statement
+    /// unguarded, with a warning) when the guard cannot get a session.
     async fn watch(
         &self,
         backend_pid: i32,

@@ -314,9 +314,7 @@ pub fn probe_spec_from(p: &pb::ProbeSpec) -> Result<TargetProbe, DecodeError> {
             url: h.url.clone(),
             expect_status: h
                 .expect_status
-                .map(|s| {
-                    u16::try_from(s).map_err(|_| bad("probe", format!("HTTP status {s}")))
-                })
+                .map(|s| u16::try_from(s).map_err(|_| bad("probe", format!("HTTP status {s}"))))
                 .transpose()?,
             json_pointer: h.json_pointer.clone(),
             equals: h
@@ -772,9 +770,19 @@ mod tests {
             .single()
             .unwrap();
         for (result, state, transition, triggered) in [
-            (ProbeResult::Fail, ProbeState::Triggered, Some(Transition::Triggered), true),
+            (
+                ProbeResult::Fail,
+                ProbeState::Triggered,
+                Some(Transition::Triggered),
+                true,
+            ),
             (ProbeResult::Error, ProbeState::Healthy, None, false),
-            (ProbeResult::Pass, ProbeState::Healthy, Some(Transition::Recovered), false),
+            (
+                ProbeResult::Pass,
+                ProbeState::Healthy,
+                Some(Transition::Recovered),
+                false,
+            ),
         ] {
             let e = ProbeEvent {
                 at,

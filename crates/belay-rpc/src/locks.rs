@@ -182,11 +182,7 @@ pub fn snapshot_request(target: &str, o: &MonitorOptions) -> pb::LockSnapshotReq
 
 pub fn snapshot_request_from(r: &pb::LockSnapshotRequest) -> MonitorOptions {
     MonitorOptions {
-        snapshot: snapshot_options(
-            r.min_wait_ms,
-            r.long_running_ms,
-            r.idle_in_transaction_ms,
-        ),
+        snapshot: snapshot_options(r.min_wait_ms, r.long_running_ms, r.idle_in_transaction_ms),
         all_databases: r.all_databases,
         ..MonitorOptions::default()
     }
@@ -207,11 +203,7 @@ pub fn watch_request(target: &str, o: &MonitorOptions) -> pb::LockWatchRequest {
 
 pub fn watch_request_from(r: &pb::LockWatchRequest) -> MonitorOptions {
     MonitorOptions {
-        snapshot: snapshot_options(
-            r.min_wait_ms,
-            r.long_running_ms,
-            r.idle_in_transaction_ms,
-        ),
+        snapshot: snapshot_options(r.min_wait_ms, r.long_running_ms, r.idle_in_transaction_ms),
         all_databases: r.all_databases,
         period: if r.period_ms == 0 {
             MonitorOptions::default().period
