@@ -2,6 +2,9 @@
 //! migration facts feed preflight and postflight, options reach the checks, and a probe's
 //! stream ends with its window.
 
+// Test helpers unwrap: a panic is the report.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
