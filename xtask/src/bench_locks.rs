@@ -173,7 +173,13 @@ fn pgbench_init(cluster: &Cluster, bin: &Path, db: &TestDb) -> Result<()> {
     Ok(())
 }
 
-fn app_run(mode: Mode, cluster: &Cluster, bin: &Path, belay: &Path, seconds: u64) -> Result<AppRun> {
+fn app_run(
+    mode: Mode,
+    cluster: &Cluster,
+    bin: &Path,
+    belay: &Path,
+    seconds: u64,
+) -> Result<AppRun> {
     heading(&format!("application latency: {}", mode.label()));
     // A fresh database per run gives fresh pgbench tables and no migration history.
     let db = cluster.create_database_blocking()?;
@@ -330,12 +336,7 @@ fn app_run(mode: Mode, cluster: &Cluster, bin: &Path, belay: &Path, seconds: u64
 // ---------------------------------------------------------------------------------------
 // monitor latency: from an ALTER entering the lock queue to the monitor reporting it
 
-fn monitor_latency(
-    cluster: &Cluster,
-    bin: &Path,
-    belay: &Path,
-    trials: usize,
-) -> Result<Vec<f64>> {
+fn monitor_latency(cluster: &Cluster, bin: &Path, belay: &Path, trials: usize) -> Result<Vec<f64>> {
     heading(&format!(
         "monitor latency: `belay locks --watch` at its default period, {trials} trials"
     ));
@@ -348,7 +349,11 @@ fn monitor_latency(
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     println!("$ {}", describe(&watch));
-    let mut watch = Killed(watch.spawn().context("could not start belay locks --watch")?);
+    let mut watch = Killed(
+        watch
+            .spawn()
+            .context("could not start belay locks --watch")?,
+    );
     let stdout = watch
         .0
         .stdout
@@ -492,7 +497,9 @@ fn monitor_overhead(cluster: &Cluster, bin: &Path, belay: &Path, secs: u64) -> R
                     .env("BELAY_DATABASE_URL", &db.url)
                     .stdout(Stdio::null())
                     .stderr(Stdio::null());
-                Some(Killed(w.spawn().context("could not start belay locks --watch")?))
+                Some(Killed(
+                    w.spawn().context("could not start belay locks --watch")?,
+                ))
             } else {
                 None
             };
@@ -664,7 +671,11 @@ mod tests {
         let mut log = Log::default();
         let text = "0 1 1500 0 1700000000 100 20\n1 1 2500000 0 1700000002 200 2400000\n2 1 failed 0 1700000000 300 10\n";
         parse_log(text, &mut log);
-        assert_eq!(log.completed_at, vec![1_700_000_000.0001, 1_700_000_002.0002]);
+        let expected = [1_700_000_000.000_1, 1_700_000_002.000_2];
+        assert_eq!(log.completed_at.len(), expected.len());
+        for (got, want) in log.completed_at.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
         let stats = summarize(log.micros, log.failed);
         assert_eq!(
             stats,
