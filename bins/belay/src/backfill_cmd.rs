@@ -526,10 +526,10 @@ impl Printer {
                 backoff,
                 sqlstate,
             } => {
-                let why = if sqlstate == "40P01" {
-                    "chosen as a deadlock victim"
-                } else {
-                    "a row lock was not granted within lock_timeout"
+                let why = match sqlstate.as_str() {
+                    "40P01" => "chosen as a deadlock victim",
+                    "40001" => "a row it updates was changed by another transaction meanwhile",
+                    _ => "a row lock was not granted within lock_timeout",
                 };
                 if st.bar_drawn {
                     let _ = write!(err, "\r\x1b[K");

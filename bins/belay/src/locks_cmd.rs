@@ -93,9 +93,13 @@ pub async fn run(
     let mut shown = 0;
     // A stream that ends right after an error ended because of it (a remote monitor lost).
     let mut last_error = None;
+    // Listening from here on, not anew each turn: a Ctrl-C while a snapshot prints would
+    // otherwise be swallowed (the handler is installed, so it no longer stops the process).
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(0),
+            _ = &mut ctrl_c => return Ok(0),
             next = stream.next() => match next {
                 None => return last_error.map_or(Ok(0), |e| Err(Failure::from(e))),
                 Some(Ok(snap)) => {

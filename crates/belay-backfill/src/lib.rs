@@ -134,7 +134,8 @@ pub enum Progress {
     /// A batch committed.
     Batch(BatchReport),
     /// A batch did not get a lock within `lock_timeout` (or was chosen as a deadlock
-    /// victim); it was rolled back and is retried after `backoff`.
+    /// victim, or hit a serialization failure); it was rolled back and is retried after
+    /// `backoff`.
     LockRetry {
         batch: u64,
         attempt: u32,
@@ -198,6 +199,19 @@ pub fn default_name(table: &TableInfo, set: &str, filter: Option<&str>) -> Strin
 pub(crate) fn pg_millis(d: Duration) -> String {
     format!("{}ms", d.as_millis().max(1))
 }
+
+/// The settings of a batch's transaction: its timeouts (`$1`, `$2`), and the output
+/// formats that decide the text form of key values. The saved position is the last key
+/// as text, written by one session and cast back by another (a resume, maybe with
+/// another role's or machine's defaults): with `DateStyle = 'SQL, DMY'` a date key is
+/// written `02/01/2024`, which an `MDY` session reads as February 1st, and the resumed
+/// run would skip (or repeat) every row in between; before PostgreSQL 12,
+/// `extra_float_digits = 0` rounds float keys. So keys are always written in ISO form,
+/// which every `DateStyle` order reads alike. Only the output style is set: the order
+/// (`DMY`/`MDY`) the user's `--set`/`--where` literals are read with stays the session's.
+const BATCH_SETTINGS_SQL: &str = "SELECT set_config('lock_timeout', $1, true), \
+     set_config('statement_timeout', $2, true), set_config('DateStyle', 'ISO', true), \
+     set_config('IntervalStyle', 'postgres', true), set_config('extra_float_digits', '3', true)";
 
 /// A session for backfills: named [`APPLICATION_NAME`], and cancelled by the server
 /// within a second if this process dies mid-batch (PostgreSQL ≥ 14), so the batch rolls
@@ -524,15 +538,18 @@ impl Backfill {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            let attempt_started = Instant::now();
             let err = match self.try_batch(conn).await {
                 Ok(step) => return Ok(Some((step, attempt - 1))),
                 Err(e) => e,
             };
             let state = error::sqlstate(&err);
             match state.as_deref() {
-                // lock_not_available, deadlock_detected: the batch rolled back whole;
-                // waiting lets the application's transactions through first.
-                Some(code @ ("55P03" | "40P01")) => {
+                // lock_not_available, deadlock_detected, serialization_failure (under a
+                // REPEATABLE READ or SERIALIZABLE default, a row the application changed
+                // meanwhile): the batch rolled back whole; waiting lets the application's
+                // transactions through first.
+                Some(code @ ("55P03" | "40P01" | "40001")) => {
                     let backoff = self.limits.backoff(attempt);
                     if attempt >= self.limits.max_attempts
                         || began.elapsed() + backoff > self.limits.max_lock_wait
@@ -557,7 +574,9 @@ impl Backfill {
                         () = stop.cancelled() => return Ok(None),
                     }
                 }
-                Some("57014") => {
+                // query_canceled is also someone's pg_cancel_backend (an operator, a
+                // guard): only a batch that ran as long as the timeout met it.
+                Some("57014") if attempt_started.elapsed() >= self.limits.statement_timeout => {
                     return Err(BackfillError::StatementTimeout {
                         batch,
                         timeout: self.limits.statement_timeout,
@@ -594,13 +613,11 @@ impl Backfill {
     /// them, record the new position, commit. Any error rolls all of it back.
     async fn try_batch(&self, conn: &mut PgConnection) -> Result<Step, sqlx::Error> {
         let mut tx = conn.begin().await?;
-        sqlx::query(
-            "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
-        )
-        .bind(pg_millis(self.limits.lock_timeout))
-        .bind(pg_millis(self.limits.statement_timeout))
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(BATCH_SETTINGS_SQL)
+            .bind(pg_millis(self.limits.lock_timeout))
+            .bind(pg_millis(self.limits.statement_timeout))
+            .execute(&mut *tx)
+            .await?;
         let Some(at) = self.store.lock(&mut tx, &self.name).await? else {
             return Ok(Step::Lost);
         };

@@ -605,3 +605,157 @@ async fn metrics_count_rows_and_report_progress() -> R<()> {
     );
     Ok(())
 }
+
+/// Polls until a backfill session of `db` is in `wait_event` (20 s at most): waiting for
+/// the state the server shows, not for time to pass.
+async fn until_backfill_waits(db: &TestDb, wait_event: &str) -> R<()> {
+    let mut c = PgConnection::connect(&db.url).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'belay-backfill' \
+             AND datname = current_database() AND wait_event = $1",
+        )
+        .bind(wait_event)
+        .fetch_one(&mut c)
+        .await?;
+        if n > 0 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("the batch never waited on {wait_event}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn keys_are_saved_in_one_text_form_whatever_the_sessions_date_style() -> R<()> {
+    // Day-first and month-first readings of 02/01/2024 are a month apart: a position
+    // saved by a DMY session and read by an MDY one would skip the rows in between.
+    let db = db_with(
+        "CREATE TABLE ev (at timestamp PRIMARY KEY, n int NOT NULL DEFAULT 0); \
+         INSERT INTO ev (at) VALUES ('2024-01-02'), ('2024-01-15'), ('2024-02-01'), ('2024-03-01');",
+    )
+    .await?;
+    let mut conn = backfill_conn(&db).await?;
+    sqlx::raw_sql("SET DateStyle = 'SQL, DMY'")
+        .execute(&mut conn)
+        .await?;
+    let mut bf = Backfill::prepare(&mut conn, spec("ev", "n = n + 1", None, 1)).await?;
+    let (summary, _) = run(&mut bf, &mut conn, &CancellationToken::new(), Some(1)).await?;
+    assert_eq!(
+        summary.last_key,
+        Some(vec!["2024-01-02 00:00:00".to_string()]),
+        "ISO, which every DateStyle order reads alike"
+    );
+    conn.close().await?;
+
+    let mut conn = backfill_conn(&db).await?;
+    sqlx::raw_sql("SET DateStyle = 'SQL, MDY'")
+        .execute(&mut conn)
+        .await?;
+    let mut bf = Backfill::prepare(&mut conn, spec("ev", "n = n + 1", None, 1)).await?;
+    let (summary, _) = run(&mut bf, &mut conn, &CancellationToken::new(), None).await?;
+    assert!(summary.done);
+    assert_eq!(
+        scalar(&db, "SELECT string_agg(n::text, ',' ORDER BY at) FROM ev").await?,
+        "1,1,1,1",
+        "every row exactly once across the two sessions"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_is_not_reported_as_a_statement_timeout() -> R<()> {
+    let db = db_with(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); \
+         INSERT INTO t SELECT generate_series(1, 4);",
+    )
+    .await?;
+    let mut conn = backfill_conn(&db).await?;
+    // Sleeps once per batch (an uncorrelated subquery), far longer than the test waits.
+    let mut bf = Backfill::prepare(
+        &mut conn,
+        spec("t", "n = n + (SELECT 1 FROM pg_sleep(60))", None, 10),
+    )
+    .await?;
+    let task = tokio::spawn(async move {
+        let r = bf
+            .run(&mut conn, &CancellationToken::new(), &|_: &Progress| {})
+            .await;
+        (r, conn)
+    });
+    until_backfill_waits(&db, "PgSleep").await?;
+    let mut admin = PgConnection::connect(&db.url).await?;
+    sqlx::query(
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'belay-backfill' AND datname = current_database()",
+    )
+    .execute(&mut admin)
+    .await?;
+    let (r, _conn) = tokio::time::timeout(Duration::from_secs(20), task).await??;
+    let err = r.expect_err("the batch was cancelled");
+    match &err {
+        BackfillError::Batch {
+            batch, sqlstate, ..
+        } => {
+            assert_eq!(*batch, 1);
+            assert_eq!(sqlstate.as_deref(), Some("57014"));
+        }
+        other => panic!("a cancel is not a statement timeout: {other}"),
+    }
+    assert!(!err.to_string().contains("statement_timeout"), "{err}");
+    assert_eq!(scalar(&db, "SELECT max(n)::text FROM t").await?, "0");
+    Ok(())
+}
+
+#[tokio::test]
+async fn serialization_failures_under_repeatable_read_are_retried() -> R<()> {
+    let db = db_with(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); \
+         INSERT INTO t SELECT generate_series(1, 4);",
+    )
+    .await?;
+    // The application changes row 2 and commits while the batch, whose snapshot is older,
+    // waits for it: under REPEATABLE READ that is SQLSTATE 40001, not a lost update.
+    let mut app = PgConnection::connect(&db.url).await?;
+    sqlx::raw_sql("BEGIN; UPDATE t SET n = n + 10 WHERE id = 2;")
+        .execute(&mut app)
+        .await?;
+    let mut conn = backfill_conn(&db).await?;
+    sqlx::raw_sql("SET default_transaction_isolation = 'repeatable read'")
+        .execute(&mut conn)
+        .await?;
+    let mut s = spec("t", "n = n + 1", None, 10);
+    s.limits.lock_timeout = Duration::from_secs(20);
+    s.limits.backoff_initial = Duration::from_millis(10);
+    let mut bf = Backfill::prepare(&mut conn, s).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let progress = move |p: &Progress| {
+            let _ = tx.send(p.clone());
+        };
+        let r = bf
+            .run(&mut conn, &CancellationToken::new(), &progress)
+            .await;
+        (r, conn)
+    });
+    until_backfill_waits(&db, "transactionid").await?;
+    sqlx::raw_sql("COMMIT").execute(&mut app).await?;
+    let (summary, _conn) = tokio::time::timeout(Duration::from_secs(20), task).await??;
+    assert!(summary?.done);
+    let first = rx.recv().await.ok_or("progress channel closed")?;
+    assert!(
+        matches!(&first, Progress::LockRetry { batch: 1, attempt: 1, sqlstate, .. } if sqlstate == "40001"),
+        "{first:?}"
+    );
+    assert_eq!(
+        scalar(&db, "SELECT string_agg(n::text, ',' ORDER BY id) FROM t").await?,
+        "1,11,1,1",
+        "the application's change kept, every row updated once"
+    );
+    Ok(())
+}

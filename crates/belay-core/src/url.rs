@@ -98,17 +98,21 @@ impl fmt::Debug for DatabaseUrl {
 /// redaction is the one a user mistyped.
 pub fn redact_url(input: &str) -> String {
     let mut out = input.to_string();
-    // userinfo password: scheme://user:SECRET@host
-    if let Some(scheme_end) = out.find("://") {
-        let rest_start = scheme_end + 3;
+    // userinfo password: scheme://user:SECRET@host — of every URL in the text (an error
+    // message may quote the URL again, e.g. a driver's message after belay's own).
+    let mut search_from = 0;
+    while let Some(scheme_end) = out[search_from..].find("://") {
+        let rest_start = search_from + scheme_end + 3;
         let authority_end = out[rest_start..]
             .find(['/', '?', '#'])
             .map_or(out.len(), |i| rest_start + i);
+        search_from = rest_start;
         if let Some(at) = out[rest_start..authority_end].rfind('@') {
             let at = rest_start + at;
             if let Some(colon) = out[rest_start..at].find(':') {
                 let colon = rest_start + colon;
                 out.replace_range(colon + 1..at, "***");
+                search_from = colon + 1 + "***".len();
             }
         }
     }
@@ -147,6 +151,15 @@ mod tests {
             ),
             ("postgres://a:p@ss:w0rd@db/x", "postgres://a:***@db/x"),
             ("not a url at all", "not a url at all"),
+            // Every URL of a message, not only the first.
+            (
+                "cannot connect to postgres://app:***@db/shop: postgres://app:s3cret@db/shop refused",
+                "cannot connect to postgres://app:***@db/shop: postgres://app:***@db/shop refused",
+            ),
+            (
+                "from postgres://a@db/x to postgres://b:s3cret@db/y",
+                "from postgres://a@db/x to postgres://b:***@db/y",
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(redact_url(input), want, "{input}");

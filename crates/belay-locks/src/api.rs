@@ -243,13 +243,18 @@ mod tests {
 
     #[test]
     fn connection_failures_are_unavailable_and_redacted() {
+        // A driver message may carry the URL it was given, password and all.
         let e = LocksError::Connect {
             url: "postgres://app:***@db/shop".into(),
-            source: sqlx::Error::PoolClosed,
+            source: sqlx::Error::Configuration(
+                "postgres://app:secret@db/shop: connection refused".into(),
+            ),
         };
+        assert!(e.to_string().contains("secret"), "the case under test");
         let api = ApiError::from(e);
         assert_eq!(api.kind, ErrorKind::Unavailable);
-        assert!(!api.message.contains("secret"));
+        assert!(!api.message.contains("secret"), "{api}");
+        assert!(api.message.contains("postgres://app:***@db/shop"), "{api}");
         let e = LocksError::Task("boom".into());
         assert_eq!(ApiError::from(e).kind, ErrorKind::Internal);
     }

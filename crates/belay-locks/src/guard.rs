@@ -179,9 +179,16 @@ impl LockGuard {
         self.trips.try_recv().ok()
     }
 
+    /// Whether the guard has stopped polling on its own (it failed), or was stopped.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Stops polling and closes the guard's connection. Returns the trips not yet taken
     /// with [`LockGuard::next_trip`]/[`LockGuard::try_trip`], or the error that stopped the
-    /// guard early (the migration was never cancelled after that error).
+    /// guard early (the migration was never cancelled after that error). A trip is never
+    /// lost to a later error: when the guard tripped before it failed, the trips are
+    /// returned (the statement it cancelled must be seen as the guard's, and retried).
     pub async fn stop(self) -> Result<Vec<GuardTrip>, LocksError> {
         let (trips, conn) = self.stop_keeping_connection().await?;
         if let Some(conn) = conn {
@@ -206,7 +213,14 @@ impl LockGuard {
         while let Ok(t) = self.trips.try_recv() {
             trips.push(t);
         }
-        outcome.map(|()| (trips, conn))
+        match outcome {
+            Ok(()) => Ok((trips, conn)),
+            Err(e) if !trips.is_empty() => {
+                tracing::warn!(error = %e, "the lock guard failed after it tripped");
+                Ok((trips, None))
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

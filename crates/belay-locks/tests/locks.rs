@@ -530,3 +530,69 @@ async fn a_stopped_guard_hands_back_its_connection_and_names_sessions() -> R<()>
     sqlx::raw_sql("COMMIT").execute(&mut a).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trip_is_reported_even_when_the_guard_fails_after_it() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let url = DatabaseUrl::parse(&db.url)?;
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
+        .execute(&mut a)
+        .await?;
+    let (mut m, m_pid) = session(&db.url).await?;
+    let guard = LockGuard::start(
+        &url,
+        m_pid,
+        Duration::from_millis(200),
+        Duration::from_millis(20),
+    )
+    .await?;
+    let migration = tokio::spawn(async move {
+        let r = sqlx::raw_sql("ALTER TABLE t ADD COLUMN z int")
+            .execute(&mut m)
+            .await
+            .map(|_| ());
+        (m, r)
+    });
+    until(
+        &mut admin,
+        &SnapshotOptions::default(),
+        "migration waiting",
+        |s| tree_of(s, a_pid).is_some_and(|t| t.find(m_pid).is_some()),
+    )
+    .await?;
+    let (_r_pid, reader) = background(&db.url, "SELECT count(*) FROM t").await?;
+    // The guard's cancel ends the migration's statement (the trip is not taken yet).
+    let (_m, r) = tokio::time::timeout(Duration::from_secs(10), migration).await??;
+    let code = r
+        .err()
+        .ok_or("the guard should have cancelled the migration")?
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("57014"));
+    // Then the guard's own session dies before the executor stops the watch.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1 AND datname = current_database()",
+    )
+    .bind(GUARD_APPLICATION)
+    .execute(&mut admin)
+    .await?;
+    let start = Instant::now();
+    while !guard.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the guard never noticed its session was gone"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let trips = guard.stop().await?;
+    assert_eq!(trips.len(), 1, "{trips:?}");
+    assert_eq!(trips[0].blockers_of_migration, vec![a_pid]);
+    tokio::time::timeout(Duration::from_secs(5), reader)
+        .await??
+        .1?;
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
+    Ok(())
+}
