@@ -18,8 +18,9 @@ pub struct LocksArgs {
     /// json: one JSON object per line)
     #[arg(long)]
     pub watch: bool,
-    /// Time between samples with --watch
-    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    /// Time between samples with --watch. Each sample is one cheap catalog query; the
+    /// default reports a new lock queue within about a quarter of a second
+    #[arg(long, value_name = "DURATION", default_value = "200ms")]
     pub period: String,
     /// With --watch: stop after printing N snapshots [default: until Ctrl-C]
     #[arg(long, value_name = "N", requires = "watch")]

@@ -28,12 +28,17 @@ pub struct MonitorOptions {
     pub period: Duration,
 }
 
+/// Default time between samples of a watch: one cheap query per sample, frequent enough that
+/// a new lock queue is reported within about a quarter of a second (`cargo xtask bench
+/// locks` measures it, and what the sampling costs pgbench).
+pub const DEFAULT_WATCH_PERIOD: Duration = Duration::from_millis(200);
+
 impl Default for MonitorOptions {
     fn default() -> Self {
         MonitorOptions {
             snapshot: SnapshotOptions::default(),
             all_databases: false,
-            period: Duration::from_secs(1),
+            period: DEFAULT_WATCH_PERIOD,
         }
     }
 }

@@ -25,7 +25,9 @@ mod sample;
 mod tree;
 mod watch;
 
-pub use api::{LocalLocks, LockMonitorApi, MonitorOptions, SnapshotStream, filtered};
+pub use api::{
+    DEFAULT_WATCH_PERIOD, LocalLocks, LockMonitorApi, MonitorOptions, SnapshotStream, filtered,
+};
 pub use error::LocksError;
 pub use guard::{
     GUARD_APPLICATION, GuardTrip, LockGuard, WaitOutcome, blockers_of, describe_sessions,
