@@ -92,6 +92,11 @@ impl BackupManager {
             self.lock_wait_timeout.as_millis().max(1)
         ))
         .await?;
+        // The counts run beside pg_dump: one backend each, no parallel workers, so they
+        // neither take workers the application may need nor compete with pg_dump's own
+        // backend and compression for the server's cores.
+        db.exec("SET LOCAL max_parallel_workers_per_gather = 0")
+            .await?;
         let err = db.err("exporting a snapshot");
         let snapshot: String = sqlx::query("SELECT pg_export_snapshot()")
             .fetch_one(&mut db.conn)

@@ -17,7 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgErrorPosition};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tracing::{Instrument, debug, info_span};
 use uuid::Uuid;
@@ -131,9 +131,10 @@ pub struct Migrator {
     backup_hook: Option<Arc<dyn BackupHook>>,
     lock_guard: Option<Arc<dyn LockGuardHook>>,
     overrides: Vec<CheckOverride>,
-    /// Set once the guard has failed and the user was warned: one warning per run, not
-    /// one per statement.
-    guard_warned: AtomicBool,
+    /// Why the guard went off in this run, once it failed: it stays off until the run
+    /// ends, so a guard that cannot connect costs one attempt (and one warning), not one
+    /// per statement while the migration may be holding its locks.
+    guard_off: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Migrator {
@@ -184,7 +185,7 @@ impl Migrator {
             backup_hook: None,
             lock_guard: None,
             overrides: Vec::new(),
-            guard_warned: AtomicBool::new(false),
+            guard_off: Mutex::new(None),
         })
     }
 
