@@ -690,3 +690,112 @@ async fn unknown_targets_are_usage_errors_for_locks_checks_and_probes() -> Resul
     assert!(r.stderr.contains("--target"), "{r:?}");
     Ok(())
 }
+
+/// The value of one series of a Prometheus text exposition, `None` when absent.
+fn series(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).map(str::trim))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_samples_lock_gauges_per_target() -> Result<()> {
+    let db = Cluster::shared().create_database().await?;
+    let tmp = tempfile::tempdir()?;
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.to_string()
+    };
+    // Nothing listens there: every sample of `gone` fails.
+    let gone_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let ex = examples();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"sampler\"\nlock_sample_period = \"1s\"\n\
+             [[targets]]\nname = \"gauged\"\nurl = \"{url}\"\nmigrations = \"{ex}\"\n\
+             [[targets]]\nname = \"gone\"\nurl = \"postgres://app:hunter2@127.0.0.1:{gone_port}/x\"\nmigrations = \"{ex}\"\n\
+             [[targets]]\nname = \"quiet\"\nurl = \"{url}\"\nmigrations = \"{ex}\"\nlock_sample_period = \"off\"\n",
+            url = db.url,
+            ex = ex.display(),
+        ),
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let mut agent = Daemon::start(
+        "belay-agent",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            &config,
+            "--metrics-listen",
+            &metrics,
+        ],
+        &[],
+    )
+    .await?;
+    let blocked = r#"belay_blocked_sessions{target="gauged"}"#;
+
+    // B queues behind A: the next sample shows it.
+    let c = conflict(&db).await?;
+    wait_for("the gauge to show the blocked session", || async {
+        Ok(series(&scrape(&metrics).await?, blocked).is_some_and(|v| v >= 1.0))
+    })
+    .await?;
+    let text = scrape(&metrics).await?;
+    let longest = series(&text, r#"belay_longest_lock_wait_seconds{target="gauged"}"#);
+    assert!(longest.is_some_and(|s| s > 0.0), "{text}");
+    for name in [
+        "belay_blocked_sessions",
+        "belay_longest_lock_wait_seconds",
+        "belay_long_running_queries",
+        "belay_idle_in_transaction_sessions",
+        "belay_replication_lag_bytes",
+    ] {
+        let help = text
+            .lines()
+            .find(|l| l.starts_with(&format!("# HELP {name} ")))
+            .with_context(|| format!("no help for {name}: {text}"))?;
+        assert!(help.contains("by target"), "{help}");
+        assert!(
+            text.contains(&format!("{name}{{target=\"gauged\"}}")),
+            "{name}: {text}"
+        );
+    }
+    assert!(
+        !text.contains(r#"target="quiet""#),
+        "sampling is off: {text}"
+    );
+
+    // A leaves, B gets its lock and finishes: the gauge drops back to zero.
+    let Conflict { a, b, .. } = c;
+    drop(a);
+    b.await??;
+    wait_for("the gauge to drop to zero", || async {
+        Ok(series(&scrape(&metrics).await?, blocked) == Some(0.0))
+    })
+    .await?;
+
+    // An unreachable target: failures are counted, warned about once per streak.
+    wait_for("three failed samples of `gone`", || async {
+        let text = scrape(&metrics).await?;
+        Ok(
+            series(&text, r#"belay_lock_sample_failures_total{target="gone"}"#)
+                .is_some_and(|v| v >= 3.0),
+        )
+    })
+    .await?;
+    let (code, stderr) = agent.stop().await?;
+    assert_eq!(code, Some(0), "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("lock sample failed"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("gone"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    Ok(())
+}

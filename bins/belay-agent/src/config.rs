@@ -5,6 +5,45 @@ use belay_core::{DatabaseUrl, parse_duration};
 use belay_migrate::{ExecConfig, TargetSpec};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How often each target's locks are sampled for the `/metrics` gauges by default.
+/// Prometheus scrapes every 15 to 60 s; one sample per 10 s keeps a scrape at most 10 s
+/// behind for the cost of one connection and one catalog query per target.
+pub const DEFAULT_LOCK_SAMPLE_PERIOD: Duration = Duration::from_secs(10);
+/// Faster sampling shows nothing a scrape would see and only adds load on the target.
+pub const MIN_LOCK_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+
+/// A period in `agent.toml`: a duration (`"10s"`, `"500ms"`; a bare number is seconds), or
+/// `0`/`"off"` for none.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum PeriodSetting {
+    Seconds(u64),
+    Text(String),
+}
+
+impl PeriodSetting {
+    /// `None` when off; a period under the minimum is a mistake, not a wish to disable.
+    fn resolve(&self, key: &str) -> Result<Option<Duration>> {
+        let period = match self {
+            PeriodSetting::Seconds(n) => Duration::from_secs(*n),
+            PeriodSetting::Text(t) if t.trim().eq_ignore_ascii_case("off") => Duration::ZERO,
+            PeriodSetting::Text(t) => parse_duration(t).with_context(|| format!("`{key}`"))?,
+        };
+        if period.is_zero() {
+            return Ok(None);
+        }
+        if period < MIN_LOCK_SAMPLE_PERIOD {
+            bail!(
+                "`{key}` must be at least {} (or 0 / \"off\" to turn sampling off), not {}",
+                belay_core::format_duration(MIN_LOCK_SAMPLE_PERIOD),
+                belay_core::format_duration(period)
+            );
+        }
+        Ok(Some(period))
+    }
+}
 
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +59,10 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// mTLS with the controller: this agent's identity and the CA both sides trust.
     pub tls: Option<TlsConfig>,
+    /// How often every target's locks are sampled for the `/metrics` gauges (blocked
+    /// sessions, longest lock wait, ...; served with `--metrics-listen`); a target may
+    /// say otherwise. `0` or `"off"` turns sampling off [default: 10s].
+    pub lock_sample_period: Option<PeriodSetting>,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
 }
@@ -68,6 +111,8 @@ pub struct TargetConfig {
     pub max_blocking: Option<String>,
     /// `false` runs this target's migrations without the lock guard [default: true].
     pub lock_guard: Option<bool>,
+    /// This target's lock sampling period, over the agent's `lock_sample_period`.
+    pub lock_sample_period: Option<PeriodSetting>,
 }
 
 #[derive(Debug)]
@@ -79,6 +124,8 @@ pub struct LoadedTarget {
     pub labels: BTreeMap<String, String>,
     /// Whether the lock guard watches this target's migrations (`exec.max_blocking`).
     pub lock_guard: bool,
+    /// How often the agent samples this target's locks for its gauges; `None`: never.
+    pub lock_sample_period: Option<Duration>,
 }
 
 pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
@@ -93,6 +140,12 @@ pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
         tls.key = base.join(&tls.key);
     }
     config.token_file = config.token_file.map(|f| base.join(f));
+    let sample_period = match &config.lock_sample_period {
+        Some(p) => p
+            .resolve("lock_sample_period")
+            .with_context(|| format!("agent config {}", path.display()))?,
+        None => Some(DEFAULT_LOCK_SAMPLE_PERIOD),
+    };
     let mut targets = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for t in &config.targets {
@@ -104,14 +157,18 @@ pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
             );
         }
         targets
-            .push(load_target(base, t).with_context(|| {
+            .push(load_target(base, t, sample_period).with_context(|| {
                 format!("agent config {}: target {:?}", path.display(), t.name)
             })?);
     }
     Ok((config, targets))
 }
 
-fn load_target(base: &Path, t: &TargetConfig) -> Result<LoadedTarget> {
+fn load_target(
+    base: &Path,
+    t: &TargetConfig,
+    sample_period: Option<Duration>,
+) -> Result<LoadedTarget> {
     let raw = match (&t.url_env, &t.url_file, &t.url) {
         (Some(var), None, None) => std::env::var(var)
             .map_err(|_| anyhow!("environment variable {var} (url_env) is not set"))?,
@@ -160,6 +217,10 @@ fn load_target(base: &Path, t: &TargetConfig) -> Result<LoadedTarget> {
         environment: t.environment.clone(),
         labels: t.labels.clone(),
         lock_guard: t.lock_guard.unwrap_or(true),
+        lock_sample_period: match &t.lock_sample_period {
+            Some(p) => p.resolve("lock_sample_period")?,
+            None => sample_period,
+        },
         backup: match (&t.backup_dir, t.backup) {
             (Some(dir), mode) => Some((
                 base.join(dir),
@@ -192,6 +253,10 @@ mod tests {
         assert_eq!(targets[0].spec.dir, dir.path().join("m"));
         assert_eq!(targets[0].spec.exec.lock_timeout.as_millis(), 200);
         assert!(targets[0].lock_guard, "the guard is on by default");
+        assert_eq!(
+            targets[0].lock_sample_period,
+            Some(DEFAULT_LOCK_SAMPLE_PERIOD)
+        );
         assert_eq!(targets[0].spec.exec.max_blocking.as_millis(), 500);
         // The password read from url_file never shows in Debug output. (Matched with its
         // delimiters: the temp dir's random name may contain the letters "pw".)
@@ -203,6 +268,21 @@ mod tests {
         );
         let (_, targets) = load(&p).unwrap();
         assert_eq!(targets[0].spec.exec.max_blocking.as_millis(), 250);
+        // Lock sampling: the agent's period, a target's own, or off.
+        let p = write(
+            "lock_sample_period = \"30s\"\n[[targets]]\nname = \"a\"\nurl = \"postgres://db/a\"\nmigrations = \"m\"\n[[targets]]\nname = \"b\"\nurl = \"postgres://db/b\"\nmigrations = \"m\"\nlock_sample_period = \"off\"\n[[targets]]\nname = \"c\"\nurl = \"postgres://db/c\"\nmigrations = \"m\"\nlock_sample_period = 0\n[[targets]]\nname = \"d\"\nurl = \"postgres://db/d\"\nmigrations = \"m\"\nlock_sample_period = \"2s\"\n",
+        );
+        let (_, sampled) = load(&p).unwrap();
+        let periods: Vec<_> = sampled.iter().map(|t| t.lock_sample_period).collect();
+        assert_eq!(
+            periods,
+            [
+                Some(Duration::from_secs(30)),
+                None,
+                None,
+                Some(Duration::from_secs(2))
+            ]
+        );
         assert!(targets[0].lock_guard);
         assert!(!targets[1].lock_guard);
 
@@ -227,6 +307,14 @@ mod tests {
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nmax_blocking = \"0s\"\n",
                 "max_blocking must be greater than zero",
+            ),
+            (
+                "lock_sample_period = \"10ms\"\n",
+                "`lock_sample_period` must be at least 1s",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nlock_sample_period = \"often\"\n",
+                "invalid duration \"often\"",
             ),
         ] {
             let err = format!("{:#}", load(&write(body)).unwrap_err());

@@ -11,6 +11,7 @@ mod backups;
 mod config;
 mod monitor;
 mod register;
+mod sampler;
 
 use belay_migrate::LocalTargets;
 use belay_proto::v1 as pb;
@@ -132,6 +133,7 @@ async fn serve(args: Args) -> ExitCode {
                 advertise: None,
                 token_file: None,
                 tls: None,
+                lock_sample_period: None,
                 targets: Vec::new(),
             },
             Vec::new(),
@@ -189,6 +191,7 @@ async fn serve(args: Args) -> ExitCode {
         })
         .collect();
     let (lock_monitor, health_checks) = monitor::services(&targets);
+    let lock_samples = sampler::plan(&targets);
     let backup_service =
         belay_rpc::BackupGrpc::new(Arc::new(backups::service(&targets, args.config.as_deref())));
     // The lock guard watches every target's migrations unless its config says not to.
@@ -243,6 +246,14 @@ async fn serve(args: Args) -> ExitCode {
         eprintln!("{BIN}: error: {err}");
         return ExitCode::from(exit::UNAVAILABLE);
     }
+    // The gauges are read through /metrics only: without it, sampling would be load for
+    // nothing.
+    let sampler = sampler::Sampler::start(if args.metrics_listen.is_some() {
+        lock_samples
+    } else {
+        Vec::new()
+    });
+    let stop_sampling = sampler.stopper();
     let reflection = match belay_rpc::daemon::reflection() {
         Ok(r) => r,
         Err(err) => {
@@ -314,9 +325,10 @@ async fn serve(args: Args) -> ExitCode {
             migration_service.clone().into_service(),
             check,
         ))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
             // A dropped sender also means "stop".
             let _ = stop_rx.await;
+            stop_sampling.cancel();
         });
     belay_rpc::daemon::announce(local_addr);
     tracing::info!(addr = %local_addr, "serving");
@@ -330,6 +342,7 @@ async fn serve(args: Args) -> ExitCode {
         )
         .await,
     );
+    sampler.stop().await;
     // Runs keep going after their caller leaves; let them finish and record their
     // outcome rather than cutting a migration off mid-way.
     let runs = migration_service.runs();

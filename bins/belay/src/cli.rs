@@ -269,7 +269,7 @@ pub enum DeploymentsCommand {
     Watch { id: String },
 }
 
-/// Health checks around `migrate` (local mode).
+/// Checks around `migrate` (both modes; lint in local mode only).
 #[derive(Debug, Clone, Default, Args)]
 pub struct MigrateChecks {
     /// Go ahead although preflight check NAME blocks (repeatable; needs --reason)
@@ -282,7 +282,8 @@ pub struct MigrateChecks {
     #[arg(long, conflicts_with = "override_check")]
     pub no_preflight: bool,
     /// Apply pending scripts even if they have lint errors (a warning says so); prefer a
-    /// `-- belay:allow=<rule> <reason>` directive in the script, which names what is accepted
+    /// `-- belay:allow=<rule> <reason>` directive in the script, which names what is accepted.
+    /// Local mode: through a controller the scripts are on the agent and are not linted
     #[arg(long)]
     pub no_lint: bool,
     /// After applying, keep probing ([[probes]] in belay.toml) for this long; exit 4 with

@@ -1,6 +1,6 @@
 //! `belay`, the command-line interface. Thin: parse flags, resolve configuration, call
-//! the migration engine, print. Local mode only for now: the engine runs in-process
-//! against `--url`.
+//! the migration engine, print. Local mode runs the engine in-process against `--url`;
+//! remote mode (`--controller`) calls the same APIs through the controller.
 
 mod backfill_cmd;
 mod backup_cmd;
@@ -14,7 +14,8 @@ mod settings;
 
 use anyhow::anyhow;
 use belay_migrate::{
-    ApiError, ErrorKind, LocalTargets, MigrateError, MigrationApi, Target, TargetSpec, UndoTarget,
+    ApiError, ApplyOptions, CheckOverride, ErrorKind, LocalTargets, MigrateError, MigrationApi,
+    Target, TargetSpec, UndoTarget,
 };
 use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
 use cli::{Cli, Command, Output};
@@ -175,7 +176,23 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             return result;
         }
         let api = belay_rpc::MigrationClient::new(&conn);
-        return execute(&api, &target, cli.command, cli.output).await;
+        if let Command::Migrate { checks, .. } = &cli.command {
+            // The same checks as local mode, measured by the target's agent. No lint gate:
+            // the scripts are on the agent, and the plan carries no script text.
+            let settings = settings::resolve(&cli, url_from_argv, None).map_err(usage)?;
+            let health = belay_rpc::HealthClient::new(&conn);
+            let gate =
+                health_cmd::before_migrate(&health, &target, &settings, checks, cli.output).await?;
+            let code = execute(&api, &target, cli.command, cli.output, gate.overrides).await?;
+            return match gate.watch {
+                Some(window) => {
+                    health_cmd::watch_target(&health, &target, &settings.probes, window, cli.output)
+                        .await
+                }
+                None => Ok(code),
+            };
+        }
+        return execute(&api, &target, cli.command, cli.output, Vec::new()).await;
     }
     if let Some(f) = remote::needs_controller(&cli.command) {
         return Err(f);
@@ -237,71 +254,15 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     if let Command::Migrate { checks, target, .. } = &cli.command {
         lint_cmd::gate(&api, LOCAL_TARGET, &set, target, checks.no_lint).await?;
     }
-    let mut watch = None;
-    let mut overridden = Vec::new();
+    let mut gate = health_cmd::MigrateGate::default();
     if let Command::Migrate { checks, .. } = &cli.command {
-        if checks.no_preflight {
-            eprintln!("warning: --no-preflight: migrating without the preflight checklist");
-        } else {
-            let results = health_cmd::preflight(
-                &api,
-                LOCAL_TARGET,
-                &settings,
-                &url,
-                &checks.override_check,
-                checks.reason.as_deref(),
-                // Failed and drifted migrations are the executor's to refuse, with
-                // remedies that no override could replace.
-                false,
-            )
+        let health = health_cmd::local_health(&api, LOCAL_TARGET, &settings, Some(&url));
+        gate = health_cmd::before_migrate(&health, LOCAL_TARGET, &settings, checks, cli.output)
             .await?;
-            let shown: Vec<_> = results
-                .iter()
-                .filter(|r| r.status != belay_health::CheckStatus::Pass)
-                .cloned()
-                .collect();
-            if cli.output == Output::Text && !shown.is_empty() {
-                println!("preflight:");
-                health_cmd::render(cli.output, &shown);
-            }
-            for r in results.iter().filter(|r| r.overridden.is_some()) {
-                eprintln!(
-                    "warning: preflight check {} overridden: {}",
-                    r.name,
-                    checks.reason.as_deref().unwrap_or("")
-                );
-                overridden.push(belay_migrate::CheckOverride {
-                    check: r.name.clone(),
-                    reason: r.overridden.clone().unwrap_or_default(),
-                });
-            }
-            health_cmd::refuse_on_block(&results, "migrate refused: preflight")?;
-        }
-        if let Some(w) = &checks.watch {
-            let window =
-                belay_core::parse_duration(w).map_err(|e| usage(anyhow!("--watch: {e}")))?;
-            if settings.probes.is_empty() {
-                return Err(usage(anyhow!(
-                    "--watch needs probes: add [[probes]] to belay.toml (see `belay probe --help`)"
-                )));
-            }
-            watch = Some(window);
-        }
     }
-    // Every history row of the run records the checks the operator overrode.
-    let api = if overridden.is_empty() {
-        api
-    } else {
-        api.with_overrides(LOCAL_TARGET, overridden)
-    };
-    let code = execute(&api, LOCAL_TARGET, cli.command, cli.output).await?;
-    if let Some(window) = watch {
-        println!(
-            "watching {} probe(s) for {}",
-            settings.probes.len(),
-            belay_core::format_duration(window)
-        );
-        return health_cmd::watch(settings.probes.clone(), window, cli.output).await;
+    let code = execute(&api, LOCAL_TARGET, cli.command, cli.output, gate.overrides).await?;
+    if let Some(window) = gate.watch {
+        return health_cmd::watch_local(settings.probes.clone(), window, cli.output).await;
     }
     Ok(code)
 }
@@ -317,12 +278,14 @@ fn read_token(file: Option<&std::path::Path>) -> Result<Option<String>, Failure>
 const LOCAL_TARGET: &str = "local";
 
 /// Runs one command against `target` through the migration API, local or remote alike,
-/// so both modes print the same thing.
+/// so both modes print the same thing. `overrides` (the preflight checks overridden for a
+/// `migrate`) go into every history row the run writes.
 async fn execute(
     api: &dyn MigrationApi,
     target_name: &str,
     command: Command,
     out: Output,
+    overrides: Vec<CheckOverride>,
 ) -> Result<u8, Failure> {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = render::sink(out, events.clone());
@@ -344,7 +307,11 @@ async fn execute(
                 to: t.to,
                 steps: t.steps,
             };
-            let result = api.apply(target_name, &target, None, sink).await;
+            let options = ApplyOptions {
+                deployment_id: None,
+                overrides,
+            };
+            let result = api.apply(target_name, &target, &options, sink).await;
             render::run_report(out, "migrate", &result, &events);
             result.map(|_| 0).map_err(Failure::from)
         }

@@ -3,7 +3,7 @@
 
 use crate::waves::{self, Batch};
 use crate::{Fleet, store_err};
-use belay_migrate::{ApiError, ErrorKind, Event, EventSink, MigrationApi, Target};
+use belay_migrate::{ApiError, ApplyOptions, ErrorKind, Event, EventSink, MigrationApi, Target};
 use belay_store::{DeploymentState, NewDeployment, NewEvent, TargetState};
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc};
@@ -279,7 +279,12 @@ impl Fleet {
         let result = match self.client_for(target).await {
             Ok((client, _)) => {
                 client
-                    .apply(target, &Target { to, steps: None }, Some(id), sink)
+                    .apply(
+                        target,
+                        &Target { to, steps: None },
+                        &ApplyOptions::deployment(id),
+                        sink,
+                    )
                     .await
             }
             Err(e) => Err(e),

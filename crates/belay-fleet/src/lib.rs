@@ -13,8 +13,8 @@ pub mod waves;
 pub use deploy::DeploySpec;
 
 use belay_migrate::{
-    ApiError, ErrorKind, EventSink, MigrationApi, MigrationStatus, PlanView, RepairAction,
-    RunReport, Target, UndoTarget, Validation,
+    ApiError, ApplyOptions, ErrorKind, EventSink, MigrationApi, MigrationStatus, PlanView,
+    RepairAction, RunReport, Target, UndoTarget, Validation,
 };
 use belay_rpc::{Connection, MigrationClient};
 use belay_store::{AgentRecord, AgentRegistration, NewEvent, Store, StoreError, TargetState};
@@ -405,13 +405,13 @@ impl MigrationApi for Fleet {
         &self,
         target: &str,
         forward: &Target,
-        deployment_id: Option<Uuid>,
+        options: &ApplyOptions,
         sink: EventSink,
     ) -> Result<RunReport, ApiError> {
         self.client_for(target)
             .await?
             .0
-            .apply(target, forward, deployment_id, sink)
+            .apply(target, forward, options, sink)
             .await
     }
 

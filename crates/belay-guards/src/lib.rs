@@ -10,7 +10,7 @@ mod health;
 mod lock_guard;
 
 pub use health::{MigrationFactsAdapter, summarize};
-pub use lock_guard::LockGuardAdapter;
+pub use lock_guard::{GUARD_CONNECT_TIMEOUT, LockGuardAdapter};
 
 use belay_backup::{
     BackupError, BackupFormat, BackupManager, BackupRequest, BackupScope, Progress,

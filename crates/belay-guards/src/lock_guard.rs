@@ -32,6 +32,13 @@ impl std::fmt::Debug for LockGuardAdapter {
     }
 }
 
+/// How long the guard may take to get its session. A healthy server answers in
+/// milliseconds; the guard connects before the run's first statement, but after a lost
+/// connection it reconnects at a statement, while the migration may hold its locks and the
+/// application queues behind them — an unguarded stall this bounds. On timeout or failure
+/// the executor runs the rest of the run under `lock_timeout` alone.
+pub const GUARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn api_error(e: LocksError) -> ApiError {
     let kind = if e.is_connection() {
         ErrorKind::Unavailable
@@ -92,9 +99,25 @@ impl LockGuardAdapter {
             .take();
         match idle {
             Some(c) => Ok(c),
-            None => belay_locks::guard_session(&self.url)
+            None => {
+                match tokio::time::timeout(
+                    GUARD_CONNECT_TIMEOUT,
+                    belay_locks::guard_session(&self.url),
+                )
+                .instrument(tracing::info_span!("lock_guard_connect"))
                 .await
-                .map_err(api_error),
+                {
+                    Ok(conn) => conn.map_err(api_error),
+                    Err(_) => Err(ApiError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "lock guard: no session from {} within {}",
+                            self.url,
+                            belay_core::format_duration(GUARD_CONNECT_TIMEOUT)
+                        ),
+                    )),
+                }
+            }
         }
     }
 }
@@ -135,6 +158,12 @@ impl LockWatch for Watch {
 
 #[async_trait::async_trait]
 impl LockGuardHook for LockGuardAdapter {
+    async fn prepare(&self) -> Result<(), ApiError> {
+        let conn = self.session().await?;
+        give_back(&self.idle, conn);
+        Ok(())
+    }
+
     async fn watch(
         &self,
         backend_pid: i32,

@@ -7,10 +7,12 @@ use belay_core::DatabaseUrl;
 use belay_guards::LockGuardAdapter;
 use belay_history::{History, HistoryRow, RowState};
 use belay_migrate::{
-    Event, EventKind, ExecConfig, MigrateError, Migrator, RunReport, Target, load,
+    ApiError, Event, EventKind, ExecConfig, LockGuardHook, LockWatch, MigrateError, Migrator,
+    RunReport, SessionBrief, Target, load,
 };
 use belay_testkit::{Cluster, TestDb};
 use sqlx::{Connection, PgConnection};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -452,5 +454,170 @@ async fn a_statement_holding_its_lock_too_long_is_cancelled_and_named_as_the_cau
         "rolled back with the sleep"
     );
     app.finish().await?;
+    Ok(())
+}
+
+/// The adapter behind a counter of what the executor asks of it. Without
+/// `forward_prepare` the guard looks ready at the start of the run, as one whose
+/// connection is lost mid-run does: its first watch is where it fails.
+struct Counting {
+    inner: LockGuardAdapter,
+    forward_prepare: bool,
+    prepares: AtomicU32,
+    watches: AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl LockGuardHook for Counting {
+    async fn prepare(&self) -> Result<(), ApiError> {
+        self.prepares.fetch_add(1, Ordering::Relaxed);
+        if self.forward_prepare {
+            self.inner.prepare().await
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn watch(
+        &self,
+        backend_pid: i32,
+        max_blocking: Duration,
+    ) -> Result<Box<dyn LockWatch>, ApiError> {
+        self.watches.fetch_add(1, Ordering::Relaxed);
+        self.inner.watch(backend_pid, max_blocking).await
+    }
+
+    async fn wait_until_gone(
+        &self,
+        pids: &[i32],
+        timeout: Duration,
+    ) -> Result<Vec<SessionBrief>, ApiError> {
+        self.inner.wait_until_gone(pids, timeout).await
+    }
+}
+
+/// Runs a multi-statement transactional migration and a no-transaction one with `hook`
+/// as the guard; returns the run's events and the history rows.
+async fn run_with_guard(hook: Arc<Counting>) -> R<(Vec<Event>, Vec<HistoryRow>)> {
+    let (db, mut admin) = setup().await?;
+    let dir = migrations(&[
+        (
+            "V1__three.sql",
+            "CREATE TABLE a (id int);\nCREATE TABLE b (id int);\nALTER TABLE t ADD COLUMN c int;\n",
+        ),
+        (
+            "V2__two.sql",
+            "-- belay:no-transaction\nCREATE TABLE d (id int);\nCREATE INDEX CONCURRENTLY t_n ON t (n);\nCREATE TABLE e (id int);\n",
+        ),
+    ])?;
+    let url = DatabaseUrl::parse(&db.url)?;
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let sink = Arc::new(move |e: &Event| {
+        if let Ok(mut v) = seen.lock() {
+            v.push(e.clone());
+        }
+    });
+    let m =
+        Migrator::new(url, load(dir.path())?, ExecConfig::default(), sink)?.with_lock_guard(hook);
+    let report = tokio::time::timeout(SOON, m.migrate(&Target::default())).await??;
+    assert_eq!(report.results.len(), 2, "{report:?}");
+    for table in ["a", "b", "d", "e"] {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(table)
+            .fetch_one(&mut admin)
+            .await?;
+        assert!(exists, "table {table} was created");
+    }
+    assert!(column_exists(&mut admin, "c").await?);
+    let events = events.lock().map_err(|_| "poisoned")?.clone();
+    Ok((events, rows(&mut admin).await?))
+}
+
+fn guard_warnings(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Warning { message } if message.contains("lock guard") => {
+                Some(message.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guard_that_cannot_connect_is_off_for_the_whole_run_with_one_warning() -> R<()> {
+    // A port nothing listens on: the guard's connect is refused.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let guard_url =
+        DatabaseUrl::parse(&format!("postgres://guard:sekrit@127.0.0.1:{port}/nowhere"))?;
+    let hook = Arc::new(Counting {
+        inner: LockGuardAdapter::new(guard_url),
+        forward_prepare: true,
+        prepares: AtomicU32::new(0),
+        watches: AtomicU32::new(0),
+    });
+    let (events, rows) = run_with_guard(hook.clone()).await?;
+
+    // Tried once, before the first statement; no statement asked again.
+    assert_eq!(hook.prepares.load(Ordering::Relaxed), 1);
+    assert_eq!(hook.watches.load(Ordering::Relaxed), 0);
+    let warnings = guard_warnings(&events);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("off for the rest of this run"),
+        "{warnings:?}"
+    );
+    assert!(!warnings[0].contains("sekrit"), "{warnings:?}");
+    // Every row the run wrote says it ran unguarded, and why.
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let why = row
+            .notes
+            .as_ref()
+            .and_then(|n| n["lock_guard_off"].as_str())
+            .ok_or_else(|| format!("no lock_guard_off note: {row:?}"))?;
+        assert!(why.contains("lock guard"), "{why}");
+        assert!(!why.contains("sekrit"), "{why}");
+        assert_eq!(row.lock_trips, 0);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guard_failing_mid_run_gives_up_once_after_its_connect_timeout() -> R<()> {
+    // A server that accepts connections (the kernel completes the handshake) and never
+    // answers: without a connect timeout the guard would wait forever at a statement,
+    // with the migration's transaction open.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = silent.local_addr()?.port();
+    let guard_url = DatabaseUrl::parse(&format!("postgres://guard@127.0.0.1:{port}/silent"))?;
+    let hook = Arc::new(Counting {
+        inner: LockGuardAdapter::new(guard_url),
+        forward_prepare: false,
+        prepares: AtomicU32::new(0),
+        watches: AtomicU32::new(0),
+    });
+    let (events, rows) = run_with_guard(hook.clone()).await?;
+    drop(silent);
+
+    // Five watchable statements; only the first asked the guard, and it gave up after
+    // its connect timeout instead of hanging the run.
+    assert_eq!(hook.prepares.load(Ordering::Relaxed), 1);
+    assert_eq!(hook.watches.load(Ordering::Relaxed), 1);
+    let warnings = guard_warnings(&events);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("within 2s"), "{warnings:?}");
+    assert!(
+        rows.iter().all(|r| r
+            .notes
+            .as_ref()
+            .is_some_and(|n| n["lock_guard_off"].is_string())),
+        "{rows:?}"
+    );
     Ok(())
 }

@@ -138,6 +138,30 @@ impl TargetProbe {
     }
 }
 
+/// A configured probe (`[[probes]]` of belay.toml) as a probe of a target. A SQL probe
+/// becomes a query on the target's own database: whoever holds the target (its agent, in
+/// remote mode) runs it on the target's URL, so the spec's URL never crosses the wire.
+impl From<ProbeSpec> for TargetProbe {
+    fn from(spec: ProbeSpec) -> Self {
+        let check = match spec.kind {
+            ProbeKind::Http(h) => ProbeCheck::Http(h),
+            ProbeKind::Sql(s) => ProbeCheck::Sql {
+                query: s.query,
+                expect: s.expect,
+            },
+        };
+        TargetProbe {
+            name: spec.name,
+            check,
+            period: spec.period,
+            timeout: spec.timeout,
+            failure_threshold: spec.failure_threshold,
+            success_threshold: spec.success_threshold,
+            initial_delay: spec.initial_delay,
+        }
+    }
+}
+
 /// Probe events. `Err` means the stream broke (a remote connection lost); it ends then.
 pub type ProbeEvents = Pin<Box<dyn Stream<Item = Result<ProbeEvent, ApiError>> + Send>>;
 
@@ -355,6 +379,39 @@ mod tests {
         };
         assert_eq!(s.query, "SELECT 1");
         assert!(!spec.target().contains("secret"));
+    }
+
+    #[test]
+    fn configured_probes_become_target_probes_without_their_url() {
+        let mut http = ProbeSpec::http("api", "http://127.0.0.1:8080/health");
+        http.period = Duration::from_millis(250);
+        http.failure_threshold = 2;
+        http.initial_delay = Duration::from_secs(1);
+        let tp = TargetProbe::from(http.clone());
+        assert_eq!(tp.name, "api");
+        assert_eq!(tp.period, Duration::from_millis(250));
+        assert_eq!(tp.failure_threshold, 2);
+        assert_eq!(tp.initial_delay, Duration::from_secs(1));
+        // Back to a runnable spec, nothing is lost.
+        assert_eq!(tp.into_spec(None).unwrap(), http);
+
+        let elsewhere = DatabaseUrl::parse("postgres://app:secret@laptop/shop").unwrap();
+        let sql = ProbeSpec::sql("stuck", elsewhere, "SELECT 1", Expectation::Zero);
+        let tp = TargetProbe::from(sql);
+        assert_eq!(
+            tp.check,
+            ProbeCheck::Sql {
+                query: "SELECT 1".into(),
+                expect: Expectation::Zero
+            }
+        );
+        // It runs on the URL of whoever holds the target, not the configured one.
+        let target = DatabaseUrl::parse("postgres://agent@db/tenant").unwrap();
+        let spec = tp.into_spec(Some(&target)).unwrap();
+        let ProbeKind::Sql(s) = &spec.kind else {
+            panic!("sql")
+        };
+        assert_eq!(s.url, target);
     }
 
     #[tokio::test]

@@ -335,6 +335,55 @@ async fn sql_probe_follows_its_expectation() {
 }
 
 #[tokio::test]
+async fn sql_probes_cannot_write() {
+    let db = Cluster::shared().create_database().await.unwrap();
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE jobs (id int, stuck bool); INSERT INTO jobs VALUES (1, true)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let url = DatabaseUrl::parse(&db.url).unwrap();
+    let writes = [
+        ("insert", "INSERT INTO jobs VALUES (2, true) RETURNING 1"),
+        ("update", "UPDATE jobs SET stuck = false RETURNING 1"),
+        (
+            "cte",
+            "WITH d AS (DELETE FROM jobs RETURNING 1) SELECT count(*) FROM d",
+        ),
+        // Turning the default off takes effect only for later transactions, and this
+        // script's statements share one.
+        (
+            "sneaky",
+            "SET default_transaction_read_only = off; INSERT INTO jobs VALUES (3, true) RETURNING 1",
+        ),
+    ];
+    let specs = writes
+        .iter()
+        .map(|(name, query)| {
+            let mut spec = ProbeSpec::sql(*name, url.clone(), *query, Expectation::Equals(1));
+            spec.period = Duration::from_millis(100);
+            spec.timeout = Duration::from_secs(5);
+            spec
+        })
+        .collect();
+    let mut stream = run_probes(specs).unwrap();
+    let mut pending: std::collections::BTreeSet<&str> = writes.iter().map(|(n, _)| *n).collect();
+    while !pending.is_empty() {
+        let e = next(&mut stream).await;
+        pending.remove(e.probe.as_str());
+        assert_eq!(e.result, ProbeResult::Error, "{e:?}");
+        let error = e.evidence.error.as_deref().unwrap_or_default();
+        assert!(error.contains("read-only transaction"), "{e:?}");
+    }
+    drop(stream);
+    let rows: Vec<(i32, bool)> = sqlx::query_as("SELECT id, stuck FROM jobs ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![(1, true)], "the table is unchanged");
+}
+
+#[tokio::test]
 async fn watch_returns_the_triggering_event_or_a_healthy_window() {
     let healthy = Server::start(Mode::Healthy).await;
     let failing = Server::start(Mode::Failing).await;

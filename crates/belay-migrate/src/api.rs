@@ -50,6 +50,29 @@ pub struct PlanView {
     pub max_attempts: u32,
 }
 
+/// How one `apply` runs, beyond how far it goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Ties every event and history row of the run to a deployment (the controller's);
+    /// `None`: a fresh one.
+    pub deployment_id: Option<Uuid>,
+    /// Preflight checks the operator overrode for this run (`migrate --override-check
+    /// NAME --reason "…"`), recorded in the notes of every history row it writes. They
+    /// travel with the call rather than living on the implementation, so a run through
+    /// the controller records them on the agent exactly as a local run does.
+    pub overrides: Vec<CheckOverride>,
+}
+
+impl ApplyOptions {
+    /// A run of deployment `id` with nothing overridden (fleet deployments).
+    pub fn deployment(id: Uuid) -> Self {
+        ApplyOptions {
+            deployment_id: Some(id),
+            overrides: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Validation {
     pub problems: Vec<String>,
@@ -66,7 +89,7 @@ pub trait MigrationApi: Send + Sync {
         &self,
         target: &str,
         forward: &Target,
-        deployment_id: Option<Uuid>,
+        options: &ApplyOptions,
         sink: EventSink,
     ) -> Result<RunReport, ApiError>;
     async fn undo(
@@ -104,8 +127,6 @@ pub struct LocalTargets {
     backup_hooks: BTreeMap<String, Arc<dyn BackupHook>>,
     /// Per target: the guard around each statement of `apply` and `undo`.
     lock_guards: BTreeMap<String, Arc<dyn LockGuardHook>>,
-    /// Per target: preflight checks overridden for the next runs (recorded in history).
-    overrides: BTreeMap<String, Vec<CheckOverride>>,
 }
 
 impl std::fmt::Debug for LocalTargets {
@@ -117,7 +138,6 @@ impl std::fmt::Debug for LocalTargets {
                 &self.backup_hooks.keys().collect::<Vec<_>>(),
             )
             .field("lock_guards", &self.lock_guards.keys().collect::<Vec<_>>())
-            .field("overrides", &self.overrides)
             .finish()
     }
 }
@@ -128,7 +148,6 @@ impl LocalTargets {
             targets: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),
             backup_hooks: BTreeMap::new(),
             lock_guards: BTreeMap::new(),
-            overrides: BTreeMap::new(),
         }
     }
 
@@ -136,13 +155,6 @@ impl LocalTargets {
     /// [`LockGuardHook`]), with the target's `max_blocking`.
     pub fn with_lock_guard(mut self, target: &str, hook: Arc<dyn LockGuardHook>) -> Self {
         self.lock_guards.insert(target.to_string(), hook);
-        self
-    }
-
-    /// Records `overrides` (preflight checks the operator overrode) in the notes of the
-    /// history rows of runs on `target`.
-    pub fn with_overrides(mut self, target: &str, overrides: Vec<CheckOverride>) -> Self {
-        self.overrides.insert(target.to_string(), overrides);
         self
     }
 
@@ -187,9 +199,6 @@ impl LocalTargets {
         if let Some(hook) = self.lock_guards.get(target) {
             m = m.with_lock_guard(hook.clone());
         }
-        if let Some(o) = self.overrides.get(target) {
-            m = m.with_overrides(o.clone());
-        }
         Ok(m)
     }
 }
@@ -230,10 +239,12 @@ impl MigrationApi for LocalTargets {
         &self,
         target: &str,
         forward: &Target,
-        deployment_id: Option<Uuid>,
+        options: &ApplyOptions,
         sink: EventSink,
     ) -> Result<RunReport, ApiError> {
-        let m = self.migrator(target, sink, deployment_id)?;
+        let m = self
+            .migrator(target, sink, options.deployment_id)?
+            .with_overrides(options.overrides.clone());
         Ok(m.migrate(forward).await?)
     }
 

@@ -106,10 +106,19 @@ pub trait LockWatch: Send {
 /// `Migrator::with_lock_guard`); without one, `lock_timeout` alone bounds the stall.
 #[async_trait::async_trait]
 pub trait LockGuardHook: Send + Sync {
+    /// Gets ready to watch, once per run before its first statement, while the migration
+    /// holds no lock but the runner's: a guard that cannot get its session fails here
+    /// (the executor then runs the whole run unguarded, with one warning) instead of while
+    /// a migration transaction holds its locks.
+    async fn prepare(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+
     /// Starts watching the queue behind `backend_pid` (the migration's session) from a
     /// session of the hook's own; the statement is cancelled when someone has waited in
-    /// that queue longer than `max_blocking`. Fails (the executor then runs the statement
-    /// unguarded, with a warning) when the guard cannot get a session.
+    /// that queue longer than `max_blocking`. Fails (the executor then runs this statement
+    /// and the rest of the run unguarded, with one warning) when the guard cannot get a
+    /// session.
     async fn watch(
         &self,
         backend_pid: i32,

@@ -18,7 +18,8 @@ pub mod sql;
 pub mod status;
 
 pub use api::{
-    ApiError, LocalTargets, MigrationApi, PlanStepView, PlanView, TargetSpec, Validation,
+    ApiError, ApplyOptions, LocalTargets, MigrationApi, PlanStepView, PlanView, TargetSpec,
+    Validation,
 };
 pub use backup::{BackupContext, BackupHook, BackupStep, BackupTaken};
 pub use config::ExecConfig;

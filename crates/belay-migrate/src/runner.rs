@@ -565,6 +565,11 @@ impl Migrator {
         for w in &self.set.warnings {
             self.emit(EventKind::Warning { message: w.clone() });
         }
+        // A guard that failed in an earlier run of this migrator may work again.
+        *self
+            .guard_off
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         let mut conn = self.connect().await?;
         let mut report = RunReport {
             deployment_id: self.deployment_id,
@@ -647,35 +652,61 @@ impl Migrator {
     }
 
     /// The migration session's pid, for the lock guard to watch; `None` without a guard
-    /// (or nothing to run), or if the server would not say (then the run goes unguarded,
-    /// with a warning).
+    /// (or nothing to run), or if the server would not say or the guard cannot get its
+    /// session (then the run goes unguarded, with a warning).
     async fn backend_pid(&self, conn: &mut PgConnection, needed: bool) -> Option<i32> {
-        if self.lock_guard.is_none() || !needed {
-            return None;
-        }
-        match sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+        let hook = self.lock_guard.as_ref().filter(|_| needed)?;
+        let pid = match sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
             .fetch_one(&mut *conn)
             .await
         {
-            Ok(pid) => Some(pid),
+            Ok(pid) => pid,
             Err(e) => {
                 self.guard_unavailable(&e.to_string());
-                None
+                return None;
             }
+        };
+        // Now, while the migration holds only the runner lock: a guard that cannot connect
+        // fails here rather than stalling the first statement's transaction.
+        if let Err(e) = hook
+            .prepare()
+            .instrument(info_span!("lock_guard_prepare"))
+            .await
+        {
+            self.guard_unavailable(&e.message);
+            return None;
         }
+        Some(pid)
     }
 
-    /// The guard could not watch (or stopped early): statements run under `lock_timeout`
-    /// alone. Said once per run.
+    /// Why the guard is off for the rest of this run, if it is.
+    fn guard_off(&self) -> Option<String> {
+        self.guard_off
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The guard could not watch (or stopped early): it stays off for the rest of the run
+    /// and statements run under `lock_timeout` alone. Said once per run, in a warning and
+    /// in the notes of the history rows written after it.
     fn guard_unavailable(&self, why: &str) {
-        if !self.guard_warned.swap(true, Ordering::Relaxed) {
-            self.emit(EventKind::Warning {
-                message: format!(
-                    "the lock guard is not watching ({}); statements run with lock_timeout alone",
-                    belay_core::redact_url(why)
-                ),
-            });
+        let why = belay_core::redact_url(why);
+        {
+            let mut off = self
+                .guard_off
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if off.is_some() {
+                return;
+            }
+            *off = Some(why.clone());
         }
+        self.emit(EventKind::Warning {
+            message: format!(
+                "the lock guard is off for the rest of this run ({why}); statements run with lock_timeout alone"
+            ),
+        });
     }
 
     /// Runs one statement of a migration; with a lock guard, under its watch. Transaction
@@ -695,7 +726,10 @@ impl Migrator {
         let script = &step.source;
         let watch = match (&self.lock_guard, backend_pid) {
             (Some(hook), Some(pid))
-                if !st.concurrently && !st.opens_transaction() && !st.closes_transaction() =>
+                if !st.concurrently
+                    && !st.opens_transaction()
+                    && !st.closes_transaction()
+                    && self.guard_off().is_none() =>
             {
                 match hook.watch(pid, self.config.max_blocking).await {
                     Ok(w) => Some(w),
@@ -844,7 +878,8 @@ impl Migrator {
     }
 
     /// The row's notes: the script's `-- belay:allow=` directives, the run's preflight
-    /// overrides and the lock guard's trips; `None` when there is nothing to say.
+    /// overrides, the lock guard's trips, and why the guard went off if it did before the
+    /// row was written; `None` when there is nothing to say.
     fn notes(&self, step: &Step, trips: &[TripNote]) -> Option<serde_json::Value> {
         let mut notes = serde_json::Map::new();
         let allow = &step.source.directives.allow;
@@ -856,6 +891,9 @@ impl Migrator {
         }
         if !trips.is_empty() {
             notes.insert("lock_guard_trips".into(), serde_json::json!(trips));
+        }
+        if let Some(why) = self.guard_off() {
+            notes.insert("lock_guard_off".into(), serde_json::json!(why));
         }
         (!notes.is_empty()).then_some(serde_json::Value::Object(notes))
     }

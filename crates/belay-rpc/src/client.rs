@@ -3,8 +3,8 @@
 use crate::convert;
 use belay_auth::{MaybeTokenAttach, Secret, TokenAttach};
 use belay_migrate::{
-    ApiError, ErrorKind, EventSink, MigrationApi, MigrationStatus, PlanView, RepairAction,
-    RunReport, Target, UndoTarget, Validation,
+    ApiError, ApplyOptions, ErrorKind, EventSink, MigrationApi, MigrationStatus, PlanView,
+    RepairAction, RunReport, Target, UndoTarget, Validation,
 };
 use belay_proto::v1 as pb;
 use pb::migration_service_client::MigrationServiceClient;
@@ -163,17 +163,13 @@ impl MigrationApi for MigrationClient {
         &self,
         t: &str,
         forward: &Target,
-        deployment_id: Option<Uuid>,
+        options: &ApplyOptions,
         sink: EventSink,
     ) -> Result<RunReport, ApiError> {
         let stream = self
             .client
             .clone()
-            .apply(pb::ApplyRequest {
-                target: target(t),
-                forward: Some(convert::forward(forward)),
-                deployment_id: deployment_id.map(|u| u.to_string()).unwrap_or_default(),
-            })
+            .apply(convert::apply_request(t, forward, options))
             .await
             .map_err(|s| self.err(&s))?
             .into_inner();

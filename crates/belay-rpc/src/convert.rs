@@ -5,8 +5,9 @@
 use belay_history::EntryType;
 use belay_migrate::directives::{Directives, NoTransactionSource};
 use belay_migrate::{
-    ApiError, Direction, ErrorKind, Event, EventKind, MigrationStatus, PlanStepView, PlanView,
-    RepairAction, RunReport, RunnerHolder, State, StepResult, Target, UndoTarget, Validation,
+    ApiError, ApplyOptions, CheckOverride, Direction, ErrorKind, Event, EventKind, MigrationStatus,
+    PlanStepView, PlanView, RepairAction, RunReport, RunnerHolder, State, StepResult, Target,
+    UndoTarget, Validation,
 };
 use belay_proto::v1 as pb;
 use chrono::{DateTime, TimeZone, Utc};
@@ -334,6 +335,63 @@ pub fn undo_from(t: Option<&pb::UndoTarget>) -> UndoTarget {
         Some(T::All(true)) => UndoTarget::All,
         _ => UndoTarget::Steps(1),
     }
+}
+
+// ---- apply ----
+
+pub fn apply_request(target: &str, forward: &Target, options: &ApplyOptions) -> pb::ApplyRequest {
+    pb::ApplyRequest {
+        target: Some(pb::Target {
+            name: target.to_string(),
+        }),
+        forward: Some(self::forward(forward)),
+        deployment_id: options
+            .deployment_id
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        overrides: options
+            .overrides
+            .iter()
+            .map(|o| pb::CheckOverride {
+                check: o.check.clone(),
+                reason: o.reason.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The options of an apply request. An override without a check name or a reason is
+/// refused: history would record an override no one can account for.
+pub fn apply_options_from(r: &pb::ApplyRequest) -> Result<ApplyOptions, DecodeError> {
+    let deployment_id = match r.deployment_id.as_str() {
+        "" => None,
+        id => Some(parse_uuid(id)?),
+    };
+    let overrides = r
+        .overrides
+        .iter()
+        .map(|o| {
+            let check = o.check.trim();
+            let reason = o.reason.trim();
+            if check.is_empty() {
+                return Err(bad("check override", "names no check"));
+            }
+            if reason.is_empty() {
+                return Err(bad(
+                    "check override",
+                    format!("{check:?} has no reason: an override needs one"),
+                ));
+            }
+            Ok(CheckOverride {
+                check: check.to_string(),
+                reason: reason.to_string(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(ApplyOptions {
+        deployment_id,
+        overrides,
+    })
 }
 
 // ---- plan ----
@@ -763,6 +821,66 @@ mod tests {
             max_attempts: 60,
         };
         assert_eq!(plan_from(&plan(&p)).unwrap(), p);
+    }
+
+    #[test]
+    fn apply_requests_carry_the_deployment_and_the_overrides() {
+        let options = ApplyOptions {
+            deployment_id: Some(Uuid::new_v4()),
+            overrides: vec![
+                CheckOverride {
+                    check: "lock_waits".into(),
+                    reason: "owner agreed; the ALTER is queued behind a report".into(),
+                },
+                CheckOverride {
+                    check: "long_queries".into(),
+                    reason: "nightly export, read-only".into(),
+                },
+            ],
+        };
+        let forward = Target {
+            to: Some("3".into()),
+            steps: None,
+        };
+        let req = apply_request("tenant_a", &forward, &options);
+        assert_eq!(
+            req.target.as_ref().map(|t| t.name.as_str()),
+            Some("tenant_a")
+        );
+        assert_eq!(req.overrides.len(), 2);
+        assert_eq!(req.overrides[0].check, "lock_waits");
+        assert_eq!(apply_options_from(&req).unwrap(), options);
+        let back = forward_from(req.forward.as_ref());
+        assert_eq!((back.to, back.steps), (forward.to.clone(), forward.steps));
+
+        // Nothing overridden, no deployment: the agent picks the id.
+        let req = apply_request("tenant_a", &forward, &ApplyOptions::default());
+        assert!(req.deployment_id.is_empty() && req.overrides.is_empty());
+        assert_eq!(apply_options_from(&req).unwrap(), ApplyOptions::default());
+    }
+
+    #[test]
+    fn overrides_without_a_check_or_a_reason_are_refused() {
+        let override_of = |check: &str, reason: &str| pb::ApplyRequest {
+            overrides: vec![pb::CheckOverride {
+                check: check.into(),
+                reason: reason.into(),
+            }],
+            ..pb::ApplyRequest::default()
+        };
+        let e = apply_options_from(&override_of("lock_waits", "  ")).unwrap_err();
+        assert!(
+            e.to_string().contains("\"lock_waits\" has no reason"),
+            "{e}"
+        );
+        assert_eq!(Status::from(e).code(), Code::InvalidArgument);
+        let e = apply_options_from(&override_of("", "because")).unwrap_err();
+        assert!(e.to_string().contains("names no check"), "{e}");
+        let bad_id = pb::ApplyRequest {
+            deployment_id: "not-a-uuid".into(),
+            ..pb::ApplyRequest::default()
+        };
+        assert!(apply_options_from(&bad_id).is_err());
     }
 
     fn serde_json_like(s: &MigrationStatus) -> String {

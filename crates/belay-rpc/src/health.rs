@@ -5,7 +5,7 @@
 use crate::Connection;
 use crate::convert::{self, DecodeError};
 use belay_auth::MaybeTokenAttach;
-use belay_core::ApiError;
+use belay_core::{ApiError, ErrorKind};
 use belay_health::{
     CheckResult, CheckStatus, Evidence, Expectation, HealthApi, HttpProbe, PostflightSpec,
     PreflightOptions, ProbeCheck, ProbeEvent, ProbeEvents, ProbeResult, ProbeState, Severity,
@@ -448,6 +448,29 @@ fn probe_window(ms: u64) -> Duration {
 
 // ---- server ----
 
+/// The shortest probe period the server accepts. A probe attempt is an HTTP request from
+/// the agent's host or a query on the target's database, made on behalf of whoever called;
+/// faster than this it is load, not a quicker verdict (a trigger takes `failure_threshold`
+/// periods anyway). Refused rather than clamped, so the caller's thresholds keep the
+/// meaning it gave them. In-process callers (the CLI's local mode) are not held to it.
+pub const MIN_PROBE_PERIOD: Duration = Duration::from_millis(100);
+
+/// Refuses a probe period under [`MIN_PROBE_PERIOD`], naming the minimum.
+fn check_probe_period(probe: &TargetProbe) -> Result<(), Status> {
+    if probe.period < MIN_PROBE_PERIOD {
+        return Err(convert::status_from(&ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "probe {:?}: the period must be at least {} (asked for {})",
+                probe.name,
+                belay_core::format_duration(MIN_PROBE_PERIOD),
+                belay_core::format_duration(probe.period)
+            ),
+        )));
+    }
+    Ok(())
+}
+
 /// The gRPC face of a health checker: the agent serves its targets through it, the
 /// controller its router to agents.
 #[derive(Clone)]
@@ -520,6 +543,7 @@ impl HealthService for HealthGrpc {
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("the probe request carries no probe"))?,
         )?;
+        check_probe_period(&spec)?;
         let events = self
             .api
             .probe(&name, &spec, probe_window(r.duration_ms))
@@ -734,6 +758,67 @@ mod tests {
         );
         let bare = postflight_request_from(&pb::PostflightRequest::default()).unwrap();
         assert_eq!(bare, PostflightSpec::default());
+    }
+
+    /// A health checker that counts the probes it is asked for and streams nothing.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl HealthApi for Counting {
+        async fn preflight(
+            &self,
+            _: &str,
+            _: &PreflightOptions,
+        ) -> Result<Vec<CheckResult>, ApiError> {
+            Ok(Vec::new())
+        }
+        async fn postflight(
+            &self,
+            _: &str,
+            _: &PostflightSpec,
+        ) -> Result<Vec<CheckResult>, ApiError> {
+            Ok(Vec::new())
+        }
+        async fn probe(
+            &self,
+            _: &str,
+            _: &TargetProbe,
+            _: Duration,
+        ) -> Result<ProbeEvents, ApiError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Box::pin(tokio_stream::empty()))
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_faster_than_the_minimum_are_refused_naming_it() {
+        let api = Arc::new(Counting::default());
+        let grpc = HealthGrpc::new(api.clone());
+        let ask = |ms: u64| {
+            let mut p = TargetProbe::sql("q", "SELECT 1", Expectation::Equals(1));
+            p.period = Duration::from_millis(ms);
+            Request::new(pb::ProbeRequest {
+                target: target("t"),
+                spec: Some(probe_spec(&p)),
+                duration_ms: 1_000,
+            })
+        };
+        let err = HealthService::probe(&grpc, ask(10))
+            .await
+            .err()
+            .expect("a 10ms probe is refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("at least 100ms"), "{err:?}");
+        assert!(err.message().contains("asked for 10ms"), "{err:?}");
+        assert!(err.message().contains("\"q\""), "{err:?}");
+        assert_eq!(api.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+        // The minimum itself, and an unset period (the default, 10s), are served.
+        for ms in [100, 0] {
+            assert!(HealthService::probe(&grpc, ask(ms)).await.is_ok());
+        }
+        assert_eq!(api.0.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[test]

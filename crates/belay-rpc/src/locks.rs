@@ -248,6 +248,29 @@ pub fn watch_message_from(m: &pb::LockWatchMessage) -> Result<LockSnapshot, ApiE
 
 // ---- server ----
 
+/// The shortest watch period the server accepts. Each sample is one query on the target's
+/// server, run by the agent beside a production database on behalf of whoever called; a
+/// faster watch reports nothing sooner that matters (a lock queue costs the application
+/// from `lock_timeout`, 100 ms, up) and only adds load. Refused rather than clamped, so a
+/// caller never reads samples at a rate it did not ask for. In-process callers (the CLI's
+/// local mode, on the operator's own authority) are not held to it.
+pub const MIN_WATCH_PERIOD: Duration = Duration::from_millis(50);
+
+/// Refuses a watch period under [`MIN_WATCH_PERIOD`], naming the minimum.
+fn check_watch_period(period: Duration) -> Result<(), Status> {
+    if period < MIN_WATCH_PERIOD {
+        return Err(convert::status_from(&ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "the watch period must be at least {} (asked for {})",
+                belay_core::format_duration(MIN_WATCH_PERIOD),
+                belay_core::format_duration(period)
+            ),
+        )));
+    }
+    Ok(())
+}
+
 /// The gRPC face of a lock monitor: the agent serves its targets through it, the
 /// controller its router to agents.
 #[derive(Clone)]
@@ -300,6 +323,7 @@ impl LockMonitorService for LockMonitorGrpc {
         let r = req.get_ref();
         let target = crate::server::target_name(r.target.as_ref())?;
         let options = watch_request_from(r);
+        check_watch_period(options.period)?;
         let stream = self
             .api
             .watch(&target, &options)
@@ -467,6 +491,50 @@ mod tests {
         assert_eq!(watch_request_from(&watch_request("t", &o)), o);
         let bare = watch_request_from(&pb::LockWatchRequest::default());
         assert_eq!(bare, MonitorOptions::default());
+    }
+
+    /// A monitor that counts the watches it is asked for and streams nothing.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl LockMonitorApi for Counting {
+        async fn snapshot(&self, _: &str, _: &MonitorOptions) -> Result<LockSnapshot, ApiError> {
+            Ok(sample())
+        }
+        async fn watch(&self, _: &str, _: &MonitorOptions) -> Result<SnapshotStream, ApiError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Box::pin(tokio_stream::empty()))
+        }
+    }
+
+    #[tokio::test]
+    async fn watches_faster_than_the_minimum_are_refused_naming_it() {
+        let api = Arc::new(Counting::default());
+        let grpc = LockMonitorGrpc::new(api.clone());
+        let ask = |ms: u64| {
+            let o = MonitorOptions {
+                period: Duration::from_millis(ms),
+                ..MonitorOptions::default()
+            };
+            Request::new(watch_request("t", &o))
+        };
+        let err = LockMonitorService::watch(&grpc, ask(10))
+            .await
+            .err()
+            .expect("a 10ms watch is refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("at least 50ms"), "{err:?}");
+        assert!(err.message().contains("asked for 10ms"), "{err:?}");
+        let err = convert::api_error_from(&err, "agent");
+        assert_eq!(err.kind, ErrorKind::InvalidArgument);
+        assert_eq!(api.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+        // The minimum itself, and an unset period (the default, 200ms), are served.
+        for ms in [50, 0] {
+            assert!(LockMonitorService::watch(&grpc, ask(ms)).await.is_ok());
+        }
+        assert_eq!(api.0.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -172,14 +172,14 @@ impl MigrationService for MigrationGrpc {
     ) -> Result<Response<Self::ApplyStream>, Status> {
         let r = req.into_inner();
         let target = target_name(r.target.as_ref())?;
-        let id = deployment_id(&r.deployment_id)?;
+        let options = convert::apply_options_from(&r)?;
         let forward = convert::forward_from(r.forward.as_ref());
         let api = self.api.clone();
         let t = target.clone();
         Ok(Response::new(run_stream(
             &self.runs,
             target,
-            move |sink| async move { api.apply(&t, &forward, id, sink).await },
+            move |sink| async move { api.apply(&t, &forward, &options, sink).await },
         )))
     }
 

@@ -42,14 +42,22 @@ pub mod names {
     /// Gauge, Unix seconds: when the latest successful backup finished.
     pub const BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
         "belay_backup_last_success_timestamp_seconds";
-    /// Gauge: sessions currently blocked behind a lock.
+    /// Gauge, label `target`: sessions of the target's database waiting for a lock, as the
+    /// agent's last lock sample saw them.
     pub const BLOCKED_SESSIONS: &str = "belay_blocked_sessions";
-    /// Gauge, seconds: the longest current lock wait.
+    /// Gauge, seconds, label `target`: the longest lock wait in the last sample.
     pub const LONGEST_LOCK_WAIT_SECONDS: &str = "belay_longest_lock_wait_seconds";
-    /// Gauge: queries running longer than the configured threshold.
+    /// Gauge, label `target`: queries running longer than 5 minutes in the last sample.
     pub const LONG_RUNNING_QUERIES: &str = "belay_long_running_queries";
-    /// Gauge, bytes: replication lag of the most lagging replica.
+    /// Gauge, label `target`: sessions idle in a transaction for over a minute in the
+    /// last sample.
+    pub const IDLE_IN_TRANSACTION_SESSIONS: &str = "belay_idle_in_transaction_sessions";
+    /// Gauge, bytes, label `target`: replay lag of the target server's most lagging
+    /// streaming replica (0 without replicas).
     pub const REPLICATION_LAG_BYTES: &str = "belay_replication_lag_bytes";
+    /// Counter, label `target`: lock samples that failed (the lock gauges then keep their
+    /// last values).
+    pub const LOCK_SAMPLE_FAILURES_TOTAL: &str = "belay_lock_sample_failures_total";
     /// Counter, label `probe` (and `target` where the controller relays a probe): failed
     /// post-deployment health probes.
     pub const PROBE_FAILURES_TOTAL: &str = "belay_probe_failures_total";
@@ -160,22 +168,32 @@ pub fn describe_metrics() {
     describe_gauge!(
         BLOCKED_SESSIONS,
         Unit::Count,
-        "Sessions currently blocked behind a lock."
+        "Sessions waiting for a lock in the target database, by target (agent's last lock sample)."
     );
     describe_gauge!(
         LONGEST_LOCK_WAIT_SECONDS,
         Unit::Seconds,
-        "The longest lock wait currently in progress."
+        "The longest lock wait in the target database, by target (agent's last lock sample)."
     );
     describe_gauge!(
         LONG_RUNNING_QUERIES,
         Unit::Count,
-        "Queries running longer than the configured threshold."
+        "Queries running longer than 5 minutes in the target database, by target (agent's last lock sample)."
+    );
+    describe_gauge!(
+        IDLE_IN_TRANSACTION_SESSIONS,
+        Unit::Count,
+        "Sessions idle in a transaction for over a minute in the target database, by target (agent's last lock sample)."
     );
     describe_gauge!(
         REPLICATION_LAG_BYTES,
         Unit::Bytes,
-        "Replication lag of the most lagging replica."
+        "Replay lag of the target server's most lagging streaming replica, by target (0 without replicas)."
+    );
+    describe_counter!(
+        LOCK_SAMPLE_FAILURES_TOTAL,
+        Unit::Count,
+        "Lock samples that failed, by target; the lock gauges keep their last values meanwhile."
     );
     describe_counter!(
         PROBE_FAILURES_TOTAL,

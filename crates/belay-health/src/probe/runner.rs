@@ -216,7 +216,15 @@ impl Prober {
                         )
                     })?
                     .application_name("belay-probe")
-                    .options([("statement_timeout", format!("{ms}ms"))]);
+                    // A probe runs someone's query with the target's credentials, over and
+                    // over: every transaction it starts is read-only, so a probe written as
+                    // an INSERT or UPDATE fails with its error as evidence instead of
+                    // writing. (A script that ends its transaction and turns this off
+                    // itself is not stopped; a role without write grants is the wall.)
+                    .options([
+                        ("statement_timeout", format!("{ms}ms")),
+                        ("default_transaction_read_only", "on".to_string()),
+                    ]);
                 Ok(Prober::Sql {
                     opts: Box::new(opts),
                     probe: probe.clone(),

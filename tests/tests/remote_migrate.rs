@@ -1,0 +1,434 @@
+//! `migrate` in remote mode is as safe as in local mode, end to end: a real controller, a
+//! real agent and the real CLI against a real PostgreSQL. The preflight checklist runs on
+//! the target's agent with belay.toml's thresholds and refuses as local mode does; an
+//! override is recorded in the target's history; `--watch` probes through the controller
+//! and exits with the failing probe's evidence.
+
+use anyhow::{Context, Result};
+use belay_e2e::{Daemon, TargetDef, agent_config, belay, belay_local, wait_agents, wait_for};
+use belay_testkit::{Cluster, TestDb};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/migrations")
+}
+
+/// A controller and one agent owning `target` on `db` (the examples as its migrations).
+struct Fleet {
+    tmp: tempfile::TempDir,
+    controller: Daemon,
+    _agent: Daemon,
+}
+
+async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
+    let tmp = tempfile::tempdir()?;
+    let store = tmp
+        .path()
+        .join("controller.db")
+        .to_string_lossy()
+        .into_owned();
+    let controller = Daemon::start(
+        "belay-controller",
+        &[
+            "--store",
+            &store,
+            "--heartbeat-interval",
+            "200ms",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    )
+    .await?;
+    let ex = examples();
+    let config = agent_config(
+        tmp.path(),
+        "agent-1",
+        &controller.addr,
+        &[TargetDef {
+            name: target,
+            url: &db.url,
+            migrations: &ex,
+            environment: None,
+        }],
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let agent = Daemon::start(
+        "belay-agent",
+        &["--listen", "127.0.0.1:0", "--config", &config],
+        &[],
+    )
+    .await?;
+    wait_agents(&controller.addr, 1).await?;
+    Ok(Fleet {
+        tmp,
+        controller,
+        _agent: agent,
+    })
+}
+
+impl Fleet {
+    /// Writes `text` as a belay.toml and returns its path.
+    fn config(&self, text: &str) -> Result<String> {
+        let path = self.tmp.path().join("belay.toml");
+        std::fs::write(&path, text).context("writing belay.toml")?;
+        Ok(path.to_string_lossy().into_owned())
+    }
+}
+
+async fn session(url: &str) -> Result<(PgConnection, i32)> {
+    let mut c = PgConnection::connect(url).await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut c)
+        .await?;
+    Ok((c, pid))
+}
+
+/// A session holding a lock on table `t` in an open transaction, and another queued
+/// behind it for ACCESS EXCLUSIVE: the lock wait preflight's `lock_waits` measures.
+struct Conflict {
+    a: PgConnection,
+    b: JoinHandle<Result<(), sqlx::Error>>,
+}
+
+async fn conflict(db: &TestDb) -> Result<Conflict> {
+    let (mut setup, _) = session(&db.url).await?;
+    sqlx::raw_sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .execute(&mut setup)
+        .await?;
+    let (mut a, _) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; INSERT INTO t VALUES (100)")
+        .execute(&mut a)
+        .await?;
+    let (mut b_conn, b_pid) = session(&db.url).await?;
+    let b = tokio::spawn(async move {
+        sqlx::raw_sql("ALTER TABLE t ADD COLUMN x int")
+            .execute(&mut b_conn)
+            .await
+            .map(|_| ())
+    });
+    wait_for("B to wait for its lock", || {
+        let url = db.url.clone();
+        async move {
+            let (mut c, _) = session(&url).await?;
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
+            )
+            .bind(b_pid)
+            .fetch_one(&mut c)
+            .await?;
+            Ok(waiting)
+        }
+    })
+    .await?;
+    Ok(Conflict { a, b })
+}
+
+impl Conflict {
+    async fn end(mut self) -> Result<()> {
+        sqlx::raw_sql("ROLLBACK").execute(&mut self.a).await?;
+        self.b.await??;
+        Ok(())
+    }
+}
+
+/// The target's history rows, oldest first: (version, state, notes as JSON).
+async fn history(db: &TestDb) -> Result<Vec<(String, String, Value)>> {
+    let (mut c, _) = session(&db.url).await?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('belay.schema_history') IS NOT NULL")
+        .fetch_one(&mut c)
+        .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(Option<String>, String, Option<String>)> = sqlx::query_as(
+        "SELECT version, state, notes::text FROM belay.schema_history ORDER BY installed_rank",
+    )
+    .fetch_all(&mut c)
+    .await?;
+    rows.into_iter()
+        .map(|(v, state, notes)| {
+            let notes = match notes {
+                Some(n) => serde_json::from_str(&n).context("notes are JSON")?,
+                None => Value::Null,
+            };
+            Ok((v.unwrap_or_default(), state, notes))
+        })
+        .collect()
+}
+
+/// The `error: …` line of a failed run.
+fn error_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_migrate_is_refused_by_preflight_and_records_an_override() -> Result<()> {
+    let db = Cluster::shared().create_database().await?;
+    let f = fleet("mig_1", &db).await?;
+    // A threshold of the caller's belay.toml, lower than the default (1s): if it did not
+    // travel to the agent, the threshold shown would be the default.
+    let config = f.config("[preflight]\nlock_wait_block = \"300ms\"\n")?;
+    let addr = f.controller.addr.clone();
+    let remote = |args: &[&str]| {
+        let mut all = vec!["--config", config.as_str(), "--target", "mig_1"];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(String::from).collect();
+        let addr = addr.clone();
+        async move {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            belay(&addr, &all).await
+        }
+    };
+
+    let c = conflict(&db).await?;
+    wait_for("preflight to block on the lock wait", || async {
+        let r = remote(&["check", "preflight", "--output", "json"]).await?;
+        Ok(r.code == 2
+            && r.json().as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|c| c["name"] == "lock_waits" && c["status"] == "block")
+            }))
+    })
+    .await?;
+
+    // Refused as local mode refuses: exit 2, the blocking check with its value, remedy and
+    // the caller's threshold, and how to go ahead knowingly. Nothing applied.
+    let r = remote(&["migrate"]).await?;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stdout.contains("preflight:"), "{r:?}");
+    let block = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("BLOCK lock_waits"))
+        .unwrap_or_else(|| panic!("no BLOCK lock_waits line: {r:?}"));
+    assert!(block.contains("block > 300ms"), "{r:?}");
+    assert_eq!(
+        error_line(&r.stderr),
+        "error: migrate refused: preflight blocked by: lock_waits",
+        "{r:?}"
+    );
+    assert!(
+        r.stderr
+            .contains("pass --override-check NAME --reason \"…\" to go ahead knowingly"),
+        "{r:?}"
+    );
+    assert!(
+        history(&db).await?.is_empty(),
+        "a refused migrate applies nothing"
+    );
+    let status = remote(&["status", "--output", "json"]).await?;
+    assert_eq!(status.code, 0, "{status:?}");
+    let doc = status.json();
+    let migrations = doc.as_array().context("status is an array")?;
+    assert!(
+        !migrations.is_empty() && migrations.iter().all(|m| m["state"] == "pending"),
+        "{status:?}"
+    );
+
+    // Local mode refuses the same way, with the same exit code and message.
+    let local = belay_local(&db.url, &examples(), &["--config", &config, "migrate"]).await?;
+    assert_eq!(local.code, r.code, "{local:?}");
+    assert_eq!(
+        error_line(&local.stderr),
+        error_line(&r.stderr),
+        "{local:?}"
+    );
+    assert!(history(&db).await?.is_empty(), "{local:?}");
+
+    // --no-preflight skips the checklist, with the same warning as local mode.
+    let r = remote(&["migrate", "--no-preflight", "--to", "1"]).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("warning: --no-preflight: migrating without the preflight checklist"),
+        "{r:?}"
+    );
+    assert!(!r.stdout.contains("preflight:"), "{r:?}");
+
+    // An unknown check name is a usage error, before anything is applied.
+    let r = remote(&[
+        "migrate",
+        "--override-check",
+        "lock_wait",
+        "--reason",
+        "typo",
+    ])
+    .await?;
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(r.stderr.contains("lock_waits"), "{r:?}");
+    assert_eq!(history(&db).await?.len(), 1);
+
+    // Overridden: applied, warned about, and recorded in every row of the run.
+    let reason = "owner agreed: the report holding t ends at noon";
+    let r = remote(&[
+        "migrate",
+        "--override-check",
+        "lock_waits",
+        "--reason",
+        reason,
+    ])
+    .await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("WARN  lock_waits"), "{r:?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "warning: preflight check lock_waits overridden: {reason}"
+        )),
+        "{r:?}"
+    );
+    let rows = history(&db).await?;
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(
+        rows.iter().all(|(_, state, _)| state == "success"),
+        "{rows:?}"
+    );
+    // The run without preflight overrode nothing.
+    assert!(rows[0].2.get("overrides").is_none(), "{rows:?}");
+    for (version, _, notes) in &rows[1..] {
+        assert_eq!(
+            notes["overrides"],
+            serde_json::json!([{ "check": "lock_waits", "reason": reason }]),
+            "version {version}: {notes}"
+        );
+    }
+
+    c.end().await?;
+    Ok(())
+}
+
+/// A local HTTP endpoint whose answer `status` decides on each request.
+async fn http_server(
+    status: impl Fn() -> u16 + Send + Sync + 'static,
+) -> Result<(String, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let status = Arc::new(status);
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let status = status.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let code = status();
+                let body = if code < 400 {
+                    r#"{"db":"ok"}"#
+                } else {
+                    r#"{"db":"down"}"#
+                };
+                let reply = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    Ok((format!("http://{addr}/health"), task))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_migrate_watch_exits_with_the_failing_probes_evidence() -> Result<()> {
+    let db = Cluster::shared().create_database().await?;
+    let f = fleet("watch_1", &db).await?;
+    // `api` answers 503 only once `web` has been probed twice: it can only trigger if both
+    // probes are watched at the same time.
+    let web_hits = Arc::new(AtomicUsize::new(0));
+    let hits = web_hits.clone();
+    let (web, _web) = http_server(move || {
+        hits.fetch_add(1, Ordering::SeqCst);
+        200
+    })
+    .await?;
+    let hits = web_hits.clone();
+    let (api, _api) = http_server(move || {
+        if hits.load(Ordering::SeqCst) >= 2 {
+            503
+        } else {
+            200
+        }
+    })
+    .await?;
+    let config = f.config(&format!(
+        "[[probes]]\nname = \"api\"\nperiod = \"100ms\"\nfailure_threshold = 2\nhttp = {{ url = \"{api}\" }}\n\n\
+         [[probes]]\nname = \"web\"\nperiod = \"100ms\"\nhttp = {{ url = \"{web}\" }}\n"
+    ))?;
+
+    let r = belay(
+        &f.controller.addr,
+        &[
+            "--config", &config, "--target", "watch_1", "migrate", "--watch", "5m",
+        ],
+    )
+    .await?;
+    assert_eq!(r.code, 4, "{r:?}");
+    // Applied first, then watched.
+    let applied = r
+        .stdout
+        .find("migrate: 4 migration(s) in deployment")
+        .unwrap_or_else(|| panic!("no run report: {r:?}"));
+    let watching = r
+        .stdout
+        .find("watching 2 probe(s) for 5min")
+        .unwrap_or_else(|| panic!("no watch line: {r:?}"));
+    assert!(applied < watching, "{r:?}");
+    let rows = history(&db).await?;
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(
+        rows.iter().all(|(_, state, _)| state == "success"),
+        "{rows:?}"
+    );
+    // Both probes' events, then the failing one's evidence.
+    assert!(r.stdout.contains("web: pass (status 200"), "{r:?}");
+    assert!(r.stdout.contains("api: fail 2/2 (status 503"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("probe api crossed its failure threshold (2 consecutive failures)")
+            && r.stderr.contains("status 503"),
+        "{r:?}"
+    );
+
+    // Local mode's watch ends the same way (nothing left to apply).
+    let local = belay_local(
+        &db.url,
+        &examples(),
+        &["--config", &config, "migrate", "--watch", "5m"],
+    )
+    .await?;
+    assert_eq!(local.code, 4, "{local:?}");
+    assert!(
+        local
+            .stdout
+            .contains("nothing to migrate: database is up to date")
+            && local.stdout.contains("watching 2 probe(s) for 5min"),
+        "{local:?}"
+    );
+    assert!(
+        local
+            .stderr
+            .contains("probe api crossed its failure threshold (2 consecutive failures)"),
+        "{local:?}"
+    );
+
+    // Without probes, --watch is a usage error before anything runs.
+    let empty = f.config("")?;
+    let r = belay(
+        &f.controller.addr,
+        &[
+            "--config", &empty, "--target", "watch_1", "migrate", "--watch", "1m",
+        ],
+    )
+    .await?;
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(r.stderr.contains("--watch needs probes"), "{r:?}");
+    Ok(())
+}
