@@ -6,7 +6,7 @@
 //! never do (the serving side holds them).
 
 use crate::client::Connection;
-use crate::convert::{self, DecodeError};
+use crate::convert::{self, DecodeError, target, target_name};
 use belay_auth::MaybeTokenAttach;
 use belay_backup::{
     BackupApi, BackupFormat, BackupRequest, BackupScope, CatalogEntry, FileEntry, KeepReason,
@@ -675,12 +675,6 @@ impl<T: BackupApi + ?Sized + 'static> BackupGrpc<T> {
     }
 }
 
-fn target_name(t: Option<&pb::Target>) -> Result<String, Status> {
-    t.map(|t| t.name.trim().to_string())
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| Status::invalid_argument("the request names no target: pass --target NAME"))
-}
-
 type ProgressStream = UnboundedReceiverStream<Result<pb::BackupProgress, Status>>;
 
 /// Runs `work` in its own task, forwarding progress and then its result (made into the
@@ -879,34 +873,15 @@ impl BackupClient {
                         sink(p);
                     }
                 }
-                Ok(None) => {
-                    return Err(ApiError::new(
-                        ErrorKind::AgentUnreachable,
-                        format!(
-                            "{} ended the {what} without a result: the outcome is unknown; `belay backup list` shows the catalog",
-                            self.peer
-                        ),
-                    ));
-                }
-                Err(s) => {
-                    let mut e = self.err(&s);
-                    if e.kind == ErrorKind::AgentUnreachable {
-                        e.message = format!(
-                            "{} (the connection broke mid-{what}: the outcome is unknown; `belay backup list` shows the catalog)",
-                            e.message
-                        );
-                    }
-                    return Err(e);
-                }
+                Ok(None) => return Err(cut_short(Ok(()), &self.peer, what)),
+                Err(s) => return Err(cut_short(Err(&s), &self.peer, what)),
             }
         }
     }
 }
 
-fn target(name: &str) -> Option<pb::Target> {
-    Some(pb::Target {
-        name: name.to_string(),
-    })
+fn cut_short(result: Result<(), &Status>, peer: &str, what: &str) -> ApiError {
+    convert::stream_cut_short(result, peer, what, "`belay backup list` shows the catalog")
 }
 
 #[async_trait::async_trait]

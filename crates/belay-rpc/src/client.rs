@@ -1,6 +1,6 @@
 //! `MigrationApi` over gRPC: the CLI's remote mode and the controller's calls to agents.
 
-use crate::convert;
+use crate::convert::{self, target};
 use belay_auth::{MaybeTokenAttach, Secret, TokenAttach};
 use belay_migrate::{
     ApiError, ApplyOptions, ErrorKind, EventSink, MigrationApi, MigrationStatus, PlanView,
@@ -100,33 +100,24 @@ impl MigrationClient {
                 })) => return Ok(convert::report_from(&r)?),
                 Ok(Some(_)) => continue,
                 Ok(None) => {
-                    return Err(ApiError::new(
-                        ErrorKind::AgentUnreachable,
-                        format!(
-                            "{} ended the run without a report: the outcome is unknown; check `belay status`",
-                            self.peer
-                        ),
+                    return Err(convert::stream_cut_short(
+                        Ok(()),
+                        &self.peer,
+                        "run",
+                        "check `belay status`",
                     ));
                 }
                 Err(s) => {
-                    let mut e = self.err(&s);
-                    if e.kind == ErrorKind::AgentUnreachable {
-                        e.message = format!(
-                            "{} (the connection broke mid-run: the outcome is unknown; check `belay status`)",
-                            e.message
-                        );
-                    }
-                    return Err(e);
+                    return Err(convert::stream_cut_short(
+                        Err(&s),
+                        &self.peer,
+                        "run",
+                        "check `belay status`",
+                    ));
                 }
             }
         }
     }
-}
-
-fn target(name: &str) -> Option<pb::Target> {
-    Some(pb::Target {
-        name: name.to_string(),
-    })
 }
 
 #[async_trait::async_trait]

@@ -64,6 +64,48 @@ fn opt(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+// ---- targets ----
+
+/// The `Target` message naming `name`.
+pub(crate) fn target(name: &str) -> Option<pb::Target> {
+    Some(pb::Target {
+        name: name.to_string(),
+    })
+}
+
+/// The target a request names, refused when it names none.
+pub(crate) fn target_name(t: Option<&pb::Target>) -> Result<String, Status> {
+    t.map(|t| t.name.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| Status::invalid_argument("the request names no target: pass --target NAME"))
+}
+
+/// A server stream that ended, or broke, before its final message: the outcome of the
+/// operation on the agent is unknown, and `check` says where to look.
+pub(crate) fn stream_cut_short(
+    result: Result<(), &Status>,
+    peer: &str,
+    what: &str,
+    check: &str,
+) -> ApiError {
+    match result {
+        Ok(()) => ApiError::new(
+            ErrorKind::AgentUnreachable,
+            format!("{peer} ended the {what} without a result: the outcome is unknown; {check}"),
+        ),
+        Err(s) => {
+            let mut e = api_error_from(s, peer);
+            if e.kind == ErrorKind::AgentUnreachable {
+                e.message = format!(
+                    "{} (the connection broke mid-{what}: the outcome is unknown; {check})",
+                    e.message
+                );
+            }
+            e
+        }
+    }
+}
+
 // ---- errors ----
 
 pub(crate) fn reason_of(kind: ErrorKind) -> pb::ErrorReason {
@@ -932,6 +974,35 @@ mod tests {
             let back = event_from(&pbe).unwrap();
             assert_eq!(format!("{back:?}"), format!("{e:?}"));
         }
+    }
+
+    #[test]
+    fn a_stream_cut_short_says_the_outcome_is_unknown_and_where_to_look() {
+        let ended = stream_cut_short(Ok(()), "agent a1", "run", "check `belay status`");
+        assert_eq!(ended.kind, ErrorKind::AgentUnreachable);
+        assert!(
+            ended
+                .message
+                .contains("agent a1 ended the run without a result")
+        );
+        assert!(ended.message.ends_with("check `belay status`"));
+        let broke = stream_cut_short(
+            Err(&Status::unavailable("connection reset")),
+            "agent a1",
+            "restore",
+            "`belay backup list` shows the catalog",
+        );
+        assert_eq!(broke.kind, ErrorKind::AgentUnreachable);
+        assert!(
+            broke.message.contains("broke mid-restore"),
+            "{}",
+            broke.message
+        );
+        // A real failure from the agent keeps its class and message untouched.
+        let failed = ApiError::new(ErrorKind::MigrationFailed, "V2__x.sql:3: boom");
+        let kept = stream_cut_short(Err(&status_from(&failed)), "agent a1", "run", "x");
+        assert_eq!(kept.kind, ErrorKind::MigrationFailed);
+        assert_eq!(kept.message, failed.message);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! query run on the target itself); database URLs never do.
 
 use crate::Connection;
-use crate::convert::{self, DecodeError};
+use crate::convert::{self, DecodeError, target};
 use belay_auth::MaybeTokenAttach;
 use belay_core::{ApiError, ErrorKind};
 use belay_health::{
@@ -41,12 +41,6 @@ fn ms_or(ms: u64, default: Duration) -> Duration {
     } else {
         Duration::from_millis(ms)
     }
-}
-
-fn target(name: &str) -> Option<pb::Target> {
-    Some(pb::Target {
-        name: name.to_string(),
-    })
 }
 
 // ---- checks ----
@@ -503,7 +497,7 @@ impl HealthService for HealthGrpc {
         req: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckReport>, Status> {
         let r = req.get_ref();
-        let name = crate::server::target_name(r.target.as_ref())?;
+        let name = convert::target_name(r.target.as_ref())?;
         let options = preflight_request_from(r)?;
         let results = self
             .api
@@ -519,7 +513,7 @@ impl HealthService for HealthGrpc {
         req: Request<pb::PostflightRequest>,
     ) -> Result<Response<pb::CheckReport>, Status> {
         let r = req.get_ref();
-        let name = crate::server::target_name(r.target.as_ref())?;
+        let name = convert::target_name(r.target.as_ref())?;
         let spec = postflight_request_from(r)?;
         let results = self
             .api
@@ -537,7 +531,7 @@ impl HealthService for HealthGrpc {
         req: Request<pb::ProbeRequest>,
     ) -> Result<Response<Self::ProbeStream>, Status> {
         let r = req.get_ref();
-        let name = crate::server::target_name(r.target.as_ref())?;
+        let name = convert::target_name(r.target.as_ref())?;
         let spec = probe_spec_from(
             r.spec
                 .as_ref()

@@ -303,7 +303,7 @@ impl LockMonitorService for LockMonitorGrpc {
         req: Request<pb::LockSnapshotRequest>,
     ) -> Result<Response<pb::LockSnapshot>, Status> {
         let r = req.get_ref();
-        let target = crate::server::target_name(r.target.as_ref())?;
+        let target = convert::target_name(r.target.as_ref())?;
         let options = snapshot_request_from(r);
         let s = self
             .api
@@ -321,7 +321,7 @@ impl LockMonitorService for LockMonitorGrpc {
         req: Request<pb::LockWatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let r = req.get_ref();
-        let target = crate::server::target_name(r.target.as_ref())?;
+        let target = convert::target_name(r.target.as_ref())?;
         let options = watch_request_from(r);
         check_watch_period(options.period)?;
         let stream = self

@@ -1,6 +1,6 @@
 //! Serves any `MigrationApi` as `belay.v1.MigrationService`.
 
-use crate::convert;
+use crate::convert::{self, target_name};
 use belay_migrate::{EventSink, MigrationApi};
 use belay_proto::v1 as pb;
 use pb::migration_service_server::{MigrationService, MigrationServiceServer};
@@ -43,12 +43,6 @@ impl MigrationGrpc {
     pub fn into_service(self) -> MigrationServiceServer<Self> {
         MigrationServiceServer::new(self)
     }
-}
-
-pub(crate) fn target_name(t: Option<&pb::Target>) -> Result<String, Status> {
-    t.map(|t| t.name.trim().to_string())
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| Status::invalid_argument("the request names no target: pass --target NAME"))
 }
 
 fn deployment_id(s: &str) -> Result<Option<Uuid>, Status> {
