@@ -2,7 +2,8 @@
 //! real agent and the real CLI against a real PostgreSQL. The preflight checklist runs on
 //! the target's agent with belay.toml's thresholds and refuses as local mode does; an
 //! override is recorded in the target's history; `--watch` probes through the controller
-//! and exits with the failing probe's evidence.
+//! and exits with the failing probe's evidence. The agent lints the pending scripts and
+//! refuses an unallowed lint error as local mode does.
 
 use anyhow::{Context, Result};
 use belay_e2e::{Daemon, TargetDef, agent_config, belay, belay_local, wait_agents, wait_for};
@@ -27,6 +28,11 @@ struct Fleet {
 }
 
 async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
+    fleet_with(target, db, &examples()).await
+}
+
+/// [`fleet`] with the agent's migrations in `migrations`.
+async fn fleet_with(target: &str, db: &TestDb, migrations: &Path) -> Result<Fleet> {
     let tmp = tempfile::tempdir()?;
     let store = tmp
         .path()
@@ -46,7 +52,6 @@ async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
         &[],
     )
     .await?;
-    let ex = examples();
     let config = agent_config(
         tmp.path(),
         "agent-1",
@@ -54,7 +59,7 @@ async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
         &[TargetDef {
             name: target,
             url: &db.url,
-            migrations: &ex,
+            migrations,
             environment: None,
         }],
     )?;
@@ -433,5 +438,70 @@ async fn remote_migrate_watch_exits_with_the_failing_probes_evidence() -> Result
     .await?;
     assert_eq!(r.code, 64, "{r:?}");
     assert!(r.stderr.contains("--watch needs probes"), "{r:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_migrate_is_refused_by_the_agents_lint_gate_until_a_directive_allows_it()
+-> Result<()> {
+    let db = Cluster::shared().create_database().await?;
+    let migrations = tempfile::tempdir()?;
+    std::fs::write(
+        migrations.path().join("V1__t.sql"),
+        "CREATE TABLE t (a int);\n",
+    )?;
+    let f = fleet_with("lint_1", &db, migrations.path()).await?;
+    let migrate = || belay(&f.controller.addr, &["--target", "lint_1", "migrate"]);
+    let r = migrate().await?;
+    assert_eq!(r.code, 0, "{r:?}");
+
+    // The script is on the agent, not here: the agent's gate finds the error.
+    let v2 = migrations.path().join("V2__idx.sql");
+    std::fs::write(&v2, "-- lookups\nCREATE INDEX t_a_idx ON t (a);\n")?;
+    let r = migrate().await?;
+    assert_eq!(
+        r.code, 2,
+        "the exit code of local mode's lint refusal: {r:?}"
+    );
+    assert!(
+        r.stderr
+            .contains("V2__idx.sql:2:1: error[create-index-concurrently]"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("nothing was applied"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("-- belay:allow=create-index-concurrently <why it is safe>"),
+        "says how to allow it: {r:?}"
+    );
+    assert!(r.stderr.contains("`lint = false`"), "{r:?}");
+    let versions = |h: Vec<(String, String, Value)>| -> Vec<(String, String)> {
+        h.into_iter().map(|(v, s, _)| (v, s)).collect()
+    };
+    assert_eq!(
+        versions(history(&db).await?),
+        [("1".to_string(), "success".to_string())],
+        "nothing applied, history untouched"
+    );
+    let (mut c, _) = session(&db.url).await?;
+    let indexed = "SELECT count(*) FROM pg_indexes WHERE indexname = 't_a_idx'";
+    let n: i64 = sqlx::query_scalar(indexed).fetch_one(&mut c).await?;
+    assert_eq!(n, 0);
+
+    std::fs::write(
+        &v2,
+        "-- lookups\n-- belay:allow=create-index-concurrently small table\nCREATE INDEX t_a_idx ON t (a);\n",
+    )?;
+    let r = migrate().await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        versions(history(&db).await?),
+        [
+            ("1".to_string(), "success".to_string()),
+            ("2".to_string(), "success".to_string())
+        ]
+    );
+    let n: i64 = sqlx::query_scalar(indexed).fetch_one(&mut c).await?;
+    assert_eq!(n, 1);
     Ok(())
 }

@@ -111,6 +111,10 @@ pub struct TargetConfig {
     pub max_blocking: Option<String>,
     /// `false` runs this target's migrations without the lock guard [default: true].
     pub lock_guard: Option<bool>,
+    /// `false` lets this target's deployments apply scripts with unallowed lint `error`
+    /// findings; by default the agent lints the pending scripts and refuses them
+    /// [default: true].
+    pub lint: Option<bool>,
     /// This target's lock sampling period, over the agent's `lock_sample_period`.
     pub lock_sample_period: Option<PeriodSetting>,
 }
@@ -124,6 +128,8 @@ pub struct LoadedTarget {
     pub labels: BTreeMap<String, String>,
     /// Whether the lock guard watches this target's migrations (`exec.max_blocking`).
     pub lock_guard: bool,
+    /// Whether the agent's executor lints the pending scripts of each `migrate`.
+    pub lint: bool,
     /// How often the agent samples this target's locks for its gauges; `None`: never.
     pub lock_sample_period: Option<Duration>,
 }
@@ -217,6 +223,7 @@ fn load_target(
         environment: t.environment.clone(),
         labels: t.labels.clone(),
         lock_guard: t.lock_guard.unwrap_or(true),
+        lint: t.lint.unwrap_or(true),
         lock_sample_period: match &t.lock_sample_period {
             Some(p) => p.resolve("lock_sample_period")?,
             None => sample_period,
@@ -253,6 +260,7 @@ mod tests {
         assert_eq!(targets[0].spec.dir, dir.path().join("m"));
         assert_eq!(targets[0].spec.exec.lock_timeout.as_millis(), 200);
         assert!(targets[0].lock_guard, "the guard is on by default");
+        assert!(targets[0].lint, "the lint gate is on by default");
         assert_eq!(
             targets[0].lock_sample_period,
             Some(DEFAULT_LOCK_SAMPLE_PERIOD)
@@ -264,7 +272,7 @@ mod tests {
         assert!(!shown.contains(":pw@"), "{shown}");
         assert!(shown.contains("app:***@db"), "{shown}");
         let p = write(
-            "[[targets]]\nname = \"a\"\nurl = \"postgres://db/a\"\nmigrations = \"m\"\nmax_blocking = \"250ms\"\n[[targets]]\nname = \"b\"\nurl = \"postgres://db/b\"\nmigrations = \"m\"\nlock_guard = false\n",
+            "[[targets]]\nname = \"a\"\nurl = \"postgres://db/a\"\nmigrations = \"m\"\nmax_blocking = \"250ms\"\n[[targets]]\nname = \"b\"\nurl = \"postgres://db/b\"\nmigrations = \"m\"\nlock_guard = false\nlint = false\n",
         );
         let (_, targets) = load(&p).unwrap();
         assert_eq!(targets[0].spec.exec.max_blocking.as_millis(), 250);
@@ -285,6 +293,8 @@ mod tests {
         );
         assert!(targets[0].lock_guard);
         assert!(!targets[1].lock_guard);
+        assert!(targets[0].lint);
+        assert!(!targets[1].lint);
 
         for (body, want) in [
             ("bogus = 1\n", "unknown field"),

@@ -200,7 +200,20 @@ async fn serve(args: Args) -> ExitCode {
         .filter(|t| t.lock_guard)
         .map(|t| (t.spec.name.clone(), t.spec.url.clone()))
         .collect();
+    // The lint gate refuses scripts with unallowed `error` findings, however the run
+    // was started (remote CLI, fleet deployment), unless the target's config says not to.
+    let linted: Vec<String> = targets
+        .iter()
+        .filter(|t| t.lint)
+        .map(|t| t.spec.name.clone())
+        .collect();
     let mut local = LocalTargets::new(targets.into_iter().map(|t| t.spec));
+    let lint_gate = Arc::new(belay_guards::LintGate::new(
+        "to deploy this target without linting, set `lint = false` for it in the agent's agent.toml",
+    ));
+    for name in linted {
+        local = local.with_script_gate(&name, lint_gate.clone());
+    }
     for (name, url) in guarded {
         local = local.with_lock_guard(&name, Arc::new(belay_guards::LockGuardAdapter::new(url)));
     }

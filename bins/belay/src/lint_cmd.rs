@@ -12,9 +12,9 @@
 
 use crate::cli::{Output, TargetArgs};
 use crate::{Failure, exit};
-use belay_lint::{Finding, LintContext, Severity};
+use belay_lint::{Finding, Severity};
 use belay_migrate::source::Script;
-use belay_migrate::{MigrateError, MigrationApi, MigrationSet, PlanView, Target};
+use belay_migrate::{GateScript, MigrateError, MigrationApi, MigrationSet, PlanView, Target};
 use clap::ValueEnum;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -37,41 +37,16 @@ fn data(message: String) -> Failure {
     }
 }
 
-/// The lint context of `script`. `allow` directives must name a known rule: an allow with
-/// a misspelt id would accept nothing while its author believes otherwise.
-fn context(
-    script: &Script,
-    has_undo: bool,
-    undo_preserves_data: bool,
-    created: &BTreeSet<String>,
-) -> Result<LintContext, Failure> {
-    for rule in script.directives.allow.keys() {
-        if !belay_lint::RULES.iter().any(|r| r.id == rule) {
-            let known: Vec<&str> = belay_lint::RULES.iter().map(|r| r.id).collect();
-            return Err(data(format!(
-                "{}: directive `belay:allow={rule}` names no lint rule; known: {}",
-                script.path.display(),
-                known.join(", ")
-            )));
-        }
-    }
-    Ok(LintContext {
-        in_transaction: script.no_transaction().is_none(),
-        has_undo,
-        undo_preserves_data,
-        tables_created_in_this_migration: created.clone(),
-        allow: script.directives.allow.clone(),
-    })
-}
-
+/// Findings of one script in its context (see `belay_guards::lint`). An `allow` naming no
+/// rule is an error in the script (exit 65).
 fn lint_script(
     script: &Script,
     has_undo: bool,
     undo_preserves_data: bool,
     created: &BTreeSet<String>,
 ) -> Result<Vec<Finding>, Failure> {
-    let ctx = context(script, has_undo, undo_preserves_data, created)?;
-    Ok(belay_lint::lint(&script.path, &script.text, &ctx))
+    belay_guards::lint::lint_script(script, has_undo, undo_preserves_data, created)
+        .map_err(|e| data(e.to_string()))
 }
 
 /// Findings of a forward script. `-- belay:irreversible` counts as an undo on purpose: it
@@ -237,44 +212,51 @@ pub fn target(t: &TargetArgs) -> Target {
     }
 }
 
-/// Findings per step of a forward plan, in the plan's order. A table created by an earlier
-/// step of the same run is new (empty) when later steps run, so rules about live tables
-/// skip it there.
-pub fn plan_findings(set: &MigrationSet, plan: &PlanView) -> Result<Vec<Vec<Finding>>, Failure> {
-    let mut created = BTreeSet::new();
-    let mut out = Vec::new();
-    for step in &plan.steps {
-        let migration = set.migrations.iter().find(|m| m.script_name == step.script);
-        let findings = match migration {
-            Some(m) => lint_forward(&m.up, m.down.as_ref(), &created)?,
-            None => match set
-                .repeatables
-                .iter()
-                .find(|r| r.script_name == step.script)
-            {
-                Some(r) => lint_script(&r.script, true, false, &created)?,
-                None => Vec::new(),
-            },
-        };
-        let script = migration.map(|m| &m.up).or_else(|| {
+/// The pending scripts of a forward plan, in the plan's order, as the executor's script
+/// gate sees them; `None` for a step whose script is not in `set`.
+fn gate_scripts(set: &MigrationSet, plan: &PlanView) -> Vec<Option<GateScript>> {
+    plan.steps
+        .iter()
+        .map(|step| {
+            if let Some(m) = set.migrations.iter().find(|m| m.script_name == step.script) {
+                return Some(GateScript {
+                    script: step.script.clone(),
+                    version: step.version.clone(),
+                    direction: step.direction,
+                    source: m.up.clone(),
+                    // `-- belay:irreversible` counts as an undo on purpose: it says no
+                    // undo is meant to exist.
+                    has_undo: m.down.is_some() || m.up.directives.irreversible,
+                });
+            }
             set.repeatables
                 .iter()
                 .find(|r| r.script_name == step.script)
-                .map(|r| &r.script)
-        });
-        if let Some(s) = script
-            && let Ok(stmts) = belay_lint::statements(&s.text)
-        {
-            created.extend(
-                stmts
-                    .into_iter()
-                    .filter(|st| st.kind.starts_with("CREATE TABLE"))
-                    .filter_map(|st| st.target),
-            );
-        }
-        out.push(findings);
-    }
-    Ok(out)
+                .map(|r| GateScript {
+                    script: step.script.clone(),
+                    version: None,
+                    direction: step.direction,
+                    source: r.script.clone(),
+                    has_undo: true,
+                })
+        })
+        .collect()
+}
+
+/// Findings per step of a forward plan, in the plan's order, linted as the agent's gate
+/// lints them (`belay_guards::lint::RunLint`): a table created by an earlier step of the
+/// same run is new (empty) when later steps run, so rules about live tables skip it there.
+pub fn plan_findings(set: &MigrationSet, plan: &PlanView) -> Result<Vec<Vec<Finding>>, Failure> {
+    let mut run = belay_guards::lint::RunLint::default();
+    gate_scripts(set, plan)
+        .into_iter()
+        .map(|s| match s {
+            Some(s) => run
+                .next(&s.source, s.has_undo)
+                .map_err(|e| data(e.to_string())),
+            None => Ok(Vec::new()),
+        })
+        .collect()
 }
 
 /// `plan`, with each step's lint findings: under the step in text, as `lint` in each step
@@ -339,8 +321,10 @@ fn describe(dir: &Path, f: &Finding) -> String {
 }
 
 /// `migrate`'s gate: refuses (exit 2, nothing applied) when a pending script has an
-/// `error` finding no `-- belay:allow=` directive accepts. Allowed findings are printed as
-/// warnings with their reasons. `--no-lint` skips the gate, with a warning.
+/// `error` finding no `-- belay:allow=` directive accepts — the same `LintGate` the agent
+/// runs in its executor, here before preflight so a refusal costs no checks. Allowed
+/// findings are printed as warnings with their reasons. `--no-lint` skips the gate, with
+/// a warning.
 pub async fn gate(
     api: &dyn MigrationApi,
     target_name: &str,
@@ -353,40 +337,16 @@ pub async fn gate(
         return Ok(());
     }
     let plan = api.plan(target_name, &target(t), false).await?;
-    if plan.steps.is_empty() {
+    let scripts: Vec<GateScript> = gate_scripts(set, &plan).into_iter().flatten().collect();
+    if scripts.is_empty() {
         return Ok(());
     }
-    let findings: Vec<Finding> = plan_findings(set, &plan)?.into_iter().flatten().collect();
-    for f in findings.iter().filter(|f| f.allowed.is_some()) {
+    let lint_gate = belay_guards::LintGate::new("--no-lint skips linting entirely");
+    let findings = lint_gate
+        .findings(&scripts)
+        .map_err(|e| data(e.to_string()))?;
+    for f in findings.iter().flatten().filter(|f| f.allowed.is_some()) {
         eprintln!("warning: lint: {}", describe(&set.dir, f));
     }
-    let blocking: Vec<&Finding> = findings.iter().filter(|f| f.is_blocking()).collect();
-    if blocking.is_empty() {
-        return Ok(());
-    }
-    let mut message = format!(
-        "migrate refused: {} lint error(s) in pending migrations; nothing was applied",
-        blocking.len()
-    );
-    for f in &blocking {
-        message.push_str(&format!(
-            "\n  {}:{}:{}: error[{}]: {}\n    fix: {}",
-            name(&set.dir, f),
-            f.line,
-            f.column,
-            f.rule,
-            f.message,
-            f.hint
-        ));
-    }
-    let rules: BTreeSet<&str> = blocking.iter().map(|f| f.rule).collect();
-    let example = rules.iter().next().copied().unwrap_or("RULE");
-    message.push_str(&format!(
-        "\nrewrite the statement safely, or, if it is safe here, accept it with a directive in the script's leading comments: `-- belay:allow={example} <why it is safe>` (one per rule: {}); --no-lint skips linting entirely",
-        rules.into_iter().collect::<Vec<_>>().join(", ")
-    ));
-    Err(Failure {
-        code: exit::REFUSED,
-        message,
-    })
+    Ok(lint_gate.verdict(&scripts, &findings)?)
 }

@@ -7,6 +7,7 @@ use crate::config::ExecConfig;
 use crate::directives::Directives;
 use crate::error::{ErrorKind, MigrateError};
 use crate::events::{Direction, EventSink};
+use crate::gate::ScriptGate;
 use crate::guard::LockGuardHook;
 use crate::runner::{CheckOverride, Migrator, RepairAction, RunReport, Target, UndoTarget};
 use crate::status::MigrationStatus;
@@ -127,6 +128,8 @@ pub struct LocalTargets {
     backup_hooks: BTreeMap<String, Arc<dyn BackupHook>>,
     /// Per target: the guard around each statement of `apply` and `undo`.
     lock_guards: BTreeMap<String, Arc<dyn LockGuardHook>>,
+    /// Per target: the check of the pending scripts before `apply` runs any.
+    script_gates: BTreeMap<String, Arc<dyn ScriptGate>>,
 }
 
 impl std::fmt::Debug for LocalTargets {
@@ -138,6 +141,10 @@ impl std::fmt::Debug for LocalTargets {
                 &self.backup_hooks.keys().collect::<Vec<_>>(),
             )
             .field("lock_guards", &self.lock_guards.keys().collect::<Vec<_>>())
+            .field(
+                "script_gates",
+                &self.script_gates.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -148,6 +155,7 @@ impl LocalTargets {
             targets: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),
             backup_hooks: BTreeMap::new(),
             lock_guards: BTreeMap::new(),
+            script_gates: BTreeMap::new(),
         }
     }
 
@@ -162,6 +170,13 @@ impl LocalTargets {
     /// (see [`BackupHook`]).
     pub fn with_backup_hook(mut self, target: &str, hook: Arc<dyn BackupHook>) -> Self {
         self.backup_hooks.insert(target.to_string(), hook);
+        self
+    }
+
+    /// Checks the pending scripts of every `apply` on `target` with `gate` before anything
+    /// runs (see [`ScriptGate`]).
+    pub fn with_script_gate(mut self, target: &str, gate: Arc<dyn ScriptGate>) -> Self {
+        self.script_gates.insert(target.to_string(), gate);
         self
     }
 
@@ -198,6 +213,9 @@ impl LocalTargets {
         }
         if let Some(hook) = self.lock_guards.get(target) {
             m = m.with_lock_guard(hook.clone());
+        }
+        if let Some(gate) = self.script_gates.get(target) {
+            m = m.with_script_gate(gate.clone());
         }
         Ok(m)
     }

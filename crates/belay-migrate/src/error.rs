@@ -55,6 +55,10 @@ pub enum MigrateError {
         kind: ErrorKind,
         message: String,
     },
+    /// The script gate (the linter, on the agent and in the CLI) refused the pending
+    /// scripts; its message says why and how to proceed.
+    #[error("{message}")]
+    GateRefused { kind: ErrorKind, message: String },
 }
 
 /// A migration the lock guard cancelled until the attempts or the time ran out.
@@ -136,7 +140,9 @@ impl MigrateError {
             MigrateError::Refused { .. } | MigrateError::UnknownVersion(_) => ErrorKind::Refused,
             MigrateError::RunnerBusy { .. } => ErrorKind::Busy,
             MigrateError::Database { .. } | MigrateError::History(_) => ErrorKind::Internal,
-            MigrateError::BackupFailed { kind, .. } => *kind,
+            MigrateError::BackupFailed { kind, .. } | MigrateError::GateRefused { kind, .. } => {
+                *kind
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod directives;
 pub mod error;
 pub mod events;
+pub mod gate;
 pub mod guard;
 pub mod runner;
 pub mod source;
@@ -25,6 +26,7 @@ pub use backup::{BackupContext, BackupHook, BackupStep, BackupTaken};
 pub use config::ExecConfig;
 pub use error::{ErrorKind, GuardExhaustion, MigrateError, ScriptFailure};
 pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};
+pub use gate::{GateScript, ScriptGate};
 pub use guard::{LockGuardHook, LockTrip, LockWatch, SessionBrief};
 pub use runner::{
     CheckOverride, Migrator, Plan, RepairAction, RunReport, Step, StepResult, Target, UndoTarget,

@@ -6,6 +6,7 @@ use crate::config::ExecConfig;
 use crate::directives::NoTransactionSource;
 use crate::error::{GuardExhaustion, MigrateError, ScriptFailure};
 use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
+use crate::gate::{GateScript, ScriptGate};
 use crate::guard::{LockGuardHook, LockTrip, SessionBrief};
 use crate::source::{MigrationSet, Script};
 use crate::sql::{self, Statement};
@@ -130,6 +131,7 @@ pub struct Migrator {
     deployment_id: Uuid,
     backup_hook: Option<Arc<dyn BackupHook>>,
     lock_guard: Option<Arc<dyn LockGuardHook>>,
+    script_gate: Option<Arc<dyn ScriptGate>>,
     overrides: Vec<CheckOverride>,
     /// Why the guard went off in this run, once it failed: it stays off until the run
     /// ends, so a guard that cannot connect costs one attempt (and one warning), not one
@@ -145,6 +147,7 @@ impl std::fmt::Debug for Migrator {
             .field("deployment_id", &self.deployment_id)
             .field("backup_hook", &self.backup_hook.is_some())
             .field("lock_guard", &self.lock_guard.is_some())
+            .field("script_gate", &self.script_gate.is_some())
             .field("overrides", &self.overrides)
             .finish_non_exhaustive()
     }
@@ -184,6 +187,7 @@ impl Migrator {
             deployment_id: Uuid::new_v4(),
             backup_hook: None,
             lock_guard: None,
+            script_gate: None,
             overrides: Vec::new(),
             guard_off: Mutex::new(None),
         })
@@ -193,6 +197,13 @@ impl Migrator {
     /// with `max_blocking` from the [`ExecConfig`].
     pub fn with_lock_guard(mut self, hook: Arc<dyn LockGuardHook>) -> Self {
         self.lock_guard = Some(hook);
+        self
+    }
+
+    /// Checks the pending scripts of `migrate` with `gate` before the backup and the first
+    /// statement (see [`ScriptGate`]); a refusal applies nothing.
+    pub fn with_script_gate(mut self, gate: Arc<dyn ScriptGate>) -> Self {
+        self.script_gate = Some(gate);
         self
     }
 
@@ -632,6 +643,13 @@ impl Migrator {
                 }
             }
         }
+        // The gate sees exactly the scripts about to run, under the lock; it goes before
+        // the backup so a refused run costs no pg_dump.
+        if !steps.is_empty()
+            && let Some(gate) = &self.script_gate
+        {
+            self.check_scripts(gate.as_ref(), &steps)?;
+        }
         // The backup comes after the lock and the plan, before the first statement.
         if !steps.is_empty()
             && let Some(hook) = &self.backup_hook
@@ -896,6 +914,35 @@ impl Migrator {
             notes.insert("lock_guard_off".into(), serde_json::json!(why));
         }
         (!notes.is_empty()).then_some(serde_json::Value::Object(notes))
+    }
+
+    /// Runs the script gate over the forward and repeatable steps of a run (undo scripts
+    /// are not gated: an undo is the way out of a bad deployment).
+    fn check_scripts(&self, gate: &dyn ScriptGate, steps: &[Step]) -> Result<(), MigrateError> {
+        let scripts: Vec<GateScript> = steps
+            .iter()
+            .filter(|s| s.direction != Direction::Undo)
+            .map(|s| GateScript {
+                script: s.script.clone(),
+                version: s.version.clone(),
+                direction: s.direction,
+                source: s.source.clone(),
+                has_undo: s.direction == Direction::Repeatable
+                    || s.source.directives.irreversible
+                    || self
+                        .set
+                        .migrations
+                        .iter()
+                        .any(|m| m.script_name == s.script && m.down.is_some()),
+            })
+            .collect();
+        if scripts.is_empty() {
+            return Ok(());
+        }
+        gate.check(&scripts).map_err(|e| MigrateError::GateRefused {
+            kind: e.kind,
+            message: e.message,
+        })
     }
 
     /// Runs the backup hook for `steps`; a failure refuses the run (nothing applied yet).

@@ -1,0 +1,152 @@
+//! The lint gate wired into the executor, against a real PostgreSQL: a pending script
+//! with an unallowed `error` finding is refused under the runner lock, before the backup
+//! hook and any statement, and goes through once a directive allows it.
+
+use belay_core::DatabaseUrl;
+use belay_guards::LintGate;
+use belay_history::History;
+use belay_migrate::{
+    ApiError, ApplyOptions, BackupContext, BackupHook, BackupTaken, ErrorKind, LocalTargets,
+    MigrationApi, Target, TargetSpec, events,
+};
+use belay_testkit::Cluster;
+use sqlx::{Connection, PgConnection};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Counts the backups asked for: a refused run must not reach the backup.
+#[derive(Default)]
+struct CountingBackup(AtomicU32);
+
+#[async_trait::async_trait]
+impl BackupHook for CountingBackup {
+    async fn before_apply(&self, _: &BackupContext) -> Result<Option<BackupTaken>, ApiError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(None)
+    }
+    async fn before_undo(
+        &self,
+        _: &BackupContext,
+        _: &str,
+    ) -> Result<Option<BackupTaken>, ApiError> {
+        Ok(None)
+    }
+}
+
+async fn history(c: &mut PgConnection) -> R<Vec<(Option<String>, bool)>> {
+    Ok(History::new("belay")?
+        .rows(c)
+        .await?
+        .into_iter()
+        .map(|r| (r.version, r.success))
+        .collect())
+}
+
+async fn index_exists(c: &mut PgConnection) -> R<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) > 0 FROM pg_indexes WHERE indexname = 't_a_idx'")
+            .fetch_one(c)
+            .await?,
+    )
+}
+
+#[tokio::test]
+async fn a_lint_error_refuses_the_run_before_the_backup_until_a_directive_allows_it() -> R<()> {
+    let db = Cluster::shared().create_database().await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("V1__t.sql"), "CREATE TABLE t (a int);\n")?;
+    let backups = Arc::new(CountingBackup::default());
+    let api = LocalTargets::new([TargetSpec {
+        name: "db".into(),
+        url: DatabaseUrl::parse(&db.url)?,
+        dir: dir.path().to_path_buf(),
+        exec: Default::default(),
+    }])
+    .with_backup_hook("db", backups.clone())
+    .with_script_gate("db", Arc::new(LintGate::new("skip hint")));
+    let (target, options) = (Target::default(), ApplyOptions::default());
+    let apply = || api.apply("db", &target, &options, events::discard());
+
+    // Creating a table is fine; the gate lets the run through to the backup.
+    apply().await?;
+    assert_eq!(backups.0.load(Ordering::SeqCst), 1);
+
+    let v2 = dir.path().join("V2__idx.sql");
+    std::fs::write(&v2, "CREATE INDEX t_a_idx ON t (a);\n")?;
+    let err = apply().await.expect_err("refused");
+    assert_eq!(err.kind, ErrorKind::Refused, "{err}");
+    assert!(err.message.contains("nothing was applied"), "{err}");
+    assert!(
+        err.message
+            .contains("V2__idx.sql:1:1: error[create-index-concurrently]"),
+        "{err}"
+    );
+    assert!(err.message.contains("fix: "), "the safe rewrite: {err}");
+    assert!(
+        err.message
+            .contains("-- belay:allow=create-index-concurrently <why it is safe>"),
+        "{err}"
+    );
+    assert!(err.message.ends_with("skip hint"), "{err}");
+    assert_eq!(
+        backups.0.load(Ordering::SeqCst),
+        1,
+        "no backup for a refused run"
+    );
+    let mut c = PgConnection::connect(&db.url).await?;
+    assert_eq!(history(&mut c).await?, [(Some("1".to_string()), true)]);
+    assert!(!index_exists(&mut c).await?);
+
+    // An allow naming no rule is an error in the script, not a silent pass.
+    std::fs::write(
+        &v2,
+        "-- belay:allow=create-index-concurently small table\nCREATE INDEX t_a_idx ON t (a);\n",
+    )?;
+    let err = apply().await.expect_err("unknown rule");
+    assert_eq!(err.kind, ErrorKind::InvalidSource, "{err}");
+    assert!(err.message.contains("names no lint rule"), "{err}");
+    assert_eq!(history(&mut c).await?.len(), 1);
+
+    std::fs::write(
+        &v2,
+        "-- belay:allow=create-index-concurrently small table, built at deploy\nCREATE INDEX t_a_idx ON t (a);\n",
+    )?;
+    apply().await?;
+    assert_eq!(
+        history(&mut c).await?,
+        [(Some("1".to_string()), true), (Some("2".to_string()), true)]
+    );
+    assert!(index_exists(&mut c).await?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_table_created_earlier_in_the_same_run_is_not_live() -> R<()> {
+    let db = Cluster::shared().create_database().await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("V1__t.sql"), "CREATE TABLE t (a int);\n")?;
+    std::fs::write(
+        dir.path().join("V2__idx.sql"),
+        "CREATE INDEX t_a_idx ON t (a);\n",
+    )?;
+    let api = LocalTargets::new([TargetSpec {
+        name: "db".into(),
+        url: DatabaseUrl::parse(&db.url)?,
+        dir: dir.path().to_path_buf(),
+        exec: Default::default(),
+    }])
+    .with_script_gate("db", Arc::new(LintGate::new("skip hint")));
+    api.apply(
+        "db",
+        &Target::default(),
+        &ApplyOptions::default(),
+        events::discard(),
+    )
+    .await?;
+    let mut c = PgConnection::connect(&db.url).await?;
+    assert_eq!(history(&mut c).await?.len(), 2);
+    assert!(index_exists(&mut c).await?);
+    Ok(())
+}
