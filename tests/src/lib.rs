@@ -2,6 +2,7 @@
 //! controllers and agents as real processes on free ports, and runs the real CLI.
 
 use anyhow::{Context, Result, anyhow, ensure};
+use sqlx::{Connection, PgConnection};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -294,4 +295,67 @@ pub async fn wait_agents_with(controller: &str, n: usize, extra: &[&str]) -> Res
                 .is_some_and(|a| a.iter().filter(|x| x["state"] == "connected").count() == n))
     })
     .await
+}
+
+/// A connection to `url` and its backend pid.
+pub async fn session(url: &str) -> Result<(PgConnection, i32)> {
+    let mut c = PgConnection::connect(url).await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut c)
+        .await?;
+    Ok((c, pid))
+}
+
+/// Two sessions in conflict on table `t` (created here): A holds ROW EXCLUSIVE on `t` in an
+/// open transaction, B queues behind it for ACCESS EXCLUSIVE (an `ALTER TABLE`). Dropping
+/// A's connection, or [`Conflict::end`], ends the conflict.
+#[derive(Debug)]
+pub struct Conflict {
+    pub a: PgConnection,
+    pub a_pid: i32,
+    pub b_pid: i32,
+    pub b: JoinHandle<Result<(), sqlx::Error>>,
+}
+
+pub async fn conflict(url: &str) -> Result<Conflict> {
+    let (mut setup, _) = session(url).await?;
+    sqlx::raw_sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .execute(&mut setup)
+        .await?;
+    let (mut a, a_pid) = session(url).await?;
+    sqlx::raw_sql("BEGIN; INSERT INTO t VALUES (100)")
+        .execute(&mut a)
+        .await?;
+    let (mut b_conn, b_pid) = session(url).await?;
+    let b = tokio::spawn(async move {
+        sqlx::raw_sql("ALTER TABLE t ADD COLUMN x int")
+            .execute(&mut b_conn)
+            .await
+            .map(|_| ())
+    });
+    // B is queued once the server says so.
+    wait_for("B to wait for its lock", || {
+        let url = url.to_string();
+        async move {
+            let (mut c, _) = session(&url).await?;
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
+            )
+            .bind(b_pid)
+            .fetch_one(&mut c)
+            .await?;
+            Ok(waiting)
+        }
+    })
+    .await?;
+    Ok(Conflict { a, a_pid, b_pid, b })
+}
+
+impl Conflict {
+    /// Rolls A back; B's `ALTER TABLE` then goes through.
+    pub async fn end(mut self) -> Result<()> {
+        sqlx::raw_sql("ROLLBACK").execute(&mut self.a).await?;
+        self.b.await??;
+        Ok(())
+    }
 }

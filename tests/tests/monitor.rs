@@ -3,10 +3,12 @@
 //! the test and a local HTTP server for probes.
 
 use anyhow::{Context, Result};
-use belay_e2e::{Daemon, Run, TargetDef, agent_config, belay, belay_local, wait_agents, wait_for};
+use belay_e2e::{
+    Conflict, Daemon, Run, TargetDef, agent_config, belay, belay_local, conflict, session,
+    wait_agents, wait_for,
+};
 use belay_testkit::{Cluster, TestDb};
 use serde_json::Value;
-use sqlx::{Connection, PgConnection};
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
@@ -77,67 +79,6 @@ async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
     })
 }
 
-async fn session(url: &str) -> Result<(PgConnection, i32)> {
-    let mut c = PgConnection::connect(url).await?;
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut c)
-        .await?;
-    Ok((c, pid))
-}
-
-/// Two sessions in conflict: A holds ROW EXCLUSIVE on `t` in an open transaction, B
-/// queues behind it for ACCESS EXCLUSIVE (an `ALTER TABLE`). Dropping A's connection
-/// ends the conflict.
-struct Conflict {
-    a: PgConnection,
-    a_pid: i32,
-    b_pid: i32,
-    b: JoinHandle<Result<(), sqlx::Error>>,
-}
-
-async fn conflict(db: &TestDb) -> Result<Conflict> {
-    let (mut setup, _) = session(&db.url).await?;
-    sqlx::raw_sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
-        .execute(&mut setup)
-        .await?;
-    let (mut a, a_pid) = session(&db.url).await?;
-    sqlx::raw_sql("BEGIN; INSERT INTO t VALUES (100)")
-        .execute(&mut a)
-        .await?;
-    let (mut b_conn, b_pid) = session(&db.url).await?;
-    let b = tokio::spawn(async move {
-        sqlx::raw_sql("ALTER TABLE t ADD COLUMN x int")
-            .execute(&mut b_conn)
-            .await
-            .map(|_| ())
-    });
-    // B is queued once the server says so.
-    wait_for("B to wait for its lock", || {
-        let url = db.url.clone();
-        async move {
-            let (mut c, _) = session(&url).await?;
-            let waiting: bool = sqlx::query_scalar(
-                "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
-            )
-            .bind(b_pid)
-            .fetch_one(&mut c)
-            .await?;
-            Ok(waiting)
-        }
-    })
-    .await?;
-    Ok(Conflict { a, a_pid, b_pid, b })
-}
-
-impl Conflict {
-    /// Rolls A back; B's `ALTER TABLE` then goes through.
-    async fn end(mut self) -> Result<()> {
-        sqlx::raw_sql("ROLLBACK").execute(&mut self.a).await?;
-        self.b.await??;
-        Ok(())
-    }
-}
-
 fn lines(r: &Run) -> Vec<Value> {
     r.stdout
         .lines()
@@ -173,7 +114,7 @@ fn shape(mut v: Value) -> Value {
 async fn remote_locks_show_the_blocking_tree_as_local_mode_does() -> Result<()> {
     let db = Cluster::shared().create_database().await?;
     let f = fleet("locks_1", &db).await?;
-    let c = conflict(&db).await?;
+    let c = conflict(&db.url).await?;
     let remote = |args: &'static [&'static str]| {
         let mut all = vec!["--target", "locks_1", "locks"];
         all.extend_from_slice(args);
@@ -311,7 +252,7 @@ async fn remote_preflight_blocks_while_a_lock_is_held() -> Result<()> {
         "{report:#}"
     );
 
-    let c = conflict(&db).await?;
+    let c = conflict(&db.url).await?;
     // Blocks once B has waited longer than the default lock_wait_block (1s), and goes on
     // blocking while B waits.
     wait_for("preflight to block on the lock wait", || async {
@@ -740,7 +681,7 @@ async fn the_agent_samples_lock_gauges_per_target() -> Result<()> {
     let blocked = r#"belay_blocked_sessions{target="gauged"}"#;
 
     // B queues behind A: the next sample shows it.
-    let c = conflict(&db).await?;
+    let c = conflict(&db.url).await?;
     wait_for("the gauge to show the blocked session", || async {
         Ok(series(&scrape(&metrics).await?, blocked).is_some_and(|v| v >= 1.0))
     })

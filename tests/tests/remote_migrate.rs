@@ -6,10 +6,11 @@
 //! refuses an unallowed lint error as local mode does.
 
 use anyhow::{Context, Result};
-use belay_e2e::{Daemon, TargetDef, agent_config, belay, belay_local, wait_agents, wait_for};
+use belay_e2e::{
+    Daemon, TargetDef, agent_config, belay, belay_local, conflict, session, wait_agents, wait_for,
+};
 use belay_testkit::{Cluster, TestDb};
 use serde_json::Value;
-use sqlx::{Connection, PgConnection};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -87,62 +88,6 @@ impl Fleet {
     }
 }
 
-async fn session(url: &str) -> Result<(PgConnection, i32)> {
-    let mut c = PgConnection::connect(url).await?;
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut c)
-        .await?;
-    Ok((c, pid))
-}
-
-/// A session holding a lock on table `t` in an open transaction, and another queued
-/// behind it for ACCESS EXCLUSIVE: the lock wait preflight's `lock_waits` measures.
-struct Conflict {
-    a: PgConnection,
-    b: JoinHandle<Result<(), sqlx::Error>>,
-}
-
-async fn conflict(db: &TestDb) -> Result<Conflict> {
-    let (mut setup, _) = session(&db.url).await?;
-    sqlx::raw_sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
-        .execute(&mut setup)
-        .await?;
-    let (mut a, _) = session(&db.url).await?;
-    sqlx::raw_sql("BEGIN; INSERT INTO t VALUES (100)")
-        .execute(&mut a)
-        .await?;
-    let (mut b_conn, b_pid) = session(&db.url).await?;
-    let b = tokio::spawn(async move {
-        sqlx::raw_sql("ALTER TABLE t ADD COLUMN x int")
-            .execute(&mut b_conn)
-            .await
-            .map(|_| ())
-    });
-    wait_for("B to wait for its lock", || {
-        let url = db.url.clone();
-        async move {
-            let (mut c, _) = session(&url).await?;
-            let waiting: bool = sqlx::query_scalar(
-                "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
-            )
-            .bind(b_pid)
-            .fetch_one(&mut c)
-            .await?;
-            Ok(waiting)
-        }
-    })
-    .await?;
-    Ok(Conflict { a, b })
-}
-
-impl Conflict {
-    async fn end(mut self) -> Result<()> {
-        sqlx::raw_sql("ROLLBACK").execute(&mut self.a).await?;
-        self.b.await??;
-        Ok(())
-    }
-}
-
 /// The target's history rows, oldest first: (version, state, notes as JSON).
 async fn history(db: &TestDb) -> Result<Vec<(String, String, Value)>> {
     let (mut c, _) = session(&db.url).await?;
@@ -195,7 +140,7 @@ async fn remote_migrate_is_refused_by_preflight_and_records_an_override() -> Res
         }
     };
 
-    let c = conflict(&db).await?;
+    let c = conflict(&db.url).await?;
     wait_for("preflight to block on the lock wait", || async {
         let r = remote(&["check", "preflight", "--output", "json"]).await?;
         Ok(r.code == 2
