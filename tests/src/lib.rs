@@ -359,3 +359,30 @@ impl Conflict {
         Ok(())
     }
 }
+
+/// The repository's example migrations (the seed runbooks' story).
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/migrations")
+}
+
+/// A controller on a free port (unless `extra` names `--listen`) over the store at
+/// `store`, expecting heartbeats every 200 ms so a stopped agent is noticed quickly.
+pub async fn controller(store: &str, extra: &[&str]) -> Result<Daemon> {
+    let mut args = vec!["--store", store, "--heartbeat-interval", "200ms"];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(extra);
+    Daemon::start("belay-controller", &args, &[]).await
+}
+
+/// An agent on a free port with the configuration at `config`.
+pub async fn agent(config: &Path) -> Result<Daemon> {
+    let config = config.to_string_lossy().into_owned();
+    Daemon::start(
+        "belay-agent",
+        &["--listen", "127.0.0.1:0", "--config", &config],
+        &[],
+    )
+    .await
+}

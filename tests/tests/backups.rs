@@ -14,23 +14,6 @@ fn psql(url: &str, sql: &str) -> String {
         .to_string()
 }
 
-async fn controller(store: &Path) -> Result<Daemon> {
-    let store = store.to_string_lossy().into_owned();
-    Daemon::start(
-        "belay-controller",
-        &[
-            "--store",
-            &store,
-            "--heartbeat-interval",
-            "200ms",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    )
-    .await
-}
-
 /// One target of the agent: its name, database, and backup directory if it has one.
 struct Def<'a> {
     name: &'a str,
@@ -59,13 +42,7 @@ async fn agent(
     }
     let path = dir.join("agent-1.toml");
     std::fs::write(&path, text).context("writing agent config")?;
-    let path = path.to_string_lossy().into_owned();
-    Daemon::start(
-        "belay-agent",
-        &["--listen", "127.0.0.1:0", "--config", &path],
-        &[],
-    )
-    .await
+    belay_e2e::agent(&path).await
 }
 
 fn ok(r: Run) -> Run {
@@ -110,7 +87,7 @@ async fn remote_backups_create_list_verify_restore_and_are_mirrored() -> Result<
         "CREATE TABLE orders (id int PRIMARY KEY, note text);
          INSERT INTO orders SELECT g, 'n' || g FROM generate_series(1, 50) g;",
     );
-    let c = controller(&store).await?;
+    let c = belay_e2e::controller(&store.to_string_lossy(), &[]).await?;
     // Named like its database, so local mode (catalog named after the database) reads the
     // same catalog and the outputs can be compared.
     let t = db.name.as_str();
@@ -307,7 +284,7 @@ async fn prune_through_the_controller_keeps_the_backup_of_a_failed_deployment() 
     std::fs::write(migrations.join("V2__boom.sql"), "SELECT 1/0;")?;
     let backups = tmp.path().join("agent-backups");
     let store = tmp.path().join("controller.db");
-    let c = controller(&store).await?;
+    let c = belay_e2e::controller(&store.to_string_lossy(), &[]).await?;
     let t = db.name.as_str();
     let _a = agent(
         tmp.path(),

@@ -2,13 +2,12 @@
 //! PostgreSQL databases from the testkit.
 
 use anyhow::Result;
-use belay_e2e::{Daemon, TargetDef, agent_config, belay, belay_local, wait_agents, wait_for};
+use belay_e2e::{
+    Daemon, TargetDef, agent, agent_config, belay, belay_local, controller, examples, wait_agents,
+    wait_for,
+};
 use belay_testkit::{Cluster, TestDb};
-use std::path::{Path, PathBuf};
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/migrations")
-}
+use std::path::Path;
 
 async fn dbs(n: usize) -> Result<Vec<TestDb>> {
     let mut v = Vec::new();
@@ -30,25 +29,6 @@ fn has_history(url: &str) -> bool {
         url,
         "SELECT count(*) FROM pg_namespace WHERE nspname = 'belay'",
     ) == "1"
-}
-
-async fn controller(store: &str, extra: &[&str]) -> Result<Daemon> {
-    let mut args = vec!["--store", store, "--heartbeat-interval", "200ms"];
-    if !extra.contains(&"--listen") {
-        args.extend(["--listen", "127.0.0.1:0"]);
-    }
-    args.extend_from_slice(extra);
-    Daemon::start("belay-controller", &args, &[]).await
-}
-
-async fn agent(config: &Path) -> Result<Daemon> {
-    let config = config.to_string_lossy().into_owned();
-    Daemon::start(
-        "belay-agent",
-        &["--listen", "127.0.0.1:0", "--config", &config],
-        &[],
-    )
-    .await
 }
 
 fn def<'a>(name: &'a str, db: &'a TestDb, migrations: &'a Path) -> TargetDef<'a> {

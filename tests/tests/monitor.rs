@@ -9,13 +9,8 @@ use belay_e2e::{
 };
 use belay_testkit::{Cluster, TestDb};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/migrations")
-}
 
 /// A controller (with a metrics endpoint) and one agent owning `target` on `db`.
 struct Fleet {
@@ -36,22 +31,8 @@ async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.to_string()
     };
-    let controller = Daemon::start(
-        "belay-controller",
-        &[
-            "--store",
-            &store,
-            "--heartbeat-interval",
-            "200ms",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            &metrics,
-        ],
-        &[],
-    )
-    .await?;
-    let ex = examples();
+    let controller = belay_e2e::controller(&store, &["--metrics-listen", &metrics]).await?;
+    let ex = belay_e2e::examples();
     let config = agent_config(
         tmp.path(),
         "agent-1",
@@ -63,13 +44,7 @@ async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
             environment: None,
         }],
     )?;
-    let config = config.to_string_lossy().into_owned();
-    let agent = Daemon::start(
-        "belay-agent",
-        &["--listen", "127.0.0.1:0", "--config", &config],
-        &[],
-    )
-    .await?;
+    let agent = belay_e2e::agent(&config).await?;
     wait_agents(&controller.addr, 1).await?;
     Ok(Fleet {
         _tmp: tmp,
@@ -154,7 +129,12 @@ async fn remote_locks_show_the_blocking_tree_as_local_mode_does() -> Result<()> 
     );
 
     // Local mode prints the same document for the same situation.
-    let local = belay_local(&db.url, &examples(), &["locks", "--output", "json"]).await?;
+    let local = belay_local(
+        &db.url,
+        &belay_e2e::examples(),
+        &["locks", "--output", "json"],
+    )
+    .await?;
     assert_eq!(local.code, 0, "{local:?}");
     assert_eq!(shape(local.json()), shape(snap));
 
@@ -284,7 +264,7 @@ async fn remote_preflight_blocks_while_a_lock_is_held() -> Result<()> {
     // Local mode runs the same checklist.
     let local = belay_local(
         &db.url,
-        &examples(),
+        &belay_e2e::examples(),
         &["check", "preflight", "--output", "json"],
     )
     .await?;
@@ -651,7 +631,7 @@ async fn the_agent_samples_lock_gauges_per_target() -> Result<()> {
     let gone_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let ex = examples();
+    let ex = belay_e2e::examples();
     let config = tmp.path().join("agent.toml");
     std::fs::write(
         &config,

@@ -11,15 +11,11 @@ use belay_e2e::{
 };
 use belay_testkit::{Cluster, TestDb};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/migrations")
-}
 
 /// A controller and one agent owning `target` on `db` (the examples as its migrations).
 struct Fleet {
@@ -29,7 +25,7 @@ struct Fleet {
 }
 
 async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
-    fleet_with(target, db, &examples()).await
+    fleet_with(target, db, &belay_e2e::examples()).await
 }
 
 /// [`fleet`] with the agent's migrations in `migrations`.
@@ -40,19 +36,7 @@ async fn fleet_with(target: &str, db: &TestDb, migrations: &Path) -> Result<Flee
         .join("controller.db")
         .to_string_lossy()
         .into_owned();
-    let controller = Daemon::start(
-        "belay-controller",
-        &[
-            "--store",
-            &store,
-            "--heartbeat-interval",
-            "200ms",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        &[],
-    )
-    .await?;
+    let controller = belay_e2e::controller(&store, &[]).await?;
     let config = agent_config(
         tmp.path(),
         "agent-1",
@@ -64,13 +48,7 @@ async fn fleet_with(target: &str, db: &TestDb, migrations: &Path) -> Result<Flee
             environment: None,
         }],
     )?;
-    let config = config.to_string_lossy().into_owned();
-    let agent = Daemon::start(
-        "belay-agent",
-        &["--listen", "127.0.0.1:0", "--config", &config],
-        &[],
-    )
-    .await?;
+    let agent = belay_e2e::agent(&config).await?;
     wait_agents(&controller.addr, 1).await?;
     Ok(Fleet {
         tmp,
@@ -186,7 +164,12 @@ async fn remote_migrate_is_refused_by_preflight_and_records_an_override() -> Res
     );
 
     // Local mode refuses the same way, with the same exit code and message.
-    let local = belay_local(&db.url, &examples(), &["--config", &config, "migrate"]).await?;
+    let local = belay_local(
+        &db.url,
+        &belay_e2e::examples(),
+        &["--config", &config, "migrate"],
+    )
+    .await?;
     assert_eq!(local.code, r.code, "{local:?}");
     assert_eq!(
         error_line(&local.stderr),
@@ -353,7 +336,7 @@ async fn remote_migrate_watch_exits_with_the_failing_probes_evidence() -> Result
     // Local mode's watch ends the same way (nothing left to apply).
     let local = belay_local(
         &db.url,
-        &examples(),
+        &belay_e2e::examples(),
         &["--config", &config, "migrate", "--watch", "5m"],
     )
     .await?;
