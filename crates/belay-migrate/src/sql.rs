@@ -115,28 +115,12 @@ pub fn split(script: &str) -> Vec<Statement> {
     };
 
     while i < b.len() {
+        if let Some(end) = comment_end(b, i) {
+            i = end;
+            continue;
+        }
         let c = b[i];
         match c {
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let mut depth = 1;
-                i += 2;
-                while i < b.len() && depth > 0 {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
             b'\'' => {
                 touch(&mut cur, i);
                 // E'...' strings allow backslash escapes; the E was lexed as a word.
@@ -283,6 +267,36 @@ impl Tok {
     }
 }
 
+/// Where the comment starting at `i` ends (a `--` comment before its newline, a `/* */`
+/// comment, nested as PostgreSQL allows, after its close), or `None` when none starts there.
+fn comment_end(b: &[u8], i: usize) -> Option<usize> {
+    match (b.get(i), b.get(i + 1)) {
+        (Some(b'-'), Some(b'-')) => Some(
+            b[i..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |p| i + p),
+        ),
+        (Some(b'/'), Some(b'*')) => {
+            let mut depth = 1;
+            let mut j = i + 2;
+            while j < b.len() && depth > 0 {
+                if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
+                    depth += 1;
+                    j += 2;
+                } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
+                    depth -= 1;
+                    j += 2;
+                } else {
+                    j += 1;
+                }
+            }
+            Some(j)
+        }
+        _ => None,
+    }
+}
+
 /// Words (quoted identifiers verbatim) and punctuation; comments skipped, strings and
 /// dollar-quoted bodies reduced to one punctuation token.
 fn tokens(text: &str) -> Vec<Tok> {
@@ -290,28 +304,12 @@ fn tokens(text: &str) -> Vec<Tok> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
+        if let Some(end) = comment_end(b, i) {
+            i = end;
+            continue;
+        }
         let c = b[i];
         match c {
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let mut depth = 1;
-                i += 2;
-                while i < b.len() && depth > 0 {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
             b'\'' => {
                 let escapes =
                     matches!(out.last(), Some(Tok::Word(w)) if w.eq_ignore_ascii_case("E"));
