@@ -535,34 +535,22 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
             }
         }
         NodeEnum::UpdateStmt(s) => {
-            f.ddl = false;
-            f.kind = "UPDATE";
-            f.lock = Some(ROW_EXCLUSIVE);
-            f.target = rv_name(s.relation.as_ref());
-            if s.where_clause.is_none() && !is_created(f.target.as_deref(), &st.created) {
-                f.issues.push(issue(
-                    "unbatched-dml",
-                    format!(
-                        "UPDATE of every row of {} in one transaction",
-                        f.target.as_deref().unwrap_or("the table")
-                    ),
-                ));
-            }
+            row_change(
+                &mut f,
+                "UPDATE",
+                s.relation.as_ref(),
+                s.where_clause.is_none(),
+                st,
+            );
         }
         NodeEnum::DeleteStmt(s) => {
-            f.ddl = false;
-            f.kind = "DELETE";
-            f.lock = Some(ROW_EXCLUSIVE);
-            f.target = rv_name(s.relation.as_ref());
-            if s.where_clause.is_none() && !is_created(f.target.as_deref(), &st.created) {
-                f.issues.push(issue(
-                    "unbatched-dml",
-                    format!(
-                        "DELETE of every row of {} in one transaction",
-                        f.target.as_deref().unwrap_or("the table")
-                    ),
-                ));
-            }
+            row_change(
+                &mut f,
+                "DELETE",
+                s.relation.as_ref(),
+                s.where_clause.is_none(),
+                st,
+            );
         }
         NodeEnum::InsertStmt(s) => {
             f.ddl = false;
@@ -718,6 +706,30 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
         _ => f.kind = "OTHER",
     }
     f
+}
+
+/// An UPDATE or DELETE: row locks only, but one without a WHERE on an existing table
+/// changes every row in one transaction.
+fn row_change(
+    f: &mut Facts,
+    kind: &'static str,
+    relation: Option<&RangeVar>,
+    every_row: bool,
+    st: &State,
+) {
+    f.ddl = false;
+    f.kind = kind;
+    f.lock = Some(ROW_EXCLUSIVE);
+    f.target = rv_name(relation);
+    if every_row && !is_created(f.target.as_deref(), &st.created) {
+        f.issues.push(issue(
+            "unbatched-dml",
+            format!(
+                "{kind} of every row of {} in one transaction",
+                f.target.as_deref().unwrap_or("the table")
+            ),
+        ));
+    }
 }
 
 fn defelem_false(arg: Option<&Node>) -> bool {
