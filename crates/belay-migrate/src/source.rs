@@ -34,7 +34,11 @@ impl fmt::Display for Layout {
 #[derive(Debug, Clone)]
 pub struct Script {
     pub path: PathBuf,
+    /// What belay runs and lints: the file's text with everything that is not SQL for the
+    /// server blanked to spaces (same byte length and lines; see `sql::split_script`), so
+    /// offsets and line numbers mean the same in the file and here.
     pub text: String,
+    /// Of the file's exact bytes.
     pub checksum: Checksum,
     pub directives: Directives,
     pub statements: Vec<Statement>,
@@ -144,6 +148,11 @@ pub enum SourceError {
     Directive {
         path: PathBuf,
         source: DirectiveError,
+    },
+    #[error("{}:{source}", path.display())]
+    Script {
+        path: PathBuf,
+        source: sql::ScriptError,
     },
     #[error("{}: {reason}", path.display())]
     BadSidecar { path: PathBuf, reason: String },
@@ -598,7 +607,11 @@ fn read_script(
     if directives.no_transaction.is_none() {
         directives.no_transaction = sidecar;
     }
-    let statements = sql::split(&text);
+    let sql::SplitScript { text, statements } =
+        sql::split_script(&text).map_err(|source| SourceError::Script {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if let Some(tc) = statements.iter().find(|s| s.is_transaction_control()) {
         // A script that commits on its own would commit belay's history row with it, or
         // without it: either breaks the promise that history matches what happened. So

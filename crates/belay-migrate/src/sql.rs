@@ -16,6 +16,9 @@ pub struct Statement {
     pub words: Vec<String>,
     /// Whether `CONCURRENTLY` appears as a keyword anywhere in the statement.
     pub concurrently: bool,
+    /// For `COPY … FROM stdin` in a psql script (as `pg_dump` writes): the inline data
+    /// lines that follow the statement, up to (not including) the `\.` line.
+    pub copy_data: Option<String>,
 }
 
 impl Statement {
@@ -80,6 +83,32 @@ impl Statement {
     }
 }
 
+/// A script as belay runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitScript {
+    /// The SQL sent to the server: the raw text with everything that is not SQL (psql
+    /// meta-commands, `COPY` inline data) blanked to spaces, so it has the raw text's byte
+    /// length and lines, and every offset and line number means the same in both.
+    pub text: String,
+    pub statements: Vec<Statement>,
+}
+
+/// Why a script cannot be run as belay understands it (1-based line of the raw text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ScriptError {
+    pub line: usize,
+    pub message: String,
+}
+
+/// Splits a raw script into what belay sends to the server and its statements.
+pub fn split_script(raw: &str) -> Result<SplitScript, ScriptError> {
+    Ok(SplitScript {
+        text: raw.to_string(),
+        statements: split(raw),
+    })
+}
+
 /// Splits a script into top-level statements. Empty statements (stray `;`) and
 /// comment-only text produce nothing, so a comment-only script is a valid no-op.
 pub fn split(script: &str) -> Vec<Statement> {
@@ -97,6 +126,7 @@ pub fn split(script: &str) -> Vec<Statement> {
             end: start,
             words: Vec::new(),
             concurrently: false,
+            copy_data: None,
         });
         if w.eq_ignore_ascii_case("CONCURRENTLY") {
             st.concurrently = true;
@@ -111,6 +141,7 @@ pub fn split(script: &str) -> Vec<Statement> {
             end: start,
             words: Vec::new(),
             concurrently: false,
+            copy_data: None,
         });
     };
 
