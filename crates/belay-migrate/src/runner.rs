@@ -121,6 +121,30 @@ struct TripNote {
     cancelled: bool,
 }
 
+/// A session holding the runner lock (see [`Migrator::lock_runner`]). Dropping it without
+/// [`release`](Self::release) closes the connection, which releases the lock too.
+#[derive(Debug)]
+pub struct RunnerSession {
+    conn: PgConnection,
+    schema: String,
+}
+
+impl RunnerSession {
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// Releases the lock and closes the connection.
+    pub async fn release(mut self) {
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+            .bind(LOCK_CLASS)
+            .bind(&self.schema)
+            .execute(&mut self.conn)
+            .await;
+        let _ = self.conn.close().await;
+    }
+}
+
 /// Runs migrations from one set against one database.
 pub struct Migrator {
     url: DatabaseUrl,
@@ -233,6 +257,11 @@ impl Migrator {
 
     pub fn set(&self) -> &MigrationSet {
         &self.set
+    }
+
+    /// The schema of the history table this migrator keeps.
+    pub fn history_schema(&self) -> &str {
+        self.history.schema()
     }
 
     fn emit(&self, kind: EventKind) {
@@ -1586,6 +1615,29 @@ impl Migrator {
         .await;
         self.release_runner_lock(&mut conn).await;
         result
+    }
+
+    /// A connection to the target set up as the runner's own, holding no lock: for read-only
+    /// work outside the executor (`belay adopt --dry-run`).
+    pub async fn session(&self) -> Result<PgConnection, MigrateError> {
+        self.connect().await
+    }
+
+    /// A connection holding the runner lock, for work outside the executor that writes
+    /// history and must not race a run (`belay adopt`). Waits `runner_wait` for another
+    /// runner, then fails as `migrate` would, naming it.
+    pub async fn lock_runner(&self) -> Result<RunnerSession, MigrateError> {
+        let mut conn = self.connect().await?;
+        if let Some(holder) = self.acquire_runner_lock(&mut conn).await? {
+            return Err(MigrateError::RunnerBusy {
+                holder: Box::new(holder),
+                waited_s: self.config.runner_wait.as_secs(),
+            });
+        }
+        Ok(RunnerSession {
+            conn,
+            schema: self.history.schema().to_string(),
+        })
     }
 
     // The SQL around a script's own statements, built once for the executor and for

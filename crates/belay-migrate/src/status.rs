@@ -119,10 +119,12 @@ pub fn compute(
     // The latest forward-or-undo row of each version, indexed once: a history of
     // thousands of rows must not cost thousands of scans.
     let mut latest: HashMap<Version, &HistoryRow> = HashMap::new();
-    for r in live
-        .iter()
-        .filter(|r| matches!(r.entry_type, EntryType::Sql | EntryType::UndoSql))
-    {
+    for r in live.iter().filter(|r| {
+        matches!(
+            r.entry_type,
+            EntryType::Sql | EntryType::Adopted | EntryType::UndoSql
+        )
+    }) {
         let Some(v) = r.version.as_deref().and_then(|t| Version::parse(t).ok()) else {
             continue;
         };
@@ -165,7 +167,10 @@ pub fn compute(
     let newest_local = set.migrations.last().map(|m| m.version.clone());
     let mut seen: HashSet<Version> = set.migrations.iter().map(|m| m.version.clone()).collect();
     for r in &live {
-        if !matches!(r.entry_type, EntryType::Sql | EntryType::UndoSql) {
+        if !matches!(
+            r.entry_type,
+            EntryType::Sql | EntryType::Adopted | EntryType::UndoSql
+        ) {
             continue;
         }
         let Some(v) = r.version.as_deref().and_then(|t| Version::parse(t).ok()) else {

@@ -216,6 +216,7 @@ fn entry_type(t: EntryType) -> pb::MigrationType {
         EntryType::UndoSql => pb::MigrationType::UndoSql,
         EntryType::Repeatable => pb::MigrationType::Repeatable,
         EntryType::Baseline => pb::MigrationType::Baseline,
+        EntryType::Adopted => pb::MigrationType::Adopted,
     }
 }
 
@@ -225,6 +226,7 @@ fn entry_type_from(t: i32) -> Result<EntryType, DecodeError> {
         Ok(pb::MigrationType::UndoSql) => EntryType::UndoSql,
         Ok(pb::MigrationType::Repeatable) => EntryType::Repeatable,
         Ok(pb::MigrationType::Baseline) => EntryType::Baseline,
+        Ok(pb::MigrationType::Adopted) => EntryType::Adopted,
         _ => return Err(bad("migration type", format!("unknown value {t}"))),
     })
 }
