@@ -245,6 +245,20 @@ pub enum Command {
         #[command(flatten)]
         args: crate::backfill_cmd::BackfillArgs,
     },
+    #[command(
+        about = crate::adopt_cmd::ABOUT,
+        long_about = crate::adopt_cmd::LONG_ABOUT
+    )]
+    Adopt {
+        /// The tool that managed the database [default: detected from the tables present]
+        #[arg(long, value_enum, value_name = "TOOL")]
+        from: Option<crate::adopt_cmd::FromTool>,
+        /// Show what would be recorded; write nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
     /// Adopt an existing database: record that everything up to VERSION is already there
     Baseline {
         #[arg(long, value_name = "VERSION")]

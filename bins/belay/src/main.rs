@@ -2,6 +2,7 @@
 //! the migration engine, print. Local mode runs the engine in-process against `--url`;
 //! remote mode (`--controller`) calls the same APIs through the controller.
 
+mod adopt_cmd;
 mod backfill_cmd;
 mod backup_cmd;
 mod cli;
@@ -133,7 +134,8 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         Command::Migrate { exec, .. }
         | Command::Undo { exec, .. }
         | Command::Repair { exec }
-        | Command::Baseline { exec, .. } => Some(exec),
+        | Command::Baseline { exec, .. }
+        | Command::Adopt { exec, .. } => Some(exec),
         _ => None,
     };
     if cli.controller.is_some()
@@ -148,6 +150,9 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     }
     if cli.controller.is_some() && matches!(cli.command, Command::Backfill { .. }) {
         return Err(backfill_cmd::remote_unsupported());
+    }
+    if cli.controller.is_some() && matches!(cli.command, Command::Adopt { .. }) {
+        return Err(adopt_cmd::remote_unsupported());
     }
     if let Some(addr) = cli.controller.clone() {
         let token = read_token(cli.token_file.as_deref())?;
@@ -225,6 +230,9 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     }
     // Files are checked before anything else touches the database.
     let set = belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
+    if let Command::Adopt { from, dry_run, .. } = &cli.command {
+        return adopt_cmd::run(*from, *dry_run, set, &settings, &url, cli.output).await;
+    }
     let backup_hook = backup_cmd::hook_for(&cli.command, &settings, &url);
     let api = LocalTargets::new([TargetSpec {
         name: LOCAL_TARGET.to_string(),
@@ -350,6 +358,7 @@ async fn execute(
             message: "backup commands go through the backup API, not the migration API".into(),
         }),
         Command::Backfill { .. } => Err(backfill_cmd::remote_unsupported()),
+        Command::Adopt { .. } => Err(adopt_cmd::remote_unsupported()),
         Command::Lint { .. } => Err(Failure {
             code: exit::USAGE,
             message: "lint reads local files; it does not go through the migration API".into(),
