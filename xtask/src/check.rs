@@ -13,8 +13,11 @@ pub fn test() -> Result<()> {
     let bin = ensure_postgres()?;
     ensure_build_deps()?;
     println!("using {}", bin.display());
+    heading("checking other migration tools (for `belay adopt`'s tests)");
+    let dbmate = crate::tools::ensure_dbmate()?;
+    println!("using {}", dbmate.display());
     lint()?;
-    let (passed, failed) = run_tests()?;
+    let (passed, failed) = run_tests(&dbmate)?;
     println!("\nall checks passed");
     // The last line totals every test binary: CI reads it, and the last line cargo
     // itself prints belongs to a doc-test binary with nothing in it.
@@ -23,11 +26,12 @@ pub fn test() -> Result<()> {
 }
 
 /// `cargo test --workspace`, echoed as it runs, with the `test result:` lines totalled.
-fn run_tests() -> Result<(u64, u64)> {
+fn run_tests(dbmate: &Path) -> Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .env(crate::tools::DBMATE_ENV, dbmate)
         .stdout(Stdio::piped());
     let text = crate::util::describe(&cmd);
     heading(&text);

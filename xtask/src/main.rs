@@ -9,6 +9,7 @@ mod bench_probes;
 mod check;
 mod demo;
 mod pg;
+mod tools;
 mod util;
 
 use std::path::PathBuf;

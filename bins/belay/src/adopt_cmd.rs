@@ -171,10 +171,7 @@ fn render(out: Output, a: &Adoption, migrator: &Migrator) {
         println!("note: {n}");
     }
     if !a.pending.is_empty() {
-        println!(
-            "pending, for `belay migrate`: {}",
-            a.pending.join(", ")
-        );
+        println!("pending, for `belay migrate`: {}", a.pending.join(", "));
     }
     match a.outcome {
         Outcome::WouldAdopt => println!("dry run: nothing was written"),

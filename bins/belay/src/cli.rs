@@ -256,8 +256,9 @@ pub enum Command {
         /// Show what would be recorded; write nothing
         #[arg(long)]
         dry_run: bool,
-        #[command(flatten)]
-        exec: ExecArgs,
+        /// How long to wait for another belay runner on the same database [default: 60s]
+        #[arg(long, value_name = "DURATION")]
+        runner_wait: Option<String>,
     },
     /// Adopt an existing database: record that everything up to VERSION is already there
     Baseline {

@@ -130,13 +130,20 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
+    // adopt runs no migration: of the execution settings, only the runner wait is its.
+    let adopt_exec = match &cli.command {
+        Command::Adopt { runner_wait, .. } => Some(cli::ExecArgs {
+            runner_wait: runner_wait.clone(),
+            ..cli::ExecArgs::default()
+        }),
+        _ => None,
+    };
     let exec_args = match &cli.command {
         Command::Migrate { exec, .. }
         | Command::Undo { exec, .. }
         | Command::Repair { exec }
-        | Command::Baseline { exec, .. }
-        | Command::Adopt { exec, .. } => Some(exec),
-        _ => None,
+        | Command::Baseline { exec, .. } => Some(exec),
+        _ => adopt_exec.as_ref(),
     };
     if cli.controller.is_some()
         && let Some(f) = backup_cmd::remote_unsupported(&cli.command)

@@ -71,7 +71,10 @@ fn flyway_project() -> (TestDb, tempfile::TempDir) {
     let dir = migrations(&[
         ("V1__create_users.sql", V1),
         ("V1.1__add_name.sql", V1_1),
-        ("U1.1__add_name.sql", "ALTER TABLE users DROP COLUMN name;\n"),
+        (
+            "U1.1__add_name.sql",
+            "ALTER TABLE users DROP COLUMN name;\n",
+        ),
     ]);
     // What Flyway did: ran the scripts, recorded them.
     psql(&db.url, V1);
@@ -104,7 +107,9 @@ fn flyway_history_is_adopted_once_and_belay_carries_on() {
     assert_eq!(doc["rows"].as_array().map(Vec::len), Some(2));
     for row in doc["rows"].as_array().into_iter().flatten() {
         assert!(
-            row["compared"].as_str().is_some_and(|c| c.starts_with("match")),
+            row["compared"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("match")),
             "{row}"
         );
     }
@@ -112,9 +117,17 @@ fn flyway_history_is_adopted_once_and_belay_carries_on() {
 
     let r = adopt(&db.url, dir, &[]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.contains("adopted 2 migration(s) from flyway"), "{r:?}");
+    assert!(
+        r.stdout.contains("adopted 2 migration(s) from flyway"),
+        "{r:?}"
+    );
     all_success(&db.url, dir, &["1", "1.1"]);
     assert_eq!(history_rows(&db.url), "1:ADOPTED,1.1:ADOPTED");
+    let status = belay_ok(&db.url, dir, &["status", "--output", "json"]).json();
+    assert_eq!(
+        status[0]["type"], "ADOPTED",
+        "status shows the origin: {status}"
+    );
     // Flyway's record of who and when is kept.
     assert_eq!(
         psql(
@@ -125,11 +138,17 @@ fn flyway_history_is_adopted_once_and_belay_carries_on() {
         "alice 2024-01-02 03:04:05 12"
     );
     assert_eq!(
-        psql(&db.url, "SELECT notes->'adopted'->>'from' FROM belay.schema_history WHERE version = '1.1'"),
+        psql(
+            &db.url,
+            "SELECT notes->'adopted'->>'from' FROM belay.schema_history WHERE version = '1.1'"
+        ),
         "flyway"
     );
     // The other tool's table is untouched.
-    assert_eq!(psql(&db.url, "SELECT count(*) FROM flyway_schema_history"), "2");
+    assert_eq!(
+        psql(&db.url, "SELECT count(*) FROM flyway_schema_history"),
+        "2"
+    );
     belay_ok(&db.url, dir, &["validate"]);
 
     // Twice changes nothing.
@@ -139,7 +158,11 @@ fn flyway_history_is_adopted_once_and_belay_carries_on() {
     assert_eq!(history_rows(&db.url), "1:ADOPTED,1.1:ADOPTED");
 
     // belay carries on from there, and still knows nothing more to adopt.
-    write(dir, "V2__orders.sql", "CREATE TABLE orders (id bigint PRIMARY KEY);\n");
+    write(
+        dir,
+        "V2__orders.sql",
+        "CREATE TABLE orders (id bigint PRIMARY KEY);\n",
+    );
     write(dir, "U2__orders.sql", "DROP TABLE orders;\n");
     migrate(&db.url, dir);
     all_success(&db.url, dir, &["1", "1.1", "2"]);
@@ -173,23 +196,34 @@ fn flyway_mismatches_are_refused_naming_each_version() {
         "INSERT INTO flyway_schema_history VALUES \
          (3, '3', 'gone', 'SQL', 'V3__gone.sql', 42, 'alice', now(), 1, true)",
     );
-    write(dir.path(), "V1__create_users.sql", &V1.replace("NOT NULL", "NULL"));
+    write(
+        dir.path(),
+        "V1__create_users.sql",
+        &V1.replace("NOT NULL", "NULL"),
+    );
     let r = adopt(&db.url, dir.path(), &[]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("nothing was written"), "{r:?}");
     assert!(
-        r.stderr.contains("version 3 is applied per public.flyway_schema_history but no migration file"),
+        r.stderr.contains(
+            "version 3 is applied per public.flyway_schema_history but no migration file"
+        ),
         "{r:?}"
     );
     assert!(
-        r.stderr.contains(&format!("version 1: ")) && r.stderr.contains(&format!("Flyway recorded checksum {V1_CRC}")),
+        r.stderr.contains(&format!("version 1: "))
+            && r.stderr
+                .contains(&format!("Flyway recorded checksum {V1_CRC}")),
         "{r:?}"
     );
     assert!(!history_schema_exists(&db.url));
 
     // A failed row is refused with Flyway's own way out.
     let (db, dir) = flyway_project();
-    psql(&db.url, "UPDATE flyway_schema_history SET success = false WHERE version = '1.1'");
+    psql(
+        &db.url,
+        "UPDATE flyway_schema_history SET success = false WHERE version = '1.1'",
+    );
     let r = adopt(&db.url, dir.path(), &[]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
@@ -266,17 +300,25 @@ fn sqlx_checksum_difference_is_refused_and_nothing_written() {
     let r = adopt(&db.url, dir.path(), &[]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
-        r.stderr.contains("version 2:") && r.stderr.contains("2_index.up.sql") && r.stderr.contains("sqlx recorded SHA-384"),
+        r.stderr.contains("version 2:")
+            && r.stderr.contains("2_index.up.sql")
+            && r.stderr.contains("sqlx recorded SHA-384"),
         "{r:?}"
     );
     assert!(!history_schema_exists(&db.url));
 
     // A failed sqlx migration is refused with sqlx's way out.
     let (db, dir) = sqlx_project(SQLX_2);
-    psql(&db.url, "UPDATE _sqlx_migrations SET success = false WHERE version = 2");
+    psql(
+        &db.url,
+        "UPDATE _sqlx_migrations SET success = false WHERE version = 2",
+    );
     let r = adopt(&db.url, dir.path(), &[]);
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stderr.contains("sqlx recorded version 2 as failed"), "{r:?}");
+    assert!(
+        r.stderr.contains("sqlx recorded version 2 as failed"),
+        "{r:?}"
+    );
     assert!(!history_schema_exists(&db.url));
 }
 
@@ -287,8 +329,14 @@ fn diesel_history_is_adopted_by_dashless_version() {
     let db = db();
     let dir = migrations(&[
         ("2024-01-01-000000_create_users/up.sql", SQLX_1),
-        ("2024-01-01-000000_create_users/down.sql", "DROP TABLE users;\n"),
-        ("2024-02-01-120000_posts/up.sql", "CREATE TABLE posts (id bigint);\n"),
+        (
+            "2024-01-01-000000_create_users/down.sql",
+            "DROP TABLE users;\n",
+        ),
+        (
+            "2024-02-01-120000_posts/up.sql",
+            "CREATE TABLE posts (id bigint);\n",
+        ),
         ("2024-02-01-120000_posts/down.sql", "DROP TABLE posts;\n"),
     ]);
     let dir = dir.path();
@@ -306,19 +354,26 @@ fn diesel_history_is_adopted_by_dashless_version() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("not compared"), "{r:?}");
     all_success(&db.url, dir, &["2024-01-01-000000", "2024-02-01-120000"]);
-    write(dir, "2024-03-01-000000_tags/up.sql", "CREATE TABLE tags (id bigint);\n");
+    write(
+        dir,
+        "2024-03-01-000000_tags/up.sql",
+        "CREATE TABLE tags (id bigint);\n",
+    );
     migrate(&db.url, dir);
     all_success(
         &db.url,
         dir,
-        &["2024-01-01-000000", "2024-02-01-120000", "2024-03-01-000000"],
+        &[
+            "2024-01-01-000000",
+            "2024-02-01-120000",
+            "2024-03-01-000000",
+        ],
     );
 }
 
 // ---- golang-migrate ----
 
-const GOLANG_MIGRATE_DDL: &str =
-    "CREATE TABLE IF NOT EXISTS schema_migrations (version bigint not null primary key, dirty boolean not null)";
+const GOLANG_MIGRATE_DDL: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version bigint not null primary key, dirty boolean not null)";
 
 fn golang_migrate_project(version: i64, dirty: bool) -> (TestDb, tempfile::TempDir) {
     let db = db();
@@ -347,12 +402,19 @@ fn golang_migrate_version_adopts_every_file_up_to_it() {
     let r = adopt(&db.url, dir, &[]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("golang-migrate"), "{r:?}");
-    assert!(r.stdout.contains("000003_tags.up.sql"), "pending shown: {r:?}");
+    assert!(
+        r.stdout.contains("000003_tags.up.sql"),
+        "pending shown: {r:?}"
+    );
     let states = states(&db.url, dir);
     assert_eq!(
         states,
-        [("000001", "success"), ("000002", "success"), ("000003", "pending")]
-            .map(|(v, s)| (v.to_string(), s.to_string()))
+        [
+            ("000001", "success"),
+            ("000002", "success"),
+            ("000003", "pending")
+        ]
+        .map(|(v, s)| (v.to_string(), s.to_string()))
     );
     migrate(&db.url, dir);
     all_success(&db.url, dir, &["000001", "000002", "000003"]);
@@ -364,7 +426,8 @@ fn dirty_golang_migrate_is_refused_with_the_way_out() {
     let r = adopt(&db.url, dir.path(), &["--from", "golang-migrate"]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
-        r.stderr.contains("golang-migrate is dirty at version 2") && r.stderr.contains("`migrate force 2`"),
+        r.stderr.contains("golang-migrate is dirty at version 2")
+            && r.stderr.contains("`migrate force 2`"),
         "{r:?}"
     );
     assert!(!history_schema_exists(&db.url));
@@ -407,7 +470,10 @@ fn goose_history_latest_row_per_version_decides() {
     assert_eq!(doc["pending"], serde_json::json!(["00003_tags.up.sql"]));
     migrate(&db.url, dir);
     all_success(&db.url, dir, &["00001", "00002", "00003"]);
-    assert_eq!(history_rows(&db.url), "00001:ADOPTED,00002:ADOPTED,00003:SQL");
+    assert_eq!(
+        history_rows(&db.url),
+        "00001:ADOPTED,00002:ADOPTED,00003:SQL"
+    );
 }
 
 // ---- detection ----
@@ -420,7 +486,8 @@ fn several_tools_tables_are_refused_naming_them() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
         r.stderr.contains("sqlx (public._sqlx_migrations)")
-            && r.stderr.contains("golang-migrate (public.schema_migrations)")
+            && r.stderr
+                .contains("golang-migrate (public.schema_migrations)")
             && r.stderr.contains("--from"),
         "{r:?}"
     );
@@ -447,7 +514,8 @@ fn a_belay_history_that_disagrees_is_refused() {
     let r = adopt(&db.url, dir.path(), &[]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
-        r.stderr.contains("2_index.up.sql (version 2) is applied per sqlx but pending"),
+        r.stderr
+            .contains("2_index.up.sql (version 2) is applied per sqlx but pending"),
         "{r:?}"
     );
     assert_eq!(history_rows(&db.url), before);
@@ -457,10 +525,18 @@ fn a_belay_history_that_disagrees_is_refused() {
 
 /// The dbmate binary: `BELAY_DBMATE`, else where `cargo xtask test` installs it.
 fn dbmate() -> PathBuf {
-    let path = std::env::var_os("BELAY_DBMATE").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join("../tools/dbmate/node_modules/@dbmate/linux-x64/bin/dbmate")
-    });
+    let platform = match std::env::consts::ARCH {
+        "aarch64" => "linux-arm64",
+        _ => "linux-x64",
+    };
+    let path = std::env::var_os("BELAY_DBMATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join("../tools/dbmate/node_modules/@dbmate")
+                .join(platform)
+                .join("bin/dbmate")
+        });
     assert!(
         path.is_file(),
         "dbmate not found at {}: run `cargo xtask test`, which installs it, or `npm install dbmate@2.36.0` in a directory and set BELAY_DBMATE to its node_modules/@dbmate/linux-x64/bin/dbmate",
@@ -499,13 +575,20 @@ fn dbmate_history_written_by_real_dbmate_is_adopted() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        psql(&db.url, "SELECT string_agg(version, ',' ORDER BY version) FROM schema_migrations"),
+        psql(
+            &db.url,
+            "SELECT string_agg(version, ',' ORDER BY version) FROM schema_migrations"
+        ),
         "20240101000001,20240101000002"
     );
 
     let r = adopt(&db.url, dir, &[]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.contains("dbmate history in public.schema_migrations"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("dbmate history in public.schema_migrations"),
+        "{r:?}"
+    );
     all_success(&db.url, dir, &["20240101000001", "20240101000002"]);
 
     // The next migration, applied by belay (its down section left empty, as the current

@@ -338,7 +338,7 @@ async fn inspect(
         for script in covered {
             let state = statuses
                 .iter()
-                .find(|s| s.entry_type == EntryType::Sql && s.script == script)
+                .find(|s| s.entry_type.is_forward() && s.script == script)
                 .map(|s| s.state);
             if !matches!(state, Some(State::Success | State::Baseline)) {
                 differs.push(format!(

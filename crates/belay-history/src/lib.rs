@@ -65,6 +65,13 @@ impl EntryType {
         }
     }
 
+    /// A versioned forward migration, whoever applied it: belay (`SQL`) or, before belay
+    /// took over, another tool (`ADOPTED`). Everything that asks "is this version applied"
+    /// must ask this rather than compare with `Sql`.
+    pub fn is_forward(self) -> bool {
+        matches!(self, EntryType::Sql | EntryType::Adopted)
+    }
+
     fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "SQL" => EntryType::Sql,

@@ -437,7 +437,7 @@ impl Migrator {
         };
         let state_of: std::collections::HashMap<&str, State> = statuses
             .iter()
-            .filter(|s| s.entry_type == EntryType::Sql)
+            .filter(|s| s.entry_type.is_forward())
             .map(|s| (s.script.as_str(), s.state))
             .collect();
         let mut steps = Vec::new();
@@ -493,7 +493,7 @@ impl Migrator {
     ) -> Result<Vec<Step>, MigrateError> {
         let mut applied: Vec<(Version, &MigrationStatus)> = statuses
             .iter()
-            .filter(|s| s.entry_type == EntryType::Sql)
+            .filter(|s| s.entry_type.is_forward())
             .filter(|s| matches!(s.state, State::Success | State::Missing | State::Future))
             .filter_map(|s| Some((Version::parse(s.version.as_deref()?).ok()?, s)))
             .collect();
@@ -1743,7 +1743,7 @@ impl Migrator {
 fn newest_applied(statuses: &[MigrationStatus]) -> Option<Version> {
     statuses
         .iter()
-        .filter(|s| s.entry_type == EntryType::Sql && s.state == State::Success)
+        .filter(|s| s.entry_type.is_forward() && s.state == State::Success)
         .filter_map(|s| Version::parse(s.version.as_deref()?).ok())
         .max()
 }

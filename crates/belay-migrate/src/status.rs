@@ -147,7 +147,11 @@ pub fn compute(
         let mut s = MigrationStatus::from_row(row);
         s.version = Some(m.version.to_string());
         s.description = m.description.clone();
-        s.entry_type = EntryType::Sql;
+        // An adopted migration keeps its type, so status shows where it came from.
+        s.entry_type = match row {
+            Some(r) if r.entry_type == EntryType::Adopted => EntryType::Adopted,
+            _ => EntryType::Sql,
+        };
         s.script = m.script_name.clone();
         s.undoable = m.down.is_some() && !m.up.directives.irreversible;
         s.state = match row {
@@ -184,7 +188,9 @@ pub fn compute(
             continue;
         };
         let mut s = MigrationStatus::from_row(Some(latest));
-        s.entry_type = EntryType::Sql;
+        if latest.entry_type != EntryType::Adopted {
+            s.entry_type = EntryType::Sql;
+        }
         s.state = match row_state(latest, runner_active) {
             State::Undone => continue, // reverted and removed: nothing to report
             State::Success if newest_local.as_ref().is_none_or(|n| &v > n) => State::Future,
@@ -314,6 +320,60 @@ mod tests {
         assert_eq!(got, want);
         // The same running row is Running while its runner holds the lock.
         assert_eq!(compute(&s, &rows, true)[3].state, Running);
+    }
+
+    #[test]
+    fn adopted_rows_read_as_applied_and_keep_their_type() {
+        let (_d, s) = set(&[
+            ("V1__a.sql", "select 1;"),
+            ("V2__b.sql", "select 2;"),
+            ("U2__b.sql", "select -2;"),
+            ("V3__c.sql", "select 3;"),
+            ("V4__d.sql", "select 4;"),
+        ]);
+        let ck = |v: &str| {
+            s.find(&Version::parse(v).unwrap())
+                .unwrap()
+                .checksum
+                .to_string()
+        };
+        let rows = vec![
+            row(1, "1", EntryType::Adopted, RowState::Success, &ck("1")),
+            row(2, "2", EntryType::Adopted, RowState::Success, &ck("2")),
+            row(
+                3,
+                "3",
+                EntryType::Adopted,
+                RowState::Success,
+                "edited since",
+            ),
+            row(4, "0.5", EntryType::Adopted, RowState::Success, "gone"),
+            row(5, "2", EntryType::UndoSql, RowState::Success, "x"),
+        ];
+        let got = compute(&s, &rows, false);
+        let seen: Vec<(String, EntryType, State, bool)> = got
+            .iter()
+            .map(|m| {
+                (
+                    m.version.clone().unwrap_or_default(),
+                    m.entry_type,
+                    m.state,
+                    m.undoable,
+                )
+            })
+            .collect();
+        use EntryType::{Adopted, Sql};
+        use State::*;
+        assert_eq!(
+            seen,
+            [
+                ("1".to_string(), Adopted, Success, false),
+                ("2".to_string(), Sql, Undone, true),
+                ("3".to_string(), Adopted, ChecksumMismatch, false),
+                ("4".to_string(), Sql, Pending, false),
+                ("0.5".to_string(), Adopted, Missing, false),
+            ]
+        );
     }
 
     #[test]
