@@ -34,6 +34,9 @@ Exit codes:
       removed, the catalog unchanged)
   backfill also: 130 stopped by SIGINT (143 SIGTERM) between batches; the same command
       resumes from the last committed batch
+  adopt also: 2 refused (no other tool's table or several, a failed or dirty state, a
+      version without its file, a checksum difference, a belay history that disagrees);
+      nothing written. 0 when belay's history already matches (nothing to do)
 
 Environment:
   BELAY_DATABASE_URL / DATABASE_URL   target database
