@@ -211,7 +211,7 @@ fn flyway_mismatches_are_refused_naming_each_version() {
         "{r:?}"
     );
     assert!(
-        r.stderr.contains(&format!("version 1: "))
+        r.stderr.contains("version 1: ")
             && r.stderr
                 .contains(&format!("Flyway recorded checksum {V1_CRC}")),
         "{r:?}"

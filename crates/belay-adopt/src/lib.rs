@@ -530,7 +530,7 @@ async fn record(
         doing: "starting the adoption's transaction",
         source,
     })?;
-    history.ensure(&mut *tx).await?;
+    history.ensure(&mut tx).await?;
     for row in &adoption.rows {
         let new = NewRow {
             version: Some(row.version.clone()),
@@ -559,7 +559,7 @@ async fn record(
             installed_by: row.installed_by.clone(),
             installed_on: row.installed_on,
         };
-        history.insert_as(&mut *tx, &new, &recorded).await?;
+        history.insert_as(&mut tx, &new, &recorded).await?;
     }
     tx.commit().await.map_err(|source| AdoptError::Database {
         doing: "committing the adoption",
