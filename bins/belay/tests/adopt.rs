@@ -495,6 +495,16 @@ fn several_tools_tables_are_refused_naming_them() {
     let r = adopt(&db.url, dir.path(), &["--from", "sqlx"]);
     assert_eq!(r.code, 0, "{r:?}");
 
+    // dbmate's reading of golang-migrate's table would adopt only its one version.
+    let (gm, gm_dir) = golang_migrate_project(2, false);
+    let r = adopt(&gm.url, gm_dir.path(), &["--from", "dbmate"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("golang-migrate's `dirty` column"),
+        "{r:?}"
+    );
+    assert!(!history_schema_exists(&gm.url));
+
     let empty = support::db();
     let r = adopt(&empty.url, dir.path(), &[]);
     assert_eq!(r.code, 2, "{r:?}");
@@ -608,4 +618,22 @@ fn dbmate_history_written_by_real_dbmate_is_adopted() {
     let again = adopt(&db.url, dir, &[]);
     assert_eq!(again.code, 0, "{again:?}");
     assert!(again.stdout.contains("nothing to do"), "{again:?}");
+}
+
+#[test]
+fn adopt_writes_under_the_runner_lock() {
+    let (db, dir) = sqlx_project(SQLX_2);
+    // Another runner holds the lock `migrate` takes ("bela", the history schema).
+    let mut other = Session::open(&db.url);
+    other.run("SELECT pg_advisory_lock(x'62656c61'::int, hashtext('belay'));");
+    let r = adopt(&db.url, dir.path(), &["--runner-wait", "0s"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(!history_schema_exists(&db.url), "written without the lock");
+    // A dry run takes no lock: it only reads.
+    let dry = adopt(&db.url, dir.path(), &["--dry-run", "--runner-wait", "0s"]);
+    assert_eq!(dry.code, 0, "{dry:?}");
+    drop(other);
+    let r = adopt(&db.url, dir.path(), &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    all_success(&db.url, dir.path(), &["1", "2"]);
 }

@@ -114,13 +114,12 @@ pub enum AdoptError {
     )]
     TableMissing { tool: Tool, table: &'static str },
     #[error(
-        "{table} does not have {tool}'s columns (missing {}); it was not written by {tool}: pass the --from of the tool that wrote it",
-        .missing.join(", ")
+        "{table} does not look like {tool}'s ({reason}); it was not written by {tool}: pass the --from of the tool that wrote it"
     )]
     NotTheTool {
         tool: Tool,
         table: String,
-        missing: Vec<&'static str>,
+        reason: String,
     },
     #[error("cannot adopt {tool}'s history ({table}); nothing was written:\n  {}", .problems.join("\n  "))]
     Refused {
@@ -174,7 +173,8 @@ pub enum Outcome {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdoptedRow {
     pub version: String,
-    /// The version as the other tool wrote it.
+    /// The version as the other tool wrote it (golang-migrate, which records only its
+    /// current version: the file's version, at or below the recorded one).
     pub their_version: String,
     #[serde(rename = "type")]
     pub entry_type: EntryType,
@@ -257,28 +257,24 @@ async fn detect(
                 tool,
                 table: tool.table(),
             })?;
-        let missing = tools::missing_columns(tool, &table);
-        if !missing.is_empty() {
+        if let Some(reason) = tools::not_the_tools(tool, &table) {
             return Err(AdoptError::NotTheTool {
                 tool,
                 table: table.name,
-                missing,
+                reason,
             });
         }
         return Ok((tool, table));
     }
+    // golang-migrate's and dbmate's tables share a name; golang-migrate's `dirty` column
+    // tells them apart, so at most one of the two matches.
     let mut found = Vec::new();
     for tool in Tool::ALL {
         if let Some(table) = tools::find(conn, tool.table()).await?
-            && tools::missing_columns(tool, &table).is_empty()
+            && tools::not_the_tools(tool, &table).is_none()
         {
             found.push((tool, table));
         }
-    }
-    // golang-migrate's and dbmate's tables share a name; golang-migrate's `dirty` column
-    // tells them apart.
-    if found.iter().any(|(t, _)| *t == Tool::GolangMigrate) {
-        found.retain(|(t, _)| *t != Tool::Dbmate);
     }
     match found.len() {
         0 => Err(AdoptError::NoTool {

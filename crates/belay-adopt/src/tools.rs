@@ -6,6 +6,7 @@ use crate::{AdoptError, Tool};
 use belay_core::Version;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
+use std::collections::BTreeMap;
 
 /// A history table found on the search path.
 #[derive(Debug, Clone)]
@@ -84,8 +85,22 @@ pub(crate) async fn find(conn: &mut PgConnection, name: &str) -> Result<Option<T
     }))
 }
 
+/// Why `table` is not `tool`'s, or `None` when it looks like it: the tool's columns must
+/// all be there, and dbmate's `schema_migrations` must not have golang-migrate's `dirty`
+/// (read as dbmate's, golang-migrate's one version would adopt only that version).
+pub(crate) fn not_the_tools(tool: Tool, table: &Table) -> Option<String> {
+    let missing = missing_columns(tool, table);
+    if !missing.is_empty() {
+        return Some(format!("it lacks {tool}'s columns {}", missing.join(", ")));
+    }
+    if tool == Tool::Dbmate && table.columns.iter().any(|c| c == "dirty") {
+        return Some("it has golang-migrate's `dirty` column".into());
+    }
+    None
+}
+
 /// The columns `tool` writes that `table` lacks (empty: it looks like the tool's).
-pub(crate) fn missing_columns(tool: Tool, table: &Table) -> Vec<&'static str> {
+fn missing_columns(tool: Tool, table: &Table) -> Vec<&'static str> {
     let expected: &[&str] = match tool {
         Tool::Flyway => &[
             "installed_rank",
@@ -164,8 +179,9 @@ async fn flyway(conn: &mut PgConnection, table: &Table) -> Result<Record, AdoptE
         .await
         .map_err(db("reading flyway_schema_history"))?;
     let mut record = Record::default();
-    // Per version: the latest row (kind, applied entry).
-    let mut latest: Vec<(Version, bool, Applied, i64, String, bool)> = Vec::new();
+    // Per version, its latest row: whether it applies, what it recorded, its rank,
+    // script and success. Indexed, so a history of thousands of rows is one pass.
+    let mut latest: BTreeMap<Version, (bool, Applied, i64, String, bool)> = BTreeMap::new();
     for r in &rows {
         let rank: i64 = r.get(0);
         let text: Option<String> = r.get(1);
@@ -220,12 +236,10 @@ async fn flyway(conn: &mut PgConnection, table: &Table) -> Result<Record, AdoptE
                 "version {text} is a Flyway {kind} migration (rank {rank}); belay runs SQL files only"
             ));
         }
-        match latest.iter_mut().find(|l| l.0 == v) {
-            Some(l) => *l = (v, applies, applied, rank, script, success),
-            None => latest.push((v, applies, applied, rank, script, success)),
-        }
+        // Rows come in rank order: a later row of the same version replaces the earlier.
+        latest.insert(v, (applies, applied, rank, script, success));
     }
-    for (_, applies, applied, rank, script, success) in latest {
+    for (applies, applied, rank, script, success) in latest.into_values() {
         if !success {
             record.problems.push(format!(
                 "Flyway recorded version {} ({script}) as failed ({} rank {rank}, success = false): fix the database by hand, run `flyway repair` to remove the failed row, run `flyway migrate` until it succeeds, then adopt again",
@@ -391,19 +405,15 @@ async fn goose(conn: &mut PgConnection, table: &Table) -> Result<Record, AdoptEr
         .await
         .map_err(db("reading goose_db_version"))?;
     let mut record = Record::default();
-    let mut latest: Vec<(i64, bool, Option<DateTime<Utc>>)> = Vec::new();
+    // Rows come in id order: a later row of the same version replaces the earlier.
+    let mut latest: BTreeMap<i64, (bool, Option<DateTime<Utc>>)> = BTreeMap::new();
     for r in &rows {
         let v: i64 = r.get(0);
-        if v == 0 {
-            continue;
-        }
-        let entry = (v, r.get(1), r.get(2));
-        match latest.iter_mut().find(|l| l.0 == v) {
-            Some(l) => *l = entry,
-            None => latest.push(entry),
+        if v != 0 {
+            latest.insert(v, (r.get(1), r.get(2)));
         }
     }
-    for (v, applied, at) in latest {
+    for (v, (applied, at)) in latest {
         if !applied {
             continue;
         }
