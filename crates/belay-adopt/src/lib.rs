@@ -562,3 +562,115 @@ async fn record(
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tools::Applied;
+
+    fn set(files: &[(&str, &str)]) -> (tempfile::TempDir, MigrationSet) {
+        let d = tempfile::tempdir().expect("tempdir");
+        for (n, b) in files {
+            std::fs::write(d.path().join(n), b).expect("write");
+        }
+        let s = belay_migrate::load(d.path()).expect("load");
+        (d, s)
+    }
+
+    fn applied(v: &str) -> Applied {
+        Applied {
+            text: v.into(),
+            version: Version::parse(v).expect("version"),
+            installed_on: None,
+            installed_by: None,
+            execution_ms: None,
+            checksum: Theirs::None,
+        }
+    }
+
+    fn versions(a: &Adoption) -> Vec<(&str, EntryType)> {
+        a.rows
+            .iter()
+            .map(|r| (r.version.as_str(), r.entry_type))
+            .collect()
+    }
+
+    const FILES: &[(&str, &str)] = &[
+        ("1_a.up.sql", "select 1;"),
+        ("2_b.up.sql", "select 2;"),
+        ("3_c.up.sql", "select 3;"),
+        ("4_d.up.sql", "select 4;"),
+    ];
+
+    #[test]
+    fn unapplied_files_below_the_newest_are_gaps_and_above_it_pending() {
+        let (_d, s) = set(FILES);
+        let record = Record {
+            applied: vec![applied("1"), applied("3")],
+            ..Record::default()
+        };
+        let a = plan(Tool::Dbmate, "public.schema_migrations", &s, record).expect("plan");
+        assert_eq!(
+            versions(&a),
+            [("1", EntryType::Adopted), ("3", EntryType::Adopted)]
+        );
+        assert_eq!(a.gaps.len(), 1);
+        assert!(
+            a.gaps[0].starts_with("2_b.up.sql (version 2)"),
+            "{:?}",
+            a.gaps
+        );
+        assert_eq!(a.pending, ["4_d.up.sql"]);
+        assert!(
+            a.rows
+                .iter()
+                .all(|r| r.compared.starts_with("not compared"))
+        );
+    }
+
+    #[test]
+    fn golang_migrates_one_version_covers_every_file_up_to_it() {
+        let (_d, s) = set(FILES);
+        let record = Record {
+            up_to: Some(applied("3")),
+            ..Record::default()
+        };
+        let a = plan(Tool::GolangMigrate, "public.schema_migrations", &s, record).expect("plan");
+        assert_eq!(versions(&a).len(), 3);
+        assert!(a.gaps.is_empty());
+        assert_eq!(a.pending, ["4_d.up.sql"]);
+        // A version with no file is refused, naming it.
+        let record = Record {
+            up_to: Some(applied("7")),
+            ..Record::default()
+        };
+        let err = plan(Tool::GolangMigrate, "public.schema_migrations", &s, record)
+            .expect_err("no file of version 7");
+        assert!(err.to_string().contains("at version 7"), "{err}");
+    }
+
+    #[test]
+    fn a_flyway_baseline_covers_older_files() {
+        let (_d, s) = set(FILES);
+        let record = Record {
+            baseline: Some(applied("2")),
+            applied: vec![applied("3")],
+            ..Record::default()
+        };
+        let a = plan(Tool::Flyway, "public.flyway_schema_history", &s, record).expect("plan");
+        assert_eq!(
+            versions(&a),
+            [("2", EntryType::Baseline), ("3", EntryType::Adopted)]
+        );
+        assert!(a.gaps.is_empty(), "{:?}", a.gaps);
+        assert_eq!(a.pending, ["4_d.up.sql"]);
+    }
+
+    #[test]
+    fn tool_names_round_trip() {
+        for t in Tool::ALL {
+            assert_eq!(t.name().parse::<Tool>(), Ok(t));
+        }
+        assert!("liquibase".parse::<Tool>().is_err());
+    }
+}
