@@ -512,6 +512,15 @@ fn several_tools_tables_are_refused_naming_them() {
     let r = adopt(&empty.url, dir.path(), &["--from", "diesel"]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("__diesel_schema_migrations"), "{r:?}");
+
+    // Local mode only: through a controller it is refused before anything is contacted.
+    let r = belay(
+        &empty.url,
+        dir.path(),
+        &["--controller", "127.0.0.1:1", "adopt"],
+    );
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(r.stderr.contains("not available in remote mode"), "{r:?}");
 }
 
 #[test]
