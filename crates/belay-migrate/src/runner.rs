@@ -8,7 +8,7 @@ use crate::error::{GuardExhaustion, MigrateError, ScriptFailure};
 use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 use crate::gate::{GateScript, ScriptGate};
 use crate::guard::{LockGuardHook, LockTrip, SessionBrief};
-use crate::source::{MigrationSet, Script};
+use crate::source::{Layout, MigrationSet, Script};
 use crate::sql::{self, Statement};
 use crate::status::{self, MigrationStatus, State};
 use belay_core::{DatabaseUrl, Version, format_duration};
@@ -500,9 +500,12 @@ impl Migrator {
                     "{} has no undo script; add one ({}) or restore from a backup",
                     m.up.path.display(),
                     match self.set.layout {
-                        Some(crate::source::Layout::Paired) => "<version>_<desc>.down.sql",
-                        Some(crate::source::Layout::Folder) => "down.sql in its folder",
-                        _ => "U<version>__<desc>.sql",
+                        Some(Layout::Paired) => "<version>_<desc>.down.sql",
+                        Some(Layout::Folder) => "down.sql in its folder",
+                        Some(Layout::Goose) => "statements under `-- +goose Down` in the same file",
+                        Some(Layout::Dbmate) =>
+                            "statements under `-- migrate:down` in the same file",
+                        Some(Layout::Flyway) | None => "U<version>__<desc>.sql",
                     }
                 ));
                 continue;

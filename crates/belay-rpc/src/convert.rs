@@ -282,6 +282,8 @@ fn no_tx_name(s: NoTransactionSource) -> &'static str {
         NoTransactionSource::FlywayConf => "flyway_conf",
         NoTransactionSource::DieselMetadata => "diesel_metadata",
         NoTransactionSource::OwnTransactionControl => "own_transaction_control",
+        NoTransactionSource::GooseNoTransaction => "goose_no_transaction",
+        NoTransactionSource::DbmateTransactionFalse => "dbmate_transaction_false",
     }
 }
 
@@ -293,6 +295,8 @@ fn no_tx_from(s: &str) -> Result<Option<NoTransactionSource>, DecodeError> {
         "flyway_conf" => NoTransactionSource::FlywayConf,
         "diesel_metadata" => NoTransactionSource::DieselMetadata,
         "own_transaction_control" => NoTransactionSource::OwnTransactionControl,
+        "goose_no_transaction" => NoTransactionSource::GooseNoTransaction,
+        "dbmate_transaction_false" => NoTransactionSource::DbmateTransactionFalse,
         other => return Err(bad("no_transaction", format!("unknown source {other:?}"))),
     }))
 }
