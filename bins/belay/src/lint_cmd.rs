@@ -170,6 +170,9 @@ pub fn run(
     for p in &paths {
         if p.is_dir() {
             let set = belay_migrate::load(p).map_err(MigrateError::from)?;
+            for w in &set.warnings {
+                eprintln!("warning: {w}");
+            }
             scripts += set
                 .migrations
                 .iter()

@@ -225,6 +225,16 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     }
     // Files are checked before anything else touches the database.
     let set = belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
+    // `plan` lists the set's warnings and `migrate`/`undo` emit them as events; every
+    // other command would drop them, so they go to stderr here.
+    if !matches!(
+        cli.command,
+        Command::Plan { sql: false, .. } | Command::Migrate { .. } | Command::Undo { .. }
+    ) {
+        for w in &set.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
     let backup_hook = backup_cmd::hook_for(&cli.command, &settings, &url);
     let api = LocalTargets::new([TargetSpec {
         name: LOCAL_TARGET.to_string(),

@@ -107,29 +107,26 @@ pub fn markers(text: &str) -> Vec<Marker> {
         .collect()
 }
 
-/// The error for a marker of `tool` in a file belay reads as `reading_as` (a layout's
-/// description) where that tool's markers have no meaning.
-pub fn foreign(marker: &Marker, reading_as: &str) -> SectionError {
-    let what = match marker.tool {
-        Tool::Goose | Tool::Dbmate => format!(
-            "`{}` is a {} section marker in a file belay reads as {reading_as}: run as plain SQL, every section would run, the down section too. \
-             Name the file <version>_<description>.sql in a directory of {} migrations so belay reads its sections, or remove the marker",
-            marker.text.trim(),
-            marker.tool,
-            marker.tool
-        ),
-        Tool::SqlMigrate => format!(
-            "`{}` is a sql-migrate section marker, which belay does not read: run as plain SQL, the down section would run too. \
-             Split the file into <version>_<description>.up.sql and .down.sql (or use a goose `-- +goose Up`/`-- +goose Down` file)",
-            marker.text.trim()
-        ),
-        Tool::Liquibase => format!(
-            "`{}` is Liquibase formatted SQL (changesets, rollbacks, preconditions), which belay does not read: run as plain SQL, its rollbacks and every changeset would run at once. \
-             Split the changesets into migration files of one layout belay reads",
-            marker.text.trim()
-        ),
+/// The error for `marker` in a file belay reads as plain SQL (`within` is `None`: every
+/// line runs) or as a migration of another tool, whose markers alone it reads there.
+pub fn foreign(marker: &Marker, within: Option<Tool>) -> SectionError {
+    let m = marker.text.trim();
+    let tool = marker.tool;
+    let reading = match within {
+        None => "belay reads this file as plain SQL, where every line runs, so its down section would run right after its up section".to_string(),
+        Some(own) => format!("this is a {own} migration, where belay reads {own}'s markers only"),
     };
-    err(marker.line, what)
+    let fix = match tool {
+        Tool::Goose | Tool::Dbmate => format!(
+            "keep {tool} migrations as <version>_<description>.sql files in a directory of {tool} migrations only, or remove the marker"
+        ),
+        Tool::SqlMigrate => "belay does not read sql-migrate files: split the file into <version>_<description>.up.sql and .down.sql (or make it a goose file)".to_string(),
+        Tool::Liquibase => "belay does not read Liquibase formatted SQL (changesets, rollbacks, preconditions): split the changesets into migration files of a layout belay reads".to_string(),
+    };
+    err(
+        marker.line,
+        format!("`{m}` is a {tool} section marker, but {reading}; {fix}"),
+    )
 }
 
 /// A single-file migration split into its sections. Each section's text is the whole file
@@ -207,7 +204,7 @@ fn other_tool(marker_line: usize, line: &str, own: Tool) -> Option<SectionError>
                 tool,
                 text: line.to_string(),
             },
-            &format!("a {own} migration"),
+            Some(own),
         )
     })
 }

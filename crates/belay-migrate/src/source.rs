@@ -801,7 +801,7 @@ fn read_script(
     if let Some(marker) = sections::markers(&text).first() {
         return Err(SourceError::Sections {
             path: path.to_path_buf(),
-            source: sections::foreign(marker, "plain SQL (every line runs)"),
+            source: sections::foreign(marker, None),
         });
     }
     build_script(path, &text, checksum, sidecar, warnings)
