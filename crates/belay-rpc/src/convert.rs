@@ -837,6 +837,23 @@ mod tests {
     }
 
     #[test]
+    fn every_no_transaction_source_crosses_the_wire_by_its_json_name() {
+        use NoTransactionSource as N;
+        for s in [
+            N::Directive,
+            N::Sqlx,
+            N::FlywayConf,
+            N::DieselMetadata,
+            N::OwnTransactionControl,
+            N::GooseNoTransaction,
+            N::DbmateTransactionFalse,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), no_tx_name(s));
+            assert_eq!(no_tx_from(no_tx_name(s)).unwrap(), Some(s));
+        }
+    }
+
+    #[test]
     fn plans_round_trip_with_directives() {
         let mut d = Directives {
             no_transaction: Some(NoTransactionSource::Directive),
