@@ -173,6 +173,17 @@ pub enum SourceError {
         path: PathBuf,
         source: sql::ScriptError,
     },
+    #[error(
+        "{}: no section markers, but {} is {layout}: add `{marker}` above its statements (and a down section if it has an undo); belay does not run a file of this directory whole",
+        path.display(),
+        other.display()
+    )]
+    NoSections {
+        path: PathBuf,
+        layout: Layout,
+        other: PathBuf,
+        marker: &'static str,
+    },
     #[error("{}:{source}", path.display())]
     Sections { path: PathBuf, source: SectionError },
     #[error("{}: {reason}", path.display())]
@@ -246,13 +257,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
         match first_layout {
             None => first_layout = Some((layout, path)),
             Some((l, p)) if l != layout => {
-                errors.push(SourceError::MixedLayouts {
-                    dir: dir.to_path_buf(),
-                    first: p.clone(),
-                    first_layout: l,
-                    second: path.clone(),
-                    second_layout: layout,
-                });
+                errors.push(mixed(dir, (l, p), (layout, path)));
                 break;
             }
             _ => {}
@@ -391,6 +396,41 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
         }),
         1 => Err(errors.remove(0)),
         _ => Err(SourceError::Many(errors)),
+    }
+}
+
+/// Two layouts in one directory. A plain `<version>_<desc>.sql` among goose or dbmate
+/// files is most likely one whose markers were forgotten: said so, since "mixed layouts"
+/// would not tell why.
+fn mixed(dir: &Path, first: (Layout, &PathBuf), second: (Layout, &PathBuf)) -> SourceError {
+    let is_plain_single = |(l, p): (Layout, &PathBuf)| {
+        l == Layout::Paired
+            && p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                !n.ends_with(".up.sql") && !n.ends_with(".down.sql")
+            })
+    };
+    for (sectioned, plain) in [(first, second), (second, first)] {
+        let marker = match sectioned.0 {
+            Layout::Goose => "-- +goose Up",
+            Layout::Dbmate => "-- migrate:up",
+            _ => continue,
+        };
+        if is_plain_single(plain) {
+            return SourceError::NoSections {
+                path: plain.1.clone(),
+                layout: sectioned.0,
+                other: sectioned.1.clone(),
+                marker,
+            };
+        }
+    }
+    SourceError::MixedLayouts {
+        dir: dir.to_path_buf(),
+        first: first.1.clone(),
+        first_layout: first.0,
+        second: second.1.clone(),
+        second_layout: second.0,
     }
 }
 
@@ -1195,6 +1235,35 @@ mod tests {
             (
                 &[("1_users.sql", "-- migrate:up\nSELECT 1;\n")],
                 &["1_users.sql:line 2", "no `-- migrate:down`"],
+            ),
+            (
+                &[
+                    ("1_users.sql", "-- +goose Up\nSELECT 1;\n"),
+                    ("2_plain.sql", "DROP TABLE users;\n"),
+                ],
+                &[
+                    "2_plain.sql: no section markers",
+                    "1_users.sql is goose",
+                    "`-- +goose Up`",
+                ],
+            ),
+            (
+                &[
+                    ("1_plain.sql", "SELECT 1;\n"),
+                    ("2_users.sql", "-- migrate:up\nSELECT 1;\n-- migrate:down\n"),
+                ],
+                &[
+                    "1_plain.sql: no section markers",
+                    "2_users.sql is dbmate",
+                    "`-- migrate:up`",
+                ],
+            ),
+            (
+                &[
+                    ("1_users.up.sql", "SELECT 1;\n"),
+                    ("2_users.sql", "-- migrate:up\nSELECT 1;\n-- migrate:down\n"),
+                ],
+                &["mixed migration layouts", "1_users.up.sql", "2_users.sql"],
             ),
         ];
         for (files, wants) in cases {
