@@ -206,6 +206,17 @@ fn a_schema_only_pg_dump_applies_as_the_baseline_with_no_lint_error() {
     let lint = belay(&target.url, dir.path(), &["lint"]);
     assert_eq!(lint.code, 0, "{lint:?}");
     assert!(lint.stdout.contains("0 error(s)"), "{lint:?}");
+    // A dump linted on its own, before it becomes a migration, reads the same.
+    let loose = tempfile::tempdir().expect("tempdir");
+    let file = loose.path().join("baseline.sql");
+    std::fs::write(&file, &dump).expect("write the dump");
+    let lint = belay(
+        &target.url,
+        loose.path(),
+        &["lint", file.to_str().expect("utf-8 path")],
+    );
+    assert_eq!(lint.code, 0, "{lint:?}");
+    assert!(lint.stdout.contains("0 error(s)"), "{lint:?}");
 
     belay_ok(&target.url, dir.path(), &["migrate"]);
     assert_eq!(
