@@ -111,25 +111,81 @@ pub struct ScriptError {
 /// silently do something else than the author saw psql do.
 pub fn split_script(raw: &str) -> Result<SplitScript, ScriptError> {
     let lexed = lex(raw, true)?;
-    let mut text = raw.as_bytes().to_vec();
+    for st in &lexed.statements {
+        check_session_setting(raw, st)?;
+    }
+    let mut text = String::with_capacity(raw.len());
+    let mut kept = 0;
     for range in lexed.blanked {
-        for b in &mut text[range] {
-            // Newlines stay so that lines keep their numbers.
-            if *b != b'\n' {
-                *b = b' ';
+        text.push_str(&raw[kept..range.start]);
+        // One space per byte, so offsets stay the file's; newlines stay, so lines do.
+        for c in raw[range.clone()].chars() {
+            if c == '\n' {
+                text.push('\n');
+            } else {
+                text.extend(std::iter::repeat_n(' ', c.len_utf8()));
             }
         }
+        kept = range.end;
     }
-    // Only whole lines (or a meta-command's tail of a line) were blanked, each replaced
-    // byte for byte with ASCII spaces: the result is still UTF-8.
-    let text = String::from_utf8(text).map_err(|_| ScriptError {
-        line: 1,
-        message: "internal: blanking broke UTF-8".into(),
-    })?;
+    text.push_str(&raw[kept..]);
     Ok(SplitScript {
         text,
         statements: lexed.statements,
     })
+}
+
+/// The value a `SET [SESSION|LOCAL] name {=|TO} value` statement gives `name` (or one of
+/// its `aliases`), unquoted and lower-cased; `None` for any other statement.
+fn set_value(script: &str, st: &Statement, names: &[&str]) -> Option<String> {
+    let w = &st.words;
+    let at = match w.get(1) {
+        Some(s) if s.eq_ignore_ascii_case("SESSION") || s.eq_ignore_ascii_case("LOCAL") => 2,
+        _ => 1,
+    };
+    let set_name = w.get(at)?;
+    if !w.first()?.eq_ignore_ascii_case("SET")
+        || !names.iter().any(|n| set_name.eq_ignore_ascii_case(n))
+    {
+        return None;
+    }
+    let text = st.text(script);
+    let name = set_name.to_ascii_lowercase();
+    let after = &text[text.to_ascii_lowercase().find(&name)? + name.len()..];
+    let after = after.trim_start();
+    let after = match after.get(..2) {
+        Some(to) if to.eq_ignore_ascii_case("TO") => &after[2..],
+        _ => after.strip_prefix('=').unwrap_or(after),
+    };
+    let value = after.trim().trim_end_matches(';').trim();
+    Some(value.trim_matches('\'').to_ascii_lowercase())
+}
+
+/// Refuses the two settings that change how belay itself must read the script and talk to
+/// the server; pg_dump writes both with the values belay works with.
+fn check_session_setting(script: &str, st: &Statement) -> Result<(), ScriptError> {
+    let line = line_of_offset(script, st.start);
+    if let Some(v) = set_value(script, st, &["client_encoding", "names"])
+        && !matches!(v.as_str(), "utf8" | "utf-8" | "unicode")
+    {
+        return Err(ScriptError {
+            line,
+            message: format!(
+                "the script sets client_encoding to `{v}`: belay reads scripts as UTF-8 and talks UTF-8 to the server (its history row is written in the same session); dump with `pg_dump -E UTF8`, or delete the line if the file is UTF-8 already"
+            ),
+        });
+    }
+    if let Some(v) = set_value(script, st, &["standard_conforming_strings"])
+        && !matches!(v.as_str(), "on" | "true" | "1" | "yes")
+    {
+        return Err(ScriptError {
+            line,
+            message: format!(
+                "the script sets standard_conforming_strings to `{v}`: belay splits scripts where backslashes in '' strings are literal (the default since PostgreSQL 9.1); write escapes as E'' strings and delete the line"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Splits a script into top-level statements. Empty statements (stray `;`) and
@@ -892,6 +948,12 @@ mod tests {
         assert_eq!(s.statements.len(), 2);
         let s = split_script("copy t (a) from stdin with (format csv);\n\"a\n\\.\n").unwrap();
         assert_eq!(s.statements[0].copy_data.as_deref(), Some("\"a\n"));
+        // Non-ASCII data is blanked byte for byte.
+        let raw = "COPY t FROM stdin;\nü\t✓ 日本\n\\.\nselect 'é';";
+        let s = split_script(raw).unwrap();
+        assert_eq!(s.text.len(), raw.len());
+        assert_eq!(s.statements[1].text(&s.text), "select 'é';");
+        assert_eq!(s.statements[0].copy_data.as_deref(), Some("ü\t✓ 日本\n"));
     }
 
     #[test]
@@ -922,6 +984,20 @@ mod tests {
         assert!(e.message.contains("STDOUT"), "{e}");
         let e = script_err("COPY t FROM stdin WITH (FORMAT binary);\n\\.\n");
         assert!(e.message.contains("binary"), "{e}");
+        let e = script_err("SET client_encoding = 'SQL_ASCII';\nselect 1;");
+        assert!(
+            script_err("SET NAMES 'LATIN1';")
+                .message
+                .contains("`latin1`")
+        );
+        assert!(e.message.contains("`sql_ascii`"), "{e}");
+        let e = script_err("select 1;\nSET SESSION standard_conforming_strings TO off;");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("`off`"), "{e}");
+        assert!(
+            split_script("SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;")
+                .is_ok()
+        );
         // A `\.` line outside COPY data is a meta-command like any other.
         assert_eq!(script_err("select 1;\n\\.\n").line, 2);
         // Server-side COPY is SQL.
