@@ -68,6 +68,10 @@ CREATE MATERIALIZED VIEW app.order_totals AS SELECT person_id, sum(qty) AS total
 INSERT INTO app.orders VALUES (1, 5, 'A;b', 1, ROW(1, E'x\ty')), (2, 7, E'tab\there', 3, NULL);
 INSERT INTO app.events VALUES (1, '2026-03-01', '{"a": "\\\\."}');
 REFRESH MATERIALIZED VIEW app.order_totals;
+
+-- Several MiB of COPY data, so that it travels in more than one CopyData message.
+CREATE TABLE app.bulk (id int PRIMARY KEY, body text);
+INSERT INTO app.bulk SELECT g, repeat(md5(g::text), 4) || E'\t\\;' FROM generate_series(1, 20000) g;
 "#;
 
 /// Runs unqualified DDL right after the dump, and records the session settings it ran
@@ -116,6 +120,28 @@ fn comparable(url: &str, args: &[&str]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Equal dumps, or a panic showing the first line where they differ (a dump with data is
+/// megabytes long).
+fn assert_same_dump(target: &str, source: &str, what: &str) {
+    if target == source {
+        return;
+    }
+    let (t, s): (Vec<&str>, Vec<&str>) = (target.lines().collect(), source.lines().collect());
+    let at = t
+        .iter()
+        .zip(&s)
+        .position(|(a, b)| a != b)
+        .unwrap_or(t.len().min(s.len()));
+    panic!(
+        "{what}: the target differs from the source at line {} ({} vs {} lines)\ntarget: {:?}\nsource: {:?}",
+        at + 1,
+        t.len(),
+        s.len(),
+        t.get(at),
+        s.get(at)
+    );
 }
 
 fn source() -> belay_testkit::TestDb {
@@ -178,14 +204,14 @@ fn a_pg_dump_with_data_applies_as_the_baseline_and_reproduces_schema_and_data() 
             ("2".into(), "success".into())
         ]
     );
-    assert_eq!(
-        comparable(&target.url, &["--schema-only"]),
-        comparable(&src.url, &["--schema-only"])
+    assert_same_dump(
+        &comparable(&target.url, &["--schema-only"]),
+        &comparable(&src.url, &["--schema-only"]),
+        "schema",
     );
-    assert_eq!(
-        comparable(&target.url, &["--data-only"]),
-        comparable(&src.url, &["--data-only"])
-    );
+    let data = comparable(&src.url, &["--data-only"]);
+    assert!(data.len() > 2 << 20, "{} bytes of data only", data.len());
+    assert_same_dump(&comparable(&target.url, &["--data-only"]), &data, "data");
     // The same rows, byte for byte, also as the application reads them.
     let rows = "SELECT string_agg(format('%s|%s|%s|%s|%s', name, tags, profile, note, ticket), E'\\n' ORDER BY id) FROM public.people";
     assert_eq!(psql(&target.url, rows), psql(&src.url, rows));
@@ -219,9 +245,10 @@ fn a_schema_only_pg_dump_applies_as_the_baseline_with_no_lint_error() {
     assert!(lint.stdout.contains("0 error(s)"), "{lint:?}");
 
     belay_ok(&target.url, dir.path(), &["migrate"]);
-    assert_eq!(
-        comparable(&target.url, &["--schema-only"]),
-        comparable(&src.url, &["--schema-only"])
+    assert_same_dump(
+        &comparable(&target.url, &["--schema-only"]),
+        &comparable(&src.url, &["--schema-only"]),
+        "schema",
     );
     assert_eq!(psql(&target.url, "SELECT count(*) FROM public.people"), "0");
     assert_eq!(
