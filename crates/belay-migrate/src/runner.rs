@@ -1119,7 +1119,11 @@ impl Migrator {
             direction: step.direction,
             in_transaction: step.no_transaction.is_none(),
         });
-        if let Some(line) = sets_lock_timeout(&step.source) {
+        // A no-transaction script gets belay's lock_timeout before each statement, which
+        // overrides its own; in a transaction, its SET wins over belay's SET LOCAL.
+        if step.no_transaction.is_none()
+            && let Some(line) = sets_lock_timeout(&step.source)
+        {
             self.emit(EventKind::Warning {
                 message: format!(
                     "{}:{line}: the script sets lock_timeout itself, so from that line on its lock waits are bounded by its value (0: none), not belay's {}; the lock guard still cancels a statement the application queues behind for longer than max_blocking. On a database in use, delete that line. The next migration starts from belay's settings again",
@@ -1773,15 +1777,17 @@ fn copy_data_line(script: &Script, st: &Statement, n: usize) -> usize {
     sql::line_of_offset(&script.text, st.end) + n
 }
 
-/// The data line number in a COPY error's context (`COPY people, line 3, column x: …`).
+/// The data line number in a COPY error's context (`COPY people, line 3, column x: …`,
+/// below the lines of any trigger function the row was in).
 fn copy_context_line(context: &str) -> Option<usize> {
-    let rest = context.strip_prefix("COPY ")?;
-    let (_, after) = rest.split_once(", line ")?;
-    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+    context.lines().find_map(|l| {
+        let (_, after) = l.strip_prefix("COPY ")?.split_once(", line ")?;
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
 }
 
-/// Lines of a script that set `lock_timeout` themselves (pg_dump writes `SET
+/// The first line where a script sets `lock_timeout` itself (pg_dump writes `SET
 /// lock_timeout = 0`): from there on belay's `lock_timeout` no longer bounds the script's
 /// lock waits.
 fn sets_lock_timeout(script: &Script) -> Option<usize> {
@@ -1851,4 +1857,22 @@ fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateErro
         detail: None,
         hint: None,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_context_line;
+
+    #[test]
+    fn finds_the_copy_data_line_in_an_error_context() {
+        assert_eq!(
+            copy_context_line("COPY t, line 2, column n: \"x\""),
+            Some(2)
+        );
+        assert_eq!(
+            copy_context_line("PL/pgSQL function f() line 3 at RAISE\nCOPY t, line 17"),
+            Some(17)
+        );
+        assert_eq!(copy_context_line("SQL statement \"select 1\""), None);
+    }
 }
