@@ -2,7 +2,9 @@
 //! (quotes, `E''` strings, quoted identifiers, dollar quotes, nested block comments and
 //! `BEGIN ATOMIC` bodies respected), see each statement's leading keywords, and map
 //! PostgreSQL's character error positions back to lines. It never interprets SQL
-//! semantics; linting with a real parser is a separate concern.
+//! semantics; linting with a real parser is a separate concern. Migration files are read
+//! with [`split_script`], which also knows the little of psql that plain-format `pg_dump`
+//! output needs, and refuses the rest.
 
 /// One top-level statement of a script.
 #[derive(Debug, Clone, PartialEq, Eq)]
