@@ -898,18 +898,20 @@ fn build_script(
     sidecar: Option<NoTransactionSource>,
     warnings: &mut Vec<String>,
 ) -> Result<Script, SourceError> {
-    let mut directives = directives::parse(text).map_err(|source| SourceError::Directive {
+    let sql::SplitScript { text, statements } =
+        sql::split_script(text).map_err(|source| SourceError::Script {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    // Read from what runs, so that directives may sit below a dump's blanked
+    // `\restrict` line, still above its first statement.
+    let mut directives = directives::parse(&text).map_err(|source| SourceError::Directive {
         path: path.to_path_buf(),
         source,
     })?;
     if directives.no_transaction.is_none() {
         directives.no_transaction = sidecar;
     }
-    let sql::SplitScript { text, statements } =
-        sql::split_script(text).map_err(|source| SourceError::Script {
-            path: path.to_path_buf(),
-            source,
-        })?;
     if let Some(tc) = statements.iter().find(|s| s.is_transaction_control()) {
         // A script that commits on its own would commit belay's history row with it, or
         // without it: either breaks the promise that history matches what happened. So
