@@ -132,14 +132,17 @@ fn lint_file(file: &Path, dir: &Path) -> Result<Vec<Finding>, Failure> {
     }
     let text = std::fs::read_to_string(file)
         .map_err(|e| crate::usage(anyhow::anyhow!("cannot read {}: {e}", file.display())))?;
-    let directives = belay_migrate::directives::parse(&text)
+    // The linter sees what would run: a dump's meta-commands and COPY data blanked.
+    let split = belay_migrate::sql::split_script(&text)
+        .map_err(|e| data(format!("{}:{e}", file.display())))?;
+    let directives = belay_migrate::directives::parse(&split.text)
         .map_err(|e| data(format!("{}: {e}", file.display())))?;
     let script = Script {
         path: file.to_path_buf(),
         checksum: belay_core::Checksum::of(text.as_bytes()),
-        text,
+        text: split.text,
         directives,
-        statements: Vec::new(),
+        statements: split.statements,
     };
     lint_script(
         &script,
@@ -170,6 +173,9 @@ pub fn run(
     for p in &paths {
         if p.is_dir() {
             let set = belay_migrate::load(p).map_err(MigrateError::from)?;
+            for w in &set.warnings {
+                eprintln!("warning: {w}");
+            }
             scripts += set
                 .migrations
                 .iter()

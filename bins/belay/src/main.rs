@@ -237,6 +237,16 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     }
     // Files are checked before anything else touches the database.
     let set = belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
+    // `plan` lists the set's warnings and `migrate`/`undo` emit them as events; every
+    // other command would drop them, so they go to stderr here.
+    if !matches!(
+        cli.command,
+        Command::Plan { sql: false, .. } | Command::Migrate { .. } | Command::Undo { .. }
+    ) {
+        for w in &set.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
     if let Command::Adopt { from, dry_run, .. } = &cli.command {
         return adopt_cmd::run(*from, *dry_run, set, &settings, &url, cli.output).await;
     }

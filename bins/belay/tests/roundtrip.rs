@@ -135,6 +135,108 @@ fn corpus_round_trips_in_folder_layout() {
     round_trip(migrations(&refs).path());
 }
 
+/// The corpus as single files with sections (goose, dbmate). An empty down section means
+/// "no undo" in these layouts, so the comment-only migration's undo is a harmless query.
+fn single_files(section: impl Fn(&str, &str, &str, bool) -> String) -> Vec<(String, String)> {
+    CORPUS
+        .iter()
+        .enumerate()
+        .map(|(i, (name, up, down, no_tx))| {
+            let down = if down.is_empty() {
+                "SELECT 'nothing to undo';\n"
+            } else {
+                down
+            };
+            (
+                format!("{}_{name}.sql", 20260101000000u64 + i as u64),
+                section(name, up, down, *no_tx),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn corpus_round_trips_in_goose_layout() {
+    let files = single_files(|name, up, down, no_tx| {
+        let mut f = String::new();
+        if no_tx {
+            f.push_str("-- +goose NO TRANSACTION\n");
+        }
+        f.push_str(&format!("-- {name}, as goose writes it\n-- +goose Up\n"));
+        // goose needs StatementBegin/End around bodies with semicolons; belay checks them
+        // and splits by its own lexer.
+        if up.contains('$') {
+            f.push_str(&format!(
+                "-- +goose StatementBegin\n{up}-- +goose StatementEnd\n"
+            ));
+        } else {
+            f.push_str(up);
+        }
+        f.push_str(&format!("\n-- +goose Down\n{down}"));
+        f
+    });
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    round_trip(migrations(&refs).path());
+}
+
+#[test]
+fn corpus_round_trips_in_dbmate_layout() {
+    let files = single_files(|name, up, down, no_tx| {
+        let option = if no_tx { " transaction:false" } else { "" };
+        format!(
+            "-- {name}, as dbmate writes it\n-- migrate:up{option}\n{up}\n-- migrate:down{option}\n{down}"
+        )
+    });
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    round_trip(migrations(&refs).path());
+}
+
+/// A single file's down section runs only when undoing: applying leaves the data its
+/// down section would destroy.
+#[test]
+fn a_down_section_never_runs_during_migrate() {
+    for (tool, body) in [
+        (
+            "goose",
+            "-- +goose Up\nCREATE TABLE precious (v text);\nINSERT INTO precious VALUES ('kept');\n-- +goose Down\nDROP TABLE precious;\n",
+        ),
+        (
+            "dbmate",
+            "-- migrate:up\nCREATE TABLE precious (v text);\nINSERT INTO precious VALUES ('kept');\n-- migrate:down\nDROP TABLE precious;\n",
+        ),
+    ] {
+        let db = db();
+        let dir = migrations(&[("20240101000000_precious.sql", body)]);
+        let r = belay_ok(&db.url, dir.path(), &["migrate"]);
+        assert!(
+            r.stdout.contains("applied 20240101000000_precious.sql"),
+            "{tool}: {r:?}"
+        );
+        assert_eq!(
+            psql(&db.url, "SELECT string_agg(v, ',') FROM precious"),
+            "kept",
+            "{tool}: the down section ran"
+        );
+        belay_ok(&db.url, dir.path(), &["migrate"]);
+        assert_eq!(
+            psql(&db.url, "SELECT count(*) FROM precious"),
+            "1",
+            "{tool}"
+        );
+        assert_eq!(
+            states(&db.url, dir.path()),
+            [("20240101000000".to_string(), "success".to_string())],
+            "{tool}"
+        );
+    }
+}
+
 #[test]
 fn plan_sql_shows_transactions_directives_and_history_rows() {
     let db = db();

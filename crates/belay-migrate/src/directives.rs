@@ -18,6 +18,10 @@ pub enum NoTransactionSource {
     DieselMetadata,
     /// the script carries its own `BEGIN`/`COMMIT`
     OwnTransactionControl,
+    /// goose's `-- +goose NO TRANSACTION` (both sections of the file)
+    GooseNoTransaction,
+    /// dbmate's `transaction:false` option on the section's marker
+    DbmateTransactionFalse,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

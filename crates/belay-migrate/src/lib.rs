@@ -1,4 +1,4 @@
-//! The migration engine: reads migration sources in three layouts, plans what to apply
+//! The migration engine: reads migration sources in five layouts, plans what to apply
 //! or undo against a target's history, and executes it lock-safely — one runner per
 //! database, one transaction per migration with its history row inside, short lock
 //! timeouts retried with backoff so the application's queries never queue for long.
@@ -14,6 +14,7 @@ pub mod events;
 pub mod gate;
 pub mod guard;
 pub mod runner;
+pub mod sections;
 pub mod source;
 pub mod sql;
 pub mod status;

@@ -8,7 +8,7 @@ use crate::error::{GuardExhaustion, MigrateError, ScriptFailure};
 use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 use crate::gate::{GateScript, ScriptGate};
 use crate::guard::{LockGuardHook, LockTrip, SessionBrief};
-use crate::source::{MigrationSet, Script};
+use crate::source::{Layout, MigrationSet, Script};
 use crate::sql::{self, Statement};
 use crate::status::{self, MigrationStatus, State};
 use belay_core::{DatabaseUrl, Version, format_duration};
@@ -293,12 +293,22 @@ impl Migrator {
             .connect()
             .await
             .map_err(|e| connect_err(belay_core::redact_url(&e.to_string())))?;
-        // If belay dies mid-statement, let the server notice within a second and roll the
-        // statement back instead of finishing work nobody will record (PostgreSQL ≥ 14).
-        let _ = sqlx::raw_sql("SET client_connection_check_interval = '1s'")
-            .execute(&mut conn)
-            .await;
+        apply_session_settings(&mut conn).await;
         Ok(conn)
+    }
+
+    /// Puts the session back as [`Self::connect`] left it, after a migration: scripts set
+    /// session state (pg_dump's `search_path = ''`, `lock_timeout = 0`,
+    /// `check_function_bodies = false`, …; a `SET ROLE`) that must reach neither the next
+    /// migration, which was written for a fresh session, nor belay's own statements. Not
+    /// `DISCARD ALL`: it would release the runner lock and drop sqlx's prepared statements.
+    async fn reset_session(&self, conn: &mut PgConnection) -> Result<(), MigrateError> {
+        sqlx::raw_sql(RESET_SESSION_SQL)
+            .execute(&mut *conn)
+            .await
+            .map_err(self.db_err("resetting the session after a migration"))?;
+        apply_session_settings(conn).await;
+        Ok(())
     }
 
     async fn runner_holder(
@@ -529,9 +539,12 @@ impl Migrator {
                     "{} has no undo script; add one ({}) or restore from a backup",
                     m.up.path.display(),
                     match self.set.layout {
-                        Some(crate::source::Layout::Paired) => "<version>_<desc>.down.sql",
-                        Some(crate::source::Layout::Folder) => "down.sql in its folder",
-                        _ => "U<version>__<desc>.sql",
+                        Some(Layout::Paired) => "<version>_<desc>.down.sql",
+                        Some(Layout::Folder) => "down.sql in its folder",
+                        Some(Layout::Goose) => "statements under `-- +goose Down` in the same file",
+                        Some(Layout::Dbmate) =>
+                            "statements under `-- migrate:down` in the same file",
+                        Some(Layout::Flyway) | None => "U<version>__<desc>.sql",
                     }
                 ));
                 continue;
@@ -788,10 +801,13 @@ impl Migrator {
             }
             _ => None,
         };
-        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
-            .execute(&mut *conn)
-            .await
-            .map(|_| ());
+        let result = match &st.copy_data {
+            Some(data) => copy_in(conn, st.text(&script.text), data).await,
+            None => sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
+                .execute(&mut *conn)
+                .await
+                .map(|_| ()),
+        };
         let new_trips = match watch {
             Some(w) => w.stop().await.unwrap_or_else(|e| {
                 self.guard_unavailable(&e.message);
@@ -1135,6 +1151,19 @@ impl Migrator {
             direction: step.direction,
             in_transaction: step.no_transaction.is_none(),
         });
+        // A no-transaction script gets belay's lock_timeout before each statement, which
+        // overrides its own; in a transaction, its SET wins over belay's SET LOCAL.
+        if step.no_transaction.is_none()
+            && let Some(line) = sets_lock_timeout(&step.source)
+        {
+            self.emit(EventKind::Warning {
+                message: format!(
+                    "{}:{line}: the script sets lock_timeout itself, so from that line on its lock waits are bounded by its value (0: none), not belay's {}; the lock guard still cancels a statement the application queues behind for longer than max_blocking. On a database in use, delete that line. The next migration starts from belay's settings again",
+                    step.source.path.display(),
+                    format_duration(self.lock_timeout_for(&step.source, None)),
+                ),
+            });
+        }
         let result = if step.no_transaction.is_some() {
             self.execute_without_transaction(conn, step, backend_pid)
                 .instrument(span)
@@ -1160,7 +1189,12 @@ impl Migrator {
                 error: e.to_string(),
             }),
         }
-        result
+        // Also after a failure: belay's statements after it (the lock's release) need
+        // their own settings. A migration that committed stays reported as succeeded;
+        // the run stops before the next one rather than run it in a session it did not
+        // expect.
+        let reset = self.reset_session(conn).await;
+        result.and_then(|r| reset.map(|()| r))
     }
 
     fn result(
@@ -1685,7 +1719,12 @@ impl Migrator {
             out.push_str(&self.history.create_sql());
             out.push_str("\n\n");
         }
-        for step in &plan.steps {
+        for (n, step) in plan.steps.iter().enumerate() {
+            if n > 0 {
+                out.push_str(&format!(
+                    "-- the session reset for the next migration\n{RESET_SESSION_SQL};\n{SESSION_SETTINGS_SQL};\n\n"
+                ));
+            }
             let script = &step.source;
             let row = self.new_row(
                 step,
@@ -1703,8 +1742,7 @@ impl Migrator {
                         self.begin_sql(script)
                     ));
                     for st in &script.statements {
-                        out.push_str(st.text(&script.text).trim());
-                        out.push('\n');
+                        render_statement(&mut out, script, st);
                     }
                     out.push_str(&self.commit_sql(&row));
                     out.push_str(";\n\n");
@@ -1726,8 +1764,7 @@ impl Migrator {
                     }
                     for st in &script.statements {
                         out.push_str(&format!("{};\n", self.lock_timeout_sql(script, st)));
-                        out.push_str(st.text(&script.text).trim());
-                        out.push('\n');
+                        render_statement(&mut out, script, st);
                     }
                     out.push_str(&format!(
                         "-- then: UPDATE {} SET state = 'success' for this row\n\n",
@@ -1738,6 +1775,89 @@ impl Migrator {
         }
         out
     }
+}
+
+/// One statement as `plan --sql` shows it; a COPY's inline data is summarised, since a
+/// dump's can run to gigabytes.
+fn render_statement(out: &mut String, script: &Script, st: &Statement) {
+    out.push_str(st.text(&script.text).trim());
+    out.push('\n');
+    if let Some(data) = &st.copy_data {
+        let rows = data.lines().count();
+        let first = copy_data_line(script, st, 1);
+        out.push_str(&format!(
+            "-- then {rows} data line(s), {} bytes, streamed to this COPY (lines {first}-{} of the file)\n",
+            data.len(),
+            first + rows,
+        ));
+    }
+}
+
+/// What every migration session is reset with after a migration (see
+/// `Migrator::reset_session`): the role and every setting back to the session's start
+/// (what the connection string gave), its temporary tables gone.
+const RESET_SESSION_SQL: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DISCARD TEMP";
+
+/// If belay dies mid-statement, the server notices within a second and rolls the statement
+/// back instead of finishing work nobody will record (PostgreSQL ≥ 14; older servers refuse
+/// the setting, and go without).
+const SESSION_SETTINGS_SQL: &str = "SET client_connection_check_interval = '1s'";
+
+/// Settings belay gives every migration session, at connect and after each migration.
+async fn apply_session_settings(conn: &mut PgConnection) {
+    let _ = sqlx::raw_sql(SESSION_SETTINGS_SQL)
+        .execute(&mut *conn)
+        .await;
+}
+
+/// How much of a COPY's inline data goes into one CopyData message: bounds the copy
+/// sqlx makes of it in its write buffer, whatever the size of the dump.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Runs a `COPY … FROM stdin` with its inline data on the migration's connection (so
+/// inside its transaction, if it has one).
+async fn copy_in(conn: &mut PgConnection, statement: &str, data: &str) -> Result<(), sqlx::Error> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    for chunk in data.as_bytes().chunks(COPY_CHUNK) {
+        // On a failed send the connection is gone; dropping `copy` sends CopyFail to
+        // whatever is left of it.
+        copy.send(chunk).await?;
+    }
+    copy.finish().await.map(|_rows| ())
+}
+
+/// The 1-based line of the script where a COPY's `n`-th data line is (its data starts on
+/// the line after the statement's `;`).
+fn copy_data_line(script: &Script, st: &Statement, n: usize) -> usize {
+    sql::line_of_offset(&script.text, st.end) + n
+}
+
+/// The data line number in a COPY error's context (`COPY people, line 3, column x: …`,
+/// below the lines of any trigger function the row was in).
+fn copy_context_line(context: &str) -> Option<usize> {
+    context.lines().find_map(|l| {
+        let (_, after) = l.strip_prefix("COPY ")?.split_once(", line ")?;
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
+}
+
+/// The first line where a script sets `lock_timeout` itself (pg_dump writes `SET
+/// lock_timeout = 0`): from there on belay's `lock_timeout` no longer bounds the script's
+/// lock waits.
+fn sets_lock_timeout(script: &Script) -> Option<usize> {
+    script
+        .statements
+        .iter()
+        .find(|st| {
+            let w: Vec<String> = st.words.iter().map(|w| w.to_ascii_lowercase()).collect();
+            matches!(
+                w.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
+                ["set", "lock_timeout", ..] | ["set", "session" | "local", "lock_timeout", ..]
+            ) || (w.first().is_some_and(|f| f == "select")
+                && st.text(&script.text).contains("'lock_timeout'"))
+        })
+        .map(|st| sql::line_of_offset(&script.text, st.start))
 }
 
 fn newest_applied(statuses: &[MigrationStatus]) -> Option<Version> {
@@ -1756,8 +1876,15 @@ fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateErro
     if let sqlx::Error::Database(db) = e
         && let Some(pg) = db.try_downcast_ref::<PgDatabaseError>()
     {
-        let (line, column) = match pg.position() {
-            Some(PgErrorPosition::Original(p)) => {
+        let copy_line = st
+            .copy_data
+            .as_ref()
+            .and_then(|_| copy_context_line(pg.r#where()?))
+            .map(|n| copy_data_line(script, st, n));
+        let (line, column) = match (pg.position(), copy_line) {
+            // A bad data row: point at it rather than at the COPY.
+            (_, Some(line)) => (line, None),
+            (Some(PgErrorPosition::Original(p)), None) => {
                 let (l, c) = sql::line_col(st.text(&script.text), p);
                 (
                     base_line + l - 1,
@@ -1785,4 +1912,22 @@ fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateErro
         detail: None,
         hint: None,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_context_line;
+
+    #[test]
+    fn finds_the_copy_data_line_in_an_error_context() {
+        assert_eq!(
+            copy_context_line("COPY t, line 2, column n: \"x\""),
+            Some(2)
+        );
+        assert_eq!(
+            copy_context_line("PL/pgSQL function f() line 3 at RAISE\nCOPY t, line 17"),
+            Some(17)
+        );
+        assert_eq!(copy_context_line("SQL statement \"select 1\""), None);
+    }
 }

@@ -1,8 +1,19 @@
-//! Migration sources: finds the migrations in a directory in any of the three layouts,
+//! Migration sources: finds the migrations in a directory in any of the five layouts,
 //! reads their directives and checksums, and refuses anything ambiguous before a single
 //! statement runs.
+//!
+//! What each layout's own tool ignores is skipped with a warning, never run and never an
+//! error: files that are not SQL (README, `.gitkeep`) in every layout, and in the folder
+//! layout every loose file beside the migration folders and every unknown file inside
+//! one (diesel reads only `<version>_<name>/` folders and their `up.sql`/`down.sql`).
+//! A loose `.sql` file whose name is no migration name is an error in the other layouts:
+//! there migrations are loose files, so it is far more likely a migration with a
+//! mistyped name that would otherwise never run. A name that looks like a migration but
+//! is malformed (`V1_x.sql`, `1_x.up.sq`, a folder holding `up.sql` without a version)
+//! is an error in every layout.
 
 use crate::directives::{self, DirectiveError, Directives, NoTransactionSource};
+use crate::sections::{self, SectionError, Tool};
 use crate::sql::{self, Statement};
 use belay_core::{Checksum, Version};
 use std::collections::BTreeMap;
@@ -18,6 +29,10 @@ pub enum Layout {
     Paired,
     /// `<version>_<desc>/up.sql`, `down.sql`, `verify.sql` (diesel, sqitch habit)
     Folder,
+    /// `<version>_<desc>.sql` holding `-- +goose Up` and `-- +goose Down` sections
+    Goose,
+    /// `<version>_<desc>.sql` holding `-- migrate:up` and `-- migrate:down` sections
+    Dbmate,
 }
 
 impl fmt::Display for Layout {
@@ -26,6 +41,8 @@ impl fmt::Display for Layout {
             Layout::Flyway => "Flyway (V1__desc.sql)",
             Layout::Paired => "paired files (1_desc.up.sql/1_desc.down.sql)",
             Layout::Folder => "folder per migration (1_desc/up.sql)",
+            Layout::Goose => "goose (1_desc.sql with -- +goose Up/Down)",
+            Layout::Dbmate => "dbmate (1_desc.sql with -- migrate:up/down)",
         })
     }
 }
@@ -68,10 +85,12 @@ pub struct Migration {
     pub version: Version,
     pub description: String,
     pub up: Script,
+    /// In the goose and dbmate layouts, the file's down section (a `Script` of the same
+    /// path whose text is that section alone, the file's other lines blanked).
     pub down: Option<Script>,
     pub verify: Option<Script>,
     /// Covers the forward script and its undo: an edited undo is drift too, since it is
-    /// what a rollback would run.
+    /// what a rollback would run. For a goose or dbmate file, of its exact bytes.
     pub checksum: Checksum,
     /// The name recorded as `script` in history, relative to the migrations directory.
     pub script_name: String,
@@ -154,6 +173,19 @@ pub enum SourceError {
         path: PathBuf,
         source: sql::ScriptError,
     },
+    #[error(
+        "{}: no section markers, but {} is {layout}: add `{marker}` above its statements (and a down section if it has an undo); belay does not run a file of this directory whole",
+        path.display(),
+        other.display()
+    )]
+    NoSections {
+        path: PathBuf,
+        layout: Layout,
+        other: PathBuf,
+        marker: &'static str,
+    },
+    #[error("{}:{source}", path.display())]
+    Sections { path: PathBuf, source: SectionError },
     #[error("{}: {reason}", path.display())]
     BadSidecar { path: PathBuf, reason: String },
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
@@ -163,7 +195,8 @@ pub enum SourceError {
 const FLYWAY_EXPECTED: &str = "expected V<version>__<description>.sql, U<version>__<description>.sql or R__<description>.sql (two underscores)";
 const PAIRED_EXPECTED: &str =
     "expected <version>_<description>.up.sql / .down.sql, with a numeric version";
-const ANY_EXPECTED: &str = "a .sql file in a migrations directory must be named V<version>__<desc>.sql (Flyway), <version>_<desc>.up.sql/.down.sql (paired), or live in a <version>_<desc>/ folder as up.sql/down.sql; move other SQL elsewhere";
+const ANY_EXPECTED: &str = "a .sql file in a migrations directory must be named V<version>__<desc>.sql (Flyway), <version>_<desc>.up.sql/.down.sql (paired), <version>_<desc>.sql (goose, dbmate, sqlx), or live in a <version>_<desc>/ folder as up.sql/down.sql; move other SQL elsewhere";
+const NOT_SQL_EXPECTED: &str = "named like a migration but not a .sql file; fix the extension, or move the file out of the migrations directory";
 
 enum Kind {
     Forward,
@@ -178,6 +211,23 @@ struct Found {
     description: String,
     path: PathBuf,
     no_tx_sidecar: Option<NoTransactionSource>,
+    /// The file as read to tell a goose or dbmate file from a plain one, kept so that the
+    /// layout and the checksum come from the same bytes.
+    read: Option<(Checksum, String)>,
+}
+
+/// What a directory holds besides migrations, judged once its layout is known.
+#[derive(Default)]
+struct Scan {
+    found: Vec<Found>,
+    repeatables: Vec<(String, PathBuf, Option<NoTransactionSource>)>,
+    errors: Vec<SourceError>,
+    /// `.sql` files with no migration name, outside migration folders.
+    loose_sql: Vec<PathBuf>,
+    /// Files inside a migration folder that diesel does not read.
+    folder_extras: Vec<PathBuf>,
+    /// Files that are not SQL and not a sidecar belay reads (README, `.gitkeep`).
+    not_sql: Vec<PathBuf>,
 }
 
 /// Loads every migration under `dir`. All problems are collected and reported together,
@@ -186,36 +236,45 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
     if !dir.is_dir() {
         return Err(SourceError::NoDirectory(dir.to_path_buf()));
     }
-    let mut errors = Vec::new();
-    let mut found = Vec::new();
-    let mut repeatables_found = Vec::new();
-    scan(dir, &mut found, &mut repeatables_found, &mut errors);
+    let mut sc = Scan::default();
+    scan(dir, &mut sc);
+    let Scan {
+        found,
+        repeatables: repeatables_found,
+        mut errors,
+        loose_sql,
+        folder_extras,
+        not_sql,
+    } = sc;
 
     // One layout per directory.
-    let mut first_of: BTreeMap<u8, &PathBuf> = BTreeMap::new();
     let mut first_layout: Option<(Layout, &PathBuf)> = None;
     for (layout, path) in found.iter().map(|f| (f.layout, &f.path)).chain(
         repeatables_found
             .iter()
             .map(|(_, p, _)| (Layout::Flyway, p)),
     ) {
-        first_of.entry(layout as u8).or_insert(path);
         match first_layout {
             None => first_layout = Some((layout, path)),
             Some((l, p)) if l != layout => {
-                errors.push(SourceError::MixedLayouts {
-                    dir: dir.to_path_buf(),
-                    first: p.clone(),
-                    first_layout: l,
-                    second: path.clone(),
-                    second_layout: layout,
-                });
+                errors.push(mixed(dir, (l, p), (layout, path)));
                 break;
             }
             _ => {}
         }
     }
     let layout = first_layout.map(|(l, _)| l);
+
+    let mut warnings = Vec::new();
+    skipped_files(
+        dir,
+        layout,
+        loose_sql,
+        folder_extras,
+        not_sql,
+        &mut warnings,
+        &mut errors,
+    );
 
     // Pair forward, undo and verify scripts by version.
     let mut by_version: BTreeMap<Version, [Option<Found>; 3]> = BTreeMap::new();
@@ -237,7 +296,6 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
         entry[slot] = Some(f);
     }
 
-    let mut warnings = Vec::new();
     let mut migrations = Vec::new();
     for (version, [up, down, verify]) in by_version {
         let Some(up) = up else {
@@ -249,22 +307,44 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
             }
             continue;
         };
-        let up_script = match read_script(&up.path, up.no_tx_sidecar, &mut warnings) {
+        let script_name = relative_name(dir, &up.path);
+        if let Some(tool) = match up.layout {
+            Layout::Goose => Some(Tool::Goose),
+            Layout::Dbmate => Some(Tool::Dbmate),
+            _ => None,
+        } {
+            match read_sectioned(up.path.clone(), up.read, tool, &mut warnings) {
+                Ok((up_script, down_script, checksum)) => migrations.push(Migration {
+                    version,
+                    description: up.description,
+                    up: up_script,
+                    down: down_script,
+                    verify: None,
+                    checksum,
+                    script_name,
+                }),
+                Err(e) => errors.push(e),
+            }
+            continue;
+        }
+        let up_script = match read_script(&up.path, up.read, up.no_tx_sidecar, &mut warnings) {
             Ok(s) => s,
             Err(e) => {
                 errors.push(e);
                 continue;
             }
         };
-        let down_script = match down.map(|d| read_script(&d.path, d.no_tx_sidecar, &mut warnings)) {
-            Some(Ok(s)) => Some(s),
-            Some(Err(e)) => {
-                errors.push(e);
-                continue;
-            }
-            None => None,
-        };
-        let verify_script = match verify.map(|v| read_script(&v.path, None, &mut warnings)) {
+        let down_script =
+            match down.map(|d| read_script(&d.path, d.read, d.no_tx_sidecar, &mut warnings)) {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    errors.push(e);
+                    continue;
+                }
+                None => None,
+            };
+        let verify_script = match verify.map(|v| read_script(&v.path, v.read, None, &mut warnings))
+        {
             Some(Ok(s)) => Some(s),
             Some(Err(e)) => {
                 errors.push(e);
@@ -273,7 +353,6 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
             None => None,
         };
         let checksum = combined_checksum(&up_script, down_script.as_ref());
-        let script_name = relative_name(dir, &up.path);
         migrations.push(Migration {
             version,
             description: up.description,
@@ -297,7 +376,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
             continue;
         }
         seen_repeatable.insert(description.clone(), path.clone());
-        match read_script(&path, sidecar, &mut warnings) {
+        match read_script(&path, None, sidecar, &mut warnings) {
             Ok(script) => repeatables.push(Repeatable {
                 description,
                 script_name: relative_name(dir, &path),
@@ -317,6 +396,82 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
         }),
         1 => Err(errors.remove(0)),
         _ => Err(SourceError::Many(errors)),
+    }
+}
+
+/// Two layouts in one directory. A plain `<version>_<desc>.sql` among goose or dbmate
+/// files is most likely one whose markers were forgotten: said so, since "mixed layouts"
+/// would not tell why.
+fn mixed(dir: &Path, first: (Layout, &PathBuf), second: (Layout, &PathBuf)) -> SourceError {
+    let is_plain_single = |(l, p): (Layout, &PathBuf)| {
+        l == Layout::Paired
+            && p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                !n.ends_with(".up.sql") && !n.ends_with(".down.sql")
+            })
+    };
+    for (sectioned, plain) in [(first, second), (second, first)] {
+        let marker = match sectioned.0 {
+            Layout::Goose => "-- +goose Up",
+            Layout::Dbmate => "-- migrate:up",
+            _ => continue,
+        };
+        if is_plain_single(plain) {
+            return SourceError::NoSections {
+                path: plain.1.clone(),
+                layout: sectioned.0,
+                other: sectioned.1.clone(),
+                marker,
+            };
+        }
+    }
+    SourceError::MixedLayouts {
+        dir: dir.to_path_buf(),
+        first: first.1.clone(),
+        first_layout: first.0,
+        second: second.1.clone(),
+        second_layout: second.0,
+    }
+}
+
+/// Judges the files that are not migrations once the layout is known (see the module
+/// documentation): warnings for what the layout's tool ignores, errors for the rest.
+fn skipped_files(
+    dir: &Path,
+    layout: Option<Layout>,
+    loose_sql: Vec<PathBuf>,
+    folder_extras: Vec<PathBuf>,
+    not_sql: Vec<PathBuf>,
+    warnings: &mut Vec<String>,
+    errors: &mut Vec<SourceError>,
+) {
+    for path in loose_sql {
+        if layout == Some(Layout::Folder) {
+            warnings.push(format!(
+                "{}: skipped, not a migration: diesel reads only <version>_<name>/ folders here; move it out of the migrations directory to silence this",
+                path.display()
+            ));
+        } else {
+            errors.push(SourceError::MalformedName {
+                path,
+                expected: ANY_EXPECTED.into(),
+            });
+        }
+    }
+    for path in folder_extras {
+        warnings.push(format!(
+            "{}: skipped: a migration folder's up.sql, down.sql, verify.sql and metadata.toml are read, nothing else",
+            path.display()
+        ));
+    }
+    if !not_sql.is_empty() {
+        let names: Vec<String> = not_sql.iter().map(|p| relative_name(dir, p)).collect();
+        warnings.push(format!(
+            "{}: skipped {} file(s) that are not migrations: {}",
+            dir.display(),
+            names.len(),
+            names.join(", ")
+        ));
     }
 }
 
@@ -359,22 +514,17 @@ fn is_hidden(p: &Path) -> bool {
         .is_some_and(|n| n.to_string_lossy().starts_with('.'))
 }
 
-fn scan(
-    dir: &Path,
-    found: &mut Vec<Found>,
-    repeatables: &mut Vec<(String, PathBuf, Option<NoTransactionSource>)>,
-    errors: &mut Vec<SourceError>,
-) {
-    for path in sorted_entries(dir, errors) {
-        if is_hidden(&path) {
-            continue;
-        }
+fn scan(dir: &Path, sc: &mut Scan) {
+    for path in sorted_entries(dir, &mut sc.errors) {
         if path.is_dir() {
+            if is_hidden(&path) {
+                continue; // .git and the like
+            }
             if path.join("up.sql").is_file() || path.join("down.sql").is_file() {
-                scan_folder(&path, found, errors);
+                scan_folder(&path, sc);
             } else {
                 // Flyway scans locations recursively; so do we, for loose files.
-                scan(&path, found, repeatables, errors);
+                scan(&path, sc);
             }
             continue;
         }
@@ -382,8 +532,12 @@ fn scan(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let Some(stem) = name.strip_suffix(".sql") else {
-            continue; // README, .conf sidecars, metadata: not migrations
+        let stem = match name.strip_suffix(".sql") {
+            Some(stem) if !is_hidden(&path) => stem,
+            _ => {
+                not_sql(path, &name, sc);
+                continue;
+            }
         };
         match name.as_bytes().first() {
             Some(b'V' | b'U' | b'R') => match parse_flyway(stem) {
@@ -395,54 +549,115 @@ fn scan(
                     let sidecar = match flyway_conf(&path) {
                         Ok(s) => s,
                         Err(e) => {
-                            errors.push(e);
+                            sc.errors.push(e);
                             None
                         }
                     };
-                    found.push(Found {
+                    sc.found.push(Found {
                         layout: Layout::Flyway,
                         kind: if undo { Kind::Undo } else { Kind::Forward },
                         version,
                         description,
                         path,
                         no_tx_sidecar: sidecar,
+                        read: None,
                     })
                 }
                 Some(FlywayName::Repeatable { description }) => {
                     let sidecar = flyway_conf(&path).unwrap_or_else(|e| {
-                        errors.push(e);
+                        sc.errors.push(e);
                         None
                     });
-                    repeatables.push((description, path, sidecar))
+                    sc.repeatables.push((description, path, sidecar))
                 }
-                None => errors.push(SourceError::MalformedName {
+                None => sc.errors.push(SourceError::MalformedName {
                     path,
                     expected: FLYWAY_EXPECTED.into(),
                 }),
             },
             Some(c) if c.is_ascii_digit() => match parse_paired(stem) {
-                Some((kind, version, description)) => found.push(Found {
-                    layout: Layout::Paired,
-                    kind,
-                    version,
-                    description,
-                    path,
-                    no_tx_sidecar: None,
-                }),
-                None => errors.push(SourceError::MalformedName {
+                Some((kind, version, description)) => {
+                    let single_file = !stem.ends_with(".up") && !stem.ends_with(".down");
+                    let (layout, read) = if single_file {
+                        // `<version>_<desc>.sql` is sqlx's simple migration, or a goose or
+                        // dbmate file: only its markers tell.
+                        match read_file(&path) {
+                            Ok((checksum, text)) => {
+                                (single_file_layout(&text), Some((checksum, text)))
+                            }
+                            Err(e) => {
+                                sc.errors.push(e);
+                                continue;
+                            }
+                        }
+                    } else {
+                        (Layout::Paired, None)
+                    };
+                    sc.found.push(Found {
+                        layout,
+                        kind,
+                        version,
+                        description,
+                        path,
+                        no_tx_sidecar: None,
+                        read,
+                    })
+                }
+                None => sc.errors.push(SourceError::MalformedName {
                     path,
                     expected: PAIRED_EXPECTED.into(),
                 }),
             },
-            _ => errors.push(SourceError::MalformedName {
-                path,
-                expected: ANY_EXPECTED.into(),
-            }),
+            _ => sc.loose_sql.push(path),
         }
     }
 }
 
-fn scan_folder(path: &Path, found: &mut Vec<Found>, errors: &mut Vec<SourceError>) {
+/// The layout of a `<version>_<desc>.sql` file: the tool of its first goose or dbmate
+/// marker; paired (sqlx's simple migration) when it has none.
+fn single_file_layout(text: &str) -> Layout {
+    sections::markers(text)
+        .iter()
+        .find_map(|m| match m.tool {
+            Tool::Goose => Some(Layout::Goose),
+            Tool::Dbmate => Some(Layout::Dbmate),
+            Tool::SqlMigrate | Tool::Liquibase => None,
+        })
+        .unwrap_or(Layout::Paired)
+}
+
+/// A file that is not a `.sql` script: a sidecar belay reads, a malformed migration name,
+/// or something no layout's tool reads.
+fn not_sql(path: PathBuf, name: &str, sc: &mut Scan) {
+    if let Some(script) = name.strip_suffix(".conf")
+        && script.ends_with(".sql")
+        && path.with_file_name(script).is_file()
+    {
+        return; // Flyway's per-script config, read with its script
+    }
+    if looks_like_migration(name) {
+        sc.errors.push(SourceError::MalformedName {
+            path,
+            expected: NOT_SQL_EXPECTED.into(),
+        });
+    } else {
+        sc.not_sql.push(path);
+    }
+}
+
+/// A name starting the way migration names start (`V1…`, `U1…`, `R__…`, `<version>_…`).
+fn looks_like_migration(name: &str) -> bool {
+    match name.as_bytes() {
+        [b'V' | b'U', d, ..] if d.is_ascii_digit() => true,
+        [b'R', b'_', b'_', ..] => true,
+        [d, ..] if d.is_ascii_digit() => name
+            .split_once('_')
+            .is_some_and(|(v, _)| Version::parse(v).is_ok()),
+        _ => false,
+    }
+}
+
+fn scan_folder(path: &Path, sc: &mut Scan) {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -452,7 +667,7 @@ fn scan_folder(path: &Path, found: &mut Vec<Found>, errors: &mut Vec<SourceError
         None => (name.as_str(), String::new()),
     };
     let Ok(version) = Version::parse(version_part) else {
-        errors.push(SourceError::MalformedName {
+        sc.errors.push(SourceError::MalformedName {
             path: path.to_path_buf(),
             expected: "a migration folder is named <version>_<description> (e.g. 2024-01-31-120000_add_users or 3_add_users)".into(),
         });
@@ -461,10 +676,20 @@ fn scan_folder(path: &Path, found: &mut Vec<Found>, errors: &mut Vec<SourceError
     let sidecar = match diesel_metadata(&path.join("metadata.toml")) {
         Ok(s) => s,
         Err(e) => {
-            errors.push(e);
+            sc.errors.push(e);
             None
         }
     };
+    for entry in sorted_entries(path, &mut sc.errors) {
+        let known = entry.file_name().is_some_and(|n| {
+            ["up.sql", "down.sql", "verify.sql", "metadata.toml"]
+                .iter()
+                .any(|k| n == *k)
+        });
+        if !known && !is_hidden(&entry) {
+            sc.folder_extras.push(entry);
+        }
+    }
     for (file, kind) in [
         ("up.sql", Kind::Forward),
         ("down.sql", Kind::Undo),
@@ -472,13 +697,14 @@ fn scan_folder(path: &Path, found: &mut Vec<Found>, errors: &mut Vec<SourceError
     ] {
         let p = path.join(file);
         if p.is_file() {
-            found.push(Found {
+            sc.found.push(Found {
                 layout: Layout::Folder,
                 kind,
                 version: version.clone(),
                 description: description.clone(),
                 path: p,
                 no_tx_sidecar: sidecar,
+                read: None,
             });
         }
     }
@@ -589,17 +815,96 @@ fn diesel_metadata(path: &Path) -> Result<Option<NoTransactionSource>, SourceErr
     }
 }
 
-fn read_script(
-    path: &Path,
-    sidecar: Option<NoTransactionSource>,
-    warnings: &mut Vec<String>,
-) -> Result<Script, SourceError> {
+/// A file's exact bytes' checksum and its text.
+fn read_file(path: &Path) -> Result<(Checksum, String), SourceError> {
     let bytes = std::fs::read(path).map_err(|source| SourceError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let checksum = Checksum::of(&bytes);
     let text = String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8(path.to_path_buf()))?;
+    Ok((checksum, text))
+}
+
+/// A plain script: every line of it runs, so a section marker of any tool is refused
+/// (run whole, a goose or dbmate file would apply its down section right after its up).
+fn read_script(
+    path: &Path,
+    read: Option<(Checksum, String)>,
+    sidecar: Option<NoTransactionSource>,
+    warnings: &mut Vec<String>,
+) -> Result<Script, SourceError> {
+    let (checksum, text) = match read {
+        Some(r) => r,
+        None => read_file(path)?,
+    };
+    if let Some(marker) = sections::markers(&text).first() {
+        return Err(SourceError::Sections {
+            path: path.to_path_buf(),
+            source: sections::foreign(marker, None),
+        });
+    }
+    build_script(path, &text, checksum, sidecar, warnings)
+}
+
+/// A goose or dbmate file: its up script, its down script (`None` when the file has no
+/// down section or an empty one: no undo) and the migration's checksum, of the file's
+/// exact bytes.
+fn read_sectioned(
+    path: PathBuf,
+    read: Option<(Checksum, String)>,
+    tool: Tool,
+    warnings: &mut Vec<String>,
+) -> Result<(Script, Option<Script>, Checksum), SourceError> {
+    let (checksum, text) = match read {
+        Some(r) => r,
+        None => read_file(&path)?,
+    };
+    let parsed = match tool {
+        Tool::Goose => sections::goose(&text),
+        _ => sections::dbmate(&text),
+    }
+    .map_err(|source| SourceError::Sections {
+        path: path.clone(),
+        source,
+    })?;
+    let up = build_script(
+        &path,
+        &parsed.up,
+        checksum.clone(),
+        parsed.up_no_transaction,
+        warnings,
+    )?;
+    let down = match parsed.down {
+        Some(down) => Some(build_script(
+            &path,
+            &down,
+            checksum.clone(),
+            parsed.down_no_transaction,
+            warnings,
+        )?)
+        .filter(|s| !s.is_empty()),
+        None => None,
+    };
+    Ok((up, down, checksum))
+}
+
+/// Directives, statements and transaction handling of one script's text (a whole file,
+/// or one section of it with the file's other lines blanked).
+fn build_script(
+    path: &Path,
+    text: &str,
+    checksum: Checksum,
+    sidecar: Option<NoTransactionSource>,
+    warnings: &mut Vec<String>,
+) -> Result<Script, SourceError> {
+    let sql::SplitScript { text, statements } =
+        sql::split_script(text).map_err(|source| SourceError::Script {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    // Read from what runs, so that directives may sit below a dump's blanked
+    // `\restrict` line, still above its first statement.
     let mut directives = directives::parse(&text).map_err(|source| SourceError::Directive {
         path: path.to_path_buf(),
         source,
@@ -607,11 +912,6 @@ fn read_script(
     if directives.no_transaction.is_none() {
         directives.no_transaction = sidecar;
     }
-    let sql::SplitScript { text, statements } =
-        sql::split_script(&text).map_err(|source| SourceError::Script {
-            path: path.to_path_buf(),
-            source,
-        })?;
     if let Some(tc) = statements.iter().find(|s| s.is_transaction_control()) {
         // A script that commits on its own would commit belay's history row with it, or
         // without it: either breaks the promise that history matches what happened. So
@@ -821,6 +1121,221 @@ mod tests {
             err.contains("/nonexistent/belay") && err.contains("--dir"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn goose_and_dbmate_files_are_read_by_section() {
+        let goose = "-- +goose NO TRANSACTION\n-- +goose Up\nCREATE INDEX CONCURRENTLY i ON t (a);\n\n-- +goose Down\nDROP INDEX CONCURRENTLY i;\n";
+        let d = dir_with(&[
+            ("20240101000000_index.sql", goose),
+            ("20240102000000_no_down.sql", "-- +goose Up\nSELECT 1;\n"),
+            (
+                "20240103000000_empty_down.sql",
+                "-- +goose Up\nSELECT 1;\n-- +goose Down\n-- nothing to undo\n",
+            ),
+        ]);
+        let set = load(d.path()).unwrap();
+        assert_eq!(set.layout, Some(Layout::Goose));
+        let m = &set.migrations[0];
+        assert_eq!(m.description, "index");
+        assert_eq!(m.checksum, Checksum::of(goose.as_bytes()));
+        let down = m.down.as_ref().unwrap();
+        assert_eq!(down.path, m.up.path);
+        assert_eq!(
+            (m.up.text.len(), down.text.len()),
+            (goose.len(), goose.len())
+        );
+        assert_eq!(m.up.statements.len(), 1);
+        assert_eq!(sql::line_of_offset(&m.up.text, m.up.statements[0].start), 3);
+        assert_eq!(down.statements.len(), 1);
+        assert_eq!(sql::line_of_offset(&down.text, down.statements[0].start), 6);
+        assert!(
+            down.statements[0]
+                .text(&down.text)
+                .starts_with("DROP INDEX")
+        );
+        assert_eq!(
+            (m.up.no_transaction(), down.no_transaction()),
+            (
+                Some(NoTransactionSource::GooseNoTransaction),
+                Some(NoTransactionSource::GooseNoTransaction)
+            )
+        );
+        assert!(set.migrations[1].down.is_none());
+        assert!(
+            set.migrations[2].down.is_none(),
+            "an empty down section is no undo"
+        );
+
+        let dbmate = "-- migrate:up transaction:false\nCREATE INDEX CONCURRENTLY i ON t (a);\n-- migrate:down\nDROP INDEX i;\n";
+        let d = dir_with(&[("20240101000000_index.sql", dbmate)]);
+        let set = load(d.path()).unwrap();
+        assert_eq!(set.layout, Some(Layout::Dbmate));
+        let m = &set.migrations[0];
+        assert_eq!(
+            m.up.no_transaction(),
+            Some(NoTransactionSource::DbmateTransactionFalse)
+        );
+        let down = m.down.as_ref().unwrap();
+        assert_eq!(down.no_transaction(), None);
+        assert_eq!(down.statements.len(), 1);
+        assert!(!m.up.statements[0].text(&m.up.text).contains("DROP"));
+        assert_eq!(m.checksum, Checksum::of(dbmate.as_bytes()));
+    }
+
+    #[test]
+    fn markers_belay_does_not_read_are_refused_with_file_and_line() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
+            (
+                &[(
+                    "V1__users.sql",
+                    "CREATE TABLE u ();\n-- +goose Down\nDROP TABLE u;\n",
+                )],
+                &[
+                    "V1__users.sql:line 2",
+                    "`-- +goose Down`",
+                    "goose section marker",
+                ],
+            ),
+            (
+                &[(
+                    "1_users.up.sql",
+                    "-- migrate:up\nCREATE TABLE u ();\n-- migrate:down\n",
+                )],
+                &["1_users.up.sql:line 1", "`-- migrate:up`", "dbmate"],
+            ),
+            (
+                &[("1_users/up.sql", "-- +migrate Up\nCREATE TABLE u ();\n")],
+                &["up.sql:line 1", "sql-migrate"],
+            ),
+            (
+                &[(
+                    "1_users.sql",
+                    "--liquibase formatted sql\n--changeset a:1\nCREATE TABLE u ();\n--rollback DROP TABLE u;\n",
+                )],
+                &["1_users.sql:line 1", "Liquibase"],
+            ),
+            (
+                &[(
+                    "1_users.sql",
+                    "-- +goose envsub on\n-- +goose Up\nSELECT 1;\n",
+                )],
+                &["1_users.sql:line 1", "environment variables"],
+            ),
+            (
+                &[(
+                    "1_users.sql",
+                    "-- +goose Up\nSELECT 1;\n-- migrate:down\nDROP TABLE u;\n",
+                )],
+                &[
+                    "1_users.sql:line 3",
+                    "dbmate section marker",
+                    "a goose migration",
+                ],
+            ),
+            (
+                &[("1_users.sql", "-- migrate:up\nSELECT 1;\n")],
+                &["1_users.sql:line 2", "no `-- migrate:down`"],
+            ),
+            (
+                &[
+                    ("1_users.sql", "-- +goose Up\nSELECT 1;\n"),
+                    ("2_plain.sql", "DROP TABLE users;\n"),
+                ],
+                &[
+                    "2_plain.sql: no section markers",
+                    "1_users.sql is goose",
+                    "`-- +goose Up`",
+                ],
+            ),
+            (
+                &[
+                    ("1_plain.sql", "SELECT 1;\n"),
+                    ("2_users.sql", "-- migrate:up\nSELECT 1;\n-- migrate:down\n"),
+                ],
+                &[
+                    "1_plain.sql: no section markers",
+                    "2_users.sql is dbmate",
+                    "`-- migrate:up`",
+                ],
+            ),
+            (
+                &[
+                    ("1_users.up.sql", "SELECT 1;\n"),
+                    ("2_users.sql", "-- migrate:up\nSELECT 1;\n-- migrate:down\n"),
+                ],
+                &["mixed migration layouts", "1_users.up.sql", "2_users.sql"],
+            ),
+        ];
+        for (files, wants) in cases {
+            let d = dir_with(files);
+            let err = load(d.path()).unwrap_err().to_string();
+            for want in *wants {
+                assert!(
+                    err.contains(want),
+                    "files {files:?}: {err:?} lacks {want:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn skips_what_the_layouts_tool_ignores_and_refuses_malformed_names() {
+        let d = dir_with(&[
+            ("2024-01-01-000000_a/up.sql", "select 1;"),
+            ("2024-01-01-000000_a/down.sql", "select 2;"),
+            ("2024-01-01-000000_a/notes.txt", "why"),
+            ("README.md", "how to"),
+            (".gitkeep", ""),
+            ("data_seed.sql", "insert into t values (1);"),
+        ]);
+        let set = load(d.path()).unwrap();
+        assert_eq!(set.layout, Some(Layout::Folder));
+        assert_eq!(versions(&set), ["2024-01-01-000000"]);
+        let w = set.warnings.join("\n");
+        assert!(w.contains("data_seed.sql: skipped, not a migration"), "{w}");
+        assert!(w.contains("notes.txt: skipped"), "{w}");
+        assert!(
+            w.contains("2 file(s) that are not migrations: .gitkeep, README.md"),
+            "{w}"
+        );
+
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case] = &[
+            // diesel ignores loose files, but these are migrations with a typo
+            (
+                &[("1_a/up.sql", ""), ("2_b.up.sq", "")],
+                &["2_b.up.sq", "not a .sql file"],
+            ),
+            (
+                &[("1_a/up.sql", ""), ("V2_b.sql", "")],
+                &["V2_b.sql", "two underscores"],
+            ),
+            (
+                &[("1_a/up.sql", ""), ("x_b/up.sql", "")],
+                &["x_b", "malformed"],
+            ),
+            // where migrations are loose files, a stray script is most likely a misnamed one
+            (
+                &[("V1__a.sql", ""), ("add_users.sql", "")],
+                &["add_users.sql", "malformed"],
+            ),
+            (
+                &[("1_a.up.sql", ""), ("add_users.sql", "")],
+                &["add_users.sql", "malformed"],
+            ),
+        ];
+        for (files, wants) in cases {
+            let d = dir_with(files);
+            let err = load(d.path()).unwrap_err().to_string();
+            for want in *wants {
+                assert!(
+                    err.contains(want),
+                    "files {files:?}: {err:?} lacks {want:?}"
+                );
+            }
+        }
     }
 
     #[test]

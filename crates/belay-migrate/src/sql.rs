@@ -2,7 +2,9 @@
 //! (quotes, `E''` strings, quoted identifiers, dollar quotes, nested block comments and
 //! `BEGIN ATOMIC` bodies respected), see each statement's leading keywords, and map
 //! PostgreSQL's character error positions back to lines. It never interprets SQL
-//! semantics; linting with a real parser is a separate concern.
+//! semantics; linting with a real parser is a separate concern. Migration files are read
+//! with [`split_script`], which also knows the little of psql that plain-format `pg_dump`
+//! output needs, and refuses the rest.
 
 /// One top-level statement of a script.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,18 +104,188 @@ pub struct ScriptError {
 }
 
 /// Splits a raw script into what belay sends to the server and its statements.
+///
+/// Beyond SQL it understands exactly what `pg_dump`'s plain format adds, as `psql -f`
+/// would run it: `\restrict`/`\unrestrict` lines (they only guard psql against a
+/// malicious server, so they are blanked) and the inline data of `COPY … FROM stdin`
+/// (captured in [`Statement::copy_data`] and blanked). Every other psql meta-command is
+/// refused, naming its line: belay is not psql, and running the script without it would
+/// silently do something else than the author saw psql do.
 pub fn split_script(raw: &str) -> Result<SplitScript, ScriptError> {
+    let lexed = lex(raw, true)?;
+    for st in &lexed.statements {
+        check_session_setting(raw, st)?;
+    }
+    let mut text = String::with_capacity(raw.len());
+    let mut kept = 0;
+    for range in lexed.blanked {
+        text.push_str(&raw[kept..range.start]);
+        // One space per byte, so offsets stay the file's; newlines stay, so lines do.
+        for c in raw[range.clone()].chars() {
+            if c == '\n' {
+                text.push('\n');
+            } else {
+                text.extend(std::iter::repeat_n(' ', c.len_utf8()));
+            }
+        }
+        kept = range.end;
+    }
+    text.push_str(&raw[kept..]);
     Ok(SplitScript {
-        text: raw.to_string(),
-        statements: split(raw),
+        text,
+        statements: lexed.statements,
     })
+}
+
+/// The value a `SET [SESSION|LOCAL] name {=|TO} value` statement gives `name` (or one of
+/// its `aliases`), unquoted and lower-cased; `None` for any other statement.
+fn set_value(script: &str, st: &Statement, names: &[&str]) -> Option<String> {
+    let w = &st.words;
+    let at = match w.get(1) {
+        Some(s) if s.eq_ignore_ascii_case("SESSION") || s.eq_ignore_ascii_case("LOCAL") => 2,
+        _ => 1,
+    };
+    let set_name = w.get(at)?;
+    if !w.first()?.eq_ignore_ascii_case("SET")
+        || !names.iter().any(|n| set_name.eq_ignore_ascii_case(n))
+    {
+        return None;
+    }
+    let text = st.text(script);
+    let name = set_name.to_ascii_lowercase();
+    let after = &text[text.to_ascii_lowercase().find(&name)? + name.len()..];
+    let after = after.trim_start();
+    let after = match after.get(..2) {
+        Some(to) if to.eq_ignore_ascii_case("TO") => &after[2..],
+        _ => after.strip_prefix('=').unwrap_or(after),
+    };
+    let value = after.trim().trim_end_matches(';').trim();
+    Some(value.trim_matches('\'').to_ascii_lowercase())
+}
+
+/// Refuses the two settings that change how belay itself must read the script and talk to
+/// the server; pg_dump writes both with the values belay works with.
+fn check_session_setting(script: &str, st: &Statement) -> Result<(), ScriptError> {
+    let line = line_of_offset(script, st.start);
+    if let Some(v) = set_value(script, st, &["client_encoding", "names"])
+        && !matches!(v.as_str(), "utf8" | "utf-8" | "unicode")
+    {
+        return Err(ScriptError {
+            line,
+            message: format!(
+                "the script sets client_encoding to `{v}`: belay reads scripts as UTF-8 and talks UTF-8 to the server (its history row is written in the same session); dump with `pg_dump -E UTF8`, or delete the line if the file is UTF-8 already"
+            ),
+        });
+    }
+    if let Some(v) = set_value(script, st, &["standard_conforming_strings"])
+        && !matches!(v.as_str(), "on" | "true" | "1" | "yes")
+    {
+        return Err(ScriptError {
+            line,
+            message: format!(
+                "the script sets standard_conforming_strings to `{v}`: belay splits scripts where backslashes in '' strings are literal (the default since PostgreSQL 9.1); write escapes as E'' strings and delete the line"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Splits a script into top-level statements. Empty statements (stray `;`) and
 /// comment-only text produce nothing, so a comment-only script is a valid no-op.
+///
+/// Plain SQL: a backslash is just a character and `COPY … FROM stdin` has no inline data
+/// (see [`split_script`] for psql scripts).
 pub fn split(script: &str) -> Vec<Statement> {
+    // Without psql rules the lexer has nothing to refuse.
+    lex(script, false).map(|l| l.statements).unwrap_or_default()
+}
+
+struct Lexed {
+    statements: Vec<Statement>,
+    /// Byte ranges of the raw text that are not SQL (meta-commands, COPY data).
+    blanked: Vec<std::ops::Range<usize>>,
+}
+
+/// The end of the line containing `i`: the offset of its `\n`, or the end of the text.
+fn line_end(b: &[u8], i: usize) -> usize {
+    b[i..]
+        .iter()
+        .position(|&c| c == b'\n')
+        .map_or(b.len(), |p| i + p)
+}
+
+/// What a `COPY` statement exchanges with the client.
+#[derive(Debug, PartialEq, Eq)]
+enum CopyIo {
+    /// Not a COPY, or one reading or writing a server-side file or program.
+    None,
+    FromStdin {
+        binary: bool,
+    },
+    ToStdout,
+}
+
+fn copy_io(text: &str) -> CopyIo {
+    let toks = tokens(text);
+    if !toks.first().is_some_and(|t| t.is_kw("COPY")) {
+        return CopyIo::None;
+    }
+    let binary = toks.iter().any(|t| t.is_kw("BINARY"));
+    let mut depth = 0usize;
+    for (k, t) in toks.iter().enumerate() {
+        match t {
+            Tok::Punct('(') => depth += 1,
+            Tok::Punct(')') => depth = depth.saturating_sub(1),
+            _ if depth == 0 => {
+                let next = toks.get(k + 1);
+                if t.is_kw("FROM") && next.is_some_and(|n| n.is_kw("STDIN")) {
+                    return CopyIo::FromStdin { binary };
+                }
+                if t.is_kw("TO") && next.is_some_and(|n| n.is_kw("STDOUT")) {
+                    return CopyIo::ToStdout;
+                }
+            }
+            _ => {}
+        }
+    }
+    CopyIo::None
+}
+
+/// The psql meta-command starting at the backslash at `i`: its name (what follows the
+/// backslash up to whitespace) and the whole command as written (to the end of its line).
+fn meta_command(script: &str, i: usize) -> (&str, &str) {
+    let b = script.as_bytes();
+    let end = line_end(b, i);
+    let whole = script[i..end].trim_end();
+    let name_end = whole[1..]
+        .find(|c: char| c.is_whitespace())
+        .map_or(whole.len(), |p| p + 1);
+    (&whole[1..name_end], whole)
+}
+
+fn refuse_meta(script: &str, i: usize, in_statement: bool) -> ScriptError {
+    let (name, whole) = meta_command(script, i);
+    let line = line_of_offset(script, i);
+    let message = match name {
+        "connect" | "c" => format!(
+            "psql meta-command `{whole}`: a migration runs on the database belay was given and cannot switch to another; take one dump per database without `--create` and migrate each database with its own migrations directory, or remove the line"
+        ),
+        _ if in_statement => format!(
+            "psql meta-command `{whole}` inside a statement: belay sends SQL to the server, not through psql; end the statement with `;` and remove the meta-command"
+        ),
+        _ => format!(
+            "psql meta-command `{whole}`: belay sends SQL to the server, not through psql, so it cannot run `\\{name}`; remove it (belay understands only what pg_dump writes: `\\restrict`/`\\unrestrict` lines and `COPY … FROM stdin` data ending in `\\.`)"
+        ),
+    };
+    ScriptError { line, message }
+}
+
+/// The lexer behind [`split`] and [`split_script`]; with `psql`, backslashes outside
+/// literals are meta-commands and `COPY … FROM stdin;` is followed by its data.
+fn lex(script: &str, psql: bool) -> Result<Lexed, ScriptError> {
     let b = script.as_bytes();
     let mut out = Vec::new();
+    let mut blanked = Vec::new();
     let mut i = 0;
     let mut cur: Option<Statement> = None;
     // Depth of `BEGIN ATOMIC ... END` bodies (and CASE ... END inside them).
@@ -152,6 +324,17 @@ pub fn split(script: &str) -> Vec<Statement> {
         }
         let c = b[i];
         match c {
+            b'\\' if psql => {
+                let (name, _) = meta_command(script, i);
+                if cur.is_some() || !matches!(name, "restrict" | "unrestrict") {
+                    return Err(refuse_meta(script, i, cur.is_some()));
+                }
+                // psql's guard against a malicious server while restoring; meaningless
+                // when belay sends the statements itself.
+                let end = line_end(b, i);
+                blanked.push(i..end);
+                i = end;
+            }
             b'\'' => {
                 touch(&mut cur, i);
                 // E'...' strings allow backslash escapes; the E was lexed as a word.
@@ -193,6 +376,9 @@ pub fn split(script: &str) -> Vec<Statement> {
                 }
                 if let Some(mut st) = cur.take() {
                     st.end = i;
+                    if psql {
+                        i = copy_data(script, &mut st, &mut blanked)?;
+                    }
                     out.push(st);
                 }
                 prev_word.clear();
@@ -234,10 +420,80 @@ pub fn split(script: &str) -> Vec<Statement> {
     }
     if let Some(mut st) = cur.take() {
         st.end = script.len();
-        // Trim trailing whitespace/comments: the end is where the last token ended.
+        if psql && reads_stdin(script, &st)? {
+            // psql sends a statement at its `;`: without one this COPY never runs, and
+            // there is no data after it anyway.
+            return Err(ScriptError {
+                line: line_of_offset(script, st.start),
+                message: "COPY … FROM stdin without `;` at the end of the script: end it with `;`, followed by its data lines and a `\\.` line".into(),
+            });
+        }
         out.push(st);
     }
-    out
+    Ok(Lexed {
+        statements: out,
+        blanked,
+    })
+}
+
+/// Whether `st` is a text `COPY … FROM stdin`; a COPY exchanging data with the client in
+/// any other way is refused.
+fn reads_stdin(script: &str, st: &Statement) -> Result<bool, ScriptError> {
+    let refuse = |message: &str| {
+        Err(ScriptError {
+            line: line_of_offset(script, st.start),
+            message: message.to_string(),
+        })
+    };
+    match copy_io(st.text(script)) {
+        CopyIo::None => Ok(false),
+        CopyIo::FromStdin { binary: false } => Ok(true),
+        CopyIo::ToStdout => refuse(
+            "COPY … TO STDOUT sends rows to the client, and a migration has nowhere to put them; remove it (or COPY to a server-side file, if that is really meant)",
+        ),
+        CopyIo::FromStdin { binary: true } => refuse(
+            "COPY … FROM stdin in binary format: binary data cannot follow the statement in a text script; dump with text COPY (pg_dump's plain format does)",
+        ),
+    }
+}
+
+/// For a `COPY … FROM stdin` statement just ended by its `;` (at `st.end`), takes the data
+/// lines that follow, up to the `\.` line, into `st.copy_data`, marks them blanked, and
+/// returns where lexing resumes; for any other statement returns `st.end`.
+fn copy_data(
+    script: &str,
+    st: &mut Statement,
+    blanked: &mut Vec<std::ops::Range<usize>>,
+) -> Result<usize, ScriptError> {
+    if !reads_stdin(script, st)? {
+        return Ok(st.end);
+    }
+    let b = script.as_bytes();
+    let line = line_of_offset(script, st.start);
+    let refuse = |message: String| Err(ScriptError { line, message });
+    // As psql reads it: the data starts on the line after the statement's `;`.
+    let eol = line_end(b, st.end);
+    if !script[st.end..eol].trim().is_empty() {
+        return refuse(format!(
+            "text after `COPY … FROM stdin;` on the same line (`{}`): its data must start on the next line",
+            script[st.end..eol].trim()
+        ));
+    }
+    let data_start = (eol + 1).min(b.len());
+    let mut p = data_start;
+    while p < b.len() {
+        let end = line_end(b, p);
+        let content = &script[p..end];
+        if content.strip_suffix('\r').unwrap_or(content) == "\\." {
+            st.copy_data = Some(script[data_start..p].to_string());
+            blanked.push(data_start..end);
+            return Ok(end);
+        }
+        p = end + 1;
+    }
+    refuse(
+        "COPY … FROM stdin has no `\\.` line ending its data (psql would read the rest of the file as data); add a line holding only `\\.` after its last data line".into(),
+    )
 }
 
 fn skip_quoted(b: &[u8], start: usize, q: u8, backslash_escapes: bool) -> usize {
@@ -643,6 +899,111 @@ mod tests {
         assert_eq!(targets[5].data_lost, ["w"]);
         assert_eq!(targets[6], TableTargets::default());
         assert_eq!(targets[7], TableTargets::default());
+    }
+
+    fn script_err(raw: &str) -> ScriptError {
+        match split_script(raw) {
+            Ok(s) => panic!("accepted: {:?}", s.statements),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn pg_dump_restrict_lines_are_blanked_and_copy_data_captured() {
+        let raw = "--\n-- dump\n--\n\n\\restrict AbC\n\nSET lock_timeout = 0;\nCOPY public.t (a, b) FROM stdin;\n1\tx\\\\.y\n2\t\\\\.\n\\.\n\nSELECT 'it''s \\ ok', E'\\';', $$ \\x $$; -- \\set\n/* \\c other */\n\\unrestrict AbC\n";
+        let s = split_script(raw).unwrap();
+        assert_eq!(s.text.len(), raw.len());
+        assert_eq!(s.text.lines().count(), raw.lines().count());
+        assert!(!s.text.contains("restrict"), "{}", s.text);
+        assert!(!s.text.contains("1\tx"), "COPY data left in the text");
+        let texts: Vec<&str> = s
+            .statements
+            .iter()
+            .map(|st| st.text(&s.text).trim())
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "SET lock_timeout = 0;",
+                "COPY public.t (a, b) FROM stdin;",
+                "SELECT 'it''s \\ ok', E'\\';', $$ \\x $$;"
+            ]
+        );
+        assert_eq!(
+            s.statements[1].copy_data.as_deref(),
+            Some("1\tx\\\\.y\n2\t\\\\.\n")
+        );
+        assert_eq!(line_of_offset(&s.text, s.statements[2].start), 13);
+        assert_eq!(s.statements[0].copy_data, None);
+        // Plain `split` knows nothing of psql: the same COPY has no data there.
+        assert!(
+            split("COPY t FROM stdin;")
+                .iter()
+                .all(|st| st.copy_data.is_none())
+        );
+    }
+
+    #[test]
+    fn empty_copy_data_and_crlf_terminator() {
+        let s = split_script("COPY t FROM STDIN;\r\n\\.\r\nselect 1;").unwrap();
+        assert_eq!(s.statements[0].copy_data.as_deref(), Some(""));
+        assert_eq!(s.statements.len(), 2);
+        let s = split_script("copy t (a) from stdin with (format csv);\n\"a\n\\.\n").unwrap();
+        assert_eq!(s.statements[0].copy_data.as_deref(), Some("\"a\n"));
+        // Non-ASCII data is blanked byte for byte.
+        let raw = "COPY t FROM stdin;\nü\t✓ 日本\n\\.\nselect 'é';";
+        let s = split_script(raw).unwrap();
+        assert_eq!(s.text.len(), raw.len());
+        assert_eq!(s.statements[1].text(&s.text), "select 'é';");
+        assert_eq!(s.statements[0].copy_data.as_deref(), Some("ü\t✓ 日本\n"));
+    }
+
+    #[test]
+    fn refuses_meta_commands_and_broken_copies_naming_the_line() {
+        let e = script_err("select 1;\n\\connect other\nselect 2;");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("`\\connect other`"), "{e}");
+        assert!(e.message.contains("--create"), "{e}");
+        let e = script_err("select 1;\n\n  \\c other");
+        assert_eq!(e.line, 3);
+        let e = script_err("-- x\n\\set x 1\nselect :x;");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("`\\set x 1`"), "{e}");
+        let e = script_err("select 1\n\\gset\n");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("inside a statement"), "{e}");
+        let e = script_err("select 1;\n\\restrict_not KEY\n");
+        assert!(e.message.contains("restrict_not"), "{e}");
+        let e = script_err("select 1;\nCOPY t FROM stdin;\n1\n2\nselect 2;\n");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("no `\\.` line"), "{e}");
+        let e = script_err("COPY t FROM stdin; 1\n\\.\n");
+        assert!(e.message.contains("next line"), "{e}");
+        let e = script_err("select 1;\nCOPY t FROM stdin");
+        assert_eq!(e.line, 2);
+        let e = script_err("\nCOPY t TO STDOUT;");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("STDOUT"), "{e}");
+        let e = script_err("COPY t FROM stdin WITH (FORMAT binary);\n\\.\n");
+        assert!(e.message.contains("binary"), "{e}");
+        let e = script_err("SET client_encoding = 'SQL_ASCII';\nselect 1;");
+        assert!(
+            script_err("SET NAMES 'LATIN1';")
+                .message
+                .contains("`latin1`")
+        );
+        assert!(e.message.contains("`sql_ascii`"), "{e}");
+        let e = script_err("select 1;\nSET SESSION standard_conforming_strings TO off;");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("`off`"), "{e}");
+        assert!(
+            split_script("SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;")
+                .is_ok()
+        );
+        // A `\.` line outside COPY data is a meta-command like any other.
+        assert_eq!(script_err("select 1;\n\\.\n").line, 2);
+        // Server-side COPY is SQL.
+        assert!(split_script("COPY t FROM '/tmp/x'; COPY (select 1) TO '/tmp/y';").is_ok());
     }
 
     #[test]

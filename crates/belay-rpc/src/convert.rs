@@ -284,6 +284,8 @@ fn no_tx_name(s: NoTransactionSource) -> &'static str {
         NoTransactionSource::FlywayConf => "flyway_conf",
         NoTransactionSource::DieselMetadata => "diesel_metadata",
         NoTransactionSource::OwnTransactionControl => "own_transaction_control",
+        NoTransactionSource::GooseNoTransaction => "goose_no_transaction",
+        NoTransactionSource::DbmateTransactionFalse => "dbmate_transaction_false",
     }
 }
 
@@ -295,6 +297,8 @@ fn no_tx_from(s: &str) -> Result<Option<NoTransactionSource>, DecodeError> {
         "flyway_conf" => NoTransactionSource::FlywayConf,
         "diesel_metadata" => NoTransactionSource::DieselMetadata,
         "own_transaction_control" => NoTransactionSource::OwnTransactionControl,
+        "goose_no_transaction" => NoTransactionSource::GooseNoTransaction,
+        "dbmate_transaction_false" => NoTransactionSource::DbmateTransactionFalse,
         other => return Err(bad("no_transaction", format!("unknown source {other:?}"))),
     }))
 }
@@ -832,6 +836,23 @@ mod tests {
         };
         let back = migration_status(&migration_info(&s)).unwrap();
         assert_eq!(serde_json_like(&back), serde_json_like(&s));
+    }
+
+    #[test]
+    fn every_no_transaction_source_crosses_the_wire_by_its_json_name() {
+        use NoTransactionSource as N;
+        for s in [
+            N::Directive,
+            N::Sqlx,
+            N::FlywayConf,
+            N::DieselMetadata,
+            N::OwnTransactionControl,
+            N::GooseNoTransaction,
+            N::DbmateTransactionFalse,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), no_tx_name(s));
+            assert_eq!(no_tx_from(no_tx_name(s)).unwrap(), Some(s));
+        }
     }
 
     #[test]
