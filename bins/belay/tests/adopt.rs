@@ -438,7 +438,7 @@ fn dirty_golang_migrate_is_refused_with_the_way_out() {
 #[test]
 fn goose_history_latest_row_per_version_decides() {
     let db = db();
-    // Paired files for now: belay's reader for goose's single-file layout comes separately.
+    // Paired files here; goose's own single-file layout is tested below.
     let dir = migrations(&[
         ("00001_users.up.sql", SQLX_1),
         ("00001_users.down.sql", "DROP TABLE users;\n"),
@@ -610,8 +610,7 @@ fn dbmate_history_written_by_real_dbmate_is_adopted() {
     );
     all_success(&db.url, dir, &["20240101000001", "20240101000002"]);
 
-    // The next migration, applied by belay (its down section left empty, as the current
-    // reader runs the whole file).
+    // The next migration, applied by belay.
     write(
         dir,
         "20240101000003_create_tags.sql",
@@ -645,4 +644,70 @@ fn adopt_writes_under_the_runner_lock() {
     let r = adopt(&db.url, dir.path(), &[]);
     assert_eq!(r.code, 0, "{r:?}");
     all_success(&db.url, dir.path(), &["1", "2"]);
+}
+
+// ---- goose's and dbmate's own single-file layouts ----
+
+#[test]
+fn goose_files_in_gooses_layout_are_adopted_and_undone() {
+    let db = db();
+    let dir = migrations(&[
+        (
+            "00001_users.sql",
+            "-- +goose Up\nCREATE TABLE users (id bigint PRIMARY KEY);\n\n-- +goose Down\nDROP TABLE users;\n",
+        ),
+        (
+            "00002_posts.sql",
+            "-- +goose Up\nCREATE TABLE posts (id bigint);\n\n-- +goose Down\nDROP TABLE posts;\n",
+        ),
+    ]);
+    let dir = dir.path();
+    psql(&db.url, SQLX_1);
+    psql(&db.url, "CREATE TABLE posts (id bigint);");
+    psql(
+        &db.url,
+        "CREATE TABLE goose_db_version (
+            id serial NOT NULL,
+            version_id bigint NOT NULL,
+            is_applied boolean NOT NULL,
+            tstamp timestamp NULL default now(),
+            PRIMARY KEY(id)
+        );
+        INSERT INTO goose_db_version (version_id, is_applied) VALUES (0, true), (1, true), (2, true);",
+    );
+    let r = adopt(&db.url, dir, &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    all_success(&db.url, dir, &["00001", "00002"]);
+    // The adopted migration's Down section is its undo.
+    belay_ok(&db.url, dir, &["undo", "--backup", "none"]);
+    assert_eq!(psql(&db.url, "SELECT to_regclass('posts') IS NULL"), "t");
+    belay_ok(&db.url, dir, &["migrate", "--backup", "none"]);
+    all_success(&db.url, dir, &["00001", "00002"]);
+}
+
+#[test]
+fn dbmate_adopted_migration_undoes_with_its_down_section() {
+    let dbmate = dbmate();
+    let db = db();
+    let dir = migrations(&[(
+        "20240101000001_create_users.sql",
+        "-- migrate:up\nCREATE TABLE users (id bigint PRIMARY KEY);\n\n-- migrate:down\nDROP TABLE users;\n",
+    )]);
+    let dir = dir.path();
+    let out = std::process::Command::new(&dbmate)
+        .arg("--url")
+        .arg(format!("{}?sslmode=disable", db.url))
+        .arg("--migrations-dir")
+        .arg(dir)
+        .args(["--no-dump-schema", "up"])
+        .output()
+        .expect("run dbmate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(adopt(&db.url, dir, &[]).code, 0);
+    belay_ok(&db.url, dir, &["undo", "--backup", "none"]);
+    assert_eq!(psql(&db.url, "SELECT to_regclass('users') IS NULL"), "t");
 }
