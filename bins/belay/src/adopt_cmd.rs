@@ -118,9 +118,6 @@ fn render(out: Output, a: &Adoption, migrator: &Migrator) {
         println!("{doc}");
         return;
     }
-    for w in &migrator.set().warnings {
-        println!("warning: {w}");
-    }
     if a.outcome == Outcome::NothingToDo {
         for n in &a.notes {
             println!("note: {n}");
