@@ -9,10 +9,17 @@
 //! - [`lint`]: findings for one migration file.
 //! - [`statements`]: the per-statement facts (kind, lock, rewrite) for `plan`.
 //! - [`format_compiler`] / [`format_text`] / serde JSON: output for editors, humans and CI.
+//!
+//! The linter runs no SQL. What only the database knows reaches it as facts in the
+//! [`LintContext`] ([`DatabaseFacts`]: server version, table sizes), and what earlier
+//! scripts of the same run did as [`RunMemory`]. With them, a finding about a lock held on
+//! a live table is downgraded (with the reason in [`Finding::downgraded`]) when the table
+//! is new in the run or small: the lock it takes is then brief.
 
 mod analyze;
 mod position;
 mod rules;
+mod run;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -22,6 +29,7 @@ use serde::Serialize;
 
 pub use analyze::{ParseFailure, StatementInfo, statements};
 pub use rules::{RULES, Rule, rule};
+pub use run::RunMemory;
 
 /// How bad a finding is. `error` findings make `migrate` refuse unless allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -59,10 +67,23 @@ pub struct Finding {
     pub lock: Option<String>,
     /// Whether the statement rewrites the whole table.
     pub rewrites_table: bool,
+    /// The table the finding is about, as written (for an index finding: the index's
+    /// table, when the linter knows it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    /// The index the finding is about, as written (`DROP INDEX`, `REINDEX INDEX`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<String>,
     /// The reason given by a `-- belay:allow=<rule> reason` directive accepting this
     /// finding (see [`LintContext::allow`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed: Option<String>,
+    /// Why the finding's severity was lowered one step (an `error` to a `warning`): its
+    /// table is new in this run, or small enough that the lock is brief.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downgraded: Option<String>,
+    /// What the finding means for `migrate`.
+    pub verdict: Verdict,
 }
 
 impl Finding {
@@ -70,6 +91,219 @@ impl Finding {
     pub fn is_blocking(&self) -> bool {
         self.severity == Severity::Error && self.allowed.is_none()
     }
+
+    fn judge(&self) -> Verdict {
+        if self.downgraded.is_some() {
+            Verdict::Downgraded
+        } else if self.allowed.is_some() {
+            Verdict::Allowed
+        } else if self.severity == Severity::Error {
+            Verdict::Blocking
+        } else {
+            Verdict::Advisory
+        }
+    }
+}
+
+/// What a finding means for `migrate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// An `error`: `migrate` refuses.
+    Blocking,
+    /// Lowered by what the run or the database shows (see [`Finding::downgraded`]).
+    Downgraded,
+    /// Accepted by a `-- belay:allow=` directive (see [`Finding::allowed`]).
+    Allowed,
+    /// A warning or note: shown, never refused.
+    Advisory,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Blocking => "blocking",
+            Verdict::Downgraded => "downgraded",
+            Verdict::Allowed => "allowed",
+            Verdict::Advisory => "advisory",
+        })
+    }
+}
+
+/// Default for [`SmallTable::max_rows`]: at 10 000 rows an index build, a rewrite or a
+/// validating scan takes milliseconds.
+pub const DEFAULT_SMALL_TABLE_ROWS: u64 = 10_000;
+/// Default for [`SmallTable::max_bytes`]: 16 MiB (2 048 pages) is read or rewritten in tens
+/// of milliseconds on any current disk, well under the lock guard's 500 ms.
+pub const DEFAULT_SMALL_TABLE_BYTES: u64 = 16 << 20;
+
+/// When a table counts as small: at most `max_rows` estimated rows *and* at most
+/// `max_bytes` (table, TOAST and indexes). A table never analyzed has no row estimate and
+/// is judged by its size alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SmallTable {
+    pub max_rows: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for SmallTable {
+    fn default() -> Self {
+        SmallTable {
+            max_rows: DEFAULT_SMALL_TABLE_ROWS,
+            max_bytes: DEFAULT_SMALL_TABLE_BYTES,
+        }
+    }
+}
+
+/// The catalog's facts about one table (for an index: its table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableFacts {
+    /// Schema-qualified, as the catalog names it.
+    pub name: String,
+    /// `pg_class.reltuples` (summed over partitions); `None` when never analyzed (or
+    /// vacuumed): then only the size counts.
+    pub estimated_rows: Option<u64>,
+    /// Bytes of the table's own data (the main fork, summed over partitions): 0 is empty.
+    pub heap_bytes: u64,
+    /// Bytes with TOAST and indexes (`pg_total_relation_size`, summed over partitions).
+    pub total_bytes: u64,
+}
+
+impl TableFacts {
+    pub fn is_empty(&self) -> bool {
+        self.heap_bytes == 0
+    }
+
+    pub fn is_small(&self, t: SmallTable) -> bool {
+        self.is_empty()
+            || (self.total_bytes <= t.max_bytes
+                && self.estimated_rows.is_none_or(|r| r <= t.max_rows))
+    }
+}
+
+/// What the target database says, read by the caller (belay-guards) in one catalog query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseFacts {
+    /// `server_version_num` (e.g. 150004): rules whose risk depends on the version use it.
+    pub server_version_num: u32,
+    pub small_table: SmallTable,
+    /// Relation name as a finding writes it ([`Finding::table`] or [`Finding::index`]) →
+    /// the facts of that table (of an index: of its table). Names the catalog does not
+    /// know are absent.
+    pub relations: BTreeMap<String, TableFacts>,
+}
+
+/// Rules about how long a lock is held on a live table (or how much of it one statement
+/// changes): a table that is new in the run, or small, makes them brief.
+const LOCK_DURATION_RULES: &[&str] = &[
+    "constraint-not-valid",
+    "create-index-concurrently",
+    "drop-index-concurrently",
+    "reindex-concurrently",
+    "detach-partition-concurrently",
+    "volatile-default",
+    "stored-generated-column",
+    "column-type-rewrite",
+    "set-not-null",
+    "unique-without-index",
+    "unbatched-dml",
+    "vacuum-full",
+    "cluster",
+];
+
+/// Whether the facts of a finding's table can downgrade it. `rename` is judged only by
+/// whether its table is new in the run: renaming breaks the running application version
+/// whatever the table's size.
+pub fn judged_by_table(rule: &str) -> bool {
+    LOCK_DURATION_RULES.contains(&rule)
+}
+
+/// The relation names whose catalog facts would let `findings` be judged: each table (or,
+/// when its table is unknown, index) of a finding a small table could downgrade.
+pub fn relations_to_look_up(findings: &[Finding]) -> BTreeSet<String> {
+    findings
+        .iter()
+        .filter(|f| {
+            judged_by_table(f.rule) && f.downgraded.is_none() && f.severity > Severity::Info
+        })
+        .flat_map(|f| f.table.iter().chain(f.index.iter()).cloned())
+        .collect()
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut unit = 0;
+    let mut whole = bytes;
+    while whole >= 1024 && unit < UNITS.len() - 1 && whole % 1024 == 0 {
+        whole /= 1024;
+        unit += 1;
+    }
+    if unit == 0 && bytes >= 1024 {
+        #[allow(clippy::cast_precision_loss, reason = "an approximate size for people")]
+        let kib = bytes as f64 / 1024.0;
+        if kib < 1024.0 {
+            return format!("{kib:.0} KiB");
+        }
+        return format!("{:.1} MiB", kib / 1024.0);
+    }
+    format!("{whole} {}", UNITS[unit])
+}
+
+/// Why `f` is not blocking here, from the run and the database facts in `ctx`; `None`
+/// when nothing in them makes it safe.
+fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<String> {
+    let by_size = judged_by_table(f.rule);
+    if !by_size && f.rule != "rename" {
+        return None;
+    }
+    let table = f.table.clone().or_else(|| {
+        f.index
+            .as_deref()
+            .and_then(|i| analyze::lookup(&ctx.indexes_created_earlier_in_run, i))
+            .map(|(_, t)| t.clone())
+    });
+    if let Some(t) = &table
+        && let Some((name, script)) = analyze::lookup(&ctx.created_earlier_in_run, t)
+    {
+        return Some(match &f.index {
+            Some(i) => {
+                format!("index {i} is on table {name}, created earlier in this run ({script})")
+            }
+            None => format!("table {name} is created earlier in this run ({script})"),
+        });
+    }
+    if !by_size {
+        return None;
+    }
+    let db = ctx.database.as_ref()?;
+    let facts = table
+        .as_deref()
+        .and_then(|t| db.relations.get(t))
+        .or_else(|| f.index.as_deref().and_then(|i| db.relations.get(i)))?;
+    if !facts.is_small(db.small_table) {
+        return None;
+    }
+    let what = match &f.index {
+        Some(i) => format!("index {i} is on table {}, which", facts.name),
+        None => format!("table {}", facts.name),
+    };
+    let brief = match (&f.lock, f.rule) {
+        (_, "unbatched-dml") | (None, _) => "the statement is brief".to_string(),
+        (Some(lock), _) => format!("the {lock} lock is brief"),
+    };
+    Some(if facts.is_empty() {
+        format!("{what} is empty: {brief}")
+    } else {
+        let rows = facts
+            .estimated_rows
+            .map_or("never analyzed".to_string(), |r| format!("~{r} rows"));
+        format!(
+            "{what} is small ({rows}, {}; small is at most {} rows and {}): {brief}",
+            human_bytes(facts.total_bytes),
+            db.small_table.max_rows,
+            human_bytes(db.small_table.max_bytes)
+        )
+    })
 }
 
 /// What the linter cannot see in the SQL itself.
@@ -89,6 +323,16 @@ pub struct LintContext {
     /// Nothing reads them yet, so rules about live tables skip them. Names as written,
     /// optionally schema-qualified.
     pub tables_created_in_this_migration: BTreeSet<String>,
+    /// Tables created by earlier scripts of the same run (after renames) → the script that
+    /// created each ([`RunMemory::context`]). They are new when this script runs: findings
+    /// about them are downgraded, naming the script.
+    pub created_earlier_in_run: BTreeMap<String, String>,
+    /// Indexes created by earlier scripts of the same run → their table, so `DROP INDEX i`
+    /// is judged by `i`'s table.
+    pub indexes_created_earlier_in_run: BTreeMap<String, String>,
+    /// What the target database says; `None` lints statically (every table is live and
+    /// large, the server current).
+    pub database: Option<DatabaseFacts>,
     /// Rule id → reason, from `-- belay:allow=<rule> reason` directives. Matching findings
     /// keep their severity and carry the reason in [`Finding::allowed`].
     pub allow: BTreeMap<String, String>,
@@ -103,6 +347,16 @@ pub fn lint(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Finding> {
         if let Some(reason) = ctx.allow.get(f.rule) {
             f.allowed = Some(reason.clone());
         }
+        if f.severity > Severity::Info
+            && let Some(reason) = downgrade_reason(f, ctx)
+        {
+            f.severity = match f.severity {
+                Severity::Error => Severity::Warning,
+                _ => Severity::Info,
+            };
+            f.downgraded = Some(reason);
+        }
+        f.verdict = f.judge();
     }
     findings.sort_by_key(|a| (a.line, a.column));
     findings
@@ -122,6 +376,9 @@ pub fn format_compiler(findings: &[Finding]) -> String {
             f.rule,
             f.message
         ));
+        if let Some(reason) = &f.downgraded {
+            out.push_str(&format!(" (downgraded: {reason})"));
+        }
         if let Some(reason) = &f.allowed {
             out.push_str(&format!(" (allowed: {reason})"));
         }
@@ -153,6 +410,9 @@ pub fn format_text(findings: &[Finding]) -> String {
         if f.rewrites_table {
             facts.push("rewrites the table".to_string());
         }
+        if let Some(reason) = &f.downgraded {
+            facts.push(format!("downgraded: {reason}"));
+        }
         if let Some(reason) = &f.allowed {
             facts.push(format!("allowed: {reason}"));
         }
@@ -168,7 +428,8 @@ pub fn format_text(findings: &[Finding]) -> String {
 }
 
 /// The findings as a JSON array (`file`, `line`, `column`, `rule`, `severity`, `message`,
-/// `hint`, `lock`, `rewrites_table`).
+/// `hint`, `lock`, `rewrites_table`, `verdict`; `table`, `index`, `allowed` and
+/// `downgraded` when set).
 pub fn to_json(findings: &[Finding]) -> String {
     serde_json::to_string_pretty(findings).unwrap_or_else(|_| "[]".to_string())
 }
