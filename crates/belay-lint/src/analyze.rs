@@ -86,6 +86,229 @@ pub(crate) fn name_list(nodes: &[Node]) -> Vec<String> {
         .collect()
 }
 
+// ---------------------------------------------------------------------------------------
+// Index names: `DROP INDEX` names an index, which may have been created without a name
+// (`CREATE INDEX ON t (a)`) or by a constraint; PostgreSQL's naming is reproduced so the
+// drop can be traced to its table.
+
+/// PostgreSQL's `makeObjectName`: `name1[_name2]_label`, the longer part shortened until
+/// it fits in 63 bytes.
+fn object_name(name1: &str, name2: Option<&str>, label: &str) -> String {
+    const MAX: usize = 63;
+    let overhead = label.len() + 1 + usize::from(name2.is_some());
+    let avail = MAX.saturating_sub(overhead);
+    let (mut l1, mut l2) = (name1.len(), name2.map_or(0, str::len));
+    while l1 + l2 > avail {
+        if l1 > l2 {
+            l1 -= 1;
+        } else {
+            l2 -= 1;
+        }
+    }
+    let clip = |s: &str, n: usize| {
+        let mut n = n.min(s.len());
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s[..n].to_string()
+    };
+    match name2 {
+        Some(n2) => format!("{}_{}_{label}", clip(name1, l1), clip(n2, l2)),
+        None => format!("{}_{label}", clip(name1, l1)),
+    }
+}
+
+/// `FigureColname` for an index expression: a column's or function's name, else `expr`.
+fn figure_colname(node: Option<&Node>) -> String {
+    match node.and_then(|n| n.node.as_ref()) {
+        Some(NodeEnum::ColumnRef(c)) => strings(&c.fields).last().cloned(),
+        Some(NodeEnum::FuncCall(f)) => strings(&f.funcname).last().cloned(),
+        Some(NodeEnum::TypeCast(t)) => Some(figure_colname(t.arg.as_deref())),
+        Some(NodeEnum::CoalesceExpr(_)) => Some("coalesce".into()),
+        _ => None,
+    }
+    .unwrap_or_else(|| "expr".into())
+}
+
+fn bare(name: &str) -> &str {
+    name.rsplit('.').next().unwrap_or(name)
+}
+
+/// The name PostgreSQL gives a constraint's index (`t_pkey`, `t_a_b_key`), or its own.
+fn constraint_index(c: &Constraint, table: &str, columns: &[String]) -> Option<String> {
+    let name = match contype(c) {
+        _ if !c.conname.is_empty() => c.conname.clone(),
+        ConstrType::ConstrPrimary => object_name(bare(table), None, "pkey"),
+        ConstrType::ConstrUnique => {
+            let cols = if c.keys.is_empty() {
+                columns.to_vec()
+            } else {
+                strings(&c.keys)
+            };
+            object_name(bare(table), Some(&cols.join("_")), "key")
+        }
+        _ => return None,
+    };
+    matches!(
+        contype(c),
+        ConstrType::ConstrPrimary | ConstrType::ConstrUnique | ConstrType::ConstrExclusion
+    )
+    .then(|| renamed(table, &name))
+}
+
+/// What a statement does to indexes, besides `DROP INDEX` and `ALTER INDEX … RENAME`.
+pub(crate) enum IndexEffect {
+    /// An index (as it is named in its table's schema) on a table.
+    Created { index: String, table: String },
+    /// `ALTER TABLE t DROP CONSTRAINT c`: an index `c` owned by the constraint is gone.
+    ConstraintDropped { name: String },
+    /// `ADD CONSTRAINT c … USING INDEX i`: `i` is renamed `c`.
+    Renamed { from: String, to: String },
+}
+
+pub(crate) fn index_effects(node: &NodeEnum) -> Vec<IndexEffect> {
+    let mut out = Vec::new();
+    match node {
+        NodeEnum::IndexStmt(s) => {
+            if let Some(t) = rv_name(s.relation.as_ref()) {
+                let name = if s.idxname.is_empty() {
+                    let cols: Vec<String> = s
+                        .index_params
+                        .iter()
+                        .filter_map(|p| match &p.node {
+                            Some(NodeEnum::IndexElem(e)) if !e.indexcolname.is_empty() => {
+                                Some(e.indexcolname.clone())
+                            }
+                            Some(NodeEnum::IndexElem(e)) if !e.name.is_empty() => {
+                                Some(e.name.clone())
+                            }
+                            Some(NodeEnum::IndexElem(e)) => Some(figure_colname(e.expr.as_deref())),
+                            _ => None,
+                        })
+                        .collect();
+                    object_name(bare(&t), Some(&cols.join("_")), "idx")
+                } else {
+                    s.idxname.clone()
+                };
+                out.push(IndexEffect::Created {
+                    index: renamed(&t, &name),
+                    table: t,
+                });
+            }
+        }
+        NodeEnum::CreateStmt(s) => {
+            let Some(t) = rv_name(s.relation.as_ref()) else {
+                return out;
+            };
+            for elt in &s.table_elts {
+                match &elt.node {
+                    Some(NodeEnum::ColumnDef(cd)) => {
+                        for c in constraints(cd) {
+                            if let Some(index) =
+                                constraint_index(c, &t, std::slice::from_ref(&cd.colname))
+                            {
+                                out.push(IndexEffect::Created {
+                                    index,
+                                    table: t.clone(),
+                                });
+                            }
+                        }
+                    }
+                    Some(NodeEnum::Constraint(c)) => {
+                        if let Some(index) = constraint_index(c, &t, &[]) {
+                            out.push(IndexEffect::Created {
+                                index,
+                                table: t.clone(),
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        NodeEnum::AlterTableStmt(s) => {
+            let Some(t) = rv_name(s.relation.as_ref()) else {
+                return out;
+            };
+            for cmd in &s.cmds {
+                let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else {
+                    continue;
+                };
+                let sub =
+                    AlterTableType::try_from(cmd.subtype).unwrap_or(AlterTableType::Undefined);
+                match (sub, cmd.def.as_deref().and_then(|d| d.node.as_ref())) {
+                    (
+                        AlterTableType::AtAddConstraint | AlterTableType::AtAddIndexConstraint,
+                        Some(NodeEnum::Constraint(c)),
+                    ) => {
+                        if !c.indexname.is_empty() && !c.conname.is_empty() {
+                            out.push(IndexEffect::Renamed {
+                                from: renamed(&t, &c.indexname),
+                                to: renamed(&t, &c.conname),
+                            });
+                        } else if let Some(index) = constraint_index(c, &t, &[]) {
+                            out.push(IndexEffect::Created {
+                                index,
+                                table: t.clone(),
+                            });
+                        }
+                    }
+                    (AlterTableType::AtAddColumn, Some(NodeEnum::ColumnDef(cd))) => {
+                        for c in constraints(cd) {
+                            if let Some(index) =
+                                constraint_index(c, &t, std::slice::from_ref(&cd.colname))
+                            {
+                                out.push(IndexEffect::Created {
+                                    index,
+                                    table: t.clone(),
+                                });
+                            }
+                        }
+                    }
+                    (AlterTableType::AtDropConstraint, _) => {
+                        out.push(IndexEffect::ConstraintDropped {
+                            name: renamed(&t, &cmd.name),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// Applies `effects` to an index → table map; returns the indexes known dropped.
+pub(crate) fn apply_index_effects(
+    effects: Vec<IndexEffect>,
+    indexes: &mut BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut dropped = Vec::new();
+    for e in effects {
+        match e {
+            IndexEffect::Created { index, table } => {
+                indexes.insert(index, table);
+            }
+            IndexEffect::ConstraintDropped { name } => {
+                if let Some((k, _)) = lookup(indexes, &name) {
+                    let k = k.clone();
+                    indexes.remove(&k);
+                    dropped.push(k);
+                }
+            }
+            IndexEffect::Renamed { from, to } => {
+                if let Some((k, t)) = lookup(indexes, &from) {
+                    let (k, t) = (k.clone(), t.clone());
+                    indexes.remove(&k);
+                    indexes.insert(to, t);
+                }
+            }
+        }
+    }
+    dropped
+}
+
 struct Parsed {
     /// (byte offset of the statement's first token, statement)
     stmts: Vec<(usize, NodeEnum)>,
@@ -439,6 +662,11 @@ struct State {
     /// index → its table, for indexes created earlier in the file or the run: `DROP INDEX`
     /// names only the index.
     indexes: BTreeMap<String, String>,
+    /// Indexes this file dropped (with their constraint, or by `DROP INDEX`): a later
+    /// `DROP INDEX IF EXISTS` of one does nothing.
+    dropped_indexes: Vec<String>,
+    /// Tables renamed in this file: new name → the name the table had before the file.
+    aliases: BTreeMap<String, String>,
     /// Tables created by earlier scripts of the run: their findings are judged (downgraded)
     /// after linting, but dropping one loses no data that existed before the run.
     created_in_run: BTreeSet<String>,
@@ -463,6 +691,13 @@ fn facts(node: &NodeEnum, created: &mut BTreeSet<String>) -> Facts {
 }
 
 fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
+    let f = analyze_statement(node, st);
+    let gone = apply_index_effects(index_effects(node), &mut st.indexes);
+    st.dropped_indexes.extend(gone);
+    f
+}
+
+fn analyze_statement(node: &NodeEnum, st: &mut State) -> Facts {
     let mut f = Facts {
         ddl: true,
         ..Facts::default()
@@ -492,12 +727,6 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
                 SHARE
             });
             f.uses_concurrently = s.concurrent;
-            if let Some(t) = &table
-                && !s.idxname.is_empty()
-            {
-                // An index lives in its table's schema.
-                st.indexes.insert(renamed(t, &s.idxname), t.clone());
-            }
             if !s.concurrent && !is_created(table.as_deref(), &st.created) {
                 f.issues.push(issue(
                     "create-index-concurrently",
@@ -532,7 +761,10 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
                     f.target_is_index = true;
                     for name in &names {
                         let table = lookup(&st.indexes, name).map(|(_, t)| t.clone());
-                        if !s.concurrent && !is_created(table.as_deref(), &st.created) {
+                        let gone = table.is_none()
+                            && s.missing_ok
+                            && st.dropped_indexes.iter().any(|d| same_relation(d, name));
+                        if !s.concurrent && !gone && !is_created(table.as_deref(), &st.created) {
                             f.issues.push(Issue {
                                 index: Some(name.clone()),
                                 table: table.clone(),
@@ -549,6 +781,7 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
                             let k = k.clone();
                             st.indexes.remove(&k);
                         }
+                        st.dropped_indexes.push(name.clone());
                     }
                 }
                 ObjectType::ObjectTable => {
@@ -682,6 +915,17 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
                         ));
                     } else if let Some(t) = &f.target {
                         st.created.insert(renamed(t, &s.newname));
+                    }
+                    if let Some(t) = &f.target {
+                        let before =
+                            lookup(&st.aliases, t).map_or_else(|| t.clone(), |(_, b)| b.clone());
+                        st.aliases.insert(renamed(t, &s.newname), before);
+                        // The table's indexes follow it.
+                        for it in st.indexes.values_mut() {
+                            if same_relation(it, t) {
+                                *it = renamed(t, &s.newname);
+                            }
+                        }
                     }
                 }
                 ObjectType::ObjectColumn => {
@@ -1169,6 +1413,7 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
                 .filter(|f| !f.target_is_index)
                 .and_then(|f| f.target.clone()),
             index: None,
+            table_before: None,
             allowed: None,
             downgraded: None,
             verdict: crate::Verdict::Advisory,
@@ -1225,6 +1470,11 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
                 f.index.clone_from(&is.index);
                 f.table.clone_from(&is.table);
             }
+            f.table_before = f
+                .table
+                .as_deref()
+                .and_then(|t| lookup(&st.aliases, t))
+                .map(|(_, b)| b.clone());
             out.push(f);
         }
         if facts.uses_concurrently && in_tx {

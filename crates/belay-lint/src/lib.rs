@@ -74,6 +74,10 @@ pub struct Finding {
     /// The index the finding is about, as written (`DROP INDEX`, `REINDEX INDEX`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<String>,
+    /// The name [`Self::table`] had before this script renamed it (the name the run and
+    /// the catalog know it by).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table_before: Option<String>,
     /// The reason given by a `-- belay:allow=<rule> reason` directive accepting this
     /// finding (see [`LintContext::allow`]).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -226,7 +230,13 @@ pub fn relations_to_look_up(findings: &[Finding]) -> BTreeSet<String> {
         .filter(|f| {
             judged_by_table(f.rule) && f.downgraded.is_none() && f.severity > Severity::Info
         })
-        .flat_map(|f| f.table.iter().chain(f.index.iter()).cloned())
+        .flat_map(|f| {
+            f.table_before
+                .iter()
+                .chain(f.table.iter())
+                .chain(f.index.iter())
+                .cloned()
+        })
         .collect()
 }
 
@@ -256,12 +266,16 @@ fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<String> {
     if !by_size && f.rule != "rename" {
         return None;
     }
-    let table = f.table.clone().or_else(|| {
-        f.index
-            .as_deref()
-            .and_then(|i| analyze::lookup(&ctx.indexes_created_earlier_in_run, i))
-            .map(|(_, t)| t.clone())
-    });
+    let table = f
+        .table_before
+        .clone()
+        .or_else(|| f.table.clone())
+        .or_else(|| {
+            f.index
+                .as_deref()
+                .and_then(|i| analyze::lookup(&ctx.indexes_created_earlier_in_run, i))
+                .map(|(_, t)| t.clone())
+        });
     if let Some(t) = &table
         && let Some((name, script)) = analyze::lookup(&ctx.created_earlier_in_run, t)
     {

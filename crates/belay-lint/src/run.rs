@@ -7,7 +7,10 @@ use pg_query::NodeEnum;
 use pg_query::protobuf::ObjectType;
 
 use crate::LintContext;
-use crate::analyze::{lookup, name_list, parsed_statements, range_var_name, renamed};
+use crate::analyze::{
+    apply_index_effects, index_effects, lookup, name_list, parsed_statements, range_var_name,
+    renamed,
+};
 
 /// The run's memory across its scripts, in run order. Pure: it reads the scripts' SQL.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,6 +34,7 @@ impl RunMemory {
     /// Statements that do not parse are skipped: they have a `parse-error` finding already.
     pub fn record(&mut self, script: &str, sql: &str) {
         for node in parsed_statements(sql) {
+            apply_index_effects(index_effects(&node), &mut self.indexes);
             match &node {
                 NodeEnum::CreateStmt(s) => {
                     if let Some(t) = range_var_name(s.relation.as_ref()) {
@@ -40,11 +44,6 @@ impl RunMemory {
                 NodeEnum::CreateTableAsStmt(s) => {
                     if let Some(t) = s.into.as_ref().and_then(|i| range_var_name(i.rel.as_ref())) {
                         self.tables.insert(t, script.to_string());
-                    }
-                }
-                NodeEnum::IndexStmt(s) if !s.idxname.is_empty() => {
-                    if let Some(t) = range_var_name(s.relation.as_ref()) {
-                        self.indexes.insert(renamed(&t, &s.idxname), t);
                     }
                 }
                 NodeEnum::RenameStmt(s) => {

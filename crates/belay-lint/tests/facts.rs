@@ -348,3 +348,72 @@ fn json_carries_the_verdict_and_the_reason() {
         "{text}"
     );
 }
+
+#[test]
+fn indexes_postgresql_names_itself_are_traced_to_their_table() {
+    let mut mem = RunMemory::default();
+    mem.record(
+        "V1__t.sql",
+        "CREATE TABLE reserved (name text PRIMARY KEY, email text UNIQUE, CONSTRAINT uq_pair UNIQUE (name, email));\n\
+         CREATE UNIQUE INDEX ON reserved (canon(name));\n\
+         CREATE INDEX ON reserved (email, lower(email));\n\
+         CREATE TABLE export (root text);\n\
+         ALTER TABLE Export ADD CONSTRAINT root_unique UNIQUE (root);\n",
+    );
+    let mut c = ctx();
+    mem.context(&mut c);
+    for index in [
+        "reserved_pkey",
+        "reserved_email_key",
+        "uq_pair",
+        "reserved_canon_idx",
+        "reserved_email_lower_idx",
+        "root_unique",
+    ] {
+        let f = run(&format!("DROP INDEX {index};"), &c);
+        let d = one(&f, "drop-index-concurrently");
+        assert_eq!(d.verdict, Verdict::Downgraded, "{index}: {d:#?}");
+    }
+    // Dropping the constraint drops its index: a DROP INDEX IF EXISTS after it does nothing.
+    let f = run(
+        "ALTER TABLE export DROP CONSTRAINT IF EXISTS root_unique;\nDROP INDEX IF EXISTS root_unique;",
+        &c,
+    );
+    assert!(
+        f.iter().all(|f| f.rule != "drop-index-concurrently"),
+        "{f:#?}"
+    );
+}
+
+#[test]
+fn a_table_renamed_in_the_script_keeps_what_the_run_and_the_catalog_know() {
+    let mut mem = RunMemory::default();
+    mem.record(
+        "V1__user.sql",
+        "CREATE TABLE user_aggregates (user_id int);",
+    );
+    let mut c = ctx();
+    mem.context(&mut c);
+    let sql = "ALTER TABLE user_aggregates RENAME TO person_aggregates;\n\
+               ALTER TABLE person_aggregates RENAME COLUMN user_id TO person_id;";
+    let f = run(sql, &c);
+    let renames: Vec<&Finding> = f.iter().filter(|f| f.rule == "rename").collect();
+    assert_eq!(renames.len(), 2, "{f:#?}");
+    assert!(
+        renames.iter().all(|f| f.verdict == Verdict::Downgraded),
+        "{f:#?}"
+    );
+    // An existing small table renamed in the script is measured under its old name.
+    let c = with_db(
+        &[("users", table("public.users", Some(3), 8192, 24576))],
+        150_004,
+    );
+    let f = run(
+        "ALTER TABLE users RENAME TO people;\nCREATE INDEX people_a ON people (a);",
+        &c,
+    );
+    let i = one(&f, "create-index-concurrently");
+    assert_eq!(i.table_before.as_deref(), Some("users"));
+    assert_eq!(i.verdict, Verdict::Downgraded, "{i:#?}");
+    assert_eq!(one(&f, "rename").verdict, Verdict::Blocking);
+}
