@@ -150,6 +150,7 @@ WITH wanted AS (
     GROUP BY r.name, n.nspname, t.relname
 )
 SELECT current_setting('server_version_num')::int4 AS version,
+       (SELECT array_agg(name) FROM wanted WHERE oid IS NULL) AS missing,
        f.name, f.tbl_name, f.never_analyzed, f.est_rows, f.heap_bytes, f.total_bytes
 FROM (SELECT 1) AS one
 LEFT JOIN facts f ON true
@@ -186,6 +187,7 @@ pub async fn read_facts(
         .await?;
     type Row = (
         i32,
+        Option<Vec<String>>,
         Option<String>,
         Option<String>,
         Option<bool>,
@@ -204,13 +206,16 @@ pub async fn read_facts(
         server_version_num: 0,
         small_table,
         relations: BTreeMap::new(),
+        missing: BTreeSet::new(),
     };
     let as_u64 = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(u64::MAX);
-    for (version, name, table, never_analyzed, rows, heap, total) in rows {
+    for (version, missing, name, table, never_analyzed, rows, heap, total) in rows {
         facts.server_version_num = u32::try_from(version).unwrap_or(0);
+        facts.missing.extend(missing.unwrap_or_default());
         let (Some(name), Some(table)) = (name, table) else {
             continue;
         };
+
         #[allow(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,

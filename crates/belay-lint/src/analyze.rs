@@ -630,6 +630,8 @@ struct Issue {
     /// Its table, when known; `None` takes the statement's target (unless the statement
     /// targets an index).
     table: Option<String>,
+    /// `DROP … IF EXISTS`.
+    if_exists: bool,
 }
 
 fn issue(id: &'static str, message: impl Into<String>) -> Issue {
@@ -639,6 +641,7 @@ fn issue(id: &'static str, message: impl Into<String>) -> Issue {
         message: message.into(),
         index: None,
         table: None,
+        if_exists: false,
     }
 }
 
@@ -768,6 +771,7 @@ fn analyze_statement(node: &NodeEnum, st: &mut State) -> Facts {
                             f.issues.push(Issue {
                                 index: Some(name.clone()),
                                 table: table.clone(),
+                                if_exists: s.missing_ok,
                                 ..issue(
                                     "drop-index-concurrently",
                                     format!(
@@ -815,6 +819,7 @@ fn analyze_statement(node: &NodeEnum, st: &mut State) -> Facts {
                                     .into(),
                             index: None,
                             table: None,
+                            if_exists: false,
                         });
                     }
                 }
@@ -1290,6 +1295,7 @@ fn add_column(cd: &ColumnDef, table: &str, new: bool, version: Option<u32>, f: &
                         ),
                         index: None,
                         table: None,
+                        if_exists: false,
                     });
                 }
             }
@@ -1374,6 +1380,7 @@ fn column_type(cd: &ColumnDef, table: &str, col: &str, f: &mut Facts) {
             ),
             index: None,
             table: None,
+            if_exists: false,
         });
     } else {
         f.rewrites = true;
@@ -1414,6 +1421,7 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
                 .and_then(|f| f.target.clone()),
             index: None,
             table_before: None,
+            if_exists: false,
             allowed: None,
             downgraded: None,
             verdict: crate::Verdict::Advisory,
@@ -1470,6 +1478,7 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
                 f.index.clone_from(&is.index);
                 f.table.clone_from(&is.table);
             }
+            f.if_exists = is.if_exists;
             f.table_before = f
                 .table
                 .as_deref()

@@ -78,6 +78,9 @@ pub struct Finding {
     /// the catalog know it by).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub table_before: Option<String>,
+    /// The statement is `DROP … IF EXISTS`: on a name that does not exist it does nothing.
+    #[serde(skip)]
+    pub if_exists: bool,
     /// The reason given by a `-- belay:allow=<rule> reason` directive accepting this
     /// finding (see [`LintContext::allow`]).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -195,6 +198,9 @@ pub struct DatabaseFacts {
     /// the facts of that table (of an index: of its table). Names the catalog does not
     /// know are absent.
     pub relations: BTreeMap<String, TableFacts>,
+    /// Names looked up that the catalog does not know (through the session's
+    /// `search_path`).
+    pub missing: BTreeSet<String>,
 }
 
 /// Rules about how long a lock is held on a live table (or how much of it one statement
@@ -290,6 +296,18 @@ fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<String> {
         return None;
     }
     let db = ctx.database.as_ref()?;
+    // `DROP INDEX IF EXISTS i` of an index that neither exists nor is created earlier in
+    // the file or the run (which would have given it a table) does nothing.
+    if f.rule == "drop-index-concurrently"
+        && f.if_exists
+        && table.is_none()
+        && let Some(i) = &f.index
+        && db.missing.contains(i)
+    {
+        return Some(format!(
+            "index {i} does not exist and no earlier script of this run creates it: DROP INDEX IF EXISTS does nothing"
+        ));
+    }
     let facts = table
         .as_deref()
         .and_then(|t| db.relations.get(t))

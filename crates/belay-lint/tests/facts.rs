@@ -45,6 +45,7 @@ fn with_db(relations: &[(&str, TableFacts)], version: u32) -> LintContext {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
+            missing: ["gone_idx".to_string()].into(),
         }),
         ..ctx()
     }
@@ -416,4 +417,43 @@ fn a_table_renamed_in_the_script_keeps_what_the_run_and_the_catalog_know() {
     assert_eq!(i.table_before.as_deref(), Some("users"));
     assert_eq!(i.verdict, Verdict::Downgraded, "{i:#?}");
     assert_eq!(one(&f, "rename").verdict, Verdict::Blocking);
+}
+
+#[test]
+fn drop_index_if_exists_of_an_index_nowhere_to_be_found_does_nothing() {
+    // `gone_idx` was looked up and the catalog does not know it.
+    let c = with_db(&[], 150_004);
+    let f = run("DROP INDEX IF EXISTS gone_idx;", &c);
+    let d = one(&f, "drop-index-concurrently");
+    assert_eq!(d.verdict, Verdict::Downgraded, "{d:#?}");
+    assert!(
+        d.downgraded
+            .as_deref()
+            .is_some_and(|r| r.contains("DROP INDEX IF EXISTS does nothing")),
+        "{d:#?}"
+    );
+    // Without IF EXISTS the statement fails rather than locks; without facts nothing is
+    // known; an index created earlier in the run is judged by its table instead.
+    let f = run("DROP INDEX gone_idx;", &c);
+    assert_eq!(
+        one(&f, "drop-index-concurrently").verdict,
+        Verdict::Blocking
+    );
+    let f = run("DROP INDEX IF EXISTS gone_idx;", &ctx());
+    assert_eq!(
+        one(&f, "drop-index-concurrently").verdict,
+        Verdict::Blocking
+    );
+    let mut mem = RunMemory::default();
+    mem.record(
+        "V1__i.sql",
+        "CREATE INDEX CONCURRENTLY gone_idx ON big (a);",
+    );
+    let mut c = c;
+    mem.context(&mut c);
+    let f = run("DROP INDEX IF EXISTS gone_idx;", &c);
+    assert_eq!(
+        one(&f, "drop-index-concurrently").verdict,
+        Verdict::Blocking
+    );
 }
