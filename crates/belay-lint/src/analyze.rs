@@ -1166,7 +1166,8 @@ fn alter_cmd(cmd: &AlterTableCmd, table: &str, new: bool, st: &mut State, f: &mu
             let key = (table.to_string(), cmd.name.clone());
             // PostgreSQL < 12 scans for SET NOT NULL even with a validated CHECK.
             let check_helps = st.version.is_none_or(|v| v >= 120_000);
-            if !new && !(check_helps && st.validated_not_null.contains(&key)) {
+            let proven = check_helps && st.validated_not_null.contains(&key);
+            if !new && !proven {
                 f.issues.push(issue(
                     "set-not-null",
                     format!(

@@ -250,7 +250,7 @@ fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut unit = 0;
     let mut whole = bytes;
-    while whole >= 1024 && unit < UNITS.len() - 1 && whole % 1024 == 0 {
+    while whole >= 1024 && unit < UNITS.len() - 1 && whole.is_multiple_of(1024) {
         whole /= 1024;
         unit += 1;
     }
