@@ -129,6 +129,8 @@ fn size_thresholds_decide_and_a_never_analyzed_table_is_judged_by_size() {
         // Never analyzed (reltuples = -1): size alone.
         (table("public.t", None, 40 * mib, 60 * mib), false),
         (table("public.t", None, 8192, 16384), true),
+        // ... and its heap may hold more rows than the limit: 1 MiB holds up to 37 449.
+        (table("public.t", None, mib, 2 * mib), false),
         // Analyzed when empty, filled since: the size tells.
         (table("public.t", Some(0), 35 * mib, 57 * mib), false),
     ];
