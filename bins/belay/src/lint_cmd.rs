@@ -391,7 +391,13 @@ fn describe(dir: &Path, f: &Finding) -> String {
             s.push_str(&format!(" — downgraded: {reason}"));
         }
         (Verdict::Allowed, _, Some(reason)) => s.push_str(&format!(" — allowed: {reason}")),
-        (Verdict::Blocking, _, _) => s.push_str(&format!(" — blocking; fix: {}", f.hint)),
+        (Verdict::Blocking, _, _) => {
+            s.push_str(" — blocking");
+            if let Some(m) = &f.measured {
+                s.push_str(&format!(" ({m})"));
+            }
+            s.push_str(&format!("; fix: {}", f.hint));
+        }
         _ if f.severity == Severity::Error => s.push_str(&format!(" — fix: {}", f.hint)),
         _ => {}
     }

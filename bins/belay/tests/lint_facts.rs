@@ -187,6 +187,12 @@ fn dangerous_scripts_are_refused_on_a_large_table_and_downgraded_on_an_empty_one
     let r = belay(&db.url, big.path(), &["migrate", "--backup", "none"]);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("nothing was applied"), "{r:?}");
+    assert!(
+        r.stderr.contains("\n    table public.big: ~1000000 rows, ")
+            && r.stderr
+                .contains("over the small-table limits (10000 rows, 16 MiB)"),
+        "the refusal says why the table is not small: {r:?}"
+    );
     // One statement per line from line 2, in DANGEROUS_RULES' order.
     for (line, rule) in (2..).zip(DANGEROUS_RULES) {
         assert!(
@@ -210,7 +216,7 @@ fn dangerous_scripts_are_refused_on_a_large_table_and_downgraded_on_an_empty_one
     // plan says why, in text and JSON.
     let text = belay_ok(&db.url, big.path(), &["plan"]).stdout;
     assert!(
-        text.contains("V1__big.sql:2: error[create-index-concurrently]: CREATE INDEX on big without CONCURRENTLY blocks writes for the whole build (takes SHARE) — blocking; fix: "),
+        text.contains("V1__big.sql:2: error[create-index-concurrently]: CREATE INDEX on big without CONCURRENTLY blocks writes for the whole build (takes SHARE) — blocking (table public.big: ~1000000 rows, "),
         "{text}"
     );
     assert!(

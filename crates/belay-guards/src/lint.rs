@@ -429,9 +429,13 @@ impl LintGate {
         );
         for (name, f) in &blocking {
             message.push_str(&format!(
-                "\n  {name}:{}:{}: error[{}]: {}\n    fix: {}",
-                f.line, f.column, f.rule, f.message, f.hint
+                "\n  {name}:{}:{}: error[{}]: {}",
+                f.line, f.column, f.rule, f.message
             ));
+            if let Some(m) = &f.measured {
+                message.push_str(&format!("\n    {m}"));
+            }
+            message.push_str(&format!("\n    fix: {}", f.hint));
         }
         let rules: BTreeSet<&str> = blocking.iter().map(|(_, f)| f.rule).collect();
         let example = rules.iter().next().copied().unwrap_or("RULE");

@@ -1426,6 +1426,7 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
             allowed: None,
             downgraded: None,
             verdict: crate::Verdict::Advisory,
+            measured: None,
         }
     };
     for (at, message) in &parsed.failures {

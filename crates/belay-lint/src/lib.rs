@@ -91,6 +91,10 @@ pub struct Finding {
     pub downgraded: Option<String>,
     /// What the finding means for `migrate`.
     pub verdict: Verdict,
+    /// For an `error` the database's facts did not downgrade: what they say about its
+    /// table (rows, size, the limits it is over).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured: Option<String>,
 }
 
 impl Finding {
@@ -320,10 +324,7 @@ fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<String> {
             "index {i} does not exist and no earlier script of this run creates it: DROP INDEX IF EXISTS does nothing"
         ));
     }
-    let facts = table
-        .as_deref()
-        .and_then(|t| db.relations.get(t))
-        .or_else(|| f.index.as_deref().and_then(|i| db.relations.get(i)))?;
+    let facts = table_facts(f, db)?;
     if !facts.is_small(db.small_table) {
         return None;
     }
@@ -338,16 +339,47 @@ fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<String> {
     Some(if facts.is_empty() {
         format!("{what} is empty: {brief}")
     } else {
-        let rows = facts
-            .estimated_rows
-            .map_or("never analyzed".to_string(), |r| format!("~{r} rows"));
         format!(
-            "{what} is small ({rows}, {}; small is at most {} rows and {}): {brief}",
-            human_bytes(facts.total_bytes),
+            "{what} is small ({}; small is at most {} rows and {}): {brief}",
+            size(facts),
             db.small_table.max_rows,
             human_bytes(db.small_table.max_bytes)
         )
     })
+}
+
+/// The facts of `f`'s table: by its name before an in-script rename, its name, or (for an
+/// index whose table the linter does not know) the index's.
+fn table_facts<'d>(f: &Finding, db: &'d DatabaseFacts) -> Option<&'d TableFacts> {
+    f.table_before
+        .as_deref()
+        .or(f.table.as_deref())
+        .and_then(|t| db.relations.get(t))
+        .or_else(|| f.index.as_deref().and_then(|i| db.relations.get(i)))
+}
+
+fn size(facts: &TableFacts) -> String {
+    let rows = facts
+        .estimated_rows
+        .map_or("never analyzed".to_string(), |r| format!("~{r} rows"));
+    format!("{rows}, {}", human_bytes(facts.total_bytes))
+}
+
+/// For a finding the facts did not downgrade: what the database says about its table, so
+/// a refusal shows why (`table public.big: ~1000000 rows, 57.2 MiB, over …`).
+fn measured(f: &Finding, ctx: &LintContext) -> Option<String> {
+    if !judged_by_table(f.rule) {
+        return None;
+    }
+    let db = ctx.database.as_ref()?;
+    let facts = table_facts(f, db)?;
+    Some(format!(
+        "table {}: {}, over the small-table limits ({} rows, {})",
+        facts.name,
+        size(facts),
+        db.small_table.max_rows,
+        human_bytes(db.small_table.max_bytes)
+    ))
 }
 
 /// What the linter cannot see in the SQL itself.
@@ -399,6 +431,8 @@ pub fn lint(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Finding> {
                 _ => Severity::Info,
             };
             f.downgraded = Some(reason);
+        } else if f.severity == Severity::Error {
+            f.measured = measured(f, ctx);
         }
         f.verdict = f.judge();
     }

@@ -139,6 +139,15 @@ fn size_thresholds_decide_and_a_never_analyzed_table_is_judged_by_size() {
         let f = run("CREATE INDEX t_a ON t (a);", &c);
         let f = one(&f, "create-index-concurrently");
         assert_eq!(f.verdict == Verdict::Downgraded, small, "{facts:?}: {f:#?}");
+        // Refused: the facts say why.
+        assert_eq!(
+            f.measured
+                .as_ref()
+                .is_some_and(|m| m.starts_with("table public.t: ")
+                    && m.ends_with("over the small-table limits (10000 rows, 16 MiB)")),
+            !small,
+            "{f:#?}"
+        );
         if small {
             let reason = f.downgraded.as_deref().expect("reason");
             assert!(reason.contains("is small ("), "{reason}");
