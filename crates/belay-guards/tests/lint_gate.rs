@@ -260,3 +260,75 @@ ALTER TABLE empty_t ALTER COLUMN a TYPE bigint;
     assert_eq!(history(&mut c).await?.len(), 2);
     Ok(())
 }
+
+/// The catalog query on its own: names as scripts write them (bare, schema-qualified,
+/// quoted case), an index resolved to its table, a partitioned table summed over its
+/// leaves, a missing name, the row estimate absent for a table never analyzed.
+#[tokio::test]
+async fn read_facts_resolves_what_scripts_name() -> R<()> {
+    let db = Cluster::shared().create_database().await?;
+    belay_testkit::psql(
+        &db.url,
+        "CREATE SCHEMA app;\
+         CREATE TABLE app.orders (id int); INSERT INTO app.orders SELECT generate_series(1, 500); ANALYZE app.orders;\
+         CREATE INDEX orders_id ON app.orders (id);\
+         CREATE TABLE \"Mixed\" (id int);\
+         CREATE TABLE raw (id int) WITH (autovacuum_enabled = false); INSERT INTO raw VALUES (1);\
+         CREATE TABLE ev (at date, n int) PARTITION BY RANGE (at);\
+         CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM ('2020-01-01') TO ('2021-01-01');\
+         CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM ('2021-01-01') TO ('2022-01-01');\
+         INSERT INTO ev SELECT '2020-06-01', g FROM generate_series(1, 300) g;\
+         INSERT INTO ev SELECT '2021-06-01', g FROM generate_series(1, 200) g; ANALYZE ev_1; ANALYZE ev_2;",
+    )?;
+    let mut c = PgConnection::connect(&db.url).await?;
+    let names = [
+        "app.orders",
+        "app.orders_id",
+        "Mixed",
+        "raw",
+        "ev",
+        "nosuch",
+        "app.nosuch_idx",
+    ]
+    .map(String::from)
+    .into();
+    let facts =
+        belay_guards::lint::read_facts(&mut c, &names, belay_lint::SmallTable::default()).await?;
+    assert!(facts.server_version_num >= 120_000, "{facts:?}");
+    let orders = &facts.relations["app.orders"];
+    assert_eq!(orders.name, "app.orders");
+    assert_eq!(orders.estimated_rows, Some(500));
+    assert!(
+        orders.heap_bytes > 0 && orders.total_bytes > orders.heap_bytes,
+        "{orders:?}"
+    );
+    assert_eq!(
+        &facts.relations["app.orders_id"], orders,
+        "an index gives its table"
+    );
+    assert_eq!(facts.relations["Mixed"].name, "public.\"Mixed\"");
+    assert!(facts.relations["Mixed"].is_empty());
+    assert_eq!(
+        facts.relations["raw"].estimated_rows, None,
+        "never analyzed"
+    );
+    assert!(!facts.relations["raw"].is_empty());
+    let ev = &facts.relations["ev"];
+    assert_eq!(
+        ev.estimated_rows,
+        Some(500),
+        "summed over partitions: {ev:?}"
+    );
+    assert!(ev.heap_bytes > 0, "{ev:?}");
+    assert_eq!(
+        facts.missing,
+        ["app.nosuch_idx", "nosuch"].map(String::from).into()
+    );
+    // The session is left as found: the SET LOCAL lock_timeout would still show inside
+    // an open transaction.
+    let lock_timeout: String = sqlx::query_scalar("SHOW lock_timeout")
+        .fetch_one(&mut c)
+        .await?;
+    assert_eq!(lock_timeout, "0");
+    Ok(())
+}
