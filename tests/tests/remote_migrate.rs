@@ -376,12 +376,18 @@ async fn remote_migrate_is_refused_by_the_agents_lint_gate_until_a_directive_all
     let migrations = tempfile::tempdir()?;
     std::fs::write(
         migrations.path().join("V1__t.sql"),
-        "CREATE TABLE t (a int);\n",
+        "CREATE TABLE t (a int);\nCREATE TABLE e (a int);\n",
     )?;
     let f = fleet_with("lint_1", &db, migrations.path()).await?;
     let migrate = || belay(&f.controller.addr, &["--target", "lint_1", "migrate"]);
     let r = migrate().await?;
     assert_eq!(r.code, 0, "{r:?}");
+    // t is live and over the small-table threshold; e stays empty.
+    let (mut c, _) = session(&db.url).await?;
+    sqlx::query("INSERT INTO t SELECT generate_series(1, 20000)")
+        .execute(&mut c)
+        .await?;
+    sqlx::query("ANALYZE t").execute(&mut c).await?;
 
     // The script is on the agent, not here: the agent's gate finds the error.
     let v2 = migrations.path().join("V2__idx.sql");
@@ -411,7 +417,6 @@ async fn remote_migrate_is_refused_by_the_agents_lint_gate_until_a_directive_all
         [("1".to_string(), "success".to_string())],
         "nothing applied, history untouched"
     );
-    let (mut c, _) = session(&db.url).await?;
     let indexed = "SELECT count(*) FROM pg_indexes WHERE indexname = 't_a_idx'";
     let n: i64 = sqlx::query_scalar(indexed).fetch_one(&mut c).await?;
     assert_eq!(n, 0);
@@ -431,5 +436,21 @@ async fn remote_migrate_is_refused_by_the_agents_lint_gate_until_a_directive_all
     );
     let n: i64 = sqlx::query_scalar(indexed).fetch_one(&mut c).await?;
     assert_eq!(n, 1);
+
+    // The agent reads the facts on its run's session: e is empty, so the index on it is
+    // downgraded, with the reason in the run's events, and applied.
+    std::fs::write(
+        migrations.path().join("V3__idx.sql"),
+        "CREATE INDEX e_a_idx ON e (a);\n",
+    )?;
+    let r = migrate().await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("warning: lint: V3__idx.sql:1:1: warning[create-index-concurrently]")
+            && r.stdout
+                .contains("downgraded: table public.e is empty: the SHARE lock is brief"),
+        "{r:?}"
+    );
     Ok(())
 }

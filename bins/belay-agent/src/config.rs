@@ -67,6 +67,25 @@ pub struct AgentConfig {
     pub targets: Vec<TargetConfig>,
 }
 
+/// A byte size in `agent.toml`: `16777216` or `"16MiB"`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    fn resolve(&self, key: &str) -> Result<u64> {
+        match self {
+            ByteSize::Bytes(n) => Ok(*n),
+            ByteSize::Text(t) => belay_health::parse_bytes(t).ok_or_else(|| {
+                anyhow!("`{key}`: invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)")
+            }),
+        }
+    }
+}
+
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -115,6 +134,12 @@ pub struct TargetConfig {
     /// findings; by default the agent lints the pending scripts and refuses them
     /// [default: true].
     pub lint: Option<bool>,
+    /// The lint gate downgrades lock findings on tables with at most this many
+    /// estimated rows (and at most `small_table_bytes`) [default: 10000].
+    pub small_table_rows: Option<u64>,
+    /// ... and at most this size with TOAST and indexes: bytes or `"16MiB"`
+    /// [default: 16MiB].
+    pub small_table_bytes: Option<ByteSize>,
     /// This target's lock sampling period, over the agent's `lock_sample_period`.
     pub lock_sample_period: Option<PeriodSetting>,
 }
@@ -130,6 +155,8 @@ pub struct LoadedTarget {
     pub lock_guard: bool,
     /// Whether the agent's executor lints the pending scripts of each `migrate`.
     pub lint: bool,
+    /// When the lint gate counts a table as small.
+    pub small_table: belay_lint::SmallTable,
     /// How often the agent samples this target's locks for its gauges; `None`: never.
     pub lock_sample_period: Option<Duration>,
 }
@@ -213,7 +240,15 @@ fn load_target(
             );
         }
     }
+    let mut small_table = belay_lint::SmallTable::default();
+    if let Some(rows) = t.small_table_rows {
+        small_table.max_rows = rows;
+    }
+    if let Some(bytes) = &t.small_table_bytes {
+        small_table.max_bytes = bytes.resolve("small_table_bytes")?;
+    }
     Ok(LoadedTarget {
+        small_table,
         spec: TargetSpec {
             name: t.name.clone(),
             url,
@@ -295,6 +330,21 @@ mod tests {
         assert!(!targets[1].lock_guard);
         assert!(targets[0].lint);
         assert!(!targets[1].lint);
+        assert_eq!(targets[0].small_table, belay_lint::SmallTable::default());
+        // The lint gate's small-table thresholds, per target.
+        let p = write(
+            "[[targets]]\nname = \"a\"\nurl = \"postgres://db/a\"\nmigrations = \"m\"\nsmall_table_rows = 500\nsmall_table_bytes = \"1MiB\"\n[[targets]]\nname = \"b\"\nurl = \"postgres://db/b\"\nmigrations = \"m\"\nsmall_table_bytes = 4096\n",
+        );
+        let (_, sized) = load(&p).unwrap();
+        assert_eq!(
+            sized[0].small_table,
+            belay_lint::SmallTable {
+                max_rows: 500,
+                max_bytes: 1 << 20
+            }
+        );
+        assert_eq!(sized[1].small_table.max_rows, 10_000);
+        assert_eq!(sized[1].small_table.max_bytes, 4096);
 
         for (body, want) in [
             ("bogus = 1\n", "unknown field"),
@@ -317,6 +367,14 @@ mod tests {
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nmax_blocking = \"0s\"\n",
                 "max_blocking must be greater than zero",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nsmall_table_bytes = \"lots\"\n",
+                "invalid size \"lots\"",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nsmall_table_row = 5\n",
+                "unknown field `small_table_row`",
             ),
             (
                 "lock_sample_period = \"10ms\"\n",

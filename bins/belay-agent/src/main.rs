@@ -202,17 +202,18 @@ async fn serve(args: Args) -> ExitCode {
         .collect();
     // The lint gate refuses scripts with unallowed `error` findings, however the run
     // was started (remote CLI, fleet deployment), unless the target's config says not to.
-    let linted: Vec<String> = targets
+    let linted: Vec<(String, belay_lint::SmallTable)> = targets
         .iter()
         .filter(|t| t.lint)
-        .map(|t| t.spec.name.clone())
+        .map(|t| (t.spec.name.clone(), t.small_table))
         .collect();
     let mut local = LocalTargets::new(targets.into_iter().map(|t| t.spec));
-    let lint_gate = Arc::new(belay_guards::LintGate::new(
-        "to deploy this target without linting, set `lint = false` for it in the agent's agent.toml",
-    ));
-    for name in linted {
-        local = local.with_script_gate(&name, lint_gate.clone());
+    for (name, small_table) in linted {
+        let lint_gate = belay_guards::LintGate::new(
+            "to deploy this target without linting, set `lint = false` for it in the agent's agent.toml",
+        )
+        .with_small_table(small_table);
+        local = local.with_script_gate(&name, Arc::new(lint_gate));
     }
     for (name, url) in guarded {
         local = local.with_lock_guard(&name, Arc::new(belay_guards::LockGuardAdapter::new(url)));

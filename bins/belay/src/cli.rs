@@ -232,6 +232,11 @@ pub enum Command {
         /// Output format [default: text, or json with --output json]
         #[arg(long, value_enum)]
         format: Option<crate::lint_cmd::LintFormat>,
+        /// Lint statically even when a database URL is configured. With a URL (and
+        /// without this flag) lock findings on tables the database shows small are
+        /// downgraded, with the reason; an unreachable database falls back to static
+        #[arg(long)]
+        offline: bool,
     },
     /// Live lock monitor: blocking trees (root blocker → waiters, with lock modes, relations
     /// and waiting times), long-running queries, idle-in-transaction sessions, replication

@@ -5,14 +5,21 @@
 //! - `in_transaction`: the script runs in belay's per-migration transaction (no
 //!   `no-transaction` directive or equivalent);
 //! - `has_undo`: an undo script exists (or `-- belay:irreversible` says none is meant to);
-//! - `tables_created_in_this_migration`: tables created by earlier steps of the same run
-//!   (`plan`/`migrate` know which migrations are pending together; `lint` alone does not,
-//!   so it treats every table not created in the same file as live);
-//! - `allow`: the script's `-- belay:allow=<rule> <reason>` directives.
+//! - what earlier steps of the same run created (tables, renamed tables, indexes):
+//!   `plan`/`migrate` know which migrations are pending together; `lint` alone does not,
+//!   so it treats every table not created in the same file as live;
+//! - `allow`: the script's `-- belay:allow=<rule> <reason>` directives;
+//! - the database's facts (server version, table sizes), read by
+//!   `belay_guards::LintGate` in one catalog query: `plan` and `migrate` always have a
+//!   database; `lint` uses one when a URL is configured (unless `--offline`), and says in
+//!   one line on stderr how it judged.
 
 use crate::cli::{Output, TargetArgs};
 use crate::{Failure, exit};
-use belay_lint::{Finding, Severity};
+use belay_core::DatabaseUrl;
+use belay_guards::LintGate;
+use belay_guards::lint::{FactsSource, Judged};
+use belay_lint::{DatabaseFacts, Finding, Severity, SmallTable, Verdict};
 use belay_migrate::source::Script;
 use belay_migrate::{GateScript, MigrateError, MigrationApi, MigrationSet, PlanView, Target};
 use clap::ValueEnum;
@@ -44,8 +51,9 @@ fn lint_script(
     has_undo: bool,
     undo_preserves_data: bool,
     created: &BTreeSet<String>,
+    db: Option<&DatabaseFacts>,
 ) -> Result<Vec<Finding>, Failure> {
-    belay_guards::lint::lint_script(script, has_undo, undo_preserves_data, created)
+    belay_guards::lint::lint_script(script, has_undo, undo_preserves_data, created, db)
         .map_err(|e| data(e.to_string()))
 }
 
@@ -54,37 +62,41 @@ fn lint_script(
 fn lint_forward(
     up: &Script,
     down: Option<&Script>,
-    created: &BTreeSet<String>,
+    db: Option<&DatabaseFacts>,
 ) -> Result<Vec<Finding>, Failure> {
     lint_script(
         up,
         down.is_some() || up.directives.irreversible,
         false,
-        created,
+        &BTreeSet::new(),
+        db,
     )
 }
 
 /// Findings of an undo script: an undo has no undo of its own, and belay snapshots the
 /// tables an undo drops before running it (`undo --backup tables`, the default).
-fn lint_undo(down: &Script) -> Result<Vec<Finding>, Failure> {
-    lint_script(down, true, true, &BTreeSet::new())
+fn lint_undo(down: &Script, db: Option<&DatabaseFacts>) -> Result<Vec<Finding>, Failure> {
+    lint_script(down, true, true, &BTreeSet::new(), db)
 }
 
 /// Every script of the set: forward and undo scripts of each migration, then repeatables.
-fn lint_set(set: &MigrationSet, only: Option<&Path>) -> Result<Vec<Finding>, Failure> {
+fn lint_set(
+    set: &MigrationSet,
+    only: Option<&Path>,
+    db: Option<&DatabaseFacts>,
+) -> Result<Vec<Finding>, Failure> {
     let wanted = |s: &Script| only.is_none_or(|p| same_file(&s.path, p));
-    let none = BTreeSet::new();
     let mut out = Vec::new();
     for m in &set.migrations {
         if wanted(&m.up) {
-            out.extend(lint_forward(&m.up, m.down.as_ref(), &none)?);
+            out.extend(lint_forward(&m.up, m.down.as_ref(), db)?);
         }
         if let Some(d) = m.down.as_ref().filter(|d| wanted(d)) {
-            out.extend(lint_undo(d)?);
+            out.extend(lint_undo(d, db)?);
         }
     }
     for r in set.repeatables.iter().filter(|r| wanted(&r.script)) {
-        out.extend(lint_script(&r.script, true, false, &none)?);
+        out.extend(lint_script(&r.script, true, false, &BTreeSet::new(), db)?);
     }
     Ok(out)
 }
@@ -107,7 +119,7 @@ fn contains(set: &MigrationSet, file: &Path) -> bool {
 /// One file: linted with its migration's context when a directory above it (or `--dir`)
 /// loads as a migration set holding it; otherwise alone, with the context its own
 /// directives give.
-fn lint_file(file: &Path, dir: &Path) -> Result<Vec<Finding>, Failure> {
+fn lint_file(file: &Path, dir: &Path, db: Option<&DatabaseFacts>) -> Result<Vec<Finding>, Failure> {
     let mut candidates: Vec<PathBuf> = vec![dir.to_path_buf()];
     let mut up = file.parent();
     for _ in 0..2 {
@@ -127,7 +139,7 @@ fn lint_file(file: &Path, dir: &Path) -> Result<Vec<Finding>, Failure> {
         if let Ok(set) = belay_migrate::load(&c)
             && contains(&set, file)
         {
-            return lint_set(&set, Some(file));
+            return lint_set(&set, Some(file), db);
         }
     }
     let text = std::fs::read_to_string(file)
@@ -149,15 +161,58 @@ fn lint_file(file: &Path, dir: &Path) -> Result<Vec<Finding>, Failure> {
         script.directives.irreversible,
         false,
         &BTreeSet::new(),
+        db,
     )
 }
 
-/// `belay lint [PATH…]`: exit 2 when any finding blocks.
-pub fn run(
+/// Every finding of `paths` (files or directories), judged with `db`'s facts when given,
+/// and the number of scripts linted.
+fn lint_paths(
+    paths: &[PathBuf],
+    dir: &Path,
+    db: Option<&DatabaseFacts>,
+) -> Result<(Vec<Finding>, usize), Failure> {
+    let mut findings = Vec::new();
+    let mut scripts = 0usize;
+    for p in paths {
+        if p.is_dir() {
+            let set = belay_migrate::load(p).map_err(MigrateError::from)?;
+            // Linted twice when facts are read: the files' warnings are said once.
+            if db.is_none() {
+                for w in &set.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            scripts += set
+                .migrations
+                .iter()
+                .map(|m| 1 + usize::from(m.down.is_some()))
+                .sum::<usize>()
+                + set.repeatables.len();
+            findings.extend(lint_set(&set, None, db)?);
+        } else if p.is_file() {
+            scripts += 1;
+            findings.extend(lint_file(p, dir, db)?);
+        } else {
+            return Err(crate::usage(anyhow::anyhow!(
+                "{}: no such file or directory",
+                p.display()
+            )));
+        }
+    }
+    Ok((findings, scripts))
+}
+
+/// `belay lint [PATH…]`: exit 2 when any finding blocks. With `url`, findings are judged
+/// with the database's facts (a static pass names the tables, one query measures them);
+/// without, statically. Either way one line on stderr says which.
+pub async fn run(
     paths: &[PathBuf],
     format: Option<LintFormat>,
     dir: &Path,
     output: Output,
+    url: Option<&DatabaseUrl>,
+    small_table: SmallTable,
 ) -> Result<u8, Failure> {
     let format = format.unwrap_or(match output {
         Output::Json => LintFormat::Json,
@@ -168,31 +223,29 @@ pub fn run(
     } else {
         paths.to_vec()
     };
-    let mut findings = Vec::new();
-    let mut scripts = 0usize;
-    for p in &paths {
-        if p.is_dir() {
-            let set = belay_migrate::load(p).map_err(MigrateError::from)?;
-            for w in &set.warnings {
-                eprintln!("warning: {w}");
+    let (mut findings, scripts) = lint_paths(&paths, dir, None)?;
+    let source = match url {
+        None => FactsSource::Static,
+        Some(url) => match belay_guards::lint::facts_session(url).await {
+            Err(why) => FactsSource::Unavailable(why),
+            Ok(mut conn) => {
+                let names: BTreeSet<String> = belay_lint::relations_to_look_up(&findings);
+                let facts = belay_guards::lint::read_facts(&mut conn, &names, small_table).await;
+                let _ = sqlx::Connection::close(conn).await;
+                match facts {
+                    Ok(facts) => {
+                        findings = lint_paths(&paths, dir, Some(&facts))?.0;
+                        FactsSource::Read {
+                            server_version_num: facts.server_version_num,
+                            relations: facts.relations.len(),
+                        }
+                    }
+                    Err(e) => FactsSource::Unavailable(belay_core::redact_url(&e.to_string())),
+                }
             }
-            scripts += set
-                .migrations
-                .iter()
-                .map(|m| 1 + usize::from(m.down.is_some()))
-                .sum::<usize>()
-                + set.repeatables.len();
-            findings.extend(lint_set(&set, None)?);
-        } else if p.is_file() {
-            scripts += 1;
-            findings.extend(lint_file(p, dir)?);
-        } else {
-            return Err(crate::usage(anyhow::anyhow!(
-                "{}: no such file or directory",
-                p.display()
-            )));
-        }
-    }
+        },
+    };
+    eprintln!("{}", source.describe());
     let blocking = findings.iter().filter(|f| f.is_blocking()).count();
     match format {
         LintFormat::Json => println!("{}", belay_lint::to_json(&findings)),
@@ -249,33 +302,51 @@ fn gate_scripts(set: &MigrationSet, plan: &PlanView) -> Vec<Option<GateScript>> 
         .collect()
 }
 
-/// Findings per step of a forward plan, in the plan's order, linted as the agent's gate
-/// lints them (`belay_guards::lint::RunLint`): a table created by an earlier step of the
-/// same run is new (empty) when later steps run, so rules about live tables skip it there.
-pub fn plan_findings(set: &MigrationSet, plan: &PlanView) -> Result<Vec<Vec<Finding>>, Failure> {
-    let mut run = belay_guards::lint::RunLint::default();
-    gate_scripts(set, plan)
-        .into_iter()
+/// Findings per step of a forward plan, in the plan's order, judged as the agent's gate
+/// judges them (`belay_guards::LintGate`, with the database's facts read at `url`): a
+/// table created by an earlier step of the same run is new (empty) when later steps run,
+/// and a small table's lock is brief, so their lock findings are downgraded with the
+/// reason. A step whose script is not in `set` has none.
+async fn plan_findings(
+    set: &MigrationSet,
+    plan: &PlanView,
+    lint_gate: &LintGate,
+    url: &DatabaseUrl,
+) -> Result<(Vec<Vec<Finding>>, Vec<GateScript>, FactsSource), Failure> {
+    let per_step = gate_scripts(set, plan);
+    let scripts: Vec<GateScript> = per_step.iter().flatten().cloned().collect();
+    let judged = lint_gate
+        .findings_at(url, &scripts)
+        .await
+        .map_err(|e| data(e.to_string()))?;
+    let mut judged_findings = judged.findings.into_iter();
+    let findings = per_step
+        .iter()
         .map(|s| match s {
-            Some(s) => run
-                .next(&s.source, s.has_undo)
-                .map_err(|e| data(e.to_string())),
-            None => Ok(Vec::new()),
+            Some(_) => judged_findings.next().unwrap_or_default(),
+            None => Vec::new(),
         })
-        .collect()
+        .collect();
+    Ok((findings, scripts, judged.facts))
 }
 
 /// `plan`, with each step's lint findings: under the step in text, as `lint` in each step
 /// of the JSON document.
+/// `plan`, with each step's lint findings and their verdicts: under the step in text, as
+/// `lint` in each step of the JSON document (each finding with `verdict` and, when set,
+/// `downgraded`/`allowed`), and how they were judged (`lint_facts`).
 pub async fn plan(
     api: &dyn MigrationApi,
     target_name: &str,
     set: &MigrationSet,
     t: &TargetArgs,
     output: Output,
+    url: &DatabaseUrl,
+    small_table: SmallTable,
 ) -> Result<u8, Failure> {
     let plan = api.plan(target_name, &target(t), false).await?;
-    let findings = plan_findings(set, &plan)?;
+    let lint_gate = LintGate::new("").with_small_table(small_table);
+    let (findings, _, facts) = plan_findings(set, &plan, &lint_gate, url).await?;
     match output {
         Output::Json => {
             let mut doc = serde_json::to_value(&plan).unwrap_or_default();
@@ -284,14 +355,20 @@ pub async fn plan(
                     step["lint"] = serde_json::to_value(f).unwrap_or_default();
                 }
             }
+            doc["lint_facts"] = serde_json::Value::String(facts.describe());
             println!("{doc}");
         }
-        Output::Text => crate::render::plan_annotated(output, &plan, &|i| {
-            findings
-                .get(i)
-                .map(|fs| fs.iter().map(|f| describe(&set.dir, f)).collect())
-                .unwrap_or_default()
-        }),
+        Output::Text => {
+            crate::render::plan_annotated(output, &plan, &|i| {
+                findings
+                    .get(i)
+                    .map(|fs| fs.iter().map(|f| describe(&set.dir, f)).collect())
+                    .unwrap_or_default()
+            });
+            if !plan.steps.is_empty() {
+                println!("{}", facts.describe());
+            }
+        }
     }
     Ok(0)
 }
@@ -318,25 +395,37 @@ fn describe(dir: &Path, f: &Finding) -> String {
         }
         s.push(')');
     }
-    match &f.allowed {
-        Some(reason) => s.push_str(&format!(" — allowed: {reason}")),
-        None if f.severity == Severity::Error => s.push_str(&format!(" — fix: {}", f.hint)),
-        None => {}
+    match (f.verdict, &f.downgraded, &f.allowed) {
+        (Verdict::Downgraded, Some(reason), _) => {
+            s.push_str(&format!(" — downgraded: {reason}"));
+        }
+        (Verdict::Allowed, _, Some(reason)) => s.push_str(&format!(" — allowed: {reason}")),
+        (Verdict::Blocking, _, _) => {
+            s.push_str(" — blocking");
+            if let Some(m) = &f.measured {
+                s.push_str(&format!(" ({m})"));
+            }
+            s.push_str(&format!("; fix: {}", f.hint));
+        }
+        _ if f.severity == Severity::Error => s.push_str(&format!(" — fix: {}", f.hint)),
+        _ => {}
     }
     s
 }
 
 /// `migrate`'s gate: refuses (exit 2, nothing applied) when a pending script has an
-/// `error` finding no `-- belay:allow=` directive accepts — the same `LintGate` the agent
-/// runs in its executor, here before preflight so a refusal costs no checks. Allowed
-/// findings are printed as warnings with their reasons. `--no-lint` skips the gate, with
-/// a warning.
+/// `error` finding no `-- belay:allow=` directive accepts and no fact downgrades — the
+/// same `LintGate`, with the same database facts, the agent runs in its executor, here
+/// before preflight so a refusal costs no checks. Downgraded and allowed findings are
+/// printed as warnings with their reasons. `--no-lint` skips the gate, with a warning.
 pub async fn gate(
     api: &dyn MigrationApi,
     target_name: &str,
     set: &MigrationSet,
     t: &TargetArgs,
     skip: bool,
+    url: &DatabaseUrl,
+    small_table: SmallTable,
 ) -> Result<(), Failure> {
     if skip {
         eprintln!("warning: --no-lint: migrating without linting the pending scripts");
@@ -347,12 +436,13 @@ pub async fn gate(
     if scripts.is_empty() {
         return Ok(());
     }
-    let lint_gate = belay_guards::LintGate::new("--no-lint skips linting entirely");
-    let findings = lint_gate
-        .findings(&scripts)
+    let lint_gate = LintGate::new("--no-lint skips linting entirely").with_small_table(small_table);
+    let judged: Judged = lint_gate
+        .findings_at(url, &scripts)
+        .await
         .map_err(|e| data(e.to_string()))?;
-    for f in findings.iter().flatten().filter(|f| f.allowed.is_some()) {
-        eprintln!("warning: lint: {}", describe(&set.dir, f));
+    for line in LintGate::notes(&scripts, &judged) {
+        eprintln!("warning: {line}");
     }
-    Ok(lint_gate.verdict(&scripts, &findings)?)
+    Ok(lint_gate.verdict(&scripts, &judged.findings)?)
 }

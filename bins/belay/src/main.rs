@@ -150,10 +150,25 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     {
         return Err(f);
     }
-    // Lint reads local files only: the same in both modes.
-    if let Command::Lint { paths, format } = &cli.command {
+    // Lint reads local files, and the local database's facts when a URL is configured:
+    // the same in both modes.
+    if let Command::Lint {
+        paths,
+        format,
+        offline,
+    } = &cli.command
+    {
         let settings = settings::resolve(&cli, url_from_argv, None).map_err(usage)?;
-        return lint_cmd::run(paths, *format, &settings.dir, cli.output);
+        let url = settings.url.as_ref().filter(|_| !*offline);
+        return lint_cmd::run(
+            paths,
+            *format,
+            &settings.dir,
+            cli.output,
+            url,
+            settings.small_table,
+        )
+        .await;
     }
     if cli.controller.is_some() && matches!(cli.command, Command::Backfill { .. }) {
         return Err(backfill_cmd::remote_unsupported());
@@ -274,10 +289,28 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         return health_cmd::check(command, &health, LOCAL_TARGET, &settings, cli.output).await;
     }
     if let Command::Plan { sql: false, target } = &cli.command {
-        return lint_cmd::plan(&api, LOCAL_TARGET, &set, target, cli.output).await;
+        return lint_cmd::plan(
+            &api,
+            LOCAL_TARGET,
+            &set,
+            target,
+            cli.output,
+            &url,
+            settings.small_table,
+        )
+        .await;
     }
     if let Command::Migrate { checks, target, .. } = &cli.command {
-        lint_cmd::gate(&api, LOCAL_TARGET, &set, target, checks.no_lint).await?;
+        lint_cmd::gate(
+            &api,
+            LOCAL_TARGET,
+            &set,
+            target,
+            checks.no_lint,
+            &url,
+            settings.small_table,
+        )
+        .await?;
     }
     let mut gate = health_cmd::MigrateGate::default();
     if let Command::Migrate { checks, .. } = &cli.command {

@@ -21,6 +21,9 @@ pub struct FileConfig {
     pub backup: Option<crate::backup_cmd::BackupMode>,
     #[serde(default)]
     pub execution: FileExec,
+    /// `[lint]`: when a table is small enough for its lock findings to be downgraded.
+    #[serde(default)]
+    pub lint: FileLint,
     /// Preflight thresholds.
     pub preflight: Option<belay_health::Thresholds>,
     /// Postflight settings (`not_valid_constraints`, `statement_timeout`).
@@ -51,6 +54,35 @@ pub struct FileExec {
     pub lock_guard: Option<bool>,
 }
 
+/// `[lint]` in `belay.toml`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLint {
+    /// At most this many estimated rows (`pg_class.reltuples`) [default: 10000].
+    pub small_table_rows: Option<u64>,
+    /// At most this size, with TOAST and indexes: bytes, or `"16MiB"` [default: 16MiB].
+    pub small_table_bytes: Option<ByteSize>,
+}
+
+/// A byte size as operators write it: `16777216` or `"16MiB"`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    pub fn resolve(&self, key: &str) -> Result<u64> {
+        match self {
+            ByteSize::Bytes(n) => Ok(*n),
+            ByteSize::Text(t) => belay_health::parse_bytes(t).ok_or_else(|| {
+                anyhow!("`{key}`: invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)")
+            }),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Settings {
     pub url: Option<DatabaseUrl>,
@@ -64,6 +96,8 @@ pub struct Settings {
     pub thresholds: belay_health::Thresholds,
     pub postflight: belay_health::PostflightSpec,
     pub probes: Vec<belay_health::ProbeSpec>,
+    /// When a table is small enough for its lock findings to be downgraded (`[lint]`).
+    pub small_table: belay_lint::SmallTable,
 }
 
 pub fn load_file(cli: &Cli) -> Result<FileConfig> {
@@ -171,11 +205,21 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
     let mut postflight = file.postflight.unwrap_or_default();
     postflight.checks.extend(file.checks);
     postflight.smoke.extend(file.smoke);
+    let mut small_table = belay_lint::SmallTable::default();
+    if let Some(rows) = file.lint.small_table_rows {
+        small_table.max_rows = rows;
+    }
+    if let Some(bytes) = &file.lint.small_table_bytes {
+        small_table.max_bytes = bytes
+            .resolve("[lint] small_table_bytes")
+            .map_err(|e| anyhow!("belay.toml: {e}"))?;
+    }
     for p in &file.probes {
         p.validate()
             .map_err(|e| anyhow!("belay.toml [[probes]]: {e}"))?;
     }
     Ok(Settings {
+        small_table,
         thresholds: file.preflight.unwrap_or_default(),
         postflight,
         probes: file.probes,

@@ -351,6 +351,11 @@ fn migrate_refuses_a_lint_error_until_a_directive_allows_it() {
     let db = db();
     let dir = migrations(&[("V1__t.sql", "CREATE TABLE t (a int);\n")]);
     belay_ok(&db.url, dir.path(), &["migrate", "--backup", "none"]);
+    // Over the small-table threshold (10 000 rows): an empty t would be downgraded.
+    psql(
+        &db.url,
+        "INSERT INTO t SELECT generate_series(1, 20000); ANALYZE t;",
+    );
     let v2 = dir.path().join("V2__idx.sql");
     std::fs::write(
         &v2,
@@ -462,6 +467,11 @@ fn no_lint_skips_the_gate_and_tables_new_in_the_same_run_are_not_live() {
         ("V2__idx.sql", "CREATE INDEX t_a_idx ON t (a);\n"),
     ]);
     belay_ok(&db.url, dir.path(), &["migrate", "--backup", "none"]);
+    // t is live now, and over the small-table threshold.
+    psql(
+        &db.url,
+        "INSERT INTO t SELECT generate_series(1, 20000); ANALYZE t;",
+    );
 
     std::fs::write(
         dir.path().join("V3__idx.sql"),

@@ -3,14 +3,21 @@
 //! same whether it runs locally, through the agent or in a fleet deployment.
 //!
 //! A script's context: whether it runs in belay's transaction, whether it has an undo,
-//! the tables created by earlier steps of the same run (new and empty when later steps
-//! run, so rules about live tables skip them), and its `-- belay:allow=` directives.
+//! what earlier steps of the same run created (tables, renamed tables, indexes: new and
+//! empty when later steps run), its `-- belay:allow=` directives, and what the database
+//! says ([`read_facts`]: the server version and the size of each table a finding is
+//! about, in one catalog query). With those facts a lock finding on a new or small table
+//! is downgraded, with its reason, instead of refusing the run.
 
-use belay_lint::{Finding, LintContext};
+use belay_core::DatabaseUrl;
+use belay_lint::{DatabaseFacts, Finding, LintContext, RunMemory, SmallTable, TableFacts, Verdict};
 use belay_migrate::source::Script;
 use belay_migrate::{ApiError, ErrorKind, GateScript, ScriptGate};
-use std::collections::BTreeSet;
+use sqlx::{Connection, PgConnection};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::time::Duration;
+use tracing::Instrument;
 
 /// An `allow` directive naming no lint rule: such an allow would accept nothing while its
 /// author believes otherwise, so it is an error in the script, not a silent no-op.
@@ -59,41 +66,232 @@ pub fn context(
         undo_preserves_data,
         tables_created_in_this_migration: created.clone(),
         allow: script.directives.allow.clone(),
+        ..LintContext::default()
     })
 }
 
-/// Findings of one script in its context.
+/// Findings of one script in its context, judged with `database`'s facts when given.
 pub fn lint_script(
     script: &Script,
     has_undo: bool,
     undo_preserves_data: bool,
     created: &BTreeSet<String>,
+    database: Option<&DatabaseFacts>,
 ) -> Result<Vec<Finding>, UnknownRule> {
-    let ctx = context(script, has_undo, undo_preserves_data, created)?;
+    let mut ctx = context(script, has_undo, undo_preserves_data, created)?;
+    ctx.database = database.cloned();
     Ok(belay_lint::lint(&script.path, &script.text, &ctx))
 }
 
-/// Lints the scripts of one run in order, remembering the tables each creates for the
-/// steps after it.
+/// Lints the scripts of one run in order, remembering what each creates (tables, their
+/// renames, indexes) for the steps after it.
 #[derive(Debug, Default)]
 pub struct RunLint {
-    created: BTreeSet<String>,
+    memory: RunMemory,
 }
 
 impl RunLint {
-    /// Findings of the run's next forward or repeatable script.
-    pub fn next(&mut self, script: &Script, has_undo: bool) -> Result<Vec<Finding>, UnknownRule> {
-        let findings = lint_script(script, has_undo, false, &self.created)?;
-        // A script that does not parse has a `parse-error` finding already.
-        if let Ok(stmts) = belay_lint::statements(&script.text) {
-            self.created.extend(
-                stmts
-                    .into_iter()
-                    .filter(|st| st.kind.starts_with("CREATE TABLE"))
-                    .filter_map(|st| st.target),
-            );
-        }
+    /// Findings of the run's next forward or repeatable script, judged with `database`'s
+    /// facts when given.
+    pub fn next(
+        &mut self,
+        script: &GateScript,
+        database: Option<&DatabaseFacts>,
+    ) -> Result<Vec<Finding>, UnknownRule> {
+        let mut ctx = context(&script.source, script.has_undo, false, &BTreeSet::new())?;
+        self.memory.context(&mut ctx);
+        ctx.database = database.cloned();
+        let findings = belay_lint::lint(&script.source.path, &script.source.text, &ctx);
+        self.memory.record(&script.script, &script.source.text);
         Ok(findings)
+    }
+}
+
+/// How long the facts query may wait for a lock: `pg_relation_size` takes ACCESS SHARE on
+/// each table, which waits only behind an ACCESS EXCLUSIVE holder (another migration's);
+/// then the facts are given up, not the run.
+const SET_FACTS_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '1s'";
+
+/// How long `lint` and `plan` wait for a connection to read facts.
+pub const FACTS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The facts query: the server version, and for each name (as written in the scripts,
+/// resolved through the session's `search_path` by `to_regclass`; an index resolves to its
+/// table) the table's row estimate and sizes, summed over the leaves of a partitioned
+/// table. Never `count(*)`: the estimate and the sizes are catalog reads and file sizes.
+const FACTS_SQL: &str = r"
+WITH wanted AS (
+    SELECT u.name,
+           to_regclass(CASE WHEN u.schema = '' THEN quote_ident(u.rel)
+                            ELSE quote_ident(u.schema) || '.' || quote_ident(u.rel) END) AS oid
+    FROM unnest($1::text[], $2::text[], $3::text[]) AS u(name, schema, rel)
+), resolved AS (
+    SELECT w.name, COALESCE(i.indrelid, c.oid) AS tbl
+    FROM wanted w
+    JOIN pg_class c ON c.oid = w.oid
+    LEFT JOIN pg_index i ON i.indexrelid = c.oid
+), facts AS (
+    SELECT r.name,
+           format('%I.%I', n.nspname, t.relname) AS tbl_name,
+           bool_or(l.reltuples < 0) AS never_analyzed,
+           sum(GREATEST(l.reltuples, 0))::float8 AS est_rows,
+           sum(pg_relation_size(l.oid))::int8 AS heap_bytes,
+           sum(pg_total_relation_size(l.oid))::int8 AS total_bytes
+    FROM resolved r
+    JOIN pg_class t ON t.oid = r.tbl AND t.relkind IN ('r', 'p', 'm')
+    JOIN pg_namespace n ON n.oid = t.relnamespace
+    JOIN LATERAL (
+        SELECT t.oid, t.reltuples WHERE t.relkind <> 'p'
+        UNION ALL
+        SELECT c.oid, c.reltuples
+        FROM pg_partition_tree(r.tbl) p JOIN pg_class c ON c.oid = p.relid
+        WHERE t.relkind = 'p' AND p.isleaf
+    ) l ON true
+    GROUP BY r.name, n.nspname, t.relname
+)
+SELECT current_setting('server_version_num')::int4 AS version,
+       (SELECT array_agg(name) FROM wanted WHERE oid IS NULL) AS missing,
+       f.name, f.tbl_name, f.never_analyzed, f.est_rows, f.heap_bytes, f.total_bytes
+FROM (SELECT 1) AS one
+LEFT JOIN facts f ON true
+";
+
+/// `schema.rel` → (`schema`, `rel`); a bare name → (``, name).
+fn split_name(name: &str) -> (String, String) {
+    match name.split_once('.') {
+        Some((schema, rel)) => (schema.to_string(), rel.to_string()),
+        None => (String::new(), name.to_string()),
+    }
+}
+
+/// Reads what the database says about `names` (relations as the scripts write them) on
+/// `conn`, in one query, in a read-only transaction of its own that it ends.
+pub async fn read_facts(
+    conn: &mut PgConnection,
+    names: &BTreeSet<String>,
+    small_table: SmallTable,
+) -> Result<DatabaseFacts, sqlx::Error> {
+    let (mut all, mut schemas, mut rels) = (Vec::new(), Vec::new(), Vec::new());
+    for n in names {
+        let (s, r) = split_name(n);
+        all.push(n.clone());
+        schemas.push(s);
+        rels.push(r);
+    }
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(SET_FACTS_LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    type Row = (
+        i32,
+        Option<Vec<String>>,
+        Option<String>,
+        Option<String>,
+        Option<bool>,
+        Option<f64>,
+        Option<i64>,
+        Option<i64>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(FACTS_SQL)
+        .bind(&all)
+        .bind(&schemas)
+        .bind(&rels)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let mut facts = DatabaseFacts {
+        server_version_num: 0,
+        small_table,
+        relations: BTreeMap::new(),
+        missing: BTreeSet::new(),
+    };
+    let as_u64 = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(u64::MAX);
+    for (version, missing, name, table, never_analyzed, rows, heap, total) in rows {
+        facts.server_version_num = u32::try_from(version).unwrap_or(0);
+        facts.missing.extend(missing.unwrap_or_default());
+        let (Some(name), Some(table)) = (name, table) else {
+            continue;
+        };
+
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a row estimate, non-negative by construction"
+        )]
+        let estimated_rows = match (never_analyzed, rows) {
+            (Some(false), Some(r)) => Some(r.round() as u64),
+            _ => None,
+        };
+        facts.relations.insert(
+            name,
+            TableFacts {
+                name: table,
+                estimated_rows,
+                heap_bytes: as_u64(heap),
+                total_bytes: as_u64(total),
+            },
+        );
+    }
+    Ok(facts)
+}
+
+/// Where a judgement's database facts came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FactsSource {
+    /// Read from the database (`server_version_num`, how many relations it knew).
+    Read {
+        server_version_num: u32,
+        relations: usize,
+    },
+    /// No database: judged statically (every table live and large).
+    Static,
+    /// The database could not be asked; judged statically. Why:
+    Unavailable(String),
+}
+
+impl FactsSource {
+    /// One line for people about how the findings were judged.
+    pub fn describe(&self) -> String {
+        match self {
+            FactsSource::Read {
+                server_version_num,
+                relations,
+            } => format!(
+                "lint: judged with the database's facts (PostgreSQL {}.{}, {relations} table(s) measured)",
+                server_version_num / 10_000,
+                server_version_num % 10_000
+            ),
+            FactsSource::Static => "lint: static (no database): every table not created in the same run is judged live and large; give a database URL to judge with its facts".to_string(),
+            FactsSource::Unavailable(why) => format!(
+                "lint: cannot read the database's facts ({why}); judged statically: every table not created in the same run is live and large"
+            ),
+        }
+    }
+}
+
+/// Findings of a run's scripts, judged, and where their facts came from.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    /// Per script, in run order.
+    pub findings: Vec<Vec<Finding>>,
+    pub facts: FactsSource,
+}
+
+/// Connects to `url` for facts, within [`FACTS_CONNECT_TIMEOUT`].
+pub async fn facts_session(url: &DatabaseUrl) -> Result<PgConnection, String> {
+    match tokio::time::timeout(FACTS_CONNECT_TIMEOUT, PgConnection::connect(url.expose()))
+        .instrument(tracing::info_span!("lint_facts_connect"))
+        .await
+    {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(belay_core::redact_url(&e.to_string())),
+        Err(_) => Err(format!(
+            "no connection within {}",
+            belay_core::format_duration(FACTS_CONNECT_TIMEOUT)
+        )),
     }
 }
 
@@ -103,6 +301,7 @@ impl RunLint {
 pub struct LintGate {
     /// The last words of a refusal: how this caller's user turns the gate off.
     skip_hint: String,
+    small_table: SmallTable,
 }
 
 impl LintGate {
@@ -111,16 +310,101 @@ impl LintGate {
     pub fn new(skip_hint: impl Into<String>) -> Self {
         LintGate {
             skip_hint: skip_hint.into(),
+            small_table: SmallTable::default(),
         }
     }
 
-    /// Each script's findings, in run order.
-    pub fn findings(&self, scripts: &[GateScript]) -> Result<Vec<Vec<Finding>>, UnknownRule> {
+    /// When a table counts as small enough for its lock findings to be downgraded.
+    pub fn with_small_table(mut self, small_table: SmallTable) -> Self {
+        self.small_table = small_table;
+        self
+    }
+
+    /// Each script's findings, in run order, judged with `database`'s facts when given.
+    pub fn findings(
+        &self,
+        scripts: &[GateScript],
+        database: Option<&DatabaseFacts>,
+    ) -> Result<Vec<Vec<Finding>>, UnknownRule> {
         let mut run = RunLint::default();
-        scripts
+        scripts.iter().map(|s| run.next(s, database)).collect()
+    }
+
+    /// Each script's findings judged with what `conn`'s database says: a static pass
+    /// names the tables (and indexes) whose findings a small table would downgrade, one
+    /// catalog query reads their facts and the server version, and the scripts are
+    /// judged again with them. When the query fails the static findings stand (stricter,
+    /// never looser), and [`Judged::facts`] says why.
+    pub async fn findings_on(
+        &self,
+        conn: &mut PgConnection,
+        scripts: &[GateScript],
+    ) -> Result<Judged, UnknownRule> {
+        let first = self.findings(scripts, None)?;
+        let names: BTreeSet<String> = first
             .iter()
-            .map(|s| run.next(&s.source, s.has_undo))
-            .collect()
+            .flat_map(|fs| belay_lint::relations_to_look_up(fs))
+            .collect();
+        match read_facts(conn, &names, self.small_table)
+            .instrument(tracing::info_span!("lint_facts", relations = names.len()))
+            .await
+        {
+            Ok(facts) => Ok(Judged {
+                findings: self.findings(scripts, Some(&facts))?,
+                facts: FactsSource::Read {
+                    server_version_num: facts.server_version_num,
+                    relations: facts.relations.len(),
+                },
+            }),
+            Err(e) => Ok(Judged {
+                findings: first,
+                facts: FactsSource::Unavailable(belay_core::redact_url(&e.to_string())),
+            }),
+        }
+    }
+
+    /// [`Self::findings_on`] a session of its own to `url` (`lint`, `plan` and the CLI's
+    /// pre-check, which hold no run session); an unreachable database leaves the findings
+    /// static.
+    pub async fn findings_at(
+        &self,
+        url: &DatabaseUrl,
+        scripts: &[GateScript],
+    ) -> Result<Judged, UnknownRule> {
+        match facts_session(url).await {
+            Ok(mut conn) => {
+                let judged = self.findings_on(&mut conn, scripts).await;
+                let _ = conn.close().await;
+                judged
+            }
+            Err(why) => Ok(Judged {
+                findings: self.findings(scripts, None)?,
+                facts: FactsSource::Unavailable(why),
+            }),
+        }
+    }
+
+    /// Lines for the findings the run goes ahead with although they were errors: each
+    /// downgraded one with its reason, each allowed one with the directive's reason.
+    pub fn notes(scripts: &[GateScript], judged: &Judged) -> Vec<String> {
+        let mut out = Vec::new();
+        if let FactsSource::Unavailable(_) = judged.facts {
+            out.push(judged.facts.describe());
+        }
+        for (s, fs) in scripts.iter().zip(&judged.findings) {
+            for f in fs {
+                let why = match (f.verdict, &f.downgraded, &f.allowed) {
+                    (Verdict::Downgraded, Some(r), _) => format!("downgraded: {r}"),
+                    (Verdict::Allowed, _, Some(r)) => format!("allowed: {r}"),
+                    _ => continue,
+                };
+                out.push(format!(
+                    "lint: {}:{}:{}: {}[{}]: {} — {why}",
+                    s.script, f.line, f.column, f.severity, f.rule, f.message
+                ));
+            }
+        }
+        out
     }
 
     /// The verdict on `findings` (per script of `scripts`): a `Refused` error listing each
@@ -145,9 +429,13 @@ impl LintGate {
         );
         for (name, f) in &blocking {
             message.push_str(&format!(
-                "\n  {name}:{}:{}: error[{}]: {}\n    fix: {}",
-                f.line, f.column, f.rule, f.message, f.hint
+                "\n  {name}:{}:{}: error[{}]: {}",
+                f.line, f.column, f.rule, f.message
             ));
+            if let Some(m) = &f.measured {
+                message.push_str(&format!("\n    {m}"));
+            }
+            message.push_str(&format!("\n    fix: {}", f.hint));
         }
         let rules: BTreeSet<&str> = blocking.iter().map(|(_, f)| f.rule).collect();
         let example = rules.iter().next().copied().unwrap_or("RULE");
@@ -160,9 +448,15 @@ impl LintGate {
     }
 }
 
+#[async_trait::async_trait]
 impl ScriptGate for LintGate {
-    fn check(&self, scripts: &[GateScript]) -> Result<(), ApiError> {
-        let findings = self.findings(scripts)?;
-        self.verdict(scripts, &findings)
+    async fn check(
+        &self,
+        conn: &mut PgConnection,
+        scripts: &[GateScript],
+    ) -> Result<Vec<String>, ApiError> {
+        let judged = self.findings_on(conn, scripts).await?;
+        self.verdict(scripts, &judged.findings)?;
+        Ok(Self::notes(scripts, &judged))
     }
 }

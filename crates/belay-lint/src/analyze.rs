@@ -6,7 +6,7 @@ use std::path::Path;
 use pg_query::NodeEnum;
 use pg_query::protobuf::{
     AlterTableCmd, AlterTableType, ColumnDef, ConstrType, Constraint, DropBehavior, Node,
-    ObjectType, RangeVar, TransactionStmtKind,
+    ObjectType, RangeVar, ReindexObjectType, TransactionStmtKind,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -65,6 +65,248 @@ pub fn statements(sql: &str) -> Result<Vec<StatementInfo>, ParseFailure> {
             }
         })
         .collect())
+}
+
+/// The parsed statements of `sql` (those that parse), for the run's memory.
+pub(crate) fn parsed_statements(sql: &str) -> Vec<NodeEnum> {
+    parse(sql).stmts.into_iter().map(|(_, n)| n).collect()
+}
+
+pub(crate) fn range_var_name(rv: Option<&RangeVar>) -> Option<String> {
+    rv_name(rv)
+}
+
+pub(crate) fn name_list(nodes: &[Node]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter_map(|o| match &o.node {
+            Some(NodeEnum::List(l)) => Some(strings(&l.items).join(".")),
+            _ => None,
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Index names: `DROP INDEX` names an index, which may have been created without a name
+// (`CREATE INDEX ON t (a)`) or by a constraint; PostgreSQL's naming is reproduced so the
+// drop can be traced to its table.
+
+/// PostgreSQL's `makeObjectName`: `name1[_name2]_label`, the longer part shortened until
+/// it fits in 63 bytes.
+fn object_name(name1: &str, name2: Option<&str>, label: &str) -> String {
+    const MAX: usize = 63;
+    let overhead = label.len() + 1 + usize::from(name2.is_some());
+    let avail = MAX.saturating_sub(overhead);
+    let (mut l1, mut l2) = (name1.len(), name2.map_or(0, str::len));
+    while l1 + l2 > avail {
+        if l1 > l2 {
+            l1 -= 1;
+        } else {
+            l2 -= 1;
+        }
+    }
+    let clip = |s: &str, n: usize| {
+        let mut n = n.min(s.len());
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s[..n].to_string()
+    };
+    match name2 {
+        Some(n2) => format!("{}_{}_{label}", clip(name1, l1), clip(n2, l2)),
+        None => format!("{}_{label}", clip(name1, l1)),
+    }
+}
+
+/// `FigureColname` for an index expression: a column's or function's name, else `expr`.
+fn figure_colname(node: Option<&Node>) -> String {
+    match node.and_then(|n| n.node.as_ref()) {
+        Some(NodeEnum::ColumnRef(c)) => strings(&c.fields).last().cloned(),
+        Some(NodeEnum::FuncCall(f)) => strings(&f.funcname).last().cloned(),
+        Some(NodeEnum::TypeCast(t)) => Some(figure_colname(t.arg.as_deref())),
+        Some(NodeEnum::CoalesceExpr(_)) => Some("coalesce".into()),
+        _ => None,
+    }
+    .unwrap_or_else(|| "expr".into())
+}
+
+fn bare(name: &str) -> &str {
+    name.rsplit('.').next().unwrap_or(name)
+}
+
+/// The name PostgreSQL gives a constraint's index (`t_pkey`, `t_a_b_key`), or its own.
+fn constraint_index(c: &Constraint, table: &str, columns: &[String]) -> Option<String> {
+    let name = match contype(c) {
+        _ if !c.conname.is_empty() => c.conname.clone(),
+        ConstrType::ConstrPrimary => object_name(bare(table), None, "pkey"),
+        ConstrType::ConstrUnique => {
+            let cols = if c.keys.is_empty() {
+                columns.to_vec()
+            } else {
+                strings(&c.keys)
+            };
+            object_name(bare(table), Some(&cols.join("_")), "key")
+        }
+        _ => return None,
+    };
+    matches!(
+        contype(c),
+        ConstrType::ConstrPrimary | ConstrType::ConstrUnique | ConstrType::ConstrExclusion
+    )
+    .then(|| renamed(table, &name))
+}
+
+/// What a statement does to indexes, besides `DROP INDEX` and `ALTER INDEX … RENAME`.
+pub(crate) enum IndexEffect {
+    /// An index (as it is named in its table's schema) on a table.
+    Created { index: String, table: String },
+    /// `ALTER TABLE t DROP CONSTRAINT c`: an index `c` owned by the constraint is gone.
+    ConstraintDropped { name: String },
+    /// `ADD CONSTRAINT c … USING INDEX i`: `i` is renamed `c`.
+    Renamed { from: String, to: String },
+}
+
+pub(crate) fn index_effects(node: &NodeEnum) -> Vec<IndexEffect> {
+    let mut out = Vec::new();
+    match node {
+        NodeEnum::IndexStmt(s) => {
+            if let Some(t) = rv_name(s.relation.as_ref()) {
+                let name = if s.idxname.is_empty() {
+                    let cols: Vec<String> = s
+                        .index_params
+                        .iter()
+                        .filter_map(|p| match &p.node {
+                            Some(NodeEnum::IndexElem(e)) if !e.indexcolname.is_empty() => {
+                                Some(e.indexcolname.clone())
+                            }
+                            Some(NodeEnum::IndexElem(e)) if !e.name.is_empty() => {
+                                Some(e.name.clone())
+                            }
+                            Some(NodeEnum::IndexElem(e)) => Some(figure_colname(e.expr.as_deref())),
+                            _ => None,
+                        })
+                        .collect();
+                    object_name(bare(&t), Some(&cols.join("_")), "idx")
+                } else {
+                    s.idxname.clone()
+                };
+                out.push(IndexEffect::Created {
+                    index: renamed(&t, &name),
+                    table: t,
+                });
+            }
+        }
+        NodeEnum::CreateStmt(s) => {
+            let Some(t) = rv_name(s.relation.as_ref()) else {
+                return out;
+            };
+            for elt in &s.table_elts {
+                match &elt.node {
+                    Some(NodeEnum::ColumnDef(cd)) => {
+                        for c in constraints(cd) {
+                            if let Some(index) =
+                                constraint_index(c, &t, std::slice::from_ref(&cd.colname))
+                            {
+                                out.push(IndexEffect::Created {
+                                    index,
+                                    table: t.clone(),
+                                });
+                            }
+                        }
+                    }
+                    Some(NodeEnum::Constraint(c)) => {
+                        if let Some(index) = constraint_index(c, &t, &[]) {
+                            out.push(IndexEffect::Created {
+                                index,
+                                table: t.clone(),
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        NodeEnum::AlterTableStmt(s) => {
+            let Some(t) = rv_name(s.relation.as_ref()) else {
+                return out;
+            };
+            for cmd in &s.cmds {
+                let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else {
+                    continue;
+                };
+                let sub =
+                    AlterTableType::try_from(cmd.subtype).unwrap_or(AlterTableType::Undefined);
+                match (sub, cmd.def.as_deref().and_then(|d| d.node.as_ref())) {
+                    (
+                        AlterTableType::AtAddConstraint | AlterTableType::AtAddIndexConstraint,
+                        Some(NodeEnum::Constraint(c)),
+                    ) => {
+                        if !c.indexname.is_empty() && !c.conname.is_empty() {
+                            out.push(IndexEffect::Renamed {
+                                from: renamed(&t, &c.indexname),
+                                to: renamed(&t, &c.conname),
+                            });
+                        } else if let Some(index) = constraint_index(c, &t, &[]) {
+                            out.push(IndexEffect::Created {
+                                index,
+                                table: t.clone(),
+                            });
+                        }
+                    }
+                    (AlterTableType::AtAddColumn, Some(NodeEnum::ColumnDef(cd))) => {
+                        for c in constraints(cd) {
+                            if let Some(index) =
+                                constraint_index(c, &t, std::slice::from_ref(&cd.colname))
+                            {
+                                out.push(IndexEffect::Created {
+                                    index,
+                                    table: t.clone(),
+                                });
+                            }
+                        }
+                    }
+                    (AlterTableType::AtDropConstraint, _) => {
+                        out.push(IndexEffect::ConstraintDropped {
+                            name: renamed(&t, &cmd.name),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+/// Applies `effects` to an index → table map; returns the indexes known dropped.
+pub(crate) fn apply_index_effects(
+    effects: Vec<IndexEffect>,
+    indexes: &mut BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut dropped = Vec::new();
+    for e in effects {
+        match e {
+            IndexEffect::Created { index, table } => {
+                indexes.insert(index, table);
+            }
+            IndexEffect::ConstraintDropped { name } => {
+                if let Some((k, _)) = lookup(indexes, &name) {
+                    let k = k.clone();
+                    indexes.remove(&k);
+                    dropped.push(k);
+                }
+            }
+            IndexEffect::Renamed { from, to } => {
+                if let Some((k, t)) = lookup(indexes, &from) {
+                    let (k, t) = (k.clone(), t.clone());
+                    indexes.remove(&k);
+                    indexes.insert(to, t);
+                }
+            }
+        }
+    }
+    dropped
 }
 
 struct Parsed {
@@ -193,13 +435,34 @@ fn rv_name(rv: Option<&RangeVar>) -> Option<String> {
     })
 }
 
+/// Whether two relation names as written can name the same relation: `orders` matches
+/// `public.orders` (the linter does not know the search_path); two different schemas do not
+/// match.
+pub(crate) fn same_relation(a: &str, b: &str) -> bool {
+    let bare = |n: &str| n.rsplit('.').next().unwrap_or(n).to_string();
+    a == b || ((!a.contains('.') || !b.contains('.')) && bare(a) == bare(b))
+}
+
 fn is_created(name: Option<&str>, created: &BTreeSet<String>) -> bool {
     let Some(name) = name else { return false };
-    let bare = |n: &str| n.rsplit('.').next().unwrap_or(n).to_string();
-    created.iter().any(|c| {
-        // `orders` matches `public.orders`; two different schemas do not match.
-        c == name || ((!c.contains('.') || !name.contains('.')) && bare(c) == bare(name))
-    })
+    created.iter().any(|c| same_relation(c, name))
+}
+
+/// The entry of `map` whose key names the same relation as `name`.
+pub(crate) fn lookup<'m, V>(
+    map: &'m BTreeMap<String, V>,
+    name: &str,
+) -> Option<(&'m String, &'m V)> {
+    map.get_key_value(name)
+        .or_else(|| map.iter().find(|(k, _)| same_relation(k, name)))
+}
+
+/// `new_name` in the schema of `old` (`ALTER … RENAME TO` keeps the schema).
+pub(crate) fn renamed(old: &str, new_name: &str) -> String {
+    match old.rsplit_once('.') {
+        Some((schema, _)) => format!("{schema}.{new_name}"),
+        None => new_name.to_string(),
+    }
 }
 
 fn strings(nodes: &[Node]) -> Vec<String> {
@@ -362,6 +625,13 @@ struct Issue {
     rule: &'static str,
     severity: Severity,
     message: String,
+    /// The index the finding is about, when it is about an index (`DROP INDEX i`).
+    index: Option<String>,
+    /// Its table, when known; `None` takes the statement's target (unless the statement
+    /// targets an index).
+    table: Option<String>,
+    /// `DROP … IF EXISTS`.
+    if_exists: bool,
 }
 
 fn issue(id: &'static str, message: impl Into<String>) -> Issue {
@@ -369,6 +639,9 @@ fn issue(id: &'static str, message: impl Into<String>) -> Issue {
         rule: id,
         severity: rule(id).severity,
         message: message.into(),
+        index: None,
+        table: None,
+        if_exists: false,
     }
 }
 
@@ -380,6 +653,8 @@ struct Facts {
     rewrites: bool,
     ddl: bool,
     uses_concurrently: bool,
+    /// `target` names an index, not a table.
+    target_is_index: bool,
     issues: Vec<Issue>,
 }
 
@@ -387,6 +662,19 @@ struct Facts {
 #[derive(Default)]
 struct State {
     created: BTreeSet<String>,
+    /// index → its table, for indexes created earlier in the file or the run: `DROP INDEX`
+    /// names only the index.
+    indexes: BTreeMap<String, String>,
+    /// Indexes this file dropped (with their constraint, or by `DROP INDEX`): a later
+    /// `DROP INDEX IF EXISTS` of one does nothing.
+    dropped_indexes: Vec<String>,
+    /// Tables renamed in this file: new name → the name the table had before the file.
+    aliases: BTreeMap<String, String>,
+    /// Tables created by earlier scripts of the run: their findings are judged (downgraded)
+    /// after linting, but dropping one loses no data that existed before the run.
+    created_in_run: BTreeSet<String>,
+    /// `server_version_num`, when the database is known; `None` assumes a current server.
+    version: Option<u32>,
     /// constraint name → (table, column) for CHECK (col IS NOT NULL) added NOT VALID
     pending_not_null: BTreeMap<String, (String, String)>,
     /// (table, column) with a validated CHECK (col IS NOT NULL)
@@ -406,6 +694,13 @@ fn facts(node: &NodeEnum, created: &mut BTreeSet<String>) -> Facts {
 }
 
 fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
+    let f = analyze_statement(node, st);
+    let gone = apply_index_effects(index_effects(node), &mut st.indexes);
+    st.dropped_indexes.extend(gone);
+    f
+}
+
+fn analyze_statement(node: &NodeEnum, st: &mut State) -> Facts {
     let mut f = Facts {
         ddl: true,
         ..Facts::default()
@@ -466,14 +761,31 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
                     } else {
                         ACCESS_EXCLUSIVE
                     });
-                    if !s.concurrent {
-                        f.issues.push(issue(
-                            "drop-index-concurrently",
-                            format!(
-                                "DROP INDEX {} without CONCURRENTLY takes ACCESS EXCLUSIVE on its table",
-                                names.join(", ")
-                            ),
-                        ));
+                    f.target_is_index = true;
+                    for name in &names {
+                        let table = lookup(&st.indexes, name).map(|(_, t)| t.clone());
+                        let gone = table.is_none()
+                            && s.missing_ok
+                            && st.dropped_indexes.iter().any(|d| same_relation(d, name));
+                        if !s.concurrent && !gone && !is_created(table.as_deref(), &st.created) {
+                            f.issues.push(Issue {
+                                index: Some(name.clone()),
+                                table: table.clone(),
+                                if_exists: s.missing_ok,
+                                ..issue(
+                                    "drop-index-concurrently",
+                                    format!(
+                                        "DROP INDEX {name} without CONCURRENTLY takes ACCESS EXCLUSIVE on its table{}",
+                                        table.as_deref().map(|t| format!(" ({t})")).unwrap_or_default()
+                                    ),
+                                )
+                            });
+                        }
+                        if let Some((k, _)) = lookup(&st.indexes, name) {
+                            let k = k.clone();
+                            st.indexes.remove(&k);
+                        }
+                        st.dropped_indexes.push(name.clone());
                     }
                 }
                 ObjectType::ObjectTable => {
@@ -481,7 +793,10 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
                     f.lock = Some(ACCESS_EXCLUSIVE);
                     let lost: Vec<&String> = names
                         .iter()
-                        .filter(|n| !is_created(Some(n), &st.created))
+                        .filter(|n| {
+                            !is_created(Some(n), &st.created)
+                                && !is_created(Some(n), &st.created_in_run)
+                        })
                         .collect();
                     if !lost.is_empty() && !st.undo_preserves_data {
                         f.issues.push(issue(
@@ -502,6 +817,9 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
                             message:
                                 "DROP TABLE … CASCADE also drops every object that depends on it"
                                     .into(),
+                            index: None,
+                            table: None,
+                            if_exists: false,
                         });
                     }
                 }
@@ -522,16 +840,31 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
             });
             f.uses_concurrently = concurrent;
             f.target = rv_name(s.relation.as_ref()).or_else(|| Some(s.name.clone()));
+            let kind = ReindexObjectType::try_from(s.kind).unwrap_or(ReindexObjectType::Undefined);
+            f.target_is_index = kind == ReindexObjectType::ReindexObjectIndex;
+            let on_table = match kind {
+                ReindexObjectType::ReindexObjectTable => f.target.clone(),
+                ReindexObjectType::ReindexObjectIndex => f
+                    .target
+                    .as_deref()
+                    .and_then(|i| lookup(&st.indexes, i))
+                    .map(|(_, t)| t.clone()),
+                _ => None,
+            };
             f.lock = Some(if concurrent {
                 SHARE_UPDATE_EXCLUSIVE
             } else {
                 ACCESS_EXCLUSIVE
             });
-            if !concurrent {
-                f.issues.push(issue(
-                    "reindex-concurrently",
-                    "REINDEX without CONCURRENTLY blocks writes, and reads that use the index",
-                ));
+            if !concurrent && !is_created(on_table.as_deref(), &st.created) {
+                f.issues.push(Issue {
+                    index: f.target.clone().filter(|_| f.target_is_index),
+                    table: on_table,
+                    ..issue(
+                        "reindex-concurrently",
+                        "REINDEX without CONCURRENTLY blocks writes, and reads that use the index",
+                    )
+                });
             }
         }
         NodeEnum::UpdateStmt(s) => {
@@ -585,8 +918,19 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
                                 s.newname
                             ),
                         ));
-                    } else {
-                        st.created.insert(s.newname.clone());
+                    } else if let Some(t) = &f.target {
+                        st.created.insert(renamed(t, &s.newname));
+                    }
+                    if let Some(t) = &f.target {
+                        let before =
+                            lookup(&st.aliases, t).map_or_else(|| t.clone(), |(_, b)| b.clone());
+                        st.aliases.insert(renamed(t, &s.newname), before);
+                        // The table's indexes follow it.
+                        for it in st.indexes.values_mut() {
+                            if same_relation(it, t) {
+                                *it = renamed(t, &s.newname);
+                            }
+                        }
                     }
                 }
                 ObjectType::ObjectColumn => {
@@ -607,6 +951,14 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
                 ObjectType::ObjectIndex => {
                     f.kind = "RENAME INDEX";
                     f.lock = Some(SHARE_UPDATE_EXCLUSIVE);
+                    f.target_is_index = true;
+                    if let Some(old) = &f.target
+                        && let Some((k, t)) = lookup(&st.indexes, old)
+                    {
+                        let (k, t) = (k.clone(), t.clone());
+                        st.indexes.remove(&k);
+                        st.indexes.insert(renamed(old, &s.newname), t);
+                    }
                 }
                 _ => {
                     f.kind = "RENAME";
@@ -616,6 +968,12 @@ fn analyze(node: &NodeEnum, st: &mut State) -> Facts {
         }
         NodeEnum::VacuumStmt(s) => {
             f.kind = if s.is_vacuumcmd { "VACUUM" } else { "ANALYZE" };
+            // One table named: the finding is about it; none or several: the whole lot.
+            if let [rel] = s.rels.as_slice()
+                && let Some(NodeEnum::VacuumRelation(vr)) = &rel.node
+            {
+                f.target = rv_name(vr.relation.as_ref());
+            }
             let full = s.options.iter().any(|o| match &o.node {
                 Some(NodeEnum::DefElem(d)) => {
                     d.defname == "full" && !defelem_false(d.arg.as_deref())
@@ -784,7 +1142,7 @@ fn alter_cmd(cmd: &AlterTableCmd, table: &str, new: bool, st: &mut State, f: &mu
     match sub {
         T::AtAddColumn => {
             if let Some(NodeEnum::ColumnDef(cd)) = def {
-                add_column(cd, table, new, f);
+                add_column(cd, table, new, st.version, f);
             }
         }
         T::AtAddConstraint | T::AtAddIndexConstraint => {
@@ -806,7 +1164,10 @@ fn alter_cmd(cmd: &AlterTableCmd, table: &str, new: bool, st: &mut State, f: &mu
         }
         T::AtSetNotNull => {
             let key = (table.to_string(), cmd.name.clone());
-            if !new && !st.validated_not_null.contains(&key) {
+            // PostgreSQL < 12 scans for SET NOT NULL even with a validated CHECK.
+            let check_helps = st.version.is_none_or(|v| v >= 120_000);
+            let proven = check_helps && st.validated_not_null.contains(&key);
+            if !new && !proven {
                 f.issues.push(issue(
                     "set-not-null",
                     format!(
@@ -846,7 +1207,7 @@ fn alter_cmd(cmd: &AlterTableCmd, table: &str, new: bool, st: &mut State, f: &mu
     }
 }
 
-fn add_column(cd: &ColumnDef, table: &str, new: bool, f: &mut Facts) {
+fn add_column(cd: &ColumnDef, table: &str, new: bool, version: Option<u32>, f: &mut Facts) {
     let ty = type_name(cd).unwrap_or_default();
     let col = &cd.colname;
     let mut defaults: Vec<&Node> = cd.raw_default.as_deref().into_iter().collect();
@@ -905,6 +1266,16 @@ fn add_column(cd: &ColumnDef, table: &str, new: bool, f: &mut Facts) {
     }
     for d in defaults {
         match default_volatility(d) {
+            // Before PostgreSQL 11 every ADD COLUMN … DEFAULT wrote the default into each row.
+            Volatility::Safe if version.is_some_and(|v| v < 110_000) => {
+                f.rewrites = true;
+                if !new {
+                    f.issues.push(issue(
+                        "volatile-default",
+                        format!("ADD COLUMN {table}.{col} DEFAULT rewrites every row on this server (PostgreSQL < 11 stores the default in each row)"),
+                    ));
+                }
+            }
             Volatility::Safe => {}
             Volatility::Volatile(func) => {
                 f.rewrites = true;
@@ -923,6 +1294,9 @@ fn add_column(cd: &ColumnDef, table: &str, new: bool, f: &mut Facts) {
                         message: format!(
                             "ADD COLUMN {table}.{col} DEFAULT calls {func}(): if it is VOLATILE, every row is rewritten"
                         ),
+                        index: None,
+                        table: None,
+                        if_exists: false,
                     });
                 }
             }
@@ -1005,6 +1379,9 @@ fn column_type(cd: &ColumnDef, table: &str, col: &str, f: &mut Facts) {
             message: format!(
                 "ALTER COLUMN {table}.{col} TYPE {ty} rewrites the table unless the old type converts without it (varchar(n) → varchar(m ≥ n) or text, numeric precision increase)"
             ),
+            index: None,
+            table: None,
+            if_exists: false,
         });
     } else {
         f.rewrites = true;
@@ -1040,7 +1417,16 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
             hint: rule(id).hint.to_string(),
             lock: facts.and_then(|f| f.lock).map(str::to_string),
             rewrites_table: facts.is_some_and(|f| f.rewrites),
+            table: facts
+                .filter(|f| !f.target_is_index)
+                .and_then(|f| f.target.clone()),
+            index: None,
+            table_before: None,
+            if_exists: false,
             allowed: None,
+            downgraded: None,
+            verdict: crate::Verdict::Advisory,
+            measured: None,
         }
     };
     for (at, message) in &parsed.failures {
@@ -1062,6 +1448,9 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
     let mut in_tx = ctx.in_transaction && !has_tx_control;
     let mut st = State {
         created: ctx.tables_created_in_this_migration.clone(),
+        created_in_run: ctx.created_earlier_in_run.keys().cloned().collect(),
+        indexes: ctx.indexes_created_earlier_in_run.clone(),
+        version: ctx.database.as_ref().map(|d| d.server_version_num),
         undo_preserves_data: ctx.undo_preserves_data,
         ..State::default()
     };
@@ -1086,13 +1475,18 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
         let facts = analyze(node, &mut st);
         any_ddl |= facts.ddl;
         for is in &facts.issues {
-            out.push(finding(
-                *off,
-                is.rule,
-                is.severity,
-                is.message.clone(),
-                Some(&facts),
-            ));
+            let mut f = finding(*off, is.rule, is.severity, is.message.clone(), Some(&facts));
+            if is.index.is_some() || is.table.is_some() {
+                f.index.clone_from(&is.index);
+                f.table.clone_from(&is.table);
+            }
+            f.if_exists = is.if_exists;
+            f.table_before = f
+                .table
+                .as_deref()
+                .and_then(|t| lookup(&st.aliases, t))
+                .map(|(_, b)| b.clone());
+            out.push(f);
         }
         if facts.uses_concurrently && in_tx {
             out.push(finding(
@@ -1141,6 +1535,12 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
             }
         }
         let (severity, message) = match used_at {
+            None if st.version.is_some_and(|v| v < 120_000) => (
+                Severity::Error,
+                format!(
+                    "ALTER TYPE {ty} ADD VALUE '{value}' cannot run inside a transaction block before PostgreSQL 12 (this server is older)"
+                ),
+            ),
             Some(o) => (
                 Severity::Error,
                 format!(

@@ -26,8 +26,19 @@ pub struct GateScript {
 
 /// Checks the pending scripts of a `migrate` run. Implemented over `belay-lint` in
 /// `belay-guards`.
+#[async_trait::async_trait]
 pub trait ScriptGate: Send + Sync {
-    /// `Ok` lets the run go on; an error refuses it, its kind and message reaching the
-    /// caller unchanged.
-    fn check(&self, scripts: &[GateScript]) -> Result<(), ApiError>;
+    /// `Ok` lets the run go on, with lines the executor emits as `warning` events (e.g.
+    /// findings the gate accepted, and why); an error refuses it, its kind and message
+    /// reaching the caller unchanged.
+    ///
+    /// `conn` is the run's own session, holding the runner lock: what the database says
+    /// about the scripts' tables (their size, the server version) is read there, on the
+    /// state the scripts will meet. The gate must leave the session as it found it (no
+    /// open transaction, no changed settings).
+    async fn check(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        scripts: &[GateScript],
+    ) -> Result<Vec<String>, ApiError>;
 }

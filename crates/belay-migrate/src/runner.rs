@@ -690,7 +690,7 @@ impl Migrator {
         if !steps.is_empty()
             && let Some(gate) = &self.script_gate
         {
-            self.check_scripts(gate.as_ref(), &steps)?;
+            self.check_scripts(conn, gate.as_ref(), &steps).await?;
         }
         // The backup comes after the lock and the plan, before the first statement.
         if !steps.is_empty()
@@ -963,7 +963,12 @@ impl Migrator {
 
     /// Runs the script gate over the forward and repeatable steps of a run (undo scripts
     /// are not gated: an undo is the way out of a bad deployment).
-    fn check_scripts(&self, gate: &dyn ScriptGate, steps: &[Step]) -> Result<(), MigrateError> {
+    async fn check_scripts(
+        &self,
+        conn: &mut PgConnection,
+        gate: &dyn ScriptGate,
+        steps: &[Step],
+    ) -> Result<(), MigrateError> {
         let scripts: Vec<GateScript> = steps
             .iter()
             .filter(|s| s.direction != Direction::Undo)
@@ -984,10 +989,18 @@ impl Migrator {
         if scripts.is_empty() {
             return Ok(());
         }
-        gate.check(&scripts).map_err(|e| MigrateError::GateRefused {
-            kind: e.kind,
-            message: e.message,
-        })
+        let notes = gate
+            .check(conn, &scripts)
+            .instrument(info_span!("script_gate"))
+            .await
+            .map_err(|e| MigrateError::GateRefused {
+                kind: e.kind,
+                message: e.message,
+            })?;
+        for message in notes {
+            self.emit(EventKind::Warning { message });
+        }
+        Ok(())
     }
 
     /// Runs the backup hook for `steps`; a failure refuses the run (nothing applied yet).
