@@ -10,7 +10,9 @@
 //! is downgraded, with its reason, instead of refusing the run.
 
 use belay_core::DatabaseUrl;
-use belay_lint::{DatabaseFacts, Finding, LintContext, RunMemory, SmallTable, TableFacts, Verdict};
+use belay_lint::{
+    DatabaseFacts, DowngradeBasis, Finding, LintContext, RunMemory, SmallTable, TableFacts, Verdict,
+};
 use belay_migrate::source::Script;
 use belay_migrate::{ApiError, ErrorKind, GateScript, ScriptGate};
 use sqlx::{Connection, PgConnection};
@@ -385,15 +387,28 @@ impl LintGate {
     }
 
     /// Lines for the findings the run goes ahead with although they were errors: each
-    /// downgraded one with its reason, each allowed one with the directive's reason.
+    /// allowed one with the directive's reason, each one downgraded by the database's facts
+    /// with its reason (true of this database now: worth reading before the same scripts
+    /// meet production), and one summary line for those downgraded because their table is
+    /// created earlier in the same run — a project's first deployment has hundreds, all
+    /// harmless, and `belay plan` lists them one by one.
     pub fn notes(scripts: &[GateScript], judged: &Judged) -> Vec<String> {
         let mut out = Vec::new();
         if let FactsSource::Unavailable(_) = judged.facts {
             out.push(judged.facts.describe());
         }
+        let mut new_in_run = 0usize;
+        let mut new_in_run_scripts = BTreeSet::new();
         for (s, fs) in scripts.iter().zip(&judged.findings) {
             for f in fs {
                 let why = match (f.verdict, &f.downgraded, &f.allowed) {
+                    (Verdict::Downgraded, Some(_), _)
+                        if f.downgraded_because == Some(DowngradeBasis::NewInRun) =>
+                    {
+                        new_in_run += 1;
+                        new_in_run_scripts.insert(s.script.as_str());
+                        continue;
+                    }
                     (Verdict::Downgraded, Some(r), _) => format!("downgraded: {r}"),
                     (Verdict::Allowed, _, Some(r)) => format!("allowed: {r}"),
                     _ => continue,
@@ -403,6 +418,12 @@ impl LintGate {
                     s.script, f.line, f.column, f.severity, f.rule, f.message
                 ));
             }
+        }
+        if new_in_run > 0 {
+            out.push(format!(
+                "lint: {new_in_run} finding(s) in {} script(s) downgraded: their tables are created earlier in this run, so nothing uses them yet and their locks are brief (`belay plan` lists each)",
+                new_in_run_scripts.len()
+            ));
         }
         out
     }

@@ -1425,6 +1425,7 @@ pub(crate) fn lint_file(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Findin
             if_exists: false,
             allowed: None,
             downgraded: None,
+            downgraded_because: None,
             verdict: crate::Verdict::Advisory,
             measured: None,
         }

@@ -89,6 +89,9 @@ pub struct Finding {
     /// table is new in this run, or small enough that the lock is brief.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downgraded: Option<String>,
+    /// What the downgrade rests on, for callers that summarise rather than list.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downgraded_because: Option<DowngradeBasis>,
     /// What the finding means for `migrate`.
     pub verdict: Verdict,
     /// For an `error` the database's facts did not downgrade: what they say about its
@@ -114,6 +117,18 @@ impl Finding {
             Verdict::Advisory
         }
     }
+}
+
+/// What a downgrade rests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DowngradeBasis {
+    /// The table is created earlier in the same run: nothing uses it yet, wherever the
+    /// run goes.
+    NewInRun,
+    /// The catalog shows the table small (or the `IF EXISTS` object absent): true of this
+    /// database now, not of every database the script will meet.
+    DatabaseFacts,
 }
 
 /// What a finding means for `migrate`.
@@ -283,7 +298,19 @@ fn human_bytes(bytes: u64) -> String {
 
 /// Why `f` is not blocking here, from the run and the database facts in `ctx`; `None`
 /// when nothing in them makes it safe.
-fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<String> {
+fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<(String, DowngradeBasis)> {
+    downgrade_text(f, ctx).map(|(why, new_in_run)| {
+        let basis = if new_in_run {
+            DowngradeBasis::NewInRun
+        } else {
+            DowngradeBasis::DatabaseFacts
+        };
+        (why, basis)
+    })
+}
+
+/// [`downgrade_reason`]'s text, and whether it rests on the run (not the catalog).
+fn downgrade_text(f: &Finding, ctx: &LintContext) -> Option<(String, bool)> {
     let by_size = judged_by_table(f.rule);
     if !by_size && f.rule != "rename" {
         return None;
@@ -301,12 +328,15 @@ fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<String> {
     if let Some(t) = &table
         && let Some((name, script)) = analyze::lookup(&ctx.created_earlier_in_run, t)
     {
-        return Some(match &f.index {
-            Some(i) => {
-                format!("index {i} is on table {name}, created earlier in this run ({script})")
-            }
-            None => format!("table {name} is created earlier in this run ({script})"),
-        });
+        return Some((
+            match &f.index {
+                Some(i) => {
+                    format!("index {i} is on table {name}, created earlier in this run ({script})")
+                }
+                None => format!("table {name} is created earlier in this run ({script})"),
+            },
+            true,
+        ));
     }
     if !by_size {
         return None;
@@ -320,8 +350,11 @@ fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<String> {
         && let Some(i) = &f.index
         && db.missing.contains(i)
     {
-        return Some(format!(
-            "index {i} does not exist and no earlier script of this run creates it: DROP INDEX IF EXISTS does nothing"
+        return Some((
+            format!(
+                "index {i} does not exist and no earlier script of this run creates it: DROP INDEX IF EXISTS does nothing"
+            ),
+            false,
         ));
     }
     let facts = table_facts(f, db)?;
@@ -336,16 +369,19 @@ fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<String> {
         (_, "unbatched-dml") | (None, _) => "the statement is brief".to_string(),
         (Some(lock), _) => format!("the {lock} lock is brief"),
     };
-    Some(if facts.is_empty() {
-        format!("{what} is empty: {brief}")
-    } else {
-        format!(
-            "{what} is small ({}; small is at most {} rows and {}): {brief}",
-            size(facts),
-            db.small_table.max_rows,
-            human_bytes(db.small_table.max_bytes)
-        )
-    })
+    Some((
+        if facts.is_empty() {
+            format!("{what} is empty: {brief}")
+        } else {
+            format!(
+                "{what} is small ({}; small is at most {} rows and {}): {brief}",
+                size(facts),
+                db.small_table.max_rows,
+                human_bytes(db.small_table.max_bytes)
+            )
+        },
+        false,
+    ))
 }
 
 /// The facts of `f`'s table: by its name before an in-script rename, its name, or (for an
@@ -424,8 +460,9 @@ pub fn lint(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Finding> {
             f.allowed = Some(reason.clone());
         }
         if f.severity > Severity::Info
-            && let Some(reason) = downgrade_reason(f, ctx)
+            && let Some((reason, basis)) = downgrade_reason(f, ctx)
         {
+            f.downgraded_because = Some(basis);
             f.severity = match f.severity {
                 Severity::Error => Severity::Warning,
                 _ => Severity::Info,

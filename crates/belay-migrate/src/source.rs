@@ -266,6 +266,8 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
     let layout = first_layout.map(|(l, _)| l);
 
     let mut warnings = Vec::new();
+    // Scripts with their own BEGIN/COMMIT, said once for the set (below).
+    let mut own_tc = Vec::new();
     skipped_files(
         dir,
         layout,
@@ -313,7 +315,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
             Layout::Dbmate => Some(Tool::Dbmate),
             _ => None,
         } {
-            match read_sectioned(up.path.clone(), up.read, tool, &mut warnings) {
+            match read_sectioned(up.path.clone(), up.read, tool, &mut own_tc) {
                 Ok((up_script, down_script, checksum)) => migrations.push(Migration {
                     version,
                     description: up.description,
@@ -327,7 +329,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
             }
             continue;
         }
-        let up_script = match read_script(&up.path, up.read, up.no_tx_sidecar, &mut warnings) {
+        let up_script = match read_script(&up.path, up.read, up.no_tx_sidecar, &mut own_tc) {
             Ok(s) => s,
             Err(e) => {
                 errors.push(e);
@@ -335,7 +337,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
             }
         };
         let down_script =
-            match down.map(|d| read_script(&d.path, d.read, d.no_tx_sidecar, &mut warnings)) {
+            match down.map(|d| read_script(&d.path, d.read, d.no_tx_sidecar, &mut own_tc)) {
                 Some(Ok(s)) => Some(s),
                 Some(Err(e)) => {
                     errors.push(e);
@@ -343,8 +345,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
                 }
                 None => None,
             };
-        let verify_script = match verify.map(|v| read_script(&v.path, v.read, None, &mut warnings))
-        {
+        let verify_script = match verify.map(|v| read_script(&v.path, v.read, None, &mut own_tc)) {
             Some(Ok(s)) => Some(s),
             Some(Err(e)) => {
                 errors.push(e);
@@ -376,7 +377,7 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
             continue;
         }
         seen_repeatable.insert(description.clone(), path.clone());
-        match read_script(&path, None, sidecar, &mut warnings) {
+        match read_script(&path, None, sidecar, &mut own_tc) {
             Ok(script) => repeatables.push(Repeatable {
                 description,
                 script_name: relative_name(dir, &path),
@@ -386,6 +387,13 @@ pub fn load(dir: &Path) -> Result<MigrationSet, SourceError> {
         }
     }
 
+    match own_tc.len() {
+        0..=3 => warnings.append(&mut own_tc),
+        n => warnings.push(format!(
+            "{n} scripts have their own transaction control and run without belay's transaction (as if `-- belay:no-transaction`), statement by statement; `belay plan` marks them `own_transaction_control`; the first: {}",
+            own_tc[0]
+        )),
+    }
     match errors.len() {
         0 => Ok(MigrationSet {
             dir: dir.to_path_buf(),
@@ -832,7 +840,7 @@ fn read_script(
     path: &Path,
     read: Option<(Checksum, String)>,
     sidecar: Option<NoTransactionSource>,
-    warnings: &mut Vec<String>,
+    own_tc: &mut Vec<String>,
 ) -> Result<Script, SourceError> {
     let (checksum, text) = match read {
         Some(r) => r,
@@ -844,7 +852,7 @@ fn read_script(
             source: sections::foreign(marker, None),
         });
     }
-    build_script(path, &text, checksum, sidecar, warnings)
+    build_script(path, &text, checksum, sidecar, own_tc)
 }
 
 /// A goose or dbmate file: its up script, its down script (`None` when the file has no
@@ -854,7 +862,7 @@ fn read_sectioned(
     path: PathBuf,
     read: Option<(Checksum, String)>,
     tool: Tool,
-    warnings: &mut Vec<String>,
+    own_tc: &mut Vec<String>,
 ) -> Result<(Script, Option<Script>, Checksum), SourceError> {
     let (checksum, text) = match read {
         Some(r) => r,
@@ -873,7 +881,7 @@ fn read_sectioned(
         &parsed.up,
         checksum.clone(),
         parsed.up_no_transaction,
-        warnings,
+        own_tc,
     )?;
     let down = match parsed.down {
         Some(down) => Some(build_script(
@@ -881,7 +889,7 @@ fn read_sectioned(
             &down,
             checksum.clone(),
             parsed.down_no_transaction,
-            warnings,
+            own_tc,
         )?)
         .filter(|s| !s.is_empty()),
         None => None,
@@ -896,7 +904,7 @@ fn build_script(
     text: &str,
     checksum: Checksum,
     sidecar: Option<NoTransactionSource>,
-    warnings: &mut Vec<String>,
+    own_tc: &mut Vec<String>,
 ) -> Result<Script, SourceError> {
     let sql::SplitScript { text, statements } =
         sql::split_script(text).map_err(|source| SourceError::Script {
@@ -918,7 +926,7 @@ fn build_script(
         // it runs statement by statement, its history row marked running first.
         if directives.no_transaction.is_none() {
             directives.no_transaction = Some(NoTransactionSource::OwnTransactionControl);
-            warnings.push(format!(
+            own_tc.push(format!(
                 "{}:{}: script has its own transaction control ({}); running it without belay's transaction (as if `-- belay:no-transaction`)",
                 path.display(),
                 sql::line_of_offset(&text, tc.start),
@@ -1003,6 +1011,49 @@ mod tests {
         assert_eq!(
             set.migrations[0].up.no_transaction(),
             Some(NoTransactionSource::DieselMetadata)
+        );
+    }
+
+    #[test]
+    fn many_scripts_with_their_own_transaction_control_are_said_once() {
+        let files: Vec<(String, String)> = (1..=5)
+            .map(|n| {
+                (
+                    format!("V{n}__t.sql"),
+                    format!("BEGIN;\nCREATE TABLE t{n} (i int);\nCOMMIT;\n"),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        let d = dir_with(&refs);
+        let set = load(d.path()).unwrap();
+        let own: Vec<&String> = set
+            .warnings
+            .iter()
+            .filter(|w| w.contains("own transaction control"))
+            .collect();
+        assert_eq!(own.len(), 1, "{:?}", set.warnings);
+        assert!(own[0].starts_with("5 scripts"), "{}", own[0]);
+        assert!(own[0].contains("V1__t.sql:1"), "{}", own[0]);
+        assert!(
+            set.migrations
+                .iter()
+                .all(|m| m.up.no_transaction() == Some(NoTransactionSource::OwnTransactionControl))
+        );
+
+        let d = dir_with(&refs[..2]);
+        let set = load(d.path()).unwrap();
+        assert_eq!(
+            set.warnings
+                .iter()
+                .filter(|w| w.contains("own transaction control"))
+                .count(),
+            2,
+            "a few are each named: {:?}",
+            set.warnings
         );
     }
 
