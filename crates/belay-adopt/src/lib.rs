@@ -578,14 +578,7 @@ mod tests {
     }
 
     fn applied(v: &str) -> Applied {
-        Applied {
-            text: v.into(),
-            version: Version::parse(v).expect("version"),
-            installed_on: None,
-            installed_by: None,
-            execution_ms: None,
-            checksum: Theirs::None,
-        }
+        Applied::version_only(v.into(), Version::parse(v).expect("version"))
     }
 
     fn versions(a: &Adoption) -> Vec<(&str, EntryType)> {

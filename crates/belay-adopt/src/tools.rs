@@ -30,6 +30,20 @@ pub(crate) struct Applied {
     pub checksum: Theirs,
 }
 
+impl Applied {
+    /// A version as a tool that records nothing else about it (golang-migrate, dbmate).
+    pub fn version_only(text: String, version: Version) -> Self {
+        Applied {
+            text,
+            version,
+            installed_on: None,
+            installed_by: None,
+            execution_ms: None,
+            checksum: Theirs::None,
+        }
+    }
+}
+
 /// The checksum a tool recorded, if any.
 #[derive(Debug, Clone)]
 pub(crate) enum Theirs {
@@ -354,14 +368,7 @@ async fn golang_migrate(conn: &mut PgConnection, table: &Table) -> Result<Record
         return Ok(record);
     }
     if let Some(version) = version(Tool::GolangMigrate, table, &text, &mut record.problems) {
-        record.up_to = Some(Applied {
-            text,
-            version,
-            installed_on: None,
-            installed_by: None,
-            execution_ms: None,
-            checksum: Theirs::None,
-        });
+        record.up_to = Some(Applied::version_only(text, version));
     }
     Ok(record)
 }
@@ -380,14 +387,7 @@ async fn dbmate(conn: &mut PgConnection, table: &Table) -> Result<Record, AdoptE
     for r in &rows {
         let text: String = r.get(0);
         if let Some(version) = version(Tool::Dbmate, table, &text, &mut record.problems) {
-            record.applied.push(Applied {
-                text,
-                version,
-                installed_on: None,
-                installed_by: None,
-                execution_ms: None,
-                checksum: Theirs::None,
-            });
+            record.applied.push(Applied::version_only(text, version));
         }
     }
     Ok(record)
