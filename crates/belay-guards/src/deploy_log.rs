@@ -8,7 +8,7 @@ use belay_deploy::{
 };
 use belay_history::{
     DeploymentEnd, DeploymentEventRow, DeploymentRow, DeploymentStart, History, HistoryError,
-    NewDeploymentEvent, PrefixMatch,
+    HistoryRow, NewDeploymentEvent, PrefixMatch, RowState,
 };
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection};
@@ -134,7 +134,7 @@ impl HistoryDeploymentLog {
     async fn connect(&self) -> Result<PgConnection, LogError> {
         let fail = |reason: String| {
             LogError(format!(
-                "cannot record the deployment in {}: {}",
+                "deployment log: cannot connect to {}: {}",
                 self.url,
                 belay_core::redact_url(&reason)
             ))
@@ -172,6 +172,27 @@ impl HistoryDeploymentLog {
             *guard = Some(conn);
         }
         result.map_err(log_error)
+    }
+
+    /// Opens the log's session now, so a caller can tell an unreachable database from a
+    /// failing read.
+    pub async fn connect_now(&self) -> Result<(), LogError> {
+        let mut guard = self.session.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.connect().await?);
+        }
+        Ok(())
+    }
+
+    /// The history rows of migrations that failed or never finished (`failed`,
+    /// `running`), in rank order: what a no-transaction migration leaves behind, with the
+    /// deployment it belongs to.
+    pub async fn unfinished_history_rows(&self) -> Result<Vec<HistoryRow>, LogError> {
+        let rows = self.with_session(async |h, c| h.rows(c).await).await?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| matches!(r.state, RowState::Failed | RowState::Running))
+            .collect())
     }
 
     /// The deployment whose id starts with `prefix` (the whole id works too).
