@@ -153,6 +153,14 @@ fn history_and_deployments_show_a_failed_attempt_with_its_file_and_line() {
         serde_json::from_str(run.stdout.lines().next().expect("report")).expect("JSON report");
     let id = record_failed_run(&db.url, &report);
     let prefix = &id.to_string()[..8];
+    // The history row of what the run applied names it, as `status` shows.
+    let status = belay_ok(&db.url, dir.path(), &["status", "--output", "json"]).json();
+    assert_eq!(status[0]["deployment_id"], id.to_string(), "{status}");
+    assert!(
+        status[0].get("backup_id").is_some_and(|b| b.is_null()),
+        "{status}"
+    );
+    assert!(status[1]["deployment_id"].is_null(), "pending: no row");
     let want_error = "V2__bad.sql:2:1: syntax error at or near \"SELEC\"";
 
     let text = belay_ok(&db.url, dir.path(), &["history"]).stdout;
@@ -427,5 +435,32 @@ fn release_must_be_semver() {
             "--release",
             "2.0.0-rc.1+build.5",
         ],
+    );
+}
+
+#[test]
+fn status_shows_each_migrations_deployment_and_backup() {
+    let db = db();
+    let dir = migrations(&[("V1__one.sql", "CREATE TABLE one (id int);")]);
+    let backups = tempfile::tempdir().expect("tempdir");
+    let run = belay_b_ok(
+        &db.url,
+        dir.path(),
+        backups.path(),
+        &["migrate", "--output", "json"],
+    )
+    .json();
+    let taken = run["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["event"] == "backup_taken")
+        .expect("a backup before the run")
+        .clone();
+    let status = belay_ok(&db.url, dir.path(), &["status", "--output", "json"]).json();
+    assert_eq!(status[0]["backup_id"], taken["id"], "{status}");
+    assert_eq!(
+        status[0]["deployment_id"], run["report"]["deployment_id"],
+        "{status}"
     );
 }
