@@ -34,6 +34,8 @@ Exit codes:
       removed, the catalog unchanged)
   backfill also: 130 stopped by SIGINT (143 SIGTERM) between batches; the same command
       resumes from the last committed batch
+  deployments show also: 66 no deployment matches the id (or prefix); 64 the prefix
+      matches several
   adopt also: 2 refused (no other tool's table or several, a failed or dirty state, a
       version without its file, a checksum difference, a belay history that disagrees);
       nothing written. 0 when belay's history already matches (nothing to do)
@@ -140,6 +142,11 @@ pub enum Command {
         backup: Option<crate::backup_cmd::BackupMode>,
         #[command(flatten)]
         checks: MigrateChecks,
+        /// The application release this deployment ships, semver (e.g. 1.6.0 or
+        /// 2.0.0-rc.1); recorded in the deployment log, so a rollback knows which release
+        /// the schema went with
+        #[arg(long, value_name = "VERSION", value_parser = parse_release)]
+        release: Option<String>,
     },
     /// Revert applied migrations with their undo scripts, newest first [default: one]
     Undo {
@@ -209,10 +216,20 @@ pub enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Remote mode: deployments recorded by the controller
+    /// Deployments: with --controller, those the controller recorded; locally, the
+    /// database's own deployment log (`list`, `show ID` with a unique prefix of the id)
     Deployments {
         #[command(subcommand)]
         command: Option<DeploymentsCommand>,
+    },
+    /// Local mode: this database's deployments, newest first, from its deployment log:
+    /// state, failed step and reason, the migrations applied, and every failed attempt
+    /// with its error (file:line), including failed migrations the log does not have.
+    /// With --target NAME, only the deployments recorded for that target
+    History {
+        /// How many deployments to show
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
     },
     /// Remote mode: agents registered with the controller and their targets
     Agents,
@@ -286,10 +303,61 @@ pub enum DeploymentsCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// One deployment: state and per-target outcome
+    /// One deployment: state and per-target outcome (locally: its steps, events, reason
+    /// and evidence; a unique prefix of the id is enough; exit 66 when none matches)
     Show { id: String },
     /// Follow a deployment's events until it finishes
     Watch { id: String },
+}
+
+/// `--release`: a SemVer 2.0.0 version (`MAJOR.MINOR.PATCH`, optional `-prerelease` and
+/// `+build`), refused otherwise rather than guessed at: the record must compare exactly
+/// with the release a rollback is asked to return to. `v1.6.0` and `1.6` are refused
+/// with the spelling to use.
+pub fn parse_release(s: &str) -> Result<String, String> {
+    fn numeric(p: &str) -> bool {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (p == "0" || !p.starts_with('0'))
+    }
+    fn ident(p: &str) -> bool {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    }
+    let hint = "use MAJOR.MINOR.PATCH (SemVer), e.g. 1.6.0 or 2.0.0-rc.1";
+    if let Some(rest) = s.strip_prefix(['v', 'V'])
+        && parse_release(rest).is_ok()
+    {
+        return Err(format!(
+            "{s:?} is not a SemVer version: drop the leading v ({rest})"
+        ));
+    }
+    let (rest, build) = match s.split_once('+') {
+        Some((r, b)) => (r, Some(b)),
+        None => (s, None),
+    };
+    let (core, pre) = match rest.split_once('-') {
+        Some((c, p)) => (c, Some(p)),
+        None => (rest, None),
+    };
+    let parts: Vec<&str> = core.split('.').collect();
+    if parts.len() != 3 || !parts.iter().all(|p| numeric(p)) {
+        if parts.len() < 3 && parts.iter().all(|p| numeric(p)) {
+            let padded = [parts.clone(), vec!["0"; 3 - parts.len()]]
+                .concat()
+                .join(".");
+            return Err(format!(
+                "{s:?} is not a SemVer version: it needs three numbers ({padded})"
+            ));
+        }
+        return Err(format!("{s:?} is not a SemVer version: {hint}"));
+    }
+    let pre_ok = pre.is_none_or(|p| {
+        p.split('.')
+            .all(|i| ident(i) && (!i.bytes().all(|b| b.is_ascii_digit()) || numeric(i)))
+    });
+    let build_ok = build.is_none_or(|b| b.split('.').all(ident));
+    if !pre_ok || !build_ok {
+        return Err(format!("{s:?} is not a SemVer version: {hint}"));
+    }
+    Ok(s.to_string())
 }
 
 /// Checks around `migrate` (both modes; lint in local mode only).
@@ -420,4 +488,42 @@ pub struct ExecArgs {
     /// queues behind a migration waiting for its lock (not behind one holding it)
     #[arg(long, conflicts_with = "max_blocking")]
     pub no_lock_guard: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_release;
+
+    #[test]
+    fn releases_are_semver() {
+        for ok in [
+            "0.0.0",
+            "1.6.0",
+            "10.20.30",
+            "2.0.0-rc.1",
+            "1.0.0-alpha-a.b-c",
+            "1.0.0+build.5",
+            "1.0.0-0.3.7+exp.sha.5114f85",
+        ] {
+            assert_eq!(parse_release(ok).as_deref(), Ok(ok), "{ok}");
+        }
+        for (bad, says) in [
+            ("1.6", "three numbers (1.6.0)"),
+            ("1", "three numbers (1.0.0)"),
+            ("v1.6.0", "drop the leading v (1.6.0)"),
+            ("V2.0.0-rc.1", "drop the leading v (2.0.0-rc.1)"),
+            ("01.6.0", "e.g. 1.6.0"),
+            ("1.6.0.1", "e.g. 1.6.0"),
+            ("1.6.0-", "e.g. 1.6.0"),
+            ("1.6.0-01", "e.g. 1.6.0"),
+            ("1.6.0-a..b", "e.g. 1.6.0"),
+            ("1.6.0+", "e.g. 1.6.0"),
+            ("1.6.0 ", "e.g. 1.6.0"),
+            ("", "e.g. 1.6.0"),
+            ("vlatest", "e.g. 1.6.0"),
+        ] {
+            let e = parse_release(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

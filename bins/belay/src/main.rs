@@ -7,6 +7,7 @@ mod backfill_cmd;
 mod backup_cmd;
 mod cli;
 mod health_cmd;
+mod history_cmd;
 mod lint_cmd;
 mod locks_cmd;
 mod remote;
@@ -176,6 +177,9 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     if cli.controller.is_some() && matches!(cli.command, Command::Adopt { .. }) {
         return Err(adopt_cmd::remote_unsupported());
     }
+    if cli.controller.is_some() && matches!(cli.command, Command::History { .. }) {
+        return Err(history_cmd::remote_unsupported());
+    }
     if let Some(addr) = cli.controller.clone() {
         let token = read_token(cli.token_file.as_deref())?;
         let tls = match &cli.ca {
@@ -249,6 +253,21 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     }
     if let Command::Locks { args } = &cli.command {
         return locks_cmd::run_local(args, &url, cli.output).await;
+    }
+    // The deployment log is in the database: no migration files needed.
+    let schema = &settings.exec.history_schema;
+    if let Command::History { limit } = &cli.command {
+        return history_cmd::history(&url, schema, *limit, cli.target.as_deref(), cli.output).await;
+    }
+    if let Command::Deployments { command } = &cli.command {
+        return history_cmd::deployments(
+            &url,
+            schema,
+            command.as_ref(),
+            cli.target.as_deref(),
+            cli.output,
+        )
+        .await;
     }
     // Files are checked before anything else touches the database.
     let set = belay_migrate::load(&settings.dir).map_err(MigrateError::from)?;
@@ -417,6 +436,7 @@ async fn execute(
             code: exit::USAGE,
             message: "locks, check and probe go through the lock monitor and health APIs, not the migration API".into(),
         }),
+        Command::History { .. } => Err(history_cmd::remote_unsupported()),
         Command::Deploy { .. } | Command::Deployments { .. } | Command::Agents => {
             Err(remote::needs_controller(&command).unwrap_or(Failure {
                 code: exit::USAGE,

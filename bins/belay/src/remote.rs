@@ -123,7 +123,7 @@ pub async fn fleet_command(
                 } else {
                     None
                 },
-                requested_by: std::env::var("USER").ok(),
+                requested_by: crate::history_cmd::os_user(),
             };
             match ControllerServiceClient::new(conn.intercepted())
                 .deploy(req)
@@ -242,13 +242,10 @@ pub async fn fleet_command(
     })
 }
 
-/// The error for fleet commands run without `--controller`.
+/// The error for fleet commands run without `--controller` (`deployments` reads the
+/// database's own log in local mode).
 pub fn needs_controller(command: &Command) -> Option<Failure> {
-    matches!(
-        command,
-        Command::Deploy { .. } | Command::Deployments { .. } | Command::Agents
-    )
-    .then(|| Failure {
+    matches!(command, Command::Deploy { .. } | Command::Agents).then(|| Failure {
         code: exit::USAGE,
         message:
             "this command talks to a controller: pass --controller ADDR (or set BELAY_CONTROLLER)"

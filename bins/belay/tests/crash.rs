@@ -35,7 +35,7 @@ fn kill_9_during_a_no_transaction_migration_is_failed_refused_then_repaired() {
     wait_for("the running row of V2", || {
         psql(
             &db.url,
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'belay'",
+            "SELECT (to_regclass('belay.schema_history') IS NOT NULL)::int",
         ) == "1"
             && psql(
                 &db.url,

@@ -2,15 +2,19 @@
 //! needs no backup or lock-monitoring code and the capability crates need no executor
 //! code: [`BackupGuard`] implements `belay_migrate::BackupHook` over `belay-backup`;
 //! [`LockGuardAdapter`] implements `belay_migrate::LockGuardHook` over `belay-locks`;
-//! [`LintGate`] implements `belay_migrate::ScriptGate` over `belay-lint`. The
+//! [`LintGate`] implements `belay_migrate::ScriptGate` over `belay-lint`;
+//! [`HistoryDeploymentLog`] implements `belay_deploy::DeploymentLog` over the deployment
+//! log tables of `belay-history`, on a session of its own. The
 //! CLI and the agent wire them the same way. They hold no policy beyond choosing what to
 //! back up from the run's context (the guard's budget comes from the executor's
 //! config), and print nothing themselves: callers pass `notify` and `progress` callbacks.
 
+mod deploy_log;
 mod health;
 pub mod lint;
 mod lock_guard;
 
+pub use deploy_log::{Attempt, DEPLOY_LOG_APPLICATION, Found, HistoryDeploymentLog, attempts};
 pub use health::{MigrationFactsAdapter, summarize};
 pub use lint::LintGate;
 pub use lock_guard::{GUARD_CONNECT_TIMEOUT, LockGuardAdapter};

@@ -2,7 +2,17 @@
 //! a superset of Flyway's `flyway_schema_history`, so monitoring SQL written for Flyway
 //! ports directly. It owns the table's DDL, row types, and reads and writes on a
 //! connection the caller provides — so the executor can write a migration's row inside the
-//! migration's own transaction. It must not run migrations or decide what to apply.
+//! migration's own transaction. Beside it, the local deployment log
+//! (`deployments`, `deployment_events`; see [`DeploymentRow`]), whose writes the pipeline
+//! makes on a session of its own so that a failed migration's attempt stays on record.
+//! It must not run migrations or decide what to apply.
+
+mod deployments;
+
+pub use deployments::{
+    DEPLOYMENT_EVENTS, DEPLOYMENTS, DeploymentEnd, DeploymentEventRow, DeploymentRow,
+    DeploymentStart, NewDeploymentEvent, PrefixMatch,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
@@ -195,11 +205,14 @@ struct Shape {
     columns: Vec<String>,
     /// The name of a `type` check written before `ADOPTED` existed, to be widened.
     narrow_type_check: Option<String>,
+    /// Whether the deployment log's tables exist beside it (a belay before them did not
+    /// create them).
+    has_deployments: bool,
 }
 
 /// `notes` as jsonb accepts it: PostgreSQL text cannot hold NUL, and jsonb rejects the
 /// `\u0000` escape serde_json would write for one, so NULs are dropped from every string.
-fn storable_notes(v: &serde_json::Value) -> serde_json::Value {
+pub(crate) fn storable_notes(v: &serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match v {
         Value::String(s) if s.contains('\0') => Value::String(s.replace('\0', "")),
@@ -255,7 +268,8 @@ impl History {
         }
     }
 
-    /// The DDL that creates the table; shown by `plan --sql` on a fresh database.
+    /// The DDL that creates the table and the deployment log's tables beside it; shown by
+    /// `plan --sql` on a fresh database.
     pub fn create_sql(&self) -> String {
         format!(
             r#"CREATE SCHEMA IF NOT EXISTS "{schema}";
@@ -279,7 +293,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     lock_trips     integer     NOT NULL DEFAULT 0,
     notes          jsonb
 );
-CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
+CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);
+{deployments}"#,
+            deployments = self.deployments_sql(),
             schema = self.schema,
             table = self.qualified,
             idx = format_args!("{TABLE}_version_idx"),
@@ -303,18 +319,23 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
                     (SELECT conname::text FROM pg_constraint \
                       WHERE conrelid = to_regclass($1) AND contype = 'c' \
                         AND pg_get_constraintdef(oid) LIKE '%UNDO_SQL%' \
-                        AND pg_get_constraintdef(oid) NOT LIKE '%ADOPTED%' LIMIT 1)",
+                        AND pg_get_constraintdef(oid) NOT LIKE '%ADOPTED%' LIMIT 1), \
+                    to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL",
         )
         .bind(&self.qualified)
+        .bind(format!("\"{}\".{DEPLOYMENTS}", self.schema))
+        .bind(format!("\"{}\".{DEPLOYMENT_EVENTS}", self.schema))
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| self.err(e))?;
         let exists: bool = row.try_get(0).map_err(|e| self.err(e))?;
         let columns: Vec<String> = row.try_get(1).map_err(|e| self.err(e))?;
         let narrow_type_check: Option<String> = row.try_get(2).map_err(|e| self.err(e))?;
+        let has_deployments: bool = row.try_get(3).map_err(|e| self.err(e))?;
         Ok(exists.then_some(Shape {
             columns,
             narrow_type_check,
+            has_deployments,
         }))
     }
 
@@ -356,6 +377,10 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);"#,
         conn: &mut PgConnection,
     ) -> Result<Vec<HistoryRow>, HistoryError> {
         if let Some(shape) = self.shape(conn).await? {
+            if !shape.has_deployments {
+                tracing::info!(schema = %self.schema, "adding the deployment log's tables");
+                self.ensure_deployments(conn).await?;
+            }
             if let Some(upgrade) = self.upgrade_sql(&shape) {
                 tracing::info!(table = %self.table_name(), "adding the history columns this belay records");
                 // Two statements in one query: one implicit transaction, so SET LOCAL

@@ -64,6 +64,10 @@ pub struct MigrationStatus {
     pub lock_trips: Option<i32>,
     /// The row's notes (allowed lint findings, overridden checks, lock guard trips).
     pub notes: Option<serde_json::Value>,
+    /// The deployment that wrote the row (its record is in the deployment log).
+    pub deployment_id: Option<uuid::Uuid>,
+    /// The backup taken before that deployment, to restore if undoing is not enough.
+    pub backup_id: Option<String>,
 }
 
 impl MigrationStatus {
@@ -83,6 +87,8 @@ impl MigrationStatus {
             undoable: false,
             lock_trips: row.map(|r| r.lock_trips),
             notes: row.and_then(|r| r.notes.clone()),
+            deployment_id: row.and_then(|r| r.deployment_id),
+            backup_id: row.and_then(|r| r.backup_id.clone()),
         }
     }
 }

@@ -321,6 +321,8 @@ pub fn migration_info(s: &MigrationStatus) -> pb::MigrationInfo {
         undoable: s.undoable,
         lock_trips: s.lock_trips,
         notes_json: s.notes.as_ref().map(|n| n.to_string()),
+        deployment_id: s.deployment_id.map(|id| id.to_string()),
+        backup_id: s.backup_id.clone(),
     }
 }
 
@@ -345,6 +347,8 @@ pub fn migration_status(m: &pb::MigrationInfo) -> Result<MigrationStatus, Decode
             .map(serde_json::from_str)
             .transpose()
             .map_err(|e| bad("notes_json", e.to_string()))?,
+        deployment_id: m.deployment_id.as_deref().map(parse_uuid).transpose()?,
+        backup_id: m.backup_id.clone(),
     })
 }
 
@@ -833,6 +837,8 @@ mod tests {
                 "allowed_lint": { "rename-column": "view kept" },
                 "lock_guard_trips": [{ "blocked_sessions": 3, "blockers": [{ "pid": 42 }] }],
             })),
+            deployment_id: Some(Uuid::new_v4()),
+            backup_id: Some("20260101T000000-shop".into()),
         };
         let back = migration_status(&migration_info(&s)).unwrap();
         assert_eq!(serde_json_like(&back), serde_json_like(&s));
@@ -1082,6 +1088,8 @@ mod tests {
             undoable: false,
             lock_trips: None,
             notes: None,
+            deployment_id: None,
+            backup_id: None,
         });
         m.state = 99;
         assert!(migration_status(&m).is_err());

@@ -227,3 +227,14 @@ impl Drop for Session {
         let _ = self.child.wait();
     }
 }
+
+/// `belay migrate ARGS --output json`, then `belay history --output json`: the run (any
+/// exit code) and the deployment log as `belay history` prints it, for end-to-end tests of
+/// what a deployment leaves on record.
+pub fn migrate_then_history(url: &str, dir: &Path, args: &[&str]) -> (Run, serde_json::Value) {
+    let mut all = vec!["migrate", "--output", "json"];
+    all.extend_from_slice(args);
+    let run = belay(url, dir, &all);
+    let history = belay_ok(url, dir, &["history", "--output", "json"]).json();
+    (run, history)
+}
