@@ -128,7 +128,11 @@ pub enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
-    /// Apply pending migrations (each in its own transaction, lock-safely)
+    /// Deploy pending migrations: preflight checks, the lint gate and a backup under the
+    /// runner lock, each migration in its own transaction (lock-safely), postflight
+    /// validation ([[checks]], [[smoke]], verify.sql, invalid indexes, NOT VALID
+    /// constraints) and, with --watch, the probes. Steps: planned → preflight → backing_up →
+    /// migrating → validating → watching → succeeded | failed
     Migrate {
         #[command(flatten)]
         target: TargetArgs,
@@ -313,6 +317,19 @@ pub struct MigrateChecks {
     /// the evidence if a probe crosses its failure threshold
     #[arg(long, value_name = "DURATION")]
     pub watch: Option<String>,
+    /// What a failed step leads to [default: stop, or `on_failure` in belay.toml's
+    /// [deploy]]: stop (the failure is recorded, what was applied stays applied) or
+    /// rollback (the rollback controller's; refused where none is installed)
+    #[arg(long, value_enum, value_name = "ACTION")]
+    pub on_failure: Option<OnFailureArg>,
+}
+
+/// `--on-failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailureArg {
+    Stop,
+    Rollback,
 }
 
 #[derive(Debug, Subcommand)]
