@@ -638,7 +638,7 @@ async fn the_lock_trip_budget_is_judged_when_the_executor_returns() {
     assert_eq!((f.step, f.cause), (Step::Migrating, Cause::LockTripBudget));
     assert_eq!(f.evidence["lock_trips"].as_array().unwrap().len(), 2);
     assert_eq!(f.evidence["lock_trips"][0]["blockers"], json!([42]));
-    assert!(h.health.calls().is_empty(), "no validation over budget");
+    assert_eq!(h.health.calls(), ["preflight"], "no validation over budget");
     // Within budget: the trips are on record, the deployment goes on.
     let h = Harness::new(FakeMigrations::new(events), FakeHealth::default());
     policy.lock_trip_budget = Some(2);
