@@ -128,11 +128,16 @@ pub enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
-    /// Deploy pending migrations: preflight checks, the lint gate and a backup under the
-    /// runner lock, each migration in its own transaction (lock-safely), postflight
-    /// validation ([[checks]], [[smoke]], verify.sql, invalid indexes, NOT VALID
-    /// constraints) and, with --watch, the probes. Steps: planned → preflight → backing_up →
-    /// migrating → validating → watching → succeeded | failed
+    /// Deploy pending migrations (each in its own transaction, lock-safely), checked before
+    /// and after
+    ///
+    /// A deployment of the target, step by step: planned → preflight (the checklist;
+    /// --override-check, --no-preflight) → backing_up (runner lock, lint gate, --backup) →
+    /// migrating (each migration in its own transaction, lock-safely) → validating
+    /// (postflight: [[checks]] assertions, [[smoke]] queries, verify.sql, invalid indexes,
+    /// NOT VALID constraints) → watching (--watch: [[probes]]) → succeeded, or failed naming
+    /// the step and the evidence. Exit 2 refused (nothing applied), 4 a probe crossed its
+    /// threshold, 5 validation or the lock-trip budget failed (the migrations stay applied)
     Migrate {
         #[command(flatten)]
         target: TargetArgs,

@@ -21,8 +21,8 @@ pub mod record;
 pub use memory::MemoryLog;
 pub use pipeline::{
     Cause, DeployError, DeploySink, Deployment, DeploymentRequest, FailureHandler, KIND_CHECK,
-    KIND_FAILURE_HANDLER, KIND_MIGRATION, KIND_PROBE, KIND_RUN_REPORT, KIND_TRANSITION, Pipeline,
-    StepFailure,
+    KIND_FAILURE_HANDLER, KIND_MIGRATION, KIND_NOTE, KIND_PROBE, KIND_RUN_REPORT, KIND_TRANSITION,
+    Pipeline, StepFailure,
 };
 pub use policy::{
     BackupPolicy, DeploymentPolicy, OnFailure, PostflightPolicy, PreflightPolicy, WatchPolicy,

@@ -41,6 +41,9 @@ pub const KIND_PROBE: &str = "probe";
 pub const KIND_RUN_REPORT: &str = "run_report";
 /// What the failure handler said: payload `{ok, error?}`.
 pub const KIND_FAILURE_HANDLER: &str = "failure_handler";
+/// Something the record cannot say exactly (e.g. checksums unknown in remote mode):
+/// payload its details.
+pub const KIND_NOTE: &str = "note";
 
 /// Where a caller sees the deployment's events as they are recorded (to render them).
 /// Called synchronously, in `seq` order.
@@ -791,7 +794,7 @@ impl Run<'_> {
         }
         if !unknown.is_empty() {
             self.emit(
-                "note",
+                KIND_NOTE,
                 format!(
                     "no checksum recorded for {}: the files are with the target",
                     unknown.join(", ")
