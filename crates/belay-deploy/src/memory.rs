@@ -115,7 +115,7 @@ impl DeploymentLog for MemoryLog {
     async fn list(&self, limit: usize) -> Result<Vec<DeploymentRecord>, LogError> {
         let map = self.lock()?;
         let mut entries: Vec<&Entry> = map.values().collect();
-        entries.sort_by(|a, b| b.order.cmp(&a.order));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.order));
         Ok(entries
             .into_iter()
             .filter_map(|e| e.record.clone())

@@ -289,7 +289,7 @@ impl Run<'_> {
     async fn execute(mut self) -> Result<Deployment, DeployError> {
         let request = self.request;
         let policy = &request.policy;
-        let from_version = self.from_version().await;
+        let from_version = self.newest_applied().await;
         let start = NewDeployment {
             id: request.id,
             target: request.target.clone(),
@@ -731,7 +731,7 @@ impl Run<'_> {
 
     /// The newest applied version before the deployment; `None` when there is none or
     /// the target cannot say (preflight reports an unreachable target).
-    async fn from_version(&self) -> Option<String> {
+    async fn newest_applied(&self) -> Option<String> {
         let statuses = self.pipeline.migrations.status(self.target()).await.ok()?;
         statuses
             .iter()

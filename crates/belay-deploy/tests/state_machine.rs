@@ -2,6 +2,9 @@
 //! (the crate's seam): the order of the steps, each failure path, the lock-trip budget,
 //! the failure handler. The real binary on a real database is `bins/belay/tests/pipeline.rs`.
 
+// Test helpers unwrap: a panic is the report.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -631,8 +634,10 @@ async fn the_lock_trip_budget_is_judged_when_the_executor_returns() {
     events.insert(2, trip());
     events.insert(3, trip());
     let h = Harness::new(FakeMigrations::new(events.clone()), FakeHealth::default());
-    let mut policy = DeploymentPolicy::default();
-    policy.lock_trip_budget = Some(1);
+    let mut policy = DeploymentPolicy {
+        lock_trip_budget: Some(1),
+        ..DeploymentPolicy::default()
+    };
     let d = h.run(policy.clone()).await;
     let f = d.failure.unwrap();
     assert_eq!((f.step, f.cause), (Step::Migrating, Cause::LockTripBudget));
@@ -668,8 +673,10 @@ async fn rollback_needs_a_handler_and_gets_the_failure() {
             ..FakeHealth::default()
         },
     );
-    let mut policy = DeploymentPolicy::default();
-    policy.on_failure = OnFailure::Rollback;
+    let policy = DeploymentPolicy {
+        on_failure: OnFailure::Rollback,
+        ..DeploymentPolicy::default()
+    };
     let err = h.run_with(h.pipeline(), policy.clone()).await.unwrap_err();
     assert!(matches!(err, DeployError::Policy(_)), "{err}");
     assert!(err.to_string().contains("rollback"), "{err}");
