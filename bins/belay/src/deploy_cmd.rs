@@ -99,6 +99,16 @@ pub fn catalog(set: &MigrationSet) -> Vec<AppliedMigration> {
     forward.chain(repeatable).collect()
 }
 
+/// Where the lint gate's notes (downgraded and allowed findings) go in text mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LintNotes {
+    /// Local mode: on stderr, where the CLI's own lint pass printed them before the gate
+    /// moved into the executor.
+    Stderr,
+    /// Remote mode: on stdout with the run's other events, as the agent's always were.
+    Stdout,
+}
+
 /// Runs `migrate` on `target` as a deployment and renders it: events as they come in
 /// text, one document at the end in JSON. The exit code follows the failed step.
 pub async fn migrate(
@@ -108,6 +118,7 @@ pub async fn migrate(
     policy: DeploymentPolicy,
     catalog: Option<Vec<AppliedMigration>>,
     out: Output,
+    lint_notes: LintNotes,
 ) -> Result<u8, Failure> {
     // Refused before anything runs or prints (e.g. `rollback` without a rollback
     // controller).
@@ -129,7 +140,7 @@ pub async fn migrate(
         catalog,
     };
     let events = Arc::new(Mutex::new(Vec::new()));
-    let sink = render_sink(out, events.clone());
+    let sink = render_sink(out, lint_notes, events.clone());
     let deployment = pipeline.run(request, sink).await.map_err(deploy_error)?;
     let events = events.lock().map(|v| v.clone()).unwrap_or_default();
     finish(out, &deployment, &events)
@@ -214,10 +225,14 @@ fn finish(out: Output, d: &Deployment, events: &[DeployEvent]) -> Result<u8, Fai
 }
 
 /// Renders the deployment's events as they are recorded. Text: executor events as
-/// before (lint notes on stderr, as the warnings they are), the checks that did not pass,
+/// before (lint notes where `lint_notes` says), the checks that did not pass,
 /// one line per step where it helps, every probe attempt. JSON: collected for the final
 /// document.
-fn render_sink(out: Output, store: Arc<Mutex<Vec<DeployEvent>>>) -> DeploySink {
+fn render_sink(
+    out: Output,
+    lint_notes: LintNotes,
+    store: Arc<Mutex<Vec<DeployEvent>>>,
+) -> DeploySink {
     let probe_attempts = AtomicU64::new(0);
     Arc::new(move |e: &DeployEvent| {
         if out == Output::Json {
@@ -228,7 +243,7 @@ fn render_sink(out: Output, store: Arc<Mutex<Vec<DeployEvent>>>) -> DeploySink {
         }
         match e.kind.as_str() {
             belay_deploy::KIND_MIGRATION => {
-                if e.message.starts_with("warning: lint: ") {
+                if lint_notes == LintNotes::Stderr && e.message.starts_with("warning: lint: ") {
                     eprintln!("{}", e.message);
                 } else if !e.message.is_empty() {
                     println!("{}", e.message);

@@ -221,7 +221,16 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
                 Arc::new(belay_rpc::HealthClient::new(&conn)),
                 deploy_cmd::remote_log(),
             );
-            return deploy_cmd::migrate(&pipeline, &target, t, policy, None, cli.output).await;
+            return deploy_cmd::migrate(
+                &pipeline,
+                &target,
+                t,
+                policy,
+                None,
+                cli.output,
+                deploy_cmd::LintNotes::Stdout,
+            )
+            .await;
         }
         return execute(&api, &target, cli.command, cli.output).await;
     }
@@ -347,6 +356,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             policy,
             Some(catalog),
             cli.output,
+            deploy_cmd::LintNotes::Stderr,
         )
         .await;
     }
