@@ -640,10 +640,14 @@ impl Run<'_> {
             .count();
         self.emit(
             KIND_CHECK,
-            format!(
-                "validating: {passed} of {assertions} assertion(s) passed; {}",
-                tally(&results)
-            ),
+            if assertions == 0 {
+                format!("validating: {}", tally(&results))
+            } else {
+                format!(
+                    "validating: {passed} of {assertions} assertion(s) passed; {}",
+                    tally(&results)
+                )
+            },
             json!({ "check": "postflight", "results": results }),
         )
         .await?;
