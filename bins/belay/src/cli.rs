@@ -130,7 +130,16 @@ pub enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
-    /// Apply pending migrations (each in its own transaction, lock-safely)
+    /// Deploy pending migrations (each in its own transaction, lock-safely), checked before
+    /// and after
+    ///
+    /// A deployment of the target, step by step: planned → preflight (the checklist;
+    /// --override-check, --no-preflight) → backing_up (runner lock, lint gate, --backup) →
+    /// migrating (each migration in its own transaction, lock-safely) → validating
+    /// (postflight: [[checks]] assertions, [[smoke]] queries, verify.sql, invalid indexes,
+    /// NOT VALID constraints) → watching (--watch: [[probes]]) → succeeded, or failed naming
+    /// the step and the evidence. Exit 2 refused (nothing applied), 4 a probe crossed its
+    /// threshold, 5 validation or the lock-trip budget failed (the migrations stay applied)
     Migrate {
         #[command(flatten)]
         target: TargetArgs,
@@ -381,6 +390,19 @@ pub struct MigrateChecks {
     /// the evidence if a probe crosses its failure threshold
     #[arg(long, value_name = "DURATION")]
     pub watch: Option<String>,
+    /// What a failed step leads to [default: stop, or `on_failure` in belay.toml's
+    /// [deploy]]: stop (the failure is recorded, what was applied stays applied) or
+    /// rollback (the rollback controller's; refused where none is installed)
+    #[arg(long, value_enum, value_name = "ACTION")]
+    pub on_failure: Option<OnFailureArg>,
+}
+
+/// `--on-failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailureArg {
+    Stop,
+    Rollback,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,19 +1,18 @@
 //! Health commands: `check preflight|postflight`, `probe http|sql` (local and remote
-//! alike, through `belay_health::HealthApi`), and the preflight and watch window around
-//! `migrate` (both modes: the checks through the same API, the verdicts by the same code).
+//! alike, through `belay_health::HealthApi`), and the rendering and verdicts of checks
+//! that `migrate`'s deployment (`deploy_cmd`) shares with them.
 
-use crate::cli::{CheckCommand, Cli, Command, MigrateChecks, Output, ProbeArgs, ProbeCommand};
+use crate::cli::{CheckCommand, Cli, Command, Output, ProbeArgs, ProbeCommand};
 use crate::settings::Settings;
 use crate::{Failure, exit};
 use belay_core::{DatabaseUrl, parse_duration};
 use belay_health::{
     CheckResult, CheckStatus, Expectation, HealthApi, HealthTarget, HealthTargets,
-    PreflightOptions, ProbeCheck, ProbeEvent, ProbeEvents, ProbeSpec, TargetProbe,
+    PreflightOptions, ProbeCheck, ProbeEvent, ProbeEvents, TargetProbe,
 };
-use belay_migrate::{CheckOverride, LocalTargets};
+use belay_migrate::LocalTargets;
 use futures::StreamExt;
 use std::sync::Arc;
-use std::time::Duration;
 
 fn health_err(e: impl std::fmt::Display) -> Failure {
     Failure {
@@ -63,74 +62,6 @@ pub fn local_health(
         },
     )])
     .with_migration_facts(Arc::new(facts))
-}
-
-/// What `migrate`'s checks decided before anything is applied.
-#[derive(Debug, Default)]
-pub struct MigrateGate {
-    /// Overridden preflight checks, for every history row of the run.
-    pub overrides: Vec<CheckOverride>,
-    /// `--watch`: how long to watch the probes after applying.
-    pub watch: Option<Duration>,
-}
-
-/// `migrate`'s checks before applying, the same in both modes: `--watch` needs probes,
-/// then the preflight checklist of `target` through `api` (this process's checker, or the
-/// target's agent through the controller) with belay.toml's thresholds, the findings
-/// shown, overrides warned about, and a refusal on a block.
-pub async fn before_migrate(
-    api: &dyn HealthApi,
-    target: &str,
-    settings: &Settings,
-    checks: &MigrateChecks,
-    out: Output,
-) -> Result<MigrateGate, Failure> {
-    let mut gate = MigrateGate::default();
-    // Checked first: a usage error should not wait for the checklist.
-    if let Some(w) = &checks.watch {
-        let window = parse_duration(w).map_err(|e| health_err(format!("--watch: {e}")))?;
-        if settings.probes.is_empty() {
-            return Err(health_err(
-                "--watch needs probes: add [[probes]] to belay.toml (see `belay probe --help`)",
-            ));
-        }
-        gate.watch = Some(window);
-    }
-    if checks.no_preflight {
-        eprintln!("warning: --no-preflight: migrating without the preflight checklist");
-        return Ok(gate);
-    }
-    let options = PreflightOptions {
-        thresholds: settings.thresholds.clone(),
-        overrides: checks.override_check.clone(),
-        reason: checks.reason.clone(),
-        // Failed and drifted migrations are the executor's to refuse, with remedies
-        // that no override could replace.
-        migration_checks: false,
-    };
-    let results = api.preflight(target, &options).await?;
-    let shown: Vec<_> = results
-        .iter()
-        .filter(|r| r.status != CheckStatus::Pass)
-        .cloned()
-        .collect();
-    if out == Output::Text && !shown.is_empty() {
-        println!("preflight:");
-        render(out, &shown);
-    }
-    for r in results.iter().filter(|r| r.overridden.is_some()) {
-        eprintln!(
-            "warning: preflight check {} overridden: {}",
-            r.name,
-            checks.reason.as_deref().unwrap_or("")
-        );
-        gate.overrides.push(CheckOverride {
-            check: r.name.clone(),
-            reason: r.overridden.clone().unwrap_or_default(),
-        });
-    }
-    refuse_on_block(&results, "migrate refused: preflight")?;
-    Ok(gate)
 }
 
 fn blocked(results: &[CheckResult], what: &str) -> Failure {
@@ -277,62 +208,6 @@ fn triggered(e: &ProbeEvent) -> Failure {
             e.summary()
         ),
     }
-}
-
-/// `migrate --watch` in local mode: the probes run in this process, each on what its
-/// spec names (an HTTP endpoint, or the database at its URL).
-pub async fn watch_local(
-    specs: Vec<ProbeSpec>,
-    window: Duration,
-    out: Output,
-) -> Result<u8, Failure> {
-    let count = specs.len();
-    let events = belay_health::run_probes(specs).map_err(health_err)?;
-    let events: ProbeEvents = Box::pin(events.take_until(tokio::time::sleep(window)).map(Ok));
-    watch(events, count, window, out).await
-}
-
-/// `migrate --watch` of `target` through `api` (remote mode: the controller, which relays
-/// each probe to the target's agent): one stream per probe, all running at once, their
-/// events merged as they come.
-pub async fn watch_target(
-    api: &dyn HealthApi,
-    target: &str,
-    specs: &[ProbeSpec],
-    window: Duration,
-    out: Output,
-) -> Result<u8, Failure> {
-    let mut names = std::collections::BTreeSet::new();
-    if let Some(dup) = specs.iter().find(|s| !names.insert(s.name.as_str())) {
-        return Err(health_err(format!(
-            "belay.toml [[probes]]: two probes are named {:?}",
-            dup.name
-        )));
-    }
-    let probes: Vec<TargetProbe> = specs.iter().cloned().map(TargetProbe::from).collect();
-    let streams =
-        futures::future::try_join_all(probes.iter().map(|p| api.probe(target, p, window))).await?;
-    let events: ProbeEvents = Box::pin(futures::stream::select_all(streams));
-    watch(events, specs.len(), window, out).await
-}
-
-/// The watch window after `migrate`, whichever mode started the probes: every event
-/// printed, exit 4 with the evidence when one crosses its threshold, 0 when the window
-/// ends first.
-async fn watch(
-    events: ProbeEvents,
-    count: usize,
-    window: Duration,
-    out: Output,
-) -> Result<u8, Failure> {
-    // Text only: JSON output stays one event document per line.
-    if out == Output::Text {
-        println!(
-            "watching {count} probe(s) for {}",
-            belay_core::format_duration(window)
-        );
-    }
-    follow(events, out).await
 }
 
 /// Prints every event until the window ends (exit 0) or one crosses its threshold (exit

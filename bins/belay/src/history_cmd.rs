@@ -126,7 +126,11 @@ fn print_applied(d: &DeploymentRecord) {
     }
     println!("  applied:");
     for m in &o.applied {
-        let mut notes = vec![format!("checksum {}", short(&m.checksum))];
+        // A remote run's CLI has no files to checksum: it says so rather than guess.
+        let mut notes = vec![match &m.checksum {
+            Some(c) => format!("checksum {}", short(c)),
+            None => "checksum not recorded".to_string(),
+        }];
         notes.push(
             if m.has_undo {
                 "undo available"

@@ -18,7 +18,7 @@ use crate::cli::{Output, TargetArgs};
 use crate::{Failure, exit};
 use belay_core::DatabaseUrl;
 use belay_guards::LintGate;
-use belay_guards::lint::{FactsSource, Judged};
+use belay_guards::lint::FactsSource;
 use belay_lint::{DatabaseFacts, Finding, Severity, SmallTable, Verdict};
 use belay_migrate::source::Script;
 use belay_migrate::{GateScript, MigrateError, MigrationApi, MigrationSet, PlanView, Target};
@@ -411,38 +411,4 @@ fn describe(dir: &Path, f: &Finding) -> String {
         _ => {}
     }
     s
-}
-
-/// `migrate`'s gate: refuses (exit 2, nothing applied) when a pending script has an
-/// `error` finding no `-- belay:allow=` directive accepts and no fact downgrades — the
-/// same `LintGate`, with the same database facts, the agent runs in its executor, here
-/// before preflight so a refusal costs no checks. Downgraded and allowed findings are
-/// printed as warnings with their reasons. `--no-lint` skips the gate, with a warning.
-pub async fn gate(
-    api: &dyn MigrationApi,
-    target_name: &str,
-    set: &MigrationSet,
-    t: &TargetArgs,
-    skip: bool,
-    url: &DatabaseUrl,
-    small_table: SmallTable,
-) -> Result<(), Failure> {
-    if skip {
-        eprintln!("warning: --no-lint: migrating without linting the pending scripts");
-        return Ok(());
-    }
-    let plan = api.plan(target_name, &target(t), false).await?;
-    let scripts: Vec<GateScript> = gate_scripts(set, &plan).into_iter().flatten().collect();
-    if scripts.is_empty() {
-        return Ok(());
-    }
-    let lint_gate = LintGate::new("--no-lint skips linting entirely").with_small_table(small_table);
-    let judged: Judged = lint_gate
-        .findings_at(url, &scripts)
-        .await
-        .map_err(|e| data(e.to_string()))?;
-    for line in LintGate::notes(&scripts, &judged) {
-        eprintln!("warning: {line}");
-    }
-    Ok(lint_gate.verdict(&scripts, &judged.findings)?)
 }

@@ -6,6 +6,7 @@ mod adopt_cmd;
 mod backfill_cmd;
 mod backup_cmd;
 mod cli;
+mod deploy_cmd;
 mod health_cmd;
 mod history_cmd;
 mod lint_cmd;
@@ -16,8 +17,8 @@ mod settings;
 
 use anyhow::anyhow;
 use belay_migrate::{
-    ApiError, ApplyOptions, CheckOverride, ErrorKind, LocalTargets, MigrateError, MigrationApi,
-    Target, TargetSpec, UndoTarget,
+    ApiError, ApplyOptions, ErrorKind, LocalTargets, MigrateError, MigrationApi, Target,
+    TargetSpec, UndoTarget,
 };
 use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
 use cli::{Cli, Command, Output};
@@ -29,6 +30,9 @@ pub(crate) mod exit {
     pub const REFUSED: u8 = 2;
     pub const BUSY: u8 = 3;
     pub const PROBE_FAILED: u8 = 4;
+    /// The deployment failed after migrating: a postflight check blocked, or the lock
+    /// guard tripped more often than `lock_trip_budget`; the migrations stay applied.
+    pub const DEPLOY_FAILED: u8 = 5;
     pub const USAGE: u8 = 64;
     pub const DATA: u8 = 65;
     /// The backup (or other object) does not exist (sysexits EX_NOINPUT).
@@ -207,23 +211,36 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             return result;
         }
         let api = belay_rpc::MigrationClient::new(&conn);
-        if let Command::Migrate { checks, .. } = &cli.command {
-            // The same checks as local mode, measured by the target's agent. No lint gate:
+        if let Command::Migrate {
+            checks,
+            target: t,
+            release,
+            ..
+        } = &cli.command
+        {
+            // The same pipeline as local mode, over the controller: each step measured by
+            // the target's agent. The lint gate is the agent's (its executor's ScriptGate):
             // the scripts are on the agent, and the plan carries no script text.
             let settings = settings::resolve(&cli, url_from_argv, None).map_err(usage)?;
-            let health = belay_rpc::HealthClient::new(&conn);
-            let gate =
-                health_cmd::before_migrate(&health, &target, &settings, checks, cli.output).await?;
-            let code = execute(&api, &target, cli.command, cli.output, gate.overrides).await?;
-            return match gate.watch {
-                Some(window) => {
-                    health_cmd::watch_target(&health, &target, &settings.probes, window, cli.output)
-                        .await
-                }
-                None => Ok(code),
-            };
+            let policy = deploy_cmd::policy(&settings, checks, None)?;
+            let pipeline = belay_deploy::Pipeline::new(
+                Arc::new(api),
+                Arc::new(belay_rpc::HealthClient::new(&conn)),
+                deploy_cmd::remote_log(),
+            );
+            return deploy_cmd::migrate(
+                &pipeline,
+                &target,
+                t,
+                policy,
+                None,
+                cli.output,
+                deploy_cmd::LintNotes::Stdout,
+                release.clone(),
+            )
+            .await;
         }
-        return execute(&api, &target, cli.command, cli.output, Vec::new()).await;
+        return execute(&api, &target, cli.command, cli.output).await;
     }
     if let Some(f) = remote::needs_controller(&cli.command) {
         return Err(f);
@@ -319,29 +336,56 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         )
         .await;
     }
-    if let Command::Migrate { checks, target, .. } = &cli.command {
-        lint_cmd::gate(
-            &api,
+    if let Command::Migrate {
+        checks,
+        target,
+        backup,
+        release,
+        ..
+    } = &cli.command
+    {
+        // The lint gate runs in the executor, under the runner lock, over exactly the
+        // scripts about to run — as on the agent.
+        let api = if checks.no_lint {
+            eprintln!("warning: --no-lint: migrating without linting the pending scripts");
+            api
+        } else {
+            api.with_script_gate(
+                LOCAL_TARGET,
+                Arc::new(
+                    belay_guards::LintGate::new("--no-lint skips linting entirely")
+                        .with_small_table(settings.small_table),
+                ),
+            )
+        };
+        let scope = backup
+            .or(settings.backup)
+            .unwrap_or(backup_cmd::BackupMode::Full);
+        let scope = clap::ValueEnum::to_possible_value(&scope).map(|v| v.get_name().to_string());
+        let policy = deploy_cmd::policy(&settings, checks, scope)?;
+        let health = deploy_cmd::LocalHealth {
+            checks: health_cmd::local_health(&api, LOCAL_TARGET, &settings, Some(&url)),
+            probes: settings.probes.clone(),
+        };
+        let pipeline = belay_deploy::Pipeline::new(
+            Arc::new(api),
+            Arc::new(health),
+            deploy_cmd::local_log(&url, &settings)?,
+        );
+        let catalog = deploy_cmd::catalog(&set);
+        return deploy_cmd::migrate(
+            &pipeline,
             LOCAL_TARGET,
-            &set,
             target,
-            checks.no_lint,
-            &url,
-            settings.small_table,
+            policy,
+            Some(catalog),
+            cli.output,
+            deploy_cmd::LintNotes::Stderr,
+            release.clone(),
         )
-        .await?;
+        .await;
     }
-    let mut gate = health_cmd::MigrateGate::default();
-    if let Command::Migrate { checks, .. } = &cli.command {
-        let health = health_cmd::local_health(&api, LOCAL_TARGET, &settings, Some(&url));
-        gate = health_cmd::before_migrate(&health, LOCAL_TARGET, &settings, checks, cli.output)
-            .await?;
-    }
-    let code = execute(&api, LOCAL_TARGET, cli.command, cli.output, gate.overrides).await?;
-    if let Some(window) = gate.watch {
-        return health_cmd::watch_local(settings.probes.clone(), window, cli.output).await;
-    }
-    Ok(code)
+    execute(&api, LOCAL_TARGET, cli.command, cli.output).await
 }
 
 /// The bearer token for the controller: `--token-file`, else `BELAY_TOKEN`.
@@ -355,14 +399,13 @@ fn read_token(file: Option<&std::path::Path>) -> Result<Option<String>, Failure>
 const LOCAL_TARGET: &str = "local";
 
 /// Runs one command against `target` through the migration API, local or remote alike,
-/// so both modes print the same thing. `overrides` (the preflight checks overridden for a
-/// `migrate`) go into every history row the run writes.
+/// so both modes print the same thing. `migrate` goes through the deployment pipeline
+/// (`deploy_cmd`) instead; here it is a bare run, for completeness.
 async fn execute(
     api: &dyn MigrationApi,
     target_name: &str,
     command: Command,
     out: Output,
-    overrides: Vec<CheckOverride>,
 ) -> Result<u8, Failure> {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = render::sink(out, events.clone());
@@ -384,10 +427,7 @@ async fn execute(
                 to: t.to,
                 steps: t.steps,
             };
-            let options = ApplyOptions {
-                deployment_id: None,
-                overrides,
-            };
+            let options = ApplyOptions::default();
             let result = api.apply(target_name, &target, &options, sink).await;
             render::run_report(out, "migrate", &result, &events);
             result.map(|_| 0).map_err(Failure::from)

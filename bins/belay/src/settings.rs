@@ -37,6 +37,18 @@ pub struct FileConfig {
     /// `[[probes]]`: watched by `migrate --watch`.
     #[serde(default)]
     pub probes: Vec<belay_health::ProbeSpec>,
+    #[serde(default)]
+    pub deploy: FileDeploy,
+}
+
+/// `[deploy]`: what `migrate`'s pipeline does beyond its checks.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDeploy {
+    /// `stop` (default) or `rollback`.
+    pub on_failure: Option<crate::cli::OnFailureArg>,
+    /// Lock guard trips a run may take before the deployment fails at `migrating`.
+    pub lock_trip_budget: Option<u32>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -98,6 +110,8 @@ pub struct Settings {
     pub probes: Vec<belay_health::ProbeSpec>,
     /// When a table is small enough for its lock findings to be downgraded (`[lint]`).
     pub small_table: belay_lint::SmallTable,
+    /// `[deploy]`: `migrate`'s failure action and lock-trip budget.
+    pub deploy: FileDeploy,
 }
 
 pub fn load_file(cli: &Cli) -> Result<FileConfig> {
@@ -223,6 +237,7 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
         thresholds: file.preflight.unwrap_or_default(),
         postflight,
         probes: file.probes,
+        deploy: file.deploy,
         backup_dir,
         backup: file.backup,
         lock_guard,

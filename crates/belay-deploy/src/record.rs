@@ -79,7 +79,8 @@ pub struct NewDeployment {
 pub struct AppliedMigration {
     pub version: Option<String>,
     pub script: String,
-    pub checksum: String,
+    /// `None` when the caller could not know it (remote mode: the files are on the agent).
+    pub checksum: Option<String>,
     pub has_undo: bool,
     pub irreversible: bool,
 }

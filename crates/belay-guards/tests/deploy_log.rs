@@ -115,7 +115,7 @@ async fn what_the_pipeline_writes_reads_back() -> R<()> {
         applied: vec![AppliedMigration {
             version: Some("1.5".into()),
             script: "V1.5__ok.sql".into(),
-            checksum: "abc".into(),
+            checksum: Some("abc".into()),
             has_undo: true,
             irreversible: false,
         }],

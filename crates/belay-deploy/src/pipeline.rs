@@ -1,0 +1,848 @@
+//! The pipeline: one target's deployment, step by step, through the capability traits.
+//!
+//! `planned → preflight → backing_up → migrating → validating → [watching] → succeeded`,
+//! or `failed` from any of them. `backing_up` and `migrating` are one call,
+//! `MigrationApi::apply`: the executor takes the runner lock, checks the pending scripts
+//! (its `ScriptGate`, the lint gate), takes the backup (its `BackupHook`) and runs the
+//! scripts, so the pipeline enters `backing_up` when it hands the run over and derives
+//! `migrating` from the executor's first `started` event. A failure before that event
+//! (runner lock, drift, lint refusal, backup) is a failure at `backing_up`.
+
+use std::sync::Arc;
+
+use belay_core::{ApiError, ErrorKind};
+use belay_health::{CheckResult, CheckStatus, HealthApi, PreflightOptions, ProbeEvent};
+use belay_migrate::{
+    ApplyOptions, CheckOverride, Direction, Event, EventKind, EventSink, MigrationApi, RunReport,
+    State, Target,
+};
+use chrono::Utc;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tracing::{Instrument, info_span};
+use uuid::Uuid;
+
+use crate::policy::{DeploymentPolicy, OnFailure};
+use crate::record::{
+    AppliedMigration, DeployEvent, DeploymentLog, DeploymentOutcome, DeploymentRecord, LogError,
+    NewDeployment, Step,
+};
+
+/// A step transition: payload `{from, to, reason}` (`from` is null for `planned`).
+pub const KIND_TRANSITION: &str = "transition";
+/// An executor event: payload the serialized `belay_migrate::Event` (`event` names it;
+/// `failed` carries the error with `file:line`).
+pub const KIND_MIGRATION: &str = "migration";
+/// Check results: payload `{check: "preflight" | "postflight", results: [CheckResult]}`.
+pub const KIND_CHECK: &str = "check";
+/// A probe verdict: payload the `ProbeEvent`.
+pub const KIND_PROBE: &str = "probe";
+/// The executor's report once `apply` returned: payload the `RunReport`.
+pub const KIND_RUN_REPORT: &str = "run_report";
+/// What the failure handler said: payload `{ok, error?}`.
+pub const KIND_FAILURE_HANDLER: &str = "failure_handler";
+/// Something the record cannot say exactly (e.g. checksums unknown in remote mode):
+/// payload its details.
+pub const KIND_NOTE: &str = "note";
+
+/// Where a caller sees the deployment's events as they are recorded (to render them).
+/// Called synchronously, in `seq` order.
+pub type DeploySink = Arc<dyn Fn(&DeployEvent) + Send + Sync>;
+
+/// Why a step failed, for callers choosing an exit code or a reaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// A capability call failed (its `ErrorKind` says how).
+    Error,
+    /// Preflight blocked (`ErrorKind::Unavailable` when the database cannot be reached).
+    Blocked,
+    /// A postflight check blocked: an assertion, a smoke query, `verify.sql`, an invalid
+    /// index, a `NOT VALID` constraint, a failed migration in history.
+    AssertionFailed,
+    /// A probe crossed its failure threshold in the watch window.
+    ProbeTriggered,
+    /// The run took more lock guard trips than the policy's budget.
+    LockTripBudget,
+}
+
+/// A failed step: what the record's outcome and the failure handler get.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepFailure {
+    pub step: Step,
+    pub kind: ErrorKind,
+    pub cause: Cause,
+    /// One paragraph for a person.
+    pub reason: String,
+    pub evidence: Value,
+}
+
+/// The rollback controller's hook (a later issue): called once a deployment with
+/// `on_failure = rollback` has failed and its failure is on record. It drives the same
+/// capability traits and records its own steps (`rolling_back`, `rolled_back`,
+/// `escalated`) through the same `DeploymentLog`.
+#[async_trait::async_trait]
+pub trait FailureHandler: Send + Sync {
+    async fn handle(
+        &self,
+        record: &DeploymentRecord,
+        failure: &StepFailure,
+    ) -> Result<(), ApiError>;
+}
+
+/// Why a deployment could not be run at all (nothing was recorded or applied), or why its
+/// record could not be kept.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The policy asks for something this pipeline cannot do.
+    #[error("{0}")]
+    Policy(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// One deployment to run.
+#[derive(Debug, Clone)]
+pub struct DeploymentRequest {
+    pub id: Uuid,
+    pub target: String,
+    /// How far to migrate.
+    pub forward: Target,
+    pub environment: Option<String>,
+    pub requested_by: Option<String>,
+    pub release: Option<String>,
+    pub policy: DeploymentPolicy,
+    /// What the caller knows of the migrations (checksum, undo): the local CLI reads the
+    /// files. `None` (remote mode: the files are on the agent): the pipeline asks the
+    /// migration API (plan for `irreversible`, status for the undo) and records no
+    /// checksum.
+    pub catalog: Option<Vec<AppliedMigration>>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// As the log keeps it, with its outcome.
+    pub record: DeploymentRecord,
+    /// The executor's report, when `apply` returned one.
+    pub report: Option<RunReport>,
+    pub failure: Option<StepFailure>,
+}
+
+/// Runs deployments of single targets through the capability traits.
+#[derive(Clone)]
+pub struct Pipeline {
+    migrations: Arc<dyn MigrationApi>,
+    health: Arc<dyn HealthApi>,
+    log: Arc<dyn DeploymentLog>,
+    failure_handler: Option<Arc<dyn FailureHandler>>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("failure_handler", &self.failure_handler.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    pub fn new(
+        migrations: Arc<dyn MigrationApi>,
+        health: Arc<dyn HealthApi>,
+        log: Arc<dyn DeploymentLog>,
+    ) -> Self {
+        Pipeline {
+            migrations,
+            health,
+            log,
+            failure_handler: None,
+        }
+    }
+
+    /// Installs what `on_failure = rollback` calls.
+    pub fn with_failure_handler(mut self, handler: Arc<dyn FailureHandler>) -> Self {
+        self.failure_handler = Some(handler);
+        self
+    }
+
+    /// Whether this pipeline can run `policy`; checked by [`Pipeline::run`] before
+    /// anything is recorded, and callable earlier so a caller refuses at once.
+    pub fn check(&self, policy: &DeploymentPolicy) -> Result<(), DeployError> {
+        if policy.on_failure == OnFailure::Rollback && self.failure_handler.is_none() {
+            return Err(DeployError::Policy(
+                "on_failure = \"rollback\" needs the rollback controller, and none is installed \
+                 for this deployment; nothing was run. Set on_failure = \"stop\" (a failure is \
+                 recorded and what was applied stays applied) and roll back by hand with \
+                 `belay undo` and the pre-deployment backup"
+                    .into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        if let Some(dup) = policy
+            .watch
+            .probes
+            .iter()
+            .find(|p| !names.insert(p.name.as_str()))
+        {
+            return Err(DeployError::Policy(format!(
+                "two probes are named {:?}",
+                dup.name
+            )));
+        }
+        if policy.watch.duration.is_some() && policy.watch.probes.is_empty() {
+            return Err(DeployError::Policy(
+                "a watch window needs probes to watch".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs the deployment to its end. A failed step is an `Ok` with `failure` set: the
+    /// failure is on record. `Err` only when nothing could be run or recorded.
+    pub async fn run(
+        &self,
+        request: DeploymentRequest,
+        sink: DeploySink,
+    ) -> Result<Deployment, DeployError> {
+        self.check(&request.policy)?;
+        let span = info_span!("deploy", deployment = %request.id, target = %request.target);
+        Run {
+            pipeline: self,
+            request: &request,
+            sink,
+            step: None,
+            backup_id: None,
+            succeeded: Vec::new(),
+            trips: Vec::new(),
+            irreversible: None,
+        }
+        .execute()
+        .instrument(span)
+        .await
+    }
+}
+
+/// One run's state: where it stands and what it has learned.
+struct Run<'a> {
+    pipeline: &'a Pipeline,
+    request: &'a DeploymentRequest,
+    sink: DeploySink,
+    step: Option<Step>,
+    backup_id: Option<String>,
+    /// `succeeded` events of forward and repeatable scripts: what committed.
+    succeeded: Vec<(Option<String>, String)>,
+    /// `lock_guard_tripped` events, as recorded.
+    trips: Vec<Value>,
+    /// Without a catalog: each planned script's `-- belay:irreversible`, from the plan
+    /// read before the run (`None` when it could not be read).
+    irreversible: Option<std::collections::BTreeMap<String, bool>>,
+}
+
+/// A step's verdict: go on, or fail with this.
+type StepResult<T> = Result<T, StepFailure>;
+
+impl Run<'_> {
+    fn id(&self) -> Uuid {
+        self.request.id
+    }
+
+    fn target(&self) -> &str {
+        &self.request.target
+    }
+
+    fn current(&self) -> Step {
+        self.step.unwrap_or(Step::Planned)
+    }
+
+    async fn emit(&mut self, kind: &str, message: String, payload: Value) -> Result<(), LogError> {
+        let mut event = DeployEvent {
+            deployment_id: self.id(),
+            target: self.target().to_string(),
+            seq: 0,
+            at: Utc::now(),
+            step: self.current(),
+            kind: kind.to_string(),
+            message,
+            payload,
+        };
+        event.seq = self.pipeline.log.append(event.clone()).await?;
+        (self.sink)(&event);
+        Ok(())
+    }
+
+    async fn transition(&mut self, to: Step, reason: &str) -> Result<(), LogError> {
+        let from = self.step;
+        self.step = Some(to);
+        let message = match from {
+            Some(f) => format!("{f} → {to}: {reason}"),
+            None => format!("{to}: {reason}"),
+        };
+        self.emit(
+            KIND_TRANSITION,
+            message,
+            json!({ "from": from, "to": to, "reason": reason }),
+        )
+        .await
+    }
+
+    async fn execute(mut self) -> Result<Deployment, DeployError> {
+        let request = self.request;
+        let policy = &request.policy;
+        let from_version = self.newest_applied().await;
+        let start = NewDeployment {
+            id: request.id,
+            target: request.target.clone(),
+            started_at: Utc::now(),
+            environment: request.environment.clone(),
+            requested_by: request.requested_by.clone(),
+            release: request.release.clone(),
+            from_version,
+            to_version: request.forward.to.clone(),
+            policy: serde_json::to_value(policy).unwrap_or(Value::Null),
+        };
+        self.pipeline.log.begin(&start).await?;
+        let scope = match (&request.forward.to, request.forward.steps) {
+            (Some(v), _) => format!("up to version {v}"),
+            (None, Some(n)) => format!("the next {n} pending migration(s)"),
+            (None, None) => "every pending migration".to_string(),
+        };
+        self.transition(
+            Step::Planned,
+            &format!("deployment of {scope} to {}", request.target),
+        )
+        .await?;
+        if request.catalog.is_none() {
+            // Read now: once applied, a script is no longer in the plan.
+            self.irreversible = self
+                .pipeline
+                .migrations
+                .plan(&request.target, &request.forward, false)
+                .await
+                .ok()
+                .map(|plan| {
+                    plan.steps
+                        .into_iter()
+                        .map(|s| (s.script, s.directives.irreversible))
+                        .collect()
+                });
+        }
+        let mut report = None;
+        let outcome = self.steps(&mut report).await?;
+        let failure = outcome.err();
+        let applied = self.applied().await?;
+        let finished = match &failure {
+            None => {
+                self.transition(Step::Succeeded, "every step passed")
+                    .await?;
+                DeploymentOutcome {
+                    state: Step::Succeeded,
+                    finished_at: Utc::now(),
+                    failed_step: None,
+                    reason: None,
+                    evidence: Value::Null,
+                    to_version: self.to_version(),
+                    backup_id: self.backup_id.clone(),
+                    applied,
+                }
+            }
+            Some(f) => {
+                self.transition(Step::Failed, &format!("{} failed: {}", f.step, f.reason))
+                    .await?;
+                DeploymentOutcome {
+                    state: Step::Failed,
+                    finished_at: Utc::now(),
+                    failed_step: Some(f.step),
+                    reason: Some(f.reason.clone()),
+                    evidence: f.evidence.clone(),
+                    to_version: self.to_version(),
+                    backup_id: self.backup_id.clone(),
+                    applied,
+                }
+            }
+        };
+        self.pipeline.log.finish(request.id, &finished).await?;
+        let record =
+            self.pipeline.log.get(request.id).await?.ok_or_else(|| {
+                LogError(format!("deployment {} vanished from the log", request.id))
+            })?;
+        if let (Some(f), OnFailure::Rollback, Some(handler)) = (
+            &failure,
+            policy.on_failure,
+            self.pipeline.failure_handler.clone(),
+        ) {
+            let handled = handler
+                .handle(&record, f)
+                .instrument(info_span!("failure_handler"))
+                .await;
+            let (message, payload) = match &handled {
+                Ok(()) => (
+                    "failure handed to the rollback controller".to_string(),
+                    json!({ "ok": true }),
+                ),
+                Err(e) => (
+                    format!("the rollback controller failed: {e}"),
+                    json!({ "ok": false, "error": e.message, "kind": e.kind }),
+                ),
+            };
+            self.emit(KIND_FAILURE_HANDLER, message, payload).await?;
+        }
+        Ok(Deployment {
+            record,
+            report: report.take(),
+            failure,
+        })
+    }
+
+    /// The steps from preflight to the end of the watch window; `Err` in the inner result
+    /// is a failed step, the outer one a log that cannot be written.
+    async fn steps(&mut self, report: &mut Option<RunReport>) -> Result<StepResult<()>, LogError> {
+        let overrides = match self.preflight().instrument(info_span!("preflight")).await? {
+            Ok(o) => o,
+            Err(f) => return Ok(Err(f)),
+        };
+        match self
+            .apply(overrides)
+            .instrument(info_span!("apply"))
+            .await?
+        {
+            Ok(r) => *report = Some(r),
+            Err(f) => return Ok(Err(f)),
+        }
+        if let Err(f) = self.trip_budget() {
+            return Ok(Err(f));
+        }
+        if let Err(f) = self.validate().instrument(info_span!("validating")).await? {
+            return Ok(Err(f));
+        }
+        self.watch().instrument(info_span!("watching")).await
+    }
+
+    async fn preflight(&mut self) -> Result<StepResult<Vec<CheckOverride>>, LogError> {
+        let policy = &self.request.policy.preflight;
+        if policy.skip {
+            self.transition(Step::Preflight, "skipped by policy (--no-preflight)")
+                .await?;
+            return Ok(Ok(Vec::new()));
+        }
+        self.transition(Step::Preflight, "checking the target before anything runs")
+            .await?;
+        let options = PreflightOptions {
+            thresholds: policy.thresholds.clone(),
+            overrides: policy.overrides.clone(),
+            reason: policy.reason.clone(),
+            // Failed and drifted migrations are the executor's to refuse, with remedies
+            // no override could replace.
+            migration_checks: false,
+        };
+        let results = match self
+            .pipeline
+            .health
+            .preflight(self.target(), &options)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(api_failure(Step::Preflight, &e, Value::Null))),
+        };
+        self.emit(
+            KIND_CHECK,
+            format!("preflight: {}", tally(&results)),
+            json!({ "check": "preflight", "results": results }),
+        )
+        .await?;
+        let overrides = results
+            .iter()
+            .filter_map(|r| {
+                r.overridden.as_ref().map(|reason| CheckOverride {
+                    check: r.name.clone(),
+                    reason: reason.clone(),
+                })
+            })
+            .collect();
+        let blocked: Vec<&CheckResult> = results
+            .iter()
+            .filter(|r| r.status == CheckStatus::Block)
+            .collect();
+        if blocked.is_empty() {
+            return Ok(Ok(overrides));
+        }
+        // The connectivity check blocks only when the database cannot be reached: that is
+        // "unavailable", as everywhere else, not a refusal.
+        let unreachable = blocked.iter().any(|r| r.name == "connectivity");
+        let names: Vec<&str> = blocked.iter().map(|r| r.name.as_str()).collect();
+        Ok(Err(StepFailure {
+            step: Step::Preflight,
+            kind: if unreachable {
+                ErrorKind::Unavailable
+            } else {
+                ErrorKind::Refused
+            },
+            cause: Cause::Blocked,
+            reason: format!("preflight blocked by: {}", names.join(", ")),
+            evidence: json!({ "blocked": blocked }),
+        }))
+    }
+
+    /// `backing_up` and `migrating`: one `apply`, its events recorded as they come.
+    async fn apply(
+        &mut self,
+        overrides: Vec<CheckOverride>,
+    ) -> Result<StepResult<RunReport>, LogError> {
+        let scope = self
+            .request
+            .policy
+            .backup
+            .scope
+            .as_deref()
+            .map(|s| format!(" (backup: {s})"))
+            .unwrap_or_default();
+        self.transition(
+            Step::BackingUp,
+            &format!(
+                "handing the run to the executor: runner lock, lint gate, pre-deployment backup{scope}"
+            ),
+        )
+        .await?;
+        // The executor calls its sink synchronously and must not block: events go through
+        // a channel and are recorded (an async write) while the run goes on.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+        let sink: EventSink = Arc::new(move |e: &Event| {
+            let _ = tx.send(e.clone());
+        });
+        let options = ApplyOptions {
+            deployment_id: Some(self.id()),
+            overrides,
+        };
+        let migrations = self.pipeline.migrations.clone();
+        let target = self.target().to_string();
+        let forward = self.request.forward.clone();
+        let mut run =
+            std::pin::pin!(
+                async move { migrations.apply(&target, &forward, &options, sink).await }
+            );
+        let result = loop {
+            tokio::select! {
+                // Events first: a run's last events are recorded before its result.
+                biased;
+                Some(event) = rx.recv() => self.record(event).await?,
+                r = &mut run => break r,
+            }
+        };
+        while let Ok(event) = rx.try_recv() {
+            self.record(event).await?;
+        }
+        match result {
+            Ok(report) => {
+                if self.current() == Step::BackingUp {
+                    let why = match &report.other_runner {
+                        Some(h) => format!("another runner ({h}) applied the same migrations"),
+                        None => "nothing to apply".to_string(),
+                    };
+                    self.transition(Step::Migrating, &why).await?;
+                }
+                self.emit(
+                    KIND_RUN_REPORT,
+                    format!("{} migration(s) applied", report.results.len()),
+                    serde_json::to_value(&report).unwrap_or(Value::Null),
+                )
+                .await?;
+                Ok(Ok(report))
+            }
+            Err(e) => {
+                let evidence = json!({
+                    "error": e.message,
+                    "kind": e.kind,
+                    "lock_trips": self.trips,
+                });
+                Ok(Err(api_failure(self.current(), &e, evidence)))
+            }
+        }
+    }
+
+    /// Records one executor event, moving to `migrating` at its first statement.
+    async fn record(&mut self, event: Event) -> Result<(), LogError> {
+        match &event.kind {
+            EventKind::Started { script, .. } if self.current() == Step::BackingUp => {
+                let why = match &self.backup_id {
+                    Some(id) => format!("backup {id} taken; running {script}"),
+                    None => format!("no backup taken; running {script}"),
+                };
+                self.transition(Step::Migrating, &why).await?;
+            }
+            EventKind::BackupTaken { id, .. } => self.backup_id = Some(id.clone()),
+            EventKind::Succeeded {
+                version,
+                script,
+                direction,
+                ..
+            } if *direction != Direction::Undo => {
+                self.succeeded.push((version.clone(), script.clone()));
+            }
+            _ => {}
+        }
+        let payload = serde_json::to_value(&event).unwrap_or(Value::Null);
+        if matches!(event.kind, EventKind::LockGuardTripped { .. }) {
+            self.trips.push(payload.clone());
+        }
+        // The CLI prints nothing for a start; the record still says what started.
+        let message = match &event.kind {
+            EventKind::Started {
+                script, direction, ..
+            } => format!("started {script} ({direction:?})").to_lowercase(),
+            kind => kind.describe().unwrap_or_default(),
+        };
+        self.emit(KIND_MIGRATION, message, payload).await
+    }
+
+    fn trip_budget(&self) -> StepResult<()> {
+        let Some(budget) = self.request.policy.lock_trip_budget else {
+            return Ok(());
+        };
+        let trips = self.trips.len();
+        if trips as u64 <= u64::from(budget) {
+            return Ok(());
+        }
+        Err(StepFailure {
+            step: Step::Migrating,
+            kind: ErrorKind::Refused,
+            cause: Cause::LockTripBudget,
+            reason: format!(
+                "the lock guard tripped {trips} time(s), over the budget of {budget}: the \
+                 application waited behind this deployment too often; what committed stays \
+                 applied"
+            ),
+            evidence: json!({ "budget": budget, "lock_trips": self.trips }),
+        })
+    }
+
+    async fn validate(&mut self) -> Result<StepResult<()>, LogError> {
+        let policy = &self.request.policy.postflight;
+        if policy.skip {
+            self.transition(Step::Validating, "skipped by policy")
+                .await?;
+            return Ok(Ok(()));
+        }
+        self.transition(Step::Validating, "postflight checks and assertions")
+            .await?;
+        let results = match self
+            .pipeline
+            .health
+            .postflight(self.target(), &policy.spec)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(api_failure(Step::Validating, &e, Value::Null))),
+        };
+        let assertions = policy.spec.checks.len();
+        let passed = policy
+            .spec
+            .checks
+            .iter()
+            .filter(|c| {
+                results
+                    .iter()
+                    .any(|r| r.name == c.name && r.status == CheckStatus::Pass)
+            })
+            .count();
+        self.emit(
+            KIND_CHECK,
+            if assertions == 0 {
+                format!("validating: {}", tally(&results))
+            } else {
+                format!(
+                    "validating: {passed} of {assertions} assertion(s) passed; {}",
+                    tally(&results)
+                )
+            },
+            json!({ "check": "postflight", "results": results }),
+        )
+        .await?;
+        let blocked: Vec<&CheckResult> = results
+            .iter()
+            .filter(|r| r.status == CheckStatus::Block)
+            .collect();
+        if blocked.is_empty() {
+            return Ok(Ok(()));
+        }
+        let lines: Vec<String> = blocked
+            .iter()
+            .map(|r| {
+                let mut line = format!("{}: {} ({})", r.name, r.value, r.threshold);
+                if let Some(q) = &r.query {
+                    line.push_str(&format!("\n    query: {}", one_line(q)));
+                }
+                line
+            })
+            .collect();
+        Ok(Err(StepFailure {
+            step: Step::Validating,
+            kind: ErrorKind::Refused,
+            cause: Cause::AssertionFailed,
+            reason: format!(
+                "postflight failed: {}; the migrations stay applied",
+                lines.join("; ")
+            ),
+            evidence: json!({ "failed": blocked }),
+        }))
+    }
+
+    async fn watch(&mut self) -> Result<StepResult<()>, LogError> {
+        let policy = &self.request.policy.watch;
+        let Some(window) = policy.duration else {
+            return Ok(Ok(()));
+        };
+        let probes = policy.probes.clone();
+        self.transition(
+            Step::Watching,
+            &format!(
+                "watching {} probe(s) for {}",
+                probes.len(),
+                belay_core::format_duration(window)
+            ),
+        )
+        .await?;
+        let health = self.pipeline.health.clone();
+        let target = self.target().to_string();
+        let streams =
+            futures::future::try_join_all(probes.iter().map(|p| health.probe(&target, p, window)))
+                .await;
+        let streams = match streams {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(api_failure(Step::Watching, &e, Value::Null))),
+        };
+        // One stream per probe, all running at once, their events merged as they come;
+        // returning drops them, which stops every probe wherever it runs.
+        let mut events = futures::stream::select_all(streams);
+        while let Some(event) = events.next().await {
+            let event: ProbeEvent = match event {
+                Ok(e) => e,
+                Err(e) => return Ok(Err(api_failure(Step::Watching, &e, Value::Null))),
+            };
+            let payload = serde_json::to_value(&event).unwrap_or(Value::Null);
+            self.emit(KIND_PROBE, event.summary(), payload.clone())
+                .await?;
+            if event.triggered {
+                return Ok(Err(StepFailure {
+                    step: Step::Watching,
+                    kind: ErrorKind::Refused,
+                    cause: Cause::ProbeTriggered,
+                    reason: format!(
+                        "probe {} crossed its failure threshold ({} consecutive failures): {}",
+                        event.probe,
+                        event.consecutive_failures,
+                        event.summary()
+                    ),
+                    evidence: payload,
+                }));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// The newest applied version before the deployment; `None` when there is none or
+    /// the target cannot say (preflight reports an unreachable target).
+    async fn newest_applied(&self) -> Option<String> {
+        let statuses = self.pipeline.migrations.status(self.target()).await.ok()?;
+        statuses
+            .iter()
+            .filter(|s| s.state == State::Success && s.entry_type.is_forward())
+            .filter_map(|s| s.version.clone())
+            .next_back()
+    }
+
+    fn to_version(&self) -> Option<String> {
+        self.succeeded
+            .iter()
+            .filter_map(|(v, _)| v.clone())
+            .next_back()
+            .or_else(|| self.request.forward.to.clone())
+    }
+
+    /// What committed, with what a rollback needs to know of each: from the caller's
+    /// catalog, else from the migration API.
+    async fn applied(&mut self) -> Result<Vec<AppliedMigration>, LogError> {
+        if self.succeeded.is_empty() {
+            return Ok(Vec::new());
+        }
+        let catalog = self.request.catalog.clone().unwrap_or_default();
+        let missing = self
+            .succeeded
+            .iter()
+            .any(|(_, script)| !catalog.iter().any(|c| &c.script == script));
+        let statuses = if missing {
+            self.pipeline
+                .migrations
+                .status(self.target())
+                .await
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut out = Vec::new();
+        let mut unknown = Vec::new();
+        for (version, script) in &self.succeeded {
+            if let Some(c) = catalog.iter().find(|c| &c.script == script) {
+                out.push(c.clone());
+                continue;
+            }
+            let has_undo = statuses
+                .iter()
+                .find(|s| &s.script == script)
+                .is_some_and(|s| s.undoable);
+            let irreversible = self
+                .irreversible
+                .as_ref()
+                .and_then(|flags| flags.get(script).copied());
+            unknown.push(script.clone());
+            out.push(AppliedMigration {
+                version: version.clone(),
+                script: script.clone(),
+                checksum: None,
+                has_undo,
+                irreversible: irreversible.unwrap_or(false),
+            });
+        }
+        if !unknown.is_empty() {
+            self.emit(
+                KIND_NOTE,
+                format!(
+                    "no checksum recorded for {}: the files are with the target",
+                    unknown.join(", ")
+                ),
+                json!({ "unknown": unknown }),
+            )
+            .await?;
+        }
+        Ok(out)
+    }
+}
+
+fn api_failure(step: Step, e: &ApiError, evidence: Value) -> StepFailure {
+    let evidence = if evidence.is_null() {
+        json!({ "error": e.message, "kind": e.kind })
+    } else {
+        evidence
+    };
+    StepFailure {
+        step,
+        kind: e.kind,
+        cause: Cause::Error,
+        reason: e.message.clone(),
+        evidence,
+    }
+}
+
+fn tally(results: &[CheckResult]) -> String {
+    let count = |s: CheckStatus| results.iter().filter(|r| r.status == s).count();
+    format!(
+        "{} check(s): {} passed, {} warning(s), {} blocked",
+        results.len(),
+        count(CheckStatus::Pass),
+        count(CheckStatus::Warn),
+        count(CheckStatus::Block)
+    )
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
