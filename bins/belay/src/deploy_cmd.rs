@@ -114,6 +114,16 @@ pub enum LintNotes {
     Stdout,
 }
 
+/// What the deployment's record carries beyond the policy.
+#[derive(Debug, Default)]
+pub struct RecordArgs {
+    /// The migrations as the files say (checksum, undo, irreversible): local mode only,
+    /// where the files are.
+    pub catalog: Option<Vec<AppliedMigration>>,
+    /// `--release`: the application release the deployment ships.
+    pub release: Option<String>,
+}
+
 /// Runs `migrate` on `target` as a deployment and renders it: events as they come in
 /// text, one document at the end in JSON. The exit code follows the failed step.
 pub async fn migrate(
@@ -121,11 +131,11 @@ pub async fn migrate(
     target: &str,
     t: &TargetArgs,
     policy: DeploymentPolicy,
-    catalog: Option<Vec<AppliedMigration>>,
+    record: RecordArgs,
     out: Output,
     lint_notes: LintNotes,
-    release: Option<String>,
 ) -> Result<u8, Failure> {
+    let RecordArgs { catalog, release } = record;
     // Refused before anything runs or prints (e.g. `rollback` without a rollback
     // controller).
     pipeline.check(&policy).map_err(deploy_error)?;

@@ -233,10 +233,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
                 &target,
                 t,
                 policy,
-                None,
+                deploy_cmd::RecordArgs {
+                    catalog: None,
+                    release: release.clone(),
+                },
                 cli.output,
                 deploy_cmd::LintNotes::Stdout,
-                release.clone(),
             )
             .await;
         }
@@ -378,10 +380,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             LOCAL_TARGET,
             target,
             policy,
-            Some(catalog),
+            deploy_cmd::RecordArgs {
+                catalog: Some(catalog),
+                release: release.clone(),
+            },
             cli.output,
             deploy_cmd::LintNotes::Stderr,
-            release.clone(),
         )
         .await;
     }
