@@ -263,7 +263,8 @@ fn render_sink(
             belay_deploy::KIND_MIGRATION => {
                 if lint_notes == LintNotes::Stderr && e.message.starts_with("warning: lint: ") {
                     eprintln!("{}", e.message);
-                } else if !e.message.is_empty() {
+                } else if !e.message.is_empty() && e.payload["event"] != "started" {
+                    // A start is on record; on the terminal, its end says it all.
                     println!("{}", e.message);
                 }
             }

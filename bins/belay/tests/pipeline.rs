@@ -325,6 +325,24 @@ fn a_lint_refusal_comes_from_the_executors_gate_under_the_runner_lock() {
         "{r:?}"
     );
     assert!(r.stdout.contains("applied V2__idx.sql"), "{r:?}");
+    // Starts are on record (`deployments show`), not on the terminal: its end says it all.
+    assert!(!r.stdout.contains("started "), "{r:?}");
+    let listed = belay_ok(&db.url, dir.path(), &["deployments", "--output", "json"]).json();
+    let id = listed[0]["id"].as_str().expect("the run is on record");
+    let shown = belay_ok(
+        &db.url,
+        dir.path(),
+        &["deployments", "show", id, "--output", "json"],
+    )
+    .json();
+    assert!(
+        shown["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["message"] == "started V2__idx.sql (forward)"),
+        "{shown:#}"
+    );
 }
 
 #[test]

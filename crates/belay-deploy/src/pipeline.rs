@@ -588,7 +588,14 @@ impl Run<'_> {
         let message = match &event.kind {
             EventKind::Started {
                 script, direction, ..
-            } => format!("started {script} ({direction:?})").to_lowercase(),
+            } => {
+                let way = match direction {
+                    Direction::Forward => "forward",
+                    Direction::Undo => "undo",
+                    Direction::Repeatable => "repeatable",
+                };
+                format!("started {script} ({way})")
+            }
             kind => kind.describe().unwrap_or_default(),
         };
         self.emit(KIND_MIGRATION, message, payload).await
