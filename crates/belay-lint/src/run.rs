@@ -91,6 +91,11 @@ impl RunMemory {
                                 let (k, by) = (k.clone(), by.clone());
                                 self.tables.remove(&k);
                                 self.tables.insert(new.clone(), by);
+                            } else if let Some((k, _)) = lookup(&self.tables, &new) {
+                                // A table from before the run takes the name of one the
+                                // run created (moved away first): the name is live again.
+                                let k = k.clone();
+                                self.tables.remove(&k);
                             }
                             // The indexes follow their table.
                             for t in self.indexes.values_mut() {
@@ -107,6 +112,17 @@ impl RunMemory {
                             }
                         }
                         _ => {}
+                    }
+                }
+                NodeEnum::AlterObjectSchemaStmt(s)
+                    if ObjectType::try_from(s.object_type) == Ok(ObjectType::ObjectTable) =>
+                {
+                    // Moved to another schema: its old name may be taken by a live table.
+                    if let Some(old) = range_var_name(s.relation.as_ref())
+                        && let Some((k, _)) = lookup(&self.tables, &old)
+                    {
+                        let k = k.clone();
+                        self.tables.remove(&k);
                     }
                 }
                 NodeEnum::DropStmt(s) => {

@@ -536,3 +536,31 @@ fn a_name_that_may_be_another_table_is_never_downgraded() {
         );
     }
 }
+
+/// A name the run created, then gave up, and a table from before the run took: live.
+#[test]
+fn a_live_table_renamed_to_a_name_the_run_created_is_live() {
+    let mut mem = RunMemory::default();
+    mem.record(
+        "V1__new.sql",
+        "CREATE TABLE t (id int);\nCREATE TABLE u (id int);\n",
+    );
+    mem.record(
+        "V2__swap.sql",
+        "ALTER TABLE t SET SCHEMA archive;\nALTER TABLE big RENAME TO t;\n\
+         ALTER TABLE u RENAME TO u_old;\nALTER TABLE huge RENAME TO u_old;\n",
+    );
+    let mut c = ctx();
+    mem.context(&mut c);
+    for sql in [
+        "ALTER TABLE t ALTER COLUMN id TYPE bigint;",
+        "ALTER TABLE public.t ALTER COLUMN id TYPE bigint;",
+    ] {
+        let f = run(sql, &c);
+        assert_eq!(
+            one(&f, "column-type-rewrite").verdict,
+            Verdict::Blocking,
+            "{sql}: {f:#?}"
+        );
+    }
+}
