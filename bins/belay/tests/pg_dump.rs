@@ -329,3 +329,43 @@ fn copy_data_loads_in_a_no_transaction_script_and_its_session_state_does_not_lea
         fresh_session_settings(&target.url).replace('\n', "|")
     );
 }
+
+/// pg_dump and hand-written migrations alike `SET ROLE` (or `SET SESSION AUTHORIZATION`)
+/// so that what they create has the right owner: belay's own history write after the
+/// script runs as the role it connected as, not as the script's role, which need have no
+/// rights on belay's history schema.
+#[test]
+fn a_script_that_sets_its_role_is_recorded_by_the_role_belay_connected_as() {
+    let target = db();
+    psql(
+        &target.url,
+        "DO $$ BEGIN CREATE ROLE belay_test_owner NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;\n\
+         GRANT CREATE ON SCHEMA public TO belay_test_owner;",
+    );
+    let dir = migrations(&[
+        (
+            "V1__no_tx.sql",
+            "-- belay:no-transaction\nSET ROLE belay_test_owner;\nCREATE TABLE owned_a (id int);\n",
+        ),
+        (
+            "V2__in_tx.sql",
+            "SET ROLE belay_test_owner;\nCREATE TABLE owned_b (id int);\n",
+        ),
+    ]);
+    belay_ok(&target.url, dir.path(), &["migrate"]);
+    assert_eq!(
+        psql(
+            &target.url,
+            "SELECT string_agg(relname || '=' || pg_get_userbyid(relowner), ',' ORDER BY relname) \
+             FROM pg_class WHERE relname IN ('owned_a', 'owned_b')"
+        ),
+        "owned_a=belay_test_owner,owned_b=belay_test_owner"
+    );
+    assert_eq!(
+        states(&target.url, dir.path())
+            .iter()
+            .map(|(v, s)| format!("{v}={s}"))
+            .collect::<Vec<_>>(),
+        ["1=success", "2=success"]
+    );
+}

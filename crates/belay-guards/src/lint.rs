@@ -121,6 +121,10 @@ pub const FACTS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// resolved through the session's `search_path` by `to_regclass`; an index resolves to its
 /// table) the table's row estimate and sizes, summed over the leaves of a partitioned
 /// table. Never `count(*)`: the estimate and the sizes are catalog reads and file sizes.
+/// The estimate is the last ANALYZE's rows per page times the pages there are now, as the
+/// planner scales it: a table that grew since would otherwise keep its old, small count.
+/// No pages measured but a heap now (PostgreSQL before 14 says 0 rows for "never
+/// analyzed"): judged as never analyzed.
 const FACTS_SQL: &str = r"
 WITH wanted AS (
     SELECT u.name,
@@ -135,20 +139,24 @@ WITH wanted AS (
 ), facts AS (
     SELECT r.name,
            format('%I.%I', n.nspname, t.relname) AS tbl_name,
-           bool_or(l.reltuples < 0) AS never_analyzed,
-           sum(GREATEST(l.reltuples, 0))::float8 AS est_rows,
-           sum(pg_relation_size(l.oid))::int8 AS heap_bytes,
+           bool_or(l.reltuples < 0 OR (l.relpages = 0 AND s.heap > 0)) AS never_analyzed,
+           sum(CASE WHEN l.relpages > 0
+                    THEN GREATEST(l.reltuples, 0) / l.relpages
+                         * (s.heap / current_setting('block_size')::float8)
+                    ELSE GREATEST(l.reltuples, 0) END)::float8 AS est_rows,
+           sum(s.heap)::int8 AS heap_bytes,
            sum(pg_total_relation_size(l.oid))::int8 AS total_bytes
     FROM resolved r
     JOIN pg_class t ON t.oid = r.tbl AND t.relkind IN ('r', 'p', 'm')
     JOIN pg_namespace n ON n.oid = t.relnamespace
     JOIN LATERAL (
-        SELECT t.oid, t.reltuples WHERE t.relkind <> 'p'
+        SELECT t.oid, t.reltuples, t.relpages WHERE t.relkind <> 'p'
         UNION ALL
-        SELECT c.oid, c.reltuples
+        SELECT c.oid, c.reltuples, c.relpages
         FROM pg_partition_tree(r.tbl) p JOIN pg_class c ON c.oid = p.relid
         WHERE t.relkind = 'p' AND p.isleaf
     ) l ON true
+    CROSS JOIN LATERAL (SELECT pg_relation_size(l.oid)::float8 AS heap) s
     GROUP BY r.name, n.nspname, t.relname
 )
 SELECT current_setting('server_version_num')::int4 AS version,

@@ -331,3 +331,28 @@ async fn read_facts_resolves_what_scripts_name() -> R<()> {
     assert_eq!(lock_timeout, "0");
     Ok(())
 }
+
+/// A table analyzed while small and grown since is not small: the row estimate is scaled
+/// to the pages the table has now, as the planner scales it.
+#[tokio::test]
+async fn a_table_grown_since_its_last_analyze_is_not_small() -> R<()> {
+    let db = Cluster::shared().create_database().await?;
+    belay_testkit::psql(
+        &db.url,
+        "CREATE TABLE grown (id int) WITH (autovacuum_enabled = false);\
+         INSERT INTO grown SELECT generate_series(1, 100); ANALYZE grown;\
+         INSERT INTO grown SELECT generate_series(1, 300000);",
+    )?;
+    let mut c = PgConnection::connect(&db.url).await?;
+    let names = ["grown".to_string()].into();
+    let small = belay_lint::SmallTable::default();
+    let facts = belay_guards::lint::read_facts(&mut c, &names, small).await?;
+    let grown = &facts.relations["grown"];
+    assert!(grown.total_bytes < small.max_bytes, "{grown:?}");
+    assert!(
+        grown.estimated_rows.is_some_and(|r| r > 100_000),
+        "{grown:?}"
+    );
+    assert!(!grown.is_small(small), "{grown:?}");
+    Ok(())
+}

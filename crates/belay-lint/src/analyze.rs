@@ -435,6 +435,34 @@ fn rv_name(rv: Option<&RangeVar>) -> Option<String> {
     })
 }
 
+/// The name under which a `CREATE TABLE` of `rv` makes a table new for the statements after
+/// it: none with `IF NOT EXISTS` (the table may already exist, live and large, and then
+/// nothing is created); a temporary table as `pg_temp.<name>`, which matches the bare
+/// name it shadows but no other schema's table.
+pub(crate) fn created_table(rv: Option<&RangeVar>, if_not_exists: bool) -> Option<String> {
+    let rv = rv?;
+    if if_not_exists {
+        return None;
+    }
+    if rv.relpersistence == "t" {
+        return Some(format!("pg_temp.{}", rv.relname));
+    }
+    rv_name(Some(rv))
+}
+
+/// Whether `sql` changes its session's `search_path` (`SET`, `RESET`, or `set_config`
+/// as pg_dump writes it): then an unqualified name in it may resolve to another table than
+/// the one the catalog's facts and the run's memory know by that name.
+pub(crate) fn sets_search_path(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    if lower.contains("set_config") && lower.contains("search_path") {
+        return true;
+    }
+    parse(sql).stmts.iter().any(|(_, n)| {
+        matches!(n, NodeEnum::VariableSetStmt(s) if s.name.eq_ignore_ascii_case("search_path"))
+    })
+}
+
 /// Whether two relation names as written can name the same relation: `orders` matches
 /// `public.orders` (the linter does not know the search_path); two different schemas do not
 /// match.
@@ -1031,15 +1059,16 @@ fn analyze_statement(node: &NodeEnum, st: &mut State) -> Facts {
         NodeEnum::CreateStmt(s) => {
             f.kind = "CREATE TABLE";
             f.target = rv_name(s.relation.as_ref());
-            if let Some(t) = &f.target {
-                st.created.insert(t.clone());
+            if let Some(t) = created_table(s.relation.as_ref(), s.if_not_exists) {
+                st.created.insert(t);
             }
         }
         NodeEnum::CreateTableAsStmt(s) => {
             f.kind = "CREATE TABLE AS";
-            f.target = s.into.as_ref().and_then(|i| rv_name(i.rel.as_ref()));
-            if let Some(t) = &f.target {
-                st.created.insert(t.clone());
+            let rel = s.into.as_ref().and_then(|i| i.rel.as_ref());
+            f.target = rv_name(rel);
+            if let Some(t) = created_table(rel, s.if_not_exists) {
+                st.created.insert(t);
             }
         }
         NodeEnum::RefreshMatViewStmt(s) => {

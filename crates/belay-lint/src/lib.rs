@@ -298,7 +298,21 @@ fn human_bytes(bytes: u64) -> String {
 
 /// Why `f` is not blocking here, from the run and the database facts in `ctx`; `None`
 /// when nothing in them makes it safe.
-fn downgrade_reason(f: &Finding, ctx: &LintContext) -> Option<(String, DowngradeBasis)> {
+/// `moved_path`: the script changes its `search_path`, so an unqualified name in it may be
+/// another table than the one the run's memory and the catalog's facts know by that name.
+fn downgrade_reason(
+    f: &Finding,
+    ctx: &LintContext,
+    moved_path: bool,
+) -> Option<(String, DowngradeBasis)> {
+    if moved_path
+        && [&f.table_before, &f.table, &f.index]
+            .into_iter()
+            .flatten()
+            .any(|n| !n.contains('.'))
+    {
+        return None;
+    }
     downgrade_text(f, ctx).map(|(why, new_in_run)| {
         let basis = if new_in_run {
             DowngradeBasis::NewInRun
@@ -455,12 +469,14 @@ pub struct LintContext {
 /// linted).
 pub fn lint(file: &Path, sql: &str, ctx: &LintContext) -> Vec<Finding> {
     let mut findings = analyze::lint_file(file, sql, ctx);
+    let moved_path =
+        findings.iter().any(|f| f.severity > Severity::Info) && analyze::sets_search_path(sql);
     for f in &mut findings {
         if let Some(reason) = ctx.allow.get(f.rule) {
             f.allowed = Some(reason.clone());
         }
         if f.severity > Severity::Info
-            && let Some((reason, basis)) = downgrade_reason(f, ctx)
+            && let Some((reason, basis)) = downgrade_reason(f, ctx, moved_path)
         {
             f.downgraded_because = Some(basis);
             f.severity = match f.severity {

@@ -468,3 +468,99 @@ fn drop_index_if_exists_of_an_index_nowhere_to_be_found_does_nothing() {
         Verdict::Blocking
     );
 }
+
+/// What the run's memory and the catalog's facts know by a name must be the table the
+/// statement reaches, or a finding on a live table would be downgraded.
+#[test]
+fn a_name_that_may_be_another_table_is_never_downgraded() {
+    let small = table("public.orders", Some(10), 8192, 16384);
+    let mut mem = RunMemory::default();
+    mem.record(
+        "V1__maybe.sql",
+        "CREATE TABLE IF NOT EXISTS accounts (id int);\n\
+         CREATE TABLE IF NOT EXISTS public.invoices AS SELECT 1 AS id;\n\
+         CREATE TEMP TABLE payments (id int);\n\
+         CREATE TABLE pg_temp.refunds (id int);\n",
+    );
+    mem.record(
+        "V2__path.sql",
+        "SET search_path TO sales;\nCREATE TABLE customers (id int);\nCREATE TABLE sales.leads (id int);\n",
+    );
+    let mut c = with_db(&[("orders", small.clone())], 150_000);
+    mem.context(&mut c);
+    assert_eq!(
+        c.created_earlier_in_run.keys().collect::<Vec<_>>(),
+        ["sales.leads"],
+        "{c:?}"
+    );
+    for sql in [
+        "ALTER TABLE accounts ALTER COLUMN id TYPE bigint;",
+        "ALTER TABLE public.invoices ALTER COLUMN id TYPE bigint;",
+        "ALTER TABLE payments ALTER COLUMN id TYPE bigint;",
+        "ALTER TABLE refunds ALTER COLUMN id TYPE bigint;",
+        "ALTER TABLE customers ALTER COLUMN id TYPE bigint;",
+        // In the same script: the IF NOT EXISTS table may be the live one.
+        "CREATE TABLE IF NOT EXISTS big (id int);\nALTER TABLE big ALTER COLUMN id TYPE bigint;",
+        // A temporary table shadows its bare name only.
+        "CREATE TEMP TABLE big (id int);\nALTER TABLE public.big ALTER COLUMN id TYPE bigint;",
+        // The catalog's `orders` (through the facts session's search_path) is small, but
+        // this script's `orders` is another schema's.
+        "SET search_path = sales, public;\nALTER TABLE orders ALTER COLUMN id TYPE bigint;",
+        "SELECT pg_catalog.set_config('search_path', 'sales', false);\nALTER TABLE orders ALTER COLUMN id TYPE bigint;",
+    ] {
+        let f = run(sql, &c);
+        assert_eq!(
+            one(&f, "column-type-rewrite").verdict,
+            Verdict::Blocking,
+            "{sql}: {f:#?}"
+        );
+    }
+    // Without a moved search_path the small table still downgrades, a temporary table
+    // created in the same script still counts as new, and so does a qualified name
+    // created in the run after the path moved.
+    for sql in [
+        "ALTER TABLE orders ALTER COLUMN id TYPE bigint;\n",
+        "CREATE TEMP TABLE scratch (id int);\nALTER TABLE scratch ALTER COLUMN id TYPE bigint;",
+        "ALTER TABLE sales.leads ALTER COLUMN id TYPE bigint;",
+    ] {
+        let mut c = with_db(&[("orders", small.clone())], 150_000);
+        if !sql.contains("orders") {
+            mem.context(&mut c);
+        }
+        let f = run(sql, &c);
+        assert!(
+            f.iter()
+                .filter(|f| f.rule == "column-type-rewrite")
+                .all(|f| f.verdict != Verdict::Blocking),
+            "{sql}: {f:#?}"
+        );
+    }
+}
+
+/// A name the run created, then gave up, and a table from before the run took: live.
+#[test]
+fn a_live_table_renamed_to_a_name_the_run_created_is_live() {
+    let mut mem = RunMemory::default();
+    mem.record(
+        "V1__new.sql",
+        "CREATE TABLE t (id int);\nCREATE TABLE u (id int);\n",
+    );
+    mem.record(
+        "V2__swap.sql",
+        "ALTER TABLE t SET SCHEMA archive;\nALTER TABLE big RENAME TO t;\n\
+         ALTER TABLE u RENAME TO u_old;\nALTER TABLE huge RENAME TO u_old;\n",
+    );
+    let mut c = ctx();
+    mem.context(&mut c);
+    for sql in [
+        "ALTER TABLE t ALTER COLUMN id TYPE bigint;",
+        "ALTER TABLE public.t ALTER COLUMN id TYPE bigint;",
+    ] {
+        let f = run(sql, &c);
+        assert_eq!(
+            one(&f, "column-type-rewrite").verdict,
+            Verdict::Blocking,
+            "{sql}: {f:#?}"
+        );
+    }
+}

@@ -1355,9 +1355,13 @@ impl Migrator {
         let outcome = self
             .run_statements(conn, step, backend_pid, &mut trips)
             .await;
-        let _ = sqlx::raw_sql("RESET lock_timeout; RESET statement_timeout")
-            .execute(&mut *conn)
-            .await;
+        // belay's settings off, and back to the role belay connected as for the history
+        // row (see `commit_sql`).
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "RESET lock_timeout; RESET statement_timeout; {HISTORY_AS_SESSION_USER}"
+        )))
+        .execute(&mut *conn)
+        .await;
         let (state, stats, error) = match &outcome {
             Ok(stats) => (RowState::Success, *stats, None),
             Err((stats, e)) => (RowState::Failed, *stats, Some(e.to_string())),
@@ -1706,8 +1710,13 @@ impl Migrator {
     }
 
     /// The history row and COMMIT: one round trip after a transactional script.
+    /// The history row and the commit, written as the role belay connected as: a script's
+    /// `SET ROLE` (to own what it creates) need not reach belay's history schema.
     fn commit_sql(&self, row: &NewRow) -> String {
-        format!("{};\nCOMMIT", self.history.insert_statement(row))
+        format!(
+            "{HISTORY_AS_SESSION_USER};\n{};\nCOMMIT",
+            self.history.insert_statement(row)
+        )
     }
 
     /// Session `statement_timeout` for a no-transaction script, when it has one.
@@ -1805,6 +1814,9 @@ fn render_statement(out: &mut String, script: &Script, st: &Statement) {
         ));
     }
 }
+
+/// Before belay writes a migration's history row: the script may have changed its role.
+const HISTORY_AS_SESSION_USER: &str = "SET SESSION AUTHORIZATION DEFAULT";
 
 /// What every migration session is reset with after a migration (see
 /// `Migrator::reset_session`): the role and every setting back to the session's start

@@ -60,10 +60,14 @@ fn err(line: usize, message: impl Into<String>) -> SectionError {
 
 /// Which tool, if any, reads `line` as a marker. Detection is deliberately wider than each
 /// tool's own grammar (any case, indented): a near-miss marker is refused, not run.
+///
+/// goose's own gate is wider than its documented form: any `--` line containing `+goose`
+/// anywhere is an annotation to it, every `--` on the line removed (`--- +goose Down` is its
+/// Down marker). So is it here, or a Down section could run as part of the up section.
 fn marker_tool(line: &str) -> Option<Tool> {
     let body = line.trim_start().strip_prefix("--")?.trim_start();
     let lower = body.to_ascii_lowercase();
-    if lower.starts_with("+goose") {
+    if lower.contains("+goose") {
         return Some(Tool::Goose);
     }
     if lower.starts_with("+migrate") {
@@ -562,6 +566,43 @@ mod tests {
             let e = goose(text).unwrap_err();
             assert_eq!(e.line, line, "{text:?}: {e}");
             assert!(e.message.contains(want), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn goose_markers_as_goose_reads_them_never_leave_a_down_in_the_up_section() {
+        // goose removes every `--` of an annotation line: this is its Down marker.
+        let s = goose("-- +goose Up\nCREATE TABLE t (id int);\n--- +goose Down\nDROP TABLE t;\n")
+            .unwrap();
+        assert!(!s.up.contains("DROP"), "{}", s.up);
+        assert!(s.down.unwrap().contains("DROP TABLE t;"));
+        // Other spellings goose reads (or refuses) are refused, naming the line.
+        for line in [
+            "-- -- +goose Down",
+            "--+goose--Down",
+            "-- now the +goose Down part",
+        ] {
+            let e =
+                goose(&format!("-- +goose Up\nSELECT 1;\n{line}\nDROP TABLE t;\n")).unwrap_err();
+            assert_eq!(e.line, 3, "{line}: {e}");
+            assert!(
+                e.message.contains("unknown goose annotation"),
+                "{line}: {e}"
+            );
+        }
+        // In a file read as plain SQL, each is a goose marker and the file is refused.
+        for text in [
+            "SELECT 1;\n--- +goose Down\n",
+            "SELECT 1;\n---+goose down\n",
+        ] {
+            assert_eq!(
+                markers(text)
+                    .iter()
+                    .map(|m| (m.line, m.tool))
+                    .collect::<Vec<_>>(),
+                [(2, Tool::Goose)],
+                "{text:?}"
+            );
         }
     }
 
