@@ -92,7 +92,7 @@ impl OnFailure {
     }
 }
 
-mod opt_duration {
+pub(crate) mod opt_duration {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
