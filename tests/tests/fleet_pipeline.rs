@@ -354,8 +354,7 @@ async fn a_probe_crossing_its_threshold_fails_the_target_at_watching() -> Result
         )],
     )
     .await?;
-    // Without probes to watch, --watch on a target is refused by its agent, naming the key;
-    // here the target has one.
+    // The probe reads the row the migration left NULL: it fails from its first attempt.
     let r = belay(
         &c.addr,
         &["deploy", "--targets", "watch_1", "--watch", "5m"],

@@ -32,8 +32,8 @@ pub fn local_log(
     Ok(Arc::new(log))
 }
 
-/// Remote `migrate`: the record stays in this process until the controller records each
-/// target's lifecycle.
+/// Remote `migrate`: the record stays in this process until remote `migrate` runs through
+/// the agent's pipeline, as fleet `deploy` does (the controller records that one).
 pub fn remote_log() -> Arc<dyn DeploymentLog> {
     Arc::new(MemoryLog::new())
 }
