@@ -142,6 +142,97 @@ pub struct TargetConfig {
     pub small_table_bytes: Option<ByteSize>,
     /// This target's lock sampling period, over the agent's `lock_sample_period`.
     pub lock_sample_period: Option<PeriodSetting>,
+    /// `[targets.preflight]`: the thresholds of this target's preflight checklist before
+    /// each fleet deployment, the same keys as belay.toml's `[preflight]`.
+    pub preflight: Option<belay_health::Thresholds>,
+    /// `[targets.postflight]`: `not_valid_constraints`, `statement_timeout`, as in
+    /// belay.toml.
+    pub postflight: Option<belay_health::PostflightSpec>,
+    /// `[[targets.checks]]`: postflight assertions after each fleet deployment, as
+    /// belay.toml's `[[checks]]`.
+    #[serde(default)]
+    pub checks: Vec<belay_health::UserCheck>,
+    /// `[[targets.smoke]]`: postflight smoke queries, as belay.toml's `[[smoke]]`.
+    #[serde(default)]
+    pub smoke: Vec<belay_health::SmokeQuery>,
+    /// `[[targets.probes]]`: watched during a fleet deployment's `--watch` window. As
+    /// belay.toml's `[[probes]]`, but a `sql` probe names no URL: it runs on this target.
+    #[serde(default)]
+    pub probes: Vec<ProbeConfig>,
+}
+
+/// `[[targets.probes]]`: belay.toml's `[[probes]]` shape, with a `sql` probe that names
+/// no URL (it runs on the target's own database).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    pub name: String,
+    /// `{ url, method, expect_status, json_pointer, equals }`.
+    pub http: Option<belay_health::HttpProbe>,
+    /// `{ query, expect }`.
+    pub sql: Option<SqlProbeConfig>,
+    /// [default: 10s]
+    pub period: Option<String>,
+    /// [default: 1s]
+    pub timeout: Option<String>,
+    /// Consecutive failures that trigger [default: 3].
+    pub failure_threshold: Option<u32>,
+    /// Consecutive passes that recover [default: 1].
+    pub success_threshold: Option<u32>,
+    /// [default: 0s]
+    pub initial_delay: Option<String>,
+}
+
+/// A SQL probe on the target: the query and what its result must be.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlProbeConfig {
+    pub query: String,
+    pub expect: belay_health::Expectation,
+}
+
+impl ProbeConfig {
+    fn resolve(&self, url: &DatabaseUrl) -> Result<belay_health::TargetProbe> {
+        let mut probe = match (&self.http, &self.sql) {
+            (Some(h), None) => {
+                let mut probe = belay_health::TargetProbe::http(&self.name, &h.url);
+                probe.check = belay_health::ProbeCheck::Http(h.clone());
+                probe
+            }
+            (None, Some(q)) => belay_health::TargetProbe::sql(&self.name, &q.query, q.expect),
+            _ => bail!("probe {:?}: give exactly one of http or sql", self.name),
+        };
+        let d = |key: &str, v: &Option<String>| -> Result<Option<Duration>> {
+            v.as_deref()
+                .map(|t| {
+                    parse_duration(t).with_context(|| format!("probe {:?}: `{key}`", self.name))
+                })
+                .transpose()
+        };
+        if let Some(v) = d("period", &self.period)? {
+            probe.period = v;
+        }
+        if let Some(v) = d("timeout", &self.timeout)? {
+            probe.timeout = v;
+        }
+        if let Some(v) = d("initial_delay", &self.initial_delay)? {
+            probe.initial_delay = v;
+        }
+        if let Some(v) = self.failure_threshold {
+            probe.failure_threshold = v;
+        }
+        if let Some(v) = self.success_threshold {
+            probe.success_threshold = v;
+        }
+        // The same validation a belay.toml probe gets (thresholds, timeout under the
+        // period, a well-formed HTTP URL), on the target's own URL for a SQL probe.
+        probe
+            .clone()
+            .into_spec(Some(url))
+            .and_then(|spec| spec.validate().map(|()| spec))
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(probe)
+    }
 }
 
 #[derive(Debug)]
@@ -159,6 +250,9 @@ pub struct LoadedTarget {
     pub small_table: belay_lint::SmallTable,
     /// How often the agent samples this target's locks for its gauges; `None`: never.
     pub lock_sample_period: Option<Duration>,
+    /// What fleet deployments judge this target by: preflight thresholds, postflight
+    /// assertions and smoke queries, probes.
+    pub policy: belay_deploy::TargetPolicy,
 }
 
 pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
@@ -247,7 +341,41 @@ fn load_target(
     if let Some(bytes) = &t.small_table_bytes {
         small_table.max_bytes = bytes.resolve("small_table_bytes")?;
     }
+    let mut postflight = t.postflight.clone().unwrap_or_default();
+    postflight.checks.extend(t.checks.iter().cloned());
+    postflight.smoke.extend(t.smoke.iter().cloned());
+    let mut names = std::collections::BTreeSet::new();
+    let mut probes = Vec::new();
+    for p in &t.probes {
+        if !names.insert(p.name.as_str()) {
+            bail!("two probes are named {:?}", p.name);
+        }
+        probes.push(p.resolve(&url)?);
+    }
+    let backup = match (&t.backup_dir, t.backup) {
+        (Some(dir), mode) => Some((
+            base.join(dir),
+            mode.unwrap_or(belay_guards::BackupMode::Full),
+        )),
+        (None, Some(_)) => bail!("`backup` needs `backup_dir`: where should the backups go?"),
+        (None, None) => None,
+    };
+    let policy = belay_deploy::TargetPolicy {
+        thresholds: t.preflight.clone().unwrap_or_default(),
+        postflight,
+        probes,
+        backup_scope: backup.as_ref().map(|(_, mode)| {
+            match mode {
+                belay_guards::BackupMode::None => "none",
+                belay_guards::BackupMode::Full => "full",
+                belay_guards::BackupMode::Schema => "schema",
+                belay_guards::BackupMode::Tables => "tables",
+            }
+            .to_string()
+        }),
+    };
     Ok(LoadedTarget {
+        policy,
         small_table,
         spec: TargetSpec {
             name: t.name.clone(),
@@ -263,14 +391,7 @@ fn load_target(
             Some(p) => p.resolve("lock_sample_period")?,
             None => sample_period,
         },
-        backup: match (&t.backup_dir, t.backup) {
-            (Some(dir), mode) => Some((
-                base.join(dir),
-                mode.unwrap_or(belay_guards::BackupMode::Full),
-            )),
-            (None, Some(_)) => bail!("`backup` needs `backup_dir`: where should the backups go?"),
-            (None, None) => None,
-        },
+        backup,
     })
 }
 
@@ -346,8 +467,52 @@ mod tests {
         assert_eq!(sized[1].small_table.max_rows, 10_000);
         assert_eq!(sized[1].small_table.max_bytes, 4096);
 
+        // What fleet deployments judge a target by, beside it.
+        let p = write(
+            "[[targets]]\nname = \"a\"\nurl = \"postgres://db/a\"\nmigrations = \"m\"\nbackup_dir = \"b\"\nbackup = \"schema\"\n\
+             [targets.preflight]\nlock_wait_block = \"300ms\"\n\
+             [[targets.checks]]\nname = \"filled\"\nquery = \"SELECT count(*) FROM t WHERE x IS NULL\"\nexpect = \"zero\"\n\
+             [[targets.smoke]]\nname = \"readable\"\nquery = \"SELECT 1\"\n\
+             [[targets.probes]]\nname = \"nulls\"\nperiod = \"200ms\"\nfailure_threshold = 2\nsql = { query = \"SELECT 0\", expect = \"zero\" }\n\
+             [[targets.probes]]\nname = \"api\"\nhttp = { url = \"http://app:8080/health\" }\n",
+        );
+        let (_, judged) = load(&p).unwrap();
+        let policy = &judged[0].policy;
+        assert_eq!(policy.thresholds.lock_wait_block.as_millis(), 300);
+        assert_eq!(policy.postflight.checks[0].name, "filled");
+        assert_eq!(policy.postflight.smoke[0].name, "readable");
+        assert_eq!(policy.probes.len(), 2);
+        assert_eq!(policy.probes[0].period.as_millis(), 200);
+        assert_eq!(policy.probes[0].failure_threshold, 2);
+        assert!(matches!(
+            policy.probes[0].check,
+            belay_health::ProbeCheck::Sql { .. }
+        ));
+        assert_eq!(policy.backup_scope.as_deref(), Some("schema"));
+        let (_, plain) = load(&write(
+            "[[targets]]\nname = \"a\"\nurl = \"postgres://db/a\"\nmigrations = \"m\"\n",
+        ))
+        .unwrap();
+        assert_eq!(plain[0].policy, belay_deploy::TargetPolicy::default());
+
         for (body, want) in [
             ("bogus = 1\n", "unknown field"),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets.probes]]\nname = \"p\"\nsql = { url = \"postgres://b/c\", query = \"SELECT 0\", expect = \"zero\" }\n",
+                "unknown field `url`",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets.probes]]\nname = \"p\"\n",
+                "give exactly one of http or sql",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets.checks]]\nname = \"c\"\nquery = \"SELECT 0\"\nexpect = \"zero\"\nseverity = \"warn\"\n",
+                "unknown field `severity`",
+            ),
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[targets.preflight]\nlock_wait = \"1s\"\n",
+                "unknown field `lock_wait`",
+            ),
             (
                 "[[targets]]\nname = \"x\"\nmigrations = \"m\"\n",
                 "exactly one of url_env",

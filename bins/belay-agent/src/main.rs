@@ -30,9 +30,10 @@ const DEFAULT_LOG_FILTER: &str = "info";
 
 /// Services whose health this process reports; "" is the whole server, as the
 /// gRPC health protocol defines it.
-const HEALTH_SERVICES: [&str; 5] = [
+const HEALTH_SERVICES: [&str; 6] = [
     "",
     belay_proto::v1::migration_service_server::SERVICE_NAME,
+    belay_proto::v1::deploy_service_server::SERVICE_NAME,
     belay_proto::v1::lock_monitor_service_server::SERVICE_NAME,
     belay_proto::v1::health_service_server::SERVICE_NAME,
     belay_proto::v1::backup_service_server::SERVICE_NAME,
@@ -190,7 +191,23 @@ async fn serve(args: Args) -> ExitCode {
                 .map(|(dir, mode)| (t.spec.name.clone(), t.spec.url.clone(), dir, mode))
         })
         .collect();
-    let (lock_monitor, health_checks) = monitor::services(&targets);
+    let (lock_monitor, health_checks, health) = monitor::services(&targets);
+    // What fleet deployments judge each target by (agent.toml), and where each records
+    // its deployments: the target's own history schema, as local `migrate` does.
+    let policies: Vec<(String, belay_deploy::TargetPolicy)> = targets
+        .iter()
+        .map(|t| (t.spec.name.clone(), t.policy.clone()))
+        .collect();
+    let log_targets: std::collections::BTreeMap<String, (belay_core::DatabaseUrl, String)> =
+        targets
+            .iter()
+            .map(|t| {
+                (
+                    t.spec.name.clone(),
+                    (t.spec.url.clone(), t.spec.exec.history_schema.clone()),
+                )
+            })
+            .collect();
     let lock_samples = sampler::plan(&targets);
     let backup_service =
         belay_rpc::BackupGrpc::new(Arc::new(backups::service(&targets, args.config.as_deref())));
@@ -231,7 +248,29 @@ async fn serve(args: Args) -> ExitCode {
         ));
         local = local.with_backup_hook(&name, Arc::new(guard));
     }
-    let migration_service = belay_rpc::MigrationGrpc::new(Arc::new(local));
+    let local = Arc::new(local);
+    let migration_service = belay_rpc::MigrationGrpc::new(local.clone());
+    let log_for: belay_deploy::LogFor = Arc::new(move |name: &str| {
+        let (url, schema) = log_targets.get(name).ok_or_else(|| {
+            belay_core::ApiError::new(
+                belay_core::ErrorKind::UnknownTarget,
+                format!("unknown target {name:?}"),
+            )
+        })?;
+        let log = belay_guards::HistoryDeploymentLog::new(url.clone(), schema).map_err(|e| {
+            belay_core::ApiError::new(belay_core::ErrorKind::Internal, e.to_string())
+        })?;
+        Ok(Arc::new(log) as Arc<dyn belay_deploy::DeploymentLog>)
+    });
+    // Each fleet deployment's target runs the same pipeline as local `migrate`, over the
+    // same guarded executor (lint gate, lock guard, backup hook) and health checker.
+    let deploy_service = belay_rpc::DeployGrpc::new(Arc::new(belay_deploy::PipelineDeployer::new(
+        // Counted in the migration metrics as runs served over `Apply` are.
+        Arc::new(belay_rpc::server::Metered(local)),
+        health,
+        log_for,
+        policies,
+    )));
 
     let listener = match TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
@@ -336,6 +375,10 @@ async fn serve(args: Args) -> ExitCode {
             check.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
+            deploy_service.clone().into_service(),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             migration_service.clone().into_service(),
             check,
         ))
@@ -358,9 +401,26 @@ async fn serve(args: Args) -> ExitCode {
     );
     sampler.stop().await;
     // Runs keep going after their caller leaves; let them finish and record their
-    // outcome rather than cutting a migration off mid-way.
+    // outcome rather than cutting a migration off mid-way. A deployment's pipeline
+    // includes its migration run: it is waited for with the runs.
+    let deployments = deploy_service.runs();
+    deployments.close();
     let runs = migration_service.runs();
     runs.close();
+    if !deployments.is_empty() {
+        tracing::info!(
+            deployments = deployments.len(),
+            "waiting for deployments in flight"
+        );
+        if tokio::time::timeout(SHUTDOWN_GRACE, deployments.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "deployments still running after the grace period; their migrations' transactions roll back and no-transaction ones show as failed"
+            );
+        }
+    }
     if !runs.is_empty() {
         tracing::info!(runs = runs.len(), "waiting for migrations in flight");
         if tokio::time::timeout(SHUTDOWN_GRACE, runs.wait())

@@ -9,7 +9,9 @@ use belay_migrate::LocalTargets;
 use belay_rpc::{HealthGrpc, LockMonitorGrpc};
 use std::sync::Arc;
 
-pub fn services(targets: &[LoadedTarget]) -> (LockMonitorGrpc, HealthGrpc) {
+/// The lock monitor and health services, and the health checker behind the latter (the
+/// same one the agent's deployment pipelines check their targets with).
+pub fn services(targets: &[LoadedTarget]) -> (LockMonitorGrpc, HealthGrpc, Arc<HealthTargets>) {
     let locks = LocalLocks::new(
         targets
             .iter()
@@ -34,8 +36,10 @@ pub fn services(targets: &[LoadedTarget]) -> (LockMonitorGrpc, HealthGrpc) {
         )
     }))
     .with_migration_facts(Arc::new(facts));
+    let health = Arc::new(health);
     (
         LockMonitorGrpc::new(Arc::new(locks)),
-        HealthGrpc::new(Arc::new(health)),
+        HealthGrpc::new(health.clone()),
+        health,
     )
 }

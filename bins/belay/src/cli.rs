@@ -221,9 +221,27 @@ pub enum Command {
         /// Deploy even though the version has not succeeded in the previous environment
         #[arg(long, requires = "reason")]
         skip_promotion: bool,
-        /// Why the promotion gate is skipped (recorded in the deployment)
+        /// Why the promotion gate is skipped or the checks overridden (recorded in the
+        /// deployment and in every target's history rows)
         #[arg(long)]
         reason: Option<String>,
+        /// Go ahead on every target although preflight check NAME blocks (repeatable;
+        /// needs --reason)
+        #[arg(long = "override-check", value_name = "NAME", requires = "reason")]
+        override_check: Vec<String>,
+        /// Skip every target's preflight checklist (a warning says so)
+        #[arg(long, conflicts_with = "override_check")]
+        no_preflight: bool,
+        /// After validating, each target's agent watches its probes ([[targets.probes]] in
+        /// its agent.toml) for this long; a probe crossing its failure threshold fails the
+        /// target at `watching` and halts the deployment
+        #[arg(long, value_name = "DURATION")]
+        watch: Option<String>,
+        /// What a failed step leads to [default: stop, or `on_failure` in belay.toml's
+        /// [deploy]]: stop (the failure is recorded, what was applied stays applied) or
+        /// rollback (refused until the rollback controller exists)
+        #[arg(long, value_enum, value_name = "ACTION")]
+        on_failure: Option<OnFailureArg>,
     },
     /// Deployments: with --controller, those the controller recorded; locally, the
     /// database's own deployment log (`list`, `show ID` with a unique prefix of the id)

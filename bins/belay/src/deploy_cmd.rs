@@ -32,8 +32,8 @@ pub fn local_log(
     Ok(Arc::new(log))
 }
 
-/// Remote `migrate`: the record stays in this process until the controller records each
-/// target's lifecycle.
+/// Remote `migrate`: the record stays in this process until remote `migrate` runs through
+/// the agent's pipeline, as fleet `deploy` does (the controller records that one).
 pub fn remote_log() -> Arc<dyn DeploymentLog> {
     Arc::new(MemoryLog::new())
 }
@@ -126,6 +126,9 @@ pub struct RecordArgs {
 
 /// Runs `migrate` on `target` as a deployment and renders it: events as they come in
 /// text, one document at the end in JSON. The exit code follows the failed step.
+// Each argument is an independent input of `migrate` from a different source (flags,
+// settings, mode); a struct holding them would only be built to be taken apart here.
+#[allow(clippy::too_many_arguments)]
 pub async fn migrate(
     pipeline: &Pipeline,
     target: &str,

@@ -199,7 +199,16 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             token.as_deref(),
             format!("controller at {addr}"),
         )?;
-        if let Some(result) = remote::fleet_command(&conn, &cli.command, cli.output).await {
+        // `deploy` takes belay.toml's `[deploy]` (failure action, lock-trip budget), as
+        // `migrate` does.
+        let file_deploy = if matches!(cli.command, Command::Deploy { .. }) {
+            settings::load_file(&cli).map_err(usage)?.deploy
+        } else {
+            settings::FileDeploy::default()
+        };
+        if let Some(result) =
+            remote::fleet_command(&conn, &cli.command, cli.output, &file_deploy).await
+        {
             return result;
         }
         let target = remote::remote_target(cli.target.as_deref())?.to_string();

@@ -1,6 +1,7 @@
 //! Remote mode: the same commands against a controller, plus the fleet commands.
 
-use crate::cli::{Command, DeploymentsCommand, Output};
+use crate::cli::{Command, DeploymentsCommand, OnFailureArg, Output};
+use crate::settings::FileDeploy;
 use crate::{Failure, exit};
 use belay_migrate::{ApiError, ErrorKind};
 use belay_proto::v1 as pb;
@@ -21,7 +22,38 @@ fn err(conn: &Connection) -> impl Fn(tonic::Status) -> Failure + '_ {
     move |s| Failure::from(api_error_from(&s, &conn.peer))
 }
 
+/// A deployment as JSON: per target its state, the step its pipeline reached, how it
+/// ended (failed step, reason, evidence) and, where the controller sent them (`show`),
+/// its events.
 fn deployment_json(d: &pb::Deployment) -> serde_json::Value {
+    let targets: Vec<serde_json::Value> = d
+        .targets
+        .iter()
+        .map(|t| {
+            let outcome = t
+                .outcome
+                .as_ref()
+                .map(belay_rpc::convert::struct_to_json)
+                .unwrap_or_default();
+            let mut v = json!({
+                "target": t.target, "state": t.state, "message": t.message, "updated_at": ts(&t.updated_at),
+                "step": (!t.step.is_empty()).then_some(&t.step),
+                "failed_step": outcome.get("failed_step"),
+                "reason": outcome.get("reason"),
+                "evidence": outcome.get("evidence"),
+                "outcome": outcome,
+            });
+            if !d.events.is_empty() {
+                v["events"] = json!(d
+                    .events
+                    .iter()
+                    .filter(|e| e.target.as_deref() == Some(t.target.as_str()))
+                    .map(event_json)
+                    .collect::<Vec<_>>());
+            }
+            v
+        })
+        .collect();
     json!({
         "id": d.id,
         "state": d.state,
@@ -30,15 +62,19 @@ fn deployment_json(d: &pb::Deployment) -> serde_json::Value {
         "created_at": ts(&d.created_at),
         "finished_at": d.finished_at.as_ref().map(|_| ts(&d.finished_at)),
         "skip_promotion_reason": d.skip_promotion_reason,
-        "targets": d.targets.iter().map(|t| json!({
-            "target": t.target, "state": t.state, "message": t.message, "updated_at": ts(&t.updated_at),
-        })).collect::<Vec<_>>(),
+        "targets": targets,
     })
 }
 
 fn event_json(e: &pb::DeploymentEvent) -> serde_json::Value {
+    let payload = e
+        .payload
+        .as_ref()
+        .map(belay_rpc::convert::struct_to_json)
+        .unwrap_or_default();
     json!({
         "seq": e.seq, "at": ts(&e.at), "target": e.target, "kind": e.kind, "message": e.message,
+        "step": payload.get("step"), "payload": payload,
     })
 }
 
@@ -51,8 +87,59 @@ fn print_deployment(d: &pb::Deployment) {
         println!("  promotion gate skipped: {r}");
     }
     for t in &d.targets {
-        println!("  {:<24} {:<10} {}", t.target, t.state, t.message);
+        let step = if t.step.is_empty() { "-" } else { &t.step };
+        println!(
+            "  {:<24} {:<10} {:<11} {}",
+            t.target, t.state, step, t.message
+        );
     }
+}
+
+/// The deployer's part of every target's policy, from the flags and belay.toml's
+/// `[deploy]`; refused (exit 64) before anything is sent where it cannot be followed.
+fn deployer_policy(
+    checks: &DeployFlags<'_>,
+    file: &FileDeploy,
+) -> Result<belay_deploy::DeployerPolicy, Failure> {
+    let usage = |message: String| Failure {
+        code: exit::USAGE,
+        message,
+    };
+    let watch = checks
+        .watch
+        .map(|w| belay_core::parse_duration(w).map_err(|e| usage(format!("--watch: {e}"))))
+        .transpose()?;
+    let on_failure = match checks.on_failure.or(file.on_failure) {
+        Some(OnFailureArg::Rollback) => {
+            return Err(usage(
+                "on_failure = \"rollback\" needs the rollback controller, and none is installed \
+                 for this deployment; nothing was run. Set on_failure = \"stop\" (a failure is \
+                 recorded and what was applied stays applied) and roll back by hand with \
+                 `belay undo` and the pre-deployment backup"
+                    .into(),
+            ));
+        }
+        Some(OnFailureArg::Stop) | None => belay_deploy::OnFailure::Stop,
+    };
+    Ok(belay_deploy::DeployerPolicy {
+        skip_preflight: checks.no_preflight,
+        overrides: checks.override_check.to_vec(),
+        reason: (!checks.override_check.is_empty())
+            .then(|| checks.reason.cloned())
+            .flatten(),
+        watch,
+        lock_trip_budget: file.lock_trip_budget,
+        on_failure,
+    })
+}
+
+/// `deploy`'s pipeline flags, borrowed from the command.
+struct DeployFlags<'a> {
+    override_check: &'a [String],
+    reason: Option<&'a String>,
+    no_preflight: bool,
+    watch: Option<&'a String>,
+    on_failure: Option<OnFailureArg>,
 }
 
 /// Follows a deployment's event stream, then prints its final state; exit 1 unless it
@@ -99,6 +186,7 @@ pub async fn fleet_command(
     conn: &Connection,
     command: &Command,
     out: Output,
+    file_deploy: &FileDeploy,
 ) -> Option<Result<u8, Failure>> {
     Some(match command {
         Command::Deploy {
@@ -110,8 +198,27 @@ pub async fn fleet_command(
             environment,
             skip_promotion,
             reason,
+            override_check,
+            no_preflight,
+            watch,
+            on_failure,
         } => {
+            let flags = DeployFlags {
+                override_check,
+                reason: reason.as_ref(),
+                no_preflight: *no_preflight,
+                watch: watch.as_ref(),
+                on_failure: *on_failure,
+            };
+            let policy = match deployer_policy(&flags, file_deploy) {
+                Ok(p) => p,
+                Err(f) => return Some(Err(f)),
+            };
+            if *no_preflight {
+                eprintln!("warning: --no-preflight: deploying without the preflight checklist");
+            }
             let req = pb::DeployRequest {
+                policy: Some(belay_rpc::deploy::deployer_policy(&policy)),
                 targets: targets.clone(),
                 to_version: to.clone(),
                 canary: *canary,

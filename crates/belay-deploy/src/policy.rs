@@ -1,5 +1,6 @@
 //! [`DeploymentPolicy`]: what each step of the pipeline does. Built by the CLI from
-//! `belay.toml` and flags (later by the agent from `agent.toml` and a `DeployRequest`),
+//! `belay.toml` and flags, by the agent from `agent.toml` and a `DeployTargetRequest`
+//! (`DeploymentPolicy::compose`, `target.rs`),
 //! and stored with the deployment so its record says what was checked.
 
 use std::time::Duration;
@@ -92,7 +93,7 @@ impl OnFailure {
     }
 }
 
-mod opt_duration {
+pub(crate) mod opt_duration {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {

@@ -1,9 +1,15 @@
 //! Fleet deployments: resolve targets, check the promotion gate and agent liveness before
-//! anything runs, then migrate in waves and halt on the first failing wave.
+//! anything runs, then run each target's pipeline on its agent in waves and halt on the
+//! first wave with a target that failed at any step.
 
 use crate::waves::{self, Batch};
 use crate::{Fleet, store_err};
-use belay_migrate::{ApiError, ApplyOptions, ErrorKind, Event, EventSink, MigrationApi, Target};
+use belay_deploy::{
+    DeployEvent, DeploySink, DeployerPolicy, KIND_MIGRATION, KIND_TRANSITION, Step,
+    TargetDeployApi, TargetDeployment,
+};
+use belay_migrate::{ApiError, ErrorKind, Target};
+use belay_rpc::DeployClient;
 use belay_store::{DeploymentState, NewDeployment, NewEvent, TargetState};
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc};
@@ -21,6 +27,9 @@ pub struct DeploySpec {
     pub environment: Option<String>,
     pub skip_promotion_reason: Option<String>,
     pub requested_by: Option<String>,
+    /// The deployer's part of every target's pipeline policy; the rest is in each
+    /// target's agent.toml.
+    pub policy: DeployerPolicy,
 }
 
 fn refused(msg: impl Into<String>) -> ApiError {
@@ -125,6 +134,7 @@ impl Fleet {
                     "batch": format!("{:?}", spec.batch),
                     "parallel": spec.parallel,
                     "patterns": spec.patterns,
+                    "policy": spec.policy,
                 }),
                 skip_promotion_reason: spec.skip_promotion_reason.clone(),
                 requested_by: spec.requested_by.clone(),
@@ -154,7 +164,11 @@ impl Fleet {
 
     async fn run(&self, id: Uuid, targets: Vec<String>, spec: DeploySpec) -> Result<(), ApiError> {
         self.store
-            .transition(id, DeploymentState::Migrating, "migrating")
+            .transition(
+                id,
+                DeploymentState::Migrating,
+                "running each target's pipeline on its agent, wave by wave",
+            )
             .await
             .map_err(store_err)?;
         self.notify();
@@ -170,24 +184,20 @@ impl Fleet {
                 payload: serde_json::json!({ "wave": n + 1, "targets": names }),
             })
             .await?;
+            let last_wave = n + 1 == plan.len();
             let mut tasks = tokio::task::JoinSet::new();
             for t in names {
-                let (fleet, t, sem, to) = (
-                    self.clone(),
-                    t.clone(),
-                    sem.clone(),
-                    spec.to_version.clone(),
-                );
+                let (fleet, t, sem, spec) = (self.clone(), t.clone(), sem.clone(), spec.clone());
                 tasks.spawn(async move {
                     let _permit = sem.acquire_owned().await;
-                    let outcome = fleet.migrate_target(id, &t, to).await;
+                    let outcome = fleet.deploy_target(id, &t, &spec, last_wave).await;
                     (t, outcome)
                 });
             }
             let mut failures = Vec::new();
             while let Some(joined) = tasks.join_next().await {
                 match joined {
-                    Ok((t, Ok(()))) => info!(target = %t, "target migrated"),
+                    Ok((t, Ok(()))) => info!(target = %t, "target deployed"),
                     Ok((t, Err(e))) => failures.push(format!("{t}: {}", e.message)),
                     Err(e) => failures.push(format!("a target task panicked: {e}")),
                 }
@@ -228,7 +238,7 @@ impl Fleet {
             .transition(
                 id,
                 DeploymentState::Succeeded,
-                &format!("{} target(s) migrated", targets.len()),
+                &format!("{} target(s) deployed: every step passed", targets.len()),
             )
             .await
             .map_err(store_err)?;
@@ -238,73 +248,100 @@ impl Fleet {
         Ok(())
     }
 
-    /// Migrates one target through its agent, storing every event as it arrives.
-    async fn migrate_target(
+    /// Runs one target's pipeline on its agent (`DeployService.DeployTarget`), storing
+    /// every event as it arrives with the step it happened in, the target's step at each
+    /// transition, and its outcome. `Err` when the target did not succeed, saying at
+    /// which step and why.
+    async fn deploy_target(
         &self,
         id: Uuid,
         target: &str,
-        to: Option<String>,
+        spec: &DeploySpec,
+        last_wave: bool,
     ) -> Result<(), ApiError> {
-        self.set_target(id, target, TargetState::Running, "migrating")
-            .await?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-        let sink: EventSink = Arc::new(move |e| {
+        self.set_target(
+            id,
+            target,
+            TargetState::Running,
+            "running its pipeline on its agent",
+        )
+        .await?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<DeployEvent>();
+        let sink: DeploySink = Arc::new(move |e: &DeployEvent| {
             let _ = tx.send(e.clone());
         });
         let recorder = {
             let (fleet, target) = (self.clone(), target.to_string());
             tokio::spawn(async move {
-                let mut took_backup = false;
+                let mut seen = Seen::default();
                 while let Some(e) = rx.recv().await {
-                    took_backup |= matches!(e.kind, belay_migrate::EventKind::BackupTaken { .. });
-                    let kind = serde_json::to_value(&e.kind).unwrap_or_default();
-                    let name = kind
-                        .get("event")
-                        .and_then(|v| v.as_str())
-                        .unwrap_or("event")
-                        .to_string();
-                    let _ = fleet
-                        .record(NewEvent {
-                            deployment_id: id,
-                            target: Some(target.clone()),
-                            kind: name,
-                            message: e.kind.describe().unwrap_or_default(),
-                            payload: kind,
-                        })
-                        .await;
+                    seen.note(&e);
+                    let entered_watching =
+                        e.kind == KIND_TRANSITION && e.step == Step::Watching && last_wave;
+                    if let Err(err) = fleet.record_target_event(id, &target, e).await {
+                        // The run goes on on the agent; what the store missed is said in
+                        // the log, and the target's outcome is still recorded below.
+                        tracing::error!(target = %target, error = %err, "a target event could not be stored");
+                    }
+                    if entered_watching {
+                        fleet.deployment_watching(id).await;
+                    }
                 }
-                took_backup
+                seen
             })
         };
-        let result = match self.client_for(target).await {
-            Ok((client, _)) => {
-                client
-                    .apply(
-                        target,
-                        &Target { to, steps: None },
-                        &ApplyOptions::deployment(id),
-                        sink,
-                    )
-                    .await
-            }
+        let request = TargetDeployment {
+            id,
+            target: target.to_string(),
+            forward: Target {
+                to: spec.to_version.clone(),
+                steps: None,
+            },
+            environment: spec.environment.clone(),
+            requested_by: spec.requested_by.clone(),
+            release: None,
+            asked: spec.policy.clone(),
+        };
+        let result = match self.connection_for(target).await {
+            Ok((conn, _)) => DeployClient::new(&conn).deploy_target(request, sink).await,
             Err(e) => Err(e),
         };
         // The sink is gone with the call: the recorder drains what is left, then ends,
         // so the target's final state comes after all of its events.
-        let took_backup = recorder.await.unwrap_or(false);
-        if took_backup {
+        let seen = recorder.await.unwrap_or_default();
+        if seen.took_backup {
             // The mirror learns at once which backup precedes this deployment.
             self.mirror_catalog(target).await;
         }
-        match &result {
-            Ok(r) => {
-                self.set_target(
+        match result {
+            Ok(deployed) if deployed.outcome.state == Step::Succeeded => {
+                let outcome = serde_json::to_value(&deployed.outcome).unwrap_or_default();
+                self.finish_target(
                     id,
                     target,
                     TargetState::Succeeded,
-                    &format!("{} migration(s) applied", r.results.len()),
+                    &format!(
+                        "{} migration(s) applied; every step passed",
+                        deployed.outcome.applied.len()
+                    ),
+                    &outcome,
                 )
-                .await?
+                .await
+            }
+            Ok(deployed) => {
+                let o = &deployed.outcome;
+                let step = o.failed_step.unwrap_or(Step::Failed);
+                let message = format!(
+                    "failed at {step}: {}",
+                    o.reason.as_deref().unwrap_or("no reason given")
+                );
+                let outcome = serde_json::to_value(o).unwrap_or_default();
+                self.finish_target(id, target, TargetState::Failed, &message, &outcome)
+                    .await?;
+                Err(ApiError::new(
+                    deployed.kind.unwrap_or(ErrorKind::Refused),
+                    message,
+                ))
             }
             Err(e) if e.kind == ErrorKind::AgentUnreachable => {
                 self.set_target(
@@ -313,13 +350,132 @@ impl Fleet {
                     TargetState::Unknown,
                     &format!("{}; reconciled when the agent reports again", e.message),
                 )
-                .await?
+                .await?;
+                Err(e)
             }
             Err(e) => {
-                self.set_target(id, target, TargetState::Failed, &e.message)
-                    .await?
+                // Refused before the pipeline ran (an unknown target, a watch window
+                // without probes), or its record could not be kept on the target.
+                let step = seen.step.unwrap_or(Step::Planned);
+                let message = format!("failed at {step}: {}", e.message);
+                let outcome = serde_json::json!({
+                    "state": Step::Failed,
+                    "failed_step": step,
+                    "reason": e.message,
+                    "evidence": { "error": e.message, "kind": e.kind },
+                });
+                self.finish_target(id, target, TargetState::Failed, &message, &outcome)
+                    .await?;
+                Err(ApiError::new(e.kind, message))
             }
         }
-        result.map(|_| ())
     }
+
+    /// Stores one pipeline event of `target`: executor events under their own kind, as
+    /// fleet deployments always stored them (`succeeded`, `backup_taken`, …), the others
+    /// under the pipeline's (`transition`, `check`, `probe`, …); the payload carries the
+    /// step and the agent's own sequence number beside the event's details.
+    async fn record_target_event(
+        &self,
+        id: Uuid,
+        target: &str,
+        e: DeployEvent,
+    ) -> Result<(), ApiError> {
+        let kind = if e.kind == KIND_MIGRATION {
+            e.payload
+                .get("event")
+                .and_then(|v| v.as_str())
+                .unwrap_or("migration")
+                .to_string()
+        } else {
+            e.kind.clone()
+        };
+        let mut payload = match e.payload {
+            serde_json::Value::Object(o) => o,
+            serde_json::Value::Null => serde_json::Map::new(),
+            other => {
+                let mut o = serde_json::Map::new();
+                o.insert("value".into(), other);
+                o
+            }
+        };
+        payload.insert("step".into(), serde_json::json!(e.step.as_str()));
+        payload.insert("target_seq".into(), serde_json::json!(e.seq));
+        let step = (e.kind == KIND_TRANSITION)
+            .then(|| state_of(e.step))
+            .flatten();
+        self.store
+            .append_target_event(
+                &NewEvent {
+                    deployment_id: id,
+                    target: Some(target.to_string()),
+                    kind,
+                    message: e.message,
+                    payload: serde_json::Value::Object(payload),
+                },
+                step,
+            )
+            .await
+            .map_err(store_err)?;
+        self.notify();
+        Ok(())
+    }
+
+    /// The last wave entered its watch window: so does the deployment (once; the other
+    /// targets of the wave find it there).
+    async fn deployment_watching(&self, id: Uuid) {
+        match self
+            .store
+            .transition(
+                id,
+                DeploymentState::Watching,
+                "the last wave is watching its probes",
+            )
+            .await
+        {
+            Ok(()) => self.notify(),
+            Err(belay_store::StoreError::BadTransition { .. }) => {}
+            Err(e) => {
+                tracing::warn!(deployment = %id, error = %e, "cannot record the watching state")
+            }
+        }
+    }
+
+    async fn finish_target(
+        &self,
+        id: Uuid,
+        target: &str,
+        state: TargetState,
+        message: &str,
+        outcome: &serde_json::Value,
+    ) -> Result<(), ApiError> {
+        self.store
+            .finish_target(id, target, state, message, outcome)
+            .await
+            .map_err(store_err)?;
+        self.notify();
+        Ok(())
+    }
+}
+
+/// What the controller learns of a target's run from its events.
+#[derive(Debug, Default)]
+struct Seen {
+    step: Option<Step>,
+    took_backup: bool,
+}
+
+impl Seen {
+    fn note(&mut self, e: &DeployEvent) {
+        if e.kind == KIND_TRANSITION {
+            self.step = Some(e.step);
+        }
+        self.took_backup |= e.kind == KIND_MIGRATION
+            && e.payload.get("event").and_then(|v| v.as_str()) == Some("backup_taken");
+    }
+}
+
+/// The store's name for a pipeline step (the same vocabulary).
+fn state_of(step: Step) -> Option<DeploymentState> {
+    step.as_str().parse().ok()
 }

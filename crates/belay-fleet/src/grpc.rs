@@ -78,10 +78,16 @@ pub fn deployment_pb(d: &DeploymentRecord) -> pb::Deployment {
                 state: t.state.as_str().to_string(),
                 message: t.message.clone(),
                 updated_at: Some(timestamp(t.updated_at)),
+                step: t.step.map(|s| s.as_str().to_string()).unwrap_or_default(),
+                outcome: match &t.outcome {
+                    serde_json::Value::Object(o) => Some(json_struct(o)),
+                    _ => None,
+                },
             })
             .collect(),
         skip_promotion_reason: d.skip_promotion_reason.clone(),
         requested_by: d.requested_by.clone(),
+        events: Vec::new(),
     }
 }
 
@@ -257,7 +263,18 @@ impl pb::controller_service_server::ControllerService for ControllerGrpc {
             environment: r.environment.filter(|e| !e.is_empty()),
             skip_promotion_reason: r.skip_promotion_reason,
             requested_by: r.requested_by,
+            policy: belay_rpc::deploy::deployer_policy_from(r.policy.as_ref())?,
         };
+        if spec.policy.on_failure == belay_deploy::OnFailure::Rollback {
+            // Refused before anything is recorded or run, as `migrate` refuses it.
+            return Err(st(ApiError::new(
+                ErrorKind::Refused,
+                "--on-failure rollback needs the rollback controller, which this controller \
+                 does not run yet; nothing was run. Use --on-failure stop (a failure is \
+                 recorded and what was applied stays applied) and roll back by hand with \
+                 `belay undo` and the pre-deployment backup",
+            )));
+        }
         let id = self.0.start_deploy(spec).await.map_err(st)?;
         Ok(Response::new(watch(self.0.clone(), id, 0)))
     }
@@ -296,7 +313,17 @@ impl pb::history_service_server::HistoryService for HistoryGrpc {
             .await
             .map_err(|e| st(store_err(e)))?
         {
-            Some(d) => Ok(Response::new(deployment_pb(&d))),
+            Some(d) => {
+                let events = self
+                    .0
+                    .store()
+                    .events(id, 0)
+                    .await
+                    .map_err(|e| st(store_err(e)))?;
+                let mut d = deployment_pb(&d);
+                d.events = events.iter().map(event_pb).collect();
+                Ok(Response::new(d))
+            }
             None => Err(st(ApiError::new(
                 ErrorKind::UnknownTarget,
                 format!("no deployment {id}"),

@@ -8,12 +8,14 @@ pub mod backup;
 pub mod client;
 pub mod convert;
 pub mod daemon;
+pub mod deploy;
 pub mod health;
 pub mod locks;
 pub mod server;
 
 pub use backup::{BackupClient, BackupGrpc};
 pub use client::{Connection, MigrationClient};
+pub use deploy::{DeployClient, DeployGrpc};
 pub use health::{HealthClient, HealthGrpc};
 pub use locks::{LockMonitorClient, LockMonitorGrpc};
 pub use server::MigrationGrpc;

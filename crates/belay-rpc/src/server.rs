@@ -87,6 +87,91 @@ fn record_metrics(target: &str, e: &belay_migrate::Event) {
     }
 }
 
+/// A [`MigrationApi`] that records the migration metrics of every run it passes on (as
+/// [`MigrationGrpc`] does for the runs it serves): for callers that run migrations
+/// in-process beside the server, such as the agent's deployment pipelines.
+pub struct Metered(pub Arc<dyn MigrationApi>);
+
+impl std::fmt::Debug for Metered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metered").finish_non_exhaustive()
+    }
+}
+
+fn metered_sink(target: &str, sink: EventSink) -> EventSink {
+    let target = target.to_string();
+    Arc::new(move |e| {
+        record_metrics(&target, e);
+        sink(e);
+    })
+}
+
+#[async_trait::async_trait]
+impl MigrationApi for Metered {
+    async fn status(
+        &self,
+        target: &str,
+    ) -> Result<Vec<belay_migrate::MigrationStatus>, belay_migrate::ApiError> {
+        self.0.status(target).await
+    }
+
+    async fn plan(
+        &self,
+        target: &str,
+        forward: &belay_migrate::Target,
+        sql: bool,
+    ) -> Result<belay_migrate::PlanView, belay_migrate::ApiError> {
+        self.0.plan(target, forward, sql).await
+    }
+
+    async fn apply(
+        &self,
+        target: &str,
+        forward: &belay_migrate::Target,
+        options: &belay_migrate::ApplyOptions,
+        sink: EventSink,
+    ) -> Result<belay_migrate::RunReport, belay_migrate::ApiError> {
+        self.0
+            .apply(target, forward, options, metered_sink(target, sink))
+            .await
+    }
+
+    async fn undo(
+        &self,
+        target: &str,
+        undo: &belay_migrate::UndoTarget,
+        deployment_id: Option<Uuid>,
+        sink: EventSink,
+    ) -> Result<belay_migrate::RunReport, belay_migrate::ApiError> {
+        self.0
+            .undo(target, undo, deployment_id, metered_sink(target, sink))
+            .await
+    }
+
+    async fn validate(
+        &self,
+        target: &str,
+    ) -> Result<belay_migrate::Validation, belay_migrate::ApiError> {
+        self.0.validate(target).await
+    }
+
+    async fn repair(
+        &self,
+        target: &str,
+    ) -> Result<Vec<belay_migrate::RepairAction>, belay_migrate::ApiError> {
+        self.0.repair(target).await
+    }
+
+    async fn baseline(
+        &self,
+        target: &str,
+        version: &str,
+        description: &str,
+    ) -> Result<(), belay_migrate::ApiError> {
+        self.0.baseline(target, version, description).await
+    }
+}
+
 /// Runs `work` in its own task, forwarding events and the final report into a stream.
 /// The task is not tied to the caller: a client that disconnects mid-run does not
 /// abandon a migration half-way; it finishes and is recorded as usual.

@@ -180,6 +180,17 @@ impl Row {
         }
     }
 
+    /// A nullable column holding one of our enums' names.
+    pub(crate) fn opt_parsed<T>(&self, col: &str) -> Result<Option<T>, sqlx::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        self.opt_text(col)?
+            .map(|s| s.parse().map_err(|e: T::Err| decode_err(col, e)))
+            .transpose()
+    }
+
     /// A column holding one of our enums' names.
     pub(crate) fn parsed<T>(&self, col: &str) -> Result<T, sqlx::Error>
     where

@@ -488,6 +488,8 @@ impl Store {
                     state: TargetState::Pending,
                     message: String::new(),
                     updated_at: now,
+                    step: None,
+                    outcome: serde_json::Value::Null,
                 })
                 .collect(),
         })
@@ -549,6 +551,73 @@ impl Store {
         state: TargetState,
         message: &str,
     ) -> Result<(), StoreError> {
+        self.target_state(id, target, state, message, None).await
+    }
+
+    /// [`Store::set_target_state`] for a target whose pipeline ended: also records how
+    /// (`outcome`, shown with the target), in the same transaction.
+    pub async fn finish_target(
+        &self,
+        id: Uuid,
+        target: &str,
+        state: TargetState,
+        message: &str,
+        outcome: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.target_state(id, target, state, message, Some(outcome))
+            .await
+    }
+
+    /// Appends one of a target's pipeline events; with `step` (a transition), also moves
+    /// the target's step, in the same transaction, so the step shown and the event log
+    /// never disagree.
+    pub async fn append_target_event(
+        &self,
+        e: &NewEvent,
+        step: Option<DeploymentState>,
+    ) -> Result<EventRecord, StoreError> {
+        const DOING: &str = "recording a target's pipeline event";
+        let err = self.db(DOING);
+        let target = e.target.as_deref().ok_or_else(|| StoreError::Invalid {
+            what: "target event",
+            reason: "names no target".into(),
+        })?;
+        let now = db::now();
+        let mut tx = self.begin(DOING).await?;
+        let record = self.append_in(&mut tx, e, now).await?;
+        if let Some(step) = step {
+            let n = tx
+                .execute(
+                    "UPDATE belay_controller.deployment_targets SET step = $3, updated_at = $4
+                     WHERE deployment_id = $1 AND target = $2",
+                    &[
+                        Val::Uuid(e.deployment_id),
+                        Val::Text(target),
+                        Val::Text(step.as_str()),
+                        Val::Ts(now),
+                    ],
+                )
+                .await
+                .map_err(&err)?;
+            if n == 0 {
+                return Err(StoreError::NoSuchTarget {
+                    id: e.deployment_id,
+                    target: target.to_string(),
+                });
+            }
+        }
+        tx.commit().await.map_err(&err)?;
+        Ok(record)
+    }
+
+    async fn target_state(
+        &self,
+        id: Uuid,
+        target: &str,
+        state: TargetState,
+        message: &str,
+        outcome: Option<&serde_json::Value>,
+    ) -> Result<(), StoreError> {
         const DOING: &str = "changing a deployment target's state";
         let err = self.db(DOING);
         let now = db::now();
@@ -581,6 +650,15 @@ impl Store {
                 id,
                 target: target.to_string(),
             });
+        }
+        if let Some(outcome) = outcome {
+            tx.execute(
+                "UPDATE belay_controller.deployment_targets SET outcome = $3
+                 WHERE deployment_id = $1 AND target = $2",
+                &[Val::Uuid(id), Val::Text(target), Val::Json(outcome)],
+            )
+            .await
+            .map_err(&err)?;
         }
         tx.execute(
             "UPDATE belay_controller.deployments SET updated_at = $2 WHERE id = $1",
@@ -685,7 +763,8 @@ impl Store {
             .pool
             .fetch_all(
                 "SELECT d.*, t.target, t.state AS target_state, t.message AS target_message,
-                     t.updated_at AS target_updated_at
+                     t.updated_at AS target_updated_at, t.step AS target_step,
+                     t.outcome AS target_outcome
                  FROM belay_controller.deployments d
                  LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
                  WHERE d.id = $1
@@ -707,7 +786,8 @@ impl Store {
             .pool
             .fetch_all(
                 "SELECT d.*, t.target, t.state AS target_state, t.message AS target_message,
-                     t.updated_at AS target_updated_at
+                     t.updated_at AS target_updated_at, t.step AS target_step,
+                     t.outcome AS target_outcome
                  FROM (SELECT * FROM belay_controller.deployments
                        ORDER BY created_at DESC, id DESC LIMIT $1) d
                  LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
@@ -727,7 +807,8 @@ impl Store {
             .pool
             .fetch_all(
                 "SELECT d.*, t.target, t.state AS target_state, t.message AS target_message,
-                     t.updated_at AS target_updated_at
+                     t.updated_at AS target_updated_at, t.step AS target_step,
+                     t.outcome AS target_outcome
                  FROM belay_controller.deployments d
                  LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
                  WHERE d.state NOT IN ('succeeded', 'rolled_back', 'escalated')
@@ -786,6 +867,8 @@ fn group_deployments(rows: &[Row]) -> Result<Vec<DeploymentRecord>, sqlx::Error>
                 state: r.parsed("target_state")?,
                 message: r.text("target_message")?,
                 updated_at: r.ts("target_updated_at")?,
+                step: r.opt_parsed("target_step")?,
+                outcome: r.json("target_outcome")?,
             });
         }
     }

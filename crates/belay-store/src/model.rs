@@ -276,6 +276,12 @@ pub struct TargetStatus {
     pub state: TargetState,
     pub message: String,
     pub updated_at: DateTime<Utc>,
+    /// Where the target's own pipeline stands (`planned` … `succeeded` | `failed`);
+    /// `None` before it started.
+    pub step: Option<DeploymentState>,
+    /// How its pipeline ended (`state`, `failed_step`, `reason`, `evidence`, …); null
+    /// until then.
+    pub outcome: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

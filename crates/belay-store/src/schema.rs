@@ -30,6 +30,11 @@ pub(crate) const SQLITE: &[Script] = &[
         name: "V2__backups.sql",
         sql: include_str!("../migrations/sqlite/V2__backups.sql"),
     },
+    Script {
+        version: 3,
+        name: "V3__target_steps.sql",
+        sql: include_str!("../migrations/sqlite/V3__target_steps.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Script] = &[
@@ -42,6 +47,11 @@ pub(crate) const POSTGRES: &[Script] = &[
         version: 2,
         name: "V2__backups.sql",
         sql: include_str!("../migrations/postgres/V2__backups.sql"),
+    },
+    Script {
+        version: 3,
+        name: "V3__target_steps.sql",
+        sql: include_str!("../migrations/postgres/V3__target_steps.sql"),
     },
 ];
 

@@ -797,3 +797,74 @@ async fn the_backup_mirror_follows_the_catalog_and_finds_a_deployments_backup() 
         assert!(matches!(err, StoreError::Invalid { .. }), "{b}: {err}");
     }
 }
+
+#[tokio::test]
+async fn each_targets_step_moves_with_its_transition_events_and_keeps_its_outcome() {
+    use DeploymentState::*;
+    for f in both().await {
+        let b = f.backend;
+        let store = f.open().await;
+        let new = deployment(&["orders", "billing"], None, None);
+        store.create_deployment(&new).await.unwrap();
+        let step_of = |d: &belay_store::DeploymentRecord, t: &str| {
+            d.targets.iter().find(|x| x.target == t).map(|x| x.step)
+        };
+        let transition = |to: &str| NewEvent {
+            deployment_id: new.id,
+            target: Some("orders".into()),
+            kind: "transition".into(),
+            message: format!("→ {to}"),
+            payload: json!({ "to": to, "step": to }),
+        };
+        for (to, state) in [
+            ("planned", Planned),
+            ("preflight", Preflight),
+            ("failed", Failed),
+        ] {
+            let e = store
+                .append_target_event(&transition(to), Some(state))
+                .await
+                .unwrap();
+            let d = store.deployment(new.id).await.unwrap().unwrap();
+            assert_eq!(step_of(&d, "orders"), Some(Some(state)), "{b}");
+            assert_eq!(d.last_seq, e.seq, "{b}: the event is in the log");
+        }
+        // An event that is not a transition leaves the step alone.
+        store
+            .append_target_event(&event(new.id, 1), None)
+            .await
+            .unwrap();
+        let d = store.deployment(new.id).await.unwrap().unwrap();
+        assert_eq!(step_of(&d, "orders"), Some(Some(Failed)), "{b}");
+        assert_eq!(step_of(&d, "billing"), Some(None), "{b}: not started");
+        let outcome = json!({ "state": "failed", "failed_step": "preflight", "evidence": { "blocked": [{ "name": "lock_waits" }] } });
+        store
+            .finish_target(
+                new.id,
+                "orders",
+                TargetState::Failed,
+                "failed at preflight",
+                &outcome,
+            )
+            .await
+            .unwrap();
+        let d = store.deployment(new.id).await.unwrap().unwrap();
+        let orders = d.targets.iter().find(|t| t.target == "orders").unwrap();
+        assert_eq!(orders.state, TargetState::Failed, "{b}");
+        assert_eq!(orders.outcome, outcome, "{b}");
+        assert!(d.targets[1].outcome.is_null(), "{b}");
+        // A target the deployment does not have is refused, and nothing is appended.
+        let mut stray = transition("preflight");
+        stray.target = Some("nope".into());
+        let before = d.last_seq;
+        assert!(matches!(
+            store.append_target_event(&stray, Some(Preflight)).await,
+            Err(StoreError::NoSuchTarget { .. })
+        ));
+        let d = store.deployment(new.id).await.unwrap().unwrap();
+        assert_eq!(
+            d.last_seq, before,
+            "{b}: a refused append takes its seq back"
+        );
+    }
+}

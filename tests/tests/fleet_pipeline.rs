@@ -1,0 +1,430 @@
+//! Fleet deployments through the pipeline: each target's agent runs belay-deploy's steps
+//! (preflight, backup and migrations, validation, the watch window) with what its
+//! agent.toml says, and the controller records every target's lifecycle. Real controller
+//! and agent processes, the real CLI, real PostgreSQL.
+
+use anyhow::{Context, Result};
+use belay_e2e::{
+    Daemon, agent, belay, belay_local, conflict, controller, examples, wait_agents, wait_for,
+};
+use belay_testkit::{Cluster, TestDb};
+use serde_json::Value;
+use std::path::Path;
+
+fn psql(url: &str, sql: &str) -> String {
+    belay_testkit::psql(url, sql)
+        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// One `[[targets]]` entry with `extra` TOML after its keys (its `[targets.preflight]`,
+/// `[[targets.checks]]`, `[[targets.probes]]`).
+fn target_toml(name: &str, db: &TestDb, migrations: &Path, extra: &str) -> String {
+    format!(
+        "\n[[targets]]\nname = \"{name}\"\nurl = \"{}\"\nmigrations = \"{}\"\n{extra}\n",
+        db.url,
+        migrations.display()
+    )
+}
+
+/// A controller and one agent owning `targets` (TOML from [`target_toml`]).
+async fn fleet(dir: &Path, targets: &[String]) -> Result<(Daemon, Daemon)> {
+    let c = controller(&dir.join("controller.db").to_string_lossy(), &[]).await?;
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"agent-1\"\ncontroller = \"{}\"\n{}",
+            c.addr,
+            targets.concat()
+        ),
+    )?;
+    let a = agent(&path).await?;
+    wait_agents(&c.addr, 1).await?;
+    Ok((c, a))
+}
+
+/// The id `deploy` printed (`deployment ID: state`).
+fn deployment_id(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("deployment "))
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no deployment line in {stdout}"))
+        .to_string()
+}
+
+async fn show(addr: &str, id: &str) -> Result<Value> {
+    let r = belay(addr, &["deployments", "show", id, "--output", "json"]).await?;
+    anyhow::ensure!(r.code == 0, "deployments show: {r:?}");
+    Ok(r.json())
+}
+
+fn target<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    doc["targets"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["target"] == name))
+        .unwrap_or_else(|| panic!("no target {name} in {doc}"))
+}
+
+/// The steps a target's pipeline entered, in order, from its `transition` events.
+fn steps(events: &Value) -> Vec<String> {
+    events
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["kind"] == "transition")
+                .filter_map(|e| e["payload"]["to"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A migrations directory of one script creating `t` with a NULL in `x`.
+fn null_row_migrations(dir: &Path) -> Result<std::path::PathBuf> {
+    let m = dir.join("m");
+    std::fs::create_dir_all(&m)?;
+    std::fs::write(
+        m.join("V1__t.sql"),
+        "CREATE TABLE t (id int PRIMARY KEY, x int);\nINSERT INTO t VALUES (1, NULL);\n",
+    )?;
+    Ok(m)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_target_goes_through_the_same_steps_as_local_migrate() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cluster = Cluster::shared();
+    let (d1, d2, local) = (
+        cluster.create_database().await?,
+        cluster.create_database().await?,
+        cluster.create_database().await?,
+    );
+    let ex = examples();
+    let (c, _a) = fleet(
+        tmp.path(),
+        &[
+            target_toml("life_1", &d1, &ex, ""),
+            target_toml("life_2", &d2, &ex, ""),
+        ],
+    )
+    .await?;
+    let r = belay(
+        &c.addr,
+        &["deploy", "--targets", "life_*", "--output", "json"],
+    )
+    .await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    let id = r.json()["id"].as_str().context("id")?.to_string();
+
+    let l = belay_local(
+        &local.url,
+        &ex,
+        &["migrate", "--backup", "none", "--output", "json"],
+    )
+    .await?;
+    assert_eq!(l.code, 0, "{l:?}");
+    let local_steps = steps(&l.json()["deployment"]["events"]);
+    assert_eq!(
+        local_steps,
+        [
+            "planned",
+            "preflight",
+            "backing_up",
+            "migrating",
+            "validating",
+            "succeeded"
+        ],
+        "{l:?}"
+    );
+
+    let doc = show(&c.addr, &id).await?;
+    assert_eq!(doc["state"], "succeeded", "{doc}");
+    for name in ["life_1", "life_2"] {
+        let t = target(&doc, name);
+        assert_eq!(t["state"], "succeeded", "{t}");
+        assert_eq!(t["step"], "succeeded", "{t}");
+        assert_eq!(steps(&t["events"]), local_steps, "{name}: {t}");
+        // Every executor event is there, in the step it happened in, and the checks of
+        // each step with theirs.
+        let events = t["events"].as_array().context("events")?;
+        let applied: Vec<&Value> = events.iter().filter(|e| e["kind"] == "succeeded").collect();
+        assert_eq!(applied.len(), 4, "{name}: {t}");
+        assert!(applied.iter().all(|e| e["step"] == "migrating"), "{t}");
+        for (check, step) in [("preflight", "preflight"), ("postflight", "validating")] {
+            assert!(
+                events.iter().any(|e| e["kind"] == "check"
+                    && e["payload"]["check"] == check
+                    && e["step"] == step),
+                "{name}: no {check} check in {step}: {t}"
+            );
+        }
+        // The agent's record of the target's pipeline is gap-free, as the controller's log.
+        let seqs: Vec<i64> = events
+            .iter()
+            .filter_map(|e| e["payload"]["target_seq"].as_i64())
+            .collect();
+        assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "{t}");
+    }
+    // The target keeps its own record too, under the fleet deployment's id.
+    for d in [&d1, &d2] {
+        assert_eq!(
+            psql(
+                &d.url,
+                &format!("SELECT step FROM belay.deployments WHERE id = '{id}'")
+            ),
+            "succeeded"
+        );
+    }
+    // Text names each target's step.
+    let text = belay(&c.addr, &["deployments", "show", &id]).await?;
+    let line = text
+        .stdout
+        .lines()
+        .find(|l| l.contains("life_1"))
+        .unwrap_or_else(|| panic!("{text:?}"));
+    assert!(
+        line.contains("succeeded") && line.contains("every step passed"),
+        "{line}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocking_lock_queue_refuses_the_target_at_preflight_and_halts_the_wave() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cluster = Cluster::shared();
+    let (d1, d2) = (
+        cluster.create_database().await?,
+        cluster.create_database().await?,
+    );
+    let ex = examples();
+    // A threshold from agent.toml, under the default (1s): the agent's own is what judges.
+    let (c, _a) = fleet(
+        tmp.path(),
+        &[
+            target_toml(
+                "pre_1",
+                &d1,
+                &ex,
+                "[targets.preflight]\nlock_wait_block = \"300ms\"\n",
+            ),
+            target_toml("pre_2", &d2, &ex, ""),
+        ],
+    )
+    .await?;
+    let held = conflict(&d1.url).await?;
+    let b_pid = held.b_pid;
+    wait_for("the queued ALTER to wait past 300ms", || {
+        let url = d1.url.clone();
+        async move {
+            Ok(psql(
+                &url,
+                &format!(
+                    "SELECT now() - state_change > interval '400ms' FROM pg_stat_activity WHERE pid = {b_pid}"
+                ),
+            ) == "t")
+        }
+    })
+    .await?;
+
+    let r = belay(&c.addr, &["deploy", "--targets", "pre_*", "--canary", "1"]).await?;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("halted after wave 1/2"), "{r:?}");
+    assert!(r.stdout.contains("untouched: pre_2"), "{r:?}");
+    let pre_1 = r
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("pre_1"))
+        .context("pre_1 line")?;
+    assert!(
+        pre_1.contains("failed")
+            && pre_1.contains("failed at preflight: preflight blocked by: lock_waits"),
+        "{pre_1}"
+    );
+    let id = deployment_id(&r.stdout);
+    held.end().await?;
+
+    let doc = show(&c.addr, &id).await?;
+    assert_eq!(doc["state"], "failed", "{doc}");
+    let t = target(&doc, "pre_1");
+    assert_eq!(t["state"], "failed", "{t}");
+    assert_eq!(t["failed_step"], "preflight", "{t}");
+    assert_eq!(
+        steps(&t["events"]),
+        ["planned", "preflight", "failed"],
+        "{t}"
+    );
+    let blocked = t["evidence"]["blocked"].as_array().context("blocked")?;
+    let lock = blocked
+        .iter()
+        .find(|b| b["name"] == "lock_waits")
+        .context("lock_waits")?;
+    assert_eq!(lock["status"], "block", "{lock}");
+    assert!(
+        lock["threshold"]
+            .as_str()
+            .unwrap_or("")
+            .contains("block > 300ms"),
+        "{lock}"
+    );
+    let p2 = target(&doc, "pre_2");
+    assert_eq!(p2["state"], "skipped", "{p2}");
+    assert!(p2["step"].is_null(), "{p2}");
+    // Nothing was applied anywhere.
+    for d in [&d1, &d2] {
+        assert_eq!(
+            psql(&d.url, "SELECT to_regclass('public.users') IS NULL"),
+            "t"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_assertion_in_agent_toml_fails_the_target_at_validating() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let db = Cluster::shared().create_database().await?;
+    let m = null_row_migrations(tmp.path())?;
+    let query = "SELECT count(*) FROM t WHERE x IS NULL";
+    let (c, _a) = fleet(
+        tmp.path(),
+        &[target_toml(
+            "val_1",
+            &db,
+            &m,
+            &format!(
+                "[[targets.checks]]\nname = \"x_filled\"\nquery = \"{query}\"\nexpect = \"zero\"\n"
+            ),
+        )],
+    )
+    .await?;
+    let r = belay(&c.addr, &["deploy", "--targets", "val_1"]).await?;
+    assert_eq!(r.code, 1, "{r:?}");
+    let id = deployment_id(&r.stdout);
+    let doc = show(&c.addr, &id).await?;
+    assert_eq!(doc["state"], "failed", "{doc}");
+    let t = target(&doc, "val_1");
+    assert_eq!(t["failed_step"], "validating", "{t}");
+    assert_eq!(
+        steps(&t["events"]),
+        [
+            "planned",
+            "preflight",
+            "backing_up",
+            "migrating",
+            "validating",
+            "failed"
+        ],
+        "{t}"
+    );
+    let failed = t["evidence"]["failed"].as_array().context("failed")?;
+    let check = failed
+        .iter()
+        .find(|f| f["name"] == "x_filled")
+        .context("x_filled")?;
+    assert_eq!(check["query"], query, "{check}");
+    assert!(
+        check["value"].as_str().unwrap_or("").contains('1'),
+        "{check}"
+    );
+    assert!(
+        t["reason"].as_str().unwrap_or("").contains("x_filled"),
+        "{t}"
+    );
+    // The migration stays applied (on_failure = stop).
+    assert_eq!(psql(&db.url, "SELECT count(*) FROM t"), "1");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_probe_crossing_its_threshold_fails_the_target_at_watching() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let db = Cluster::shared().create_database().await?;
+    let m = null_row_migrations(tmp.path())?;
+    let (c, _a) = fleet(
+        tmp.path(),
+        &[target_toml(
+            "watch_1",
+            &db,
+            &m,
+            "[[targets.probes]]\nname = \"x_filled\"\nperiod = \"100ms\"\nfailure_threshold = 2\n\
+             sql = { query = \"SELECT count(*) FROM t WHERE x IS NULL\", expect = \"zero\" }\n",
+        )],
+    )
+    .await?;
+    // The probe reads the row the migration left NULL: it fails from its first attempt.
+    let r = belay(
+        &c.addr,
+        &["deploy", "--targets", "watch_1", "--watch", "5m"],
+    )
+    .await?;
+    assert_eq!(r.code, 1, "{r:?}");
+    let id = deployment_id(&r.stdout);
+    let doc = show(&c.addr, &id).await?;
+    assert_eq!(doc["state"], "failed", "{doc}");
+    let t = target(&doc, "watch_1");
+    assert_eq!(t["failed_step"], "watching", "{t}");
+    assert_eq!(
+        steps(&t["events"]),
+        [
+            "planned",
+            "preflight",
+            "backing_up",
+            "migrating",
+            "validating",
+            "watching",
+            "failed"
+        ],
+        "{t}"
+    );
+    assert_eq!(t["evidence"]["probe"], "x_filled", "{t}");
+    assert_eq!(t["evidence"]["triggered"], true, "{t}");
+    let probes = t["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter(|e| e["kind"] == "probe" && e["step"] == "watching")
+        .count();
+    assert!(probes >= 2, "{t}");
+    // The deployment itself watched while its last wave did.
+    let r = belay(&c.addr, &["deployments", "watch", &id, "--output", "json"]).await?;
+    let states: Vec<String> = r.json()["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter(|e| e["kind"] == "state")
+        .filter_map(|e| e["payload"]["to"].as_str().map(String::from))
+        .collect();
+    assert_eq!(
+        states,
+        ["planned", "migrating", "watching", "failed"],
+        "{r:?}"
+    );
+
+    // --watch on a target without probes is refused by its agent, naming the key.
+    let tmp2 = tempfile::tempdir()?;
+    let db2 = Cluster::shared().create_database().await?;
+    let (c2, _a2) = fleet(tmp2.path(), &[target_toml("bare_1", &db2, &m, "")]).await?;
+    let r = belay(
+        &c2.addr,
+        &["deploy", "--targets", "bare_1", "--watch", "1m"],
+    )
+    .await?;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("[[targets.probes]]"), "{r:?}");
+    assert_eq!(
+        psql(&db2.url, "SELECT to_regclass('public.t') IS NULL"),
+        "t"
+    );
+    // And rollback is refused before anything is sent.
+    let r = belay(
+        &c2.addr,
+        &["deploy", "--targets", "bare_1", "--on-failure", "rollback"],
+    )
+    .await?;
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(r.stderr.contains("rollback controller"), "{r:?}");
+    Ok(())
+}
