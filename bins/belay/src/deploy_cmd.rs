@@ -126,9 +126,6 @@ pub struct RecordArgs {
 
 /// Runs `migrate` on `target` as a deployment and renders it: events as they come in
 /// text, one document at the end in JSON. The exit code follows the failed step.
-// Each argument is an independent input of `migrate` from a different source (flags,
-// settings, mode); a struct holding them would only be built to be taken apart here.
-#[allow(clippy::too_many_arguments)]
 pub async fn migrate(
     pipeline: &Pipeline,
     target: &str,
