@@ -15,7 +15,10 @@ use crate::util::{build_belay, capture, heading, root};
 /// The given binary, or a fresh release build: benchmarks measure optimised code.
 pub(crate) fn release_belay(given: Option<PathBuf>) -> Result<PathBuf> {
     match given {
-        Some(path) if path.is_file() => Ok(path),
+        // Absolute: some benches run it from another working directory.
+        Some(path) if path.is_file() => path
+            .canonicalize()
+            .with_context(|| format!("could not resolve {}", path.display())),
         Some(path) => bail!("{} is not a file", path.display()),
         None => build_belay(true),
     }
@@ -139,7 +142,7 @@ fn time_belay(belay: &Path, dir: &Path, db: &TestDb) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
-fn time_psql(bin: &Path, script: &Path, db: &TestDb) -> Result<Duration> {
+pub(crate) fn time_psql(bin: &Path, script: &Path, db: &TestDb) -> Result<Duration> {
     let mut cmd = Command::new(bin.join("psql"));
     cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &db.url, "-f"])
         .arg(script);
@@ -149,26 +152,29 @@ fn time_psql(bin: &Path, script: &Path, db: &TestDb) -> Result<Duration> {
 }
 
 #[derive(Debug)]
-struct Script {
-    version: Vec<u64>,
+pub(crate) struct Script {
+    /// Numeric parts; `u128` because popx versions (kratos) have 20 digits.
+    version: Vec<u128>,
     version_text: String,
     /// Repeatable scripts run after all versioned ones, by name.
-    repeatable: bool,
+    pub(crate) repeatable: bool,
     name: String,
     path: PathBuf,
-    no_transaction: bool,
+    pub(crate) no_transaction: bool,
 }
 
 /// The forward scripts of a migrations directory in apply order, for the Flyway
 /// (`V1__x.sql`, `R__x.sql`), paired (`1_x.up.sql`) and folder (`1_x/up.sql`) layouts.
-fn forward_scripts(dir: &Path) -> Result<Vec<Script>> {
+pub(crate) fn forward_scripts(dir: &Path) -> Result<Vec<Script>> {
     let mut scripts = Vec::new();
     for entry in fs::read_dir(dir).with_context(|| format!("could not list {}", dir.display()))? {
         let entry = entry.with_context(|| format!("could not list {}", dir.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
+        let mut sidecar_no_transaction = false;
         let (version_text, repeatable, path) = if path.is_dir() {
             let up = path.join("up.sql");
+            sidecar_no_transaction = diesel_no_transaction(&path.join("metadata.toml"))?;
             match name.split_once('_') {
                 Some((v, _)) if up.is_file() => (v.to_owned(), false, up),
                 _ => continue,
@@ -193,7 +199,7 @@ fn forward_scripts(dir: &Path) -> Result<Vec<Script>> {
         } else {
             version_text
                 .split(['.', '_'])
-                .map(str::parse::<u64>)
+                .map(str::parse::<u128>)
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("unparsable version in {}", path.display()))?
         };
@@ -204,7 +210,8 @@ fn forward_scripts(dir: &Path) -> Result<Vec<Script>> {
             version_text,
             repeatable,
             name,
-            no_transaction: text.lines().any(|l| l.trim() == "-- belay:no-transaction"),
+            no_transaction: sidecar_no_transaction
+                || text.lines().any(|l| l.trim() == "-- belay:no-transaction"),
             path,
         });
     }
@@ -214,9 +221,21 @@ fn forward_scripts(dir: &Path) -> Result<Vec<Script>> {
     Ok(scripts)
 }
 
+/// diesel's `metadata.toml` saying `run_in_transaction = false` (as belay reads it; a plain
+/// line match is enough for the bench's corpora).
+fn diesel_no_transaction(path: &Path) -> Result<bool> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(text
+            .lines()
+            .any(|l| l.split_whitespace().collect::<String>() == "run_in_transaction=false")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("could not read {}", path.display())),
+    }
+}
+
 /// One psql session applying every script in its own transaction with its history row,
 /// the way a careful hand-rolled runner would.
-fn baseline_script(scripts: &[Script]) -> Result<String> {
+pub(crate) fn baseline_script(scripts: &[Script]) -> Result<String> {
     // Creating the history table is part of the timed work, as it is for belay.
     let mut out = format!("{BENCH_HISTORY_DDL};\n");
     for script in scripts {
@@ -254,7 +273,7 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
-fn median(times: &[Duration]) -> f64 {
+pub(crate) fn median(times: &[Duration]) -> f64 {
     let mut secs: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
     secs.sort_by(f64::total_cmp);
     let mid = secs.len() / 2;
@@ -314,6 +333,44 @@ mod tests {
             .map(|(n, t)| ((*n).to_owned(), *t))
             .collect();
         assert_eq!(names, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn diesel_folders_with_twenty_digit_versions_and_metadata() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        for (folder, metadata) in [
+            (
+                "20210410175418000001_b",
+                Some("run_in_transaction = false\n"),
+            ),
+            ("20150100000001000000_a", None),
+            (
+                "20210410175418000000_c",
+                Some("run_in_transaction = true\n"),
+            ),
+        ] {
+            let path = dir.path().join(folder);
+            fs::create_dir(&path)?;
+            fs::write(path.join("up.sql"), "SELECT 1;\n")?;
+            if let Some(text) = metadata {
+                fs::write(path.join("metadata.toml"), text)?;
+            }
+        }
+        let got: Vec<(String, bool)> = forward_scripts(dir.path())?
+            .into_iter()
+            .map(|s| (s.version_text, s.no_transaction))
+            .collect();
+        let expected = [
+            ("20150100000001000000", false),
+            ("20210410175418000000", false),
+            ("20210410175418000001", true),
+        ];
+        let expected: Vec<(String, bool)> = expected
+            .iter()
+            .map(|(v, t)| ((*v).to_owned(), *t))
+            .collect();
+        assert_eq!(got, expected);
         Ok(())
     }
 }

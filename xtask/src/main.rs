@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_backup;
+mod bench_deploy;
 mod bench_fleet;
 mod bench_locks;
 mod bench_probes;
@@ -51,6 +52,21 @@ enum Bench {
         /// Number of generated migrations.
         #[arg(long, default_value_t = 500)]
         migrations: usize,
+        /// Benchmark this `belay` binary instead of building target/release/belay.
+        #[arg(long)]
+        belay_bin: Option<PathBuf>,
+    },
+    /// Each step of a local `belay migrate` deployment (lint, preflight, full backup, lock
+    /// guard, postflight with an assertion, a short --watch) from its recorded transition
+    /// timestamps, vs. one psql session applying the same scripts; also with steps off.
+    Deploy {
+        /// Interleaved repetitions per side, each on a fresh database.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// A real project's migrations directory [default:
+        /// /tmp/belay-bench/corpus/kratos/migrations, skipped when absent]
+        #[arg(long, value_name = "DIR")]
+        corpus: Option<PathBuf>,
         /// Benchmark this `belay` binary instead of building target/release/belay.
         #[arg(long)]
         belay_bin: Option<PathBuf>,
@@ -142,6 +158,11 @@ fn run(task: Task) -> anyhow::Result<()> {
                 migrations,
                 belay_bin,
             } => bench::runner(reps, migrations, belay_bin),
+            Bench::Deploy {
+                reps,
+                corpus,
+                belay_bin,
+            } => bench_deploy::deploy(reps, corpus, belay_bin),
             Bench::Locks {
                 seconds,
                 trials,
