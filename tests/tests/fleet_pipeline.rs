@@ -45,6 +45,27 @@ async fn fleet(dir: &Path, targets: &[String]) -> Result<(Daemon, Daemon)> {
     Ok((c, a))
 }
 
+/// A controller and one agent per target (`agent-1` owning the first, `agent-2` the
+/// second, …): a fleet of several agents.
+async fn fleet_of_agents(dir: &Path, targets: &[String]) -> Result<(Daemon, Vec<Daemon>)> {
+    let c = controller(&dir.join("controller.db").to_string_lossy(), &[]).await?;
+    let mut agents = Vec::new();
+    for (n, t) in targets.iter().enumerate() {
+        let path = dir.join(format!("agent-{}.toml", n + 1));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"agent-{}\"\ncontroller = \"{}\"\n{t}",
+                n + 1,
+                c.addr
+            ),
+        )?;
+        agents.push(agent(&path).await?);
+    }
+    wait_agents(&c.addr, targets.len()).await?;
+    Ok((c, agents))
+}
+
 /// The id `deploy` printed (`deployment ID: state`).
 fn deployment_id(stdout: &str) -> String {
     stdout
@@ -102,7 +123,7 @@ async fn every_target_goes_through_the_same_steps_as_local_migrate() -> Result<(
         cluster.create_database().await?,
     );
     let ex = examples();
-    let (c, _a) = fleet(
+    let (c, _agents) = fleet_of_agents(
         tmp.path(),
         &[
             target_toml("life_1", &d1, &ex, ""),
