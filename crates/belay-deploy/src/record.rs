@@ -39,14 +39,6 @@ impl Step {
             Step::Escalated => "escalated",
         }
     }
-
-    /// No step follows: the deployment has ended (until a rollback acts on a failure).
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Step::Succeeded | Step::Failed | Step::RolledBack | Step::Escalated
-        )
-    }
 }
 
 impl std::fmt::Display for Step {

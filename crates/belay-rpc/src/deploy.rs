@@ -6,7 +6,7 @@
 use crate::client::Connection;
 use crate::convert::{self, DecodeError, target, target_name};
 use belay_auth::MaybeTokenAttach;
-use belay_core::{ApiError, ErrorKind};
+use belay_core::ApiError;
 use belay_deploy::{
     AppliedMigration, Cause, DeployEvent, DeploySink, DeployerPolicy, DeploymentOutcome, OnFailure,
     Step, TargetDeployApi, TargetDeployed, TargetDeployment,
@@ -379,15 +379,10 @@ impl TargetDeployApi for DeployClient {
     }
 }
 
-/// Whether an error means the target's agent could not be reached (the outcome on the
-/// target is then unknown).
-pub fn is_unreachable(e: &ApiError) -> bool {
-    e.kind == ErrorKind::AgentUnreachable
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use belay_core::ErrorKind;
     use serde_json::json;
 
     #[test]
