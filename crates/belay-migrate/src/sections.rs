@@ -146,6 +146,71 @@ pub struct Sections {
     pub down_no_transaction: Option<NoTransactionSource>,
 }
 
+/// What the goose and dbmate readers share about a line: whose marker it is, where
+/// markers may stand, and what comes before the first.
+struct Grammar {
+    tool: Tool,
+    /// The marker that must come first (`-- +goose Up`).
+    first: &'static str,
+    /// What a refused indented marker is called, and what the tool would do with it.
+    indented: (&'static str, &'static str),
+}
+
+const GOOSE: Grammar = Grammar {
+    tool: Tool::Goose,
+    first: "-- +goose Up",
+    indented: (
+        "goose annotation",
+        "goose reads annotations only at the start of a line and would run this as SQL",
+    ),
+};
+
+const DBMATE: Grammar = Grammar {
+    tool: Tool::Dbmate,
+    first: "-- migrate:up",
+    indented: (
+        "dbmate marker",
+        "dbmate reads markers only at the start of a line and would run this as part of the section above",
+    ),
+};
+
+impl Grammar {
+    /// Line `line_no` of a file of this grammar's tool, in `part`: `None` for a line of
+    /// the current section (recorded in `parts`), or the text after a marker's dashes
+    /// (recorded as a marker). Refused: another tool's marker, anything but comments
+    /// before the first marker, an indented marker.
+    fn marker<'l>(
+        &self,
+        line_no: usize,
+        line: &'l str,
+        part: Part,
+        parts: &mut Vec<Part>,
+    ) -> Result<Option<&'l str>, SectionError> {
+        if let Some(e) = other_tool(line_no, line, self.tool) {
+            return Err(e);
+        }
+        if marker_tool(line) != Some(self.tool) {
+            if part == Part::Preamble {
+                preamble_line(line_no, line, self.first)?;
+            }
+            parts.push(part);
+            return Ok(None);
+        }
+        if line.starts_with(char::is_whitespace) {
+            let (what, why) = self.indented;
+            return Err(err(
+                line_no,
+                format!(
+                    "{what} `{}` is indented: {why}; remove the indentation",
+                    line.trim()
+                ),
+            ));
+        }
+        parts.push(Part::Marker);
+        Ok(Some(line.trim_start_matches('-').trim_start()))
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Part {
     /// Before the first section marker: belongs to the up script (its directives).
@@ -228,27 +293,9 @@ pub fn goose(text: &str) -> Result<Sections, SectionError> {
     let mut no_transaction = false;
     for (idx, (_, _, line)) in line_spans(text).enumerate() {
         let line_no = idx + 1;
-        if let Some(e) = other_tool(line_no, line, Tool::Goose) {
-            return Err(e);
-        }
-        if marker_tool(line) != Some(Tool::Goose) {
-            if part == Part::Preamble {
-                preamble_line(line_no, line, "-- +goose Up")?;
-            }
-            parts.push(part);
+        let Some(body) = GOOSE.marker(line_no, line, part, &mut parts)? else {
             continue;
-        }
-        if line.starts_with(char::is_whitespace) {
-            return Err(err(
-                line_no,
-                format!(
-                    "goose annotation `{}` is indented: goose reads annotations only at the start of a line and would run this as SQL; remove the indentation",
-                    line.trim()
-                ),
-            ));
-        }
-        parts.push(Part::Marker);
-        let body = line.trim_start_matches('-').trim_start();
+        };
         let words: Vec<String> = body
             .split_whitespace()
             .map(str::to_ascii_lowercase)
@@ -376,27 +423,9 @@ pub fn dbmate(text: &str) -> Result<Sections, SectionError> {
     let mut no_tx = [None, None];
     for (idx, (_, _, line)) in line_spans(text).enumerate() {
         let line_no = idx + 1;
-        if let Some(e) = other_tool(line_no, line, Tool::Dbmate) {
-            return Err(e);
-        }
-        if marker_tool(line) != Some(Tool::Dbmate) {
-            if part == Part::Preamble {
-                preamble_line(line_no, line, "-- migrate:up")?;
-            }
-            parts.push(part);
+        let Some(body) = DBMATE.marker(line_no, line, part, &mut parts)? else {
             continue;
-        }
-        if line.starts_with(char::is_whitespace) {
-            return Err(err(
-                line_no,
-                format!(
-                    "dbmate marker `{}` is indented: dbmate reads markers only at the start of a line and would run this as part of the section above; remove the indentation",
-                    line.trim()
-                ),
-            ));
-        }
-        parts.push(Part::Marker);
-        let body = line.trim_start_matches('-').trim_start();
+        };
         let mut words = body.split_whitespace();
         let direction = words.next().unwrap_or_default();
         let (slot, seen, name) = match direction {
