@@ -9,6 +9,7 @@ mod bench_locks;
 mod bench_probes;
 mod check;
 mod demo;
+mod monitoring_tools;
 mod pg;
 mod tools;
 mod util;
@@ -27,7 +28,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install PostgreSQL if missing, then fmt check, clippy, tidy and `cargo test --workspace`.
+    /// Install PostgreSQL and the checkers of deploy/ if missing, then fmt check, clippy, tidy
+    /// and `cargo test --workspace`.
     Test,
     /// fmt check, clippy (warnings are errors) and the tidy checks.
     Lint,
