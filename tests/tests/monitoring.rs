@@ -51,7 +51,11 @@ fn program(name: &str, env: &str, package: &str) -> Result<PathBuf> {
 /// A directory `cargo xtask test` installs tools into, or `env` when set.
 fn tools_dir(env: &str, name: &str, check: &str, how: &str) -> Result<PathBuf> {
     let dir = std::env::var_os(env).map_or_else(
-        || Path::new(env!("CARGO_TARGET_TMPDIR")).join("../tools").join(name),
+        || {
+            Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join("../tools")
+                .join(name)
+        },
         PathBuf::from,
     );
     ensure!(
@@ -113,10 +117,15 @@ fn succeed(cmd: &mut Command) -> Result<Output> {
 /// Every document of a YAML file, as JSON (PyYAML, from the tools' Python).
 fn yaml(path: &Path) -> Result<Vec<Value>> {
     let python = python_tools()?.join("bin/python");
-    let out = succeed(Command::new(python).arg("-c").arg(
-        "import json, sys, yaml\n\
+    let out = succeed(
+        Command::new(python)
+            .arg("-c")
+            .arg(
+                "import json, sys, yaml\n\
          with open(sys.argv[1]) as f:\n    json.dump(list(yaml.safe_load_all(f)), sys.stdout)",
-    ).arg(path))?;
+            )
+            .arg(path),
+    )?;
     serde_json::from_slice(&out.stdout).with_context(|| format!("reading {}", path.display()))
 }
 
@@ -231,10 +240,14 @@ fn every_alert_is_tested_firing_and_quiet_and_links_its_runbook_section() -> Res
             .unwrap_or_default();
         let anchor = name.to_lowercase();
         if !url.ends_with(&format!("runbook.md#{anchor}")) {
-            problems.push(format!("{name}: runbook_url {url} is not runbook.md#{anchor}"));
+            problems.push(format!(
+                "{name}: runbook_url {url} is not runbook.md#{anchor}"
+            ));
         }
         if !headings.contains(name) {
-            problems.push(format!("{name}: docs/runbook.md has no `## {name}` section"));
+            problems.push(format!(
+                "{name}: docs/runbook.md has no `## {name}` section"
+            ));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
@@ -411,7 +424,10 @@ fn alertmanager_config_passes_amtool_and_routes_every_alert_where_it_belongs() -
     }
     // An alert of someone else's with no severity still reaches someone.
     let out = routes(&["alertname=Other".to_string()])?;
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "database-team-chat");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "database-team-chat"
+    );
     Ok(())
 }
 
@@ -528,8 +544,16 @@ fn dashboard_is_valid_against_grafanas_dashboard_schema() -> Result<()> {
         .flatten()
         .filter_map(|a| a["expr"].as_str())
         .collect();
-    assert!(annotations.iter().any(|e| e.contains("belay_deployments_total")));
-    assert!(annotations.iter().any(|e| e.contains("belay_rollbacks_total")));
+    assert!(
+        annotations
+            .iter()
+            .any(|e| e.contains("belay_deployments_total"))
+    );
+    assert!(
+        annotations
+            .iter()
+            .any(|e| e.contains("belay_rollbacks_total"))
+    );
     Ok(())
 }
 
@@ -721,8 +745,8 @@ async fn exposed_by_the_binaries() -> Result<BTreeSet<String>> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn dashboard_and_alert_queries_parse_and_name_only_metrics_the_binaries_expose()
--> Result<()> {
+async fn dashboard_and_alert_queries_parse_and_name_only_metrics_the_binaries_expose() -> Result<()>
+{
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(deploy(DASHBOARD))?)?;
     let rules = one_yaml(&deploy(RULES))?;
     let mut all: Vec<Query> = queries(&doc);
@@ -747,7 +771,11 @@ async fn dashboard_and_alert_queries_parse_and_name_only_metrics_the_binaries_ex
     })).collect::<Vec<_>>()}]});
     let file = tmp.path().join("queries.yml");
     std::fs::write(&file, serde_json::to_vec(&parse)?)?;
-    succeed(Command::new(promtool()?).args(["check", "rules"]).arg(&file))?;
+    succeed(
+        Command::new(promtool()?)
+            .args(["check", "rules"])
+            .arg(&file),
+    )?;
 
     let exposed = exposed_by_the_binaries().await?;
     let mut unknown = Vec::new();
@@ -809,7 +837,10 @@ fn kubernetes_manifests_are_valid_against_the_kubernetes_schemas() -> Result<()>
     let tmp = tempfile::tempdir()?;
     let controller = std::fs::read_to_string(deploy("kubernetes/controller.yaml"))?;
     let broken = controller.replace("readOnlyRootFilesystem:", "readOnlyRootFileSystem:");
-    ensure!(broken != controller, "controller.yaml changed: update this test");
+    ensure!(
+        broken != controller,
+        "controller.yaml changed: update this test"
+    );
     std::fs::write(tmp.path().join("broken.yaml"), broken)?;
     let out = output(
         Command::new(&validate)
