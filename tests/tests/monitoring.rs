@@ -860,7 +860,7 @@ fn kubernetes_manifests_are_valid_against_the_kubernetes_schemas() -> Result<()>
 fn kubernetes_manifests_pass_only_flags_and_variables_the_binaries_know() -> Result<()> {
     let mut help = BTreeMap::new();
     for bin in ["belay-agent", "belay-controller"] {
-        let out = succeed(&mut Command::new(belay_e2e::binary(bin)?).arg("--help"))?;
+        let out = succeed(Command::new(belay_e2e::binary(bin)?).arg("--help"))?;
         help.insert(bin, String::from_utf8_lossy(&out.stdout).into_owned());
     }
     let mut seen = BTreeSet::new();

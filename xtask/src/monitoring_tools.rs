@@ -132,7 +132,9 @@ fn ensure_python_tools() -> Result<PathBuf> {
     step(
         Command::new(dir.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")),
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )),
     )?;
     anyhow::ensure!(
         validate.is_file(),
