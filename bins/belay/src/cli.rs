@@ -437,7 +437,9 @@ pub enum CheckCommand {
     },
     /// After a migration: history, verify.sql of applied migrations, invalid indexes,
     /// NOT VALID constraints, [[checks]] assertions and [[smoke]] queries; exit 2 when any
-    /// blocks
+    /// blocks. A [[smoke]] query passes when it succeeds and returns at least one row
+    /// (zero rows block unless it sets allow_no_rows = true); a query that must return no
+    /// rows or a value is a [[checks]] assertion with `expect`
     Postflight,
 }
 
