@@ -449,25 +449,22 @@ pub async fn run(
                 Output::Text if entries.is_empty() => println!("no backups of {target}"),
                 Output::Text => {
                     println!(
-                        "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} label",
-                        "id", "created", "format", "scope", "size", "verified"
+                        "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} {:<13} label",
+                        "id", "created", "format", "scope", "size", "verified", "restore-test"
                     );
+                    let yes_no = |b: bool| if b { "yes" } else { "no" };
                     for e in &entries {
                         let (format, _) = format_json(&e.format);
                         println!(
-                            "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} {}",
+                            "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} {:<13} {}",
                             e.id,
                             e.created_at.format("%Y-%m-%d %H:%M:%S"),
                             format,
                             e.scope.name(),
                             human_bytes(e.size),
-                            if e.restore_tested {
-                                "restored"
-                            } else if e.verified {
-                                "yes"
-                            } else {
-                                "no"
-                            },
+                            yes_no(e.verified),
+                            // Passed a restore into a scratch database, besides the checksums.
+                            yes_no(e.restore_tested),
                             e.label.as_deref().unwrap_or("")
                         );
                     }

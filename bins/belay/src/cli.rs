@@ -260,8 +260,10 @@ pub enum Command {
     },
     /// Remote mode: agents registered with the controller and their targets
     Agents,
-    /// Backups of the database with pg_dump: create, list, verify, restore, prune (local
-    /// mode; kept under --backup-dir)
+    /// Backups of the database with pg_dump: create, list, verify, restore, prune. Every
+    /// subcommand works in both modes: locally the catalog is under --backup-dir; with
+    /// --controller it is the agent's, beside the database (the target's backup_dir in
+    /// agent.toml), and dumps never cross the network
     Backup {
         #[command(subcommand)]
         command: crate::backup_cmd::BackupCommand,

@@ -159,7 +159,7 @@ pub enum BackupError {
         "backup {id} of target {target} was taken at schema version {backup_version}; the \
          database is at {current_version} now: restoring {tables} in place would put back \
          definitions the migrations since may have changed, while history says they are \
-         applied. Undo to {backup_version} first, restore into a new database (--into NAME) and \
+         applied. Undo to {backup_version} first (`belay undo --to {backup_version}`), restore into a new database (--into NAME) and \
          copy what you need, or pass --across-versions to restore tables whose definition has \
          not changed since"
     )]
@@ -175,7 +175,7 @@ pub enum BackupError {
         "refusing to restore from backup {id} of target {target} across schema versions \
          ({backup_version} then, {current_version} now): {changes}; history would say the \
          migrations since are applied to tables that no longer have their effects. Undo to \
-         {backup_version} first, or restore into a new database (--into NAME) and copy the rows"
+         {backup_version} first (`belay undo --to {backup_version}`), or restore into a new database (--into NAME) and copy the rows"
     )]
     TableChangedSince {
         target: String,

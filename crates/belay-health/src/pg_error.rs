@@ -2,7 +2,7 @@
 
 use sqlx::postgres::{PgDatabaseError, PgErrorPosition};
 
-/// `message (line L, column C of the query)`, or the message alone when PostgreSQL gave
+/// `message (line L, column C of the query); detail; hint: …`, or without the position when PostgreSQL gave
 /// no position in the query. Never sqlx's `Display`, which appends "at line N" where N is
 /// the line of PostgreSQL's C source that raised the error: a number that reads as a line
 /// of the user's SQL and is not one.
@@ -20,6 +20,9 @@ pub(crate) fn describe(e: &sqlx::Error, query: &str) -> String {
     }
     if let Some(detail) = pg.detail() {
         out.push_str(&format!("; {detail}"));
+    }
+    if let Some(hint) = pg.hint() {
+        out.push_str(&format!("; hint: {hint}"));
     }
     out
 }
