@@ -322,7 +322,7 @@ impl BackupManager {
                         )
                         .await?;
                 } else {
-                    create_schemas(&dest_url, target, &manifest).await?;
+                    create_schemas(&dest_url, target, manifest).await?;
                     let args = vec![
                         "--no-password".to_owned(),
                         "--exit-on-error".to_owned(),

@@ -1121,7 +1121,7 @@ async fn prune_keeps_each_kind_by_its_own_count_and_never_an_undo_snapshot_of_lo
     );
     // --force: the lost data no longer protects it; the newer snapshot stays by count.
     let report = prune(1, true).await;
-    assert_eq!(deleted(&report), [undo4.id.clone()]);
+    assert_eq!(deleted(&report), std::slice::from_ref(&undo4.id));
     assert!(catalog.get(&undo5.id).is_ok());
 }
 
