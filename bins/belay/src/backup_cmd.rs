@@ -503,6 +503,7 @@ pub async fn run(
                 into: into.clone(),
                 force: *force,
                 emergency_backup: !no_emergency_backup,
+                keep_history: false,
             };
             let report = api.restore(target, id, &req, progress).await?;
             match out {

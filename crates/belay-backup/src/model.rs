@@ -323,6 +323,11 @@ pub struct RestoreRequest {
     pub force: bool,
     /// Take a backup of the current state before a destructive restore (in place).
     pub emergency_backup: bool,
+    /// A full restore in place leaves belay's history schema (history table, deployment
+    /// log) as it is now instead of putting back the backup's copy: a rollback restores
+    /// around its own record, then marks the deployment's migrations reverted.
+    #[serde(default)]
+    pub keep_history: bool,
 }
 
 impl RestoreRequest {

@@ -86,6 +86,7 @@ impl BackupManager {
                 .tables
                 .iter()
                 .filter(|t| t.rows.is_some())
+                .filter(|t| !(req.keep_history && t.schema == self.history_schema()))
                 .map(|t| (t.schema.clone(), t.name.clone()))
                 .collect(),
         };
@@ -108,10 +109,14 @@ impl BackupManager {
                 if in_place {
                     args.push("--clean".into());
                     args.push("--if-exists".into());
+                    if req.keep_history {
+                        args.push(format!("--exclude-schema={}", self.history_schema()));
+                    }
                 }
                 args.push(format!("--dbname={}", conn.conninfo));
                 args.push(archive.display().to_string());
-                let cmd = runner.command("pg_restore", args, Some(&conn));
+                let mut cmd = runner.command("pg_restore", args, Some(&conn));
+                self.bound_lock_waits(&mut cmd);
                 let done = Mutex::new(0usize);
                 let total = restored.len();
                 let mut on_line = |line: &str| {
@@ -232,6 +237,20 @@ impl BackupManager {
             foreign_keys_readded: readded,
             duration_ms,
         })
+    }
+
+    /// Bounds every lock wait of a restore's session (`lock_timeout`, see
+    /// [`BackupManager::with_restore_lock_timeout`]): its DROP and CREATE take ACCESS
+    /// EXCLUSIVE locks, and an unbounded wait behind one long transaction would queue the
+    /// application behind the restore. The restore is one transaction, so a timeout
+    /// leaves the database unchanged and the caller may retry.
+    fn bound_lock_waits(&self, cmd: &mut tokio::process::Command) {
+        if let Some(t) = self.restore_lock_timeout() {
+            cmd.env(
+                "PGOPTIONS",
+                format!("-c lock_timeout={}", t.as_millis().max(1)),
+            );
+        }
     }
 
     /// A verified backup of what a restore in place is about to overwrite: the whole
@@ -416,8 +435,9 @@ impl BackupManager {
             args.push("-c".into());
             args.push(postlude);
         }
-        let psql = runner
-            .command("psql", args, Some(conn))
+        let mut psql = runner.command("psql", args, Some(conn));
+        self.bound_lock_waits(&mut psql);
+        let psql = psql
             .stdin(script)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

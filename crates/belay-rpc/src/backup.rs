@@ -444,6 +444,8 @@ pub fn restore_request_from(r: &pb::RestoreBackupRequest) -> RestoreRequest {
         into: r.into.clone().filter(|s| !s.is_empty()),
         force: r.force,
         emergency_backup: !r.skip_emergency_backup,
+        // Not on the wire yet: remote rollbacks come with `RollbackService`.
+        keep_history: false,
     }
 }
 
