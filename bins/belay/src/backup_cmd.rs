@@ -133,7 +133,7 @@ pub fn target_name(url: &DatabaseUrl) -> String {
     }
 }
 
-fn manager(settings: &Settings) -> BackupManager {
+pub fn manager(settings: &Settings) -> BackupManager {
     BackupManager::new(settings.backup_dir.clone())
         .with_history_schema(settings.exec.history_schema.clone())
 }

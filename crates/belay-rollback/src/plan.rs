@@ -601,6 +601,10 @@ fn same_table(a: &str, b: &str) -> bool {
 #[derive(Clone)]
 pub struct Planner {
     pub backups: Arc<dyn BackupApi>,
+    /// The target's name in the backup catalog (locally: named after the database).
+    pub backup_target: String,
+    /// belay's own schema: a restore leaves it as it is, so it is no loss.
+    pub history_schema: String,
     pub scripts: Arc<dyn ScriptFacts>,
     pub stats: Arc<dyn TableStats>,
 }
@@ -645,7 +649,7 @@ impl Planner {
         let backup_id = oldest.and_then(|r| r.outcome.as_ref()?.backup_id.clone());
         let (backup, backup_problem) = match &backup_id {
             None => (None, Some("the deployment recorded no pre-deployment backup (was it run with --backup none?)".to_string())),
-            Some(id) => match self.backups.manifest(target, id).await {
+            Some(id) => match self.backups.manifest(&self.backup_target, id).await {
                 Ok(m) => (Some(m), None),
                 Err(e) if e.kind == ErrorKind::Unavailable => return Err(RollbackError::Api(e)),
                 Err(e) => (None, Some(format!("backup {id} cannot be read: {}", e.message))),
@@ -660,7 +664,11 @@ impl Planner {
             }
         }
         if let Some(b) = &backup {
-            for t in b.tables.iter().filter(|t| t.rows.is_some()) {
+            for t in b
+                .tables
+                .iter()
+                .filter(|t| t.rows.is_some() && t.schema != self.history_schema)
+            {
                 let q = t.qualified();
                 if !tables.iter().any(|x| same_table(x, &q)) {
                     tables.push(q);
