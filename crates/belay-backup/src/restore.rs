@@ -106,11 +106,17 @@ impl BackupManager {
                     "--exit-on-error".to_owned(),
                     "--single-transaction".to_owned(),
                 ];
+                // Held until pg_restore is done with it.
+                let mut without_history = None;
                 if in_place {
                     args.push("--clean".into());
                     args.push("--if-exists".into());
                     if req.keep_history {
-                        args.push(format!("--exclude-schema={}", self.history_schema()));
+                        let list =
+                            history_free_list(&runner, &archive, target, self.history_schema())
+                                .await?;
+                        args.push(format!("--use-list={}", list.path().display()));
+                        without_history = Some(list);
                     }
                 }
                 args.push(format!("--dbname={}", conn.conninfo));
@@ -141,6 +147,7 @@ impl BackupManager {
                 if !run.status.success() {
                     return Err(restore_failed(target, run.status.to_string(), &run.stderr));
                 }
+                drop(without_history);
             }
             Some(tables) => {
                 let list = table_list(&runner, &archive, target, tables, in_place).await?;
@@ -721,6 +728,35 @@ pub(crate) async fn table_list(
         .tempfile()
         .map_err(BackupError::io("could not create", std::env::temp_dir()))?;
     for e in &entries {
+        writeln!(list, "{}", e.line).map_err(BackupError::io("could not write", list.path()))?;
+    }
+    list.flush()
+        .map_err(BackupError::io("could not write", list.path()))?;
+    Ok(list)
+}
+
+/// Every entry of the archive but belay's history schema and what it holds: a full
+/// restore around belay's own record (`RestoreRequest::keep_history`). `--exclude-schema`
+/// alone leaves the schema's own entry, whose `DROP SCHEMA` then fails on the tables kept.
+async fn history_free_list(
+    runner: &Runner,
+    archive: &Path,
+    target: &str,
+    schema: &str,
+) -> Result<tempfile::NamedTempFile, BackupError> {
+    let toc = read_toc(runner, archive, target).await?;
+    let mut list = tempfile::Builder::new()
+        .prefix("belay-restore-")
+        .suffix(".list")
+        .tempfile()
+        .map_err(BackupError::io("could not create", std::env::temp_dir()))?;
+    let own_schema = format!("- {schema} ");
+    let in_schema = format!("{schema} ");
+    for e in toc {
+        if (e.desc == "SCHEMA" && e.rest.starts_with(&own_schema)) || e.rest.starts_with(&in_schema)
+        {
+            continue;
+        }
         writeln!(list, "{}", e.line).map_err(BackupError::io("could not write", list.path()))?;
     }
     list.flush()

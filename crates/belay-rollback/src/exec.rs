@@ -526,7 +526,7 @@ impl Run<'_> {
             match r {
                 Err(e) if attempt < attempts && is_lock_timeout(&e) => {
                     // One transaction that timed out waiting for a lock: nothing changed.
-                    let backoff = Duration::from_millis(250 * u64::from(attempt));
+                    let backoff = Duration::from_millis((250 * u64::from(attempt)).min(2000));
                     self.emit(
                         self.primary(),
                         Step::RollingBack,

@@ -177,12 +177,15 @@ pub fn resolve_in(
                     "{v:?} is neither a deployment id (a unique prefix of 4+ characters) nor a schema version"
                 )));
             }
+            let newer: Vec<&DeploymentRecord> = records
+                .iter()
+                .filter(newer_than(&Some(v.clone())))
+                .collect();
+            if let Some(why) = newer.iter().find_map(|r| blocking(r)) {
+                return Err(RollbackError::Refused(why));
+            }
             (
-                records
-                    .iter()
-                    .filter(|r| in_place(r))
-                    .filter(newer_than(&Some(v.clone())))
-                    .collect(),
+                newer.into_iter().filter(|r| in_place(r)).collect(),
                 Some(v.clone()),
             )
         }
@@ -209,15 +212,15 @@ pub fn resolve_in(
                 .as_ref()
                 .and_then(|o| o.to_version.clone())
                 .or_else(|| base.start.from_version.clone());
-            (
-                records
-                    .iter()
-                    .take_while(|r| r.start.id != base.start.id)
-                    .filter(|r| in_place(r))
-                    .filter(newer_than(&reached))
-                    .collect(),
-                reached,
-            )
+            let newer: Vec<&DeploymentRecord> = records
+                .iter()
+                .take_while(|r| r.start.id != base.start.id)
+                .filter(newer_than(&reached))
+                .collect();
+            if let Some(why) = newer.iter().find_map(|r| blocking(r)) {
+                return Err(RollbackError::Refused(why));
+            }
+            (newer.into_iter().filter(|r| in_place(r)).collect(), reached)
         }
     };
     if chosen.is_empty() {
