@@ -559,3 +559,94 @@ fn policy_never_leaves_the_failed_deployment_as_it_is() {
         [("1".into(), "success".into())]
     );
 }
+
+#[test]
+fn a_migration_failing_partway_reverts_the_ones_the_deployment_applied() {
+    let db = db();
+    psql(&db.url, ACCOUNTS);
+    let before = schema(&db.url);
+    let dir = migrations(&[
+        V1,
+        U1,
+        (
+            "V2__broken.sql",
+            "ALTER TABLE accounts ADD COLUMN nickname text;\nSELECT 1/0;\n",
+        ),
+    ]);
+    let r = belay(
+        &db.url,
+        dir.path(),
+        &["migrate", "--on-failure", "rollback", "--no-lint"],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("trigger: migration_failed"), "{r:?}");
+    assert!(r.stdout.contains("undone U1__email.sql"), "{r:?}");
+    assert_eq!(schema(&db.url), before);
+    assert_eq!(deployments(&db.url, dir.path())[0]["state"], "rolled_back");
+    assert_eq!(
+        states(&db.url, dir.path()),
+        [
+            ("1".into(), "undone".into()),
+            ("2".into(), "pending".into())
+        ]
+    );
+}
+
+#[test]
+fn a_failed_validation_with_policy_ask_records_the_plan_and_the_command() {
+    let db = db();
+    psql(&db.url, ACCOUNTS);
+    let dir = migrations(&[V1, U1]);
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        cfg_dir.path(),
+        "[rollback]\npolicy = \"ask\"\n\n[[checks]]\nname = \"no_email_yet\"\nquery = \"SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'email'\"\nexpect = \"zero\"\n",
+    );
+    let r = belay(
+        &db.url,
+        dir.path(),
+        &[
+            "--config",
+            &cfg,
+            "migrate",
+            "--on-failure",
+            "rollback",
+            "--backup",
+            "none",
+        ],
+    );
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stdout.contains("trigger: validation_failed"), "{r:?}");
+    assert!(
+        r.stdout
+            .contains("to run this plan: belay rollback execute"),
+        "{r:?}"
+    );
+    // Nothing was rolled back: the deployment waits, failed, for the operator.
+    assert_eq!(deployments(&db.url, dir.path())[0]["state"], "failed");
+    assert_eq!(
+        states(&db.url, dir.path()),
+        [("1".into(), "success".into())]
+    );
+    let id = deployments(&db.url, dir.path())[0]["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    let r = belay_ok(
+        &db.url,
+        dir.path(),
+        &[
+            "--config",
+            &cfg,
+            "rollback",
+            "execute",
+            &id[..8],
+            "--yes",
+            "--output",
+            "json",
+        ],
+    );
+    let doc = r.json();
+    assert_eq!(doc["state"], "rolled_back", "{doc:#}");
+    assert_eq!(states(&db.url, dir.path()), [("1".into(), "undone".into())]);
+}
