@@ -252,6 +252,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
                 deploy_cmd::RecordArgs {
                     catalog: None,
                     release: release.clone(),
+                    rollback: None,
                 },
                 cli.output,
                 deploy_cmd::LintNotes::Stdout,
@@ -396,9 +397,14 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         );
         // `on_failure = rollback`: the rollback controller, on its own executor (undo
         // snapshots the tables it drops data of, restores bound their lock waits).
+        let slot: deploy_cmd::RollbackSlot = Arc::default();
         let pipeline = if policy.on_failure == belay_deploy::OnFailure::Rollback {
             let rollback = rollback_cmd::local(&settings, &url, LOCAL_TARGET, cli.output)?;
-            pipeline.with_failure_handler(Arc::new(rollback_cmd::handler(rollback, cli.output)))
+            pipeline.with_failure_handler(Arc::new(rollback_cmd::handler(
+                rollback,
+                cli.output,
+                slot.clone(),
+            )))
         } else {
             pipeline
         };
@@ -411,6 +417,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             deploy_cmd::RecordArgs {
                 catalog: Some(catalog),
                 release: release.clone(),
+                rollback: Some(slot),
             },
             cli.output,
             deploy_cmd::LintNotes::Stderr,

@@ -104,8 +104,17 @@ pub fn local(
 }
 
 /// The `FailureHandler` `migrate --on-failure rollback` installs.
-pub fn handler(rollback: LocalRollback, out: Output) -> RollbackHandler {
+pub fn handler(
+    rollback: LocalRollback,
+    out: Output,
+    slot: crate::deploy_cmd::RollbackSlot,
+) -> RollbackHandler {
     let notify: belay_rollback::Notify = Arc::new(move |n: HandlerNote<'_>| {
+        if let HandlerNote::Finished(o) = &n
+            && let Ok(mut s) = slot.lock()
+        {
+            *s = Some(json!({ "state": o.state, "report": o.report }));
+        }
         if out == Output::Json {
             return;
         }

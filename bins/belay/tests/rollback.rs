@@ -100,6 +100,10 @@ fn a_probe_failing_in_the_watch_rolls_back_by_undo_keeping_rows_and_dropped_data
     assert_eq!(out.status.code(), Some(4), "{stdout}\n{stderr}");
     assert!(stdout.contains("undo: possible"), "{stdout}");
     assert!(stdout.contains("rolled_back: deployment"), "{stdout}");
+    assert!(
+        stderr.contains("the deployment was then rolled_back (undo)"),
+        "{stderr}"
+    );
 
     // The schema is as before the deployment; rows written meanwhile are kept.
     assert_eq!(schema(&db.url), before);
@@ -581,6 +585,8 @@ fn a_migration_failing_partway_reverts_the_ones_the_deployment_applied() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("trigger: migration_failed"), "{r:?}");
     assert!(r.stdout.contains("undone U1__email.sql"), "{r:?}");
+    assert!(r.stderr.contains("V2__broken.sql"), "{r:?}");
+    assert!(r.stderr.contains("was then rolled_back (undo)"), "{r:?}");
     assert_eq!(schema(&db.url), before);
     assert_eq!(deployments(&db.url, dir.path())[0]["state"], "rolled_back");
     assert_eq!(
