@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::error::RollbackError;
 use crate::hooks;
+use crate::lifecycle::{RollbackEvent, next};
 use crate::metrics;
 use crate::model::{HookCommand, HookFailure, RollbackPlan, RollbackPolicy, Strategy};
 use crate::report::{BackupLocations, IncidentReport, Severity, StepRecord};
@@ -100,7 +101,7 @@ impl Executor {
                 })?;
             // Checked again here, just before acting: never two rollbacks of one deployment.
             match record.step {
-                Step::Succeeded | Step::Failed => {}
+                s if next(s, RollbackEvent::Start).is_some() => {}
                 Step::RolledBack => {
                     return Err(RollbackError::Refused(format!(
                         "deployment {id} is already rolled back; nothing to do"
@@ -830,10 +831,11 @@ impl Run<'_> {
     }
 
     async fn finish(&mut self, result: Result<(), Failed>) -> Result<Outcome, RollbackError> {
-        let state = match &result {
-            Ok(()) => Step::RolledBack,
-            Err(_) => Step::Escalated,
+        let event = match &result {
+            Ok(()) => RollbackEvent::Verified,
+            Err(_) => RollbackEvent::StepFailed,
         };
+        let state = next(Step::RollingBack, event).unwrap_or(Step::Escalated);
         let why = match &result {
             Ok(()) => format!(
                 "rolled back by {} to version {} and verified",

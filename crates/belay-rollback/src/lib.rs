@@ -18,6 +18,7 @@ pub mod exec;
 pub mod facts;
 pub mod handler;
 pub mod hooks;
+pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -265,8 +265,10 @@ pub struct PlanInput {
 /// Rates assumed when none was measured on the target (conservative for local disks).
 const ASSUMED_RESTORE_RATE: f64 = 20e6;
 const ASSUMED_DUMP_RATE: f64 = 50e6;
-/// Per migration undone, and per rollback for verification's own queries.
+/// Per migration undone (with its snapshot), as measured by `cargo xtask bench rollback`.
 const UNDO_STEP_MS: u64 = 500;
+/// Verification's own queries (history, postflight), measured the same way.
+const VERIFY_MS: u64 = 200;
 
 /// The decision tree: prefer a path that loses nothing, refuse undo across an
 /// irreversible migration (naming it) or a migration without undo, restore only what the
@@ -552,17 +554,17 @@ pub fn decide(input: &PlanInput) -> RollbackPlan {
     let emergency_ms = (size / ASSUMED_DUMP_RATE * 1000.0) as u64;
     let (estimated_ms, estimate_basis) = match strategy {
         Strategy::Undo => (
-            emergency_ms + UNDO_STEP_MS * migrations.len() as u64,
+            emergency_ms + UNDO_STEP_MS * migrations.len() as u64 + VERIFY_MS,
             format!(
-                "emergency backup of {} bytes at an assumed {:.0} MB/s, plus ~{UNDO_STEP_MS} ms per undo script; the settle period comes on top",
+                "emergency backup of {} bytes at an assumed {:.0} MB/s, ~{UNDO_STEP_MS} ms per undo script, ~{VERIFY_MS} ms to verify; the settle period comes on top",
                 size as u64,
                 ASSUMED_DUMP_RATE / 1e6
             ),
         ),
         Strategy::TableRestore | Strategy::FullRestore => (
-            emergency_ms + (size / rate * 1000.0) as u64,
+            emergency_ms + (size / rate * 1000.0) as u64 + VERIFY_MS,
             format!(
-                "backup of {} bytes: emergency backup at an assumed {:.0} MB/s, {basis_rate}; the settle period comes on top",
+                "backup of {} bytes: emergency backup at an assumed {:.0} MB/s, {basis_rate}, ~{VERIFY_MS} ms to verify; the settle period comes on top",
                 size as u64,
                 ASSUMED_DUMP_RATE / 1e6
             ),
