@@ -656,3 +656,64 @@ fn a_failed_validation_with_policy_ask_records_the_plan_and_the_command() {
     assert_eq!(doc["state"], "rolled_back", "{doc:#}");
     assert_eq!(states(&db.url, dir.path()), [("1".into(), "undone".into())]);
 }
+
+#[test]
+fn a_rollback_killed_mid_step_leaves_an_exact_record_and_is_not_run_twice() {
+    let db = db();
+    let dir = migrations(&[V1, U1]);
+    psql(&db.url, ACCOUNTS);
+    belay_ok(&db.url, dir.path(), &["migrate"]);
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let marker = cfg_dir.path().join("hook.pid");
+    let cfg = config(
+        cfg_dir.path(),
+        &format!(
+            "[rollback]\n[rollback.before]\ncommand = \"echo $$ > {}; exec sleep 60\"\ntimeout = \"120s\"\n",
+            marker.display()
+        ),
+    );
+    let mut child = belay_cmd(&db.url, dir.path())
+        .args(["--config", &cfg, "rollback", "execute", "0", "--yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rollback");
+    // Killed while its `before` hook runs: after `rolling_back` is recorded.
+    wait_for("the before hook to start", Duration::from_secs(60), || {
+        std::fs::read_to_string(&marker).is_ok_and(|s| s.trim().parse::<i32>().is_ok())
+    });
+    child.kill().expect("kill -9 belay");
+    child.wait().expect("reap belay");
+    let hook: i32 = std::fs::read_to_string(&marker)
+        .expect("marker")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let _ = std::process::Command::new("kill")
+        .arg("-9")
+        .arg(hook.to_string())
+        .status();
+
+    // The record says exactly where it stopped: rolling back, nothing changed yet.
+    assert_eq!(deployments(&db.url, dir.path())[0]["state"], "rolling_back");
+    assert_eq!(
+        states(&db.url, dir.path()),
+        [("1".into(), "success".into())]
+    );
+    let status = belay_ok(&db.url, dir.path(), &["rollback", "status"]);
+    assert!(
+        status
+            .stdout
+            .contains("a rollback started and has not ended (or was interrupted)"),
+        "{status:?}"
+    );
+    // A second rollback of it is refused, naming why.
+    let again = belay(&db.url, dir.path(), &["rollback", "execute", "0", "--yes"]);
+    assert_eq!(again.code, 2, "{again:?}");
+    assert!(
+        again
+            .stderr
+            .contains("is being rolled back (or its rollback was interrupted)"),
+        "{again:?}"
+    );
+}
