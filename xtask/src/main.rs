@@ -7,6 +7,7 @@ mod bench_deploy;
 mod bench_fleet;
 mod bench_locks;
 mod bench_probes;
+mod bench_rollback;
 mod check;
 mod demo;
 mod monitoring_tools;
@@ -121,6 +122,16 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// Time from a probe crossing its threshold (period 1 s, threshold 3) to the verified
+    /// end of the undo rollback `migrate --on-failure rollback` runs.
+    Rollback {
+        /// Repetitions, each on a fresh database.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Benchmark this `belay` binary instead of building target/release/belay.
+        #[arg(long)]
+        belay_bin: Option<PathBuf>,
+    },
     /// Time from an HTTP endpoint starting to fail to the probe's trigger event.
     Probes {
         /// Repetitions, each switching at a different phase of the probe period.
@@ -184,6 +195,7 @@ fn run(task: Task) -> anyhow::Result<()> {
                 period_ms,
                 threshold,
             } => bench_probes::probes(reps, period_ms, threshold),
+            Bench::Rollback { reps, belay_bin } => bench_rollback::rollback(reps, belay_bin),
         },
     }
 }

@@ -145,7 +145,7 @@ pub fn target_name(url: &DatabaseUrl) -> String {
     }
 }
 
-fn manager(settings: &Settings) -> BackupManager {
+pub fn manager(settings: &Settings) -> BackupManager {
     BackupManager::new(settings.backup_dir.clone())
         .with_history_schema(settings.exec.history_schema.clone())
 }
@@ -400,6 +400,7 @@ pub async fn run(
                 scope,
                 label: label.clone(),
                 deployment_id: None,
+                kind: None,
             };
             let manifest = api.create(target, &req, progress).await?;
             let report = api.verify(target, &manifest.id, false).await?;
@@ -514,6 +515,7 @@ pub async fn run(
                 force: *force,
                 emergency_backup: !no_emergency_backup,
                 across_versions: *across_versions,
+                keep_history: false,
             };
             let report = api.restore(target, id, &req, progress).await?;
             match out {

@@ -243,6 +243,18 @@ pub enum Command {
         #[arg(long, value_enum, value_name = "ACTION")]
         on_failure: Option<OnFailureArg>,
     },
+    /// Roll a deployment back (local mode): `list` the deployments a rollback can act on,
+    /// `plan TO` (the strategy, one reason per branch, the steps, the backups, what each
+    /// path would lose, an estimate), `execute TO` (asks unless --yes), `status [ID]` (the
+    /// incident report). TO is a deployment id (a unique prefix of 4+ characters), a
+    /// schema version, or --release VERSION. Exit: 0 rolled back (or shown) · 1 the
+    /// rollback escalated (a step failed; everything kept; the report says why) · 2
+    /// refused (already rolled back or in progress, no automatic path) · 64 usage, or no
+    /// --yes without a terminal · 66 no deployment or release matches · 69 unreachable
+    Rollback {
+        #[command(subcommand)]
+        command: RollbackCommand,
+    },
     /// Deployments: with --controller, those the controller recorded; locally, the
     /// database's own deployment log (`list`, `show ID` with a unique prefix of the id)
     Deployments {
@@ -326,6 +338,55 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RollbackCommand {
+    /// Deployments on record, newest first, and whether a rollback can act on them
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// What a rollback would do, and why, without changing anything
+    Plan {
+        #[command(flatten)]
+        to: RollbackToArgs,
+        /// The data is suspect (corrupt rows): prefer a restore over undo scripts
+        #[arg(long)]
+        data_corrupted: bool,
+    },
+    /// Roll back: emergency backup, hooks, the planned strategy, verification, report
+    Execute {
+        #[command(flatten)]
+        to: RollbackToArgs,
+        /// The data is suspect (corrupt rows): prefer a restore over undo scripts
+        #[arg(long)]
+        data_corrupted: bool,
+        /// Why (recorded as the trigger)
+        #[arg(long)]
+        reason: Option<String>,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+    },
+    /// A deployment's rollback: state, steps and incident report [default: the newest
+    /// rolled back, escalated or rolling back]
+    Status { id: Option<String> },
+}
+
+/// What a rollback returns to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RollbackToArgs {
+    /// A deployment id (unique prefix of 4+ characters) or a schema version
+    #[arg(
+        value_name = "TO",
+        required_unless_present = "release",
+        conflicts_with = "release"
+    )]
+    pub to: Option<String>,
+    /// Back to the schema this application release ran on (`migrate --release`)
+    #[arg(long, value_name = "VERSION", value_parser = parse_release)]
+    pub release: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DeploymentsCommand {
     /// The newest deployments
     List {
@@ -334,7 +395,12 @@ pub enum DeploymentsCommand {
     },
     /// One deployment: state and per-target outcome (locally: its steps, events, reason
     /// and evidence; a unique prefix of the id is enough; exit 66 when none matches)
-    Show { id: String },
+    Show {
+        id: String,
+        /// Only the incident report of its rollback (Markdown; JSON with --output json)
+        #[arg(long)]
+        report: bool,
+    },
     /// Follow a deployment's events until it finishes
     Watch { id: String },
 }

@@ -122,7 +122,13 @@ pub struct RecordArgs {
     pub catalog: Option<Vec<AppliedMigration>>,
     /// `--release`: the application release the deployment ships.
     pub release: Option<String>,
+    /// Where the rollback controller leaves how its rollback ended (`state`, `report`),
+    /// for the exit message and the JSON document.
+    pub rollback: Option<RollbackSlot>,
 }
+
+/// How a rollback of this deployment ended, once the failure handler has run.
+pub type RollbackSlot = Arc<Mutex<Option<serde_json::Value>>>;
 
 /// Runs `migrate` on `target` as a deployment and renders it: events as they come in
 /// text, one document at the end in JSON. The exit code follows the failed step.
@@ -135,7 +141,11 @@ pub async fn migrate(
     out: Output,
     lint_notes: LintNotes,
 ) -> Result<u8, Failure> {
-    let RecordArgs { catalog, release } = record;
+    let RecordArgs {
+        catalog,
+        release,
+        rollback,
+    } = record;
     // Refused before anything runs or prints (e.g. `rollback` without a rollback
     // controller).
     pipeline.check(&policy).map_err(deploy_error)?;
@@ -159,7 +169,8 @@ pub async fn migrate(
     let sink = render_sink(out, lint_notes, events.clone());
     let deployment = pipeline.run(request, sink).await.map_err(deploy_error)?;
     let events = events.lock().map(|v| v.clone()).unwrap_or_default();
-    finish(out, &deployment, &events)
+    let rolled = rollback.and_then(|slot| slot.lock().ok().and_then(|v| v.clone()));
+    finish(out, &deployment, &events, rolled)
 }
 
 fn deploy_error(e: DeployError) -> Failure {
@@ -204,8 +215,21 @@ fn failure_of(d: &Deployment) -> Option<Failure> {
 /// Prints the end of a deployment: in JSON, its one document (the run report as before,
 /// plus `deployment`: the record and every event); in text, nothing more (the events
 /// said it all) but the error.
-fn finish(out: Output, d: &Deployment, events: &[DeployEvent]) -> Result<u8, Failure> {
-    let failure = failure_of(d);
+fn finish(
+    out: Output,
+    d: &Deployment,
+    events: &[DeployEvent],
+    rollback: Option<serde_json::Value>,
+) -> Result<u8, Failure> {
+    let mut failure = failure_of(d);
+    // The exit code stays the failed step's; the message says what became of it.
+    if let (Some(f), Some(r)) = (failure.as_mut(), &rollback) {
+        f.message.push_str(&format!(
+            "; the deployment was then {} ({}): see `belay rollback status`",
+            r["state"].as_str().unwrap_or("?"),
+            r["report"]["strategy"].as_str().unwrap_or("?")
+        ));
+    }
     if out == Output::Text {
         return match failure {
             Some(f) => Err(f),
@@ -227,6 +251,9 @@ fn finish(out: Output, d: &Deployment, events: &[DeployEvent]) -> Result<u8, Fai
     });
     if let Some(r) = &d.report {
         doc["report"] = serde_json::json!(r);
+    }
+    if let Some(r) = rollback {
+        doc["rollback"] = r;
     }
     let code = match failure {
         Some(f) => {
@@ -269,6 +296,7 @@ fn render_sink(
                 }
             }
             belay_deploy::KIND_CHECK => render_checks(e),
+            belay_deploy::KIND_FAILURE_HANDLER => println!("{}", e.message),
             belay_deploy::KIND_RUN_REPORT => render_report(&e.payload),
             belay_deploy::KIND_PROBE => {
                 probe_attempts.fetch_add(1, Ordering::Relaxed);

@@ -317,7 +317,7 @@ pub async fn deployments(
             }
             Ok(0)
         }
-        DeploymentsCommand::Show { id } => {
+        DeploymentsCommand::Show { id, report } => {
             let log = open(url, schema).await?;
             let d = match log.find(id).await.map_err(software)? {
                 Found::One(d) => d,
@@ -343,6 +343,9 @@ pub async fn deployments(
                 }
             };
             let events = log.events(d.start.id).await.map_err(software)?;
+            if *report {
+                return crate::rollback_cmd::show_report(d.start.id, &events, out);
+            }
             show(&d, &events, out);
             Ok(0)
         }

@@ -13,6 +13,7 @@ mod lint_cmd;
 mod locks_cmd;
 mod remote;
 mod render;
+mod rollback_cmd;
 mod settings;
 
 use anyhow::anyhow;
@@ -184,6 +185,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     if cli.controller.is_some() && matches!(cli.command, Command::History { .. }) {
         return Err(history_cmd::remote_unsupported());
     }
+    if cli.controller.is_some() && matches!(cli.command, Command::Rollback { .. }) {
+        return Err(Failure {
+            code: exit::USAGE,
+            message: "`belay rollback` runs in local mode for now (the rollback service on agents and the controller comes later): run it with the target's database URL".into(),
+        });
+    }
     if let Some(addr) = cli.controller.clone() {
         let token = read_token(cli.token_file.as_deref())?;
         let tls = match &cli.ca {
@@ -245,6 +252,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
                 deploy_cmd::RecordArgs {
                     catalog: None,
                     release: release.clone(),
+                    rollback: None,
                 },
                 cli.output,
                 deploy_cmd::LintNotes::Stdout,
@@ -286,6 +294,10 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     let schema = &settings.exec.history_schema;
     if let Command::History { limit } = &cli.command {
         return history_cmd::history(&url, schema, *limit, cli.target.as_deref(), cli.output).await;
+    }
+    if let Command::Rollback { command } = &cli.command {
+        let rollback = rollback_cmd::local(&settings, &url, LOCAL_TARGET, cli.output)?;
+        return rollback_cmd::run(command, rollback, LOCAL_TARGET, cli.output).await;
     }
     if let Command::Deployments { command } = &cli.command {
         return history_cmd::deployments(
@@ -383,6 +395,19 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             Arc::new(health),
             deploy_cmd::local_log(&url, &settings)?,
         );
+        // `on_failure = rollback`: the rollback controller, on its own executor (undo
+        // snapshots the tables it drops data of, restores bound their lock waits).
+        let slot: deploy_cmd::RollbackSlot = Arc::default();
+        let pipeline = if policy.on_failure == belay_deploy::OnFailure::Rollback {
+            let rollback = rollback_cmd::local(&settings, &url, LOCAL_TARGET, cli.output)?;
+            pipeline.with_failure_handler(Arc::new(rollback_cmd::handler(
+                rollback,
+                cli.output,
+                slot.clone(),
+            )))
+        } else {
+            pipeline
+        };
         let catalog = deploy_cmd::catalog(&set);
         return deploy_cmd::migrate(
             &pipeline,
@@ -392,6 +417,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             deploy_cmd::RecordArgs {
                 catalog: Some(catalog),
                 release: release.clone(),
+                rollback: Some(slot),
             },
             cli.output,
             deploy_cmd::LintNotes::Stderr,
@@ -490,6 +516,10 @@ async fn execute(
             message: "locks, check and probe go through the lock monitor and health APIs, not the migration API".into(),
         }),
         Command::History { .. } => Err(history_cmd::remote_unsupported()),
+        Command::Rollback { .. } => Err(Failure {
+            code: exit::USAGE,
+            message: "rollback is handled before the migration API".into(),
+        }),
         Command::Deploy { .. } | Command::Deployments { .. } | Command::Agents => {
             Err(remote::needs_controller(&command).unwrap_or(Failure {
                 code: exit::USAGE,

@@ -283,7 +283,7 @@ pub async fn fleet_command(
                         Err(s) => Err(err(conn)(s)),
                     }
                 }
-                DeploymentsCommand::Show { id } => {
+                DeploymentsCommand::Show { id, .. } => {
                     match client
                         .get_deployment(pb::GetDeploymentRequest { id: id.clone() })
                         .await

@@ -51,6 +51,42 @@ pub struct FileConfig {
     pub probes: Vec<belay_health::ProbeSpec>,
     #[serde(default)]
     pub deploy: FileDeploy,
+    /// `[rollback]`: how rollbacks run (policy, settle period, hooks, restore bounds).
+    #[serde(default)]
+    pub rollback: FileRollback,
+}
+
+/// `[rollback]` in belay.toml.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRollback {
+    /// `stop` or `rollback`: the same as `[deploy] on_failure` (set one of them).
+    pub on_failure: Option<crate::cli::OnFailureArg>,
+    /// `auto` (default), `ask` (plan, then wait for `belay rollback execute`), `never`.
+    pub policy: Option<belay_rollback::Mode>,
+    /// How long probes must pass again before a rollback counts as verified [5s].
+    pub settle: Option<String>,
+    /// Run before the rollback changes anything (maintenance mode on).
+    pub before: Option<FileHook>,
+    /// Run once it is verified (maintenance mode off).
+    pub after: Option<FileHook>,
+    /// `escalate` (default) or `continue`.
+    pub on_hook_failure: Option<belay_rollback::HookFailure>,
+    /// Bound on each lock wait of a restore [2s]; a restore that waits longer is one
+    /// transaction that changed nothing, and is retried.
+    pub restore_lock_timeout: Option<String>,
+    /// Attempts of a restore that timed out on a lock [5].
+    pub restore_attempts: Option<u32>,
+}
+
+/// A command run around a rollback.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHook {
+    /// Run by `sh -c`.
+    pub command: String,
+    /// Killed after this long [30s].
+    pub timeout: Option<String>,
 }
 
 /// `[deploy]`: what `migrate`'s pipeline does beyond its checks.
@@ -124,6 +160,61 @@ pub struct Settings {
     pub small_table: belay_lint::SmallTable,
     /// `[deploy]`: `migrate`'s failure action and lock-trip budget.
     pub deploy: FileDeploy,
+    /// `[rollback]`, validated.
+    pub rollback: belay_rollback::RollbackPolicy,
+    /// `[rollback] restore_lock_timeout`.
+    pub restore_lock_timeout: std::time::Duration,
+}
+
+/// `[rollback]` checked: every duration parses and is positive, hooks name a command.
+fn rollback_policy(
+    file: &FileRollback,
+) -> Result<(belay_rollback::RollbackPolicy, std::time::Duration)> {
+    let positive = |key: &str, v: &str| -> Result<std::time::Duration> {
+        let d = parse_duration(v).map_err(|e| anyhow!("belay.toml [rollback] {key}: {e}"))?;
+        if d.is_zero() {
+            bail!("belay.toml [rollback] {key} must be greater than zero");
+        }
+        Ok(d)
+    };
+    let hook = |key: &str, h: &Option<FileHook>| -> Result<Option<belay_rollback::HookCommand>> {
+        let Some(h) = h else { return Ok(None) };
+        if h.command.trim().is_empty() {
+            bail!(
+                "belay.toml [rollback.{key}] command is empty: name the command to run, or remove the section"
+            );
+        }
+        Ok(Some(belay_rollback::HookCommand {
+            command: h.command.clone(),
+            timeout: match &h.timeout {
+                Some(t) => positive(&format!("{key}.timeout"), t)?,
+                None => std::time::Duration::from_secs(30),
+            },
+        }))
+    };
+    let mut policy = belay_rollback::RollbackPolicy::default();
+    if let Some(m) = file.policy {
+        policy.mode = m;
+    }
+    if let Some(s) = &file.settle {
+        policy.settle = positive("settle", s)?;
+    }
+    policy.before = hook("before", &file.before)?;
+    policy.after = hook("after", &file.after)?;
+    if let Some(h) = file.on_hook_failure {
+        policy.on_hook_failure = h;
+    }
+    if let Some(n) = file.restore_attempts {
+        if n == 0 {
+            bail!("belay.toml [rollback] restore_attempts must be at least 1");
+        }
+        policy.restore_attempts = n;
+    }
+    let restore_lock_timeout = match &file.restore_lock_timeout {
+        Some(t) => positive("restore_lock_timeout", t)?,
+        None => std::time::Duration::from_secs(2),
+    };
+    Ok((policy, restore_lock_timeout))
 }
 
 pub fn load_file(cli: &Cli) -> Result<FileConfig> {
@@ -251,12 +342,23 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
         p.validate()
             .map_err(|e| anyhow!("belay.toml [[probes]]: {e}"))?;
     }
+    let (rollback, restore_lock_timeout) = rollback_policy(&file.rollback)?;
+    let mut deploy = file.deploy;
+    match (deploy.on_failure, file.rollback.on_failure) {
+        (Some(a), Some(b)) if a != b => bail!(
+            "belay.toml sets on_failure twice, differently ([deploy] {a:?}, [rollback] {b:?}): keep one"
+        ),
+        (None, b) => deploy.on_failure = b,
+        _ => {}
+    }
     Ok(Settings {
+        rollback,
+        restore_lock_timeout,
+        deploy,
         small_table,
         thresholds: file.preflight.unwrap_or_default(),
         postflight,
         probes: file.probes,
-        deploy: file.deploy,
         backup_dir,
         backup: file.backup,
         lock_guard,

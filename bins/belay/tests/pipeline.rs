@@ -400,7 +400,11 @@ fn a_probe_crossing_its_threshold_in_the_watch_fails_at_watching() {
 }
 
 #[test]
-fn on_failure_rollback_without_a_rollback_controller_is_refused_before_anything_runs() {
+fn on_failure_rollback_installs_the_rollback_controller_in_local_mode() {
+    // Local `migrate` has the rollback controller (`belay-rollback`): `rollback` is no
+    // longer refused, and a deployment that passes records the policy it ran under. (The
+    // pipeline still refuses `rollback` where no controller is installed: remote
+    // `migrate`, until the rollback service exists.)
     let db = db();
     let dir = migrations(&[("V1__t.sql", "CREATE TABLE t (id int);")]);
     let cfg_dir = tempfile::tempdir().unwrap();
@@ -408,33 +412,18 @@ fn on_failure_rollback_without_a_rollback_controller_is_refused_before_anything_
     let r = belay(
         &db.url,
         dir.path(),
-        &["--config", &cfg, "migrate", "--backup", "none"],
-    );
-    assert_eq!(r.code, 64, "{r:?}");
-    assert!(r.stderr.contains("on_failure = \"rollback\""), "{r:?}");
-    assert!(r.stderr.contains("nothing was run"), "{r:?}");
-    assert!(r.stdout.is_empty(), "no step ran: {r:?}");
-    assert!(!history_schema_exists(&db.url));
-    // The flag asks for the same, and is refused the same way.
-    let r = belay(
-        &db.url,
-        dir.path(),
-        &["migrate", "--backup", "none", "--on-failure", "rollback"],
-    );
-    assert_eq!(r.code, 64, "{r:?}");
-    assert!(!history_schema_exists(&db.url));
-    // `stop` deploys.
-    belay_ok(
-        &db.url,
-        dir.path(),
         &[
-            "--config",
-            &cfg,
-            "migrate",
-            "--backup",
-            "none",
-            "--on-failure",
-            "stop",
+            "--config", &cfg, "migrate", "--backup", "none", "--output", "json",
         ],
     );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["deployment"]["policy"]["on_failure"], "rollback");
+    // belay.toml may say it in `[rollback]` too, but not differently from `[deploy]`.
+    let both = config(
+        cfg_dir.path(),
+        "[deploy]\non_failure = \"rollback\"\n[rollback]\non_failure = \"stop\"\n",
+    );
+    let r = belay(&db.url, dir.path(), &["--config", &both, "status"]);
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(r.stderr.contains("sets on_failure twice"), "{r:?}");
 }

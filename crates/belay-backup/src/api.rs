@@ -84,6 +84,17 @@ pub trait BackupApi: Send + Sync {
         tables: &[String],
         reason: &str,
     ) -> Result<Manifest, ApiError>;
+
+    /// One backup's manifest (its per-table row counts, scope, size). Implementations
+    /// that cannot read manifests yet refuse.
+    async fn manifest(&self, target: &str, id: &str) -> Result<Manifest, ApiError> {
+        Err(ApiError::new(
+            ErrorKind::Refused,
+            format!(
+                "reading the manifest of backup {id} of {target:?} is not supported over this connection yet"
+            ),
+        ))
+    }
 }
 
 impl From<BackupError> for ApiError {
@@ -196,6 +207,11 @@ impl BackupApi for LocalBackups {
             .create(url, target, req, &report)
             .instrument(info_span!("backup_create", target))
             .await?)
+    }
+
+    async fn manifest(&self, target: &str, id: &str) -> Result<Manifest, ApiError> {
+        let (_, manager) = self.slot(target)?;
+        Ok(manager.catalog(target)?.get(id)?)
     }
 
     async fn list(&self, target: &str) -> Result<Vec<CatalogEntry>, ApiError> {

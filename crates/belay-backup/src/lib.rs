@@ -54,6 +54,7 @@ pub struct BackupManager {
     size_limit: Option<u64>,
     lock_wait_timeout: std::time::Duration,
     history_schema: String,
+    restore_lock_timeout: Option<std::time::Duration>,
     hook: Option<CommandHook>,
     tools: Arc<tokio::sync::OnceCell<PgTools>>,
 }
@@ -78,6 +79,7 @@ impl BackupManager {
             size_limit: None,
             lock_wait_timeout: DEFAULT_LOCK_WAIT_TIMEOUT,
             history_schema: "belay".to_owned(),
+            restore_lock_timeout: None,
             hook: None,
             tools: Arc::new(tokio::sync::OnceCell::new()),
         }
@@ -107,6 +109,19 @@ impl BackupManager {
     pub fn with_history_schema(mut self, schema: impl Into<String>) -> Self {
         self.history_schema = schema.into();
         self
+    }
+
+    /// Bounds each lock wait of an in-place restore (`lock_timeout` on its session): a
+    /// wait longer than this fails the restore (one transaction: nothing changed, exit
+    /// as a tool failure naming the lock timeout) instead of queueing the application
+    /// behind it. `None` (default): PostgreSQL's own setting.
+    pub fn with_restore_lock_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.restore_lock_timeout = Some(timeout);
+        self
+    }
+
+    pub fn restore_lock_timeout(&self) -> Option<std::time::Duration> {
+        self.restore_lock_timeout
     }
 
     /// Called with every child command line before it starts (auditing, debugging, tests).
@@ -158,6 +173,7 @@ impl BackupManager {
             scope: BackupScope::Tables(tables.to_vec()),
             label: Some(reason.to_owned()),
             deployment_id: None,
+            kind: Some(model::BackupKind::PreUndo),
         };
         let manifest = self
             .create_kind(url, target, &req, model::BackupKind::PreUndo, &|_| {})

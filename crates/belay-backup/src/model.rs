@@ -68,6 +68,11 @@ pub struct BackupRequest {
     /// is unfinished, and the controller's mirror answers "which backup precedes it".
     #[serde(default)]
     pub deployment_id: Option<Uuid>,
+    /// Why it is taken, when the caller knows better than the default (pre-deployment
+    /// when `deployment_id` is set, manual otherwise): a rollback's emergency backup names
+    /// its deployment but must not pass for that deployment's pre-deployment backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<BackupKind>,
 }
 
 impl Default for BackupRequest {
@@ -77,6 +82,7 @@ impl Default for BackupRequest {
             scope: BackupScope::Full,
             label: None,
             deployment_id: None,
+            kind: None,
         }
     }
 }
@@ -400,6 +406,11 @@ pub struct RestoreRequest {
     /// (so history stays true); without it such a restore is refused naming both versions.
     #[serde(default)]
     pub across_versions: bool,
+    /// A full restore in place leaves belay's history schema (history table, deployment
+    /// log) as it is now instead of putting back the backup's copy: a rollback restores
+    /// around its own record, then marks the deployment's migrations reverted.
+    #[serde(default)]
+    pub keep_history: bool,
 }
 
 impl RestoreRequest {

@@ -256,6 +256,7 @@ impl BackupManager {
                 .tables
                 .iter()
                 .filter(|t| t.rows.is_some())
+                .filter(|t| !(req.keep_history && t.schema == self.history_schema()))
                 .map(|t| (t.schema.clone(), t.name.clone()))
                 .collect(),
         };
@@ -275,13 +276,23 @@ impl BackupManager {
                     "--exit-on-error".to_owned(),
                     "--single-transaction".to_owned(),
                 ];
+                // Held until pg_restore is done with it.
+                let mut without_history = None;
                 if in_place {
                     args.push("--clean".into());
                     args.push("--if-exists".into());
+                    if req.keep_history {
+                        let list =
+                            history_free_list(&runner, &archive, target, self.history_schema())
+                                .await?;
+                        args.push(format!("--use-list={}", list.path().display()));
+                        without_history = Some(list);
+                    }
                 }
                 args.push(format!("--dbname={}", conn.conninfo));
                 args.push(archive.display().to_string());
-                let cmd = runner.command("pg_restore", args, Some(&conn));
+                let mut cmd = runner.command("pg_restore", args, Some(&conn));
+                self.bound_lock_waits(&mut cmd);
                 let done = Mutex::new(0usize);
                 let total = restored.len();
                 let mut on_line = |line: &str| {
@@ -306,6 +317,7 @@ impl BackupManager {
                 if !run.status.success() {
                     return Err(restore_failed(target, run.status.to_string(), &run.stderr));
                 }
+                drop(without_history);
             }
             Some(tables) => {
                 let list = table_list(&runner, &archive, target, tables, in_place).await?;
@@ -404,6 +416,20 @@ impl BackupManager {
         })
     }
 
+    /// Bounds every lock wait of a restore's session (`lock_timeout`, see
+    /// [`BackupManager::with_restore_lock_timeout`]): its DROP and CREATE take ACCESS
+    /// EXCLUSIVE locks, and an unbounded wait behind one long transaction would queue the
+    /// application behind the restore. The restore is one transaction, so a timeout
+    /// leaves the database unchanged and the caller may retry.
+    fn bound_lock_waits(&self, cmd: &mut tokio::process::Command) {
+        if let Some(t) = self.restore_lock_timeout() {
+            cmd.env(
+                "PGOPTIONS",
+                format!("-c lock_timeout={}", t.as_millis().max(1)),
+            );
+        }
+    }
+
     /// A verified backup of what a restore in place is about to overwrite: the whole
     /// database, or the selected tables that exist now. `None` if nothing exists to lose.
     async fn emergency_backup(
@@ -436,6 +462,7 @@ impl BackupManager {
             scope,
             label: Some(format!("{EMERGENCY_LABEL} {id}")),
             deployment_id: None,
+            kind: Some(BackupKind::Emergency),
         };
         let manifest = self
             .create_kind(url, target, &req, BackupKind::Emergency, &|_| {})
@@ -588,8 +615,9 @@ impl BackupManager {
             args.push("-c".into());
             args.push(postlude);
         }
-        let psql = runner
-            .command("psql", args, Some(conn))
+        let mut psql = runner.command("psql", args, Some(conn));
+        self.bound_lock_waits(&mut psql);
+        let psql = psql
             .stdin(script)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -903,6 +931,35 @@ pub(crate) async fn table_list(
         .tempfile()
         .map_err(BackupError::io("could not create", std::env::temp_dir()))?;
     for e in &entries {
+        writeln!(list, "{}", e.line).map_err(BackupError::io("could not write", list.path()))?;
+    }
+    list.flush()
+        .map_err(BackupError::io("could not write", list.path()))?;
+    Ok(list)
+}
+
+/// Every entry of the archive but belay's history schema and what it holds: a full
+/// restore around belay's own record (`RestoreRequest::keep_history`). `--exclude-schema`
+/// alone leaves the schema's own entry, whose `DROP SCHEMA` then fails on the tables kept.
+async fn history_free_list(
+    runner: &Runner,
+    archive: &Path,
+    target: &str,
+    schema: &str,
+) -> Result<tempfile::NamedTempFile, BackupError> {
+    let toc = read_toc(runner, archive, target).await?;
+    let mut list = tempfile::Builder::new()
+        .prefix("belay-restore-")
+        .suffix(".list")
+        .tempfile()
+        .map_err(BackupError::io("could not create", std::env::temp_dir()))?;
+    let own_schema = format!("- {schema} ");
+    let in_schema = format!("{schema} ");
+    for e in toc {
+        if (e.desc == "SCHEMA" && e.rest.starts_with(&own_schema)) || e.rest.starts_with(&in_schema)
+        {
+            continue;
+        }
         writeln!(list, "{}", e.line).map_err(BackupError::io("could not write", list.path()))?;
     }
     list.flush()

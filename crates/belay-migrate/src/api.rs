@@ -108,6 +108,27 @@ pub trait MigrationApi: Send + Sync {
         version: &str,
         description: &str,
     ) -> Result<(), ApiError>;
+
+    /// Records `versions` as reverted by a restore (not by their undo scripts), as
+    /// `UNDO_SQL` rows of deployment `deployment_id` with `note` (see
+    /// `Migrator::record_reverted`). Implementations that cannot write history yet refuse.
+    async fn record_reverted(
+        &self,
+        target: &str,
+        versions: &[String],
+        deployment_id: Uuid,
+        backup_id: Option<&str>,
+        note: serde_json::Value,
+    ) -> Result<Vec<String>, ApiError> {
+        let _ = (versions, deployment_id, backup_id, note);
+        Err(ApiError::new(
+            ErrorKind::Refused,
+            format!(
+                "recording a restore-based rollback in the history of {target:?} is not \
+                 supported over this connection yet; run the rollback locally"
+            ),
+        ))
+    }
 }
 
 /// A database this process can reach directly, and its migrations.
@@ -299,5 +320,17 @@ impl MigrationApi for LocalTargets {
     ) -> Result<(), ApiError> {
         let m = self.migrator(target, crate::events::discard(), None)?;
         Ok(m.baseline(version, description).await?)
+    }
+
+    async fn record_reverted(
+        &self,
+        target: &str,
+        versions: &[String],
+        deployment_id: Uuid,
+        backup_id: Option<&str>,
+        note: serde_json::Value,
+    ) -> Result<Vec<String>, ApiError> {
+        let m = self.migrator(target, crate::events::discard(), Some(deployment_id))?;
+        Ok(m.record_reverted(versions, backup_id, note).await?)
     }
 }

@@ -1674,6 +1674,59 @@ impl Migrator {
         self.connect().await
     }
 
+    /// Records that `versions` were reverted by something other than their undo scripts
+    /// (a rollback restored a backup): one `UNDO_SQL` row per version whose latest row is
+    /// an applied forward migration, under the runner lock, with `note` as the row's
+    /// notes and `backup_id` the backup restored. The forward rows stay: the history still
+    /// shows what was applied, and `status` shows each version `undone`. Versions not
+    /// applied are skipped; the versions recorded are returned.
+    pub async fn record_reverted(
+        &self,
+        versions: &[String],
+        backup_id: Option<&str>,
+        note: serde_json::Value,
+    ) -> Result<Vec<String>, MigrateError> {
+        let mut session = self.lock_runner().await?;
+        let result = async {
+            let conn = session.conn();
+            self.history.ensure(conn).await?;
+            let rows = self.history.rows(conn).await?;
+            let mut recorded = Vec::new();
+            for version in versions {
+                let latest = rows
+                    .iter()
+                    .filter(|r| r.version.as_deref() == Some(version.as_str()))
+                    .filter(|r| r.state != RowState::Repaired)
+                    .max_by_key(|r| r.installed_rank);
+                let Some(row) = latest.filter(|r| r.entry_type.is_forward() && r.success) else {
+                    continue;
+                };
+                let new = NewRow {
+                    version: row.version.clone(),
+                    description: row.description.clone(),
+                    entry_type: EntryType::UndoSql,
+                    script: row.script.clone(),
+                    checksum: row.checksum.clone(),
+                    execution_time_ms: 0,
+                    deployment_id: Some(self.deployment_id),
+                    backup_id: backup_id.map(str::to_string),
+                    lock_wait_ms: 0,
+                    retries: 0,
+                    state: RowState::Success,
+                    error: None,
+                    lock_trips: 0,
+                    notes: Some(note.clone()),
+                };
+                self.history.insert(conn, &new).await?;
+                recorded.push(version.clone());
+            }
+            Ok::<_, MigrateError>(recorded)
+        }
+        .await;
+        session.release().await;
+        result
+    }
+
     /// A connection holding the runner lock, for work outside the executor that writes
     /// history and must not race a run (`belay adopt`). Waits `runner_wait` for another
     /// runner, then fails as `migrate` would, naming it.

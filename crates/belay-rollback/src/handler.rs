@@ -1,0 +1,134 @@
+//! [`RollbackHandler`]: the pipeline's `FailureHandler` for `on_failure = "rollback"`.
+//! It plans the rollback of the failed deployment and, per the policy's mode, executes it
+//! (`auto`), records the plan and the command that would run it (`ask`), or refuses
+//! (`never`).
+
+use std::sync::Arc;
+
+use belay_core::{ApiError, ErrorKind};
+use belay_deploy::{DeploymentRecord, FailureHandler, Step, StepFailure};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::exec::{Executor, KIND_ROLLBACK_PLAN, Outcome};
+use crate::model::{Mode, RollbackPlan, Trigger};
+use crate::plan::{Planner, Resolved};
+
+/// Where the handler tells the caller what happened (the CLI prints it).
+pub type Notify = Arc<dyn Fn(HandlerNote<'_>) + Send + Sync>;
+
+/// What the handler did.
+#[derive(Debug)]
+pub enum HandlerNote<'a> {
+    Planned(&'a RollbackPlan),
+    /// `ask`: the plan is recorded; this command runs it.
+    Asked {
+        plan: &'a RollbackPlan,
+        command: String,
+    },
+    Finished(&'a Outcome),
+}
+
+#[derive(Clone)]
+pub struct RollbackHandler {
+    pub planner: Planner,
+    pub executor: Executor,
+    pub notify: Option<Notify>,
+}
+
+impl std::fmt::Debug for RollbackHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RollbackHandler")
+            .field("executor", &self.executor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RollbackHandler {
+    fn note(&self, n: HandlerNote<'_>) {
+        if let Some(f) = &self.notify {
+            f(n);
+        }
+    }
+}
+
+/// The command that runs a planned rollback of `id`.
+pub fn execute_command(id: Uuid) -> String {
+    format!("belay rollback execute {} --yes", &id.to_string()[..8])
+}
+
+#[async_trait::async_trait]
+impl FailureHandler for RollbackHandler {
+    async fn handle(
+        &self,
+        record: &DeploymentRecord,
+        failure: &StepFailure,
+    ) -> Result<(), ApiError> {
+        let id = record.start.id;
+        let mode = self.executor.policy.mode;
+        if mode == Mode::Never {
+            return Err(ApiError::new(
+                ErrorKind::Refused,
+                format!(
+                    "the rollback policy is `never`: deployment {id} is left as it failed; roll back by hand with `belay rollback plan {}` then `execute`",
+                    &id.to_string()[..8]
+                ),
+            ));
+        }
+        if record.outcome.as_ref().is_none_or(|o| o.applied.is_empty()) {
+            // Nothing committed (a refusal before the first migration, or a failed first
+            // migration rolled back by its own transaction): nothing to revert.
+            return Ok(());
+        }
+        let resolved = Resolved {
+            deployments: vec![record.clone()],
+            to_version: record.start.from_version.clone(),
+        };
+        let plan = self
+            .planner
+            .plan(
+                &record.start.target,
+                &resolved,
+                Trigger::from_failure(failure),
+            )
+            .await?;
+        self.note(HandlerNote::Planned(&plan));
+        if mode == Mode::Ask {
+            let command = execute_command(id);
+            self.executor
+                .log
+                .append(belay_deploy::DeployEvent {
+                    deployment_id: id,
+                    target: record.start.target.clone(),
+                    seq: 0,
+                    at: chrono::Utc::now(),
+                    step: Step::Failed,
+                    kind: KIND_ROLLBACK_PLAN.into(),
+                    message: format!(
+                        "rollback planned ({}), waiting for `{command}`",
+                        plan.strategy
+                    ),
+                    payload: json!({ "plan": plan, "command": command }),
+                })
+                .await
+                .map_err(|e| ApiError::new(ErrorKind::Unavailable, e.to_string()))?;
+            self.note(HandlerNote::Asked {
+                plan: &plan,
+                command,
+            });
+            return Ok(());
+        }
+        let outcome = self.executor.execute(&plan).await?;
+        self.note(HandlerNote::Finished(&outcome));
+        if outcome.state == Step::Escalated {
+            return Err(ApiError::new(
+                ErrorKind::MigrationFailed,
+                format!(
+                    "the rollback of deployment {id} escalated: {}",
+                    outcome.report.errors.join("; ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! The rollback's data: what triggered it, the plan (strategy, reasons, steps, backups,
+//! what each path would lose, an estimate) and the policy it runs under. Plain,
+//! serialisable data, so the CLI renders it and a later `RollbackService` maps it.
+
+use std::time::Duration;
+
+use belay_deploy::{Cause, Step, StepFailure};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// How a rollback gets back to the last good state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// The deployment's undo scripts, newest first (dropped data snapshotted first).
+    Undo,
+    /// The tables the deployment's migrations wrote, restored from its pre-deployment
+    /// backup.
+    TableRestore,
+    /// The whole database but belay's history, restored from the pre-deployment backup.
+    FullRestore,
+    /// No safe automatic path: a person decides.
+    Escalate,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Undo => "undo",
+            Strategy::TableRestore => "table_restore",
+            Strategy::FullRestore => "full_restore",
+            Strategy::Escalate => "escalate",
+        }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What set the rollback off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerKind {
+    /// A migration failed partway (the committed ones are reverted).
+    MigrationFailed,
+    /// Postflight validation blocked.
+    ValidationFailed,
+    /// A probe crossed its failure threshold in the watch window.
+    ProbeThreshold,
+    /// The run took more lock-guard trips than its budget.
+    LockTrips,
+    /// An operator asked (`belay rollback execute`).
+    Operator,
+}
+
+impl TriggerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerKind::MigrationFailed => "migration_failed",
+            TriggerKind::ValidationFailed => "validation_failed",
+            TriggerKind::ProbeThreshold => "probe_threshold",
+            TriggerKind::LockTrips => "lock_trips",
+            TriggerKind::Operator => "operator",
+        }
+    }
+}
+
+/// The failure (or request) a rollback answers, with its evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub kind: TriggerKind,
+    /// The step that failed (`None` for an operator's request).
+    pub step: Option<Step>,
+    pub reason: String,
+    pub evidence: serde_json::Value,
+    /// The data itself is suspect (validation found corrupt rows, or the operator says
+    /// so): replaying undo scripts would keep the bad rows, so a restore is preferred.
+    pub data_suspect: bool,
+}
+
+impl Trigger {
+    /// The trigger of a failed pipeline step.
+    pub fn from_failure(f: &StepFailure) -> Trigger {
+        let kind = match f.cause {
+            Cause::ProbeTriggered => TriggerKind::ProbeThreshold,
+            Cause::AssertionFailed => TriggerKind::ValidationFailed,
+            Cause::LockTripBudget => TriggerKind::LockTrips,
+            Cause::Blocked | Cause::Error => TriggerKind::MigrationFailed,
+        };
+        Trigger {
+            kind,
+            step: Some(f.step),
+            reason: f.reason.clone(),
+            evidence: f.evidence.clone(),
+            data_suspect: false,
+        }
+    }
+
+    /// An operator's request, optionally saying the data is suspect.
+    pub fn operator(reason: impl Into<String>, data_suspect: bool) -> Trigger {
+        Trigger {
+            kind: TriggerKind::Operator,
+            step: None,
+            reason: reason.into(),
+            evidence: serde_json::Value::Null,
+            data_suspect,
+        }
+    }
+}
+
+/// One branch of the decision tree and what it concluded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reason {
+    /// `undo`, `table_restore`, `full_restore`, `escalate`, `data`.
+    pub branch: String,
+    /// Whether this branch is possible.
+    pub possible: bool,
+    pub why: String,
+}
+
+/// What one path would lose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathLoss {
+    pub strategy: Strategy,
+    /// Nothing is lost for good (data a path removes is kept where the report says).
+    pub loses_no_data: bool,
+    /// One line per table, column or write.
+    pub items: Vec<String>,
+}
+
+/// A migration the rollback reverts, with what is known about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertedMigration {
+    pub deployment_id: Uuid,
+    pub version: Option<String>,
+    pub script: String,
+    pub has_undo: bool,
+    pub irreversible: bool,
+    /// Tables the migration writes; `None`: unknown (a statement belay cannot attribute to
+    /// tables, and no `-- belay:tables=`).
+    pub writes: Option<Vec<String>>,
+    /// Tables whose data (rows or columns) its undo drops.
+    pub undo_drops: Vec<String>,
+}
+
+/// The backup a restore would use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupUse {
+    pub id: String,
+    /// `pre_deployment`, `emergency`, `undo_snapshot`.
+    pub role: String,
+    pub verified: bool,
+    pub size: u64,
+    /// `full`, `schema_only`, `tables`.
+    pub scope: String,
+}
+
+/// A rollback as planned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackPlan {
+    pub target: String,
+    /// The deployments rolled back, newest first (the first is the one on record for
+    /// the rollback's own events).
+    pub deployments: Vec<Uuid>,
+    /// The schema version the target returns to (`None`: before any migration).
+    pub to_version: Option<String>,
+    pub trigger: Trigger,
+    pub strategy: Strategy,
+    /// One per branch of the decision tree.
+    pub reasons: Vec<Reason>,
+    pub steps: Vec<String>,
+    pub migrations: Vec<RevertedMigration>,
+    pub backups: Vec<BackupUse>,
+    /// Tables a table restore replaces (for `table_restore`).
+    pub tables: Vec<String>,
+    /// What each possible path would lose; the chosen one first.
+    pub losses: Vec<PathLoss>,
+    pub estimated_ms: u64,
+    /// How the estimate was made.
+    pub estimate_basis: String,
+}
+
+impl RollbackPlan {
+    /// The chosen path's loss entry.
+    pub fn chosen_loss(&self) -> Option<&PathLoss> {
+        self.losses.iter().find(|l| l.strategy == self.strategy)
+    }
+}
+
+/// `auto`, `ask`, `never`: what a failed deployment with `on_failure = rollback` does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Plan and execute at once.
+    #[default]
+    Auto,
+    /// Plan, record it, and wait for `belay rollback execute`.
+    Ask,
+    /// Refuse: record that the policy forbids an automatic rollback.
+    Never,
+}
+
+/// A command run before or after a rollback (maintenance mode on/off, notify).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookCommand {
+    /// Run by `sh -c`.
+    pub command: String,
+    #[serde(with = "duration_text")]
+    pub timeout: Duration,
+}
+
+/// What a hook's failure does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookFailure {
+    /// A failed `before` hook stops the rollback before anything changes (escalated); a
+    /// failed `after` hook escalates a rollback that otherwise worked.
+    #[default]
+    Escalate,
+    /// Recorded as a warning; the rollback goes on.
+    Continue,
+}
+
+/// How rollbacks run on this target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackPolicy {
+    pub mode: Mode,
+    /// How long probes must pass again before a rollback counts as verified.
+    #[serde(with = "duration_text")]
+    pub settle: Duration,
+    pub before: Option<HookCommand>,
+    pub after: Option<HookCommand>,
+    pub on_hook_failure: HookFailure,
+    /// Attempts of a restore that timed out waiting for a lock (each one transaction that
+    /// changed nothing).
+    pub restore_attempts: u32,
+}
+
+impl Default for RollbackPolicy {
+    fn default() -> Self {
+        RollbackPolicy {
+            mode: Mode::Auto,
+            settle: Duration::from_secs(5),
+            before: None,
+            after: None,
+            on_hook_failure: HookFailure::Escalate,
+            restore_attempts: 5,
+        }
+    }
+}
+
+pub(crate) mod duration_text {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&belay_core::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        belay_core::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
