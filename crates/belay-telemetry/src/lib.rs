@@ -21,10 +21,15 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 mod otlp;
 mod prometheus;
+pub mod propagation;
 
 pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use otlp::{OTLP_EXPORT_TIMEOUT, TelemetryGuard, init_with_otlp};
-pub use prometheus::{describe_metrics, metrics_handle, names, serve_metrics};
+pub use prometheus::{
+    CATALOG, DEPLOYMENT_STATUSES, DEPLOYMENT_STEPS, Exposer, Kind, Metric, ROLLBACK_RESULTS,
+    ROLLBACK_STRATEGIES, ROLLBACK_TRIGGERS, TargetSeries, Unit, describe_metrics,
+    init_process_series, init_target_series, markdown_table, metrics_handle, names, serve_metrics,
+};
 
 /// Environment variable holding the log filter (`EnvFilter` syntax, e.g.
 /// `info,belay_migrate=debug`). It overrides the binary's default filter.
