@@ -7,8 +7,10 @@
 //! machine-readable lines (`listening on ADDR`). The subscriber is global to the
 //! process, so [`init`] / [`init_with_otlp`] install it once and later calls do
 //! nothing; the same holds for the metrics recorder behind [`metrics_handle`].
-//! Every `belay_*` metric is named in [`names`] and described in
-//! [`describe_metrics`]. This crate must not depend on any capability crate.
+//! Every `belay_*` metric is named in [`names`] and listed, with its type, labels,
+//! exposer and help text, in [`CATALOG`] (`docs/metrics.md` is rendered from it); W3C trace
+//! context crosses process boundaries through [`propagation`]. This crate must not depend
+//! on any capability crate, nor record a metric itself: each is recorded where it happens.
 
 use std::fmt;
 use std::io::IsTerminal as _;
