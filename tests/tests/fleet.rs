@@ -582,7 +582,7 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
 
     let agent_metrics = scrape(&am).await?;
     assert!(
-        agent_metrics.contains(r#"belay_migrations_total{target="m_1",status="success"} 4"#),
+        agent_metrics.contains(r#"belay_migrations_total{target="m_1",status="applied"} 4"#),
         "{agent_metrics}"
     );
     assert!(
@@ -593,9 +593,15 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
         Ok(scrape(&cm).await?.contains("belay_agents_connected 1"))
     })
     .await?;
+    // Each target's end is counted by the agent that ran its pipeline, not again by the
+    // controller.
+    assert!(
+        agent_metrics.contains(r#"belay_deployments_total{status="succeeded"} 1"#),
+        "{agent_metrics}"
+    );
     let controller_metrics = scrape(&cm).await?;
     assert!(
-        controller_metrics.contains(r#"belay_deployments_total{status="succeeded"} 1"#),
+        !controller_metrics.contains("belay_deployments_total"),
         "{controller_metrics}"
     );
 

@@ -17,7 +17,9 @@ struct Fleet {
     _tmp: tempfile::TempDir,
     controller: Daemon,
     _agent: Daemon,
+    /// The agent's `/metrics`: probes are counted where they run.
     metrics: String,
+    controller_metrics: String,
 }
 
 async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
@@ -27,11 +29,15 @@ async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
         .join("controller.db")
         .to_string_lossy()
         .into_owned();
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.to_string()
+    let (metrics, controller_metrics) = {
+        let (a, c) = (
+            std::net::TcpListener::bind("127.0.0.1:0")?,
+            std::net::TcpListener::bind("127.0.0.1:0")?,
+        );
+        (a.local_addr()?.to_string(), c.local_addr()?.to_string())
     };
-    let controller = belay_e2e::controller(&store, &["--metrics-listen", &metrics]).await?;
+    let controller =
+        belay_e2e::controller(&store, &["--metrics-listen", &controller_metrics]).await?;
     let ex = belay_e2e::examples();
     let config = agent_config(
         tmp.path(),
@@ -44,13 +50,27 @@ async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
             environment: None,
         }],
     )?;
-    let agent = belay_e2e::agent(&config).await?;
+    let config = config.to_string_lossy().into_owned();
+    let agent = belay_e2e::Daemon::start(
+        "belay-agent",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            &config,
+            "--metrics-listen",
+            &metrics,
+        ],
+        &[],
+    )
+    .await?;
     wait_agents(&controller.addr, 1).await?;
     Ok(Fleet {
         _tmp: tmp,
         controller,
         _agent: agent,
         metrics,
+        controller_metrics,
     })
 }
 
@@ -490,7 +510,9 @@ async fn remote_probe_exits_after_its_failure_threshold_with_the_evidence() -> R
         "{r:?}"
     );
 
-    // The controller counted what it relayed.
+    // The agent counted the attempts it ran; the controller relaying them counts nothing.
+    let relayed = scrape(&f.controller_metrics).await?;
+    assert!(!relayed.contains("belay_probe_"), "{relayed}");
     let text = scrape(&f.metrics).await?;
     let failures = metric(
         &text,

@@ -30,3 +30,26 @@ pub fn service(targets: &[LoadedTarget], config: Option<&Path>) -> LocalBackups 
 fn manager(dir: &Path, t: &LoadedTarget) -> BackupManager {
     BackupManager::new(dir).with_history_schema(t.spec.exec.history_schema.clone())
 }
+
+/// What the metrics know of a target at start-up: its probes, and for one that takes
+/// backups, its newest one on record (so backup age and size tell the truth across a
+/// restart, rather than starting from "never").
+pub fn metric_series(t: &LoadedTarget) -> belay_telemetry::TargetSeries {
+    let backups = t.backup.as_ref().map(|(dir, _)| {
+        let catalog = manager(dir, t).catalog(&t.spec.name).ok()?;
+        let newest = catalog
+            .list()
+            .ok()?
+            .into_iter()
+            .max_by_key(|e| e.created_at)?;
+        let manifest = catalog.get(&newest.id).ok()?;
+        let finished = manifest.created_at.timestamp_millis() as f64 / 1000.0
+            + manifest.duration_ms as f64 / 1000.0;
+        Some((finished, manifest.total_size() as f64))
+    });
+    belay_telemetry::TargetSeries {
+        name: t.spec.name.clone(),
+        probes: t.policy.probes.iter().map(|p| p.name.clone()).collect(),
+        backups,
+    }
+}

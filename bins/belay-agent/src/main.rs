@@ -209,6 +209,7 @@ async fn serve(args: Args) -> ExitCode {
             })
             .collect();
     let lock_samples = sampler::plan(&targets);
+    let metric_series: Vec<_> = targets.iter().map(backups::metric_series).collect();
     let backup_service =
         belay_rpc::BackupGrpc::new(Arc::new(backups::service(&targets, args.config.as_deref())));
     // The lock guard watches every target's migrations unless its config says not to.
@@ -248,7 +249,10 @@ async fn serve(args: Args) -> ExitCode {
         ));
         local = local.with_backup_hook(&name, Arc::new(guard));
     }
-    let local = Arc::new(local);
+    // Counted in the migration metrics here, where the executor runs: runs served over
+    // `Apply` and each deployment pipeline's alike.
+    let local: Arc<dyn belay_migrate::MigrationApi> =
+        Arc::new(belay_rpc::server::Metered(Arc::new(local)));
     let migration_service = belay_rpc::MigrationGrpc::new(local.clone());
     let log_for: belay_deploy::LogFor = Arc::new(move |name: &str| {
         let (url, schema) = log_targets.get(name).ok_or_else(|| {
@@ -265,11 +269,7 @@ async fn serve(args: Args) -> ExitCode {
     // Each fleet deployment's target runs the same pipeline as local `migrate`, over the
     // same guarded executor (lint gate, lock guard, backup hook) and health checker.
     let deploy_service = belay_rpc::DeployGrpc::new(Arc::new(belay_deploy::PipelineDeployer::new(
-        // Counted in the migration metrics as runs served over `Apply` are.
-        Arc::new(belay_rpc::server::Metered(local)),
-        health,
-        log_for,
-        policies,
+        local, health, log_for, policies,
     )));
 
     let listener = match TcpListener::bind(args.listen).await {
@@ -293,11 +293,16 @@ async fn serve(args: Args) -> ExitCode {
         }
     };
 
-    if let Some(addr) = args.metrics_listen
-        && let Err(err) = belay_rpc::daemon::serve_metrics(addr).await
-    {
-        eprintln!("{BIN}: error: {err}");
-        return ExitCode::from(exit::UNAVAILABLE);
+    if let Some(addr) = args.metrics_listen {
+        if let Err(err) = belay_rpc::daemon::serve_metrics(addr).await {
+            eprintln!("{BIN}: error: {err}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+        // Every series whose labels are known, from start-up.
+        belay_telemetry::init_process_series(belay_telemetry::Exposer::Agent);
+        for series in &metric_series {
+            belay_telemetry::init_target_series(series);
+        }
     }
     // The gauges are read through /metrics only: without it, sampling would be load for
     // nothing.

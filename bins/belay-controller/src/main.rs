@@ -231,11 +231,12 @@ async fn serve(args: Args) -> ExitCode {
         }
     };
 
-    if let Some(addr) = args.metrics_listen
-        && let Err(err) = belay_rpc::daemon::serve_metrics(addr).await
-    {
-        eprintln!("{BIN}: error: {err}");
-        return ExitCode::from(exit::UNAVAILABLE);
+    if let Some(addr) = args.metrics_listen {
+        if let Err(err) = belay_rpc::daemon::serve_metrics(addr).await {
+            eprintln!("{BIN}: error: {err}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+        belay_telemetry::init_process_series(belay_telemetry::Exposer::Controller);
     }
     let reflection = match belay_rpc::daemon::reflection() {
         Ok(r) => r,

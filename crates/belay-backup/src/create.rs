@@ -50,9 +50,28 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// One backup's end, as the metrics tell it: a failure counted, a success's duration, size
+/// and finishing time.
+fn record_metrics(target: &str, result: &Result<Manifest, BackupError>) {
+    use belay_telemetry::names;
+    let target = target.to_string();
+    match result {
+        Ok(m) => {
+            metrics::histogram!(names::BACKUP_DURATION_SECONDS, "target" => target.clone())
+                .record(m.duration_ms as f64 / 1000.0);
+            metrics::gauge!(names::BACKUP_SIZE_BYTES, "target" => target.clone())
+                .set(m.total_size() as f64);
+            metrics::gauge!(names::BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS, "target" => target)
+                .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        }
+        Err(_) => metrics::counter!(names::BACKUP_FAILURES_TOTAL, "target" => target).increment(1),
+    }
+}
+
 impl BackupManager {
     /// Backs up the database at `url` as backup of `target`, into `<root>/<target>/<id>/`.
-    /// On any failure the partial backup is removed and the catalog is unchanged.
+    /// On any failure the partial backup is removed and the catalog is unchanged. Counted in
+    /// the backup metrics either way (`belay_backup_*{target}`).
     ///
     /// The manifest's kind is the request's, or else pre-deployment when the request
     /// names a deployment and manual otherwise; belay's own snapshots and emergency
@@ -73,6 +92,21 @@ impl BackupManager {
     }
 
     pub(crate) async fn create_kind(
+        &self,
+        url: &DatabaseUrl,
+        target: &str,
+        req: &BackupRequest,
+        kind: BackupKind,
+        progress: ProgressFn<'_>,
+    ) -> Result<Manifest, BackupError> {
+        let result = self
+            .create_unmetered(url, target, req, kind, progress)
+            .await;
+        record_metrics(target, &result);
+        result
+    }
+
+    async fn create_unmetered(
         &self,
         url: &DatabaseUrl,
         target: &str,

@@ -14,6 +14,7 @@
 //! events.
 
 pub mod memory;
+mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod record;

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use tracing::{Instrument, info_span};
 use uuid::Uuid;
 
+use crate::metrics::{self, InStep};
 use crate::policy::{DeploymentPolicy, OnFailure};
 use crate::record::{
     AppliedMigration, DeployEvent, DeploymentLog, DeploymentOutcome, DeploymentRecord, LogError,
@@ -207,11 +208,15 @@ impl Pipeline {
     ) -> Result<Deployment, DeployError> {
         self.check(&request.policy)?;
         let span = info_span!("deploy", deployment = %request.id, target = %request.target);
-        Run {
+        let started = std::time::Instant::now();
+        let result = Run {
             pipeline: self,
             request: &request,
             sink,
             step: None,
+            in_step: InStep::default(),
+            step_span: None,
+            span: span.clone(),
             backup_id: None,
             succeeded: Vec::new(),
             trips: Vec::new(),
@@ -219,7 +224,14 @@ impl Pipeline {
         }
         .execute()
         .instrument(span)
-        .await
+        .await;
+        // Every end counts, a log that broke mid-run included (as `failed`).
+        let state = match &result {
+            Ok(d) => d.record.outcome.as_ref().map(|o| o.state),
+            Err(_) => None,
+        };
+        metrics::ended(metrics::status(state), started);
+        result
     }
 }
 
@@ -229,6 +241,11 @@ struct Run<'a> {
     request: &'a DeploymentRequest,
     sink: DeploySink,
     step: Option<Step>,
+    /// This run in `belay_deployment_targets{step}`.
+    in_step: InStep,
+    /// The span of the step the run is in (one per step, children of `span`).
+    step_span: Option<tracing::Span>,
+    span: tracing::Span,
     backup_id: Option<String>,
     /// `succeeded` events of forward and repeatable scripts: what committed.
     succeeded: Vec<(Option<String>, String)>,
@@ -274,6 +291,11 @@ impl Run<'_> {
     async fn transition(&mut self, to: Step, reason: &str) -> Result<(), LogError> {
         let from = self.step;
         self.step = Some(to);
+        self.in_step.move_to(to);
+        // Closing the previous step's span ends it; the final states get none.
+        self.step_span = (!matches!(to, Step::Succeeded | Step::Failed)).then(
+            || info_span!(parent: &self.span, "deploy_step", otel.name = to.as_str(), step = %to),
+        );
         let message = match from {
             Some(f) => format!("{f} → {to}: {reason}"),
             None => format!("{to}: {reason}"),
@@ -397,25 +419,21 @@ impl Run<'_> {
     /// The steps from preflight to the end of the watch window; `Err` in the inner result
     /// is a failed step, the outer one a log that cannot be written.
     async fn steps(&mut self, report: &mut Option<RunReport>) -> Result<StepResult<()>, LogError> {
-        let overrides = match self.preflight().instrument(info_span!("preflight")).await? {
+        let overrides = match self.preflight().await? {
             Ok(o) => o,
             Err(f) => return Ok(Err(f)),
         };
-        match self
-            .apply(overrides)
-            .instrument(info_span!("apply"))
-            .await?
-        {
+        match self.apply(overrides).await? {
             Ok(r) => *report = Some(r),
             Err(f) => return Ok(Err(f)),
         }
         if let Err(f) = self.trip_budget() {
             return Ok(Err(f));
         }
-        if let Err(f) = self.validate().instrument(info_span!("validating")).await? {
+        if let Err(f) = self.validate().await? {
             return Ok(Err(f));
         }
-        self.watch().instrument(info_span!("watching")).await
+        self.watch().await
     }
 
     async fn preflight(&mut self) -> Result<StepResult<Vec<CheckOverride>>, LogError> {
@@ -671,6 +689,7 @@ impl Run<'_> {
         if blocked.is_empty() {
             return Ok(Ok(()));
         }
+        metrics::validation_errors(self.target(), blocked.len());
         let lines: Vec<String> = blocked
             .iter()
             .map(|r| {

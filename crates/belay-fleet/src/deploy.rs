@@ -188,11 +188,15 @@ impl Fleet {
             let mut tasks = tokio::task::JoinSet::new();
             for t in names {
                 let (fleet, t, sem, spec) = (self.clone(), t.clone(), sem.clone(), spec.clone());
-                tasks.spawn(async move {
-                    let _permit = sem.acquire_owned().await;
-                    let outcome = fleet.deploy_target(id, &t, &spec, last_wave).await;
-                    (t, outcome)
-                });
+                // In the deployment's span: each target's spans join its trace.
+                tasks.spawn(
+                    async move {
+                        let _permit = sem.acquire_owned().await;
+                        let outcome = fleet.deploy_target(id, &t, &spec, last_wave).await;
+                        (t, outcome)
+                    }
+                    .in_current_span(),
+                );
             }
             let mut failures = Vec::new();
             while let Some(joined) = tasks.join_next().await {
@@ -228,8 +232,6 @@ impl Fleet {
                     .transition(id, DeploymentState::Failed, &msg)
                     .await
                     .map_err(store_err)?;
-                metrics::counter!(belay_telemetry::names::DEPLOYMENTS_TOTAL, "status" => "failed")
-                    .increment(1);
                 self.notify();
                 return Ok(());
             }
@@ -242,8 +244,6 @@ impl Fleet {
             )
             .await
             .map_err(store_err)?;
-        metrics::counter!(belay_telemetry::names::DEPLOYMENTS_TOTAL, "status" => "succeeded")
-            .increment(1);
         self.notify();
         Ok(())
     }
@@ -266,16 +266,25 @@ impl Fleet {
             "running its pipeline on its agent",
         )
         .await?;
+        let span = info_span!("deploy_target", target = %target);
         let (tx, mut rx) = mpsc::unbounded_channel::<DeployEvent>();
         let sink: DeploySink = Arc::new(move |e: &DeployEvent| {
             let _ = tx.send(e.clone());
         });
         let recorder = {
-            let (fleet, target) = (self.clone(), target.to_string());
+            let (fleet, target, span) = (self.clone(), target.to_string(), span.clone());
             tokio::spawn(async move {
                 let mut seen = Seen::default();
+                // A span per step the agent reports, as the agent has one: entered at its
+                // transition, closed at the next.
+                let mut _step_span = None;
                 while let Some(e) = rx.recv().await {
                     seen.note(&e);
+                    if e.kind == KIND_TRANSITION {
+                        _step_span = (!matches!(e.step, Step::Succeeded | Step::Failed)).then(|| {
+                            info_span!(parent: &span, "deploy_step", otel.name = e.step.as_str(), step = %e.step)
+                        });
+                    }
                     let entered_watching =
                         e.kind == KIND_TRANSITION && e.step == Step::Watching && last_wave;
                     if let Err(err) = fleet.record_target_event(id, &target, e).await {
@@ -303,7 +312,12 @@ impl Fleet {
             asked: spec.policy.clone(),
         };
         let result = match self.connection_for(target).await {
-            Ok((conn, _)) => DeployClient::new(&conn).deploy_target(request, sink).await,
+            Ok((conn, _)) => {
+                DeployClient::new(&conn)
+                    .deploy_target(request, sink)
+                    .instrument(span)
+                    .await
+            }
             Err(e) => Err(e),
         };
         // The sink is gone with the call: the recorder drains what is left, then ends,

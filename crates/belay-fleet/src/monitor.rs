@@ -1,44 +1,15 @@
 //! The controller's lock monitor and health checker: every call routed to the agent
 //! owning the target, as migration calls are. The controller never connects to a target
-//! database itself; it counts the probe events it relays.
+//! database itself, and counts nothing it relays: the agent counts where things happen.
 
 use crate::Fleet;
 use belay_core::ApiError;
 use belay_health::{
-    CheckResult, HealthApi, PostflightSpec, PreflightOptions, ProbeEvent, ProbeEvents, TargetProbe,
-    Transition,
+    CheckResult, HealthApi, PostflightSpec, PreflightOptions, ProbeEvents, TargetProbe,
 };
 use belay_locks::{LockMonitorApi, LockSnapshot, MonitorOptions, SnapshotStream};
 use belay_rpc::{HealthClient, LockMonitorClient};
-use belay_telemetry::names;
 use std::time::Duration;
-use tokio_stream::StreamExt;
-
-/// Counts a relayed probe event: failures, and the state machine's transitions (a
-/// `triggered` one is what a rollback controller acts on).
-fn record_probe(target: &str, e: &ProbeEvent) {
-    if e.result.is_failure() {
-        metrics::counter!(
-            names::PROBE_FAILURES_TOTAL,
-            "target" => target.to_string(),
-            "probe" => e.probe.clone()
-        )
-        .increment(1);
-    }
-    if let Some(t) = e.transition {
-        let to = match t {
-            Transition::Triggered => "triggered",
-            Transition::Recovered => "recovered",
-        };
-        metrics::counter!(
-            names::PROBE_TRANSITIONS_TOTAL,
-            "target" => target.to_string(),
-            "probe" => e.probe.clone(),
-            "to" => to
-        )
-        .increment(1);
-    }
-}
 
 #[async_trait::async_trait]
 impl LockMonitorApi for Fleet {
@@ -90,15 +61,9 @@ impl HealthApi for Fleet {
         duration: Duration,
     ) -> Result<ProbeEvents, ApiError> {
         let (conn, _) = self.connection_for(target).await?;
-        let events = HealthClient::new(&conn)
+        // The agent running the probe counts it; relaying it is not another attempt.
+        HealthClient::new(&conn)
             .probe(target, probe, duration)
-            .await?;
-        let target = target.to_string();
-        Ok(Box::pin(events.map(move |e| {
-            if let Ok(e) = &e {
-                record_probe(&target, e);
-            }
-            e
-        })))
+            .await
     }
 }

@@ -336,7 +336,14 @@ impl HealthApi for HealthTargets {
         let _entered = span.enter();
         let events = run_probe(spec)?;
         let window = tokio::time::sleep(duration);
-        Ok(Box::pin(events.take_until(window).map(Ok)))
+        let watched = crate::probe::WatchedProbe {
+            target: target.to_string(),
+            probe: probe.name.clone(),
+        };
+        Ok(Box::pin(events.take_until(window).map(move |e| {
+            crate::probe::record_metrics(&watched.target, &e);
+            Ok(e)
+        })))
     }
 }
 

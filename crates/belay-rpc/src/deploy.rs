@@ -284,6 +284,15 @@ impl DeployService for DeployGrpc {
         req: Request<pb::DeployTargetRequest>,
     ) -> Result<Response<Self::DeployTargetStream>, Status> {
         let request = deploy_request_from(req.get_ref())?;
+        let span =
+            info_span!("deploy_target_rpc", deployment = %request.id, target = %request.target);
+        // The controller's trace of the whole deployment continues here.
+        belay_telemetry::propagation::set_parent(&span, |key| {
+            req.metadata()
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let events = tx.clone();
         let sink: DeploySink = Arc::new(move |e: &DeployEvent| {
@@ -292,8 +301,6 @@ impl DeployService for DeployGrpc {
             }));
         });
         let api = self.api.clone();
-        let span =
-            info_span!("deploy_target_rpc", deployment = %request.id, target = %request.target);
         // Its own task, not tied to the caller: a controller that goes away mid-run does
         // not abandon a deployment half-way; it runs to its end and is recorded beside
         // the target.
@@ -342,10 +349,20 @@ impl TargetDeployApi for DeployClient {
         request: TargetDeployment,
         sink: DeploySink,
     ) -> Result<TargetDeployed, ApiError> {
+        let mut call = tonic::Request::new(deploy_request(&request));
+        // W3C trace context, so the agent's spans of this target join the caller's trace.
+        belay_telemetry::propagation::inject(&tracing::Span::current(), |key, value| {
+            if let (Ok(key), Ok(value)) = (
+                tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+                value.parse(),
+            ) {
+                call.metadata_mut().insert(key, value);
+            }
+        });
         let mut stream = self
             .client
             .clone()
-            .deploy_target(deploy_request(&request))
+            .deploy_target(call)
             .await
             .map_err(|s| convert::api_error_from(&s, &self.peer))?
             .into_inner();

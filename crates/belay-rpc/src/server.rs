@@ -55,7 +55,8 @@ fn deployment_id(s: &str) -> Result<Option<Uuid>, Status> {
 type RunStream = UnboundedReceiverStream<Result<pb::RunMessage, Status>>;
 
 /// The migration metrics of a target, from its run's events (a no-op without an
-/// installed recorder).
+/// installed recorder). Recorded where the executor runs ([`Metered`]), never by a server
+/// passing runs on, so the controller routing a run to an agent does not count it twice.
 fn record_metrics(target: &str, e: &belay_migrate::Event) {
     use belay_migrate::EventKind;
     use belay_telemetry::names;
@@ -67,7 +68,7 @@ fn record_metrics(target: &str, e: &belay_migrate::Event) {
             ..
         } => {
             let t = target.to_string();
-            metrics::counter!(names::MIGRATIONS_TOTAL, "target" => t.clone(), "status" => "success").increment(1);
+            metrics::counter!(names::MIGRATIONS_TOTAL, "target" => t.clone(), "status" => "applied").increment(1);
             metrics::histogram!(names::MIGRATION_DURATION_SECONDS, "target" => t.clone())
                 .record(*execution_ms as f64 / 1000.0);
             metrics::histogram!(names::MIGRATION_LOCK_WAIT_SECONDS, "target" => t.clone())
@@ -87,9 +88,9 @@ fn record_metrics(target: &str, e: &belay_migrate::Event) {
     }
 }
 
-/// A [`MigrationApi`] that records the migration metrics of every run it passes on (as
-/// [`MigrationGrpc`] does for the runs it serves): for callers that run migrations
-/// in-process beside the server, such as the agent's deployment pipelines.
+/// A [`MigrationApi`] that records the migration metrics of every run it passes on, and
+/// the problems `validate` finds: the agent wraps its executor in it, for the runs it
+/// serves over `Apply` and for its deployment pipelines alike.
 pub struct Metered(pub Arc<dyn MigrationApi>);
 
 impl std::fmt::Debug for Metered {
@@ -152,7 +153,14 @@ impl MigrationApi for Metered {
         &self,
         target: &str,
     ) -> Result<belay_migrate::Validation, belay_migrate::ApiError> {
-        self.0.validate(target).await
+        let validation = self.0.validate(target).await?;
+        metrics::counter!(
+            belay_telemetry::names::VALIDATION_ERRORS_TOTAL,
+            "target" => target.to_string(),
+            "kind" => "migrations"
+        )
+        .increment(validation.problems.len() as u64);
+        Ok(validation)
     }
 
     async fn repair(
@@ -186,7 +194,6 @@ where
     let events = tx.clone();
     let event_target = target.clone();
     let sink: EventSink = Arc::new(move |e| {
-        record_metrics(&event_target, e);
         let msg = pb::RunMessage {
             message: Some(pb::run_message::Message::Event(convert::event(
                 e,

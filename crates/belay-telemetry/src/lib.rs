@@ -7,8 +7,10 @@
 //! machine-readable lines (`listening on ADDR`). The subscriber is global to the
 //! process, so [`init`] / [`init_with_otlp`] install it once and later calls do
 //! nothing; the same holds for the metrics recorder behind [`metrics_handle`].
-//! Every `belay_*` metric is named in [`names`] and described in
-//! [`describe_metrics`]. This crate must not depend on any capability crate.
+//! Every `belay_*` metric is named in [`names`] and listed, with its type, labels,
+//! exposer and help text, in [`CATALOG`] (`docs/metrics.md` is rendered from it); W3C trace
+//! context crosses process boundaries through [`propagation`]. This crate must not depend
+//! on any capability crate, nor record a metric itself: each is recorded where it happens.
 
 use std::fmt;
 use std::io::IsTerminal as _;
@@ -21,10 +23,15 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 mod otlp;
 mod prometheus;
+pub mod propagation;
 
 pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use otlp::{OTLP_EXPORT_TIMEOUT, TelemetryGuard, init_with_otlp};
-pub use prometheus::{describe_metrics, metrics_handle, names, serve_metrics};
+pub use prometheus::{
+    CATALOG, DEPLOYMENT_STATUSES, DEPLOYMENT_STEPS, Exposer, Kind, Metric, ROLLBACK_RESULTS,
+    ROLLBACK_STRATEGIES, ROLLBACK_TRIGGERS, TargetSeries, Unit, describe_metrics,
+    init_process_series, init_target_series, markdown_table, metrics_handle, names, serve_metrics,
+};
 
 /// Environment variable holding the log filter (`EnvFilter` syntax, e.g.
 /// `info,belay_migrate=debug`). It overrides the binary's default filter.

@@ -12,36 +12,54 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+pub use metrics::Unit;
+use metrics::{describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::Error;
 
-/// Metric names. Labels are given in each constant's documentation.
+/// Metric names. Labels are given in each constant's documentation; who exposes what is in
+/// [`CATALOG`] and `docs/metrics.md`.
 pub mod names {
-    /// Counter, labels `target`, `status` (`applied`, `failed`, `skipped`, ...): migrations run.
+    /// Counter, labels `target`, `status` (`applied`, `failed`): migration scripts run, by
+    /// the process that runs the executor (the agent, or the CLI in local mode).
     pub const MIGRATIONS_TOTAL: &str = "belay_migrations_total";
-    /// Histogram, seconds: wall time of one migration.
+    /// Histogram, seconds, label `target`: wall time of one migration.
     pub const MIGRATION_DURATION_SECONDS: &str = "belay_migration_duration_seconds";
-    /// Histogram, seconds: time a migration waited for its locks.
+    /// Histogram, seconds, label `target`: time a migration waited for its locks.
     pub const MIGRATION_LOCK_WAIT_SECONDS: &str = "belay_migration_lock_wait_seconds";
-    /// Counter: migration attempts retried after a lock timeout.
+    /// Counter, label `target`: migration attempts retried after a lock timeout.
     pub const MIGRATION_RETRIES_TOTAL: &str = "belay_migration_retries_total";
-    /// Counter: validation errors found (checksum mismatches, bad files, ...).
+    /// Counter, labels `target`, `kind` (`migrations`: checksum mismatches, unreadable or
+    /// conflicting files found by `validate`; `postflight`: blocking postflight results):
+    /// validation errors found.
     pub const VALIDATION_ERRORS_TOTAL: &str = "belay_validation_errors_total";
-    /// Counter, label `status`: deployments finished.
+    /// Counter, label `status` (`succeeded`, `failed`, `rolled_back`, `escalated`): one
+    /// target's deployments ended, counted by the process running its pipeline.
     pub const DEPLOYMENTS_TOTAL: &str = "belay_deployments_total";
+    /// Histogram, seconds, label `status` (as [`DEPLOYMENTS_TOTAL`]): one target's
+    /// deployment, from `planned` to its end.
+    pub const DEPLOYMENT_DURATION_SECONDS: &str = "belay_deployment_duration_seconds";
+    /// Gauge, label `step` (`planned` … `watching`, `rolling_back`): targets whose pipeline is in that step
+    /// now.
+    pub const DEPLOYMENT_TARGETS: &str = "belay_deployment_targets";
     /// Gauge: agents currently connected to the controller.
     pub const AGENTS_CONNECTED: &str = "belay_agents_connected";
-    /// Counter, label `strategy`: rollbacks performed.
+    /// Counter, labels `strategy`, `trigger`, `result`: rollbacks performed.
     pub const ROLLBACKS_TOTAL: &str = "belay_rollbacks_total";
-    /// Histogram, seconds: wall time of one backup.
+    /// Histogram, seconds, labels `strategy`, `result`: wall time of one rollback.
+    pub const ROLLBACK_DURATION_SECONDS: &str = "belay_rollback_duration_seconds";
+    /// Gauge: rollbacks running now.
+    pub const ROLLBACKS_IN_PROGRESS: &str = "belay_rollbacks_in_progress";
+    /// Histogram, seconds, label `target`: wall time of one successful backup.
     pub const BACKUP_DURATION_SECONDS: &str = "belay_backup_duration_seconds";
-    /// Gauge, bytes: size of the latest backup.
+    /// Gauge, bytes, label `target`: size of the latest successful backup.
     pub const BACKUP_SIZE_BYTES: &str = "belay_backup_size_bytes";
-    /// Gauge, Unix seconds: when the latest successful backup finished.
+    /// Gauge, Unix seconds, label `target`: when the latest successful backup finished.
     pub const BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
         "belay_backup_last_success_timestamp_seconds";
+    /// Counter, label `target`: backups that failed.
+    pub const BACKUP_FAILURES_TOTAL: &str = "belay_backup_failures_total";
     /// Gauge, label `target`: sessions of the target's database waiting for a lock, as the
     /// agent's last lock sample saw them.
     pub const BLOCKED_SESSIONS: &str = "belay_blocked_sessions";
@@ -58,12 +76,14 @@ pub mod names {
     /// Counter, label `target`: lock samples that failed (the lock gauges then keep their
     /// last values).
     pub const LOCK_SAMPLE_FAILURES_TOTAL: &str = "belay_lock_sample_failures_total";
-    /// Counter, label `probe` (and `target` where the controller relays a probe): failed
-    /// post-deployment health probes.
+    /// Counter, labels `target`, `probe`: failed probe attempts.
     pub const PROBE_FAILURES_TOTAL: &str = "belay_probe_failures_total";
-    /// Counter, labels `probe`, `to` (`triggered`, `recovered`), and `target` where the
-    /// controller relays a probe: probe state changes.
+    /// Counter, labels `target`, `probe`, `to` (`triggered`, `recovered`): probe state
+    /// changes.
     pub const PROBE_TRANSITIONS_TOTAL: &str = "belay_probe_transitions_total";
+    /// Gauge, labels `target`, `probe`: 0 while a watched probe is past its failure
+    /// threshold, 1 otherwise (healthy, or not being watched).
+    pub const PROBE_HEALTHY: &str = "belay_probe_healthy";
     /// Counter, label `target`: migration statements the lock guard cancelled because
     /// application sessions queued behind them longer than `max_blocking`.
     pub const LOCK_GUARD_TRIPS_TOTAL: &str = "belay_lock_guard_trips_total";
@@ -76,6 +96,318 @@ pub mod names {
     /// a deadlock.
     pub const BACKFILL_LOCK_RETRIES_TOTAL: &str = "belay_backfill_lock_retries_total";
 }
+
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    /// As Prometheus' `# TYPE` line spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// Which process exposes a metric on its `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposer {
+    Agent,
+    Controller,
+    /// Both daemons; each counts only what happens in it, so sums never double count.
+    Both,
+    /// The `belay` CLI, in-process only (it serves no `/metrics`).
+    Cli,
+}
+
+impl Exposer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exposer::Agent => "agent",
+            Exposer::Controller => "controller",
+            Exposer::Both => "agent, controller",
+            Exposer::Cli => "cli",
+        }
+    }
+}
+
+/// One `belay_*` metric: the source of its `# HELP` line and of the docs' table.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: Option<Unit>,
+    pub labels: &'static [&'static str],
+    pub exposed_by: Exposer,
+    pub help: &'static str,
+}
+
+/// Label values a deployment's end is counted under.
+pub const DEPLOYMENT_STATUSES: [&str; 4] = ["succeeded", "failed", "rolled_back", "escalated"];
+/// The pipeline steps a target can be in while its deployment runs.
+pub const DEPLOYMENT_STEPS: [&str; 7] = [
+    "planned",
+    "preflight",
+    "backing_up",
+    "migrating",
+    "validating",
+    "watching",
+    "rolling_back",
+];
+/// Rollback label values agreed with the rollback controller.
+pub const ROLLBACK_STRATEGIES: [&str; 4] = ["undo", "table_restore", "full_restore", "escalate"];
+pub const ROLLBACK_RESULTS: [&str; 3] = ["rolled_back", "escalated", "aborted"];
+/// What started a rollback: the pipeline's failure handler (a failed step), an alert
+/// through the controller's webhook, or a person (`belay rollback`).
+pub const ROLLBACK_TRIGGERS: [&str; 3] = ["pipeline", "alert", "manual"];
+
+/// Every `belay_*` metric, in the order of `docs/metrics.md`.
+pub const CATALOG: &[Metric] = {
+    use Exposer::*;
+    use Kind::*;
+    use names::*;
+    &[
+        Metric {
+            name: DEPLOYMENTS_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["status"],
+            exposed_by: Agent,
+            help: "Deployments of one target ended, by outcome; counted by the process running the target's pipeline.",
+        },
+        Metric {
+            name: DEPLOYMENT_DURATION_SECONDS,
+            kind: Histogram,
+            unit: Some(Unit::Seconds),
+            labels: &["status"],
+            exposed_by: Agent,
+            help: "Wall time of one target's deployment, from planned to its end, by outcome.",
+        },
+        Metric {
+            name: DEPLOYMENT_TARGETS,
+            kind: Gauge,
+            unit: Some(Unit::Count),
+            labels: &["step"],
+            exposed_by: Agent,
+            help: "Targets whose deployment pipeline is in each step now.",
+        },
+        Metric {
+            name: MIGRATIONS_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["target", "status"],
+            exposed_by: Agent,
+            help: "Migration scripts run, by target database and outcome (applied, failed).",
+        },
+        Metric {
+            name: MIGRATION_DURATION_SECONDS,
+            kind: Histogram,
+            unit: Some(Unit::Seconds),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Wall time of one migration, from first statement to commit.",
+        },
+        Metric {
+            name: MIGRATION_LOCK_WAIT_SECONDS,
+            kind: Histogram,
+            unit: Some(Unit::Seconds),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Time a migration spent waiting for its locks.",
+        },
+        Metric {
+            name: MIGRATION_RETRIES_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Migration attempts retried after a lock timeout.",
+        },
+        Metric {
+            name: LOCK_GUARD_TRIPS_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Migration statements the lock guard cancelled because application sessions queued behind them longer than max_blocking, by target.",
+        },
+        Metric {
+            name: VALIDATION_ERRORS_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["target", "kind"],
+            exposed_by: Agent,
+            help: "Validation errors found: kind=migrations (checksum mismatches, unreadable or conflicting migrations), kind=postflight (blocking postflight results).",
+        },
+        Metric {
+            name: BACKUP_DURATION_SECONDS,
+            kind: Histogram,
+            unit: Some(Unit::Seconds),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Wall time of one successful backup, by target.",
+        },
+        Metric {
+            name: BACKUP_SIZE_BYTES,
+            kind: Gauge,
+            unit: Some(Unit::Bytes),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Size of the target's latest successful backup (from its catalog at start-up).",
+        },
+        Metric {
+            name: BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS,
+            kind: Gauge,
+            unit: Some(Unit::Seconds),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Unix time at which the target's latest successful backup finished (from its catalog at start-up; 0: none).",
+        },
+        Metric {
+            name: BACKUP_FAILURES_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Backups of the target that failed.",
+        },
+        Metric {
+            name: PROBE_HEALTHY,
+            kind: Gauge,
+            unit: None,
+            labels: &["target", "probe"],
+            exposed_by: Agent,
+            help: "0 while a watched probe is past its failure threshold, 1 otherwise (healthy, or not being watched).",
+        },
+        Metric {
+            name: PROBE_FAILURES_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["target", "probe"],
+            exposed_by: Agent,
+            help: "Failed probe attempts.",
+        },
+        Metric {
+            name: PROBE_TRANSITIONS_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["target", "probe", "to"],
+            exposed_by: Agent,
+            help: "Probe state changes: triggered (failure threshold crossed) and recovered.",
+        },
+        Metric {
+            name: BLOCKED_SESSIONS,
+            kind: Gauge,
+            unit: Some(Unit::Count),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Sessions waiting for a lock in the target database, by target (agent's last lock sample).",
+        },
+        Metric {
+            name: LONGEST_LOCK_WAIT_SECONDS,
+            kind: Gauge,
+            unit: Some(Unit::Seconds),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "The longest lock wait in the target database, by target (agent's last lock sample).",
+        },
+        Metric {
+            name: LONG_RUNNING_QUERIES,
+            kind: Gauge,
+            unit: Some(Unit::Count),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Queries running longer than 5 minutes in the target database, by target (agent's last lock sample).",
+        },
+        Metric {
+            name: IDLE_IN_TRANSACTION_SESSIONS,
+            kind: Gauge,
+            unit: Some(Unit::Count),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Sessions idle in a transaction for over a minute in the target database, by target (agent's last lock sample).",
+        },
+        Metric {
+            name: REPLICATION_LAG_BYTES,
+            kind: Gauge,
+            unit: Some(Unit::Bytes),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Replay lag of the target server's most lagging streaming replica, by target (0 without replicas).",
+        },
+        Metric {
+            name: LOCK_SAMPLE_FAILURES_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["target"],
+            exposed_by: Agent,
+            help: "Lock samples that failed, by target; the lock gauges keep their last values meanwhile.",
+        },
+        Metric {
+            name: ROLLBACKS_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["strategy", "trigger", "result"],
+            exposed_by: Both,
+            help: "Rollbacks performed, by strategy, what triggered them and result.",
+        },
+        Metric {
+            name: ROLLBACK_DURATION_SECONDS,
+            kind: Histogram,
+            unit: Some(Unit::Seconds),
+            labels: &["strategy", "result"],
+            exposed_by: Both,
+            help: "Wall time of one rollback, by strategy and result.",
+        },
+        Metric {
+            name: ROLLBACKS_IN_PROGRESS,
+            kind: Gauge,
+            unit: Some(Unit::Count),
+            labels: &[],
+            exposed_by: Both,
+            help: "Rollbacks running now.",
+        },
+        Metric {
+            name: AGENTS_CONNECTED,
+            kind: Gauge,
+            unit: Some(Unit::Count),
+            labels: &[],
+            exposed_by: Controller,
+            help: "Agents currently connected to the controller.",
+        },
+        Metric {
+            name: BACKFILL_ROWS_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["backfill"],
+            exposed_by: Cli,
+            help: "Rows updated by backfill batches, by backfill name.",
+        },
+        Metric {
+            name: BACKFILL_PROGRESS_RATIO,
+            kind: Gauge,
+            unit: None,
+            labels: &["backfill"],
+            exposed_by: Cli,
+            help: "Share of the table's rows a backfill has walked (0 to 1), by backfill name.",
+        },
+        Metric {
+            name: BACKFILL_LOCK_RETRIES_TOTAL,
+            kind: Counter,
+            unit: Some(Unit::Count),
+            labels: &["backfill"],
+            exposed_by: Cli,
+            help: "Backfill batches rolled back and retried after a lock timeout or deadlock.",
+        },
+    ]
+};
 
 /// Histogram buckets for every `*_seconds` histogram: 5 ms up to an hour, since lock waits
 /// are short and migrations (index builds, backfills) can be long.
@@ -109,121 +441,132 @@ pub fn metrics_handle() -> Result<PrometheusHandle, Error> {
     Ok(handle)
 }
 
-/// Registers help texts and units for every `belay_*` metric with the installed recorder
-/// (descriptions sent before a recorder is installed are lost; [`metrics_handle`] calls this
-/// for you).
+/// The rows of `docs/metrics.md`'s table, one per [`CATALOG`] entry (a unit test keeps
+/// the file equal to them).
+pub fn markdown_table() -> String {
+    let mut out =
+        String::from("| metric | type | labels | exposed by | meaning |\n|---|---|---|---|---|\n");
+    for m in CATALOG {
+        let labels = if m.labels.is_empty() {
+            "—".to_string()
+        } else {
+            m.labels
+                .iter()
+                .map(|l| format!("`{l}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            m.name,
+            m.kind.as_str(),
+            labels,
+            m.exposed_by.as_str(),
+            m.help
+        ));
+    }
+    out
+}
+
+/// Registers help texts and units for every `belay_*` metric in [`CATALOG`] with the
+/// installed recorder (descriptions sent before a recorder is installed are lost;
+/// [`metrics_handle`] calls this for you).
 pub fn describe_metrics() {
+    for m in CATALOG {
+        match (m.kind, m.unit) {
+            (Kind::Counter, Some(u)) => describe_counter!(m.name, u, m.help),
+            (Kind::Counter, None) => describe_counter!(m.name, m.help),
+            (Kind::Gauge, Some(u)) => describe_gauge!(m.name, u, m.help),
+            (Kind::Gauge, None) => describe_gauge!(m.name, m.help),
+            (Kind::Histogram, Some(u)) => describe_histogram!(m.name, u, m.help),
+            (Kind::Histogram, None) => describe_histogram!(m.name, m.help),
+        }
+    }
+}
+
+/// Exposes, at zero, the series a daemon knows the labels of before anything happens
+/// (Prometheus' advice: a query or alert never meets a series that does not exist yet).
+/// `Agent` and `Controller` get their process-wide series; per-target ones come from
+/// [`init_target_series`].
+pub fn init_process_series(exposer: Exposer) {
     use names::*;
-    describe_counter!(
-        MIGRATIONS_TOTAL,
-        Unit::Count,
-        "Migrations run, by target database and outcome."
-    );
-    describe_histogram!(
-        MIGRATION_DURATION_SECONDS,
-        Unit::Seconds,
-        "Wall time of one migration, from first statement to commit or failure."
-    );
-    describe_histogram!(
-        MIGRATION_LOCK_WAIT_SECONDS,
-        Unit::Seconds,
-        "Time a migration spent waiting for its locks."
-    );
-    describe_counter!(
+    if matches!(exposer, Exposer::Agent | Exposer::Cli) {
+        for status in DEPLOYMENT_STATUSES {
+            metrics::counter!(DEPLOYMENTS_TOTAL, "status" => status).absolute(0);
+            // A histogram is listed once registered, with empty buckets.
+            let _ = metrics::histogram!(DEPLOYMENT_DURATION_SECONDS, "status" => status);
+        }
+        for step in DEPLOYMENT_STEPS {
+            metrics::gauge!(DEPLOYMENT_TARGETS, "step" => step).increment(0.0);
+        }
+    }
+    if exposer == Exposer::Controller {
+        metrics::gauge!(AGENTS_CONNECTED).increment(0.0);
+    }
+    if matches!(exposer, Exposer::Agent | Exposer::Controller) {
+        for strategy in ROLLBACK_STRATEGIES {
+            for result in ROLLBACK_RESULTS {
+                for trigger in ROLLBACK_TRIGGERS {
+                    metrics::counter!(ROLLBACKS_TOTAL, "strategy" => strategy, "trigger" => trigger, "result" => result)
+                        .absolute(0);
+                }
+                let _ = metrics::histogram!(ROLLBACK_DURATION_SECONDS, "strategy" => strategy, "result" => result);
+            }
+        }
+        metrics::gauge!(ROLLBACKS_IN_PROGRESS).increment(0.0);
+    }
+}
+
+/// What an agent knows of one of its targets at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct TargetSeries {
+    pub name: String,
+    /// Its configured probes (`[[targets.probes]]`).
+    pub probes: Vec<String>,
+    /// Whether it takes backups, and the newest one on record: (finished, Unix seconds;
+    /// size in bytes).
+    pub backups: Option<Option<(f64, f64)>>,
+}
+
+/// Exposes one target's series at zero (counters), at their known values (the newest
+/// backup) or healthy (probes, not watched yet).
+pub fn init_target_series(t: &TargetSeries) {
+    use names::*;
+    let target = t.name.clone();
+    for status in ["applied", "failed"] {
+        metrics::counter!(MIGRATIONS_TOTAL, "target" => target.clone(), "status" => status)
+            .absolute(0);
+    }
+    let _ = metrics::histogram!(MIGRATION_DURATION_SECONDS, "target" => target.clone());
+    let _ = metrics::histogram!(MIGRATION_LOCK_WAIT_SECONDS, "target" => target.clone());
+    for name in [
         MIGRATION_RETRIES_TOTAL,
-        Unit::Count,
-        "Migration attempts retried after a lock timeout."
-    );
-    describe_counter!(
-        VALIDATION_ERRORS_TOTAL,
-        Unit::Count,
-        "Validation errors found (checksum mismatches, unreadable or conflicting migrations)."
-    );
-    describe_counter!(
-        DEPLOYMENTS_TOTAL,
-        Unit::Count,
-        "Deployments finished, by outcome."
-    );
-    describe_gauge!(
-        AGENTS_CONNECTED,
-        Unit::Count,
-        "Agents currently connected to the controller."
-    );
-    describe_counter!(
-        ROLLBACKS_TOTAL,
-        Unit::Count,
-        "Rollbacks performed, by strategy."
-    );
-    describe_histogram!(
-        BACKUP_DURATION_SECONDS,
-        Unit::Seconds,
-        "Wall time of one pre-migration backup."
-    );
-    describe_gauge!(BACKUP_SIZE_BYTES, Unit::Bytes, "Size of the latest backup.");
-    describe_gauge!(
-        BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS,
-        Unit::Seconds,
-        "Unix time at which the latest successful backup finished."
-    );
-    describe_gauge!(
-        BLOCKED_SESSIONS,
-        Unit::Count,
-        "Sessions waiting for a lock in the target database, by target (agent's last lock sample)."
-    );
-    describe_gauge!(
-        LONGEST_LOCK_WAIT_SECONDS,
-        Unit::Seconds,
-        "The longest lock wait in the target database, by target (agent's last lock sample)."
-    );
-    describe_gauge!(
-        LONG_RUNNING_QUERIES,
-        Unit::Count,
-        "Queries running longer than 5 minutes in the target database, by target (agent's last lock sample)."
-    );
-    describe_gauge!(
-        IDLE_IN_TRANSACTION_SESSIONS,
-        Unit::Count,
-        "Sessions idle in a transaction for over a minute in the target database, by target (agent's last lock sample)."
-    );
-    describe_gauge!(
-        REPLICATION_LAG_BYTES,
-        Unit::Bytes,
-        "Replay lag of the target server's most lagging streaming replica, by target (0 without replicas)."
-    );
-    describe_counter!(
-        LOCK_SAMPLE_FAILURES_TOTAL,
-        Unit::Count,
-        "Lock samples that failed, by target; the lock gauges keep their last values meanwhile."
-    );
-    describe_counter!(
-        PROBE_FAILURES_TOTAL,
-        Unit::Count,
-        "Failed post-deployment health probes."
-    );
-    describe_counter!(
-        PROBE_TRANSITIONS_TOTAL,
-        Unit::Count,
-        "Probe state changes: triggered (failure threshold crossed) and recovered."
-    );
-    describe_counter!(
         LOCK_GUARD_TRIPS_TOTAL,
-        Unit::Count,
-        "Migration statements the lock guard cancelled because application sessions queued behind them longer than max_blocking, by target."
-    );
-    describe_counter!(
-        BACKFILL_ROWS_TOTAL,
-        Unit::Count,
-        "Rows updated by backfill batches, by backfill name."
-    );
-    describe_gauge!(
-        BACKFILL_PROGRESS_RATIO,
-        "Share of the table's rows a backfill has walked (0 to 1), by backfill name."
-    );
-    describe_counter!(
-        BACKFILL_LOCK_RETRIES_TOTAL,
-        Unit::Count,
-        "Backfill batches rolled back and retried after a lock timeout or deadlock."
-    );
+        LOCK_SAMPLE_FAILURES_TOTAL,
+    ] {
+        metrics::counter!(name, "target" => target.clone()).absolute(0);
+    }
+    for kind in ["migrations", "postflight"] {
+        metrics::counter!(VALIDATION_ERRORS_TOTAL, "target" => target.clone(), "kind" => kind)
+            .absolute(0);
+    }
+    for probe in &t.probes {
+        metrics::gauge!(PROBE_HEALTHY, "target" => target.clone(), "probe" => probe.clone())
+            .set(1.0);
+        metrics::counter!(PROBE_FAILURES_TOTAL, "target" => target.clone(), "probe" => probe.clone())
+            .absolute(0);
+        for to in ["triggered", "recovered"] {
+            metrics::counter!(PROBE_TRANSITIONS_TOTAL, "target" => target.clone(), "probe" => probe.clone(), "to" => to)
+                .absolute(0);
+        }
+    }
+    if let Some(newest) = t.backups {
+        let _ = metrics::histogram!(BACKUP_DURATION_SECONDS, "target" => target.clone());
+        metrics::counter!(BACKUP_FAILURES_TOTAL, "target" => target.clone()).absolute(0);
+        let (at, size) = newest.unwrap_or((0.0, 0.0));
+        metrics::gauge!(BACKUP_LAST_SUCCESS_TIMESTAMP_SECONDS, "target" => target.clone()).set(at);
+        metrics::gauge!(BACKUP_SIZE_BYTES, "target" => target).set(size);
+    }
 }
 
 /// Serves `GET /metrics` (Prometheus text exposition format 0.0.4) on `listener` until
@@ -254,6 +597,46 @@ async fn render(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `docs/metrics.md` holds [`markdown_table`] between its markers; run with
+    /// `BELAY_BLESS=1` to rewrite it after changing [`CATALOG`].
+    #[test]
+    fn docs_table_matches_the_catalog() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/metrics.md");
+        let doc = std::fs::read_to_string(&path).expect("docs/metrics.md exists");
+        let (begin, end) = (
+            "<!-- metrics table: begin -->\n",
+            "<!-- metrics table: end -->",
+        );
+        let start = doc.find(begin).expect("begin marker") + begin.len();
+        let stop = doc.find(end).expect("end marker");
+        let table = markdown_table();
+        if std::env::var_os("BELAY_BLESS").is_some() {
+            let updated = format!("{}{table}{}", &doc[..start], &doc[stop..]);
+            std::fs::write(&path, updated).expect("rewrite docs/metrics.md");
+            return;
+        }
+        assert_eq!(
+            doc[start..stop],
+            table,
+            "docs/metrics.md is stale: rerun this test with BELAY_BLESS=1"
+        );
+    }
+
+    #[test]
+    fn catalog_names_are_unique_and_counters_end_in_total() {
+        let mut seen = std::collections::BTreeSet::new();
+        for m in CATALOG {
+            assert!(seen.insert(m.name), "{} listed twice", m.name);
+            assert!(m.name.starts_with("belay_"), "{}", m.name);
+            assert_eq!(
+                m.kind == Kind::Counter,
+                m.name.ends_with("_total"),
+                "{}: counters, and only counters, end in _total",
+                m.name
+            );
+        }
+    }
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     async fn get_metrics(addr: std::net::SocketAddr) -> String {
@@ -306,7 +689,7 @@ mod tests {
             "{response}"
         );
         assert!(
-            response.contains("# HELP belay_migrations_total Migrations run"),
+            response.contains("# HELP belay_migrations_total Migration scripts run"),
             "{response}"
         );
         assert!(

@@ -132,7 +132,6 @@ async fn probe_loop(spec: ProbeSpec, mut prober: Prober, tx: mpsc::Sender<ProbeE
         seq += 1;
         let outcome = prober.attempt(spec.timeout).await;
         let transition = machine.observe(outcome.result);
-        record_metrics(&spec.name, outcome.result, transition);
         let event = ProbeEvent {
             at: chrono::Utc::now(),
             probe: spec.name.clone(),
@@ -156,17 +155,43 @@ async fn probe_loop(spec: ProbeSpec, mut prober: Prober, tx: mpsc::Sender<ProbeE
     }
 }
 
-fn record_metrics(probe: &str, result: ProbeResult, transition: Option<Transition>) {
-    if result.is_failure() {
-        metrics::counter!("belay_probe_failures_total", "probe" => probe.to_string()).increment(1);
+/// Counts one attempt of a target's probe: failures, transitions, and whether it is past
+/// its failure threshold now. Recorded by the health checker that knows the target's name
+/// (`HealthTargets::probe`), where the probe runs.
+pub(crate) fn record_metrics(target: &str, event: &ProbeEvent) {
+    let (target, probe) = (target.to_string(), event.probe.clone());
+    if event.result.is_failure() {
+        metrics::counter!("belay_probe_failures_total", "target" => target.clone(), "probe" => probe.clone())
+            .increment(1);
     }
-    if let Some(t) = transition {
+    if let Some(t) = event.transition {
         let to = match t {
             Transition::Triggered => "triggered",
             Transition::Recovered => "recovered",
         };
-        metrics::counter!("belay_probe_transitions_total", "probe" => probe.to_string(), "to" => to)
+        metrics::counter!("belay_probe_transitions_total", "target" => target.clone(), "probe" => probe.clone(), "to" => to)
             .increment(1);
+    }
+    let healthy = if event.state == crate::ProbeState::Triggered {
+        0.0
+    } else {
+        1.0
+    };
+    metrics::gauge!("belay_probe_healthy", "target" => target, "probe" => probe).set(healthy);
+}
+
+/// Sets `belay_probe_healthy` back to 1 when a watched probe's stream ends or is dropped:
+/// a probe no longer watched is not failing.
+#[derive(Debug)]
+pub(crate) struct WatchedProbe {
+    pub(crate) target: String,
+    pub(crate) probe: String,
+}
+
+impl Drop for WatchedProbe {
+    fn drop(&mut self) {
+        metrics::gauge!("belay_probe_healthy", "target" => self.target.clone(), "probe" => self.probe.clone())
+            .set(1.0);
     }
 }
 
@@ -503,20 +528,40 @@ mod tests {
     #[test]
     fn failures_and_transitions_are_counted_per_probe() {
         let recorder = Lines::default();
+        let event = |result, transition| ProbeEvent {
+            at: chrono::Utc::now(),
+            probe: "api".into(),
+            target: "GET http://x".into(),
+            seq: 1,
+            result,
+            evidence: Default::default(),
+            consecutive_failures: 0,
+            consecutive_successes: 0,
+            failure_threshold: 1,
+            state: crate::ProbeState::Healthy,
+            transition,
+            triggered: false,
+        };
         metrics::with_local_recorder(&recorder, || {
-            record_metrics("api", ProbeResult::Pass, None);
-            record_metrics("api", ProbeResult::Fail, None);
-            record_metrics("api", ProbeResult::Error, Some(Transition::Triggered));
-            record_metrics("api", ProbeResult::Pass, Some(Transition::Recovered));
+            record_metrics("shop", &event(ProbeResult::Pass, None));
+            record_metrics("shop", &event(ProbeResult::Fail, None));
+            record_metrics(
+                "shop",
+                &event(ProbeResult::Error, Some(Transition::Triggered)),
+            );
+            record_metrics(
+                "shop",
+                &event(ProbeResult::Pass, Some(Transition::Recovered)),
+            );
         });
         let lines = recorder.0.lock().expect("lines").clone();
         assert_eq!(
             lines,
             [
-                "belay_probe_failures_total{probe=api} += 1",
-                "belay_probe_failures_total{probe=api} += 1",
-                "belay_probe_transitions_total{probe=api,to=triggered} += 1",
-                "belay_probe_transitions_total{probe=api,to=recovered} += 1",
+                "belay_probe_failures_total{target=shop,probe=api} += 1",
+                "belay_probe_failures_total{target=shop,probe=api} += 1",
+                "belay_probe_transitions_total{target=shop,probe=api,to=triggered} += 1",
+                "belay_probe_transitions_total{target=shop,probe=api,to=recovered} += 1",
             ]
         );
     }
