@@ -16,8 +16,14 @@ pub fn test() -> Result<()> {
     heading("checking other migration tools (for `belay adopt`'s tests)");
     let dbmate = crate::tools::ensure_dbmate()?;
     println!("using {}", dbmate.display());
+    heading("checking the tools that check deploy/ (promtool, amtool, tsc, kubernetes-validate)");
+    let mut tools = crate::monitoring_tools::ensure_all()?;
+    for (_, path) in &tools {
+        println!("using {}", path.display());
+    }
+    tools.push((crate::tools::DBMATE_ENV, dbmate));
     lint()?;
-    let (passed, failed) = run_tests(&dbmate)?;
+    let (passed, failed) = run_tests(&tools)?;
     println!("\nall checks passed");
     // The last line totals every test binary: CI reads it, and the last line cargo
     // itself prints belongs to a doc-test binary with nothing in it.
@@ -25,13 +31,14 @@ pub fn test() -> Result<()> {
     Ok(())
 }
 
-/// `cargo test --workspace`, echoed as it runs, with the `test result:` lines totalled.
-fn run_tests(dbmate: &Path) -> Result<(u64, u64)> {
+/// `cargo test --workspace` with `tools` (environment variable, path) in its environment,
+/// echoed as it runs, with the `test result:` lines totalled.
+fn run_tests(tools: &[(&str, PathBuf)]) -> Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
-        .env(crate::tools::DBMATE_ENV, dbmate)
+        .envs(tools.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped());
     let text = crate::util::describe(&cmd);
     heading(&text);

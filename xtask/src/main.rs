@@ -10,6 +10,7 @@ mod bench_probes;
 mod bench_rollback;
 mod check;
 mod demo;
+mod monitoring_tools;
 mod pg;
 mod tools;
 mod util;
@@ -28,7 +29,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install PostgreSQL if missing, then fmt check, clippy, tidy and `cargo test --workspace`.
+    /// Install PostgreSQL and the checkers of deploy/ if missing, then fmt check, clippy, tidy
+    /// and `cargo test --workspace`.
     Test,
     /// fmt check, clippy (warnings are errors) and the tidy checks.
     Lint,

@@ -71,7 +71,7 @@ fn npm_present() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn ensure_npm() -> Result<()> {
+pub(crate) fn ensure_npm() -> Result<()> {
     if npm_present() {
         return Ok(());
     }

@@ -109,8 +109,9 @@ pub struct TargetConfig {
     pub url_env: Option<String>,
     /// File whose first line is the URL (e.g. a mounted secret).
     pub url_file: Option<PathBuf>,
-    /// The URL itself; keep passwords out of it (use a .pgpass or url_env).
-    pub url: Option<String>,
+    /// The URL itself; keep passwords out of it (use a .pgpass or url_env). Parsed as
+    /// it is read, so `Debug` shows it redacted.
+    pub url: Option<DatabaseUrl>,
     /// Migrations directory, relative to this file.
     pub migrations: PathBuf,
     pub environment: Option<String>,
@@ -259,7 +260,14 @@ pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read agent config {}", path.display()))?;
     let mut config: AgentConfig =
-        toml::from_str(&text).map_err(|e| anyhow!("agent config {}: {e}", path.display()))?;
+        // The parser's message quotes the offending line, which may be a `url =` line.
+        toml::from_str(&text).map_err(|e| {
+            anyhow!(
+                "agent config {}: {}",
+                path.display(),
+                belay_core::redact_url(&e.to_string())
+            )
+        })?;
     let base = path.parent().unwrap_or(Path::new("."));
     if let Some(tls) = &mut config.tls {
         tls.ca = base.join(&tls.ca);
@@ -309,7 +317,7 @@ fn load_target(
                 .ok_or_else(|| anyhow!("url_file {} is empty", file.display()))?
                 .to_string()
         }
-        (None, None, Some(url)) => url.clone(),
+        (None, None, Some(url)) => url.expose().to_string(),
         _ => bail!("give exactly one of url_env, url_file or url"),
     };
     let url = DatabaseUrl::parse(&raw).map_err(|e| anyhow!("{e}"))?;
@@ -424,6 +432,13 @@ mod tests {
         assert_eq!(targets[0].spec.exec.max_blocking.as_millis(), 500);
         // The password read from url_file never shows in Debug output. (Matched with its
         // delimiters: the temp dir's random name may contain the letters "pw".)
+        let (cfg_pw, _) = load(&write(
+            "[[targets]]\nname = \"x\"\nurl = \"postgres://a:sec@r3t@db/shop\"\nmigrations = \"m\"\n",
+        ))
+        .unwrap();
+        let shown = format!("{:?}", cfg_pw.targets[0]);
+        assert!(!shown.contains("sec@r3t"), "{shown}");
+        assert!(shown.contains("postgres://a:***@db/shop"), "{shown}");
         let shown = format!("{:?}", targets[0].spec);
         assert!(!shown.contains(":pw@"), "{shown}");
         assert!(shown.contains("app:***@db"), "{shown}");
@@ -525,6 +540,12 @@ mod tests {
                 "[[targets]]\nname = \"x\"\nurl = \"mysql://a:secret@b/c\"\nmigrations = \"m\"\n",
                 "unsupported database URL scheme",
             ),
+            // A TOML error quoting a `url =` line: a password with unescaped
+            // delimiters stays hidden, and so does the whole target in Debug.
+            (
+                "[[targets]]\nname = \"x\"\nurl = \"postgres://a:sec/r?e#t@secret@b/c\" oops\nmigrations = \"m\"\n",
+                "TOML parse error",
+            ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n",
                 "listed twice",
@@ -552,7 +573,7 @@ mod tests {
         ] {
             let err = format!("{:#}", load(&write(body)).unwrap_err());
             assert!(err.contains(want), "{body}: {err}");
-            assert!(!err.contains("secret"), "{err}");
+            assert!(!err.contains("secret") && !err.contains("sec/r"), "{err}");
         }
     }
 }

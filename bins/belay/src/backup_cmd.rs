@@ -98,15 +98,27 @@ pub enum BackupCommand {
         /// Skip the backup of the current state taken before an in-place restore
         #[arg(long)]
         no_emergency_backup: bool,
+        /// Restore --tables in place from a backup of another schema version than the
+        /// database's: allowed only for tables whose columns are the same now as in the
+        /// backup (so history stays true); without it such a restore is refused (exit 2)
+        #[arg(long)]
+        across_versions: bool,
     },
-    /// Delete old backups, keeping the newest N verified ones (and always the newest
-    /// verified one)
+    /// Delete old backups, kind by kind (pre-deployment, pre-undo snapshot, emergency,
+    /// manual): of each, keep the newest N verified ones (and always the newest verified
+    /// one). Backups of unfinished deployments are kept, and so is every pre-undo snapshot
+    /// holding a table or column the database no longer has, unless --force
     Prune {
+        /// How many verified backups of each kind to keep
         #[arg(long, value_name = "N")]
         keep: usize,
         /// Only say what would be deleted
         #[arg(long)]
         dry_run: bool,
+        /// Also delete pre-undo snapshots holding data the database no longer has (often
+        /// the only copy of what an undo dropped)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -437,25 +449,22 @@ pub async fn run(
                 Output::Text if entries.is_empty() => println!("no backups of {target}"),
                 Output::Text => {
                     println!(
-                        "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} label",
-                        "id", "created", "format", "scope", "size", "verified"
+                        "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} {:<13} label",
+                        "id", "created", "format", "scope", "size", "verified", "restore-test"
                     );
+                    let yes_no = |b: bool| if b { "yes" } else { "no" };
                     for e in &entries {
                         let (format, _) = format_json(&e.format);
                         println!(
-                            "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} {}",
+                            "{:<28} {:<20} {:<10} {:<12} {:>10}  {:<9} {:<13} {}",
                             e.id,
                             e.created_at.format("%Y-%m-%d %H:%M:%S"),
                             format,
                             e.scope.name(),
                             human_bytes(e.size),
-                            if e.restore_tested {
-                                "restored"
-                            } else if e.verified {
-                                "yes"
-                            } else {
-                                "no"
-                            },
+                            yes_no(e.verified),
+                            // Passed a restore into a scratch database, besides the checksums.
+                            yes_no(e.restore_tested),
                             e.label.as_deref().unwrap_or("")
                         );
                     }
@@ -497,6 +506,7 @@ pub async fn run(
             into,
             force,
             no_emergency_backup,
+            across_versions,
         } => {
             let req = RestoreRequest {
                 tables: (!tables.is_empty()).then(|| tables.clone()),
@@ -504,6 +514,7 @@ pub async fn run(
                 force: *force,
                 emergency_backup: !no_emergency_backup,
                 keep_history: false,
+                across_versions: *across_versions,
             };
             let report = api.restore(target, id, &req, progress).await?;
             match out {
@@ -544,11 +555,16 @@ pub async fn run(
                 exit::FAILED
             })
         }
-        BackupCommand::Prune { keep, dry_run } => {
+        BackupCommand::Prune {
+            keep,
+            dry_run,
+            force,
+        } => {
             let req = PruneRequest {
                 keep: *keep,
                 dry_run: *dry_run,
                 protect: Vec::new(),
+                force: *force,
             };
             let report = api.prune(target, &req).await?;
             match out {

@@ -272,8 +272,10 @@ pub enum Command {
     },
     /// Remote mode: agents registered with the controller and their targets
     Agents,
-    /// Backups of the database with pg_dump: create, list, verify, restore, prune (local
-    /// mode; kept under --backup-dir)
+    /// Backups of the database with pg_dump: create, list, verify, restore, prune. Every
+    /// subcommand works in both modes: locally the catalog is under --backup-dir; with
+    /// --controller it is the agent's, beside the database (the target's backup_dir in
+    /// agent.toml), and dumps never cross the network
     Backup {
         #[command(subcommand)]
         command: crate::backup_cmd::BackupCommand,
@@ -503,7 +505,9 @@ pub enum CheckCommand {
     },
     /// After a migration: history, verify.sql of applied migrations, invalid indexes,
     /// NOT VALID constraints, [[checks]] assertions and [[smoke]] queries; exit 2 when any
-    /// blocks
+    /// blocks. A [[smoke]] query passes when it succeeds and returns at least one row
+    /// (zero rows block unless it sets allow_no_rows = true); a query that must return no
+    /// rows or a value is a [[checks]] assertion with `expect`
     Postflight,
 }
 

@@ -6,12 +6,24 @@ use belay_core::{DatabaseUrl, parse_duration};
 use belay_migrate::ExecConfig;
 use std::path::{Path, PathBuf};
 
+/// `belay.toml`'s `url`, kept as written (it is parsed only when no flag or environment
+/// variable overrides it) and shown redacted by `Debug`.
+#[derive(Default, serde::Deserialize)]
+#[serde(transparent)]
+pub struct FileUrl(pub String);
+
+impl std::fmt::Debug for FileUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileUrl({})", belay_core::redact_url(&self.0))
+    }
+}
+
 /// `belay.toml`. Unknown keys are errors: a misspelt setting silently ignored is a
 /// setting that does not protect you.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    pub url: Option<String>,
+    pub url: Option<FileUrl>,
     pub url_file: Option<PathBuf>,
     pub dir: Option<PathBuf>,
     pub history_schema: Option<String>,
@@ -217,7 +229,14 @@ pub fn load_file(cli: &Cli) -> Result<FileConfig> {
         }
         Err(e) => return Err(anyhow!("cannot read config {}: {e}", path.display())),
     };
-    toml::from_str(&text).map_err(|e| anyhow!("config {}: {e}", path.display()))
+    // The parser's message quotes the offending line, which may be a `url =` line.
+    toml::from_str(&text).map_err(|e| {
+        anyhow!(
+            "config {}: {}",
+            path.display(),
+            belay_core::redact_url(&e.to_string())
+        )
+    })
 }
 
 fn duration(flag: &str, v: &str) -> Result<std::time::Duration> {
@@ -243,7 +262,7 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
     } else if let Ok(u) = std::env::var("DATABASE_URL") {
         Some(u)
     } else if let Some(u) = &file.url {
-        Some(u.clone())
+        Some(u.0.clone())
     } else if let Some(p) = &file.url_file {
         Some(read_url_file(p)?)
     } else {
@@ -352,4 +371,18 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
             .unwrap_or_else(|| PathBuf::from("migrations")),
         exec,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_url_is_redacted_in_debug() {
+        let file: FileConfig =
+            toml::from_str("url = \"postgres://app:s3c/r@t@db/shop\"\n").unwrap();
+        let shown = format!("{file:?}");
+        assert!(!shown.contains("s3c/r@t"), "{shown}");
+        assert!(shown.contains("postgres://app:***@db/shop"), "{shown}");
+    }
 }

@@ -163,12 +163,39 @@ fn an_undo_dropping_a_column_leaves_a_snapshot_that_restores_the_data() {
     );
     assert_eq!(e["verified"], true);
 
-    // The column's data comes back from the snapshot.
-    let r = belay_b_ok(
+    // Put back as it is, customers would have its email column again while history says
+    // V2 is undone: refused, naming both schema versions.
+    let r = belay_b(
         &db.url,
         dir.path(),
         b.path(),
         &["backup", "restore", &snapshot, "--tables", "customers"],
+    );
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("schema version 3") && r.stderr.contains("at 1 now"),
+        "{r:?}"
+    );
+    // The honest way back: re-apply V2 (the column, empty), then the column's data comes
+    // back from the snapshot, the table's shape being the same as then.
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--to", "2", "--backup", "none"],
+    );
+    let r = belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &[
+            "backup",
+            "restore",
+            &snapshot,
+            "--tables",
+            "customers",
+            "--across-versions",
+        ],
     );
     assert!(r.stdout.contains("restored table(s)"), "{r:?}");
     let after = psql(
@@ -465,7 +492,9 @@ fn prune_keeps_the_backup_of_an_unfinished_deployment_until_it_is_repaired() {
             .any(|e| e["id"] == pre.as_str())
     );
 
-    // Once repaired, the deployment is settled and its backup is ordinary again.
+    // Once repaired, the deployment is settled and its backup is ordinary again: the
+    // newest verified pre-deployment backup, kept as such (retention counts each kind on
+    // its own, so the newer manual backups do not push it out).
     belay_b_ok(&db.url, dir.path(), b.path(), &["repair"]);
     let p = belay_b_ok(
         &db.url,
@@ -474,8 +503,15 @@ fn prune_keeps_the_backup_of_an_unfinished_deployment_until_it_is_repaired() {
         &["backup", "prune", "--keep", "0", "--output", "json"],
     )
     .json();
-    assert_eq!(p["deleted"][0]["id"], pre.as_str(), "{p}");
-    assert_eq!(list(&db.url, dir.path(), b.path()).len(), 1);
+    assert_eq!(p["deleted"], serde_json::json!([]), "{p}");
+    let kept = p["kept"]
+        .as_array()
+        .expect("kept")
+        .iter()
+        .find(|k| k["id"] == pre.as_str())
+        .unwrap_or_else(|| panic!("{p}"));
+    assert_eq!(kept["reason"], "latest_verified", "{p}");
+    assert_eq!(list(&db.url, dir.path(), b.path()).len(), 2);
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //!
 //! Retention here is safer than [`Catalog::prune`] alone: before deleting anything it reads
 //! the target's history and protects the backup of every deployment that is not finished,
-//! so a rollback never finds its backup pruned.
+//! so a rollback never finds its backup pruned, and (unless forced) every pre-undo snapshot
+//! holding a table or column the database no longer has.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -35,6 +36,10 @@ pub struct PruneRequest {
     pub dry_run: bool,
     /// Backup ids the caller needs kept (the controller's unfinished deployments).
     pub protect: Vec<String>,
+    /// Also delete pre-undo snapshots that hold data no longer in the database (tables or
+    /// columns an undo dropped); without it they are kept whatever `keep` says.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// Backups of named targets, in-process or remote alike.
@@ -256,6 +261,11 @@ impl BackupApi for LocalBackups {
             for id in &req.protect {
                 notes.entry(id.clone()).or_insert(None);
             }
+            if !req.force {
+                for (id, note) in holding_lost_data(url, target, &catalog.manifests()?).await? {
+                    notes.entry(id).or_insert(Some(note));
+                }
+            }
             let protect: Vec<String> = notes.keys().cloned().collect();
             let mut report = catalog.prune(req.keep, &protect, req.dry_run)?;
             for kept in &mut report.kept {
@@ -282,6 +292,60 @@ impl BackupApi for LocalBackups {
             .instrument(info_span!("backup_snapshot_tables", target))
             .await?)
     }
+}
+
+/// Pre-undo snapshots that hold data the database no longer has — a table or a column
+/// of theirs is gone (or changed type) — with what is gone: often the only copy of the
+/// data an undo dropped, so `prune` keeps them unless forced. A snapshot whose manifest
+/// predates column recording is kept too: belay cannot tell.
+async fn holding_lost_data(
+    url: &DatabaseUrl,
+    target: &str,
+    manifests: &[Manifest],
+) -> Result<Vec<(String, String)>, BackupError> {
+    let snapshots: Vec<&Manifest> = manifests
+        .iter()
+        .filter(|m| m.kind() == crate::model::BackupKind::PreUndo)
+        .collect();
+    if snapshots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = db::connect(url, target).await?;
+    let mut out = Vec::new();
+    for m in snapshots {
+        let mut gone = Vec::new();
+        for t in &m.tables {
+            let now = conn.columns(&t.schema, &t.name).await?;
+            match &t.columns {
+                _ if now.is_empty() => gone.push(format!("table {} is gone", t.qualified())),
+                None => gone.push(format!(
+                    "{} may have lost columns (the snapshot predates column recording)",
+                    t.qualified()
+                )),
+                Some(then) => {
+                    let lost: Vec<&str> = then
+                        .iter()
+                        .filter(|c| !now.contains(c))
+                        .map(String::as_str)
+                        .collect();
+                    if !lost.is_empty() {
+                        gone.push(format!("{} lost ({})", t.qualified(), lost.join(", ")));
+                    }
+                }
+            }
+        }
+        if !gone.is_empty() {
+            out.push((
+                m.id.clone(),
+                format!(
+                    "holds data no longer in the database: {}; `backup prune --force` deletes it anyway",
+                    gone.join("; ")
+                ),
+            ));
+        }
+    }
+    db::close(conn).await;
+    Ok(out)
 }
 
 /// One history row, as retention reads it.

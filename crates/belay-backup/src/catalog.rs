@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 
 use crate::BackupError;
 use crate::files::{MANIFEST, read_manifest};
-use crate::model::{CatalogEntry, KeepReason, KeptBackup, Manifest, PruneReport};
+use crate::model::{BackupKind, CatalogEntry, KeepReason, KeptBackup, Manifest, PruneReport};
 
 pub(crate) const PARTIAL_SUFFIX: &str = ".partial";
 /// A `.partial` directory older than this belongs to a run that died; prune removes it.
@@ -93,6 +93,24 @@ impl Catalog {
         Ok(entries)
     }
 
+    /// Complete backups' manifests, newest first.
+    pub fn manifests(&self) -> Result<Vec<Manifest>, BackupError> {
+        let mut out: Vec<Manifest> = self
+            .scan()?
+            .into_iter()
+            .filter_map(|slot| match slot {
+                Slot::Complete(m, _) => Some(*m),
+                Slot::Incomplete(..) => None,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| b.id.cmp(&a.id))
+        });
+        Ok(out)
+    }
+
     /// The manifest of backup `id`.
     pub fn get(&self, id: &str) -> Result<Manifest, BackupError> {
         let dir = self.backup_dir(id)?;
@@ -130,11 +148,14 @@ impl Catalog {
             .collect())
     }
 
-    /// Retention. Keeps the newest `keep` verified backups, the newest verified backup even
-    /// when `keep` is 0, every id in `protect`, and unverified backups newer than every
-    /// verified one (nothing supersedes them yet). Deletes the rest, and incomplete backups
-    /// (a `.partial` directory only once abandoned for hours, so a running backup is safe).
-    /// With `dry_run` nothing is deleted; the report says what would be.
+    /// Retention, kind by kind ([`BackupKind`]: pre-deployment, pre-undo snapshot,
+    /// emergency, manual — so emergency backups never push a deployment's backup or an
+    /// undo's snapshot out): of each kind it keeps the newest `keep` verified backups, the
+    /// newest verified one even when `keep` is 0, and unverified backups newer than every
+    /// verified one of their kind (nothing supersedes them yet); and every id in `protect`.
+    /// Deletes the rest, and incomplete backups (a `.partial` directory only once abandoned
+    /// for hours, so a running backup is safe). With `dry_run` nothing is deleted; the
+    /// report says what would be.
     pub fn prune(
         &self,
         keep: usize,
@@ -142,9 +163,19 @@ impl Catalog {
         dry_run: bool,
     ) -> Result<PruneReport, BackupError> {
         let entries = self.list()?;
-        let flags: Vec<(String, bool)> =
-            entries.iter().map(|e| (e.id.clone(), e.verified)).collect();
-        let decisions = plan_prune(&flags, keep, protect);
+        let kinds: std::collections::HashMap<String, BackupKind> = self
+            .manifests()?
+            .into_iter()
+            .map(|m| (m.id.clone(), m.kind()))
+            .collect();
+        let flags: Vec<(String, bool, BackupKind)> = entries
+            .iter()
+            .map(|e| {
+                let kind = kinds.get(&e.id).copied().unwrap_or(BackupKind::Manual);
+                (e.id.clone(), e.verified, kind)
+            })
+            .collect();
+        let decisions = plan_prune_by_kind(&flags, keep, protect);
         let mut report = PruneReport {
             target: self.target.clone(),
             dry_run,
@@ -248,6 +279,30 @@ fn remove_backup_dir(path: &Path) -> Result<(), BackupError> {
     std::fs::remove_dir_all(path).map_err(BackupError::io("could not delete", path))
 }
 
+/// For `(id, verified, kind)` newest first: [`plan_prune`] within each kind.
+pub(crate) fn plan_prune_by_kind(
+    backups: &[(String, bool, BackupKind)],
+    keep: usize,
+    protect: &[String],
+) -> Vec<Option<KeepReason>> {
+    let mut out = vec![None; backups.len()];
+    let mut kinds: Vec<BackupKind> = backups.iter().map(|b| b.2).collect();
+    kinds.sort();
+    kinds.dedup();
+    for kind in kinds {
+        let (at, of_kind): (Vec<usize>, Vec<(String, bool)>) = backups
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.2 == kind)
+            .map(|(i, b)| (i, (b.0.clone(), b.1)))
+            .unzip();
+        for (i, decision) in at.into_iter().zip(plan_prune(&of_kind, keep, protect)) {
+            out[i] = decision;
+        }
+    }
+    out
+}
+
 /// For `(id, verified)` newest first: why each is kept, or `None` to delete it.
 pub(crate) fn plan_prune(
     backups: &[(String, bool)],
@@ -334,6 +389,21 @@ mod tests {
                 None,
                 None
             ]
+        );
+        // Each kind by its own count: two emergency backups do not push out the undo's
+        // snapshot or the deployment's backup.
+        use BackupKind::*;
+        let mixed = [
+            ("e2", true, Emergency),
+            ("e1", true, Emergency),
+            ("d2", true, PreDeployment),
+            ("d1", true, PreDeployment),
+            ("u1", true, PreUndo),
+        ]
+        .map(|(id, v, k)| (id.to_owned(), v, k));
+        assert_eq!(
+            plan_prune_by_kind(&mixed, 1, &[]),
+            [Some(Retained), None, Some(Retained), None, Some(Retained)]
         );
         // Nothing verified: nothing supersedes anything, nothing is deleted.
         let unverified = [b("2", false), b("1", false)];

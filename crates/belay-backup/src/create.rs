@@ -13,7 +13,7 @@ use crate::catalog::{PARTIAL_SUFFIX, new_id};
 use crate::db::{self, qualified};
 use crate::files::{describe_files, size_of, write_manifest};
 use crate::model::{
-    BackupFormat, BackupRequest, BackupScope, Manifest, Operation, Progress, TableCount,
+    BackupFormat, BackupKind, BackupRequest, BackupScope, Manifest, Operation, Progress, TableCount,
 };
 use crate::proc::{is_disk_full, run_watched, table_of_line};
 use crate::tools::{ChildConn, stderr_summary};
@@ -53,11 +53,30 @@ impl Drop for RemoveOnDrop {
 impl BackupManager {
     /// Backs up the database at `url` as backup of `target`, into `<root>/<target>/<id>/`.
     /// On any failure the partial backup is removed and the catalog is unchanged.
+    ///
+    /// The manifest's kind is pre-deployment when the request names a deployment,
+    /// manual otherwise; belay's own snapshots and emergency backups record theirs.
     pub async fn create(
         &self,
         url: &DatabaseUrl,
         target: &str,
         req: &BackupRequest,
+        progress: ProgressFn<'_>,
+    ) -> Result<Manifest, BackupError> {
+        let kind = if req.deployment_id.is_some() {
+            BackupKind::PreDeployment
+        } else {
+            BackupKind::Manual
+        };
+        self.create_kind(url, target, req, kind, progress).await
+    }
+
+    pub(crate) async fn create_kind(
+        &self,
+        url: &DatabaseUrl,
+        target: &str,
+        req: &BackupRequest,
+        kind: BackupKind,
         progress: ProgressFn<'_>,
     ) -> Result<Manifest, BackupError> {
         let started = Instant::now();
@@ -107,7 +126,8 @@ impl BackupManager {
             BackupScope::Full | BackupScope::SchemaOnly => db.user_tables().await?,
             BackupScope::Tables(names) => db.resolve_tables(names).await?,
         };
-        let schema_version = db.schema_version(&self.history_schema).await?;
+        let applied_versions = db.applied_versions(&self.history_schema).await?;
+        let schema_version = applied_versions.last().cloned();
 
         let created_at = Utc::now();
         let id = new_id(created_at);
@@ -212,6 +232,7 @@ impl BackupManager {
                     schema: schema.clone(),
                     name: name.clone(),
                     rows,
+                    columns: Some(db.columns(schema, name).await?),
                 });
             }
             Ok::<_, BackupError>(counts)
@@ -274,6 +295,8 @@ impl BackupManager {
             server_version_num,
             pg_dump_version: runner.tools.pg_dump_version.clone(),
             schema_version,
+            applied_versions,
+            kind: Some(kind),
             format: req.format,
             scope: req.scope.clone(),
             snapshot: Some(snapshot),

@@ -146,9 +146,25 @@ impl Db<'_> {
         Ok(row.get::<i64, _>(0))
     }
 
-    /// The latest applied version according to `<schema>.schema_history`, `None` if the
-    /// table does not exist (or does not look like a history table).
-    pub async fn schema_version(&mut self, schema: &str) -> Result<Option<String>, BackupError> {
+    /// A table's columns, `name type` in column order (empty when it does not exist).
+    pub async fn columns(&mut self, schema: &str, name: &str) -> Result<Vec<String>, BackupError> {
+        let err = self.err(format!("reading the columns of {schema}.{name}"));
+        let rows = sqlx::query(
+            "SELECT a.attname::text || ' ' || format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+        )
+        .bind(qualified(schema, name))
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(err)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Every version applied according to `<schema>.schema_history`, in version order;
+    /// empty if the table does not exist (or does not look like a history table).
+    pub async fn applied_versions(&mut self, schema: &str) -> Result<Vec<String>, BackupError> {
         let table = qualified(schema, "schema_history");
         let err = self.err("looking for the schema history");
         let exists: bool = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
@@ -158,7 +174,7 @@ impl Db<'_> {
             .map_err(err)?
             .get(0);
         if !exists {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let sql = format!(
             "SELECT version, type, success FROM {table} WHERE version IS NOT NULL ORDER BY installed_rank"
@@ -170,7 +186,7 @@ impl Db<'_> {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "{table} is not a belay history table; schema version unknown");
-                return Ok(None);
+                return Ok(Vec::new());
             }
         };
         let history = rows.iter().map(|r| {
@@ -180,13 +196,13 @@ impl Db<'_> {
                 r.get::<bool, _>(2),
             )
         });
-        Ok(latest_applied(history))
+        Ok(applied(history))
     }
 }
 
-/// From history rows in `installed_rank` order: the highest version whose latest successful
-/// row applied it (an `UNDO_SQL` row undoes it).
-pub(crate) fn latest_applied(rows: impl Iterator<Item = (String, String, bool)>) -> Option<String> {
+/// From history rows in `installed_rank` order: the versions whose latest successful row
+/// applied them (an `UNDO_SQL` row undoes one), in version order.
+pub(crate) fn applied(rows: impl Iterator<Item = (String, String, bool)>) -> Vec<String> {
     let mut state: Vec<(String, bool)> = Vec::new();
     for (version, ty, success) in rows {
         if !success {
@@ -198,12 +214,13 @@ pub(crate) fn latest_applied(rows: impl Iterator<Item = (String, String, bool)>)
             None => state.push((version, applied)),
         }
     }
-    state
+    let mut out: Vec<(belay_core::Version, String)> = state
         .into_iter()
         .filter(|(_, applied)| *applied)
         .filter_map(|(v, _)| belay_core::Version::parse(&v).ok().map(|p| (p, v)))
-        .max_by(|a, b| a.0.cmp(&b.0))
-        .map(|(_, v)| v)
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.into_iter().map(|(_, v)| v).collect()
 }
 
 pub(crate) async fn close(db: Db<'_>) {
@@ -225,7 +242,7 @@ mod tests {
             ("3", "UNDO_SQL", true),
         ]
         .map(|(v, t, s)| (v.to_owned(), t.to_owned(), s));
-        assert_eq!(latest_applied(rows.into_iter()).as_deref(), Some("1.10"));
-        assert_eq!(latest_applied(std::iter::empty()), None);
+        assert_eq!(applied(rows.into_iter()), ["1", "1.9", "1.10"]);
+        assert!(applied(std::iter::empty()).is_empty());
     }
 }

@@ -155,6 +155,47 @@ pub enum BackupError {
     )]
     DatabaseExists { target: String, name: String },
 
+    #[error(
+        "backup {id} of target {target} was taken at schema version {backup_version}; the \
+         database is at {current_version} now: restoring {tables} in place would put back \
+         definitions the migrations since may have changed, while history says they are \
+         applied. Undo to {backup_version} first (`belay undo --to {backup_version}`), restore into a new database (--into NAME) and \
+         copy what you need, or pass --across-versions to restore tables whose definition has \
+         not changed since"
+    )]
+    SchemaVersionMismatch {
+        target: String,
+        id: String,
+        backup_version: String,
+        current_version: String,
+        tables: String,
+    },
+
+    #[error(
+        "refusing to restore from backup {id} of target {target} across schema versions \
+         ({backup_version} then, {current_version} now): {changes}; history would say the \
+         migrations since are applied to tables that no longer have their effects. Undo to \
+         {backup_version} first (`belay undo --to {backup_version}`), or restore into a new database (--into NAME) and copy the rows"
+    )]
+    TableChangedSince {
+        target: String,
+        id: String,
+        backup_version: String,
+        current_version: String,
+        changes: String,
+    },
+
+    #[error(
+        "restoring backup {id} of target {target} into new database {name} failed: {source}; {cleanup}"
+    )]
+    IntoFailed {
+        target: String,
+        id: String,
+        name: String,
+        source: Box<BackupError>,
+        cleanup: String,
+    },
+
     #[error("invalid request: {0}")]
     Invalid(String),
 }
@@ -171,7 +212,10 @@ impl BackupError {
             | VerificationFailed { .. }
             | DatabaseExists { .. }
             | TableHasDependents { .. }
+            | SchemaVersionMismatch { .. }
+            | TableChangedSince { .. }
             | ToolsNotFound { .. } => ErrorKind::FailedPrecondition,
+            IntoFailed { source, .. } => source.kind(),
             Connect { .. } => ErrorKind::Unavailable,
             DiskFull { .. } | SizeLimit { .. } => ErrorKind::ResourceExhausted,
             Database { .. } | ToolFailed { .. } | Io { .. } | ManifestInvalid { .. } => {

@@ -34,9 +34,9 @@ pub use api::{BackupApi, LocalBackups, ProgressSink, PruneRequest};
 pub use catalog::{Catalog, new_id, validate_name};
 pub use error::{BackupError, ErrorKind};
 pub use model::{
-    BackupFormat, BackupRequest, BackupScope, CatalogEntry, FileEntry, KeepReason, KeptBackup,
-    Manifest, Operation, Progress, PruneReport, RestoreReport, RestoreRequest, RestoreTestReport,
-    TableCheck, TableCount, VerifyProblem, VerifyReport,
+    BackupFormat, BackupKind, BackupRequest, BackupScope, CatalogEntry, FileEntry, KeepReason,
+    KeptBackup, Manifest, Operation, Progress, PruneReport, RestoreReport, RestoreRequest,
+    RestoreTestReport, TableCheck, TableCount, VerifyProblem, VerifyReport,
 };
 pub use tools::{CommandHook, CommandLine, PgTools, parse_version_num};
 
@@ -174,7 +174,9 @@ impl BackupManager {
             label: Some(reason.to_owned()),
             deployment_id: None,
         };
-        let manifest = self.create(url, target, &req, &|_| {}).await?;
+        let manifest = self
+            .create_kind(url, target, &req, model::BackupKind::PreUndo, &|_| {})
+            .await?;
         let report = self.verify(target, &manifest.id, None).await?;
         if !report.ok {
             return Err(BackupError::VerificationFailed {

@@ -95,7 +95,51 @@ pub struct TableCount {
     pub schema: String,
     pub name: String,
     pub rows: Option<i64>,
+    /// Its columns in the snapshot, `name type` in column order (absent in older
+    /// manifests): what tells whether the database still holds what the backup holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
 }
+
+/// Why a backup was taken, which decides how long retention keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupKind {
+    /// Taken before a deployment migrated (`deployment_id` set).
+    PreDeployment,
+    /// The tables an undo was about to drop data from (`snapshot_tables`): often the
+    /// only copy of that data.
+    PreUndo,
+    /// What a restore in place was about to overwrite.
+    Emergency,
+    /// Asked for by someone (`backup create`).
+    Manual,
+}
+
+impl BackupKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackupKind::PreDeployment => "pre_deployment",
+            BackupKind::PreUndo => "pre_undo",
+            BackupKind::Emergency => "emergency",
+            BackupKind::Manual => "manual",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BackupKind> {
+        [
+            BackupKind::PreDeployment,
+            BackupKind::PreUndo,
+            BackupKind::Emergency,
+            BackupKind::Manual,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+    }
+}
+
+/// The label an emergency backup gets; older manifests are recognised by it.
+pub(crate) const EMERGENCY_LABEL: &str = "emergency backup before restoring";
 
 impl TableCount {
     /// `schema.name`, as people write it (unquoted).
@@ -123,8 +167,15 @@ pub struct Manifest {
     pub server_version_num: u32,
     /// `pg_dump --version`.
     pub pg_dump_version: String,
-    /// Latest version applied according to `belay.schema_history`, if that table exists.
+    /// Latest version applied according to `belay.schema_history`, if that table exists
+    /// (`None` also when it exists with nothing applied).
     pub schema_version: Option<String>,
+    /// Every version applied then, in version order (absent in older manifests).
+    #[serde(default)]
+    pub applied_versions: Vec<String>,
+    /// Why it was taken (absent in older manifests: see [`Manifest::kind`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<BackupKind>,
     pub format: BackupFormat,
     pub scope: BackupScope,
     /// The snapshot the dump and the row counts were taken in (`pg_export_snapshot()`).
@@ -144,6 +195,27 @@ pub struct Manifest {
 impl Manifest {
     pub fn total_size(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Why it was taken: as recorded, or, for a manifest written before kinds were,
+    /// read from what it carries (a deployment id, the emergency label, a tables backup
+    /// labelled for an undo).
+    pub fn kind(&self) -> BackupKind {
+        self.kind
+            .unwrap_or_else(|| infer_kind(self.deployment_id, self.label.as_deref(), &self.scope))
+    }
+}
+
+fn infer_kind(deployment: Option<Uuid>, label: Option<&str>, scope: &BackupScope) -> BackupKind {
+    let label = label.unwrap_or_default();
+    if label.starts_with(EMERGENCY_LABEL) {
+        BackupKind::Emergency
+    } else if matches!(scope, BackupScope::Tables(_)) && label.contains("undo") {
+        BackupKind::PreUndo
+    } else if deployment.is_some() {
+        BackupKind::PreDeployment
+    } else {
+        BackupKind::Manual
     }
 }
 
@@ -325,9 +397,16 @@ pub struct RestoreRequest {
     pub emergency_backup: bool,
     /// A full restore in place leaves belay's history schema (history table, deployment
     /// log) as it is now instead of putting back the backup's copy: a rollback restores
-    /// around its own record, then marks the deployment's migrations reverted.
+    /// around its own record, then marks the deployment's migrations reverted. For a table
+    /// restore it means the same caller: the schema-version check (`across_versions`) is
+    /// skipped, since returning the tables to the backup's version is the point.
     #[serde(default)]
     pub keep_history: bool,
+    /// A table restore in place from a backup of another schema version than the
+    /// database's: allowed only for tables whose columns are the same now as in the backup
+    /// (so history stays true); without it such a restore is refused naming both versions.
+    #[serde(default)]
+    pub across_versions: bool,
 }
 
 impl RestoreRequest {

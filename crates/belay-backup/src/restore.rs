@@ -14,13 +14,21 @@ use sqlx::Row;
 
 use crate::db::{self, qualified, quote_ident};
 use crate::model::{
-    BackupFormat, BackupRequest, BackupScope, Manifest, Operation, Progress, RestoreReport,
-    RestoreRequest, TableCheck,
+    BackupFormat, BackupKind, BackupRequest, BackupScope, EMERGENCY_LABEL, Manifest, Operation,
+    Progress, RestoreReport, RestoreRequest, TableCheck, VerifyReport,
 };
 use crate::proc::{run_watched, table_of_line};
 use crate::tools::{ChildConn, Runner, stderr_summary};
 use crate::verify::{create_schemas, url_with_database};
 use crate::{BackupError, BackupManager, ProgressFn};
+
+/// Where a restore goes.
+struct Dest {
+    url: DatabaseUrl,
+    /// Its database name, for the report.
+    database: String,
+    in_place: bool,
+}
 
 impl BackupManager {
     /// Restores backup `id` of `target` into the database at `url` (or, with `req.into`, into
@@ -33,7 +41,10 @@ impl BackupManager {
     /// A table restore replaces only the named tables (definition, data, indexes,
     /// constraints, triggers, owned sequences) in one transaction; foreign keys of other
     /// tables pointing at them are dropped and re-added (validated) around it, and the
-    /// restore is refused if views depend on them.
+    /// restore is refused if views depend on them, and — when the backup is of another
+    /// schema version than the database — unless `req.across_versions` and the tables'
+    /// columns are the same now as then. A restore into a new database that fails drops
+    /// that database again.
     pub async fn restore(
         &self,
         url: &DatabaseUrl,
@@ -42,12 +53,7 @@ impl BackupManager {
         req: &RestoreRequest,
         progress: ProgressFn<'_>,
     ) -> Result<RestoreReport, BackupError> {
-        let started = Instant::now();
-        let catalog = self.catalog(target)?;
-        let manifest = catalog.get(id)?;
-        let dir = catalog.backup_dir(id)?;
-        let runner = self.runner().await?;
-
+        let manifest = self.catalog(target)?.get(id)?;
         let verification = self.verify(target, id, None).await?;
         if !verification.ok && !req.force {
             return Err(BackupError::VerificationFailed {
@@ -61,15 +67,181 @@ impl BackupManager {
             None => None,
         };
 
+        // A rollback (`keep_history`) restores the tables of the version it returns to and
+        // records the revert in history itself: the versions differ by design.
+        if let (Some(tables), None, false) = (&selected, &req.into, req.keep_history) {
+            self.check_schema_version(url, target, &manifest, tables, req.across_versions)
+                .await?;
+        }
+
         // Where to.
-        let (dest_url, database) = match &req.into {
-            Some(name) => {
-                create_database(url, target, name).await?;
-                (url_with_database(url, name)?, name.clone())
-            }
-            None => (url.clone(), url.database().unwrap_or_default()),
+        let Some(name) = &req.into else {
+            let database = url.database().unwrap_or_default();
+            let dest = Dest {
+                url: url.clone(),
+                database,
+                in_place: true,
+            };
+            return self
+                .restore_to(
+                    url,
+                    dest,
+                    target,
+                    &manifest,
+                    verification,
+                    selected,
+                    req,
+                    progress,
+                )
+                .await;
         };
-        let in_place = req.into.is_none();
+        create_database(url, target, name).await?;
+        let result = match url_with_database(url, name) {
+            Ok(dest_url) => {
+                let dest = Dest {
+                    url: dest_url,
+                    database: name.clone(),
+                    in_place: false,
+                };
+                self.restore_to(
+                    url,
+                    dest,
+                    target,
+                    &manifest,
+                    verification,
+                    selected,
+                    req,
+                    progress,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(report) => Ok(report),
+            // The database was created for this restore alone: a failed restore removes
+            // it, so nothing half-restored is left for someone to take for a copy and a
+            // retry with the same name starts clean.
+            Err(e) => {
+                let cleanup = match drop_database(url, target, name).await {
+                    Ok(()) => format!("database {name} was dropped again: a retry starts clean"),
+                    Err(drop) => format!(
+                        "database {name} could not be dropped ({drop}): drop it (DROP DATABASE {}) before retrying",
+                        quote_ident(name)
+                    ),
+                };
+                Err(BackupError::IntoFailed {
+                    target: target.to_owned(),
+                    id: id.to_owned(),
+                    name: name.clone(),
+                    source: Box::new(e),
+                    cleanup,
+                })
+            }
+        }
+    }
+
+    /// A table restore in place puts back the tables' definitions as they were: refused
+    /// when the backup is of another schema version than the database, unless the caller
+    /// says so and every table's columns are the same now as then (so history stays true).
+    async fn check_schema_version(
+        &self,
+        url: &DatabaseUrl,
+        target: &str,
+        manifest: &Manifest,
+        tables: &[(String, String)],
+        across_versions: bool,
+    ) -> Result<(), BackupError> {
+        let mut d = db::connect(url, target).await?;
+        let current = d.applied_versions(&self.history_schema).await?.pop();
+        if current == manifest.schema_version {
+            db::close(d).await;
+            return Ok(());
+        }
+        let shown = |v: &Option<String>| {
+            v.clone()
+                .unwrap_or_else(|| "none (no migration applied)".to_owned())
+        };
+        let (backup_version, current_version) = (shown(&manifest.schema_version), shown(&current));
+        let names = || {
+            tables
+                .iter()
+                .map(|(s, n)| format!("{s}.{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !across_versions {
+            db::close(d).await;
+            return Err(BackupError::SchemaVersionMismatch {
+                target: target.to_owned(),
+                id: manifest.id.clone(),
+                backup_version,
+                current_version,
+                tables: names(),
+            });
+        }
+        let mut changes = Vec::new();
+        for (schema, name) in tables {
+            let then = manifest
+                .tables
+                .iter()
+                .find(|t| &t.schema == schema && &t.name == name)
+                .and_then(|t| t.columns.clone());
+            let now = d.columns(schema, name).await?;
+            match then {
+                None => changes.push(format!(
+                    "{schema}.{name}: the backup predates column recording, so belay cannot tell what changed"
+                )),
+                Some(_) if now.is_empty() => changes.push(format!(
+                    "{schema}.{name} no longer exists (a migration since dropped it)"
+                )),
+                Some(then) if then != now => {
+                    let lost: Vec<&String> = now.iter().filter(|c| !then.contains(c)).collect();
+                    let back: Vec<&String> = then.iter().filter(|c| !now.contains(c)).collect();
+                    changes.push(format!(
+                        "{schema}.{name} changed since: restoring would drop ({}) and bring back ({})",
+                        join(&lost),
+                        join(&back)
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        db::close(d).await;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        Err(BackupError::TableChangedSince {
+            target: target.to_owned(),
+            id: manifest.id.clone(),
+            backup_version,
+            current_version,
+            changes: changes.join("; "),
+        })
+    }
+
+    /// The restore proper, once the destination exists.
+    #[allow(clippy::too_many_arguments)]
+    async fn restore_to(
+        &self,
+        url: &DatabaseUrl,
+        dest: Dest,
+        target: &str,
+        manifest: &Manifest,
+        verification: VerifyReport,
+        selected: Option<Vec<(String, String)>>,
+        req: &RestoreRequest,
+        progress: ProgressFn<'_>,
+    ) -> Result<RestoreReport, BackupError> {
+        let started = Instant::now();
+        let id = manifest.id.as_str();
+        let dir = self.catalog(target)?.backup_dir(id)?;
+        let runner = self.runner().await?;
+        let Dest {
+            url: dest_url,
+            database,
+            in_place,
+        } = dest;
 
         let mut emergency = None;
         if in_place && req.emergency_backup {
@@ -164,7 +336,7 @@ impl BackupManager {
                         )
                         .await?;
                 } else {
-                    create_schemas(&dest_url, target, &manifest).await?;
+                    create_schemas(&dest_url, target, manifest).await?;
                     let args = vec![
                         "--no-password".to_owned(),
                         "--exit-on-error".to_owned(),
@@ -290,10 +462,12 @@ impl BackupManager {
         let req = BackupRequest {
             format: BackupFormat::Custom,
             scope,
-            label: Some(format!("emergency backup before restoring {id}")),
+            label: Some(format!("{EMERGENCY_LABEL} {id}")),
             deployment_id: None,
         };
-        let manifest = self.create(url, target, &req, &|_| {}).await?;
+        let manifest = self
+            .create_kind(url, target, &req, BackupKind::Emergency, &|_| {})
+            .await?;
         let report = self.verify(target, &manifest.id, None).await?;
         if !report.ok {
             return Err(BackupError::VerificationFailed {
@@ -478,6 +652,36 @@ impl BackupManager {
         }
         Ok(readded)
     }
+}
+
+fn join(columns: &[&String]) -> String {
+    if columns.is_empty() {
+        "nothing".to_owned()
+    } else {
+        columns
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Drops a database this restore created, closing whatever sessions it still has.
+async fn drop_database(url: &DatabaseUrl, target: &str, name: &str) -> Result<(), BackupError> {
+    let mut d = db::connect(url, target).await?;
+    let force = if d.server_version().await?.1 >= 130_000 {
+        " WITH (FORCE)"
+    } else {
+        ""
+    };
+    let dropped = d
+        .exec(&format!(
+            "DROP DATABASE IF EXISTS {}{force}",
+            quote_ident(name)
+        ))
+        .await;
+    db::close(d).await;
+    dropped
 }
 
 fn restore_failed(target: &str, status: String, stderr: &str) -> BackupError {

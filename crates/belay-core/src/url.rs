@@ -27,7 +27,13 @@ impl DatabaseUrl {
         let redacted = redact_url(input);
         let parsed = url::Url::parse(input).map_err(|e| UrlError::Invalid {
             redacted: redacted.clone(),
-            reason: e.to_string(),
+            reason: match unescaped_in_password(input) {
+                Some(c) => format!(
+                    "{e} (the password holds an unescaped {c:?}: percent-encode it, e.g. {c:?} as %{:02X})",
+                    c as u32
+                ),
+                None => e.to_string(),
+            },
         })?;
         if !matches!(parsed.scheme(), "postgres" | "postgresql") {
             return Err(UrlError::Scheme {
@@ -80,6 +86,14 @@ impl FromStr for DatabaseUrl {
     }
 }
 
+/// Read from configuration as a string; a malformed URL is an error naming it redacted.
+impl<'de> serde::Deserialize<'de> for DatabaseUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        DatabaseUrl::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted)
@@ -92,41 +106,121 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
-/// Replaces the password of a URL (and any `password=` query parameter) with `***`.
+/// Replaces every password in `input` with `***`: the one redaction path of belay.
 ///
-/// Works on text that does not parse as a URL too, because the text most in need of
-/// redaction is the one a user mistyped.
+/// It covers the three places a password is written: a URL's userinfo
+/// (`scheme://user:SECRET@host`, of every URL in the text), a `password=` key in a URL query
+/// or a libpq key=value conninfo (`password=SECRET`, `password = 'a \' b'`), and a
+/// `password = "SECRET"` line of a TOML file (as a parser's error snippet quotes it).
+/// It works on text that does not parse as a URL, because the text most in need of
+/// redaction is the one a user mistyped: a password with an unescaped `/`, `?`, `#`, `@` or
+/// whitespace ends at the last `@` before the end of its line or the next URL, not at the
+/// first delimiter. When unsure it hides too much (a URL followed by an `@` on the same
+/// line loses the text up to it) rather than too little.
 pub fn redact_url(input: &str) -> String {
-    let mut out = input.to_string();
-    // userinfo password: scheme://user:SECRET@host — of every URL in the text (an error
-    // message may quote the URL again, e.g. a driver's message after belay's own).
-    let mut search_from = 0;
-    while let Some(scheme_end) = out[search_from..].find("://") {
-        let rest_start = search_from + scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| rest_start + i);
-        search_from = rest_start;
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let at = rest_start + at;
-            if let Some(colon) = out[rest_start..at].find(':') {
-                let colon = rest_start + colon;
-                out.replace_range(colon + 1..at, "***");
-                search_from = colon + 1 + "***".len();
+    redact_password_keys(&redact_userinfo(input))
+}
+
+fn redact_userinfo(input: &str) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(p) = rest.find("://") {
+        let (head, tail) = rest.split_at(p + 3);
+        out.push_str(head);
+        // The URL cannot reach past its line or into the next URL.
+        let line_end = tail.find('\n').unwrap_or(tail.len());
+        let limit = tail[..line_end].find("://").unwrap_or(line_end);
+        match userinfo_password(&tail[..limit]) {
+            Some((start, end)) => {
+                out.push_str(&tail[..start]);
+                out.push_str("***");
+                rest = &tail[end..];
             }
+            None => rest = tail,
         }
     }
-    // query or key=value password: password=SECRET
-    let mut search_from = 0;
-    while let Some(pos) = out[search_from..].find("password=") {
-        let start = search_from + pos + "password=".len();
-        let end = out[start..]
-            .find(['&', ' ', '#'])
-            .map_or(out.len(), |i| start + i);
-        out.replace_range(start..end, "***");
-        search_from = start + 3;
-    }
+    out.push_str(rest);
     out
+}
+
+/// The first URL delimiter written raw in the password, which makes the URL mean
+/// something else (`/` starts the path, `?` the query, `#` the fragment).
+fn unescaped_in_password(input: &str) -> Option<char> {
+    let tail = &input[input.find("://")? + 3..];
+    let (start, end) = userinfo_password(tail)?;
+    tail[start..end]
+        .chars()
+        .find(|c| matches!(c, '/' | '?' | '#'))
+}
+
+/// Byte range of the password in the text after a `://`, when there is one.
+fn userinfo_password(seg: &str) -> Option<(usize, usize)> {
+    // The user name ends at its colon; an `@` may belong to it (Azure's `user@server`).
+    let user_end = seg.find(|c: char| matches!(c, ':' | '/' | '?' | '#') || c.is_whitespace())?;
+    if !seg[user_end..].starts_with(':') {
+        return None;
+    }
+    let start = user_end + 1;
+    // The host cannot contain `@`, so the last one of the URL's line ends the password
+    // (a password may hold `@`, `/`, `?`, `#` and even whitespace when written unescaped).
+    let at = seg[start..].rfind('@')?;
+    Some((start, start + at))
+}
+
+fn redact_password_keys(input: &str) -> String {
+    const KEY: &str = "password";
+    let lower = input.to_ascii_lowercase();
+    let mut out = String::with_capacity(input.len());
+    let mut copied = 0;
+    let mut search = 0;
+    while let Some(p) = lower[search..].find(KEY) {
+        let key_start = search + p;
+        let after_key = key_start + KEY.len();
+        search = after_key;
+        let bytes = input.as_bytes();
+        let mut i = after_key;
+        while i < bytes.len() && (bytes[i] == b' ' || bytes[i] == b'\t') {
+            i += 1;
+        }
+        if bytes.get(i) != Some(&b'=') {
+            continue;
+        }
+        i += 1;
+        while i < bytes.len() && (bytes[i] == b' ' || bytes[i] == b'\t') {
+            i += 1;
+        }
+        let in_query = key_start > 0 && matches!(bytes[key_start - 1], b'?' | b'&');
+        let (start, end) = match bytes.get(i) {
+            Some(&q @ (b'\'' | b'"')) => (i + 1, quoted_end(input, i + 1, q)),
+            _ => {
+                let stop = |c: char| c.is_whitespace() || (in_query && matches!(c, '&' | '#'));
+                (i, input[i..].find(stop).map_or(input.len(), |e| i + e))
+            }
+        };
+        out.push_str(&input[copied..start]);
+        out.push_str("***");
+        copied = end;
+        search = end.max(search);
+    }
+    out.push_str(&input[copied..]);
+    out
+}
+
+/// Where a quoted value starting at `from` ends (its closing quote; a backslash escapes the
+/// next character, as in libpq conninfo and TOML basic strings); unterminated, the line's
+/// end.
+fn quoted_end(input: &str, from: usize, quote: u8) -> usize {
+    let bytes = input.as_bytes();
+    let mut i = from;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'\n' => return i,
+            b if b == quote => return i,
+            _ => i += 1,
+        }
+    }
+    bytes.len()
 }
 
 #[cfg(test)]
@@ -160,6 +254,28 @@ mod tests {
                 "from postgres://a@db/x to postgres://b:s3cret@db/y",
                 "from postgres://a@db/x to postgres://b:***@db/y",
             ),
+            // Unescaped delimiters in the password: the last `@` ends it.
+            ("postgres://a:p/ss@db/x", "postgres://a:***@db/x"),
+            ("postgres://a:p?ss@db/x", "postgres://a:***@db/x"),
+            ("postgres://a:p#ss@db/x", "postgres://a:***@db/x"),
+            ("postgres://a:p@s/s?#@db:5/x", "postgres://a:***@db:5/x"),
+            ("postgres://a:p ss@db/x", "postgres://a:***@db/x"),
+            // A user name with an `@` (Azure's user@server) keeps its password hidden.
+            ("postgres://u@srv:pw@db/x", "postgres://u@srv:***@db/x"),
+            // No password: ports and IPv6 hosts are not passwords.
+            ("postgres://db:5432/x", "postgres://db:5432/x"),
+            ("postgres://u@[::1]:5432/x", "postgres://u@[::1]:5432/x"),
+            // Conninfo and TOML spellings.
+            (
+                "host=db password = 'a b\\' c' user=x",
+                "host=db password = '***' user=x",
+            ),
+            ("PGPASSWORD=s3cret psql", "PGPASSWORD=*** psql"),
+            ("3 | password = \"s3\\\"cret\"", "3 | password = \"***\""),
+            (
+                "postgres://db/x?password=a#b&user=u",
+                "postgres://db/x?password=***#b&user=u",
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(redact_url(input), want, "{input}");
@@ -185,6 +301,115 @@ mod tests {
         let err = DatabaseUrl::parse("postgres://u:hunter2@:5432").unwrap_err();
         assert!(!err.to_string().contains("hunter2"));
         assert!(DatabaseUrl::parse("nonsense").is_err());
+        // A raw delimiter in the password is named, with the spelling that works.
+        let msg = DatabaseUrl::parse("postgres://u:hun/ter2@db/x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("unescaped '/'") && msg.contains("%2F"),
+            "{msg}"
+        );
+        assert!(!msg.contains("hun") && !msg.contains("ter2"), "{msg}");
         assert!(DatabaseUrl::parse("postgres:///db?host=/var/run/postgresql").is_ok());
+    }
+
+    mod generated {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Passwords of the characters users pick, delimiters and quotes included; at
+        /// least 8 long so that finding one in the output cannot be a coincidence.
+        fn password() -> impl Strategy<Value = String> {
+            let chars: Vec<char> = ('a'..='z')
+                .chain('A'..='Z')
+                .chain('0'..='9')
+                .chain("/?#@:&=%!$^*()[]{}+,.;~-_ '\"\\|<>".chars())
+                .collect();
+            proptest::collection::vec(proptest::sample::select(chars), 8..24)
+                .prop_map(|c| c.into_iter().collect::<String>())
+                .prop_filter("a URL ends at `://`", |p| !p.contains("://"))
+        }
+
+        /// libpq's quoting of a conninfo value.
+        fn conninfo_value(p: &str) -> String {
+            // A value opening with `"` is quoted too: redaction reads `"` as a TOML quote.
+            if p.starts_with('"')
+                || p.chars()
+                    .any(|c| c.is_whitespace() || c == '\'' || c == '\\')
+            {
+                format!("'{}'", p.replace('\\', "\\\\").replace('\'', "\\'"))
+            } else {
+                p.to_string()
+            }
+        }
+
+        fn percent_encode(p: &str) -> String {
+            p.bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect()
+        }
+
+        fn toml_basic(p: &str) -> String {
+            p.replace('\\', "\\\\").replace('"', "\\\"")
+        }
+
+        proptest! {
+            #[test]
+            fn url_userinfo_password_never_shows(pw in password()) {
+                let input = format!("cannot connect to postgres://app:{pw}@db.example:5432/shop: refused");
+                let want = "cannot connect to postgres://app:***@db.example:5432/shop: refused";
+                prop_assert_eq!(redact_url(&input), want);
+            }
+
+            #[test]
+            fn query_password_never_shows(pw in password()) {
+                let input = format!("postgres://app@db/shop?password={}&sslmode=require", percent_encode(&pw));
+                prop_assert_eq!(redact_url(&input), "postgres://app@db/shop?password=***&sslmode=require");
+            }
+
+            #[test]
+            fn conninfo_password_never_shows(pw in password()) {
+                let value = conninfo_value(&pw);
+                let input = format!("host=db user=app password={value} dbname=shop");
+                let want = if value.starts_with('\'') {
+                    "host=db user=app password='***' dbname=shop"
+                } else {
+                    "host=db user=app password=*** dbname=shop"
+                };
+                prop_assert_eq!(redact_url(&input), want);
+            }
+
+            #[test]
+            fn toml_error_snippets_never_show_it(pw in password()) {
+                let written = toml_basic(&pw);
+                for doc in [
+                    format!("name = \"a\"\nurl = \"postgres://app:{written}@db/shop\" oops\n"),
+                    format!("url = \"postgres://app:{written}@db/shop\nname = 1\n"),
+                    format!("password = \"{written}\" oops\n"),
+                ] {
+                    let err = toml::from_str::<toml::Table>(&doc)
+                        .expect_err("the document is malformed")
+                        .to_string();
+                    // The parser quotes the line (what makes this test worth having)...
+                    prop_assert!(err.contains(&written), "{}", err);
+                    // ... and redaction leaves nothing of the password.
+                    let shown = redact_url(&err);
+                    prop_assert!(!shown.contains(&written), "{}", shown);
+                    prop_assert!(!shown.contains(&pw), "{}", shown);
+                }
+            }
+
+            #[test]
+            fn redaction_is_idempotent_and_total(text in "\\PC*") {
+                let once = redact_url(&text);
+                prop_assert_eq!(redact_url(&once), once);
+            }
+        }
     }
 }

@@ -208,4 +208,52 @@ mod tests {
             assert!(Version::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
+
+    mod generated {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn version() -> impl Strategy<Value = (Vec<u64>, String)> {
+            proptest::collection::vec(0u64..100_000, 1..5).prop_flat_map(|parts| {
+                let text = prop_oneof![Just('.'), Just('_')].prop_map({
+                    let parts = parts.clone();
+                    move |sep| {
+                        parts
+                            .iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(&sep.to_string())
+                    }
+                });
+                (Just(parts), text)
+            })
+        }
+
+        /// Numbers with trailing zero parts removed: the order versions must follow.
+        fn key(parts: &[u64]) -> Vec<u64> {
+            let mut k = parts.to_vec();
+            while k.len() > 1 && k.last() == Some(&0) {
+                k.pop();
+            }
+            k
+        }
+
+        proptest! {
+            #[test]
+            fn orders_as_the_numbers_do((a, ta) in version(), (b, tb) in version()) {
+                let (va, vb) = (Version::parse(&ta).unwrap(), Version::parse(&tb).unwrap());
+                prop_assert_eq!(va.cmp(&vb), key(&a).cmp(&key(&b)), "{} vs {}", ta, tb);
+                prop_assert_eq!(va == vb, key(&a) == key(&b));
+            }
+
+            #[test]
+            fn any_text_parses_or_is_refused_naming_it(text in "\\PC{0,24}") {
+                if let Err(e) = Version::parse(&text) {
+                    prop_assert_eq!(&e.input, &text);
+                    let quoted = format!("{:?}", text);
+                    prop_assert!(e.to_string().contains(&quoted), "{}", e);
+                }
+            }
+        }
+    }
 }

@@ -20,6 +20,7 @@ mod api;
 mod check;
 mod disk;
 mod error;
+mod pg_error;
 mod postflight;
 mod preflight;
 mod probe;

@@ -12,6 +12,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 
 use crate::check::{CheckResult, CheckStatus, Severity};
+use crate::pg_error::describe;
 use crate::preflight::{MigrationSummary, one_line};
 use crate::{HealthError, units};
 
@@ -57,12 +58,39 @@ pub struct UserCheck {
     pub expect: Expectation,
 }
 
-/// `[[smoke]]`: a query that must succeed.
+/// `[[smoke]]`: a query the application depends on, run after the migration. It passes
+/// when it succeeds (inside a transaction that is rolled back, under the statement
+/// timeout) **and returns at least one row**: a smoke query that reads nothing has tested
+/// nothing (`SELECT … FROM users WHERE id = 42` after the row went away), so zero rows
+/// block unless the query says `allow_no_rows = true`. A query that must return no rows,
+/// or a given value, is an assertion: `[[checks]]` with `expect`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmokeQuery {
     pub name: String,
     pub query: String,
+    /// Zero rows pass too: only success is asserted [default: false].
+    #[serde(default)]
+    pub allow_no_rows: bool,
+}
+
+impl SmokeQuery {
+    /// A smoke query that must succeed and return at least one row.
+    pub fn new(name: impl Into<String>, query: impl Into<String>) -> Self {
+        SmokeQuery {
+            name: name.into(),
+            query: query.into(),
+            allow_no_rows: false,
+        }
+    }
+
+    fn threshold(&self) -> &'static str {
+        if self.allow_no_rows {
+            "succeeds (any number of rows)"
+        } else {
+            "succeeds with at least 1 row"
+        }
+    }
 }
 
 /// A `verify.sql` script: it must not raise and must return no rows.
@@ -207,7 +235,7 @@ pub async fn postflight(
             Err(e) => CheckResult::new(
                 &check.name,
                 CheckStatus::Block,
-                format!("query failed: {e}"),
+                format!("query failed: {}", describe(&e, &check.query)),
                 threshold,
                 "fix the assertion query or the schema it expects",
             ),
@@ -217,18 +245,26 @@ pub async fn postflight(
     for smoke in &spec.smoke {
         let outcome = run_isolated(conn, &smoke.query, spec.statement_timeout).await?;
         let result = match outcome {
+            Ok(observed) if observed.rows == 0 && !smoke.allow_no_rows => CheckResult::new(
+                &smoke.name,
+                CheckStatus::Block,
+                "succeeded but returned no rows",
+                smoke.threshold(),
+                "a smoke query that reads nothing tested nothing: select a row the application \
+                 needs, or set allow_no_rows = true if no rows is a pass",
+            ),
             Ok(observed) => CheckResult::new(
                 &smoke.name,
                 CheckStatus::Pass,
                 observed.describe(),
-                "succeeds",
+                smoke.threshold(),
                 "",
             ),
             Err(e) => CheckResult::new(
                 &smoke.name,
                 CheckStatus::Block,
-                format!("query failed: {e}"),
-                "succeeds",
+                format!("query failed: {}", describe(&e, &smoke.query)),
+                smoke.threshold(),
                 "the application's queries may fail the same way: roll back or fix forward",
             ),
         };
@@ -251,7 +287,11 @@ pub async fn postflight(
             Err(e) => CheckResult::new(
                 &name,
                 CheckStatus::Block,
-                format!("{} failed: {e}", script.path.display()),
+                format!(
+                    "{} failed: {}",
+                    script.path.display(),
+                    describe(&e, &script.sql)
+                ),
                 "no rows, no error",
                 "the verify script raised: the migration did not produce what it promised",
             ),

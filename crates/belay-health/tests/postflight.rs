@@ -68,10 +68,10 @@ async fn a_clean_database_passes() {
                 Expectation::NoRows,
             ),
         ],
-        smoke: vec![SmokeQuery {
-            name: "orders_readable".into(),
-            query: "SELECT * FROM orders ORDER BY id LIMIT 5".into(),
-        }],
+        smoke: vec![SmokeQuery::new(
+            "orders_readable",
+            "SELECT * FROM orders ORDER BY id LIMIT 5",
+        )],
         verify_scripts: vec![VerifyScript::from((
             PathBuf::from("migrations/V2__emails/verify.sql"),
             "SELECT id FROM users WHERE email NOT LIKE '%@%';\nSELECT 1 WHERE false;".to_string(),
@@ -173,10 +173,10 @@ async fn failing_user_assertions_name_the_query_and_the_value() {
                 Expectation::Zero,
             ),
         ],
-        smoke: vec![SmokeQuery {
-            name: "old_column_gone".into(),
-            query: "SELECT legacy_name FROM users LIMIT 1".into(),
-        }],
+        smoke: vec![SmokeQuery::new(
+            "old_column_gone",
+            "SELECT legacy_name FROM users LIMIT 1",
+        )],
         ..PostflightSpec::default()
     };
     let results = postflight(&mut conn, &spec).await.unwrap();
@@ -245,10 +245,10 @@ async fn failing_verify_scripts_block() {
 async fn postflight_never_changes_the_database() {
     let (_db, mut conn) = fixture().await;
     let spec = PostflightSpec {
-        smoke: vec![SmokeQuery {
-            name: "can_insert".into(),
-            query: "INSERT INTO users (email) VALUES ('smoke@example.com') RETURNING id".into(),
-        }],
+        smoke: vec![SmokeQuery::new(
+            "can_insert",
+            "INSERT INTO users (email) VALUES ('smoke@example.com') RETURNING id",
+        )],
         checks: vec![check(
             "sneaky",
             "DELETE FROM orders RETURNING id",
@@ -267,10 +267,7 @@ async fn postflight_never_changes_the_database() {
 
     // A query past the statement timeout fails instead of hanging postflight.
     let slow = PostflightSpec {
-        smoke: vec![SmokeQuery {
-            name: "slow".into(),
-            query: "SELECT pg_sleep(5)".into(),
-        }],
+        smoke: vec![SmokeQuery::new("slow", "SELECT pg_sleep(5)")],
         statement_timeout: std::time::Duration::from_millis(100),
         ..PostflightSpec::default()
     };
@@ -284,4 +281,65 @@ async fn postflight_never_changes_the_database() {
         ..PostflightSpec::default()
     };
     assert!(postflight(&mut conn, &dup).await.is_err());
+}
+
+#[tokio::test]
+async fn a_smoke_query_that_reads_nothing_blocks_unless_it_says_so() {
+    let (_db, mut conn) = fixture().await;
+    let gone = "SELECT id FROM users WHERE email = 'ceo@example.com'";
+    let spec = PostflightSpec {
+        smoke: vec![
+            SmokeQuery::new("ceo_can_log_in", gone),
+            SmokeQuery {
+                allow_no_rows: true,
+                ..SmokeQuery::new("lookup_runs", gone)
+            },
+            SmokeQuery::new("users_readable", "SELECT id FROM users LIMIT 1"),
+        ],
+        ..PostflightSpec::default()
+    };
+    let results = postflight(&mut conn, &spec).await.unwrap();
+    let r = get(&results, "ceo_can_log_in");
+    assert_eq!(r.status, CheckStatus::Block, "{r:?}");
+    assert_eq!(r.value, "succeeded but returned no rows");
+    assert_eq!(r.threshold, "succeeds with at least 1 row");
+    assert!(r.remedy.contains("allow_no_rows = true"), "{r:?}");
+    let r = get(&results, "lookup_runs");
+    assert_eq!(
+        (r.status, r.threshold.as_str()),
+        (CheckStatus::Pass, "succeeds (any number of rows)")
+    );
+    assert_eq!(get(&results, "users_readable").status, CheckStatus::Pass);
+
+    // From TOML: the default is the strict one.
+    let toml: PostflightSpec =
+        toml::from_str("[[smoke]]\nname = \"a\"\nquery = \"SELECT 1\"\n").unwrap();
+    assert!(!toml.smoke[0].allow_no_rows);
+}
+
+/// PostgreSQL's error carries the line of its own C source that raised it (sqlx prints
+/// it as "at line 1392"); what a user needs is where in the query the error is.
+#[tokio::test]
+async fn a_failed_query_names_its_own_line_and_column_not_postgres_source_line() {
+    let (_db, mut conn) = fixture().await;
+    let spec = PostflightSpec {
+        checks: vec![check(
+            "two_lines",
+            "SELECT count(*)\n  FROM no_such_table",
+            Expectation::Zero,
+        )],
+        smoke: vec![SmokeQuery::new("one_line", "SELECT nope FROM users")],
+        ..PostflightSpec::default()
+    };
+    let results = postflight(&mut conn, &spec).await.unwrap();
+    let r = get(&results, "two_lines");
+    assert_eq!(
+        r.value,
+        "query failed: relation \"no_such_table\" does not exist (line 2, column 8 of the query)"
+    );
+    let r = get(&results, "one_line");
+    assert_eq!(
+        r.value,
+        "query failed: column \"nope\" does not exist (line 1, column 8 of the query)"
+    );
 }

@@ -146,3 +146,20 @@ impl MigrateError {
         }
     }
 }
+
+/// A driver error as text for people: PostgreSQL's message (and detail) alone. sqlx's
+/// `Display` appends "at line N", N being the line of PostgreSQL's C source that raised
+/// the error — read as a line of the user's SQL, it sends them looking in the wrong place.
+/// (A script's own errors are placed in the script by the executor: `file:line:column`.)
+pub fn db_error_text(e: &sqlx::Error) -> String {
+    let Some(pg) = e
+        .as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+    else {
+        return e.to_string();
+    };
+    match pg.detail() {
+        Some(detail) => format!("{} ({detail})", pg.message()),
+        None => pg.message().to_string(),
+    }
+}

@@ -276,7 +276,7 @@ impl Migrator {
         move |e| MigrateError::Database {
             url: self.url.to_string(),
             doing,
-            reason: e.to_string(),
+            reason: crate::error::db_error_text(&e),
         }
     }
 
@@ -292,7 +292,7 @@ impl Migrator {
         let mut conn = opts
             .connect()
             .await
-            .map_err(|e| connect_err(belay_core::redact_url(&e.to_string())))?;
+            .map_err(|e| connect_err(belay_core::redact_url(&crate::error::db_error_text(&e))))?;
         apply_session_settings(&mut conn).await;
         Ok(conn)
     }

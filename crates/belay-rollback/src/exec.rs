@@ -371,7 +371,9 @@ impl Run<'_> {
                 "emergency backup before rolling back deployment {}",
                 self.primary()
             )),
-            deployment_id: Some(self.primary()),
+            // Tied to the deployment by its label and the rollback's record, not by
+            // `deployment_id`: that would make it the deployment's pre-deployment backup.
+            deployment_id: None,
         };
         let target = self.exec.backup_target.clone();
         let result = async {
@@ -514,6 +516,7 @@ impl Run<'_> {
             // Taken already, of the whole database, before any step changed anything.
             emergency_backup: false,
             keep_history: true,
+            across_versions: false,
         };
         let attempts = self.exec.policy.restore_attempts.max(1);
         let mut attempt = 0;

@@ -52,11 +52,14 @@ fn backup(scope: BackupScope, verified: bool) -> Manifest {
             schema: "public".into(),
             name: "accounts".into(),
             rows: Some(10),
+            columns: None,
         }],
         verified,
         verified_at: None,
         restore_tested: false,
         deployment_id: None,
+        applied_versions: vec!["1".into()],
+        kind: None,
     }
 }
 

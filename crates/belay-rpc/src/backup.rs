@@ -9,8 +9,8 @@ use crate::client::Connection;
 use crate::convert::{self, DecodeError, target, target_name};
 use belay_auth::MaybeTokenAttach;
 use belay_backup::{
-    BackupApi, BackupFormat, BackupRequest, BackupScope, CatalogEntry, FileEntry, KeepReason,
-    KeptBackup, Manifest, Operation, Progress, ProgressSink, PruneReport, PruneRequest,
+    BackupApi, BackupFormat, BackupKind, BackupRequest, BackupScope, CatalogEntry, FileEntry,
+    KeepReason, KeptBackup, Manifest, Operation, Progress, ProgressSink, PruneReport, PruneRequest,
     RestoreReport, RestoreRequest, RestoreTestReport, TableCheck, TableCount, VerifyProblem,
     VerifyReport,
 };
@@ -137,6 +137,8 @@ pub fn manifest(m: &Manifest) -> pb::BackupManifest {
                 schema: t.schema.clone(),
                 name: t.name.clone(),
                 rows: t.rows,
+                columns: t.columns.clone().unwrap_or_default(),
+                columns_known: t.columns.is_some(),
             })
             .collect(),
         verified: m.verified,
@@ -153,6 +155,8 @@ pub fn manifest(m: &Manifest) -> pb::BackupManifest {
         scope_tables: scope_tables(&m.scope),
         size: m.total_size(),
         path: String::new(),
+        kind: m.kind.map(|k| k.name().to_owned()).unwrap_or_default(),
+        applied_versions: m.applied_versions.clone(),
     }
 }
 
@@ -180,12 +184,21 @@ pub fn manifest_from(m: &pb::BackupManifest) -> Result<Manifest, DecodeError> {
                 schema: t.schema.clone(),
                 name: t.name.clone(),
                 rows: t.rows,
+                columns: t.columns_known.then(|| t.columns.clone()),
             })
             .collect(),
         verified: m.verified,
         verified_at: opt_ts(m.verified_at.as_ref())?,
         restore_tested: m.restore_tested,
         deployment_id: opt_uuid(m.deployment_id.as_deref())?,
+        applied_versions: m.applied_versions.clone(),
+        kind: match m.kind.as_str() {
+            "" => None,
+            k => Some(
+                BackupKind::parse(k)
+                    .ok_or_else(|| bad("backup kind", format!("unknown kind {k:?}")))?,
+            ),
+        },
     })
 }
 
@@ -435,6 +448,7 @@ pub fn restore_request(target: &str, id: &str, r: &RestoreRequest) -> pb::Restor
         into: r.into.clone(),
         force: r.force,
         skip_emergency_backup: !r.emergency_backup,
+        across_versions: r.across_versions,
     }
 }
 
@@ -446,6 +460,7 @@ pub fn restore_request_from(r: &pb::RestoreBackupRequest) -> RestoreRequest {
         emergency_backup: !r.skip_emergency_backup,
         // Not on the wire yet: remote rollbacks come with `RollbackService`.
         keep_history: false,
+        across_versions: r.across_versions,
     }
 }
 
@@ -809,6 +824,7 @@ impl<T: BackupApi + ?Sized + 'static> BackupService for BackupGrpc<T> {
             keep: r.keep as usize,
             dry_run: r.dry_run,
             protect: r.protect.clone(),
+            force: r.force,
         };
         let report = self
             .api
@@ -977,6 +993,7 @@ impl BackupApi for BackupClient {
                 keep,
                 dry_run: req.dry_run,
                 protect: req.protect.clone(),
+                force: req.force,
             })
             .await
             .map_err(|s| self.err(&s))?;
@@ -1027,6 +1044,8 @@ mod tests {
             server_version_num: 170002,
             pg_dump_version: "pg_dump (PostgreSQL) 17.2".into(),
             schema_version: Some("3".into()),
+            applied_versions: vec!["1".into(), "2".into(), "3".into()],
+            kind: Some(BackupKind::PreUndo),
             format,
             scope,
             snapshot: Some("00000003-0000001B-1".into()),
@@ -1040,11 +1059,13 @@ mod tests {
                     schema: "public".into(),
                     name: "orders".into(),
                     rows: Some(50),
+                    columns: Some(vec!["id integer".into(), "note text".into()]),
                 },
                 TableCount {
                     schema: "public".into(),
                     name: "empty".into(),
                     rows: None,
+                    columns: None,
                 },
             ],
             verified: true,
@@ -1231,6 +1252,10 @@ mod tests {
                 into: Some("copy".into()),
                 force: true,
                 ..Default::default()
+            },
+            RestoreRequest {
+                across_versions: true,
+                ..RestoreRequest::tables(["orders"])
             },
         ] {
             assert_eq!(

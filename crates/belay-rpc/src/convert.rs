@@ -407,13 +407,32 @@ pub fn undo(t: &UndoTarget) -> pb::UndoTarget {
     }
 }
 
-pub fn undo_from(t: Option<&pb::UndoTarget>) -> UndoTarget {
+/// How far an `Undo` goes back, exactly as the caller said it. Undo drops data, so a
+/// message that does not say how far (no target, `steps = 0`, `all = false`, a version
+/// that is not one) is refused naming the field, never read as "the newest migration".
+pub fn undo_from(t: Option<&pb::UndoTarget>) -> Result<UndoTarget, DecodeError> {
     use pb::undo_target::Target as T;
-    match t.and_then(|t| t.target.as_ref()) {
-        Some(T::Steps(n)) => UndoTarget::Steps(*n as usize),
-        Some(T::ToVersion(v)) => UndoTarget::To(v.clone()),
-        Some(T::All(true)) => UndoTarget::All,
-        _ => UndoTarget::Steps(1),
+    let Some(t) = t else {
+        return Err(bad(
+            "undo",
+            "the request says nothing about how far to undo: set undo.steps, undo.to_version or undo.all",
+        ));
+    };
+    match &t.target {
+        Some(T::Steps(0)) => Err(bad("undo.steps", "0 undoes nothing: give at least 1")),
+        Some(T::Steps(n)) => Ok(UndoTarget::Steps(*n as usize)),
+        Some(T::ToVersion(v)) => belay_core::Version::parse(v)
+            .map(|_| UndoTarget::To(v.clone()))
+            .map_err(|e| bad("undo.to_version", format!("{v:?} is not a version: {e}"))),
+        Some(T::All(true)) => Ok(UndoTarget::All),
+        Some(T::All(false)) => Err(bad(
+            "undo.all",
+            "false is not a target: set undo.all = true, or undo.steps or undo.to_version",
+        )),
+        None => Err(bad(
+            "undo.target",
+            "none of undo.steps, undo.to_version or undo.all is set",
+        )),
     }
 }
 

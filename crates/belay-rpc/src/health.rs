@@ -230,6 +230,7 @@ pub fn postflight_request(name: &str, s: &PostflightSpec) -> pb::PostflightReque
             .map(|q| pb::SmokeQuery {
                 name: q.name.clone(),
                 query: q.query.clone(),
+                allow_no_rows: q.allow_no_rows,
             })
             .collect(),
         not_valid_constraints: severity(s.not_valid_constraints),
@@ -259,6 +260,7 @@ pub fn postflight_request_from(r: &pb::PostflightRequest) -> Result<PostflightSp
             .map(|q| SmokeQuery {
                 name: q.name.clone(),
                 query: q.query.clone(),
+                allow_no_rows: q.allow_no_rows,
             })
             .collect(),
         verify_scripts: Vec::new(),
@@ -739,7 +741,8 @@ mod tests {
             ],
             smoke: vec![SmokeQuery {
                 name: "s".into(),
-                query: "SELECT 1".into(),
+                query: "SELECT 1 WHERE false".into(),
+                allow_no_rows: true,
             }],
             verify_scripts: Vec::new(),
             history: None,

@@ -271,7 +271,7 @@ impl MigrationService for MigrationGrpc {
         let r = req.into_inner();
         let target = target_name(r.target.as_ref())?;
         let id = deployment_id(&r.deployment_id)?;
-        let undo = convert::undo_from(r.undo.as_ref());
+        let undo = convert::undo_from(r.undo.as_ref())?;
         let api = self.api.clone();
         let t = target.clone();
         Ok(Response::new(run_stream(

@@ -426,7 +426,15 @@ async fn sql_attempt(
         }
         Err(e) => {
             *slot = None;
-            error(ProbeResult::Error, None, None, format!("query failed: {e}"))
+            error(
+                ProbeResult::Error,
+                None,
+                None,
+                format!(
+                    "query failed: {}",
+                    crate::pg_error::describe(&e, &probe.query)
+                ),
+            )
         }
     }
 }
