@@ -294,6 +294,7 @@ impl Bench {
             scope: BackupScope::Full,
             label: Some("bench".to_owned()),
             deployment_id: None,
+            kind: None,
         };
         let started = Instant::now();
         let manifest = self

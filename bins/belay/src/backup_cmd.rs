@@ -400,6 +400,7 @@ pub async fn run(
                 scope,
                 label: label.clone(),
                 deployment_id: None,
+                kind: None,
             };
             let manifest = api.create(target, &req, progress).await?;
             let report = api.verify(target, &manifest.id, false).await?;
@@ -513,8 +514,8 @@ pub async fn run(
                 into: into.clone(),
                 force: *force,
                 emergency_backup: !no_emergency_backup,
-                keep_history: false,
                 across_versions: *across_versions,
+                keep_history: false,
             };
             let report = api.restore(target, id, &req, progress).await?;
             match out {

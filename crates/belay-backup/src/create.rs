@@ -54,8 +54,9 @@ impl BackupManager {
     /// Backs up the database at `url` as backup of `target`, into `<root>/<target>/<id>/`.
     /// On any failure the partial backup is removed and the catalog is unchanged.
     ///
-    /// The manifest's kind is pre-deployment when the request names a deployment,
-    /// manual otherwise; belay's own snapshots and emergency backups record theirs.
+    /// The manifest's kind is the request's, or else pre-deployment when the request
+    /// names a deployment and manual otherwise; belay's own snapshots and emergency
+    /// backups record theirs.
     pub async fn create(
         &self,
         url: &DatabaseUrl,
@@ -63,11 +64,11 @@ impl BackupManager {
         req: &BackupRequest,
         progress: ProgressFn<'_>,
     ) -> Result<Manifest, BackupError> {
-        let kind = if req.deployment_id.is_some() {
+        let kind = req.kind.unwrap_or(if req.deployment_id.is_some() {
             BackupKind::PreDeployment
         } else {
             BackupKind::Manual
-        };
+        });
         self.create_kind(url, target, req, kind, progress).await
     }
 

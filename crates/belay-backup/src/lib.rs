@@ -173,6 +173,7 @@ impl BackupManager {
             scope: BackupScope::Tables(tables.to_vec()),
             label: Some(reason.to_owned()),
             deployment_id: None,
+            kind: Some(model::BackupKind::PreUndo),
         };
         let manifest = self
             .create_kind(url, target, &req, model::BackupKind::PreUndo, &|_| {})

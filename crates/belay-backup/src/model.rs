@@ -68,6 +68,11 @@ pub struct BackupRequest {
     /// is unfinished, and the controller's mirror answers "which backup precedes it".
     #[serde(default)]
     pub deployment_id: Option<Uuid>,
+    /// Why it is taken, when the caller knows better than the default (pre-deployment
+    /// when `deployment_id` is set, manual otherwise): a rollback's emergency backup names
+    /// its deployment but must not pass for that deployment's pre-deployment backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<BackupKind>,
 }
 
 impl Default for BackupRequest {
@@ -77,6 +82,7 @@ impl Default for BackupRequest {
             scope: BackupScope::Full,
             label: None,
             deployment_id: None,
+            kind: None,
         }
     }
 }
@@ -395,18 +401,16 @@ pub struct RestoreRequest {
     pub force: bool,
     /// Take a backup of the current state before a destructive restore (in place).
     pub emergency_backup: bool,
-    /// A full restore in place leaves belay's history schema (history table, deployment
-    /// log) as it is now instead of putting back the backup's copy: a rollback restores
-    /// around its own record, then marks the deployment's migrations reverted. For a table
-    /// restore it means the same caller: the schema-version check (`across_versions`) is
-    /// skipped, since returning the tables to the backup's version is the point.
-    #[serde(default)]
-    pub keep_history: bool,
     /// A table restore in place from a backup of another schema version than the
     /// database's: allowed only for tables whose columns are the same now as in the backup
     /// (so history stays true); without it such a restore is refused naming both versions.
     #[serde(default)]
     pub across_versions: bool,
+    /// A full restore in place leaves belay's history schema (history table, deployment
+    /// log) as it is now instead of putting back the backup's copy: a rollback restores
+    /// around its own record, then marks the deployment's migrations reverted.
+    #[serde(default)]
+    pub keep_history: bool,
 }
 
 impl RestoreRequest {

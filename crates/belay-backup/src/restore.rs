@@ -67,9 +67,7 @@ impl BackupManager {
             None => None,
         };
 
-        // A rollback (`keep_history`) restores the tables of the version it returns to and
-        // records the revert in history itself: the versions differ by design.
-        if let (Some(tables), None, false) = (&selected, &req.into, req.keep_history) {
+        if let (Some(tables), None) = (&selected, &req.into) {
             self.check_schema_version(url, target, &manifest, tables, req.across_versions)
                 .await?;
         }
@@ -464,6 +462,7 @@ impl BackupManager {
             scope,
             label: Some(format!("{EMERGENCY_LABEL} {id}")),
             deployment_id: None,
+            kind: Some(BackupKind::Emergency),
         };
         let manifest = self
             .create_kind(url, target, &req, BackupKind::Emergency, &|_| {})

@@ -87,6 +87,7 @@ async fn roundtrip(format: BackupFormat) {
         scope: BackupScope::Full,
         label: Some("roundtrip".into()),
         deployment_id: None,
+        kind: None,
     };
     let manifest = mgr
         .create(&url, "shop", &req, &|p| events.lock().unwrap().push(p))

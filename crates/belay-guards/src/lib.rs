@@ -115,6 +115,7 @@ impl BackupGuard {
             scope,
             label: Some(label),
             deployment_id: Some(ctx.deployment_id),
+            kind: None,
         };
         let progress = self.progress.clone();
         let report_progress = move |p: Progress| progress(p);

@@ -8,7 +8,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use belay_backup::{BackupApi, BackupFormat, BackupRequest, BackupScope, RestoreRequest};
+use belay_backup::{
+    BackupApi, BackupFormat, BackupKind, BackupRequest, BackupScope, RestoreRequest,
+};
 use belay_core::{ApiError, ErrorKind, Version};
 use belay_deploy::{
     DeployEvent, DeploySink, DeploymentLog, DeploymentOutcome, DeploymentRecord, Step,
@@ -371,9 +373,8 @@ impl Run<'_> {
                 "emergency backup before rolling back deployment {}",
                 self.primary()
             )),
-            // Tied to the deployment by its label and the rollback's record, not by
-            // `deployment_id`: that would make it the deployment's pre-deployment backup.
-            deployment_id: None,
+            deployment_id: Some(self.primary()),
+            kind: Some(BackupKind::Emergency),
         };
         let target = self.exec.backup_target.clone();
         let result = async {
@@ -515,8 +516,12 @@ impl Run<'_> {
             force: false,
             // Taken already, of the whole database, before any step changed anything.
             emergency_backup: false,
+            // The backup is of the version before the deployment, the database of the
+            // one after: that is the point. The restore still refuses a table whose
+            // columns changed since (history could not agree), and this rollback marks
+            // the deployment's migrations reverted once the data is back.
+            across_versions: true,
             keep_history: true,
-            across_versions: false,
         };
         let attempts = self.exec.policy.restore_attempts.max(1);
         let mut attempt = 0;

@@ -1,7 +1,7 @@
 //! The decision tree and the resolution of `<to>`, case by case: pure functions over
 //! records and facts, so every branch is shown without a database.
 
-use belay_backup::{BackupFormat, BackupScope, Manifest, TableCount};
+use belay_backup::{BackupFormat, BackupKind, BackupScope, Manifest, TableCount};
 use belay_deploy::{AppliedMigration, DeploymentOutcome, DeploymentRecord, NewDeployment, Step};
 use belay_rollback::{
     LiveTable, PlanInput, RevertedMigration, RollbackError, RollbackTo, Strategy, Trigger, decide,
@@ -44,6 +44,8 @@ fn backup(scope: BackupScope, verified: bool) -> Manifest {
         server_version_num: 150000,
         pg_dump_version: "15".into(),
         schema_version: Some("1".into()),
+        applied_versions: vec!["1".into()],
+        kind: Some(BackupKind::PreDeployment),
         format: BackupFormat::Custom,
         scope,
         snapshot: None,
@@ -58,8 +60,6 @@ fn backup(scope: BackupScope, verified: bool) -> Manifest {
         verified_at: None,
         restore_tested: false,
         deployment_id: None,
-        applied_versions: vec!["1".into()],
-        kind: None,
     }
 }
 

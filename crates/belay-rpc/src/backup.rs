@@ -458,9 +458,9 @@ pub fn restore_request_from(r: &pb::RestoreBackupRequest) -> RestoreRequest {
         into: r.into.clone().filter(|s| !s.is_empty()),
         force: r.force,
         emergency_backup: !r.skip_emergency_backup,
+        across_versions: r.across_versions,
         // Not on the wire yet: remote rollbacks come with `RollbackService`.
         keep_history: false,
-        across_versions: r.across_versions,
     }
 }
 
@@ -487,6 +487,7 @@ pub fn create_request_from(r: &pb::CreateBackupRequest) -> Result<BackupRequest,
         scope: scope_from(&r.scope, &r.tables)?,
         label: r.label.clone(),
         deployment_id: opt_uuid(Some(&r.deployment_id))?,
+        kind: None,
     })
 }
 
@@ -1235,6 +1236,7 @@ mod tests {
                 scope: BackupScope::Tables(vec!["a".into()]),
                 label: Some("l".into()),
                 deployment_id: Some(uuid::Uuid::new_v4()),
+                kind: None,
             },
             BackupRequest {
                 scope: BackupScope::SchemaOnly,
