@@ -408,7 +408,9 @@ pub struct RestoreRequest {
     pub across_versions: bool,
     /// A full restore in place leaves belay's history schema (history table, deployment
     /// log) as it is now instead of putting back the backup's copy: a rollback restores
-    /// around its own record, then marks the deployment's migrations reverted.
+    /// around its own record, then marks the deployment's migrations reverted. For a table
+    /// restore it means the same caller: the schema-version check is skipped, since
+    /// returning the tables to the backup's version is the point.
     #[serde(default)]
     pub keep_history: bool,
 }

@@ -67,7 +67,10 @@ impl BackupManager {
             None => None,
         };
 
-        if let (Some(tables), None) = (&selected, &req.into) {
+        // A rollback (`keep_history`) returns the tables to the backup's version on purpose
+        // and records the revert in history itself: the version check is not for it (with
+        // `across_versions` alone, a migration that added a column would refuse it).
+        if let (Some(tables), None, false) = (&selected, &req.into, req.keep_history) {
             self.check_schema_version(url, target, &manifest, tables, req.across_versions)
                 .await?;
         }
