@@ -19,7 +19,6 @@ use belay_telemetry::LogFormat;
 use clap::Parser as _;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -349,7 +348,7 @@ async fn serve(args: Args) -> ExitCode {
         }
     }
 
-    let mut builder = Server::builder();
+    let mut builder = belay_rpc::daemon::server(belay_rpc::Keepalive::default());
     if let Some(tls) = server_tls {
         builder = match builder.tls_config(tls) {
             Ok(b) => b,

@@ -37,6 +37,12 @@ pub struct DeployerPolicy {
     /// `--watch D`: the watch window after validating; `None`: no window.
     #[serde(with = "crate::policy::opt_duration")]
     pub watch: Option<Duration>,
+    /// The canary soak: after the watch window (or in place of one), the target's probes
+    /// watched this long again and its postflight re-run at the end, still at `watching`.
+    /// On a fleet `deploy` request it is `--canary-soak`, and the controller passes it on
+    /// to the canary wave's targets only; `None` (the default, also for `0s`): no soak.
+    #[serde(with = "crate::policy::opt_duration")]
+    pub soak: Option<Duration>,
     /// Lock guard trips a run may take.
     pub lock_trip_budget: Option<u32>,
     pub on_failure: OnFailure,
@@ -77,6 +83,16 @@ impl DeploymentPolicy {
                 )));
             }
             policy.watch.duration = Some(window);
+            policy.watch.probes = own.probes.clone();
+        }
+        if let Some(soak) = asked.soak {
+            if own.probes.is_empty() {
+                return Err(DeployError::Policy(format!(
+                    "--canary-soak needs probes on canary target {target}: add \
+                     [[targets.probes]] to it in the agent's agent.toml"
+                )));
+            }
+            policy.watch.soak = Some(soak);
             policy.watch.probes = own.probes.clone();
         }
         policy.lock_trip_budget = asked.lock_trip_budget;

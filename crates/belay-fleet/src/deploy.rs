@@ -68,6 +68,11 @@ impl Fleet {
         if chosen.is_empty() {
             return Err(refused("no targets given: pass --targets NAME_OR_PATTERN"));
         }
+        if spec.policy.soak.is_some() && spec.canary == 0 {
+            return Err(refused(
+                "a canary soak needs a canary wave to soak: pass --canary N (N ≥ 1), or drop --canary-soak",
+            ));
+        }
 
         // Promotion gate.
         let envs = &self.config.environments;
@@ -185,9 +190,17 @@ impl Fleet {
             })
             .await?;
             let last_wave = n + 1 == plan.len();
+            // The soak is the canary wave's alone (`waves::plan` puts it first): the
+            // targets after it are what it protects.
+            let canary_wave = n == 0 && spec.canary > 0;
+            let mut wave_spec = spec.clone();
+            if !canary_wave {
+                wave_spec.policy.soak = None;
+            }
             let mut tasks = tokio::task::JoinSet::new();
             for t in names {
-                let (fleet, t, sem, spec) = (self.clone(), t.clone(), sem.clone(), spec.clone());
+                let (fleet, t, sem, spec) =
+                    (self.clone(), t.clone(), sem.clone(), wave_spec.clone());
                 tasks.spawn(async move {
                     let _permit = sem.acquire_owned().await;
                     let outcome = fleet.deploy_target(id, &t, &spec, last_wave).await;
@@ -202,6 +215,22 @@ impl Fleet {
                     Err(e) => failures.push(format!("a target task panicked: {e}")),
                 }
             }
+            if canary_wave && failures.is_empty() && plan.len() > 1 {
+                if let Some(soak) = spec.policy.soak {
+                    self.record(NewEvent {
+                        deployment_id: id,
+                        target: None,
+                        kind: "canary_soaked".into(),
+                        message: format!(
+                            "canary soak of {} passed on {}: the next wave starts",
+                            belay_core::format_duration(soak),
+                            names.join(", ")
+                        ),
+                        payload: serde_json::json!({ "targets": names, "soak": belay_core::format_duration(soak) }),
+                    })
+                    .await?;
+                }
+            }
             if !failures.is_empty() {
                 let untouched = &targets[wave.end..];
                 for t in untouched {
@@ -214,7 +243,8 @@ impl Fleet {
                     .await?;
                 }
                 let msg = format!(
-                    "halted after wave {}/{}: {}{}",
+                    "halted after {}wave {}/{}: {}{}",
+                    if canary_wave { "the canary " } else { "" },
                     n + 1,
                     plan.len(),
                     failures.join("; "),

@@ -36,6 +36,9 @@ pub struct FleetConfig {
     pub agent_token: Option<String>,
     /// mTLS identity the controller presents to agents.
     pub agent_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// HTTP/2 keepalive on channels to agents: a silently dead agent's deployment streams
+    /// end within `agent_keepalive.bound()`.
+    pub agent_keepalive: belay_rpc::Keepalive,
 }
 
 impl Default for FleetConfig {
@@ -45,6 +48,7 @@ impl Default for FleetConfig {
             environments: Vec::new(),
             agent_token: None,
             agent_tls: None,
+            agent_keepalive: belay_rpc::Keepalive::default(),
         }
     }
 }
@@ -197,11 +201,12 @@ impl Fleet {
         {
             return Ok(c.clone());
         }
-        let conn = Connection::new(
+        let conn = Connection::with_keepalive(
             &agent.address,
             self.config.agent_tls.clone(),
             self.config.agent_token.as_deref(),
             format!("agent {} at {}", agent.name, agent.address),
+            self.config.agent_keepalive,
         )?;
         conns.insert(agent.name.clone(), conn.clone());
         Ok(conn)

@@ -45,6 +45,7 @@ pub fn deployer_policy(p: &DeployerPolicy) -> pb::DeployerPolicy {
         reason: p.reason.clone(),
         watch_ms: p.watch.map(millis),
         lock_trip_budget: p.lock_trip_budget,
+        soak_ms: p.soak.map(millis),
         on_failure: match p.on_failure {
             OnFailure::Stop => pb::OnFailure::Stop,
             OnFailure::Rollback => pb::OnFailure::Rollback,
@@ -77,6 +78,7 @@ pub fn deployer_policy_from(p: Option<&pb::DeployerPolicy>) -> Result<DeployerPo
         overrides: p.overrides.clone(),
         reason: p.reason.clone(),
         watch: p.watch_ms.map(Duration::from_millis),
+        soak: p.soak_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
         lock_trip_budget: p.lock_trip_budget,
         on_failure,
     })
@@ -402,6 +404,7 @@ mod tests {
                 overrides: vec!["lock_waits".into()],
                 reason: Some("agreed".into()),
                 watch: Some(Duration::from_secs(30)),
+                soak: Some(Duration::from_secs(300)),
                 lock_trip_budget: Some(2),
                 on_failure: OnFailure::Stop,
             },
