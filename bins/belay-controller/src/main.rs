@@ -253,6 +253,7 @@ async fn serve(args: Args) -> ExitCode {
     };
 
     fleet.spawn_gauges();
+    fleet.spawn_reconciler();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     belay_rpc::daemon::set_health(&reporter, &HEALTH_SERVICES, ServingStatus::Serving).await;
 

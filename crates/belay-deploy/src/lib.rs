@@ -34,5 +34,5 @@ pub use record::{
 };
 pub use target::{
     DeployerPolicy, LogFor, PipelineDeployer, TargetDeployApi, TargetDeployed, TargetDeployment,
-    TargetPolicy,
+    TargetPolicy, TargetRun,
 };

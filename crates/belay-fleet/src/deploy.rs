@@ -332,9 +332,12 @@ impl Fleet {
             release: None,
             asked: spec.policy.clone(),
         };
-        let result = match self.connection_for(target).await {
-            Ok((conn, _)) => DeployClient::new(&conn).deploy_target(request, sink).await,
-            Err(e) => Err(e),
+        let (result, agent) = match self.connection_for(target).await {
+            Ok((conn, agent)) => (
+                DeployClient::new(&conn).deploy_target(request, sink).await,
+                agent.name,
+            ),
+            Err(e) => (Err(e), "?".to_string()),
         };
         // The sink is gone with the call: the recorder drains what is left, then ends,
         // so the target's final state comes after all of its events.
@@ -374,14 +377,17 @@ impl Fleet {
                 ))
             }
             Err(e) if e.kind == ErrorKind::AgentUnreachable => {
-                self.set_target(
-                    id,
-                    target,
-                    TargetState::Unknown,
-                    &format!("{}; reconciled when the agent reports again", e.message),
-                )
-                .await?;
-                Err(e)
+                // The stream broke (the agent died, or stopped answering keepalive pings):
+                // where the run got to is what the agent's record beside the target says,
+                // asked once it is reachable again.
+                let step = seen.step.unwrap_or(Step::Planned);
+                let message = format!(
+                    "agent {agent} lost during {step}: {}; reconciled from its record when it is back",
+                    e.message
+                );
+                self.set_target(id, target, TargetState::Unknown, &message)
+                    .await?;
+                Err(ApiError::new(e.kind, message))
             }
             Err(e) => {
                 // Refused before the pipeline ran (an unknown target, a watch window
