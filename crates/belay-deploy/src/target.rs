@@ -172,6 +172,9 @@ pub struct PipelineDeployer {
     /// When this deployer (its process) started: a record left unfinished from before
     /// is a run its process did not live to finish.
     started: DateTime<Utc>,
+    /// Held while settling, so the start-up pass and a controller's question never
+    /// settle one record twice.
+    settling: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for PipelineDeployer {
@@ -196,6 +199,7 @@ impl PipelineDeployer {
             targets: targets.into_iter().collect(),
             running: Arc::default(),
             started: Utc::now(),
+            settling: Arc::default(),
         }
     }
 
@@ -212,12 +216,33 @@ impl PipelineDeployer {
         let mut settled = Vec::new();
         // Unfinished records are the newest ones: a process runs a handful at a time.
         for record in log.list(SETTLE_LOOKBACK).await.map_err(log_error)? {
-            if self.abandoned(target, &record) {
-                settle_one(log.as_ref(), &record).await?;
+            if self.abandoned(target, &record)
+                && self
+                    .settle_one(target, log.as_ref(), record.start.id)
+                    .await?
+            {
                 settled.push(record.start.id);
             }
         }
         Ok(settled)
+    }
+
+    /// Settles deployment `id` if it is still abandoned once the lock is held; `true`
+    /// when this call settled it.
+    async fn settle_one(
+        &self,
+        target: &str,
+        log: &dyn DeploymentLog,
+        id: Uuid,
+    ) -> Result<bool, ApiError> {
+        let _held = self.settling.lock().await;
+        match log.get(id).await.map_err(log_error)? {
+            Some(record) if self.abandoned(target, &record) => {
+                settle(log, &record).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Whether `record` is a run of `target` an earlier process left unfinished: the
@@ -235,7 +260,7 @@ impl PipelineDeployer {
 const SETTLE_LOOKBACK: usize = 50;
 
 /// Records an abandoned run as failed at the step it was in.
-async fn settle_one(log: &dyn DeploymentLog, record: &DeploymentRecord) -> Result<(), ApiError> {
+async fn settle(log: &dyn DeploymentLog, record: &DeploymentRecord) -> Result<(), ApiError> {
     let id = record.start.id;
     let step = record.step;
     let reason = format!(
@@ -357,7 +382,7 @@ impl TargetDeployApi for PipelineDeployer {
         }
         // Left by an earlier process and not settled at start (its database was down):
         // settled now, so the answer is final.
-        settle_one(log.as_ref(), &record).await?;
+        self.settle_one(target, log.as_ref(), id).await?;
         match log
             .get(id)
             .await
