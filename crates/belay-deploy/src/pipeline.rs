@@ -755,16 +755,19 @@ impl Run<'_> {
         let Some(s) = soak else {
             return Ok(Ok(()));
         };
-        self.emit(
-            KIND_NOTE,
-            format!(
-                "canary soak: watching {} probe(s) for {}, then the postflight again",
-                probes.len(),
-                fmt(s)
-            ),
-            json!({ "phase": SOAK_PHASE, "duration": fmt(s) }),
-        )
-        .await?;
+        // Without a window the transition above already announced the soak.
+        if window.is_some() {
+            self.emit(
+                KIND_NOTE,
+                format!(
+                    "canary soak: watching {} probe(s) for {}, then the postflight again",
+                    probes.len(),
+                    fmt(s)
+                ),
+                json!({ "phase": SOAK_PHASE, "duration": fmt(s) }),
+            )
+            .await?;
+        }
         if let Err(f) = self.probe_for(&probes, s, Some(SOAK_PHASE)).await? {
             return Ok(Err(f));
         }
