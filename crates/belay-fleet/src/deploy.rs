@@ -215,21 +215,23 @@ impl Fleet {
                     Err(e) => failures.push(format!("a target task panicked: {e}")),
                 }
             }
-            if canary_wave && failures.is_empty() && plan.len() > 1 {
-                if let Some(soak) = spec.policy.soak {
-                    self.record(NewEvent {
-                        deployment_id: id,
-                        target: None,
-                        kind: "canary_soaked".into(),
-                        message: format!(
-                            "canary soak of {} passed on {}: the next wave starts",
-                            belay_core::format_duration(soak),
-                            names.join(", ")
-                        ),
-                        payload: serde_json::json!({ "targets": names, "soak": belay_core::format_duration(soak) }),
-                    })
-                    .await?;
-                }
+            if canary_wave
+                && failures.is_empty()
+                && plan.len() > 1
+                && let Some(soak) = spec.policy.soak
+            {
+                let soak = belay_core::format_duration(soak);
+                self.record(NewEvent {
+                    deployment_id: id,
+                    target: None,
+                    kind: "canary_soaked".into(),
+                    message: format!(
+                        "canary soak of {soak} passed on {}: the next wave starts",
+                        names.join(", ")
+                    ),
+                    payload: serde_json::json!({ "targets": names, "soak": soak }),
+                })
+                .await?;
             }
             if !failures.is_empty() {
                 let untouched = &targets[wave.end..];
