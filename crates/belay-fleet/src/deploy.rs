@@ -245,10 +245,10 @@ impl Fleet {
                     .await?;
                 }
                 let msg = format!(
-                    "halted after {}wave {}/{}: {}{}",
-                    if canary_wave { "the canary " } else { "" },
+                    "halted after wave {}/{}{}: {}{}",
                     n + 1,
                     plan.len(),
+                    if canary_wave { " (the canary)" } else { "" },
                     failures.join("; "),
                     if untouched.is_empty() {
                         String::new()
