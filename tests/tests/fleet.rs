@@ -388,6 +388,11 @@ async fn an_agent_killed_mid_deployment_is_never_reported_succeeded_and_is_recon
         r.stdout.contains("k_1") && r.stdout.contains("unknown"),
         "{r:?}"
     );
+    // Where it stopped, exactly: the step, and which agent was lost.
+    assert!(
+        r.stdout.contains("agent agent-1 lost during migrating"),
+        "{r:?}"
+    );
 
     // The agent comes back; the controller asks it where k_1 stands and records the truth.
     let _ad = agent(&a).await?;
@@ -417,6 +422,21 @@ async fn an_agent_killed_mid_deployment_is_never_reported_succeeded_and_is_recon
     assert!(
         msg.contains("reconciled") && msg.contains("1 failed (V2__slow.sql)"),
         "{msg}"
+    );
+    // The agent settled its own record of the run on start, and the controller took it.
+    assert_eq!(d["targets"][0]["failed_step"], "migrating", "{d}");
+    assert!(
+        d["targets"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("the agent stopped during migrating")),
+        "{d}"
+    );
+    assert_eq!(
+        psql(
+            &db[0].url,
+            &format!("SELECT step, failed_step FROM belay.deployments WHERE id = '{id}'")
+        ),
+        "failed|migrating"
     );
     Ok(())
 }

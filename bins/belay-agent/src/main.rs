@@ -19,7 +19,6 @@ use belay_telemetry::LogFormat;
 use clap::Parser as _;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -268,9 +267,31 @@ async fn serve(args: Args) -> ExitCode {
     });
     // Each fleet deployment's target runs the same pipeline as local `migrate`, over the
     // same guarded executor (lint gate, lock guard, backup hook) and health checker.
-    let deploy_service = belay_rpc::DeployGrpc::new(Arc::new(belay_deploy::PipelineDeployer::new(
+    let target_names: Vec<String> = policies.iter().map(|(n, _)| n.clone()).collect();
+    let deployer = Arc::new(belay_deploy::PipelineDeployer::new(
         local, health, log_for, policies,
-    )));
+    ));
+    // A deployment an earlier process of this agent did not live to finish is settled in
+    // its target's log (failed at the step it was in), so none is left running there.
+    // In the background: a target whose database is down must not keep the agent from
+    // serving the others; the controller's question settles it later anyway.
+    {
+        let deployer = deployer.clone();
+        tokio::spawn(async move {
+            for name in target_names {
+                match deployer.settle(&name).await {
+                    Ok(ids) if !ids.is_empty() => {
+                        tracing::warn!(target = %name, settled = ids.len(), "settled deployments an earlier agent process left unfinished")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(target = %name, error = %e, "cannot settle this target's unfinished deployments now; they are settled when the controller asks")
+                    }
+                }
+            }
+        });
+    }
+    let deploy_service = belay_rpc::DeployGrpc::new(deployer);
 
     let listener = match TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
@@ -354,7 +375,7 @@ async fn serve(args: Args) -> ExitCode {
         }
     }
 
-    let mut builder = Server::builder();
+    let mut builder = belay_rpc::daemon::server(belay_rpc::Keepalive::default());
     if let Some(tls) = server_tls {
         builder = match builder.tls_config(tls) {
             Ok(b) => b,

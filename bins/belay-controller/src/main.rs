@@ -13,7 +13,6 @@ use belay_proto::v1 as pb;
 use belay_telemetry::LogFormat;
 use clap::Parser as _;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -72,6 +71,13 @@ struct Args {
     /// How often agents heartbeat; three missed heartbeats make an agent unreachable
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
     heartbeat_interval: Duration,
+
+    /// HTTP/2 keepalive with agents (and callers): a ping every DURATION, the peer given
+    /// up when one stays unanswered as long. An agent that dies silently mid-deployment
+    /// is detected within twice this (20 s by default): its target is marked `unknown`
+    /// at the step it was in, with the reason, and reconciled when the agent is back
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_interval)]
+    agent_keepalive: Duration,
 
     /// File holding the bearer token every caller (CLI and agents) must present; without
     /// it, BELAY_TOKEN; without either, calls are not authenticated
@@ -220,6 +226,7 @@ async fn serve(args: Args) -> ExitCode {
             environments: args.environments.clone(),
             agent_token: token.as_ref().map(|t| t.expose().to_string()),
             agent_tls,
+            agent_keepalive: belay_rpc::Keepalive::every(args.agent_keepalive),
         },
     )
     .await
@@ -247,11 +254,12 @@ async fn serve(args: Args) -> ExitCode {
     };
 
     fleet.spawn_gauges();
+    fleet.spawn_reconciler();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     belay_rpc::daemon::set_health(&reporter, &HEALTH_SERVICES, ServingStatus::Serving).await;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut builder = Server::builder();
+    let mut builder = belay_rpc::daemon::server(belay_rpc::Keepalive::every(args.agent_keepalive));
     if let Some(tls) = server_tls {
         builder = match builder.tls_config(tls) {
             Ok(b) => b,

@@ -237,6 +237,14 @@ pub enum Command {
         /// target at `watching` and halts the deployment
         #[arg(long, value_name = "DURATION")]
         watch: Option<String>,
+        /// After the canary wave succeeds and before the next wave starts, each canary
+        /// target's agent watches its probes again for this long and then re-runs its
+        /// postflight (both at `watching`); a failure there fails the canary and stops the
+        /// deployment: later waves never start [default: `canary_soak` in belay.toml's
+        /// [deploy], else 0 = no soak]. Needs --canary ≥ 1 and [[targets.probes]] on the
+        /// canary targets
+        #[arg(long, value_name = "DURATION")]
+        canary_soak: Option<String>,
         /// What a failed step leads to [default: stop, or `on_failure` in belay.toml's
         /// [deploy]]: stop (the failure is recorded, what was applied stays applied) or
         /// rollback (refused until the rollback controller exists)

@@ -109,6 +109,21 @@ fn deployer_policy(
         .watch
         .map(|w| belay_core::parse_duration(w).map_err(|e| usage(format!("--watch: {e}"))))
         .transpose()?;
+    // 0 (the default) is no soak; a soak needs a canary wave to soak.
+    let soak = match checks.canary_soak.or(file.canary_soak.as_ref()) {
+        Some(s) => {
+            belay_core::parse_duration(s).map_err(|e| usage(format!("--canary-soak: {e}")))?
+        }
+        None => std::time::Duration::ZERO,
+    };
+    let soak = (!soak.is_zero()).then_some(soak);
+    if soak.is_some() && checks.canary == 0 {
+        return Err(usage(
+            "--canary-soak (or [deploy] canary_soak in belay.toml) needs a canary wave to soak: \
+             pass --canary N (N ≥ 1), or drop the soak"
+                .into(),
+        ));
+    }
     let on_failure = match checks.on_failure.or(file.on_failure) {
         Some(OnFailureArg::Rollback) => {
             return Err(usage(
@@ -128,6 +143,7 @@ fn deployer_policy(
             .then(|| checks.reason.cloned())
             .flatten(),
         watch,
+        soak,
         lock_trip_budget: file.lock_trip_budget,
         on_failure,
     })
@@ -139,6 +155,8 @@ struct DeployFlags<'a> {
     reason: Option<&'a String>,
     no_preflight: bool,
     watch: Option<&'a String>,
+    canary: u32,
+    canary_soak: Option<&'a String>,
     on_failure: Option<OnFailureArg>,
 }
 
@@ -201,6 +219,7 @@ pub async fn fleet_command(
             override_check,
             no_preflight,
             watch,
+            canary_soak,
             on_failure,
         } => {
             let flags = DeployFlags {
@@ -208,6 +227,8 @@ pub async fn fleet_command(
                 reason: reason.as_ref(),
                 no_preflight: *no_preflight,
                 watch: watch.as_ref(),
+                canary: *canary,
+                canary_soak: canary_soak.as_ref(),
                 on_failure: *on_failure,
             };
             let policy = match deployer_policy(&flags, file_deploy) {

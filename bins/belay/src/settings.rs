@@ -97,6 +97,8 @@ pub struct FileDeploy {
     pub on_failure: Option<crate::cli::OnFailureArg>,
     /// Lock guard trips a run may take before the deployment fails at `migrating`.
     pub lock_trip_budget: Option<u32>,
+    /// `deploy --canary-soak`'s default (`"5m"`; absent or `"0s"`: no soak).
+    pub canary_soak: Option<String>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

@@ -24,7 +24,7 @@ pub use memory::MemoryLog;
 pub use pipeline::{
     Cause, DeployError, DeploySink, Deployment, DeploymentRequest, FailureHandler, KIND_CHECK,
     KIND_FAILURE_HANDLER, KIND_MIGRATION, KIND_NOTE, KIND_PROBE, KIND_RUN_REPORT, KIND_TRANSITION,
-    Pipeline, StepFailure,
+    Pipeline, SOAK_PHASE, StepFailure,
 };
 pub use policy::{
     BackupPolicy, DeploymentPolicy, OnFailure, PostflightPolicy, PreflightPolicy, WatchPolicy,
@@ -35,5 +35,5 @@ pub use record::{
 };
 pub use target::{
     DeployerPolicy, LogFor, PipelineDeployer, TargetDeployApi, TargetDeployed, TargetDeployment,
-    TargetPolicy,
+    TargetPolicy, TargetRun,
 };

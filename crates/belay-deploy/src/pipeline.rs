@@ -45,6 +45,8 @@ pub const KIND_FAILURE_HANDLER: &str = "failure_handler";
 /// Something the record cannot say exactly (e.g. checksums unknown in remote mode):
 /// payload its details.
 pub const KIND_NOTE: &str = "note";
+/// `phase` of the canary soak's events and of a failure in it (its step is `watching`).
+pub const SOAK_PHASE: &str = "canary_soak";
 
 /// Where a caller sees the deployment's events as they are recorded (to render them).
 /// Called synchronously, in `seq` order.
@@ -191,7 +193,9 @@ impl Pipeline {
                 dup.name
             )));
         }
-        if policy.watch.duration.is_some() && policy.watch.probes.is_empty() {
+        if (policy.watch.duration.is_some() || policy.watch.soak.is_some())
+            && policy.watch.probes.is_empty()
+        {
             return Err(DeployError::Policy(
                 "a watch window needs probes to watch".into(),
             ));
@@ -641,14 +645,24 @@ impl Run<'_> {
     }
 
     async fn validate(&mut self) -> Result<StepResult<()>, LogError> {
-        let policy = &self.request.policy.postflight;
-        if policy.skip {
+        if self.request.policy.postflight.skip {
             self.transition(Step::Validating, "skipped by policy")
                 .await?;
             return Ok(Ok(()));
         }
         self.transition(Step::Validating, "postflight checks and assertions")
             .await?;
+        self.postflight(Step::Validating, None).await
+    }
+
+    /// The postflight checks and assertions, failing at `step`; `phase` marks the
+    /// canary soak's re-run (in the event, the reason and the evidence).
+    async fn postflight(
+        &mut self,
+        step: Step,
+        phase: Option<&'static str>,
+    ) -> Result<StepResult<()>, LogError> {
+        let policy = &self.request.policy.postflight;
         let results = match self
             .pipeline
             .health
@@ -656,7 +670,7 @@ impl Run<'_> {
             .await
         {
             Ok(r) => r,
-            Err(e) => return Ok(Err(api_failure(Step::Validating, &e, Value::Null))),
+            Err(e) => return Ok(Err(api_failure(step, &e, json!({ "phase": phase })))),
         };
         let assertions = policy.spec.checks.len();
         let passed = policy
@@ -669,17 +683,25 @@ impl Run<'_> {
                     .any(|r| r.name == c.name && r.status == CheckStatus::Pass)
             })
             .count();
+        let label = match phase {
+            Some(_) => "canary soak, postflight again",
+            None => "validating",
+        };
+        let mut payload = json!({ "check": "postflight", "results": results });
+        if let Some(phase) = phase {
+            payload["phase"] = json!(phase);
+        }
         self.emit(
             KIND_CHECK,
             if assertions == 0 {
-                format!("validating: {}", tally(&results))
+                format!("{label}: {}", tally(&results))
             } else {
                 format!(
-                    "validating: {passed} of {assertions} assertion(s) passed; {}",
+                    "{label}: {passed} of {assertions} assertion(s) passed; {}",
                     tally(&results)
                 )
             },
-            json!({ "check": "postflight", "results": results }),
+            payload,
         )
         .await?;
         let blocked: Vec<&CheckResult> = results
@@ -700,41 +722,97 @@ impl Run<'_> {
                 line
             })
             .collect();
+        let mut evidence = json!({ "failed": blocked });
+        if let Some(phase) = phase {
+            evidence["phase"] = json!(phase);
+        }
         Ok(Err(StepFailure {
-            step: Step::Validating,
+            step,
             kind: ErrorKind::Refused,
             cause: Cause::AssertionFailed,
             reason: format!(
-                "postflight failed: {}; the migrations stay applied",
+                "{}postflight failed: {}; the migrations stay applied",
+                if phase.is_some() { "canary soak: " } else { "" },
                 lines.join("; ")
             ),
-            evidence: json!({ "failed": blocked }),
+            evidence,
         }))
     }
 
+    /// The watch window, then the canary soak (the probes again, then the postflight),
+    /// all at `watching`: a soak is a longer look at the same target with the same
+    /// probes, so it fails the same step.
     async fn watch(&mut self) -> Result<StepResult<()>, LogError> {
         let policy = &self.request.policy.watch;
-        let Some(window) = policy.duration else {
+        let (window, soak) = (policy.duration, policy.soak);
+        if window.is_none() && soak.is_none() {
+            return Ok(Ok(()));
+        }
+        let probes = policy.probes.clone();
+        let fmt = belay_core::format_duration;
+        let message = match (window, soak) {
+            (Some(w), Some(s)) => format!(
+                "watching {} probe(s) for {}, then a canary soak of {} (the probes again, then the postflight)",
+                probes.len(),
+                fmt(w),
+                fmt(s)
+            ),
+            (Some(w), None) => format!("watching {} probe(s) for {}", probes.len(), fmt(w)),
+            (None, Some(s)) => format!(
+                "canary soak: watching {} probe(s) for {}, then the postflight again",
+                probes.len(),
+                fmt(s)
+            ),
+            (None, None) => String::new(),
+        };
+        self.transition(Step::Watching, &message).await?;
+        if let Some(w) = window
+            && let Err(f) = self.probe_for(&probes, w, None).await?
+        {
+            return Ok(Err(f));
+        }
+        let Some(s) = soak else {
             return Ok(Ok(()));
         };
-        let probes = policy.probes.clone();
-        self.transition(
-            Step::Watching,
-            &format!(
-                "watching {} probe(s) for {}",
-                probes.len(),
-                belay_core::format_duration(window)
-            ),
-        )
-        .await?;
+        // Without a window the transition above already announced the soak.
+        if window.is_some() {
+            self.emit(
+                KIND_NOTE,
+                format!(
+                    "canary soak: watching {} probe(s) for {}, then the postflight again",
+                    probes.len(),
+                    fmt(s)
+                ),
+                json!({ "phase": SOAK_PHASE, "duration": fmt(s) }),
+            )
+            .await?;
+        }
+        if let Err(f) = self.probe_for(&probes, s, Some(SOAK_PHASE)).await? {
+            return Ok(Err(f));
+        }
+        if self.request.policy.postflight.skip {
+            return Ok(Ok(()));
+        }
+        self.postflight(Step::Watching, Some(SOAK_PHASE)).await
+    }
+
+    /// Every probe for `window`, their events merged; the first to cross its failure
+    /// threshold fails the step.
+    async fn probe_for(
+        &mut self,
+        probes: &[belay_health::TargetProbe],
+        window: std::time::Duration,
+        phase: Option<&'static str>,
+    ) -> Result<StepResult<()>, LogError> {
         let health = self.pipeline.health.clone();
         let target = self.target().to_string();
+        let phased = |e: &ApiError| api_failure(Step::Watching, e, json!({ "phase": phase }));
         let streams =
             futures::future::try_join_all(probes.iter().map(|p| health.probe(&target, p, window)))
                 .await;
         let streams = match streams {
             Ok(s) => s,
-            Err(e) => return Ok(Err(api_failure(Step::Watching, &e, Value::Null))),
+            Err(e) => return Ok(Err(phased(&e))),
         };
         // One stream per probe, all running at once, their events merged as they come;
         // returning drops them, which stops every probe wherever it runs.
@@ -742,9 +820,12 @@ impl Run<'_> {
         while let Some(event) = events.next().await {
             let event: ProbeEvent = match event {
                 Ok(e) => e,
-                Err(e) => return Ok(Err(api_failure(Step::Watching, &e, Value::Null))),
+                Err(e) => return Ok(Err(phased(&e))),
             };
-            let payload = serde_json::to_value(&event).unwrap_or(Value::Null);
+            let mut payload = serde_json::to_value(&event).unwrap_or(Value::Null);
+            if let (Some(phase), Value::Object(o)) = (phase, &mut payload) {
+                o.insert("phase".into(), json!(phase));
+            }
             self.emit(KIND_PROBE, event.summary(), payload.clone())
                 .await?;
             if event.triggered {
@@ -753,7 +834,8 @@ impl Run<'_> {
                     kind: ErrorKind::Refused,
                     cause: Cause::ProbeTriggered,
                     reason: format!(
-                        "probe {} crossed its failure threshold ({} consecutive failures): {}",
+                        "{}probe {} crossed its failure threshold ({} consecutive failures): {}",
+                        if phase.is_some() { "canary soak: " } else { "" },
                         event.probe,
                         event.consecutive_failures,
                         event.summary()

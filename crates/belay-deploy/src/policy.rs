@@ -67,6 +67,11 @@ pub struct WatchPolicy {
     /// `None`: no watch window (the step is not entered).
     #[serde(with = "opt_duration")]
     pub duration: Option<Duration>,
+    /// The canary soak after the window: the probes again for this long, then the
+    /// postflight re-run, both still at `watching` (`phase: "canary_soak"` in their
+    /// events and in a failure's evidence). `None`: no soak.
+    #[serde(with = "opt_duration")]
+    pub soak: Option<Duration>,
     /// The probes as the record shows them; runnable probes travel in `probes`.
     #[serde(skip_deserializing, serialize_with = "probe_views")]
     pub probes: Vec<TargetProbe>,

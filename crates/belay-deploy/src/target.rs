@@ -10,20 +10,22 @@
 //! preflight thresholds, postflight assertions and smoke queries, probes). No URL, probe
 //! or query crosses the wire.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use belay_core::{ApiError, ErrorKind};
 use belay_health::{HealthApi, PostflightSpec, TargetProbe, Thresholds};
 use belay_migrate::{MigrationApi, Target};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, info_span, warn};
 use uuid::Uuid;
 
+use crate::Step;
 use crate::pipeline::{Cause, DeployError, DeploySink, DeploymentRequest, Pipeline};
 use crate::policy::{DeploymentPolicy, OnFailure};
-use crate::record::{DeploymentLog, DeploymentOutcome};
+use crate::record::{DeployEvent, DeploymentLog, DeploymentOutcome, DeploymentRecord};
 
 /// The deployer's part of the policy: what the operator asked for, for every target alike.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -37,6 +39,12 @@ pub struct DeployerPolicy {
     /// `--watch D`: the watch window after validating; `None`: no window.
     #[serde(with = "crate::policy::opt_duration")]
     pub watch: Option<Duration>,
+    /// The canary soak: after the watch window (or in place of one), the target's probes
+    /// watched this long again and its postflight re-run at the end, still at `watching`.
+    /// On a fleet `deploy` request it is `--canary-soak`, and the controller passes it on
+    /// to the canary wave's targets only; `None` (the default, also for `0s`): no soak.
+    #[serde(with = "crate::policy::opt_duration")]
+    pub soak: Option<Duration>,
     /// Lock guard trips a run may take.
     pub lock_trip_budget: Option<u32>,
     pub on_failure: OnFailure,
@@ -79,6 +87,16 @@ impl DeploymentPolicy {
             policy.watch.duration = Some(window);
             policy.watch.probes = own.probes.clone();
         }
+        if let Some(soak) = asked.soak {
+            if own.probes.is_empty() {
+                return Err(DeployError::Policy(format!(
+                    "--canary-soak needs probes on canary target {target}: add \
+                     [[targets.probes]] to it in the agent's agent.toml"
+                )));
+            }
+            policy.watch.soak = Some(soak);
+            policy.watch.probes = own.probes.clone();
+        }
         policy.lock_trip_budget = asked.lock_trip_budget;
         policy.on_failure = asked.on_failure;
         Ok(policy)
@@ -108,6 +126,19 @@ pub struct TargetDeployed {
     pub cause: Option<Cause>,
 }
 
+/// Where one target's deployment stands where it runs: what the controller asks when it
+/// lost the run's stream (an agent or the controller itself restarted).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetRun {
+    /// Still running in the agent's process, at `step`.
+    Running { step: Step },
+    /// Over, as recorded beside the target (a run its agent did not live to finish is
+    /// recorded as failed at the step it was in when the agent restarted).
+    Finished(DeploymentOutcome),
+    /// The target's log has no such deployment: nothing of it ran there.
+    NotFound,
+}
+
 /// Runs one target's deployment where the target lives, calling `sink` with each event in
 /// order as it is recorded. A failed step is an `Ok` whose outcome says so; `Err` when
 /// the deployment could not be run at all (an unknown target, a policy the target cannot
@@ -119,6 +150,9 @@ pub trait TargetDeployApi: Send + Sync {
         request: TargetDeployment,
         sink: DeploySink,
     ) -> Result<TargetDeployed, ApiError>;
+
+    /// Where deployment `id` stands on `target`.
+    async fn deployment(&self, target: &str, id: Uuid) -> Result<TargetRun, ApiError>;
 }
 
 /// Where a target's deployment is recorded, beside it.
@@ -133,6 +167,14 @@ pub struct PipelineDeployer {
     health: Arc<dyn HealthApi>,
     log_for: LogFor,
     targets: BTreeMap<String, TargetPolicy>,
+    /// Deployments running in this process right now, by id.
+    running: Arc<Mutex<HashSet<Uuid>>>,
+    /// When this deployer (its process) started: a record left unfinished from before
+    /// is a run its process did not live to finish.
+    started: DateTime<Utc>,
+    /// Held while settling, so the start-up pass and a controller's question never
+    /// settle one record twice.
+    settling: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for PipelineDeployer {
@@ -155,6 +197,114 @@ impl PipelineDeployer {
             health,
             log_for,
             targets: targets.into_iter().collect(),
+            running: Arc::default(),
+            started: Utc::now(),
+            settling: Arc::default(),
+        }
+    }
+
+    fn is_running(&self, id: Uuid) -> bool {
+        self.running.lock().is_ok_and(|r| r.contains(&id))
+    }
+
+    /// Settles `target`'s deployments that an earlier process of this agent started and
+    /// did not live to finish (kill -9, a crash, a power cut): each is recorded as failed
+    /// at the step it was in, with the reason. Called when the agent starts, so no record
+    /// beside a target is left running; returns the ids settled.
+    pub async fn settle(&self, target: &str) -> Result<Vec<Uuid>, ApiError> {
+        let log = (self.log_for)(target)?;
+        let mut settled = Vec::new();
+        // Unfinished records are the newest ones: a process runs a handful at a time.
+        for record in log.list(SETTLE_LOOKBACK).await.map_err(log_error)? {
+            if self.abandoned(target, &record)
+                && self
+                    .settle_one(target, log.as_ref(), record.start.id)
+                    .await?
+            {
+                settled.push(record.start.id);
+            }
+        }
+        Ok(settled)
+    }
+
+    /// Settles deployment `id` if it is still abandoned once the lock is held; `true`
+    /// when this call settled it.
+    async fn settle_one(
+        &self,
+        target: &str,
+        log: &dyn DeploymentLog,
+        id: Uuid,
+    ) -> Result<bool, ApiError> {
+        let _held = self.settling.lock().await;
+        match log.get(id).await.map_err(log_error)? {
+            Some(record) if self.abandoned(target, &record) => {
+                settle(log, &record).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether `record` is a run of `target` an earlier process left unfinished: the
+    /// agent records its targets' deployments under the target's name, and one started
+    /// before this process that is not running in it can no longer finish.
+    fn abandoned(&self, target: &str, record: &DeploymentRecord) -> bool {
+        record.outcome.is_none()
+            && record.start.target == target
+            && record.start.started_at < self.started
+            && !self.is_running(record.start.id)
+    }
+}
+
+/// How many of a target's newest deployments [`PipelineDeployer::settle`] looks at.
+const SETTLE_LOOKBACK: usize = 50;
+
+/// Records an abandoned run as failed at the step it was in.
+async fn settle(log: &dyn DeploymentLog, record: &DeploymentRecord) -> Result<(), ApiError> {
+    let id = record.start.id;
+    let step = record.step;
+    let reason = format!(
+        "the agent stopped during {step} (killed or crashed) and the run was cut short; \
+         settled when the agent started again: see `belay history` on the target for what \
+         committed"
+    );
+    warn!(deployment = %id, target = %record.start.target, %step, "settling a deployment the agent did not live to finish");
+    log.append(DeployEvent {
+        deployment_id: id,
+        target: record.start.target.clone(),
+        seq: 0,
+        at: Utc::now(),
+        step: Step::Failed,
+        kind: crate::pipeline::KIND_TRANSITION.to_string(),
+        message: format!("{step} → failed: {reason}"),
+        payload: serde_json::json!({ "from": step, "to": Step::Failed, "reason": reason }),
+    })
+    .await
+    .map_err(log_error)?;
+    log.finish(
+        id,
+        &DeploymentOutcome {
+            state: Step::Failed,
+            finished_at: Utc::now(),
+            failed_step: Some(step),
+            reason: Some(reason),
+            evidence: serde_json::json!({ "settled": "agent_restart", "step": step }),
+            to_version: None,
+            backup_id: None,
+            applied: Vec::new(),
+        },
+    )
+    .await
+    .map_err(log_error)
+}
+
+/// Takes the id out of the running set however the run ends.
+struct Running(Arc<Mutex<HashSet<Uuid>>>, Uuid);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.0.lock() {
+            r.remove(&self.1);
         }
     }
 }
@@ -175,6 +325,10 @@ impl TargetDeployApi for PipelineDeployer {
         let policy = DeploymentPolicy::compose(&request.target, &request.asked, own)
             .map_err(deploy_error)?;
         let log = (self.log_for)(&request.target)?;
+        if let Ok(mut r) = self.running.lock() {
+            r.insert(request.id);
+        }
+        let _running = Running(self.running.clone(), request.id);
         let pipeline = Pipeline::new(self.migrations.clone(), self.health.clone(), log);
         let span = info_span!("deploy_target", deployment = %request.id, target = %request.target);
         let deployment = pipeline
@@ -208,6 +362,41 @@ impl TargetDeployApi for PipelineDeployer {
             cause: deployment.failure.as_ref().map(|f| f.cause),
         })
     }
+
+    async fn deployment(&self, target: &str, id: Uuid) -> Result<TargetRun, ApiError> {
+        if !self.targets.contains_key(target) {
+            return Err(ApiError::new(
+                ErrorKind::UnknownTarget,
+                format!("unknown target {target:?}"),
+            ));
+        }
+        let log = (self.log_for)(target)?;
+        let Some(record) = log.get(id).await.map_err(log_error)? else {
+            return Ok(TargetRun::NotFound);
+        };
+        if let Some(outcome) = record.outcome {
+            return Ok(TargetRun::Finished(outcome));
+        }
+        if self.is_running(id) || !self.abandoned(target, &record) {
+            return Ok(TargetRun::Running { step: record.step });
+        }
+        // Left by an earlier process and not settled at start (its database was down):
+        // settled now, so the answer is final.
+        self.settle_one(target, log.as_ref(), id).await?;
+        match log
+            .get(id)
+            .await
+            .map_err(log_error)?
+            .and_then(|r| r.outcome)
+        {
+            Some(outcome) => Ok(TargetRun::Finished(outcome)),
+            None => Ok(TargetRun::Running { step: record.step }),
+        }
+    }
+}
+
+fn log_error(e: crate::record::LogError) -> ApiError {
+    ApiError::new(ErrorKind::Unavailable, e.to_string())
 }
 
 fn deploy_error(e: DeployError) -> ApiError {

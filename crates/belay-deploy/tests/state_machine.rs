@@ -126,6 +126,8 @@ impl MigrationApi for FakeMigrations {
 struct FakeHealth {
     preflight: Vec<CheckResult>,
     postflight: Vec<CheckResult>,
+    /// What the postflight says from its second run on (the canary soak's), when set.
+    postflight_again: Option<Vec<CheckResult>>,
     probe_events: Vec<ProbeEvent>,
     calls: Mutex<Vec<String>>,
 }
@@ -143,8 +145,13 @@ impl HealthApi for FakeHealth {
         Ok(self.preflight.clone())
     }
     async fn postflight(&self, _: &str, _: &PostflightSpec) -> Result<Vec<CheckResult>, ApiError> {
-        self.calls.lock().unwrap().push("postflight".into());
-        Ok(self.postflight.clone())
+        let mut calls = self.calls.lock().unwrap();
+        let again = calls.iter().any(|c| c == "postflight");
+        calls.push("postflight".into());
+        Ok(match (&self.postflight_again, again) {
+            (Some(later), true) => later.clone(),
+            _ => self.postflight.clone(),
+        })
     }
     async fn probe(
         &self,
@@ -730,4 +737,221 @@ async fn the_memory_log_keeps_a_persistent_logs_rules() {
         .unwrap();
     assert_eq!(policy.on_failure, OnFailure::Rollback);
     assert_eq!(policy.watch.duration, Some(Duration::from_secs(30)));
+}
+
+fn soaking(probes: &[&str], window: Option<Duration>) -> DeploymentPolicy {
+    let mut policy = watching(probes);
+    policy.watch.duration = window;
+    policy.watch.soak = Some(Duration::from_secs(1));
+    policy
+}
+
+#[tokio::test]
+async fn the_canary_soak_probes_again_then_reruns_the_postflight_at_watching() {
+    let h = Harness::new(
+        FakeMigrations::new(applying()),
+        FakeHealth {
+            postflight: vec![check("no_nulls", "pass", "0", Some("SELECT 0"))],
+            probe_events: vec![probe_event(1, 0, false)],
+            ..FakeHealth::default()
+        },
+    );
+    let d = h.run(soaking(&["api"], Some(Duration::from_secs(1)))).await;
+    assert!(d.failure.is_none(), "{:?}", d.failure);
+    let id = d.record.start.id;
+    assert_eq!(
+        h.transitions(id).await,
+        [
+            "planned",
+            "preflight",
+            "backing_up",
+            "migrating",
+            "validating",
+            "watching",
+            "succeeded"
+        ]
+    );
+    // The window's probes, then the soak's, then the postflight once more.
+    assert_eq!(
+        h.health.calls(),
+        [
+            "preflight",
+            "postflight",
+            "probe api",
+            "probe api",
+            "postflight"
+        ]
+    );
+    let events = h.events(id).await;
+    let soak_probes = events
+        .iter()
+        .filter(|e| e.kind == "probe" && e.payload["phase"] == "canary_soak")
+        .count();
+    assert_eq!(soak_probes, 1, "{events:?}");
+    assert!(
+        events.iter().any(|e| e.kind == "check"
+            && e.step == Step::Watching
+            && e.payload["phase"] == "canary_soak"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_canary_failing_its_soak_fails_at_watching_with_the_evidence() {
+    // A probe crossing its threshold in the soak (no watch window before it).
+    let h = Harness::new(
+        FakeMigrations::new(applying()),
+        FakeHealth {
+            probe_events: vec![probe_event(1, 1, false), probe_event(2, 2, true)],
+            ..FakeHealth::default()
+        },
+    );
+    let d = h.run(soaking(&["api"], None)).await;
+    let f = d.failure.unwrap();
+    assert_eq!((f.step, f.cause), (Step::Watching, Cause::ProbeTriggered));
+    assert!(
+        f.reason.starts_with("canary soak: probe api"),
+        "{}",
+        f.reason
+    );
+    assert_eq!(f.evidence["phase"], "canary_soak");
+    assert_eq!(f.evidence["seq"], 2);
+
+    // The postflight passing after migrating and failing at the soak's end.
+    let h = Harness::new(
+        FakeMigrations::new(applying()),
+        FakeHealth {
+            postflight: vec![check("no_nulls", "pass", "0", Some("SELECT 0"))],
+            postflight_again: Some(vec![check(
+                "no_nulls",
+                "block",
+                "3",
+                Some("SELECT count(*) FROM t WHERE x IS NULL"),
+            )]),
+            probe_events: vec![probe_event(1, 0, false)],
+            ..FakeHealth::default()
+        },
+    );
+    let d = h.run(soaking(&["api"], None)).await;
+    let f = d.failure.unwrap();
+    assert_eq!((f.step, f.cause), (Step::Watching, Cause::AssertionFailed));
+    assert!(
+        f.reason
+            .starts_with("canary soak: postflight failed: no_nulls: 3"),
+        "{}",
+        f.reason
+    );
+    assert_eq!(f.evidence["phase"], "canary_soak");
+    assert_eq!(f.evidence["failed"][0]["name"], "no_nulls");
+    assert_eq!(d.record.outcome.unwrap().failed_step, Some(Step::Watching));
+}
+
+#[tokio::test]
+async fn a_canary_soak_without_probes_is_refused_naming_the_key() {
+    let asked = belay_deploy::DeployerPolicy {
+        soak: Some(Duration::from_secs(60)),
+        ..Default::default()
+    };
+    let err = DeploymentPolicy::compose("c_1", &asked, &belay_deploy::TargetPolicy::default())
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("--canary-soak") && msg.contains("c_1") && msg.contains("[[targets.probes]]"),
+        "{msg}"
+    );
+    let h = Harness::new(FakeMigrations::new(applying()), FakeHealth::default());
+    let err = h
+        .run_with(h.pipeline(), soaking(&[], None))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("needs probes"), "{err}");
+    assert_eq!(h.migrations.applies(), 0);
+}
+
+#[tokio::test]
+async fn an_agent_settles_the_runs_an_earlier_process_left_unfinished() {
+    use belay_deploy::{NewDeployment, PipelineDeployer, TargetDeployApi, TargetRun};
+    let log = Arc::new(MemoryLog::new());
+    let record = |id: Uuid, target: &str| NewDeployment {
+        id,
+        target: target.into(),
+        started_at: chrono::Utc::now() - chrono::Duration::minutes(5),
+        environment: None,
+        requested_by: None,
+        release: None,
+        from_version: None,
+        to_version: None,
+        policy: json!({}),
+    };
+    // One run left at migrating by a process that died, one that finished, and one of a
+    // target this agent does not own.
+    let (cut, done, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    for (id, target) in [(cut, "t"), (done, "t"), (other, "elsewhere")] {
+        log.begin(&record(id, target)).await.unwrap();
+        log.append(DeployEvent {
+            deployment_id: id,
+            target: target.into(),
+            seq: 0,
+            at: chrono::Utc::now(),
+            step: Step::Migrating,
+            kind: "transition".into(),
+            message: "backing_up → migrating".into(),
+            payload: json!({ "to": "migrating" }),
+        })
+        .await
+        .unwrap();
+    }
+    let finished = belay_deploy::DeploymentOutcome {
+        state: Step::Succeeded,
+        finished_at: chrono::Utc::now(),
+        failed_step: None,
+        reason: None,
+        evidence: serde_json::Value::Null,
+        to_version: None,
+        backup_id: None,
+        applied: vec![],
+    };
+    log.finish(done, &finished).await.unwrap();
+    let for_log = log.clone();
+    let deployer = PipelineDeployer::new(
+        Arc::new(FakeMigrations::new(applying())),
+        Arc::new(FakeHealth::default()),
+        Arc::new(move |_: &str| Ok(for_log.clone() as Arc<dyn DeploymentLog>)),
+        [("t".to_string(), belay_deploy::TargetPolicy::default())],
+    );
+    assert_eq!(deployer.settle("t").await.unwrap(), [cut]);
+    // Settled once: a second pass finds nothing.
+    assert!(deployer.settle("t").await.unwrap().is_empty());
+    let settled = log.get(cut).await.unwrap().unwrap();
+    assert_eq!(settled.step, Step::Failed);
+    let outcome = settled.outcome.unwrap();
+    assert_eq!(outcome.failed_step, Some(Step::Migrating));
+    assert!(
+        outcome
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("the agent stopped during migrating")),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        log.get(done).await.unwrap().unwrap().outcome,
+        Some(finished.clone())
+    );
+    assert!(log.get(other).await.unwrap().unwrap().outcome.is_none());
+
+    // What the controller is told.
+    match deployer.deployment("t", cut).await.unwrap() {
+        TargetRun::Finished(o) => assert_eq!(o.failed_step, Some(Step::Migrating)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        deployer.deployment("t", done).await.unwrap(),
+        TargetRun::Finished(finished)
+    );
+    assert_eq!(
+        deployer.deployment("t", Uuid::new_v4()).await.unwrap(),
+        TargetRun::NotFound
+    );
+    let err = deployer.deployment("nope", cut).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::UnknownTarget);
 }

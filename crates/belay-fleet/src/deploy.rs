@@ -68,6 +68,11 @@ impl Fleet {
         if chosen.is_empty() {
             return Err(refused("no targets given: pass --targets NAME_OR_PATTERN"));
         }
+        if spec.policy.soak.is_some() && spec.canary == 0 {
+            return Err(refused(
+                "a canary soak needs a canary wave to soak: pass --canary N (N ≥ 1), or drop --canary-soak",
+            ));
+        }
 
         // Promotion gate.
         let envs = &self.config.environments;
@@ -185,9 +190,17 @@ impl Fleet {
             })
             .await?;
             let last_wave = n + 1 == plan.len();
+            // The soak is the canary wave's alone (`waves::plan` puts it first): the
+            // targets after it are what it protects.
+            let canary_wave = n == 0 && spec.canary > 0;
+            let mut wave_spec = spec.clone();
+            if !canary_wave {
+                wave_spec.policy.soak = None;
+            }
             let mut tasks = tokio::task::JoinSet::new();
             for t in names {
-                let (fleet, t, sem, spec) = (self.clone(), t.clone(), sem.clone(), spec.clone());
+                let (fleet, t, sem, spec) =
+                    (self.clone(), t.clone(), sem.clone(), wave_spec.clone());
                 // In the deployment's span: each target's spans join its trace.
                 tasks.spawn(
                     async move {
@@ -206,6 +219,24 @@ impl Fleet {
                     Err(e) => failures.push(format!("a target task panicked: {e}")),
                 }
             }
+            if canary_wave
+                && failures.is_empty()
+                && plan.len() > 1
+                && let Some(soak) = spec.policy.soak
+            {
+                let soak = belay_core::format_duration(soak);
+                self.record(NewEvent {
+                    deployment_id: id,
+                    target: None,
+                    kind: "canary_soaked".into(),
+                    message: format!(
+                        "canary soak of {soak} passed on {}: the next wave starts",
+                        names.join(", ")
+                    ),
+                    payload: serde_json::json!({ "targets": names, "soak": soak }),
+                })
+                .await?;
+            }
             if !failures.is_empty() {
                 let untouched = &targets[wave.end..];
                 for t in untouched {
@@ -218,9 +249,10 @@ impl Fleet {
                     .await?;
                 }
                 let msg = format!(
-                    "halted after wave {}/{}: {}{}",
+                    "halted after wave {}/{}{}: {}{}",
                     n + 1,
                     plan.len(),
+                    if canary_wave { " (the canary)" } else { "" },
                     failures.join("; "),
                     if untouched.is_empty() {
                         String::new()
@@ -311,14 +343,15 @@ impl Fleet {
             release: None,
             asked: spec.policy.clone(),
         };
-        let result = match self.connection_for(target).await {
-            Ok((conn, _)) => {
+        let (result, agent) = match self.connection_for(target).await {
+            Ok((conn, agent)) => (
                 DeployClient::new(&conn)
                     .deploy_target(request, sink)
                     .instrument(span)
-                    .await
-            }
-            Err(e) => Err(e),
+                    .await,
+                agent.name,
+            ),
+            Err(e) => (Err(e), "?".to_string()),
         };
         // The sink is gone with the call: the recorder drains what is left, then ends,
         // so the target's final state comes after all of its events.
@@ -358,14 +391,17 @@ impl Fleet {
                 ))
             }
             Err(e) if e.kind == ErrorKind::AgentUnreachable => {
-                self.set_target(
-                    id,
-                    target,
-                    TargetState::Unknown,
-                    &format!("{}; reconciled when the agent reports again", e.message),
-                )
-                .await?;
-                Err(e)
+                // The stream broke (the agent died, or stopped answering keepalive pings):
+                // where the run got to is what the agent's record beside the target says,
+                // asked once it is reachable again.
+                let step = seen.step.unwrap_or(Step::Planned);
+                let message = format!(
+                    "agent {agent} lost during {step}: {}; reconciled from its record when it is back",
+                    e.message
+                );
+                self.set_target(id, target, TargetState::Unknown, &message)
+                    .await?;
+                Err(ApiError::new(e.kind, message))
             }
             Err(e) => {
                 // Refused before the pipeline ran (an unknown target, a watch window

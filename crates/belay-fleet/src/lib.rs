@@ -12,6 +12,7 @@ pub mod waves;
 
 pub use deploy::DeploySpec;
 
+use belay_deploy::{Step, TargetDeployApi, TargetRun};
 use belay_migrate::{
     ApiError, ApplyOptions, ErrorKind, EventSink, MigrationApi, MigrationStatus, PlanView,
     RepairAction, RunReport, Target, UndoTarget, Validation,
@@ -36,6 +37,9 @@ pub struct FleetConfig {
     pub agent_token: Option<String>,
     /// mTLS identity the controller presents to agents.
     pub agent_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// HTTP/2 keepalive on channels to agents: a silently dead agent's deployment streams
+    /// end within `agent_keepalive.bound()`.
+    pub agent_keepalive: belay_rpc::Keepalive,
 }
 
 impl Default for FleetConfig {
@@ -45,6 +49,7 @@ impl Default for FleetConfig {
             environments: Vec::new(),
             agent_token: None,
             agent_tls: None,
+            agent_keepalive: belay_rpc::Keepalive::default(),
         }
     }
 }
@@ -59,6 +64,9 @@ pub struct Fleet {
     changed: Arc<Notify>,
     /// Deployments this process is running right now.
     active: Arc<Mutex<HashSet<Uuid>>>,
+    /// Targets being reconciled right now (deployment, target), so the registration
+    /// trigger and the periodic pass never settle one twice.
+    reconciling: Arc<Mutex<HashSet<(Uuid, String)>>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -84,28 +92,32 @@ impl Fleet {
             conns: Arc::default(),
             changed: Arc::default(),
             active: Arc::default(),
+            reconciling: Arc::default(),
         };
         for d in fleet.store.unfinished().await.map_err(store_err)? {
             // A failed deployment is settled already (a rollback may follow, not a restart).
             if d.state == belay_store::DeploymentState::Failed {
                 continue;
             }
-            warn!(deployment = %d.id, "deployment was running when the controller stopped; marking it failed");
+            warn!(deployment = %d.id, state = %d.state, "deployment was running when the controller stopped; marking it failed");
             for t in &d.targets {
+                let step = t.step.map_or("planned", |s| s.as_str());
                 let (state, msg) = match t.state {
                     TargetState::Running => (
                         TargetState::Unknown,
-                        "the controller restarted while this target was migrating; its state will be reconciled when its agent reports",
+                        format!(
+                            "the controller restarted during {step}; reconciled with the target's agent (its own record says how the run ended)"
+                        ),
                     ),
                     TargetState::Pending => (
                         TargetState::Skipped,
-                        "not started: the controller restarted",
+                        "not started: the controller restarted".to_string(),
                     ),
                     _ => continue,
                 };
                 fleet
                     .store
-                    .set_target_state(d.id, &t.target, state, msg)
+                    .set_target_state(d.id, &t.target, state, &msg)
                     .await
                     .map_err(store_err)?;
             }
@@ -114,7 +126,10 @@ impl Fleet {
                 .transition(
                     d.id,
                     belay_store::DeploymentState::Failed,
-                    "the controller restarted mid-deployment",
+                    &format!(
+                        "the controller restarted during {}: the deployment stops here (later waves never start); targets that were running are reconciled with their agents",
+                        d.state
+                    ),
                 )
                 .await
                 .map_err(store_err)?;
@@ -197,11 +212,12 @@ impl Fleet {
         {
             return Ok(c.clone());
         }
-        let conn = Connection::new(
+        let conn = Connection::with_keepalive(
             &agent.address,
             self.config.agent_tls.clone(),
             self.config.agent_token.as_deref(),
             format!("agent {} at {}", agent.name, agent.address),
+            self.config.agent_keepalive,
         )?;
         conns.insert(agent.name.clone(), conn.clone());
         Ok(conn)
@@ -278,14 +294,17 @@ impl Fleet {
         let fleet = self.clone();
         let targets: HashSet<String> = reg.targets.iter().map(|t| t.name.clone()).collect();
         tokio::spawn(async move {
-            if let Err(e) = fleet.reconcile(&targets).await {
+            if let Err(e) = fleet.reconcile(Some(&targets)).await {
                 warn!(error = %e, "reconciliation after registration failed");
             }
         });
         Ok(())
     }
 
-    async fn reconcile(&self, targets: &HashSet<String>) -> Result<(), ApiError> {
+    /// Settles, once its agent answers, every target of a finished-or-abandoned
+    /// deployment left `unknown` (its agent was lost mid-run, or the controller restarted)
+    /// among `targets` (all when `None`).
+    async fn reconcile(&self, targets: Option<&HashSet<String>>) -> Result<(), ApiError> {
         let active = self.active.lock().map(|a| a.clone()).unwrap_or_default();
         for d in self.store.deployments(200).await.map_err(store_err)? {
             if active.contains(&d.id) {
@@ -293,47 +312,142 @@ impl Fleet {
             }
             for t in d.targets.iter().filter(|t| {
                 matches!(t.state, TargetState::Unknown | TargetState::Running)
-                    && targets.contains(&t.target)
+                    && targets.is_none_or(|ts| ts.contains(&t.target))
             }) {
-                let (client, _) = self.client_for(&t.target).await?;
-                // A migration still `running` means the old agent's session is still on
-                // the server (it is cancelled once the server notices the dead client):
-                // ask again until the target has settled, for up to a minute.
-                let mut statuses = None;
-                for _ in 0..60 {
-                    match client.status(&t.target).await {
-                        Ok(s) if s.iter().any(|m| m.state == belay_migrate::State::Running) => {}
-                        Ok(s) => {
-                            statuses = Some(s);
-                            break;
-                        }
-                        Err(e) => warn!(target = %t.target, error = %e, "cannot reconcile yet"),
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                let Some(statuses) = statuses else {
-                    warn!(target = %t.target, "target did not settle within a minute; left unknown");
+                let key = (d.id, t.target.clone());
+                let claimed = self
+                    .reconciling
+                    .lock()
+                    .is_ok_and(|mut r| r.insert(key.clone()));
+                if !claimed {
                     continue;
-                };
-                let (state, summary) = summarize(&statuses, d.to_version.as_deref());
-                self.set_target(
-                    d.id,
-                    &t.target,
-                    state,
-                    &format!("reconciled after the agent came back: {summary}"),
-                )
-                .await?;
-                self.record(NewEvent {
-                    deployment_id: d.id,
-                    target: Some(t.target.clone()),
-                    kind: "reconciled".into(),
-                    message: summary,
-                    payload: serde_json::json!({ "state": state.as_str() }),
-                })
-                .await?;
+                }
+                let result = self
+                    .reconcile_target(d.id, &t.target, t.step, d.to_version.as_deref())
+                    .await;
+                if let Ok(mut r) = self.reconciling.lock() {
+                    r.remove(&key);
+                }
+                if let Err(e) = result {
+                    // Left `unknown`: the next pass (or the agent's next registration)
+                    // tries again.
+                    tracing::debug!(target = %t.target, error = %e, "cannot reconcile yet");
+                }
             }
         }
         Ok(())
+    }
+
+    /// Asks the target's agent how deployment `id` went there, from the agent's own
+    /// record beside the target (waiting while the run is still going: a controller
+    /// restart does not stop it), and records that, with where the target's migrations
+    /// stand now.
+    async fn reconcile_target(
+        &self,
+        id: Uuid,
+        target: &str,
+        step: Option<belay_store::DeploymentState>,
+        to_version: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let (conn, agent) = self.connection_for(target).await?;
+        let deployer = belay_rpc::DeployClient::new(&conn);
+        let run = loop {
+            match deployer.deployment(target, id).await? {
+                TargetRun::Running { .. } => {
+                    // Still running on the agent: its watch window or soak goes on.
+                    self.connection_for(target).await?;
+                    tokio::time::sleep(self.config.heartbeat_interval).await;
+                }
+                other => break other,
+            }
+        };
+        let client = MigrationClient::new(&conn);
+        // A migration still `running` means the old agent's session is still on the
+        // server (it is cancelled once the server notices the dead client): ask again
+        // until the target has settled, for up to a minute.
+        let mut statuses = None;
+        for _ in 0..60 {
+            match client.status(target).await {
+                Ok(s) if s.iter().any(|m| m.state == belay_migrate::State::Running) => {}
+                Ok(s) => {
+                    statuses = Some(s);
+                    break;
+                }
+                Err(e) => {
+                    warn!(target = %target, error = %e, "cannot read the target's migrations yet")
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let now = statuses.map_or_else(
+            || "its migrations did not settle within a minute".to_string(),
+            |s| summarize(&s, to_version).1,
+        );
+        let step = step.map_or("planned", |s| s.as_str());
+        let (state, message, outcome) = match run {
+            TargetRun::Finished(o) if o.state == Step::Succeeded => (
+                TargetState::Succeeded,
+                format!(
+                    "reconciled from agent {}'s record: the run went on without the controller and every step passed; now {now}",
+                    agent.name
+                ),
+                serde_json::to_value(&o).unwrap_or_default(),
+            ),
+            TargetRun::Finished(o) => (
+                TargetState::Failed,
+                format!(
+                    "reconciled from agent {}'s record: failed at {}: {}; now {now}",
+                    agent.name,
+                    o.failed_step.unwrap_or(Step::Failed),
+                    o.reason.as_deref().unwrap_or("no reason given")
+                ),
+                serde_json::to_value(&o).unwrap_or_default(),
+            ),
+            TargetRun::NotFound | TargetRun::Running { .. } => {
+                let reason = format!(
+                    "agent {} has no record of this deployment on {target}: the run never started there (lost during {step}); now {now}",
+                    agent.name
+                );
+                let outcome = serde_json::json!({
+                    "state": Step::Failed,
+                    "failed_step": step,
+                    "reason": reason,
+                    "evidence": { "reconciled": "no record on the target" },
+                });
+                (
+                    TargetState::Failed,
+                    format!("reconciled: {reason}"),
+                    outcome,
+                )
+            }
+        };
+        self.store
+            .finish_target(id, target, state, &message, &outcome)
+            .await
+            .map_err(store_err)?;
+        self.record(NewEvent {
+            deployment_id: id,
+            target: Some(target.to_string()),
+            kind: "reconciled".into(),
+            message,
+            payload: serde_json::json!({ "state": state.as_str(), "outcome": outcome }),
+        })
+        .await
+    }
+
+    /// Reconciles `unknown` targets in the background, once per three heartbeat intervals
+    /// (when their agents may be back): after a controller restart and after an agent was
+    /// lost without registering again (a partition healed, a stopped process resumed).
+    pub fn spawn_reconciler(&self) {
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = fleet.reconcile(None).await {
+                    warn!(error = %e, "reconciliation pass failed");
+                }
+                tokio::time::sleep(fleet.config.heartbeat_interval * 3).await;
+            }
+        });
     }
 }
 

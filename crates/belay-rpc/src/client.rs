@@ -13,6 +13,39 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use uuid::Uuid;
 
+/// HTTP/2 keepalive of a channel, on both ends: a ping every `interval` (also while no
+/// call is open), the peer given up when one stays unanswered for `timeout`. A peer that
+/// dies silently (power loss, a partition, a stopped process: no FIN, no RST) is noticed
+/// within [`Keepalive::bound`], and every call open on the channel, a deployment's event
+/// stream included, ends with `Unavailable` then.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    /// 10 s + 10 s: a silently dead peer is detected within 20 s, one ping per 10 s.
+    fn default() -> Self {
+        Keepalive::every(Duration::from_secs(10))
+    }
+}
+
+impl Keepalive {
+    /// A ping every `d`, answered within `d`.
+    pub fn every(d: Duration) -> Self {
+        Keepalive {
+            interval: d,
+            timeout: d,
+        }
+    }
+
+    /// The longest a silently dead peer goes unnoticed.
+    pub fn bound(&self) -> Duration {
+        self.interval + self.timeout
+    }
+}
+
 /// A channel to a belay server (agent or controller), with its credentials.
 #[derive(Clone, Debug)]
 pub struct Connection {
@@ -31,6 +64,18 @@ impl Connection {
         token: Option<&str>,
         peer: impl Into<String>,
     ) -> Result<Self, ApiError> {
+        Self::with_keepalive(address, tls, token, peer, Keepalive::default())
+    }
+
+    /// [`Connection::new`] with the channel's keepalive chosen by the caller (the
+    /// controller's `--agent-keepalive`).
+    pub fn with_keepalive(
+        address: &str,
+        tls: Option<ClientTlsConfig>,
+        token: Option<&str>,
+        peer: impl Into<String>,
+        keepalive: Keepalive,
+    ) -> Result<Self, ApiError> {
         let peer = peer.into();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let uri = if address.contains("://") {
@@ -47,6 +92,9 @@ impl Connection {
         let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| bad(&e))?
             .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(keepalive.interval)
+            .keep_alive_timeout(keepalive.timeout)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         if let Some(tls) = tls {
             endpoint = endpoint.tls_config(tls).map_err(|e| bad(&e))?;

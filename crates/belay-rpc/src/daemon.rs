@@ -104,6 +104,15 @@ pub fn parse_listen(value: &str, example: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("`{value}` is not a socket address: expected IP:PORT, e.g. {example}"))
 }
 
+/// A gRPC server builder with HTTP/2 keepalive: the server pings each connection every
+/// `keepalive.interval` and drops it when a ping stays unanswered for `keepalive.timeout`,
+/// so a caller that died silently does not hold a stream open forever.
+pub fn server(keepalive: crate::client::Keepalive) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(keepalive.interval))
+        .http2_keepalive_timeout(Some(keepalive.timeout))
+}
+
 /// The body of a daemon's `main`: telemetry (kept until exit, so spans are flushed), a
 /// multi-threaded runtime, and `serve` inside a span named after the binary.
 pub fn run<Fut>(

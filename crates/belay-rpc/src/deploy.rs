@@ -9,7 +9,7 @@ use belay_auth::MaybeTokenAttach;
 use belay_core::ApiError;
 use belay_deploy::{
     AppliedMigration, Cause, DeployEvent, DeploySink, DeployerPolicy, DeploymentOutcome, OnFailure,
-    Step, TargetDeployApi, TargetDeployed, TargetDeployment,
+    Step, TargetDeployApi, TargetDeployed, TargetDeployment, TargetRun,
 };
 use belay_proto::v1 as pb;
 use pb::deploy_service_client::DeployServiceClient;
@@ -45,6 +45,7 @@ pub fn deployer_policy(p: &DeployerPolicy) -> pb::DeployerPolicy {
         reason: p.reason.clone(),
         watch_ms: p.watch.map(millis),
         lock_trip_budget: p.lock_trip_budget,
+        soak_ms: p.soak.map(millis),
         on_failure: match p.on_failure {
             OnFailure::Stop => pb::OnFailure::Stop,
             OnFailure::Rollback => pb::OnFailure::Rollback,
@@ -77,6 +78,7 @@ pub fn deployer_policy_from(p: Option<&pb::DeployerPolicy>) -> Result<DeployerPo
         overrides: p.overrides.clone(),
         reason: p.reason.clone(),
         watch: p.watch_ms.map(Duration::from_millis),
+        soak: p.soak_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
         lock_trip_budget: p.lock_trip_budget,
         on_failure,
     })
@@ -239,6 +241,47 @@ pub fn deploy_outcome_from(o: &pb::DeployOutcome) -> Result<TargetDeployed, Deco
     })
 }
 
+pub fn target_run(r: &TargetRun) -> pb::TargetDeploymentState {
+    match r {
+        TargetRun::Running { step } => pb::TargetDeploymentState {
+            state: "running".into(),
+            step: step.as_str().to_string(),
+            outcome: None,
+        },
+        TargetRun::Finished(o) => pb::TargetDeploymentState {
+            state: "finished".into(),
+            step: o.state.as_str().to_string(),
+            outcome: Some(deploy_outcome(&TargetDeployed {
+                outcome: o.clone(),
+                kind: None,
+                cause: None,
+            })),
+        },
+        TargetRun::NotFound => pb::TargetDeploymentState {
+            state: "not_found".into(),
+            step: String::new(),
+            outcome: None,
+        },
+    }
+}
+
+pub fn target_run_from(r: &pb::TargetDeploymentState) -> Result<TargetRun, DecodeError> {
+    match r.state.as_str() {
+        "running" => Ok(TargetRun::Running {
+            step: step_from(&r.step)?,
+        }),
+        "finished" => {
+            let o = r
+                .outcome
+                .as_ref()
+                .ok_or_else(|| bad("target deployment", "finished without an outcome"))?;
+            Ok(TargetRun::Finished(deploy_outcome_from(o)?.outcome))
+        }
+        "not_found" => Ok(TargetRun::NotFound),
+        other => Err(bad("target deployment", format!("unknown state {other:?}"))),
+    }
+}
+
 // ---- server ----
 
 /// The gRPC face of a target deployer: the agent serves its targets' pipelines through it.
@@ -320,6 +363,21 @@ impl DeployService for DeployGrpc {
         );
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
+
+    async fn get_target_deployment(
+        &self,
+        req: Request<pb::GetTargetDeploymentRequest>,
+    ) -> Result<Response<pb::TargetDeploymentState>, Status> {
+        let r = req.get_ref();
+        let target = target_name(r.target.as_ref())?;
+        let id = convert::parse_uuid(&r.deployment_id)?;
+        let run = self
+            .api
+            .deployment(&target, id)
+            .await
+            .map_err(|e| convert::status_from(&e))?;
+        Ok(Response::new(target_run(&run)))
+    }
 }
 
 // ---- client ----
@@ -341,6 +399,10 @@ impl DeployClient {
 }
 
 const CHECK: &str = "check `belay status` and `belay history` on the target";
+
+/// How long the controller waits for an agent to say where a deployment stands: one read
+/// of the target's log, so an agent slower than this is treated as unreachable.
+const QUERY_DEADLINE: Duration = Duration::from_secs(10);
 
 #[async_trait::async_trait]
 impl TargetDeployApi for DeployClient {
@@ -394,6 +456,21 @@ impl TargetDeployApi for DeployClient {
             }
         }
     }
+
+    async fn deployment(&self, t: &str, id: Uuid) -> Result<TargetRun, ApiError> {
+        let mut req = Request::new(pb::GetTargetDeploymentRequest {
+            target: target(t),
+            deployment_id: id.to_string(),
+        });
+        req.set_timeout(QUERY_DEADLINE);
+        let r = self
+            .client
+            .clone()
+            .get_target_deployment(req)
+            .await
+            .map_err(|s| convert::api_error_from(&s, &self.peer))?;
+        Ok(target_run_from(r.get_ref())?)
+    }
 }
 
 #[cfg(test)]
@@ -419,6 +496,7 @@ mod tests {
                 overrides: vec!["lock_waits".into()],
                 reason: Some("agreed".into()),
                 watch: Some(Duration::from_secs(30)),
+                soak: Some(Duration::from_secs(300)),
                 lock_trip_budget: Some(2),
                 on_failure: OnFailure::Stop,
             },

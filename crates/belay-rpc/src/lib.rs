@@ -14,7 +14,7 @@ pub mod locks;
 pub mod server;
 
 pub use backup::{BackupClient, BackupGrpc};
-pub use client::{Connection, MigrationClient};
+pub use client::{Connection, Keepalive, MigrationClient};
 pub use deploy::{DeployClient, DeployGrpc};
 pub use health::{HealthClient, HealthGrpc};
 pub use locks::{LockMonitorClient, LockMonitorGrpc};
