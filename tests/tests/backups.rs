@@ -340,7 +340,9 @@ async fn prune_through_the_controller_keeps_the_backup_of_a_failed_deployment() 
         .to_string();
     ok(belay(&c.addr, &["--target", t, "backup", "create"]).await?);
 
-    // Locally, the history shows nothing unfinished: a dry run would delete `pre`.
+    // Locally, the history shows nothing unfinished: a dry run keeps `pre` only as the
+    // newest pre-deployment backup (retention counts each kind on its own), not as
+    // protected.
     let backup_dir = backups.to_string_lossy().into_owned();
     let local = belay_local(
         &db.url,
@@ -357,7 +359,9 @@ async fn prune_through_the_controller_keeps_the_backup_of_a_failed_deployment() 
     )
     .await?;
     assert!(
-        local.stdout.contains(&format!("would delete {pre}")),
+        local
+            .stdout
+            .contains(&format!("kept {pre} (latest_verified)")),
         "{local:?}"
     );
 
