@@ -697,6 +697,15 @@ async fn exposed_by_the_binaries() -> Result<BTreeSet<String>> {
             environment: None,
         }],
     )?;
+    // A backup directory and a probe beside the target: the backup and probe series exist
+    // only for targets that have them.
+    let mut text = std::fs::read_to_string(&config)?;
+    text.push_str(&format!(
+        "backup_dir = \"{}\"\n[[targets.probes]]\nname = \"readable\"\nperiod = \"100ms\"\n\
+         sql = {{ query = \"SELECT 0\", expect = \"zero\" }}\n",
+        tmp.path().join("backups").display()
+    ));
+    std::fs::write(&config, text)?;
     let config = config.to_string_lossy().into_owned();
     let _agent = Daemon::start(
         "belay-agent",

@@ -277,14 +277,25 @@ const VERIFY_MS: u64 = 200;
 pub fn decide(input: &PlanInput) -> RollbackPlan {
     let mut reasons = Vec::new();
     let migrations = &input.migrations;
+    // A deployment of a whole project reverts hundreds of migrations: a reason or a step
+    // names the first and last few, and says how many (the plan's JSON lists each).
     let names = |ms: Vec<&RevertedMigration>| {
-        ms.iter()
+        let each: Vec<String> = ms
+            .iter()
             .map(|m| match &m.version {
                 Some(v) => format!("V{v} ({})", m.script),
                 None => m.script.clone(),
             })
-            .collect::<Vec<_>>()
-            .join(", ")
+            .collect();
+        if each.len() <= 6 {
+            return each.join(", ");
+        }
+        format!(
+            "{} … {} ({} migrations)",
+            each[..3].join(", "),
+            each[each.len() - 2..].join(", "),
+            each.len()
+        )
     };
 
     // Branch 1: undo.

@@ -350,3 +350,36 @@ fn a_hook_that_runs_over_its_timeout_is_killed_and_reported() {
     assert!(run.ok, "{run:?}");
     assert_eq!(run.output, "phase before");
 }
+
+#[test]
+fn a_plan_over_hundreds_of_migrations_names_the_ends_and_the_count_not_each_one() {
+    // A whole project's deployment (lemmy: 233 migrations) made a one-line reason and a
+    // step thousands of characters long; the JSON keeps every migration.
+    let many: Vec<RevertedMigration> = (2..=201)
+        .rev()
+        .map(|v| migration(&v.to_string(), true, false, None))
+        .collect();
+    let plan = decide(&input(many, Some(backup(BackupScope::Full, true)), false));
+    assert_eq!(plan.strategy, Strategy::Undo);
+    assert_eq!(plan.migrations.len(), 200);
+    let undo_step = plan
+        .steps
+        .iter()
+        .find(|s| s.starts_with("run the undo scripts of"))
+        .expect("an undo step");
+    assert!(undo_step.contains("(200 migrations)"), "{undo_step}");
+    assert!(undo_step.contains("V201 (V201__m.sql)"), "{undo_step}");
+    assert!(undo_step.contains("V2 (V2__m.sql)"), "{undo_step}");
+    assert!(!undo_step.contains("V100 "), "{undo_step}");
+    let table = plan
+        .reasons
+        .iter()
+        .find(|r| r.branch == "table_restore")
+        .expect("a table_restore reason");
+    assert!(
+        table.why.contains("(200 migrations) writes are unknown"),
+        "{}",
+        table.why
+    );
+    assert!(table.why.len() < 300, "{}", table.why);
+}
