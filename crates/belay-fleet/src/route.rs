@@ -1,6 +1,7 @@
 //! The controller's `DeployService`: one target's deployment routed to the agent owning
-//! the target, so a remote `belay migrate` runs the agent's pipeline beside the database
-//! and is recorded in the target's own deployment log. The controller records nothing of
+//! the target, so one target's deployment run through the controller (what remote
+//! `belay migrate` is to use) runs the agent's pipeline beside the database and is
+//! recorded in the target's own deployment log. The controller records nothing of
 //! it in its store: a fleet deployment is `ControllerService.Deploy`; this is one target's.
 
 use crate::Fleet;
