@@ -454,3 +454,102 @@ async fn remote_migrate_is_refused_by_the_agents_lint_gate_until_a_directive_all
     );
     Ok(())
 }
+
+/// `DeployService.DeployTarget` through the controller runs on the agent owning the
+/// target: the controller routes it (as it routes migration and health calls), the
+/// agent's pipeline records it in the target's own deployment log with the release, and
+/// a caller that goes away after the first event does not cut it short.
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_target_through_the_controller_is_run_and_recorded_by_the_agent() -> Result<()> {
+    use belay_proto::v1 as pb;
+    let db = Cluster::shared().create_database().await?;
+    let f = fleet("route_1", &db).await?;
+    let id = "6f1c3a52-8e4b-4d7e-9a1f-2b3c4d5e6f70";
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", f.controller.addr))?
+        .connect()
+        .await?;
+    let mut client = pb::deploy_service_client::DeployServiceClient::new(channel);
+    let mut stream = client
+        .deploy_target(pb::DeployTargetRequest {
+            target: Some(pb::Target {
+                name: "route_1".into(),
+            }),
+            deployment_id: id.into(),
+            forward: Some(pb::ForwardTarget::default()),
+            environment: None,
+            requested_by: Some("e2e".into()),
+            release: Some("1.6.0".into()),
+            policy: Some(pb::DeployerPolicy::default()),
+        })
+        .await?
+        .into_inner();
+    let first = stream.message().await?;
+    assert!(
+        matches!(
+            first.and_then(|m| m.message),
+            Some(pb::deploy_target_message::Message::Event(_))
+        ),
+        "the agent's pipeline streams its events through the controller"
+    );
+    // The caller goes away; the deployment goes on where the database is.
+    drop(stream);
+    drop(client);
+
+    let dir = belay_e2e::examples();
+    wait_for(
+        "the agent to record the deployment as succeeded",
+        || async {
+            let r =
+                belay_local(&db.url, &dir, &["deployments", "list", "--output", "json"]).await?;
+            Ok(r.code == 0
+                && r.json().as_array().is_some_and(|ds| {
+                    ds.iter().any(|d| {
+                        d["id"] == id
+                            && d["release"] == "1.6.0"
+                            && d["requested_by"] == "e2e"
+                            && d["state"] == "succeeded"
+                    })
+                }))
+        },
+    )
+    .await?;
+    // Applied by the agent, under the deployment's id.
+    let rows = history(&db).await?;
+    assert!(!rows.is_empty(), "{rows:?}");
+    Ok(())
+}
+
+/// An unknown target is refused by the controller with the error naming it, and nothing
+/// is recorded anywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_target_through_the_controller_refuses_an_unknown_target() -> Result<()> {
+    use belay_proto::v1 as pb;
+    let db = Cluster::shared().create_database().await?;
+    let f = fleet("route_2", &db).await?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", f.controller.addr))?
+        .connect()
+        .await?;
+    let mut client = pb::deploy_service_client::DeployServiceClient::new(channel);
+    let r = client
+        .deploy_target(pb::DeployTargetRequest {
+            target: Some(pb::Target {
+                name: "nowhere".into(),
+            }),
+            deployment_id: "6f1c3a52-8e4b-4d7e-9a1f-2b3c4d5e6f71".into(),
+            forward: Some(pb::ForwardTarget::default()),
+            release: Some("1.6.0".into()),
+            policy: Some(pb::DeployerPolicy::default()),
+            ..Default::default()
+        })
+        .await;
+    let status = match r {
+        Err(s) => s,
+        Ok(resp) => match resp.into_inner().message().await {
+            Err(s) => s,
+            Ok(m) => panic!("an unknown target was deployed: {m:?}"),
+        },
+    };
+    assert!(status.message().contains("nowhere"), "{status:?}");
+    assert!(history(&db).await?.is_empty());
+    Ok(())
+}

@@ -8,6 +8,7 @@ mod backup;
 mod deploy;
 pub mod grpc;
 mod monitor;
+mod route;
 pub mod waves;
 
 pub use deploy::DeploySpec;
