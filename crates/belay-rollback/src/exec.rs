@@ -517,9 +517,9 @@ impl Run<'_> {
             // Taken already, of the whole database, before any step changed anything.
             emergency_backup: false,
             // The backup is of the version before the deployment, the database of the
-            // one after: that is the point. The restore still refuses a table whose
-            // columns changed since (history could not agree), and this rollback marks
-            // the deployment's migrations reverted once the data is back.
+            // one after: that is the point (with `keep_history` the restore does not
+            // refuse it), and this rollback marks the deployment's migrations reverted
+            // once the tables are back, so history agrees with them.
             across_versions: true,
             keep_history: true,
         };
