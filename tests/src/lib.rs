@@ -386,3 +386,31 @@ pub async fn agent(config: &Path) -> Result<Daemon> {
     )
     .await
 }
+
+/// `belay deployments show ID --output json` against the controller at `addr`.
+pub async fn show(addr: &str, id: &str) -> Result<serde_json::Value> {
+    let r = belay(addr, &["deployments", "show", id, "--output", "json"]).await?;
+    ensure!(r.code == 0, "deployments show: {r:?}");
+    Ok(r.json())
+}
+
+/// One target's entry in a `deployments show --output json` document.
+pub fn target<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    doc["targets"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["target"] == name))
+        .unwrap_or_else(|| panic!("no target {name} in {doc}"))
+}
+
+/// The steps a target's pipeline entered, in order, from its `transition` events.
+pub fn steps(events: &serde_json::Value) -> Vec<String> {
+    events
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["kind"] == "transition")
+                .filter_map(|e| e["payload"]["to"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}

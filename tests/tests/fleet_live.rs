@@ -4,7 +4,7 @@
 //! the real CLI, real PostgreSQL.
 
 use anyhow::{Context, Result};
-use belay_e2e::{Daemon, agent, belay, controller, wait_agents, wait_for};
+use belay_e2e::{Daemon, agent, belay, controller, show, steps, target, wait_agents, wait_for};
 use belay_testkit::{Cluster, TestDb};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -54,32 +54,6 @@ fn migrations(dir: &Path, name: &str, scripts: &[(&str, &str)]) -> Result<PathBu
         std::fs::write(m.join(file), sql)?;
     }
     Ok(m)
-}
-
-async fn show(addr: &str, id: &str) -> Result<Value> {
-    let r = belay(addr, &["deployments", "show", id, "--output", "json"]).await?;
-    anyhow::ensure!(r.code == 0, "deployments show: {r:?}");
-    Ok(r.json())
-}
-
-fn target<'a>(doc: &'a Value, name: &str) -> &'a Value {
-    doc["targets"]
-        .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["target"] == name))
-        .unwrap_or_else(|| panic!("no target {name} in {doc}"))
-}
-
-/// The steps a target's pipeline entered, in order, from its `transition` events.
-fn steps(events: &Value) -> Vec<String> {
-    events
-        .as_array()
-        .map(|es| {
-            es.iter()
-                .filter(|e| e["kind"] == "transition")
-                .filter_map(|e| e["payload"]["to"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The newest deployment's id, once the controller lists one.

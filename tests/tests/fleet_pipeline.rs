@@ -5,7 +5,8 @@
 
 use anyhow::{Context, Result};
 use belay_e2e::{
-    Daemon, agent, belay, belay_local, conflict, controller, examples, wait_agents, wait_for,
+    Daemon, agent, belay, belay_local, conflict, controller, examples, show, steps, target,
+    wait_agents, wait_for,
 };
 use belay_testkit::{Cluster, TestDb};
 use serde_json::Value;
@@ -74,32 +75,6 @@ fn deployment_id(stdout: &str) -> String {
         .and_then(|l| l.split(':').next())
         .unwrap_or_else(|| panic!("no deployment line in {stdout}"))
         .to_string()
-}
-
-async fn show(addr: &str, id: &str) -> Result<Value> {
-    let r = belay(addr, &["deployments", "show", id, "--output", "json"]).await?;
-    anyhow::ensure!(r.code == 0, "deployments show: {r:?}");
-    Ok(r.json())
-}
-
-fn target<'a>(doc: &'a Value, name: &str) -> &'a Value {
-    doc["targets"]
-        .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["target"] == name))
-        .unwrap_or_else(|| panic!("no target {name} in {doc}"))
-}
-
-/// The steps a target's pipeline entered, in order, from its `transition` events.
-fn steps(events: &Value) -> Vec<String> {
-    events
-        .as_array()
-        .map(|es| {
-            es.iter()
-                .filter(|e| e["kind"] == "transition")
-                .filter_map(|e| e["payload"]["to"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// A migrations directory of one script creating `t` with a NULL in `x`.
