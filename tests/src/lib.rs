@@ -414,3 +414,26 @@ pub fn steps(events: &serde_json::Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// `psql -c SQL` on `url`, its output trimmed; panics naming the SQL when it fails.
+pub fn psql(url: &str, sql: &str) -> String {
+    belay_testkit::psql(url, sql)
+        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// One agent.toml `[[targets]]` entry with `extra` TOML after its keys (its
+/// `[targets.preflight]`, `[[targets.checks]]`, `[[targets.probes]]`).
+pub fn target_toml(
+    name: &str,
+    db: &belay_testkit::TestDb,
+    migrations: &Path,
+    extra: &str,
+) -> String {
+    format!(
+        "\n[[targets]]\nname = \"{name}\"\nurl = \"{}\"\nmigrations = \"{}\"\n{extra}\n",
+        db.url,
+        migrations.display()
+    )
+}

@@ -3,16 +3,9 @@
 //! mirrors the catalog into its store.
 
 use anyhow::{Context, Result};
-use belay_e2e::{Daemon, Run, belay, belay_local, wait_agents, wait_for};
+use belay_e2e::{Daemon, Run, belay, belay_local, psql, wait_agents, wait_for};
 use belay_testkit::{Cluster, TestDb};
 use std::path::{Path, PathBuf};
-
-fn psql(url: &str, sql: &str) -> String {
-    belay_testkit::psql(url, sql)
-        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
-        .trim()
-        .to_string()
-}
 
 /// One target of the agent: its name, database, and backup directory if it has one.
 struct Def<'a> {

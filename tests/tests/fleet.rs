@@ -3,8 +3,8 @@
 
 use anyhow::Result;
 use belay_e2e::{
-    Daemon, TargetDef, agent, agent_config, belay, belay_local, controller, examples, wait_agents,
-    wait_for,
+    Daemon, TargetDef, agent, agent_config, belay, belay_local, controller, examples, psql,
+    wait_agents, wait_for,
 };
 use belay_testkit::{Cluster, TestDb};
 use std::path::Path;
@@ -15,13 +15,6 @@ async fn dbs(n: usize) -> Result<Vec<TestDb>> {
         v.push(Cluster::shared().create_database().await?);
     }
     Ok(v)
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    belay_testkit::psql(url, sql)
-        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
-        .trim()
-        .to_string()
 }
 
 /// Whether any migration ran: the history table exists. (The `belay` schema alone does

@@ -4,26 +4,12 @@
 //! the real CLI, real PostgreSQL.
 
 use anyhow::{Context, Result};
-use belay_e2e::{Daemon, agent, belay, controller, show, steps, target, wait_agents, wait_for};
-use belay_testkit::{Cluster, TestDb};
+use belay_e2e::{
+    Daemon, agent, belay, controller, psql, show, steps, target, target_toml, wait_agents, wait_for,
+};
+use belay_testkit::Cluster;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-fn psql(url: &str, sql: &str) -> String {
-    belay_testkit::psql(url, sql)
-        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
-        .trim()
-        .to_string()
-}
-
-/// One `[[targets]]` entry with `extra` TOML after its keys.
-fn target_toml(name: &str, db: &TestDb, migrations: &Path, extra: &str) -> String {
-    format!(
-        "\n[[targets]]\nname = \"{name}\"\nurl = \"{}\"\nmigrations = \"{}\"\n{extra}\n",
-        db.url,
-        migrations.display()
-    )
-}
 
 /// A SQL probe named `name` every 100 ms, failed after two failures in a row.
 fn probe(name: &str, query: &str) -> String {

@@ -5,29 +5,12 @@
 
 use anyhow::{Context, Result};
 use belay_e2e::{
-    Daemon, agent, belay, belay_local, conflict, controller, examples, show, steps, target,
-    wait_agents, wait_for,
+    Daemon, agent, belay, belay_local, conflict, controller, examples, psql, show, steps, target,
+    target_toml, wait_agents, wait_for,
 };
-use belay_testkit::{Cluster, TestDb};
+use belay_testkit::Cluster;
 use serde_json::Value;
 use std::path::Path;
-
-fn psql(url: &str, sql: &str) -> String {
-    belay_testkit::psql(url, sql)
-        .unwrap_or_else(|e| panic!("psql {sql}: {e}"))
-        .trim()
-        .to_string()
-}
-
-/// One `[[targets]]` entry with `extra` TOML after its keys (its `[targets.preflight]`,
-/// `[[targets.checks]]`, `[[targets.probes]]`).
-fn target_toml(name: &str, db: &TestDb, migrations: &Path, extra: &str) -> String {
-    format!(
-        "\n[[targets]]\nname = \"{name}\"\nurl = \"{}\"\nmigrations = \"{}\"\n{extra}\n",
-        db.url,
-        migrations.display()
-    )
-}
 
 /// A controller and one agent owning `targets` (TOML from [`target_toml`]).
 async fn fleet(dir: &Path, targets: &[String]) -> Result<(Daemon, Daemon)> {
