@@ -516,11 +516,11 @@ impl Run<'_> {
             force: false,
             // Taken already, of the whole database, before any step changed anything.
             emergency_backup: false,
-            // The backup is of the version before the deployment, the database of the
-            // one after: that is the point (with `keep_history` the restore does not
-            // refuse it), and this rollback marks the deployment's migrations reverted
-            // once the tables are back, so history agrees with them.
-            across_versions: true,
+            // Not needed: a restore that keeps history (a rollback's) is not refused
+            // across schema versions — the backup is of the version before the
+            // deployment on purpose, and this rollback marks the deployment's migrations
+            // reverted once the tables are back, so history agrees with them.
+            across_versions: false,
             keep_history: true,
         };
         let attempts = self.exec.policy.restore_attempts.max(1);
