@@ -10,6 +10,7 @@ pub mod grpc;
 mod monitor;
 mod route;
 pub mod waves;
+pub mod webhook;
 
 pub use deploy::DeploySpec;
 
