@@ -1110,10 +1110,11 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
             let r = belay(&addr, &["--token-file", &token, "deployments", "show", &id, "--output", "json"]).await?;
             ensure!(r.code == 0, "deployments show: {r:?}");
             Ok::<Vec<String>, anyhow::Error>(
-                r.json()["events"]
+                r.json()["targets"]
                     .as_array()
                     .into_iter()
                     .flatten()
+                    .flat_map(|t| t["events"].as_array().cloned().unwrap_or_default())
                     .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("rollback_request")))
                     .filter_map(|e| e["message"].as_str().map(String::from))
                     .collect(),

@@ -97,10 +97,11 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
             let r = belay(&addr, &["--token-file", &token, "deployments", "show", &id, "--output", "json"]).await?;
             ensure!(r.code == 0, "deployments show: {r:?}");
             Ok::<_, anyhow::Error>(
-                r.json()["events"]
+                r.json()["targets"]
                     .as_array()
                     .into_iter()
                     .flatten()
+                    .flat_map(|t| t["events"].as_array().cloned().unwrap_or_default())
                     .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("rollback_request")))
                     .filter_map(|e| e["message"].as_str().map(String::from))
                     .collect::<Vec<_>>(),

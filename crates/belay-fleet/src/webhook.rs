@@ -113,12 +113,12 @@ pub fn parse_payload(body: &[u8]) -> Result<Payload, PayloadError> {
         .map_err(|e| err(format!("the body is not JSON: {e}")))?;
     let obj = value
         .as_object()
-        .ok_or_else(|| err(format!("the body is a JSON {}, not an object", kind(&value))))?;
+        .ok_or_else(|| err(format!("the body is JSON but {}, not an object", kind(&value))))?;
     let text = |key: &str| -> Result<String, PayloadError> {
         match obj.get(key) {
             None | Some(serde_json::Value::Null) => Ok(String::new()),
             Some(serde_json::Value::String(s)) => Ok(s.clone()),
-            Some(other) => Err(err(format!("`{key}` is a {}, not a string", kind(other)))),
+            Some(other) => Err(err(format!("`{key}` is {}, not a string", kind(other)))),
         }
     };
     match obj.get("version") {
@@ -137,7 +137,7 @@ pub fn parse_payload(body: &[u8]) -> Result<Payload, PayloadError> {
     let alerts = match obj.get("alerts") {
         None => return Err(err("no `alerts` array".into())),
         Some(serde_json::Value::Array(a)) => a,
-        Some(other) => return Err(err(format!("`alerts` is a {}, not an array", kind(other)))),
+        Some(other) => return Err(err(format!("`alerts` is {}, not an array", kind(other)))),
     };
     let truncated_alerts = match obj.get("truncatedAlerts") {
         None | Some(serde_json::Value::Null) => 0,
@@ -192,11 +192,11 @@ pub fn parse_payload(body: &[u8]) -> Result<Payload, PayloadError> {
 fn kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "boolean",
-        serde_json::Value::Number(_) => "number",
-        serde_json::Value::String(_) => "string",
-        serde_json::Value::Array(_) => "array",
-        serde_json::Value::Object(_) => "object",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -370,7 +370,7 @@ impl Webhook {
 
     /// Handles one delivery: parses it (400 and nothing recorded when it cannot be read),
     /// then each firing alert with belay labels in turn.
-    #[tracing::instrument(name = "alert_webhook", skip_all, fields(alerts))]
+    #[tracing::instrument(name = "alert_webhook", skip_all, fields(alerts = tracing::field::Empty))]
     pub async fn handle(&self, body: &[u8]) -> Reply {
         let payload = match parse_payload(body) {
             Ok(p) => p,
@@ -651,7 +651,7 @@ impl Webhook {
         // `failed` is not terminal, so it has no finished_at: its last change is its end.
         let ended = d.finished_at.unwrap_or(d.updated_at);
         let age = Utc::now().signed_duration_since(ended);
-        let grace = chrono::Duration::from_std(self.grace).unwrap_or(chrono::TimeDelta::MAX);
+        let grace = chrono::Duration::from_std(self.grace).unwrap_or_else(|_| chrono::Duration::days(36_500));
         if age <= grace {
             return Ok(());
         }
@@ -713,12 +713,12 @@ mod tests {
     fn refuses_what_it_cannot_read_naming_the_field() {
         let cases: &[(&[u8], &str)] = &[
             (b"not json", "not JSON"),
-            (b"[1]", "JSON array, not an object"),
+            (b"[1]", "JSON but an array, not an object"),
             (br#"{"alerts": []}"#, "no `version`"),
             (br#"{"version": "3", "alerts": []}"#, "`version` is \"3\""),
             (br#"{"version": 4, "alerts": []}"#, "`version` is 4"),
             (br#"{"version": "4"}"#, "no `alerts`"),
-            (br#"{"version": "4", "alerts": {}}"#, "`alerts` is a object"),
+            (br#"{"version": "4", "alerts": {}}"#, "`alerts` is an object"),
             (
                 br#"{"version": "4", "alerts": [{"labels": {}}]}"#,
                 "alerts[0]: missing field `status`",

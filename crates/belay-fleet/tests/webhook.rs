@@ -233,7 +233,7 @@ fn payloads() -> impl Strategy<Value = Value> {
         0..4,
     );
     let alert = (
-        prop_oneof![Just("firing"), Just("resolved"), "[a-z]{0,8}"],
+        prop_oneof![Just("firing".to_string()), Just("resolved".to_string()), "[a-z]{0,8}"],
         labels,
         "[0-9a-f]{0,16}",
     )
@@ -242,7 +242,7 @@ fn payloads() -> impl Strategy<Value = Value> {
                     "startsAt": "2026-12-02T05:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
                     "fingerprint": fp })
         });
-    let base = (prop::collection::vec(alert, 0..4), prop_oneof![Just("4"), "[0-9]{1,2}"])
+    let base = (prop::collection::vec(alert, 0..4), prop_oneof![Just("4".to_string()), "[0-9]{1,2}"])
         .prop_map(|(alerts, version)| {
             json!({ "version": version, "groupKey": "{}:{}", "status": "firing",
                     "receiver": "belay", "alerts": alerts, "truncatedAlerts": 0 })
@@ -611,7 +611,8 @@ async fn resolved_and_unlabelled_alerts_are_ignored_and_counted() {
 
 #[tokio::test]
 async fn a_configured_token_is_required() {
-    let f = &both().await[0];
+    let fixtures = both().await;
+    let f = &fixtures[0];
     let fleet = fleet(&f.spec).await;
     let id = deploy(&fleet, Uuid::new_v4(), &["orders"]).await;
     let trigger = Arc::new(Counting::default());
