@@ -944,13 +944,20 @@ impl Server {
 /// `GET path` on `addr`: the status code and body, or `None` while nothing listens.
 async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: belay\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: belay\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
     let code = out.split(' ').nth(1)?.parse().ok()?;
-    Some((code, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    Some((
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
 }
 
 /// Polls `cond` until it holds or `limit` passes: the alert path has its own clocks
@@ -965,7 +972,10 @@ where
         if cond().await? {
             return Ok(());
         }
-        ensure!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
@@ -1022,16 +1032,26 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
     let db = Cluster::shared().create_database().await?;
     let migrations = tmp.path().join("migrations");
     std::fs::create_dir_all(&migrations)?;
-    std::fs::write(migrations.join("V1__orders.sql"), "CREATE TABLE orders (id int);\n")?;
+    std::fs::write(
+        migrations.join("V1__orders.sql"),
+        "CREATE TABLE orders (id int);\n",
+    )?;
     // Fails when it runs: what a migration that meets production data does.
-    std::fs::write(migrations.join("V2__fails.sql"), "SELECT 1 / (SELECT count(*) FROM orders);\n")?;
+    std::fs::write(
+        migrations.join("V2__fails.sql"),
+        "SELECT 1 / (SELECT count(*) FROM orders);\n",
+    )?;
     let token_file = tmp.path().join("token");
     std::fs::write(&token_file, "alert-path-token\n")?;
     let token = token_file.to_string_lossy().into_owned();
 
     let (controller_http, agent_http, am_addr, prom_addr) =
         (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
-    let store = tmp.path().join("controller.db").to_string_lossy().into_owned();
+    let store = tmp
+        .path()
+        .join("controller.db")
+        .to_string_lossy()
+        .into_owned();
     let controller = belay_e2e::controller(
         &store,
         &["--http-listen", &controller_http, "--token-file", &token],
@@ -1042,23 +1062,45 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
         "agent-1",
         &controller.addr,
         &format!("token_file = \"{token}\""),
-        &[TargetDef { name: "alerting_1", url: &db.url, migrations: &migrations, environment: None }],
+        &[TargetDef {
+            name: "alerting_1",
+            url: &db.url,
+            migrations: &migrations,
+            environment: None,
+        }],
     )?;
     let config = config.to_string_lossy().into_owned();
     let _agent = Daemon::start(
         "belay-agent",
-        &["--listen", "127.0.0.1:0", "--config", &config, "--metrics-listen", &agent_http],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            &config,
+            "--metrics-listen",
+            &agent_http,
+        ],
         &[],
     )
     .await?;
     belay_e2e::wait_agents_with(&controller.addr, 1, &["--token-file", &token]).await?;
 
     let am_config = tmp.path().join("alertmanager.yml");
-    std::fs::write(&am_config, serde_json::to_vec_pretty(&alertmanager_config(&controller_http, &token_file)?)?)?;
+    std::fs::write(
+        &am_config,
+        serde_json::to_vec_pretty(&alertmanager_config(&controller_http, &token_file)?)?,
+    )?;
     succeed(Command::new(amtool()?).arg("check-config").arg(&am_config))?;
     let prom_config = tmp.path().join("prometheus.yml");
-    std::fs::write(&prom_config, serde_json::to_vec_pretty(&prometheus_config(&agent_http, &controller_http, &am_addr))?)?;
-    succeed(Command::new(promtool()?).args(["check", "config"]).arg(&prom_config))?;
+    std::fs::write(
+        &prom_config,
+        serde_json::to_vec_pretty(&prometheus_config(&agent_http, &controller_http, &am_addr))?,
+    )?;
+    succeed(
+        Command::new(promtool()?)
+            .args(["check", "config"])
+            .arg(&prom_config),
+    )?;
 
     let am = Server::start(
         "alertmanager",
@@ -1076,38 +1118,94 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
         &prometheus,
         &[
             format!("--config.file={}", prom_config.display()),
-            format!("--storage.tsdb.path={}", tmp.path().join("prom-data").display()),
+            format!(
+                "--storage.tsdb.path={}",
+                tmp.path().join("prom-data").display()
+            ),
             format!("--web.listen-address={prom_addr}"),
         ],
     )?;
     let ready = async {
-        wait_long("Alertmanager and Prometheus to be ready", std::time::Duration::from_secs(60), || async {
-            Ok(get(&am_addr, "/-/ready").await.is_some_and(|(c, _)| c == 200)
-                && get(&prom_addr, "/-/ready").await.is_some_and(|(c, _)| c == 200))
-        })
+        wait_long(
+            "Alertmanager and Prometheus to be ready",
+            std::time::Duration::from_secs(60),
+            || async {
+                Ok(get(&am_addr, "/-/ready")
+                    .await
+                    .is_some_and(|(c, _)| c == 200)
+                    && get(&prom_addr, "/-/ready")
+                        .await
+                        .is_some_and(|(c, _)| c == 200))
+            },
+        )
         .await?;
         // The failed count must be seen at 0 first: `increase` needs two samples.
-        wait_long("Prometheus to scrape the agent", std::time::Duration::from_secs(60), || async {
-            Ok(get(&prom_addr, "/api/v1/query?query=belay_migrations_total%7Bstatus%3D%22failed%22%7D")
+        wait_long(
+            "Prometheus to scrape the agent",
+            std::time::Duration::from_secs(60),
+            || async {
+                Ok(get(
+                    &prom_addr,
+                    "/api/v1/query?query=belay_migrations_total%7Bstatus%3D%22failed%22%7D",
+                )
                 .await
                 .is_some_and(|(_, b)| b.contains("alerting_1")))
-        })
+            },
+        )
         .await
     };
     if let Err(e) = ready.await {
         bail!("{e}\n{}\n{}", am.log().await, prom.log().await);
     }
 
-    let r = belay(&controller.addr, &["--token-file", &token, "deploy", "--targets", "alerting_1", "--output", "json"]).await?;
+    let r = belay(
+        &controller.addr,
+        &[
+            "--token-file",
+            &token,
+            "deploy",
+            "--targets",
+            "alerting_1",
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
     let failed_at = std::time::Instant::now();
     ensure!(r.code != 0, "the deployment should fail at V2: {r:?}");
-    let listed = belay(&controller.addr, &["--token-file", &token, "deployments", "list", "--output", "json"]).await?;
-    let id = listed.json()[0]["id"].as_str().context("deployment id")?.to_string();
+    let listed = belay(
+        &controller.addr,
+        &[
+            "--token-file",
+            &token,
+            "deployments",
+            "list",
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
+    let id = listed.json()[0]["id"]
+        .as_str()
+        .context("deployment id")?
+        .to_string();
 
     let events = || {
         let (addr, token, id) = (controller.addr.clone(), token.clone(), id.clone());
         async move {
-            let r = belay(&addr, &["--token-file", &token, "deployments", "show", &id, "--output", "json"]).await?;
+            let r = belay(
+                &addr,
+                &[
+                    "--token-file",
+                    &token,
+                    "deployments",
+                    "show",
+                    &id,
+                    "--output",
+                    "json",
+                ],
+            )
+            .await?;
             ensure!(r.code == 0, "deployments show: {r:?}");
             Ok::<Vec<String>, anyhow::Error>(
                 r.json()["targets"]
@@ -1115,15 +1213,21 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
                     .into_iter()
                     .flatten()
                     .flat_map(|t| t["events"].as_array().cloned().unwrap_or_default())
-                    .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("rollback_request")))
+                    .filter(|e| {
+                        e["kind"]
+                            .as_str()
+                            .is_some_and(|k| k.starts_with("rollback_request"))
+                    })
                     .filter_map(|e| e["message"].as_str().map(String::from))
                     .collect(),
             )
         }
     };
-    let arrived = wait_long("the alert's rollback request", std::time::Duration::from_secs(90), || async {
-        Ok(!events().await?.is_empty())
-    })
+    let arrived = wait_long(
+        "the alert's rollback request",
+        std::time::Duration::from_secs(90),
+        || async { Ok(!events().await?.is_empty()) },
+    )
     .await;
     if let Err(e) = arrived {
         bail!("{e}\n{}\n{}", am.log().await, prom.log().await);
@@ -1131,18 +1235,25 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
     let latency = failed_at.elapsed();
     // Measured, not asserted (no timing thresholds in tests): the number the runbook's
     // latency budget is checked against.
-    eprintln!("alert latency (migration failed -> rollback requested), 1 s scrape and evaluation: {latency:?}");
+    eprintln!(
+        "alert latency (migration failed -> rollback requested), 1 s scrape and evaluation: {latency:?}"
+    );
     let logged = events().await?;
     assert!(
         logged[0].starts_with("rollback requested by alert BelayMigrationFailed ("),
         "{logged:?}"
     );
     assert!(
-        logged.iter().any(|m| m.starts_with("rollback request unavailable:")),
+        logged
+            .iter()
+            .any(|m| m.starts_with("rollback request unavailable:")),
         "{logged:?}"
     );
     assert_eq!(
-        logged.iter().filter(|m| m.starts_with("rollback requested")).count(),
+        logged
+            .iter()
+            .filter(|m| m.starts_with("rollback requested"))
+            .count(),
         1,
         "one request, however often Alertmanager delivers: {logged:?}"
     );

@@ -63,22 +63,36 @@ fn alert(name: &str, fingerprint: &str, labels: Value) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_nothing() -> Result<()> {
+async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_nothing() -> Result<()>
+{
     let tmp = tempfile::tempdir()?;
     let db = Cluster::shared().create_database().await?;
     let ex = examples();
     let token_file = tmp.path().join("token");
     std::fs::write(&token_file, "webhook-token\n")?;
     let http = free_addr()?;
-    let store = tmp.path().join("controller.db").to_string_lossy().into_owned();
+    let store = tmp
+        .path()
+        .join("controller.db")
+        .to_string_lossy()
+        .into_owned();
     let token_arg = token_file.to_string_lossy().into_owned();
-    let c = controller(&store, &["--http-listen", &http, "--token-file", &token_arg]).await?;
+    let c = controller(
+        &store,
+        &["--http-listen", &http, "--token-file", &token_arg],
+    )
+    .await?;
     let cfg = belay_e2e::agent_config_with(
         tmp.path(),
         "agent-1",
         &c.addr,
         &format!("token_file = \"{token_arg}\""),
-        &[TargetDef { name: "wh_1", url: &db.url, migrations: &ex, environment: None }],
+        &[TargetDef {
+            name: "wh_1",
+            url: &db.url,
+            migrations: &ex,
+            environment: None,
+        }],
     )?;
     let _agent = belay_e2e::agent(&cfg).await?;
     let cli = |args: &[&str]| {
@@ -88,13 +102,32 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
     };
     belay_e2e::wait_agents_with(&c.addr, 1, &["--token-file", &token_arg]).await?;
     let args = cli(&["deploy", "--targets", "wh_1", "--output", "json"]);
-    let r = belay(&c.addr, &args.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+    let r = belay(
+        &c.addr,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await?;
     ensure!(r.code == 0, "deploy: {r:?}");
-    let id = r.json()["id"].as_str().context("deployment id")?.to_string();
+    let id = r.json()["id"]
+        .as_str()
+        .context("deployment id")?
+        .to_string();
     let events = |id: String| {
         let (addr, token) = (c.addr.clone(), token_arg.clone());
         async move {
-            let r = belay(&addr, &["--token-file", &token, "deployments", "show", &id, "--output", "json"]).await?;
+            let r = belay(
+                &addr,
+                &[
+                    "--token-file",
+                    &token,
+                    "deployments",
+                    "show",
+                    &id,
+                    "--output",
+                    "json",
+                ],
+            )
+            .await?;
             ensure!(r.code == 0, "deployments show: {r:?}");
             Ok::<_, anyhow::Error>(
                 r.json()["targets"]
@@ -102,14 +135,22 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
                     .into_iter()
                     .flatten()
                     .flat_map(|t| t["events"].as_array().cloned().unwrap_or_default())
-                    .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("rollback_request")))
+                    .filter(|e| {
+                        e["kind"]
+                            .as_str()
+                            .is_some_and(|k| k.starts_with("rollback_request"))
+                    })
                     .filter_map(|e| e["message"].as_str().map(String::from))
                     .collect::<Vec<_>>(),
             )
         }
     };
     let path = "/webhooks/alertmanager";
-    let good = payload(&[alert("BelayProbeUnhealthy", "3f2a1b", json!({ "belay_target": "wh_1" }))]);
+    let good = payload(&[alert(
+        "BelayProbeUnhealthy",
+        "3f2a1b",
+        json!({ "belay_target": "wh_1" }),
+    )]);
 
     // No token: 401, nothing recorded.
     let (status, body) = post(&http, path, &good, None).await?;
@@ -117,13 +158,25 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
     // Malformed payloads: 400 naming what is wrong, nothing recorded.
     for (bad, names) in [
         (b"{\"version\": \"4\", \"alerts\": [".to_vec(), "not JSON"),
-        (br#"{"version": "3", "alerts": []}"#.to_vec(), "`version` is \"3\""),
-        (br#"{"version": "4", "status": "firing"}"#.to_vec(), "no `alerts`"),
-        (br#"{"version": "4", "alerts": [{"status": "burning"}]}"#.to_vec(), "alerts[0].status"),
+        (
+            br#"{"version": "3", "alerts": []}"#.to_vec(),
+            "`version` is \"3\"",
+        ),
+        (
+            br#"{"version": "4", "status": "firing"}"#.to_vec(),
+            "no `alerts`",
+        ),
+        (
+            br#"{"version": "4", "alerts": [{"status": "burning"}]}"#.to_vec(),
+            "alerts[0].status",
+        ),
     ] {
         let (status, body) = post(&http, path, &bad, Some("webhook-token")).await?;
         assert_eq!(status, 400, "{body}");
-        assert!(body["error"].as_str().is_some_and(|e| e.contains(names)), "{names}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains(names)),
+            "{names}: {body}"
+        );
     }
     assert_eq!(events(id.clone()).await?, Vec::<String>::new());
 
@@ -132,38 +185,70 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
     for _ in 0..3 {
         let (status, body) = post(&http, path, &good, Some("webhook-token")).await?;
         assert_eq!(status, 200, "{body}");
-        claims.push(body["requests"][0]["claim"].as_str().unwrap_or_default().to_string());
+        claims.push(
+            body["requests"][0]["claim"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
     }
     let others = payload(&[
-        alert("BelayMigrationFailed", "77aa01", json!({ "belay_deployment": &id[..8] })),
-        alert("BelayLongLockWait", "77aa02", json!({ "belay_deployment": &id, "belay_target": "wh_1" })),
+        alert(
+            "BelayMigrationFailed",
+            "77aa01",
+            json!({ "belay_deployment": &id[..8] }),
+        ),
+        alert(
+            "BelayLongLockWait",
+            "77aa02",
+            json!({ "belay_deployment": &id, "belay_target": "wh_1" }),
+        ),
     ]);
     let (status, body) = post(&http, path, &others, Some("webhook-token")).await?;
     assert_eq!(status, 200, "{body}");
     for r in body["requests"].as_array().into_iter().flatten() {
         claims.push(r["claim"].as_str().unwrap_or_default().to_string());
     }
-    assert_eq!(claims, ["first", "duplicate", "duplicate", "duplicate", "duplicate"]);
+    assert_eq!(
+        claims,
+        ["first", "duplicate", "duplicate", "duplicate", "duplicate"]
+    );
     // Until a RollbackService is wired, the one request is recorded as unavailable.
     assert_eq!(body["requests"][0]["state"], "unavailable", "{body}");
     assert_eq!(body["requests"][1]["deliveries"], 5, "{body}");
     let logged = events(id.clone()).await?;
     assert_eq!(logged.len(), 2, "{logged:?}");
-    assert_eq!(logged[0], "rollback requested by alert BelayProbeUnhealthy (3f2a1b)");
-    assert!(logged[1].starts_with("rollback request unavailable: this controller cannot execute rollbacks"), "{logged:?}");
+    assert_eq!(
+        logged[0],
+        "rollback requested by alert BelayProbeUnhealthy (3f2a1b)"
+    );
+    assert!(
+        logged[1]
+            .starts_with("rollback request unavailable: this controller cannot execute rollbacks"),
+        "{logged:?}"
+    );
 
     // An id matching nothing can never succeed: 422 with the reason.
     let unknown = payload(&[alert("X", "1", json!({ "belay_deployment": "ffffffff" }))]);
     let (status, body) = post(&http, path, &unknown, Some("webhook-token")).await?;
     assert_eq!(status, 422, "{body}");
-    assert!(body["errors"][0]["error"].as_str().is_some_and(|e| e.contains("matches no deployment")), "{body}");
+    assert!(
+        body["errors"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("matches no deployment")),
+        "{body}"
+    );
 
     // /metrics is still served on the same listener.
     let mut s = tokio::net::TcpStream::connect(&http).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: belay\r\nConnection: close\r\n\r\n").await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: belay\r\nConnection: close\r\n\r\n")
+        .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
-    assert!(out.starts_with("HTTP/1.1 200") && out.contains("belay_agents_connected"), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("belay_agents_connected"),
+        "{out}"
+    );
     Ok(())
 }
 
@@ -171,7 +256,11 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
 async fn metrics_listen_still_works_as_an_alias() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let http = free_addr()?;
-    let store = tmp.path().join("controller.db").to_string_lossy().into_owned();
+    let store = tmp
+        .path()
+        .join("controller.db")
+        .to_string_lossy()
+        .into_owned();
     let _c: Daemon = controller(&store, &["--metrics-listen", &http]).await?;
     let (status, body) = post(&http, "/webhooks/alertmanager", b"[]", None).await?;
     assert_eq!(status, 400, "{body}");
@@ -179,7 +268,10 @@ async fn metrics_listen_still_works_as_an_alias() -> Result<()> {
         .arg("--help")
         .output()?;
     let help = String::from_utf8_lossy(&help.stdout);
-    assert!(help.contains("--http-listen <ADDR>") && help.contains("--metrics-listen is an alias"), "{help}");
+    assert!(
+        help.contains("--http-listen <ADDR>") && help.contains("--metrics-listen is an alias"),
+        "{help}"
+    );
     assert!(help.contains("--alert-grace <DURATION>"), "{help}");
     Ok(())
 }

@@ -254,7 +254,9 @@ async fn serve(args: Args) -> ExitCode {
         let webhook = belay_fleet::webhook::Webhook::new(fleet.clone(), trigger, args.alert_grace)
             .with_token(token.clone().map(belay_auth::TokenCheck::new));
         match belay_rpc::daemon::serve_http(addr, "--http-listen", webhook.router()).await {
-            Ok(bound) => tracing::info!(addr = %bound, "serving HTTP (/metrics, /webhooks/alertmanager)"),
+            Ok(bound) => {
+                tracing::info!(addr = %bound, "serving HTTP (/metrics, /webhooks/alertmanager)")
+            }
             Err(err) => {
                 eprintln!("{BIN}: error: {err}");
                 return ExitCode::from(exit::UNAVAILABLE);

@@ -109,11 +109,14 @@ struct RawAlert {
 /// alert's status, labels and times), tolerant of fields it does not use.
 pub fn parse_payload(body: &[u8]) -> Result<Payload, PayloadError> {
     let err = |m: String| PayloadError(m);
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| err(format!("the body is not JSON: {e}")))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| err(format!("the body is JSON but {}, not an object", kind(&value))))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| err(format!("the body is not JSON: {e}")))?;
+    let obj = value.as_object().ok_or_else(|| {
+        err(format!(
+            "the body is JSON but {}, not an object",
+            kind(&value)
+        ))
+    })?;
     let text = |key: &str| -> Result<String, PayloadError> {
         match obj.get(key) {
             None | Some(serde_json::Value::Null) => Ok(String::new()),
@@ -142,13 +145,15 @@ pub fn parse_payload(body: &[u8]) -> Result<Payload, PayloadError> {
     let truncated_alerts = match obj.get("truncatedAlerts") {
         None | Some(serde_json::Value::Null) => 0,
         Some(v) => v.as_u64().ok_or_else(|| {
-            err(format!("`truncatedAlerts` is {v}, not a non-negative integer"))
+            err(format!(
+                "`truncatedAlerts` is {v}, not a non-negative integer"
+            ))
         })?,
     };
     let mut out = Vec::with_capacity(alerts.len());
     for (i, a) in alerts.iter().enumerate() {
-        let raw: RawAlert = serde_json::from_value(a.clone())
-            .map_err(|e| err(format!("alerts[{i}]: {e}")))?;
+        let raw: RawAlert =
+            serde_json::from_value(a.clone()).map_err(|e| err(format!("alerts[{i}]: {e}")))?;
         let status = match raw.status.as_str() {
             "firing" => AlertStatus::Firing,
             "resolved" => AlertStatus::Resolved,
@@ -265,7 +270,10 @@ impl RollbackTrigger for Unavailable {
 fn transient(kind: ErrorKind) -> bool {
     matches!(
         kind,
-        ErrorKind::Unavailable | ErrorKind::AgentUnreachable | ErrorKind::Busy | ErrorKind::Internal
+        ErrorKind::Unavailable
+            | ErrorKind::AgentUnreachable
+            | ErrorKind::Busy
+            | ErrorKind::Internal
     )
 }
 
@@ -453,7 +461,10 @@ impl Webhook {
     ) -> Result<Vec<serde_json::Value>, (Fault, Vec<serde_json::Value>)> {
         let mut done = Vec::new();
         let (id, targets) = self
-            .resolve(deployment.filter(|s| !s.is_empty()), target.filter(|s| !s.is_empty()))
+            .resolve(
+                deployment.filter(|s| !s.is_empty()),
+                target.filter(|s| !s.is_empty()),
+            )
             .await
             .map_err(|f| (f, Vec::new()))?;
         let evidence = AlertEvidence {
@@ -566,15 +577,16 @@ impl Webhook {
         let store = self.fleet.store();
         let d = match deployment {
             Some(prefix) => {
-                let ids = store
-                    .deployment_ids_with_prefix(prefix, 3)
-                    .await
-                    .map_err(|e| match e {
-                        StoreError::Invalid { reason, .. } => Fault::Permanent(format!(
-                            "label {DEPLOYMENT_LABEL}: {reason}"
-                        )),
-                        other => store_fault(other),
-                    })?;
+                let ids =
+                    store
+                        .deployment_ids_with_prefix(prefix, 3)
+                        .await
+                        .map_err(|e| match e {
+                            StoreError::Invalid { reason, .. } => {
+                                Fault::Permanent(format!("label {DEPLOYMENT_LABEL}: {reason}"))
+                            }
+                            other => store_fault(other),
+                        })?;
                 let id = match ids.as_slice() {
                     [] => {
                         return Err(Fault::Permanent(format!(
@@ -595,7 +607,9 @@ impl Webhook {
                     .deployment(id)
                     .await
                     .map_err(store_fault)?
-                    .ok_or_else(|| Fault::Transient(format!("deployment {id} vanished while read")))?
+                    .ok_or_else(|| {
+                        Fault::Transient(format!("deployment {id} vanished while read"))
+                    })?
             }
             None => {
                 let t = target.unwrap_or_default();
@@ -609,30 +623,31 @@ impl Webhook {
             }
         };
         let ran = |s: TargetState| !matches!(s, TargetState::Pending | TargetState::Skipped);
-        let targets: Vec<String> = match target {
-            Some(t) => {
-                let status = d.targets.iter().find(|s| s.target == t).ok_or_else(|| {
+        let targets: Vec<String> =
+            match target {
+                Some(t) => {
+                    let status = d.targets.iter().find(|s| s.target == t).ok_or_else(|| {
                     Fault::Permanent(format!(
                         "deployment {} has no target {t:?} (label {TARGET_LABEL}); its targets: {}",
                         d.id,
                         d.targets.iter().map(|s| s.target.as_str()).collect::<Vec<_>>().join(", ")
                     ))
                 })?;
-                if !ran(status.state) {
-                    return Err(Fault::Permanent(format!(
-                        "deployment {} never ran on {t:?} (it is {}): nothing to roll back",
-                        d.id, status.state
-                    )));
+                    if !ran(status.state) {
+                        return Err(Fault::Permanent(format!(
+                            "deployment {} never ran on {t:?} (it is {}): nothing to roll back",
+                            d.id, status.state
+                        )));
+                    }
+                    vec![t.to_string()]
                 }
-                vec![t.to_string()]
-            }
-            None => d
-                .targets
-                .iter()
-                .filter(|s| ran(s.state))
-                .map(|s| s.target.clone())
-                .collect(),
-        };
+                None => d
+                    .targets
+                    .iter()
+                    .filter(|s| ran(s.state))
+                    .map(|s| s.target.clone())
+                    .collect(),
+            };
         if targets.is_empty() {
             return Err(Fault::Permanent(format!(
                 "deployment {} never ran on any target: nothing to roll back",
@@ -651,7 +666,8 @@ impl Webhook {
         // `failed` is not terminal, so it has no finished_at: its last change is its end.
         let ended = d.finished_at.unwrap_or(d.updated_at);
         let age = Utc::now().signed_duration_since(ended);
-        let grace = chrono::Duration::from_std(self.grace).unwrap_or_else(|_| chrono::Duration::days(36_500));
+        let grace = chrono::Duration::from_std(self.grace)
+            .unwrap_or_else(|_| chrono::Duration::days(36_500));
         if age <= grace {
             return Ok(());
         }
@@ -718,7 +734,10 @@ mod tests {
             (br#"{"version": "3", "alerts": []}"#, "`version` is \"3\""),
             (br#"{"version": 4, "alerts": []}"#, "`version` is 4"),
             (br#"{"version": "4"}"#, "no `alerts`"),
-            (br#"{"version": "4", "alerts": {}}"#, "`alerts` is an object"),
+            (
+                br#"{"version": "4", "alerts": {}}"#,
+                "`alerts` is an object",
+            ),
             (
                 br#"{"version": "4", "alerts": [{"labels": {}}]}"#,
                 "alerts[0]: missing field `status`",

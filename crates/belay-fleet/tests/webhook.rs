@@ -3,9 +3,7 @@
 //! resolve to a deployment, and at-most-once rollback requests under repeated deliveries.
 
 use belay_core::{ApiError, ErrorKind};
-use belay_fleet::webhook::{
-    AlertTrigger, RollbackTrigger, Unavailable, Webhook, parse_payload,
-};
+use belay_fleet::webhook::{AlertTrigger, RollbackTrigger, Unavailable, Webhook, parse_payload};
 use belay_fleet::{Fleet, FleetConfig};
 use belay_store::{DeploymentState, NewDeployment, RollbackRequestState, Store, TargetState};
 use proptest::prelude::*;
@@ -150,7 +148,13 @@ fn claims(body: &Value) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| format!("{}:{}", r["target"].as_str().unwrap(), r["claim"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["target"].as_str().unwrap(),
+                r["claim"].as_str().unwrap()
+            )
+        })
         .collect()
 }
 
@@ -233,7 +237,11 @@ fn payloads() -> impl Strategy<Value = Value> {
         0..4,
     );
     let alert = (
-        prop_oneof![Just("firing".to_string()), Just("resolved".to_string()), "[a-z]{0,8}"],
+        prop_oneof![
+            Just("firing".to_string()),
+            Just("resolved".to_string()),
+            "[a-z]{0,8}"
+        ],
         labels,
         "[0-9a-f]{0,16}",
     )
@@ -242,7 +250,10 @@ fn payloads() -> impl Strategy<Value = Value> {
                     "startsAt": "2026-12-02T05:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
                     "fingerprint": fp })
         });
-    let base = (prop::collection::vec(alert, 0..4), prop_oneof![Just("4".to_string()), "[0-9]{1,2}"])
+    let base = (
+        prop::collection::vec(alert, 0..4),
+        prop_oneof![Just("4".to_string()), "[0-9]{1,2}"],
+    )
         .prop_map(|(alerts, version)| {
             json!({ "version": version, "groupKey": "{}:{}", "status": "firing",
                     "receiver": "belay", "alerts": alerts, "truncatedAlerts": 0 })
@@ -256,7 +267,12 @@ fn payloads() -> impl Strategy<Value = Value> {
         Just("truncatedAlerts"),
         Just("extra"),
     ];
-    (base, prop::option::of((keys, prop::option::of(value))), any::<prop::sample::Index>(), prop::option::of(("[a-zA-Z]{1,10}", value_strategy_leaf())))
+    (
+        base,
+        prop::option::of((keys, prop::option::of(value))),
+        any::<prop::sample::Index>(),
+        prop::option::of(("[a-zA-Z]{1,10}", value_strategy_leaf())),
+    )
         .prop_map(|(mut p, damage, idx, alert_damage)| {
             if let Some((key, v)) = damage {
                 match v {
@@ -342,7 +358,11 @@ async fn malformed_payloads_are_400_and_record_nothing() {
         let id = deploy(&fleet, Uuid::new_v4(), &["orders"]).await;
         let trigger = Arc::new(Counting::default());
         let hook = Webhook::new(fleet.clone(), trigger.clone(), Duration::from_secs(3600));
-        let good = alert("BelayProbeUnhealthy", "aa", &[("belay_deployment", &id.to_string())]);
+        let good = alert(
+            "BelayProbeUnhealthy",
+            "aa",
+            &[("belay_deployment", &id.to_string())],
+        );
         let mut bad_version = serde_json::from_slice::<Value>(&payload(&[good.clone()])).unwrap();
         bad_version["version"] = json!("3");
         let mut bad_alert = serde_json::from_slice::<Value>(&payload(&[good.clone()])).unwrap();
@@ -356,10 +376,26 @@ async fn malformed_payloads_are_400_and_record_nothing() {
         ] {
             let r = hook.handle(&body).await;
             assert_eq!(r.status, 400, "{}: {}", f.name, r.body);
-            assert!(r.body["error"].as_str().unwrap().contains("invalid Alertmanager webhook payload"), "{}", r.body);
+            assert!(
+                r.body["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("invalid Alertmanager webhook payload"),
+                "{}",
+                r.body
+            );
         }
         assert!(trigger.calls().is_empty(), "{}", f.name);
-        assert!(fleet.store().rollback_requests(id).await.unwrap().is_empty(), "{}", f.name);
+        assert!(
+            fleet
+                .store()
+                .rollback_requests(id)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{}",
+            f.name
+        );
         assert!(requested_events(&fleet, id).await.is_empty(), "{}", f.name);
     }
 }
@@ -372,7 +408,11 @@ async fn same_alert_three_times_and_two_other_alerts_roll_back_once() {
         let other = deploy(&fleet, Uuid::new_v4(), &["billing"]).await;
         let trigger = Arc::new(Counting::default());
         let hook = Webhook::new(fleet.clone(), trigger.clone(), Duration::from_secs(3600));
-        let same = payload(&[alert("BelayProbeUnhealthy", "f1", &[("belay_deployment", &id.to_string())])]);
+        let same = payload(&[alert(
+            "BelayProbeUnhealthy",
+            "f1",
+            &[("belay_deployment", &id.to_string())],
+        )]);
         let mut statuses = Vec::new();
         let mut all_claims = Vec::new();
         for _ in 0..3 {
@@ -384,7 +424,11 @@ async fn same_alert_three_times_and_two_other_alerts_roll_back_once() {
         let prefix = &id.to_string()[..8];
         let r = hook
             .handle(&payload(&[
-                alert("BelayMigrationFailed", "f2", &[("belay_deployment", prefix)]),
+                alert(
+                    "BelayMigrationFailed",
+                    "f2",
+                    &[("belay_deployment", prefix)],
+                ),
                 alert("BelayLongLockWait", "f3", &[("belay_target", "orders")]),
             ]))
             .await;
@@ -393,33 +437,67 @@ async fn same_alert_three_times_and_two_other_alerts_roll_back_once() {
         assert_eq!(statuses, [200, 200, 200, 200], "{}", f.name);
         assert_eq!(
             all_claims,
-            ["orders:first", "orders:duplicate", "orders:duplicate", "orders:duplicate", "orders:duplicate"],
-            "{}", f.name
+            [
+                "orders:first",
+                "orders:duplicate",
+                "orders:duplicate",
+                "orders:duplicate",
+                "orders:duplicate"
+            ],
+            "{}",
+            f.name
         );
-        assert_eq!(trigger.calls(), [(id, "orders".to_string(), "f1".to_string())], "{}", f.name);
+        assert_eq!(
+            trigger.calls(),
+            [(id, "orders".to_string(), "f1".to_string())],
+            "{}",
+            f.name
+        );
         let reqs = fleet.store().rollback_requests(id).await.unwrap();
         assert_eq!(reqs.len(), 1, "{}", f.name);
         assert_eq!(reqs[0].state, RollbackRequestState::Started, "{}", f.name);
         assert_eq!((reqs[0].deliveries, reqs[0].attempts), (5, 1), "{}", f.name);
         assert_eq!(reqs[0].alert.alertname, "BelayProbeUnhealthy");
-        assert_eq!(reqs[0].alert.annotations["summary"], "BelayProbeUnhealthy fired");
-        let deliveries = fleet.store().rollback_deliveries(id, "orders").await.unwrap();
+        assert_eq!(
+            reqs[0].alert.annotations["summary"],
+            "BelayProbeUnhealthy fired"
+        );
+        let deliveries = fleet
+            .store()
+            .rollback_deliveries(id, "orders")
+            .await
+            .unwrap();
         let who: Vec<(String, String)> = deliveries
             .iter()
             .map(|d| (d.fingerprint.clone(), d.outcome.clone()))
             .collect();
         assert_eq!(
             who,
-            [("f1", "first"), ("f1", "duplicate"), ("f1", "duplicate"), ("f2", "duplicate"), ("f3", "duplicate")]
-                .map(|(a, b)| (a.to_string(), b.to_string())),
-            "{}", f.name
+            [
+                ("f1", "first"),
+                ("f1", "duplicate"),
+                ("f1", "duplicate"),
+                ("f2", "duplicate"),
+                ("f3", "duplicate")
+            ]
+            .map(|(a, b)| (a.to_string(), b.to_string())),
+            "{}",
+            f.name
         );
         assert_eq!(
             requested_events(&fleet, id).await,
             ["rollback requested by alert BelayProbeUnhealthy (f1)"],
-            "{}", f.name
+            "{}",
+            f.name
         );
-        assert!(fleet.store().rollback_requests(other).await.unwrap().is_empty());
+        assert!(
+            fleet
+                .store()
+                .rollback_requests(other)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }
 
@@ -430,15 +508,28 @@ async fn concurrent_deliveries_still_roll_back_once() {
         let id = deploy(&fleet, Uuid::new_v4(), &["orders", "billing"]).await;
         let trigger = Arc::new(Counting::default());
         let hook = Webhook::new(fleet.clone(), trigger.clone(), Duration::from_secs(3600));
-        let body = payload(&[alert("BelayProbeUnhealthy", "f1", &[("belay_deployment", &id.to_string())])]);
+        let body = payload(&[alert(
+            "BelayProbeUnhealthy",
+            "f1",
+            &[("belay_deployment", &id.to_string())],
+        )]);
         let replies = futures::future::join_all((0..6).map(|_| hook.handle(&body))).await;
-        assert!(replies.iter().all(|r| r.status == 200), "{}: {replies:?}", f.name);
+        assert!(
+            replies.iter().all(|r| r.status == 200),
+            "{}: {replies:?}",
+            f.name
+        );
         let mut calls: Vec<String> = trigger.calls().into_iter().map(|c| c.1).collect();
         calls.sort();
         // The deployment's two targets, each once.
         assert_eq!(calls, ["billing", "orders"], "{}", f.name);
         let reqs = fleet.store().rollback_requests(id).await.unwrap();
-        assert_eq!(reqs.iter().map(|r| r.deliveries).collect::<Vec<_>>(), [6, 6], "{}", f.name);
+        assert_eq!(
+            reqs.iter().map(|r| r.deliveries).collect::<Vec<_>>(),
+            [6, 6],
+            "{}",
+            f.name
+        );
     }
 }
 
@@ -449,10 +540,18 @@ async fn a_transient_failure_is_503_and_the_next_delivery_triggers_again_once() 
         let id = deploy(&fleet, Uuid::new_v4(), &["orders"]).await;
         let trigger = Counting::failing(&[ErrorKind::AgentUnreachable]);
         let hook = Webhook::new(fleet.clone(), trigger.clone(), Duration::from_secs(3600));
-        let body = payload(&[alert("BelayProbeUnhealthy", "f1", &[("belay_target", "orders")])]);
+        let body = payload(&[alert(
+            "BelayProbeUnhealthy",
+            "f1",
+            &[("belay_target", "orders")],
+        )]);
         let r = hook.handle(&body).await;
         assert_eq!(r.status, 503, "{}: {}", f.name, r.body);
-        assert!(errors(&r.body).contains("simulated AgentUnreachable"), "{}", r.body);
+        assert!(
+            errors(&r.body).contains("simulated AgentUnreachable"),
+            "{}",
+            r.body
+        );
         let req = &fleet.store().rollback_requests(id).await.unwrap()[0];
         assert_eq!(req.state, RollbackRequestState::Failed, "{}", f.name);
         assert_eq!(req.message, "simulated AgentUnreachable");
@@ -467,7 +566,8 @@ async fn a_transient_failure_is_503_and_the_next_delivery_triggers_again_once() 
         assert_eq!(
             (req.state, req.attempts, req.deliveries),
             (RollbackRequestState::Started, 2, 3),
-            "{}", f.name
+            "{}",
+            f.name
         );
         assert_eq!(
             requested_events(&fleet, id).await,
@@ -475,7 +575,8 @@ async fn a_transient_failure_is_503_and_the_next_delivery_triggers_again_once() 
                 "rollback requested by alert BelayProbeUnhealthy (f1)",
                 "rollback requested again by alert BelayProbeUnhealthy (f1)"
             ],
-            "{}", f.name
+            "{}",
+            f.name
         );
     }
 }
@@ -487,7 +588,11 @@ async fn a_refusal_is_422_and_not_retried() {
         let id = deploy(&fleet, Uuid::new_v4(), &["orders"]).await;
         let trigger = Counting::failing(&[ErrorKind::Refused]);
         let hook = Webhook::new(fleet.clone(), trigger.clone(), Duration::from_secs(3600));
-        let body = payload(&[alert("BelayProbeUnhealthy", "f1", &[("belay_deployment", &id.to_string())])]);
+        let body = payload(&[alert(
+            "BelayProbeUnhealthy",
+            "f1",
+            &[("belay_deployment", &id.to_string())],
+        )]);
         let r = hook.handle(&body).await;
         assert_eq!(r.status, 422, "{}: {}", f.name, r.body);
         let r = hook.handle(&body).await;
@@ -511,18 +616,40 @@ async fn without_a_rollback_service_requests_are_recorded_unavailable() {
             Arc::new(Unavailable::no_rollback_service()),
             Duration::from_secs(3600),
         );
-        let body = payload(&[alert("BelayProbeUnhealthy", "f1", &[("belay_target", "orders")])]);
+        let body = payload(&[alert(
+            "BelayProbeUnhealthy",
+            "f1",
+            &[("belay_target", "orders")],
+        )]);
         for _ in 0..3 {
             assert_eq!(hook.handle(&body).await.status, 200, "{}", f.name);
         }
         let reqs = fleet.store().rollback_requests(id).await.unwrap();
         assert_eq!(reqs.len(), 1);
-        assert_eq!(reqs[0].state, RollbackRequestState::Unavailable, "{}", f.name);
-        assert!(reqs[0].message.contains("no RollbackService"), "{}", reqs[0].message);
-        assert_eq!(reqs[0].deliveries, 3);
-        let events: Vec<String> = fleet.store().events(id, 0).await.unwrap().into_iter().map(|e| e.message).collect();
+        assert_eq!(
+            reqs[0].state,
+            RollbackRequestState::Unavailable,
+            "{}",
+            f.name
+        );
         assert!(
-            events.iter().any(|m| m.starts_with("rollback request unavailable: this controller cannot execute rollbacks")),
+            reqs[0].message.contains("no RollbackService"),
+            "{}",
+            reqs[0].message
+        );
+        assert_eq!(reqs[0].deliveries, 3);
+        let events: Vec<String> = fleet
+            .store()
+            .events(id, 0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert!(
+            events.iter().any(|m| m.starts_with(
+                "rollback request unavailable: this controller cannot execute rollbacks"
+            )),
             "{events:?}"
         );
     }
@@ -532,30 +659,76 @@ async fn without_a_rollback_service_requests_are_recorded_unavailable() {
 async fn labels_resolve_by_id_prefix_and_target_within_the_grace_period() {
     for f in both().await {
         let fleet = fleet(&f.spec).await;
-        let a = deploy(&fleet, Uuid::parse_str("abcd0000-0000-4000-8000-000000000001").unwrap(), &["orders", "billing", "ledger"]).await;
-        let b = deploy(&fleet, Uuid::parse_str("abcd1111-0000-4000-8000-000000000002").unwrap(), &["search"]).await;
+        let a = deploy(
+            &fleet,
+            Uuid::parse_str("abcd0000-0000-4000-8000-000000000001").unwrap(),
+            &["orders", "billing", "ledger"],
+        )
+        .await;
+        let b = deploy(
+            &fleet,
+            Uuid::parse_str("abcd1111-0000-4000-8000-000000000002").unwrap(),
+            &["search"],
+        )
+        .await;
         // `ledger` never ran in `a`: not rolled back.
-        fleet.store().set_target_state(a, "ledger", TargetState::Skipped, "halted").await.unwrap();
+        fleet
+            .store()
+            .set_target_state(a, "ledger", TargetState::Skipped, "halted")
+            .await
+            .unwrap();
         let trigger = Arc::new(Counting::default());
         let hook = Webhook::new(fleet.clone(), trigger.clone(), Duration::from_secs(3600));
         let one = |labels: &[(&str, &str)]| payload(&[alert("A", "fp", labels)]);
 
         let r = hook.handle(&one(&[("belay_deployment", "abcd")])).await;
         assert_eq!(r.status, 422, "{}", f.name);
-        assert!(errors(&r.body).contains("ambiguous") && errors(&r.body).contains(&a.to_string()) && errors(&r.body).contains(&b.to_string()), "{}", r.body);
+        assert!(
+            errors(&r.body).contains("ambiguous")
+                && errors(&r.body).contains(&a.to_string())
+                && errors(&r.body).contains(&b.to_string()),
+            "{}",
+            r.body
+        );
         let r = hook.handle(&one(&[("belay_deployment", "ffff")])).await;
         assert_eq!(r.status, 422);
-        assert!(errors(&r.body).contains("matches no deployment"), "{}", r.body);
+        assert!(
+            errors(&r.body).contains("matches no deployment"),
+            "{}",
+            r.body
+        );
         let r = hook.handle(&one(&[("belay_deployment", "not-hex!")])).await;
         assert_eq!(r.status, 422);
-        assert!(errors(&r.body).contains("not the start of a deployment id"), "{}", r.body);
+        assert!(
+            errors(&r.body).contains("not the start of a deployment id"),
+            "{}",
+            r.body
+        );
         let r = hook.handle(&one(&[("belay_target", "nowhere")])).await;
         assert_eq!(r.status, 422);
-        assert!(errors(&r.body).contains("no deployment in the controller store includes"), "{}", r.body);
-        let r = hook.handle(&one(&[("belay_deployment", "abcd0"), ("belay_target", "search")])).await;
+        assert!(
+            errors(&r.body).contains("no deployment in the controller store includes"),
+            "{}",
+            r.body
+        );
+        let r = hook
+            .handle(&one(&[
+                ("belay_deployment", "abcd0"),
+                ("belay_target", "search"),
+            ]))
+            .await;
         assert_eq!(r.status, 422);
-        assert!(errors(&r.body).contains("has no target \\\"search\\\""), "{}", r.body);
-        let r = hook.handle(&one(&[("belay_deployment", "abcd0"), ("belay_target", "ledger")])).await;
+        assert!(
+            errors(&r.body).contains("has no target \\\"search\\\""),
+            "{}",
+            r.body
+        );
+        let r = hook
+            .handle(&one(&[
+                ("belay_deployment", "abcd0"),
+                ("belay_target", "ledger"),
+            ]))
+            .await;
         assert_eq!(r.status, 422);
         assert!(errors(&r.body).contains("never ran on"), "{}", r.body);
         assert!(trigger.calls().is_empty(), "{}", f.name);
@@ -563,28 +736,53 @@ async fn labels_resolve_by_id_prefix_and_target_within_the_grace_period() {
         // A unique prefix: every target that ran.
         let r = hook.handle(&one(&[("belay_deployment", "ABCD0")])).await;
         assert_eq!(r.status, 200, "{}: {}", f.name, r.body);
-        assert_eq!(claims(&r.body), ["orders:first", "billing:first"], "{}", f.name);
+        assert_eq!(
+            claims(&r.body),
+            ["orders:first", "billing:first"],
+            "{}",
+            f.name
+        );
 
         // By target: `search`'s latest deployment, finished a minute ago (within 1 h)...
-        fleet.store().transition(b, DeploymentState::Succeeded, "done").await.unwrap();
+        fleet
+            .store()
+            .transition(b, DeploymentState::Succeeded, "done")
+            .await
+            .unwrap();
         ended_ago(&f.spec, b, chrono::Duration::minutes(1)).await;
         let r = hook.handle(&one(&[("belay_target", "search")])).await;
         assert_eq!(r.status, 200, "{}: {}", f.name, r.body);
         assert_eq!(claims(&r.body), ["search:first"]);
         // ...but not two hours ago.
         let c = deploy(&fleet, Uuid::new_v4(), &["search"]).await;
-        fleet.store().transition(c, DeploymentState::Failed, "probe failed").await.unwrap();
+        fleet
+            .store()
+            .transition(c, DeploymentState::Failed, "probe failed")
+            .await
+            .unwrap();
         ended_ago(&f.spec, c, chrono::Duration::hours(2)).await;
         let r = hook.handle(&one(&[("belay_target", "search")])).await;
         assert_eq!(r.status, 422, "{}: {}", f.name, r.body);
-        assert!(errors(&r.body).contains("more than the alert grace period (1h) ago"), "{}", r.body);
+        assert!(
+            errors(&r.body).contains("more than the alert grace period (1h) ago"),
+            "{}",
+            r.body
+        );
         // Named by id, it is rolled back whenever it ended.
-        let r = hook.handle(&one(&[("belay_deployment", &c.to_string())])).await;
+        let r = hook
+            .handle(&one(&[("belay_deployment", &c.to_string())]))
+            .await;
         assert_eq!(r.status, 200, "{}: {}", f.name, r.body);
 
-        let mut calls: Vec<(Uuid, String)> = trigger.calls().into_iter().map(|c| (c.0, c.1)).collect();
+        let mut calls: Vec<(Uuid, String)> =
+            trigger.calls().into_iter().map(|c| (c.0, c.1)).collect();
         calls.sort();
-        let mut want = vec![(a, "billing".to_string()), (a, "orders".to_string()), (b, "search".to_string()), (c, "search".to_string())];
+        let mut want = vec![
+            (a, "billing".to_string()),
+            (a, "orders".to_string()),
+            (b, "search".to_string()),
+            (c, "search".to_string()),
+        ];
         want.sort();
         assert_eq!(calls, want, "{}", f.name);
     }
@@ -597,15 +795,34 @@ async fn resolved_and_unlabelled_alerts_are_ignored_and_counted() {
         let id = deploy(&fleet, Uuid::new_v4(), &["orders"]).await;
         let trigger = Arc::new(Counting::default());
         let hook = Webhook::new(fleet.clone(), trigger.clone(), Duration::from_secs(3600));
-        let mut resolved = alert("BelayProbeUnhealthy", "f1", &[("belay_deployment", &id.to_string())]);
+        let mut resolved = alert(
+            "BelayProbeUnhealthy",
+            "f1",
+            &[("belay_deployment", &id.to_string())],
+        );
         resolved["status"] = json!("resolved");
         let r = hook
-            .handle(&payload(&[resolved, alert("Other", "f2", &[("target", "orders")])]))
+            .handle(&payload(&[
+                resolved,
+                alert("Other", "f2", &[("target", "orders")]),
+            ]))
             .await;
         assert_eq!(r.status, 200, "{}", r.body);
-        assert_eq!(r.body["ignored"], json!({ "resolved": 1, "without_belay_labels": 1 }));
+        assert_eq!(
+            r.body["ignored"],
+            json!({ "resolved": 1, "without_belay_labels": 1 })
+        );
         assert!(trigger.calls().is_empty());
-        assert!(fleet.store().rollback_requests(id).await.unwrap().is_empty(), "{}", f.name);
+        assert!(
+            fleet
+                .store()
+                .rollback_requests(id)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{}",
+            f.name
+        );
     }
 }
 
@@ -616,8 +833,10 @@ async fn a_configured_token_is_required() {
     let fleet = fleet(&f.spec).await;
     let id = deploy(&fleet, Uuid::new_v4(), &["orders"]).await;
     let trigger = Arc::new(Counting::default());
-    let hook = Webhook::new(fleet.clone(), trigger.clone(), Duration::from_secs(3600))
-        .with_token(Some(belay_auth::TokenCheck::new(belay_auth::Secret::new("s3cret"))));
+    let hook =
+        Webhook::new(fleet.clone(), trigger.clone(), Duration::from_secs(3600)).with_token(Some(
+            belay_auth::TokenCheck::new(belay_auth::Secret::new("s3cret")),
+        ));
     let body = payload(&[alert("A", "f1", &[("belay_deployment", &id.to_string())])]);
     for auth in [None, Some(&b"Bearer wrong"[..])] {
         let r = hook.handle_authorized(auth, &body).await;

@@ -82,9 +82,9 @@ pub async fn serve_http(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot serve HTTP on {addr}: {e}; pick another {flag}"))?;
-    let bound = listener.local_addr().map_err(|e| {
-        format!("cannot read the bound address of the HTTP listener {addr}: {e}")
-    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address of the HTTP listener {addr}: {e}"))?;
     let app = belay_telemetry::metrics_router(handle).merge(routes);
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {

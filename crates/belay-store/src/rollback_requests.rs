@@ -425,7 +425,9 @@ impl Store {
         if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             return Err(StoreError::Invalid {
                 what: "deployment id prefix",
-                reason: format!("{prefix:?} is not the start of a deployment id (hex digits and hyphens)"),
+                reason: format!(
+                    "{prefix:?} is not the start of a deployment id (hex digits and hyphens)"
+                ),
             });
         }
         // Checked above: no LIKE wildcard can be in the pattern.
@@ -464,7 +466,9 @@ impl Store {
         match row {
             None => Ok(None),
             Some(r) => {
-                let id = r.uuid("id").map_err(self.db("finding a target's latest deployment"))?;
+                let id = r
+                    .uuid("id")
+                    .map_err(self.db("finding a target's latest deployment"))?;
                 self.deployment(id).await
             }
         }
