@@ -2,6 +2,9 @@
 //! the throwaway cluster): the payload parser (property-tested), how an alert's labels
 //! resolve to a deployment, and at-most-once rollback requests under repeated deliveries.
 
+// Helpers outside #[test] functions unwrap too: a panic there is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use belay_core::{ApiError, ErrorKind};
 use belay_fleet::webhook::{AlertTrigger, RollbackTrigger, Unavailable, Webhook, parse_payload};
 use belay_fleet::{Fleet, FleetConfig};
@@ -363,9 +366,11 @@ async fn malformed_payloads_are_400_and_record_nothing() {
             "aa",
             &[("belay_deployment", &id.to_string())],
         );
-        let mut bad_version = serde_json::from_slice::<Value>(&payload(&[good.clone()])).unwrap();
+        let mut bad_version =
+            serde_json::from_slice::<Value>(&payload(std::slice::from_ref(&good))).unwrap();
         bad_version["version"] = json!("3");
-        let mut bad_alert = serde_json::from_slice::<Value>(&payload(&[good.clone()])).unwrap();
+        let mut bad_alert =
+            serde_json::from_slice::<Value>(&payload(std::slice::from_ref(&good))).unwrap();
         // A valid alert first, then a broken one: the whole payload is refused.
         bad_alert["alerts"] = json!([good, { "status": "firing", "labels": [] }]);
         for body in [
