@@ -853,3 +853,53 @@ async fn a_configured_token_is_required() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(trigger.calls().len(), 1);
 }
+
+#[tokio::test]
+async fn a_request_interrupted_by_a_controller_restart_is_retried_by_the_next_delivery() {
+    for f in both().await {
+        let first = fleet(&f.spec).await;
+        let id = deploy(&first, Uuid::new_v4(), &["orders"]).await;
+        // The claim is recorded, then the process dies before the trigger's answer.
+        let evidence = belay_store::AlertEvidence {
+            alertname: "BelayProbeUnhealthy".into(),
+            fingerprint: "f1".into(),
+            labels: json!({}),
+            annotations: json!({}),
+            starts_at: None,
+        };
+        let claim = first
+            .store()
+            .claim_rollback(id, "orders", &evidence)
+            .await
+            .unwrap();
+        assert!(
+            matches!(claim, belay_store::RollbackClaim::First(_)),
+            "{}",
+            f.name
+        );
+        drop(first);
+
+        let restarted = fleet(&f.spec).await;
+        let req = &restarted.store().rollback_requests(id).await.unwrap()[0];
+        assert_eq!(req.state, RollbackRequestState::Failed, "{}", f.name);
+        assert!(
+            req.message.contains("controller stopped"),
+            "{}",
+            req.message
+        );
+        let trigger = Arc::new(Counting::default());
+        let hook = Webhook::new(
+            restarted.clone(),
+            trigger.clone(),
+            Duration::from_secs(3600),
+        );
+        let body = payload(&[alert(
+            "BelayProbeUnhealthy",
+            "f1",
+            &[("belay_target", "orders")],
+        )]);
+        let r = hook.handle(&body).await;
+        assert_eq!(claims(&r.body), ["orders:retry"], "{}: {}", f.name, r.body);
+        assert_eq!(trigger.calls().len(), 1, "{}", f.name);
+    }
+}

@@ -7,7 +7,8 @@
 //! nothing, except after a transient failure of the trigger (state `failed`), when the
 //! next delivery claims it again ([`RollbackClaim::Retry`]).
 //!
-//! States: `requested` (recorded, the trigger is being called) → `started` (accepted) |
+//! States: `requested` (recorded, the trigger is being called; a controller restart turns
+//! it `failed`) → `started` (accepted) |
 //! `failed` (transient; retried by the next delivery) | `refused` (for good, with the
 //! reason) | `unavailable` (this controller cannot execute rollbacks, with the reason).
 
@@ -336,6 +337,22 @@ impl Store {
             .await
             .map_err(self.db("settling a rollback request"))?;
         Ok(n > 0)
+    }
+
+    /// Marks every `requested` request `failed` with `reason`: on start-up, a request
+    /// still `requested` was being triggered when the previous controller process stopped,
+    /// and nobody will settle it; as `failed`, the next delivery of its alert triggers it
+    /// again (the trigger refuses a rollback that is already running). Returns how many.
+    pub async fn interrupt_rollback_requests(&self, reason: &str) -> Result<u64, StoreError> {
+        self.pool
+            .execute(
+                "UPDATE belay_controller.rollback_requests
+                 SET state = 'failed', message = $1, updated_at = $2
+                 WHERE state = 'requested'",
+                &[Val::Text(reason), Val::Ts(db::now())],
+            )
+            .await
+            .map_err(self.db("settling interrupted rollback requests"))
     }
 
     /// The rollback requests of deployment `id`, by target.

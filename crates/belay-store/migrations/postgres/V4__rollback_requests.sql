@@ -5,8 +5,8 @@
 -- rollback is requested at most once per (deployment, target): the first delivery inserts
 -- the row (state `requested`) *before* the rollback is triggered; later deliveries are
 -- only counted in `deliveries` and listed in rollback_request_deliveries.
---   requested   recorded; the trigger is being called (or the controller stopped while
---               calling it)
+--   requested   recorded; the trigger is being called (a controller that stops while
+--               calling it marks it failed when it starts again)
 --   started     the trigger accepted the rollback
 --   failed      the trigger failed transiently (agent unreachable, store unavailable):
 --               the next delivery of any alert naming it calls it again
