@@ -896,3 +896,367 @@ fn kubernetes_manifests_pass_only_flags_and_variables_the_binaries_know() -> Res
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     Ok(())
 }
+
+// ---- The alert path end to end ----
+
+fn prometheus_server() -> Result<PathBuf> {
+    program("prometheus", "BELAY_PROMETHEUS", "prometheus")
+}
+
+fn alertmanager_server() -> Result<PathBuf> {
+    program(
+        "prometheus-alertmanager",
+        "BELAY_ALERTMANAGER",
+        "prometheus-alertmanager",
+    )
+}
+
+/// A server started by the test, killed when dropped.
+struct Server {
+    child: tokio::process::Child,
+    name: &'static str,
+}
+
+impl Server {
+    fn start(name: &'static str, program: &Path, args: &[String]) -> Result<Server> {
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Server { child, name })
+    }
+
+    /// Its stderr, after stopping it: for failure messages.
+    async fn log(mut self) -> String {
+        let _ = self.child.kill().await;
+        let mut text = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut text).await;
+        }
+        format!("--- {} log\n{text}", self.name)
+    }
+}
+
+/// `GET path` on `addr`: the status code and body, or `None` while nothing listens.
+async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: belay\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let code = out.split(' ').nth(1)?.parse().ok()?;
+    Some((
+        code,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+/// Polls `cond` until it holds or `limit` passes: the alert path has its own clocks
+/// (scrape, evaluation, group wait), longer than `wait_for`'s 30 s on a loaded machine.
+async fn wait_long<F, Fut>(what: &str, limit: std::time::Duration, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await? {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The shipped Alertmanager configuration with the test's addresses: the routing tree
+/// as shipped (the rollback route's matchers, grouping, waits and `continue`), the
+/// controller receiver pointed at the test's controller and token file, and the people's
+/// receivers (chat, pager) emptied, since their endpoints do not exist here.
+fn alertmanager_config(controller_http: &str, token_file: &Path) -> Result<Value> {
+    let mut config = one_yaml(&deploy(ALERTMANAGER))?;
+    let receivers = config["receivers"]
+        .as_array_mut()
+        .context("alertmanager.yml has no receivers")?;
+    let mut found = false;
+    for r in receivers.iter_mut() {
+        let name = r["name"].as_str().unwrap_or_default().to_string();
+        if name == "belay-controller" {
+            found = true;
+            let hook = &mut r["webhook_configs"][0];
+            hook["url"] = json!(format!("http://{controller_http}/webhooks/alertmanager"));
+            hook["http_config"]["authorization"]["credentials_file"] =
+                json!(token_file.to_string_lossy());
+        } else {
+            *r = json!({ "name": name });
+        }
+    }
+    ensure!(found, "alertmanager.yml has no belay-controller receiver");
+    Ok(config)
+}
+
+/// The shipped rules, scraped and evaluated every second (the shipped configuration
+/// says 15 s), alerts sent to the test's Alertmanager.
+fn prometheus_config(agent: &str, controller: &str, alertmanager: &str) -> Value {
+    json!({
+        "global": { "scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s" },
+        "rule_files": [deploy(RULES).to_string_lossy()],
+        "alerting": { "alertmanagers": [{ "static_configs": [{ "targets": [alertmanager] }] }] },
+        "scrape_configs": [
+            { "job_name": "belay-controller", "static_configs": [{ "targets": [controller] }] },
+            { "job_name": "belay-agent", "static_configs": [{ "targets": [agent] }] },
+        ],
+    })
+}
+
+/// A migration fails during a fleet deployment; the agent counts it; the real
+/// Prometheus scrapes it and fires `BelayMigrationFailed` (labelled `action=rollback`,
+/// `belay_target`); the real Alertmanager routes it with the shipped routing tree to the
+/// controller's webhook, which records one rollback request for that deployment.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollback_request()
+-> Result<()> {
+    let (prometheus, alertmanager) = (prometheus_server()?, alertmanager_server()?);
+    let tmp = tempfile::tempdir()?;
+    let db = Cluster::shared().create_database().await?;
+    let migrations = tmp.path().join("migrations");
+    std::fs::create_dir_all(&migrations)?;
+    std::fs::write(
+        migrations.join("V1__orders.sql"),
+        "CREATE TABLE orders (id int);\n",
+    )?;
+    // Fails when it runs: what a migration that meets production data does.
+    std::fs::write(
+        migrations.join("V2__fails.sql"),
+        "SELECT 1 / (SELECT count(*) FROM orders);\n",
+    )?;
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, "alert-path-token\n")?;
+    let token = token_file.to_string_lossy().into_owned();
+
+    let (controller_http, agent_http, am_addr, prom_addr) =
+        (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
+    let store = tmp
+        .path()
+        .join("controller.db")
+        .to_string_lossy()
+        .into_owned();
+    let controller = belay_e2e::controller(
+        &store,
+        &["--http-listen", &controller_http, "--token-file", &token],
+    )
+    .await?;
+    let config = agent_config_with(
+        tmp.path(),
+        "agent-1",
+        &controller.addr,
+        &format!("token_file = \"{token}\""),
+        &[TargetDef {
+            name: "alerting_1",
+            url: &db.url,
+            migrations: &migrations,
+            environment: None,
+        }],
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let _agent = Daemon::start(
+        "belay-agent",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            &config,
+            "--metrics-listen",
+            &agent_http,
+        ],
+        &[],
+    )
+    .await?;
+    belay_e2e::wait_agents_with(&controller.addr, 1, &["--token-file", &token]).await?;
+
+    let am_config = tmp.path().join("alertmanager.yml");
+    std::fs::write(
+        &am_config,
+        serde_json::to_vec_pretty(&alertmanager_config(&controller_http, &token_file)?)?,
+    )?;
+    succeed(Command::new(amtool()?).arg("check-config").arg(&am_config))?;
+    let prom_config = tmp.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_config,
+        serde_json::to_vec_pretty(&prometheus_config(&agent_http, &controller_http, &am_addr))?,
+    )?;
+    succeed(
+        Command::new(promtool()?)
+            .args(["check", "config"])
+            .arg(&prom_config),
+    )?;
+
+    let am = Server::start(
+        "alertmanager",
+        &alertmanager,
+        &[
+            format!("--config.file={}", am_config.display()),
+            format!("--storage.path={}", tmp.path().join("am-data").display()),
+            format!("--web.listen-address={am_addr}"),
+            // No gossip port: one Alertmanager, and 9094 may be taken.
+            "--cluster.listen-address=".into(),
+        ],
+    )?;
+    let prom = Server::start(
+        "prometheus",
+        &prometheus,
+        &[
+            format!("--config.file={}", prom_config.display()),
+            format!(
+                "--storage.tsdb.path={}",
+                tmp.path().join("prom-data").display()
+            ),
+            format!("--web.listen-address={prom_addr}"),
+        ],
+    )?;
+    let ready = async {
+        wait_long(
+            "Alertmanager and Prometheus to be ready",
+            std::time::Duration::from_secs(60),
+            || async {
+                Ok(get(&am_addr, "/-/ready")
+                    .await
+                    .is_some_and(|(c, _)| c == 200)
+                    && get(&prom_addr, "/-/ready")
+                        .await
+                        .is_some_and(|(c, _)| c == 200))
+            },
+        )
+        .await?;
+        // The failed count must be seen at 0 first: `increase` needs two samples.
+        wait_long(
+            "Prometheus to scrape the agent",
+            std::time::Duration::from_secs(60),
+            || async {
+                Ok(get(
+                    &prom_addr,
+                    "/api/v1/query?query=belay_migrations_total%7Bstatus%3D%22failed%22%7D",
+                )
+                .await
+                .is_some_and(|(_, b)| b.contains("alerting_1")))
+            },
+        )
+        .await
+    };
+    if let Err(e) = ready.await {
+        bail!("{e}\n{}\n{}", am.log().await, prom.log().await);
+    }
+
+    let r = belay(
+        &controller.addr,
+        &[
+            "--token-file",
+            &token,
+            "deploy",
+            "--targets",
+            "alerting_1",
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
+    let failed_at = std::time::Instant::now();
+    ensure!(r.code != 0, "the deployment should fail at V2: {r:?}");
+    let listed = belay(
+        &controller.addr,
+        &[
+            "--token-file",
+            &token,
+            "deployments",
+            "list",
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
+    let id = listed.json()[0]["id"]
+        .as_str()
+        .context("deployment id")?
+        .to_string();
+
+    let events = || {
+        let (addr, token, id) = (controller.addr.clone(), token.clone(), id.clone());
+        async move {
+            let r = belay(
+                &addr,
+                &[
+                    "--token-file",
+                    &token,
+                    "deployments",
+                    "show",
+                    &id,
+                    "--output",
+                    "json",
+                ],
+            )
+            .await?;
+            ensure!(r.code == 0, "deployments show: {r:?}");
+            Ok::<Vec<String>, anyhow::Error>(
+                r.json()["targets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|t| t["events"].as_array().cloned().unwrap_or_default())
+                    .filter(|e| {
+                        e["kind"]
+                            .as_str()
+                            .is_some_and(|k| k.starts_with("rollback_request"))
+                    })
+                    .filter_map(|e| e["message"].as_str().map(String::from))
+                    .collect(),
+            )
+        }
+    };
+    let arrived = wait_long(
+        "the alert's rollback request",
+        std::time::Duration::from_secs(90),
+        || async { Ok(!events().await?.is_empty()) },
+    )
+    .await;
+    if let Err(e) = arrived {
+        bail!("{e}\n{}\n{}", am.log().await, prom.log().await);
+    }
+    let latency = failed_at.elapsed();
+    // Measured, not asserted (no timing thresholds in tests): the number the runbook's
+    // latency budget is checked against.
+    eprintln!(
+        "alert latency (migration failed -> rollback requested), 1 s scrape and evaluation: {latency:?}"
+    );
+    let logged = events().await?;
+    assert!(
+        logged[0].starts_with("rollback requested by alert BelayMigrationFailed ("),
+        "{logged:?}"
+    );
+    assert!(
+        logged
+            .iter()
+            .any(|m| m.starts_with("rollback request unavailable:")),
+        "{logged:?}"
+    );
+    assert_eq!(
+        logged
+            .iter()
+            .filter(|m| m.starts_with("rollback requested"))
+            .count(),
+        1,
+        "one request, however often Alertmanager delivers: {logged:?}"
+    );
+    drop((am, prom));
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! The tools that check `deploy/` (tests/tests/monitoring.rs runs them): Prometheus'
-//! `promtool` and Alertmanager's `amtool` from Debian's packages, TypeScript with
+//! `promtool` and Alertmanager's `amtool` from Debian's packages, and their servers
+//! (`prometheus`, `prometheus-alertmanager`) for the end-to-end alert test, TypeScript with
 //! Grafana's published dashboard types (`@grafana/schema`) from npm, and
 //! `kubernetes-validate` (Kubernetes' schemas, bundled) from PyPI. The npm and PyPI ones
 //! go into caches under the target directory; each is installed only when missing.
@@ -22,6 +23,9 @@ pub const PROMTOOL_ENV: &str = "BELAY_PROMTOOL";
 pub const AMTOOL_ENV: &str = "BELAY_AMTOOL";
 pub const GRAFANA_TOOLS_ENV: &str = "BELAY_GRAFANA_TOOLS";
 pub const PYTHON_TOOLS_ENV: &str = "BELAY_PYTHON_TOOLS";
+/// The Prometheus and Alertmanager servers the end-to-end alert test runs.
+pub const PROMETHEUS_ENV: &str = "BELAY_PROMETHEUS";
+pub const ALERTMANAGER_ENV: &str = "BELAY_ALERTMANAGER";
 
 /// Every tool, installed when missing, as `(environment variable, path)` for the tests.
 pub fn ensure_all() -> Result<Vec<(&'static str, PathBuf)>> {
@@ -33,6 +37,19 @@ pub fn ensure_all() -> Result<Vec<(&'static str, PathBuf)>> {
         (
             AMTOOL_ENV,
             ensure_debian_tool("amtool", "prometheus-alertmanager", AMTOOL_ENV)?,
+        ),
+        (
+            PROMETHEUS_ENV,
+            ensure_debian_tool("prometheus", "prometheus", PROMETHEUS_ENV)?,
+        ),
+        // Debian names Alertmanager's server after its package.
+        (
+            ALERTMANAGER_ENV,
+            ensure_debian_tool(
+                "prometheus-alertmanager",
+                "prometheus-alertmanager",
+                ALERTMANAGER_ENV,
+            )?,
         ),
         (GRAFANA_TOOLS_ENV, ensure_grafana_tools()?),
         (PYTHON_TOOLS_ENV, ensure_python_tools()?),

@@ -2,8 +2,8 @@
 //! agents across the fleet.
 //!
 //! Thin by design: parse arguments, start telemetry, bind, serve, stop on a
-//! signal. Behaviour lives in the capability crates; for now the controller
-//! serves only `grpc.health.v1` (its services land in a later change).
+//! signal. Behaviour lives in the capability crates (`belay-fleet`, the webhook
+//! included); this file only wires it.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -101,9 +101,17 @@ struct Args {
     #[arg(long, value_name = "NAME", default_value = "localhost")]
     agent_tls_name: String,
 
-    /// Serve Prometheus metrics on ADDR (GET /metrics); off when not given
-    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
-    metrics_listen: Option<SocketAddr>,
+    /// Serve HTTP on ADDR: Prometheus metrics (GET /metrics) and the Alertmanager webhook
+    /// (POST /webhooks/alertmanager, which checks the bearer token when one is set); off
+    /// when not given. --metrics-listen is an alias, kept for existing configurations
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen, alias = "metrics-listen")]
+    http_listen: Option<SocketAddr>,
+
+    /// How long after a target's deployment ended an alert naming only the target
+    /// (label belay_target) still rolls that deployment back; an alert naming the
+    /// deployment (belay_deployment) is not limited
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_interval)]
+    alert_grace: Duration,
 
     /// Export traces to this OpenTelemetry collector (OTLP/gRPC, http://host:4317); an
     /// unreachable collector never blocks or stops the daemon
@@ -238,10 +246,21 @@ async fn serve(args: Args) -> ExitCode {
         }
     };
 
-    if let Some(addr) = args.metrics_listen {
-        if let Err(err) = belay_rpc::daemon::serve_metrics(addr).await {
-            eprintln!("{BIN}: error: {err}");
-            return ExitCode::from(exit::UNAVAILABLE);
+    if let Some(addr) = args.http_listen {
+        // The seam a RollbackService plugs into; until one is wired, requests are recorded
+        // as `unavailable`.
+        let trigger: std::sync::Arc<dyn belay_fleet::webhook::RollbackTrigger> =
+            std::sync::Arc::new(belay_fleet::webhook::Unavailable::no_rollback_service());
+        let webhook = belay_fleet::webhook::Webhook::new(fleet.clone(), trigger, args.alert_grace)
+            .with_token(token.clone().map(belay_auth::TokenCheck::new));
+        match belay_rpc::daemon::serve_http(addr, "--http-listen", webhook.router()).await {
+            Ok(bound) => {
+                tracing::info!(addr = %bound, "serving HTTP (/metrics, /webhooks/alertmanager)")
+            }
+            Err(err) => {
+                eprintln!("{BIN}: error: {err}");
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
         }
         belay_telemetry::init_process_series(belay_telemetry::Exposer::Controller);
     }

@@ -93,6 +93,19 @@ fn print_deployment(d: &pb::Deployment) {
             t.target, t.state, step, t.message
         );
     }
+    // Rollbacks requested by alerts (the controller's Alertmanager webhook), and what
+    // became of each request.
+    for e in d
+        .events
+        .iter()
+        .filter(|e| e.kind.starts_with("rollback_request"))
+    {
+        println!(
+            "  {}: {}",
+            e.target.as_deref().unwrap_or("(deployment)"),
+            e.message
+        );
+    }
 }
 
 /// The deployer's part of every target's policy, from the flags and belay.toml's

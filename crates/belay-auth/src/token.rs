@@ -155,6 +155,14 @@ impl TokenCheck {
         self.verify(metadata.get(AUTHORIZATION).map(|v| v.to_str().ok()))
     }
 
+    /// Checks an HTTP request's `Authorization` header (`None`: absent), for the routes a
+    /// daemon serves over plain HTTP (the controller's webhooks); the error is the message
+    /// to answer 401 with.
+    pub fn check_http(&self, header: Option<&[u8]>) -> Result<(), String> {
+        self.verify(header.map(|v| std::str::from_utf8(v).ok()))
+            .map_err(|status| status.message().to_string())
+    }
+
     /// `header` is `None` when absent, `Some(None)` when present but not visible ASCII.
     fn verify(&self, header: Option<Option<&str>>) -> Result<(), Status> {
         let Some(value) = header else {

@@ -10,6 +10,7 @@ pub mod grpc;
 mod monitor;
 mod route;
 pub mod waves;
+pub mod webhook;
 
 pub use deploy::DeploySpec;
 
@@ -95,6 +96,19 @@ impl Fleet {
             active: Arc::default(),
             reconciling: Arc::default(),
         };
+        let interrupted = fleet
+            .store
+            .interrupt_rollback_requests(
+                "the controller stopped while triggering this rollback; the next delivery of an alert naming it triggers it again",
+            )
+            .await
+            .map_err(store_err)?;
+        if interrupted > 0 {
+            warn!(
+                requests = interrupted,
+                "rollback requests were being triggered when the controller stopped; marked failed, so the next alert delivery retries them"
+            );
+        }
         for d in fleet.store.unfinished().await.map_err(store_err)? {
             // A failed deployment is settled already (a rollback may follow, not a restart).
             if d.state == belay_store::DeploymentState::Failed {

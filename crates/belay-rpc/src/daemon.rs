@@ -70,6 +70,30 @@ pub async fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
+/// Serves the daemon's HTTP listener on `addr` in the background: `GET /metrics` plus the
+/// caller's `routes` (the controller's webhooks), merged into one router. `flag` names the
+/// option that chose the address, for the error.
+pub async fn serve_http(
+    addr: SocketAddr,
+    flag: &str,
+    routes: axum::Router,
+) -> Result<SocketAddr, String> {
+    let handle = belay_telemetry::metrics_handle().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve HTTP on {addr}: {e}; pick another {flag}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address of the HTTP listener {addr}: {e}"))?;
+    let app = belay_telemetry::metrics_router(handle).merge(routes);
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!(error = %err, "HTTP listener failed");
+        }
+    });
+    Ok(bound)
+}
+
 /// Server reflection over belay's contracts and grpc.health.v1, for grpcurl and friends.
 pub fn reflection() -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<

@@ -10,6 +10,7 @@ mod backups;
 mod db;
 mod error;
 mod model;
+mod rollback_requests;
 mod schema;
 
 pub use backups::BackupRecord;
@@ -18,6 +19,9 @@ pub use model::{
     AgentRecord, AgentRegistration, Backend, DeploymentRecord, DeploymentState, EventRecord,
     NewDeployment, NewEvent, TargetRecord, TargetRegistration, TargetState, TargetStatus,
     UnknownState,
+};
+pub use rollback_requests::{
+    AlertEvidence, RollbackClaim, RollbackDelivery, RollbackRequestRecord, RollbackRequestState,
 };
 pub use schema::{POSTGRES_HISTORY_SCHEMA, POSTGRES_SCHEMA, SQLITE_HISTORY_TABLE};
 

@@ -35,6 +35,11 @@ pub(crate) const SQLITE: &[Script] = &[
         name: "V3__target_steps.sql",
         sql: include_str!("../migrations/sqlite/V3__target_steps.sql"),
     },
+    Script {
+        version: 4,
+        name: "V4__rollback_requests.sql",
+        sql: include_str!("../migrations/sqlite/V4__rollback_requests.sql"),
+    },
 ];
 
 pub(crate) const POSTGRES: &[Script] = &[
@@ -52,6 +57,11 @@ pub(crate) const POSTGRES: &[Script] = &[
         version: 3,
         name: "V3__target_steps.sql",
         sql: include_str!("../migrations/postgres/V3__target_steps.sql"),
+    },
+    Script {
+        version: 4,
+        name: "V4__rollback_requests.sql",
+        sql: include_str!("../migrations/postgres/V4__rollback_requests.sql"),
     },
 ];
 

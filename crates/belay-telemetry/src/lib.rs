@@ -30,7 +30,8 @@ pub use otlp::{OTLP_EXPORT_TIMEOUT, TelemetryGuard, init_with_otlp};
 pub use prometheus::{
     CATALOG, DEPLOYMENT_STATUSES, DEPLOYMENT_STEPS, Exposer, Kind, Metric, ROLLBACK_RESULTS,
     ROLLBACK_STRATEGIES, ROLLBACK_TRIGGERS, TargetSeries, Unit, describe_metrics,
-    init_process_series, init_target_series, markdown_table, metrics_handle, names, serve_metrics,
+    init_process_series, init_target_series, markdown_table, metrics_handle, metrics_router, names,
+    serve_metrics,
 };
 
 /// Environment variable holding the log filter (`EnvFilter` syntax, e.g.

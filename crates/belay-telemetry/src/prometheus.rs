@@ -576,13 +576,18 @@ pub async fn serve_metrics(
     handle: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let app = axum::Router::new()
-        .route("/metrics", get(render))
-        .with_state(handle);
-    axum::serve(listener, app)
+    axum::serve(listener, metrics_router(handle))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(Error::MetricsServe)
+}
+
+/// `GET /metrics` as a router, for a daemon that serves more routes on the same listener
+/// (`Router::merge`).
+pub fn metrics_router(handle: PrometheusHandle) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(render))
+        .with_state(handle)
 }
 
 async fn render(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
