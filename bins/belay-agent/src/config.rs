@@ -160,6 +160,11 @@ pub struct TargetConfig {
     /// belay.toml's `[[probes]]`, but a `sql` probe names no URL: it runs on this target.
     #[serde(default)]
     pub probes: Vec<ProbeConfig>,
+    /// `[targets.rollback]`: how this target's rollbacks run — `policy` (auto, ask,
+    /// never) for a deployment with `on_failure = rollback`, `settle`, `before`/`after`
+    /// hooks, `on_hook_failure`, `restore_lock_timeout`, `restore_attempts` — the same
+    /// keys as belay.toml's `[rollback]` but `on_failure` (the deployer chooses that).
+    pub rollback: Option<belay_rollback::RollbackSettings>,
 }
 
 /// `[[targets.probes]]`: belay.toml's `[[probes]]` shape, with a `sql` probe that names
@@ -254,6 +259,8 @@ pub struct LoadedTarget {
     /// What fleet deployments judge this target by: preflight thresholds, postflight
     /// assertions and smoke queries, probes.
     pub policy: belay_deploy::TargetPolicy,
+    /// How its rollbacks run (`[targets.rollback]`), and each restore's lock wait bound.
+    pub rollback: (belay_rollback::RollbackPolicy, Duration),
 }
 
 pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
@@ -382,7 +389,14 @@ fn load_target(
             .to_string()
         }),
     };
+    let rollback = t
+        .rollback
+        .clone()
+        .unwrap_or_default()
+        .resolve("[targets.rollback]")
+        .map_err(|e| anyhow!(e))?;
     Ok(LoadedTarget {
+        rollback,
         policy,
         small_table,
         spec: TargetSpec {

@@ -302,6 +302,11 @@ async fn serve(args: Args) -> ExitCode {
             belay_rpc::DeployGrpc::new(std::sync::Arc::new(fleet.clone())).into_service(),
             check.clone(),
         ))
+        // One target's rollback, planned and run by its agent.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            belay_rpc::RollbackGrpc::new(std::sync::Arc::new(fleet.clone())).into_service(),
+            check.clone(),
+        ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             belay_rpc::MigrationGrpc::new(std::sync::Arc::new(fleet)).into_service(),
             check,

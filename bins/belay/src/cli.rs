@@ -251,10 +251,11 @@ pub enum Command {
         #[arg(long, value_enum, value_name = "ACTION")]
         on_failure: Option<OnFailureArg>,
     },
-    /// Roll a deployment back (local mode): `list` the deployments a rollback can act on,
+    /// Roll a deployment back (local mode, or with --controller and --target through the
+    /// target's agent): `list` the deployments a rollback can act on,
     /// `plan TO` (the strategy, one reason per branch, the steps, the backups, what each
     /// path would lose, an estimate), `execute TO` (asks unless --yes), `status [ID]` (the
-    /// incident report). TO is a deployment id (a unique prefix of 4+ characters), a
+    /// incident report), `abort [ID]` (stop a running rollback between steps). TO is a deployment id (a unique prefix of 4+ characters), a
     /// schema version, or --release VERSION. Exit: 0 rolled back (or shown) · 1 the
     /// rollback escalated (a step failed; everything kept; the report says why) · 2
     /// refused (already rolled back or in progress, no automatic path) · 64 usage, or no
@@ -377,6 +378,10 @@ pub enum RollbackCommand {
     /// A deployment's rollback: state, steps and incident report [default: the newest
     /// rolled back, escalated or rolling back]
     Status { id: Option<String> },
+    /// Stop a running rollback before its next step (the step under way finishes); the
+    /// deployment ends `escalated`, its record naming the steps done and the one not
+    /// started [default: the rollback running on the target]
+    Abort { id: Option<String> },
 }
 
 /// What a rollback returns to.

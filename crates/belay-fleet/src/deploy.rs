@@ -378,8 +378,15 @@ impl Fleet {
             Ok(deployed) => {
                 let o = &deployed.outcome;
                 let step = o.failed_step.unwrap_or(Step::Failed);
+                // `on_failure = rollback`: the agent's rollback controller acted on the
+                // failure; its reason already ends with how the rollback went.
+                let then = match o.state {
+                    Step::RolledBack => " (rolled back by its agent)",
+                    Step::Escalated => " (its agent's rollback escalated: a person must decide)",
+                    _ => "",
+                };
                 let message = format!(
-                    "failed at {step}: {}",
+                    "failed at {step}{then}: {}",
                     o.reason.as_deref().unwrap_or("no reason given")
                 );
                 let outcome = serde_json::to_value(o).unwrap_or_default();

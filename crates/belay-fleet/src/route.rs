@@ -3,11 +3,17 @@
 //! `belay migrate` is to use) runs the agent's pipeline beside the database and is
 //! recorded in the target's own deployment log. The controller records nothing of
 //! it in its store: a fleet deployment is `ControllerService.Deploy`; this is one target's.
+//!
+//! The controller's `RollbackService` likewise: each call goes to the agent owning the
+//! target, which plans and runs the rollback beside the database over its deployment log.
 
 use crate::Fleet;
 use belay_core::ApiError;
 use belay_deploy::{DeploySink, TargetDeployApi, TargetDeployed, TargetDeployment, TargetRun};
-use belay_rpc::DeployClient;
+use belay_rollback::{
+    Execute, Outcome, RollbackApi, RollbackPlan, RollbackStatus, RollbackTo, Rollbackable, Trigger,
+};
+use belay_rpc::{DeployClient, RollbackClient};
 use uuid::Uuid;
 
 #[async_trait::async_trait]
@@ -24,5 +30,46 @@ impl TargetDeployApi for Fleet {
     async fn deployment(&self, target: &str, id: Uuid) -> Result<TargetRun, ApiError> {
         let (conn, _) = self.connection_for(target).await?;
         DeployClient::new(&conn).deployment(target, id).await
+    }
+}
+
+#[async_trait::async_trait]
+impl RollbackApi for Fleet {
+    async fn list(&self, target: &str, limit: usize) -> Result<Vec<Rollbackable>, ApiError> {
+        let (conn, _) = self.connection_for(target).await?;
+        RollbackClient::new(&conn).list(target, limit).await
+    }
+
+    async fn plan(
+        &self,
+        target: &str,
+        to: &RollbackTo,
+        trigger: Trigger,
+    ) -> Result<RollbackPlan, ApiError> {
+        let (conn, _) = self.connection_for(target).await?;
+        RollbackClient::new(&conn).plan(target, to, trigger).await
+    }
+
+    async fn execute(
+        &self,
+        target: &str,
+        what: Execute,
+        trigger: Trigger,
+        sink: DeploySink,
+    ) -> Result<Outcome, ApiError> {
+        let (conn, _) = self.connection_for(target).await?;
+        RollbackClient::new(&conn)
+            .execute(target, what, trigger, sink)
+            .await
+    }
+
+    async fn status(&self, target: &str, id: Option<&str>) -> Result<RollbackStatus, ApiError> {
+        let (conn, _) = self.connection_for(target).await?;
+        RollbackClient::new(&conn).status(target, id).await
+    }
+
+    async fn abort(&self, target: &str, id: Option<&str>) -> Result<RollbackStatus, ApiError> {
+        let (conn, _) = self.connection_for(target).await?;
+        RollbackClient::new(&conn).abort(target, id).await
     }
 }
