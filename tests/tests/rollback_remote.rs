@@ -139,18 +139,21 @@ async fn remote_plan_and_execute_match_local_and_a_second_execute_is_refused() -
     let remote_id = deployment_id(&r.stdout);
     let backups = tmp.path().join("local-backups");
     let cfg = tmp.path().join("belay.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[backup]\ndir = \"{}\"\n[rollback]\nsettle = \"300ms\"\n",
-            backups.display()
-        ),
-    )?;
+    std::fs::write(&cfg, "[rollback]\nsettle = \"300ms\"\n")?;
     let cfg = cfg.to_string_lossy().into_owned();
+    let backups = backups.to_string_lossy().into_owned();
     let l = belay_local(
         &local_db.url,
         &m,
-        &["--config", &cfg, "migrate", "--output", "json"],
+        &[
+            "--config",
+            &cfg,
+            "--backup-dir",
+            &backups,
+            "migrate",
+            "--output",
+            "json",
+        ],
     )
     .await?;
     assert_eq!(l.code, 0, "{l:?}");
@@ -198,6 +201,8 @@ async fn remote_plan_and_execute_match_local_and_a_second_execute_is_refused() -
         &[
             "--config",
             &cfg,
+            "--backup-dir",
+            &backups,
             "rollback",
             "plan",
             &local_id[..8],
@@ -236,6 +241,8 @@ async fn remote_plan_and_execute_match_local_and_a_second_execute_is_refused() -
         &[
             "--config",
             &cfg,
+            "--backup-dir",
+            &backups,
             "rollback",
             "execute",
             &local_id[..8],

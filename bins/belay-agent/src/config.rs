@@ -590,4 +590,49 @@ mod tests {
             assert!(!err.contains("secret") && !err.contains("sec/r"), "{err}");
         }
     }
+
+    #[test]
+    fn targets_rollback_is_read_and_checked_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |body: &str| {
+            let p = dir.path().join("agent.toml");
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let base = "[[targets]]\nname = \"a\"\nurl = \"postgres://db/a\"\nmigrations = \"m\"\n";
+        let (_, t) = load(&write(&format!(
+            "{base}[targets.rollback]\npolicy = \"ask\"\nsettle = \"2s\"\nrestore_lock_timeout = \"750ms\"\n[targets.rollback.before]\ncommand = \"echo on\"\n"
+        )))
+        .unwrap();
+        let (policy, lock_timeout) = &t[0].rollback;
+        assert_eq!(policy.mode, belay_rollback::Mode::Ask);
+        assert_eq!(policy.settle, Duration::from_secs(2));
+        assert_eq!(*lock_timeout, Duration::from_millis(750));
+        assert_eq!(
+            policy.before.as_ref().map(|h| h.command.as_str()),
+            Some("echo on")
+        );
+        // Without the section: auto, the defaults.
+        let (_, t) = load(&write(base)).unwrap();
+        assert_eq!(t[0].rollback.0, belay_rollback::RollbackPolicy::default());
+        for (body, want) in [
+            (
+                "[targets.rollback]\nsettle = \"0s\"\n",
+                "settle must be greater than zero",
+            ),
+            ("[targets.rollback]\npolicy = \"sometimes\"\n", "policy"),
+            (
+                "[targets.rollback]\non_failure = \"rollback\"\n",
+                "on_failure",
+            ),
+            ("[targets.rollback.after]\ncommand = \" \"\n", "after"),
+        ] {
+            let err = format!("{:#}", load(&write(&format!("{base}{body}"))).unwrap_err());
+            assert!(err.contains(want), "{body}: {err}");
+            // Checked values name their target (the parser's errors name the line).
+            if want == "after" || want.starts_with("settle") {
+                assert!(err.contains("\"a\""), "names the target: {err}");
+            }
+        }
+    }
 }
