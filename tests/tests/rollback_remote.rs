@@ -356,7 +356,9 @@ async fn rolled_back_by_its_agent(
     assert!(
         events
             .iter()
-            .any(|e| e["kind"] == "rollback_step" && e["payload"]["step"] == "undo"),
+            .any(|e| e["kind"] == "rollback_step"
+                && e["payload"]["rollback_step"] == "undo"
+                && e["step"] == "rolling_back"),
         "{t}"
     );
     assert!(events.iter().any(|e| e["kind"] == "incident_report"), "{t}");

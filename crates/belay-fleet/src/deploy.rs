@@ -430,8 +430,8 @@ impl Fleet {
 
     /// Stores one pipeline event of `target`: executor events under their own kind, as
     /// fleet deployments always stored them (`succeeded`, `backup_taken`, …), the others
-    /// under the pipeline's (`transition`, `check`, `probe`, …); the payload carries the
-    /// step and the agent's own sequence number beside the event's details.
+    /// under the pipeline's (`transition`, `check`, `probe`, `rollback_step`, …); the payload
+    /// carries the step and the agent's own sequence number beside the event's details.
     async fn record_target_event(
         &self,
         id: Uuid,
@@ -456,6 +456,13 @@ impl Fleet {
                 o
             }
         };
+        // A rollback step's record names its own step (`undo`, `verify_probes`): kept as
+        // `rollback_step`, since `step` is the pipeline's here.
+        if e.kind == belay_rollback::KIND_ROLLBACK_STEP
+            && let Some(own) = payload.remove("step")
+        {
+            payload.insert("rollback_step".into(), own);
+        }
         payload.insert("step".into(), serde_json::json!(e.step.as_str()));
         payload.insert("target_seq".into(), serde_json::json!(e.seq));
         let step = (e.kind == KIND_TRANSITION)
