@@ -354,11 +354,9 @@ async fn rolled_back_by_its_agent(
     // The rollback's own steps were recorded on the controller as they streamed.
     let events = t["events"].as_array().context("events")?;
     assert!(
-        events
-            .iter()
-            .any(|e| e["kind"] == "rollback_step"
-                && e["payload"]["rollback_step"] == "undo"
-                && e["step"] == "rolling_back"),
+        events.iter().any(|e| e["kind"] == "rollback_step"
+            && e["payload"]["rollback_step"] == "undo"
+            && e["step"] == "rolling_back"),
         "{t}"
     );
     assert!(events.iter().any(|e| e["kind"] == "incident_report"), "{t}");

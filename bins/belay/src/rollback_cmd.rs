@@ -421,8 +421,10 @@ fn print_status(status: &RollbackStatus, out: Output) {
             if status.running {
                 println!("a rollback is running; steps so far:");
             } else {
+                // Not running in the process that answered: in local mode another
+                // `belay` may be running it.
                 println!(
-                    "a rollback started and was interrupted (its process stopped); steps so far:"
+                    "a rollback started and has not ended (or was interrupted); steps so far:"
                 );
             }
             for e in &status.steps {

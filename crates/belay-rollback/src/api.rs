@@ -72,8 +72,9 @@ pub struct RollbackStatus {
     pub steps: Vec<DeployEvent>,
     pub report: Option<IncidentReport>,
     pub markdown: Option<String>,
-    /// Running now where the target lives (`false` for a `rolling_back` record: it was
-    /// interrupted).
+    /// Running now in the process that answered (an agent runs every rollback of its
+    /// targets: there `false` for a `rolling_back` record means interrupted; locally
+    /// another `belay` process may be running it).
     pub running: bool,
     /// Why it was asked to stop, while it finishes the step under way.
     pub abort_requested: Option<String>,
@@ -396,7 +397,7 @@ impl RollbackApi for LocalRollbacks {
         let Some((abort, mut done)) = found else {
             let why = match record.step {
                 Step::RollingBack => format!(
-                    "the rollback of deployment {id} is not running (it was interrupted: its process stopped); `belay rollback status {}` shows where it stopped",
+                    "the rollback of deployment {id} is not running in this process: it was interrupted (`belay rollback status {}` shows where it stopped), or, in local mode, another `belay` process runs it, which `abort` cannot reach (stop that process; an agent runs all of its targets' rollbacks, so `--controller … --target …` reaches them)",
                     &id.to_string()[..8]
                 ),
                 other => format!("deployment {id} is {other}: no rollback of it is running"),

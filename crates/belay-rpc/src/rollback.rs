@@ -496,3 +496,56 @@ impl RollbackApi for RollbackClient {
         Ok(status_from(r.get_ref())?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use belay_rollback::TriggerKind;
+    use uuid::Uuid;
+
+    #[test]
+    fn targets_triggers_and_rows_round_trip_and_bad_input_is_refused() {
+        for to in [
+            RollbackTo::Deployment("3f2a".into()),
+            RollbackTo::Version("2".into()),
+            RollbackTo::Release("1.2.0".into()),
+            RollbackTo::Positional("3f2a".into()),
+        ] {
+            assert_eq!(rollback_to_from(Some(&rollback_to(&to))).unwrap(), to);
+        }
+        let err = rollback_to_from(Some(&pb::RollbackTo { to: None })).unwrap_err();
+        assert!(
+            err.to_string().contains("names nothing to roll back to"),
+            "{err}"
+        );
+
+        let t = Trigger::operator("requested by ops", true);
+        let back = trigger_from(Some(&trigger(&t))).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.kind, TriggerKind::Operator);
+        assert!(trigger_from(None).is_err());
+        let err = trigger_from(Some(&pb::RollbackTrigger {
+            json: "{not json".into(),
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("rollback trigger"), "{err}");
+
+        let row = Rollbackable {
+            id: Uuid::new_v4(),
+            state: Step::RolledBack,
+            started_at: chrono::Utc::now(),
+            release: Some("1.1.0".into()),
+            from_version: None,
+            reached_version: Some("1".into()),
+            migrations: 1,
+            can_roll_back: false,
+        };
+        let back = rollbackable_from(&rollbackable(&row)).unwrap();
+        assert_eq!(back.id, row.id);
+        assert_eq!(back.state, Step::RolledBack);
+        assert_eq!(back.release, row.release);
+        let mut bad = rollbackable(&row);
+        bad.state = "sideways".into();
+        assert!(rollbackable_from(&bad).is_err());
+    }
+}
