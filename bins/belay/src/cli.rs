@@ -247,7 +247,8 @@ pub enum Command {
         canary_soak: Option<String>,
         /// What a failed step leads to [default: stop, or `on_failure` in belay.toml's
         /// [deploy]]: stop (the failure is recorded, what was applied stays applied) or
-        /// rollback (refused until the rollback controller exists)
+        /// rollback (each failed target rolled back by its agent, per the target's
+        /// `[targets.rollback] policy` in agent.toml)
         #[arg(long, value_enum, value_name = "ACTION")]
         on_failure: Option<OnFailureArg>,
     },
@@ -258,7 +259,8 @@ pub enum Command {
     /// incident report), `abort [ID]` (stop a running rollback between steps). TO is a deployment id (a unique prefix of 4+ characters), a
     /// schema version, or --release VERSION. Exit: 0 rolled back (or shown) · 1 the
     /// rollback escalated (a step failed; everything kept; the report says why) · 2
-    /// refused (already rolled back or in progress, no automatic path) · 64 usage, or no
+    /// refused (already rolled back or in progress, no automatic path, `abort` with no
+    /// rollback running) · 64 usage, or no
     /// --yes without a terminal · 66 no deployment or release matches · 69 unreachable
     Rollback {
         #[command(subcommand)]
