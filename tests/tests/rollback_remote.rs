@@ -298,6 +298,17 @@ async fn remote_plan_and_execute_match_local_and_a_second_execute_is_refused() -
         "{st}"
     );
 
+    // The controller ran this deployment: its record shows the rollback too.
+    let doc = show(&c.addr, &remote_id).await?;
+    let t = target(&doc, "rb_1");
+    assert_eq!(t["step"], "rolled_back", "{t}");
+    assert!(
+        t["events"].as_array().is_some_and(|es| es
+            .iter()
+            .any(|e| e["kind"] == "rollback_step" && e["payload"]["rollback_step"] == "undo")),
+        "{t}"
+    );
+
     // Never two rollbacks of one deployment: a second is refused, naming it.
     let again = run(args(&["execute", &remote_id[..8], "--yes"])).await?;
     assert_eq!(again.code, 2, "{again:?}");

@@ -432,7 +432,7 @@ impl Fleet {
     /// fleet deployments always stored them (`succeeded`, `backup_taken`, …), the others
     /// under the pipeline's (`transition`, `check`, `probe`, `rollback_step`, …); the payload
     /// carries the step and the agent's own sequence number beside the event's details.
-    async fn record_target_event(
+    pub(crate) async fn record_target_event(
         &self,
         id: Uuid,
         target: &str,
