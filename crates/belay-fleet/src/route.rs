@@ -72,12 +72,11 @@ impl RollbackApi for Fleet {
                 let mut ours: std::collections::HashMap<Uuid, bool> = Default::default();
                 while let Some(e) = rx.recv().await {
                     let id = e.deployment_id;
-                    if !ours.contains_key(&id) {
-                        let known = matches!(
+                    if let std::collections::hash_map::Entry::Vacant(slot) = ours.entry(id) {
+                        slot.insert(matches!(
                             fleet.store().deployment(id).await,
                             Ok(Some(d)) if d.targets.iter().any(|t| t.target == target)
-                        );
-                        ours.insert(id, known);
+                        ));
                     }
                     if ours.get(&id) == Some(&true)
                         && let Err(err) = fleet.record_target_event(id, &target, e).await
