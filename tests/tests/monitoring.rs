@@ -1023,10 +1023,11 @@ fn prometheus_config(agent: &str, controller: &str, alertmanager: &str) -> Value
 /// A migration fails during a fleet deployment; the agent counts it; the real
 /// Prometheus scrapes it and fires `BelayMigrationFailed` (labelled `action=rollback`,
 /// `belay_target`); the real Alertmanager routes it with the shipped routing tree to the
-/// controller's webhook, which records one rollback request for that deployment.
+/// controller's webhook, which records one rollback request for that deployment and has
+/// the target's agent roll it back (V1 undone by its undo script).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollback_request()
--> Result<()> {
+async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollback() -> Result<()>
+{
     let (prometheus, alertmanager) = (prometheus_server()?, alertmanager_server()?);
     let tmp = tempfile::tempdir()?;
     let db = Cluster::shared().create_database().await?;
@@ -1036,6 +1037,7 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
         migrations.join("V1__orders.sql"),
         "CREATE TABLE orders (id int);\n",
     )?;
+    std::fs::write(migrations.join("U1__orders.sql"), "DROP TABLE orders;\n")?;
     // Fails when it runs: what a migration that meets production data does.
     std::fs::write(
         migrations.join("V2__fails.sql"),
@@ -1244,10 +1246,10 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
         "{logged:?}"
     );
     assert!(
-        logged
+        !logged
             .iter()
-            .any(|m| m.starts_with("rollback request unavailable:")),
-        "{logged:?}"
+            .any(|m| m.starts_with("rollback request unavailable")),
+        "the controller has a routed RollbackService: {logged:?}"
     );
     assert_eq!(
         logged
@@ -1257,6 +1259,51 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
         1,
         "one request, however often Alertmanager delivers: {logged:?}"
     );
+    // The agent rolled the target back: V1's undo ran, and the controller's record says so.
+    let step = || {
+        let (addr, token, id) = (controller.addr.clone(), token.clone(), id.clone());
+        async move {
+            let r = belay(
+                &addr,
+                &[
+                    "--token-file",
+                    &token,
+                    "deployments",
+                    "show",
+                    &id,
+                    "--output",
+                    "json",
+                ],
+            )
+            .await?;
+            Ok::<String, anyhow::Error>(
+                r.json()["targets"][0]["step"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }
+    };
+    let ended = wait_long(
+        "the alert's rollback to end",
+        std::time::Duration::from_secs(90),
+        || async {
+            Ok(matches!(
+                step().await?.as_str(),
+                "rolled_back" | "escalated"
+            ))
+        },
+    )
+    .await;
+    if let Err(e) = ended {
+        bail!("{e}\n{:?}", events().await?);
+    }
+    assert_eq!(step().await?, "rolled_back", "{:?}", events().await?);
+    let orders = belay_e2e::psql(
+        &db.url,
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'",
+    );
+    assert_eq!(orders, "0", "V1 undone: orders dropped");
     drop((am, prom));
     Ok(())
 }

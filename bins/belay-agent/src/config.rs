@@ -160,6 +160,11 @@ pub struct TargetConfig {
     /// belay.toml's `[[probes]]`, but a `sql` probe names no URL: it runs on this target.
     #[serde(default)]
     pub probes: Vec<ProbeConfig>,
+    /// `[targets.rollback]`: how this target's rollbacks run — `policy` (auto, ask,
+    /// never) for a deployment with `on_failure = rollback`, `settle`, `before`/`after`
+    /// hooks, `on_hook_failure`, `restore_lock_timeout`, `restore_attempts` — the same
+    /// keys as belay.toml's `[rollback]` but `on_failure` (the deployer chooses that).
+    pub rollback: Option<belay_rollback::RollbackSettings>,
 }
 
 /// `[[targets.probes]]`: belay.toml's `[[probes]]` shape, with a `sql` probe that names
@@ -254,6 +259,8 @@ pub struct LoadedTarget {
     /// What fleet deployments judge this target by: preflight thresholds, postflight
     /// assertions and smoke queries, probes.
     pub policy: belay_deploy::TargetPolicy,
+    /// How its rollbacks run (`[targets.rollback]`), and each restore's lock wait bound.
+    pub rollback: (belay_rollback::RollbackPolicy, Duration),
 }
 
 pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
@@ -382,7 +389,14 @@ fn load_target(
             .to_string()
         }),
     };
+    let rollback = t
+        .rollback
+        .clone()
+        .unwrap_or_default()
+        .resolve("[targets.rollback]")
+        .map_err(|e| anyhow!(e))?;
     Ok(LoadedTarget {
+        rollback,
         policy,
         small_table,
         spec: TargetSpec {
@@ -574,6 +588,51 @@ mod tests {
             let err = format!("{:#}", load(&write(body)).unwrap_err());
             assert!(err.contains(want), "{body}: {err}");
             assert!(!err.contains("secret") && !err.contains("sec/r"), "{err}");
+        }
+    }
+
+    #[test]
+    fn targets_rollback_is_read_and_checked_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |body: &str| {
+            let p = dir.path().join("agent.toml");
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let base = "[[targets]]\nname = \"a\"\nurl = \"postgres://db/a\"\nmigrations = \"m\"\n";
+        let (_, t) = load(&write(&format!(
+            "{base}[targets.rollback]\npolicy = \"ask\"\nsettle = \"2s\"\nrestore_lock_timeout = \"750ms\"\n[targets.rollback.before]\ncommand = \"echo on\"\n"
+        )))
+        .unwrap();
+        let (policy, lock_timeout) = &t[0].rollback;
+        assert_eq!(policy.mode, belay_rollback::Mode::Ask);
+        assert_eq!(policy.settle, Duration::from_secs(2));
+        assert_eq!(*lock_timeout, Duration::from_millis(750));
+        assert_eq!(
+            policy.before.as_ref().map(|h| h.command.as_str()),
+            Some("echo on")
+        );
+        // Without the section: auto, the defaults.
+        let (_, t) = load(&write(base)).unwrap();
+        assert_eq!(t[0].rollback.0, belay_rollback::RollbackPolicy::default());
+        for (body, want) in [
+            (
+                "[targets.rollback]\nsettle = \"0s\"\n",
+                "settle must be greater than zero",
+            ),
+            ("[targets.rollback]\npolicy = \"sometimes\"\n", "policy"),
+            (
+                "[targets.rollback]\non_failure = \"rollback\"\n",
+                "on_failure",
+            ),
+            ("[targets.rollback.after]\ncommand = \" \"\n", "after"),
+        ] {
+            let err = format!("{:#}", load(&write(&format!("{base}{body}"))).unwrap_err());
+            assert!(err.contains(want), "{body}: {err}");
+            // Checked values name their target (the parser's errors name the line).
+            if want == "after" || want.starts_with("settle") {
+                assert!(err.contains("\"a\""), "names the target: {err}");
+            }
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Thin by design: parse arguments, start telemetry, bind, serve, stop on a
 //! signal. Behaviour lives in the capability crates; the agent serves its targets'
-//! migration, backup, lock-monitor and health services, and `grpc.health.v1`.
+//! migration, deploy, backup, lock-monitor, health and rollback services, and
+//! `grpc.health.v1`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ mod backups;
 mod config;
 mod monitor;
 mod register;
+mod rollbacks;
 mod sampler;
 
 use belay_migrate::LocalTargets;
@@ -29,13 +31,14 @@ const DEFAULT_LOG_FILTER: &str = "info";
 
 /// Services whose health this process reports; "" is the whole server, as the
 /// gRPC health protocol defines it.
-const HEALTH_SERVICES: [&str; 6] = [
+const HEALTH_SERVICES: [&str; 7] = [
     "",
     belay_proto::v1::migration_service_server::SERVICE_NAME,
     belay_proto::v1::deploy_service_server::SERVICE_NAME,
     belay_proto::v1::lock_monitor_service_server::SERVICE_NAME,
     belay_proto::v1::health_service_server::SERVICE_NAME,
     belay_proto::v1::backup_service_server::SERVICE_NAME,
+    belay_proto::v1::rollback_service_server::SERVICE_NAME,
 ];
 
 use belay_rpc::daemon::{SHUTDOWN_GRACE, exit};
@@ -224,7 +227,7 @@ async fn serve(args: Args) -> ExitCode {
         .filter(|t| t.lint)
         .map(|t| (t.spec.name.clone(), t.small_table))
         .collect();
-    let mut local = LocalTargets::new(targets.into_iter().map(|t| t.spec));
+    let mut local = LocalTargets::new(targets.iter().map(|t| t.spec.clone()));
     for (name, small_table) in linted {
         let lint_gate = belay_guards::LintGate::new(
             "to deploy this target without linting, set `lint = false` for it in the agent's agent.toml",
@@ -268,9 +271,21 @@ async fn serve(args: Args) -> ExitCode {
     // Each fleet deployment's target runs the same pipeline as local `migrate`, over the
     // same guarded executor (lint gate, lock guard, backup hook) and health checker.
     let target_names: Vec<String> = policies.iter().map(|(n, _)| n.clone()).collect();
-    let deployer = Arc::new(belay_deploy::PipelineDeployer::new(
-        local, health, log_for, policies,
-    ));
+    // The rollback controller of each target, over the same executor and health checker:
+    // served as `RollbackService`, and the failure handler of its deployments.
+    let rollbacks = match rollbacks::local(&targets, local.clone(), health.clone()) {
+        Ok(r) => r,
+        Err(err) => {
+            eprintln!("{BIN}: error: {err}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    drop(targets);
+    let deployer = Arc::new(
+        belay_deploy::PipelineDeployer::new(local, health, log_for, policies)
+            .with_failure_handlers(rollbacks::handlers(rollbacks.clone())),
+    );
+    let rollback_service = belay_rpc::RollbackGrpc::new(Arc::new(rollbacks));
     // A deployment an earlier process of this agent did not live to finish is settled in
     // its target's log (failed at the step it was in), so none is left running there.
     // In the background: a target whose database is down must not keep the agent from
@@ -405,6 +420,10 @@ async fn serve(args: Args) -> ExitCode {
             check.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
+            rollback_service.clone().into_service(),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             migration_service.clone().into_service(),
             check,
         ))
@@ -431,6 +450,23 @@ async fn serve(args: Args) -> ExitCode {
     // includes its migration run: it is waited for with the runs.
     let deployments = deploy_service.runs();
     deployments.close();
+    // A rollback under way finishes its step and is recorded, as a deployment does.
+    let rollback_runs = rollback_service.runs();
+    rollback_runs.close();
+    if !rollback_runs.is_empty() {
+        tracing::info!(
+            rollbacks = rollback_runs.len(),
+            "waiting for rollbacks in flight"
+        );
+        if tokio::time::timeout(SHUTDOWN_GRACE, rollback_runs.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "rollbacks still running after the grace period; `belay rollback status` shows where each stopped"
+            );
+        }
+    }
     let runs = migration_service.runs();
     runs.close();
     if !deployments.is_empty() {

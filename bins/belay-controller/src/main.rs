@@ -247,10 +247,12 @@ async fn serve(args: Args) -> ExitCode {
     };
 
     if let Some(addr) = args.http_listen {
-        // The seam a RollbackService plugs into; until one is wired, requests are recorded
-        // as `unavailable`.
+        // An alert's rollback runs on the agent owning the target, routed as an operator's
+        // `belay rollback execute` through this controller is.
         let trigger: std::sync::Arc<dyn belay_fleet::webhook::RollbackTrigger> =
-            std::sync::Arc::new(belay_fleet::webhook::Unavailable::no_rollback_service());
+            std::sync::Arc::new(belay_fleet::webhook::RoutedRollback {
+                rollbacks: fleet.clone(),
+            });
         let webhook = belay_fleet::webhook::Webhook::new(fleet.clone(), trigger, args.alert_grace)
             .with_token(token.clone().map(belay_auth::TokenCheck::new));
         match belay_rpc::daemon::serve_http(addr, "--http-listen", webhook.router()).await {
@@ -319,6 +321,11 @@ async fn serve(args: Args) -> ExitCode {
         // One target's deployment (remote `belay migrate`), run by its agent.
         .add_service(tonic::service::interceptor::InterceptedService::new(
             belay_rpc::DeployGrpc::new(std::sync::Arc::new(fleet.clone())).into_service(),
+            check.clone(),
+        ))
+        // One target's rollback, planned and run by its agent.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            belay_rpc::RollbackGrpc::new(std::sync::Arc::new(fleet.clone())).into_service(),
             check.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(

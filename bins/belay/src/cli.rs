@@ -247,17 +247,20 @@ pub enum Command {
         canary_soak: Option<String>,
         /// What a failed step leads to [default: stop, or `on_failure` in belay.toml's
         /// [deploy]]: stop (the failure is recorded, what was applied stays applied) or
-        /// rollback (refused until the rollback controller exists)
+        /// rollback (each failed target rolled back by its agent, per the target's
+        /// `[targets.rollback] policy` in agent.toml)
         #[arg(long, value_enum, value_name = "ACTION")]
         on_failure: Option<OnFailureArg>,
     },
-    /// Roll a deployment back (local mode): `list` the deployments a rollback can act on,
+    /// Roll a deployment back (local mode, or with --controller and --target through the
+    /// target's agent): `list` the deployments a rollback can act on,
     /// `plan TO` (the strategy, one reason per branch, the steps, the backups, what each
     /// path would lose, an estimate), `execute TO` (asks unless --yes), `status [ID]` (the
-    /// incident report). TO is a deployment id (a unique prefix of 4+ characters), a
+    /// incident report), `abort [ID]` (stop a running rollback between steps). TO is a deployment id (a unique prefix of 4+ characters), a
     /// schema version, or --release VERSION. Exit: 0 rolled back (or shown) · 1 the
     /// rollback escalated (a step failed; everything kept; the report says why) · 2
-    /// refused (already rolled back or in progress, no automatic path) · 64 usage, or no
+    /// refused (already rolled back or in progress, no automatic path, `abort` with no
+    /// rollback running) · 64 usage, or no
     /// --yes without a terminal · 66 no deployment or release matches · 69 unreachable
     Rollback {
         #[command(subcommand)]
@@ -377,6 +380,10 @@ pub enum RollbackCommand {
     /// A deployment's rollback: state, steps and incident report [default: the newest
     /// rolled back, escalated or rolling back]
     Status { id: Option<String> },
+    /// Stop a running rollback before its next step (the step under way finishes); the
+    /// deployment ends `escalated`, its record naming the steps done and the one not
+    /// started [default: the rollback running on the target]
+    Abort { id: Option<String> },
 }
 
 /// What a rollback returns to.

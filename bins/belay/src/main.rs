@@ -185,12 +185,6 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     if cli.controller.is_some() && matches!(cli.command, Command::History { .. }) {
         return Err(history_cmd::remote_unsupported());
     }
-    if cli.controller.is_some() && matches!(cli.command, Command::Rollback { .. }) {
-        return Err(Failure {
-            code: exit::USAGE,
-            message: "`belay rollback` runs in local mode for now (the rollback service on agents and the controller comes later): run it with the target's database URL".into(),
-        });
-    }
     if let Some(addr) = cli.controller.clone() {
         let token = read_token(cli.token_file.as_deref())?;
         let tls = match &cli.ca {
@@ -219,6 +213,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             return result;
         }
         let target = remote::remote_target(cli.target.as_deref())?.to_string();
+        if let Command::Rollback { command } = &cli.command {
+            // Through the controller to the target's agent, which plans and runs it
+            // beside the database; the same commands, output and exit codes as local.
+            let api = belay_rpc::RollbackClient::new(&conn);
+            return rollback_cmd::run(command, &api, &target, cli.output).await;
+        }
         if let Command::Backup { command } = &cli.command {
             let api = belay_rpc::BackupClient::new(&conn);
             return backup_cmd::run(command, &api, &target, cli.output).await;
@@ -296,8 +296,11 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         return history_cmd::history(&url, schema, *limit, cli.target.as_deref(), cli.output).await;
     }
     if let Command::Rollback { command } = &cli.command {
-        let rollback = rollback_cmd::local(&settings, &url, LOCAL_TARGET, cli.output)?;
-        return rollback_cmd::run(command, rollback, LOCAL_TARGET, cli.output).await;
+        let api = belay_rollback::LocalRollbacks::new().with_target(
+            LOCAL_TARGET,
+            rollback_cmd::local(&settings, &url, LOCAL_TARGET, cli.output)?,
+        );
+        return rollback_cmd::run(command, &api, LOCAL_TARGET, cli.output).await;
     }
     if let Command::Deployments { command } = &cli.command {
         return history_cmd::deployments(

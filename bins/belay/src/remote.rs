@@ -138,15 +138,8 @@ fn deployer_policy(
         ));
     }
     let on_failure = match checks.on_failure.or(file.on_failure) {
-        Some(OnFailureArg::Rollback) => {
-            return Err(usage(
-                "on_failure = \"rollback\" needs the rollback controller, and none is installed \
-                 for this deployment; nothing was run. Set on_failure = \"stop\" (a failure is \
-                 recorded and what was applied stays applied) and roll back by hand with \
-                 `belay undo` and the pre-deployment backup"
-                    .into(),
-            ));
-        }
+        // Each target's agent rolls its own back, per its `[targets.rollback]` policy.
+        Some(OnFailureArg::Rollback) => belay_deploy::OnFailure::Rollback,
         Some(OnFailureArg::Stop) | None => belay_deploy::OnFailure::Stop,
     };
     Ok(belay_deploy::DeployerPolicy {

@@ -1,31 +1,24 @@
-//! `belay rollback list|plan|execute|status`, `deployments show --report`, and the
+//! `belay rollback list|plan|execute|status|abort`, `deployments show --report`, and the
 //! rollback controller `migrate --on-failure rollback` installs: the wiring of
-//! `belay-rollback` over local mode's APIs, the facts only the files know (which tables a
-//! migration writes, which data its undo drops), rendering and exit codes.
+//! `belay-rollback` over local mode's APIs (`local`), and the commands over any
+//! `RollbackApi` — `LocalRollbacks` in local mode, `RollbackClient` through the
+//! controller — so both modes print the same text and JSON and exit the same way.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::Arc;
 
 use belay_core::{ApiError, DatabaseUrl, ErrorKind};
-use belay_deploy::{DeployEvent, DeploySink, DeploymentLog, DeploymentRecord, Step};
-use belay_migrate::{LocalTargets, MigrationSet, TargetSpec};
+use belay_deploy::{DeployEvent, DeploySink, Step};
+use belay_migrate::{LocalTargets, TargetSpec};
 use belay_rollback::{
-    Executor, HandlerNote, IncidentReport, KIND_INCIDENT_REPORT, KIND_ROLLBACK_STEP, Outcome,
-    Planner, RollbackError, RollbackHandler, RollbackPlan, RollbackTo, ScriptFact, ScriptFacts,
-    Strategy, Trigger,
+    Execute, Executor, HandlerNote, KIND_ROLLBACK_STEP, Outcome, Planner, RollbackApi,
+    RollbackHandler, RollbackPlan, RollbackStatus, RollbackTo, Strategy, TargetRollbacks, Trigger,
 };
 use serde_json::json;
 
 use crate::cli::{Output, RollbackCommand, RollbackToArgs};
 use crate::settings::Settings;
 use crate::{Failure, exit};
-
-/// The rollback controller of local mode, wired.
-pub struct LocalRollback {
-    pub planner: Planner,
-    pub executor: Executor,
-    pub log: Arc<dyn DeploymentLog>,
-}
 
 /// Builds the planner and executor for the database at `url`: the migrations with an
 /// undo snapshot hook (the tables an undo drops data of are snapshotted, verified, first)
@@ -35,8 +28,8 @@ pub fn local(
     settings: &Settings,
     url: &DatabaseUrl,
     target: &str,
-    out: Output,
-) -> Result<LocalRollback, Failure> {
+    _out: Output,
+) -> Result<TargetRollbacks, Failure> {
     let backup_target = crate::backup_cmd::target_name(url);
     let manager = crate::backup_cmd::manager(settings)
         .with_restore_lock_timeout(settings.restore_lock_timeout);
@@ -77,7 +70,7 @@ pub fn local(
         backups: backups.clone(),
         backup_target: backup_target.clone(),
         history_schema: settings.exec.history_schema.clone(),
-        scripts: Arc::new(FileScriptFacts { set }),
+        scripts: Arc::new(belay_guards::FileScriptFacts::new(set)),
         stats: Arc::new(belay_rollback::PgTableStats::new(url.clone())),
     };
     let executor = Executor {
@@ -94,9 +87,11 @@ pub fn local(
             .map(belay_health::TargetProbe::from)
             .collect(),
         postflight: None,
-        sink: Some(render_sink(out)),
+        // Each caller passes its own: `execute`'s, or the failure handler's.
+        sink: None,
+        abort: None,
     };
-    Ok(LocalRollback {
+    Ok(TargetRollbacks {
         planner,
         executor,
         log,
@@ -105,7 +100,7 @@ pub fn local(
 
 /// The `FailureHandler` `migrate --on-failure rollback` installs.
 pub fn handler(
-    rollback: LocalRollback,
+    rollback: TargetRollbacks,
     out: Output,
     slot: crate::deploy_cmd::RollbackSlot,
 ) -> RollbackHandler {
@@ -126,102 +121,33 @@ pub fn handler(
             HandlerNote::Finished(o) => print_outcome(o),
         }
     });
+    let mut executor = rollback.executor;
+    executor.sink = Some(render_sink(out));
     RollbackHandler {
         planner: rollback.planner,
-        executor: rollback.executor,
+        executor,
         notify: Some(notify),
+        local: None,
     }
 }
 
-/// Which tables each migration writes and which data its undo drops, from the files.
-struct FileScriptFacts {
-    set: Option<MigrationSet>,
-}
-
-/// Statements whose tables the lexer names exactly (`ALTER TABLE`, `DROP TABLE`,
-/// `TRUNCATE`), or that write no existing table's rows.
-fn attributable(words: &[String]) -> bool {
-    let w: Vec<String> = words
-        .iter()
-        .take(3)
-        .map(|w| w.to_ascii_uppercase())
-        .collect();
-    let w: Vec<&str> = w.iter().map(String::as_str).collect();
-    matches!(
-        w.as_slice(),
-        ["ALTER", "TABLE", ..]
-            | ["DROP", "TABLE", ..]
-            | ["TRUNCATE", ..]
-            | ["CREATE", "TABLE", ..]
-            | ["CREATE", "INDEX", ..]
-            | ["CREATE", "UNIQUE", ..]
-            | ["CREATE", "SEQUENCE", ..]
-            | ["CREATE", "SCHEMA", ..]
-            | ["CREATE", "TYPE", ..]
-            | ["COMMENT", ..]
-            | ["SET", ..]
-            | ["DROP", "INDEX", ..]
-    )
-}
-
-#[async_trait::async_trait]
-impl ScriptFacts for FileScriptFacts {
-    async fn fact(&self, _target: &str, script: &str) -> Result<Option<ScriptFact>, ApiError> {
-        let Some(m) = self
-            .set
-            .as_ref()
-            .and_then(|s| s.migrations.iter().find(|m| m.script_name == script))
-        else {
-            return Ok(None);
-        };
-        let mut named: Vec<String> = m.up.directives.tables.clone();
-        let mut known = true;
-        for st in &m.up.statements {
-            if !attributable(&st.words) {
-                known = false;
-            }
-            let t = st.table_targets(&m.up.text);
-            named.extend(t.data_lost);
-            named.extend(t.altered);
-        }
-        named.dedup();
-        // `-- belay:tables=` is the author's word for what the script writes.
-        let writes = (known || !m.up.directives.tables.is_empty()).then_some(named);
-        let mut undo_drops = Vec::new();
-        if let Some(down) = &m.down {
-            for st in &down.statements {
-                for t in st.table_targets(&down.text).data_lost {
-                    if !undo_drops.contains(&t) {
-                        undo_drops.push(t);
-                    }
-                }
-            }
-        }
-        Ok(Some(ScriptFact { writes, undo_drops }))
-    }
-}
-
-fn failure(e: RollbackError) -> Failure {
-    Failure::from(ApiError::from(e))
-}
-
-/// Runs a `belay rollback` command in local mode.
+/// Runs a `belay rollback` command on `target` through `api` (local or remote).
 pub async fn run(
     command: &RollbackCommand,
-    rollback: LocalRollback,
+    api: &dyn RollbackApi,
     target: &str,
     out: Output,
 ) -> Result<u8, Failure> {
     match command {
-        RollbackCommand::List { limit } => list(&rollback, *limit as usize, out).await,
+        RollbackCommand::List { limit } => list(api, target, *limit as usize, out).await,
         RollbackCommand::Plan { to, data_corrupted } => {
-            let plan = plan(
-                &rollback,
-                target,
-                to,
-                operator_trigger(None, *data_corrupted),
-            )
-            .await?;
+            let plan = api
+                .plan(
+                    target,
+                    &rollback_to(to)?,
+                    operator_trigger(None, *data_corrupted),
+                )
+                .await?;
             if out == Output::Json {
                 println!("{}", json!({ "action": "rollback_plan", "plan": plan }));
             } else {
@@ -240,14 +166,23 @@ pub async fn run(
             yes,
         } => {
             let trigger = operator_trigger(reason.clone(), *data_corrupted);
-            let plan = plan(&rollback, target, to, trigger).await?;
+            let plan = api.plan(target, &rollback_to(to)?, trigger.clone()).await?;
             if out == Output::Text {
                 print_plan(&plan);
             }
             if !*yes {
                 confirm(&plan)?;
             }
-            let outcome = rollback.executor.execute(&plan).await.map_err(failure)?;
+            // The plan shown is the plan run; the executor checks again, just before
+            // acting, that its deployments can still be rolled back.
+            let outcome = api
+                .execute(
+                    target,
+                    Execute::Plan(Box::new(plan.clone())),
+                    trigger,
+                    render_sink(out),
+                )
+                .await?;
             if out == Output::Json {
                 println!(
                     "{}",
@@ -268,7 +203,31 @@ pub async fn run(
                 exit::FAILED
             })
         }
-        RollbackCommand::Status { id } => status(&rollback, id.as_deref(), out).await,
+        RollbackCommand::Status { id } => {
+            let status = api.status(target, id.as_deref()).await?;
+            print_status(&status, out);
+            Ok(0)
+        }
+        RollbackCommand::Abort { id } => {
+            let status = api.abort(target, id.as_deref()).await?;
+            print_status(&status, out);
+            Ok(0)
+        }
+    }
+}
+
+/// What `<to>` names, as the command line gave it: read against the records where they
+/// are (the agent's log in remote mode).
+fn rollback_to(to: &RollbackToArgs) -> Result<RollbackTo, Failure> {
+    match (&to.release, &to.to) {
+        (Some(r), _) => Ok(RollbackTo::Release(r.clone())),
+        (None, Some(t)) => Ok(RollbackTo::Positional(t.clone())),
+        (None, None) => Err(Failure {
+            code: exit::USAGE,
+            message:
+                "name what to roll back to: a deployment id, a schema version, or --release VERSION"
+                    .into(),
+        }),
     }
 }
 
@@ -282,34 +241,6 @@ fn operator_trigger(reason: Option<String>, data_suspect: bool) -> Trigger {
         }),
         data_suspect,
     )
-}
-
-async fn plan(
-    rollback: &LocalRollback,
-    target: &str,
-    to: &RollbackToArgs,
-    trigger: Trigger,
-) -> Result<RollbackPlan, Failure> {
-    let records = rollback.log.list(1000).await.map_err(|e| Failure {
-        code: exit::UNAVAILABLE,
-        message: belay_core::redact_url(&e.to_string()),
-    })?;
-    let to = match (&to.release, &to.to) {
-        (Some(r), _) => RollbackTo::Release(r.clone()),
-        (None, Some(t)) => RollbackTo::positional(t, &records),
-        (None, None) => {
-            return Err(Failure {
-                code: exit::USAGE,
-                message: "name what to roll back to: a deployment id, a schema version, or --release VERSION".into(),
-            });
-        }
-    };
-    let resolved = belay_rollback::resolve_in(&records, &to).map_err(failure)?;
-    rollback
-        .planner
-        .plan(target, &resolved, trigger)
-        .await
-        .map_err(failure)
 }
 
 /// Asks on a terminal; refuses without one (a script must say `--yes`).
@@ -433,28 +364,13 @@ fn render_sink(out: Output) -> DeploySink {
     })
 }
 
-async fn list(rollback: &LocalRollback, limit: usize, out: Output) -> Result<u8, Failure> {
-    let records = rollback.log.list(limit).await.map_err(|e| Failure {
-        code: exit::UNAVAILABLE,
-        message: belay_core::redact_url(&e.to_string()),
-    })?;
-    let rows: Vec<serde_json::Value> = records
-        .iter()
-        .map(|r| {
-            let applied = r.outcome.as_ref().map(|o| o.applied.len()).unwrap_or(0);
-            let can = matches!(r.step, Step::Succeeded | Step::Failed) && applied > 0;
-            json!({
-                "id": r.start.id,
-                "state": r.step,
-                "started_at": r.start.started_at,
-                "release": r.start.release,
-                "from_version": r.start.from_version,
-                "reached_version": r.outcome.as_ref().and_then(|o| o.to_version.clone()),
-                "migrations": applied,
-                "can_roll_back": can,
-            })
-        })
-        .collect();
+async fn list(
+    api: &dyn RollbackApi,
+    target: &str,
+    limit: usize,
+    out: Output,
+) -> Result<u8, Failure> {
+    let rows = api.list(target, limit).await?;
     if out == Output::Json {
         println!("{}", json!({ "deployments": rows }));
         return Ok(0);
@@ -462,17 +378,17 @@ async fn list(rollback: &LocalRollback, limit: usize, out: Output) -> Result<u8,
     if rows.is_empty() {
         println!("no deployments yet");
     }
-    for (r, row) in records.iter().zip(&rows) {
+    for r in &rows {
         println!(
             "{}  {:<12} {}  release {:<8} {} → {}  {} migration(s){}",
-            r.start.id,
-            r.step.as_str(),
-            r.start.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
-            r.start.release.as_deref().unwrap_or("—"),
-            r.start.from_version.as_deref().unwrap_or("none"),
-            row["reached_version"].as_str().unwrap_or("none"),
-            row["migrations"],
-            if row["can_roll_back"] == true {
+            r.id,
+            r.state.as_str(),
+            r.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            r.release.as_deref().unwrap_or("—"),
+            r.from_version.as_deref().unwrap_or("none"),
+            r.reached_version.as_deref().unwrap_or("none"),
+            r.migrations,
+            if r.can_roll_back {
                 "  (can roll back)"
             } else {
                 ""
@@ -482,106 +398,46 @@ async fn list(rollback: &LocalRollback, limit: usize, out: Output) -> Result<u8,
     Ok(0)
 }
 
-/// The newest incident report among `events`.
-pub fn incident_report(events: &[DeployEvent]) -> Option<(IncidentReport, String)> {
-    let e = events
-        .iter()
-        .rev()
-        .find(|e| e.kind == KIND_INCIDENT_REPORT)?;
-    let report = serde_json::from_value(e.payload["report"].clone()).ok()?;
-    let markdown = e.payload["markdown"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    Some((report, markdown))
-}
-
-async fn status(rollback: &LocalRollback, id: Option<&str>, out: Output) -> Result<u8, Failure> {
-    let unavailable = |e: belay_deploy::LogError| Failure {
-        code: exit::UNAVAILABLE,
-        message: belay_core::redact_url(&e.to_string()),
-    };
-    let records = rollback.log.list(1000).await.map_err(unavailable)?;
-    let record: &DeploymentRecord = match id {
-        Some(prefix) => {
-            let prefix = prefix.to_ascii_lowercase();
-            let found: Vec<&DeploymentRecord> = records
-                .iter()
-                .filter(|r| r.start.id.to_string().starts_with(&prefix))
-                .collect();
-            match found.as_slice() {
-                [one] => one,
-                [] => {
-                    return Err(Failure {
-                        code: exit::NOT_FOUND,
-                        message: format!(
-                            "no deployment id starts with {prefix:?}; `belay rollback list` shows them"
-                        ),
-                    });
-                }
-                many => {
-                    return Err(Failure {
-                        code: exit::USAGE,
-                        message: format!(
-                            "{prefix:?} starts {} deployment ids: give more of it",
-                            many.len()
-                        ),
-                    });
-                }
-            }
-        }
-        None => records
-            .iter()
-            .find(|r| {
-                matches!(
-                    r.step,
-                    Step::RollingBack | Step::RolledBack | Step::Escalated
-                )
-            })
-            .ok_or_else(|| Failure {
-                code: exit::NOT_FOUND,
-                message: "no deployment on record was rolled back".into(),
-            })?,
-    };
-    let events = rollback
-        .log
-        .events(record.start.id)
-        .await
-        .map_err(unavailable)?;
-    let steps: Vec<&DeployEvent> = events
-        .iter()
-        .filter(|e| e.kind == KIND_ROLLBACK_STEP)
-        .collect();
-    let report = incident_report(&events);
+fn print_status(status: &RollbackStatus, out: Output) {
+    let record = &status.record;
     if out == Output::Json {
         println!(
             "{}",
             json!({
                 "deployment": record.start.id,
                 "state": record.step,
-                "steps": steps.iter().map(|e| &e.payload).collect::<Vec<_>>(),
-                "report": report.as_ref().map(|(r, _)| r),
+                "running": status.running,
+                "abort_requested": status.abort_requested,
+                "steps": status.steps.iter().map(|e| &e.payload).collect::<Vec<_>>(),
+                "report": status.report,
             })
         );
-        return Ok(0);
+        return;
     }
     println!("deployment {}: {}", record.start.id, record.step);
-    match report {
-        Some((_, markdown)) => println!("{markdown}"),
+    match &status.markdown {
+        Some(markdown) => println!("{markdown}"),
         None if record.step == Step::RollingBack => {
-            println!("a rollback started and has not ended (or was interrupted); steps so far:");
-            for e in steps {
+            if status.running {
+                println!("a rollback is running; steps so far:");
+            } else {
+                // Not running in the process that answered: in local mode another
+                // `belay` may be running it.
+                println!(
+                    "a rollback started and has not ended (or was interrupted); steps so far:"
+                );
+            }
+            for e in &status.steps {
                 println!("  {}", e.message);
             }
         }
         None => println!("no rollback on record for this deployment"),
     }
-    Ok(0)
 }
 
 /// `deployments show ID --report`.
 pub fn show_report(id: uuid::Uuid, events: &[DeployEvent], out: Output) -> Result<u8, Failure> {
-    let Some((report, markdown)) = incident_report(events) else {
+    let Some((report, markdown)) = belay_rollback::incident_report(events) else {
         return Err(Failure::from(ApiError::new(
             ErrorKind::NotFound,
             format!("deployment {id} has no incident report: it was not rolled back"),

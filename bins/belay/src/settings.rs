@@ -168,55 +168,28 @@ pub struct Settings {
     pub restore_lock_timeout: std::time::Duration,
 }
 
-/// `[rollback]` checked: every duration parses and is positive, hooks name a command.
+/// `[rollback]` checked: every duration parses and is positive, hooks name a command —
+/// by the same rules as agent.toml's `[targets.rollback]`.
 fn rollback_policy(
     file: &FileRollback,
 ) -> Result<(belay_rollback::RollbackPolicy, std::time::Duration)> {
-    let positive = |key: &str, v: &str| -> Result<std::time::Duration> {
-        let d = parse_duration(v).map_err(|e| anyhow!("belay.toml [rollback] {key}: {e}"))?;
-        if d.is_zero() {
-            bail!("belay.toml [rollback] {key} must be greater than zero");
-        }
-        Ok(d)
-    };
-    let hook = |key: &str, h: &Option<FileHook>| -> Result<Option<belay_rollback::HookCommand>> {
-        let Some(h) = h else { return Ok(None) };
-        if h.command.trim().is_empty() {
-            bail!(
-                "belay.toml [rollback.{key}] command is empty: name the command to run, or remove the section"
-            );
-        }
-        Ok(Some(belay_rollback::HookCommand {
+    let hook = |h: &Option<FileHook>| {
+        h.as_ref().map(|h| belay_rollback::HookSetting {
             command: h.command.clone(),
-            timeout: match &h.timeout {
-                Some(t) => positive(&format!("{key}.timeout"), t)?,
-                None => std::time::Duration::from_secs(30),
-            },
-        }))
+            timeout: h.timeout.clone(),
+        })
     };
-    let mut policy = belay_rollback::RollbackPolicy::default();
-    if let Some(m) = file.policy {
-        policy.mode = m;
+    belay_rollback::RollbackSettings {
+        policy: file.policy,
+        settle: file.settle.clone(),
+        before: hook(&file.before),
+        after: hook(&file.after),
+        on_hook_failure: file.on_hook_failure,
+        restore_lock_timeout: file.restore_lock_timeout.clone(),
+        restore_attempts: file.restore_attempts,
     }
-    if let Some(s) = &file.settle {
-        policy.settle = positive("settle", s)?;
-    }
-    policy.before = hook("before", &file.before)?;
-    policy.after = hook("after", &file.after)?;
-    if let Some(h) = file.on_hook_failure {
-        policy.on_hook_failure = h;
-    }
-    if let Some(n) = file.restore_attempts {
-        if n == 0 {
-            bail!("belay.toml [rollback] restore_attempts must be at least 1");
-        }
-        policy.restore_attempts = n;
-    }
-    let restore_lock_timeout = match &file.restore_lock_timeout {
-        Some(t) => positive("restore_lock_timeout", t)?,
-        None => std::time::Duration::from_secs(2),
-    };
-    Ok((policy, restore_lock_timeout))
+    .resolve("belay.toml [rollback]")
+    .map_err(|e| anyhow!(e))
 }
 
 pub fn load_file(cli: &Cli) -> Result<FileConfig> {

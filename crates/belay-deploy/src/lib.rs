@@ -34,6 +34,6 @@ pub use record::{
     NewDeployment, Step,
 };
 pub use target::{
-    DeployerPolicy, LogFor, PipelineDeployer, TargetDeployApi, TargetDeployed, TargetDeployment,
-    TargetPolicy, TargetRun,
+    DeployerPolicy, HandlerFor, LogFor, PipelineDeployer, TargetDeployApi, TargetDeployed,
+    TargetDeployment, TargetPolicy, TargetRun,
 };

@@ -158,6 +158,12 @@ pub trait TargetDeployApi: Send + Sync {
 /// Where a target's deployment is recorded, beside it.
 pub type LogFor = Arc<dyn Fn(&str) -> Result<Arc<dyn DeploymentLog>, ApiError> + Send + Sync>;
 
+/// The failure handler of a target's deployment (the rollback controller beside it),
+/// given the run's sink so what it records streams with the deployment's own events;
+/// `None`: the target has none.
+pub type HandlerFor =
+    Arc<dyn Fn(&str, DeploySink) -> Option<Arc<dyn crate::pipeline::FailureHandler>> + Send + Sync>;
+
 /// [`TargetDeployApi`] in-process: the [`Pipeline`] over the targets' own capability
 /// implementations (the agent's `LocalTargets` with their lint gate, lock guard and backup
 /// hook, and its `HealthTargets`), each target with its [`TargetPolicy`].
@@ -167,6 +173,9 @@ pub struct PipelineDeployer {
     health: Arc<dyn HealthApi>,
     log_for: LogFor,
     targets: BTreeMap<String, TargetPolicy>,
+    /// `on_failure = rollback`'s handler per target; without one such a deployment is
+    /// refused before it runs.
+    handler_for: Option<HandlerFor>,
     /// Deployments running in this process right now, by id.
     running: Arc<Mutex<HashSet<Uuid>>>,
     /// When this deployer (its process) started: a record left unfinished from before
@@ -197,10 +206,17 @@ impl PipelineDeployer {
             health,
             log_for,
             targets: targets.into_iter().collect(),
+            handler_for: None,
             running: Arc::default(),
             started: Utc::now(),
             settling: Arc::default(),
         }
+    }
+
+    /// Installs the failure handlers (`on_failure = rollback`).
+    pub fn with_failure_handlers(mut self, handler_for: HandlerFor) -> Self {
+        self.handler_for = Some(handler_for);
+        self
     }
 
     fn is_running(&self, id: Uuid) -> bool {
@@ -329,7 +345,14 @@ impl TargetDeployApi for PipelineDeployer {
             r.insert(request.id);
         }
         let _running = Running(self.running.clone(), request.id);
-        let pipeline = Pipeline::new(self.migrations.clone(), self.health.clone(), log);
+        let mut pipeline = Pipeline::new(self.migrations.clone(), self.health.clone(), log.clone());
+        if let Some(handler) = self
+            .handler_for
+            .as_ref()
+            .and_then(|f| f(&request.target, sink.clone()))
+        {
+            pipeline = pipeline.with_failure_handler(handler);
+        }
         let span = info_span!("deploy_target", deployment = %request.id, target = %request.target);
         let deployment = pipeline
             .run(
@@ -350,7 +373,17 @@ impl TargetDeployApi for PipelineDeployer {
             .instrument(span)
             .await
             .map_err(deploy_error)?;
-        let outcome = deployment.record.outcome.clone().ok_or_else(|| {
+        // Read again: a failure handler may have rolled it back since (`rolled_back`,
+        // `escalated`), and that is how it ended.
+        let record = match deployment.failure {
+            Some(_) => log
+                .get(request.id)
+                .await
+                .map_err(log_error)?
+                .unwrap_or_else(|| deployment.record.clone()),
+            None => deployment.record.clone(),
+        };
+        let outcome = record.outcome.clone().ok_or_else(|| {
             ApiError::new(
                 ErrorKind::Internal,
                 format!("deployment {} ended without an outcome", request.id),

@@ -378,8 +378,15 @@ impl Fleet {
             Ok(deployed) => {
                 let o = &deployed.outcome;
                 let step = o.failed_step.unwrap_or(Step::Failed);
+                // `on_failure = rollback`: the agent's rollback controller acted on the
+                // failure; its reason already ends with how the rollback went.
+                let then = match o.state {
+                    Step::RolledBack => " (rolled back by its agent)",
+                    Step::Escalated => " (its agent's rollback escalated: a person must decide)",
+                    _ => "",
+                };
                 let message = format!(
-                    "failed at {step}: {}",
+                    "failed at {step}{then}: {}",
                     o.reason.as_deref().unwrap_or("no reason given")
                 );
                 let outcome = serde_json::to_value(o).unwrap_or_default();
@@ -423,9 +430,9 @@ impl Fleet {
 
     /// Stores one pipeline event of `target`: executor events under their own kind, as
     /// fleet deployments always stored them (`succeeded`, `backup_taken`, …), the others
-    /// under the pipeline's (`transition`, `check`, `probe`, …); the payload carries the
-    /// step and the agent's own sequence number beside the event's details.
-    async fn record_target_event(
+    /// under the pipeline's (`transition`, `check`, `probe`, `rollback_step`, …); the payload
+    /// carries the step and the agent's own sequence number beside the event's details.
+    pub(crate) async fn record_target_event(
         &self,
         id: Uuid,
         target: &str,
@@ -449,6 +456,13 @@ impl Fleet {
                 o
             }
         };
+        // A rollback step's record names its own step (`undo`, `verify_probes`): kept as
+        // `rollback_step`, since `step` is the pipeline's here.
+        if e.kind == belay_rollback::KIND_ROLLBACK_STEP
+            && let Some(own) = payload.remove("step")
+        {
+            payload.insert("rollback_step".into(), own);
+        }
         payload.insert("step".into(), serde_json::json!(e.step.as_str()));
         payload.insert("target_seq".into(), serde_json::json!(e.seq));
         let step = (e.kind == KIND_TRANSITION)

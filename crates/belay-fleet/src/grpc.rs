@@ -265,16 +265,6 @@ impl pb::controller_service_server::ControllerService for ControllerGrpc {
             requested_by: r.requested_by,
             policy: belay_rpc::deploy::deployer_policy_from(r.policy.as_ref())?,
         };
-        if spec.policy.on_failure == belay_deploy::OnFailure::Rollback {
-            // Refused before anything is recorded or run, as `migrate` refuses it.
-            return Err(st(ApiError::new(
-                ErrorKind::Refused,
-                "--on-failure rollback needs the rollback controller, which this controller \
-                 does not run yet; nothing was run. Use --on-failure stop (a failure is \
-                 recorded and what was applied stays applied) and roll back by hand with \
-                 `belay undo` and the pre-deployment backup",
-            )));
-        }
         let id = self.0.start_deploy(spec).await.map_err(st)?;
         Ok(Response::new(watch(self.0.clone(), id, 0)))
     }

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 use uuid::Uuid;
 
 /// Where the webhook is served.
@@ -265,6 +265,103 @@ impl RollbackTrigger for Unavailable {
     async fn rollback(&self, _: Uuid, _: &str, _: &AlertTrigger) -> Result<(), ApiError> {
         Err(ApiError::new(ErrorKind::Refused, self.0.clone()))
     }
+}
+
+/// The trigger a controller with a routed `RollbackService` uses: the rollback of the
+/// deployment's target runs on the agent owning it (`RollbackApi` over [`Fleet`]), with
+/// the alert as its trigger and evidence. It returns once the agent has accepted the
+/// rollback (its first event) and lets it run on in the background, so Alertmanager's
+/// call is answered in time; a rollback the agent refuses (already rolled back, or being
+/// rolled back by the deployment's own `--on-failure rollback`) comes back as its error.
+#[derive(Clone)]
+pub struct RoutedRollback<R: belay_rollback::RollbackApi + Clone + 'static> {
+    pub rollbacks: R,
+}
+
+impl<R: belay_rollback::RollbackApi + Clone + 'static> std::fmt::Debug for RoutedRollback<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoutedRollback").finish_non_exhaustive()
+    }
+}
+
+impl AlertTrigger {
+    /// The alert as the rollback's evidence.
+    pub fn evidence(&self) -> serde_json::Value {
+        serde_json::json!({
+            "alertname": self.alertname,
+            "fingerprint": self.fingerprint,
+            "labels": self.labels,
+            "annotations": self.annotations,
+            "starts_at": self.starts_at,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl<R: belay_rollback::RollbackApi + Clone + 'static> RollbackTrigger for RoutedRollback<R> {
+    async fn rollback(
+        &self,
+        deployment: Uuid,
+        target: &str,
+        alert: &AlertTrigger,
+    ) -> Result<(), ApiError> {
+        let trigger = belay_rollback::Trigger::alert(
+            format!(
+                "alert {} ({}) fired for this deployment",
+                alert.alertname, alert.fingerprint
+            ),
+            alert.evidence(),
+        );
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let started = Arc::new(std::sync::Mutex::new(Some(started_tx)));
+        let sink: belay_deploy::DeploySink = Arc::new(move |_e: &belay_deploy::DeployEvent| {
+            if let Ok(mut s) = started.lock()
+                && let Some(tx) = s.take()
+            {
+                let _ = tx.send(());
+            }
+        });
+        let rollbacks = self.rollbacks.clone();
+        let target = target.to_string();
+        let what = belay_rollback::Execute::To(belay_rollback::RollbackTo::Deployment(
+            deployment.to_string(),
+        ));
+        let span = tracing::info_span!("alert_rollback", %deployment, target = %target);
+        let mut run = tokio::spawn(
+            async move {
+                let result = rollbacks.execute(&target, what, trigger, sink).await;
+                match &result {
+                    Ok(o) => {
+                        tracing::info!(state = %o.state, "rollback asked by an alert ended")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "rollback asked by an alert did not run"),
+                }
+                result.map(|_| ())
+            }
+            .instrument(span),
+        );
+        let mut started_rx = started_rx;
+        tokio::select! {
+            biased;
+            // The agent recorded the rollback's first step: it runs on, and its end is in
+            // the deployment's log.
+            started = &mut started_rx => match started {
+                Ok(()) => Ok(()),
+                Err(_) => join(run.await),
+            },
+            // Over before its first event: refused, or the agent unreachable.
+            ended = &mut run => join(ended),
+        }
+    }
+}
+
+fn join(r: Result<Result<(), ApiError>, tokio::task::JoinError>) -> Result<(), ApiError> {
+    r.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            ErrorKind::Internal,
+            format!("the rollback's task ended abnormally: {e}"),
+        ))
+    })
 }
 
 fn transient(kind: ErrorKind) -> bool {

@@ -4,7 +4,8 @@
 //! [`LockGuardAdapter`] implements `belay_migrate::LockGuardHook` over `belay-locks`;
 //! [`LintGate`] implements `belay_migrate::ScriptGate` over `belay-lint`;
 //! [`HistoryDeploymentLog`] implements `belay_deploy::DeploymentLog` over the deployment
-//! log tables of `belay-history`, on a session of its own. The
+//! log tables of `belay-history`, on a session of its own; [`FileScriptFacts`] implements
+//! `belay_rollback::ScriptFacts` from the migration files. The
 //! CLI and the agent wire them the same way. They hold no policy beyond choosing what to
 //! back up from the run's context (the guard's budget comes from the executor's
 //! config), and print nothing themselves: callers pass `notify` and `progress` callbacks.
@@ -13,11 +14,13 @@ mod deploy_log;
 mod health;
 pub mod lint;
 mod lock_guard;
+mod script_facts;
 
 pub use deploy_log::{Attempt, DEPLOY_LOG_APPLICATION, Found, HistoryDeploymentLog, attempts};
 pub use health::{MigrationFactsAdapter, summarize};
 pub use lint::LintGate;
 pub use lock_guard::{GUARD_CONNECT_TIMEOUT, LockGuardAdapter};
+pub use script_facts::FileScriptFacts;
 
 use belay_backup::{
     BackupError, BackupFormat, BackupManager, BackupRequest, BackupScope, Progress,

@@ -60,6 +60,28 @@ pub struct Executor {
     pub postflight: Option<PostflightSpec>,
     /// Where events are shown as they are recorded.
     pub sink: Option<DeploySink>,
+    /// Checked between steps: once set, the rollback stops before its next step.
+    pub abort: Option<AbortSignal>,
+}
+
+/// An operator's request to stop a running rollback between two steps (`rollback abort`).
+/// A step under way finishes (a restore is one transaction, an undo script one
+/// migration): stopping inside one would leave a state nobody can describe.
+#[derive(Debug, Clone, Default)]
+pub struct AbortSignal(Arc<Mutex<Option<String>>>);
+
+impl AbortSignal {
+    /// Asks the rollback to stop before its next step, saying why.
+    pub fn abort(&self, why: impl Into<String>) {
+        if let Ok(mut s) = self.0.lock() {
+            s.get_or_insert_with(|| why.into());
+        }
+    }
+
+    /// Why it was asked to stop, once it was.
+    pub fn requested(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|s| s.clone())
+    }
 }
 
 impl std::fmt::Debug for Executor {
@@ -258,6 +280,28 @@ impl Run<'_> {
         self.finish(result).await
     }
 
+    /// Stops here when an abort was asked for: recorded as the step `aborted`, naming
+    /// the steps done and the one not started.
+    async fn aborted(&mut self, next: &str) -> Result<Option<Failed>, RollbackError> {
+        let Some(why) = self.exec.abort.as_ref().and_then(AbortSignal::requested) else {
+            return Ok(None);
+        };
+        let done: Vec<String> = self
+            .steps
+            .iter()
+            .map(|s| format!("{} ({})", s.step, s.result))
+            .collect();
+        let done = if done.is_empty() {
+            "none".to_string()
+        } else {
+            done.join(", ")
+        };
+        let e = format!("stopped before {next} ({why}); steps done: {done}");
+        self.step_done("aborted", Utc::now(), Err(e.clone()), false)
+            .await?;
+        Ok(Some(Failed(format!("aborted: {e}"))))
+    }
+
     /// The steps; `Err(Failed)` stops at the first that fails (the outer error: the
     /// log cannot be written).
     async fn steps_in_order(&mut self) -> Result<Result<(), Failed>, RollbackError> {
@@ -275,6 +319,9 @@ impl Run<'_> {
                 .await?;
             return Ok(Err(Failed(format!("no automatic rollback path ({why})"))));
         }
+        if let Some(f) = self.aborted("before_hook").await? {
+            return Ok(Err(f));
+        }
         if let Some(hook) = self.exec.policy.before.clone()
             && let Err(f) = self
                 .hook("before", &hook)
@@ -283,11 +330,17 @@ impl Run<'_> {
         {
             return Ok(Err(f));
         }
+        if let Some(f) = self.aborted("emergency_backup").await? {
+            return Ok(Err(f));
+        }
         if let Err(f) = self
             .emergency_backup()
             .instrument(info_span!("rollback_emergency_backup"))
             .await?
         {
+            return Ok(Err(f));
+        }
+        if let Some(f) = self.aborted(self.plan.strategy.as_str()).await? {
             return Ok(Err(f));
         }
         let executed = match self.plan.strategy {
@@ -302,11 +355,17 @@ impl Run<'_> {
         if let Err(f) = executed {
             return Ok(Err(f));
         }
+        if let Some(f) = self.aborted("verify_history").await? {
+            return Ok(Err(f));
+        }
         if let Err(f) = self
             .verify()
             .instrument(info_span!("rollback_verify"))
             .await?
         {
+            return Ok(Err(f));
+        }
+        if let Some(f) = self.aborted("after_hook").await? {
             return Ok(Err(f));
         }
         if let Some(hook) = self.exec.policy.after.clone()

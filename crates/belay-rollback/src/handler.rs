@@ -10,6 +10,7 @@ use belay_deploy::{DeploymentRecord, FailureHandler, Step, StepFailure};
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::api::{Execute, LocalRollbacks, RollbackApi};
 use crate::exec::{Executor, KIND_ROLLBACK_PLAN, Outcome};
 use crate::model::{Mode, RollbackPlan, Trigger};
 use crate::plan::{Planner, Resolved};
@@ -34,6 +35,9 @@ pub struct RollbackHandler {
     pub planner: Planner,
     pub executor: Executor,
     pub notify: Option<Notify>,
+    /// Runs the rollback through this (the agent's), so it is known to `rollback abort`
+    /// and to a concurrent `rollback execute`; `None`: on `executor` directly.
+    pub local: Option<LocalRollbacks>,
 }
 
 impl std::fmt::Debug for RollbackHandler {
@@ -118,7 +122,24 @@ impl FailureHandler for RollbackHandler {
             });
             return Ok(());
         }
-        let outcome = self.executor.execute(&plan).await?;
+        let outcome = match &self.local {
+            Some(local) => {
+                let sink = self
+                    .executor
+                    .sink
+                    .clone()
+                    .unwrap_or_else(|| Arc::new(|_: &belay_deploy::DeployEvent| {}));
+                local
+                    .execute(
+                        &record.start.target,
+                        Execute::Plan(Box::new(plan.clone())),
+                        plan.trigger.clone(),
+                        sink,
+                    )
+                    .await?
+            }
+            None => self.executor.execute(&plan).await?,
+        };
         self.note(HandlerNote::Finished(&outcome));
         if outcome.state == Step::Escalated {
             return Err(ApiError::new(

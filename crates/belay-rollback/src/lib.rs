@@ -13,6 +13,7 @@
 //! It must not reach into the capability crates' insides (it calls their traits only),
 //! print anything (callers get events and notes), or decide exit codes.
 
+pub mod api;
 pub mod error;
 pub mod exec;
 pub mod facts;
@@ -24,16 +25,20 @@ pub mod model;
 pub mod plan;
 pub mod report;
 
+pub use api::{
+    Execute, LocalRollbacks, RollbackApi, RollbackStatus, Rollbackable, TargetRollbacks,
+    incident_report,
+};
 pub use error::RollbackError;
 pub use exec::{
-    Executor, KIND_INCIDENT_REPORT, KIND_ROLLBACK_PLAN, KIND_ROLLBACK_STEP, Outcome,
+    AbortSignal, Executor, KIND_INCIDENT_REPORT, KIND_ROLLBACK_PLAN, KIND_ROLLBACK_STEP, Outcome,
     recovery_database,
 };
 pub use facts::{LiveTable, NoScriptFacts, PgTableStats, ScriptFact, ScriptFacts, TableStats};
 pub use handler::{HandlerNote, Notify, RollbackHandler, execute_command};
 pub use model::{
-    BackupUse, HookCommand, HookFailure, Mode, PathLoss, Reason, RevertedMigration, RollbackPlan,
-    RollbackPolicy, Strategy, Trigger, TriggerKind,
+    BackupUse, HookCommand, HookFailure, HookSetting, Mode, PathLoss, Reason, RevertedMigration,
+    RollbackPlan, RollbackPolicy, RollbackSettings, Strategy, Trigger, TriggerKind,
 };
 pub use plan::{PlanInput, Planner, Resolved, RollbackTo, decide, resolve, resolve_in};
 pub use report::{BackupLocations, IncidentReport, Severity, StepRecord};

@@ -54,6 +54,9 @@ pub enum TriggerKind {
     LockTrips,
     /// An operator asked (`belay rollback execute`).
     Operator,
+    /// An Alertmanager alert naming the deployment or its target reached the controller's
+    /// webhook.
+    Alert,
 }
 
 impl TriggerKind {
@@ -64,6 +67,7 @@ impl TriggerKind {
             TriggerKind::ProbeThreshold => "probe_threshold",
             TriggerKind::LockTrips => "lock_trips",
             TriggerKind::Operator => "operator",
+            TriggerKind::Alert => "alert",
         }
     }
 }
@@ -100,6 +104,18 @@ impl Trigger {
     }
 
     /// An operator's request, optionally saying the data is suspect.
+    /// The trigger of an alert: `evidence` is the alert as Alertmanager sent it (name,
+    /// fingerprint, labels, annotations, start).
+    pub fn alert(reason: impl Into<String>, evidence: serde_json::Value) -> Trigger {
+        Trigger {
+            kind: TriggerKind::Alert,
+            step: None,
+            reason: reason.into(),
+            evidence,
+            data_suspect: false,
+        }
+    }
+
     pub fn operator(reason: impl Into<String>, data_suspect: bool) -> Trigger {
         Trigger {
             kind: TriggerKind::Operator,
@@ -262,5 +278,90 @@ pub(crate) mod duration_text {
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text: String = serde::Deserialize::deserialize(d)?;
         belay_core::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[rollback]` as a configuration file writes it (belay.toml's `[rollback]`, agent.toml's
+/// `[targets.rollback]`): durations as text, checked by [`RollbackSettings::resolve`].
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackSettings {
+    /// `auto` (default), `ask` (plan, then wait for `belay rollback execute`), `never`.
+    pub policy: Option<Mode>,
+    /// How long probes must pass again before a rollback counts as verified [5s].
+    pub settle: Option<String>,
+    /// Run before the rollback changes anything (maintenance mode on).
+    pub before: Option<HookSetting>,
+    /// Run once it is verified (maintenance mode off).
+    pub after: Option<HookSetting>,
+    /// `escalate` (default) or `continue`.
+    pub on_hook_failure: Option<HookFailure>,
+    /// Bound on each lock wait of a restore [2s]; a restore that waits longer is one
+    /// transaction that changed nothing, and is retried.
+    pub restore_lock_timeout: Option<String>,
+    /// Attempts of a restore that timed out on a lock [5].
+    pub restore_attempts: Option<u32>,
+}
+
+/// A command run around a rollback, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSetting {
+    /// Run by `sh -c`.
+    pub command: String,
+    /// Killed after this long [30s].
+    pub timeout: Option<String>,
+}
+
+impl RollbackSettings {
+    /// The policy and the restore lock timeout, every duration parsed and positive and
+    /// every hook naming a command; errors name `section` (`belay.toml [rollback]`) and
+    /// the key.
+    pub fn resolve(&self, section: &str) -> Result<(RollbackPolicy, Duration), String> {
+        let positive = |key: &str, v: &str| -> Result<Duration, String> {
+            let d = belay_core::parse_duration(v).map_err(|e| format!("{section} {key}: {e}"))?;
+            if d.is_zero() {
+                return Err(format!("{section} {key} must be greater than zero"));
+            }
+            Ok(d)
+        };
+        let hook = |key: &str, h: &Option<HookSetting>| -> Result<Option<HookCommand>, String> {
+            let Some(h) = h else { return Ok(None) };
+            if h.command.trim().is_empty() {
+                return Err(format!(
+                    "{section} {key}: its command is empty: name the command to run, or remove it"
+                ));
+            }
+            Ok(Some(HookCommand {
+                command: h.command.clone(),
+                timeout: match &h.timeout {
+                    Some(t) => positive(&format!("{key}.timeout"), t)?,
+                    None => Duration::from_secs(30),
+                },
+            }))
+        };
+        let mut policy = RollbackPolicy::default();
+        if let Some(m) = self.policy {
+            policy.mode = m;
+        }
+        if let Some(s) = &self.settle {
+            policy.settle = positive("settle", s)?;
+        }
+        policy.before = hook("before", &self.before)?;
+        policy.after = hook("after", &self.after)?;
+        if let Some(h) = self.on_hook_failure {
+            policy.on_hook_failure = h;
+        }
+        if let Some(n) = self.restore_attempts {
+            if n == 0 {
+                return Err(format!("{section} restore_attempts must be at least 1"));
+            }
+            policy.restore_attempts = n;
+        }
+        let restore_lock_timeout = match &self.restore_lock_timeout {
+            Some(t) => positive("restore_lock_timeout", t)?,
+            None => Duration::from_secs(2),
+        };
+        Ok((policy, restore_lock_timeout))
     }
 }

@@ -17,7 +17,8 @@ use crate::model::{
 };
 
 /// What `belay rollback plan|execute <to>` names.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
 pub enum RollbackTo {
     /// A deployment id or a unique prefix of one (at least 4 characters).
     Deployment(String),
@@ -26,6 +27,9 @@ pub enum RollbackTo {
     /// An application release recorded at deploy time (`migrate --release`): back to the
     /// schema that release ran on.
     Release(String),
+    /// What the command line gave as `<to>`, read by [`RollbackTo::positional`] against
+    /// the records where they are (an agent's log, not the caller's).
+    Positional(String),
 }
 
 impl RollbackTo {
@@ -103,6 +107,9 @@ pub fn resolve_in(
     records: &[DeploymentRecord],
     to: &RollbackTo,
 ) -> Result<Resolved, RollbackError> {
+    if let RollbackTo::Positional(text) = to {
+        return resolve_in(records, &RollbackTo::positional(text, records));
+    }
     let newer_than = |v: &Option<String>| {
         let v = v.clone();
         move |r: &&DeploymentRecord| {
@@ -188,6 +195,12 @@ pub fn resolve_in(
                 newer.into_iter().filter(|r| in_place(r)).collect(),
                 Some(v.clone()),
             )
+        }
+        // Read above: `positional` never returns another `Positional`.
+        RollbackTo::Positional(text) => {
+            return Err(RollbackError::Invalid(format!(
+                "{text:?} is neither a deployment id nor a schema version"
+            )));
         }
         RollbackTo::Release(release) => {
             let Some(base) = records.iter().find(|r| {

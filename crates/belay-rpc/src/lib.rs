@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod deploy;
 pub mod health;
 pub mod locks;
+pub mod rollback;
 pub mod server;
 
 pub use backup::{BackupClient, BackupGrpc};
@@ -18,6 +19,7 @@ pub use client::{Connection, Keepalive, MigrationClient};
 pub use deploy::{DeployClient, DeployGrpc};
 pub use health::{HealthClient, HealthGrpc};
 pub use locks::{LockMonitorClient, LockMonitorGrpc};
+pub use rollback::{RollbackClient, RollbackGrpc};
 pub use server::MigrationGrpc;
 
 /// Metadata key carrying an error's machine-readable class (`ErrorReason` name).
