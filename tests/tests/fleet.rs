@@ -623,10 +623,24 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    for (addr, want) in [
-        (&ad.addr, "belay.v1.MigrationService"),
-        (&c.addr, "belay.v1.ControllerService"),
-    ] {
+    // Each advertises exactly what it serves: the agent neither the controller's own
+    // services nor RollbackService, which no daemon serves yet.
+    let common = ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"];
+    let serves_both = [
+        "belay.v1.BackupService",
+        "belay.v1.DeployService",
+        "belay.v1.HealthService",
+        "belay.v1.LockMonitorService",
+        "belay.v1.MigrationService",
+    ];
+    let agent_services: Vec<&str> = serves_both.iter().chain(&common).copied().collect();
+    let controller_services: Vec<&str> = serves_both
+        .iter()
+        .chain(&common)
+        .chain(&["belay.v1.ControllerService", "belay.v1.HistoryService"])
+        .copied()
+        .collect();
+    for (addr, want) in [(&ad.addr, agent_services), (&c.addr, controller_services)] {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect()
             .await?;
@@ -643,12 +657,11 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
         let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
             panic!("unexpected reflection response");
         };
-        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-        assert!(names.iter().any(|n| n == want), "{addr}: {names:?}");
-        assert!(
-            names.iter().any(|n| n == "grpc.health.v1.Health"),
-            "{names:?}"
-        );
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(names, want, "{addr} advertises what it serves, nothing else");
     }
     Ok(())
 }
