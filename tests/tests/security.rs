@@ -104,9 +104,16 @@ async fn mtls_and_tokens_guard_every_hop_and_no_secret_is_ever_printed() -> Resu
     assert_eq!(r.code, 77, "{r:?}");
     assert!(r.stderr.contains("invalid bearer token"), "{r:?}");
     outputs.push_str(&format!("{r:?}"));
-    // Plain text to a TLS controller: no connection.
+    // Plain text to a TLS controller: no connection, and the message says why and what
+    // to pass (not "h2 protocol error").
     let r = belay(&c.addr, &["--token-file", &s(&token_file), "agents"]).await?;
     assert_eq!(r.code, 69, "{r:?}");
+    assert!(
+        r.stderr.contains("it speaks TLS and this call did not")
+            && r.stderr.contains("pass --ca FILE")
+            && r.stderr.contains("--tls-server-name NAME"),
+        "{r:?}"
+    );
     outputs.push_str(&format!("{r:?}"));
     // Straight to the agent with the token but without a client certificate: the agent
     // only talks to holders of a certificate from its CA.
@@ -185,7 +192,7 @@ async fn controller_client(
     pb::controller_service_client::ControllerServiceClient<
         tonic::service::interceptor::InterceptedService<
             tonic::transport::Channel,
-            impl tonic::service::Interceptor,
+            impl tonic::service::Interceptor + use<>,
         >,
     >,
 > {
@@ -372,8 +379,9 @@ async fn an_agent_registers_only_under_the_name_its_certificate_carries() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_plaintext_controller_says_agent_names_are_asserted_not_checked() -> Result<()> {
+async fn a_plaintext_controller_says_names_are_asserted_and_a_tls_client_is_told_it_has_no_tls() -> Result<()> {
     let tmp = tempfile::tempdir()?;
+    let pki = TestPki::new()?;
     let mut c = Daemon::start(
         "belay-controller",
         &[
@@ -385,6 +393,13 @@ async fn a_plaintext_controller_says_agent_names_are_asserted_not_checked() -> R
         &[],
     )
     .await?;
+    // `--ca` against a controller without TLS: the message says it does not speak TLS.
+    let r = belay(&c.addr, &["--ca", &pki.ca.to_string_lossy(), "agents"]).await?;
+    assert_eq!(r.code, 69, "{r:?}");
+    assert!(
+        r.stderr.contains("does not speak TLS") && r.stderr.contains("leave out --ca"),
+        "{r:?}"
+    );
     let (_, log) = c.stop().await?;
     assert!(
         log.contains("agent identities are asserted, not checked"),
