@@ -286,7 +286,9 @@ async fn an_agent_registers_only_under_the_name_its_certificate_carries() -> Res
     )
     .await?;
     wait_for("the spoofing agent's refusal", || async {
-        Ok(spoof.log_so_far().contains("cannot register with the controller"))
+        Ok(spoof
+            .log_so_far()
+            .contains("cannot register with the controller"))
     })
     .await?;
     let spoof_log = spoof.log_so_far();
@@ -296,7 +298,8 @@ async fn an_agent_registers_only_under_the_name_its_certificate_carries() -> Res
     );
     let controller_log = c.log_so_far();
     assert!(
-        controller_log.contains("refused an agent whose certificate does not carry the name it claims")
+        controller_log
+            .contains("refused an agent whose certificate does not carry the name it claims")
             && controller_log.contains("identities: b"),
         "{controller_log}"
     );
@@ -363,7 +366,9 @@ async fn an_agent_registers_only_under_the_name_its_certificate_carries() -> Res
         .expect_err("a target owned by a live agent is refused");
     assert_eq!(owned.code(), tonic::Code::FailedPrecondition, "{owned:?}");
     assert!(
-        owned.message().contains(r#"target "owned_by_b" belongs to agent "b""#),
+        owned
+            .message()
+            .contains(r#"target "owned_by_b" belongs to agent "b""#),
         "{owned:?}"
     );
     let r = belay(&c.addr, &args).await?;
@@ -379,7 +384,8 @@ async fn an_agent_registers_only_under_the_name_its_certificate_carries() -> Res
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_plaintext_controller_says_names_are_asserted_and_a_tls_client_is_told_it_has_no_tls() -> Result<()> {
+async fn a_plaintext_controller_says_names_are_asserted_and_a_tls_client_is_told_it_has_no_tls()
+-> Result<()> {
     let tmp = tempfile::tempdir()?;
     let pki = TestPki::new()?;
     let mut c = Daemon::start(

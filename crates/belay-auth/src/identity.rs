@@ -142,14 +142,20 @@ mod tests {
         assert_eq!(ids, vec!["localhost".to_string()]);
         let (_, agent_cert, _) = pki.agent_files("db-7").expect("agent certificate");
         let cert = der(&agent_cert);
-        assert_eq!(certificate_identities(&cert).expect("readable"), vec!["db-7"]);
+        assert_eq!(
+            certificate_identities(&cert).expect("readable"),
+            vec!["db-7"]
+        );
         check_claimed_name("agent", "db-7", Some(std::slice::from_ref(&cert))).expect("its name");
         check_claimed_name("agent", "DB-7", Some(std::slice::from_ref(&cert)))
             .expect("DNS names compare case-insensitively");
         let err = check_claimed_name("agent", "db-8", Some(std::slice::from_ref(&cert)))
             .expect_err("another name is refused");
         let msg = err.to_string();
-        assert!(msg.contains("\"db-8\"") && msg.contains("identities: db-7"), "{msg}");
+        assert!(
+            msg.contains("\"db-8\"") && msg.contains("identities: db-7"),
+            "{msg}"
+        );
         // 127.0.0.1 is an IP SAN of the agent's certificate: never an identity.
         assert!(check_claimed_name("agent", "127.0.0.1", Some(&[cert])).is_err());
         let err = check_claimed_name("agent", "db-7", None).expect_err("no certificate");

@@ -335,7 +335,8 @@ impl Fleet {
                 let fleet = self.clone();
                 let (id, target, step, to_version) =
                     (d.id, t.target.clone(), t.step, d.to_version.clone());
-                let span = tracing::info_span!("reconcile_target", deployment = %id, target = %target);
+                let span =
+                    tracing::info_span!("reconcile_target", deployment = %id, target = %target);
                 tokio::spawn(
                     async move {
                         let result = fleet

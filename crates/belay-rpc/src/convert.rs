@@ -2,6 +2,7 @@
 //! domain value is an `invalid_argument` status (server side) or an internal error
 //! (client side), never a panic.
 
+use crate::client::Peer;
 use belay_history::EntryType;
 use belay_migrate::directives::{Directives, NoTransactionSource};
 use belay_migrate::{
@@ -12,7 +13,6 @@ use belay_migrate::{
 use belay_proto::v1 as pb;
 use chrono::{DateTime, TimeZone, Utc};
 use std::time::Duration;
-use crate::client::Peer;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
@@ -1185,7 +1185,12 @@ mod tests {
 
     #[test]
     fn a_stream_cut_short_says_the_outcome_is_unknown_and_where_to_look() {
-        let ended = stream_cut_short(Ok(()), &Peer::new("agent a1", false), "run", "check `belay status`");
+        let ended = stream_cut_short(
+            Ok(()),
+            &Peer::new("agent a1", false),
+            "run",
+            "check `belay status`",
+        );
         assert_eq!(ended.kind, ErrorKind::AgentUnreachable);
         assert!(
             ended
@@ -1207,7 +1212,12 @@ mod tests {
         );
         // A real failure from the agent keeps its class and message untouched.
         let failed = ApiError::new(ErrorKind::MigrationFailed, "V2__x.sql:3: boom");
-        let kept = stream_cut_short(Err(&status_from(&failed)), &Peer::new("agent a1", false), "run", "x");
+        let kept = stream_cut_short(
+            Err(&status_from(&failed)),
+            &Peer::new("agent a1", false),
+            "run",
+            "x",
+        );
         assert_eq!(kept.kind, ErrorKind::MigrationFailed);
         assert_eq!(kept.message, failed.message);
     }
@@ -1241,8 +1251,13 @@ mod tests {
         // Words are not causes: an internal error that mentions the transport, without a
         // typed transport cause, keeps its class (real transport failures are in
         // tests/transport_errors.rs).
-        for words in ["h2 protocol error: http2 error", "tls connection lost", "index out of range"] {
-            let internal = api_error_from(&Status::internal(words), &Peer::new("controller", false));
+        for words in [
+            "h2 protocol error: http2 error",
+            "tls connection lost",
+            "index out of range",
+        ] {
+            let internal =
+                api_error_from(&Status::internal(words), &Peer::new("controller", false));
             assert_eq!(internal.kind, ErrorKind::Internal, "{words}");
         }
     }

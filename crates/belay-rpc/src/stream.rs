@@ -34,7 +34,9 @@ impl<T> Clone for BoundedSender<T> {
 }
 
 /// A bounded channel of `capacity` (at least 1) messages, its receiver as a stream.
-pub fn channel<T>(capacity: usize) -> (BoundedSender<T>, tokio_stream::wrappers::ReceiverStream<T>) {
+pub fn channel<T>(
+    capacity: usize,
+) -> (BoundedSender<T>, tokio_stream::wrappers::ReceiverStream<T>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     (
         BoundedSender { tx },

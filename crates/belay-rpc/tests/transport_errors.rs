@@ -49,11 +49,23 @@ async fn a_closed_port_is_refused() {
     }; // closed again here
     let c = conn(&addr, None);
     let status = call(&c).await;
-    assert_eq!(transport_failure(&status), Some(TransportFailure::Refused), "{status:?}");
+    assert_eq!(
+        transport_failure(&status),
+        Some(TransportFailure::Refused),
+        "{status:?}"
+    );
     let e = api_error_from(&status, &c.peer);
     assert_eq!(e.kind, ErrorKind::AgentUnreachable);
-    assert!(e.message.contains("nothing listens at that address"), "{}", e.message);
-    assert!(e.message.contains(&format!("controller at {addr}")), "{}", e.message);
+    assert!(
+        e.message.contains("nothing listens at that address"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains(&format!("controller at {addr}")),
+        "{}",
+        e.message
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,7 +80,10 @@ async fn plaintext_to_a_tls_server_says_it_speaks_tls_and_to_pass_ca() {
     let status = call(&c).await;
     let failure = transport_failure(&status).expect("a typed transport cause");
     assert!(
-        matches!(failure, TransportFailure::Closed | TransportFailure::NotHttp2),
+        matches!(
+            failure,
+            TransportFailure::Closed | TransportFailure::NotHttp2
+        ),
         "{failure:?} from {status:?}"
     );
     let e = api_error_from(&status, &c.peer);
@@ -85,7 +100,11 @@ async fn tls_to_a_plaintext_server_says_it_does_not_speak_tls() {
     let tls = belay_auth::client_tls_ca_only(&pki.ca, "localhost").expect("client TLS");
     let c = conn(&addr, Some(tls));
     let status = call(&c).await;
-    assert_eq!(transport_failure(&status), Some(TransportFailure::PeerNotTls), "{status:?}");
+    assert_eq!(
+        transport_failure(&status),
+        Some(TransportFailure::PeerNotTls),
+        "{status:?}"
+    );
     let e = api_error_from(&status, &c.peer);
     assert_eq!(e.kind, ErrorKind::AgentUnreachable);
     assert!(e.message.contains("does not speak TLS"), "{}", e.message);
@@ -110,7 +129,11 @@ async fn certificate_failures_are_told_apart() {
         matches!(&failure, Some(TransportFailure::CertificateRefused(why)) if why.contains("UnknownIssuer")),
         "{failure:?} from {status:?}"
     );
-    assert!(api_error_from(&status, &c.peer).message.contains("--ca FILE"));
+    assert!(
+        api_error_from(&status, &c.peer)
+            .message
+            .contains("--ca FILE")
+    );
 
     // A name the certificate is not issued for.
     let tls = belay_auth::client_tls_ca_only(&pki.ca, "db.example").expect("client TLS");

@@ -900,7 +900,10 @@ async fn unsettled_lists_every_lost_target_however_old_and_settles_it_once() {
         }
         let unsettled = store.unsettled().await.unwrap();
         let got: Vec<_> = unsettled.iter().map(|d| d.id).collect();
-        assert_eq!(got, lost, "{b}: every deployment with a lost target, oldest first");
+        assert_eq!(
+            got, lost,
+            "{b}: every deployment with a lost target, oldest first"
+        );
         assert!(unsettled.iter().all(|d| d.targets.len() == 2), "{b}");
 
         let first = lost[0];
@@ -922,7 +925,11 @@ async fn unsettled_lists_every_lost_target_however_old_and_settles_it_once() {
             "{b}"
         );
         let events = store.events(first, 0).await.unwrap();
-        assert_eq!(events.len(), before + 1, "{b}: one event for one settlement");
+        assert_eq!(
+            events.len(),
+            before + 1,
+            "{b}: one event for one settlement"
+        );
         let d = store.deployment(first).await.unwrap().unwrap();
         assert_eq!(d.targets[0].state, TargetState::Failed, "{b}");
         assert_eq!(d.targets[0].message, "reconciled", "{b}");
@@ -930,7 +937,13 @@ async fn unsettled_lists_every_lost_target_however_old_and_settles_it_once() {
         // The seq stays gap-free after the refused settlement.
         let next = store.append_event(&event(first, 1)).await.unwrap();
         assert_eq!(next.seq, events.last().unwrap().seq + 1, "{b}");
-        let got: Vec<_> = store.unsettled().await.unwrap().iter().map(|d| d.id).collect();
+        let got: Vec<_> = store
+            .unsettled()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
         assert_eq!(got, lost[1..], "{b}");
     }
 }
