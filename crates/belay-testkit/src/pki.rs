@@ -1,6 +1,7 @@
 //! Throwaway certificate authorities for TLS tests: a CA, a server certificate for
-//! `localhost`/`127.0.0.1` and a client certificate, written as PEM files into a temporary
-//! directory that is removed on `Drop`.
+//! `localhost`/`127.0.0.1`, a client certificate and, on demand, a certificate per agent
+//! name ([`TestPki::agent_files`]), written as PEM files into a temporary directory that is
+//! removed on `Drop`.
 //!
 //! The paths come back as plain `(ca, cert, key)` tuples so that this crate does not depend on
 //! `belay-auth` (which uses this module in its own tests); callers build their `TlsFiles` from
