@@ -329,7 +329,7 @@ async fn serve(args: Args) -> ExitCode {
     if tls_files.is_none() {
         tracing::warn!(
             "no TLS (--tls-ca/--tls-cert/--tls-key): agent identities are asserted, not checked; \
-             any caller with the token can register under any agent name"
+             any caller (holding the token, when one is set) can register under any agent name"
         );
     } else {
         tracing::info!(
