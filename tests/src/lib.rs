@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
@@ -76,6 +76,8 @@ pub struct Daemon {
     pub child: Child,
     pub addr: String,
     stderr: Option<JoinHandle<String>>,
+    /// Stderr read so far, for waiting on a log line while the daemon runs.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Daemon {
@@ -98,11 +100,18 @@ impl Daemon {
         }
         let mut child = cmd.spawn().with_context(|| format!("starting {bin}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
-        let mut stderr = child.stderr.take().context("no stderr")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let so_far = log.clone();
         let stderr = tokio::spawn(async move {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text).await;
-            text
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(mut l) = so_far.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+            so_far.lock().map(|l| l.clone()).unwrap_or_default()
         });
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
@@ -120,7 +129,13 @@ impl Daemon {
             addr: addr.to_string(),
             child,
             stderr: Some(stderr),
+            log,
         })
+    }
+
+    /// What the daemon has written to stderr so far (its log), while it runs.
+    pub fn log_so_far(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// SIGKILL, as a crash would.

@@ -623,10 +623,27 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    for (addr, want) in [
-        (&ad.addr, "belay.v1.MigrationService"),
-        (&c.addr, "belay.v1.ControllerService"),
-    ] {
+    // Each advertises exactly what it serves: the agent not the controller's own services.
+    let common = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ];
+    let serves_both = [
+        "belay.v1.BackupService",
+        "belay.v1.DeployService",
+        "belay.v1.HealthService",
+        "belay.v1.LockMonitorService",
+        "belay.v1.MigrationService",
+        "belay.v1.RollbackService",
+    ];
+    let agent_services: Vec<&str> = serves_both.iter().chain(&common).copied().collect();
+    let controller_services: Vec<&str> = serves_both
+        .iter()
+        .chain(&common)
+        .chain(&["belay.v1.ControllerService", "belay.v1.HistoryService"])
+        .copied()
+        .collect();
+    for (addr, want) in [(&ad.addr, agent_services), (&c.addr, controller_services)] {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect()
             .await?;
@@ -643,11 +660,13 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
         let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
             panic!("unexpected reflection response");
         };
-        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-        assert!(names.iter().any(|n| n == want), "{addr}: {names:?}");
-        assert!(
-            names.iter().any(|n| n == "grpc.health.v1.Health"),
-            "{names:?}"
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(
+            names, want,
+            "{addr} advertises what it serves, nothing else"
         );
     }
     Ok(())
@@ -694,5 +713,139 @@ async fn an_agent_with_a_backup_dir_backs_up_before_every_deployment() -> Result
         backups.join("b_1").join(&id).join("manifest.json"),
     )?)?;
     assert_eq!(manifest["verified"], true, "{manifest}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_controller_restart_the_reachable_agents_target_is_reconciled_once_while_another_agent_is_down()
+-> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let db = dbs(2).await?;
+    let m = tmp.path().join("m");
+    std::fs::create_dir_all(&m)?;
+    std::fs::write(m.join("V1__gate.sql"), "CREATE TABLE gate (id int);\n")?;
+    let store = store_path(tmp.path());
+    let mut c = controller(&store, &["--agent-keepalive", "1s"]).await?;
+    let probe = "[[targets.probes]]\nname = \"gate_empty\"\nperiod = \"100ms\"\nfailure_threshold = 2\n\
+                 sql = { query = \"SELECT count(*) FROM gate\", expect = \"zero\" }\n";
+    let config = |agent: &str, target: &str, db: &TestDb| -> Result<std::path::PathBuf> {
+        let path = tmp.path().join(format!("{agent}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"{agent}\"\ncontroller = \"{}\"\n{}",
+                c.addr,
+                belay_e2e::target_toml(target, db, &m, probe)
+            ),
+        )?;
+        Ok(path)
+    };
+    let (up_cfg, down_cfg) = (
+        config("agent-up", "up_1", &db[0])?,
+        config("agent-down", "down_2", &db[1])?,
+    );
+    let _up = agent(&up_cfg).await?;
+    let mut down = agent(&down_cfg).await?;
+    wait_agents(&c.addr, 2).await?;
+
+    // Both targets run their pipelines, each on its own agent, and sit in their watch window.
+    let addr = c.addr.clone();
+    let deploy = tokio::spawn(async move {
+        belay(
+            &addr,
+            &[
+                "deploy",
+                "--targets",
+                "down_2,up_1",
+                "--canary",
+                "2",
+                "--watch",
+                "10m",
+            ],
+        )
+        .await
+    });
+    let id = std::sync::Mutex::new(String::new());
+    wait_for("the deployment to be created", || async {
+        let r = belay(&c.addr, &["deployments", "list", "--output", "json"]).await?;
+        match (r.json()[0]["id"].as_str(), id.lock()) {
+            (Some(found), Ok(mut id)) => {
+                *id = found.to_string();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    })
+    .await?;
+    let id = id.into_inner().unwrap_or_default();
+    wait_for("both targets to watch", || async {
+        let doc = belay_e2e::show(&c.addr, &id).await?;
+        Ok(["up_1", "down_2"]
+            .iter()
+            .all(|t| belay_e2e::target(&doc, t)["step"] == "watching"))
+    })
+    .await?;
+
+    // The controller dies; so does one agent. The other's run goes on and ends (its probe
+    // now fails) on the agent, without the controller.
+    c.kill().await?;
+    let r = deploy.await??;
+    assert_ne!(r.code, 0, "{r:?}");
+    down.kill().await?;
+    psql(&db[0].url, "INSERT INTO gate VALUES (1)");
+    wait_for("agent-up to finish its run", || async {
+        Ok(psql(
+            &db[0].url,
+            &format!("SELECT finished_at IS NOT NULL FROM belay.deployments WHERE id = '{id}'"),
+        ) == "t")
+    })
+    .await?;
+
+    // Same address and store: agent-up finds the controller again; agent-down stays down.
+    let c2 = Daemon::start(
+        "belay-controller",
+        &[
+            "--store",
+            &store,
+            "--heartbeat-interval",
+            "200ms",
+            "--listen",
+            &c.addr,
+            "--agent-keepalive",
+            "1s",
+        ],
+        &[("BELAY_LOG", "info,belay_fleet=debug")],
+    )
+    .await?;
+    wait_for("up_1 to be settled", || async {
+        let doc = belay_e2e::show(&c2.addr, &id).await?;
+        let state = &belay_e2e::target(&doc, "up_1")["state"];
+        Ok(state != "unknown" && state != "running")
+    })
+    .await?;
+    // Some more passes, each of which tries down_2 again, and none records up_1 again.
+    let passes = |log: &str| log.matches("reconciliation pass").count();
+    let seen = passes(&c2.log_so_far());
+    wait_for("two more reconciliation passes", || async {
+        Ok(passes(&c2.log_so_far()) >= seen + 2)
+    })
+    .await?;
+    let doc = belay_e2e::show(&c2.addr, &id).await?;
+    let up = belay_e2e::target(&doc, "up_1");
+    assert_eq!(up["state"], "failed", "{up}");
+    assert_eq!(up["failed_step"], "watching", "{up}");
+    assert!(
+        up["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reconciled from agent agent-up's record")),
+        "{up}"
+    );
+    let reconciled = up["events"]
+        .as_array()
+        .map(|es| es.iter().filter(|e| e["kind"] == "reconciled").count())
+        .unwrap_or_default();
+    assert_eq!(reconciled, 1, "one reconcile event, not one per pass: {up}");
+    let down_2 = belay_e2e::target(&doc, "down_2");
+    assert_eq!(down_2["state"], "unknown", "{down_2}");
     Ok(())
 }

@@ -213,8 +213,8 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
         claims,
         ["first", "duplicate", "duplicate", "duplicate", "duplicate"]
     );
-    // Until a RollbackService is wired, the one request is recorded as unavailable.
-    assert_eq!(body["requests"][0]["state"], "unavailable", "{body}");
+    // The one request started the rollback of wh_1 on its agent.
+    assert_eq!(body["requests"][0]["state"], "started", "{body}");
     assert_eq!(body["requests"][1]["deliveries"], 5, "{body}");
     let logged = events(id.clone()).await?;
     assert_eq!(logged.len(), 2, "{logged:?}");
@@ -223,10 +223,46 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
         "rollback requested by alert BelayProbeUnhealthy (3f2a1b)"
     );
     assert!(
-        logged[1]
-            .starts_with("rollback request unavailable: this controller cannot execute rollbacks"),
+        logged[1].starts_with("rollback request started"),
         "{logged:?}"
     );
+    let step = || {
+        let (addr, token, id) = (c.addr.clone(), token_arg.clone(), id.clone());
+        async move {
+            let r = belay(
+                &addr,
+                &[
+                    "--token-file",
+                    &token,
+                    "deployments",
+                    "show",
+                    &id,
+                    "--output",
+                    "json",
+                ],
+            )
+            .await?;
+            Ok::<String, anyhow::Error>(
+                r.json()["targets"][0]["step"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }
+    };
+    belay_e2e::wait_for("the alert's rollback to end", || async {
+        Ok(matches!(
+            step().await?.as_str(),
+            "rolled_back" | "escalated"
+        ))
+    })
+    .await?;
+    assert_eq!(step().await?, "rolled_back");
+    // Delivered again after the rollback: a duplicate, nothing more happens.
+    let (status, body) = post(&http, path, &good, Some("webhook-token")).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["requests"][0]["claim"], "duplicate", "{body}");
+    assert_eq!(events(id.clone()).await?.len(), 2);
 
     // An id matching nothing can never succeed: 422 with the reason.
     let unknown = payload(&[alert("X", "1", json!({ "belay_deployment": "ffffffff" }))]);

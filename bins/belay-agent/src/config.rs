@@ -48,7 +48,8 @@ impl PeriodSetting {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Defaults to the host name.
+    /// Defaults to the host name. With `[tls]`, the controller accepts it only when the
+    /// agent's certificate carries it (a DNS SAN, or the CN when it has no DNS SAN).
     pub name: Option<String>,
     /// Controller address (host:port); without one the agent serves standalone.
     pub controller: Option<String>,

@@ -29,8 +29,8 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:7401";
 const LISTEN_ENV: &str = "BELAY_AGENT_LISTEN";
 const DEFAULT_LOG_FILTER: &str = "info";
 
-/// Services whose health this process reports; "" is the whole server, as the
-/// gRPC health protocol defines it.
+/// Services this process serves: their health is reported ("" is the whole server, as
+/// the gRPC health protocol defines it) and reflection advertises them, and only them.
 const HEALTH_SERVICES: [&str; 7] = [
     "",
     belay_proto::v1::migration_service_server::SERVICE_NAME,
@@ -348,7 +348,7 @@ async fn serve(args: Args) -> ExitCode {
         Vec::new()
     });
     let stop_sampling = sampler.stopper();
-    let reflection = match belay_rpc::daemon::reflection() {
+    let reflection = match belay_rpc::daemon::reflection(&HEALTH_SERVICES) {
         Ok(r) => r,
         Err(err) => {
             eprintln!("{BIN}: error: {err}");

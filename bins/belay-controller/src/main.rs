@@ -25,9 +25,19 @@ const DEFAULT_LOG_FILTER: &str = "info";
 /// work; health already reports it so probes need not change then.
 const CONTROLLER_SERVICE: &str = "belay.v1.ControllerService";
 
-/// Services whose health this process reports; "" is the whole server, as the
-/// gRPC health protocol defines it.
-const HEALTH_SERVICES: [&str; 2] = ["", CONTROLLER_SERVICE];
+/// Services this process serves: their health is reported ("" is the whole server, as
+/// the gRPC health protocol defines it) and reflection advertises them, and only them.
+const HEALTH_SERVICES: [&str; 9] = [
+    "",
+    CONTROLLER_SERVICE,
+    pb::history_service_server::SERVICE_NAME,
+    pb::migration_service_server::SERVICE_NAME,
+    pb::deploy_service_server::SERVICE_NAME,
+    pb::lock_monitor_service_server::SERVICE_NAME,
+    pb::health_service_server::SERVICE_NAME,
+    pb::backup_service_server::SERVICE_NAME,
+    pb::rollback_service_server::SERVICE_NAME,
+];
 
 use belay_rpc::daemon::exit;
 
@@ -235,6 +245,11 @@ async fn serve(args: Args) -> ExitCode {
             agent_token: token.as_ref().map(|t| t.expose().to_string()),
             agent_tls,
             agent_keepalive: belay_rpc::Keepalive::every(args.agent_keepalive),
+            agent_identity: if tls_files.is_some() {
+                belay_auth::PeerIdentity::Certificate
+            } else {
+                belay_auth::PeerIdentity::Asserted
+            },
         },
     )
     .await
@@ -266,7 +281,7 @@ async fn serve(args: Args) -> ExitCode {
         }
         belay_telemetry::init_process_series(belay_telemetry::Exposer::Controller);
     }
-    let reflection = match belay_rpc::daemon::reflection() {
+    let reflection = match belay_rpc::daemon::reflection(&HEALTH_SERVICES) {
         Ok(r) => r,
         Err(err) => {
             eprintln!("{BIN}: error: {err}");
@@ -338,6 +353,16 @@ async fn serve(args: Args) -> ExitCode {
         });
     belay_rpc::daemon::announce(local_addr);
     tracing::info!(addr = %local_addr, "serving");
+    if tls_files.is_none() {
+        tracing::warn!(
+            "no TLS (--tls-ca/--tls-cert/--tls-key): agent identities are asserted, not checked; \
+             any caller (holding the token, when one is set) can register under any agent name"
+        );
+    } else {
+        tracing::info!(
+            "mTLS: an agent may register only under a name its certificate carries (DNS SAN, or CN without DNS SANs)"
+        );
+    }
     let code = ExitCode::from(
         belay_rpc::daemon::serve_until_stopped(
             server,

@@ -11,6 +11,8 @@
 //! * [`client_tls_ca_only`]: the CLI verifies the server and authenticates with a token.
 //! * [`server_tls_client_optional`]: one listener for both kinds of client; every call must
 //!   then be authenticated by a token, since TLS alone proves nothing.
+//! * [`check_claimed_name`]: a name a peer claims (an agent's registration) must be an
+//!   identity of the certificate it presented (DNS SAN, or CN without DNS SANs).
 //!
 //! # Crypto provider
 //!
@@ -32,9 +34,11 @@
 //!   the exempt list ([`TokenCheck::exempt`], e.g. [`HEALTH_SERVICE`]); serve it with
 //!   `Server::builder().serve_with_incoming_shutdown(guard, incoming, signal)`.
 
+mod identity;
 mod tls;
 mod token;
 
+pub use identity::{IdentityError, PeerIdentity, certificate_identities, check_claimed_name};
 pub use tls::{TlsFiles, client_tls, client_tls_ca_only, server_tls, server_tls_client_optional};
 pub use token::{
     GuardFuture, HEALTH_SERVICE, INVALID_TOKEN_MESSAGE, MISSING_TOKEN_MESSAGE, MaybeTokenAttach,

@@ -12,7 +12,7 @@ use belay_migrate::{ApiError, ErrorKind, Target};
 use belay_rpc::DeployClient;
 use belay_store::{DeploymentState, NewDeployment, NewEvent, TargetState};
 use std::sync::Arc;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tracing::{Instrument, info, info_span};
 use uuid::Uuid;
 
@@ -299,9 +299,12 @@ impl Fleet {
         )
         .await?;
         let span = info_span!("deploy_target", target = %target);
-        let (tx, mut rx) = mpsc::unbounded_channel::<DeployEvent>();
+        // Bounded: when the store is slow to record, the agent's stream is read more
+        // slowly (HTTP/2 flow control slows the agent), nothing piles up or is dropped.
+        let (tx, rx) = belay_rpc::stream::channel::<DeployEvent>(belay_rpc::stream::CAPACITY);
+        let mut rx = rx.into_inner();
         let sink: DeploySink = Arc::new(move |e: &DeployEvent| {
-            let _ = tx.send(e.clone());
+            let _ = tx.send_blocking(e.clone());
         });
         let recorder = {
             let (fleet, target, span) = (self.clone(), target.to_string(), span.clone());

@@ -8,8 +8,7 @@ use belay_rpc::convert::{status_from, timestamp};
 use belay_store::{AgentRegistration, DeploymentRecord, EventRecord, TargetRegistration};
 use chrono::Utc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -96,12 +95,14 @@ fn parse_id(s: &str) -> Result<Uuid, Status> {
         .map_err(|_| Status::invalid_argument(format!("{s:?} is not a deployment id (a UUID)")))
 }
 
-type EventStream = UnboundedReceiverStream<Result<pb::DeploymentEvent, Status>>;
+type EventStream = ReceiverStream<Result<pb::DeploymentEvent, Status>>;
 
 /// Streams a deployment's events after `after_seq`, following new ones until the
-/// deployment is finished and no longer running in this controller.
-fn watch(fleet: Fleet, id: Uuid, mut after_seq: i64) -> EventStream {
-    let (tx, rx) = mpsc::unbounded_channel();
+/// deployment is finished and no longer running in this controller. Bounded: a slow
+/// watcher is sent the next events when it has read the earlier ones (they wait in the
+/// store, not in memory).
+pub fn watch(fleet: Fleet, id: Uuid, mut after_seq: i64) -> EventStream {
+    let (tx, rx) = belay_rpc::stream::channel(belay_rpc::stream::CAPACITY);
     tokio::spawn(async move {
         loop {
             // Armed before reading, so an event stored meanwhile still wakes us.
@@ -111,13 +112,13 @@ fn watch(fleet: Fleet, id: Uuid, mut after_seq: i64) -> EventStream {
             let events = match fleet.store().events(id, after_seq).await {
                 Ok(e) => e,
                 Err(e) => {
-                    let _ = tx.send(Err(st(store_err(e))));
+                    let _ = tx.send(Err(st(store_err(e)))).await;
                     return;
                 }
             };
             for e in &events {
                 after_seq = e.seq;
-                if tx.send(Ok(event_pb(e))).is_err() {
+                if tx.send(Ok(event_pb(e))).await.is_err() {
                     return; // the watcher went away
                 }
             }
@@ -130,7 +131,9 @@ fn watch(fleet: Fleet, id: Uuid, mut after_seq: i64) -> EventStream {
                 // One last read: events stored between the read above and the state check.
                 if let Ok(rest) = fleet.store().events(id, after_seq).await {
                     for e in &rest {
-                        let _ = tx.send(Ok(event_pb(e)));
+                        if tx.send(Ok(event_pb(e))).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 return;
@@ -138,7 +141,30 @@ fn watch(fleet: Fleet, id: Uuid, mut after_seq: i64) -> EventStream {
             let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
         }
     });
-    UnboundedReceiverStream::new(rx)
+    rx
+}
+
+impl ControllerGrpc {
+    /// With mTLS, an agent speaks only for the name its certificate carries: a
+    /// registration or heartbeat under another name is refused (`PermissionDenied`, naming
+    /// the certificate's identities and the claimed name) and logged. Without TLS the
+    /// name is taken as asserted (the controller says so when it starts).
+    fn check_agent_identity<T>(&self, req: &Request<T>, claimed: &str) -> Result<(), Status> {
+        if self.0.config().agent_identity == belay_auth::PeerIdentity::Asserted {
+            return Ok(());
+        }
+        let certs = req.peer_certs();
+        belay_auth::check_claimed_name("agent", claimed, certs.as_deref().map(Vec::as_slice))
+            .map_err(|e| {
+                tracing::warn!(
+                    agent = %claimed,
+                    peer = ?req.remote_addr(),
+                    error = %e,
+                    "refused an agent whose certificate does not carry the name it claims"
+                );
+                Status::permission_denied(e.to_string())
+            })
+    }
 }
 
 #[tonic::async_trait]
@@ -147,6 +173,7 @@ impl pb::controller_service_server::ControllerService for ControllerGrpc {
         &self,
         req: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+        self.check_agent_identity(&req, &req.get_ref().name)?;
         let r = req.into_inner();
         if r.name.trim().is_empty() || r.address.trim().is_empty() {
             return Err(Status::invalid_argument(
@@ -179,6 +206,7 @@ impl pb::controller_service_server::ControllerService for ControllerGrpc {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.check_agent_identity(&req, &req.get_ref().name)?;
         let known = self
             .0
             .store()

@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 use uuid::Uuid;
 
 #[derive(Debug, Clone)]
@@ -42,6 +42,9 @@ pub struct FleetConfig {
     /// HTTP/2 keepalive on channels to agents: a silently dead agent's deployment streams
     /// end within `agent_keepalive.bound()`.
     pub agent_keepalive: belay_rpc::Keepalive,
+    /// Whether an agent's name must be an identity of its client certificate
+    /// (`Certificate`, with mTLS) or is taken as asserted (plaintext).
+    pub agent_identity: belay_auth::PeerIdentity,
 }
 
 impl Default for FleetConfig {
@@ -52,6 +55,7 @@ impl Default for FleetConfig {
             agent_token: None,
             agent_tls: None,
             agent_keepalive: belay_rpc::Keepalive::default(),
+            agent_identity: belay_auth::PeerIdentity::Asserted,
         }
     }
 }
@@ -316,12 +320,16 @@ impl Fleet {
         Ok(())
     }
 
-    /// Settles, once its agent answers, every target of a finished-or-abandoned
-    /// deployment left `unknown` (its agent was lost mid-run, or the controller restarted)
-    /// among `targets` (all when `None`).
-    async fn reconcile(&self, targets: Option<&HashSet<String>>) -> Result<(), ApiError> {
+    /// Settles, once its agent answers, every target the controller lost track of
+    /// (`unknown`: its agent was lost mid-run, or the controller restarted) among `targets`
+    /// (all when `None`), in every deployment however old. Each target is settled in a
+    /// task of its own, so an agent that is down, or slow to answer, or still running its
+    /// watch window holds up only its own targets, never the others'. Returns how many
+    /// targets it started settling.
+    async fn reconcile(&self, targets: Option<&HashSet<String>>) -> Result<usize, ApiError> {
         let active = self.active.lock().map(|a| a.clone()).unwrap_or_default();
-        for d in self.store.deployments(200).await.map_err(store_err)? {
+        let mut started = 0;
+        for d in self.store.unsettled().await.map_err(store_err)? {
             if active.contains(&d.id) {
                 continue;
             }
@@ -337,20 +345,31 @@ impl Fleet {
                 if !claimed {
                     continue;
                 }
-                let result = self
-                    .reconcile_target(d.id, &t.target, t.step, d.to_version.as_deref())
-                    .await;
-                if let Ok(mut r) = self.reconciling.lock() {
-                    r.remove(&key);
-                }
-                if let Err(e) = result {
-                    // Left `unknown`: the next pass (or the agent's next registration)
-                    // tries again.
-                    tracing::debug!(target = %t.target, error = %e, "cannot reconcile yet");
-                }
+                started += 1;
+                let fleet = self.clone();
+                let (id, target, step, to_version) =
+                    (d.id, t.target.clone(), t.step, d.to_version.clone());
+                let span =
+                    tracing::info_span!("reconcile_target", deployment = %id, target = %target);
+                tokio::spawn(
+                    async move {
+                        let result = fleet
+                            .reconcile_target(id, &target, step, to_version.as_deref())
+                            .await;
+                        if let Ok(mut r) = fleet.reconciling.lock() {
+                            r.remove(&key);
+                        }
+                        if let Err(e) = result {
+                            // Left `unknown`: the next pass (or the agent's next
+                            // registration) tries again.
+                            tracing::debug!(target = %target, error = %e, "cannot reconcile yet");
+                        }
+                    }
+                    .instrument(span),
+                );
             }
         }
-        Ok(())
+        Ok(started)
     }
 
     /// Asks the target's agent how deployment `id` went there, from the agent's own
@@ -436,10 +455,17 @@ impl Fleet {
                 )
             }
         };
-        self.store
-            .finish_target(id, target, state, &message, &outcome)
+        // Recorded once: a pass that raced this one (it read the target as unknown
+        // before this settled it) finds it settled and writes nothing.
+        let settled = self
+            .store
+            .settle_target(id, target, state, &message, &outcome)
             .await
             .map_err(store_err)?;
+        if !settled {
+            tracing::debug!(target = %target, "already reconciled by another pass");
+            return Ok(());
+        }
         self.record(NewEvent {
             deployment_id: id,
             target: Some(target.to_string()),
@@ -457,8 +483,9 @@ impl Fleet {
         let fleet = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(e) = fleet.reconcile(None).await {
-                    warn!(error = %e, "reconciliation pass failed");
+                match fleet.reconcile(None).await {
+                    Ok(started) => tracing::debug!(started, "reconciliation pass"),
+                    Err(e) => warn!(error = %e, "reconciliation pass failed"),
                 }
                 tokio::time::sleep(fleet.config.heartbeat_interval * 3).await;
             }

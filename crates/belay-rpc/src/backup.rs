@@ -20,8 +20,7 @@ use pb::backup_service_client::BackupServiceClient;
 use pb::backup_service_server::{BackupService, BackupServiceServer};
 use std::path::PathBuf;
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -693,7 +692,7 @@ impl<T: BackupApi + ?Sized + 'static> BackupGrpc<T> {
     }
 }
 
-type ProgressStream = UnboundedReceiverStream<Result<pb::BackupProgress, Status>>;
+type ProgressStream = ReceiverStream<Result<pb::BackupProgress, Status>>;
 
 /// Runs `work` in its own task, forwarding progress and then its result (made into the
 /// stream's last message by `last`) into a stream. The task is not tied to the caller: a
@@ -711,11 +710,12 @@ where
     Fut: std::future::Future<Output = Result<R, ApiError>> + Send + 'static,
     R: Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
+    // Bounded: a slow reader slows the operation's progress reports, nothing piles up.
+    let (tx, rx) = crate::stream::channel(crate::stream::CAPACITY);
     let events = tx.clone();
     let event_target = target.clone();
     let sink: ProgressSink = Arc::new(move |p| {
-        let _ = events.send(Ok(progress(op, &event_target, &p)));
+        let _ = events.send_blocking(Ok(progress(op, &event_target, &p)));
     });
     let fut = work(sink);
     ops.spawn(
@@ -729,11 +729,11 @@ where
                 }),
                 Err(e) => Err(convert::status_from(&e)),
             };
-            let _ = tx.send(msg);
+            let _ = tx.send(msg).await;
         }
         .instrument(span),
     );
-    UnboundedReceiverStream::new(rx)
+    rx
 }
 
 fn status(e: &ApiError) -> Status {
@@ -858,7 +858,7 @@ impl<T: BackupApi + ?Sized + 'static> BackupService for BackupGrpc<T> {
 #[derive(Clone, Debug)]
 pub struct BackupClient {
     client: BackupServiceClient<InterceptedService<Channel, MaybeTokenAttach>>,
-    peer: String,
+    peer: crate::client::Peer,
 }
 
 impl BackupClient {
@@ -899,7 +899,7 @@ impl BackupClient {
     }
 }
 
-fn cut_short(result: Result<(), &Status>, peer: &str, what: &str) -> ApiError {
+fn cut_short(result: Result<(), &Status>, peer: &crate::client::Peer, what: &str) -> ApiError {
     convert::stream_cut_short(result, peer, what, "`belay backup list` shows the catalog")
 }
 

@@ -46,13 +46,50 @@ impl Keepalive {
     }
 }
 
+/// Who is on the other end of a [`Connection`], for messages ("agent db-1 at
+/// 10.0.0.5:7401"; reads as that string), and whether we speak TLS to it, so that a
+/// transport failure can say which side is missing TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    name: String,
+    tls: bool,
+}
+
+impl Peer {
+    /// `name` as messages show it; `tls`: whether calls to it use TLS.
+    pub fn new(name: impl Into<String>, tls: bool) -> Self {
+        Peer {
+            name: name.into(),
+            tls,
+        }
+    }
+
+    /// Whether calls to this peer use TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+}
+
+impl std::ops::Deref for Peer {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
 /// A channel to a belay server (agent or controller), with its credentials.
 #[derive(Clone, Debug)]
 pub struct Connection {
     pub channel: Channel,
     pub token: MaybeTokenAttach,
     /// Who is on the other end, for messages ("agent db-1 at 10.0.0.5:7401").
-    pub peer: String,
+    pub peer: Peer,
 }
 
 impl Connection {
@@ -76,7 +113,7 @@ impl Connection {
         peer: impl Into<String>,
         keepalive: Keepalive,
     ) -> Result<Self, ApiError> {
-        let peer = peer.into();
+        let peer = Peer::new(peer, tls.is_some());
         let scheme = if tls.is_some() { "https" } else { "http" };
         let uri = if address.contains("://") {
             address.to_string()
@@ -118,7 +155,7 @@ impl Connection {
 #[derive(Clone, Debug)]
 pub struct MigrationClient {
     client: MigrationServiceClient<InterceptedService<Channel, MaybeTokenAttach>>,
-    peer: String,
+    peer: Peer,
 }
 
 impl MigrationClient {

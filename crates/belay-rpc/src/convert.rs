@@ -2,6 +2,7 @@
 //! domain value is an `invalid_argument` status (server side) or an internal error
 //! (client side), never a panic.
 
+use crate::client::Peer;
 use belay_history::EntryType;
 use belay_migrate::directives::{Directives, NoTransactionSource};
 use belay_migrate::{
@@ -112,7 +113,7 @@ pub(crate) fn target_name(t: Option<&pb::Target>) -> Result<String, Status> {
 /// operation on the agent is unknown, and `check` says where to look.
 pub(crate) fn stream_cut_short(
     result: Result<(), &Status>,
-    peer: &str,
+    peer: &Peer,
     what: &str,
     check: &str,
 ) -> ApiError {
@@ -191,8 +192,10 @@ pub fn status_from(e: &ApiError) -> Status {
 }
 
 /// A gRPC status back into the engine's terms. A status without belay's reason came from
-/// the transport or a proxy: `unavailable` then means the peer could not be reached.
-pub fn api_error_from(status: &Status, peer: &str) -> ApiError {
+/// the transport or a proxy: its typed error chain ([`transport_failure`]) says what broke
+/// (nothing listening, the peer speaking TLS or not, a refused certificate), and the
+/// message says what to do about it.
+pub fn api_error_from(status: &Status, peer: &Peer) -> ApiError {
     let reason = status
         .metadata()
         .get(crate::REASON_KEY)
@@ -202,22 +205,13 @@ pub fn api_error_from(status: &Status, peer: &str) -> ApiError {
     if let Some(kind) = reason {
         return ApiError::new(kind, status.message());
     }
-    // A status without belay's reason that names the transport (a TLS mismatch, a peer
-    // speaking another protocol) is a connection problem whatever its code.
-    let transport = [
-        "h2 protocol error",
-        "transport error",
-        "connection",
-        "tls",
-        "handshake",
-    ]
-    .iter()
-    .any(|w| status.message().to_ascii_lowercase().contains(w));
-    let (kind, message) = match status.code() {
-        Code::Internal if transport => (
+    if let Some(failure) = transport_failure(status) {
+        return ApiError::new(
             ErrorKind::AgentUnreachable,
-            format!("cannot reach {peer}: {}", status.message()),
-        ),
+            format!("cannot reach {peer}: {}", failure.explain(peer.tls())),
+        );
+    }
+    let (kind, message) = match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => (
             ErrorKind::AgentUnreachable,
             format!("cannot reach {peer}: {}", status.message()),
@@ -234,6 +228,143 @@ pub fn api_error_from(status: &Status, peer: &str) -> ApiError {
         _ => (ErrorKind::Internal, format!("{peer}: {}", status.message())),
     };
     ApiError::new(kind, message)
+}
+
+/// What broke below gRPC, read from the typed source chain of a status (tonic's transport
+/// error, hyper's, h2's, `std::io::Error` kinds, rustls' errors), never from its words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportFailure {
+    /// Nothing listens at the address (connection refused).
+    Refused,
+    /// The network did not lead there (host or network unreachable, address unavailable).
+    Unreachable(std::io::ErrorKind),
+    /// Connecting or a call timed out.
+    TimedOut,
+    /// We spoke TLS and the peer answered in plaintext: it does not speak TLS.
+    PeerNotTls,
+    /// The peer's certificate was refused (unknown CA, wrong name, expired): rustls' words.
+    CertificateRefused(String),
+    /// Another TLS failure (an alert from the peer, say because it wants a client
+    /// certificate): rustls' words.
+    Tls(String),
+    /// The peer broke the HTTP/2 protocol (an h2 protocol or frame error): it speaks
+    /// something else — over plaintext, most likely TLS.
+    NotHttp2,
+    /// The peer closed or reset the connection before answering.
+    Closed,
+    /// Another I/O failure.
+    Io(std::io::ErrorKind),
+}
+
+impl TransportFailure {
+    /// What happened and what to do, knowing whether we spoke TLS.
+    pub fn explain(&self, we_spoke_tls: bool) -> String {
+        const PASS_CA: &str = "pass --ca FILE (the CA certificate that signed its certificate), \
+             and --tls-server-name NAME when its certificate is issued for another name than \
+             the address";
+        match self {
+            TransportFailure::Refused => {
+                "connection refused: nothing listens at that address (is it running? is the \
+                 address right?)"
+                    .to_string()
+            }
+            TransportFailure::Unreachable(kind) => {
+                format!("the network does not lead there ({kind}); check the address and the network")
+            }
+            TransportFailure::TimedOut => "timed out; check the address and the network".to_string(),
+            TransportFailure::PeerNotTls => {
+                "it does not speak TLS (it answered a TLS handshake in plaintext): leave out --ca \
+                 to call it without TLS, or start it with its TLS certificate and key"
+                    .to_string()
+            }
+            TransportFailure::CertificateRefused(why) => format!(
+                "its TLS certificate was refused ({why}): {PASS_CA}"
+            ),
+            TransportFailure::Tls(why) => format!(
+                "the TLS handshake failed ({why}): it may require a client certificate from \
+                 its CA, or refuse the one presented"
+            ),
+            TransportFailure::NotHttp2 | TransportFailure::Closed if !we_spoke_tls => format!(
+                "it speaks TLS and this call did not (it {} a plaintext HTTP/2 handshake): {PASS_CA}",
+                if *self == TransportFailure::NotHttp2 { "broke off" } else { "closed the connection on" }
+            ),
+            TransportFailure::NotHttp2 => {
+                "it does not speak gRPC over HTTP/2 behind TLS (h2 protocol error); check the address"
+                    .to_string()
+            }
+            TransportFailure::Closed => {
+                "it closed the connection during the TLS handshake: it may require a client \
+                 certificate from its CA, or refuse the one presented"
+                    .to_string()
+            }
+            TransportFailure::Io(kind) => format!("I/O error ({kind})"),
+        }
+    }
+}
+
+/// Reads the typed cause of a transport failure out of `status`'s source chain; `None`
+/// when the status has no transport cause (it came from the peer itself).
+pub fn transport_failure(status: &Status) -> Option<TransportFailure> {
+    use std::error::Error as _;
+    let mut found = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = status.source().map(|e| e as _);
+    while let Some(e) = cur {
+        let here = if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            // rustls' errors travel inside an `io::Error`, whose `source` skips them.
+            match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(tls) => Some(from_rustls(tls)),
+                None => Some(from_io(io.kind())),
+            }
+        } else if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            Some(from_rustls(tls))
+        } else if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // An h2 error wrapping I/O is classified by the I/O error below it.
+            (!h2.is_io()).then_some(TransportFailure::NotHttp2)
+        } else if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            if hyper.is_timeout() {
+                Some(TransportFailure::TimedOut)
+            } else if hyper.is_canceled() || hyper.is_closed() || hyper.is_incomplete_message() {
+                Some(TransportFailure::Closed)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        // The deepest typed cause is the most precise (hyper's "closed" wraps io's
+        // "refused"); keep looking.
+        if here.is_some() {
+            found = here;
+        }
+        cur = e.source();
+    }
+    found
+}
+
+fn from_io(kind: std::io::ErrorKind) -> TransportFailure {
+    use std::io::ErrorKind as K;
+    match kind {
+        K::ConnectionRefused => TransportFailure::Refused,
+        K::TimedOut => TransportFailure::TimedOut,
+        K::HostUnreachable | K::NetworkUnreachable | K::AddrNotAvailable | K::NotFound => {
+            TransportFailure::Unreachable(kind)
+        }
+        K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof => {
+            TransportFailure::Closed
+        }
+        other => TransportFailure::Io(other),
+    }
+}
+
+fn from_rustls(e: &rustls::Error) -> TransportFailure {
+    match e {
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => {
+            TransportFailure::PeerNotTls
+        }
+        rustls::Error::InvalidCertificate(_) => TransportFailure::CertificateRefused(e.to_string()),
+        other => TransportFailure::Tls(other.to_string()),
+    }
 }
 
 // ---- enums ----
@@ -1054,7 +1185,12 @@ mod tests {
 
     #[test]
     fn a_stream_cut_short_says_the_outcome_is_unknown_and_where_to_look() {
-        let ended = stream_cut_short(Ok(()), "agent a1", "run", "check `belay status`");
+        let ended = stream_cut_short(
+            Ok(()),
+            &Peer::new("agent a1", false),
+            "run",
+            "check `belay status`",
+        );
         assert_eq!(ended.kind, ErrorKind::AgentUnreachable);
         assert!(
             ended
@@ -1064,7 +1200,7 @@ mod tests {
         assert!(ended.message.ends_with("check `belay status`"));
         let broke = stream_cut_short(
             Err(&Status::unavailable("connection reset")),
-            "agent a1",
+            &Peer::new("agent a1", false),
             "restore",
             "`belay backup list` shows the catalog",
         );
@@ -1076,7 +1212,12 @@ mod tests {
         );
         // A real failure from the agent keeps its class and message untouched.
         let failed = ApiError::new(ErrorKind::MigrationFailed, "V2__x.sql:3: boom");
-        let kept = stream_cut_short(Err(&status_from(&failed)), "agent a1", "run", "x");
+        let kept = stream_cut_short(
+            Err(&status_from(&failed)),
+            &Peer::new("agent a1", false),
+            "run",
+            "x",
+        );
         assert_eq!(kept.kind, ErrorKind::MigrationFailed);
         assert_eq!(kept.message, failed.message);
     }
@@ -1097,25 +1238,28 @@ mod tests {
             ErrorKind::OutOfSpace,
         ] {
             let e = ApiError::new(kind, "V1__x.sql:3: boom");
-            let back = api_error_from(&status_from(&e), "agent-1");
+            let back = api_error_from(&status_from(&e), &Peer::new("agent-1", true));
             assert_eq!(back.kind, kind);
             assert_eq!(back.message, e.message);
         }
         let transport = api_error_from(
             &Status::unavailable("connection refused"),
-            "agent-1 at 127.0.0.1:1",
+            &Peer::new("agent-1 at 127.0.0.1:1", false),
         );
         assert_eq!(transport.kind, ErrorKind::AgentUnreachable);
         assert!(transport.message.contains("agent-1 at 127.0.0.1:1"));
-        // Plain text to a TLS server surfaces as an internal h2 error: still unreachable.
-        let h2 = api_error_from(
-            &Status::internal("h2 protocol error: http2 error"),
-            "controller",
-        );
-        assert_eq!(h2.kind, ErrorKind::AgentUnreachable);
-        // A real internal error keeps its class.
-        let internal = api_error_from(&Status::internal("index out of range"), "controller");
-        assert_eq!(internal.kind, ErrorKind::Internal);
+        // Words are not causes: an internal error that mentions the transport, without a
+        // typed transport cause, keeps its class (real transport failures are in
+        // tests/transport_errors.rs).
+        for words in [
+            "h2 protocol error: http2 error",
+            "tls connection lost",
+            "index out of range",
+        ] {
+            let internal =
+                api_error_from(&Status::internal(words), &Peer::new("controller", false));
+            assert_eq!(internal.kind, ErrorKind::Internal, "{words}");
+        }
     }
 
     #[test]

@@ -94,18 +94,55 @@ pub async fn serve_http(
     Ok(bound)
 }
 
-/// Server reflection over belay's contracts and grpc.health.v1, for grpcurl and friends.
-pub fn reflection() -> Result<
+/// The health service every daemon serves (`tonic-health`).
+pub const GRPC_HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// The reflection service itself, advertised beside what a daemon serves.
+pub const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+
+/// Server reflection (for grpcurl and friends) advertising exactly `services` — the
+/// `belay.v1` services this daemon serves, as in its health list ("" is skipped) — plus
+/// grpc.health.v1 and reflection itself. A daemon must not advertise a service it does
+/// not serve: a client would discover it and get `Unimplemented`. A name that is not in
+/// belay's descriptor set is an error naming it (a typo would advertise nothing).
+pub fn reflection(
+    services: &[&str],
+) -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
     String,
 > {
-    tonic_reflection::server::Builder::configure()
+    let known = described_services().map_err(|e| format!("reflection: {e}"))?;
+    let mut builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(belay_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| format!("reflection: {e}"))
+        .with_service_name(GRPC_HEALTH_SERVICE)
+        .with_service_name(REFLECTION_SERVICE);
+    for service in services.iter().filter(|s| !s.is_empty()) {
+        if !known.iter().any(|k| k == service) {
+            return Err(format!(
+                "reflection: {service} is not a service of belay's contracts (known: {})",
+                known.join(", ")
+            ));
+        }
+        builder = builder.with_service_name(*service);
+    }
+    builder.build_v1().map_err(|e| format!("reflection: {e}"))
+}
+
+/// Every service (`package.Name`) in belay's descriptor set.
+fn described_services() -> Result<Vec<String>, prost::DecodeError> {
+    use prost::Message as _;
+    let set = prost_types::FileDescriptorSet::decode(belay_proto::FILE_DESCRIPTOR_SET)?;
+    Ok(set
+        .file
+        .iter()
+        .flat_map(|f| {
+            f.service
+                .iter()
+                .map(move |s| format!("{}.{}", f.package(), s.name()))
+        })
+        .collect())
 }
 
 /// How long in-flight calls may run after a stop signal before the daemon exits anyway;
@@ -219,5 +256,20 @@ where
             tracing::warn!(signal, "second stop signal; not waiting for in-flight calls");
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reflection_refuses_a_service_not_in_the_contracts() {
+        let err = reflection(&["", "belay.v1.NoSuchService"])
+            .err()
+            .expect("an unknown service is refused");
+        assert!(err.contains("belay.v1.NoSuchService"), "{err}");
+        assert!(err.contains("belay.v1.MigrationService"), "{err}");
+        assert!(reflection(&["", "belay.v1.MigrationService"]).is_ok());
     }
 }

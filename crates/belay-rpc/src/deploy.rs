@@ -16,8 +16,7 @@ use pb::deploy_service_client::DeployServiceClient;
 use pb::deploy_service_server::{DeployService, DeployServiceServer};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -316,7 +315,7 @@ impl DeployGrpc {
     }
 }
 
-type DeployStream = UnboundedReceiverStream<Result<pb::DeployTargetMessage, Status>>;
+type DeployStream = ReceiverStream<Result<pb::DeployTargetMessage, Status>>;
 
 #[tonic::async_trait]
 impl DeployService for DeployGrpc {
@@ -336,10 +335,11 @@ impl DeployService for DeployGrpc {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         });
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Bounded: a slow controller slows the pipeline's event flow, nothing piles up.
+        let (tx, rx) = crate::stream::channel(crate::stream::CAPACITY);
         let events = tx.clone();
         let sink: DeploySink = Arc::new(move |e: &DeployEvent| {
-            let _ = events.send(Ok(pb::DeployTargetMessage {
+            let _ = events.send_blocking(Ok(pb::DeployTargetMessage {
                 message: Some(pb::deploy_target_message::Message::Event(deploy_event(e))),
             }));
         });
@@ -357,11 +357,11 @@ impl DeployService for DeployGrpc {
                     }),
                     Err(e) => Err(convert::status_from(&e)),
                 };
-                let _ = tx.send(msg);
+                let _ = tx.send(msg).await;
             }
             .instrument(span),
         );
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn get_target_deployment(
@@ -386,7 +386,7 @@ impl DeployService for DeployGrpc {
 #[derive(Clone, Debug)]
 pub struct DeployClient {
     client: DeployServiceClient<InterceptedService<Channel, MaybeTokenAttach>>,
-    peer: String,
+    peer: crate::client::Peer,
 }
 
 impl DeployClient {

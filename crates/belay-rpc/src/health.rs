@@ -560,7 +560,7 @@ impl HealthService for HealthGrpc {
 #[derive(Clone, Debug)]
 pub struct HealthClient {
     client: HealthServiceClient<InterceptedService<Channel, MaybeTokenAttach>>,
-    peer: String,
+    peer: crate::client::Peer,
 }
 
 impl HealthClient {

@@ -13,9 +13,10 @@ pub mod health;
 pub mod locks;
 pub mod rollback;
 pub mod server;
+pub mod stream;
 
 pub use backup::{BackupClient, BackupGrpc};
-pub use client::{Connection, Keepalive, MigrationClient};
+pub use client::{Connection, Keepalive, MigrationClient, Peer};
 pub use deploy::{DeployClient, DeployGrpc};
 pub use health::{HealthClient, HealthGrpc};
 pub use locks::{LockMonitorClient, LockMonitorGrpc};

@@ -343,7 +343,7 @@ impl LockMonitorService for LockMonitorGrpc {
 #[derive(Clone, Debug)]
 pub struct LockMonitorClient {
     client: LockMonitorServiceClient<InterceptedService<Channel, MaybeTokenAttach>>,
-    peer: String,
+    peer: crate::client::Peer,
 }
 
 impl LockMonitorClient {
@@ -526,7 +526,7 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("at least 50ms"), "{err:?}");
         assert!(err.message().contains("asked for 10ms"), "{err:?}");
-        let err = convert::api_error_from(&err, "agent");
+        let err = convert::api_error_from(&err, &crate::Peer::new("agent", false));
         assert_eq!(err.kind, ErrorKind::InvalidArgument);
         assert_eq!(api.0.load(std::sync::atomic::Ordering::Relaxed), 0);
 

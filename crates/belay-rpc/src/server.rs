@@ -5,8 +5,7 @@ use belay_migrate::{EventSink, MigrationApi};
 use belay_proto::v1 as pb;
 use pb::migration_service_server::{MigrationService, MigrationServiceServer};
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
@@ -52,7 +51,7 @@ fn deployment_id(s: &str) -> Result<Option<Uuid>, Status> {
     convert::parse_uuid(s).map(Some).map_err(Status::from)
 }
 
-type RunStream = UnboundedReceiverStream<Result<pb::RunMessage, Status>>;
+type RunStream = ReceiverStream<Result<pb::RunMessage, Status>>;
 
 /// The migration metrics of a target, from its run's events (a no-op without an
 /// installed recorder). Recorded where the executor runs ([`Metered`]), never by a server
@@ -190,7 +189,9 @@ where
         + Send
         + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
+    // Bounded: a client reading slowly slows the run down instead of piling its events
+    // up in memory; a client that went away stops nothing (sends just fail).
+    let (tx, rx) = crate::stream::channel(crate::stream::CAPACITY);
     let events = tx.clone();
     let event_target = target.clone();
     let sink: EventSink = Arc::new(move |e| {
@@ -200,7 +201,7 @@ where
                 &event_target,
             ))),
         };
-        let _ = events.send(Ok(msg));
+        let _ = events.send_blocking(Ok(msg));
     });
     let fut = work(sink);
     runs.spawn(
@@ -211,11 +212,11 @@ where
                 }),
                 Err(e) => Err(convert::status_from(&e)),
             };
-            let _ = tx.send(msg);
+            let _ = tx.send(msg).await;
         }
         .instrument(info_span!("migration_run", target = %target)),
     );
-    UnboundedReceiverStream::new(rx)
+    rx
 }
 
 #[tonic::async_trait]

@@ -572,6 +572,63 @@ impl Store {
             .await
     }
 
+    /// Settles a target the controller lost track of (`unknown`, or `running` in no live
+    /// run): like [`Store::finish_target`], but only while the target is still `unknown` or
+    /// `running`. Returns whether it did; `false` (nothing written, no event) when another
+    /// pass settled it first, so a reconciliation is recorded once however many passes
+    /// race for it.
+    pub async fn settle_target(
+        &self,
+        id: Uuid,
+        target: &str,
+        state: TargetState,
+        message: &str,
+        outcome: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        const DOING: &str = "settling a deployment target";
+        let err = self.db(DOING);
+        let now = db::now();
+        let mut tx = self.begin(DOING).await?;
+        let event = NewEvent {
+            deployment_id: id,
+            target: Some(target.to_string()),
+            kind: "target_state".into(),
+            message: message.to_string(),
+            payload: serde_json::json!({ "state": state.as_str() }),
+        };
+        // The append locks the deployment row first (or reports it missing), so two
+        // settlers of one target serialise here; the loser's append is rolled back below.
+        self.append_in(&mut tx, &event, now).await?;
+        let n = tx
+            .execute(
+                "UPDATE belay_controller.deployment_targets
+                 SET state = $3, message = $4, updated_at = $5, outcome = $6
+                 WHERE deployment_id = $1 AND target = $2 AND state IN ('unknown', 'running')",
+                &[
+                    Val::Uuid(id),
+                    Val::Text(target),
+                    Val::Text(state.as_str()),
+                    Val::Text(message),
+                    Val::Ts(now),
+                    Val::Json(outcome),
+                ],
+            )
+            .await
+            .map_err(&err)?;
+        if n == 0 {
+            // Already settled (or no such target): dropping the transaction undoes the append.
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE belay_controller.deployments SET updated_at = $2 WHERE id = $1",
+            &[Val::Uuid(id), Val::Ts(now)],
+        )
+        .await
+        .map_err(&err)?;
+        tx.commit().await.map_err(&err)?;
+        Ok(true)
+    }
+
     /// Appends one of a target's pipeline events; with `step` (a transition), also moves
     /// the target's step, in the same transaction, so the step shown and the event log
     /// never disagree.
@@ -816,6 +873,30 @@ impl Store {
                  FROM belay_controller.deployments d
                  LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
                  WHERE d.state NOT IN ('succeeded', 'rolled_back', 'escalated')
+                 ORDER BY d.created_at, d.id, t.position",
+                &[],
+            )
+            .await
+            .map_err(&err)?;
+        group_deployments(&rows).map_err(&err)
+    }
+
+    /// Every deployment, however old, with a target the controller lost track of
+    /// (`unknown` or `running`), oldest first, with all its targets: what reconciliation
+    /// settles. No limit: an unsettled target is never forgotten because newer deployments
+    /// came after it.
+    pub async fn unsettled(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let err = self.db("listing deployments with unsettled targets");
+        let rows = self
+            .pool
+            .fetch_all(
+                "SELECT d.*, t.target, t.state AS target_state, t.message AS target_message,
+                     t.updated_at AS target_updated_at, t.step AS target_step,
+                     t.outcome AS target_outcome
+                 FROM belay_controller.deployments d
+                 LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
+                 WHERE d.id IN (SELECT deployment_id FROM belay_controller.deployment_targets
+                                WHERE state IN ('unknown', 'running'))
                  ORDER BY d.created_at, d.id, t.position",
                 &[],
             )

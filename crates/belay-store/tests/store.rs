@@ -868,3 +868,82 @@ async fn each_targets_step_moves_with_its_transition_events_and_keeps_its_outcom
         );
     }
 }
+
+#[tokio::test]
+async fn unsettled_lists_every_lost_target_however_old_and_settles_it_once() {
+    for f in both().await {
+        let b = f.backend;
+        let store = f.open().await;
+        // More than any page of recent deployments: the oldest lost target still counts.
+        let mut lost = Vec::new();
+        for i in 0..230 {
+            let d = store
+                .create_deployment(&deployment(&["orders", "billing"], None, None))
+                .await
+                .unwrap();
+            store
+                .set_target_state(d.id, "billing", TargetState::Succeeded, "done")
+                .await
+                .unwrap();
+            if i % 100 == 0 {
+                store
+                    .set_target_state(d.id, "orders", TargetState::Unknown, "agent lost")
+                    .await
+                    .unwrap();
+                lost.push(d.id);
+            } else {
+                store
+                    .set_target_state(d.id, "orders", TargetState::Failed, "failed")
+                    .await
+                    .unwrap();
+            }
+        }
+        let unsettled = store.unsettled().await.unwrap();
+        let got: Vec<_> = unsettled.iter().map(|d| d.id).collect();
+        assert_eq!(
+            got, lost,
+            "{b}: every deployment with a lost target, oldest first"
+        );
+        assert!(unsettled.iter().all(|d| d.targets.len() == 2), "{b}");
+
+        let first = lost[0];
+        let outcome = json!({ "state": "failed" });
+        let before = store.events(first, 0).await.unwrap().len();
+        assert!(
+            store
+                .settle_target(first, "orders", TargetState::Failed, "reconciled", &outcome)
+                .await
+                .unwrap(),
+            "{b}"
+        );
+        // A second pass that read the list before the first settled it writes nothing.
+        assert!(
+            !store
+                .settle_target(first, "orders", TargetState::Succeeded, "again", &outcome)
+                .await
+                .unwrap(),
+            "{b}"
+        );
+        let events = store.events(first, 0).await.unwrap();
+        assert_eq!(
+            events.len(),
+            before + 1,
+            "{b}: one event for one settlement"
+        );
+        let d = store.deployment(first).await.unwrap().unwrap();
+        assert_eq!(d.targets[0].state, TargetState::Failed, "{b}");
+        assert_eq!(d.targets[0].message, "reconciled", "{b}");
+        assert_eq!(d.targets[0].outcome, outcome, "{b}");
+        // The seq stays gap-free after the refused settlement.
+        let next = store.append_event(&event(first, 1)).await.unwrap();
+        assert_eq!(next.seq, events.last().unwrap().seq + 1, "{b}");
+        let got: Vec<_> = store
+            .unsettled()
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(got, lost[1..], "{b}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Throwaway certificate authorities for TLS tests: a CA, a server certificate for
-//! `localhost`/`127.0.0.1` and a client certificate, written as PEM files into a temporary
-//! directory that is removed on `Drop`.
+//! `localhost`/`127.0.0.1`, a client certificate and, on demand, a certificate per agent
+//! name ([`TestPki::agent_files`]), written as PEM files into a temporary directory that is
+//! removed on `Drop`.
 //!
 //! The paths come back as plain `(ca, cert, key)` tuples so that this crate does not depend on
 //! `belay-auth` (which uses this module in its own tests); callers build their `TlsFiles` from
@@ -41,6 +42,17 @@ pub struct TestPki {
     pub other_client_cert: PathBuf,
     /// Its private key (`other-client-key.pem`).
     pub other_client_key: PathBuf,
+    /// The CA's signing half, for certificates issued later ([`TestPki::agent_files`]).
+    issuer: CaIssuer,
+}
+
+/// The CA's key and parameters; `Debug` shows nothing of the key.
+struct CaIssuer(Issuer<'static, KeyPair>);
+
+impl std::fmt::Debug for CaIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CaIssuer(..)")
+    }
 }
 
 impl TestPki {
@@ -98,7 +110,27 @@ impl TestPki {
             other_ca: other_ca_path,
             other_client_cert,
             other_client_key,
+            issuer: CaIssuer(ca),
         })
+    }
+
+    /// `(ca, cert, key)` for an agent named `name`: a certificate from the same CA whose
+    /// only DNS SAN is `name` (its identity; the controller binds an agent's registration
+    /// to it), with the IP SAN `127.0.0.1` so that the controller can verify it when it
+    /// calls the agent (`--agent-tls-name 127.0.0.1`), valid for both server and client
+    /// use. Written as `agent-<name>.pem` and `agent-<name>-key.pem`.
+    pub fn agent_files(&self, name: &str) -> Result<(PathBuf, PathBuf, PathBuf), Error> {
+        let leaf = new_leaf(
+            &self.issuer.0,
+            name,
+            &[name, "127.0.0.1"],
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )?;
+        let (cert, key) = leaf.write(self.dir.path(), &format!("agent-{name}"))?;
+        Ok((self.ca.clone(), cert, key))
     }
 
     /// `(ca, cert, key)` for a server: it trusts client certificates signed by `ca`.
