@@ -62,6 +62,8 @@ fn deployment_json(d: &pb::Deployment) -> serde_json::Value {
         "created_at": ts(&d.created_at),
         "finished_at": d.finished_at.as_ref().map(|_| ts(&d.finished_at)),
         "skip_promotion_reason": d.skip_promotion_reason,
+        "requested_by": d.requested_by,
+        "release": d.release,
         "targets": targets,
     })
 }
@@ -82,6 +84,9 @@ fn print_deployment(d: &pb::Deployment) {
     println!("deployment {}: {}", d.id, d.state);
     if let Some(v) = &d.to_version {
         println!("  to version {v}");
+    }
+    if let Some(r) = &d.release {
+        println!("  release {r}");
     }
     if let Some(r) = &d.skip_promotion_reason {
         println!("  promotion gate skipped: {r}");
