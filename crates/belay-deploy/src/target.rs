@@ -122,6 +122,11 @@ fn tightened(
             "the deployer's [preflight] thresholds (belay.toml): {e}"
         ))
     };
+    // Key by key first, so a value that does not parse is refused naming its key.
+    for (k, v) in asked {
+        serde_json::from_value::<Thresholds>(serde_json::json!({ k: v }))
+            .map_err(|e| bad(format!("{k}: {e}")))?;
+    }
     let object: serde_json::Map<String, serde_json::Value> =
         asked.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let caller: Thresholds = serde_json::from_value(serde_json::Value::Object(object))
