@@ -7,7 +7,8 @@
 
 use anyhow::{Context, Result};
 use belay_e2e::{
-    Daemon, TargetDef, agent_config, belay, belay_local, conflict, session, wait_agents, wait_for,
+    Daemon, belay, belay_local, conflict, session, show, steps, target, target_toml, wait_agents,
+    wait_for,
 };
 use belay_testkit::{Cluster, TestDb};
 use serde_json::Value;
@@ -25,11 +26,12 @@ struct Fleet {
 }
 
 async fn fleet(target: &str, db: &TestDb) -> Result<Fleet> {
-    fleet_with(target, db, &belay_e2e::examples()).await
+    fleet_with(target, db, &belay_e2e::examples(), "").await
 }
 
-/// [`fleet`] with the agent's migrations in `migrations`.
-async fn fleet_with(target: &str, db: &TestDb, migrations: &Path) -> Result<Fleet> {
+/// [`fleet`] with the agent's migrations in `migrations`, and `extra` TOML in the
+/// target's agent.toml entry (its `[[targets.probes]]`, `[targets.preflight]`, …).
+async fn fleet_with(target: &str, db: &TestDb, migrations: &Path, extra: &str) -> Result<Fleet> {
     let tmp = tempfile::tempdir()?;
     let store = tmp
         .path()
@@ -37,16 +39,14 @@ async fn fleet_with(target: &str, db: &TestDb, migrations: &Path) -> Result<Flee
         .to_string_lossy()
         .into_owned();
     let controller = belay_e2e::controller(&store, &[]).await?;
-    let config = agent_config(
-        tmp.path(),
-        "agent-1",
-        &controller.addr,
-        &[TargetDef {
-            name: target,
-            url: &db.url,
-            migrations,
-            environment: None,
-        }],
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"agent-1\"\ncontroller = \"{}\"\n{}",
+            controller.addr,
+            target_toml(target, db, migrations, extra)
+        ),
     )?;
     let agent = belay_e2e::agent(&config).await?;
     wait_agents(&controller.addr, 1).await?;
@@ -272,10 +272,18 @@ async fn http_server(
     Ok((format!("http://{addr}/health"), task))
 }
 
+/// `[[probes]]` with a `{name}` probe of `url`, in belay.toml's or (`prefix = "targets."`)
+/// agent.toml's shape.
+fn probe_toml(prefix: &str, name: &str, url: &str, threshold: u32) -> String {
+    format!(
+        "[[{prefix}probes]]\nname = \"{name}\"\nperiod = \"100ms\"\nfailure_threshold = {threshold}\n\
+         http = {{ url = \"{url}\" }}\n"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn remote_migrate_watch_exits_with_the_failing_probes_evidence() -> Result<()> {
     let db = Cluster::shared().create_database().await?;
-    let f = fleet("watch_1", &db).await?;
     // `api` answers 503 only once `web` has been probed twice: it can only trigger if both
     // probes are watched at the same time.
     let web_hits = Arc::new(AtomicUsize::new(0));
@@ -294,15 +302,24 @@ async fn remote_migrate_watch_exits_with_the_failing_probes_evidence() -> Result
         }
     })
     .await?;
-    let config = f.config(&format!(
-        "[[probes]]\nname = \"api\"\nperiod = \"100ms\"\nfailure_threshold = 2\nhttp = {{ url = \"{api}\" }}\n\n\
-         [[probes]]\nname = \"web\"\nperiod = \"100ms\"\nhttp = {{ url = \"{web}\" }}\n"
-    ))?;
+    // The probes are the target's, in its agent.toml: the agent watches them.
+    let f = fleet_with(
+        "watch_1",
+        &db,
+        &belay_e2e::examples(),
+        &format!(
+            "{}{}",
+            probe_toml("targets.", "api", &api, 2),
+            probe_toml("targets.", "web", &web, 3)
+        ),
+    )
+    .await?;
+    let empty = f.config("")?;
 
     let r = belay(
         &f.controller.addr,
         &[
-            "--config", &config, "--target", "watch_1", "migrate", "--watch", "5m",
+            "--config", &empty, "--target", "watch_1", "migrate", "--watch", "5m",
         ],
     )
     .await?;
@@ -333,11 +350,17 @@ async fn remote_migrate_watch_exits_with_the_failing_probes_evidence() -> Result
         "{r:?}"
     );
 
-    // Local mode's watch ends the same way (nothing left to apply).
+    // Local mode's watch, with the same probes in belay.toml, ends the same way (nothing
+    // left to apply).
+    let local_config = f.config(&format!(
+        "{}\n{}",
+        probe_toml("", "api", &api, 2),
+        probe_toml("", "web", &web, 3)
+    ))?;
     let local = belay_local(
         &db.url,
         &belay_e2e::examples(),
-        &["--config", &config, "migrate", "--watch", "5m"],
+        &["--config", &local_config, "migrate", "--watch", "5m"],
     )
     .await?;
     assert_eq!(local.code, 4, "{local:?}");
@@ -354,18 +377,220 @@ async fn remote_migrate_watch_exits_with_the_failing_probes_evidence() -> Result
             .contains("probe api crossed its failure threshold (2 consecutive failures)"),
         "{local:?}"
     );
+    Ok(())
+}
 
-    // Without probes, --watch is a usage error before anything runs.
+/// belay.toml's `[[probes]]`, `[[checks]]`, `[[smoke]]` and `[postflight]` mean nothing on
+/// an agent: remote `migrate` refuses them before anything runs, naming where they go in
+/// agent.toml. `--watch` on a target without probes is refused by the agent, naming
+/// agent.toml.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_migrate_refuses_caller_side_checks_and_probes() -> Result<()> {
+    let db = Cluster::shared().create_database().await?;
+    let f = fleet("refuse_1", &db).await?;
+    let addr = f.controller.addr.clone();
+    let list = || belay(&addr, &["deployments", "list", "--output", "json"]);
+    for (toml, section, there) in [
+        (
+            probe_toml("", "api", "http://127.0.0.1:1/health", 3),
+            "[[probes]]",
+            "[[targets.probes]]",
+        ),
+        (
+            "[[checks]]\nname = \"no_orphans\"\nquery = \"SELECT 0\"\nexpect = \"zero\"\n".into(),
+            "[[checks]]",
+            "[[targets.checks]]",
+        ),
+        (
+            "[[smoke]]\nname = \"users\"\nquery = \"SELECT 1\"\n".into(),
+            "[[smoke]]",
+            "[[targets.smoke]]",
+        ),
+        (
+            "[postflight]\nnot_valid_constraints = \"warn\"\n".into(),
+            "[postflight]",
+            "[targets.postflight]",
+        ),
+    ] {
+        let config = f.config(&toml)?;
+        let r = belay(
+            &addr,
+            &["--config", &config, "--target", "refuse_1", "migrate"],
+        )
+        .await?;
+        assert_eq!(r.code, 64, "{section}: {r:?}");
+        let error = error_line(&r.stderr);
+        assert!(
+            error.contains(&format!("belay.toml sets {section}"))
+                && error.contains(there)
+                && error.contains("agent.toml")
+                && error.contains("nothing was run"),
+            "{section}: {r:?}"
+        );
+    }
+    // A target without probes: --watch is refused by its agent, naming agent.toml.
     let empty = f.config("")?;
     let r = belay(
-        &f.controller.addr,
+        &addr,
         &[
-            "--config", &empty, "--target", "watch_1", "migrate", "--watch", "1m",
+            "--config", &empty, "--target", "refuse_1", "migrate", "--watch", "1m",
         ],
     )
     .await?;
     assert_eq!(r.code, 64, "{r:?}");
-    assert!(r.stderr.contains("--watch needs probes"), "{r:?}");
+    let error = error_line(&r.stderr);
+    assert!(
+        error.contains("--watch needs probes on target refuse_1")
+            && error.contains("[[targets.probes]]")
+            && error.contains("agent.toml"),
+        "{r:?}"
+    );
+    assert!(history(&db).await?.is_empty(), "nothing was applied");
+    // Only the agent's refusal of --watch reached the target; it is on record as failed
+    // at `planned`, with the reason.
+    let r = list().await?;
+    let ds = r.json();
+    let ds = ds.as_array().context("a list")?;
+    assert_eq!(ds.len(), 1, "{r:?}");
+    let t = target(&ds[0], "refuse_1");
+    assert_eq!(ds[0]["state"], "failed", "{r:?}");
+    assert_eq!(t["failed_step"], "planned", "{t}");
+    assert!(
+        t["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("--watch needs probes")),
+        "{t}"
+    );
+    Ok(())
+}
+
+/// A remote `migrate` is a one-target deployment run by the agent and recorded on the
+/// controller (`deployments list|show`) and beside the target, with the same ordered
+/// lifecycle as a local one, the release it ships, and history rows linked to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_migrate_is_recorded_on_the_controller_with_the_lifecycle_of_a_local_one()
+-> Result<()> {
+    let cluster = Cluster::shared();
+    let (db, local_db) = (
+        cluster.create_database().await?,
+        cluster.create_database().await?,
+    );
+    let f = fleet("rec_1", &db).await?;
+    let addr = f.controller.addr.clone();
+    let empty = f.config("")?;
+    let r = belay(
+        &addr,
+        &[
+            "--config",
+            &empty,
+            "--target",
+            "rec_1",
+            "migrate",
+            "--release",
+            "1.6.0",
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    let doc = r.json();
+    assert_eq!(doc["ok"], true, "{r:?}");
+    let record = &doc["deployment"];
+    let id = record["id"]
+        .as_str()
+        .context("the record's id")?
+        .to_string();
+    assert_eq!(record["release"], "1.6.0", "{record}");
+    assert_eq!(record["target"], "rec_1", "{record}");
+    assert_eq!(doc["report"]["deployment_id"], id.as_str(), "{doc}");
+    let remote_steps = steps(&record["events"]);
+
+    let l = belay_local(
+        &local_db.url,
+        &belay_e2e::examples(),
+        &["migrate", "--backup", "none", "--output", "json"],
+    )
+    .await?;
+    assert_eq!(l.code, 0, "{l:?}");
+    let local_steps = steps(&l.json()["deployment"]["events"]);
+    assert_eq!(
+        local_steps,
+        [
+            "planned",
+            "preflight",
+            "backing_up",
+            "migrating",
+            "validating",
+            "succeeded"
+        ],
+        "{l:?}"
+    );
+    assert_eq!(remote_steps, local_steps, "{r:?}");
+    // The same document keys in both modes.
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&doc), keys(&l.json()), "{r:?}");
+    assert_eq!(keys(record), keys(&l.json()["deployment"]), "{r:?}");
+
+    // On the controller: a one-target deployment with the target's events, step by step.
+    let shown = show(&addr, &id).await?;
+    assert_eq!(shown["state"], "succeeded", "{shown}");
+    assert_eq!(shown["release"], "1.6.0", "{shown}");
+    assert_eq!(shown["requested_by"], record["requested_by"], "{shown}");
+    let t = target(&shown, "rec_1");
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["step"], "succeeded", "{t}");
+    assert_eq!(steps(&t["events"]), local_steps, "{t}");
+    let applied = t["events"]
+        .as_array()
+        .context("events")?
+        .iter()
+        .filter(|e| e["kind"] == "succeeded" && e["step"] == "migrating")
+        .count();
+    assert_eq!(applied, 4, "{t}");
+    let list = belay(&addr, &["deployments", "list", "--output", "json"]).await?;
+    assert!(
+        list.json().as_array().is_some_and(|ds| ds
+            .iter()
+            .any(|d| d["id"] == id.as_str() && d["release"] == "1.6.0")),
+        "{list:?}"
+    );
+    let text = belay(&addr, &["deployments", "show", &id]).await?;
+    assert!(text.stdout.contains("release 1.6.0"), "{text:?}");
+
+    // Beside the target: the agent's record with the release, and every history row
+    // linked to the deployment.
+    let beside = belay_local(
+        &db.url,
+        &belay_e2e::examples(),
+        &["deployments", "list", "--output", "json"],
+    )
+    .await?;
+    assert!(
+        beside
+            .json()
+            .as_array()
+            .is_some_and(|ds| ds.iter().any(|d| d["id"] == id.as_str()
+                && d["release"] == "1.6.0"
+                && d["state"] == "succeeded")),
+        "{beside:?}"
+    );
+    let status = belay(&addr, &["--target", "rec_1", "status", "--output", "json"]).await?;
+    assert_eq!(status.code, 0, "{status:?}");
+    let rows = status.json();
+    let rows = rows.as_array().context("status rows")?;
+    assert_eq!(rows.len(), 4, "{status:?}");
+    assert!(
+        rows.iter().all(|m| m["deployment_id"] == id.as_str()),
+        "{status:?}"
+    );
     Ok(())
 }
 
@@ -378,7 +603,7 @@ async fn remote_migrate_is_refused_by_the_agents_lint_gate_until_a_directive_all
         migrations.path().join("V1__t.sql"),
         "CREATE TABLE t (a int);\nCREATE TABLE e (a int);\n",
     )?;
-    let f = fleet_with("lint_1", &db, migrations.path()).await?;
+    let f = fleet_with("lint_1", &db, migrations.path(), "").await?;
     let migrate = || belay(&f.controller.addr, &["--target", "lint_1", "migrate"]);
     let r = migrate().await?;
     assert_eq!(r.code, 0, "{r:?}");

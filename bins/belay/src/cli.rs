@@ -139,7 +139,10 @@ pub enum Command {
     /// (postflight: [[checks]] assertions, [[smoke]] queries, verify.sql, invalid indexes,
     /// NOT VALID constraints) → watching (--watch: [[probes]]) → succeeded, or failed naming
     /// the step and the evidence. Exit 2 refused (nothing applied), 4 a probe crossed its
-    /// threshold, 5 validation or the lock-trip budget failed (the migrations stay applied)
+    /// threshold, 5 validation or the lock-trip budget failed (the migrations stay applied).
+    /// With --controller: run by the target's agent, judged by its agent.toml
+    /// ([targets.preflight] tightened by belay.toml's [preflight], [[targets.checks]],
+    /// [[targets.smoke]], [[targets.probes]]), and recorded by the controller
     Migrate {
         #[command(flatten)]
         target: TargetArgs,
@@ -484,11 +487,12 @@ pub struct MigrateChecks {
     pub no_preflight: bool,
     /// Apply pending scripts even if they have lint errors (a warning says so); prefer a
     /// `-- belay:allow=<rule> <reason>` directive in the script, which names what is accepted.
-    /// Local mode: through a controller the scripts are on the agent and are not linted
+    /// Local mode: through a controller the agent's `lint` setting for the target decides
     #[arg(long)]
     pub no_lint: bool,
-    /// After applying, keep probing ([[probes]] in belay.toml) for this long; exit 4 with
-    /// the evidence if a probe crosses its failure threshold
+    /// After applying, keep probing ([[probes]] in belay.toml; with --controller the
+    /// target's [[targets.probes]] in agent.toml) for this long; exit 4 with the evidence
+    /// if a probe crosses its failure threshold
     #[arg(long, value_name = "DURATION")]
     pub watch: Option<String>,
     /// What a failed step leads to [default: stop, or `on_failure` in belay.toml's

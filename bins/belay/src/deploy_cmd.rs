@@ -1,14 +1,17 @@
-//! `migrate` as a one-target deployment: the policy from belay.toml and flags, the
-//! pipeline (`belay_deploy::Pipeline`) over this mode's capability APIs, its events
-//! rendered, its outcome mapped to an exit code. The steps themselves are the pipeline's.
+//! `migrate` as a one-target deployment: the policy from belay.toml and flags, its events
+//! rendered, its outcome mapped to an exit code. Local mode runs the pipeline
+//! (`belay_deploy::Pipeline`) in-process over this mode's capability APIs; remote mode
+//! asks the controller's `DeployService.DeployTarget`, and the target's agent runs the
+//! same pipeline beside the database. The steps themselves are the pipeline's.
 
 use crate::cli::{MigrateChecks, OnFailureArg, Output, TargetArgs};
 use crate::settings::Settings;
 use crate::{Failure, exit};
 use belay_core::{ApiError, DatabaseUrl, parse_duration};
 use belay_deploy::{
-    AppliedMigration, Cause, DeployError, DeployEvent, DeploySink, Deployment, DeploymentLog,
-    DeploymentPolicy, DeploymentRequest, MemoryLog, OnFailure, Pipeline, Step,
+    AppliedMigration, Cause, DeployError, DeployEvent, DeploySink, DeployerPolicy, DeploymentLog,
+    DeploymentPolicy, DeploymentRequest, OnFailure, Pipeline, Step, StepFailure, TargetDeployApi,
+    TargetDeployment,
 };
 use belay_health::{
     CheckResult, CheckStatus, HealthApi, PostflightSpec, PreflightOptions, ProbeEvents, ProbeSpec,
@@ -30,12 +33,6 @@ pub fn local_log(
     let log = belay_guards::HistoryDeploymentLog::new(url.clone(), &settings.exec.history_schema)
         .map_err(|e| usage(e.to_string()))?;
     Ok(Arc::new(log))
-}
-
-/// Remote `migrate`: the record stays in this process until remote `migrate` runs through
-/// the agent's pipeline, as fleet `deploy` does (the controller records that one).
-pub fn remote_log() -> Arc<dyn DeploymentLog> {
-    Arc::new(MemoryLog::new())
 }
 
 fn usage(message: impl Into<String>) -> Failure {
@@ -170,7 +167,80 @@ pub async fn migrate(
     let deployment = pipeline.run(request, sink).await.map_err(deploy_error)?;
     let events = events.lock().map(|v| v.clone()).unwrap_or_default();
     let rolled = rollback.and_then(|slot| slot.lock().ok().and_then(|v| v.clone()));
-    finish(out, &deployment, &events, rolled)
+    let ended = Ended {
+        failure: deployment.failure.as_ref().map(failure_of),
+        record: serde_json::to_value(&deployment.record).unwrap_or_default(),
+        report: deployment.report.as_ref().map(|r| serde_json::json!(r)),
+    };
+    finish(out, ended, &events, rolled)
+}
+
+/// Remote `migrate`: the deployment runs on the target's agent through the controller
+/// (`DeployService.DeployTarget`), which records it as a one-target deployment; its events
+/// are rendered here as they arrive, exactly as local mode renders its own pipeline's,
+/// and its outcome maps to the same exit codes. The agent's lint gate runs under its
+/// runner lock, and its notes go to stdout with the run's other events.
+pub async fn migrate_remote(
+    api: &dyn TargetDeployApi,
+    target: &str,
+    t: &TargetArgs,
+    asked: DeployerPolicy,
+    release: Option<String>,
+    out: Output,
+) -> Result<u8, Failure> {
+    if asked.skip_preflight {
+        eprintln!("warning: --no-preflight: migrating without the preflight checklist");
+    }
+    let request = TargetDeployment {
+        id: uuid::Uuid::new_v4(),
+        target: target.to_string(),
+        forward: Target {
+            to: t.to.clone(),
+            steps: t.steps,
+        },
+        // The controller fills in the target's environment from its registry.
+        environment: None,
+        requested_by: crate::history_cmd::os_user(),
+        release,
+        asked,
+    };
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = render_sink(out, LintNotes::Stdout, events.clone());
+    let deployed = api.deploy_target(request, sink).await?;
+    let events = events.lock().map(|v| v.clone()).unwrap_or_default();
+    let o = &deployed.outcome;
+    let failure = (o.state != Step::Succeeded).then(|| StepFailure {
+        step: o.failed_step.unwrap_or(Step::Failed),
+        kind: deployed.kind.unwrap_or(belay_core::ErrorKind::Internal),
+        cause: deployed.cause.unwrap_or(Cause::Error),
+        reason: o.reason.clone().unwrap_or_default(),
+        evidence: o.evidence.clone(),
+    });
+    let record = match &deployed.record {
+        Some(r) => serde_json::to_value(r).unwrap_or_default(),
+        None => serde_json::json!({ "outcome": o }),
+    };
+    // The executor's report is the payload of the run's `run_report` event.
+    let report = events
+        .iter()
+        .rev()
+        .find(|e| e.kind == belay_deploy::KIND_RUN_REPORT)
+        .map(|e| e.payload.clone());
+    let ended = Ended {
+        failure: failure.as_ref().map(failure_of),
+        record,
+        report,
+    };
+    finish(out, ended, &events, None)
+}
+
+/// How a deployment ended, as `finish` renders it.
+struct Ended {
+    failure: Option<Failure>,
+    /// The record as its log keeps it.
+    record: serde_json::Value,
+    /// The executor's report, when `apply` returned one.
+    report: Option<serde_json::Value>,
 }
 
 fn deploy_error(e: DeployError) -> Failure {
@@ -186,9 +256,8 @@ fn deploy_error(e: DeployError) -> Failure {
 }
 
 /// The exit code and message of a failed deployment.
-fn failure_of(d: &Deployment) -> Option<Failure> {
-    let f = d.failure.as_ref()?;
-    Some(match f.cause {
+fn failure_of(f: &StepFailure) -> Failure {
+    match f.cause {
         Cause::Blocked => {
             let blocked: Vec<CheckResult> =
                 serde_json::from_value(f.evidence["blocked"].clone()).unwrap_or_default();
@@ -209,7 +278,7 @@ fn failure_of(d: &Deployment) -> Option<Failure> {
             message: format!("deployment failed at {}: {}", f.step, f.reason),
         },
         Cause::Error => ApiError::new(f.kind, f.reason.clone()).into(),
-    })
+    }
 }
 
 /// Prints the end of a deployment: in JSON, its one document (the run report as before,
@@ -217,11 +286,15 @@ fn failure_of(d: &Deployment) -> Option<Failure> {
 /// said it all) but the error.
 fn finish(
     out: Output,
-    d: &Deployment,
+    ended: Ended,
     events: &[DeployEvent],
     rollback: Option<serde_json::Value>,
 ) -> Result<u8, Failure> {
-    let mut failure = failure_of(d);
+    let Ended {
+        mut failure,
+        mut record,
+        report,
+    } = ended;
     // The exit code stays the failed step's; the message says what became of it.
     if let (Some(f), Some(r)) = (failure.as_mut(), &rollback) {
         f.message.push_str(&format!(
@@ -241,7 +314,6 @@ fn finish(
         .filter(|e| e.kind == belay_deploy::KIND_MIGRATION)
         .map(|e| &e.payload)
         .collect();
-    let mut record = serde_json::to_value(&d.record).unwrap_or_default();
     record["events"] = serde_json::json!(events);
     let mut doc = serde_json::json!({
         "action": "migrate",
@@ -249,8 +321,8 @@ fn finish(
         "events": migration_events,
         "deployment": record,
     });
-    if let Some(r) = &d.report {
-        doc["report"] = serde_json::json!(r);
+    if let Some(r) = report {
+        doc["report"] = r;
     }
     if let Some(r) = rollback {
         doc["rollback"] = r;

@@ -226,7 +226,6 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         if let Some(result) = health_cmd::remote(&cli, url_from_argv, &conn, &target).await {
             return result;
         }
-        let api = belay_rpc::MigrationClient::new(&conn);
         if let Command::Migrate {
             checks,
             target: t,
@@ -234,31 +233,22 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             ..
         } = &cli.command
         {
-            // The same pipeline as local mode, over the controller: each step measured by
-            // the target's agent. The lint gate is the agent's (its executor's ScriptGate):
-            // the scripts are on the agent, and the plan carries no script text.
+            // The same pipeline as local mode, run by the target's agent
+            // (`DeployService.DeployTarget` through the controller, which records it): the
+            // scripts, the lint gate, the checks and the probes are there.
             let settings = settings::resolve(&cli, url_from_argv, None).map_err(usage)?;
-            let policy = deploy_cmd::policy(&settings, checks, None)?;
-            let pipeline = belay_deploy::Pipeline::new(
-                Arc::new(api),
-                Arc::new(belay_rpc::HealthClient::new(&conn)),
-                deploy_cmd::remote_log(),
-            );
-            return deploy_cmd::migrate(
-                &pipeline,
+            let asked = remote::migrate_policy(&cli, &settings, checks)?;
+            return deploy_cmd::migrate_remote(
+                &belay_rpc::DeployClient::new(&conn),
                 &target,
                 t,
-                policy,
-                deploy_cmd::RecordArgs {
-                    catalog: None,
-                    release: release.clone(),
-                    rollback: None,
-                },
+                asked,
+                release.clone(),
                 cli.output,
-                deploy_cmd::LintNotes::Stdout,
             )
             .await;
         }
+        let api = belay_rpc::MigrationClient::new(&conn);
         return execute(&api, &target, cli.command, cli.output).await;
     }
     if let Some(f) = remote::needs_controller(&cli.command) {

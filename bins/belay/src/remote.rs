@@ -1,7 +1,7 @@
 //! Remote mode: the same commands against a controller, plus the fleet commands.
 
-use crate::cli::{Command, DeploymentsCommand, OnFailureArg, Output};
-use crate::settings::FileDeploy;
+use crate::cli::{Cli, Command, DeploymentsCommand, MigrateChecks, OnFailureArg, Output};
+use crate::settings::{FileDeploy, Settings};
 use crate::{Failure, exit};
 use belay_migrate::{ApiError, ErrorKind};
 use belay_proto::v1 as pb;
@@ -62,6 +62,8 @@ fn deployment_json(d: &pb::Deployment) -> serde_json::Value {
         "created_at": ts(&d.created_at),
         "finished_at": d.finished_at.as_ref().map(|_| ts(&d.finished_at)),
         "skip_promotion_reason": d.skip_promotion_reason,
+        "requested_by": d.requested_by,
+        "release": d.release,
         "targets": targets,
     })
 }
@@ -82,6 +84,9 @@ fn print_deployment(d: &pb::Deployment) {
     println!("deployment {}: {}", d.id, d.state);
     if let Some(v) = &d.to_version {
         println!("  to version {v}");
+    }
+    if let Some(r) = &d.release {
+        println!("  release {r}");
     }
     if let Some(r) = &d.skip_promotion_reason {
         println!("  promotion gate skipped: {r}");
@@ -152,7 +157,73 @@ fn deployer_policy(
         soak,
         lock_trip_budget: file.lock_trip_budget,
         on_failure,
+        // `deploy` sends none: each target's agent.toml alone sets its thresholds.
+        thresholds: Default::default(),
     })
+}
+
+/// Remote `migrate`'s deployer policy: the flags, belay.toml's `[deploy]` and the
+/// `[preflight]` keys it sets (each tightens the target's own threshold, never loosens
+/// it). What the target is validated and watched with is its agent.toml's: belay.toml's
+/// `[[probes]]`, `[[checks]]`, `[[smoke]]` and `[postflight]` cannot be followed on the
+/// agent (no URL or query crosses the wire) and are refused (exit 64) before anything
+/// runs, naming where they go instead.
+pub fn migrate_policy(
+    cli: &Cli,
+    settings: &Settings,
+    checks: &MigrateChecks,
+) -> Result<belay_deploy::DeployerPolicy, Failure> {
+    let usage = |e: anyhow::Error| Failure {
+        code: exit::USAGE,
+        message: format!("{e:#}"),
+    };
+    let file = crate::settings::load_file(cli).map_err(usage)?;
+    let caller_side: Vec<(&str, &str)> = [
+        (!file.probes.is_empty(), "[[probes]]", "[[targets.probes]]"),
+        (!file.checks.is_empty(), "[[checks]]", "[[targets.checks]]"),
+        (!file.smoke.is_empty(), "[[smoke]]", "[[targets.smoke]]"),
+        (
+            file.postflight.is_some(),
+            "[postflight]",
+            "[targets.postflight]",
+        ),
+    ]
+    .into_iter()
+    .filter(|(set, ..)| *set)
+    .map(|(_, here, there)| (here, there))
+    .collect();
+    if !caller_side.is_empty() {
+        let here: Vec<&str> = caller_side.iter().map(|(h, _)| *h).collect();
+        let there: Vec<&str> = caller_side.iter().map(|(_, t)| *t).collect();
+        return Err(Failure {
+            code: exit::USAGE,
+            message: format!(
+                "belay.toml sets {}, which remote `migrate` cannot use: the target's agent runs \
+                 the deployment and validates and watches the target with its own agent.toml. \
+                 Move them to {} under the target's [[targets]] entry in the agent's \
+                 agent.toml, or use a belay.toml without them for remote mode; nothing was run",
+                here.join(", "),
+                there.join(", ")
+            ),
+        });
+    }
+    let flags = DeployFlags {
+        override_check: &checks.override_check,
+        reason: checks.reason.as_ref(),
+        no_preflight: checks.no_preflight,
+        watch: checks.watch.as_ref(),
+        // One target: no canary wave, so no soak.
+        canary: 0,
+        canary_soak: None,
+        on_failure: checks.on_failure,
+    };
+    let deploy = FileDeploy {
+        canary_soak: None,
+        ..settings.deploy.clone()
+    };
+    let mut policy = deployer_policy(&flags, &deploy)?;
+    policy.thresholds = crate::settings::preflight_keys(cli).map_err(usage)?;
+    Ok(policy)
 }
 
 /// `deploy`'s pipeline flags, borrowed from the command.

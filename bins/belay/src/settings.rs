@@ -192,26 +192,60 @@ fn rollback_policy(
     .map_err(|e| anyhow!(e))
 }
 
-pub fn load_file(cli: &Cli) -> Result<FileConfig> {
+/// belay.toml's path and text; `None` when no `--config` was given and there is no
+/// `belay.toml` here.
+fn read_file(cli: &Cli) -> Result<Option<(PathBuf, String)>> {
     let (path, required) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("belay.toml"), false),
     };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-            return Ok(FileConfig::default());
-        }
-        Err(e) => return Err(anyhow!("cannot read config {}: {e}", path.display())),
-    };
-    // The parser's message quotes the offending line, which may be a `url =` line.
-    toml::from_str(&text).map_err(|e| {
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(Some((path, t))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(None),
+        Err(e) => Err(anyhow!("cannot read config {}: {e}", path.display())),
+    }
+}
+
+/// Parses belay.toml's text as `T`. The parser's message quotes the offending line,
+/// which may be a `url =` line: it is redacted.
+fn parse_file<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| {
         anyhow!(
             "config {}: {}",
             path.display(),
             belay_core::redact_url(&e.to_string())
         )
     })
+}
+
+pub fn load_file(cli: &Cli) -> Result<FileConfig> {
+    match read_file(cli)? {
+        Some((path, text)) => parse_file(&path, &text),
+        None => Ok(FileConfig::default()),
+    }
+}
+
+/// The keys belay.toml's `[preflight]` sets, with their values as written: what a remote
+/// `migrate` asks the target's agent to tighten its own thresholds with (a key not set
+/// here leaves the target's threshold alone, rather than its default tightening it).
+pub fn preflight_keys(cli: &Cli) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    // Checked in full first, so an unknown key is refused with the usual message.
+    load_file(cli)?;
+    let Some((path, text)) = read_file(cli)? else {
+        return Ok(Default::default());
+    };
+    let table: toml::Table = parse_file(&path, &text)?;
+    let Some(preflight) = table.get("preflight").and_then(toml::Value::as_table) else {
+        return Ok(Default::default());
+    };
+    preflight
+        .iter()
+        .map(|(k, v)| {
+            let v = serde_json::to_value(v)
+                .with_context(|| format!("config {}: [preflight] {k}", path.display()))?;
+            Ok((k.clone(), v))
+        })
+        .collect()
 }
 
 fn duration(flag: &str, v: &str) -> Result<std::time::Duration> {

@@ -4,8 +4,8 @@
 //! (`HealthApi` for preflight, postflight and probes, `MigrationApi::apply` for the
 //! backup and the migrations, whose executor runs the lint gate and the backup hook under
 //! its runner lock) and recorded through a [`DeploymentLog`]. The CLI runs it in-process
-//! for local `migrate` and over the gRPC clients for remote `migrate`; agents run it for each
-//! target of a fleet deployment ([`TargetDeployApi`], `target.rs`).
+//! for local `migrate`; agents run it for remote `migrate` and for each target of a fleet
+//! deployment ([`TargetDeployApi`], `target.rs`).
 //!
 //! It owns the order of the steps, the policy that says what each step does
 //! ([`DeploymentPolicy`]), the record a rollback needs, and the seam a rollback controller

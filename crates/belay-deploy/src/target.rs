@@ -6,9 +6,10 @@
 //! and watched with stays with it. The policy is split by who owns each part:
 //! [`DeployerPolicy`] is what the operator asks for (it travels with the request: skip
 //! flags, overrides and their reason, the watch window, the lock-trip budget, the failure
-//! action), [`TargetPolicy`] is what the target is judged by (it lives in `agent.toml`:
-//! preflight thresholds, postflight assertions and smoke queries, probes). No URL, probe
-//! or query crosses the wire.
+//! action, and preflight thresholds the deployer's belay.toml sets, which can only tighten
+//! the target's), [`TargetPolicy`] is what the target is judged by (it lives in
+//! `agent.toml`: preflight thresholds, postflight assertions and smoke queries, probes).
+//! No URL, probe or query crosses the wire.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,11 @@ pub struct DeployerPolicy {
     /// Lock guard trips a run may take.
     pub lock_trip_budget: Option<u32>,
     pub on_failure: OnFailure,
+    /// The deployer's belay.toml `[preflight]` keys, as written (`lock_wait_block =
+    /// "300ms"`): each is composed with the target's own threshold as the stricter of the
+    /// two (a deployer may tighten what the target's owner set, never loosen it). Empty:
+    /// the target's thresholds alone.
+    pub thresholds: BTreeMap<String, serde_json::Value>,
 }
 
 /// The target's part of the policy: what it is judged by, kept beside it.
@@ -72,7 +78,7 @@ impl DeploymentPolicy {
     ) -> Result<Self, DeployError> {
         let mut policy = DeploymentPolicy::default();
         policy.preflight.skip = asked.skip_preflight;
-        policy.preflight.thresholds = own.thresholds.clone();
+        policy.preflight.thresholds = tightened(&own.thresholds, &asked.thresholds)?;
         policy.preflight.overrides = asked.overrides.clone();
         policy.preflight.reason = asked.reason.clone();
         policy.backup.scope = own.backup_scope.clone();
@@ -103,6 +109,32 @@ impl DeploymentPolicy {
     }
 }
 
+/// The target's thresholds, each the deployer set made the stricter of the two.
+fn tightened(
+    own: &Thresholds,
+    asked: &BTreeMap<String, serde_json::Value>,
+) -> Result<Thresholds, DeployError> {
+    if asked.is_empty() {
+        return Ok(own.clone());
+    }
+    let bad = |e: String| {
+        DeployError::Policy(format!(
+            "the deployer's [preflight] thresholds (belay.toml): {e}"
+        ))
+    };
+    // Key by key first, so a value that does not parse is refused naming its key.
+    for (k, v) in asked {
+        serde_json::from_value::<Thresholds>(serde_json::json!({ k: v }))
+            .map_err(|e| bad(format!("{k}: {e}")))?;
+    }
+    let object: serde_json::Map<String, serde_json::Value> =
+        asked.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let caller: Thresholds = serde_json::from_value(serde_json::Value::Object(object))
+        .map_err(|e| bad(e.to_string()))?;
+    let keys: Vec<String> = asked.keys().cloned().collect();
+    own.tightened(&caller, &keys).map_err(bad)
+}
+
 /// One target's deployment, as the controller asks for it.
 #[derive(Debug, Clone)]
 pub struct TargetDeployment {
@@ -124,6 +156,10 @@ pub struct TargetDeployed {
     /// The failed step's error class (`None` when it succeeded).
     pub kind: Option<ErrorKind>,
     pub cause: Option<Cause>,
+    /// The deployment as the target's log keeps it (its start with the composed policy,
+    /// its step, its outcome), where the deployer can have it: what a caller's rendering
+    /// shows as the record.
+    pub record: Option<DeploymentRecord>,
 }
 
 /// Where one target's deployment stands where it runs: what the controller asks when it
@@ -393,6 +429,7 @@ impl TargetDeployApi for PipelineDeployer {
             outcome,
             kind: deployment.failure.as_ref().map(|f| f.kind),
             cause: deployment.failure.as_ref().map(|f| f.cause),
+            record: Some(deployment.record),
         })
     }
 
@@ -434,7 +471,10 @@ fn log_error(e: crate::record::LogError) -> ApiError {
 
 fn deploy_error(e: DeployError) -> ApiError {
     match e {
-        DeployError::Policy(m) => ApiError::new(ErrorKind::Refused, m),
+        // What the deployer asked cannot be followed here (a watch window on a target
+        // without probes, an unknown threshold): the request is to be changed, like a
+        // usage error; nothing ran.
+        DeployError::Policy(m) => ApiError::new(ErrorKind::InvalidArgument, m),
         // The log is the target's own: failing to write it means the target cannot be
         // reached or written.
         DeployError::Log(e) => ApiError::new(ErrorKind::Unavailable, e.to_string()),

@@ -955,3 +955,49 @@ async fn an_agent_settles_the_runs_an_earlier_process_left_unfinished() {
     let err = deployer.deployment("nope", cut).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::UnknownTarget);
 }
+
+#[test]
+fn the_deployers_thresholds_tighten_the_targets_and_never_loosen_them() {
+    let own = belay_deploy::TargetPolicy {
+        thresholds: belay_health::Thresholds {
+            lock_wait_block: Duration::from_secs(1),
+            long_query_block: Duration::from_secs(10),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let asked = belay_deploy::DeployerPolicy {
+        thresholds: [
+            ("lock_wait_block".to_string(), json!("300ms")),
+            ("long_query_block".to_string(), json!("1h")),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let policy = DeploymentPolicy::compose("t_1", &asked, &own).unwrap();
+    let t = &policy.preflight.thresholds;
+    assert_eq!(t.lock_wait_block, Duration::from_millis(300), "tightened");
+    assert_eq!(t.long_query_block, Duration::from_secs(10), "not loosened");
+    // Keys the deployer did not set keep the target's value, not the default's.
+    assert_eq!(
+        t.idle_in_transaction_block,
+        own.thresholds.idle_in_transaction_block
+    );
+    // Nothing asked: the target's own thresholds.
+    let plain = DeploymentPolicy::compose("t_1", &Default::default(), &own).unwrap();
+    assert_eq!(plain.preflight.thresholds, own.thresholds);
+
+    for (key, value, says) in [
+        ("lock_wait", json!("1s"), "lock_wait_block"),
+        ("lock_wait_block", json!("soon"), "[preflight]"),
+    ] {
+        let asked = belay_deploy::DeployerPolicy {
+            thresholds: [(key.to_string(), value)].into(),
+            ..Default::default()
+        };
+        let err = DeploymentPolicy::compose("t_1", &asked, &own).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DeployError::Policy(_)), "{msg}");
+        assert!(msg.contains(says) && msg.contains(key), "{msg}");
+    }
+}

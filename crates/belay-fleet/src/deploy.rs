@@ -6,7 +6,7 @@ use crate::waves::{self, Batch};
 use crate::{Fleet, store_err};
 use belay_deploy::{
     DeployEvent, DeploySink, DeployerPolicy, KIND_MIGRATION, KIND_TRANSITION, Step,
-    TargetDeployApi, TargetDeployment,
+    TargetDeployApi, TargetDeployed, TargetDeployment,
 };
 use belay_migrate::{ApiError, ErrorKind, Target};
 use belay_rpc::DeployClient;
@@ -280,10 +280,7 @@ impl Fleet {
         Ok(())
     }
 
-    /// Runs one target's pipeline on its agent (`DeployService.DeployTarget`), storing
-    /// every event as it arrives with the step it happened in, the target's step at each
-    /// transition, and its outcome. `Err` when the target did not succeed, saying at
-    /// which step and why.
+    /// Runs one target of a fleet deployment: [`Fleet::run_target`]'s verdict.
     async fn deploy_target(
         &self,
         id: Uuid,
@@ -291,19 +288,57 @@ impl Fleet {
         spec: &DeploySpec,
         last_wave: bool,
     ) -> Result<(), ApiError> {
-        self.set_target(
+        let request = TargetDeployment {
             id,
-            target,
-            TargetState::Running,
-            "running its pipeline on its agent",
-        )
-        .await?;
+            target: target.to_string(),
+            forward: Target {
+                to: spec.to_version.clone(),
+                steps: None,
+            },
+            environment: spec.environment.clone(),
+            requested_by: spec.requested_by.clone(),
+            release: None,
+            asked: spec.policy.clone(),
+        };
+        self.run_target(request, last_wave, None).await.verdict
+    }
+
+    /// Runs one target's pipeline on its agent (`DeployService.DeployTarget`) as part of
+    /// deployment `request.id` in the store, storing every event as it arrives with the
+    /// step it happened in, the target's step at each transition, and its outcome; each
+    /// event also goes to `forward` (a remote `migrate`'s caller) as it arrives. In a
+    /// `last_wave`, entering `watching` moves the deployment there too.
+    pub(crate) async fn run_target(
+        &self,
+        request: TargetDeployment,
+        last_wave: bool,
+        forward: Option<DeploySink>,
+    ) -> TargetRan {
+        let (id, target) = (request.id, request.target.clone());
+        let target = target.as_str();
+        if let Err(e) = self
+            .set_target(
+                id,
+                target,
+                TargetState::Running,
+                "running its pipeline on its agent",
+            )
+            .await
+        {
+            return TargetRan {
+                agent: Err(e.clone()),
+                verdict: Err(e),
+            };
+        }
         let span = info_span!("deploy_target", target = %target);
         // Bounded: when the store is slow to record, the agent's stream is read more
         // slowly (HTTP/2 flow control slows the agent), nothing piles up or is dropped.
         let (tx, rx) = belay_rpc::stream::channel::<DeployEvent>(belay_rpc::stream::CAPACITY);
         let mut rx = rx.into_inner();
         let sink: DeploySink = Arc::new(move |e: &DeployEvent| {
+            if let Some(f) = &forward {
+                f(e);
+            }
             let _ = tx.send_blocking(e.clone());
         });
         let recorder = {
@@ -334,18 +369,6 @@ impl Fleet {
                 seen
             })
         };
-        let request = TargetDeployment {
-            id,
-            target: target.to_string(),
-            forward: Target {
-                to: spec.to_version.clone(),
-                steps: None,
-            },
-            environment: spec.environment.clone(),
-            requested_by: spec.requested_by.clone(),
-            release: None,
-            asked: spec.policy.clone(),
-        };
         let (result, agent) = match self.connection_for(target).await {
             Ok((conn, agent)) => (
                 DeployClient::new(&conn)
@@ -354,7 +377,11 @@ impl Fleet {
                     .await,
                 agent.name,
             ),
-            Err(e) => (Err(e), "?".to_string()),
+            Err(e) => {
+                // Nothing will send: the recorder must see the channel close.
+                drop(sink);
+                (Err(e), "?".to_string())
+            }
         };
         // The sink is gone with the call: the recorder drains what is left, then ends,
         // so the target's final state comes after all of its events.
@@ -363,6 +390,23 @@ impl Fleet {
             // The mirror learns at once which backup precedes this deployment.
             self.mirror_catalog(target).await;
         }
+        let verdict = self.settle_target(id, target, &agent, &result, &seen).await;
+        TargetRan {
+            agent: result,
+            verdict,
+        }
+    }
+
+    /// Records how a target's run ended; `Err` when it did not succeed, saying at which
+    /// step and why.
+    async fn settle_target(
+        &self,
+        id: Uuid,
+        target: &str,
+        agent: &str,
+        result: &Result<TargetDeployed, ApiError>,
+        seen: &Seen,
+    ) -> Result<(), ApiError> {
         match result {
             Ok(deployed) if deployed.outcome.state == Step::Succeeded => {
                 let outcome = serde_json::to_value(&deployed.outcome).unwrap_or_default();
@@ -523,6 +567,15 @@ impl Fleet {
         self.notify();
         Ok(())
     }
+}
+
+/// How one target's run through its agent went.
+pub(crate) struct TargetRan {
+    /// The agent's own answer: the outcome and record, or why it could not run.
+    pub agent: Result<TargetDeployed, ApiError>,
+    /// The controller's verdict, as recorded: `Err` when the target did not succeed,
+    /// saying at which step and why (or when the store could not record it).
+    pub verdict: Result<(), ApiError>,
 }
 
 /// What the controller learns of a target's run from its events.

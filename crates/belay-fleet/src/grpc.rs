@@ -87,6 +87,12 @@ pub fn deployment_pb(d: &DeploymentRecord) -> pb::Deployment {
         skip_promotion_reason: d.skip_promotion_reason.clone(),
         requested_by: d.requested_by.clone(),
         events: Vec::new(),
+        // Kept in the deployment's parameters (remote `migrate --release`).
+        release: d
+            .params
+            .get("release")
+            .and_then(|r| r.as_str())
+            .map(String::from),
     }
 }
 

@@ -1,16 +1,18 @@
-//! The controller's `DeployService`: one target's deployment routed to the agent owning
-//! the target, so one target's deployment run through the controller (what remote
-//! `belay migrate` is to use) runs the agent's pipeline beside the database and is
-//! recorded in the target's own deployment log. The controller records nothing of
-//! it in its store: a fleet deployment is `ControllerService.Deploy`; this is one target's.
+//! The controller's `DeployService`: one target's deployment (remote `belay migrate`)
+//! routed to the agent owning the target, which runs the pipeline beside the database and
+//! records it in the target's own deployment log. The controller records it too, as a
+//! one-target deployment in its store (the same target runs, events and outcome as a
+//! fleet deployment's target), so `belay deployments list|show|watch` show remote
+//! migrates beside fleet deploys, and a caller that goes away does not cut the record
+//! short.
 //!
 //! The controller's `RollbackService` likewise: each call goes to the agent owning the
 //! target, which plans and runs the rollback beside the database over its deployment log;
-//! a rollback of a fleet deployment this controller ran is also stored with it (the
+//! a rollback of a deployment this controller recorded is also stored with it (the
 //! target's events and step).
 
-use crate::Fleet;
-use belay_core::ApiError;
+use crate::{Fleet, store_err};
+use belay_core::{ApiError, ErrorKind};
 use belay_deploy::{
     DeployEvent, DeploySink, TargetDeployApi, TargetDeployed, TargetDeployment, TargetRun,
 };
@@ -18,17 +20,98 @@ use belay_rollback::{
     Execute, Outcome, RollbackApi, RollbackPlan, RollbackStatus, RollbackTo, Rollbackable, Trigger,
 };
 use belay_rpc::{DeployClient, RollbackClient};
+use belay_store::{DeploymentState, NewDeployment};
+use tracing::{Instrument, info_span};
 use uuid::Uuid;
 
 #[async_trait::async_trait]
 impl TargetDeployApi for Fleet {
     async fn deploy_target(
         &self,
-        request: TargetDeployment,
+        mut request: TargetDeployment,
         sink: DeploySink,
     ) -> Result<TargetDeployed, ApiError> {
-        let (conn, _) = self.connection_for(&request.target).await?;
-        DeployClient::new(&conn).deploy_target(request, sink).await
+        // Refused before anything is recorded: an unknown target, an agent known down.
+        self.connection_for(&request.target).await?;
+        let registered = self
+            .store
+            .target(&request.target)
+            .await
+            .map_err(store_err)?;
+        // The caller does not know the target's environment; the registry does.
+        if request.environment.is_none() {
+            request.environment = registered.and_then(|t| t.environment);
+        }
+        let id = request.id;
+        self.store
+            .create_deployment(&NewDeployment {
+                id,
+                to_version: request.forward.to.clone(),
+                targets: vec![request.target.clone()],
+                environment: request.environment.clone(),
+                params: serde_json::json!({
+                    "kind": "migrate",
+                    "release": request.release,
+                    "steps": request.forward.steps,
+                    "policy": request.asked,
+                }),
+                skip_promotion_reason: None,
+                requested_by: request.requested_by.clone(),
+            })
+            .await
+            .map_err(|e| match e {
+                // The caller chose the id: one already on record is the caller's mistake.
+                e @ belay_store::StoreError::DeploymentExists(_) => {
+                    ApiError::new(ErrorKind::InvalidArgument, e.to_string())
+                }
+                e => store_err(e),
+            })?;
+        self.notify();
+        if let Ok(mut a) = self.active.lock() {
+            a.insert(id);
+        }
+        let target = request.target.clone();
+        let ran = async {
+            self.store
+                .transition(
+                    id,
+                    DeploymentState::Migrating,
+                    "running the target's pipeline on its agent",
+                )
+                .await
+                .map_err(store_err)?;
+            self.notify();
+            let ran = self.run_target(request, true, Some(sink)).await;
+            let (state, message) = match &ran.verdict {
+                Ok(()) => (
+                    DeploymentState::Succeeded,
+                    format!("{target}: every step passed"),
+                ),
+                Err(e) => (DeploymentState::Failed, e.message.clone()),
+            };
+            self.store
+                .transition(id, state, &message)
+                .await
+                .map_err(store_err)?;
+            Ok::<_, ApiError>(ran.agent)
+        }
+        .instrument(info_span!("deployment", id = %id))
+        .await;
+        if let Ok(mut a) = self.active.lock() {
+            a.remove(&id);
+        }
+        self.notify();
+        match ran {
+            Ok(agent) => agent,
+            Err(e) => {
+                // The store failed around the run: say so on record where it still can.
+                let _ = self
+                    .store
+                    .transition(id, DeploymentState::Failed, &e.message)
+                    .await;
+                Err(e)
+            }
+        }
     }
 
     async fn deployment(&self, target: &str, id: Uuid) -> Result<TargetRun, ApiError> {

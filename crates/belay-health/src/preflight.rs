@@ -107,6 +107,133 @@ impl Default for Thresholds {
     }
 }
 
+impl Thresholds {
+    /// Every threshold's key, as `[preflight]` spells it.
+    pub const KEYS: [&'static str; 19] = [
+        "min_server_version",
+        "connect_latency_warn",
+        "database_size_warn",
+        "database_size_block",
+        "disk_free_warn_floor",
+        "disk_free_block_floor",
+        "connections_warn_percent",
+        "connections_block_percent",
+        "long_query_warn",
+        "long_query_block",
+        "idle_in_transaction_warn",
+        "idle_in_transaction_block",
+        "lock_wait_warn",
+        "lock_wait_block",
+        "replication_lag_warn",
+        "replication_lag_block",
+        "pending_migrations_warn",
+        "failed_migrations",
+        "checksum_drift",
+    ];
+
+    /// `self` with each threshold named in `keys` made the stricter of `self`'s and
+    /// `other`'s: lower limits (durations, sizes, percentages, lag), higher floors and
+    /// minimum server version, `block` over `warn`, a limit over none. This is how a
+    /// deployer's `[preflight]` meets a target's own: it may tighten what the target's
+    /// owner set, never loosen it. Thresholds not named keep `self`'s value. `Err` names
+    /// a key that is not a threshold.
+    pub fn tightened(&self, other: &Thresholds, keys: &[String]) -> Result<Thresholds, String> {
+        fn lower_opt<T: Ord + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        fn severity(a: Severity, b: Severity) -> Severity {
+            if a == Severity::Block || b == Severity::Block {
+                Severity::Block
+            } else {
+                Severity::Warn
+            }
+        }
+        let mut t = self.clone();
+        for key in keys {
+            match key.as_str() {
+                "min_server_version" => {
+                    t.min_server_version = t.min_server_version.max(other.min_server_version);
+                }
+                "connect_latency_warn" => {
+                    t.connect_latency_warn = t.connect_latency_warn.min(other.connect_latency_warn);
+                }
+                "database_size_warn" => {
+                    t.database_size_warn =
+                        lower_opt(t.database_size_warn, other.database_size_warn);
+                }
+                "database_size_block" => {
+                    t.database_size_block =
+                        lower_opt(t.database_size_block, other.database_size_block);
+                }
+                "disk_free_warn_floor" => {
+                    t.disk_free_warn_floor = t.disk_free_warn_floor.max(other.disk_free_warn_floor);
+                }
+                "disk_free_block_floor" => {
+                    t.disk_free_block_floor =
+                        t.disk_free_block_floor.max(other.disk_free_block_floor);
+                }
+                "connections_warn_percent" => {
+                    t.connections_warn_percent = t
+                        .connections_warn_percent
+                        .min(other.connections_warn_percent);
+                }
+                "connections_block_percent" => {
+                    t.connections_block_percent = t
+                        .connections_block_percent
+                        .min(other.connections_block_percent);
+                }
+                "long_query_warn" => {
+                    t.long_query_warn = t.long_query_warn.min(other.long_query_warn)
+                }
+                "long_query_block" => {
+                    t.long_query_block = t.long_query_block.min(other.long_query_block);
+                }
+                "idle_in_transaction_warn" => {
+                    t.idle_in_transaction_warn = t
+                        .idle_in_transaction_warn
+                        .min(other.idle_in_transaction_warn);
+                }
+                "idle_in_transaction_block" => {
+                    t.idle_in_transaction_block = t
+                        .idle_in_transaction_block
+                        .min(other.idle_in_transaction_block);
+                }
+                "lock_wait_warn" => t.lock_wait_warn = t.lock_wait_warn.min(other.lock_wait_warn),
+                "lock_wait_block" => {
+                    t.lock_wait_block = t.lock_wait_block.min(other.lock_wait_block)
+                }
+                "replication_lag_warn" => {
+                    t.replication_lag_warn = t.replication_lag_warn.min(other.replication_lag_warn);
+                }
+                "replication_lag_block" => {
+                    t.replication_lag_block =
+                        t.replication_lag_block.min(other.replication_lag_block);
+                }
+                "pending_migrations_warn" => {
+                    t.pending_migrations_warn =
+                        lower_opt(t.pending_migrations_warn, other.pending_migrations_warn);
+                }
+                "failed_migrations" => {
+                    t.failed_migrations = severity(t.failed_migrations, other.failed_migrations);
+                }
+                "checksum_drift" => {
+                    t.checksum_drift = severity(t.checksum_drift, other.checksum_drift)
+                }
+                other => {
+                    return Err(format!(
+                        "{other:?} is not a preflight threshold (expected one of: {})",
+                        Self::KEYS.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(t)
+    }
+}
+
 /// What the caller knows that this crate does not measure itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreflightContext {
@@ -714,6 +841,74 @@ fn migration_checks(s: &MigrationSummary, t: &Thresholds) -> Vec<CheckResult> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_threshold_key_is_known_and_tightening_never_loosens() {
+        let defaults = serde_json::to_value(Thresholds::default()).expect("serializes");
+        let mut keys: Vec<&str> = defaults
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        let mut known = Thresholds::KEYS.to_vec();
+        known.sort_unstable();
+        assert_eq!(keys, known, "KEYS lists every field of Thresholds");
+
+        // The target's owner loosened some, tightened others.
+        let own = Thresholds {
+            lock_wait_block: Duration::from_secs(5),
+            long_query_block: Duration::from_secs(10),
+            database_size_block: Some(1 << 40),
+            disk_free_block_floor: 1 << 20,
+            checksum_drift: Severity::Warn,
+            failed_migrations: Severity::Block,
+            ..Thresholds::default()
+        };
+        let caller = Thresholds {
+            lock_wait_block: Duration::from_millis(300),
+            long_query_block: Duration::from_secs(600),
+            database_size_block: None,
+            disk_free_block_floor: 1 << 30,
+            checksum_drift: Severity::Block,
+            failed_migrations: Severity::Warn,
+            min_server_version: 16,
+            ..Thresholds::default()
+        };
+        let all: Vec<String> = Thresholds::KEYS.iter().map(|k| k.to_string()).collect();
+        let t = own.tightened(&caller, &all).expect("known keys");
+        assert_eq!(t.lock_wait_block, Duration::from_millis(300), "tightened");
+        assert_eq!(t.long_query_block, Duration::from_secs(10), "not loosened");
+        assert_eq!(t.database_size_block, Some(1 << 40), "a limit beats none");
+        assert_eq!(
+            t.disk_free_block_floor,
+            1 << 30,
+            "a higher floor is stricter"
+        );
+        assert_eq!(t.checksum_drift, Severity::Block);
+        assert_eq!(t.failed_migrations, Severity::Block, "not loosened");
+        assert_eq!(t.min_server_version, 16);
+
+        // Only the keys the caller set take part: its defaults do not tighten the rest.
+        let t = own
+            .tightened(&caller, &["lock_wait_block".to_string()])
+            .expect("known key");
+        assert_eq!(
+            t,
+            Thresholds {
+                lock_wait_block: Duration::from_millis(300),
+                ..own.clone()
+            }
+        );
+        let err = own
+            .tightened(&caller, &["lock_wait".to_string()])
+            .expect_err("unknown key");
+        assert!(
+            err.contains("\"lock_wait\"") && err.contains("lock_wait_block"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn grading_is_strictly_above() {

@@ -49,6 +49,11 @@ pub fn deployer_policy(p: &DeployerPolicy) -> pb::DeployerPolicy {
             OnFailure::Stop => pb::OnFailure::Stop,
             OnFailure::Rollback => pb::OnFailure::Rollback,
         } as i32,
+        thresholds_json: if p.thresholds.is_empty() {
+            String::new()
+        } else {
+            serde_json::json!(p.thresholds).to_string()
+        },
     }
 }
 
@@ -72,6 +77,16 @@ pub fn deployer_policy_from(p: Option<&pb::DeployerPolicy>) -> Result<DeployerPo
             "overridden checks need a reason (--reason)",
         ));
     }
+    let thresholds = if p.thresholds_json.is_empty() {
+        Default::default()
+    } else {
+        serde_json::from_str(&p.thresholds_json).map_err(|e| {
+            bad(
+                "deployer policy",
+                format!("thresholds_json is not a JSON object of [preflight] keys: {e}"),
+            )
+        })?
+    };
     Ok(DeployerPolicy {
         skip_preflight: p.skip_preflight,
         overrides: p.overrides.clone(),
@@ -80,6 +95,7 @@ pub fn deployer_policy_from(p: Option<&pb::DeployerPolicy>) -> Result<DeployerPo
         soak: p.soak_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
         lock_trip_budget: p.lock_trip_budget,
         on_failure,
+        thresholds,
     })
 }
 
@@ -200,6 +216,11 @@ pub fn deploy_outcome(d: &TargetDeployed) -> pb::DeployOutcome {
             .kind
             .map_or(pb::ErrorReason::Unspecified, convert::reason_of) as i32,
         cause: d.cause.map(cause_name),
+        record_json: d
+            .record
+            .as_ref()
+            .and_then(|r| serde_json::to_string(r).ok())
+            .unwrap_or_default(),
     }
 }
 
@@ -237,6 +258,14 @@ pub fn deploy_outcome_from(o: &pb::DeployOutcome) -> Result<TargetDeployed, Deco
         },
         kind,
         cause: o.cause.as_deref().map(cause_from).transpose()?,
+        record: if o.record_json.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_str(&o.record_json)
+                    .map_err(|e| bad("deployment record", format!("not a record: {e}")))?,
+            )
+        },
     })
 }
 
@@ -254,6 +283,7 @@ pub fn target_run(r: &TargetRun) -> pb::TargetDeploymentState {
                 outcome: o.clone(),
                 kind: None,
                 cause: None,
+                record: None,
             })),
         },
         TargetRun::NotFound => pb::TargetDeploymentState {
@@ -499,6 +529,7 @@ mod tests {
                 soak: Some(Duration::from_secs(300)),
                 lock_trip_budget: Some(2),
                 on_failure: OnFailure::Stop,
+                thresholds: [("lock_wait_block".to_string(), json!("300ms"))].into(),
             },
         };
         let back = deploy_request_from(&deploy_request(&request)).expect("decodes");
@@ -542,11 +573,20 @@ mod tests {
             },
             kind: Some(ErrorKind::Refused),
             cause: Some(Cause::Blocked),
+            record: None,
         };
         let back = deploy_outcome_from(&deploy_outcome(&deployed)).expect("decodes");
         assert_eq!(back.outcome.failed_step, Some(Step::Preflight));
         assert_eq!(back.outcome.evidence, deployed.outcome.evidence);
         assert_eq!(back.kind, Some(ErrorKind::Refused));
         assert_eq!(back.cause, Some(Cause::Blocked));
+        assert_eq!(back.record, None);
+
+        let mut no_object = deploy_request(&request);
+        if let Some(p) = no_object.policy.as_mut() {
+            p.thresholds_json = "[1]".into();
+        }
+        let err = deploy_request_from(&no_object).expect_err("refused");
+        assert!(err.message().contains("thresholds_json"), "{err:?}");
     }
 }
