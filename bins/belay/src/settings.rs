@@ -135,11 +135,11 @@ pub enum ByteSize {
 }
 
 impl ByteSize {
-    pub fn resolve(&self, key: &str) -> Result<u64> {
+    pub fn resolve(&self) -> Result<u64> {
         match self {
             ByteSize::Bytes(n) => Ok(*n),
             ByteSize::Text(t) => belay_health::parse_bytes(t).ok_or_else(|| {
-                anyhow!("`{key}`: invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)")
+                anyhow!("invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)")
             }),
         }
     }
@@ -168,23 +168,49 @@ pub struct Settings {
     pub restore_lock_timeout: std::time::Duration,
 }
 
+/// Where belay.toml came from, for errors naming its file, line and key.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    /// An error about `key` (dotted, e.g. `rollback.settle`) of this file.
+    pub fn err(&self, key: &str, message: impl std::fmt::Display) -> anyhow::Error {
+        belay_config::ConfigError::at(&self.path, &self.text, key, message).into()
+    }
+}
+
+/// An error about belay.toml's `key`: at its line when the file is known.
+fn file_err(src: Option<&Source>, key: &str, message: impl std::fmt::Display) -> anyhow::Error {
+    match src {
+        Some(s) => s.err(key, message),
+        None => anyhow!("belay.toml `{key}`: {message}"),
+    }
+}
+
 /// `[rollback]` checked: every duration parses and is positive, hooks name a command.
 fn rollback_policy(
     file: &FileRollback,
+    src: Option<&Source>,
 ) -> Result<(belay_rollback::RollbackPolicy, std::time::Duration)> {
     let positive = |key: &str, v: &str| -> Result<std::time::Duration> {
-        let d = parse_duration(v).map_err(|e| anyhow!("belay.toml [rollback] {key}: {e}"))?;
+        let key = format!("rollback.{key}");
+        let d = parse_duration(v).map_err(|e| file_err(src, &key, e))?;
         if d.is_zero() {
-            bail!("belay.toml [rollback] {key} must be greater than zero");
+            return Err(file_err(src, &key, "must be greater than zero"));
         }
         Ok(d)
     };
     let hook = |key: &str, h: &Option<FileHook>| -> Result<Option<belay_rollback::HookCommand>> {
         let Some(h) = h else { return Ok(None) };
         if h.command.trim().is_empty() {
-            bail!(
-                "belay.toml [rollback.{key}] command is empty: name the command to run, or remove the section"
-            );
+            return Err(file_err(
+                src,
+                &format!("rollback.{key}.command"),
+                "is empty: name the command to run (`command = \"./maintenance on\"`), or remove the section",
+            ));
         }
         Ok(Some(belay_rollback::HookCommand {
             command: h.command.clone(),
@@ -208,7 +234,11 @@ fn rollback_policy(
     }
     if let Some(n) = file.restore_attempts {
         if n == 0 {
-            bail!("belay.toml [rollback] restore_attempts must be at least 1");
+            return Err(file_err(
+                src,
+                "rollback.restore_attempts",
+                "must be at least 1",
+            ));
         }
         policy.restore_attempts = n;
     }
@@ -220,6 +250,12 @@ fn rollback_policy(
 }
 
 pub fn load_file(cli: &Cli) -> Result<FileConfig> {
+    load_source(cli).map(|(file, _)| file)
+}
+
+/// belay.toml (`--config`, else `./belay.toml` when present) and where it came from;
+/// errors name the file, the line, the key and what is accepted there.
+pub fn load_source(cli: &Cli) -> Result<(FileConfig, Option<Source>)> {
     let (path, required) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("belay.toml"), false),
@@ -227,22 +263,12 @@ pub fn load_file(cli: &Cli) -> Result<FileConfig> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-            return Ok(FileConfig::default());
+            return Ok((FileConfig::default(), None));
         }
-        Err(e) => return Err(anyhow!("cannot read config {}: {e}", path.display())),
+        Err(e) => return Err(belay_config::ConfigError::file(&path, format!("cannot read: {e}")).into()),
     };
-    // The parser's message quotes the offending line, which may be a `url =` line.
-    toml::from_str(&text).map_err(|e| {
-        anyhow!(
-            "config {}: {}",
-            path.display(),
-            belay_core::redact_url(&e.to_string())
-        )
-    })
-}
-
-fn duration(flag: &str, v: &str) -> Result<std::time::Duration> {
-    parse_duration(v).with_context(|| format!("--{flag}"))
+    let file = belay_config::parse(&path, &text)?;
+    Ok((file, Some(Source { path, text })))
 }
 
 fn read_url_file(path: &Path) -> Result<String> {
@@ -256,7 +282,8 @@ fn read_url_file(path: &Path) -> Result<String> {
 }
 
 pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> Result<Settings> {
-    let file = load_file(cli)?;
+    let (file, src) = load_source(cli)?;
+    let src = src.as_ref();
     let raw_url = if let Some(u) = &cli.url {
         Some(u.clone())
     } else if let Some(p) = &cli.url_file {
@@ -283,46 +310,80 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
     }
     let fe = &file.execution;
     let ea = exec_args.cloned().unwrap_or_default();
-    if let Some(v) = ea.lock_timeout.as_ref().or(fe.lock_timeout.as_ref()) {
-        exec.lock_timeout = duration("lock-timeout", v)?;
-        if exec.lock_timeout.is_zero() {
-            bail!(
-                "--lock-timeout must be greater than zero: without it, application queries queue behind a waiting migration indefinitely"
-            );
+    // A value from a flag is that flag's error; from the file, the file's (with its line).
+    let bad = |flag_given: bool, flag: &str, key: &str, message: String| -> anyhow::Error {
+        if flag_given {
+            anyhow!("--{flag}: {message}")
+        } else {
+            file_err(src, &format!("execution.{key}"), message)
         }
+    };
+    let dur = |flag_v: Option<&String>, file_v: Option<&String>, flag: &str, key: &str| {
+        let Some(v) = flag_v.or(file_v) else {
+            return Ok(None);
+        };
+        parse_duration(v)
+            .map(Some)
+            .map_err(|e| bad(flag_v.is_some(), flag, key, e.to_string()))
+    };
+    if let Some(d) = dur(ea.lock_timeout.as_ref(), fe.lock_timeout.as_ref(), "lock-timeout", "lock_timeout")? {
+        if d.is_zero() {
+            return Err(bad(
+                ea.lock_timeout.is_some(),
+                "lock-timeout",
+                "lock_timeout",
+                "must be greater than zero: without it, application queries queue behind a waiting migration indefinitely".into(),
+            ));
+        }
+        exec.lock_timeout = d;
     }
     if let Some(v) = ea.max_attempts.or(fe.max_attempts) {
         if v == 0 {
-            bail!("--max-attempts must be at least 1");
+            return Err(bad(
+                ea.max_attempts.is_some(),
+                "max-attempts",
+                "max_attempts",
+                "must be at least 1".into(),
+            ));
         }
         exec.max_attempts = v;
     }
-    if let Some(v) = ea.max_lock_wait.as_ref().or(fe.max_lock_wait.as_ref()) {
-        exec.max_lock_wait = duration("max-lock-wait", v)?;
+    if let Some(d) = dur(ea.max_lock_wait.as_ref(), fe.max_lock_wait.as_ref(), "max-lock-wait", "max_lock_wait")? {
+        exec.max_lock_wait = d;
     }
-    if let Some(v) = ea
-        .statement_timeout
-        .as_ref()
-        .or(fe.statement_timeout.as_ref())
-    {
-        exec.statement_timeout = Some(duration("statement-timeout", v)?);
+    if let Some(d) = dur(
+        ea.statement_timeout.as_ref(),
+        fe.statement_timeout.as_ref(),
+        "statement-timeout",
+        "statement_timeout",
+    )? {
+        exec.statement_timeout = Some(d);
     }
-    if let Some(v) = &fe.concurrent_lock_timeout {
-        exec.concurrent_lock_timeout = duration("concurrent_lock_timeout", v)?;
+    if let Some(d) = dur(None, fe.concurrent_lock_timeout.as_ref(), "", "concurrent_lock_timeout")? {
+        exec.concurrent_lock_timeout = d;
     }
-    if let Some(v) = ea.runner_wait.as_ref().or(fe.runner_wait.as_ref()) {
-        exec.runner_wait = duration("runner-wait", v)?;
+    if let Some(d) = dur(ea.runner_wait.as_ref(), fe.runner_wait.as_ref(), "runner-wait", "runner_wait")? {
+        exec.runner_wait = d;
     }
-    if let Some(v) = ea.max_blocking.as_ref().or(fe.max_blocking.as_ref()) {
-        exec.max_blocking = duration("max-blocking", v)?;
-        if exec.max_blocking.is_zero() {
-            bail!(
-                "--max-blocking must be greater than zero (it would cancel a migration the moment anything queued behind it); use --no-lock-guard to run without the guard"
-            );
+    if let Some(d) = dur(ea.max_blocking.as_ref(), fe.max_blocking.as_ref(), "max-blocking", "max_blocking")? {
+        if d.is_zero() {
+            return Err(bad(
+                ea.max_blocking.is_some(),
+                "max-blocking",
+                "max_blocking",
+                "must be greater than zero (it would cancel a migration the moment anything queued behind it); use --no-lock-guard (or lock_guard = false) to run without the guard".into(),
+            ));
         }
+        exec.max_blocking = d;
     }
     let lock_guard = !ea.no_lock_guard && fe.lock_guard.unwrap_or(true);
-    belay_history::History::new(&exec.history_schema).map_err(|e| anyhow!("{e}"))?;
+    belay_history::History::new(&exec.history_schema).map_err(|e| {
+        if cli.history_schema.is_some() {
+            anyhow!("--history-schema: {e}")
+        } else {
+            file_err(src, "history_schema", e)
+        }
+    })?;
     let backup_dir = cli
         .backup_dir
         .clone()
@@ -337,19 +398,36 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
     }
     if let Some(bytes) = &file.lint.small_table_bytes {
         small_table.max_bytes = bytes
-            .resolve("[lint] small_table_bytes")
-            .map_err(|e| anyhow!("belay.toml: {e}"))?;
+            .resolve()
+            .map_err(|e| file_err(src, "lint.small_table_bytes", e))?;
     }
-    for p in &file.probes {
+    let mut probe_names = std::collections::BTreeSet::new();
+    for (i, p) in file.probes.iter().enumerate() {
+        if !probe_names.insert(p.name.as_str()) {
+            return Err(file_err(
+                src,
+                &format!("probes[{i}].name"),
+                format!("two probes are named {:?}", p.name),
+            ));
+        }
         p.validate()
-            .map_err(|e| anyhow!("belay.toml [[probes]]: {e}"))?;
+            .map_err(|e| file_err(src, &format!("probes[{i}]"), e))?;
     }
-    let (rollback, restore_lock_timeout) = rollback_policy(&file.rollback)?;
+    if let Some(soak) = &file.deploy.canary_soak {
+        parse_duration(soak).map_err(|e| file_err(src, "deploy.canary_soak", e))?;
+    }
+    let (rollback, restore_lock_timeout) = rollback_policy(&file.rollback, src)?;
     let mut deploy = file.deploy;
     match (deploy.on_failure, file.rollback.on_failure) {
-        (Some(a), Some(b)) if a != b => bail!(
-            "belay.toml sets on_failure twice, differently ([deploy] {a:?}, [rollback] {b:?}): keep one"
-        ),
+        (Some(a), Some(b)) if a != b => {
+            return Err(file_err(
+                src,
+                "rollback.on_failure",
+                format!(
+                    "on_failure is set twice, differently ([deploy] {a:?}, [rollback] {b:?}): keep one"
+                ),
+            ));
+        }
         (None, b) => deploy.on_failure = b,
         _ => {}
     }

@@ -34,12 +34,13 @@ pub use check::{CheckResult, CheckStatus, Severity, any_blocks, apply_overrides}
 pub use disk::{DiskSpace, disk_space};
 pub use error::HealthError;
 pub use postflight::{
-    Expectation, PostflightSpec, SmokeQuery, UserCheck, VerifyScript, postflight,
+    EXPECTATION_FORMS, Expectation, PostflightSpec, SmokeQuery, UserCheck, VerifyScript, postflight,
 };
 pub use preflight::{
     MigrationSummary, PREFLIGHT_CHECKS, PreflightContext, Thresholds, preflight, preflight_url,
 };
 pub use probe::{
+    PROBE_FORMS,
     Evidence, HttpProbe, ProbeEvent, ProbeKind, ProbeMachine, ProbeOutcome, ProbeResult, ProbeSpec,
     ProbeState, ProbeStream, SqlProbe, Transition, WatchOutcome, run_probe, run_probes, watch,
 };
