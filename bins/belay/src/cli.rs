@@ -334,6 +334,18 @@ pub enum Command {
         #[arg(long, value_name = "DURATION")]
         runner_wait: Option<String>,
     },
+    /// Configuration files: `check` validates belay.toml (--config, else ./belay.toml) and,
+    /// with --agent FILE, an agent.toml, and prints the effective configuration with every
+    /// default filled in (passwords redacted). Exit 0 valid, 64 invalid (the error names
+    /// the file, the line, the key and what is accepted there)
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Write a commented starter belay.toml into --dir (default: the current directory):
+    /// every section, each setting at its default. Never overwrites: exit 73 when the file
+    /// exists
+    Init,
     /// Adopt an existing database: record that everything up to VERSION is already there
     Baseline {
         #[arg(long, value_name = "VERSION")]
@@ -342,6 +354,18 @@ pub enum Command {
         description: String,
         #[command(flatten)]
         exec: ExecArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate belay.toml (and agent.toml with --agent) as a run would read it, and print
+    /// the effective configuration (text: TOML; --output json)
+    Check {
+        /// Also validate this agent.toml, exactly as belay-agent reads it (its url_env
+        /// variables and url_file files must be readable here)
+        #[arg(long, value_name = "FILE")]
+        agent: Option<PathBuf>,
     },
 }
 

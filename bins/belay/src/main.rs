@@ -6,6 +6,7 @@ mod adopt_cmd;
 mod backfill_cmd;
 mod backup_cmd;
 mod cli;
+mod config_cmd;
 mod deploy_cmd;
 mod health_cmd;
 mod history_cmd;
@@ -40,6 +41,8 @@ pub(crate) mod exit {
     pub const NOT_FOUND: u8 = 66;
     /// Out of disk space or over the size budget (sysexits EX_CANTCREAT).
     pub const NO_SPACE: u8 = 73;
+    /// `init`: the file exists, or cannot be created (sysexits EX_CANTCREAT).
+    pub const CANT_CREATE: u8 = 73;
     pub const UNAVAILABLE: u8 = 69;
     pub const NOPERM: u8 = 77;
     pub const SOFTWARE: u8 = 70;
@@ -151,6 +154,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         | Command::Baseline { exec, .. } => Some(exec),
         _ => adopt_exec.as_ref(),
     };
+    // Configuration files are local, whatever the mode.
+    match &cli.command {
+        Command::Config { command } => return config_cmd::run(&cli, command, url_from_argv),
+        Command::Init => return config_cmd::init(cli.dir.as_deref(), cli.output),
+        _ => {}
+    }
     if cli.controller.is_some()
         && let Some(f) = backup_cmd::remote_unsupported(&cli.command)
     {
@@ -516,6 +525,10 @@ async fn execute(
             message: "locks, check and probe go through the lock monitor and health APIs, not the migration API".into(),
         }),
         Command::History { .. } => Err(history_cmd::remote_unsupported()),
+        Command::Config { .. } | Command::Init => Err(Failure {
+            code: exit::SOFTWARE,
+            message: "config and init are handled before the migration API".into(),
+        }),
         Command::Rollback { .. } => Err(Failure {
             code: exit::USAGE,
             message: "rollback is handled before the migration API".into(),

@@ -1,7 +1,7 @@
 //! Resolves flags, environment and `belay.toml` into one validated configuration.
 
 use crate::cli::{Cli, ExecArgs};
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use belay_core::{DatabaseUrl, parse_duration};
 use belay_migrate::ExecConfig;
 use std::path::{Path, PathBuf};
