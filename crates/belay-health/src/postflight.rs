@@ -588,6 +588,7 @@ mod tests {
             ]
         );
         assert_eq!(c.postflight.smoke.len(), 1);
+        assert_eq!(c.postflight.statement_timeout, Duration::from_secs(5));
     }
 
     #[test]
@@ -618,6 +619,5 @@ mod tests {
             let e = toml::from_str::<C>(bad).unwrap_err().to_string();
             assert!(e.contains("\"equals=N\""), "{bad}: {e}");
         }
-        assert_eq!(c.postflight.statement_timeout, Duration::from_secs(5));
     }
 }
