@@ -36,6 +36,9 @@ Exit codes:
       resumes from the last committed batch
   deployments show also: 66 no deployment matches the id (or prefix); 64 the prefix
       matches several
+  init also: 73 belay.toml already exists (it is never overwritten)
+  A reader that closes early (`belay status | head`) changes nothing: output stops, the
+      work goes on, the exit code is the work's
   adopt also: 2 refused (no other tool's table or several, a failed or dirty state, a
       version without its file, a checksum difference, a belay history that disagrees);
       nothing written. 0 when belay's history already matches (nothing to do)

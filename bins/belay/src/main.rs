@@ -12,6 +12,7 @@ mod health_cmd;
 mod history_cmd;
 mod lint_cmd;
 mod locks_cmd;
+mod pipe_guard;
 mod remote;
 mod render;
 mod rollback_cmd;
@@ -90,6 +91,16 @@ fn usage(e: anyhow::Error) -> Failure {
 }
 
 fn main() -> ExitCode {
+    // Output to a reader that goes away (`belay status | head`) is dropped; the work goes
+    // on and the exit code is its own (see pipe_guard).
+    let guard = pipe_guard::install();
+    let code = std::panic::catch_unwind(belay_main);
+    guard.finish();
+    // A panic is an internal error, whatever Rust would exit with.
+    code.unwrap_or(ExitCode::from(exit::SOFTWARE))
+}
+
+fn belay_main() -> ExitCode {
     let matches = match Cli::command().try_get_matches() {
         Ok(m) => m,
         Err(e) => {
