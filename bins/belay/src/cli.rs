@@ -185,7 +185,24 @@ pub enum Command {
     Validate,
     /// Set failed or interrupted migrations aside (kept in history as `repaired`) and
     /// realign checksums of deliberately edited migrations
+    ///
+    /// Without flags, every failed migration and every drifted checksum. Each row changed
+    /// records the repair in its history notes (`notes.repairs`: when, what, and for a
+    /// checksum the recorded and the new value; `belay history --output json` and the
+    /// `belay.schema_history` table show them). Nothing else is touched
     Repair {
+        /// Only this migration (the others stay as they are); exit 2 when no migration has
+        /// this version
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
+        /// Only realign the recorded checksums of edited migrations to their files; failed
+        /// migrations stay failed (and `migrate` keeps refusing them)
+        #[arg(long, conflicts_with = "failed_only")]
+        checksums_only: bool,
+        /// Only set failed or interrupted migrations aside (pending again); edited
+        /// migrations keep their drift (and `migrate` keeps refusing it)
+        #[arg(long)]
+        failed_only: bool,
         #[command(flatten)]
         exec: ExecArgs,
     },

@@ -161,7 +161,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     let exec_args = match &cli.command {
         Command::Migrate { exec, .. }
         | Command::Undo { exec, .. }
-        | Command::Repair { exec }
+        | Command::Repair { exec, .. }
         | Command::Baseline { exec, .. } => Some(exec),
         _ => adopt_exec.as_ref(),
     };
@@ -516,8 +516,18 @@ async fn execute(
                 exit::REFUSED
             })
         }
-        Command::Repair { .. } => {
-            let actions = api.repair(target_name).await?;
+        Command::Repair {
+            version,
+            checksums_only,
+            failed_only,
+            ..
+        } => {
+            let scope = belay_migrate::RepairScope {
+                version,
+                checksums_only,
+                failed_only,
+            };
+            let actions = api.repair(target_name, &scope).await?;
             render::repair(out, &actions);
             Ok(0)
         }

@@ -822,6 +822,24 @@ pub fn report_from(r: &pb::RunReport) -> Result<RunReport, DecodeError> {
     })
 }
 
+/// `repair`'s scope on the wire: an empty `version` is every migration.
+pub fn repair_request(target: Option<pb::Target>, s: &belay_migrate::RepairScope) -> pb::RepairRequest {
+    pb::RepairRequest {
+        target,
+        version: s.version.clone().unwrap_or_default(),
+        checksums_only: s.checksums_only,
+        failed_only: s.failed_only,
+    }
+}
+
+pub fn repair_scope_from(r: &pb::RepairRequest) -> belay_migrate::RepairScope {
+    belay_migrate::RepairScope {
+        version: (!r.version.is_empty()).then(|| r.version.clone()),
+        checksums_only: r.checksums_only,
+        failed_only: r.failed_only,
+    }
+}
+
 pub fn repair_actions(a: &[RepairAction]) -> pb::RepairResponse {
     pb::RepairResponse {
         actions: a
