@@ -298,12 +298,17 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// Remote mode: agents registered with the controller and their targets
+    /// Remote mode: agents registered with the controller and their targets, each with its
+    /// environment (agent.toml's `environment`)
     Agents,
-    /// Backups of the database with pg_dump: create, list, verify, restore, prune. Every
-    /// subcommand works in both modes: locally the catalog is under --backup-dir; with
-    /// --controller it is the agent's, beside the database (the target's backup_dir in
-    /// agent.toml), and dumps never cross the network
+    /// Backups of the database with pg_dump: create, list, verify, restore, prune
+    ///
+    /// Remotely (--controller, --target): all five subcommands — create, list, verify,
+    /// restore, prune — work; the catalog is the agent's, beside the database (the
+    /// target's backup_dir in agent.toml; a target without one is refused, exit 2), and
+    /// dumps never cross the network. Locally the catalog is under --backup-dir. Local
+    /// mode only: `migrate --backup` and `undo --backup` (remotely the agent's `backup`
+    /// setting decides)
     Backup {
         #[command(subcommand)]
         command: crate::backup_cmd::BackupCommand,
