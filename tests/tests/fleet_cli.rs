@@ -13,7 +13,11 @@ async fn deployments_show_takes_a_prefix_and_agents_show_environments() -> Resul
         Cluster::shared().create_database().await?,
     );
     let ex = examples();
-    let store = tmp.path().join("controller.db").to_string_lossy().into_owned();
+    let store = tmp
+        .path()
+        .join("controller.db")
+        .to_string_lossy()
+        .into_owned();
     let c = controller(&store, &[]).await?;
     let a = agent_config(
         tmp.path(),
@@ -57,7 +61,11 @@ async fn deployments_show_takes_a_prefix_and_agents_show_environments() -> Resul
         .to_string();
 
     // A unique prefix finds it, as locally.
-    let r = belay(&c.addr, &["deployments", "show", &id[..8], "--output", "json"]).await?;
+    let r = belay(
+        &c.addr,
+        &["deployments", "show", &id[..8], "--output", "json"],
+    )
+    .await?;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["id"], id.as_str(), "{r:?}");
 

@@ -49,7 +49,9 @@ fn check(cli: &Cli, agent: Option<&Path>, url_from_argv: bool) -> Result<u8, Fai
                     "# no belay.toml here (and no --config): the defaults below apply; `belay init` writes a starter file"
                 ),
             }
-            println!("# effective configuration (flags and environment over the file over defaults)");
+            println!(
+                "# effective configuration (flags and environment over the file over defaults)"
+            );
             println!("{}", toml_text(&doc["belay_toml"]["effective"]));
             if let Some(path) = agent {
                 println!("# {}: valid", path.display());
@@ -76,7 +78,8 @@ fn toml_text(v: &Value) -> String {
         }
     }
     let stripped = strip(v).unwrap_or(Value::Null);
-    let text = toml::to_string_pretty(&stripped).unwrap_or_else(|e| format!("# cannot render: {e}\n{stripped:#}"));
+    let text = toml::to_string_pretty(&stripped)
+        .unwrap_or_else(|e| format!("# cannot render: {e}\n{stripped:#}"));
     belay_core::redact_url(&text)
 }
 
@@ -219,7 +222,9 @@ fn effective_agent(
 /// `belay init`: writes `belay.toml` into `dir` (the global `--dir`, else the current
 /// directory), refusing to overwrite one (exit 73: cannot create).
 pub fn init(dir: Option<&Path>, out: Output) -> Result<u8, Failure> {
-    let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
     let path = dir.join("belay.toml");
     let mut file = match std::fs::OpenOptions::new()
         .write(true)

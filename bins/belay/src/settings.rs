@@ -265,7 +265,9 @@ pub fn load_source(cli: &Cli) -> Result<(FileConfig, Option<Source>)> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
             return Ok((FileConfig::default(), None));
         }
-        Err(e) => return Err(belay_config::ConfigError::file(&path, format!("cannot read: {e}")).into()),
+        Err(e) => {
+            return Err(belay_config::ConfigError::file(&path, format!("cannot read: {e}")).into());
+        }
     };
     let file = belay_config::parse(&path, &text)?;
     Ok((file, Some(Source { path, text })))
@@ -326,7 +328,12 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
             .map(Some)
             .map_err(|e| bad(flag_v.is_some(), flag, key, e.to_string()))
     };
-    if let Some(d) = dur(ea.lock_timeout.as_ref(), fe.lock_timeout.as_ref(), "lock-timeout", "lock_timeout")? {
+    if let Some(d) = dur(
+        ea.lock_timeout.as_ref(),
+        fe.lock_timeout.as_ref(),
+        "lock-timeout",
+        "lock_timeout",
+    )? {
         if d.is_zero() {
             return Err(bad(
                 ea.lock_timeout.is_some(),
@@ -348,7 +355,12 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
         }
         exec.max_attempts = v;
     }
-    if let Some(d) = dur(ea.max_lock_wait.as_ref(), fe.max_lock_wait.as_ref(), "max-lock-wait", "max_lock_wait")? {
+    if let Some(d) = dur(
+        ea.max_lock_wait.as_ref(),
+        fe.max_lock_wait.as_ref(),
+        "max-lock-wait",
+        "max_lock_wait",
+    )? {
         exec.max_lock_wait = d;
     }
     if let Some(d) = dur(
@@ -359,13 +371,28 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
     )? {
         exec.statement_timeout = Some(d);
     }
-    if let Some(d) = dur(None, fe.concurrent_lock_timeout.as_ref(), "", "concurrent_lock_timeout")? {
+    if let Some(d) = dur(
+        None,
+        fe.concurrent_lock_timeout.as_ref(),
+        "",
+        "concurrent_lock_timeout",
+    )? {
         exec.concurrent_lock_timeout = d;
     }
-    if let Some(d) = dur(ea.runner_wait.as_ref(), fe.runner_wait.as_ref(), "runner-wait", "runner_wait")? {
+    if let Some(d) = dur(
+        ea.runner_wait.as_ref(),
+        fe.runner_wait.as_ref(),
+        "runner-wait",
+        "runner_wait",
+    )? {
         exec.runner_wait = d;
     }
-    if let Some(d) = dur(ea.max_blocking.as_ref(), fe.max_blocking.as_ref(), "max-blocking", "max_blocking")? {
+    if let Some(d) = dur(
+        ea.max_blocking.as_ref(),
+        fe.max_blocking.as_ref(),
+        "max-blocking",
+        "max_blocking",
+    )? {
         if d.is_zero() {
             return Err(bad(
                 ea.max_blocking.is_some(),

@@ -67,15 +67,18 @@ fn config_check_prints_the_effective_configuration_with_defaults_and_no_password
     let r = run_in(dir.path(), &["config", "check", "--config", config]);
     assert_eq!(r.code, 0, "{r:?}");
     for want in [
-        "lock_timeout = \"250ms\"",   // from the file
-        "max_blocking = \"500ms\"",   // a default
-        "settle = \"5s\"",            // [rollback]'s default
-        "expect = \"at_most=3\"",     // the same spelling as --expect
+        "lock_timeout = \"250ms\"", // from the file
+        "max_blocking = \"500ms\"", // a default
+        "settle = \"5s\"",          // [rollback]'s default
+        "expect = \"at_most=3\"",   // the same spelling as --expect
         "postgres://app:***@db.invalid:5432/shop",
     ] {
         assert!(r.stdout.contains(want), "{want}: {r:?}");
     }
-    assert!(!r.stdout.contains("s3cr3t-pw") && !r.stdout.contains("pr0be-pw"), "{r:?}");
+    assert!(
+        !r.stdout.contains("s3cr3t-pw") && !r.stdout.contains("pr0be-pw"),
+        "{r:?}"
+    );
 
     let r = run_in(
         dir.path(),
@@ -88,18 +91,36 @@ fn config_check_prints_the_effective_configuration_with_defaults_and_no_password
     assert_eq!(eff["execution"]["max_attempts"], 60);
     assert_eq!(eff["checks"][0]["expect"], "at_most=3");
     assert_eq!(eff["rollback"]["policy"], "auto");
-    assert!(!r.stdout.contains("s3cr3t-pw") && !r.stdout.contains("pr0be-pw"), "{r:?}");
+    assert!(
+        !r.stdout.contains("s3cr3t-pw") && !r.stdout.contains("pr0be-pw"),
+        "{r:?}"
+    );
 
     // What it prints is itself a belay.toml that reads back the same.
     let text = run_in(dir.path(), &["config", "check", "--config", config]).stdout;
     let again = dir.path().join("effective.toml");
-    std::fs::write(&again, text.replace("postgres://app:***@", "postgres://app@").replace("postgres://probe:***@", "postgres://probe@")).unwrap();
+    std::fs::write(
+        &again,
+        text.replace("postgres://app:***@", "postgres://app@")
+            .replace("postgres://probe:***@", "postgres://probe@"),
+    )
+    .unwrap();
     let r = run_in(
         dir.path(),
-        &["config", "check", "--config", again.to_str().unwrap(), "--output", "json"],
+        &[
+            "config",
+            "check",
+            "--config",
+            again.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
     );
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(r.json()["belay_toml"]["effective"]["execution"], eff["execution"]);
+    assert_eq!(
+        r.json()["belay_toml"]["effective"]["execution"],
+        eff["execution"]
+    );
 }
 
 #[test]
@@ -146,15 +167,15 @@ fn config_errors_name_the_file_line_key_and_what_is_accepted() {
             "[[probes]]\nname = \"p\"\nhttp = { url = \"http://a/\" }\n[[probes]]\nname = \"p\"\nhttp = { url = \"http://b/\" }\n",
             ":5: `probes[1].name`: two probes are named \"p\"",
         ),
-        (
-            "url = \"postgres://u:pa/ss@h/d\" trailing\n",
-            ":1: ",
-        ),
+        ("url = \"postgres://u:pa/ss@h/d\" trailing\n", ":1: "),
     ];
     for (i, (body, want)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("case{i}.toml"));
         std::fs::write(&path, body).unwrap();
-        let r = run_in(dir.path(), &["config", "check", "--config", path.to_str().unwrap()]);
+        let r = run_in(
+            dir.path(),
+            &["config", "check", "--config", path.to_str().unwrap()],
+        );
         assert_eq!(r.code, 64, "{body}: {r:?}");
         let shown = format!("{}{}", path.display(), want);
         assert!(r.stderr.contains(&shown), "{body}\nwant {shown}\n{r:?}");
@@ -195,7 +216,10 @@ fn config_check_reads_an_agent_toml_as_the_agent_does() {
     .unwrap();
     let r = to_run_env(dir.path(), &agent);
     assert_eq!(r.code, 64, "{r:?}");
-    let want = format!("{}:5: `targets[0].probes[0]`: target \"shop\": probe \"p\": give exactly one of http or sql", agent.display());
+    let want = format!(
+        "{}:5: `targets[0].probes[0]`: target \"shop\": probe \"p\": give exactly one of http or sql",
+        agent.display()
+    );
     assert!(r.stderr.contains(&want), "{want}\n{r:?}");
 }
 

@@ -24,14 +24,26 @@ fn with_readers_gone(url: &str, dir: &std::path::Path, args: &[&str]) -> std::pr
 fn a_reader_that_closes_early_neither_panics_belay_nor_stops_its_work() {
     let db = db();
     let files: Vec<(String, String)> = (1..=30)
-        .map(|i| (format!("V{i}__t{i}.sql"), format!("CREATE TABLE t{i} (id int);")))
+        .map(|i| {
+            (
+                format!("V{i}__t{i}.sql"),
+                format!("CREATE TABLE t{i} (id int);"),
+            )
+        })
         .collect();
-    let files: Vec<(&str, &str)> = files.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_str()))
+        .collect();
     let dir = migrations(&files);
 
     // migrate prints every step and migration into the closed pipes, and still applies
     // all thirty (SIGPIPE's default would have killed it at its first line).
-    let status = with_readers_gone(&db.url, dir.path(), &["migrate", "--backup", "none", "--no-preflight"]);
+    let status = with_readers_gone(
+        &db.url,
+        dir.path(),
+        &["migrate", "--backup", "none", "--no-preflight"],
+    );
     assert_eq!(status.code(), Some(0), "{status:?}");
     let applied = psql(
         &db.url,
@@ -63,7 +75,10 @@ fn codes_in(source: &str) -> Vec<(String, u8)> {
         .filter_map(|l| {
             let rest = l.trim().strip_prefix("pub const ")?;
             let (name, value) = rest.split_once(": u8 = ")?;
-            Some((name.to_string(), value.trim_end_matches(';').trim().parse().ok()?))
+            Some((
+                name.to_string(),
+                value.trim_end_matches(';').trim().parse().ok()?,
+            ))
         })
         .collect()
 }
@@ -79,7 +94,9 @@ fn the_readme_exit_code_table_lists_every_code_the_binaries_use() {
     used.extend(codes_in(&read("bins/belay/src/backfill_cmd.rs")));
     let daemon = read("crates/belay-rpc/src/daemon.rs");
     let daemon_exit = &daemon[daemon.find("pub mod exit {").expect("daemon exit")..];
-    used.extend(codes_in(&daemon_exit[..daemon_exit.find("\n}").expect("end")]));
+    used.extend(codes_in(
+        &daemon_exit[..daemon_exit.find("\n}").expect("end")],
+    ));
     assert!(used.len() >= 15, "found only {used:?}");
 
     let readme = read("README.md");
@@ -89,10 +106,20 @@ fn the_readme_exit_code_table_lists_every_code_the_binaries_use() {
         .skip_while(|l| !l.starts_with("| code"))
         .skip(2)
         .take_while(|l| l.starts_with('|'))
-        .filter_map(|l| l.trim_start_matches('|').split('|').next()?.trim().parse().ok())
+        .filter_map(|l| {
+            l.trim_start_matches('|')
+                .split('|')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        })
         .collect();
     for (name, code) in &used {
-        assert!(table.contains(code), "exit code {code} ({name}) is missing from README's table {table:?}");
+        assert!(
+            table.contains(code),
+            "exit code {code} ({name}) is missing from README's table {table:?}"
+        );
     }
     for code in &table {
         assert!(

@@ -7,7 +7,9 @@ use support::*;
 fn checksum_recorded(url: &str, version: &str) -> String {
     psql(
         url,
-        &format!("SELECT checksum FROM belay.schema_history WHERE version = '{version}' AND state = 'success'"),
+        &format!(
+            "SELECT checksum FROM belay.schema_history WHERE version = '{version}' AND state = 'success'"
+        ),
     )
 }
 
@@ -22,8 +24,16 @@ fn repair_touches_only_what_it_is_asked_to_and_records_each_change() {
     let v1_before = checksum_recorded(&db.url, "1");
     // Two deliberate edits (drift on 1 and 2) and a no-transaction migration that fails
     // half-way (a `failed` row for 3).
-    std::fs::write(dir.path().join("V1__one.sql"), "CREATE TABLE one (id bigint);").unwrap();
-    std::fs::write(dir.path().join("V2__two.sql"), "CREATE TABLE two (id bigint);").unwrap();
+    std::fs::write(
+        dir.path().join("V1__one.sql"),
+        "CREATE TABLE one (id bigint);",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("V2__two.sql"),
+        "CREATE TABLE two (id bigint);",
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("V3__three.sql"),
         "-- belay:no-transaction\nCREATE TABLE three (id int);\nSELECT 1/0;\n",
@@ -37,7 +47,10 @@ fn repair_touches_only_what_it_is_asked_to_and_records_each_change() {
         dir.path(),
         &["repair", "--version", "1", "--checksums-only"],
     );
-    assert!(r.stdout.contains("repaired 1 (V1__one.sql): realigned"), "{r:?}");
+    assert!(
+        r.stdout.contains("repaired 1 (V1__one.sql): realigned"),
+        "{r:?}"
+    );
     assert!(!r.stdout.contains("V2__two"), "{r:?}");
     let v1_after = checksum_recorded(&db.url, "1");
     assert_ne!(v1_after, v1_before);
@@ -48,7 +61,10 @@ fn repair_touches_only_what_it_is_asked_to_and_records_each_change() {
     assert_eq!(note, format!("checksum_realigned|{v1_before}|{v1_after}|t"));
     let r = belay(&db.url, dir.path(), &["validate"]);
     assert_eq!(r.code, 2, "{r:?}");
-    assert!(r.stdout.contains("V2__two.sql: changed") && !r.stdout.contains("V1__one.sql"), "{r:?}");
+    assert!(
+        r.stdout.contains("V2__two.sql: changed") && !r.stdout.contains("V1__one.sql"),
+        "{r:?}"
+    );
 
     // Version 2 too, then the failure of 3.
     belay_ok(&db.url, dir.path(), &["repair", "--version", "2"]);
@@ -58,14 +74,28 @@ fn repair_touches_only_what_it_is_asked_to_and_records_each_change() {
     let r = belay_ok(&db.url, dir.path(), &["repair", "--checksums-only"]);
     assert!(r.stdout.contains("nothing to repair"), "{r:?}");
     assert_eq!(
-        psql(&db.url, "SELECT state FROM belay.schema_history WHERE version = '3'"),
+        psql(
+            &db.url,
+            "SELECT state FROM belay.schema_history WHERE version = '3'"
+        ),
         "failed"
     );
     // ... --failed-only sets it aside, saying what it was.
-    std::fs::write(dir.path().join("V2__two.sql"), "CREATE TABLE two (id text);").unwrap();
+    std::fs::write(
+        dir.path().join("V2__two.sql"),
+        "CREATE TABLE two (id text);",
+    )
+    .unwrap();
     let r = belay_ok(&db.url, dir.path(), &["repair", "--failed-only"]);
-    assert!(r.stdout.contains("repaired 3 (V3__three.sql): marked the failed attempt"), "{r:?}");
-    assert!(!r.stdout.contains("V2__two"), "the new drift of 2 stays: {r:?}");
+    assert!(
+        r.stdout
+            .contains("repaired 3 (V3__three.sql): marked the failed attempt"),
+        "{r:?}"
+    );
+    assert!(
+        !r.stdout.contains("V2__two"),
+        "the new drift of 2 stays: {r:?}"
+    );
     assert_eq!(
         psql(
             &db.url,
@@ -100,8 +130,17 @@ fn repair_touches_only_what_it_is_asked_to_and_records_each_change() {
 #[test]
 fn repair_help_explains_each_option_and_where_repairs_are_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let r = belay_ok("postgres://x@db.invalid/x", dir.path(), &["repair", "--help"]);
-    for want in ["--version", "--checksums-only", "--failed-only", "notes.repairs"] {
+    let r = belay_ok(
+        "postgres://x@db.invalid/x",
+        dir.path(),
+        &["repair", "--help"],
+    );
+    for want in [
+        "--version",
+        "--checksums-only",
+        "--failed-only",
+        "notes.repairs",
+    ] {
         assert!(r.stdout.contains(want), "{want}: {r:?}");
     }
 }

@@ -113,7 +113,9 @@ impl ByteSize {
             ByteSize::Text(t) => belay_health::parse_bytes(t).ok_or_else(|| {
                 Problem::new(
                     key,
-                    format!("invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)"),
+                    format!(
+                        "invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)"
+                    ),
                 )
             }),
         }
@@ -350,9 +352,8 @@ fn load_target(
                 Problem::new("url_file", format!("cannot read {}: {e}", file.display()))
             })?;
             let first = text.lines().map(str::trim).find(|l| !l.is_empty());
-            let first = first.ok_or_else(|| {
-                Problem::new("url_file", format!("{} is empty", file.display()))
-            })?;
+            let first = first
+                .ok_or_else(|| Problem::new("url_file", format!("{} is empty", file.display())))?;
             ("url_file", first.to_string())
         }
         (None, None, Some(url)) => ("url", url.expose().to_string()),

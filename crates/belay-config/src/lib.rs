@@ -81,7 +81,11 @@ fn line_at(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
     // A span may point inside a multi-byte character's bytes only if the parser erred;
     // count on the bytes, which never panics.
-    text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// One step of a key path.
@@ -244,7 +248,9 @@ fn untagged_forms(name: &str) -> String {
         "ByteSize" | "NumOrText" => {
             "a number of bytes or a size with a unit, e.g. 16777216 or \"16MiB\"".into()
         }
-        "PeriodSetting" => "a duration, e.g. \"10s\" (a bare number is seconds), or 0 / \"off\"".into(),
+        "PeriodSetting" => {
+            "a duration, e.g. \"10s\" (a bare number is seconds), or 0 / \"off\"".into()
+        }
         other => other.to_string(),
     }
 }
@@ -285,18 +291,27 @@ mod tests {
 
         let text = "[[targets]]\nname = \"x\"\n[[targets]]\nname = \"y\"\n[[targets.probes]]\nname = \"p\"\nperiod = \"1s\"\n";
         let e = parse::<Doc>(f, text).unwrap_err();
-        assert!(e.to_string().contains("give exactly one of `http = {"), "{e}");
+        assert!(
+            e.to_string().contains("give exactly one of `http = {"),
+            "{e}"
+        );
         assert!(!e.to_string().contains("variant"), "{e}");
         assert!(
-            e.key.as_deref().is_some_and(|k| k.starts_with("targets[1].probes")),
+            e.key
+                .as_deref()
+                .is_some_and(|k| k.starts_with("targets[1].probes")),
             "{e:?}"
         );
 
         let e = parse::<Doc>(f, "name = 3\n").unwrap_err();
-        assert_eq!(e.to_string(), "conf/agent.toml:1: `name`: expected a string, found integer `3`");
+        assert_eq!(
+            e.to_string(),
+            "conf/agent.toml:1: `name`: expected a string, found integer `3`"
+        );
 
         // A syntax error on a `url =` line: the line, never the password.
-        let e = parse::<Doc>(f, "name = \"a\"\nurl = \"postgres://u:s3cr/t@db/x\" oops\n").unwrap_err();
+        let e =
+            parse::<Doc>(f, "name = \"a\"\nurl = \"postgres://u:s3cr/t@db/x\" oops\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(!e.to_string().contains("s3cr"), "{e}");
     }
@@ -304,8 +319,16 @@ mod tests {
     #[test]
     fn keys_are_located_by_path() {
         let text = "name = \"a\"\n[[targets]]\nname = \"x\"\n[[targets]]\nname = \"y\"\nlock_timeout = \"0s\"\n";
-        let e = ConfigError::at(Path::new("a.toml"), text, "targets[1].lock_timeout", "must be greater than zero");
-        assert_eq!(e.to_string(), "a.toml:6: `targets[1].lock_timeout`: must be greater than zero");
+        let e = ConfigError::at(
+            Path::new("a.toml"),
+            text,
+            "targets[1].lock_timeout",
+            "must be greater than zero",
+        );
+        assert_eq!(
+            e.to_string(),
+            "a.toml:6: `targets[1].lock_timeout`: must be greater than zero"
+        );
         // A key not written (a default) still names the nearest written one's line.
         let e = ConfigError::at(Path::new("a.toml"), text, "targets[0].lock_timeout", "x");
         assert_eq!(e.line, Some(2));

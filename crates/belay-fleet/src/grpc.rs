@@ -324,13 +324,19 @@ impl HistoryGrpc {
             [id] => Ok(id),
             [] => Err(st(ApiError::new(
                 ErrorKind::NotFound,
-                format!("no deployment {given:?}: `belay deployments list` shows the recorded ones"),
+                format!(
+                    "no deployment {given:?}: `belay deployments list` shows the recorded ones"
+                ),
             ))),
             _ => Err(st(ApiError::new(
                 ErrorKind::InvalidArgument,
                 format!(
                     "{given:?} starts more than one deployment id ({}): give more of it",
-                    matching.iter().map(Uuid::to_string).collect::<Vec<_>>().join(", ")
+                    matching
+                        .iter()
+                        .map(Uuid::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ))),
         }

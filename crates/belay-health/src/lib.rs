@@ -40,8 +40,8 @@ pub use preflight::{
     MigrationSummary, PREFLIGHT_CHECKS, PreflightContext, Thresholds, preflight, preflight_url,
 };
 pub use probe::{
-    PROBE_FORMS,
-    Evidence, HttpProbe, ProbeEvent, ProbeKind, ProbeMachine, ProbeOutcome, ProbeResult, ProbeSpec,
-    ProbeState, ProbeStream, SqlProbe, Transition, WatchOutcome, run_probe, run_probes, watch,
+    Evidence, HttpProbe, PROBE_FORMS, ProbeEvent, ProbeKind, ProbeMachine, ProbeOutcome,
+    ProbeResult, ProbeSpec, ProbeState, ProbeStream, SqlProbe, Transition, WatchOutcome, run_probe,
+    run_probes, watch,
 };
 pub use units::{format_bytes, parse_bytes};

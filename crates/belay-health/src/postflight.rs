@@ -121,7 +121,8 @@ pub enum Expectation {
 }
 
 /// The accepted spellings, for error messages.
-pub const EXPECTATION_FORMS: &str = "\"no_rows\", \"zero\", \"equals=N\" or \"at_most=N\" (N an integer)";
+pub const EXPECTATION_FORMS: &str =
+    "\"no_rows\", \"zero\", \"equals=N\" or \"at_most=N\" (N an integer)";
 
 impl Expectation {
     /// The spelling `from_str` reads: `no_rows`, `zero`, `equals=N`, `at_most=N`.

@@ -924,9 +924,13 @@ VALUES ('1', 'old', 'SQL', 'V1__old.sql', true, 'success');"#,
                 .map(|n| n["lock_guard_trips"][0]["blocked_sessions"].clone()),
             Some(serde_json::json!(3))
         );
-        h.mark_repaired(&mut conn, rank, &serde_json::json!({ "action": "set_aside" }))
-            .await
-            .unwrap();
+        h.mark_repaired(
+            &mut conn,
+            rank,
+            &serde_json::json!({ "action": "set_aside" }),
+        )
+        .await
+        .unwrap();
         // The literal form stores the same values, however awkward the text.
         let mut tricky = row.clone();
         tricky.description = r"it's \ a 'quoted' \n test".into();

@@ -1589,9 +1589,9 @@ impl Migrator {
             });
         }
         let only = match &scope.version {
-            Some(v) => Some(
-                Version::parse(v).map_err(|_| MigrateError::UnknownVersion(v.clone()))?,
-            ),
+            Some(v) => {
+                Some(Version::parse(v).map_err(|_| MigrateError::UnknownVersion(v.clone()))?)
+            }
             None => None,
         };
         let mut conn = self.connect().await?;

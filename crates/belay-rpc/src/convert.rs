@@ -823,7 +823,10 @@ pub fn report_from(r: &pb::RunReport) -> Result<RunReport, DecodeError> {
 }
 
 /// `repair`'s scope on the wire: an empty `version` is every migration.
-pub fn repair_request(target: Option<pb::Target>, s: &belay_migrate::RepairScope) -> pb::RepairRequest {
+pub fn repair_request(
+    target: Option<pb::Target>,
+    s: &belay_migrate::RepairScope,
+) -> pb::RepairRequest {
     pb::RepairRequest {
         target,
         version: s.version.clone().unwrap_or_default(),
