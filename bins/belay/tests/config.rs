@@ -239,3 +239,46 @@ fn to_run_env(dir: &Path, agent: &Path) -> Run {
         stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
     }
 }
+
+/// The belay.toml of docs/configuration.md is the starter, and both agent.toml and the
+/// belay.toml there are accepted as written.
+#[test]
+fn the_documented_files_are_valid() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let doc = std::fs::read_to_string(format!("{root}/docs/configuration.md")).unwrap();
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert_eq!(blocks.len(), 2, "a belay.toml and an agent.toml block");
+    let starter = std::fs::read_to_string(format!("{root}/bins/belay/src/starter.toml")).unwrap();
+    assert_eq!(
+        blocks[0], starter,
+        "docs/configuration.md shows what `belay init` writes"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let belay_toml = dir.path().join("belay.toml");
+    std::fs::write(&belay_toml, blocks[0]).unwrap();
+    let r = run_in(
+        dir.path(),
+        &["config", "check", "--config", belay_toml.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(&agent_toml, blocks[1].replace("/srv/shop/migrations", "m")).unwrap();
+    let o = belay_cmd(URL, dir.path())
+        .env("SHOP_EU_DATABASE_URL", "postgres://belay@db.invalid/shop")
+        .args(["config", "check", "--agent"])
+        .arg(&agent_toml)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(shown.contains("environment = \"production\""), "{shown}");
+}
