@@ -886,6 +886,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn repair_scopes_cross_the_wire_unchanged() {
+        for scope in [
+            belay_migrate::RepairScope::default(),
+            belay_migrate::RepairScope {
+                version: Some("1.2".into()),
+                checksums_only: true,
+                failed_only: false,
+            },
+            belay_migrate::RepairScope {
+                version: None,
+                checksums_only: false,
+                failed_only: true,
+            },
+        ] {
+            assert_eq!(repair_scope_from(&repair_request(None, &scope)), scope);
+        }
+    }
+
+    #[test]
     fn statuses_round_trip() {
         let s = MigrationStatus {
             version: Some("1.1".into()),
