@@ -451,7 +451,9 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
                 src,
                 "rollback.on_failure",
                 format!(
-                    "on_failure is set twice, differently ([deploy] {a:?}, [rollback] {b:?}): keep one"
+                    "the file sets on_failure twice, differently ([deploy] \"{}\", [rollback] \"{}\"): keep one",
+                    format!("{a:?}").to_lowercase(),
+                    format!("{b:?}").to_lowercase()
                 ),
             ));
         }

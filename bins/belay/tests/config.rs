@@ -161,7 +161,7 @@ fn config_errors_name_the_file_line_key_and_what_is_accepted() {
         ),
         (
             "[deploy]\non_failure = \"stop\"\n[rollback]\non_failure = \"rollback\"\n",
-            ":4: `rollback.on_failure`: on_failure is set twice",
+            ":4: `rollback.on_failure`: the file sets on_failure twice",
         ),
         (
             "[[probes]]\nname = \"p\"\nhttp = { url = \"http://a/\" }\n[[probes]]\nname = \"p\"\nhttp = { url = \"http://b/\" }\n",
