@@ -23,22 +23,31 @@ pub fn test() -> Result<()> {
     }
     tools.push((crate::tools::DBMATE_ENV, dbmate));
     lint()?;
-    let (passed, failed) = run_tests(&tools)?;
+    let (passed, failed, skipped) = run_tests(&tools)?;
     println!("\nall checks passed");
     // The last line totals every test binary: CI reads it, and the last line cargo
     // itself prints belongs to a doc-test binary with nothing in it.
-    println!("tests: {passed} passed, {failed} failed");
+    println!("tests: {passed} passed, {failed} failed, {skipped} skipped");
     Ok(())
 }
 
 /// `cargo test --workspace` with `tools` (environment variable, path) in its environment,
-/// echoed as it runs, with the `test result:` lines totalled.
-fn run_tests(tools: &[(&str, PathBuf)]) -> Result<(u64, u64)> {
+/// echoed as it runs, with the `test result:` lines totalled, and the tests that skipped
+/// themselves (`belay_testkit::skip`) listed at the end: (passed, failed, skipped).
+fn run_tests(tools: &[(&str, PathBuf)]) -> Result<(u64, u64, usize)> {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
+    let skipped_log = std::env::current_dir()?.join("target/skipped-tests.txt");
+    match std::fs::remove_file(&skipped_log) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            bail!("cannot clear {}: {e}", skipped_log.display())
+        }
+        _ => {}
+    }
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
         .envs(tools.iter().map(|(k, v)| (k, v)))
+        .env(belay_testkit::SKIPPED_LOG_ENV, &skipped_log)
         .stdout(Stdio::piped());
     let text = crate::util::describe(&cmd);
     heading(&text);
@@ -67,11 +76,28 @@ fn run_tests(tools: &[(&str, PathBuf)]) -> Result<(u64, u64)> {
     let status = child
         .wait()
         .with_context(|| format!("waiting for `{text}`"))?;
+    let skipped: Vec<String> = match std::fs::read_to_string(&skipped_log) {
+        Ok(t) => t.lines().map(String::from).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => bail!("cannot read {}: {e}", skipped_log.display()),
+    };
+    if !skipped.is_empty() {
+        heading(&format!(
+            "{} test(s) skipped their checks on this machine",
+            skipped.len()
+        ));
+        for s in &skipped {
+            println!("skipped {s}");
+        }
+    }
     if !status.success() {
-        println!("tests: {passed} passed, {failed} failed");
+        println!(
+            "tests: {passed} passed, {failed} failed, {} skipped",
+            skipped.len()
+        );
         bail!("`{text}` failed ({status})");
     }
-    Ok((passed, failed))
+    Ok((passed, failed, skipped.len()))
 }
 
 pub fn lint() -> Result<()> {

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 mod backups;
-mod config;
+use belay_config::agent as config;
 mod monitor;
 mod register;
 mod rollbacks;

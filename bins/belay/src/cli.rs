@@ -36,6 +36,9 @@ Exit codes:
       resumes from the last committed batch
   deployments show also: 66 no deployment matches the id (or prefix); 64 the prefix
       matches several
+  init also: 73 belay.toml already exists (it is never overwritten)
+  A reader that closes early (`belay status | head`) changes nothing: output stops, the
+      work goes on, the exit code is the work's
   adopt also: 2 refused (no other tool's table or several, a failed or dirty state, a
       version without its file, a checksum difference, a belay history that disagrees);
       nothing written. 0 when belay's history already matches (nothing to do)
@@ -185,7 +188,24 @@ pub enum Command {
     Validate,
     /// Set failed or interrupted migrations aside (kept in history as `repaired`) and
     /// realign checksums of deliberately edited migrations
+    ///
+    /// Without flags, every failed migration and every drifted checksum. Each row changed
+    /// records the repair in its history notes (`notes.repairs`: when, what, and for a
+    /// checksum the recorded and the new value; `belay history --output json` and the
+    /// `belay.schema_history` table show them). Nothing else is touched
     Repair {
+        /// Only this migration (the others stay as they are); exit 2 when no migration has
+        /// this version
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
+        /// Only realign the recorded checksums of edited migrations to their files; failed
+        /// migrations stay failed (and `migrate` keeps refusing them)
+        #[arg(long, conflicts_with = "failed_only")]
+        checksums_only: bool,
+        /// Only set failed or interrupted migrations aside (pending again); edited
+        /// migrations keep their drift (and `migrate` keeps refusing it)
+        #[arg(long)]
+        failed_only: bool,
         #[command(flatten)]
         exec: ExecArgs,
     },
@@ -284,12 +304,17 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// Remote mode: agents registered with the controller and their targets
+    /// Remote mode: agents registered with the controller and their targets, each with its
+    /// environment (agent.toml's `environment`)
     Agents,
-    /// Backups of the database with pg_dump: create, list, verify, restore, prune. Every
-    /// subcommand works in both modes: locally the catalog is under --backup-dir; with
-    /// --controller it is the agent's, beside the database (the target's backup_dir in
-    /// agent.toml), and dumps never cross the network
+    /// Backups of the database with pg_dump: create, list, verify, restore, prune
+    ///
+    /// Remotely (--controller, --target): all five subcommands — create, list, verify,
+    /// restore, prune — work; the catalog is the agent's, beside the database (the
+    /// target's backup_dir in agent.toml; a target without one is refused, exit 2), and
+    /// dumps never cross the network. Locally the catalog is under --backup-dir. Local
+    /// mode only: `migrate --backup` and `undo --backup` (remotely the agent's `backup`
+    /// setting decides)
     Backup {
         #[command(subcommand)]
         command: crate::backup_cmd::BackupCommand,
@@ -340,6 +365,18 @@ pub enum Command {
         #[arg(long, value_name = "DURATION")]
         runner_wait: Option<String>,
     },
+    /// Configuration files: `check` validates belay.toml (--config, else ./belay.toml) and,
+    /// with --agent FILE, an agent.toml, and prints the effective configuration with every
+    /// default filled in (passwords redacted). Exit 0 valid, 64 invalid (the error names
+    /// the file, the line, the key and what is accepted there)
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Write a commented starter belay.toml into --dir (default: the current directory):
+    /// every section, each setting at its default. Never overwrites: exit 73 when the file
+    /// exists
+    Init,
     /// Adopt an existing database: record that everything up to VERSION is already there
     Baseline {
         #[arg(long, value_name = "VERSION")]
@@ -348,6 +385,18 @@ pub enum Command {
         description: String,
         #[command(flatten)]
         exec: ExecArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate belay.toml (and agent.toml with --agent) as a run would read it, and print
+    /// the effective configuration (text: TOML; --output json)
+    Check {
+        /// Also validate this agent.toml, exactly as belay-agent reads it (its url_env
+        /// variables and url_file files must be readable here)
+        #[arg(long, value_name = "FILE")]
+        agent: Option<PathBuf>,
     },
 }
 

@@ -146,21 +146,9 @@ pub async fn check(
     })
 }
 
+/// The same spelling as `expect =` in belay.toml (`Expectation::from_str`).
 fn parse_expect(s: &str) -> Result<Expectation, Failure> {
-    let bad = || {
-        health_err(format!(
-            "--expect {s:?}: use no_rows, zero, equals=N or at_most=N"
-        ))
-    };
-    Ok(match s {
-        "no_rows" => Expectation::NoRows,
-        "zero" => Expectation::Zero,
-        other => match other.split_once('=') {
-            Some(("equals", n)) => Expectation::Equals(n.trim().parse().map_err(|_| bad())?),
-            Some(("at_most", n)) => Expectation::AtMost(n.trim().parse().map_err(|_| bad())?),
-            _ => return Err(bad()),
-        },
-    })
+    s.parse().map_err(|e| health_err(format!("--expect: {e}")))
 }
 
 fn apply_args(mut probe: TargetProbe, a: &ProbeArgs) -> Result<TargetProbe, Failure> {

@@ -6,11 +6,13 @@ mod adopt_cmd;
 mod backfill_cmd;
 mod backup_cmd;
 mod cli;
+mod config_cmd;
 mod deploy_cmd;
 mod health_cmd;
 mod history_cmd;
 mod lint_cmd;
 mod locks_cmd;
+mod pipe_guard;
 mod remote;
 mod render;
 mod rollback_cmd;
@@ -40,6 +42,8 @@ pub(crate) mod exit {
     pub const NOT_FOUND: u8 = 66;
     /// Out of disk space or over the size budget (sysexits EX_CANTCREAT).
     pub const NO_SPACE: u8 = 73;
+    /// `init`: the file exists, or cannot be created (sysexits EX_CANTCREAT).
+    pub const CANT_CREATE: u8 = 73;
     pub const UNAVAILABLE: u8 = 69;
     pub const NOPERM: u8 = 77;
     pub const SOFTWARE: u8 = 70;
@@ -87,6 +91,16 @@ fn usage(e: anyhow::Error) -> Failure {
 }
 
 fn main() -> ExitCode {
+    // Output to a reader that goes away (`belay status | head`) is dropped; the work goes
+    // on and the exit code is its own (see pipe_guard).
+    let guard = pipe_guard::install();
+    let code = std::panic::catch_unwind(belay_main);
+    guard.finish();
+    // A panic is an internal error, whatever Rust would exit with.
+    code.unwrap_or(ExitCode::from(exit::SOFTWARE))
+}
+
+fn belay_main() -> ExitCode {
     let matches = match Cli::command().try_get_matches() {
         Ok(m) => m,
         Err(e) => {
@@ -147,10 +161,16 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     let exec_args = match &cli.command {
         Command::Migrate { exec, .. }
         | Command::Undo { exec, .. }
-        | Command::Repair { exec }
+        | Command::Repair { exec, .. }
         | Command::Baseline { exec, .. } => Some(exec),
         _ => adopt_exec.as_ref(),
     };
+    // Configuration files are local, whatever the mode.
+    match &cli.command {
+        Command::Config { command } => return config_cmd::run(&cli, command, url_from_argv),
+        Command::Init => return config_cmd::init(cli.dir.as_deref(), cli.output),
+        _ => {}
+    }
     if cli.controller.is_some()
         && let Some(f) = backup_cmd::remote_unsupported(&cli.command)
     {
@@ -489,8 +509,18 @@ async fn execute(
                 exit::REFUSED
             })
         }
-        Command::Repair { .. } => {
-            let actions = api.repair(target_name).await?;
+        Command::Repair {
+            version,
+            checksums_only,
+            failed_only,
+            ..
+        } => {
+            let scope = belay_migrate::RepairScope {
+                version,
+                checksums_only,
+                failed_only,
+            };
+            let actions = api.repair(target_name, &scope).await?;
             render::repair(out, &actions);
             Ok(0)
         }
@@ -509,6 +539,10 @@ async fn execute(
             message: "locks, check and probe go through the lock monitor and health APIs, not the migration API".into(),
         }),
         Command::History { .. } => Err(history_cmd::remote_unsupported()),
+        Command::Config { .. } | Command::Init => Err(Failure {
+            code: exit::SOFTWARE,
+            message: "config and init are handled before the migration API".into(),
+        }),
         Command::Rollback { .. } => Err(Failure {
             code: exit::USAGE,
             message: "rollback is handled before the migration API".into(),

@@ -417,24 +417,49 @@ pub async fn fleet_command(
         {
             Ok(r) => {
                 let agents = r.into_inner().agents;
+                // Each target's environment, as its agent.toml gives it.
+                let environments: std::collections::BTreeMap<String, String> =
+                    match ControllerServiceClient::new(conn.intercepted())
+                        .list_targets(pb::ListTargetsRequest {})
+                        .await
+                    {
+                        Ok(t) => t
+                            .into_inner()
+                            .targets
+                            .into_iter()
+                            .filter(|t| !t.environment.is_empty())
+                            .map(|t| (t.name, t.environment))
+                            .collect(),
+                        Err(s) => return Some(Err(err(conn)(s))),
+                    };
+                let env_of = |t: &str| environments.get(t).map(String::as_str);
                 match out {
                     Output::Json => println!(
                         "{}",
                         json!(agents.iter().map(|a| json!({
                             "name": a.name, "address": a.address, "version": a.version, "state": a.state,
                             "last_heartbeat": ts(&a.last_heartbeat), "targets": a.targets,
+                            "target_environments": a.targets.iter().map(|t| (t.clone(), json!(env_of(t)))).collect::<serde_json::Map<_, _>>(),
                         })).collect::<Vec<_>>())
                     ),
                     Output::Text if agents.is_empty() => println!("no agents registered"),
                     Output::Text => {
                         for a in &agents {
+                            let targets: Vec<String> = a
+                                .targets
+                                .iter()
+                                .map(|t| match env_of(t) {
+                                    Some(e) => format!("{t} ({e})"),
+                                    None => format!("{t} (no environment)"),
+                                })
+                                .collect();
                             println!(
                                 "{:<20} {:<22} {:<11} last heartbeat {}  targets: {}",
                                 a.name,
                                 a.address,
                                 a.state,
                                 ts(&a.last_heartbeat),
-                                a.targets.join(", ")
+                                targets.join(", ")
                             );
                         }
                     }

@@ -1,7 +1,7 @@
 //! Resolves flags, environment and `belay.toml` into one validated configuration.
 
 use crate::cli::{Cli, ExecArgs};
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use belay_core::{DatabaseUrl, parse_duration};
 use belay_migrate::ExecConfig;
 use std::path::{Path, PathBuf};
@@ -135,11 +135,11 @@ pub enum ByteSize {
 }
 
 impl ByteSize {
-    pub fn resolve(&self, key: &str) -> Result<u64> {
+    pub fn resolve(&self) -> Result<u64> {
         match self {
             ByteSize::Bytes(n) => Ok(*n),
             ByteSize::Text(t) => belay_health::parse_bytes(t).ok_or_else(|| {
-                anyhow!("`{key}`: invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)")
+                anyhow!("invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)")
             }),
         }
     }
@@ -168,10 +168,33 @@ pub struct Settings {
     pub restore_lock_timeout: std::time::Duration,
 }
 
+/// Where belay.toml came from, for errors naming its file, line and key.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    /// An error about `key` (dotted, e.g. `rollback.settle`) of this file.
+    pub fn err(&self, key: &str, message: impl std::fmt::Display) -> anyhow::Error {
+        belay_config::ConfigError::at(&self.path, &self.text, key, message).into()
+    }
+}
+
+/// An error about belay.toml's `key`: at its line when the file is known.
+fn file_err(src: Option<&Source>, key: &str, message: impl std::fmt::Display) -> anyhow::Error {
+    match src {
+        Some(s) => s.err(key, message),
+        None => anyhow!("belay.toml `{key}`: {message}"),
+    }
+}
+
 /// `[rollback]` checked: every duration parses and is positive, hooks name a command —
 /// by the same rules as agent.toml's `[targets.rollback]`.
 fn rollback_policy(
     file: &FileRollback,
+    src: Option<&Source>,
 ) -> Result<(belay_rollback::RollbackPolicy, std::time::Duration)> {
     let hook = |h: &Option<FileHook>| {
         h.as_ref().map(|h| belay_rollback::HookSetting {
@@ -189,40 +212,31 @@ fn rollback_policy(
         restore_attempts: file.restore_attempts,
     }
     .resolve("belay.toml [rollback]")
-    .map_err(|e| anyhow!(e))
+    .map_err(|e| file_err(src, "rollback", e))
 }
 
-/// belay.toml's path and text; `None` when no `--config` was given and there is no
-/// `belay.toml` here.
-fn read_file(cli: &Cli) -> Result<Option<(PathBuf, String)>> {
+pub fn load_file(cli: &Cli) -> Result<FileConfig> {
+    load_source(cli).map(|(file, _)| file)
+}
+
+/// belay.toml (`--config`, else `./belay.toml` when present) and where it came from;
+/// errors name the file, the line, the key and what is accepted there.
+pub fn load_source(cli: &Cli) -> Result<(FileConfig, Option<Source>)> {
     let (path, required) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("belay.toml"), false),
     };
-    match std::fs::read_to_string(&path) {
-        Ok(t) => Ok(Some((path, t))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(None),
-        Err(e) => Err(anyhow!("cannot read config {}: {e}", path.display())),
-    }
-}
-
-/// Parses belay.toml's text as `T`. The parser's message quotes the offending line,
-/// which may be a `url =` line: it is redacted.
-fn parse_file<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
-    toml::from_str(text).map_err(|e| {
-        anyhow!(
-            "config {}: {}",
-            path.display(),
-            belay_core::redact_url(&e.to_string())
-        )
-    })
-}
-
-pub fn load_file(cli: &Cli) -> Result<FileConfig> {
-    match read_file(cli)? {
-        Some((path, text)) => parse_file(&path, &text),
-        None => Ok(FileConfig::default()),
-    }
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            return Ok((FileConfig::default(), None));
+        }
+        Err(e) => {
+            return Err(belay_config::ConfigError::file(&path, format!("cannot read: {e}")).into());
+        }
+    };
+    let file = belay_config::parse(&path, &text)?;
+    Ok((file, Some(Source { path, text })))
 }
 
 /// The keys belay.toml's `[preflight]` sets, with their values as written: what a remote
@@ -230,11 +244,16 @@ pub fn load_file(cli: &Cli) -> Result<FileConfig> {
 /// here leaves the target's threshold alone, rather than its default tightening it).
 pub fn preflight_keys(cli: &Cli) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
     // Checked in full first, so an unknown key is refused with the usual message.
-    load_file(cli)?;
-    let Some((path, text)) = read_file(cli)? else {
+    let Some(src) = load_source(cli)?.1 else {
         return Ok(Default::default());
     };
-    let table: toml::Table = parse_file(&path, &text)?;
+    let table: toml::Table = toml::from_str(&src.text).map_err(|e| {
+        anyhow!(
+            "config {}: {}",
+            src.path.display(),
+            belay_core::redact_url(&e.to_string())
+        )
+    })?;
     let Some(preflight) = table.get("preflight").and_then(toml::Value::as_table) else {
         return Ok(Default::default());
     };
@@ -242,14 +261,10 @@ pub fn preflight_keys(cli: &Cli) -> Result<std::collections::BTreeMap<String, se
         .iter()
         .map(|(k, v)| {
             let v = serde_json::to_value(v)
-                .with_context(|| format!("config {}: [preflight] {k}", path.display()))?;
+                .with_context(|| format!("config {}: [preflight] {k}", src.path.display()))?;
             Ok((k.clone(), v))
         })
         .collect()
-}
-
-fn duration(flag: &str, v: &str) -> Result<std::time::Duration> {
-    parse_duration(v).with_context(|| format!("--{flag}"))
 }
 
 fn read_url_file(path: &Path) -> Result<String> {
@@ -263,7 +278,8 @@ fn read_url_file(path: &Path) -> Result<String> {
 }
 
 pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> Result<Settings> {
-    let file = load_file(cli)?;
+    let (file, src) = load_source(cli)?;
+    let src = src.as_ref();
     let raw_url = if let Some(u) = &cli.url {
         Some(u.clone())
     } else if let Some(p) = &cli.url_file {
@@ -290,46 +306,105 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
     }
     let fe = &file.execution;
     let ea = exec_args.cloned().unwrap_or_default();
-    if let Some(v) = ea.lock_timeout.as_ref().or(fe.lock_timeout.as_ref()) {
-        exec.lock_timeout = duration("lock-timeout", v)?;
-        if exec.lock_timeout.is_zero() {
-            bail!(
-                "--lock-timeout must be greater than zero: without it, application queries queue behind a waiting migration indefinitely"
-            );
+    // A value from a flag is that flag's error; from the file, the file's (with its line).
+    let bad = |flag_given: bool, flag: &str, key: &str, message: String| -> anyhow::Error {
+        if flag_given {
+            anyhow!("--{flag}: {message}")
+        } else {
+            file_err(src, &format!("execution.{key}"), message)
         }
+    };
+    let dur = |flag_v: Option<&String>, file_v: Option<&String>, flag: &str, key: &str| {
+        let Some(v) = flag_v.or(file_v) else {
+            return Ok(None);
+        };
+        parse_duration(v)
+            .map(Some)
+            .map_err(|e| bad(flag_v.is_some(), flag, key, e.to_string()))
+    };
+    if let Some(d) = dur(
+        ea.lock_timeout.as_ref(),
+        fe.lock_timeout.as_ref(),
+        "lock-timeout",
+        "lock_timeout",
+    )? {
+        if d.is_zero() {
+            return Err(bad(
+                ea.lock_timeout.is_some(),
+                "lock-timeout",
+                "lock_timeout",
+                "must be greater than zero: without it, application queries queue behind a waiting migration indefinitely".into(),
+            ));
+        }
+        exec.lock_timeout = d;
     }
     if let Some(v) = ea.max_attempts.or(fe.max_attempts) {
         if v == 0 {
-            bail!("--max-attempts must be at least 1");
+            return Err(bad(
+                ea.max_attempts.is_some(),
+                "max-attempts",
+                "max_attempts",
+                "must be at least 1".into(),
+            ));
         }
         exec.max_attempts = v;
     }
-    if let Some(v) = ea.max_lock_wait.as_ref().or(fe.max_lock_wait.as_ref()) {
-        exec.max_lock_wait = duration("max-lock-wait", v)?;
+    if let Some(d) = dur(
+        ea.max_lock_wait.as_ref(),
+        fe.max_lock_wait.as_ref(),
+        "max-lock-wait",
+        "max_lock_wait",
+    )? {
+        exec.max_lock_wait = d;
     }
-    if let Some(v) = ea
-        .statement_timeout
-        .as_ref()
-        .or(fe.statement_timeout.as_ref())
-    {
-        exec.statement_timeout = Some(duration("statement-timeout", v)?);
+    if let Some(d) = dur(
+        ea.statement_timeout.as_ref(),
+        fe.statement_timeout.as_ref(),
+        "statement-timeout",
+        "statement_timeout",
+    )? {
+        exec.statement_timeout = Some(d);
     }
-    if let Some(v) = &fe.concurrent_lock_timeout {
-        exec.concurrent_lock_timeout = duration("concurrent_lock_timeout", v)?;
+    if let Some(d) = dur(
+        None,
+        fe.concurrent_lock_timeout.as_ref(),
+        "",
+        "concurrent_lock_timeout",
+    )? {
+        exec.concurrent_lock_timeout = d;
     }
-    if let Some(v) = ea.runner_wait.as_ref().or(fe.runner_wait.as_ref()) {
-        exec.runner_wait = duration("runner-wait", v)?;
+    if let Some(d) = dur(
+        ea.runner_wait.as_ref(),
+        fe.runner_wait.as_ref(),
+        "runner-wait",
+        "runner_wait",
+    )? {
+        exec.runner_wait = d;
     }
-    if let Some(v) = ea.max_blocking.as_ref().or(fe.max_blocking.as_ref()) {
-        exec.max_blocking = duration("max-blocking", v)?;
-        if exec.max_blocking.is_zero() {
-            bail!(
-                "--max-blocking must be greater than zero (it would cancel a migration the moment anything queued behind it); use --no-lock-guard to run without the guard"
-            );
+    if let Some(d) = dur(
+        ea.max_blocking.as_ref(),
+        fe.max_blocking.as_ref(),
+        "max-blocking",
+        "max_blocking",
+    )? {
+        if d.is_zero() {
+            return Err(bad(
+                ea.max_blocking.is_some(),
+                "max-blocking",
+                "max_blocking",
+                "must be greater than zero (it would cancel a migration the moment anything queued behind it); use --no-lock-guard (or lock_guard = false) to run without the guard".into(),
+            ));
         }
+        exec.max_blocking = d;
     }
     let lock_guard = !ea.no_lock_guard && fe.lock_guard.unwrap_or(true);
-    belay_history::History::new(&exec.history_schema).map_err(|e| anyhow!("{e}"))?;
+    belay_history::History::new(&exec.history_schema).map_err(|e| {
+        if cli.history_schema.is_some() {
+            anyhow!("--history-schema: {e}")
+        } else {
+            file_err(src, "history_schema", e)
+        }
+    })?;
     let backup_dir = cli
         .backup_dir
         .clone()
@@ -344,19 +419,38 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
     }
     if let Some(bytes) = &file.lint.small_table_bytes {
         small_table.max_bytes = bytes
-            .resolve("[lint] small_table_bytes")
-            .map_err(|e| anyhow!("belay.toml: {e}"))?;
+            .resolve()
+            .map_err(|e| file_err(src, "lint.small_table_bytes", e))?;
     }
-    for p in &file.probes {
+    let mut probe_names = std::collections::BTreeSet::new();
+    for (i, p) in file.probes.iter().enumerate() {
+        if !probe_names.insert(p.name.as_str()) {
+            return Err(file_err(
+                src,
+                &format!("probes[{i}].name"),
+                format!("two probes are named {:?}", p.name),
+            ));
+        }
         p.validate()
-            .map_err(|e| anyhow!("belay.toml [[probes]]: {e}"))?;
+            .map_err(|e| file_err(src, &format!("probes[{i}]"), e))?;
     }
-    let (rollback, restore_lock_timeout) = rollback_policy(&file.rollback)?;
+    if let Some(soak) = &file.deploy.canary_soak {
+        parse_duration(soak).map_err(|e| file_err(src, "deploy.canary_soak", e))?;
+    }
+    let (rollback, restore_lock_timeout) = rollback_policy(&file.rollback, src)?;
     let mut deploy = file.deploy;
     match (deploy.on_failure, file.rollback.on_failure) {
-        (Some(a), Some(b)) if a != b => bail!(
-            "belay.toml sets on_failure twice, differently ([deploy] {a:?}, [rollback] {b:?}): keep one"
-        ),
+        (Some(a), Some(b)) if a != b => {
+            return Err(file_err(
+                src,
+                "rollback.on_failure",
+                format!(
+                    "the file sets on_failure twice, differently ([deploy] \"{}\", [rollback] \"{}\"): keep one",
+                    format!("{a:?}").to_lowercase(),
+                    format!("{b:?}").to_lowercase()
+                ),
+            ));
+        }
         (None, b) => deploy.on_failure = b,
         _ => {}
     }

@@ -294,6 +294,20 @@ fn create_and_list_show_formats_scopes_and_files() {
     }
     let text = belay_b_ok(&db.url, dir.path(), b.path(), &["backup", "list"]);
     assert!(text.stdout.contains("just t"), "{text:?}");
+    // `verified` stays a yes/no; the restore test has its own yes/no column.
+    let mut lines = text.stdout.lines();
+    let header = lines.next().expect("header");
+    let col = |name: &str| {
+        header
+            .find(name)
+            .unwrap_or_else(|| panic!("{name}: {header}"))
+    };
+    let (verified, tested) = (col("verified"), col("restore-test"));
+    for row in lines {
+        let word = |at: usize| row[at..].split_whitespace().next().unwrap_or("");
+        assert!(matches!(word(verified), "yes" | "no"), "{row}");
+        assert!(matches!(word(tested), "yes" | "no"), "{row}");
+    }
 
     // Retention keeps the newest verified backup even when asked to keep none.
     let p = belay_b_ok(

@@ -448,7 +448,10 @@ fn small_table_thresholds_come_from_belay_toml() {
     );
     let (code, err) = verdict(Some("[lint]\nsmall_rows = 1\n"));
     assert_eq!(code, 64, "{err}");
-    assert!(err.contains("unknown field `small_rows`"), "{err}");
+    assert!(
+        err.contains("`lint.small_rows`: unknown key `small_rows`"),
+        "{err}"
+    );
     let (code, err) = verdict(Some("[lint]\nsmall_table_bytes = \"huge\"\n"));
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("invalid size \"huge\""), "{err}");

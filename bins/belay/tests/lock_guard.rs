@@ -211,7 +211,7 @@ fn lock_guard_flags_are_checked() {
     for (args, want) in [
         (
             &["migrate", "--max-blocking", "0s"][..],
-            "--max-blocking must be greater than zero",
+            "--max-blocking: must be greater than zero",
         ),
         (&["migrate", "--max-blocking", "soon"][..], "--max-blocking"),
         (

@@ -511,7 +511,7 @@ fn bad_rollback_settings_and_targets_are_refused_naming_them() {
     assert_eq!(r.code, 64, "{r:?}");
     assert!(
         r.stderr
-            .contains("[rollback] settle must be greater than zero"),
+            .contains("`rollback.settle`: must be greater than zero"),
         "{r:?}"
     );
     let cfg = config(cfg_dir.path(), "[rollback]\npolicy = \"sometimes\"\n");

@@ -785,7 +785,10 @@ async fn a_full_disk_removes_the_partial_backup() {
             .status()
             .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("skipped: cannot mount a tmpfs here (the size-limit test covers cleanup)");
+        belay_testkit::skip(
+            "a_full_disk_removes_the_partial_backup",
+            "cannot mount a 1 MiB tmpfs here (needs root with CAP_SYS_ADMIN); the size-limit test covers the cleanup",
+        );
         return;
     }
     let _mount = Mount(mnt.path().to_path_buf());

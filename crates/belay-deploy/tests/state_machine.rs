@@ -114,7 +114,11 @@ impl MigrationApi for FakeMigrations {
     async fn validate(&self, _: &str) -> Result<Validation, ApiError> {
         Err(unused())
     }
-    async fn repair(&self, _: &str) -> Result<Vec<RepairAction>, ApiError> {
+    async fn repair(
+        &self,
+        _: &str,
+        _: &belay_migrate::RepairScope,
+    ) -> Result<Vec<RepairAction>, ApiError> {
         Err(unused())
     }
     async fn baseline(&self, _: &str, _: &str, _: &str) -> Result<(), ApiError> {

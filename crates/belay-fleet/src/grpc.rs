@@ -96,9 +96,16 @@ pub fn deployment_pb(d: &DeploymentRecord) -> pb::Deployment {
     }
 }
 
+/// The shortest id prefix looked up: shorter ones match too much to be meant.
+const MIN_ID_PREFIX: usize = 4;
+
 fn parse_id(s: &str) -> Result<Uuid, Status> {
-    Uuid::parse_str(s.trim())
-        .map_err(|_| Status::invalid_argument(format!("{s:?} is not a deployment id (a UUID)")))
+    Uuid::parse_str(s.trim()).map_err(|_| {
+        st(ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!("{s:?} is not a deployment id (a UUID)"),
+        ))
+    })
 }
 
 type EventStream = ReceiverStream<Result<pb::DeploymentEvent, Status>>;
@@ -304,6 +311,62 @@ impl pb::controller_service_server::ControllerService for ControllerGrpc {
     }
 }
 
+impl HistoryGrpc {
+    /// A deployment id, or a unique prefix of one (at least four characters, as `belay
+    /// deployments list` prints them): none matching is `NotFound`, several an
+    /// `InvalidArgument` naming them.
+    async fn resolve_id(&self, given: &str) -> Result<Uuid, Status> {
+        let given = given.trim();
+        if let Ok(id) = Uuid::parse_str(given) {
+            return Ok(id);
+        }
+        let prefix = given.to_ascii_lowercase();
+        if prefix.len() < MIN_ID_PREFIX
+            || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        {
+            return Err(st(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{given:?} is not a deployment id: give the id, or a unique prefix of at least {MIN_ID_PREFIX} of its characters"
+                ),
+            )));
+        }
+        // Every deployment, newest first: the store has no prefix index, and a controller
+        // keeps thousands, not millions.
+        let all = self
+            .0
+            .store()
+            .deployments(i64::MAX)
+            .await
+            .map_err(|e| st(store_err(e)))?;
+        let matching: Vec<Uuid> = all
+            .iter()
+            .map(|d| d.id)
+            .filter(|id| id.to_string().starts_with(&prefix))
+            .collect();
+        match matching[..] {
+            [id] => Ok(id),
+            [] => Err(st(ApiError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no deployment {given:?}: `belay deployments list` shows the recorded ones"
+                ),
+            ))),
+            _ => Err(st(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{given:?} starts more than one deployment id ({}): give more of it",
+                    matching
+                        .iter()
+                        .map(Uuid::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::history_service_server::HistoryService for HistoryGrpc {
     async fn list_deployments(
@@ -329,7 +392,7 @@ impl pb::history_service_server::HistoryService for HistoryGrpc {
         &self,
         req: Request<pb::GetDeploymentRequest>,
     ) -> Result<Response<pb::Deployment>, Status> {
-        let id = parse_id(&req.get_ref().id)?;
+        let id = self.resolve_id(&req.get_ref().id).await?;
         match self
             .0
             .store()
@@ -349,8 +412,8 @@ impl pb::history_service_server::HistoryService for HistoryGrpc {
                 Ok(Response::new(d))
             }
             None => Err(st(ApiError::new(
-                ErrorKind::UnknownTarget,
-                format!("no deployment {id}"),
+                ErrorKind::NotFound,
+                format!("no deployment {id}: `belay deployments list` shows the recorded ones"),
             ))),
         }
     }

@@ -589,8 +589,12 @@ impl MigrationApi for Fleet {
         self.client_for(target).await?.0.validate(target).await
     }
 
-    async fn repair(&self, target: &str) -> Result<Vec<RepairAction>, ApiError> {
-        self.client_for(target).await?.0.repair(target).await
+    async fn repair(
+        &self,
+        target: &str,
+        scope: &belay_migrate::RepairScope,
+    ) -> Result<Vec<RepairAction>, ApiError> {
+        self.client_for(target).await?.0.repair(target, scope).await
     }
 
     async fn baseline(

@@ -34,13 +34,14 @@ pub use check::{CheckResult, CheckStatus, Severity, any_blocks, apply_overrides}
 pub use disk::{DiskSpace, disk_space};
 pub use error::HealthError;
 pub use postflight::{
-    Expectation, PostflightSpec, SmokeQuery, UserCheck, VerifyScript, postflight,
+    EXPECTATION_FORMS, Expectation, PostflightSpec, SmokeQuery, UserCheck, VerifyScript, postflight,
 };
 pub use preflight::{
     MigrationSummary, PREFLIGHT_CHECKS, PreflightContext, Thresholds, preflight, preflight_url,
 };
 pub use probe::{
-    Evidence, HttpProbe, ProbeEvent, ProbeKind, ProbeMachine, ProbeOutcome, ProbeResult, ProbeSpec,
-    ProbeState, ProbeStream, SqlProbe, Transition, WatchOutcome, run_probe, run_probes, watch,
+    Evidence, HttpProbe, PROBE_FORMS, ProbeEvent, ProbeKind, ProbeMachine, ProbeOutcome,
+    ProbeResult, ProbeSpec, ProbeState, ProbeStream, SqlProbe, Transition, WatchOutcome, run_probe,
+    run_probes, watch,
 };
 pub use units::{format_bytes, parse_bytes};

@@ -107,15 +107,82 @@ impl From<(PathBuf, String)> for VerifyScript {
 }
 
 /// What a query's result must be: `"no_rows"`, `"zero"` (the first column of a single
-/// row is 0, as `SELECT count(*) …` of bad rows), `{ equals = N }`, `{ at_most = N }`
-/// (the first column of the first row).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// row is 0, as `SELECT count(*) …` of bad rows), `"equals=N"`, `"at_most=N"`
+/// (the first column of the first row). One spelling everywhere — `belay probe sql --expect`,
+/// `expect =` in `[[checks]]` and `[[probes]]`, agent.toml: `"no_rows"`, `"zero"`,
+/// `"equals=N"`, `"at_most=N"` (see [`Expectation::from_str`]). The table form older files
+/// used (`expect = { equals = 5 }`) is still read, so stored policies keep loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expectation {
     NoRows,
     Zero,
     Equals(i64),
     AtMost(i64),
+}
+
+/// The accepted spellings, for error messages.
+pub const EXPECTATION_FORMS: &str =
+    "\"no_rows\", \"zero\", \"equals=N\" or \"at_most=N\" (N an integer)";
+
+impl Expectation {
+    /// The spelling `from_str` reads: `no_rows`, `zero`, `equals=N`, `at_most=N`.
+    pub fn spelling(&self) -> String {
+        match self {
+            Expectation::NoRows => "no_rows".into(),
+            Expectation::Zero => "zero".into(),
+            Expectation::Equals(n) => format!("equals={n}"),
+            Expectation::AtMost(n) => format!("at_most={n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Expectation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an expectation: use {EXPECTATION_FORMS}");
+        let number = |n: &str| n.trim().parse::<i64>().map_err(|_| bad());
+        match s.trim() {
+            "no_rows" => Ok(Expectation::NoRows),
+            "zero" => Ok(Expectation::Zero),
+            other => match other.split_once('=') {
+                Some((k, n)) if k.trim() == "equals" => Ok(Expectation::Equals(number(n)?)),
+                Some((k, n)) if k.trim() == "at_most" => Ok(Expectation::AtMost(number(n)?)),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl Serialize for Expectation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.spelling())
+    }
+}
+
+impl<'de> Deserialize<'de> for Expectation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// The table form older files and stored policies used.
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case", deny_unknown_fields)]
+        enum Tagged {
+            Equals(i64),
+            AtMost(i64),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Tagged(Tagged),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(format!("`expect` must be one of {EXPECTATION_FORMS}"))
+        })? {
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+            Raw::Tagged(Tagged::Equals(n)) => Ok(Expectation::Equals(n)),
+            Raw::Tagged(Tagged::AtMost(n)) => Ok(Expectation::AtMost(n)),
+        }
+    }
 }
 
 impl std::fmt::Display for Expectation {
@@ -500,6 +567,10 @@ mod tests {
             name = "dupes"
             query = "SELECT count(*) FROM x"
             expect = { at_most = 10 }
+            [[checks]]
+            name = "spelt_as_on_the_command_line"
+            query = "SELECT count(*) FROM x"
+            expect = "at_most=10"
             [[smoke]]
             name = "orders_readable"
             query = "SELECT * FROM orders LIMIT 1"
@@ -513,10 +584,41 @@ mod tests {
                 Expectation::NoRows,
                 Expectation::Zero,
                 Expectation::Equals(3),
+                Expectation::AtMost(10),
                 Expectation::AtMost(10)
             ]
         );
         assert_eq!(c.postflight.smoke.len(), 1);
         assert_eq!(c.postflight.statement_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn expectations_read_the_same_everywhere_and_bad_ones_name_the_forms() {
+        for e in [
+            Expectation::NoRows,
+            Expectation::Zero,
+            Expectation::Equals(-3),
+            Expectation::AtMost(10),
+        ] {
+            // What is written (config check's output, stored policies) reads back.
+            let json = serde_json::to_string(&e).unwrap();
+            assert_eq!(serde_json::from_str::<Expectation>(&json).unwrap(), e);
+            assert_eq!(e.spelling().parse::<Expectation>().unwrap(), e);
+        }
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct C {
+            expect: Expectation,
+        }
+        for bad in [
+            "expect = \"equals 3\"",
+            "expect = \"equal=3\"",
+            "expect = 3",
+            "expect = { more_than = 3 }",
+            "expect = \"at_most=x\"",
+        ] {
+            let e = toml::from_str::<C>(bad).unwrap_err().to_string();
+            assert!(e.contains("\"equals=N\""), "{bad}: {e}");
+        }
     }
 }

@@ -210,6 +210,16 @@ struct Shape {
     has_deployments: bool,
 }
 
+/// `notes` with `$2` (a repair's note) and the time appended to `notes.repairs`; notes
+/// that are not an object (none written so) are kept under `previous`.
+const REPAIR_NOTE: &str = "jsonb_set(\
+    CASE WHEN jsonb_typeof(notes) = 'object' THEN notes \
+         WHEN notes IS NULL THEN '{}'::jsonb \
+         ELSE jsonb_build_object('previous', notes) END, \
+    '{repairs}', \
+    COALESCE(CASE WHEN jsonb_typeof(notes->'repairs') = 'array' THEN notes->'repairs' END, '[]'::jsonb) \
+      || jsonb_build_array(jsonb_build_object('at', now()) || $2::jsonb))";
+
 /// `notes` as jsonb accepts it: PostgreSQL text cannot hold NUL, and jsonb rejects the
 /// `\u0000` escape serde_json would write for one, so NULs are dropped from every string.
 pub(crate) fn storable_notes(v: &serde_json::Value) -> serde_json::Value {
@@ -592,17 +602,21 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);
     }
 
     /// Sets failed and interrupted rows aside (state `repaired`); they stay for the record.
+    /// Sets a failed or interrupted row aside, appending `note` (with the time) to its
+    /// `notes.repairs` in the same statement.
     pub async fn mark_repaired(
         &self,
         conn: &mut PgConnection,
         rank: i32,
+        note: &serde_json::Value,
     ) -> Result<(), HistoryError> {
         let sql = format!(
-            "UPDATE {} SET state = 'repaired', success = false WHERE installed_rank = $1 AND state IN ('running', 'failed')",
+            "UPDATE {} SET state = 'repaired', success = false, notes = {REPAIR_NOTE} WHERE installed_rank = $1 AND state IN ('running', 'failed')",
             self.qualified
         );
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(rank)
+            .bind(sqlx::types::Json(storable_notes(note)))
             .execute(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
@@ -611,18 +625,22 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);
 
     /// Realigns a row's checksum with the script on disk (`belay repair` after a
     /// deliberate, reviewed edit of an applied migration).
+    /// Realigns a row's checksum, appending `note` to its `notes.repairs` in the same
+    /// statement.
     pub async fn update_checksum(
         &self,
         conn: &mut PgConnection,
         rank: i32,
         checksum: &str,
+        note: &serde_json::Value,
     ) -> Result<(), HistoryError> {
         let sql = format!(
-            "UPDATE {} SET checksum = $2 WHERE installed_rank = $1",
+            "UPDATE {} SET checksum = $3, notes = {REPAIR_NOTE} WHERE installed_rank = $1",
             self.qualified
         );
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(rank)
+            .bind(sqlx::types::Json(storable_notes(note)))
             .bind(checksum)
             .execute(&mut *conn)
             .await
@@ -906,7 +924,13 @@ VALUES ('1', 'old', 'SQL', 'V1__old.sql', true, 'success');"#,
                 .map(|n| n["lock_guard_trips"][0]["blocked_sessions"].clone()),
             Some(serde_json::json!(3))
         );
-        h.mark_repaired(&mut conn, rank).await.unwrap();
+        h.mark_repaired(
+            &mut conn,
+            rank,
+            &serde_json::json!({ "action": "set_aside" }),
+        )
+        .await
+        .unwrap();
         // The literal form stores the same values, however awkward the text.
         let mut tricky = row.clone();
         tricky.description = r"it's \ a 'quoted' \n test".into();

@@ -9,7 +9,9 @@ use crate::error::{ErrorKind, MigrateError};
 use crate::events::{Direction, EventSink};
 use crate::gate::ScriptGate;
 use crate::guard::LockGuardHook;
-use crate::runner::{CheckOverride, Migrator, RepairAction, RunReport, Target, UndoTarget};
+use crate::runner::{
+    CheckOverride, Migrator, RepairAction, RepairScope, RunReport, Target, UndoTarget,
+};
 use crate::status::MigrationStatus;
 use belay_core::DatabaseUrl;
 use std::collections::BTreeMap;
@@ -101,7 +103,11 @@ pub trait MigrationApi: Send + Sync {
         sink: EventSink,
     ) -> Result<RunReport, ApiError>;
     async fn validate(&self, target: &str) -> Result<Validation, ApiError>;
-    async fn repair(&self, target: &str) -> Result<Vec<RepairAction>, ApiError>;
+    async fn repair(
+        &self,
+        target: &str,
+        scope: &RepairScope,
+    ) -> Result<Vec<RepairAction>, ApiError>;
     async fn baseline(
         &self,
         target: &str,
@@ -307,9 +313,13 @@ impl MigrationApi for LocalTargets {
         })
     }
 
-    async fn repair(&self, target: &str) -> Result<Vec<RepairAction>, ApiError> {
+    async fn repair(
+        &self,
+        target: &str,
+        scope: &RepairScope,
+    ) -> Result<Vec<RepairAction>, ApiError> {
         let m = self.migrator(target, crate::events::discard(), None)?;
-        Ok(m.repair().await?)
+        Ok(m.repair(scope).await?)
     }
 
     async fn baseline(

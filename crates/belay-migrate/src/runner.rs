@@ -94,6 +94,18 @@ pub struct RunReport {
     pub other_runner: Option<RunnerHolder>,
 }
 
+/// What `repair` may touch: one migration (`version`), and which of the two kinds of
+/// repair. The default is everything, as `belay repair` without flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairScope {
+    /// Only this migration (`repair --version V`).
+    pub version: Option<String>,
+    /// Only realign checksums (`--checksums-only`): failed rows stay failed.
+    pub checksums_only: bool,
+    /// Only set failed or interrupted rows aside (`--failed-only`): drift stays refused.
+    pub failed_only: bool,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RepairAction {
     pub version: Option<String>,
@@ -1566,8 +1578,22 @@ impl Migrator {
             .collect())
     }
 
-    /// Sets failed rows aside and realigns checksums of deliberately edited migrations.
-    pub async fn repair(&self) -> Result<Vec<RepairAction>, MigrateError> {
+    /// Sets failed rows aside and realigns checksums of deliberately edited migrations,
+    /// within `scope`. Each row changed says so in its notes (`notes.repairs`: when, what,
+    /// and for a checksum the recorded and the new one).
+    pub async fn repair(&self, scope: &RepairScope) -> Result<Vec<RepairAction>, MigrateError> {
+        if scope.checksums_only && scope.failed_only {
+            return Err(MigrateError::Refused {
+                action: "repair",
+                reason: "--checksums-only and --failed-only exclude each other: give one, or neither for both".into(),
+            });
+        }
+        let only = match &scope.version {
+            Some(v) => {
+                Some(Version::parse(v).map_err(|_| MigrateError::UnknownVersion(v.clone()))?)
+            }
+            None => None,
+        };
         let mut conn = self.connect().await?;
         if let Some(holder) = self.acquire_runner_lock(&mut conn).await? {
             return Err(MigrateError::RunnerBusy {
@@ -1578,16 +1604,32 @@ impl Migrator {
         let result = async {
             let rows = self.history.rows(&mut conn).await?;
             let statuses = status::compute(&self.set, &rows, false);
+            if let Some(v) = &only
+                && !statuses.iter().any(|s| {
+                    s.version.as_deref().and_then(|x| Version::parse(x).ok()).as_ref() == Some(v)
+                })
+            {
+                return Err(MigrateError::UnknownVersion(v.to_string()));
+            }
             let mut actions = Vec::new();
             for s in &statuses {
                 let Some(rank) = s.installed_rank else { continue };
+                if let Some(v) = &only
+                    && s.version.as_deref().and_then(|x| Version::parse(x).ok()).as_ref() != Some(v)
+                {
+                    continue;
+                }
                 match s.state {
-                    State::Failed => {
+                    State::Failed if !scope.checksums_only => {
                         // Every failed or interrupted row of this script, not just the last.
                         for r in rows.iter().filter(|r| {
                             r.script == s.script && matches!(r.state, RowState::Failed | RowState::Running)
                         }) {
-                            self.history.mark_repaired(&mut conn, r.installed_rank).await?;
+                            let note = serde_json::json!({
+                                "action": "set_aside",
+                                "was": r.state.as_str(),
+                            });
+                            self.history.mark_repaired(&mut conn, r.installed_rank, &note).await?;
                         }
                         actions.push(RepairAction {
                             version: s.version.clone(),
@@ -1595,10 +1637,19 @@ impl Migrator {
                             action: "marked the failed attempt as repaired; it is pending again (check for objects it may have left half-made)".into(),
                         });
                     }
-                    State::ChecksumMismatch => {
+                    State::ChecksumMismatch if !scope.failed_only => {
                         let v = s.version.as_deref().and_then(|v| Version::parse(v).ok());
                         if let Some(m) = v.and_then(|v| self.set.find(&v)) {
-                            self.history.update_checksum(&mut conn, rank, m.checksum.as_str()).await?;
+                            let recorded = rows
+                                .iter()
+                                .find(|r| r.installed_rank == rank)
+                                .and_then(|r| r.checksum.clone());
+                            let note = serde_json::json!({
+                                "action": "checksum_realigned",
+                                "from": recorded,
+                                "to": m.checksum.as_str(),
+                            });
+                            self.history.update_checksum(&mut conn, rank, m.checksum.as_str(), &note).await?;
                             actions.push(RepairAction {
                                 version: s.version.clone(),
                                 script: s.script.clone(),

@@ -283,11 +283,15 @@ impl MigrationApi for MigrationClient {
         Ok(convert::validation_from(r.get_ref()))
     }
 
-    async fn repair(&self, t: &str) -> Result<Vec<RepairAction>, ApiError> {
+    async fn repair(
+        &self,
+        t: &str,
+        scope: &belay_migrate::RepairScope,
+    ) -> Result<Vec<RepairAction>, ApiError> {
         let r = self
             .client
             .clone()
-            .repair(pb::RepairRequest { target: target(t) })
+            .repair(convert::repair_request(target(t), scope))
             .await
             .map_err(|s| self.err(&s))?;
         Ok(convert::repair_actions_from(r.get_ref()))

@@ -953,6 +953,27 @@ pub fn report_from(r: &pb::RunReport) -> Result<RunReport, DecodeError> {
     })
 }
 
+/// `repair`'s scope on the wire: an empty `version` is every migration.
+pub fn repair_request(
+    target: Option<pb::Target>,
+    s: &belay_migrate::RepairScope,
+) -> pb::RepairRequest {
+    pb::RepairRequest {
+        target,
+        version: s.version.clone().unwrap_or_default(),
+        checksums_only: s.checksums_only,
+        failed_only: s.failed_only,
+    }
+}
+
+pub fn repair_scope_from(r: &pb::RepairRequest) -> belay_migrate::RepairScope {
+    belay_migrate::RepairScope {
+        version: (!r.version.is_empty()).then(|| r.version.clone()),
+        checksums_only: r.checksums_only,
+        failed_only: r.failed_only,
+    }
+}
+
 pub fn repair_actions(a: &[RepairAction]) -> pb::RepairResponse {
     pb::RepairResponse {
         actions: a
@@ -994,6 +1015,25 @@ pub fn validation_from(v: &pb::ValidateResponse) -> Validation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repair_scopes_cross_the_wire_unchanged() {
+        for scope in [
+            belay_migrate::RepairScope::default(),
+            belay_migrate::RepairScope {
+                version: Some("1.2".into()),
+                checksums_only: true,
+                failed_only: false,
+            },
+            belay_migrate::RepairScope {
+                version: None,
+                checksums_only: false,
+                failed_only: true,
+            },
+        ] {
+            assert_eq!(repair_scope_from(&repair_request(None, &scope)), scope);
+        }
+    }
 
     #[test]
     fn statuses_round_trip() {

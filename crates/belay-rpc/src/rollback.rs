@@ -360,7 +360,7 @@ impl RollbackService for RollbackGrpc {
 #[derive(Clone, Debug)]
 pub struct RollbackClient {
     client: RollbackServiceClient<InterceptedService<Channel, MaybeTokenAttach>>,
-    peer: String,
+    peer: crate::client::Peer,
 }
 
 impl RollbackClient {

@@ -165,8 +165,9 @@ impl MigrationApi for Metered {
     async fn repair(
         &self,
         target: &str,
+        scope: &belay_migrate::RepairScope,
     ) -> Result<Vec<belay_migrate::RepairAction>, belay_migrate::ApiError> {
-        self.0.repair(target).await
+        self.0.repair(target, scope).await
     }
 
     async fn baseline(
@@ -307,9 +308,10 @@ impl MigrationService for MigrationGrpc {
         req: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::RepairResponse>, Status> {
         let target = target_name(req.get_ref().target.as_ref())?;
+        let scope = convert::repair_scope_from(req.get_ref());
         let actions = self
             .api
-            .repair(&target)
+            .repair(&target, &scope)
             .await
             .map_err(|e| convert::status_from(&e))?;
         Ok(Response::new(convert::repair_actions(&actions)))

@@ -27,6 +27,7 @@ use crate::{HealthError, units};
 /// http = { url = "http://app:8080/health", expect_status = 200, json_pointer = "/db", equals = "ok" }
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawProbe")]
 pub struct ProbeSpec {
     pub name: String,
     #[serde(flatten)]
@@ -46,6 +47,63 @@ pub struct ProbeSpec {
     /// Wait before the first attempt.
     #[serde(default, with = "units::duration")]
     pub initial_delay: Duration,
+}
+
+/// `[[probes]]` as written: both kinds optional, so that a probe with neither or both
+/// gets a message naming the two accepted forms rather than serde's "no variant of enum
+/// ProbeKind found in flattened data"; and every key known, so that a misspelt one is an
+/// error (a flattened enum cannot deny unknown fields).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    name: String,
+    http: Option<HttpProbe>,
+    sql: Option<SqlProbe>,
+    #[serde(default = "defaults::period", with = "units::duration")]
+    period: Duration,
+    #[serde(default = "defaults::timeout", with = "units::duration")]
+    timeout: Duration,
+    #[serde(default = "defaults::failure_threshold")]
+    failure_threshold: u32,
+    #[serde(default = "defaults::success_threshold")]
+    success_threshold: u32,
+    #[serde(default, with = "units::duration")]
+    initial_delay: Duration,
+}
+
+/// The two shapes a probe takes, for error messages.
+pub const PROBE_FORMS: &str = "`http = { url = \"http://app:8080/health\" }` or `sql = { url = \"postgres://…\", query = \"SELECT …\", expect = \"no_rows\" }`";
+
+impl TryFrom<RawProbe> for ProbeSpec {
+    type Error = String;
+
+    fn try_from(r: RawProbe) -> Result<Self, String> {
+        let kind = match (r.http, r.sql) {
+            (Some(h), None) => ProbeKind::Http(h),
+            (None, Some(q)) => ProbeKind::Sql(q),
+            (None, None) => {
+                return Err(format!(
+                    "probe {:?} says neither what to probe: give exactly one of {PROBE_FORMS}",
+                    r.name
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "probe {:?} gives both `http` and `sql`: give exactly one of {PROBE_FORMS} (two probes for both)",
+                    r.name
+                ));
+            }
+        };
+        Ok(ProbeSpec {
+            name: r.name,
+            kind,
+            period: r.period,
+            timeout: r.timeout,
+            failure_threshold: r.failure_threshold,
+            success_threshold: r.success_threshold,
+            initial_delay: r.initial_delay,
+        })
+    }
 }
 
 pub(crate) mod defaults {
@@ -378,5 +436,32 @@ mod tests {
             h.equals = Some(serde_json::json!(1));
         }
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn a_probe_without_one_kind_or_with_a_misspelt_key_says_what_is_accepted() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Config {
+            probes: Vec<ProbeSpec>,
+        }
+        for (body, says) in [
+            ("[[probes]]\nname = \"p\"\nperiod = \"1s\"\n", "neither"),
+            (
+                "[[probes]]\nname = \"p\"\nhttp = { url = \"http://a/\" }\nsql = { url = \"postgres://a/b\", query = \"SELECT 1\", expect = \"zero\" }\n",
+                "both",
+            ),
+            (
+                "[[probes]]\nname = \"p\"\nhttp = { url = \"http://a/\" }\nfailure_treshold = 2\n",
+                "unknown field `failure_treshold`",
+            ),
+        ] {
+            let e = toml::from_str::<Config>(body).unwrap_err().to_string();
+            assert!(e.contains(says), "{body}: {e}");
+            assert!(!e.contains("no variant"), "{e}");
+            if says != "unknown field `failure_treshold`" {
+                assert!(e.contains("http = {") && e.contains("sql = {"), "{e}");
+            }
+        }
     }
 }

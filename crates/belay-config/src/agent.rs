@@ -1,6 +1,8 @@
-//! `agent.toml`: the agent's name, its controller, and the targets it owns.
+//! `agent.toml`: the agent's name, its controller, and the targets it owns. Read here,
+//! not in the agent, so that `belay config check --agent` reads it exactly as the agent
+//! does.
 
-use anyhow::{Context, Result, anyhow, bail};
+use crate::ConfigError;
 use belay_core::{DatabaseUrl, parse_duration};
 use belay_migrate::{ExecConfig, TargetSpec};
 use std::collections::BTreeMap;
@@ -25,23 +27,52 @@ pub enum PeriodSetting {
 
 impl PeriodSetting {
     /// `None` when off; a period under the minimum is a mistake, not a wish to disable.
-    fn resolve(&self, key: &str) -> Result<Option<Duration>> {
+    fn resolve(&self, key: &str) -> Result<Option<Duration>, Problem> {
         let period = match self {
             PeriodSetting::Seconds(n) => Duration::from_secs(*n),
             PeriodSetting::Text(t) if t.trim().eq_ignore_ascii_case("off") => Duration::ZERO,
-            PeriodSetting::Text(t) => parse_duration(t).with_context(|| format!("`{key}`"))?,
+            PeriodSetting::Text(t) => parse_duration(t).map_err(|e| Problem::new(key, e))?,
         };
         if period.is_zero() {
             return Ok(None);
         }
         if period < MIN_LOCK_SAMPLE_PERIOD {
-            bail!(
-                "`{key}` must be at least {} (or 0 / \"off\" to turn sampling off), not {}",
-                belay_core::format_duration(MIN_LOCK_SAMPLE_PERIOD),
-                belay_core::format_duration(period)
-            );
+            return Err(Problem::new(
+                key,
+                format!(
+                    "must be at least {} (or 0 / \"off\" to turn sampling off), not {}",
+                    belay_core::format_duration(MIN_LOCK_SAMPLE_PERIOD),
+                    belay_core::format_duration(period)
+                ),
+            ));
         }
         Ok(Some(period))
+    }
+}
+
+/// What is wrong, and under which key (relative to the table being read).
+#[derive(Debug)]
+struct Problem {
+    key: String,
+    message: String,
+}
+
+impl Problem {
+    fn new(key: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        Problem {
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// The same problem one table further out (`probes[0].` + key).
+    fn within(mut self, prefix: &str) -> Self {
+        self.key = if self.key.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{}", self.key)
+        };
+        self
     }
 }
 
@@ -77,11 +108,16 @@ pub enum ByteSize {
 }
 
 impl ByteSize {
-    fn resolve(&self, key: &str) -> Result<u64> {
+    fn resolve(&self, key: &str) -> Result<u64, Problem> {
         match self {
             ByteSize::Bytes(n) => Ok(*n),
             ByteSize::Text(t) => belay_health::parse_bytes(t).ok_or_else(|| {
-                anyhow!("`{key}`: invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)")
+                Problem::new(
+                    key,
+                    format!(
+                        "invalid size {t:?}: expected bytes or a unit (kB, MB, GB, KiB, MiB, GiB)"
+                    ),
+                )
             }),
         }
     }
@@ -199,7 +235,7 @@ pub struct SqlProbeConfig {
 }
 
 impl ProbeConfig {
-    fn resolve(&self, url: &DatabaseUrl) -> Result<belay_health::TargetProbe> {
+    fn resolve(&self, url: &DatabaseUrl) -> Result<belay_health::TargetProbe, Problem> {
         let mut probe = match (&self.http, &self.sql) {
             (Some(h), None) => {
                 let mut probe = belay_health::TargetProbe::http(&self.name, &h.url);
@@ -207,13 +243,19 @@ impl ProbeConfig {
                 probe
             }
             (None, Some(q)) => belay_health::TargetProbe::sql(&self.name, &q.query, q.expect),
-            _ => bail!("probe {:?}: give exactly one of http or sql", self.name),
+            _ => {
+                return Err(Problem::new(
+                    "",
+                    format!(
+                        "probe {:?}: give exactly one of http or sql: `http = {{ url = \"http://app:8080/health\" }}` or `sql = {{ query = \"SELECT …\", expect = \"no_rows\" }}` (it runs on this target)",
+                        self.name
+                    ),
+                ));
+            }
         };
-        let d = |key: &str, v: &Option<String>| -> Result<Option<Duration>> {
+        let d = |key: &str, v: &Option<String>| -> Result<Option<Duration>, Problem> {
             v.as_deref()
-                .map(|t| {
-                    parse_duration(t).with_context(|| format!("probe {:?}: `{key}`", self.name))
-                })
+                .map(|t| parse_duration(t).map_err(|e| Problem::new(key, e)))
                 .transpose()
         };
         if let Some(v) = d("period", &self.period)? {
@@ -237,7 +279,7 @@ impl ProbeConfig {
             .clone()
             .into_spec(Some(url))
             .and_then(|spec| spec.validate().map(|()| spec))
-            .map_err(|e| anyhow!("{e}"))?;
+            .map_err(|e| Problem::new("", e))?;
         Ok(probe)
     }
 }
@@ -264,18 +306,12 @@ pub struct LoadedTarget {
     pub rollback: (belay_rollback::RollbackPolicy, Duration),
 }
 
-pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read agent config {}", path.display()))?;
-    let mut config: AgentConfig =
-        // The parser's message quotes the offending line, which may be a `url =` line.
-        toml::from_str(&text).map_err(|e| {
-            anyhow!(
-                "agent config {}: {}",
-                path.display(),
-                belay_core::redact_url(&e.to_string())
-            )
-        })?;
+/// Reads and checks `agent.toml`: every error names the file, the line and the key. Paths
+/// in it are relative to its directory.
+pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>), ConfigError> {
+    let text = crate::read(path)?;
+    let mut config: AgentConfig = crate::parse(path, &text)?;
+    let at = |p: Problem| ConfigError::at(path, &text, &p.key, p.message);
     let base = path.parent().unwrap_or(Path::new("."));
     if let Some(tls) = &mut config.tls {
         tls.ca = base.join(&tls.ca);
@@ -284,25 +320,24 @@ pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
     }
     config.token_file = config.token_file.map(|f| base.join(f));
     let sample_period = match &config.lock_sample_period {
-        Some(p) => p
-            .resolve("lock_sample_period")
-            .with_context(|| format!("agent config {}", path.display()))?,
+        Some(p) => p.resolve("lock_sample_period").map_err(at)?,
         None => Some(DEFAULT_LOCK_SAMPLE_PERIOD),
     };
     let mut targets = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
-    for t in &config.targets {
+    for (i, t) in config.targets.iter().enumerate() {
+        let prefix = format!("targets[{i}]");
         if !seen.insert(t.name.clone()) {
-            bail!(
-                "agent config {}: target {:?} is listed twice",
-                path.display(),
-                t.name
-            );
+            return Err(at(Problem::new(
+                format!("{prefix}.name"),
+                format!("target {:?} is listed twice", t.name),
+            )));
         }
-        targets
-            .push(load_target(base, t, sample_period).with_context(|| {
-                format!("agent config {}: target {:?}", path.display(), t.name)
-            })?);
+        targets.push(load_target(base, t, sample_period).map_err(|p| {
+            let mut e = at(p.within(&prefix));
+            e.message = format!("target {:?}: {}", t.name, e.message);
+            e
+        })?);
     }
     Ok((config, targets))
 }
@@ -311,43 +346,63 @@ fn load_target(
     base: &Path,
     t: &TargetConfig,
     sample_period: Option<Duration>,
-) -> Result<LoadedTarget> {
-    let raw = match (&t.url_env, &t.url_file, &t.url) {
-        (Some(var), None, None) => std::env::var(var)
-            .map_err(|_| anyhow!("environment variable {var} (url_env) is not set"))?,
+) -> Result<LoadedTarget, Problem> {
+    let (key, raw) = match (&t.url_env, &t.url_file, &t.url) {
+        (Some(var), None, None) => (
+            "url_env",
+            std::env::var(var).map_err(|_| {
+                Problem::new("url_env", format!("environment variable {var} is not set"))
+            })?,
+        ),
         (None, Some(file), None) => {
             let file = base.join(file);
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read url_file {}", file.display()))?;
-            text.lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .ok_or_else(|| anyhow!("url_file {} is empty", file.display()))?
-                .to_string()
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                Problem::new("url_file", format!("cannot read {}: {e}", file.display()))
+            })?;
+            let first = text.lines().map(str::trim).find(|l| !l.is_empty());
+            let first = first
+                .ok_or_else(|| Problem::new("url_file", format!("{} is empty", file.display())))?;
+            ("url_file", first.to_string())
         }
-        (None, None, Some(url)) => url.expose().to_string(),
-        _ => bail!("give exactly one of url_env, url_file or url"),
+        (None, None, Some(url)) => ("url", url.expose().to_string()),
+        _ => {
+            return Err(Problem::new(
+                "",
+                "give exactly one of url_env, url_file or url (url_env = \"SHOP_DATABASE_URL\" keeps the password out of the file)",
+            ));
+        }
     };
-    let url = DatabaseUrl::parse(&raw).map_err(|e| anyhow!("{e}"))?;
+    let url = DatabaseUrl::parse(&raw).map_err(|e| Problem::new(key, e))?;
+    let dur = |key: &str, v: &str| parse_duration(v).map_err(|e| Problem::new(key, e));
     let mut exec = ExecConfig::default();
     if let Some(v) = &t.lock_timeout {
-        exec.lock_timeout = parse_duration(v)?;
+        exec.lock_timeout = dur("lock_timeout", v)?;
+        if exec.lock_timeout.is_zero() {
+            return Err(Problem::new(
+                "lock_timeout",
+                "must be greater than zero: without it, application queries queue behind a waiting migration indefinitely",
+            ));
+        }
     }
     if let Some(v) = t.max_attempts {
+        if v == 0 {
+            return Err(Problem::new("max_attempts", "must be at least 1"));
+        }
         exec.max_attempts = v;
     }
     if let Some(v) = &t.max_lock_wait {
-        exec.max_lock_wait = parse_duration(v)?;
+        exec.max_lock_wait = dur("max_lock_wait", v)?;
     }
     if let Some(v) = &t.history_schema {
         exec.history_schema = v.clone();
     }
     if let Some(v) = &t.max_blocking {
-        exec.max_blocking = parse_duration(v)?;
+        exec.max_blocking = dur("max_blocking", v)?;
         if exec.max_blocking.is_zero() {
-            bail!(
-                "max_blocking must be greater than zero; set lock_guard = false to run without the guard"
-            );
+            return Err(Problem::new(
+                "max_blocking",
+                "max_blocking must be greater than zero; set lock_guard = false to run without the guard",
+            ));
         }
     }
     let mut small_table = belay_lint::SmallTable::default();
@@ -362,18 +417,27 @@ fn load_target(
     postflight.smoke.extend(t.smoke.iter().cloned());
     let mut names = std::collections::BTreeSet::new();
     let mut probes = Vec::new();
-    for p in &t.probes {
+    for (i, p) in t.probes.iter().enumerate() {
+        let at = format!("probes[{i}]");
         if !names.insert(p.name.as_str()) {
-            bail!("two probes are named {:?}", p.name);
+            return Err(Problem::new(
+                format!("{at}.name"),
+                format!("two probes are named {:?}", p.name),
+            ));
         }
-        probes.push(p.resolve(&url)?);
+        probes.push(p.resolve(&url).map_err(|e| e.within(&at))?);
     }
     let backup = match (&t.backup_dir, t.backup) {
         (Some(dir), mode) => Some((
             base.join(dir),
             mode.unwrap_or(belay_guards::BackupMode::Full),
         )),
-        (None, Some(_)) => bail!("`backup` needs `backup_dir`: where should the backups go?"),
+        (None, Some(_)) => {
+            return Err(Problem::new(
+                "backup",
+                "`backup` needs `backup_dir`: where should the backups go?",
+            ));
+        }
         (None, None) => None,
     };
     let policy = belay_deploy::TargetPolicy {
@@ -395,7 +459,7 @@ fn load_target(
         .clone()
         .unwrap_or_default()
         .resolve("[targets.rollback]")
-        .map_err(|e| anyhow!(e))?;
+        .map_err(|e| Problem::new("rollback", e))?;
     Ok(LoadedTarget {
         rollback,
         policy,
@@ -526,22 +590,22 @@ mod tests {
         assert_eq!(plain[0].policy, belay_deploy::TargetPolicy::default());
 
         for (body, want) in [
-            ("bogus = 1\n", "unknown field"),
+            ("bogus = 1\n", "agent.toml:1: `bogus`: unknown key `bogus`"),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets.probes]]\nname = \"p\"\nsql = { url = \"postgres://b/c\", query = \"SELECT 0\", expect = \"zero\" }\n",
-                "unknown field `url`",
+                "`targets[0].probes[0].sql.url`: unknown key `url`",
             ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets.probes]]\nname = \"p\"\n",
-                "give exactly one of http or sql",
+                "`targets[0].probes[0]`: target \"x\": probe \"p\": give exactly one of http or sql: `http = {",
             ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets.checks]]\nname = \"c\"\nquery = \"SELECT 0\"\nexpect = \"zero\"\nseverity = \"warn\"\n",
-                "unknown field `severity`",
+                "unknown key `severity`",
             ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[targets.preflight]\nlock_wait = \"1s\"\n",
-                "unknown field `lock_wait`",
+                "unknown key `lock_wait`; the keys accepted here are",
             ),
             (
                 "[[targets]]\nname = \"x\"\nmigrations = \"m\"\n",
@@ -559,15 +623,15 @@ mod tests {
             // delimiters stays hidden, and so does the whole target in Debug.
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://a:sec/r?e#t@secret@b/c\" oops\nmigrations = \"m\"\n",
-                "TOML parse error",
+                "agent.toml:3",
             ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\n",
-                "listed twice",
+                "agent.toml:6: `targets[1].name`: target \"x\" is listed twice",
             ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nmax_blocking = \"0s\"\n",
-                "max_blocking must be greater than zero",
+                "agent.toml:5: `targets[0].max_blocking`: target \"x\": max_blocking must be greater than zero",
             ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nsmall_table_bytes = \"lots\"\n",
@@ -575,11 +639,11 @@ mod tests {
             ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nsmall_table_row = 5\n",
-                "unknown field `small_table_row`",
+                "agent.toml:5: `targets[0].small_table_row`: unknown key `small_table_row`",
             ),
             (
                 "lock_sample_period = \"10ms\"\n",
-                "`lock_sample_period` must be at least 1s",
+                "agent.toml:1: `lock_sample_period`: must be at least 1s",
             ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nlock_sample_period = \"often\"\n",
