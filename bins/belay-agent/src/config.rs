@@ -63,8 +63,28 @@ pub struct AgentConfig {
     /// sessions, longest lock wait, ...; served with `--metrics-listen`); a target may
     /// say otherwise. `0` or `"off"` turns sampling off [default: 10s].
     pub lock_sample_period: Option<PeriodSetting>,
+    /// `[limits]`: what the agent may take from the database servers it works on.
+    #[serde(default)]
+    pub limits: Limits,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+}
+
+/// `[limits]` in `agent.toml`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// The most connections the agent holds at once on one database server (host:port of
+    /// the targets' URLs), shared by migrations, lock guards, lock sampling, checks,
+    /// probes and backups; work waits for a free one [default: 10].
+    pub max_connections_per_server: Option<u32>,
+}
+
+impl Limits {
+    pub fn connections_per_server(&self) -> u32 {
+        self.max_connections_per_server
+            .unwrap_or(belay_core::DEFAULT_CONNECTIONS_PER_SERVER)
+    }
 }
 
 /// A byte size in `agent.toml`: `16777216` or `"16MiB"`.
@@ -296,7 +316,31 @@ pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>)> {
                 format!("agent config {}: target {:?}", path.display(), t.name)
             })?);
     }
+    check_budget(&config.limits, &targets)
+        .with_context(|| format!("agent config {}", path.display()))?;
     Ok((config, targets))
+}
+
+/// A budget must let every target's deployment run: one that needs more connections at
+/// once than the budget allows would wait forever.
+fn check_budget(limits: &Limits, targets: &[LoadedTarget]) -> Result<()> {
+    let budget = limits.connections_per_server();
+    if budget == 0 {
+        bail!("`[limits] max_connections_per_server` must be at least 1");
+    }
+    for t in targets {
+        let slots = crate::budget::TargetSlots::of(t);
+        if slots.deploy > budget {
+            bail!(
+                "`[limits] max_connections_per_server` is {budget}, but a deployment of target {:?} holds up to {} connections at once ({}); raise it to at least {}",
+                t.spec.name,
+                slots.deploy,
+                slots.explain(),
+                slots.deploy
+            );
+        }
+    }
+    Ok(())
 }
 
 fn load_target(
@@ -406,6 +450,42 @@ fn load_target(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connection_budget_defaults_and_must_fit_a_deployment() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |body: &str| {
+            let p = dir.path().join("agent.toml");
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let target = "[[targets]]\nname = \"shop\"\nurl = \"postgres://db/shop\"\nmigrations = \"m\"\nbackup_dir = \"b\"\n";
+        let (cfg, _) = load(&write(target)).unwrap();
+        assert_eq!(
+            cfg.limits.connections_per_server(),
+            belay_core::DEFAULT_CONNECTIONS_PER_SERVER
+        );
+        let (cfg, targets) = load(&write(&format!(
+            "[limits]\nmax_connections_per_server = 4\n{target}"
+        )))
+        .unwrap();
+        assert_eq!(cfg.limits.connections_per_server(), 4);
+        // The log's session, the migration's and the backup's two.
+        assert_eq!(crate::budget::TargetSlots::of(&targets[0]).deploy, 4);
+        let err = load(&write(&format!(
+            "[limits]\nmax_connections_per_server = 3\n{target}"
+        )))
+        .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("max_connections_per_server") && text.contains("\"shop\"") && text.contains("at least 4"),
+            "{text}"
+        );
+        let err = load(&write("[limits]\nmax_connections_per_server = 0\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("at least 1"), "{err:#}");
+        let err = load(&write("[limits]\nmax_connections = 5\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("max_connections"), "{err:#}");
+    }
 
     #[test]
     fn loads_targets_and_rejects_mistakes() {

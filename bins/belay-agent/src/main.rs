@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 mod backups;
+mod budget;
 mod config;
 mod monitor;
 mod register;
@@ -134,6 +135,7 @@ async fn serve(args: Args) -> ExitCode {
                 token_file: None,
                 tls: None,
                 lock_sample_period: None,
+                limits: config::Limits::default(),
                 targets: Vec::new(),
             },
             Vec::new(),
@@ -190,7 +192,12 @@ async fn serve(args: Args) -> ExitCode {
                 .map(|(dir, mode)| (t.spec.name.clone(), t.spec.url.clone(), dir, mode))
         })
         .collect();
-    let (lock_monitor, health_checks, health) = monitor::services(&targets);
+    // Every connection the agent opens is counted against its budget per server.
+    let budget = budget::Budget::new(
+        belay_core::ConnectionBudget::new(agent_config.limits.connections_per_server()),
+        &targets,
+    );
+    let (lock_monitor, health_checks, health) = monitor::services(&targets, &budget);
     // What fleet deployments judge each target by (agent.toml), and where each records
     // its deployments: the target's own history schema, as local `migrate` does.
     let policies: Vec<(String, belay_deploy::TargetPolicy)> = targets
@@ -209,8 +216,10 @@ async fn serve(args: Args) -> ExitCode {
             .collect();
     let lock_samples = sampler::plan(&targets);
     let metric_series: Vec<_> = targets.iter().map(backups::metric_series).collect();
-    let backup_service =
-        belay_rpc::BackupGrpc::new(Arc::new(backups::service(&targets, args.config.as_deref())));
+    let backup_service = belay_rpc::BackupGrpc::new(Arc::new(budget::Backups {
+        inner: Arc::new(backups::service(&targets, args.config.as_deref())),
+        budget: budget.clone(),
+    }));
     // The lock guard watches every target's migrations unless its config says not to.
     let guarded: Vec<(String, belay_core::DatabaseUrl)> = targets
         .iter()
@@ -251,7 +260,10 @@ async fn serve(args: Args) -> ExitCode {
     // Counted in the migration metrics here, where the executor runs: runs served over
     // `Apply` and each deployment pipeline's alike.
     let local: Arc<dyn belay_migrate::MigrationApi> =
-        Arc::new(belay_rpc::server::Metered(Arc::new(local)));
+        Arc::new(belay_rpc::server::Metered(Arc::new(budget::Migrations {
+            inner: Arc::new(local),
+            budget: budget.clone(),
+        })));
     let migration_service = belay_rpc::MigrationGrpc::new(local.clone());
     let log_for: belay_deploy::LogFor = Arc::new(move |name: &str| {
         let (url, schema) = log_targets.get(name).ok_or_else(|| {
@@ -276,10 +288,11 @@ async fn serve(args: Args) -> ExitCode {
     // In the background: a target whose database is down must not keep the agent from
     // serving the others; the controller's question settles it later anyway.
     {
-        let deployer = deployer.clone();
+        let (deployer, budget) = (deployer.clone(), budget.clone());
         tokio::spawn(async move {
             for name in target_names {
-                match deployer.settle(&name).await {
+                let settled = budget.within(&name, |_| 2, "settling", deployer.settle(&name));
+                match settled.await {
                     Ok(ids) if !ids.is_empty() => {
                         tracing::warn!(target = %name, settled = ids.len(), "settled deployments an earlier agent process left unfinished")
                     }
@@ -291,7 +304,10 @@ async fn serve(args: Args) -> ExitCode {
             }
         });
     }
-    let deploy_service = belay_rpc::DeployGrpc::new(deployer);
+    let deploy_service = belay_rpc::DeployGrpc::new(Arc::new(budget::Deploys {
+        inner: deployer,
+        budget: budget.clone(),
+    }));
 
     let listener = match TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
@@ -327,11 +343,14 @@ async fn serve(args: Args) -> ExitCode {
     }
     // The gauges are read through /metrics only: without it, sampling would be load for
     // nothing.
-    let sampler = sampler::Sampler::start(if args.metrics_listen.is_some() {
-        lock_samples
-    } else {
-        Vec::new()
-    });
+    let sampler = sampler::Sampler::start(
+        if args.metrics_listen.is_some() {
+            lock_samples
+        } else {
+            Vec::new()
+        },
+        &budget,
+    );
     let stop_sampling = sampler.stopper();
     let reflection = match belay_rpc::daemon::reflection() {
         Ok(r) => r,
