@@ -128,7 +128,10 @@ pub fn fleet(
         "--seconds must be within 1..=600"
     );
     ensure!(parallel >= 1, "--parallel must be at least 1");
-    ensure!(budget >= 3, "--budget must be at least 3 (a guarded deployment holds 3)");
+    ensure!(
+        budget >= 3,
+        "--budget must be at least 3 (a guarded deployment holds 3)"
+    );
     let pg_bin = ensure_postgres()?;
     let bins = release_bins(bin_dir)?;
     let work = tempfile::tempdir().context("could not create a temp dir")?;
@@ -252,10 +255,11 @@ fn deploy_vs_sequential(
     let started = Instant::now();
     let out = deploy.output().context("could not run belay deploy")?;
     let fleet_time = started.elapsed();
-    let (peak_sessions, samples) = sessions.stop()?;
+    let sessions = sessions.stop()?;
     check_deploy(&out, tenants, &controller)?;
     println!(
-        "peak server sessions during the deployment: {peak_sessions} ({samples} samples), budget {budget}"
+        "peak server sessions during the deployment: {} open, {} listed with those closing ({} samples), budget {budget}",
+        sessions.open, sessions.listed, sessions.samples
     );
     println!(
         "deployment succeeded on {tenants} targets in {:.2}s",
@@ -303,7 +307,7 @@ fn deploy_vs_sequential(
 
     let (f, s) = (fleet_time.as_secs_f64(), seq_time.as_secs_f64());
     let n = tenants as f64;
-    let held = if peak_sessions <= i64::from(budget) {
+    let held = if sessions.open <= i64::from(budget) {
         "held"
     } else {
         "EXCEEDED"
@@ -311,21 +315,34 @@ fn deploy_vs_sequential(
     Ok(format!(
         "fleet {tenants} targets x {} migrations: controller+agent {f:.2}s (--parallel {parallel}), \
          sequential local {s:.2}s, speed-up {:.2}x (target >= 4x), per target {:.0} ms vs {:.0} ms, \
-         controller peak RSS {} (target < 200 MiB), peak server sessions {peak_sessions} \
+         controller peak RSS {} (target < 200 MiB), peak server sessions {} open / {} listed \
          (agent budget {budget}: {held})",
         CHANGE.len(),
         s / f,
         f * 1000.0 / n,
         s * 1000.0 / n,
-        mib(controller_peak)
+        mib(controller_peak),
+        sessions.open,
+        sessions.listed
     ))
 }
 
-/// Counts the server's client sessions (other than its own) as fast as it can, on a
-/// thread of its own, until stopped: the most it saw and how many samples.
+/// Counts the server's client sessions (other than its own) every few milliseconds, on a
+/// thread of its own, until stopped.
 struct SessionSampler {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    handle: thread::JoinHandle<Result<(i64, u64)>>,
+    handle: thread::JoinHandle<Result<Sessions>>,
+}
+
+/// What a [`SessionSampler`] saw.
+#[derive(Debug, Clone, Copy)]
+struct Sessions {
+    /// The most sessions at once, leaving out those whose client had already hung up
+    /// (`idle` and no longer waiting for it: the server removes them a moment later).
+    open: i64,
+    /// The most at once, those included.
+    listed: i64,
+    samples: u64,
 }
 
 impl SessionSampler {
@@ -333,7 +350,7 @@ impl SessionSampler {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
         let stopping = stop.clone();
-        let handle = thread::spawn(move || -> Result<(i64, u64)> {
+        let handle = thread::spawn(move || -> Result<Sessions> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -348,23 +365,30 @@ impl SessionSampler {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                let (mut max, mut samples) = (0i64, 0u64);
+                let mut seen = Sessions {
+                    open: 0,
+                    listed: 0,
+                    samples: 0,
+                };
                 while !stopping.load(Ordering::Relaxed) {
-                    let n: i64 = sqlx::query_scalar(
-                        "SELECT count(*) FROM pg_stat_activity \
+                    let (open, listed): (i64, i64) = sqlx::query_as(
+                        "SELECT count(*) FILTER (WHERE NOT (state = 'idle' AND wait_event IS NULL)), \
+                                count(*) \
+                         FROM pg_stat_activity \
                          WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
                     )
                     .fetch_one(&mut conn)
                     .await
                     .context("sampling pg_stat_activity")?;
-                    max = max.max(n);
-                    samples += 1;
+                    seen.open = seen.open.max(open);
+                    seen.listed = seen.listed.max(listed);
+                    seen.samples += 1;
                     // A sample every few milliseconds: often enough to catch every
                     // connection (each lives far longer), without taking a core from the
                     // daemons being measured.
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                Ok((max, samples))
+                Ok(seen)
             })
         });
         ready_rx
@@ -373,7 +397,7 @@ impl SessionSampler {
         Ok(SessionSampler { stop, handle })
     }
 
-    fn stop(self) -> Result<(i64, u64)> {
+    fn stop(self) -> Result<Sessions> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
             .join()

@@ -136,7 +136,12 @@ impl Budget {
     /// A reservation for a stream that outlives the call returning it (a lock watch, a
     /// probe): `None` when the task already holds one for the server (the stream is
     /// consumed within it) or the target is unknown.
-    async fn for_stream(&self, target: &str, slots: u32, what: &str) -> Option<belay_core::Reservation> {
+    async fn for_stream(
+        &self,
+        target: &str,
+        slots: u32,
+        what: &str,
+    ) -> Option<belay_core::Reservation> {
         let t = self.targets.get(target)?;
         if ConnectionBudget::holds(&t.server) {
             return None;
@@ -146,7 +151,10 @@ impl Budget {
 }
 
 /// Keeps `reservation` until the stream is dropped.
-fn holding<S, T>(stream: S, reservation: Option<belay_core::Reservation>) -> std::pin::Pin<Box<dyn futures::Stream<Item = T> + Send>>
+fn holding<S, T>(
+    stream: S,
+    reservation: Option<belay_core::Reservation>,
+) -> std::pin::Pin<Box<dyn futures::Stream<Item = T> + Send>>
 where
     S: futures::Stream<Item = T> + Send + 'static,
 {

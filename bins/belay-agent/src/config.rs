@@ -478,7 +478,9 @@ mod tests {
         .unwrap_err();
         let text = format!("{err:#}");
         assert!(
-            text.contains("max_connections_per_server") && text.contains("\"shop\"") && text.contains("at least 4"),
+            text.contains("max_connections_per_server")
+                && text.contains("\"shop\"")
+                && text.contains("at least 4"),
             "{text}"
         );
         let err = load(&write("[limits]\nmax_connections_per_server = 0\n")).unwrap_err();

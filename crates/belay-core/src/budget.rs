@@ -134,7 +134,13 @@ impl ConnectionBudget {
 
     /// Runs `work` holding `slots` connections on `server`, unless this task already holds
     /// a reservation for that server (then `work` runs within it, reserving nothing more).
-    pub async fn scope<F: Future>(&self, server: &str, slots: u32, what: &str, work: F) -> F::Output {
+    pub async fn scope<F: Future>(
+        &self,
+        server: &str,
+        slots: u32,
+        what: &str,
+        work: F,
+    ) -> F::Output {
         if Self::holds(server) {
             return work.await;
         }
@@ -159,7 +165,11 @@ mod tests {
         let budget = ConnectionBudget::new(3);
         let a = budget.reserve("h:5432", 2, "a").await;
         assert_eq!(budget.available("h:5432"), 1);
-        assert_eq!(budget.available("other:5432"), 3, "servers are counted apart");
+        assert_eq!(
+            budget.available("other:5432"),
+            3,
+            "servers are counted apart"
+        );
         drop(a);
         assert_eq!(budget.available("h:5432"), 3);
         // More than the budget gets the whole budget rather than waiting forever.

@@ -257,9 +257,19 @@ mod tests {
     #[test]
     fn the_server_is_host_and_port() {
         let server = |u: &str| DatabaseUrl::parse(u).expect(u).server();
-        assert_eq!(server("postgres://app:pw@DB.example:6432/shop"), "db.example:6432");
-        assert_eq!(server("postgres://app@db/a"), "db:5432", "libpq's default port");
-        assert_eq!(server("postgres://db/a"), server("postgresql://u:p@db:5432/b"));
+        assert_eq!(
+            server("postgres://app:pw@DB.example:6432/shop"),
+            "db.example:6432"
+        );
+        assert_eq!(
+            server("postgres://app@db/a"),
+            "db:5432",
+            "libpq's default port"
+        );
+        assert_eq!(
+            server("postgres://db/a"),
+            server("postgresql://u:p@db:5432/b")
+        );
         assert_eq!(
             server("postgres://app@/shop?host=/var/run/postgresql&port=5433"),
             "/var/run/postgresql:5433"
