@@ -271,7 +271,7 @@ mod tests {
             server("postgresql://u:p@db:5432/b")
         );
         assert_eq!(
-            server("postgres://app@/shop?host=/var/run/postgresql&port=5433"),
+            server("postgres:///shop?host=/var/run/postgresql&port=5433"),
             "/var/run/postgresql:5433"
         );
         assert!(!server("postgres://a:s3cret@db/x").contains("s3cret"));
