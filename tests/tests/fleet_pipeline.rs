@@ -399,3 +399,190 @@ async fn a_probe_crossing_its_threshold_fails_the_target_at_watching() -> Result
     );
     Ok(())
 }
+
+/// Client sessions on the cluster other than the asking one, with their client ports:
+/// with a cluster of the test's own, every one of them is the agent's (the controller's
+/// store is SQLite, the CLI talks to the controller only).
+const AGENT_SESSIONS: &str = "SELECT client_port FROM pg_stat_activity \
+     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND client_port > 0";
+
+/// Local ports of the TCP connections to `server_port` this machine's clients still hold
+/// open (ESTABLISHED in `/proc/net/tcp`, seen from the client's side).
+fn open_client_ports(server_port: u16) -> Result<std::collections::HashSet<i32>> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let port_of = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, remote, state) = (port_of(f.get(1)?)?, port_of(f.get(2)?)?, *f.get(3)?);
+            (remote == server_port && state == "01").then_some(i32::from(local))
+        })
+        .collect())
+}
+
+/// The sessions the agent holds open now: listed by the server, and whose client end is
+/// still open. A session the agent has closed can stay listed for a moment, until its
+/// backend is scheduled to notice the goodbye (longer on a busy machine); the client
+/// end shows it closed at once.
+async fn agent_sessions(conn: &mut sqlx::PgConnection, server_port: u16) -> Result<usize> {
+    let ports: Vec<i32> = sqlx::query_scalar(AGENT_SESSIONS)
+        .fetch_all(&mut *conn)
+        .await?;
+    let open = open_client_ports(server_port)?;
+    Ok(ports.iter().filter(|p| open.contains(p)).count())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_stays_within_its_connection_budget_and_keeps_no_idle_session() -> Result<()> {
+    const BUDGET: usize = 5;
+    const TENANTS: usize = 30;
+    let tmp = tempfile::tempdir()?;
+    // A cluster of its own: its sessions are this test's and the agent's alone.
+    let cluster = Cluster::start()?;
+    let m = tmp.path().join("m");
+    std::fs::create_dir_all(&m)?;
+    for (name, sql) in [
+        (
+            "V1__items.sql",
+            "CREATE TABLE items (id bigint PRIMARY KEY, name text);\n",
+        ),
+        (
+            "V2__created.sql",
+            "ALTER TABLE items ADD COLUMN created_at timestamptz;\n",
+        ),
+        (
+            "V3__index.sql",
+            "CREATE INDEX items_name_idx ON items (name);\n",
+        ),
+    ] {
+        std::fs::write(m.join(name), sql)?;
+    }
+    let (mut targets, mut dbs) = (String::new(), Vec::new());
+    for i in 0..TENANTS {
+        let db = cluster.create_database().await?;
+        // A third of the tenants take a pre-deployment backup (pg_dump and its snapshot
+        // session count too); every one is lock-guarded and its locks sampled.
+        let extra = if i % 3 == 0 {
+            format!(
+                "backup_dir = \"{}\"\n",
+                tmp.path().join(format!("backups_{i}")).display()
+            )
+        } else {
+            String::new()
+        };
+        targets.push_str(&target_toml(&format!("conn_{i:02}"), &db, &m, &extra));
+        dbs.push(db);
+    }
+    let c = controller(&tmp.path().join("controller.db").to_string_lossy(), &[]).await?;
+    let path = tmp.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"agent-1\"\ncontroller = \"{}\"\nlock_sample_period = \"1s\"\n\n[limits]\nmax_connections_per_server = {BUDGET}\n{targets}",
+            c.addr
+        ),
+    )?;
+    let config = path.to_string_lossy().into_owned();
+    let _agent = Daemon::start(
+        "belay-agent",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--config",
+            &config,
+        ],
+        &[],
+    )
+    .await?;
+    wait_agents(&c.addr, 1).await?;
+
+    // Counted from the test's side for as long as the deployment runs.
+    let (url, port) = (cluster.url("postgres"), cluster.port());
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sampler = tokio::spawn(async move {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await?;
+        let (mut max, mut samples) = (0usize, 0u64);
+        loop {
+            let n = agent_sessions(&mut conn, port).await?;
+            max = max.max(n);
+            samples += 1;
+            match stop_rx.try_recv() {
+                // A sample every millisecond or so: every connection lives far longer, and
+                // the daemons under test keep the machine's cores.
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                _ => return anyhow::Ok((max, samples)),
+            }
+        }
+    });
+    let r = belay(
+        &c.addr,
+        &[
+            "deploy",
+            "--targets",
+            "conn_*",
+            "--canary",
+            "1",
+            "--batch",
+            "100%",
+            "--parallel",
+            "30",
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
+    let _ = stop_tx.send(());
+    let (max, samples) = sampler.await??;
+    eprintln!("peak agent sessions {max} (budget {BUDGET}) in {samples} samples");
+    assert_eq!(r.code, 0, "{r:?}");
+    let doc = r.json();
+    assert_eq!(doc["state"], "succeeded", "{doc}");
+    assert_eq!(
+        doc["targets"].as_array().map(Vec::len),
+        Some(TENANTS),
+        "{doc}"
+    );
+    // The deployment connected (the count saw it) and never held more than its budget.
+    assert!(max >= 1, "no agent session seen in {samples} samples");
+    assert!(
+        max <= BUDGET,
+        "the agent held {max} sessions at once on one server, over its budget of {BUDGET} ({samples} samples)"
+    );
+    // Nothing stays behind once the work is done: no idle guard, log or migration session
+    // per target (the lock sampler's come and go, one per sample, so wait for a quiet
+    // moment between samples).
+    let admin = cluster.url("postgres");
+    wait_for("no agent session left on the server", || {
+        let admin = admin.clone();
+        async move {
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await?;
+            let listed: Vec<i32> = sqlx::query_scalar(AGENT_SESSIONS)
+                .fetch_all(&mut conn)
+                .await?;
+            Ok(listed.is_empty())
+        }
+    })
+    .await?;
+    for db in &dbs {
+        assert_eq!(
+            psql(
+                &db.url,
+                "SELECT count(*) FROM belay.schema_history WHERE success"
+            ),
+            "3",
+            "{}",
+            db.name
+        );
+    }
+    Ok(())
+}

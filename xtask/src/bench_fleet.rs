@@ -112,6 +112,7 @@ pub fn fleet(
     agents: usize,
     seconds: u64,
     parallel: u32,
+    budget: u32,
     bin_dir: Option<PathBuf>,
 ) -> Result<()> {
     ensure!(
@@ -127,6 +128,10 @@ pub fn fleet(
         "--seconds must be within 1..=600"
     );
     ensure!(parallel >= 1, "--parallel must be at least 1");
+    ensure!(
+        budget >= 3,
+        "--budget must be at least 3 (a guarded deployment holds 3)"
+    );
     let pg_bin = ensure_postgres()?;
     let bins = release_bins(bin_dir)?;
     let work = tempfile::tempdir().context("could not create a temp dir")?;
@@ -134,7 +139,15 @@ pub fn fleet(
     let deploy_line = {
         heading("starting a throwaway PostgreSQL cluster");
         let cluster = Cluster::start().context("could not start a PostgreSQL cluster")?;
-        deploy_vs_sequential(&cluster, &pg_bin, &bins, work.path(), tenants, parallel)?
+        deploy_vs_sequential(
+            &cluster,
+            &pg_bin,
+            &bins,
+            work.path(),
+            tenants,
+            parallel,
+            budget,
+        )?
     };
     let heartbeat_line = heartbeats(&bins, work.path(), agents, seconds)?;
 
@@ -157,6 +170,7 @@ fn deploy_vs_sequential(
     work: &Path,
     tenants: usize,
     parallel: u32,
+    budget: u32,
 ) -> Result<String> {
     let migrations = work.join("migrations");
     fs::create_dir(&migrations).context("could not create the migrations dir")?;
@@ -202,7 +216,7 @@ fn deploy_vs_sequential(
         &work.join("controller-deploy.log"),
     )?;
     let mut config = format!(
-        "name = \"bench-agent\"\ncontroller = \"{}\"\n",
+        "name = \"bench-agent\"\ncontroller = \"{}\"\n\n[limits]\nmax_connections_per_server = {budget}\n",
         controller.addr
     );
     for db in &fleet_dbs {
@@ -235,10 +249,18 @@ fn deploy_vs_sequential(
         .args(["--batch", "25%", "--parallel", &parallel.to_string()])
         .args(["--output", "json"]);
     println!("$ {}", describe(&deploy));
+    // Every client session on the server during the deployment is the agent's: the
+    // controller's store is SQLite and the CLI talks to the controller only.
+    let sessions = SessionSampler::start(cluster.url("postgres"))?;
     let started = Instant::now();
     let out = deploy.output().context("could not run belay deploy")?;
     let fleet_time = started.elapsed();
+    let sessions = sessions.stop()?;
     check_deploy(&out, tenants, &controller)?;
+    println!(
+        "peak server sessions during the deployment: {} open, {} listed with those closing ({} samples), budget {budget}",
+        sessions.open, sessions.listed, sessions.samples
+    );
     println!(
         "deployment succeeded on {tenants} targets in {:.2}s",
         fleet_time.as_secs_f64()
@@ -285,16 +307,102 @@ fn deploy_vs_sequential(
 
     let (f, s) = (fleet_time.as_secs_f64(), seq_time.as_secs_f64());
     let n = tenants as f64;
+    let held = if sessions.open <= i64::from(budget) {
+        "held"
+    } else {
+        "EXCEEDED"
+    };
     Ok(format!(
         "fleet {tenants} targets x {} migrations: controller+agent {f:.2}s (--parallel {parallel}), \
-         sequential local {s:.2}s, ratio {:.2}, per target {:.0} ms vs {:.0} ms, \
-         controller peak RSS {}",
+         sequential local {s:.2}s, speed-up {:.2}x (target >= 4x), per target {:.0} ms vs {:.0} ms, \
+         controller peak RSS {} (target < 200 MiB), peak server sessions {} open / {} listed \
+         (agent budget {budget}: {held})",
         CHANGE.len(),
-        f / s,
+        s / f,
         f * 1000.0 / n,
         s * 1000.0 / n,
-        mib(controller_peak)
+        mib(controller_peak),
+        sessions.open,
+        sessions.listed
     ))
+}
+
+/// Counts the server's client sessions (other than its own) every few milliseconds, on a
+/// thread of its own, until stopped.
+struct SessionSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: thread::JoinHandle<Result<Sessions>>,
+}
+
+/// What a [`SessionSampler`] saw.
+#[derive(Debug, Clone, Copy)]
+struct Sessions {
+    /// The most sessions at once, leaving out those whose client had already hung up
+    /// (`idle` and no longer waiting for it: the server removes them a moment later).
+    open: i64,
+    /// The most at once, those included.
+    listed: i64,
+    samples: u64,
+}
+
+impl SessionSampler {
+    fn start(url: String) -> Result<SessionSampler> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+        let stopping = stop.clone();
+        let handle = thread::spawn(move || -> Result<Sessions> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("could not start a tokio runtime")?;
+            runtime.block_on(async move {
+                use sqlx::Connection as _;
+                let mut conn = match sqlx::PgConnection::connect(&url).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("sampler: {e}")));
+                        bail!("sampler could not connect: {e}");
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let mut seen = Sessions {
+                    open: 0,
+                    listed: 0,
+                    samples: 0,
+                };
+                while !stopping.load(Ordering::Relaxed) {
+                    let (open, listed): (i64, i64) = sqlx::query_as(
+                        "SELECT count(*) FILTER (WHERE NOT (state = 'idle' AND wait_event IS NULL)), \
+                                count(*) \
+                         FROM pg_stat_activity \
+                         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                    )
+                    .fetch_one(&mut conn)
+                    .await
+                    .context("sampling pg_stat_activity")?;
+                    seen.open = seen.open.max(open);
+                    seen.listed = seen.listed.max(listed);
+                    seen.samples += 1;
+                    // A sample every few milliseconds: often enough to catch every
+                    // connection (each lives far longer), without taking a core from the
+                    // daemons being measured.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Ok(seen)
+            })
+        });
+        ready_rx
+            .recv()
+            .context("the session sampler died before connecting")??;
+        Ok(SessionSampler { stop, handle })
+    }
+
+    fn stop(self) -> Result<Sessions> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the session sampler panicked"))?
+    }
 }
 
 /// `belay --dir D migrate` for a database URL; without a pre-deployment backup when the

@@ -102,6 +102,9 @@ enum Bench {
         /// Targets the deploy migrates at once within a wave.
         #[arg(long, default_value_t = 8)]
         parallel: u32,
+        /// The agent's `[limits] max_connections_per_server` (its default: 10).
+        #[arg(long, default_value_t = 10)]
+        budget: u32,
         /// Simulated agents in the heartbeat bench.
         #[arg(long, default_value_t = 1000)]
         agents: usize,
@@ -185,10 +188,11 @@ fn run(task: Task) -> anyhow::Result<()> {
             Bench::Fleet {
                 tenants,
                 parallel,
+                budget,
                 agents,
                 seconds,
                 bin_dir,
-            } => bench_fleet::fleet(tenants, agents, seconds, parallel, bin_dir),
+            } => bench_fleet::fleet(tenants, agents, seconds, parallel, budget, bin_dir),
             Bench::Backup { scale, reps } => bench_backup::backup(scale, reps),
             Bench::Probes {
                 reps,

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 mod backups;
+mod budget;
 use belay_config::agent as config;
 mod monitor;
 mod register;
@@ -123,7 +124,13 @@ async fn serve(args: Args) -> ExitCode {
 
     let (agent_config, targets) = match &args.config {
         Some(path) => match config::load(path) {
-            Ok(loaded) => loaded,
+            Ok(loaded) => {
+                if let Err(err) = budget::check(&loaded.0.limits, &loaded.1) {
+                    eprintln!("{BIN}: error: agent config {}: {err}", path.display());
+                    return ExitCode::from(exit::USAGE);
+                }
+                loaded
+            }
             Err(err) => {
                 eprintln!("{BIN}: error: {err:#}");
                 return ExitCode::from(exit::USAGE);
@@ -137,6 +144,7 @@ async fn serve(args: Args) -> ExitCode {
                 token_file: None,
                 tls: None,
                 lock_sample_period: None,
+                limits: config::Limits::default(),
                 targets: Vec::new(),
             },
             Vec::new(),
@@ -193,7 +201,12 @@ async fn serve(args: Args) -> ExitCode {
                 .map(|(dir, mode)| (t.spec.name.clone(), t.spec.url.clone(), dir, mode))
         })
         .collect();
-    let (lock_monitor, health_checks, health) = monitor::services(&targets);
+    // Every connection the agent opens is counted against its budget per server.
+    let budget = budget::Budget::new(
+        belay_core::ConnectionBudget::new(agent_config.limits.connections_per_server()),
+        &targets,
+    );
+    let (lock_monitor, health_checks, health) = monitor::services(&targets, &budget);
     // What fleet deployments judge each target by (agent.toml), and where each records
     // its deployments: the target's own history schema, as local `migrate` does.
     let policies: Vec<(String, belay_deploy::TargetPolicy)> = targets
@@ -212,8 +225,10 @@ async fn serve(args: Args) -> ExitCode {
             .collect();
     let lock_samples = sampler::plan(&targets);
     let metric_series: Vec<_> = targets.iter().map(backups::metric_series).collect();
-    let backup_service =
-        belay_rpc::BackupGrpc::new(Arc::new(backups::service(&targets, args.config.as_deref())));
+    let backup_service = belay_rpc::BackupGrpc::new(Arc::new(budget::Backups {
+        inner: Arc::new(backups::service(&targets, args.config.as_deref())),
+        budget: budget.clone(),
+    }));
     // The lock guard watches every target's migrations unless its config says not to.
     let guarded: Vec<(String, belay_core::DatabaseUrl)> = targets
         .iter()
@@ -254,7 +269,10 @@ async fn serve(args: Args) -> ExitCode {
     // Counted in the migration metrics here, where the executor runs: runs served over
     // `Apply` and each deployment pipeline's alike.
     let local: Arc<dyn belay_migrate::MigrationApi> =
-        Arc::new(belay_rpc::server::Metered(Arc::new(local)));
+        Arc::new(belay_rpc::server::Metered(Arc::new(budget::Migrations {
+            inner: Arc::new(local),
+            budget: budget.clone(),
+        })));
     let migration_service = belay_rpc::MigrationGrpc::new(local.clone());
     let log_for: belay_deploy::LogFor = Arc::new(move |name: &str| {
         let (url, schema) = log_targets.get(name).ok_or_else(|| {
@@ -291,10 +309,11 @@ async fn serve(args: Args) -> ExitCode {
     // In the background: a target whose database is down must not keep the agent from
     // serving the others; the controller's question settles it later anyway.
     {
-        let deployer = deployer.clone();
+        let (deployer, budget) = (deployer.clone(), budget.clone());
         tokio::spawn(async move {
             for name in target_names {
-                match deployer.settle(&name).await {
+                let settled = budget.within(&name, |_| 2, "settling", deployer.settle(&name));
+                match settled.await {
                     Ok(ids) if !ids.is_empty() => {
                         tracing::warn!(target = %name, settled = ids.len(), "settled deployments an earlier agent process left unfinished")
                     }
@@ -306,7 +325,10 @@ async fn serve(args: Args) -> ExitCode {
             }
         });
     }
-    let deploy_service = belay_rpc::DeployGrpc::new(deployer);
+    let deploy_service = belay_rpc::DeployGrpc::new(Arc::new(budget::Deploys {
+        inner: deployer,
+        budget: budget.clone(),
+    }));
 
     let listener = match TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
@@ -342,11 +364,14 @@ async fn serve(args: Args) -> ExitCode {
     }
     // The gauges are read through /metrics only: without it, sampling would be load for
     // nothing.
-    let sampler = sampler::Sampler::start(if args.metrics_listen.is_some() {
-        lock_samples
-    } else {
-        Vec::new()
-    });
+    let sampler = sampler::Sampler::start(
+        if args.metrics_listen.is_some() {
+            lock_samples
+        } else {
+            Vec::new()
+        },
+        &budget,
+    );
     let stop_sampling = sampler.stopper();
     let reflection = match belay_rpc::daemon::reflection(&HEALTH_SERVICES) {
         Ok(r) => r,

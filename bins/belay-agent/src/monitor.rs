@@ -2,16 +2,21 @@
 //! implementations over the targets' URLs, behind the same gRPC adapters the controller
 //! uses, so a remote `belay locks` or `belay check` prints what a local one would.
 
+use crate::budget::{self, Budget};
 use crate::config::LoadedTarget;
-use belay_health::{HealthTarget, HealthTargets};
+use belay_health::{HealthApi, HealthTarget, HealthTargets};
 use belay_locks::LocalLocks;
 use belay_migrate::LocalTargets;
 use belay_rpc::{HealthGrpc, LockMonitorGrpc};
 use std::sync::Arc;
 
 /// The lock monitor and health services, and the health checker behind the latter (the
-/// same one the agent's deployment pipelines check their targets with).
-pub fn services(targets: &[LoadedTarget]) -> (LockMonitorGrpc, HealthGrpc, Arc<HealthTargets>) {
+/// same one the agent's deployment pipelines check their targets with), each call within
+/// the agent's connection budget.
+pub fn services(
+    targets: &[LoadedTarget],
+    budget: &Budget,
+) -> (LockMonitorGrpc, HealthGrpc, Arc<dyn HealthApi>) {
     let locks = LocalLocks::new(
         targets
             .iter()
@@ -36,7 +41,14 @@ pub fn services(targets: &[LoadedTarget]) -> (LockMonitorGrpc, HealthGrpc, Arc<H
         )
     }))
     .with_migration_facts(Arc::new(facts));
-    let health = Arc::new(health);
+    let health: Arc<dyn HealthApi> = Arc::new(budget::Health {
+        inner: Arc::new(health),
+        budget: budget.clone(),
+    });
+    let locks = budget::Locks {
+        inner: Arc::new(locks),
+        budget: budget.clone(),
+    };
     (
         LockMonitorGrpc::new(Arc::new(locks)),
         HealthGrpc::new(health.clone()),

@@ -2,7 +2,7 @@
 //! every `lock_sample_period` and sets the `/metrics` gauges labelled with the target, so
 //! alerting sees blocked sessions and lock waits without anyone running `belay locks`.
 //!
-//! One connection per sample, closed right after it (the same path as `belay locks`): at a
+//! One connection per sample, within the agent's connection budget, closed right after it (the same path as `belay locks`): at a
 //! period of seconds, a connection's setup is a small cost next to a session held open for
 //! the agent's whole life, which would take one of the target's `max_connections` slots,
 //! sit idle in every DBA's `pg_stat_activity`, and stay pinned to a server a failover may
@@ -17,7 +17,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::budget::{self, Budget};
 use crate::config::LoadedTarget;
+use std::sync::Arc;
 
 /// How long stopping waits for the sampling tasks; they stop at once unless a sample is
 /// being dropped mid-way, which takes no longer than closing a socket.
@@ -55,7 +57,7 @@ pub struct Sampler {
 impl Sampler {
     /// Starts sampling `targets` on the current runtime. Call after the metrics recorder
     /// is installed: gauges set before it are lost.
-    pub fn start(targets: Vec<Sampled>) -> Sampler {
+    pub fn start(targets: Vec<Sampled>, budget: &Budget) -> Sampler {
         let stop = CancellationToken::new();
         let n = u32::try_from(targets.len()).unwrap_or(u32::MAX);
         if n > 0 {
@@ -69,7 +71,7 @@ impl Sampler {
                 // databases on one server should not query them all in the same instant.
                 let offset = t.period / n.max(1) * i;
                 let span = tracing::info_span!("lock_sampler", target = %t.name);
-                tokio::spawn(sample_loop(t, offset, stop.clone()).instrument(span))
+                tokio::spawn(sample_loop(t, offset, stop.clone(), budget.clone()).instrument(span))
             })
             .collect();
         Sampler { stop, tasks }
@@ -97,8 +99,11 @@ async fn join_all(tasks: Vec<JoinHandle<()>>) {
     }
 }
 
-async fn sample_loop(t: Sampled, offset: Duration, stop: CancellationToken) {
-    let locks = LocalLocks::new([(t.name.clone(), t.url.clone())]);
+async fn sample_loop(t: Sampled, offset: Duration, stop: CancellationToken, budget: Budget) {
+    let locks = budget::Locks {
+        inner: Arc::new(LocalLocks::new([(t.name.clone(), t.url.clone())])),
+        budget,
+    };
     let options = MonitorOptions::default();
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + offset, t.period);
     // A slow sample delays the next instead of bunching several behind it.

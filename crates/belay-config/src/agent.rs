@@ -95,8 +95,28 @@ pub struct AgentConfig {
     /// sessions, longest lock wait, ...; served with `--metrics-listen`); a target may
     /// say otherwise. `0` or `"off"` turns sampling off [default: 10s].
     pub lock_sample_period: Option<PeriodSetting>,
+    /// `[limits]`: what the agent may take from the database servers it works on.
+    #[serde(default)]
+    pub limits: Limits,
     #[serde(default)]
     pub targets: Vec<TargetConfig>,
+}
+
+/// `[limits]` in `agent.toml`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// The most connections the agent holds at once on one database server (host:port of
+    /// the targets' URLs), shared by migrations, lock guards, lock sampling, checks,
+    /// probes and backups; work waits for a free one [default: 10].
+    pub max_connections_per_server: Option<u32>,
+}
+
+impl Limits {
+    pub fn connections_per_server(&self) -> u32 {
+        self.max_connections_per_server
+            .unwrap_or(belay_core::DEFAULT_CONNECTIONS_PER_SERVER)
+    }
 }
 
 /// A byte size in `agent.toml`: `16777216` or `"16MiB"`.

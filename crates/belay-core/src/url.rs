@@ -71,6 +71,33 @@ impl DatabaseUrl {
             || self.raw.contains("password=")
     }
 
+    /// The server this URL reaches, as `host:port` (the host lower-cased; a unix socket
+    /// directory given as `?host=/path` counts as the host; the port defaults to 5432, as
+    /// libpq's does): what a [`crate::ConnectionBudget`] counts connections by.
+    pub fn server(&self) -> String {
+        let Ok(u) = url::Url::parse(&self.raw) else {
+            return self.redacted.clone();
+        };
+        let query = |key: &str| {
+            u.query_pairs()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.into_owned())
+        };
+        let host = u
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+            .or_else(|| query("host"))
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let port = u
+            .port()
+            .map(|p| p.to_string())
+            .or_else(|| query("port"))
+            .unwrap_or_else(|| "5432".to_string());
+        format!("{host}:{port}")
+    }
+
     /// The database name, for messages and history ("which database did this").
     pub fn database(&self) -> Option<String> {
         let u = url::Url::parse(&self.raw).ok()?;
@@ -226,6 +253,29 @@ fn quoted_end(input: &str, from: usize, quote: u8) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_is_host_and_port() {
+        let server = |u: &str| DatabaseUrl::parse(u).expect(u).server();
+        assert_eq!(
+            server("postgres://app:pw@DB.example:6432/shop"),
+            "db.example:6432"
+        );
+        assert_eq!(
+            server("postgres://app@db/a"),
+            "db:5432",
+            "libpq's default port"
+        );
+        assert_eq!(
+            server("postgres://db/a"),
+            server("postgresql://u:p@db:5432/b")
+        );
+        assert_eq!(
+            server("postgres:///shop?host=/var/run/postgresql&port=5433"),
+            "/var/run/postgresql:5433"
+        );
+        assert!(!server("postgres://a:s3cret@db/x").contains("s3cret"));
+    }
 
     #[test]
     fn redacts_every_spelling_of_a_password() {

@@ -15,7 +15,8 @@ use tracing::Instrument;
 /// and waits out the migration's blockers before the executor retries.
 ///
 /// One connection serves the whole run: handed from one statement's watch to the next
-/// (a guard connecting per statement would cost a connection setup per statement).
+/// (a guard connecting per statement would cost a connection setup per statement), and
+/// closed when the run ends (`release`), so no target keeps an idle guard session.
 #[derive(Clone)]
 pub struct LockGuardAdapter {
     url: DatabaseUrl,
@@ -162,6 +163,19 @@ impl LockGuardHook for LockGuardAdapter {
         let conn = self.session().await?;
         give_back(&self.idle, conn);
         Ok(())
+    }
+
+    async fn release(&self) {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(conn) = idle {
+            // A clean goodbye: the server ends the session now rather than when it
+            // notices the socket is gone.
+            let _ = sqlx::Connection::close(conn).await;
+        }
     }
 
     async fn watch(

@@ -114,6 +114,12 @@ pub trait LockGuardHook: Send + Sync {
         Ok(())
     }
 
+    /// The run is over (however it ended): closes whatever session `prepare` and the
+    /// watches kept. Connections live as long as the work that needs them: a guard that
+    /// kept its session between runs would hold an idle connection per target for the
+    /// process's whole life, a thousand of them for a thousand tenant databases.
+    async fn release(&self) {}
+
     /// Starts watching the queue behind `backend_pid` (the migration's session) from a
     /// session of the hook's own; the statement is cancelled when someone has waited in
     /// that queue longer than `max_blocking`. Fails (the executor then runs this statement

@@ -657,6 +657,9 @@ impl Migrator {
         let result = self
             .run_locked(&mut conn, &choose, action, &mut report)
             .await;
+        if let Some(hook) = &self.lock_guard {
+            hook.release().await;
+        }
         self.release_runner_lock(&mut conn).await;
         let _ = conn.close().await;
         result.map(|()| report)
