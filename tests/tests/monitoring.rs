@@ -1020,29 +1020,27 @@ fn prometheus_config(agent: &str, controller: &str, alertmanager: &str) -> Value
     })
 }
 
-/// A migration fails during a fleet deployment; the agent counts it; the real
-/// Prometheus scrapes it and fires `BelayMigrationFailed` (labelled `action=rollback`,
-/// `belay_target`); the real Alertmanager routes it with the shipped routing tree to the
-/// controller's webhook, which records one rollback request for that deployment and has
-/// the target's agent roll it back (V1 undone by its undo script).
+/// Issue #12's story with the real parts: a deployment's probe turns unhealthy in its
+/// watch window; the agent's `belay_probe_healthy` stays 0; the real Prometheus scrapes it
+/// and fires `BelayProbeUnhealthy` (labelled `action=rollback`, `belay_target`); the real
+/// Alertmanager routes it with the shipped routing tree to the controller's webhook, which
+/// records one rollback request and has the target's agent roll the deployment back (V1
+/// undone); the rollback's verification watches the probe again, it passes, and the alert
+/// resolves.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollback() -> Result<()>
+async fn an_unhealthy_probe_flows_through_prometheus_and_alertmanager_to_a_rollback() -> Result<()>
 {
     let (prometheus, alertmanager) = (prometheus_server()?, alertmanager_server()?);
     let tmp = tempfile::tempdir()?;
     let db = Cluster::shared().create_database().await?;
     let migrations = tmp.path().join("migrations");
     std::fs::create_dir_all(&migrations)?;
+    // The probe's verdict: healthy while there is no table `bad`.
     std::fs::write(
-        migrations.join("V1__orders.sql"),
-        "CREATE TABLE orders (id int);\n",
+        migrations.join("V1__bad.sql"),
+        "CREATE TABLE bad (id int);\n",
     )?;
-    std::fs::write(migrations.join("U1__orders.sql"), "DROP TABLE orders;\n")?;
-    // Fails when it runs: what a migration that meets production data does.
-    std::fs::write(
-        migrations.join("V2__fails.sql"),
-        "SELECT 1 / (SELECT count(*) FROM orders);\n",
-    )?;
+    std::fs::write(migrations.join("U1__bad.sql"), "DROP TABLE bad;\n")?;
     let token_file = tmp.path().join("token");
     std::fs::write(&token_file, "alert-path-token\n")?;
     let token = token_file.to_string_lossy().into_owned();
@@ -1064,13 +1062,22 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
         "agent-1",
         &controller.addr,
         &format!("token_file = \"{token}\""),
-        &[TargetDef {
-            name: "alerting_1",
-            url: &db.url,
-            migrations: &migrations,
-            environment: None,
-        }],
+        &[],
     )?;
+    let mut text = std::fs::read_to_string(&config)?;
+    text.push_str(&belay_e2e::target_toml(
+        "alerting_1",
+        &db,
+        &migrations,
+        &format!(
+            "backup_dir = \"{}\"\n\
+             [[targets.probes]]\nname = \"no_bad\"\nperiod = \"200ms\"\nfailure_threshold = 2\n\
+             sql = {{ query = \"SELECT count(*) FROM pg_tables WHERE tablename = 'bad'\", expect = \"zero\" }}\n\
+             [targets.rollback]\nsettle = \"500ms\"\n",
+            tmp.path().join("backups").display()
+        ),
+    ));
+    std::fs::write(&config, text)?;
     let config = config.to_string_lossy().into_owned();
     let _agent = Daemon::start(
         "belay-agent",
@@ -1141,17 +1148,14 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
             },
         )
         .await?;
-        // The failed count must be seen at 0 first: `increase` needs two samples.
+        // The probe seen healthy first.
         wait_long(
             "Prometheus to scrape the agent",
             std::time::Duration::from_secs(60),
             || async {
-                Ok(get(
-                    &prom_addr,
-                    "/api/v1/query?query=belay_migrations_total%7Bstatus%3D%22failed%22%7D",
-                )
-                .await
-                .is_some_and(|(_, b)| b.contains("alerting_1")))
+                Ok(get(&prom_addr, "/api/v1/query?query=belay_probe_healthy")
+                    .await
+                    .is_some_and(|(_, b)| b.contains("alerting_1")))
             },
         )
         .await
@@ -1168,13 +1172,16 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
             "deploy",
             "--targets",
             "alerting_1",
+            "--watch",
+            "5m",
             "--output",
             "json",
         ],
     )
     .await?;
+    // The probe crossed its threshold: the deployment failed at `watching`.
     let failed_at = std::time::Instant::now();
-    ensure!(r.code != 0, "the deployment should fail at V2: {r:?}");
+    ensure!(r.code != 0, "the probe should fail the deployment: {r:?}");
     let listed = belay(
         &controller.addr,
         &[
@@ -1238,11 +1245,11 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
     // Measured, not asserted (no timing thresholds in tests): the number the runbook's
     // latency budget is checked against.
     eprintln!(
-        "alert latency (migration failed -> rollback requested), 1 s scrape and evaluation: {latency:?}"
+        "alert latency (probe threshold crossed -> rollback requested), 1 s scrape and evaluation: {latency:?}"
     );
     let logged = events().await?;
     assert!(
-        logged[0].starts_with("rollback requested by alert BelayMigrationFailed ("),
+        logged[0].starts_with("rollback requested by alert BelayProbeUnhealthy ("),
         "{logged:?}"
     );
     assert!(
@@ -1301,9 +1308,24 @@ async fn a_failed_migration_flows_through_prometheus_and_alertmanager_to_a_rollb
     assert_eq!(step().await?, "rolled_back", "{:?}", events().await?);
     let orders = belay_e2e::psql(
         &db.url,
-        "SELECT count(*) FROM pg_tables WHERE tablename = 'orders'",
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'bad'",
     );
-    assert_eq!(orders, "0", "V1 undone: orders dropped");
+    assert_eq!(orders, "0", "V1 undone: bad dropped");
+    // The rollback's verification watched the probe again: it passed, and the alert
+    // resolves.
+    let resolved = wait_long(
+        "BelayProbeUnhealthy to resolve",
+        std::time::Duration::from_secs(90),
+        || async {
+            Ok(get(&prom_addr, "/api/v1/alerts")
+                .await
+                .is_some_and(|(c, b)| c == 200 && !b.contains("BelayProbeUnhealthy")))
+        },
+    )
+    .await;
+    if let Err(e) = resolved {
+        bail!("{e}\n{}", prom.log().await);
+    }
     drop((am, prom));
     Ok(())
 }

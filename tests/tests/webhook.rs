@@ -3,7 +3,7 @@
 //! `POST /webhooks/alertmanager` on the controller's `--http-listen` address.
 
 use anyhow::{Context, Result, ensure};
-use belay_e2e::{Daemon, TargetDef, belay, controller, examples};
+use belay_e2e::{Daemon, belay, controller, examples};
 use belay_testkit::Cluster;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,13 +87,20 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
         "agent-1",
         &c.addr,
         &format!("token_file = \"{token_arg}\""),
-        &[TargetDef {
-            name: "wh_1",
-            url: &db.url,
-            migrations: &ex,
-            environment: None,
-        }],
+        &[],
     )?;
+    // A rollback takes an emergency backup first: the target has a place for it.
+    let mut text = std::fs::read_to_string(&cfg)?;
+    text.push_str(&belay_e2e::target_toml(
+        "wh_1",
+        &db,
+        &ex,
+        &format!(
+            "backup_dir = \"{}\"\n[targets.rollback]\nsettle = \"300ms\"\n",
+            tmp.path().join("backups").display()
+        ),
+    ));
+    std::fs::write(&cfg, text)?;
     let _agent = belay_e2e::agent(&cfg).await?;
     let cli = |args: &[&str]| {
         let mut v = vec!["--token-file", token_arg.as_str()];

@@ -211,8 +211,8 @@ fn rollback_policy(
         restore_lock_timeout: file.restore_lock_timeout.clone(),
         restore_attempts: file.restore_attempts,
     }
-    .resolve("belay.toml [rollback]")
-    .map_err(|e| file_err(src, "rollback", e))
+    .resolve_keyed()
+    .map_err(|(key, message)| file_err(src, &format!("rollback.{key}"), message))
 }
 
 pub fn load_file(cli: &Cli) -> Result<FileConfig> {

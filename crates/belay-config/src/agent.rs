@@ -478,8 +478,8 @@ fn load_target(
         .rollback
         .clone()
         .unwrap_or_default()
-        .resolve("[targets.rollback]")
-        .map_err(|e| Problem::new("rollback", e))?;
+        .resolve_keyed()
+        .map_err(|(key, message)| Problem::new(format!("rollback.{key}"), message))?;
     Ok(LoadedTarget {
         rollback,
         policy,
@@ -703,7 +703,7 @@ mod tests {
         for (body, want) in [
             (
                 "[targets.rollback]\nsettle = \"0s\"\n",
-                "settle must be greater than zero",
+                "rollback.settle`: target \"a\": must be greater than zero",
             ),
             ("[targets.rollback]\npolicy = \"sometimes\"\n", "policy"),
             (
@@ -715,7 +715,7 @@ mod tests {
             let err = format!("{:#}", load(&write(&format!("{base}{body}"))).unwrap_err());
             assert!(err.contains(want), "{body}: {err}");
             // Checked values name their target (the parser's errors name the line).
-            if want == "after" || want.starts_with("settle") {
+            if want == "after" || want.starts_with("rollback.settle") {
                 assert!(err.contains("\"a\""), "names the target: {err}");
             }
         }

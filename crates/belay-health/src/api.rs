@@ -336,12 +336,13 @@ impl HealthApi for HealthTargets {
         let _entered = span.enter();
         let events = run_probe(spec)?;
         let window = tokio::time::sleep(duration);
-        let watched = crate::probe::WatchedProbe {
-            target: target.to_string(),
-            probe: probe.name.clone(),
-        };
+        // The gauge keeps the probe's last verdict after its window: a deployment that
+        // failed on this probe stays unhealthy (its alert fires, so a rollback can be
+        // asked for) until the probe is watched again and passes — the rollback's
+        // verification, or the next deployment's window.
+        let target = target.to_string();
         Ok(Box::pin(events.take_until(window).map(move |e| {
-            crate::probe::record_metrics(&watched.target, &e);
+            crate::probe::record_metrics(&target, &e);
             Ok(e)
         })))
     }

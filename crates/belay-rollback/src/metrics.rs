@@ -31,7 +31,7 @@ pub(crate) fn finished(
     metrics::counter!(
         ROLLBACKS_TOTAL,
         "strategy" => strategy,
-        "trigger" => plan.trigger.kind.as_str(),
+        "trigger" => trigger_label(plan.trigger.kind),
         "result" => outcome,
     )
     .increment(1);
@@ -41,4 +41,41 @@ pub(crate) fn finished(
         "result" => outcome,
     )
     .record(took.as_secs_f64());
+}
+
+/// The `trigger` label: the documented, bounded values (`belay_telemetry::ROLLBACK_TRIGGERS`)
+/// — a failed pipeline step, an alert through the webhook, or an operator's command. The
+/// step and cause are in the deployment's record, not in a label.
+fn trigger_label(kind: crate::TriggerKind) -> &'static str {
+    match kind {
+        crate::TriggerKind::Operator => "manual",
+        crate::TriggerKind::Alert => "alert",
+        crate::TriggerKind::MigrationFailed
+        | crate::TriggerKind::ValidationFailed
+        | crate::TriggerKind::ProbeThreshold
+        | crate::TriggerKind::LockTrips => "pipeline",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_trigger_label_is_one_the_start_up_series_initialise() {
+        use crate::TriggerKind::*;
+        for kind in [
+            MigrationFailed,
+            ValidationFailed,
+            ProbeThreshold,
+            LockTrips,
+            Operator,
+            Alert,
+        ] {
+            assert!(
+                belay_telemetry::ROLLBACK_TRIGGERS.contains(&trigger_label(kind)),
+                "{kind:?}"
+            );
+        }
+    }
 }

@@ -318,18 +318,29 @@ impl RollbackSettings {
     /// every hook naming a command; errors name `section` (`belay.toml [rollback]`) and
     /// the key.
     pub fn resolve(&self, section: &str) -> Result<(RollbackPolicy, Duration), String> {
-        let positive = |key: &str, v: &str| -> Result<Duration, String> {
-            let d = belay_core::parse_duration(v).map_err(|e| format!("{section} {key}: {e}"))?;
+        self.resolve_keyed()
+            .map_err(|(key, message)| format!("{section} {key}: {message}"))
+    }
+
+    /// As [`RollbackSettings::resolve`], the error as the key within the section
+    /// (`settle`, `before.timeout`, …) and what is wrong with it, for callers that point at
+    /// the key's line.
+    pub fn resolve_keyed(&self) -> Result<(RollbackPolicy, Duration), (String, String)> {
+        let positive = |key: &str, v: &str| -> Result<Duration, (String, String)> {
+            let d = belay_core::parse_duration(v).map_err(|e| (key.to_string(), e.to_string()))?;
             if d.is_zero() {
-                return Err(format!("{section} {key} must be greater than zero"));
+                return Err((key.to_string(), "must be greater than zero".into()));
             }
             Ok(d)
         };
-        let hook = |key: &str, h: &Option<HookSetting>| -> Result<Option<HookCommand>, String> {
+        let hook = |key: &str,
+                    h: &Option<HookSetting>|
+         -> Result<Option<HookCommand>, (String, String)> {
             let Some(h) = h else { return Ok(None) };
             if h.command.trim().is_empty() {
-                return Err(format!(
-                    "{section} {key}: its command is empty: name the command to run, or remove it"
+                return Err((
+                    format!("{key}.command"),
+                    "is empty: name the command to run (`command = \"./maintenance on\"`), or remove the section".into(),
                 ));
             }
             Ok(Some(HookCommand {
@@ -354,7 +365,7 @@ impl RollbackSettings {
         }
         if let Some(n) = self.restore_attempts {
             if n == 0 {
-                return Err(format!("{section} restore_attempts must be at least 1"));
+                return Err(("restore_attempts".into(), "must be at least 1".into()));
             }
             policy.restore_attempts = n;
         }

@@ -284,7 +284,7 @@ pub const CATALOG: &[Metric] = {
             unit: None,
             labels: &["target", "probe"],
             exposed_by: Agent,
-            help: "0 while a watched probe is past its failure threshold, 1 otherwise (healthy, or not being watched).",
+            help: "The probe's last verdict: 0 once it crossed its failure threshold, 1 while healthy (or never run). It keeps its value after a watch window ends, until the probe is watched again (a rollback's verification, the next deployment).",
         },
         Metric {
             name: PROBE_FAILURES_TOTAL,

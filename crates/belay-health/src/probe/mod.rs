@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use machine::{ProbeMachine, ProbeResult, ProbeState, Transition};
+pub(crate) use runner::record_metrics;
 pub use runner::{ProbeStream, WatchOutcome, run_probe, run_probes, watch};
-pub(crate) use runner::{WatchedProbe, record_metrics};
 
 use crate::postflight::Expectation;
 use crate::{HealthError, units};

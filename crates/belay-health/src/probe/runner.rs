@@ -180,21 +180,6 @@ pub(crate) fn record_metrics(target: &str, event: &ProbeEvent) {
     metrics::gauge!("belay_probe_healthy", "target" => target, "probe" => probe).set(healthy);
 }
 
-/// Sets `belay_probe_healthy` back to 1 when a watched probe's stream ends or is dropped:
-/// a probe no longer watched is not failing.
-#[derive(Debug)]
-pub(crate) struct WatchedProbe {
-    pub(crate) target: String,
-    pub(crate) probe: String,
-}
-
-impl Drop for WatchedProbe {
-    fn drop(&mut self) {
-        metrics::gauge!("belay_probe_healthy", "target" => self.target.clone(), "probe" => self.probe.clone())
-            .set(1.0);
-    }
-}
-
 /// Performs attempts of one probe, keeping what can be reused between them.
 enum Prober {
     Http {
