@@ -452,3 +452,30 @@ pub fn target_toml(
         migrations.display()
     )
 }
+
+/// `belay deployments show ID --output json` through the controller at `addr`, with
+/// `auth` (e.g. `["--token-file", path]`) before the command.
+pub async fn show_deployment(addr: &str, auth: &[&str], id: &str) -> Result<serde_json::Value> {
+    let mut args = auth.to_vec();
+    args.extend_from_slice(&["deployments", "show", id, "--output", "json"]);
+    let r = belay(addr, &args).await?;
+    ensure!(r.code == 0, "deployments show: {r:?}");
+    Ok(r.json())
+}
+
+/// The messages of a deployment's rollback-request events (the controller's webhook), in
+/// order, across its targets.
+pub fn rollback_requests(shown: &serde_json::Value) -> Vec<String> {
+    shown["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t["events"].as_array().cloned().unwrap_or_default())
+        .filter(|e| {
+            e["kind"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("rollback_request"))
+        })
+        .filter_map(|e| e["message"].as_str().map(String::from))
+        .collect()
+}

@@ -1202,34 +1202,8 @@ async fn an_unhealthy_probe_flows_through_prometheus_and_alertmanager_to_a_rollb
     let events = || {
         let (addr, token, id) = (controller.addr.clone(), token.clone(), id.clone());
         async move {
-            let r = belay(
-                &addr,
-                &[
-                    "--token-file",
-                    &token,
-                    "deployments",
-                    "show",
-                    &id,
-                    "--output",
-                    "json",
-                ],
-            )
-            .await?;
-            ensure!(r.code == 0, "deployments show: {r:?}");
-            Ok::<Vec<String>, anyhow::Error>(
-                r.json()["targets"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|t| t["events"].as_array().cloned().unwrap_or_default())
-                    .filter(|e| {
-                        e["kind"]
-                            .as_str()
-                            .is_some_and(|k| k.starts_with("rollback_request"))
-                    })
-                    .filter_map(|e| e["message"].as_str().map(String::from))
-                    .collect(),
-            )
+            let shown = belay_e2e::show_deployment(&addr, &["--token-file", &token], &id).await?;
+            Ok::<Vec<String>, anyhow::Error>(belay_e2e::rollback_requests(&shown))
         }
     };
     let arrived = wait_long(
@@ -1270,21 +1244,9 @@ async fn an_unhealthy_probe_flows_through_prometheus_and_alertmanager_to_a_rollb
     let step = || {
         let (addr, token, id) = (controller.addr.clone(), token.clone(), id.clone());
         async move {
-            let r = belay(
-                &addr,
-                &[
-                    "--token-file",
-                    &token,
-                    "deployments",
-                    "show",
-                    &id,
-                    "--output",
-                    "json",
-                ],
-            )
-            .await?;
+            let shown = belay_e2e::show_deployment(&addr, &["--token-file", &token], &id).await?;
             Ok::<String, anyhow::Error>(
-                r.json()["targets"][0]["step"]
+                shown["targets"][0]["step"]
                     .as_str()
                     .unwrap_or_default()
                     .to_string(),

@@ -122,34 +122,8 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
     let events = |id: String| {
         let (addr, token) = (c.addr.clone(), token_arg.clone());
         async move {
-            let r = belay(
-                &addr,
-                &[
-                    "--token-file",
-                    &token,
-                    "deployments",
-                    "show",
-                    &id,
-                    "--output",
-                    "json",
-                ],
-            )
-            .await?;
-            ensure!(r.code == 0, "deployments show: {r:?}");
-            Ok::<_, anyhow::Error>(
-                r.json()["targets"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|t| t["events"].as_array().cloned().unwrap_or_default())
-                    .filter(|e| {
-                        e["kind"]
-                            .as_str()
-                            .is_some_and(|k| k.starts_with("rollback_request"))
-                    })
-                    .filter_map(|e| e["message"].as_str().map(String::from))
-                    .collect::<Vec<_>>(),
-            )
+            let shown = belay_e2e::show_deployment(&addr, &["--token-file", &token], &id).await?;
+            Ok::<Vec<String>, anyhow::Error>(belay_e2e::rollback_requests(&shown))
         }
     };
     let path = "/webhooks/alertmanager";
@@ -236,21 +210,9 @@ async fn alertmanager_deliveries_request_one_rollback_and_malformed_payloads_not
     let step = || {
         let (addr, token, id) = (c.addr.clone(), token_arg.clone(), id.clone());
         async move {
-            let r = belay(
-                &addr,
-                &[
-                    "--token-file",
-                    &token,
-                    "deployments",
-                    "show",
-                    &id,
-                    "--output",
-                    "json",
-                ],
-            )
-            .await?;
+            let shown = belay_e2e::show_deployment(&addr, &["--token-file", &token], &id).await?;
             Ok::<String, anyhow::Error>(
-                r.json()["targets"][0]["step"]
+                shown["targets"][0]["step"]
                     .as_str()
                     .unwrap_or_default()
                     .to_string(),
