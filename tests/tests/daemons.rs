@@ -131,6 +131,69 @@ async fn serves_health_and_stops_on_sigterm(daemon: Daemon) -> Result<()> {
     Ok(())
 }
 
+/// `--health-listen` serves grpc.health.v1 in plaintext for the kubelet's `grpc:` probe,
+/// reporting what the daemon reports, and nothing else: reflection (and so every belay
+/// service) answers `Unimplemented` there.
+#[tokio::test]
+async fn daemons_serve_health_alone_on_the_health_listener() -> Result<()> {
+    for daemon in DAEMONS {
+        let health = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.to_string()
+        };
+        let mut running = Running::start(
+            daemon,
+            &["--listen", "127.0.0.1:0", "--health-listen", &health],
+        )
+        .await
+        .with_context(|| daemon.bin)?;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{health}"))?
+            .connect_timeout(RPC_TIMEOUT)
+            .connect()
+            .await
+            .with_context(|| format!("{}: connecting to --health-listen", daemon.bin))?;
+        let mut client = HealthClient::new(channel.clone());
+        for service in ["", daemon.service] {
+            let status = client
+                .check(HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .with_context(|| format!("{}: health of {service:?}", daemon.bin))?
+                .into_inner()
+                .status();
+            assert_eq!(
+                status,
+                ServingStatus::Serving,
+                "{}: {service:?}",
+                daemon.bin
+            );
+        }
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let listed = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await;
+        let code = match listed {
+            Err(status) => status.code(),
+            Ok(mut stream) => match stream.get_mut().message().await {
+                Err(status) => status.code(),
+                Ok(_) => tonic::Code::Ok,
+            },
+        };
+        assert_eq!(code, tonic::Code::Unimplemented, "{}", daemon.bin);
+        send_sigterm(&running.child)?;
+        let (exit, stderr) = running.wait_exit().await?;
+        assert_eq!(exit, Some(0), "{}: {stderr}", daemon.bin);
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn daemons_reject_a_malformed_listen_address_with_exit_64() -> Result<()> {
     for daemon in DAEMONS {

@@ -69,6 +69,11 @@ struct Args {
     #[arg(long, value_name = "PATH", env = "BELAY_AGENT_CONFIG")]
     config: Option<std::path::PathBuf>,
 
+    /// Also serve grpc.health.v1, and only it, in plaintext on ADDR: for probes that
+    /// cannot speak TLS (the kubelet's `grpc:` probe); off when not given
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    health_listen: Option<SocketAddr>,
+
     /// Serve Prometheus metrics on ADDR (GET /metrics); off when not given
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     metrics_listen: Option<SocketAddr>,
@@ -382,6 +387,16 @@ async fn serve(args: Args) -> ExitCode {
     };
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    if let Some(addr) = args.health_listen {
+        match belay_rpc::daemon::serve_health(addr, "--health-listen", health_service.clone()).await
+        {
+            Ok(bound) => tracing::info!(addr = %bound, "serving grpc.health.v1 in plaintext"),
+            Err(err) => {
+                eprintln!("{BIN}: error: {err}");
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        }
+    }
     belay_rpc::daemon::set_health(&reporter, &HEALTH_SERVICES, ServingStatus::Serving).await;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

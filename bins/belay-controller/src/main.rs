@@ -111,6 +111,11 @@ struct Args {
     #[arg(long, value_name = "NAME", default_value = "localhost")]
     agent_tls_name: String,
 
+    /// Also serve grpc.health.v1, and only it, in plaintext on ADDR: for probes that
+    /// cannot speak TLS (the kubelet's `grpc:` probe); off when not given
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    health_listen: Option<SocketAddr>,
+
     /// Serve HTTP on ADDR: Prometheus metrics (GET /metrics) and the Alertmanager webhook
     /// (POST /webhooks/alertmanager, which checks the bearer token when one is set); off
     /// when not given. --metrics-listen is an alias, kept for existing configurations
@@ -292,6 +297,16 @@ async fn serve(args: Args) -> ExitCode {
     fleet.spawn_gauges();
     fleet.spawn_reconciler();
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    if let Some(addr) = args.health_listen {
+        match belay_rpc::daemon::serve_health(addr, "--health-listen", health_service.clone()).await
+        {
+            Ok(bound) => tracing::info!(addr = %bound, "serving grpc.health.v1 in plaintext"),
+            Err(err) => {
+                eprintln!("{BIN}: error: {err}");
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        }
+    }
     belay_rpc::daemon::set_health(&reporter, &HEALTH_SERVICES, ServingStatus::Serving).await;
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -94,6 +94,34 @@ pub async fn serve_http(
     Ok(bound)
 }
 
+/// Serves `grpc.health.v1` alone, in plaintext, on `addr` in the background: for probes
+/// that cannot speak TLS or present a token (the kubelet's `grpc:` probe), while the main
+/// listener keeps mTLS. It answers what the daemon's health reporter says (NOT_SERVING
+/// while it drains) and nothing else: no belay service is reachable through it. `flag`
+/// names the option that chose the address, for the error.
+pub async fn serve_health<H: tonic_health::pb::health_server::Health>(
+    addr: SocketAddr,
+    flag: &str,
+    health: tonic_health::pb::health_server::HealthServer<H>,
+) -> Result<SocketAddr, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve gRPC health on {addr}: {e}; pick another {flag}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address of the health listener {addr}: {e}"))?;
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "health listener failed");
+        }
+    });
+    Ok(bound)
+}
+
 /// The health service every daemon serves (`tonic-health`).
 pub const GRPC_HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 /// The reflection service itself, advertised beside what a daemon serves.
