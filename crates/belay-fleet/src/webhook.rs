@@ -6,7 +6,8 @@
 //! `belay_store::Store::claim_rollback`).
 //!
 //! The rollback itself goes through the [`RollbackTrigger`] seam; the controller wires
-//! it to whatever executes rollbacks ([`Unavailable`] until a `RollbackService` exists).
+//! it to whatever executes rollbacks: [`RoutedRollback`] on the controller (the routed
+//! `RollbackService`), [`Unavailable`] where none can run.
 //!
 //! Status codes, as Alertmanager reads them (it retries 5xx, and gives up on 4xx):
 //! - 200: every alert handled (requested, already requested, or ignored);

@@ -298,6 +298,14 @@ impl TransportFailure {
                  certificate from its CA, or refuse the one presented"
                     .to_string()
             }
+            // With TLS on our side, data the TLS layer could not accept: the peer's alert
+            // after our handshake (an mTLS server refusing a missing or foreign client
+            // certificate) can arrive as this rather than as the alert, depending on timing.
+            TransportFailure::Io(std::io::ErrorKind::InvalidData) if we_spoke_tls => {
+                "the TLS session failed (invalid data): it may require a client certificate \
+                 from its CA, or refuse the one presented"
+                    .to_string()
+            }
             TransportFailure::Io(kind) => format!("I/O error ({kind})"),
         }
     }
