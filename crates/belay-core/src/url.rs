@@ -156,7 +156,7 @@ fn redact_userinfo(input: &str) -> String {
         out.push_str(head);
         // The URL cannot reach past its line or into the next URL.
         let line_end = tail.find('\n').unwrap_or(tail.len());
-        let limit = tail[..line_end].find("://").unwrap_or(line_end);
+        let limit = next_url(&tail[..line_end]).unwrap_or(line_end);
         match userinfo_password(&tail[..limit]) {
             Some((start, end)) => {
                 out.push_str(&tail[..start]);
@@ -168,6 +168,33 @@ fn redact_userinfo(input: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Where the next URL starts in `seg` (the text after a `://`): at a `://` whose scheme
+/// stands on its own, after whitespace, a quote or a delimiter. A `://` whose scheme runs
+/// on from this URL's own text is part of it — a password may hold `//` (`app://x@db`
+/// is user `app`, password `//x`).
+fn next_url(seg: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(p) = seg[from..].find("://") {
+        let q = from + p;
+        let scheme_start = seg[..q]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
+            .map_or(0, |i| i + 1);
+        let stands_alone = scheme_start > 0
+            && seg[..scheme_start].chars().next_back().is_some_and(|c| {
+                c.is_whitespace()
+                    || matches!(
+                        c,
+                        '"' | '\'' | '<' | '>' | '(' | ')' | ',' | ';' | '=' | '[' | ']'
+                    )
+            });
+        if stands_alone && scheme_start < q {
+            return Some(scheme_start);
+        }
+        from = q + 3;
+    }
+    None
 }
 
 /// The first URL delimiter written raw in the password, which makes the URL mean
