@@ -271,7 +271,7 @@ async fn serve(args: Args) -> ExitCode {
         // `belay rollback execute` through this controller is.
         let trigger: std::sync::Arc<dyn belay_fleet::webhook::RollbackTrigger> =
             std::sync::Arc::new(belay_fleet::webhook::RoutedRollback {
-                rollbacks: fleet.clone(),
+                fleet: fleet.clone(),
             });
         let webhook = belay_fleet::webhook::Webhook::new(fleet.clone(), trigger, args.alert_grace)
             .with_token(token.clone().map(belay_auth::TokenCheck::new));

@@ -274,15 +274,9 @@ impl RollbackTrigger for Unavailable {
 /// rollback (its first event) and lets it run on in the background, so Alertmanager's
 /// call is answered in time; a rollback the agent refuses (already rolled back, or being
 /// rolled back by the deployment's own `--on-failure rollback`) comes back as its error.
-#[derive(Clone)]
-pub struct RoutedRollback<R: belay_rollback::RollbackApi + Clone + 'static> {
-    pub rollbacks: R,
-}
-
-impl<R: belay_rollback::RollbackApi + Clone + 'static> std::fmt::Debug for RoutedRollback<R> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RoutedRollback").finish_non_exhaustive()
-    }
+#[derive(Debug, Clone)]
+pub struct RoutedRollback {
+    pub fleet: Fleet,
 }
 
 impl AlertTrigger {
@@ -299,7 +293,7 @@ impl AlertTrigger {
 }
 
 #[async_trait::async_trait]
-impl<R: belay_rollback::RollbackApi + Clone + 'static> RollbackTrigger for RoutedRollback<R> {
+impl RollbackTrigger for RoutedRollback {
     async fn rollback(
         &self,
         deployment: Uuid,
@@ -313,16 +307,16 @@ impl<R: belay_rollback::RollbackApi + Clone + 'static> RollbackTrigger for Route
             ),
             alert.evidence(),
         );
-        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, mut started_rx) = tokio::sync::oneshot::channel::<()>();
         let started = Arc::new(std::sync::Mutex::new(Some(started_tx)));
-        let sink: belay_deploy::DeploySink = Arc::new(move |_e: &belay_deploy::DeployEvent| {
+        let sink: belay_deploy::DeploySink = Arc::new(move |_: &belay_deploy::DeployEvent| {
             if let Ok(mut s) = started.lock()
                 && let Some(tx) = s.take()
             {
                 let _ = tx.send(());
             }
         });
-        let rollbacks = self.rollbacks.clone();
+        let fleet = self.fleet.clone();
         let target = target.to_string();
         let what = belay_rollback::Execute::To(belay_rollback::RollbackTo::Deployment(
             deployment.to_string(),
@@ -330,7 +324,9 @@ impl<R: belay_rollback::RollbackApi + Clone + 'static> RollbackTrigger for Route
         let span = tracing::info_span!("alert_rollback", %deployment, target = %target);
         let mut run = tokio::spawn(
             async move {
-                let result = rollbacks.execute(&target, what, trigger, sink).await;
+                let result =
+                    belay_rollback::RollbackApi::execute(&fleet, &target, what, trigger, sink)
+                        .await;
                 match &result {
                     Ok(o) => {
                         tracing::info!(state = %o.state, "rollback asked by an alert ended")
@@ -341,7 +337,6 @@ impl<R: belay_rollback::RollbackApi + Clone + 'static> RollbackTrigger for Route
             }
             .instrument(span),
         );
-        let mut started_rx = started_rx;
         tokio::select! {
             biased;
             // The agent recorded the rollback's first step: it runs on, and its end is in
