@@ -19,8 +19,7 @@ use belay_rollback::{
 use pb::rollback_service_client::RollbackServiceClient;
 use pb::rollback_service_server::{RollbackService, RollbackServiceServer};
 use std::sync::Arc;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -241,7 +240,7 @@ impl RollbackGrpc {
     }
 }
 
-type ExecuteStream = UnboundedReceiverStream<Result<pb::RollbackExecuteMessage, Status>>;
+type ExecuteStream = ReceiverStream<Result<pb::RollbackExecuteMessage, Status>>;
 
 fn api_status(e: ApiError) -> Status {
     convert::status_from(&e)
@@ -294,10 +293,11 @@ impl RollbackService for RollbackGrpc {
         };
         let trigger = trigger_from(r.trigger.as_ref())?;
         let span = info_span!("rollback_rpc", target = %t);
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Bounded, as every event stream: a slow caller slows the rollback's event flow.
+        let (tx, rx) = crate::stream::channel(crate::stream::CAPACITY);
         let events = tx.clone();
         let sink: DeploySink = Arc::new(move |e: &DeployEvent| {
-            let _ = events.send(Ok(pb::RollbackExecuteMessage {
+            let _ = events.send_blocking(Ok(pb::RollbackExecuteMessage {
                 message: Some(pb::rollback_execute_message::Message::Event(
                     pb::RollbackEvent {
                         deployment_id: e.deployment_id.to_string(),
@@ -317,11 +317,11 @@ impl RollbackService for RollbackGrpc {
                     }),
                     Err(e) => Err(convert::status_from(&e)),
                 };
-                let _ = tx.send(msg);
+                let _ = tx.send(msg).await;
             }
             .instrument(span),
         );
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn status(
