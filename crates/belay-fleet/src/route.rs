@@ -148,7 +148,9 @@ impl RollbackApi for Fleet {
         // A deployment this controller ran (a fleet deployment) gets the rollback's events
         // in its record too, as they stream: `deployments show` then tells the target's
         // step (`rolled_back`, `escalated`) and every rollback step.
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DeployEvent>();
+        // Bounded, as the deploy path's recorder: a slow store slows the stream.
+        let (tx, rx) = belay_rpc::stream::channel::<DeployEvent>(belay_rpc::stream::CAPACITY);
+        let mut rx = rx.into_inner();
         let recorder = {
             let (fleet, target) = (self.clone(), target.to_string());
             tokio::spawn(async move {
@@ -170,7 +172,7 @@ impl RollbackApi for Fleet {
             })
         };
         let relay: DeploySink = std::sync::Arc::new(move |e: &DeployEvent| {
-            let _ = tx.send(e.clone());
+            let _ = tx.send_blocking(e.clone());
             sink(e);
         });
         let result = RollbackClient::new(&conn)
