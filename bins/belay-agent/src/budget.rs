@@ -12,6 +12,8 @@
 //!   steps holds (preflight 1, the run, the watch window's SQL probes); everything the
 //!   deployment does runs within that one reservation, so a deployment never waits for a
 //!   slot while it holds one (no deadlock between deployments);
+//! - a backfill: its one session, for as long as it runs (hours, maybe: the slot is
+//!   what keeps a long backfill and the deployments beside it within the server's limit);
 //! - other calls: what they open (one session; a backup 2; a restore or a restore test 3).
 //!
 //! A reservation never exceeds the budget (`load` refuses a budget smaller than a target's
@@ -22,6 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use belay_backfill::{BackfillApi, BackfillRequest, BackfillSink, CancellationToken, Summary};
 use belay_backup::{
     BackupApi, BackupFormat, BackupRequest, CatalogEntry, Manifest, ProgressSink, PruneReport,
     PruneRequest, RestoreReport, RestoreRequest, VerifyReport,
@@ -489,6 +492,38 @@ impl TargetDeployApi for Deploys {
                 self.inner.deployment(target, id),
             )
             .await
+    }
+}
+
+/// `BackfillApi` within the budget: a backfill holds its one session from its checks to
+/// its last batch.
+pub struct Backfills {
+    pub inner: Arc<dyn BackfillApi>,
+    pub budget: Budget,
+}
+
+#[async_trait::async_trait]
+impl BackfillApi for Backfills {
+    async fn run(
+        &self,
+        target: &str,
+        request: BackfillRequest,
+        stop: CancellationToken,
+        events: BackfillSink,
+    ) -> Result<Summary, ApiError> {
+        self.budget
+            .within(
+                target,
+                |_| 1,
+                "backfill",
+                self.inner.run(target, request, stop, events),
+            )
+            .await
+    }
+
+    async fn stop(&self, target: &str, name: &str) -> Result<(), ApiError> {
+        // Connects to nothing: it signals the running backfill.
+        self.inner.stop(target, name).await
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Thin by design: parse arguments, start telemetry, bind, serve, stop on a
 //! signal. Behaviour lives in the capability crates; the agent serves its targets'
-//! migration, deploy, backup, lock-monitor, health and rollback services, and
+//! migration, deploy, backup, lock-monitor, health, rollback and backfill services, and
 //! `grpc.health.v1`.
 
 use std::net::SocketAddr;
@@ -32,7 +32,7 @@ const DEFAULT_LOG_FILTER: &str = "info";
 
 /// Services this process serves: their health is reported ("" is the whole server, as
 /// the gRPC health protocol defines it) and reflection advertises them, and only them.
-const HEALTH_SERVICES: [&str; 7] = [
+const HEALTH_SERVICES: [&str; 8] = [
     "",
     belay_proto::v1::migration_service_server::SERVICE_NAME,
     belay_proto::v1::deploy_service_server::SERVICE_NAME,
@@ -40,6 +40,7 @@ const HEALTH_SERVICES: [&str; 7] = [
     belay_proto::v1::health_service_server::SERVICE_NAME,
     belay_proto::v1::backup_service_server::SERVICE_NAME,
     belay_proto::v1::rollback_service_server::SERVICE_NAME,
+    belay_proto::v1::backfill_service_server::SERVICE_NAME,
 ];
 
 use belay_rpc::daemon::{SHUTDOWN_GRACE, exit};
@@ -229,6 +230,32 @@ async fn serve(args: Args) -> ExitCode {
             })
             .collect();
     let lock_samples = sampler::plan(&targets);
+    // Backfills run here, beside each target's database: they outlive the operator's
+    // session, take their connection from the budget, and are exported on /metrics.
+    let backfills = targets
+        .iter()
+        .fold(belay_backfill::LocalBackfills::new(), |b, t| {
+            let e = &t.spec.exec;
+            let defaults = belay_backfill::Limits::default();
+            b.with_target(
+                t.spec.name.clone(),
+                t.spec.url.clone(),
+                e.history_schema.clone(),
+                belay_backfill::Limits {
+                    lock_timeout: e.lock_timeout,
+                    statement_timeout: e.statement_timeout.unwrap_or(defaults.statement_timeout),
+                    max_attempts: e.max_attempts,
+                    max_lock_wait: e.max_lock_wait,
+                    backoff_initial: e.backoff_initial,
+                    backoff_max: e.backoff_max,
+                },
+            )
+        });
+    let stop_backfills = backfills.clone();
+    let backfill_service = belay_rpc::BackfillGrpc::new(Arc::new(budget::Backfills {
+        inner: Arc::new(backfills),
+        budget: budget.clone(),
+    }));
     let metric_series: Vec<_> = targets.iter().map(backups::metric_series).collect();
     let backup_service = belay_rpc::BackupGrpc::new(Arc::new(budget::Backups {
         inner: Arc::new(backups::service(&targets, args.config.as_deref())),
@@ -464,6 +491,10 @@ async fn serve(args: Args) -> ExitCode {
             check.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
+            backfill_service.clone().into_service(),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             migration_service.clone().into_service(),
             check,
         ))
@@ -471,6 +502,9 @@ async fn serve(args: Args) -> ExitCode {
             // A dropped sender also means "stop".
             let _ = stop_rx.await;
             stop_sampling.cancel();
+            // As Ctrl-C locally: each backfill commits its batch in flight, then ends its
+            // stream with how far it got; the same command resumes it.
+            stop_backfills.shutdown();
         });
     belay_rpc::daemon::announce(local_addr);
     tracing::info!(addr = %local_addr, "serving");
@@ -504,6 +538,23 @@ async fn serve(args: Args) -> ExitCode {
         {
             tracing::warn!(
                 "rollbacks still running after the grace period; `belay rollback status` shows where each stopped"
+            );
+        }
+    }
+    // Backfills were told to stop with the server: each finishes its batch in flight.
+    let backfill_runs = backfill_service.runs();
+    backfill_runs.close();
+    if !backfill_runs.is_empty() {
+        tracing::info!(
+            backfills = backfill_runs.len(),
+            "waiting for backfills to commit their batch in flight"
+        );
+        if tokio::time::timeout(SHUTDOWN_GRACE, backfill_runs.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "backfills still in a batch after the grace period; PostgreSQL rolls that batch back and the same command resumes"
             );
         }
     }

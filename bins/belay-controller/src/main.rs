@@ -27,7 +27,7 @@ const CONTROLLER_SERVICE: &str = "belay.v1.ControllerService";
 
 /// Services this process serves: their health is reported ("" is the whole server, as
 /// the gRPC health protocol defines it) and reflection advertises them, and only them.
-const HEALTH_SERVICES: [&str; 9] = [
+const HEALTH_SERVICES: [&str; 10] = [
     "",
     CONTROLLER_SERVICE,
     pb::history_service_server::SERVICE_NAME,
@@ -37,6 +37,7 @@ const HEALTH_SERVICES: [&str; 9] = [
     pb::health_service_server::SERVICE_NAME,
     pb::backup_service_server::SERVICE_NAME,
     pb::rollback_service_server::SERVICE_NAME,
+    pb::backfill_service_server::SERVICE_NAME,
 ];
 
 use belay_rpc::daemon::exit;
@@ -356,6 +357,11 @@ async fn serve(args: Args) -> ExitCode {
         // One target's rollback, planned and run by its agent.
         .add_service(tonic::service::interceptor::InterceptedService::new(
             belay_rpc::RollbackGrpc::new(std::sync::Arc::new(fleet.clone())).into_service(),
+            check.clone(),
+        ))
+        // One target's backfill, run by its agent (which exports its metrics).
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            belay_rpc::BackfillGrpc::new(std::sync::Arc::new(fleet.clone())).into_service(),
             check.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -7,15 +7,15 @@ use crate::cli::{Cli, ExecArgs, Output};
 use crate::{Failure, exit};
 use anyhow::anyhow;
 use belay_backfill::{
-    Backfill, BackfillError, BackfillSpec, CancellationToken, ErrorKind, Limits, Progress, Start,
-    Summary,
+    Backfill, BackfillApi, BackfillError, BackfillEvent, BackfillRequest, BackfillSpec,
+    CancellationToken, ErrorKind, Limits, Progress, Start, Started, Summary,
 };
 use belay_core::{DatabaseUrl, format_duration, parse_duration};
 use clap::Args;
 use serde_json::json;
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Exit code after SIGINT (128 + 2), as shells report a Ctrl-C'd command.
@@ -55,6 +55,14 @@ prints how far it got and the exact command that resumes (exit 130 for SIGINT, 1
 SIGTERM). A second Ctrl-C stops at once: the batch in flight is rolled back by PostgreSQL,
 never half-applied.
 
+Remote: with --controller ADDR --target NAME it works the same way, run by the target's
+agent beside the database (its batch settings from the target's [execution] in agent.toml
+unless the flags above say otherwise, its connection from the agent's budget, its progress
+on the agent's /metrics as belay_backfill_*): the same lines, resume command and exit codes.
+Ctrl-C asks the agent to stop after the batch in flight; if this command goes away (a
+closed laptop, a lost connection), the agent does the same, so no batch is left half-done
+and the same command resumes.
+
 --set and --where are PostgreSQL's own SQL, checked by PostgreSQL (EXPLAIN) before the
 first batch; an error names the option. Prefer an idempotent backfill (--where \"total IS
 NULL\"), and never assign primary-key columns. Keys are walked in order, so rows inserted
@@ -66,10 +74,13 @@ Examples:
       --batch 1000 --sleep 100ms
   belay backfill --table orders --set \"total = price * qty\" --where \"total IS NULL\" \\
       --batch 1000 --restart
+  belay --controller ctl:7400 --target shop backfill --table orders \\
+      --set \"total = price * qty\" --where \"total IS NULL\" --batch 1000
 
 Exit codes: 0 done (or already done) · 1 a batch failed (earlier batches stay done; rerun
 to resume) · 2 refused (no primary key, not a table) · 3 this backfill is already running ·
-64 bad flags, unknown table, invalid --set or --where · 69 database unreachable ·
+64 bad flags, unknown table or target, invalid --set or --where · 69 database (or the
+controller, or the target's agent) unreachable ·
 130/143 interrupted (resume with the printed command)";
 
 #[derive(Debug, Clone, Args)]
@@ -111,14 +122,6 @@ pub struct BackfillArgs {
     pub max_lock_wait: Option<String>,
 }
 
-/// A backfill needs a direct connection to the database.
-pub fn remote_unsupported() -> Failure {
-    Failure {
-        code: exit::USAGE,
-        message: "`belay backfill` is not yet available in remote mode (--controller): run it in local mode against the database URL".into(),
-    }
-}
-
 fn failure(e: &BackfillError) -> Failure {
     Failure {
         code: match e.kind() {
@@ -155,10 +158,7 @@ pub async fn run(cli: &Cli, args: &BackfillArgs, url_from_argv: bool) -> Result<
             "no database URL: set BELAY_DATABASE_URL (or DATABASE_URL), pass --url-file, or set `url_file` in belay.toml"
         ))
     })?;
-    let sleep = match &args.sleep {
-        Some(s) => parse_duration(s).map_err(|e| crate::usage(anyhow!("--sleep: {e}")))?,
-        None => Duration::ZERO,
-    };
+    let sleep = sleep_of(args)?;
     let e = &settings.exec;
     let spec = BackfillSpec {
         table: args.table.clone(),
@@ -187,28 +187,16 @@ pub async fn run(cli: &Cli, args: &BackfillArgs, url_from_argv: bool) -> Result<
     let mut bf = Backfill::prepare(&mut conn, spec)
         .await
         .map_err(|e| failure(&e))?;
-    let resume = resume_command(cli, args, bf.name(), url_from_argv, &url);
-    announce(&bf, args.batch, sleep, &settings.exec.history_schema);
-    if let Start::AlreadyDone {
-        rows_updated,
-        batches,
-        finished_at,
-    } = bf.start()
-    {
-        let summary = bf.summary();
-        match cli.output {
-            Output::Json => print_json(&summary, false, None),
-            Output::Text => println!(
-                "backfill {} is already done: {rows_updated} rows updated in {batches} batches, finished {}; pass --restart to run it again",
-                bf.name(),
-                finished_at.format("%Y-%m-%d %H:%M:%S UTC")
-            ),
-        }
+    let resume = resume_command(cli, args, bf.name(), &local_flags(cli, url_from_argv, &url));
+    let started = bf.started(&settings.exec.history_schema);
+    announce(&started, args.batch, sleep);
+    if let Start::AlreadyDone { .. } = bf.start() {
+        already_done(cli, &started, &bf.summary());
         let _ = sqlx::Connection::close(conn).await;
         return Ok(0);
     }
 
-    let printer = Printer::new(&bf);
+    let printer = Printer::new(&started);
     let progress = |p: &Progress| printer.show(p);
     let token = stop.token.clone();
     let outcome = tokio::select! {
@@ -227,56 +215,228 @@ pub async fn run(cli: &Cli, args: &BackfillArgs, url_from_argv: bool) -> Result<
                 "stopped at once: the batch in flight was abandoned and PostgreSQL rolls it back. {}",
                 so_far(&summary)
             );
-            eprintln!("resume with:\n  {resume}");
-            if cli.output == Output::Json {
-                print_json(&summary, true, Some(&resume));
-            }
-            Ok(signal.unwrap_or(INTERRUPTED))
+            Ok(stopped(cli, &summary, &resume, signal))
         }
         Some(Err(e)) => {
             let _ = sqlx::Connection::close(conn).await;
-            eprintln!(
-                "backfill {} stopped by an error. {} Fix the cause, then resume with:\n  {resume}",
-                summary.name,
-                so_far(&summary)
-            );
+            failed(&summary, &resume);
             Err(failure(&e))
         }
         Some(Ok(summary)) => {
             let _ = sqlx::Connection::close(conn).await;
-            if summary.done {
-                match cli.output {
-                    Output::Json => print_json(&summary, false, None),
-                    Output::Text => println!(
-                        "backfill {}: done: {} rows updated ({} examined) in {} batches{}",
-                        summary.name,
-                        summary.rows_updated,
-                        summary.rows_examined,
-                        summary.batches,
-                        if summary.batches_this_run == summary.batches {
-                            String::new()
-                        } else {
-                            format!(
-                                "; {} rows in {} batches this run",
-                                summary.rows_updated_this_run, summary.batches_this_run
-                            )
-                        }
-                    ),
-                }
-                return Ok(0);
-            }
-            // Not done and no error: a signal stopped it between batches.
-            eprintln!(
-                "interrupted: the batch in flight finished; nothing is half-done. {}",
-                so_far(&summary)
-            );
-            eprintln!("resume with:\n  {resume}");
-            if cli.output == Output::Json {
-                print_json(&summary, true, Some(&resume));
-            }
-            Ok(signal.unwrap_or(INTERRUPTED))
+            Ok(ended(cli, &summary, &resume, signal))
         }
     }
+}
+
+/// `belay --controller … --target T backfill …`: the target's agent runs it; the same
+/// lines, resume command and exit codes as [`run`], rendered from its stream.
+pub async fn remote(
+    cli: &Cli,
+    args: &BackfillArgs,
+    api: &dyn BackfillApi,
+    target: &str,
+) -> Result<u8, Failure> {
+    let duration = |flag: &str, v: &Option<String>| -> Result<Option<Duration>, Failure> {
+        v.as_deref()
+            .map(|s| parse_duration(s).map_err(|e| crate::usage(anyhow!("{flag}: {e}"))))
+            .transpose()
+    };
+    let sleep = sleep_of(args)?;
+    let request = BackfillRequest {
+        table: args.table.clone(),
+        set: args.set.clone(),
+        filter: args.filter.clone(),
+        name: args.name.clone(),
+        batch_size: args.batch,
+        sleep,
+        restart: args.restart,
+        lock_timeout: duration("--lock-timeout", &args.lock_timeout)?,
+        statement_timeout: duration("--statement-timeout", &args.statement_timeout)?,
+        max_attempts: args.max_attempts,
+        max_lock_wait: duration("--max-lock-wait", &args.max_lock_wait)?,
+    };
+    if request.max_attempts == Some(0) {
+        return Err(crate::usage(anyhow!("--max-attempts must be at least 1")));
+    }
+    let mut stop = StopSignals::install()?;
+    // What the stream said so far: its start, the committed state (for the lines printed
+    // after an error or a second Ctrl-C), and the progress printer.
+    let seen: Arc<Mutex<Option<(Started, Summary, Printer)>>> = Arc::default();
+    let sink = {
+        let (seen, batch) = (seen.clone(), args.batch);
+        Arc::new(move |e: &BackfillEvent| {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            match e {
+                BackfillEvent::Started(s) => {
+                    announce(s, batch, sleep);
+                    *seen = Some((s.clone(), initial_summary(s), Printer::new(s)));
+                }
+                BackfillEvent::Progress(p) => {
+                    if let Some((_, summary, printer)) = seen.as_mut() {
+                        if let Progress::Batch(b) = p {
+                            summary.rows_updated = b.total_updated;
+                            summary.rows_examined = b.total_examined;
+                            summary.batches = b.batch;
+                            summary.done = b.finished;
+                            summary.last_key = Some(b.last_key.clone());
+                            summary.rows_updated_this_run += b.rows_updated;
+                            summary.batches_this_run += 1;
+                        }
+                        printer.show(p);
+                    }
+                }
+            }
+        })
+    };
+    let outcome = tokio::select! {
+        r = api.run(target, request, stop.token.clone(), sink) => Some(r),
+        () = stop.second() => None,
+    };
+    let signal = stop.code();
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some((started, so_far_summary, printer)) = seen else {
+        // It never started: refused (bad options, unknown target, already running) or
+        // unreachable, and nothing was written.
+        return match outcome {
+            Some(Ok(_)) => Err(Failure {
+                code: exit::SOFTWARE,
+                message: "the agent ended the backfill without saying it started".into(),
+            }),
+            Some(Err(e)) => Err(e.into()),
+            None => Ok(signal.unwrap_or(INTERRUPTED)),
+        };
+    };
+    printer.end_bar();
+    let resume = resume_command(cli, args, &started.name, &remote_flags(cli, target));
+    match outcome {
+        None => {
+            eprintln!(
+                "stopped waiting: the agent finishes the batch in flight and stops (nothing is half-done). {}",
+                so_far(&so_far_summary)
+            );
+            Ok(stopped(cli, &so_far_summary, &resume, signal))
+        }
+        Some(Err(e)) => {
+            failed(&so_far_summary, &resume);
+            Err(e.into())
+        }
+        Some(Ok(summary)) => {
+            if let Start::AlreadyDone { .. } = started.start {
+                already_done(cli, &started, &summary);
+                return Ok(0);
+            }
+            Ok(ended(cli, &summary, &resume, signal))
+        }
+    }
+}
+
+fn sleep_of(args: &BackfillArgs) -> Result<Duration, Failure> {
+    match &args.sleep {
+        Some(s) => parse_duration(s).map_err(|e| crate::usage(anyhow!("--sleep: {e}"))),
+        None => Ok(Duration::ZERO),
+    }
+}
+
+/// The committed state as the start describes it, before any batch of this run.
+fn initial_summary(s: &Started) -> Summary {
+    let (rows_updated, batches, last_key, done) = match &s.start {
+        Start::Fresh | Start::Restarted => (0, 0, None, false),
+        Start::Resuming {
+            last_key,
+            rows_updated,
+            batches,
+        } => (*rows_updated, *batches, last_key.clone(), false),
+        Start::AlreadyDone {
+            rows_updated,
+            batches,
+            ..
+        } => (*rows_updated, *batches, None, true),
+    };
+    Summary {
+        name: s.name.clone(),
+        table: s.table.clone(),
+        key_columns: s.key_columns.clone(),
+        rows_updated,
+        rows_examined: s.rows_examined,
+        batches,
+        done,
+        last_key,
+        rows_updated_this_run: 0,
+        batches_this_run: 0,
+        estimated_rows: s.estimated_rows,
+    }
+}
+
+fn already_done(cli: &Cli, started: &Started, summary: &Summary) {
+    let Start::AlreadyDone {
+        rows_updated,
+        batches,
+        finished_at,
+    } = &started.start
+    else {
+        return;
+    };
+    match cli.output {
+        Output::Json => print_json(summary, false, None),
+        Output::Text => println!(
+            "backfill {} is already done: {rows_updated} rows updated in {batches} batches, finished {}; pass --restart to run it again",
+            started.name,
+            finished_at.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+    }
+}
+
+/// Stopped by a second signal: the resume command, and the signal's exit code.
+fn stopped(cli: &Cli, summary: &Summary, resume: &str, signal: Option<u8>) -> u8 {
+    eprintln!("resume with:\n  {resume}");
+    if cli.output == Output::Json {
+        print_json(summary, true, Some(resume));
+    }
+    signal.unwrap_or(INTERRUPTED)
+}
+
+fn failed(summary: &Summary, resume: &str) {
+    eprintln!(
+        "backfill {} stopped by an error. {} Fix the cause, then resume with:\n  {resume}",
+        summary.name,
+        so_far(summary)
+    );
+}
+
+/// The run returned: done, or stopped between batches by a signal.
+fn ended(cli: &Cli, summary: &Summary, resume: &str, signal: Option<u8>) -> u8 {
+    if summary.done {
+        match cli.output {
+            Output::Json => print_json(summary, false, None),
+            Output::Text => println!(
+                "backfill {}: done: {} rows updated ({} examined) in {} batches{}",
+                summary.name,
+                summary.rows_updated,
+                summary.rows_examined,
+                summary.batches,
+                if summary.batches_this_run == summary.batches {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} rows in {} batches this run",
+                        summary.rows_updated_this_run, summary.batches_this_run
+                    )
+                }
+            ),
+        }
+        return 0;
+    }
+    // Not done and no error: a signal stopped it between batches.
+    eprintln!(
+        "interrupted: the batch in flight finished; nothing is half-done. {}",
+        so_far(summary)
+    );
+    eprintln!("resume with:\n  {resume}");
+    if cli.output == Output::Json {
+        print_json(summary, true, Some(resume));
+    }
+    signal.unwrap_or(INTERRUPTED)
 }
 
 fn key_text(key: &[String]) -> String {
@@ -316,11 +476,10 @@ fn print_json(s: &Summary, interrupted: bool, resume: Option<&str>) {
     println!("{v}");
 }
 
-fn announce(bf: &Backfill, batch: u32, sleep: Duration, schema: &str) {
-    let t = bf.table();
-    let keys = t.key_names().join(", ");
-    let rows = bf
-        .estimated_rows()
+fn announce(s: &Started, batch: u32, sleep: Duration) {
+    let keys = s.key_columns.join(", ");
+    let rows = s
+        .estimated_rows
         .map_or_else(|| "unknown number of".to_string(), |n| format!("~{n}"));
     let pause = if sleep.is_zero() {
         String::new()
@@ -328,15 +487,16 @@ fn announce(bf: &Backfill, batch: u32, sleep: Duration, schema: &str) {
         format!(", {} between batches", format_duration(sleep))
     };
     let what = format!(
-        "{} ({rows} rows) by ({keys}) in batches of {batch}{pause}; progress in {schema}.{}",
-        t.display,
+        "{} ({rows} rows) by ({keys}) in batches of {batch}{pause}; progress in {}.{}",
+        s.table,
+        s.progress_schema,
         belay_backfill::PROGRESS_TABLE
     );
-    match bf.start() {
-        Start::Fresh => eprintln!("backfill {}: {what}", bf.name()),
+    match &s.start {
+        Start::Fresh => eprintln!("backfill {}: {what}", s.name),
         Start::Restarted => eprintln!(
             "backfill {}: restarting from the first key (--restart): {what}",
-            bf.name()
+            s.name
         ),
         Start::Resuming {
             last_key: Some(k),
@@ -344,12 +504,12 @@ fn announce(bf: &Backfill, batch: u32, sleep: Duration, schema: &str) {
             batches,
         } => eprintln!(
             "resuming backfill {} after key {}: {rows_updated} rows updated in {batches} batches so far; {what}",
-            bf.name(),
+            s.name,
             key_text(k)
         ),
         Start::Resuming { last_key: None, .. } => eprintln!(
             "resuming backfill {} from the first key (no batch had committed): {what}",
-            bf.name()
+            s.name
         ),
         Start::AlreadyDone { .. } => {}
     }
@@ -367,35 +527,59 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// The command that continues this backfill: its own flags plus the connection and
-/// configuration flags given on the command line (the URL redacted; environment variables
-/// are not repeated, the resuming shell has them).
+/// Local mode's connection and configuration flags given on the command line (the URL
+/// redacted; environment variables are not repeated, the resuming shell has them).
+fn local_flags(cli: &Cli, url_from_argv: bool, url: &DatabaseUrl) -> Vec<(&'static str, String)> {
+    let mut w = Vec::new();
+    if url_from_argv {
+        w.push(("--url", url.redacted().to_string()));
+    }
+    if let Some(p) = &cli.url_file {
+        w.push(("--url-file", p.to_string_lossy().into_owned()));
+    }
+    if let Some(p) = &cli.config {
+        w.push(("--config", p.to_string_lossy().into_owned()));
+    }
+    if let Some(s) = &cli.history_schema {
+        w.push(("--history-schema", s.clone()));
+    }
+    w
+}
+
+/// Remote mode's: the controller and the target always (either may have come from the
+/// environment, and resuming elsewhere must reach the same backfill), the TLS and token
+/// files when given.
+fn remote_flags(cli: &Cli, target: &str) -> Vec<(&'static str, String)> {
+    let mut w = Vec::new();
+    if let Some(c) = &cli.controller {
+        w.push(("--controller", c.clone()));
+    }
+    w.push(("--target", target.to_string()));
+    if let Some(p) = &cli.ca {
+        w.push(("--ca", p.to_string_lossy().into_owned()));
+        w.push(("--tls-server-name", cli.tls_server_name.clone()));
+    }
+    if let Some(p) = &cli.token_file {
+        w.push(("--token-file", p.to_string_lossy().into_owned()));
+    }
+    w
+}
+
+/// The command that continues this backfill: its own flags after the connection flags.
 fn resume_command(
     cli: &Cli,
     args: &BackfillArgs,
     name: &str,
-    url_from_argv: bool,
-    url: &DatabaseUrl,
+    connection: &[(&'static str, String)],
 ) -> String {
     let mut w: Vec<String> = vec!["belay".into()];
-    let mut flag = |f: &str, v: &str| {
-        w.push(f.into());
-        w.push(v.into());
-    };
-    if url_from_argv {
-        flag("--url", url.redacted());
-    }
-    if let Some(p) = &cli.url_file {
-        flag("--url-file", &p.to_string_lossy());
-    }
-    if let Some(p) = &cli.config {
-        flag("--config", &p.to_string_lossy());
-    }
-    if let Some(s) = &cli.history_schema {
-        flag("--history-schema", s);
+    for (f, v) in connection {
+        w.push((*f).into());
+        w.push(v.clone());
     }
     if cli.output == Output::Json {
-        flag("--output", "json");
+        w.push("--output".into());
+        w.push("json".into());
     }
     let mut rest = vec![
         ("--table", Some(args.table.clone())),
@@ -502,13 +686,13 @@ struct PrinterState {
 }
 
 impl Printer {
-    fn new(bf: &Backfill) -> Self {
+    fn new(s: &Started) -> Self {
         Printer {
             tty: std::io::stderr().is_terminal(),
-            name: bf.name().to_string(),
-            estimate: bf.estimated_rows(),
+            name: s.name.clone(),
+            estimate: s.estimated_rows,
             started: Instant::now(),
-            examined_before: bf.summary().rows_examined,
+            examined_before: s.rows_examined,
             state: Mutex::new(PrinterState {
                 last_line: None,
                 bar_drawn: false,

@@ -196,9 +196,6 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         )
         .await;
     }
-    if cli.controller.is_some() && matches!(cli.command, Command::Backfill { .. }) {
-        return Err(backfill_cmd::remote_unsupported());
-    }
     if cli.controller.is_some() && matches!(cli.command, Command::Adopt { .. }) {
         return Err(adopt_cmd::remote_unsupported());
     }
@@ -238,6 +235,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
             // beside the database; the same commands, output and exit codes as local.
             let api = belay_rpc::RollbackClient::new(&conn);
             return rollback_cmd::run(command, &api, &target, cli.output).await;
+        }
+        if let Command::Backfill { args } = &cli.command {
+            // Run by the target's agent beside the database, under its connection budget
+            // and on its /metrics; the same output and exit codes as local mode.
+            let api = belay_rpc::BackfillClient::new(&conn);
+            return backfill_cmd::remote(&cli, args, &api, &target).await;
         }
         if let Command::Backup { command } = &cli.command {
             let api = belay_rpc::BackupClient::new(&conn);
@@ -528,7 +531,10 @@ async fn execute(
             code: exit::SOFTWARE,
             message: "backup commands go through the backup API, not the migration API".into(),
         }),
-        Command::Backfill { .. } => Err(backfill_cmd::remote_unsupported()),
+        Command::Backfill { .. } => Err(Failure {
+            code: exit::SOFTWARE,
+            message: "backfill is handled before the migration API".into(),
+        }),
         Command::Adopt { .. } => Err(adopt_cmd::remote_unsupported()),
         Command::Lint { .. } => Err(Failure {
             code: exit::USAGE,

@@ -10,10 +10,14 @@
 //! install signal handlers (callers pass a [`CancellationToken`] and decide what a signal
 //! means), parse SQL itself, or touch migration history.
 
+mod api;
 mod error;
 mod store;
 mod table;
 
+pub use api::{
+    BackfillApi, BackfillEvent, BackfillRequest, BackfillSink, LocalBackfills, Started, api_error,
+};
 pub use error::{BackfillError, Clause, ErrorKind};
 pub use store::TABLE as PROGRESS_TABLE;
 pub use table::{KeyColumn, TableInfo};
@@ -250,7 +254,13 @@ pub struct Backfill {
     estimated_rows: Option<u64>,
     rows_this_run: u64,
     batches_this_run: u64,
+    /// The `target` label of its metrics.
+    target: String,
 }
+
+/// The `target` label of a backfill's metrics unless [`Backfill::for_target`] names one:
+/// the CLI's local mode, which has no target name (as its migrations).
+pub const LOCAL_TARGET: &str = "local";
 
 enum Step {
     Batch {
@@ -383,6 +393,7 @@ impl Backfill {
                 estimated_rows,
                 rows_this_run: 0,
                 batches_this_run: 0,
+                target: LOCAL_TARGET.to_string(),
             })
         }
         .await;
@@ -400,6 +411,26 @@ impl Backfill {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Labels its metrics with `target` (the agent's target name), so two databases'
+    /// backfills of the same name stay apart.
+    pub fn for_target(mut self, target: impl Into<String>) -> Self {
+        self.target = target.into();
+        self
+    }
+
+    /// What a caller shows before the first batch.
+    pub fn started(&self, progress_schema: &str) -> Started {
+        Started {
+            name: self.name.clone(),
+            table: self.table.display.clone(),
+            key_columns: self.table.key_names(),
+            estimated_rows: self.estimated_rows,
+            progress_schema: progress_schema.to_string(),
+            start: self.start.clone(),
+            rows_examined: self.committed.rows_examined,
+        }
     }
 
     pub fn table(&self) -> &TableInfo {
@@ -509,8 +540,8 @@ impl Backfill {
     }
 
     fn record_metrics(&self, updated: u64) {
-        let name = self.name.clone();
-        metrics::counter!(names::BACKFILL_ROWS_TOTAL, "backfill" => name.clone())
+        let (target, name) = (self.target.clone(), self.name.clone());
+        metrics::counter!(names::BACKFILL_ROWS_TOTAL, "target" => target.clone(), "backfill" => name.clone())
             .increment(updated);
         let ratio = if self.committed.finished {
             1.0
@@ -522,7 +553,8 @@ impl Backfill {
                 _ => 0.0,
             }
         };
-        metrics::gauge!(names::BACKFILL_PROGRESS_RATIO, "backfill" => name).set(ratio);
+        metrics::gauge!(names::BACKFILL_PROGRESS_RATIO, "target" => target, "backfill" => name)
+            .set(ratio);
     }
 
     /// One batch, retried while it cannot get its locks. `None`: stopped during a backoff
@@ -560,7 +592,7 @@ impl Backfill {
                             waited_ms: began.elapsed().as_millis() as u64,
                         });
                     }
-                    metrics::counter!(names::BACKFILL_LOCK_RETRIES_TOTAL, "backfill" => self.name.clone())
+                    metrics::counter!(names::BACKFILL_LOCK_RETRIES_TOTAL, "target" => self.target.clone(), "backfill" => self.name.clone())
                         .increment(1);
                     tracing::info!(batch, attempt, code, ?backoff, "batch lock retry");
                     progress(&Progress::LockRetry {

@@ -10,8 +10,13 @@
 //! target, which plans and runs the rollback beside the database over its deployment log;
 //! a rollback of a deployment this controller recorded is also stored with it (the
 //! target's events and step).
+//!
+//! The controller's `BackfillService` too: a backfill runs on the agent owning the target,
+//! beside the database and under its connection budget, which exports its metrics; the
+//! controller relays the stream and the stop, and records nothing.
 
 use crate::{Fleet, store_err};
+use belay_backfill::{BackfillApi, BackfillRequest, BackfillSink, CancellationToken, Summary};
 use belay_core::{ApiError, ErrorKind};
 use belay_deploy::{
     DeployEvent, DeploySink, TargetDeployApi, TargetDeployed, TargetDeployment, TargetRun,
@@ -19,7 +24,7 @@ use belay_deploy::{
 use belay_rollback::{
     Execute, Outcome, RollbackApi, RollbackPlan, RollbackStatus, RollbackTo, Rollbackable, Trigger,
 };
-use belay_rpc::{DeployClient, RollbackClient};
+use belay_rpc::{BackfillClient, DeployClient, RollbackClient};
 use belay_store::{DeploymentState, NewDeployment};
 use tracing::{Instrument, info_span};
 use uuid::Uuid;
@@ -191,5 +196,26 @@ impl RollbackApi for Fleet {
     async fn abort(&self, target: &str, id: Option<&str>) -> Result<RollbackStatus, ApiError> {
         let (conn, _) = self.connection_for(target).await?;
         RollbackClient::new(&conn).abort(target, id).await
+    }
+}
+
+#[async_trait::async_trait]
+impl BackfillApi for Fleet {
+    async fn run(
+        &self,
+        target: &str,
+        request: BackfillRequest,
+        stop: CancellationToken,
+        events: BackfillSink,
+    ) -> Result<Summary, ApiError> {
+        let (conn, _) = self.connection_for(target).await?;
+        BackfillClient::new(&conn)
+            .run(target, request, stop, events)
+            .await
+    }
+
+    async fn stop(&self, target: &str, name: &str) -> Result<(), ApiError> {
+        let (conn, _) = self.connection_for(target).await?;
+        BackfillClient::new(&conn).stop(target, name).await
     }
 }

@@ -4,6 +4,7 @@
 //! Wiring decides in-process or remote; callers see one trait. It must hold no migration
 //! logic of its own and must never carry a database URL over the wire.
 
+pub mod backfill;
 pub mod backup;
 pub mod client;
 pub mod convert;
@@ -15,6 +16,7 @@ pub mod rollback;
 pub mod server;
 pub mod stream;
 
+pub use backfill::{BackfillClient, BackfillGrpc};
 pub use backup::{BackupClient, BackupGrpc};
 pub use client::{Connection, Keepalive, MigrationClient, Peer};
 pub use deploy::{DeployClient, DeployGrpc};

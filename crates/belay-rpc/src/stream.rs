@@ -59,6 +59,11 @@ impl<T: Send> BoundedSender<T> {
         self.tx.send(item).await.map_err(|_| NotSent::Closed)
     }
 
+    /// Resolves once the consumer went away (a client disconnected).
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
     /// From a synchronous callback: sends at once when there is room, else waits for the
     /// consumer to make some (the producer is slowed down, nothing is dropped).
     pub fn send_blocking(&self, item: T) -> Result<(), NotSent> {

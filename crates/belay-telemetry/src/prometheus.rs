@@ -87,13 +87,13 @@ pub mod names {
     /// Counter, label `target`: migration statements the lock guard cancelled because
     /// application sessions queued behind them longer than `max_blocking`.
     pub const LOCK_GUARD_TRIPS_TOTAL: &str = "belay_lock_guard_trips_total";
-    /// Counter, label `backfill`: rows updated by `belay backfill` batches.
+    /// Counter, labels `target`, `backfill`: rows updated by `belay backfill` batches.
     pub const BACKFILL_ROWS_TOTAL: &str = "belay_backfill_rows_total";
-    /// Gauge, label `backfill`: share of the table's rows a backfill has walked (from 0 to
-    /// 1; estimated from the planner's row count until the last batch).
+    /// Gauge, labels `target`, `backfill`: share of the table's rows a backfill has walked
+    /// (from 0 to 1; estimated from the planner's row count until the last batch).
     pub const BACKFILL_PROGRESS_RATIO: &str = "belay_backfill_progress_ratio";
-    /// Counter, label `backfill`: batches rolled back and retried after a lock timeout or
-    /// a deadlock.
+    /// Counter, labels `target`, `backfill`: batches rolled back and retried after a lock
+    /// timeout or a deadlock.
     pub const BACKFILL_LOCK_RETRIES_TOTAL: &str = "belay_backfill_lock_retries_total";
 }
 
@@ -386,24 +386,24 @@ pub const CATALOG: &[Metric] = {
             name: BACKFILL_ROWS_TOTAL,
             kind: Counter,
             unit: Some(Unit::Count),
-            labels: &["backfill"],
-            exposed_by: Cli,
-            help: "Rows updated by backfill batches, by backfill name.",
+            labels: &["target", "backfill"],
+            exposed_by: Agent,
+            help: "Rows updated by backfill batches, by target and backfill name (counted by the agent that runs them).",
         },
         Metric {
             name: BACKFILL_PROGRESS_RATIO,
             kind: Gauge,
             unit: None,
-            labels: &["backfill"],
-            exposed_by: Cli,
-            help: "Share of the table's rows a backfill has walked (0 to 1), by backfill name.",
+            labels: &["target", "backfill"],
+            exposed_by: Agent,
+            help: "Share of the table's rows a backfill has walked (0 to 1; 1 once done), by target and backfill name.",
         },
         Metric {
             name: BACKFILL_LOCK_RETRIES_TOTAL,
             kind: Counter,
             unit: Some(Unit::Count),
-            labels: &["backfill"],
-            exposed_by: Cli,
+            labels: &["target", "backfill"],
+            exposed_by: Agent,
             help: "Backfill batches rolled back and retried after a lock timeout or deadlock.",
         },
     ]
