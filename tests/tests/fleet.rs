@@ -629,6 +629,7 @@ async fn daemons_export_metrics_and_reflection() -> Result<()> {
         "grpc.reflection.v1.ServerReflection",
     ];
     let serves_both = [
+        "belay.v1.BackfillService",
         "belay.v1.BackupService",
         "belay.v1.DeployService",
         "belay.v1.HealthService",

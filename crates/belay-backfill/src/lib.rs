@@ -487,6 +487,11 @@ impl Backfill {
         stop: &CancellationToken,
         progress: &(dyn Fn(&Progress) + Send + Sync),
     ) -> Result<Summary, BackfillError> {
+        // Its series exist from its start (at zero), so a rate or an alert over them never
+        // meets a missing series: the labels are known now.
+        metrics::counter!(names::BACKFILL_LOCK_RETRIES_TOTAL, "target" => self.target.clone(), "backfill" => self.name.clone())
+            .increment(0);
+        self.record_metrics(0);
         while !self.committed.finished && !stop.is_cancelled() {
             let batch = self.committed.batches + 1;
             let started = Instant::now();
