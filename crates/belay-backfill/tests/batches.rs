@@ -590,11 +590,17 @@ async fn metrics_count_rows_and_report_progress() -> R<()> {
     let mut conn = backfill_conn(&db).await?;
     let mut s = spec("t", "v = 1", None, 5);
     s.name = Some(format!("metrics_{}", db.name));
-    let mut bf = Backfill::prepare(&mut conn, s).await?;
+    // Labelled by the target that runs it, as the agent does.
+    let mut bf = Backfill::prepare(&mut conn, s).await?.for_target("shop");
     bf.run(&mut conn, &CancellationToken::new(), &|_: &Progress| {})
         .await?;
     let text = handle.render();
-    let label = format!("{{backfill=\"metrics_{}\"}}", db.name);
+    let label = format!("{{target=\"shop\",backfill=\"metrics_{}\"}}", db.name);
+    // Every series of it exists from its start, lock retries at 0 without any.
+    assert!(
+        text.contains(&format!("belay_backfill_lock_retries_total{label} 0")),
+        "{text}"
+    );
     assert!(
         text.contains(&format!("belay_backfill_rows_total{label} 12")),
         "{text}"
