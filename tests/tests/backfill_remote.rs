@@ -343,6 +343,78 @@ async fn ctrl_c_or_a_vanished_caller_stops_after_the_batch_and_the_printed_comma
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_stopping_ends_a_backfill_after_its_batch_in_flight() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let shop = Cluster::shared().create_database().await?;
+    orders(&shop);
+    let (c, mut a, _am) = fleet(tmp.path(), &shop).await?;
+    let mut cli = tokio::process::Command::new(binary("belay")?)
+        .args([
+            "--controller",
+            c.addr.as_str(),
+            "--target",
+            "shop",
+            "backfill",
+            "--table",
+            "orders",
+            "--set",
+            SET,
+            "--batch",
+            "10",
+            "--sleep",
+            "300ms",
+            "--name",
+            "fill_totals",
+        ])
+        .env_remove("BELAY_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stderr = BufReader::new(cli.stderr.take().context("stderr")?).lines();
+    let mut seen = String::new();
+    while let Some(line) = stderr.next_line().await? {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(": batch 1: ") {
+            break;
+        }
+    }
+    assert!(seen.contains(": batch 1: "), "{seen}");
+    // SIGTERM to the agent (a restart, an upgrade): it stops the backfill between
+    // batches, the stream ends with how far it got, and the agent exits cleanly.
+    let (code, log) = a.stop().await?;
+    assert_eq!(code, Some(0), "{log}");
+    while let Some(line) = stderr.next_line().await? {
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    let status = cli.wait().await?;
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(
+        seen.contains("interrupted: the batch in flight finished; nothing is half-done"),
+        "{seen}"
+    );
+    assert!(seen.contains("resume with:"), "{seen}");
+    let stopped = psql(
+        &shop.url,
+        "SELECT rows_updated, finished_at IS NULL FROM belay.backfill_progress WHERE name = 'fill_totals'",
+    );
+    let (rows, unfinished) = stopped.split_once('|').context("a progress row")?;
+    assert_eq!(unfinished, "t", "stopped, not finished: {stopped}");
+    assert_eq!(
+        psql(
+            &shop.url,
+            "SELECT count(*) FROM orders WHERE total = price * qty"
+        ),
+        rows,
+        "nothing half-done: {stopped}"
+    );
+    Ok(())
+}
+
 /// Splits a command printed for `sh` (bare words and single-quoted ones).
 fn shell_words(s: &str) -> Vec<String> {
     let mut out = Vec::new();

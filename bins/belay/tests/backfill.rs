@@ -340,6 +340,9 @@ fn help_teaches_batches_and_resuming() {
         "exit 130",
         "--batch <N>",
         "--where <CONDITION>",
+        // It works remotely, run by the target's agent.
+        "Remote: with --controller ADDR --target NAME",
+        "run by the target's\nagent beside the database",
     ] {
         assert!(
             r.stdout.contains(needle),
