@@ -192,15 +192,18 @@ impl BackfillApi for LocalBackfills {
                 .await
                 .map_err(|e| api_error(&e))?
                 .for_target(target);
-            events(&BackfillEvent::Started(bf.started(&t.progress_schema)));
             if matches!(bf.start(), Start::AlreadyDone { .. }) {
+                events(&BackfillEvent::Started(bf.started(&t.progress_schema)));
                 let _ = sqlx::Connection::close(conn).await;
                 return Ok(bf.summary());
             }
-            // This run's stop: the caller's, this process's shutdown, or `stop(name)`.
+            // This run's stop: the caller's, this process's shutdown, or `stop(name)`;
+            // registered before the caller learns the name, so a `stop` it sends at once
+            // finds it.
             let token = self.shutdown.child_token();
             let key = (target.to_string(), bf.name().to_string());
             self.running().insert(key.clone(), token.clone());
+            events(&BackfillEvent::Started(bf.started(&t.progress_schema)));
             let link = {
                 let (caller, token) = (stop.clone(), token.clone());
                 tokio::spawn(async move {
