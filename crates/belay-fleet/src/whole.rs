@@ -92,6 +92,20 @@ fn still_deployed(t: &TargetStatus) -> Result<(), String> {
     }
 }
 
+/// Whether a target's run left its database as it was: it never ran, or it failed before
+/// any migration committed.
+fn changed_nothing(t: &TargetStatus) -> bool {
+    match t.state {
+        TargetState::Skipped | TargetState::Pending => true,
+        TargetState::Failed => t
+            .outcome
+            .get("applied")
+            .and_then(|a| a.as_array())
+            .is_none_or(|a| a.is_empty()),
+        _ => false,
+    }
+}
+
 /// The deployment's waves as it recorded them (`params.waves`), else one wave per target
 /// in deployment order.
 fn recorded_waves(d: &DeploymentRecord) -> Vec<Vec<String>> {
@@ -421,26 +435,23 @@ impl Fleet {
             })?;
         let mut rolled_back = Vec::new();
         for t in &d.targets {
-            match (t.step, still_deployed(t)) {
-                (Some(DeploymentState::RolledBack), _) => rolled_back.push(t.target.clone()),
-                (_, Ok(())) => {
-                    if !problems
-                        .iter()
-                        .any(|p| p.starts_with(&format!("{}:", t.target)))
-                    {
-                        problems.push(format!("{}: still deployed ({})", t.target, t.message));
-                    }
-                }
-                (Some(DeploymentState::Escalated), _) => {
-                    if !problems
-                        .iter()
-                        .any(|p| p.starts_with(&format!("{}:", t.target)))
-                    {
-                        problems.push(format!("{}: its rollback escalated", t.target));
-                    }
-                }
-                (_, Err(_)) => {}
+            if t.step == Some(DeploymentState::RolledBack) {
+                rolled_back.push(t.target.clone());
+                continue;
             }
+            if changed_nothing(t)
+                || problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("{}:", t.target)))
+            {
+                continue;
+            }
+            // Deployed still, escalated, or unknown (its agent lost): not rolled back.
+            let why = match still_deployed(t) {
+                Ok(()) => format!("still deployed ({})", t.message),
+                Err(why) => why,
+            };
+            problems.push(format!("{}: {why}", t.target));
         }
         let (state, message) = if problems.is_empty() {
             (
@@ -534,6 +545,13 @@ mod tests {
             sel.waves,
             vec![vec!["d".to_string()], vec!["b".into()], vec!["a".into()]]
         );
+        let unchanged: Vec<&str> = d
+            .targets
+            .iter()
+            .filter(|t| changed_nothing(t))
+            .map(|t| t.target.as_str())
+            .collect();
+        assert_eq!(unchanged, ["e", "f"]);
         assert_eq!(sel.left_out.len(), 3, "{:?}", sel.left_out);
         assert!(
             sel.left_out[0].starts_with("c: already rolled back"),
