@@ -274,9 +274,19 @@ pub enum Command {
         /// `[targets.rollback] policy` in agent.toml)
         #[arg(long, value_enum, value_name = "ACTION")]
         on_failure: Option<OnFailureArg>,
+        /// With --on-failure rollback, what a failed target's rollback takes along
+        /// [default: `rollback_scope` in belay.toml's [deploy], else wave]: wave (only the
+        /// failed targets, each by its agent; earlier waves stay deployed) or deployment
+        /// (then every target that succeeded in this deployment, by the controller through
+        /// its agent, last wave first; the deployment ends rolled_back only if every target
+        /// rolled back, else escalated naming the others)
+        #[arg(long, value_enum, value_name = "SCOPE")]
+        rollback_scope: Option<RollbackScopeArg>,
     },
     /// Roll a deployment back (local mode, or with --controller and --target through the
-    /// target's agent): `list` the deployments a rollback can act on,
+    /// target's agent; with --controller and no --target, `plan ID` and `execute ID` act on
+    /// every target of fleet deployment ID still deployed, last wave first): `list` the
+    /// deployments a rollback can act on,
     /// `plan TO` (the strategy, one reason per branch, the steps, the backups, what each
     /// path would lose, an estimate), `execute TO` (asks unless --yes), `status [ID]` (the
     /// incident report), `abort [ID]` (stop a running rollback between steps). TO is a deployment id (a unique prefix of 4+ characters), a
@@ -549,6 +559,14 @@ pub struct MigrateChecks {
     /// rollback (the rollback controller's; refused where none is installed)
     #[arg(long, value_enum, value_name = "ACTION")]
     pub on_failure: Option<OnFailureArg>,
+}
+
+/// `deploy --rollback-scope`, `[deploy] rollback_scope`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RollbackScopeArg {
+    Wave,
+    Deployment,
 }
 
 /// `--on-failure`.

@@ -129,6 +129,10 @@ fn effective(s: &Settings) -> Value {
             "on_failure": on_failure,
             "lock_trip_budget": s.deploy.lock_trip_budget,
             "canary_soak": s.deploy.canary_soak.clone().unwrap_or_else(|| "0s".into()),
+            "rollback_scope": match s.deploy.rollback_scope {
+                Some(crate::cli::RollbackScopeArg::Deployment) => "deployment",
+                _ => "wave",
+            },
         },
         "rollback": {
             "policy": s.rollback.mode,

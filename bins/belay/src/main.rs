@@ -229,6 +229,12 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         {
             return result;
         }
+        if let Command::Rollback { command } = &cli.command
+            && cli.target.is_none()
+            && let Some(result) = remote::rollback_deployment(&conn, command, cli.output).await
+        {
+            return result;
+        }
         let target = remote::remote_target(cli.target.as_deref())?.to_string();
         if let Command::Rollback { command } = &cli.command {
             // Through the controller to the target's agent, which plans and runs it

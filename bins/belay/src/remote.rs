@@ -1,6 +1,8 @@
 //! Remote mode: the same commands against a controller, plus the fleet commands.
 
-use crate::cli::{Cli, Command, DeploymentsCommand, MigrateChecks, OnFailureArg, Output};
+use crate::cli::{
+    Cli, Command, DeploymentsCommand, MigrateChecks, OnFailureArg, Output, RollbackCommand,
+};
 use crate::settings::{FileDeploy, Settings};
 use crate::{Failure, exit};
 use belay_migrate::{ApiError, ErrorKind};
@@ -241,8 +243,18 @@ struct DeployFlags<'a> {
 /// succeeded.
 async fn follow(
     conn: &Connection,
+    stream: tonic::Streaming<pb::DeploymentEvent>,
+    out: Output,
+) -> Result<u8, Failure> {
+    follow_until(conn, stream, out, "succeeded").await
+}
+
+/// [`follow`], exit 1 unless the deployment ended `success`.
+async fn follow_until(
+    conn: &Connection,
     mut stream: tonic::Streaming<pb::DeploymentEvent>,
     out: Output,
+    success: &str,
 ) -> Result<u8, Failure> {
     let mut id = String::new();
     let mut events = Vec::new();
@@ -269,11 +281,119 @@ async fn follow(
             println!("{doc}");
         }
     }
-    Ok(if d.state == "succeeded" {
-        0
-    } else {
-        exit::FAILED
-    })
+    Ok(if d.state == success { 0 } else { exit::FAILED })
+}
+
+/// `rollback plan|execute ID` through a controller without `--target`: every target of
+/// fleet deployment ID still deployed, each planned and run by its agent, last wave
+/// first (`ControllerService.PlanDeploymentRollback`, `RollbackDeployment`). `None` for
+/// the other rollback commands, which act on one target.
+pub async fn rollback_deployment(
+    conn: &Connection,
+    command: &RollbackCommand,
+    out: Output,
+) -> Option<Result<u8, Failure>> {
+    let (to, data_corrupted, reason, yes) = match command {
+        RollbackCommand::Plan { to, data_corrupted } => (to, *data_corrupted, None, None),
+        RollbackCommand::Execute {
+            to,
+            data_corrupted,
+            reason,
+            yes,
+        } => (to, *data_corrupted, reason.clone(), Some(*yes)),
+        _ => return None,
+    };
+    let Some(id) = to.to.as_deref().filter(|_| to.release.is_none()) else {
+        return Some(Err(Failure {
+            code: exit::USAGE,
+            message: "through a controller without --target, rollback plan|execute take a fleet deployment id (the whole deployment); a release or a version needs --target NAME".into(),
+        }));
+    };
+    Some(rollback_whole(conn, id, data_corrupted, reason, yes, out).await)
+}
+
+async fn rollback_whole(
+    conn: &Connection,
+    id: &str,
+    data_corrupted: bool,
+    reason: Option<String>,
+    execute: Option<bool>,
+    out: Output,
+) -> Result<u8, Failure> {
+    let trigger = crate::rollback_cmd::operator_trigger(reason, data_corrupted);
+    let req = pb::DeploymentRollbackRequest {
+        deployment_id: id.to_string(),
+        trigger: Some(belay_rpc::rollback::trigger(&trigger)),
+    };
+    let mut client = ControllerServiceClient::new(conn.intercepted());
+    let plan = client
+        .plan_deployment_rollback(req.clone())
+        .await
+        .map_err(err(conn))?
+        .into_inner();
+    let plans = plan
+        .plans
+        .iter()
+        .map(belay_rpc::rollback::plan_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure {
+            code: exit::SOFTWARE,
+            message: format!("the controller sent a plan this belay cannot read: {e}"),
+        })?;
+    let escalates = plans
+        .iter()
+        .any(|p| p.strategy == belay_rollback::Strategy::Escalate);
+    let Some(yes) = execute else {
+        if out == Output::Json {
+            println!(
+                "{}",
+                json!({
+                    "action": "rollback_plan",
+                    "deployment": plan.deployment_id,
+                    "plans": plans,
+                    "left_out": plan.left_out,
+                })
+            );
+        } else {
+            print_whole_plan(&plan.deployment_id, &plans, &plan.left_out);
+        }
+        return Ok(if escalates { exit::REFUSED } else { 0 });
+    };
+    if out == Output::Text {
+        print_whole_plan(&plan.deployment_id, &plans, &plan.left_out);
+    }
+    if !yes {
+        crate::rollback_cmd::confirm_question(&format!(
+            "roll back {} target(s) of fleet deployment {}?",
+            plans.len(),
+            plan.deployment_id
+        ))?;
+    }
+    // The controller checks again, and each agent plans again just before acting.
+    let stream = client
+        .rollback_deployment(req)
+        .await
+        .map_err(err(conn))?
+        .into_inner();
+    follow_until(conn, stream, out, "rolled_back").await
+}
+
+fn print_whole_plan(id: &str, plans: &[belay_rollback::RollbackPlan], left_out: &[String]) {
+    println!(
+        "rollback of fleet deployment {id}: {} target(s), last wave first",
+        plans.len()
+    );
+    for p in plans {
+        println!();
+        crate::rollback_cmd::print_plan(p);
+    }
+    if !left_out.is_empty() {
+        println!();
+        println!("left out:");
+        for l in left_out {
+            println!("  {l}");
+        }
+    }
 }
 
 /// The fleet commands; `None` when `command` is a per-target command.
@@ -298,6 +418,7 @@ pub async fn fleet_command(
             watch,
             canary_soak,
             on_failure,
+            rollback_scope,
         } => {
             let flags = DeployFlags {
                 override_check,
@@ -311,6 +432,19 @@ pub async fn fleet_command(
             let policy = match deployer_policy(&flags, file_deploy) {
                 Ok(p) => p,
                 Err(f) => return Some(Err(f)),
+            };
+            let scope = match rollback_scope.or(file_deploy.rollback_scope) {
+                Some(crate::cli::RollbackScopeArg::Deployment) => {
+                    if policy.on_failure != belay_deploy::OnFailure::Rollback {
+                        return Some(Err(Failure {
+                            code: exit::USAGE,
+                            message: "--rollback-scope deployment (or [deploy] rollback_scope in belay.toml) rolls back the rest of the deployment after a failed target's own rollback: it needs --on-failure rollback; nothing was run".into(),
+                        }));
+                    }
+                    pb::RollbackScope::Deployment
+                }
+                Some(crate::cli::RollbackScopeArg::Wave) => pb::RollbackScope::Wave,
+                None => pb::RollbackScope::Unspecified,
             };
             if *no_preflight {
                 eprintln!("warning: --no-preflight: deploying without the preflight checklist");
@@ -329,6 +463,7 @@ pub async fn fleet_command(
                     None
                 },
                 requested_by: crate::history_cmd::os_user(),
+                rollback_scope: scope.into(),
             };
             match ControllerServiceClient::new(conn.intercepted())
                 .deploy(req)

@@ -231,7 +231,7 @@ fn rollback_to(to: &RollbackToArgs) -> Result<RollbackTo, Failure> {
     }
 }
 
-fn operator_trigger(reason: Option<String>, data_suspect: bool) -> Trigger {
+pub(crate) fn operator_trigger(reason: Option<String>, data_suspect: bool) -> Trigger {
     Trigger::operator(
         reason.unwrap_or_else(|| {
             format!(
@@ -245,17 +245,22 @@ fn operator_trigger(reason: Option<String>, data_suspect: bool) -> Trigger {
 
 /// Asks on a terminal; refuses without one (a script must say `--yes`).
 fn confirm(plan: &RollbackPlan) -> Result<(), Failure> {
+    confirm_question(&format!(
+        "roll back {} deployment(s) by {}?",
+        plan.deployments.len(),
+        plan.strategy
+    ))
+}
+
+/// Asks `question` on a terminal; refuses without one (a script must say `--yes`).
+pub(crate) fn confirm_question(question: &str) -> Result<(), Failure> {
     if !std::io::stdin().is_terminal() {
         return Err(Failure {
             code: exit::USAGE,
             message: "rollback execute changes the database and needs confirmation: pass --yes (no terminal to ask on)".into(),
         });
     }
-    print!(
-        "roll back {} deployment(s) by {}? [y/N] ",
-        plan.deployments.len(),
-        plan.strategy
-    );
+    print!("{question} [y/N] ");
     let _ = std::io::stdout().flush();
     let mut answer = String::new();
     let _ = std::io::stdin().lock().read_line(&mut answer);
@@ -269,7 +274,7 @@ fn confirm(plan: &RollbackPlan) -> Result<(), Failure> {
     }
 }
 
-fn print_plan(plan: &RollbackPlan) {
+pub(crate) fn print_plan(plan: &RollbackPlan) {
     let ids: Vec<String> = plan.deployments.iter().map(|d| d.to_string()).collect();
     println!(
         "rollback plan for {} (deployment {}): {} back to version {}",

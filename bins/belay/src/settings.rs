@@ -99,6 +99,8 @@ pub struct FileDeploy {
     pub lock_trip_budget: Option<u32>,
     /// `deploy --canary-soak`'s default (`"5m"`; absent or `"0s"`: no soak).
     pub canary_soak: Option<String>,
+    /// `deploy --rollback-scope`'s default: `wave` (default) or `deployment`.
+    pub rollback_scope: Option<crate::cli::RollbackScopeArg>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

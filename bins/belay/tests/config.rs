@@ -160,6 +160,10 @@ fn config_errors_name_the_file_line_key_and_what_is_accepted() {
             ":1: `backup`: unknown value `sometimes`; accepted: `full`, `schema`, `tables`, `none`",
         ),
         (
+            "[deploy]\non_failure = \"rollback\"\nrollback_scope = \"fleet\"\n",
+            ":3: `deploy.rollback_scope`: unknown value `fleet`; accepted: `wave` or `deployment`",
+        ),
+        (
             "[deploy]\non_failure = \"stop\"\n[rollback]\non_failure = \"rollback\"\n",
             ":4: `rollback.on_failure`: the file sets on_failure twice",
         ),

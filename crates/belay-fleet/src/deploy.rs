@@ -3,12 +3,14 @@
 //! first wave with a target that failed at any step.
 
 use crate::waves::{self, Batch};
+use crate::whole::RollbackScope;
 use crate::{Fleet, store_err};
 use belay_deploy::{
-    DeployEvent, DeploySink, DeployerPolicy, KIND_MIGRATION, KIND_TRANSITION, Step,
-    TargetDeployApi, TargetDeployed, TargetDeployment,
+    Cause, DeployEvent, DeploySink, DeployerPolicy, KIND_MIGRATION, KIND_TRANSITION, OnFailure,
+    Step, StepFailure, TargetDeployApi, TargetDeployed, TargetDeployment,
 };
 use belay_migrate::{ApiError, ErrorKind, Target};
+use belay_rollback::{Trigger, TriggerKind};
 use belay_rpc::DeployClient;
 use belay_store::{DeploymentState, NewDeployment, NewEvent, TargetState};
 use std::sync::Arc;
@@ -30,6 +32,8 @@ pub struct DeploySpec {
     /// The deployer's part of every target's pipeline policy; the rest is in each
     /// target's agent.toml.
     pub policy: DeployerPolicy,
+    /// With `Deployment`, a failed wave rolls back the targets that succeeded too.
+    pub rollback_scope: RollbackScope,
 }
 
 fn refused(msg: impl Into<String>) -> ApiError {
@@ -67,6 +71,13 @@ impl Fleet {
         chosen.dedup();
         if chosen.is_empty() {
             return Err(refused("no targets given: pass --targets NAME_OR_PATTERN"));
+        }
+        if spec.rollback_scope == RollbackScope::Deployment
+            && spec.policy.on_failure != OnFailure::Rollback
+        {
+            return Err(refused(
+                "rollback scope `deployment` rolls back the rest of the deployment after a failed target's own rollback: it needs on_failure = rollback (pass --on-failure rollback), or drop --rollback-scope",
+            ));
         }
         if spec.policy.soak.is_some() && spec.canary == 0 {
             return Err(refused(
@@ -127,6 +138,12 @@ impl Fleet {
         }
 
         let id = Uuid::new_v4();
+        // Kept with the deployment: a later whole-deployment rollback goes through them
+        // last wave first.
+        let planned: Vec<&[String]> = waves::plan(chosen.len(), spec.canary, spec.batch)
+            .into_iter()
+            .map(|w| &chosen[w])
+            .collect();
         let record = self
             .store
             .create_deployment(&NewDeployment {
@@ -140,6 +157,8 @@ impl Fleet {
                     "parallel": spec.parallel,
                     "patterns": spec.patterns,
                     "policy": spec.policy,
+                    "waves": planned,
+                    "rollback_scope": spec.rollback_scope,
                 }),
                 skip_promotion_reason: spec.skip_promotion_reason.clone(),
                 requested_by: spec.requested_by.clone(),
@@ -205,17 +224,22 @@ impl Fleet {
                 tasks.spawn(
                     async move {
                         let _permit = sem.acquire_owned().await;
-                        let outcome = fleet.deploy_target(id, &t, &spec, last_wave).await;
-                        (t, outcome)
+                        let (outcome, trigger) =
+                            fleet.deploy_target(id, &t, &spec, last_wave).await;
+                        (t, outcome, trigger)
                     }
                     .in_current_span(),
                 );
             }
             let mut failures = Vec::new();
+            let mut trigger = None;
             while let Some(joined) = tasks.join_next().await {
                 match joined {
-                    Ok((t, Ok(()))) => info!(target = %t, "target deployed"),
-                    Ok((t, Err(e))) => failures.push(format!("{t}: {}", e.message)),
+                    Ok((t, Ok(()), _)) => info!(target = %t, "target deployed"),
+                    Ok((t, Err(e), failed)) => {
+                        failures.push(format!("{t}: {}", e.message));
+                        trigger = trigger.or(failed);
+                    }
                     Err(e) => failures.push(format!("a target task panicked: {e}")),
                 }
             }
@@ -265,6 +289,17 @@ impl Fleet {
                     .await
                     .map_err(store_err)?;
                 self.notify();
+                if spec.rollback_scope == RollbackScope::Deployment {
+                    let trigger = trigger.unwrap_or_else(|| Trigger {
+                        kind: TriggerKind::MigrationFailed,
+                        step: None,
+                        reason: format!("fleet deployment {id} {msg}"),
+                        evidence: serde_json::json!({ "deployment": id, "failures": failures }),
+                        data_suspect: false,
+                    });
+                    self.roll_back_failed_deployment(id, trigger, spec.parallel)
+                        .await?;
+                }
                 return Ok(());
             }
         }
@@ -280,14 +315,15 @@ impl Fleet {
         Ok(())
     }
 
-    /// Runs one target of a fleet deployment: [`Fleet::run_target`]'s verdict.
+    /// Runs one target of a fleet deployment: [`Fleet::run_target`]'s verdict, and when
+    /// the target failed, the trigger of a whole-deployment rollback (its failure).
     async fn deploy_target(
         &self,
         id: Uuid,
         target: &str,
         spec: &DeploySpec,
         last_wave: bool,
-    ) -> Result<(), ApiError> {
+    ) -> (Result<(), ApiError>, Option<Trigger>) {
         let request = TargetDeployment {
             id,
             target: target.to_string(),
@@ -300,7 +336,14 @@ impl Fleet {
             release: None,
             asked: spec.policy.clone(),
         };
-        self.run_target(request, last_wave, None).await.verdict
+        let ran = self.run_target(request, last_wave, None).await;
+        let trigger = match &ran.agent {
+            Ok(deployed) if deployed.outcome.state != Step::Succeeded => {
+                Some(failure_trigger(id, target, deployed))
+            }
+            _ => None,
+        };
+        (ran.verdict, trigger)
     }
 
     /// Runs one target's pipeline on its agent (`DeployService.DeployTarget`) as part of
@@ -593,6 +636,31 @@ impl Seen {
         self.took_backup |= e.kind == KIND_MIGRATION
             && e.payload.get("event").and_then(|v| v.as_str()) == Some("backup_taken");
     }
+}
+
+/// The trigger of a whole-deployment rollback: `target`'s failure (kind from its cause,
+/// as the agent's own rollback had it), its evidence kept under the failed target's name.
+fn failure_trigger(id: Uuid, target: &str, deployed: &TargetDeployed) -> Trigger {
+    let o = &deployed.outcome;
+    let step = o.failed_step.unwrap_or(Step::Failed);
+    let reason = o.reason.clone().unwrap_or_else(|| "no reason given".into());
+    let mut trigger = Trigger::from_failure(&StepFailure {
+        step,
+        kind: deployed.kind.unwrap_or(ErrorKind::Refused),
+        cause: deployed.cause.unwrap_or(Cause::Error),
+        reason: reason.clone(),
+        evidence: o.evidence.clone(),
+    });
+    trigger.reason = format!(
+        "fleet deployment {id}: target {target} failed at {step} ({reason}); rollback_scope = deployment rolls back every target the deployment changed"
+    );
+    trigger.evidence = serde_json::json!({
+        "deployment": id,
+        "failed_target": target,
+        "failed_step": step,
+        "evidence": o.evidence,
+    });
+    trigger
 }
 
 /// The store's name for a pipeline step (the same vocabulary).

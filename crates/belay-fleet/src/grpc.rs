@@ -1,7 +1,7 @@
 //! `ControllerService` and `HistoryService` over the fleet.
 
 use crate::waves::Batch;
-use crate::{DeploySpec, Fleet, store_err};
+use crate::{DeploySpec, Fleet, RollbackScope, store_err};
 use belay_migrate::{ApiError, ErrorKind};
 use belay_proto::v1 as pb;
 use belay_rpc::convert::{status_from, timestamp};
@@ -305,17 +305,78 @@ impl pb::controller_service_server::ControllerService for ControllerGrpc {
             skip_promotion_reason: r.skip_promotion_reason,
             requested_by: r.requested_by,
             policy: belay_rpc::deploy::deployer_policy_from(r.policy.as_ref())?,
+            rollback_scope: match pb::RollbackScope::try_from(r.rollback_scope) {
+                Ok(pb::RollbackScope::Deployment) => RollbackScope::Deployment,
+                Ok(pb::RollbackScope::Wave | pb::RollbackScope::Unspecified) => RollbackScope::Wave,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown rollback scope {}: expected wave or deployment",
+                        r.rollback_scope
+                    )));
+                }
+            },
         };
         let id = self.0.start_deploy(spec).await.map_err(st)?;
         Ok(Response::new(watch(self.0.clone(), id, 0)))
     }
+
+    async fn plan_deployment_rollback(
+        &self,
+        req: Request<pb::DeploymentRollbackRequest>,
+    ) -> Result<Response<pb::DeploymentRollbackPlan>, Status> {
+        let r = req.into_inner();
+        let id = resolve_id(&self.0, &r.deployment_id).await?;
+        let trigger = belay_rpc::rollback::trigger_from(r.trigger.as_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let plan = self
+            .0
+            .plan_deployment_rollback(id, trigger)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(pb::DeploymentRollbackPlan {
+            deployment_id: plan.deployment.to_string(),
+            plans: plan.plans.iter().map(belay_rpc::rollback::plan).collect(),
+            left_out: plan.left_out,
+        }))
+    }
+
+    type RollbackDeploymentStream = EventStream;
+
+    async fn rollback_deployment(
+        &self,
+        req: Request<pb::DeploymentRollbackRequest>,
+    ) -> Result<Response<Self::RollbackDeploymentStream>, Status> {
+        let r = req.into_inner();
+        let id = resolve_id(&self.0, &r.deployment_id).await?;
+        let trigger = belay_rpc::rollback::trigger_from(r.trigger.as_ref())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Only what happens from now on: the deployment's earlier events are its run's.
+        let from = self
+            .0
+            .store()
+            .deployment(id)
+            .await
+            .map_err(|e| st(store_err(e)))?
+            .map_or(0, |d| d.last_seq);
+        self.0
+            .start_deployment_rollback(id, trigger)
+            .await
+            .map_err(st)?;
+        Ok(Response::new(watch(self.0.clone(), id, from)))
+    }
 }
 
 impl HistoryGrpc {
-    /// A deployment id, or a unique prefix of one (at least four characters, as `belay
-    /// deployments list` prints them): none matching is `NotFound`, several an
-    /// `InvalidArgument` naming them.
     async fn resolve_id(&self, given: &str) -> Result<Uuid, Status> {
+        resolve_id(&self.0, given).await
+    }
+}
+
+/// A deployment id, or a unique prefix of one (at least four characters, as `belay
+/// deployments list` prints them): none matching is `NotFound`, several an
+/// `InvalidArgument` naming them.
+async fn resolve_id(fleet: &Fleet, given: &str) -> Result<Uuid, Status> {
+    {
         let given = given.trim();
         if let Ok(id) = Uuid::parse_str(given) {
             return Ok(id);
@@ -333,8 +394,7 @@ impl HistoryGrpc {
         }
         // Every deployment, newest first: the store has no prefix index, and a controller
         // keeps thousands, not millions.
-        let all = self
-            .0
+        let all = fleet
             .store()
             .deployments(i64::MAX)
             .await

@@ -11,8 +11,10 @@ mod monitor;
 mod route;
 pub mod waves;
 pub mod webhook;
+mod whole;
 
 pub use deploy::DeploySpec;
+pub use whole::{DeploymentRollbackPlan, RollbackScope};
 
 use belay_deploy::{Step, TargetDeployApi, TargetRun};
 use belay_migrate::{

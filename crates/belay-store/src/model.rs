@@ -89,8 +89,10 @@ impl DeploymentState {
         }
     }
 
-    /// Nothing more will happen to the deployment: `succeeded`, `rolled_back`, `escalated`.
-    /// `failed` is not terminal, because a rollback may follow it.
+    /// The deployment's run is over and it stands as it ended: `succeeded`, `rolled_back`,
+    /// `escalated`. `failed` is not terminal, because a rollback may follow it; of the
+    /// terminal states only `succeeded` may still move, to `rolling_back`, when an
+    /// operator rolls the whole fleet deployment back.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -123,7 +125,8 @@ impl DeploymentState {
     /// - from any state that is not finished to `failed` (including `rolling_back`, so a
     ///   rollback that fails can be tried again by another path);
     /// - `failed → rolling_back`, `failed → escalated` (no rollback possible),
-    ///   `rolling_back → rolled_back | escalated`.
+    ///   `rolling_back → rolled_back | escalated`;
+    /// - `succeeded → rolling_back` (an operator's rollback of a whole deployment).
     ///
     /// Staying in the same state is not a move.
     pub fn can_move_to(self, to: DeploymentState) -> bool {
@@ -134,6 +137,7 @@ impl DeploymentState {
         match (self, to) {
             (from, Failed) => !from.is_finished(),
             (Failed, RollingBack | Escalated) => true,
+            (Succeeded, RollingBack) => true,
             (RollingBack, RolledBack | Escalated) => true,
             _ => false,
         }
@@ -394,10 +398,14 @@ mod tests {
         assert!(Failed.can_move_to(Escalated));
         assert!(RollingBack.can_move_to(RolledBack));
         assert!(RollingBack.can_move_to(Escalated));
+        assert!(Succeeded.can_move_to(RollingBack));
         for s in DeploymentState::ALL {
             assert!(!s.can_move_to(s), "{s} → itself");
             if s.is_terminal() {
                 for t in DeploymentState::ALL {
+                    if (s, t) == (Succeeded, RollingBack) {
+                        continue;
+                    }
                     assert!(!s.can_move_to(t), "terminal {s} → {t}");
                 }
             }
