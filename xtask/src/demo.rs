@@ -79,19 +79,16 @@ fn take_child(name: &str) -> Option<Child> {
     Some(s.children.remove(i).1)
 }
 
+/// Set once Ctrl-C or SIGTERM arrived: the signal watcher tears down and exits 130.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 /// Kills every process the demo started, stops and removes the cluster and the work
-/// directory; says what it removed.
+/// directory; says what it removed. Holds the stage throughout, so a teardown started by a
+/// signal while the demo's own is under way (or the reverse) waits for it to finish.
 fn teardown() {
-    let (children, cluster, work) = {
-        let mut s = stage();
-        (
-            std::mem::take(&mut s.children),
-            s.cluster.take(),
-            s.work.take(),
-        )
-    };
+    let mut s = stage();
     let mut stopped = Vec::new();
-    for (name, mut child) in children {
+    for (name, mut child) in std::mem::take(&mut s.children) {
         if let Ok(None) = child.try_wait() {
             let _ = child.kill();
             stopped.push(name);
@@ -101,12 +98,12 @@ fn teardown() {
     if !stopped.is_empty() {
         println!("stopped {}", stopped.join(", "));
     }
-    if let Some(cluster) = cluster {
+    if let Some(cluster) = s.cluster.take() {
         let dir = cluster.data_dir().display().to_string();
         drop(cluster);
         println!("stopped PostgreSQL and removed {dir}");
     }
-    if let Some(work) = work {
+    if let Some(work) = s.work.take() {
         let dir = work.path().display().to_string();
         drop(work);
         println!("removed {dir}");
@@ -134,6 +131,7 @@ fn on_interrupt_tear_down() -> Result<()> {
                 () = term => {}
             }
         });
+        INTERRUPTED.store(true, Ordering::SeqCst);
         eprintln!("\ninterrupted: cleaning up");
         teardown();
         std::process::exit(130);
@@ -148,6 +146,13 @@ pub fn run() -> Result<()> {
     on_interrupt_tear_down()?;
     let started = Instant::now();
     let result = Demo::new(bins).and_then(|mut demo| demo.story());
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // The step failed because its processes were interrupted too: the signal watcher
+        // is tearing down and exits 130 when it is done.
+        loop {
+            thread::park();
+        }
+    }
     heading("cleaning up");
     teardown();
     let done = result?;
