@@ -650,7 +650,8 @@ impl Demo {
              cannot have it while the report runs, and a plain ALTER TABLE would wait, with \
              every application query on orders queued behind it until the report ends. belay \
              asks for the lock with a short lock_timeout (100ms), gives up, lets the queued \
-             queries through, and retries with backoff.",
+             queries through, and retries with backoff: look for the `lock not granted` \
+             lines.",
         );
         shown(&format!(
             "PGAPPNAME=nightly-report psql {}   # from another terminal",
@@ -774,7 +775,8 @@ impl Demo {
              sees them; after 3 failures in a row the agent rolls the deployment back at \
              once (policy auto): an emergency backup, the undo script U3 (its dropped \
              column and table snapshotted first), and a check that history, postflight \
-             and probes are healthy again.",
+             and probes are healthy again. Look for the probe's fail 1/3 … 3/3, then \
+             failed → rolling_back → rolled_back.",
         );
         let before = schema(&self.shop_url)?;
         shown(&format!(
@@ -811,7 +813,11 @@ impl Demo {
         }
         let r = r?;
         let id = deployment_id(&r)?;
-        println!("   >> the application placed {checkouts} orders meanwhile");
+        let failed = self.sql(&self.shop_url, "SELECT count(*) FROM checkout_errors")?;
+        aside(&format!(
+            "the application placed {checkouts} orders during the deploy; {failed} of them \
+             took the broken coupon path and logged an error"
+        ));
         ensure!(
             r.code == Some(1),
             "the bad release's deploy exited {:?}, expected 1 (the deployment failed)",
@@ -942,7 +948,9 @@ impl Demo {
             // lock, so what the application writes in between is in neither.
             say(&format!(
                 "note: {} coupon code(s) were written after the snapshot was taken and before \
-                 the undo dropped the column; they are in neither place.",
+                 the undo dropped the column, so they are in neither place: the snapshot is \
+                 taken before the undo runs, not under its lock, and the application kept \
+                 writing.",
                 of - n
             ));
         }
