@@ -24,6 +24,10 @@ pub fn test() -> Result<()> {
     tools.push((crate::tools::DBMATE_ENV, dbmate));
     lint()?;
     let (passed, failed, skipped) = run_tests(&tools)?;
+    // Last, on the binaries the tests just built: the README's first command must keep
+    // telling a true story, and it checks each of its steps' outcomes itself.
+    heading("cargo xtask demo (every step's outcome checked)");
+    crate::demo::run().context("the demo failed")?;
     println!("\nall checks passed");
     // The last line totals every test binary: CI reads it, and the last line cargo
     // itself prints belongs to a doc-test binary with nothing in it.

@@ -29,14 +29,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install PostgreSQL and the checkers of deploy/ if missing, then fmt check, clippy, tidy
-    /// and `cargo test --workspace`.
+    /// Install PostgreSQL and the checkers of deploy/ if missing, then fmt check, clippy, tidy,
+    /// `cargo test --workspace` and the demo (`cargo xtask demo`, its steps checked).
     Test,
     /// fmt check, clippy (warnings are errors) and the tidy checks.
     Lint,
     /// Only the tidy checks (`//!` atop every lib.rs; no todo/unimplemented/ignored tests).
     Tidy,
-    /// Build `belay` and walk it through status/plan/migrate/undo on a throwaway cluster.
+    /// The whole story on a throwaway cluster, through a real controller and agent: a
+    /// deployment, a lock-guard save, a bad release rolled back by undo with its incident
+    /// report, the dropped data brought back. Exits non-zero when a step does not end as
+    /// the story says (`cargo xtask test` runs it last).
     Demo,
     /// Benchmarks against throwaway clusters (release build of `belay`).
     Bench {

@@ -19,7 +19,31 @@ pub fn cargo() -> Command {
     let mut cmd =
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
     cmd.current_dir(root());
+    // `cargo run` gives us xtask's package variables (CARGO_PKG_NAME=xtask, …). Build
+    // scripts such as ring's rerun when these change, so a nested cargo that inherits them
+    // rebuilds ring and everything above it, and the next build from a shell does it again.
+    for (key, _) in std::env::vars_os() {
+        if let Some(k) = key.to_str()
+            && is_package_var(k)
+        {
+            cmd.env_remove(k);
+        }
+    }
     cmd
+}
+
+/// The variables cargo sets for the package it runs, which a shell's cargo does not have.
+fn is_package_var(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || matches!(
+            key,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+        )
 }
 
 /// Where cargo puts build output.

@@ -1,0 +1,2 @@
+-- Release 1.1: accounts may leave a phone number.
+ALTER TABLE accounts ADD COLUMN phone text;
