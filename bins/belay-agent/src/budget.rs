@@ -12,6 +12,11 @@
 //!   steps holds (preflight 1, the run, the watch window's SQL probes); everything the
 //!   deployment does runs within that one reservation, so a deployment never waits for a
 //!   slot while it holds one (no deadlock between deployments);
+//! - a rollback (`RollbackService.Execute`): its deployment log's session, plus the most any
+//!   of its steps holds (the emergency backup 2, a restore 3, the undo's run, the
+//!   verification's SQL probes), all within that one reservation as a deployment's are;
+//!   `Status` and `Abort` reserve nothing (one short session to the log), so an operator
+//!   can always see and stop a rollback that holds the whole budget;
 //! - other calls: what they open (one session; a backup 2; a restore or a restore test 3).
 //!
 //! A reservation never exceeds the budget (`load` refuses a budget smaller than a target's
@@ -58,6 +63,8 @@ pub struct TargetSlots {
     pub run: u32,
     /// A fleet deployment, everything included.
     pub deploy: u32,
+    /// A rollback, everything included.
+    pub rollback: u32,
 }
 
 impl TargetSlots {
@@ -86,6 +93,7 @@ impl TargetSlots {
             server: t.spec.url.server(),
             run,
             deploy: 1 + run.max(PREFLIGHT_SLOTS).max(probes),
+            rollback: 1 + run.max(RESTORE_SLOTS).max(probes),
         }
     }
 
@@ -489,6 +497,82 @@ impl TargetDeployApi for Deploys {
                 self.inner.deployment(target, id),
             )
             .await
+    }
+}
+
+/// `RollbackApi` within the budget: one reservation for the whole rollback.
+pub struct Rollbacks {
+    pub inner: Arc<dyn belay_rollback::RollbackApi>,
+    pub budget: Budget,
+}
+
+#[async_trait::async_trait]
+impl belay_rollback::RollbackApi for Rollbacks {
+    async fn list(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<belay_rollback::Rollbackable>, ApiError> {
+        self.budget
+            .within(
+                target,
+                |_| 1,
+                "rollback list",
+                self.inner.list(target, limit),
+            )
+            .await
+    }
+
+    async fn plan(
+        &self,
+        target: &str,
+        to: &belay_rollback::RollbackTo,
+        trigger: belay_rollback::Trigger,
+    ) -> Result<belay_rollback::RollbackPlan, ApiError> {
+        // The log's session and the live row counts' beside it.
+        self.budget
+            .within(
+                target,
+                |_| 2,
+                "rollback plan",
+                self.inner.plan(target, to, trigger),
+            )
+            .await
+    }
+
+    async fn execute(
+        &self,
+        target: &str,
+        what: belay_rollback::Execute,
+        trigger: belay_rollback::Trigger,
+        sink: DeploySink,
+    ) -> Result<belay_rollback::Outcome, ApiError> {
+        self.budget
+            .within(
+                target,
+                |t| t.rollback,
+                "rollback",
+                self.inner.execute(target, what, trigger, sink),
+            )
+            .await
+    }
+
+    async fn status(
+        &self,
+        target: &str,
+        id: Option<&str>,
+    ) -> Result<belay_rollback::RollbackStatus, ApiError> {
+        // Unreserved: waiting here behind the rollback it asks about would hide it.
+        self.inner.status(target, id).await
+    }
+
+    async fn abort(
+        &self,
+        target: &str,
+        id: Option<&str>,
+    ) -> Result<belay_rollback::RollbackStatus, ApiError> {
+        // Unreserved: an abort must reach a rollback that holds the whole budget.
+        self.inner.abort(target, id).await
     }
 }
 
