@@ -602,6 +602,116 @@ pub fn check(limits: &crate::config::Limits, targets: &[LoadedTarget]) -> Result
 mod tests {
     use super::*;
     use crate::config::load;
+    use belay_rollback::{
+        Execute, Outcome, RollbackApi, RollbackPlan, RollbackStatus, RollbackTo, Rollbackable,
+        Trigger,
+    };
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Counts the calls that got through; refuses each (the budget is what is tested).
+    #[derive(Default)]
+    struct Counting {
+        executed: AtomicU32,
+        asked: AtomicU32,
+    }
+
+    fn refused() -> ApiError {
+        ApiError::new(belay_core::ErrorKind::Refused, "counted")
+    }
+
+    #[async_trait::async_trait]
+    impl RollbackApi for Counting {
+        async fn list(&self, _: &str, _: usize) -> Result<Vec<Rollbackable>, ApiError> {
+            Err(refused())
+        }
+        async fn plan(
+            &self,
+            _: &str,
+            _: &RollbackTo,
+            _: Trigger,
+        ) -> Result<RollbackPlan, ApiError> {
+            Err(refused())
+        }
+        async fn execute(
+            &self,
+            _: &str,
+            _: Execute,
+            _: Trigger,
+            _: DeploySink,
+        ) -> Result<Outcome, ApiError> {
+            self.executed.fetch_add(1, Ordering::SeqCst);
+            Err(refused())
+        }
+        async fn status(&self, _: &str, _: Option<&str>) -> Result<RollbackStatus, ApiError> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            Err(refused())
+        }
+        async fn abort(&self, _: &str, _: Option<&str>) -> Result<RollbackStatus, ApiError> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            Err(refused())
+        }
+    }
+
+    // One thread: the yield lets the spawned rollback run until it waits for its slots,
+    // as the core budget tests do.
+    #[tokio::test]
+    async fn a_rollback_waits_for_its_budget_slots_while_status_and_abort_never_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "[limits]\nmax_connections_per_server = 4\n[[targets]]\nname = \"shop\"\nurl = \"postgres://db/shop\"\nmigrations = \"m\"\nbackup_dir = \"b\"\n",
+        )
+        .unwrap();
+        let (cfg, targets) = load(&path).unwrap();
+        let slots = TargetSlots::of(&targets[0]);
+        // The log's session and a restore's three.
+        assert_eq!(slots.rollback, 4);
+        let budget = Budget::new(
+            ConnectionBudget::new(cfg.limits.connections_per_server()),
+            &targets,
+        );
+        let inner = Arc::new(Counting::default());
+        let api = Arc::new(Rollbacks {
+            inner: inner.clone(),
+            budget: budget.clone(),
+        });
+        // Another call on the same server holds one slot: the rollback needs all four.
+        let held = budget
+            .budget
+            .reserve(&slots.server, 1, "another call")
+            .await;
+        let run = tokio::spawn({
+            let api = api.clone();
+            async move {
+                api.execute(
+                    "shop",
+                    Execute::To(RollbackTo::Version("0".into())),
+                    Trigger::operator("test", false),
+                    Arc::new(|_: &belay_deploy::DeployEvent| {}),
+                )
+                .await
+            }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(
+            inner.executed.load(Ordering::SeqCst),
+            0,
+            "ran without its slots"
+        );
+        // The semaphore is fair: the waiting rollback has claimed the three free slots.
+        assert_eq!(budget.budget.available(&slots.server), 0);
+        // Status and abort reach the target while the rollback waits (or runs).
+        assert!(api.status("shop", None).await.is_err());
+        assert!(api.abort("shop", None).await.is_err());
+        assert_eq!(inner.asked.load(Ordering::SeqCst), 2);
+        drop(held);
+        let done = run.await.unwrap();
+        assert_eq!(done.unwrap_err().message, "counted");
+        assert_eq!(inner.executed.load(Ordering::SeqCst), 1);
+        // Given back once it ended.
+        assert_eq!(budget.budget.available(&slots.server), 4);
+    }
 
     #[test]
     fn the_connection_budget_defaults_and_must_fit_a_deployment() {

@@ -160,7 +160,7 @@ fn a_probe_failing_in_the_watch_sends_the_report_and_a_pagerduty_trigger_then_re
         "belay.toml",
         &format!(
             "[[probes]]\nname = \"app\"\nperiod = \"100ms\"\nfailure_threshold = 3\n[probes.sql]\nurl = \"{}\"\n\
-             query = \"SELECT count(*) FROM chaos\"\nexpect = \"zero\"\n\n\
+             query = \"SELECT count(*) FROM chaos WHERE EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'email')\"\nexpect = \"zero\"\n\n\
              [rollback]\nsettle = \"300ms\"\n\n\
              [[rollback.notify]]\nurl = \"{}\"\nformat = \"json\"\nbearer_token_file = \"{token}\"\n\n\
              [[rollback.notify]]\nurl = \"{}\"\nformat = \"pagerduty\"\nrouting_key_file = \"{key}\"\ntimeout = \"5s\"\n",
@@ -289,11 +289,16 @@ fn a_probe_failing_in_the_watch_sends_the_report_and_a_pagerduty_trigger_then_re
         assert_eq!(n["status"], 202);
         assert_eq!(n["attempts"], 1);
     }
-    let text = belay_ok(&db.url, dir.path(), &["--config", &cfg, "rollback", "status"]);
+    let text = belay_ok(
+        &db.url,
+        dir.path(),
+        &["--config", &cfg, "rollback", "status"],
+    );
     assert!(text.stdout.contains("notifications:"), "{}", text.stdout);
     assert!(
-        text.stdout
-            .contains(&format!("notify pagerduty trigger to {host}: 202 after 1 attempt(s)")),
+        text.stdout.contains(&format!(
+            "notify pagerduty trigger to {host}: 202 after 1 attempt(s)"
+        )),
         "{}",
         text.stdout
     );
@@ -334,7 +339,8 @@ fn a_receiver_failing_with_5xx_is_retried_and_a_4xx_is_not_and_the_rollback_goes
     // The deployment failed at validation and was rolled back, receivers or not.
     assert_eq!(r.code, 5, "{r:?}");
     assert!(
-        r.stderr.contains("the deployment was then rolled_back (undo)"),
+        r.stderr
+            .contains("the deployment was then rolled_back (undo)"),
         "{r:?}"
     );
     // 500, 503, then 202: three requests, one delivery.
@@ -413,7 +419,10 @@ fn a_secret_in_a_notifiers_url_is_never_shown() {
         ],
     );
     assert_eq!(r.code, 5, "{r:?}");
-    assert!(r.stdout.contains("failed: the receiver answered 500"), "{r:?}");
+    assert!(
+        r.stdout.contains("failed: the receiver answered 500"),
+        "{r:?}"
+    );
     assert!(r.stdout.contains("failed: cannot connect"), "{r:?}");
     shown.push(format!("{r:?}"));
     for args in [
@@ -430,7 +439,9 @@ fn a_secret_in_a_notifiers_url_is_never_shown() {
     let bad = write(
         tmp.path(),
         "bad.toml",
-        &format!("[rollback]\n\n[[rollback.notify]]\nurl = \"{url}\"\nformat = \"json\"\nrouting_key = \"x\"\n"),
+        &format!(
+            "[rollback]\n\n[[rollback.notify]]\nurl = \"{url}\"\nformat = \"json\"\nrouting_key = \"x\"\n"
+        ),
     );
     let r = belay(&db.url, dir.path(), &["--config", &bad, "migrate"]);
     assert_eq!(r.code, 64, "{r:?}");
@@ -516,7 +527,10 @@ fn the_command_ask_records_runs_as_printed_from_another_directory() {
     let line = r
         .stdout
         .lines()
-        .find_map(|l| l.split_once("to run this plan: ").map(|(_, c)| c.to_string()))
+        .find_map(|l| {
+            l.split_once("to run this plan: ")
+                .map(|(_, c)| c.to_string())
+        })
         .unwrap_or_else(|| panic!("no command printed: {r:?}"));
     // The same command is on record with the plan.
     let id = belay_ok(

@@ -141,19 +141,13 @@ impl NotifierSetting {
         let parsed = reqwest::Url::parse(&self.url).map_err(|e| {
             (
                 "url".to_string(),
-                format!(
-                    "is not a URL ({e}): {}",
-                    belay_core::redact_url(&self.url)
-                ),
+                format!("is not a URL ({e}): {}", belay_core::redact_url(&self.url)),
             )
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err((
                 "url".into(),
-                format!(
-                    "must be http:// or https://, not {}://",
-                    parsed.scheme()
-                ),
+                format!("must be http:// or https://, not {}://", parsed.scheme()),
             ));
         }
         let Some(host) = parsed.host_str() else {
@@ -187,7 +181,8 @@ impl NotifierSetting {
                         "is for `format = \"json\"`; PagerDuty authenticates by `routing_key_file` (or `routing_key_env`)".into(),
                     ));
                 }
-                let key = read_secret("routing_key", &self.routing_key_file, &self.routing_key_env)?;
+                let key =
+                    read_secret("routing_key", &self.routing_key_file, &self.routing_key_env)?;
                 if key.is_none() {
                     return Err((
                         "routing_key_file".into(),
@@ -203,7 +198,11 @@ impl NotifierSetting {
                         "is for `format = \"pagerduty\"`; a JSON webhook takes `bearer_token_file` (or `bearer_token_env`)".into(),
                     ));
                 }
-                read_secret("bearer_token", &self.bearer_token_file, &self.bearer_token_env)?
+                read_secret(
+                    "bearer_token",
+                    &self.bearer_token_file,
+                    &self.bearer_token_env,
+                )?
             }
         };
         Ok(Notifier {
@@ -318,7 +317,10 @@ pub struct Started {
 
 impl Notifier {
     fn routing_key(&self) -> &str {
-        self.secret.as_ref().map(|s| s.0.as_str()).unwrap_or_default()
+        self.secret
+            .as_ref()
+            .map(|s| s.0.as_str())
+            .unwrap_or_default()
     }
 
     /// The PagerDuty trigger sent when a rollback starts: severity `error` (a failed
@@ -547,7 +549,10 @@ mod tests {
         let n = setting(NotifyFormat::Json).resolve().unwrap();
         assert_eq!(n.host, "hooks.example.com:8443");
         let shown = format!("{n:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("SECRETPATH"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("SECRETPATH"),
+            "{shown}"
+        );
 
         let (key, why) = setting(NotifyFormat::Pagerduty).resolve().unwrap_err();
         assert_eq!(key, "routing_key_file");
