@@ -125,23 +125,30 @@ impl FailureHandler for RollbackHandler {
         self.note(HandlerNote::Planned(&plan));
         if mode == Mode::Ask {
             let command = execute_command(id, &self.command_args);
-            self.executor
+            let mut event = belay_deploy::DeployEvent {
+                deployment_id: id,
+                target: record.start.target.clone(),
+                seq: 0,
+                at: chrono::Utc::now(),
+                step: Step::Failed,
+                kind: KIND_ROLLBACK_PLAN.into(),
+                message: format!(
+                    "rollback planned ({}), waiting for `{command}`",
+                    plan.strategy
+                ),
+                payload: json!({ "plan": plan, "command": command }),
+            };
+            event.seq = self
+                .executor
                 .log
-                .append(belay_deploy::DeployEvent {
-                    deployment_id: id,
-                    target: record.start.target.clone(),
-                    seq: 0,
-                    at: chrono::Utc::now(),
-                    step: Step::Failed,
-                    kind: KIND_ROLLBACK_PLAN.into(),
-                    message: format!(
-                        "rollback planned ({}), waiting for `{command}`",
-                        plan.strategy
-                    ),
-                    payload: json!({ "plan": plan, "command": command }),
-                })
+                .append(event.clone())
                 .await
                 .map_err(|e| ApiError::new(ErrorKind::Unavailable, e.to_string()))?;
+            // Streamed too: a fleet deployment's controller records it with the target's
+            // events, where the operator finds the command.
+            if let Some(sink) = &self.executor.sink {
+                sink(&event);
+            }
             self.note(HandlerNote::Asked {
                 plan: &plan,
                 command,
