@@ -39,26 +39,30 @@ impl Receiver {
     fn start(script: &[(&str, &[u16])]) -> Receiver {
         let state = State::default();
         {
-            let mut s = state.script.lock().unwrap();
+            let mut s = state.script.lock().expect("the script");
             for (path, statuses) in script {
                 s.insert(format!("/{path}"), statuses.to_vec());
             }
         }
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the receiver");
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let port = listener.local_addr().expect("its address").port();
         let app_state = state.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .unwrap();
+                .expect("the receiver's runtime");
             rt.block_on(async move {
                 let app = axum::Router::new()
                     .fallback(axum::routing::post(receive))
                     .with_state(app_state);
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).expect("the listener");
+                axum::serve(listener, app)
+                    .await
+                    .expect("the receiver serves");
             });
         });
         Receiver { port, state }
@@ -72,7 +76,7 @@ impl Receiver {
         self.state
             .got
             .lock()
-            .unwrap()
+            .expect("what the receiver got")
             .iter()
             .filter(|r| r.path == format!("/{path}"))
             .cloned()
@@ -87,22 +91,26 @@ async fn receive(
     body: axum::body::Bytes,
 ) -> axum::http::StatusCode {
     let path = uri.path().to_string();
-    state.got.lock().unwrap().push(Received {
-        path: path.clone(),
-        authorization: headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(String::from),
-        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-    });
+    state
+        .got
+        .lock()
+        .expect("what the receiver got")
+        .push(Received {
+            path: path.clone(),
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
+            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        });
     let status = {
-        let mut script = state.script.lock().unwrap();
+        let mut script = state.script.lock().expect("the script");
         match script.get_mut(&path) {
             Some(s) if !s.is_empty() => s.remove(0),
             _ => 202,
         }
     };
-    axum::http::StatusCode::from_u16(status).unwrap()
+    axum::http::StatusCode::from_u16(status).expect("a status")
 }
 
 fn write(dir: &Path, name: &str, body: &str) -> String {
