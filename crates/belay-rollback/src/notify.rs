@@ -586,6 +586,68 @@ mod tests {
     }
 
     #[test]
+    fn pagerduty_resolves_a_verified_rollback_and_triggers_again_on_escalation() {
+        let dir = std::env::temp_dir().join(format!("belay-notify-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "K\n").unwrap();
+        let mut s = setting(NotifyFormat::Pagerduty);
+        s.routing_key_file = Some(file);
+        let pd = s.resolve().unwrap();
+        let json = setting(NotifyFormat::Json).resolve().unwrap();
+        let now = chrono::Utc::now();
+        let mut report = IncidentReport {
+            deployment_id: Uuid::new_v4(),
+            also_rolled_back: vec![],
+            target: "shop".into(),
+            environment: Some("production".into()),
+            release: None,
+            requested_by: None,
+            from_version: None,
+            reached_version: None,
+            rolled_back_to: None,
+            deployed_at: now,
+            rollback_started_at: now,
+            rollback_finished_at: now,
+            trigger: crate::model::Trigger::operator("test", false),
+            strategy: crate::model::Strategy::Undo,
+            reasons: vec![],
+            steps: vec![],
+            result: "escalated".into(),
+            errors: vec!["undo: cannot connect".into()],
+            backups: Default::default(),
+            data: vec![],
+            severity: Severity::P0,
+            escalation: Severity::P0.escalation_path().into(),
+        };
+        let key = dedup_key(report.deployment_id, "shop");
+        let (action, body) = pd.ended_body(&report, "md");
+        assert_eq!(action, NotifyAction::Trigger);
+        assert_eq!(body["event_action"], "trigger");
+        assert_eq!(body["dedup_key"], key.as_str());
+        assert_eq!(body["payload"]["severity"], "critical");
+        assert_eq!(body["payload"]["group"], "production");
+        report.severity = Severity::P1;
+        assert_eq!(
+            pd.ended_body(&report, "md").1["payload"]["severity"],
+            "error"
+        );
+        let (action, body) = json.ended_body(&report, "md");
+        assert_eq!(action, NotifyAction::Report);
+        assert_eq!(body["result"], "escalated");
+        assert_eq!(body["markdown"], "md");
+        report.result = "rolled_back".into();
+        report.severity = Severity::P2;
+        let (action, body) = pd.ended_body(&report, "md");
+        assert_eq!(action, NotifyAction::Resolve);
+        assert_eq!(body["event_action"], "resolve");
+        assert_eq!(body["dedup_key"], key.as_str());
+        assert_eq!(body["routing_key"], "K");
+        assert_eq!(pagerduty_severity(Severity::P2), "warning");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn the_dedup_key_is_stable_and_within_pagerdutys_limit() {
         let id = Uuid::new_v4();
         assert_eq!(dedup_key(id, "shop"), dedup_key(id, "shop"));
