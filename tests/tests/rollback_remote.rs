@@ -546,3 +546,204 @@ async fn abort_stops_a_remote_rollback_between_steps_and_execute_then_refuses() 
     assert!(again.stderr.contains("escalated"), "{again:?}");
     Ok(())
 }
+
+/// What a webhook receiver in the test got: each request's path and JSON body.
+type Got = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+
+/// An HTTP receiver on 127.0.0.1:0 answering 202 to every POST.
+async fn receiver() -> Result<(String, Got)> {
+    let got: Got = Default::default();
+    let state = got.clone();
+    let app = axum::Router::new().fallback(axum::routing::post(
+        move |uri: axum::http::Uri, body: axum::body::Bytes| {
+            let state = state.clone();
+            async move {
+                let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                if let Ok(mut g) = state.lock() {
+                    g.push((uri.path().to_string(), json));
+                }
+                axum::http::StatusCode::ACCEPTED
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((format!("http://{addr}"), got))
+}
+
+/// Splits a command as `sh` would (plain words and single quotes: what
+/// `belay_rollback::shell_quote` writes).
+fn sh_words(command: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+    for c in command.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            ' ' if !quoted => {
+                if any || !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+                any = false;
+            }
+            '\\' if !quoted => {}
+            c => word.push(c),
+        }
+    }
+    if any || !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_sends_its_targets_reports_and_records_an_ask_command_runnable_as_printed()
+-> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (hooks, got) = receiver().await?;
+    let key = tmp.path().join("pd.key");
+    std::fs::write(&key, "AGENTR0UTING\n")?;
+    let m = migrations(tmp.path())?;
+    let check =
+        format!("[[targets.checks]]\nname = \"app_ok\"\nquery = \"{BROKEN}\"\nexpect = \"zero\"\n");
+    // `ntf_rb` rolls back at once and reports to both webhooks; `ask_rb` waits.
+    let (auto_db, ask_db) = (
+        Cluster::shared().create_database().await?,
+        Cluster::shared().create_database().await?,
+    );
+    for db in [&auto_db, &ask_db] {
+        psql(&db.url, ACCOUNTS);
+        psql(&db.url, "INSERT INTO chaos VALUES (1)");
+    }
+    let auto = format!(
+        "{}[[targets.rollback.notify]]\nurl = \"{hooks}/report\"\nformat = \"json\"\n\n[[targets.rollback.notify]]\nurl = \"{hooks}/enqueue\"\nformat = \"pagerduty\"\nrouting_key_file = \"pd.key\"\n",
+        rb_target("ntf_rb", &auto_db, &m, tmp.path(), &check)
+    );
+    let ask = format!(
+        "{}policy = \"ask\"\n",
+        rb_target("ask_rb", &ask_db, &m, tmp.path(), &check)
+    );
+    let (c, _a) = fleet(tmp.path(), &[auto, ask]).await?;
+
+    // The agent ran the rollback, so the agent sent the report.
+    let r = belay(
+        &c.addr,
+        &["deploy", "--targets", "ntf_rb", "--on-failure", "rollback"],
+    )
+    .await?;
+    assert_eq!(r.code, 1, "{r:?}");
+    let id = deployment_id(&r.stdout);
+    let got_now = got.lock().map(|g| g.clone()).unwrap_or_default();
+    let paths: Vec<&str> = got_now.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths.iter().filter(|p| **p == "/report").count(),
+        1,
+        "{got_now:?}"
+    );
+    let report = &got_now
+        .iter()
+        .find(|(p, _)| p == "/report")
+        .context("a report")?
+        .1;
+    assert_eq!(report["target"], "ntf_rb");
+    assert_eq!(report["result"], "rolled_back");
+    let pd: Vec<&Value> = got_now
+        .iter()
+        .filter(|(p, _)| p == "/enqueue")
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(pd.len(), 2, "{got_now:?}");
+    assert_eq!(pd[0]["event_action"], "trigger");
+    assert_eq!(pd[0]["routing_key"], "AGENTR0UTING");
+    assert_eq!(pd[0]["payload"]["source"], "ntf_rb");
+    assert_eq!(pd[1]["event_action"], "resolve");
+    assert_eq!(pd[1]["dedup_key"], pd[0]["dedup_key"]);
+    // Recorded by the agent, shown by `rollback status` through the controller.
+    let st = belay(
+        &c.addr,
+        &[
+            "--target",
+            "ntf_rb",
+            "rollback",
+            "status",
+            &id[..8],
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
+    assert_eq!(st.code, 0, "{st:?}");
+    let notes = st.json()["notifications"].clone();
+    assert_eq!(notes.as_array().map(Vec::len), Some(3), "{notes}");
+    assert!(
+        notes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|n| n["ok"] == true && n["status"] == 202),
+        "{notes}"
+    );
+
+    // `ask`: the plan is recorded with a command that reaches this target through the
+    // controller; run as printed, it rolls the deployment back.
+    let r = belay(
+        &c.addr,
+        &["deploy", "--targets", "ask_rb", "--on-failure", "rollback"],
+    )
+    .await?;
+    assert_eq!(r.code, 1, "{r:?}");
+    let id = deployment_id(&r.stdout);
+    let doc = show(&c.addr, &id).await?;
+    let t = target(&doc, "ask_rb");
+    let command = t["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["kind"] == "rollback_plan")
+        .and_then(|e| e["payload"]["command"].as_str())
+        .with_context(|| format!("no recorded command in {t}"))?
+        .to_string();
+    let words = sh_words(&command);
+    assert_eq!(words[0], "belay", "{command}");
+    assert!(
+        command.contains(&format!(
+            "--controller {} --target ask_rb rollback execute",
+            c.addr
+        )),
+        "{command}"
+    );
+    let out = tokio::process::Command::new(belay_e2e::binary("belay")?)
+        .args(&words[1..])
+        .env_remove("BELAY_CONTROLLER")
+        .env_remove("BELAY_TARGET")
+        .env_remove("BELAY_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .current_dir(tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{command}\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = belay(
+        &c.addr,
+        &[
+            "--target",
+            "ask_rb",
+            "rollback",
+            "status",
+            &id[..8],
+            "--output",
+            "json",
+        ],
+    )
+    .await?;
+    assert_eq!(st.json()["state"], "rolled_back", "{st:?}");
+    Ok(())
+}

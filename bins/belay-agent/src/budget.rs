@@ -14,6 +14,11 @@
 //!   slot while it holds one (no deadlock between deployments);
 //! - a backfill: its one session, for as long as it runs (hours, maybe: the slot is
 //!   what keeps a long backfill and the deployments beside it within the server's limit);
+//! - a rollback (`RollbackService.Execute`): its deployment log's session, plus the most any
+//!   of its steps holds (the emergency backup 2, a restore 3, the undo's run, the
+//!   verification's SQL probes), all within that one reservation as a deployment's are;
+//!   `Status` and `Abort` reserve nothing (one short session to the log), so an operator
+//!   can always see and stop a rollback that holds the whole budget;
 //! - other calls: what they open (one session; a backup 2; a restore or a restore test 3).
 //!
 //! A reservation never exceeds the budget (`load` refuses a budget smaller than a target's
@@ -61,6 +66,8 @@ pub struct TargetSlots {
     pub run: u32,
     /// A fleet deployment, everything included.
     pub deploy: u32,
+    /// A rollback, everything included.
+    pub rollback: u32,
 }
 
 impl TargetSlots {
@@ -89,6 +96,7 @@ impl TargetSlots {
             server: t.spec.url.server(),
             run,
             deploy: 1 + run.max(PREFLIGHT_SLOTS).max(probes),
+            rollback: 1 + run.max(RESTORE_SLOTS).max(probes),
         }
     }
 
@@ -527,6 +535,82 @@ impl BackfillApi for Backfills {
     }
 }
 
+/// `RollbackApi` within the budget: one reservation for the whole rollback.
+pub struct Rollbacks {
+    pub inner: Arc<dyn belay_rollback::RollbackApi>,
+    pub budget: Budget,
+}
+
+#[async_trait::async_trait]
+impl belay_rollback::RollbackApi for Rollbacks {
+    async fn list(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<belay_rollback::Rollbackable>, ApiError> {
+        self.budget
+            .within(
+                target,
+                |_| 1,
+                "rollback list",
+                self.inner.list(target, limit),
+            )
+            .await
+    }
+
+    async fn plan(
+        &self,
+        target: &str,
+        to: &belay_rollback::RollbackTo,
+        trigger: belay_rollback::Trigger,
+    ) -> Result<belay_rollback::RollbackPlan, ApiError> {
+        // The log's session and the live row counts' beside it.
+        self.budget
+            .within(
+                target,
+                |_| 2,
+                "rollback plan",
+                self.inner.plan(target, to, trigger),
+            )
+            .await
+    }
+
+    async fn execute(
+        &self,
+        target: &str,
+        what: belay_rollback::Execute,
+        trigger: belay_rollback::Trigger,
+        sink: DeploySink,
+    ) -> Result<belay_rollback::Outcome, ApiError> {
+        self.budget
+            .within(
+                target,
+                |t| t.rollback,
+                "rollback",
+                self.inner.execute(target, what, trigger, sink),
+            )
+            .await
+    }
+
+    async fn status(
+        &self,
+        target: &str,
+        id: Option<&str>,
+    ) -> Result<belay_rollback::RollbackStatus, ApiError> {
+        // Unreserved: waiting here behind the rollback it asks about would hide it.
+        self.inner.status(target, id).await
+    }
+
+    async fn abort(
+        &self,
+        target: &str,
+        id: Option<&str>,
+    ) -> Result<belay_rollback::RollbackStatus, ApiError> {
+        // Unreserved: an abort must reach a rollback that holds the whole budget.
+        self.inner.abort(target, id).await
+    }
+}
+
 /// A budget must let every target's deployment run: one that needs more connections at
 /// once than the budget allows would wait forever.
 pub fn check(limits: &crate::config::Limits, targets: &[LoadedTarget]) -> Result<(), String> {
@@ -553,6 +637,116 @@ pub fn check(limits: &crate::config::Limits, targets: &[LoadedTarget]) -> Result
 mod tests {
     use super::*;
     use crate::config::load;
+    use belay_rollback::{
+        Execute, Outcome, RollbackApi, RollbackPlan, RollbackStatus, RollbackTo, Rollbackable,
+        Trigger,
+    };
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Counts the calls that got through; refuses each (the budget is what is tested).
+    #[derive(Default)]
+    struct Counting {
+        executed: AtomicU32,
+        asked: AtomicU32,
+    }
+
+    fn refused() -> ApiError {
+        ApiError::new(belay_core::ErrorKind::Refused, "counted")
+    }
+
+    #[async_trait::async_trait]
+    impl RollbackApi for Counting {
+        async fn list(&self, _: &str, _: usize) -> Result<Vec<Rollbackable>, ApiError> {
+            Err(refused())
+        }
+        async fn plan(
+            &self,
+            _: &str,
+            _: &RollbackTo,
+            _: Trigger,
+        ) -> Result<RollbackPlan, ApiError> {
+            Err(refused())
+        }
+        async fn execute(
+            &self,
+            _: &str,
+            _: Execute,
+            _: Trigger,
+            _: DeploySink,
+        ) -> Result<Outcome, ApiError> {
+            self.executed.fetch_add(1, Ordering::SeqCst);
+            Err(refused())
+        }
+        async fn status(&self, _: &str, _: Option<&str>) -> Result<RollbackStatus, ApiError> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            Err(refused())
+        }
+        async fn abort(&self, _: &str, _: Option<&str>) -> Result<RollbackStatus, ApiError> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            Err(refused())
+        }
+    }
+
+    // One thread: the yield lets the spawned rollback run until it waits for its slots,
+    // as the core budget tests do.
+    #[tokio::test]
+    async fn a_rollback_waits_for_its_budget_slots_while_status_and_abort_never_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "[limits]\nmax_connections_per_server = 4\n[[targets]]\nname = \"shop\"\nurl = \"postgres://db/shop\"\nmigrations = \"m\"\nbackup_dir = \"b\"\n",
+        )
+        .unwrap();
+        let (cfg, targets) = load(&path).unwrap();
+        let slots = TargetSlots::of(&targets[0]);
+        // The log's session and a restore's three.
+        assert_eq!(slots.rollback, 4);
+        let budget = Budget::new(
+            ConnectionBudget::new(cfg.limits.connections_per_server()),
+            &targets,
+        );
+        let inner = Arc::new(Counting::default());
+        let api = Arc::new(Rollbacks {
+            inner: inner.clone(),
+            budget: budget.clone(),
+        });
+        // Another call on the same server holds one slot: the rollback needs all four.
+        let held = budget
+            .budget
+            .reserve(&slots.server, 1, "another call")
+            .await;
+        let run = tokio::spawn({
+            let api = api.clone();
+            async move {
+                api.execute(
+                    "shop",
+                    Execute::To(RollbackTo::Version("0".into())),
+                    Trigger::operator("test", false),
+                    Arc::new(|_: &belay_deploy::DeployEvent| {}),
+                )
+                .await
+            }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(
+            inner.executed.load(Ordering::SeqCst),
+            0,
+            "ran without its slots"
+        );
+        // The semaphore is fair: the waiting rollback has claimed the three free slots.
+        assert_eq!(budget.budget.available(&slots.server), 0);
+        // Status and abort reach the target while the rollback waits (or runs).
+        assert!(api.status("shop", None).await.is_err());
+        assert!(api.abort("shop", None).await.is_err());
+        assert_eq!(inner.asked.load(Ordering::SeqCst), 2);
+        drop(held);
+        let done = run.await.unwrap();
+        assert_eq!(done.unwrap_err().message, "counted");
+        assert_eq!(inner.executed.load(Ordering::SeqCst), 1);
+        // Given back once it ended.
+        assert_eq!(budget.budget.available(&slots.server), 4);
+    }
 
     #[test]
     fn the_connection_budget_defaults_and_must_fit_a_deployment() {

@@ -333,9 +333,17 @@ async fn serve(args: Args) -> ExitCode {
     drop(targets);
     let deployer = Arc::new(
         belay_deploy::PipelineDeployer::new(local, health, log_for, policies)
-            .with_failure_handlers(rollbacks::handlers(rollbacks.clone())),
+            .with_failure_handlers(rollbacks::handlers(
+                rollbacks.clone(),
+                agent_config.controller.clone(),
+            )),
     );
-    let rollback_service = belay_rpc::RollbackGrpc::new(Arc::new(rollbacks));
+    // Operators' and the controller's rollbacks take their connections from the budget
+    // (a pipeline's rollback runs within its deployment's reservation).
+    let rollback_service = belay_rpc::RollbackGrpc::new(Arc::new(budget::Rollbacks {
+        inner: Arc::new(rollbacks),
+        budget: budget.clone(),
+    }));
     // A deployment an earlier process of this agent did not live to finish is settled in
     // its target's log (failed at the step it was in), so none is left running there.
     // In the background: a target whose database is down must not keep the agent from

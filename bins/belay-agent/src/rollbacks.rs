@@ -82,17 +82,24 @@ pub fn local(
 
 /// The pipelines' failure handler per target: the target's rollback controller, per its
 /// policy (`auto` rolls back, `ask` records the plan and waits, `never` refuses), its
-/// events streamed with the deployment's own.
-pub fn handlers(api: LocalRollbacks) -> HandlerFor {
+/// events streamed with the deployment's own. The command `ask` records goes through
+/// `controller` (agent.toml's) to the target, as an operator runs it.
+pub fn handlers(api: LocalRollbacks, controller: Option<String>) -> HandlerFor {
     Arc::new(move |target: &str, sink: DeploySink| {
         let t = api.target(target).ok()?;
         let mut executor = t.executor.clone();
         executor.sink = Some(sink);
+        let mut command_args = Vec::new();
+        if let Some(c) = &controller {
+            command_args.extend(["--controller".to_string(), c.clone()]);
+        }
+        command_args.extend(["--target".to_string(), target.to_string()]);
         let handler = RollbackHandler {
             planner: t.planner.clone(),
             executor,
             notify: None,
             local: Some(api.clone()),
+            command_args,
         };
         Some(Arc::new(handler) as Arc<dyn FailureHandler>)
     })

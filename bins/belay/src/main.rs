@@ -426,6 +426,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
                 rollback,
                 cli.output,
                 slot.clone(),
+                rollback_cmd::local_command_args(&cli, &settings, &url),
             )))
         } else {
             pipeline

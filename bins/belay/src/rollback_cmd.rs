@@ -98,11 +98,45 @@ pub fn local(
     })
 }
 
-/// The `FailureHandler` `migrate --on-failure rollback` installs.
+/// The global arguments that make `belay rollback execute` reach the same database from
+/// an operator's shell (any working directory): the migrations directory, belay.toml and
+/// the backup directory as absolute paths, the URL's file, and the URL itself unless it
+/// holds a password (then it stays where it came from: the environment or a file).
+pub fn local_command_args(
+    cli: &crate::cli::Cli,
+    settings: &Settings,
+    url: &DatabaseUrl,
+) -> Vec<String> {
+    let abs = |p: &std::path::Path| {
+        std::path::absolute(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string()
+    };
+    let mut args = Vec::new();
+    if let Some(file) = &cli.url_file {
+        args.extend(["--url-file".into(), abs(file)]);
+    } else if cli.url.is_some() && !url.has_password() {
+        args.extend(["--url".into(), url.expose().to_string()]);
+    }
+    if let Some(c) = &cli.config {
+        args.extend(["--config".into(), abs(c)]);
+    }
+    args.extend(["--dir".into(), abs(&settings.dir)]);
+    args.extend(["--backup-dir".into(), abs(&settings.backup_dir)]);
+    if let Some(h) = &cli.history_schema {
+        args.extend(["--history-schema".into(), h.clone()]);
+    }
+    args
+}
+
+/// The `FailureHandler` `migrate --on-failure rollback` installs; `command_args` reach
+/// this database in the command `ask` records.
 pub fn handler(
     rollback: TargetRollbacks,
     out: Output,
     slot: crate::deploy_cmd::RollbackSlot,
+    command_args: Vec<String>,
 ) -> RollbackHandler {
     let notify: belay_rollback::Notify = Arc::new(move |n: HandlerNote<'_>| {
         if let HandlerNote::Finished(o) = &n
@@ -128,6 +162,7 @@ pub fn handler(
         executor,
         notify: Some(notify),
         local: None,
+        command_args,
     }
 }
 
@@ -361,7 +396,9 @@ fn render_sink(out: Output) -> DeploySink {
             return;
         }
         match e.kind.as_str() {
-            KIND_ROLLBACK_STEP | "restore_retry" => println!("{}", e.message),
+            KIND_ROLLBACK_STEP | "restore_retry" | belay_rollback::KIND_NOTIFY => {
+                println!("{}", e.message)
+            }
             belay_deploy::KIND_MIGRATION if !e.message.is_empty() => println!("{}", e.message),
             belay_deploy::KIND_TRANSITION => println!("{}", e.message),
             _ => {}
@@ -414,6 +451,7 @@ fn print_status(status: &RollbackStatus, out: Output) {
                 "running": status.running,
                 "abort_requested": status.abort_requested,
                 "steps": status.steps.iter().map(|e| &e.payload).collect::<Vec<_>>(),
+                "notifications": status.notifications.iter().map(|e| &e.payload).collect::<Vec<_>>(),
                 "report": status.report,
             })
         );
@@ -437,6 +475,12 @@ fn print_status(status: &RollbackStatus, out: Output) {
             }
         }
         None => println!("no rollback on record for this deployment"),
+    }
+    if !status.notifications.is_empty() {
+        println!("notifications:");
+        for e in &status.notifications {
+            println!("  {}", e.message);
+        }
     }
 }
 

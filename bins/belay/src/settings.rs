@@ -77,6 +77,9 @@ pub struct FileRollback {
     pub restore_lock_timeout: Option<String>,
     /// Attempts of a restore that timed out on a lock [5].
     pub restore_attempts: Option<u32>,
+    /// `[[rollback.notify]]`: webhooks the incident report goes to.
+    #[serde(default)]
+    pub notify: Vec<belay_rollback::NotifierSetting>,
 }
 
 /// A command run around a rollback.
@@ -212,6 +215,7 @@ fn rollback_policy(
         on_hook_failure: file.on_hook_failure,
         restore_lock_timeout: file.restore_lock_timeout.clone(),
         restore_attempts: file.restore_attempts,
+        notify: file.notify.clone(),
     }
     .resolve_keyed()
     .map_err(|(key, message)| file_err(src, &format!("rollback.{key}"), message))

@@ -624,11 +624,7 @@ fn a_failed_validation_with_policy_ask_records_the_plan_and_the_command() {
     );
     assert_eq!(r.code, 5, "{r:?}");
     assert!(r.stdout.contains("trigger: validation_failed"), "{r:?}");
-    assert!(
-        r.stdout
-            .contains("to run this plan: belay rollback execute"),
-        "{r:?}"
-    );
+    assert!(r.stdout.contains("to run this plan: belay --url "), "{r:?}");
     // Nothing was rolled back: the deployment waits, failed, for the operator.
     assert_eq!(deployments(&db.url, dir.path())[0]["state"], "failed");
     assert_eq!(

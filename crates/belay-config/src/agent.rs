@@ -220,7 +220,8 @@ pub struct TargetConfig {
     /// `[targets.rollback]`: how this target's rollbacks run — `policy` (auto, ask,
     /// never) for a deployment with `on_failure = rollback`, `settle`, `before`/`after`
     /// hooks, `on_hook_failure`, `restore_lock_timeout`, `restore_attempts` — the same
-    /// keys as belay.toml's `[rollback]` but `on_failure` (the deployer chooses that).
+    /// keys as belay.toml's `[rollback]` but `on_failure` (the deployer chooses that);
+    /// `[[targets.rollback.notify]]` the webhooks its incident reports go to.
     pub rollback: Option<belay_rollback::RollbackSettings>,
 }
 
@@ -474,10 +475,13 @@ fn load_target(
             .to_string()
         }),
     };
-    let rollback = t
-        .rollback
-        .clone()
-        .unwrap_or_default()
+    let mut rollback = t.rollback.clone().unwrap_or_default();
+    // Secret files are named relative to agent.toml, as its other paths are.
+    for n in &mut rollback.notify {
+        n.routing_key_file = n.routing_key_file.take().map(|f| base.join(f));
+        n.bearer_token_file = n.bearer_token_file.take().map(|f| base.join(f));
+    }
+    let rollback = rollback
         .resolve_keyed()
         .map_err(|(key, message)| Problem::new(format!("rollback.{key}"), message))?;
     Ok(LoadedTarget {

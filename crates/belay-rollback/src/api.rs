@@ -70,6 +70,8 @@ pub struct RollbackStatus {
     pub record: DeploymentRecord,
     /// The `rollback_step` events, in order.
     pub steps: Vec<DeployEvent>,
+    /// The `notify` events: each delivery of the report to a webhook, in order.
+    pub notifications: Vec<DeployEvent>,
     pub report: Option<IncidentReport>,
     pub markdown: Option<String>,
     /// Running now in the process that answered (an agent runs every rollback of its
@@ -258,12 +260,14 @@ impl LocalRollbacks {
             },
             Err(_) => (false, None),
         };
+        let (steps, notifications): (Vec<_>, Vec<_>) = events
+            .into_iter()
+            .filter(|e| e.kind == KIND_ROLLBACK_STEP || e.kind == crate::notify::KIND_NOTIFY)
+            .partition(|e| e.kind == KIND_ROLLBACK_STEP);
         Ok(RollbackStatus {
             abort_requested,
-            steps: events
-                .into_iter()
-                .filter(|e| e.kind == KIND_ROLLBACK_STEP)
-                .collect(),
+            steps,
+            notifications,
             record,
             report,
             markdown,

@@ -28,6 +28,7 @@ use crate::hooks;
 use crate::lifecycle::{RollbackEvent, next};
 use crate::metrics;
 use crate::model::{HookCommand, HookFailure, RollbackPlan, RollbackPolicy, Strategy};
+use crate::notify::{Delivery, KIND_NOTIFY, NotifyAction, NotifyFormat, Started};
 use crate::report::{BackupLocations, IncidentReport, Severity, StepRecord};
 
 /// A rollback step's event: payload `{step, result, detail, error?}`.
@@ -102,6 +103,8 @@ struct Run<'a> {
     errors: Vec<String>,
     locations: BackupLocations,
     started: DateTime<Utc>,
+    /// The PagerDuty triggers sent as the rollback started, running beside it.
+    start_notices: Option<tokio::task::JoinHandle<Vec<Delivery>>>,
 }
 
 /// A step failed: the reason recorded when escalating.
@@ -155,6 +158,7 @@ impl Executor {
             errors: Vec::new(),
             locations: BackupLocations::default(),
             started: Utc::now(),
+            start_notices: None,
         };
         let result = run.go().instrument(span).await;
         metrics::finished(plan, &result, started.elapsed());
@@ -276,8 +280,74 @@ impl Run<'_> {
         )
         .await?;
         self.locations.pre_deployment = self.plan.backups.first().map(|b| b.id.clone());
+        self.notify_started();
         let result = self.steps_in_order().await?;
         self.finish(result).await
+    }
+
+    /// Sends the PagerDuty triggers in the background: the rollback does not wait for
+    /// them (their results are recorded when it ends).
+    fn notify_started(&mut self) {
+        let pagers: Vec<_> = self
+            .exec
+            .policy
+            .notifiers
+            .iter()
+            .filter(|n| n.format == NotifyFormat::Pagerduty)
+            .cloned()
+            .collect();
+        if pagers.is_empty() {
+            return;
+        }
+        let first = &self.records[0];
+        let started = Started {
+            deployment: first.start.id,
+            target: first.start.target.clone(),
+            environment: first.start.environment.clone(),
+            strategy: self.plan.strategy.to_string(),
+            trigger: self.plan.trigger.kind.as_str().to_string(),
+            reason: self.plan.trigger.reason.clone(),
+            at: self.started,
+        };
+        let span = info_span!("rollback_notify", phase = "started");
+        self.start_notices = Some(tokio::spawn(
+            async move {
+                let sends = pagers.iter().map(|n| {
+                    let body = n.started_body(&started);
+                    async move { n.deliver(NotifyAction::Trigger, &body).await }
+                });
+                futures::future::join_all(sends).await
+            }
+            .instrument(span),
+        ));
+    }
+
+    /// Sends the report to every notifier once the rollback ended (after the PagerDuty
+    /// triggers of its start, so a resolve never overtakes its trigger) and records each
+    /// delivery as a `notify` event. Best effort: a receiver that fails, or a log that
+    /// cannot record it, changes nothing about the rollback's outcome.
+    async fn notify_ended(&mut self, state: Step, report: &IncidentReport, markdown: &str) {
+        let mut deliveries = match self.start_notices.take() {
+            Some(handle) => handle.await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let sends = self.exec.policy.notifiers.iter().map(|n| {
+            let (action, body) = n.ended_body(report, markdown);
+            async move { n.deliver(action, &body).await }
+        });
+        deliveries.extend(futures::future::join_all(sends).await);
+        for d in deliveries {
+            if !d.ok {
+                tracing::warn!(host = %d.host, action = d.action.as_str(), error = ?d.error, "the incident report could not be delivered");
+            }
+            let payload = serde_json::to_value(&d).unwrap_or(Value::Null);
+            if let Err(e) = self
+                .emit(self.primary(), state, KIND_NOTIFY, d.line(), payload)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot record a notification's delivery");
+            }
+        }
     }
 
     /// Stops here when an abort was asked for: recorded as the step `aborted`, naming
@@ -981,6 +1051,11 @@ impl Run<'_> {
                 ..outcome
             };
             self.exec.log.finish(id, &ended).await?;
+        }
+        if !self.exec.policy.notifiers.is_empty() || self.start_notices.is_some() {
+            self.notify_ended(state, &report, &markdown)
+                .instrument(info_span!("rollback_notify", phase = "ended"))
+                .await;
         }
         Ok(Outcome { state, report })
     }

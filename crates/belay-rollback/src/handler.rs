@@ -38,6 +38,10 @@ pub struct RollbackHandler {
     /// Runs the rollback through this (the agent's), so it is known to `rollback abort`
     /// and to a concurrent `rollback execute`; `None`: on `executor` directly.
     pub local: Option<LocalRollbacks>,
+    /// The global arguments an operator's `belay` needs to reach this target (`--dir`,
+    /// `--config` locally; `--controller`, `--target` for an agent's), put in the
+    /// command `ask` records.
+    pub command_args: Vec<String>,
 }
 
 impl std::fmt::Debug for RollbackHandler {
@@ -56,9 +60,31 @@ impl RollbackHandler {
     }
 }
 
-/// The command that runs a planned rollback of `id`.
-pub fn execute_command(id: Uuid) -> String {
-    format!("belay rollback execute {} --yes", &id.to_string()[..8])
+/// The command that runs a planned rollback of `id`, runnable as printed from an
+/// operator's shell: `args` (the global arguments reaching the target) quoted for `sh`.
+pub fn execute_command(id: Uuid, args: &[String]) -> String {
+    let mut words = vec!["belay".to_string()];
+    words.extend(args.iter().map(|a| shell_quote(a)));
+    words.extend([
+        "rollback".into(),
+        "execute".into(),
+        id.to_string()[..8].to_string(),
+        "--yes".into(),
+    ]);
+    words.join(" ")
+}
+
+/// `word` as `sh` reads it back: bare when it holds nothing special, else single-quoted.
+pub fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }
 
 #[async_trait::async_trait]
@@ -98,24 +124,31 @@ impl FailureHandler for RollbackHandler {
             .await?;
         self.note(HandlerNote::Planned(&plan));
         if mode == Mode::Ask {
-            let command = execute_command(id);
-            self.executor
+            let command = execute_command(id, &self.command_args);
+            let mut event = belay_deploy::DeployEvent {
+                deployment_id: id,
+                target: record.start.target.clone(),
+                seq: 0,
+                at: chrono::Utc::now(),
+                step: Step::Failed,
+                kind: KIND_ROLLBACK_PLAN.into(),
+                message: format!(
+                    "rollback planned ({}), waiting for `{command}`",
+                    plan.strategy
+                ),
+                payload: json!({ "plan": plan, "command": command }),
+            };
+            event.seq = self
+                .executor
                 .log
-                .append(belay_deploy::DeployEvent {
-                    deployment_id: id,
-                    target: record.start.target.clone(),
-                    seq: 0,
-                    at: chrono::Utc::now(),
-                    step: Step::Failed,
-                    kind: KIND_ROLLBACK_PLAN.into(),
-                    message: format!(
-                        "rollback planned ({}), waiting for `{command}`",
-                        plan.strategy
-                    ),
-                    payload: json!({ "plan": plan, "command": command }),
-                })
+                .append(event.clone())
                 .await
                 .map_err(|e| ApiError::new(ErrorKind::Unavailable, e.to_string()))?;
+            // Streamed too: a fleet deployment's controller records it with the target's
+            // events, where the operator finds the command.
+            if let Some(sink) = &self.executor.sink {
+                sink(&event);
+            }
             self.note(HandlerNote::Asked {
                 plan: &plan,
                 command,

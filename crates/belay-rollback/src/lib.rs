@@ -22,6 +22,7 @@ pub mod hooks;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod plan;
 pub mod report;
 
@@ -35,10 +36,13 @@ pub use exec::{
     recovery_database,
 };
 pub use facts::{LiveTable, NoScriptFacts, PgTableStats, ScriptFact, ScriptFacts, TableStats};
-pub use handler::{HandlerNote, Notify, RollbackHandler, execute_command};
+pub use handler::{HandlerNote, Notify, RollbackHandler, execute_command, shell_quote};
 pub use model::{
     BackupUse, HookCommand, HookFailure, HookSetting, Mode, PathLoss, Reason, RevertedMigration,
     RollbackPlan, RollbackPolicy, RollbackSettings, Strategy, Trigger, TriggerKind,
+};
+pub use notify::{
+    Delivery, KIND_NOTIFY, Notifier, NotifierSetting, NotifyAction, NotifyFormat, dedup_key,
 };
 pub use plan::{PlanInput, Planner, Resolved, RollbackTo, decide, resolve, resolve_in};
 pub use report::{BackupLocations, IncidentReport, Severity, StepRecord};

@@ -253,6 +253,9 @@ pub struct RollbackPolicy {
     /// Attempts of a restore that timed out waiting for a lock (each one transaction that
     /// changed nothing).
     pub restore_attempts: u32,
+    /// Where the report goes (`[[rollback.notify]]`). Never serialized: they hold secrets.
+    #[serde(skip)]
+    pub notifiers: Vec<crate::notify::Notifier>,
 }
 
 impl Default for RollbackPolicy {
@@ -264,6 +267,7 @@ impl Default for RollbackPolicy {
             after: None,
             on_hook_failure: HookFailure::Escalate,
             restore_attempts: 5,
+            notifiers: Vec::new(),
         }
     }
 }
@@ -301,6 +305,10 @@ pub struct RollbackSettings {
     pub restore_lock_timeout: Option<String>,
     /// Attempts of a restore that timed out on a lock [5].
     pub restore_attempts: Option<u32>,
+    /// `[[rollback.notify]]`: webhooks the incident report is sent to (generic JSON, or
+    /// PagerDuty Events v2).
+    #[serde(default)]
+    pub notify: Vec<crate::notify::NotifierSetting>,
 }
 
 /// A command run around a rollback, as configured.
@@ -368,6 +376,12 @@ impl RollbackSettings {
                 return Err(("restore_attempts".into(), "must be at least 1".into()));
             }
             policy.restore_attempts = n;
+        }
+        for (i, n) in self.notify.iter().enumerate() {
+            let notifier = n
+                .resolve()
+                .map_err(|(key, message)| (format!("notify[{i}].{key}"), message))?;
+            policy.notifiers.push(notifier);
         }
         let restore_lock_timeout = match &self.restore_lock_timeout {
             Some(t) => positive("restore_lock_timeout", t)?,

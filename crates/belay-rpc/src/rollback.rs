@@ -172,6 +172,7 @@ pub fn status(s: &RollbackStatus) -> pb::RollbackStatus {
         running: s.running,
         record_json: to_json(&s.record),
         steps: s.steps.iter().map(deploy_event).collect(),
+        notifications: s.notifications.iter().map(deploy_event).collect(),
         report_json: s.report.as_ref().map(to_json),
         report_markdown: s.markdown.clone(),
         abort_requested: s.abort_requested.clone(),
@@ -185,6 +186,11 @@ pub fn status_from(s: &pb::RollbackStatus) -> Result<RollbackStatus, DecodeError
     Ok(RollbackStatus {
         steps: s
             .steps
+            .iter()
+            .map(|e| deploy_event_from(e, id, &target))
+            .collect::<Result<_, _>>()?,
+        notifications: s
+            .notifications
             .iter()
             .map(|e| deploy_event_from(e, id, &target))
             .collect::<Result<_, _>>()?,
