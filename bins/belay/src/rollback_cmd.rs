@@ -90,6 +90,7 @@ pub fn local(
         // Each caller passes its own: `execute`'s, or the failure handler's.
         sink: None,
         abort: None,
+        run_lock: Some(Arc::new(belay_rollback::PgRunLock::new(url.clone()))),
     };
     Ok(TargetRollbacks {
         planner,
@@ -271,6 +272,9 @@ fn confirm(plan: &RollbackPlan) -> Result<(), Failure> {
 
 fn print_plan(plan: &RollbackPlan) {
     let ids: Vec<String> = plan.deployments.iter().map(|d| d.to_string()).collect();
+    if let Some(resume) = &plan.resume {
+        println!("an interrupted rollback, planned before: {resume}");
+    }
     println!(
         "rollback plan for {} (deployment {}): {} back to version {}",
         plan.target,
@@ -408,6 +412,8 @@ fn print_status(status: &RollbackStatus, out: Output) {
                 "state": record.step,
                 "running": status.running,
                 "abort_requested": status.abort_requested,
+                "under_way": status.under_way,
+                "next": status.next,
                 "steps": status.steps.iter().map(|e| &e.payload).collect::<Vec<_>>(),
                 "report": status.report,
             })
@@ -432,6 +438,13 @@ fn print_status(status: &RollbackStatus, out: Output) {
             }
         }
         None => println!("no rollback on record for this deployment"),
+    }
+    // Also after a report: a crash can fall between the report and the last transition.
+    if let Some(step) = &status.under_way {
+        println!("under way (started, not ended): {step}");
+    }
+    if let Some(next) = &status.next {
+        println!("next: {next}");
     }
 }
 
