@@ -487,3 +487,119 @@ async fn two_processes_executing_one_rollback_give_exactly_one() -> Result<()> {
     assert_eq!(undone, "1", "one undo in the history");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_controller_killed_during_a_routed_rollback_takes_the_agents_outcome_after_restart()
+-> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let db = Cluster::shared().create_database().await?;
+    psql(&db.url, ACCOUNTS);
+    let before = schema(&db.url)?;
+    let m = migrations(tmp.path(), true)?;
+    let store = tmp.path().join("controller.db").to_string_lossy().into_owned();
+    let mut c = controller(&store, &[]).await?;
+    // The `before` hook (maintenance mode on) says it started, then waits on a FIFO the
+    // test writes to once the controller is dead: the rollback is held there, no sleeps.
+    let (started, gate) = (tmp.path().join("hook-started"), tmp.path().join("gate"));
+    let made = std::process::Command::new("mkfifo").arg(&gate).status()?;
+    anyhow::ensure!(made.success(), "mkfifo failed");
+    let hook = format!(
+        "touch '{}' && read line < '{}'",
+        started.display(),
+        gate.display()
+    );
+    let config = tmp.path().join("agent.toml");
+    let target = target_toml(
+        "rc_1",
+        &db,
+        &m,
+        &format!(
+            "backup_dir = \"{}\"\n[targets.rollback]\nsettle = \"200ms\"\n[targets.rollback.before]\ncommand = \"{}\"\ntimeout = \"60s\"\n",
+            tmp.path().join("backups").display(),
+            hook.replace('\\', "\\\\").replace('"', "\\\"")
+        ),
+    );
+    std::fs::write(
+        &config,
+        format!("name = \"agent-rc\"\ncontroller = \"{}\"\n{target}", c.addr),
+    )?;
+    let _a = start_agent(&config, None).await?;
+    belay_e2e::wait_agents(&c.addr, 1).await?;
+    let r = belay(&c.addr, &["deploy", "--targets", "rc_1"]).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    let id = deployment_id(&r.stdout);
+
+    let execute = {
+        let (addr, id) = (c.addr.clone(), id.clone());
+        tokio::spawn(async move {
+            belay(&addr, &["--target", "rc_1", "rollback", "execute", &id, "--yes"]).await
+        })
+    };
+    wait_for("the before hook to start", || async { Ok(started.exists()) }).await?;
+    c.kill().await?;
+    let cut = execute.await??;
+    assert_ne!(cut.code, 0, "the caller lost its controller: {cut:?}");
+    let shown_before: Value = {
+        // The store as the dead controller left it: the target still rolling back.
+        let mut c_read = controller(&store, &[]).await?;
+        let doc = belay_e2e::show(&c_read.addr, &id).await;
+        c_read.kill().await?;
+        doc?
+    };
+    assert_eq!(
+        belay_e2e::target(&shown_before, "rc_1")["step"],
+        "rolling_back",
+        "{shown_before}"
+    );
+    // The rollback goes on on the agent, without any controller.
+    let gate_w = gate.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(gate_w, "go\n")).await??;
+    wait_for("the agent to finish the rollback", || async {
+        Ok(psql(
+            &db.url,
+            &format!("SELECT step FROM belay.deployments WHERE id = '{id}'"),
+        ) == "rolled_back")
+    })
+    .await?;
+    assert_eq!(schema(&db.url)?, before);
+
+    // Restarted at the same address over the same store: the agent registers again and
+    // the controller's record takes the agent's outcome, with the steps it missed.
+    let c2 = controller(&store, &["--listen", &c.addr]).await?;
+    wait_for("the controller's record to say rolled_back", || async {
+        let doc = belay_e2e::show(&c2.addr, &id).await?;
+        Ok(belay_e2e::target(&doc, "rc_1")["step"] == "rolled_back")
+    })
+    .await?;
+    let doc = belay_e2e::show(&c2.addr, &id).await?;
+    let events = belay_e2e::target(&doc, "rc_1")["events"].clone();
+    let rollback_steps: Vec<String> = events
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e["kind"] == "rollback_step")
+                .filter_map(|e| e["payload"]["rollback_step"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    for step in ["before_hook", "emergency_backup", "undo", "verify_history", "verify_probes"] {
+        assert_eq!(
+            rollback_steps.iter().filter(|s| *s == step).count(),
+            1,
+            "{step} once in {rollback_steps:?}"
+        );
+    }
+    assert!(
+        events.as_array().is_some_and(|es| es.iter().any(|e| e["kind"] == "incident_report")),
+        "the incident report is stored too"
+    );
+    assert!(
+        events.as_array().is_some_and(|es| es.iter().any(|e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reconciled from agent agent-rc's record")))),
+        "{events}"
+    );
+    let r = belay(&c2.addr, &["deployments", "show", &id, "--report"]).await?;
+    assert_eq!(r.code, 0, "the report through the controller: {r:?}");
+    Ok(())
+}

@@ -316,6 +316,9 @@ impl Fleet {
             if let Err(e) = fleet.reconcile(Some(&targets)).await {
                 warn!(error = %e, "reconciliation after registration failed");
             }
+            if let Err(e) = fleet.reconcile_rollbacks(&targets).await {
+                warn!(error = %e, "reconciling rollbacks after registration failed");
+            }
         });
         Ok(())
     }
