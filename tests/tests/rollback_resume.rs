@@ -202,7 +202,9 @@ async fn status(addr: &str, target: &str, id: &str) -> Result<Value> {
         async move {
             let r = belay(
                 addr,
-                &["--target", target, "rollback", "status", id, "--output", "json"],
+                &[
+                    "--target", target, "rollback", "status", id, "--output", "json",
+                ],
             )
             .await?;
             if r.code == 0
@@ -276,19 +278,30 @@ async fn kill_at(c: &Daemon, tmp: &Path, i: usize, case: &Case) -> Result<()> {
     );
     let emergency_before = st["steps"]
         .as_array()
-        .and_then(|s| s.iter().find(|s| s["step"] == "emergency_backup" && s["result"] == "ok"))
+        .and_then(|s| {
+            s.iter()
+                .find(|s| s["step"] == "emergency_backup" && s["result"] == "ok")
+        })
         .and_then(|s| s["detail"].as_str())
         .map(String::from);
 
     // `plan` shows the recorded plan and what execute does with it.
     let p = belay(
         &c.addr,
-        &["--target", &name, "rollback", "plan", &short, "--output", "json"],
+        &[
+            "--target", &name, "rollback", "plan", &short, "--output", "json",
+        ],
     )
     .await?;
     assert_eq!(p.code, 0, "{fp}: {p:?}");
-    let resume = p.json()["plan"]["resume"].as_str().unwrap_or_default().to_string();
-    assert!(resume.contains(&format!("from {}", case.from)), "{fp}: {resume}");
+    let resume = p.json()["plan"]["resume"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        resume.contains(&format!("from {}", case.from)),
+        "{fp}: {resume}"
+    );
 
     let r = belay(
         &c.addr,
@@ -300,7 +313,11 @@ async fn kill_at(c: &Daemon, tmp: &Path, i: usize, case: &Case) -> Result<()> {
     assert_eq!(r.code, 0, "{fp}: the resumed execute: {r:?}");
     let out = r.json();
     assert_eq!(out["state"], "rolled_back", "{fp}: {out}");
-    assert_eq!(schema(&db.url)?, before, "{fp}: the schema is as before the deployment");
+    assert_eq!(
+        schema(&db.url)?,
+        before,
+        "{fp}: the schema is as before the deployment"
+    );
 
     let st = status(&c.addr, &name, &short).await?;
     assert_eq!(st["state"], "rolled_back", "{fp}: {st}");
@@ -332,7 +349,11 @@ async fn kill_at(c: &Daemon, tmp: &Path, i: usize, case: &Case) -> Result<()> {
             .map(|s| s.iter().filter(|s| s["step"] == "emergency_backup").count())
             .unwrap_or_default();
         assert_eq!(taken, 1, "{fp}: {detail}; {steps:?}");
-        let id = detail.trim_start_matches("backup ").split(' ').next().unwrap_or_default();
+        let id = detail
+            .trim_start_matches("backup ")
+            .split(' ')
+            .next()
+            .unwrap_or_default();
         assert_eq!(out["report"]["backups"]["emergency"], id, "{fp}: {out}");
     }
     // Rolled back once: a further execute is refused as done.
@@ -342,7 +363,10 @@ async fn kill_at(c: &Daemon, tmp: &Path, i: usize, case: &Case) -> Result<()> {
     )
     .await?;
     assert_eq!(again.code, 2, "{fp}: {again:?}");
-    assert!(again.stderr.contains("already rolled back"), "{fp}: {again:?}");
+    assert!(
+        again.stderr.contains("already rolled back"),
+        "{fp}: {again:?}"
+    );
     Ok(())
 }
 
@@ -496,7 +520,11 @@ async fn a_controller_killed_during_a_routed_rollback_takes_the_agents_outcome_a
     psql(&db.url, ACCOUNTS);
     let before = schema(&db.url)?;
     let m = migrations(tmp.path(), true)?;
-    let store = tmp.path().join("controller.db").to_string_lossy().into_owned();
+    let store = tmp
+        .path()
+        .join("controller.db")
+        .to_string_lossy()
+        .into_owned();
     let mut c = controller(&store, &[]).await?;
     // The `before` hook (maintenance mode on) says it started, then waits on a FIFO the
     // test writes to once the controller is dead: the rollback is held there, no sleeps.
@@ -532,10 +560,17 @@ async fn a_controller_killed_during_a_routed_rollback_takes_the_agents_outcome_a
     let execute = {
         let (addr, id) = (c.addr.clone(), id.clone());
         tokio::spawn(async move {
-            belay(&addr, &["--target", "rc_1", "rollback", "execute", &id, "--yes"]).await
+            belay(
+                &addr,
+                &["--target", "rc_1", "rollback", "execute", &id, "--yes"],
+            )
+            .await
         })
     };
-    wait_for("the before hook to start", || async { Ok(started.exists()) }).await?;
+    wait_for("the before hook to start", || async {
+        Ok(started.exists())
+    })
+    .await?;
     c.kill().await?;
     let cut = execute.await??;
     assert_ne!(cut.code, 0, "the caller lost its controller: {cut:?}");
@@ -582,7 +617,13 @@ async fn a_controller_killed_during_a_routed_rollback_takes_the_agents_outcome_a
                 .collect()
         })
         .unwrap_or_default();
-    for step in ["before_hook", "emergency_backup", "undo", "verify_history", "verify_probes"] {
+    for step in [
+        "before_hook",
+        "emergency_backup",
+        "undo",
+        "verify_history",
+        "verify_probes",
+    ] {
         assert_eq!(
             rollback_steps.iter().filter(|s| *s == step).count(),
             1,
@@ -590,13 +631,17 @@ async fn a_controller_killed_during_a_routed_rollback_takes_the_agents_outcome_a
         );
     }
     assert!(
-        events.as_array().is_some_and(|es| es.iter().any(|e| e["kind"] == "incident_report")),
+        events
+            .as_array()
+            .is_some_and(|es| es.iter().any(|e| e["kind"] == "incident_report")),
         "the incident report is stored too"
     );
     assert!(
-        events.as_array().is_some_and(|es| es.iter().any(|e| e["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("reconciled from agent agent-rc's record")))),
+        events
+            .as_array()
+            .is_some_and(|es| es.iter().any(|e| e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("reconciled from agent agent-rc's record")))),
         "{events}"
     );
     let r = belay(&c2.addr, &["deployments", "show", &id, "--report"]).await?;

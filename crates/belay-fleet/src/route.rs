@@ -240,10 +240,7 @@ impl Fleet {
             let s = RollbackClient::new(&conn)
                 .status(target, Some(&id.to_string()))
                 .await?;
-            let elsewhere = s
-                .next
-                .as_deref()
-                .is_some_and(|n| n.starts_with("running"));
+            let elsewhere = s.next.as_deref().is_some_and(|n| n.starts_with("running"));
             if !s.running && !elsewhere {
                 break s;
             }

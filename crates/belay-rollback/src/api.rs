@@ -270,7 +270,10 @@ impl LocalRollbacks {
         };
         let (under_way, next) = if record.step == Step::RollingBack {
             let p = progress(&events);
-            (p.under_way.clone(), Some(self.next_of(t, &record, running).await?))
+            (
+                p.under_way.clone(),
+                Some(self.next_of(t, &record, running).await?),
+            )
         } else {
             (None, None)
         };
@@ -300,7 +303,10 @@ impl LocalRollbacks {
     ) -> Result<String, ApiError> {
         let id = record.start.id;
         if running_here {
-            return Ok("running now in this process: `execute` is refused; `abort` stops it between steps".into());
+            return Ok(
+                "running now in this process: `execute` is refused; `abort` stops it between steps"
+                    .into(),
+            );
         }
         match &t.executor.run_lock {
             None => {
@@ -316,9 +322,15 @@ impl LocalRollbacks {
         }
         // Only the rollback's first deployment carries its plan and steps.
         let mut events = t.log.events(id).await.map_err(log_error)?;
-        if !events.iter().any(|e| e.kind == crate::exec::KIND_ROLLBACK_PLAN) {
+        if !events
+            .iter()
+            .any(|e| e.kind == crate::exec::KIND_ROLLBACK_PLAN)
+        {
             let records = t.log.list(LOOKBACK).await.map_err(log_error)?;
-            for r in records.iter().filter(|r| r.step == Step::RollingBack && r.start.id != id) {
+            for r in records
+                .iter()
+                .filter(|r| r.step == Step::RollingBack && r.start.id != id)
+            {
                 let other = t.log.events(r.start.id).await.map_err(log_error)?;
                 if progress(&other)
                     .plan
@@ -377,8 +389,7 @@ impl LocalRollbacks {
                 _ => false,
             };
             if named {
-                plan.resume =
-                    Some(self.next_of(t, r, running.contains(&r.start.id)).await?);
+                plan.resume = Some(self.next_of(t, r, running.contains(&r.start.id)).await?);
                 return Ok(Some(plan));
             }
         }

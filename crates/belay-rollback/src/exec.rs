@@ -138,11 +138,9 @@ impl Executor {
             },
             None => None,
         };
-        let first = self
-            .log
-            .get(primary)
-            .await?
-            .ok_or_else(|| RollbackError::NotFound(format!("no deployment {primary} in the log")))?;
+        let first = self.log.get(primary).await?.ok_or_else(|| {
+            RollbackError::NotFound(format!("no deployment {primary} in the log"))
+        })?;
         if first.step == Step::RollingBack {
             return self.resume(plan).await;
         }
@@ -731,35 +729,35 @@ impl Run<'_> {
         // Resumed after the restore ended: it is not run again (one transaction that
         // committed); the history is what may still be missing.
         if !self.done_before(self.plan.strategy.as_str()) {
-        let at = self.begin(self.plan.strategy.as_str()).await?;
-        let req = RestoreRequest {
-            tables: (self.plan.strategy == Strategy::TableRestore)
-                .then(|| self.plan.tables.clone()),
-            into: None,
-            force: false,
-            // Taken already, of the whole database, before any step changed anything.
-            emergency_backup: false,
-            // Not needed: a restore that keeps history (a rollback's) is not refused
-            // across schema versions — the backup is of the version before the
-            // deployment on purpose, and this rollback marks the deployment's migrations
-            // reverted once the tables are back, so history agrees with them.
-            across_versions: false,
-            keep_history: true,
-        };
-        let attempts = self.exec.policy.restore_attempts.max(1);
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            let r = self
-                .exec
-                .backups
-                .restore(&self.exec.backup_target, &backup.id, &req, Arc::new(|_| {}))
-                .await;
-            match r {
-                Err(e) if attempt < attempts && is_lock_timeout(&e) => {
-                    // One transaction that timed out waiting for a lock: nothing changed.
-                    let backoff = Duration::from_millis((250 * u64::from(attempt)).min(2000));
-                    self.emit(
+            let at = self.begin(self.plan.strategy.as_str()).await?;
+            let req = RestoreRequest {
+                tables: (self.plan.strategy == Strategy::TableRestore)
+                    .then(|| self.plan.tables.clone()),
+                into: None,
+                force: false,
+                // Taken already, of the whole database, before any step changed anything.
+                emergency_backup: false,
+                // Not needed: a restore that keeps history (a rollback's) is not refused
+                // across schema versions — the backup is of the version before the
+                // deployment on purpose, and this rollback marks the deployment's migrations
+                // reverted once the tables are back, so history agrees with them.
+                across_versions: false,
+                keep_history: true,
+            };
+            let attempts = self.exec.policy.restore_attempts.max(1);
+            let mut attempt = 0;
+            let result = loop {
+                attempt += 1;
+                let r = self
+                    .exec
+                    .backups
+                    .restore(&self.exec.backup_target, &backup.id, &req, Arc::new(|_| {}))
+                    .await;
+                match r {
+                    Err(e) if attempt < attempts && is_lock_timeout(&e) => {
+                        // One transaction that timed out waiting for a lock: nothing changed.
+                        let backoff = Duration::from_millis((250 * u64::from(attempt)).min(2000));
+                        self.emit(
                         self.primary(),
                         Step::RollingBack,
                         "restore_retry",
@@ -770,44 +768,43 @@ impl Run<'_> {
                         json!({ "attempt": attempt, "attempts": attempts, "backoff_ms": backoff.as_millis() as u64, "error": e.message }),
                     )
                     .await?;
-                    tokio::time::sleep(backoff).await;
+                        tokio::time::sleep(backoff).await;
+                    }
+                    other => break other,
                 }
-                other => break other,
+            };
+            let report = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    self.step_done(
+                        self.plan.strategy.as_str(),
+                        at,
+                        Err(e.message.clone()),
+                        false,
+                    )
+                    .await?;
+                    return Ok(Err(Failed(format!(
+                        "the restore failed (one transaction: the database is as before it): {}",
+                        e.message
+                    ))));
+                }
+            };
+            let what = match &report.tables {
+                Some(t) => t.join(", "),
+                None => "the whole database but belay's history".into(),
+            };
+            let mut detail = format!(
+                "restored {what} from backup {} in {} ms (attempt {attempt})",
+                backup.id, report.duration_ms
+            );
+            if !report.mismatches.is_empty() {
+                detail.push_str(&format!(
+                    "; row counts differ from the backup: {:?}",
+                    report.mismatches
+                ));
             }
-        };
-        let report = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.step_done(
-                    self.plan.strategy.as_str(),
-                    at,
-                    Err(e.message.clone()),
-                    false,
-                )
+            self.step_done(self.plan.strategy.as_str(), at, Ok(detail), false)
                 .await?;
-                return Ok(Err(Failed(format!(
-                    "the restore failed (one transaction: the database is as before it): {}",
-                    e.message
-                ))));
-            }
-        };
-        let what = match &report.tables {
-            Some(t) => t.join(", "),
-            None => "the whole database but belay's history".into(),
-        };
-        let mut detail = format!(
-            "restored {what} from backup {} in {} ms (attempt {attempt})",
-            backup.id, report.duration_ms
-        );
-        if !report.mismatches.is_empty() {
-            detail.push_str(&format!(
-                "; row counts differ from the backup: {:?}",
-                report.mismatches
-            ));
-        }
-        self.step_done(self.plan.strategy.as_str(), at, Ok(detail), false)
-            .await?;
-
         }
         if self.done_before("record_history") {
             return Ok(Ok(()));

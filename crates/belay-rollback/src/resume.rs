@@ -98,7 +98,10 @@ impl Progress {
         }
         order.push("emergency_backup");
         order.push(plan.strategy.as_str());
-        if matches!(plan.strategy, Strategy::TableRestore | Strategy::FullRestore) {
+        if matches!(
+            plan.strategy,
+            Strategy::TableRestore | Strategy::FullRestore
+        ) {
             order.push("record_history");
         }
         order.extend(["verify_history", "verify_postflight", "verify_probes"]);
@@ -171,7 +174,11 @@ impl Progress {
         NextAction::Resume {
             detail: format!(
                 "{} by {} from {from}{again}; steps done: {}{under_way}",
-                if self.done.is_empty() { "start" } else { "continue" },
+                if self.done.is_empty() {
+                    "start"
+                } else {
+                    "continue"
+                },
                 plan.strategy,
                 self.done_list()
             ),
@@ -228,13 +235,19 @@ mod tests {
     }
 
     fn started(step: &str) -> DeployEvent {
-        event(KIND_ROLLBACK_STEP_STARTED, serde_json::json!({ "step": step }))
+        event(
+            KIND_ROLLBACK_STEP_STARTED,
+            serde_json::json!({ "step": step }),
+        )
     }
 
     #[test]
     fn without_a_plan_it_is_refused() {
         let p = progress(&[]);
-        assert!(matches!(p.next_action((false, false)), NextAction::Refuse { .. }));
+        assert!(matches!(
+            p.next_action((false, false)),
+            NextAction::Refuse { .. }
+        ));
     }
 
     #[test]
@@ -243,7 +256,7 @@ mod tests {
             target: "t".into(),
             deployments: vec![Uuid::nil()],
             to_version: None,
-            trigger: crate::model::Trigger::operator("test".into(), false),
+            trigger: crate::model::Trigger::operator("test", false),
             migrations: vec![crate::model::RevertedMigration {
                 deployment_id: Uuid::nil(),
                 version: Some("1".into()),
@@ -260,7 +273,10 @@ mod tests {
         });
         assert_eq!(plan.strategy, Strategy::Undo);
         let events = vec![
-            event(KIND_ROLLBACK_PLAN, serde_json::to_value(&plan).unwrap_or_default()),
+            event(
+                KIND_ROLLBACK_PLAN,
+                serde_json::to_value(&plan).unwrap_or_default(),
+            ),
             started("emergency_backup"),
             ended("emergency_backup", "ok", "backup b-1 (10 bytes, verified)"),
             started("undo"),
@@ -271,14 +287,20 @@ mod tests {
         match p.next_action((false, false)) {
             NextAction::Resume { from, detail } => {
                 assert_eq!(from, "undo");
-                assert!(detail.contains("under way when it stopped: undo"), "{detail}");
+                assert!(
+                    detail.contains("under way when it stopped: undo"),
+                    "{detail}"
+                );
             }
             other => panic!("{other:?}"),
         }
         // With the undo done, verification runs again.
         let mut more = events.clone();
         more.push(ended("undo", "ok", "1 undo script(s) ran"));
-        assert_eq!(progress(&more).resume_from(&plan, (false, false)), "verify_history");
+        assert_eq!(
+            progress(&more).resume_from(&plan, (false, false)),
+            "verify_history"
+        );
         // A failed step: the rollback was escalating.
         let mut failed = events;
         failed.push(ended("undo", "failed", ""));
