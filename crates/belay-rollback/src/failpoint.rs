@@ -19,12 +19,18 @@ pub const ENV: &str = "BELAY_FAILPOINTS";
 fn armed() -> &'static HashSet<String> {
     static ARMED: OnceLock<HashSet<String>> = OnceLock::new();
     ARMED.get_or_init(|| {
-        std::env::var(ENV)
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|s| s.trim().strip_suffix("=pause"))
-            .map(str::to_string)
-            .collect()
+        let text = std::env::var(ENV).unwrap_or_default();
+        let mut armed = HashSet::new();
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            match entry.strip_suffix("=pause") {
+                Some(name) => {
+                    armed.insert(name.to_string());
+                }
+                // Said, not silently ignored: a test that armed nothing would hang elsewhere.
+                None => eprintln!("belay: {ENV}: {entry:?} is not NAME=pause; ignored"),
+            }
+        }
+        armed
     })
 }
 
