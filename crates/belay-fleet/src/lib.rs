@@ -8,6 +8,7 @@ mod backup;
 mod deploy;
 pub mod grpc;
 mod monitor;
+mod reconcile_rollback;
 mod route;
 pub mod waves;
 pub mod webhook;
