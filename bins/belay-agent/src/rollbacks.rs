@@ -67,6 +67,7 @@ pub fn local(
             postflight: None,
             sink: None,
             abort: None,
+            run_lock: Some(Arc::new(belay_rollback::PgRunLock::new(t.spec.url.clone()))),
         };
         api = api.with_target(
             name,

@@ -90,6 +90,7 @@ pub fn local(
         // Each caller passes its own: `execute`'s, or the failure handler's.
         sink: None,
         abort: None,
+        run_lock: Some(Arc::new(belay_rollback::PgRunLock::new(url.clone()))),
     };
     Ok(TargetRollbacks {
         planner,
@@ -311,6 +312,9 @@ pub(crate) fn confirm_question(question: &str) -> Result<(), Failure> {
 
 pub(crate) fn print_plan(plan: &RollbackPlan) {
     let ids: Vec<String> = plan.deployments.iter().map(|d| d.to_string()).collect();
+    if let Some(resume) = &plan.resume {
+        println!("an interrupted rollback, planned before: {resume}");
+    }
     println!(
         "rollback plan for {} (deployment {}): {} back to version {}",
         plan.target,
@@ -450,6 +454,8 @@ fn print_status(status: &RollbackStatus, out: Output) {
                 "state": record.step,
                 "running": status.running,
                 "abort_requested": status.abort_requested,
+                "under_way": status.under_way,
+                "next": status.next,
                 "steps": status.steps.iter().map(|e| &e.payload).collect::<Vec<_>>(),
                 "notifications": status.notifications.iter().map(|e| &e.payload).collect::<Vec<_>>(),
                 "report": status.report,
@@ -481,6 +487,13 @@ fn print_status(status: &RollbackStatus, out: Output) {
         for e in &status.notifications {
             println!("  {}", e.message);
         }
+    }
+    // Also after a report: a crash can fall between the report and the last transition.
+    if let Some(step) = &status.under_way {
+        println!("under way (started, not ended): {step}");
+    }
+    if let Some(next) = &status.next {
+        println!("next: {next}");
     }
 }
 

@@ -655,7 +655,7 @@ fn a_failed_validation_with_policy_ask_records_the_plan_and_the_command() {
 }
 
 #[test]
-fn a_rollback_killed_mid_step_leaves_an_exact_record_and_is_not_run_twice() {
+fn a_rollback_killed_mid_step_leaves_an_exact_record_and_execute_resumes_it_once() {
     let db = db();
     let dir = migrations(&[V1, U1]);
     psql(&db.url, ACCOUNTS);
@@ -665,8 +665,9 @@ fn a_rollback_killed_mid_step_leaves_an_exact_record_and_is_not_run_twice() {
     let cfg = config(
         cfg_dir.path(),
         &format!(
-            "[rollback]\n[rollback.before]\ncommand = \"echo $$ > {}; exec sleep 60\"\ntimeout = \"120s\"\n",
-            marker.display()
+            // Blocks the first run only: the resumed rollback runs the hook again.
+            "[rollback]\n[rollback.before]\ncommand = \"test -f {m} || {{ echo $$ > {m}; exec sleep 60; }}\"\ntimeout = \"120s\"\n",
+            m = marker.display()
         ),
     );
     let mut child = belay_cmd(&db.url, dir.path())
@@ -697,20 +698,37 @@ fn a_rollback_killed_mid_step_leaves_an_exact_record_and_is_not_run_twice() {
         states(&db.url, dir.path()),
         [("1".into(), "success".into())]
     );
-    let status = belay_ok(&db.url, dir.path(), &["rollback", "status"]);
+    let status = belay_ok(
+        &db.url,
+        dir.path(),
+        &["--config", &cfg, "rollback", "status"],
+    );
     assert!(
         status
             .stdout
-            .contains("a rollback started and has not ended (or was interrupted)"),
+            .contains("a rollback started and has not ended (or was interrupted)")
+            && status
+                .stdout
+                .contains("under way (started, not ended): before_hook")
+            && status.stdout.contains("would resume")
+            && status.stdout.contains("from before_hook"),
         "{status:?}"
     );
-    // A second rollback of it is refused, naming why.
-    let again = belay(&db.url, dir.path(), &["rollback", "execute", "0", "--yes"]);
-    assert_eq!(again.code, 2, "{again:?}");
+    // `execute` resumes it (no process holds its lock any more) and it ends rolled back.
+    let again = belay(
+        &db.url,
+        dir.path(),
+        &["--config", &cfg, "rollback", "execute", "0", "--yes"],
+    );
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(states(&db.url, dir.path()), [("1".into(), "undone".into())]);
+    assert_eq!(deployments(&db.url, dir.path())[0]["state"], "rolled_back");
+    // Once: a further execute is refused as done.
+    let third = belay(&db.url, dir.path(), &["rollback", "execute", "0", "--yes"]);
+    assert_eq!(third.code, 2, "{third:?}");
     assert!(
-        again
-            .stderr
-            .contains("is being rolled back (or its rollback was interrupted)"),
-        "{again:?}"
+        third.stderr.contains("already rolled back")
+            || third.stderr.contains("nothing to roll back"),
+        "{third:?}"
     );
 }

@@ -8,6 +8,7 @@ mod backup;
 mod deploy;
 pub mod grpc;
 mod monitor;
+mod reconcile_rollback;
 mod route;
 pub mod waves;
 pub mod webhook;
@@ -317,6 +318,9 @@ impl Fleet {
         tokio::spawn(async move {
             if let Err(e) = fleet.reconcile(Some(&targets)).await {
                 warn!(error = %e, "reconciliation after registration failed");
+            }
+            if let Err(e) = fleet.reconcile_rollbacks(&targets).await {
+                warn!(error = %e, "reconciling rollbacks after registration failed");
             }
         });
         Ok(())

@@ -20,6 +20,7 @@ use crate::exec::{AbortSignal, Executor, KIND_INCIDENT_REPORT, KIND_ROLLBACK_STE
 use crate::model::{RollbackPlan, Trigger};
 use crate::plan::{Planner, RollbackTo, resolve_in};
 use crate::report::IncidentReport;
+use crate::resume::progress;
 
 /// How many of a target's newest deployments a rollback looks at.
 pub const LOOKBACK: usize = 1000;
@@ -80,6 +81,15 @@ pub struct RollbackStatus {
     pub running: bool,
     /// Why it was asked to stop, while it finishes the step under way.
     pub abort_requested: Option<String>,
+    /// The step that started and has not ended (`rolling_back` only): where an
+    /// interrupted rollback stopped.
+    #[serde(default)]
+    pub under_way: Option<String>,
+    /// For a `rolling_back` record: running (here, or in another process holding its
+    /// lock), or what `rollback execute` would do with it — resume from a step, end it
+    /// escalated, or refuse, and why.
+    #[serde(default)]
+    pub next: Option<String>,
 }
 
 /// The rollback controller of named targets.
@@ -260,12 +270,23 @@ impl LocalRollbacks {
             },
             Err(_) => (false, None),
         };
+        let (under_way, next) = if record.step == Step::RollingBack {
+            let p = progress(&events);
+            (
+                p.under_way.clone(),
+                Some(self.next_of(t, &record, running).await?),
+            )
+        } else {
+            (None, None)
+        };
         let (steps, notifications): (Vec<_>, Vec<_>) = events
             .into_iter()
             .filter(|e| e.kind == KIND_ROLLBACK_STEP || e.kind == crate::notify::KIND_NOTIFY)
             .partition(|e| e.kind == KIND_ROLLBACK_STEP);
         Ok(RollbackStatus {
             abort_requested,
+            under_way,
+            next,
             steps,
             notifications,
             record,
@@ -273,6 +294,110 @@ impl LocalRollbacks {
             markdown,
             running,
         })
+    }
+}
+
+impl LocalRollbacks {
+    /// What `execute` would do now with `record`'s rollback (`rolling_back`).
+    async fn next_of(
+        &self,
+        t: &TargetRollbacks,
+        record: &DeploymentRecord,
+        running_here: bool,
+    ) -> Result<String, ApiError> {
+        let id = record.start.id;
+        if running_here {
+            return Ok(
+                "running now in this process: `execute` is refused; `abort` stops it between steps"
+                    .into(),
+            );
+        }
+        match &t.executor.run_lock {
+            None => {
+                return Ok("refused: this process cannot tell whether another one still runs it (no run lock)".into());
+            }
+            Some(lock) => {
+                if let Some(who) = lock.holder(&record.start.target, id).await? {
+                    return Ok(format!(
+                        "running in another process ({who}), which holds its lock: `execute` is refused"
+                    ));
+                }
+            }
+        }
+        // Only the rollback's first deployment carries its plan and steps.
+        let mut events = t.log.events(id).await.map_err(log_error)?;
+        if !events
+            .iter()
+            .any(|e| e.kind == crate::exec::KIND_ROLLBACK_PLAN)
+        {
+            let records = t.log.list(LOOKBACK).await.map_err(log_error)?;
+            for r in records
+                .iter()
+                .filter(|r| r.step == Step::RollingBack && r.start.id != id)
+            {
+                let other = t.log.events(r.start.id).await.map_err(log_error)?;
+                if progress(&other)
+                    .plan
+                    .is_some_and(|p| p.deployments.contains(&id))
+                {
+                    return Ok(format!(
+                        "interrupted; part of the rollback of deployment {}: `belay rollback status {}` says what `execute` does",
+                        r.start.id,
+                        &r.start.id.to_string()[..8]
+                    ));
+                }
+            }
+            events.clear();
+        }
+        Ok(format!(
+            "interrupted (no process runs it); `rollback execute {}` would {}",
+            &id.to_string()[..8],
+            progress(&events).next_action(t.executor.hooks())
+        ))
+    }
+
+    /// The recorded plan of an interrupted (or running) rollback that `to` names — its
+    /// deployment (any of them) or the version it returns to — with what `execute`
+    /// would do with it; `None` when `to` names none.
+    async fn interrupted(
+        &self,
+        t: &TargetRollbacks,
+        records: &[DeploymentRecord],
+        to: &RollbackTo,
+    ) -> Result<Option<RollbackPlan>, ApiError> {
+        let to = match to {
+            RollbackTo::Positional(text) => RollbackTo::positional(text, records),
+            other => other.clone(),
+        };
+        let running: Vec<Uuid> = self
+            .running
+            .lock()
+            .map(|r| r.keys().copied().collect())
+            .unwrap_or_default();
+        for r in records.iter().filter(|r| r.step == Step::RollingBack) {
+            let events = t.log.events(r.start.id).await.map_err(log_error)?;
+            let Some(mut plan) = progress(&events).plan else {
+                continue;
+            };
+            if plan.deployments.first() != Some(&r.start.id) {
+                continue;
+            }
+            let named = match &to {
+                RollbackTo::Deployment(prefix) => {
+                    let prefix = prefix.to_ascii_lowercase();
+                    plan.deployments
+                        .iter()
+                        .any(|d| d.to_string().starts_with(&prefix))
+                }
+                RollbackTo::Version(v) => plan.to_version.as_deref() == Some(v.as_str()),
+                _ => false,
+            };
+            if named {
+                plan.resume = Some(self.next_of(t, r, running.contains(&r.start.id)).await?);
+                return Ok(Some(plan));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -306,6 +431,10 @@ impl RollbackApi for LocalRollbacks {
     ) -> Result<RollbackPlan, ApiError> {
         let t = self.target(target)?;
         let records = t.log.list(LOOKBACK).await.map_err(log_error)?;
+        // An interrupted rollback is continued from its own plan, never planned afresh.
+        if let Some(plan) = self.interrupted(t, &records, to).await? {
+            return Ok(plan);
+        }
         let resolved = resolve_in(&records, to)?;
         Ok(t.planner.plan(target, &resolved, trigger).await?)
     }

@@ -24,12 +24,15 @@ use tracing::{Instrument, info_span};
 use uuid::Uuid;
 
 use crate::error::RollbackError;
+use crate::failpoint;
 use crate::hooks;
 use crate::lifecycle::{RollbackEvent, next};
 use crate::metrics;
 use crate::model::{HookCommand, HookFailure, RollbackPlan, RollbackPolicy, Strategy};
 use crate::notify::{Delivery, KIND_NOTIFY, NotifyAction, NotifyFormat, Started};
 use crate::report::{BackupLocations, IncidentReport, Severity, StepRecord};
+use crate::resume::{self, KIND_ROLLBACK_STEP_STARTED, NextAction, Progress, STEP_RESUMED};
+use crate::run_lock::RunLock;
 
 /// A rollback step's event: payload `{step, result, detail, error?}`.
 pub const KIND_ROLLBACK_STEP: &str = "rollback_step";
@@ -63,6 +66,9 @@ pub struct Executor {
     pub sink: Option<DeploySink>,
     /// Checked between steps: once set, the rollback stops before its next step.
     pub abort: Option<AbortSignal>,
+    /// Held for the whole run, so another process can tell a rollback running elsewhere
+    /// from an interrupted one; without it an interrupted rollback is not resumed.
+    pub run_lock: Option<Arc<dyn RunLock>>,
 }
 
 /// An operator's request to stop a running rollback between two steps (`rollback abort`).
@@ -105,6 +111,8 @@ struct Run<'a> {
     started: DateTime<Utc>,
     /// The PagerDuty triggers sent as the rollback started, running beside it.
     start_notices: Option<tokio::task::JoinHandle<Vec<Delivery>>>,
+    /// What an interrupted earlier attempt did (empty for a fresh rollback).
+    prior: Progress,
 }
 
 /// A step failed: the reason recorded when escalating.
@@ -120,6 +128,25 @@ impl Executor {
                 "the plan names no deployment".into(),
             ));
         };
+        // Taken before the records are read and held to the end: a second process reads
+        // them only once this one is gone, and then sees what it left.
+        let _held = match &self.run_lock {
+            Some(lock) => match lock
+                .try_acquire(&plan.target, &plan.deployments)
+                .await
+                .map_err(RollbackError::Api)?
+            {
+                Ok(held) => Some(held),
+                Err(why) => return Err(RollbackError::Refused(why)),
+            },
+            None => None,
+        };
+        let first = self.log.get(primary).await?.ok_or_else(|| {
+            RollbackError::NotFound(format!("no deployment {primary} in the log"))
+        })?;
+        if first.step == Step::RollingBack {
+            return self.resume(plan).await;
+        }
         let mut records = Vec::new();
         for id in &plan.deployments {
             let record =
@@ -136,7 +163,7 @@ impl Executor {
                 }
                 Step::RollingBack => {
                     return Err(RollbackError::Refused(format!(
-                        "deployment {id} is already being rolled back (or that rollback was interrupted); see `belay rollback status {id}`"
+                        "deployment {id} is being rolled back by another plan (interrupted: `belay rollback status {id}` says what `execute` does with it)"
                     )));
                 }
                 other => {
@@ -159,9 +186,83 @@ impl Executor {
             locations: BackupLocations::default(),
             started: Utc::now(),
             start_notices: None,
+            prior: Progress::default(),
         };
         let result = run.go().instrument(span).await;
         metrics::finished(plan, &result, started.elapsed());
+        result
+    }
+
+    /// Whether the `before` and `after` hooks are configured.
+    pub fn hooks(&self) -> (bool, bool) {
+        (self.policy.before.is_some(), self.policy.after.is_some())
+    }
+
+    /// Continues a rollback a process that is gone left `rolling_back` (the run lock is
+    /// held: nobody else runs it): from its recorded plan and steps, skipping what ended
+    /// well, re-running verification, or recording the escalation it was heading for.
+    async fn resume(&self, asked: &RollbackPlan) -> Result<Outcome, RollbackError> {
+        let primary = asked.deployments[0];
+        let events = self.log.events(primary).await?;
+        let prior = resume::progress(&events);
+        let action = prior.next_action(self.hooks());
+        let plan = match (&action, &prior.plan) {
+            (NextAction::Refuse { reason }, _) => {
+                return Err(RollbackError::Refused(format!(
+                    "the rollback of deployment {primary} was interrupted and cannot be resumed: {reason}"
+                )));
+            }
+            (_, Some(plan)) => plan.clone(),
+            (_, None) => {
+                return Err(RollbackError::Refused(format!(
+                    "the rollback of deployment {primary} was interrupted before its plan was recorded"
+                )));
+            }
+        };
+        if plan.deployments != asked.deployments {
+            return Err(RollbackError::Refused(format!(
+                "deployment {primary}'s interrupted rollback is of {:?}, not of {:?}: `belay rollback plan {primary}` shows it",
+                plan.deployments, asked.deployments
+            )));
+        }
+        let mut records = Vec::new();
+        for id in &plan.deployments {
+            let record =
+                self.log.get(*id).await?.ok_or_else(|| {
+                    RollbackError::NotFound(format!("no deployment {id} in the log"))
+                })?;
+            if record.step != Step::RollingBack {
+                return Err(RollbackError::Refused(format!(
+                    "deployment {id} is {}, not rolling_back with deployment {primary}: the record is inconsistent; a person decides",
+                    record.step
+                )));
+            }
+            records.push(record);
+        }
+        let started_at = events
+            .iter()
+            .find(|e| e.kind == KIND_ROLLBACK_PLAN)
+            .map(|e| e.at)
+            .unwrap_or_else(Utc::now);
+        let span = info_span!("rollback", deployment = %primary, strategy = %plan.strategy, resumed = true);
+        let started = Instant::now();
+        metrics::started();
+        let mut run = Run {
+            exec: self,
+            plan: &plan,
+            records,
+            steps: prior.done.clone(),
+            errors: Vec::new(),
+            locations: BackupLocations {
+                pre_deployment: plan.backups.first().map(|b| b.id.clone()),
+                emergency: prior.emergency_backup(),
+                ..BackupLocations::default()
+            },
+            started: started_at,
+            prior,
+        };
+        let result = run.resume(action).instrument(span).await;
+        metrics::finished(&plan, &result, started.elapsed());
         result
     }
 }
@@ -217,6 +318,26 @@ impl Run<'_> {
         .await
     }
 
+    /// Records a step's start (so a crash shows it under way); returns when it started.
+    async fn begin(&self, name: &str) -> Result<DateTime<Utc>, RollbackError> {
+        let at = Utc::now();
+        self.emit(
+            self.primary(),
+            Step::RollingBack,
+            KIND_ROLLBACK_STEP_STARTED,
+            format!("rollback: {name} started"),
+            json!({ "step": name, "started_at": at }),
+        )
+        .await?;
+        failpoint::hit(&format!("rollback.before_{name}")).await;
+        Ok(at)
+    }
+
+    /// Whether an interrupted earlier attempt ended `step` well: not run again.
+    fn done_before(&self, step: &str) -> bool {
+        self.prior.ended_ok(step)
+    }
+
     /// Records a step's end (and keeps it for the report).
     async fn step_done(
         &mut self,
@@ -225,6 +346,7 @@ impl Run<'_> {
         result: Result<String, String>,
         warning_only: bool,
     ) -> Result<(), RollbackError> {
+        failpoint::hit(&format!("rollback.after_{name}")).await;
         let (res, detail, error) = match result {
             Ok(d) => ("ok", d, None),
             Err(e) if warning_only => ("warning", String::new(), Some(e)),
@@ -350,6 +472,39 @@ impl Run<'_> {
         }
     }
 
+    /// A resumed run: records where it resumes, then the steps not yet ended well.
+    async fn resume(&mut self, action: NextAction) -> Result<Outcome, RollbackError> {
+        let at = Utc::now();
+        match action {
+            NextAction::Escalate { detail } => {
+                self.step_done(
+                    STEP_RESUMED,
+                    at,
+                    Ok(format!(
+                        "after an interruption (the process running it stopped); it was escalating: {detail}"
+                    )),
+                    false,
+                )
+                .await?;
+                self.finish(Err(Failed(detail))).await
+            }
+            NextAction::Resume { from, detail } => {
+                self.step_done(
+                    STEP_RESUMED,
+                    at,
+                    Ok(format!(
+                        "after an interruption (the process running it stopped): {detail}; resuming at {from}"
+                    )),
+                    false,
+                )
+                .await?;
+                let result = self.steps_in_order().await?;
+                self.finish(result).await
+            }
+            NextAction::Refuse { reason } => Err(RollbackError::Refused(reason)),
+        }
+    }
+
     /// Stops here when an abort was asked for: recorded as the step `aborted`, naming
     /// the steps done and the one not started.
     async fn aborted(&mut self, next: &str) -> Result<Option<Failed>, RollbackError> {
@@ -393,6 +548,7 @@ impl Run<'_> {
             return Ok(Err(f));
         }
         if let Some(hook) = self.exec.policy.before.clone()
+            && !self.done_before("before_hook")
             && let Err(f) = self
                 .hook("before", &hook)
                 .instrument(info_span!("rollback_hook", phase = "before"))
@@ -403,10 +559,11 @@ impl Run<'_> {
         if let Some(f) = self.aborted("emergency_backup").await? {
             return Ok(Err(f));
         }
-        if let Err(f) = self
-            .emergency_backup()
-            .instrument(info_span!("rollback_emergency_backup"))
-            .await?
+        if !self.done_before("emergency_backup")
+            && let Err(f) = self
+                .emergency_backup()
+                .instrument(info_span!("rollback_emergency_backup"))
+                .await?
         {
             return Ok(Err(f));
         }
@@ -414,6 +571,7 @@ impl Run<'_> {
             return Ok(Err(f));
         }
         let executed = match self.plan.strategy {
+            Strategy::Undo if self.done_before("undo") => Ok(()),
             Strategy::Undo => self.undo().instrument(info_span!("rollback_undo")).await?,
             Strategy::TableRestore | Strategy::FullRestore => {
                 self.restore()
@@ -439,6 +597,7 @@ impl Run<'_> {
             return Ok(Err(f));
         }
         if let Some(hook) = self.exec.policy.after.clone()
+            && !self.done_before("after_hook")
             && let Err(f) = self
                 .hook("after", &hook)
                 .instrument(info_span!("rollback_hook", phase = "after"))
@@ -454,7 +613,7 @@ impl Run<'_> {
         phase: &str,
         hook: &HookCommand,
     ) -> Result<Result<(), Failed>, RollbackError> {
-        let at = Utc::now();
+        let at = self.begin(&format!("{phase}_hook")).await?;
         let env = [
             ("BELAY_ROLLBACK_PHASE", phase.to_string()),
             ("BELAY_DEPLOYMENT_ID", self.primary().to_string()),
@@ -494,7 +653,7 @@ impl Run<'_> {
     }
 
     async fn emergency_backup(&mut self) -> Result<Result<(), Failed>, RollbackError> {
-        let at = Utc::now();
+        let at = self.begin("emergency_backup").await?;
         let req = BackupRequest {
             format: BackupFormat::Custom,
             scope: BackupScope::Full,
@@ -557,7 +716,7 @@ impl Run<'_> {
     }
 
     async fn undo(&mut self) -> Result<Result<(), Failed>, RollbackError> {
-        let at = Utc::now();
+        let at = self.begin("undo").await?;
         let events: Arc<Mutex<Vec<Event>>> = Arc::new(Mutex::new(Vec::new()));
         let sink: EventSink = {
             let events = events.clone();
@@ -637,35 +796,38 @@ impl Run<'_> {
                 .await?;
             return Ok(Err(Failed("no backup to restore".into())));
         };
-        let at = Utc::now();
-        let req = RestoreRequest {
-            tables: (self.plan.strategy == Strategy::TableRestore)
-                .then(|| self.plan.tables.clone()),
-            into: None,
-            force: false,
-            // Taken already, of the whole database, before any step changed anything.
-            emergency_backup: false,
-            // Not needed: a restore that keeps history (a rollback's) is not refused
-            // across schema versions — the backup is of the version before the
-            // deployment on purpose, and this rollback marks the deployment's migrations
-            // reverted once the tables are back, so history agrees with them.
-            across_versions: false,
-            keep_history: true,
-        };
-        let attempts = self.exec.policy.restore_attempts.max(1);
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            let r = self
-                .exec
-                .backups
-                .restore(&self.exec.backup_target, &backup.id, &req, Arc::new(|_| {}))
-                .await;
-            match r {
-                Err(e) if attempt < attempts && is_lock_timeout(&e) => {
-                    // One transaction that timed out waiting for a lock: nothing changed.
-                    let backoff = Duration::from_millis((250 * u64::from(attempt)).min(2000));
-                    self.emit(
+        // Resumed after the restore ended: it is not run again (one transaction that
+        // committed); the history is what may still be missing.
+        if !self.done_before(self.plan.strategy.as_str()) {
+            let at = self.begin(self.plan.strategy.as_str()).await?;
+            let req = RestoreRequest {
+                tables: (self.plan.strategy == Strategy::TableRestore)
+                    .then(|| self.plan.tables.clone()),
+                into: None,
+                force: false,
+                // Taken already, of the whole database, before any step changed anything.
+                emergency_backup: false,
+                // Not needed: a restore that keeps history (a rollback's) is not refused
+                // across schema versions — the backup is of the version before the
+                // deployment on purpose, and this rollback marks the deployment's migrations
+                // reverted once the tables are back, so history agrees with them.
+                across_versions: false,
+                keep_history: true,
+            };
+            let attempts = self.exec.policy.restore_attempts.max(1);
+            let mut attempt = 0;
+            let result = loop {
+                attempt += 1;
+                let r = self
+                    .exec
+                    .backups
+                    .restore(&self.exec.backup_target, &backup.id, &req, Arc::new(|_| {}))
+                    .await;
+                match r {
+                    Err(e) if attempt < attempts && is_lock_timeout(&e) => {
+                        // One transaction that timed out waiting for a lock: nothing changed.
+                        let backoff = Duration::from_millis((250 * u64::from(attempt)).min(2000));
+                        self.emit(
                         self.primary(),
                         Step::RollingBack,
                         "restore_retry",
@@ -676,46 +838,50 @@ impl Run<'_> {
                         json!({ "attempt": attempt, "attempts": attempts, "backoff_ms": backoff.as_millis() as u64, "error": e.message }),
                     )
                     .await?;
-                    tokio::time::sleep(backoff).await;
+                        tokio::time::sleep(backoff).await;
+                    }
+                    other => break other,
                 }
-                other => break other,
+            };
+            let report = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    self.step_done(
+                        self.plan.strategy.as_str(),
+                        at,
+                        Err(e.message.clone()),
+                        false,
+                    )
+                    .await?;
+                    return Ok(Err(Failed(format!(
+                        "the restore failed (one transaction: the database is as before it): {}",
+                        e.message
+                    ))));
+                }
+            };
+            let what = match &report.tables {
+                Some(t) => t.join(", "),
+                None => "the whole database but belay's history".into(),
+            };
+            let mut detail = format!(
+                "restored {what} from backup {} in {} ms (attempt {attempt})",
+                backup.id, report.duration_ms
+            );
+            if !report.mismatches.is_empty() {
+                detail.push_str(&format!(
+                    "; row counts differ from the backup: {:?}",
+                    report.mismatches
+                ));
             }
-        };
-        let report = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.step_done(
-                    self.plan.strategy.as_str(),
-                    at,
-                    Err(e.message.clone()),
-                    false,
-                )
+            self.step_done(self.plan.strategy.as_str(), at, Ok(detail), false)
                 .await?;
-                return Ok(Err(Failed(format!(
-                    "the restore failed (one transaction: the database is as before it): {}",
-                    e.message
-                ))));
-            }
-        };
-        let what = match &report.tables {
-            Some(t) => t.join(", "),
-            None => "the whole database but belay's history".into(),
-        };
-        let mut detail = format!(
-            "restored {what} from backup {} in {} ms (attempt {attempt})",
-            backup.id, report.duration_ms
-        );
-        if !report.mismatches.is_empty() {
-            detail.push_str(&format!(
-                "; row counts differ from the backup: {:?}",
-                report.mismatches
-            ));
         }
-        self.step_done(self.plan.strategy.as_str(), at, Ok(detail), false)
-            .await?;
+        if self.done_before("record_history") {
+            return Ok(Ok(()));
+        }
 
         // The history still says the migrations are applied: say they were reverted.
-        let at = Utc::now();
+        let at = self.begin("record_history").await?;
         let versions: Vec<String> = self
             .plan
             .migrations
@@ -767,7 +933,7 @@ impl Run<'_> {
 
     async fn verify(&mut self) -> Result<Result<(), Failed>, RollbackError> {
         // History at the version.
-        let at = Utc::now();
+        let at = self.begin("verify_history").await?;
         match self.exec.migrations.status(self.target()).await {
             Err(e) => {
                 self.step_done("verify_history", at, Err(e.message.clone()), false)
@@ -845,7 +1011,7 @@ impl Run<'_> {
         }
 
         // Postflight.
-        let at = Utc::now();
+        let at = self.begin("verify_postflight").await?;
         let (skip, spec) = match &self.exec.postflight {
             Some(s) => (false, s.clone()),
             None => recorded_postflight(&self.records[0]),
@@ -892,7 +1058,7 @@ impl Run<'_> {
         }
 
         // Probes for the settle period.
-        let at = Utc::now();
+        let at = self.begin("verify_probes").await?;
         if self.exec.probes.is_empty() {
             self.step_done(
                 "verify_probes",
@@ -968,6 +1134,7 @@ impl Run<'_> {
     }
 
     async fn finish(&mut self, result: Result<(), Failed>) -> Result<Outcome, RollbackError> {
+        self.begin("incident_report").await?;
         let event = match &result {
             Ok(()) => RollbackEvent::Verified,
             Err(_) => RollbackEvent::StepFailed,
@@ -1035,6 +1202,7 @@ impl Run<'_> {
             json!({ "report": report, "markdown": markdown }),
         )
         .await?;
+        failpoint::hit("rollback.after_incident_report").await;
         for record in self.records.clone() {
             let id = record.start.id;
             self.transition(id, Step::RollingBack, state, &why).await?;

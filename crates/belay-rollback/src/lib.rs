@@ -17,6 +17,7 @@ pub mod api;
 pub mod error;
 pub mod exec;
 pub mod facts;
+pub mod failpoint;
 pub mod handler;
 pub mod hooks;
 pub mod lifecycle;
@@ -25,6 +26,8 @@ pub mod model;
 pub mod notify;
 pub mod plan;
 pub mod report;
+pub mod resume;
+pub mod run_lock;
 
 pub use api::{
     Execute, LocalRollbacks, RollbackApi, RollbackStatus, Rollbackable, TargetRollbacks,
@@ -46,3 +49,5 @@ pub use notify::{
 };
 pub use plan::{PlanInput, Planner, Resolved, RollbackTo, decide, resolve, resolve_in};
 pub use report::{BackupLocations, IncidentReport, Severity, StepRecord};
+pub use resume::{KIND_ROLLBACK_STEP_STARTED, NextAction, Progress, progress};
+pub use run_lock::{PgRunLock, RunLock};

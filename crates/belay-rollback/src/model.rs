@@ -197,6 +197,10 @@ pub struct RollbackPlan {
     pub estimated_ms: u64,
     /// How the estimate was made.
     pub estimate_basis: String,
+    /// Set when this is an interrupted rollback's recorded plan: what `execute` does
+    /// with it (resume from a step, end it escalated, or refuse, and why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
 }
 
 impl RollbackPlan {

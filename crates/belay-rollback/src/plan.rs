@@ -610,6 +610,7 @@ pub fn decide(input: &PlanInput) -> RollbackPlan {
         losses,
         estimated_ms,
         estimate_basis,
+        resume: None,
     }
 }
 

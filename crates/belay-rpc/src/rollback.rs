@@ -176,6 +176,8 @@ pub fn status(s: &RollbackStatus) -> pb::RollbackStatus {
         report_json: s.report.as_ref().map(to_json),
         report_markdown: s.markdown.clone(),
         abort_requested: s.abort_requested.clone(),
+        under_way: s.under_way.clone(),
+        next: s.next.clone(),
     }
 }
 
@@ -202,6 +204,8 @@ pub fn status_from(s: &pb::RollbackStatus) -> Result<RollbackStatus, DecodeError
         markdown: s.report_markdown.clone(),
         running: s.running,
         abort_requested: s.abort_requested.clone(),
+        under_way: s.under_way.clone(),
+        next: s.next.clone(),
         record,
     })
 }

@@ -178,6 +178,21 @@ impl MigrationApi for Metered {
     ) -> Result<(), belay_migrate::ApiError> {
         self.0.baseline(target, version, description).await
     }
+
+    // Forwarded like the rest: without it an agent's restore-based rollback (whose
+    // migrations are metered) could not record the versions reverted.
+    async fn record_reverted(
+        &self,
+        target: &str,
+        versions: &[String],
+        deployment_id: Uuid,
+        backup_id: Option<&str>,
+        note: serde_json::Value,
+    ) -> Result<Vec<String>, belay_migrate::ApiError> {
+        self.0
+            .record_reverted(target, versions, deployment_id, backup_id, note)
+            .await
+    }
 }
 
 /// Runs `work` in its own task, forwarding events and the final report into a stream.

@@ -1,0 +1,142 @@
+//! A controller that stopped while an agent ran a rollback routed through it: the agent
+//! ran on without it, so once the agent registers again the controller takes the outcome
+//! from the agent's record (the steps it missed, the incident report, the end).
+
+use crate::{Fleet, store_err};
+use belay_core::ApiError;
+use belay_deploy::DeployEvent;
+use belay_rollback::RollbackApi;
+use belay_rpc::RollbackClient;
+use belay_store::DeploymentState;
+use tracing::{Instrument, info_span};
+use uuid::Uuid;
+
+/// How many of the newest deployments a restarted controller looks through for rollbacks
+/// it was recording when it stopped.
+const ROLLBACK_LOOKBACK: i64 = 200;
+
+impl Fleet {
+    /// Settles, once their agents answer, the targets among `targets` whose rollback this
+    /// controller was recording when it stopped (their step on record is still
+    /// `rolling_back`): the agent ran the rollback on without it, so its record beside the
+    /// target says how it went. Waits while the agent still runs it; records the steps
+    /// the controller missed, the incident report, and the end (`rolled_back`,
+    /// `escalated`). One left interrupted on the agent stays `rolling_back` here too:
+    /// `rollback status` through the controller says what `execute` would do.
+    pub(crate) async fn reconcile_rollbacks(
+        &self,
+        targets: &std::collections::HashSet<String>,
+    ) -> Result<(), ApiError> {
+        let deployments = self
+            .store
+            .deployments(ROLLBACK_LOOKBACK)
+            .await
+            .map_err(store_err)?;
+        for d in deployments {
+            for t in d.targets.iter().filter(|t| {
+                t.step == Some(DeploymentState::RollingBack) && targets.contains(&t.target)
+            }) {
+                let fleet = self.clone();
+                let (id, target) = (d.id, t.target.clone());
+                tokio::spawn(
+                    async move {
+                        if let Err(e) = fleet.reconcile_rollback(id, &target).await {
+                            tracing::debug!(target = %target, error = %e, "cannot reconcile the rollback yet");
+                        }
+                    }
+                    .instrument(info_span!("reconcile_rollback", deployment = %id)),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconcile_rollback(&self, id: Uuid, target: &str) -> Result<(), ApiError> {
+        let status = loop {
+            let (conn, _) = self.connection_for(target).await?;
+            let s = RollbackClient::new(&conn)
+                .status(target, Some(&id.to_string()))
+                .await?;
+            let elsewhere = s.next.as_deref().is_some_and(|n| n.starts_with("running"));
+            if !s.running && !elsewhere {
+                break s;
+            }
+            tokio::time::sleep(self.config.heartbeat_interval).await;
+        };
+        if status.record.step == belay_deploy::Step::RollingBack {
+            // Interrupted on the agent too: nothing ended, nothing to take over.
+            return Ok(());
+        }
+        let stored = self.store.events(id, 0).await.map_err(store_err)?;
+        let seen = stored
+            .iter()
+            .filter(|e| e.target.as_deref() == Some(target))
+            .filter_map(|e| e.payload["target_seq"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if stored.iter().any(|e| {
+            e.target.as_deref() == Some(target) && e.kind == belay_deploy::KIND_TRANSITION && {
+                let to = e.payload["to"].as_str().unwrap_or_default();
+                to == "rolled_back" || to == "escalated"
+            }
+        }) {
+            return Ok(());
+        }
+        let agent = self
+            .store
+            .target(target)
+            .await
+            .map_err(store_err)?
+            .map(|t| t.agent)
+            .unwrap_or_default();
+        for e in status.steps.iter().filter(|e| e.seq > seen) {
+            self.record_target_event(id, target, e.clone()).await?;
+        }
+        let at = chrono::Utc::now();
+        let event = |kind: &str, step: belay_deploy::Step, message: String, payload| DeployEvent {
+            deployment_id: id,
+            target: target.to_string(),
+            seq: 0,
+            at,
+            step,
+            kind: kind.to_string(),
+            message,
+            payload,
+        };
+        if let (Some(report), Some(markdown)) = (&status.report, &status.markdown) {
+            self.record_target_event(
+                id,
+                target,
+                event(
+                    belay_rollback::KIND_INCIDENT_REPORT,
+                    belay_deploy::Step::RollingBack,
+                    format!("incident report, from agent {agent}'s record"),
+                    serde_json::json!({ "report": report, "markdown": markdown }),
+                ),
+            )
+            .await?;
+        }
+        let to = status.record.step;
+        let reason = format!(
+            "reconciled from agent {agent}'s record: the rollback went on without the controller and ended {to}{}",
+            status
+                .record
+                .outcome
+                .as_ref()
+                .and_then(|o| o.reason.as_deref())
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+        self.record_target_event(
+            id,
+            target,
+            event(
+                belay_deploy::KIND_TRANSITION,
+                to,
+                format!("rolling_back → {to}: {reason}"),
+                serde_json::json!({ "from": belay_deploy::Step::RollingBack, "to": to, "reason": reason }),
+            ),
+        )
+        .await
+    }
+}
