@@ -393,3 +393,83 @@ async fn prune_through_the_controller_keeps_the_backup_of_a_failed_deployment() 
     assert!(!ids.contains(&c1) && ids.contains(&pre), "{ids:?}");
     Ok(())
 }
+
+/// `(kind, scope)` of every manifest in a backup catalog directory, sorted.
+fn manifest_kinds(catalog: &Path) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for target in std::fs::read_dir(catalog)? {
+        for backup in std::fs::read_dir(target?.path())? {
+            let manifest = backup?.path().join("manifest.json");
+            if !manifest.is_file() {
+                continue;
+            }
+            let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest)?)?;
+            out.push((doc["kind"].to_string(), doc["scope"].to_string()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_and_local_undo_take_the_same_kind_of_pre_undo_snapshot() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let migrations = tmp.path().join("m");
+    std::fs::create_dir_all(&migrations)?;
+    std::fs::write(
+        migrations.join("V1__keep.sql"),
+        "CREATE TABLE keep_me (id int PRIMARY KEY);\nINSERT INTO keep_me SELECT generate_series(1, 10);\n",
+    )?;
+    std::fs::write(migrations.join("U1__keep.sql"), "DROP TABLE keep_me;\n")?;
+    let local_db = Cluster::shared().create_database().await?;
+    let remote_db = Cluster::shared().create_database().await?;
+
+    // Local: migrate, then undo, each with its default backup.
+    let local_catalog = tmp.path().join("local-backups");
+    let dir = local_catalog.to_string_lossy().into_owned();
+    ok(belay_local(
+        &local_db.url,
+        &migrations,
+        &["--backup-dir", &dir, "migrate"],
+    )
+    .await?);
+    ok(belay_local(&local_db.url, &migrations, &["--backup-dir", &dir, "undo"]).await?);
+
+    // Remote: the same through the controller and the agent, with the agent's defaults.
+    let remote_catalog = tmp.path().join("remote-backups");
+    let mut c = belay_e2e::controller(&tmp.path().join("c.db").to_string_lossy(), &[]).await?;
+    let mut a = agent(
+        tmp.path(),
+        &c.addr,
+        &migrations,
+        &[Def {
+            name: "undo_1",
+            db: &remote_db,
+            backup_dir: Some(&remote_catalog),
+        }],
+    )
+    .await?;
+    wait_agents(&c.addr, 1).await?;
+    ok(belay(&c.addr, &["--target", "undo_1", "migrate"]).await?);
+    ok(belay(&c.addr, &["--target", "undo_1", "undo"]).await?);
+    assert_eq!(
+        psql(&remote_db.url, "SELECT to_regclass('keep_me') IS NULL"),
+        "t"
+    );
+
+    let local = manifest_kinds(&local_catalog)?;
+    let remote = manifest_kinds(&remote_catalog)?;
+    assert_eq!(
+        local, remote,
+        "local and remote runs took different backups"
+    );
+    assert!(
+        remote
+            .iter()
+            .any(|(kind, scope)| kind.contains("pre_undo") && scope.contains("keep_me")),
+        "no pre-undo snapshot of the dropped table: {remote:?}"
+    );
+    a.stop().await?;
+    c.stop().await?;
+    Ok(())
+}

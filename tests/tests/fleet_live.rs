@@ -425,3 +425,82 @@ async fn a_controller_killed_while_watching_takes_the_agents_outcome_after_resta
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigterm_while_watching_stops_the_agent_after_its_shutdown_grace_and_records_the_cancel()
+-> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let db = Cluster::shared().create_database().await?;
+    let m = migrations(
+        tmp.path(),
+        "m",
+        &[("V1__gate.sql", "CREATE TABLE gate (id int);\n")],
+    )?;
+    let c = controller(&tmp.path().join("c.db").to_string_lossy(), &[]).await?;
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"agent-1\"\ncontroller = \"{}\"\nshutdown_grace = \"1s\"\n{}",
+            c.addr,
+            target_toml(
+                "sg_1",
+                &db,
+                &m,
+                &probe("gate_empty", "SELECT count(*) FROM gate")
+            )
+        ),
+    )?;
+    let mut a = agent(&config).await?;
+    wait_agents(&c.addr, 1).await?;
+    let addr = c.addr.clone();
+    let deploy = tokio::spawn(async move {
+        belay(&addr, &["deploy", "--targets", "sg_1", "--watch", "10m"]).await
+    });
+    let id = newest_deployment(&c.addr).await?;
+    wait_step(&c.addr, &id, "sg_1", "watching").await?;
+
+    // A ten-minute watch is under way: the stop does not wait for it past the grace.
+    let (code, log) = a.stop().await?;
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("shutdown grace ran out: cancelling deployments in flight"),
+        "{log}"
+    );
+    assert!(
+        log.contains("recorded a deployment cancelled by the stop"),
+        "{log}"
+    );
+    let r = deploy.await??;
+    assert_ne!(r.code, 0, "{r:?}");
+
+    // Beside the target the record is final and says why, before any restart.
+    assert_eq!(
+        psql(
+            &db.url,
+            &format!(
+                "SELECT step, failed_step, finished_at IS NOT NULL, evidence->>'settled', \
+                 evidence->>'shutdown_grace_ms' FROM belay.deployments WHERE id = '{id}'"
+            )
+        ),
+        "failed|watching|t|agent_stop|1000"
+    );
+    let reason = psql(
+        &db.url,
+        &format!("SELECT reason FROM belay.deployments WHERE id = '{id}'"),
+    );
+    assert!(
+        reason
+            .contains("the agent was stopped during watching and its shutdown grace (1s) ran out"),
+        "{reason}"
+    );
+    // What committed stays committed: deploying again resumes from it.
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*) FROM belay.schema_history WHERE version = '1' AND success"
+        ),
+        "1"
+    );
+    Ok(())
+}

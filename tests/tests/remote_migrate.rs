@@ -778,3 +778,133 @@ async fn deploy_target_through_the_controller_refuses_an_unknown_target() -> Res
     assert!(history(&db).await?.is_empty());
     Ok(())
 }
+
+/// `belay psql`-style one-value query on `db`.
+fn one(db: &TestDb, sql: &str) -> String {
+    belay_e2e::psql(&db.url, sql)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_repair_takes_version_checksums_only_and_failed_only_as_local_mode_does()
+-> Result<()> {
+    let db = Cluster::shared().create_database().await?;
+    let m = tempfile::tempdir()?;
+    std::fs::write(m.path().join("V1__one.sql"), "CREATE TABLE one (id int);")?;
+    std::fs::write(m.path().join("V2__two.sql"), "CREATE TABLE two (id int);")?;
+    let f = fleet_with("rep_1", &db, m.path(), "").await?;
+    let c = &f.controller.addr;
+    let run = |args: &'static [&'static str]| {
+        let mut all = vec!["--target", "rep_1"];
+        all.extend_from_slice(args);
+        async move { belay(c, &all).await }
+    };
+    let r = run(&["migrate"]).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    let checksum = |v: &str| {
+        one(
+            &db,
+            &format!(
+                "SELECT checksum FROM belay.schema_history WHERE version = '{v}' AND state = 'success'"
+            ),
+        )
+    };
+    let v1_before = checksum("1");
+    // Drift on 1 and 2, and a no-transaction migration that fails half-way.
+    std::fs::write(
+        m.path().join("V1__one.sql"),
+        "CREATE TABLE one (id bigint);",
+    )?;
+    std::fs::write(
+        m.path().join("V2__two.sql"),
+        "CREATE TABLE two (id bigint);",
+    )?;
+    std::fs::write(
+        m.path().join("V3__three.sql"),
+        "-- belay:no-transaction\nCREATE TABLE three (id int);\nSELECT 1/0;\n",
+    )?;
+
+    // --version with --checksums-only: only 1 is realigned, and recorded so.
+    let r = run(&["repair", "--version", "1", "--checksums-only"]).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("repaired 1 (V1__one.sql): realigned") && !r.stdout.contains("V2__two"),
+        "{r:?}"
+    );
+    let v1_after = checksum("1");
+    assert_ne!(v1_after, v1_before);
+    assert_eq!(
+        one(
+            &db,
+            "SELECT notes->'repairs'->0->>'action', notes->'repairs'->0->>'from', \
+             notes->'repairs'->0->>'to' FROM belay.schema_history WHERE version = '1'"
+        ),
+        format!("checksum_realigned|{v1_before}|{v1_after}")
+    );
+    assert_eq!(
+        one(
+            &db,
+            "SELECT notes->'repairs' IS NULL FROM belay.schema_history WHERE version = '2'"
+        ),
+        "t",
+        "2 keeps its drift"
+    );
+
+    // --version alone: 2 is realigned; then 3 fails.
+    let r = run(&["repair", "--version", "2"]).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run(&["migrate"]).await?;
+    assert_ne!(r.code, 0, "3 fails: {r:?}");
+    assert_eq!(
+        one(
+            &db,
+            "SELECT state FROM belay.schema_history WHERE version = '3'"
+        ),
+        "failed"
+    );
+
+    // --checksums-only leaves the failed row alone.
+    let r = run(&["repair", "--checksums-only"]).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("nothing to repair"), "{r:?}");
+    assert_eq!(
+        one(
+            &db,
+            "SELECT state FROM belay.schema_history WHERE version = '3'"
+        ),
+        "failed"
+    );
+
+    // --failed-only sets it aside, recorded, and leaves new drift on 2 alone.
+    std::fs::write(m.path().join("V2__two.sql"), "CREATE TABLE two (id text);")?;
+    let r = run(&["repair", "--failed-only"]).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("repaired 3 (V3__three.sql): marked the failed attempt")
+            && !r.stdout.contains("V2__two"),
+        "{r:?}"
+    );
+    assert_eq!(
+        one(
+            &db,
+            "SELECT state, notes->'repairs'->0->>'action', notes->'repairs'->0->>'was' \
+             FROM belay.schema_history WHERE version = '3'"
+        ),
+        "repaired|set_aside|failed"
+    );
+    assert_eq!(
+        one(
+            &db,
+            "SELECT jsonb_array_length(notes->'repairs') FROM belay.schema_history \
+             WHERE version = '2' AND state = 'success'"
+        ),
+        "1",
+        "2's new drift is not realigned by --failed-only"
+    );
+
+    // A version no migration has is refused, naming it, as locally (exit 2).
+    let r = run(&["repair", "--version", "9"]).await?;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains('9'), "{r:?}");
+    Ok(())
+}

@@ -45,8 +45,6 @@ async fn mtls_and_tokens_guard_every_hop_and_no_secret_is_ever_printed() -> Resu
             &s(&pki.server_key),
             "--token-file",
             &s(&token_file),
-            "--agent-tls-name",
-            "127.0.0.1",
         ],
         &[],
     )
@@ -257,8 +255,6 @@ async fn an_agent_registers_only_under_the_name_its_certificate_carries() -> Res
             &s(&pki.server_key),
             "--token-file",
             &s(&token_file),
-            "--agent-tls-name",
-            "127.0.0.1",
         ],
         &[],
     )
@@ -411,5 +407,102 @@ async fn a_plaintext_controller_says_names_are_asserted_and_a_tls_client_is_told
         log.contains("agent identities are asserted, not checked"),
         "{log}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_controller_calls_an_agent_only_at_an_endpoint_presenting_that_agents_certificate()
+-> Result<()> {
+    let pki = TestPki::new()?;
+    let tmp = tempfile::tempdir()?;
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n"))?;
+    let db = Cluster::shared().create_database().await?;
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/migrations");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let tls_args = [
+        "--tls-ca".to_string(),
+        s(&pki.ca),
+        "--tls-cert".to_string(),
+        s(&pki.server_cert),
+        "--tls-key".to_string(),
+        s(&pki.server_key),
+        "--token-file".to_string(),
+        s(&token_file),
+    ];
+
+    // A shared agent certificate name is refused before anything runs.
+    let out = tokio::process::Command::new(belay_e2e::binary("belay-controller")?)
+        .args(["--listen", "127.0.0.1:0", "--store"])
+        .arg(tmp.path().join("refused.db"))
+        .args(&tls_args)
+        .args(["--agent-tls-name", "belay-agent"])
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--agent-tls-name \"belay-agent\" is no longer accepted")
+            && stderr.contains("DNS SAN is its `name`"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("refused.db").exists(), "it ran: {stderr}");
+
+    let store = s(&tmp.path().join("c.db"));
+    let mut args = vec!["--listen", "127.0.0.1:0", "--store", &store];
+    args.extend(tls_args.iter().map(String::as_str));
+    let mut c = Daemon::start("belay-controller", &args, &[]).await?;
+    let (_, b_cert, b_key) = pki.agent_files("b")?;
+    let (_, c_cert, c_key) = pki.agent_files("c")?;
+    let b_cfg = agent_config_with(
+        tmp.path(),
+        "b",
+        &c.addr,
+        &agent_tls(&token_file, &pki.ca, &b_cert, &b_key),
+        &[TargetDef {
+            name: "owned_by_b",
+            url: &db.url,
+            migrations: &ex,
+            environment: None,
+        }],
+    )?;
+    let mut b = Daemon::start(
+        "belay-agent",
+        &["--listen", "127.0.0.1:0", "--config", &s(&b_cfg)],
+        &[],
+    )
+    .await?;
+    let ca = s(&pki.ca);
+    let creds = ["--ca", ca.as_str(), "--token-file", &s(&token_file)];
+    wait_agents_with(&c.addr, 1, &creds).await?;
+
+    // Each agent's own certificate is verified against its own name: b is reachable.
+    let mut status_b = creds.to_vec();
+    status_b.extend(["--target", "owned_by_b", "status"]);
+    let r = belay(&c.addr, &status_b).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+
+    // "c" registers rightly (its certificate carries "c") but advertises b's endpoint,
+    // which presents b's certificate: the controller refuses to talk to it.
+    let mut with_c = controller_client(&c.addr, &pki.ca, &c_cert, &c_key).await?;
+    let mut reg = registration("c", "owned_by_c");
+    reg.address = b.addr.clone();
+    with_c.register_agent(reg).await?;
+    with_c
+        .heartbeat(pb::HeartbeatRequest { name: "c".into() })
+        .await?;
+    let mut status_c = creds.to_vec();
+    status_c.extend(["--target", "owned_by_c", "status"]);
+    let r = belay(&c.addr, &status_c).await?;
+    assert_eq!(r.code, 69, "{r:?}");
+    assert!(
+        r.stderr.contains("agent c at") && r.stderr.contains("certificate"),
+        "{r:?}"
+    );
+    let b_log = b.log_so_far();
+    assert!(!b_log.contains("owned_by_c"), "b was called for c: {b_log}");
+
+    b.stop().await?;
+    c.stop().await?;
     Ok(())
 }

@@ -43,7 +43,12 @@ const HEALTH_SERVICES: [&str; 8] = [
     belay_proto::v1::backfill_service_server::SERVICE_NAME,
 ];
 
-use belay_rpc::daemon::{SHUTDOWN_GRACE, exit};
+use belay_rpc::daemon::exit;
+
+/// What a stop takes beyond its grace at most: cancelling the work still in flight and
+/// recording each cancelled deployment beside its target. The unit's `TimeoutStopSec`
+/// must exceed the grace plus this plus a margin (a test reads the shipped unit).
+const RECORD_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
@@ -83,6 +88,13 @@ struct Args {
     /// unreachable collector never blocks or stops the daemon
     #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+
+    /// How long a stop (SIGTERM) lets deployments, rollbacks, runs, backups and restores
+    /// in flight finish, from the signal on; then they are cancelled and each deployment
+    /// recorded failed at its step [default: `shutdown_grace` in agent.toml, else 20s].
+    /// Keep it 15 s or more below the unit's TimeoutStopSec
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_shutdown_grace)]
+    shutdown_grace: Option<std::time::Duration>,
 
     /// Log format on stderr.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, env = belay_telemetry::LOG_FORMAT_ENV)]
@@ -149,12 +161,24 @@ async fn serve(args: Args) -> ExitCode {
                 advertise: None,
                 token_file: None,
                 tls: None,
+                shutdown_grace: None,
                 lock_sample_period: None,
                 limits: config::Limits::default(),
                 targets: Vec::new(),
             },
             Vec::new(),
         ),
+    };
+    let grace = match (args.shutdown_grace, &agent_config.shutdown_grace) {
+        (Some(g), _) => g,
+        (None, Some(text)) => match config::parse_shutdown_grace(text) {
+            Ok(g) => g,
+            Err(err) => {
+                eprintln!("{BIN}: error: agent config: shutdown_grace: {err}");
+                return ExitCode::from(exit::USAGE);
+            }
+        },
+        (None, None) => config::DEFAULT_SHUTDOWN_GRACE,
     };
     let registration_targets: Vec<pb::TargetInfo> = targets
         .iter()
@@ -293,6 +317,8 @@ async fn serve(args: Args) -> ExitCode {
             name.clone(),
             mode,
         )
+        // A remote undo takes the same pre-undo snapshot as local `belay undo` does.
+        .with_undo_mode(belay_guards::BackupMode::default_for_undo(mode))
         .with_notify(Arc::new(
             move |m: &str| tracing::info!(target = %target, "{m}"),
         ));
@@ -365,6 +391,7 @@ async fn serve(args: Args) -> ExitCode {
             }
         });
     }
+    let stop_deployer = deployer.clone();
     let deploy_service = belay_rpc::DeployGrpc::new(Arc::new(budget::Deploys {
         inner: deployer,
         budget: budget.clone(),
@@ -516,40 +543,38 @@ async fn serve(args: Args) -> ExitCode {
         });
     belay_rpc::daemon::announce(local_addr);
     tracing::info!(addr = %local_addr, "serving");
-    let code = ExitCode::from(
-        belay_rpc::daemon::serve_until_stopped(
-            server,
-            stop_tx,
-            &mut signals,
-            &reporter,
-            &HEALTH_SERVICES,
-        )
-        .await,
-    );
-    sampler.stop().await;
-    // Runs keep going after their caller leaves; let them finish and record their
-    // outcome rather than cutting a migration off mid-way. A deployment's pipeline
-    // includes its migration run: it is waited for with the runs.
-    let deployments = deploy_service.runs();
-    deployments.close();
-    // A rollback under way finishes its step and is recorded, as a deployment does.
-    let rollback_runs = rollback_service.runs();
-    rollback_runs.close();
-    if !rollback_runs.is_empty() {
-        tracing::info!(
-            rollbacks = rollback_runs.len(),
-            "waiting for rollbacks in flight"
-        );
-        if tokio::time::timeout(SHUTDOWN_GRACE, rollback_runs.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "rollbacks still running after the grace period; `belay rollback status` shows where each stopped"
-            );
+    let (code, deadline) = belay_rpc::daemon::serve_until_stopped_within(
+        server,
+        stop_tx,
+        &mut signals,
+        &reporter,
+        &HEALTH_SERVICES,
+        grace,
+    )
+    .await;
+    let code = ExitCode::from(code);
+    // One budget for the whole stop, from the signal on: everything below waits until
+    // `deadline` at most, then cancels, so the stop fits the unit's TimeoutStopSec.
+    let _ = tokio::time::timeout_at(deadline, sampler.stop()).await;
+    // Work keeps going after its caller leaves; let it finish and record its outcome
+    // rather than cutting a migration off mid-way. A deployment's pipeline includes its
+    // migration run, a rollback finishes its step; a restore or backup cut off leaves a
+    // catalog entry missing or a database half restored.
+    let in_flight = [
+        ("deployments", deploy_service.runs().clone()),
+        ("rollbacks", rollback_service.runs().clone()),
+        ("migration runs", migration_service.runs().clone()),
+        ("backups and restores", backup_service.ops().clone()),
+    ];
+    for (what, work) in &in_flight {
+        work.close();
+        if !work.is_empty() {
+            tracing::info!(count = work.len(), grace = ?grace, "waiting for {what} in flight");
         }
     }
-    // Backfills were told to stop with the server: each finishes its batch in flight.
+    // Backfills were told to stop with the server: each commits its batch in flight and
+    // ends, within the same deadline; one still in a batch past it is rolled back by
+    // PostgreSQL when the process exits, and the same command resumes it.
     let backfill_runs = backfill_service.runs();
     backfill_runs.close();
     if !backfill_runs.is_empty() {
@@ -557,60 +582,54 @@ async fn serve(args: Args) -> ExitCode {
             backfills = backfill_runs.len(),
             "waiting for backfills to commit their batch in flight"
         );
-        if tokio::time::timeout(SHUTDOWN_GRACE, backfill_runs.wait())
-            .await
-            .is_err()
-        {
+    }
+    let all_done = async {
+        backfill_runs.wait().await;
+        all_ended(&in_flight).await;
+    };
+    if tokio::time::timeout_at(deadline, all_done).await.is_err() {
+        if !backfill_runs.is_empty() {
             tracing::warn!(
-                "backfills still in a batch after the grace period; PostgreSQL rolls that batch back and the same command resumes"
+                "backfills still in a batch after the shutdown grace; PostgreSQL rolls that batch back and the same command resumes"
             );
         }
-    }
-    let runs = migration_service.runs();
-    runs.close();
-    if !deployments.is_empty() {
-        tracing::info!(
-            deployments = deployments.len(),
-            "waiting for deployments in flight"
-        );
-        if tokio::time::timeout(SHUTDOWN_GRACE, deployments.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "deployments still running after the grace period; their migrations' transactions roll back and no-transaction ones show as failed"
-            );
+        // Cancelled where they wait: each task's database sessions close, so an open
+        // transaction rolls back; the caller is told; each deployment is recorded failed
+        // at its step (deploy again to resume from what committed).
+        let deployments = stop_deployer.running_now();
+        for (what, work) in &in_flight {
+            if !work.is_empty() {
+                tracing::warn!(count = work.len(), grace = ?grace, "shutdown grace ran out: cancelling {what} in flight");
+            }
+            work.cancel();
         }
-    }
-    if !runs.is_empty() {
-        tracing::info!(runs = runs.len(), "waiting for migrations in flight");
-        if tokio::time::timeout(SHUTDOWN_GRACE, runs.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "migrations still running after the grace period; their transactions roll back and no-transaction ones show as failed"
-            );
-        }
-    }
-    // A restore or backup under way finishes too: one cut off leaves a catalog entry
-    // missing or a database half restored (its transaction rolls back, but the work is lost).
-    let ops = backup_service.ops();
-    ops.close();
-    if !ops.is_empty() {
-        tracing::info!(
-            operations = ops.len(),
-            "waiting for backups and restores in flight"
-        );
-        if tokio::time::timeout(SHUTDOWN_GRACE, ops.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("backups or restores still running after the grace period");
+        let record = async {
+            all_ended(&in_flight).await;
+            stop_deployer.record_cancelled(&deployments, grace).await
+        };
+        match tokio::time::timeout(RECORD_BOUND, record).await {
+            Ok(Ok(ids)) => {
+                for id in ids {
+                    tracing::warn!(deployment = %id, "recorded a deployment cancelled by the stop");
+                }
+            }
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "cannot record the cancelled deployments; they are settled when the agent starts again")
+            }
+            Err(_) => {
+                tracing::error!(bound = ?RECORD_BOUND, "recording the cancelled deployments took too long; they are settled when the agent starts again")
+            }
         }
     }
     tracing::info!("stopped");
     code
+}
+
+/// Waits for every tracker of work in flight to be closed and empty.
+async fn all_ended(in_flight: &[(&str, belay_rpc::InFlight)]) {
+    for (_, work) in in_flight {
+        work.wait().await;
+    }
 }
 
 /// The host name, the natural name of the agent beside a database.
@@ -642,6 +661,34 @@ mod tests {
         }
         let err = parse_listen("nope").expect_err("not an address");
         assert!(err.contains("`nope`"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_unit_waits_longer_than_the_worst_case_stop_with_a_margin() {
+        let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/systemd/belay-agent.service");
+        let text = std::fs::read_to_string(&unit).expect("the shipped unit file");
+        let timeouts: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("TimeoutStopSec="))
+            .collect();
+        assert_eq!(
+            timeouts.len(),
+            1,
+            "one TimeoutStopSec in {}",
+            unit.display()
+        );
+        let stop_sec: u64 = timeouts[0]
+            .trim()
+            .parse()
+            .expect("TimeoutStopSec in seconds");
+        // The worst case by default: the whole grace, then cancelling and recording.
+        let worst = config::DEFAULT_SHUTDOWN_GRACE + RECORD_BOUND;
+        let margin = std::time::Duration::from_secs(10);
+        assert!(
+            std::time::Duration::from_secs(stop_sec) >= worst + margin,
+            "TimeoutStopSec={stop_sec} leaves less than {margin:?} above the worst-case stop {worst:?}"
+        );
     }
 
     #[test]

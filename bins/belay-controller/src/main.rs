@@ -108,9 +108,10 @@ struct Args {
     #[arg(long, value_name = "PATH", requires_all = ["tls_ca", "tls_cert"])]
     tls_key: Option<std::path::PathBuf>,
 
-    /// Name the agents' certificates must carry
-    #[arg(long, value_name = "NAME", default_value = "localhost")]
-    agent_tls_name: String,
+    /// Refused: the controller verifies each agent's server certificate against the name
+    /// that agent registered under (its certificate's identity), never a shared name
+    #[arg(long, value_name = "NAME", hide = true)]
+    agent_tls_name: Option<String>,
 
     /// Also serve grpc.health.v1, and only it, in plaintext on ADDR: for probes that
     /// cannot speak TLS (the kubelet's `grpc:` probe); off when not given
@@ -163,6 +164,18 @@ fn main() -> ExitCode {
         }
     };
 
+    if let Some(name) = &args.agent_tls_name {
+        // A shared name is what let any agent's certificate answer for every agent; it
+        // cannot coexist with names bound to certificates, so it is refused, not ignored.
+        eprintln!(
+            "{BIN}: error: --agent-tls-name {name:?} is no longer accepted: the controller \
+             verifies each agent's server certificate against the name the agent registered \
+             under, so one shared name would let any agent's certificate answer for every \
+             agent; issue each agent a certificate whose DNS SAN is its `name` in agent.toml, \
+             and drop the flag"
+        );
+        return ExitCode::from(exit::USAGE);
+    }
     let (format, otlp, listen) = (args.log_format, args.otlp_endpoint.clone(), args.listen);
     belay_rpc::daemon::run(
         BIN,
@@ -232,7 +245,8 @@ async fn serve(args: Args) -> ExitCode {
     let (server_tls, agent_tls) = match &tls_files {
         Some(files) => match (
             belay_auth::server_tls_client_optional(files),
-            belay_auth::client_tls(files, &args.agent_tls_name),
+            // The name here is replaced per agent by its registered name (belay-fleet).
+            belay_auth::client_tls(files, "localhost"),
         ) {
             (Ok(s), Ok(c)) => (Some(s), Some(c)),
             (Err(err), _) | (_, Err(err)) => {
@@ -381,7 +395,7 @@ async fn serve(args: Args) -> ExitCode {
         );
     } else {
         tracing::info!(
-            "mTLS: an agent may register only under a name its certificate carries (DNS SAN, or CN without DNS SANs)"
+            "mTLS: an agent may register only under a name its certificate carries (DNS SAN, or CN without DNS SANs), and is called only at an address whose certificate carries that name as a DNS SAN"
         );
     }
     let code = ExitCode::from(

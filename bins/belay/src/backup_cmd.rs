@@ -189,6 +189,8 @@ pub fn hook_for(
     use crate::cli::Command;
     let mode = match command {
         Command::Migrate { backup, .. } => backup.or(settings.backup).unwrap_or(BackupMode::Full),
+        // The same default as the agent's for a remote undo
+        // (`belay_guards::BackupMode::default_for_undo`): a snapshot of the tables it drops.
         Command::Undo { backup, .. } => backup.unwrap_or(BackupMode::Tables),
         _ => return None,
     };

@@ -213,6 +213,13 @@ fn effective_agent(
         "controller": c.controller,
         "advertise": c.advertise,
         "token_file": c.token_file.as_ref().map(|p| p.display().to_string()),
+        // Checked when the file was loaded; the default when not written.
+        "shutdown_grace": dur(
+            c.shutdown_grace
+                .as_deref()
+                .and_then(|g| belay_config::agent::parse_shutdown_grace(g).ok())
+                .unwrap_or(belay_config::agent::DEFAULT_SHUTDOWN_GRACE),
+        ),
         "tls": c.tls.as_ref().map(|t| json!({
             "ca": t.ca.display().to_string(),
             "cert": t.cert.display().to_string(),

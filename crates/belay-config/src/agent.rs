@@ -16,6 +16,25 @@ pub const DEFAULT_LOCK_SAMPLE_PERIOD: Duration = Duration::from_secs(10);
 /// Faster sampling shows nothing a scrape would see and only adds load on the target.
 pub const MIN_LOCK_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
 
+/// How long a stop (SIGTERM) lets the agent's work in flight finish by default, from the
+/// signal on: deployments, rollbacks, migration runs, backups and restores share it; what
+/// is still running then is cancelled and recorded so (`shutdown_grace`). Below the
+/// shipped unit's `TimeoutStopSec` (40 s) with the time the recording takes and a margin.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Reads a `shutdown_grace` (agent.toml) or `--shutdown-grace` value: a duration greater
+/// than zero (`"20s"`, `"1m"`).
+pub fn parse_shutdown_grace(value: &str) -> Result<Duration, String> {
+    match parse_duration(value) {
+        Ok(d) if d.is_zero() => Err(
+            "must be greater than zero: a stop always lets work in flight record where it stood"
+                .to_string(),
+        ),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A period in `agent.toml`: a duration (`"10s"`, `"500ms"`; a bare number is seconds), or
 /// `0`/`"off"` for none.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -91,6 +110,10 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// mTLS with the controller: this agent's identity and the CA both sides trust.
     pub tls: Option<TlsConfig>,
+    /// How long a stop (SIGTERM) lets work in flight finish before cancelling it and
+    /// recording it so, e.g. `"20s"` [default: 20s]; `--shutdown-grace` overrides it. Keep
+    /// it below the unit's `TimeoutStopSec` by 15 s or more.
+    pub shutdown_grace: Option<String>,
     /// How often every target's locks are sampled for the `/metrics` gauges (blocked
     /// sessions, longest lock wait, ...; served with `--metrics-listen`); a target may
     /// say otherwise. `0` or `"off"` turns sampling off [default: 10s].
@@ -340,6 +363,9 @@ pub fn load(path: &Path) -> Result<(AgentConfig, Vec<LoadedTarget>), ConfigError
         tls.key = base.join(&tls.key);
     }
     config.token_file = config.token_file.map(|f| base.join(f));
+    if let Some(g) = &config.shutdown_grace {
+        parse_shutdown_grace(g).map_err(|e| at(Problem::new("shutdown_grace", e)))?;
+    }
     let sample_period = match &config.lock_sample_period {
         Some(p) => p.resolve("lock_sample_period").map_err(at)?,
         None => Some(DEFAULT_LOCK_SAMPLE_PERIOD),
@@ -668,6 +694,14 @@ mod tests {
             (
                 "lock_sample_period = \"10ms\"\n",
                 "agent.toml:1: `lock_sample_period`: must be at least 1s",
+            ),
+            (
+                "name = \"a\"\nshutdown_grace = \"0s\"\n",
+                "agent.toml:2: `shutdown_grace`: must be greater than zero",
+            ),
+            (
+                "shutdown_grace = \"soon\"\n",
+                "agent.toml:1: `shutdown_grace`: invalid duration \"soon\"",
             ),
             (
                 "[[targets]]\nname = \"x\"\nurl = \"postgres://b/c\"\nmigrations = \"m\"\nlock_sample_period = \"often\"\n",

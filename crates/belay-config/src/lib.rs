@@ -335,7 +335,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
         /// Garbage — random bytes as text, and TOML-looking lines mixed from real keys —
         /// never panics, and every error names the file.
         #[test]
@@ -348,6 +348,7 @@ mod tests {
                         "sql = \"SELECT 1\"", "lock_timeout = 5", "[tls]", "targets = 1",
                         "url = \"postgres://u:p@h/d\"", "expect = { equals = \"x\" }", "[[probes]]",
                         "period = \"1x\"", "migrations = \"m\"", "url_env = \"NOPE_X\"",
+                        "shutdown_grace = \"0s\"", "shutdown_grace = 5",
                     ]).prop_map(String::from),
                 ],
                 0..12,

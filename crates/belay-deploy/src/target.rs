@@ -11,7 +11,7 @@
 //! `agent.toml`: preflight thresholds, postflight assertions and smoke queries, probes).
 //! No URL, probe or query crosses the wire.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -212,8 +212,8 @@ pub struct PipelineDeployer {
     /// `on_failure = rollback`'s handler per target; without one such a deployment is
     /// refused before it runs.
     handler_for: Option<HandlerFor>,
-    /// Deployments running in this process right now, by id.
-    running: Arc<Mutex<HashSet<Uuid>>>,
+    /// Deployments running in this process right now: id → target.
+    running: Arc<Mutex<HashMap<Uuid, String>>>,
     /// When this deployer (its process) started: a record left unfinished from before
     /// is a run its process did not live to finish.
     started: DateTime<Utc>,
@@ -256,7 +256,7 @@ impl PipelineDeployer {
     }
 
     fn is_running(&self, id: Uuid) -> bool {
-        self.running.lock().is_ok_and(|r| r.contains(&id))
+        self.running.lock().is_ok_and(|r| r.contains_key(&id))
     }
 
     /// Settles `target`'s deployments that an earlier process of this agent started and
@@ -279,6 +279,41 @@ impl PipelineDeployer {
         Ok(settled)
     }
 
+    /// The deployments running in this process now, as `(id, target)`: what a stop whose
+    /// grace runs out cancels, and then records with [`PipelineDeployer::record_cancelled`].
+    pub fn running_now(&self) -> Vec<(Uuid, String)> {
+        self.running
+            .lock()
+            .map(|r| r.iter().map(|(id, t)| (*id, t.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Records each of `runs` (from [`PipelineDeployer::running_now`]) that is no longer
+    /// running here and has no outcome as failed at the step it was in, cancelled by a stop
+    /// after `grace`; returns the ids recorded. Called once the runs' tasks were
+    /// cancelled, so the record says so at once instead of at the next start.
+    pub async fn record_cancelled(
+        &self,
+        runs: &[(Uuid, String)],
+        grace: Duration,
+    ) -> Result<Vec<Uuid>, ApiError> {
+        let _held = self.settling.lock().await;
+        let mut recorded = Vec::new();
+        for (id, target) in runs {
+            if self.is_running(*id) {
+                continue;
+            }
+            let log = (self.log_for)(target)?;
+            if let Some(record) = log.get(*id).await.map_err(log_error)?
+                && record.outcome.is_none()
+            {
+                settle(log.as_ref(), &record, Settled::AgentStop { grace }).await?;
+                recorded.push(*id);
+            }
+        }
+        Ok(recorded)
+    }
+
     /// Settles deployment `id` if it is still abandoned once the lock is held; `true`
     /// when this call settled it.
     async fn settle_one(
@@ -290,7 +325,7 @@ impl PipelineDeployer {
         let _held = self.settling.lock().await;
         match log.get(id).await.map_err(log_error)? {
             Some(record) if self.abandoned(target, &record) => {
-                settle(log, &record).await?;
+                settle(log, &record, Settled::AgentRestart).await?;
                 Ok(true)
             }
             _ => Ok(false),
@@ -311,16 +346,47 @@ impl PipelineDeployer {
 /// How many of a target's newest deployments [`PipelineDeployer::settle`] looks at.
 const SETTLE_LOOKBACK: usize = 50;
 
+/// How an unfinished run came to be settled (the evidence's `settled`).
+#[derive(Clone, Copy, Debug)]
+enum Settled {
+    /// An earlier process did not live to finish it (kill -9, a crash).
+    AgentRestart,
+    /// This process cancelled it at a stop, its shutdown grace spent.
+    AgentStop { grace: Duration },
+}
+
 /// Records an abandoned run as failed at the step it was in.
-async fn settle(log: &dyn DeploymentLog, record: &DeploymentRecord) -> Result<(), ApiError> {
+async fn settle(
+    log: &dyn DeploymentLog,
+    record: &DeploymentRecord,
+    how: Settled,
+) -> Result<(), ApiError> {
     let id = record.start.id;
     let step = record.step;
-    let reason = format!(
-        "the agent stopped during {step} (killed or crashed) and the run was cut short; \
-         settled when the agent started again: see `belay history` on the target for what \
-         committed"
-    );
-    warn!(deployment = %id, target = %record.start.target, %step, "settling a deployment the agent did not live to finish");
+    let (reason, evidence) = match how {
+        Settled::AgentRestart => (
+            format!(
+                "the agent stopped during {step} (killed or crashed) and the run was cut short; \
+                 settled when the agent started again: see `belay history` on the target for \
+                 what committed"
+            ),
+            serde_json::json!({ "settled": "agent_restart", "step": step }),
+        ),
+        Settled::AgentStop { grace } => (
+            format!(
+                "the agent was stopped during {step} and its shutdown grace ({}) ran out: the \
+                 run was cancelled there (an open transaction rolled back); see `belay \
+                 history` on the target for what committed, and deploy again to resume from it",
+                belay_core::format_duration(grace)
+            ),
+            serde_json::json!({
+                "settled": "agent_stop",
+                "step": step,
+                "shutdown_grace_ms": u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
+            }),
+        ),
+    };
+    warn!(deployment = %id, target = %record.start.target, %step, ?how, "settling a deployment the agent did not finish");
     log.append(DeployEvent {
         deployment_id: id,
         target: record.start.target.clone(),
@@ -340,7 +406,7 @@ async fn settle(log: &dyn DeploymentLog, record: &DeploymentRecord) -> Result<()
             finished_at: Utc::now(),
             failed_step: Some(step),
             reason: Some(reason),
-            evidence: serde_json::json!({ "settled": "agent_restart", "step": step }),
+            evidence,
             to_version: None,
             backup_id: None,
             applied: Vec::new(),
@@ -351,7 +417,7 @@ async fn settle(log: &dyn DeploymentLog, record: &DeploymentRecord) -> Result<()
 }
 
 /// Takes the id out of the running set however the run ends.
-struct Running(Arc<Mutex<HashSet<Uuid>>>, Uuid);
+struct Running(Arc<Mutex<HashMap<Uuid, String>>>, Uuid);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -378,7 +444,7 @@ impl TargetDeployApi for PipelineDeployer {
             .map_err(deploy_error)?;
         let log = (self.log_for)(&request.target)?;
         if let Ok(mut r) = self.running.lock() {
-            r.insert(request.id);
+            r.insert(request.id, request.target.clone());
         }
         let _running = Running(self.running.clone(), request.id);
         let mut pipeline = Pipeline::new(self.migrations.clone(), self.health.clone(), log.clone());

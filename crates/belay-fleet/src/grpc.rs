@@ -98,6 +98,8 @@ pub fn deployment_pb(d: &DeploymentRecord) -> pb::Deployment {
 
 /// The shortest id prefix looked up: shorter ones match too much to be meant.
 const MIN_ID_PREFIX: usize = 4;
+/// How many deployments an ambiguous prefix names at most.
+const MAX_PREFIX_CANDIDATES: i64 = 10;
 
 fn parse_id(s: &str) -> Result<Uuid, Status> {
     Uuid::parse_str(s.trim()).map_err(|_| {
@@ -392,18 +394,12 @@ async fn resolve_id(fleet: &Fleet, given: &str) -> Result<Uuid, Status> {
                 ),
             )));
         }
-        // Every deployment, newest first: the store has no prefix index, and a controller
-        // keeps thousands, not millions.
-        let all = fleet
+        // The store matches the prefix; a few candidates are enough to name an ambiguity.
+        let matching = fleet
             .store()
-            .deployments(i64::MAX)
+            .deployment_ids_with_prefix(&prefix, MAX_PREFIX_CANDIDATES)
             .await
             .map_err(|e| st(store_err(e)))?;
-        let matching: Vec<Uuid> = all
-            .iter()
-            .map(|d| d.id)
-            .filter(|id| id.to_string().starts_with(&prefix))
-            .collect();
         match matching[..] {
             [id] => Ok(id),
             [] => Err(st(ApiError::new(
@@ -415,12 +411,17 @@ async fn resolve_id(fleet: &Fleet, given: &str) -> Result<Uuid, Status> {
             _ => Err(st(ApiError::new(
                 ErrorKind::InvalidArgument,
                 format!(
-                    "{given:?} starts more than one deployment id ({}): give more of it",
+                    "{given:?} starts more than one deployment id ({}{}): give more of it",
                     matching
                         .iter()
                         .map(Uuid::to_string)
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    if matching.len() as i64 == MAX_PREFIX_CANDIDATES {
+                        ", and maybe more"
+                    } else {
+                        ""
+                    }
                 ),
             ))),
         }

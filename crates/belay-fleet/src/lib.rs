@@ -40,7 +40,9 @@ pub struct FleetConfig {
     pub environments: Vec<String>,
     /// Token the controller presents to agents.
     pub agent_token: Option<String>,
-    /// mTLS identity the controller presents to agents.
+    /// mTLS identity the controller presents to agents, and the CA it verifies them
+    /// against. Its domain name is not used: each agent's server certificate is verified
+    /// against that agent's registered name (see [`Fleet`]'s connections).
     pub agent_tls: Option<tonic::transport::ClientTlsConfig>,
     /// HTTP/2 keepalive on channels to agents: a silently dead agent's deployment streams
     /// end within `agent_keepalive.bound()`.
@@ -234,9 +236,17 @@ impl Fleet {
         {
             return Ok(c.clone());
         }
+        // The agent's server certificate must carry the name it registered under, as its
+        // client certificate did then: with one shared name, any agent's certificate could
+        // answer at another agent's address and receive its calls.
+        let tls = self
+            .config
+            .agent_tls
+            .clone()
+            .map(|tls| tls.domain_name(agent.name.clone()));
         let conn = Connection::with_keepalive(
             &agent.address,
-            self.config.agent_tls.clone(),
+            tls,
             self.config.agent_token.as_deref(),
             format!("agent {} at {}", agent.name, agent.address),
             self.config.agent_keepalive,

@@ -44,6 +44,21 @@ pub enum BackupMode {
     Tables,
 }
 
+impl BackupMode {
+    /// What an undo takes before it runs unless told otherwise, wherever it is started
+    /// (local `belay undo`, or the agent's Undo for a remote one): a pre-undo snapshot of
+    /// the tables it drops data from, which retention keeps by its own rule. Only a target
+    /// whose backups are off (`None`) takes nothing. The target's migrate mode (`full` by
+    /// default) is for forward runs: a full dump before an undo would be another kind of
+    /// backup, not the snapshot that holds what the undo dropped.
+    pub fn default_for_undo(migrate: BackupMode) -> BackupMode {
+        match migrate {
+            BackupMode::None => BackupMode::None,
+            _ => BackupMode::Tables,
+        }
+    }
+}
+
 /// `BackupHook` over `belay-backup`: verified backups before runs, their ids recorded in
 /// history by the executor.
 #[derive(Clone)]
@@ -52,6 +67,8 @@ pub struct BackupGuard {
     url: DatabaseUrl,
     target: String,
     mode: BackupMode,
+    /// What `before_undo` takes; `mode` unless set apart ([`BackupGuard::with_undo_mode`]).
+    undo_mode: BackupMode,
     notify: Arc<dyn Fn(&str) + Send + Sync>,
     progress: Arc<dyn Fn(Progress) + Send + Sync>,
 }
@@ -87,9 +104,18 @@ impl BackupGuard {
             url,
             target: target.into(),
             mode,
+            undo_mode: mode,
             notify: Arc::new(|_| {}),
             progress: Arc::new(|_| {}),
         }
+    }
+
+    /// What an undo takes before it runs, apart from what a forward run takes: a guard
+    /// serving both (the agent's, per target) passes
+    /// [`BackupMode::default_for_undo`] of its migrate mode.
+    pub fn with_undo_mode(mut self, undo_mode: BackupMode) -> Self {
+        self.undo_mode = undo_mode;
+        self
     }
 
     /// Where human notes go (skipped backups, fallbacks, snapshots).
@@ -179,7 +205,7 @@ impl BackupHook for BackupGuard {
         ctx: &BackupContext,
         reason: &str,
     ) -> Result<Option<BackupTaken>, ApiError> {
-        let scope = match self.mode {
+        let scope = match self.undo_mode {
             BackupMode::None => {
                 self.skipped("undo");
                 return Ok(None);

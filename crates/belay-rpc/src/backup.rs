@@ -5,6 +5,7 @@
 //! ending with the operation's result. Paths and database names cross the wire; URLs
 //! never do (the serving side holds them).
 
+use crate::InFlight;
 use crate::client::Connection;
 use crate::convert::{self, DecodeError, target, target_name};
 use belay_auth::MaybeTokenAttach;
@@ -21,7 +22,6 @@ use pb::backup_service_server::{BackupService, BackupServiceServer};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -655,7 +655,7 @@ pub fn progress_from(p: &pb::BackupProgress) -> Result<Option<Progress>, DecodeE
 /// it, the controller its router to agents.
 pub struct BackupGrpc<T: ?Sized> {
     api: Arc<T>,
-    ops: TaskTracker,
+    ops: InFlight,
 }
 
 impl<T: ?Sized> Clone for BackupGrpc<T> {
@@ -677,13 +677,13 @@ impl<T: BackupApi + ?Sized + 'static> BackupGrpc<T> {
     pub fn new(api: Arc<T>) -> Self {
         BackupGrpc {
             api,
-            ops: TaskTracker::new(),
+            ops: InFlight::new(),
         }
     }
 
     /// Creates and restores in flight. On shutdown a daemon closes it and waits (bounded):
     /// a restore cut off half-way helps no one.
-    pub fn ops(&self) -> &TaskTracker {
+    pub fn ops(&self) -> &InFlight {
         &self.ops
     }
 
@@ -698,7 +698,7 @@ type ProgressStream = ReceiverStream<Result<pb::BackupProgress, Status>>;
 /// stream's last message by `last`) into a stream. The task is not tied to the caller: a
 /// client that disconnects does not abandon a restore half-way.
 fn op_stream<F, Fut, R>(
-    ops: &TaskTracker,
+    ops: &InFlight,
     op: Operation,
     target: String,
     span: tracing::Span,
@@ -718,6 +718,7 @@ where
         let _ = events.send_blocking(Ok(progress(op, &event_target, &p)));
     });
     let fut = work(sink);
+    let last_word = tx.clone();
     ops.spawn(
         async move {
             let msg = match fut.await {
@@ -732,6 +733,10 @@ where
             let _ = tx.send(msg).await;
         }
         .instrument(span),
+        move || async move {
+            let _ =
+                last_word.send_now(Err(Status::unavailable(crate::inflight::CANCELLED_AT_STOP)));
+        },
     );
     rx
 }

@@ -251,38 +251,60 @@ pub async fn serve_until_stopped<F>(
 where
     F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
 {
+    serve_until_stopped_within(server, stop, signals, reporter, services, SHUTDOWN_GRACE)
+        .await
+        .0
+}
+
+/// [`serve_until_stopped`] with the stop's whole grace given: the calls in flight get what
+/// is left of `grace` from the stop signal on. Returns the exit code and the deadline
+/// (signal + `grace`, or now after a second signal), by which the caller's own draining
+/// must end too: one budget for the whole stop, which its supervisor's timeout must exceed.
+pub async fn serve_until_stopped_within<F>(
+    server: F,
+    stop: tokio::sync::oneshot::Sender<()>,
+    signals: &mut StopSignals,
+    reporter: &HealthReporter,
+    services: &[&str],
+    grace: std::time::Duration,
+) -> (u8, tokio::time::Instant)
+where
+    F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
+{
     tokio::pin!(server);
     let signal = tokio::select! {
         result = &mut server => {
             // The server only returns before a stop signal when it failed.
-            return match result {
+            let code = match result {
                 Ok(()) => 0,
                 Err(err) => {
                     tracing::error!(error = %err, "server failed");
                     exit::SOFTWARE
                 }
             };
+            return (code, tokio::time::Instant::now() + grace);
         }
         signal = signals.recv() => signal,
     };
-    tracing::info!(signal, "stopping");
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(signal, grace = ?grace, "stopping");
     set_health(reporter, services, ServingStatus::NotServing).await;
     let _ = stop.send(());
     tokio::select! {
-        result = tokio::time::timeout(SHUTDOWN_GRACE, &mut server) => match result {
-            Ok(Ok(())) => 0,
+        result = tokio::time::timeout_at(deadline, &mut server) => match result {
+            Ok(Ok(())) => (0, deadline),
             Ok(Err(err)) => {
                 tracing::error!(error = %err, "server failed while stopping");
-                exit::SOFTWARE
+                (exit::SOFTWARE, deadline)
             }
             Err(_) => {
-                tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight calls did not finish in time; stopping anyway");
-                0
+                tracing::warn!(grace = ?grace, "in-flight calls did not finish in time; stopping anyway");
+                (0, deadline)
             }
         },
         signal = signals.recv() => {
             tracing::warn!(signal, "second stop signal; not waiting for in-flight calls");
-            0
+            (0, tokio::time::Instant::now())
         }
     }
 }

@@ -3,6 +3,7 @@
 //! [`DeployClient`] implements it over gRPC (the controller's calls to agents), and the
 //! conversions between the two live here.
 
+use crate::InFlight;
 use crate::client::Connection;
 use crate::convert::{self, DecodeError, target, target_name};
 use belay_auth::MaybeTokenAttach;
@@ -17,7 +18,6 @@ use pb::deploy_service_server::{DeployService, DeployServiceServer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -317,7 +317,7 @@ pub fn target_run_from(r: &pb::TargetDeploymentState) -> Result<TargetRun, Decod
 #[derive(Clone)]
 pub struct DeployGrpc {
     api: Arc<dyn TargetDeployApi>,
-    runs: TaskTracker,
+    runs: InFlight,
 }
 
 impl std::fmt::Debug for DeployGrpc {
@@ -330,13 +330,13 @@ impl DeployGrpc {
     pub fn new(api: Arc<dyn TargetDeployApi>) -> Self {
         DeployGrpc {
             api,
-            runs: TaskTracker::new(),
+            runs: InFlight::new(),
         }
     }
 
     /// The deployments in flight. On shutdown a daemon closes it and waits (bounded), so
     /// a deployment under way finishes its step and is recorded rather than cut off.
-    pub fn runs(&self) -> &TaskTracker {
+    pub fn runs(&self) -> &InFlight {
         &self.runs
     }
 
@@ -377,6 +377,7 @@ impl DeployService for DeployGrpc {
         // Its own task, not tied to the caller: a controller that goes away mid-run does
         // not abandon a deployment half-way; it runs to its end and is recorded beside
         // the target.
+        let last_word = tx.clone();
         self.runs.spawn(
             async move {
                 let msg = match api.deploy_target(request, sink).await {
@@ -390,6 +391,10 @@ impl DeployService for DeployGrpc {
                 let _ = tx.send(msg).await;
             }
             .instrument(span),
+            move || async move {
+                let _ = last_word
+                    .send_now(Err(Status::unavailable(crate::inflight::CANCELLED_AT_STOP)));
+            },
         );
         Ok(Response::new(rx))
     }

@@ -5,6 +5,7 @@
 //! trigger, the record and the report travel as JSON beside typed key fields: they are
 //! `belay-rollback`'s serde types, and one encoding keeps both ends exact.
 
+use crate::InFlight;
 use crate::client::Connection;
 use crate::convert::{self, DecodeError, target, target_name};
 use crate::deploy::{deploy_event, deploy_event_from};
@@ -20,7 +21,6 @@ use pb::rollback_service_client::RollbackServiceClient;
 use pb::rollback_service_server::{RollbackService, RollbackServiceServer};
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -222,7 +222,7 @@ fn some_id(id: &str) -> Option<&str> {
 #[derive(Clone)]
 pub struct RollbackGrpc {
     api: Arc<dyn RollbackApi>,
-    runs: TaskTracker,
+    runs: InFlight,
 }
 
 impl std::fmt::Debug for RollbackGrpc {
@@ -235,13 +235,13 @@ impl RollbackGrpc {
     pub fn new(api: Arc<dyn RollbackApi>) -> Self {
         RollbackGrpc {
             api,
-            runs: TaskTracker::new(),
+            runs: InFlight::new(),
         }
     }
 
     /// The rollbacks in flight. On shutdown a daemon closes it and waits (bounded), so a
     /// rollback under way finishes its step and is recorded rather than cut off.
-    pub fn runs(&self) -> &TaskTracker {
+    pub fn runs(&self) -> &InFlight {
         &self.runs
     }
 
@@ -319,6 +319,7 @@ impl RollbackService for RollbackGrpc {
         let api = self.api.clone();
         // Its own task, not tied to the caller: a caller that goes away mid-rollback does
         // not leave the database half rolled back; it runs to its end and is recorded.
+        let last_word = tx.clone();
         self.runs.spawn(
             async move {
                 let msg = match api.execute(&t, what, trigger, sink).await {
@@ -330,6 +331,10 @@ impl RollbackService for RollbackGrpc {
                 let _ = tx.send(msg).await;
             }
             .instrument(span),
+            move || async move {
+                let _ = last_word
+                    .send_now(Err(Status::unavailable(crate::inflight::CANCELLED_AT_STOP)));
+            },
         );
         Ok(Response::new(rx))
     }

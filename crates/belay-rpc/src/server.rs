@@ -1,12 +1,12 @@
 //! Serves any `MigrationApi` as `belay.v1.MigrationService`.
 
+use crate::InFlight;
 use crate::convert::{self, target_name};
 use belay_migrate::{EventSink, MigrationApi};
 use belay_proto::v1 as pb;
 use pb::migration_service_server::{MigrationService, MigrationServiceServer};
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 use uuid::Uuid;
@@ -16,7 +16,7 @@ use uuid::Uuid;
 #[derive(Clone)]
 pub struct MigrationGrpc {
     api: Arc<dyn MigrationApi>,
-    runs: TaskTracker,
+    runs: InFlight,
 }
 
 impl std::fmt::Debug for MigrationGrpc {
@@ -29,13 +29,13 @@ impl MigrationGrpc {
     pub fn new(api: Arc<dyn MigrationApi>) -> Self {
         MigrationGrpc {
             api,
-            runs: TaskTracker::new(),
+            runs: InFlight::new(),
         }
     }
 
     /// The runs in flight. On shutdown a daemon closes it and waits (bounded), so a
     /// migration under way finishes and is recorded rather than cut off.
-    pub fn runs(&self) -> &TaskTracker {
+    pub fn runs(&self) -> &InFlight {
         &self.runs
     }
 
@@ -198,7 +198,7 @@ impl MigrationApi for Metered {
 /// Runs `work` in its own task, forwarding events and the final report into a stream.
 /// The task is not tied to the caller: a client that disconnects mid-run does not
 /// abandon a migration half-way; it finishes and is recorded as usual.
-fn run_stream<F, Fut>(runs: &TaskTracker, target: String, work: F) -> RunStream
+fn run_stream<F, Fut>(runs: &InFlight, target: String, work: F) -> RunStream
 where
     F: FnOnce(EventSink) -> Fut,
     Fut: std::future::Future<Output = Result<belay_migrate::RunReport, belay_migrate::ApiError>>
@@ -220,6 +220,7 @@ where
         let _ = events.send_blocking(Ok(msg));
     });
     let fut = work(sink);
+    let last_word = tx.clone();
     runs.spawn(
         async move {
             let msg = match fut.await {
@@ -231,6 +232,10 @@ where
             let _ = tx.send(msg).await;
         }
         .instrument(info_span!("migration_run", target = %target)),
+        move || async move {
+            let _ =
+                last_word.send_now(Err(Status::unavailable(crate::inflight::CANCELLED_AT_STOP)));
+        },
     );
     rx
 }

@@ -64,6 +64,12 @@ impl<T: Send> BoundedSender<T> {
         self.tx.closed().await;
     }
 
+    /// Sends at once when there is room, else not at all: for a last word (a cancellation)
+    /// that must not keep a stopping daemon waiting on a reader.
+    pub fn send_now(&self, item: T) -> Result<(), NotSent> {
+        self.tx.try_send(item).map_err(|_| NotSent::Closed)
+    }
+
     /// From a synchronous callback: sends at once when there is room, else waits for the
     /// consumer to make some (the producer is slowed down, nothing is dropped).
     pub fn send_blocking(&self, item: T) -> Result<(), NotSent> {

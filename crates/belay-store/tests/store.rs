@@ -947,3 +947,89 @@ async fn unsettled_lists_every_lost_target_however_old_and_settles_it_once() {
         assert_eq!(got, lost[1..], "{b}");
     }
 }
+
+#[tokio::test]
+async fn deployments_are_found_by_id_prefix_in_the_store() {
+    for f in both().await {
+        let b = f.backend;
+        let store = f.open().await;
+        // Two ids sharing their first eight characters, one apart, and noise.
+        let twin_a = Uuid::parse_str("abcd1234-0000-4000-8000-000000000001").unwrap();
+        let twin_b = Uuid::parse_str("abcd1234-0000-4000-8000-000000000002").unwrap();
+        let lone = Uuid::parse_str("0123abcd-0000-4000-8000-000000000003").unwrap();
+        for id in [twin_a, twin_b, lone] {
+            let mut d = deployment(&["orders"], None, None);
+            d.id = id;
+            store.create_deployment(&d).await.unwrap();
+        }
+        for _ in 0..5 {
+            store
+                .create_deployment(&deployment(&["orders"], None, None))
+                .await
+                .unwrap();
+        }
+        // A unique prefix, in either case, finds exactly its deployment.
+        assert_eq!(
+            store
+                .deployment_ids_with_prefix("0123ab", 10)
+                .await
+                .unwrap(),
+            [lone],
+            "{b}"
+        );
+        assert_eq!(
+            store
+                .deployment_ids_with_prefix("0123ABCD-", 10)
+                .await
+                .unwrap(),
+            [lone],
+            "{b}"
+        );
+        // An ambiguous one lists the candidates, in id order, up to the limit.
+        assert_eq!(
+            store
+                .deployment_ids_with_prefix("abcd1234", 10)
+                .await
+                .unwrap(),
+            [twin_a, twin_b],
+            "{b}"
+        );
+        assert_eq!(
+            store
+                .deployment_ids_with_prefix("abcd1234", 1)
+                .await
+                .unwrap(),
+            [twin_a],
+            "{b}"
+        );
+        // A full id is a prefix of itself.
+        assert_eq!(
+            store
+                .deployment_ids_with_prefix(&twin_b.to_string(), 10)
+                .await
+                .unwrap(),
+            [twin_b],
+            "{b}"
+        );
+        // Unknown: nothing.
+        assert!(
+            store
+                .deployment_ids_with_prefix("ffff0000", 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{b}"
+        );
+        // A LIKE wildcard or anything but hex and hyphens is refused, never matched.
+        for bad in ["%", "ab_d", "abcd'", ""] {
+            let err = store
+                .deployment_ids_with_prefix(bad, 10)
+                .await
+                .expect_err("not a prefix");
+            assert!(
+                matches!(err, StoreError::Invalid { .. }),
+                "{b}: {bad:?}: {err}"
+            );
+        }
+    }
+}

@@ -116,9 +116,9 @@ impl TestPki {
 
     /// `(ca, cert, key)` for an agent named `name`: a certificate from the same CA whose
     /// only DNS SAN is `name` (its identity; the controller binds an agent's registration
-    /// to it), with the IP SAN `127.0.0.1` so that the controller can verify it when it
-    /// calls the agent (`--agent-tls-name 127.0.0.1`), valid for both server and client
-    /// use. Written as `agent-<name>.pem` and `agent-<name>-key.pem`.
+    /// to it, and verifies the agent's server certificate against it when it calls the
+    /// agent), with the IP SAN `127.0.0.1` (for a client dialling the agent straight by
+    /// its address), valid for both server and client use. Written as `agent-<name>.pem` and `agent-<name>-key.pem`.
     pub fn agent_files(&self, name: &str) -> Result<(PathBuf, PathBuf, PathBuf), Error> {
         let leaf = new_leaf(
             &self.issuer.0,
