@@ -255,6 +255,20 @@ pub fn text(s: &LockSnapshot, opts: &SnapshotOptions) -> String {
             draw(t, "", true, true, &mut out);
         }
     }
+    for p in &s.pending_ddl {
+        out.push_str(&format!(
+            "belay's pending DDL: migration pid {} is between attempts, waiting for {} session(s) its last attempt was blocked by:\n",
+            p.migration_pid,
+            p.blockers.len()
+        ));
+        for b in &p.blockers {
+            let mut line = session_line(&b.session, b.session.xact_ms, "transaction open");
+            if let Some(h) = &b.holds {
+                line.push_str(&format!("\n      holds: {h}"));
+            }
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
     let section = |out: &mut String,
                    title: String,
                    rows: &[SessionInfo],
@@ -349,6 +363,7 @@ mod tests {
         LockSnapshot {
             at: chrono::Utc::now(),
             trees,
+            pending_ddl: vec![],
             long_running: vec![],
             idle_in_transaction: vec![],
             replication: vec![],
