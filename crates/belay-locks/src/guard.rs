@@ -489,7 +489,10 @@ pub enum WaitOutcome {
     TimedOut { remaining: Vec<i32> },
 }
 
-const GONE_POLL: Duration = Duration::from_millis(25);
+/// Every round trip of the wait is one read of `pg_stat_activity` for a few pids: cheap
+/// enough to poll often, and each millisecond of it is a millisecond later the migration
+/// lands after its blockers leave.
+const GONE_POLL: Duration = Duration::from_millis(10);
 
 /// The transaction of each session: `(backend_start, xact_start)` in microseconds. A
 /// session is "gone" once that changes (it disconnected, or finished the transaction that
@@ -502,7 +505,7 @@ FROM pg_stat_activity WHERE pid = ANY($1)
 "#;
 
 /// Waits until every session in `pids` has finished the transaction it is in now (or
-/// disconnected), polling every 25 ms, for at most `timeout`. Sessions not in a
+/// disconnected), polling every 10 ms, for at most `timeout`. Sessions not in a
 /// transaction at the start count as gone. This is what lets the executor retry the
 /// moment its blockers are gone instead of after a blind backoff.
 pub async fn wait_until_gone(
