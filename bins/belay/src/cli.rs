@@ -659,8 +659,10 @@ pub struct TargetArgs {
 /// Lock-safety settings; defaults explained in ARCHITECTURE.md ("Lock-safe execution").
 #[derive(Debug, Clone, Default, Args)]
 pub struct ExecArgs {
-    /// Longest a migration may wait for a lock before retrying; also the longest an
-    /// application query queues behind it [default: 100ms]
+    /// Longest a statement the lock guard does not watch (--no-lock-guard) may wait for a
+    /// lock before retrying; also the longest an application query queues behind it
+    /// [default: 100ms]. A watched statement waits while nobody queues behind it, up to
+    /// `guarded_lock_timeout` in belay.toml [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub lock_timeout: Option<String>,
     /// Attempts per migration before giving up on locks [default: 60]
@@ -675,9 +677,9 @@ pub struct ExecArgs {
     /// How long to wait for another belay runner on the same database [default: 60s]
     #[arg(long, value_name = "DURATION")]
     pub runner_wait: Option<String>,
-    /// Lock guard budget: longest an application session may queue behind a running
-    /// migration statement before the guard cancels it (rolled back) and retries once the
-    /// migration's blockers are gone [default: 500ms]
+    /// Lock guard budget: longest an application session may queue behind a migration
+    /// statement (waiting for its lock or holding it) before the guard cancels it (rolled
+    /// back) and retries once the migration's blockers are gone [default: 50ms]
     #[arg(long, value_name = "DURATION")]
     pub max_blocking: Option<String>,
     /// Run without the lock guard: lock_timeout alone bounds how long the application

@@ -109,6 +109,7 @@ fn effective(s: &Settings) -> Value {
             "max_lock_wait": dur(e.max_lock_wait),
             "statement_timeout": e.statement_timeout.map(dur),
             "concurrent_lock_timeout": dur(e.concurrent_lock_timeout),
+            "guarded_lock_timeout": dur(e.guarded_lock_timeout),
             "runner_wait": dur(e.runner_wait),
             "max_blocking": dur(e.max_blocking),
             "lock_guard": s.lock_guard,

@@ -255,6 +255,24 @@ pub fn text(s: &LockSnapshot, opts: &SnapshotOptions) -> String {
             draw(t, "", true, true, &mut out);
         }
     }
+    for p in &s.pending_ddl {
+        out.push_str(&format!(
+            "belay's pending DDL: migration pid {} is between attempts, waiting for {} session(s) its last attempt was blocked by:\n",
+            p.migration_pid,
+            p.blockers.len()
+        ));
+        for b in &p.blockers {
+            let what = match &b.session.state {
+                Some(st) => format!("{st}, transaction open"),
+                None => "transaction open".to_string(),
+            };
+            let mut line = session_line(&b.session, b.session.xact_ms, &what);
+            if let Some(h) = &b.holds {
+                line.push_str(&format!("\n      holds: {h}"));
+            }
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
     let section = |out: &mut String,
                    title: String,
                    rows: &[SessionInfo],
@@ -349,6 +367,7 @@ mod tests {
         LockSnapshot {
             at: chrono::Utc::now(),
             trees,
+            pending_ddl: vec![],
             long_running: vec![],
             idle_in_transaction: vec![],
             replication: vec![],
@@ -387,6 +406,46 @@ mod tests {
         );
         assert!(t.contains("query: SELECT * FROM t"), "{t}");
         assert!(t.contains("replication: no streaming replicas"), "{t}");
+    }
+
+    #[test]
+    fn names_who_blocks_belays_pending_ddl_between_attempts() {
+        let mut s = snap(vec![]);
+        s.pending_ddl.push(belay_locks::PendingDdl {
+            migration_pid: 77,
+            guard_pid: 78,
+            blockers: vec![belay_locks::PendingBlocker {
+                session: SessionInfo {
+                    pid: 4242,
+                    user: Some("app".into()),
+                    application: Some("report".into()),
+                    database: Some("shop".into()),
+                    client_addr: Some("10.0.0.5".into()),
+                    state: Some("idle in transaction".into()),
+                    wait_event: None,
+                    backend_type: Some("client backend".into()),
+                    query_ms: Some(14_000),
+                    xact_ms: Some(14_000),
+                    state_ms: Some(13_000),
+                    query: Some("SELECT count(*) FROM accounts".into()),
+                },
+                holds: Some("AccessShareLock on public.accounts".into()),
+            }],
+        });
+        let t = text(&s, &SnapshotOptions::default());
+        assert!(t.contains("blocking trees: none"), "{t}");
+        assert!(
+            t.contains("belay's pending DDL: migration pid 77 is between attempts, waiting for 1 session(s)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("pid 4242 · user=app app=report · db=shop · from 10.0.0.5 · idle in transaction, transaction open 14.0s"),
+            "{t}"
+        );
+        assert!(
+            t.contains("holds: AccessShareLock on public.accounts"),
+            "{t}"
+        );
     }
 
     #[test]

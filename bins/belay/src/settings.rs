@@ -114,6 +114,8 @@ pub struct FileExec {
     pub max_lock_wait: Option<String>,
     pub statement_timeout: Option<String>,
     pub concurrent_lock_timeout: Option<String>,
+    /// `lock_timeout` of a statement the lock guard watches (the outer safety net).
+    pub guarded_lock_timeout: Option<String>,
     pub runner_wait: Option<String>,
     /// The lock guard's budget (`--max-blocking`).
     pub max_blocking: Option<String>,
@@ -378,6 +380,22 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
         "concurrent_lock_timeout",
     )? {
         exec.concurrent_lock_timeout = d;
+    }
+    if let Some(d) = dur(
+        None,
+        fe.guarded_lock_timeout.as_ref(),
+        "",
+        "guarded_lock_timeout",
+    )? {
+        if d.is_zero() {
+            return Err(bad(
+                false,
+                "",
+                "guarded_lock_timeout",
+                "must be greater than zero: it is what bounds a guarded statement's wait if the guard stops".into(),
+            ));
+        }
+        exec.guarded_lock_timeout = d;
     }
     if let Some(d) = dur(
         ea.runner_wait.as_ref(),

@@ -99,6 +99,7 @@ fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
 
     // The application holds ACCESS SHARE on accounts in an open transaction.
     let mut holder = Session::open(&db.url);
+    let holder_pid = holder.pid();
     holder.run("BEGIN; SELECT count(*) FROM accounts;");
 
     let mut migrate = belay_cmd(&db.url, dir.path())
@@ -108,8 +109,28 @@ fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
         .spawn()
         .expect("spawn belay");
     let mut out = BufReader::new(migrate.stdout.take().expect("stdout"));
+    // belay's ALTER waits in the lock queue; with nobody behind it, it keeps its place.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while psql(
+        &db.url,
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'accounts'::regclass",
+    ) != "1"
+    {
+        assert!(std::time::Instant::now() < deadline, "belay never queued");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // New readers arriving while belay waits are not stuck behind its ALTER: the lock
+    // guard gives way as soon as one has queued behind it for max_blocking, so each
+    // finishes well inside a 1 s statement_timeout (a naive ALTER would hold them until
+    // the holder commits).
+    let mut reader = Session::open(&db.url);
+    for _ in 0..5 {
+        let r = reader.run("SET statement_timeout = '1s'; SELECT count(*) FROM accounts;");
+        assert_eq!(r, ["100"]);
+    }
     let mut seen = String::new();
-    // Wait for the event that proves belay's ALTER gave up its place in the lock queue.
+    // The event that proves belay's ALTER gave up its place, naming the holder.
     loop {
         let mut line = String::new();
         assert!(
@@ -117,20 +138,15 @@ fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
             "belay ended early: {seen}"
         );
         seen.push_str(&line);
-        if line.contains("lock not granted within lock_timeout") {
+        if line.contains("lock guard:") {
             break;
         }
     }
     assert!(seen.contains("V1__add_column.sql:1"), "{seen}");
-
-    // New readers arriving while belay keeps retrying are not stuck behind its ALTER:
-    // each finishes well inside a 1 s statement_timeout (a naive ALTER would hold them
-    // until the holder commits).
-    let mut reader = Session::open(&db.url);
-    for _ in 0..5 {
-        let r = reader.run("SET statement_timeout = '1s'; SELECT count(*) FROM accounts;");
-        assert_eq!(r, ["100"]);
-    }
+    assert!(
+        seen.contains(&format!("blocked by pid {holder_pid} (")),
+        "{seen}"
+    );
 
     holder.run("COMMIT;");
     let mut rest = String::new();
@@ -172,7 +188,15 @@ fn lock_retries_are_bounded_and_the_final_error_names_the_budget() {
     let r = belay(
         &db.url,
         dir.path(),
-        &["migrate", "--lock-timeout", "20ms", "--max-attempts", "3"],
+        // Unguarded, lock_timeout is what gives way.
+        &[
+            "migrate",
+            "--no-lock-guard",
+            "--lock-timeout",
+            "20ms",
+            "--max-attempts",
+            "3",
+        ],
     );
     assert_eq!(r.code, 1, "{r:?}");
     assert!(

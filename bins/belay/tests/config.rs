@@ -68,7 +68,7 @@ fn config_check_prints_the_effective_configuration_with_defaults_and_no_password
     assert_eq!(r.code, 0, "{r:?}");
     for want in [
         "lock_timeout = \"250ms\"", // from the file
-        "max_blocking = \"500ms\"", // a default
+        "max_blocking = \"50ms\"",  // a default
         "settle = \"5s\"",          // [rollback]'s default
         "expect = \"at_most=3\"",   // the same spelling as --expect
         "postgres://app:***@db.invalid:5432/shop",
@@ -209,7 +209,7 @@ fn config_check_reads_an_agent_toml_as_the_agent_does() {
     let t = &v["agent_toml"]["effective"]["targets"][0];
     assert_eq!(t["environment"], "staging");
     assert_eq!(t["url"], "postgres://agent:***@db.invalid/shop");
-    assert_eq!(t["max_blocking"], "500ms");
+    assert_eq!(t["max_blocking"], "50ms");
     assert_eq!(t["probes"][0]["sql"]["expect"], "zero");
     assert!(!r.stdout.contains("ag3nt-pw"), "{r:?}");
 

@@ -322,3 +322,33 @@ fn migrate_watch_exits_non_zero_when_a_probe_fails_in_the_window() {
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("healthy"), "{r:?}");
 }
+
+#[test]
+fn preflight_names_a_session_holding_a_table_the_pending_migration_locks() {
+    let db = db();
+    psql(&db.url, "CREATE TABLE accounts (id int)");
+    let dir = migrations(&[("V1__note.sql", "ALTER TABLE accounts ADD COLUMN note text;")]);
+    let mut holder = Session::open(&db.url);
+    let pid = holder.pid();
+    holder.run("BEGIN; SELECT count(*) FROM accounts;");
+    let r = belay_ok(
+        &db.url,
+        dir.path(),
+        &["check", "preflight", "--output", "json"],
+    );
+    let checks = r.json();
+    let c = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "table_locks")
+        .cloned()
+        .unwrap_or_else(|| panic!("no table_locks check: {checks}"));
+    assert_eq!(c["status"], "warn", "{c}");
+    let value = c["value"].as_str().unwrap_or_default();
+    assert!(
+        value.contains(&format!("pid {pid}")) && value.contains("AccessShareLock on accounts"),
+        "{c}"
+    );
+    holder.run("COMMIT;");
+}

@@ -558,7 +558,7 @@ mod tests {
             targets[0].lock_sample_period,
             Some(DEFAULT_LOCK_SAMPLE_PERIOD)
         );
-        assert_eq!(targets[0].spec.exec.max_blocking.as_millis(), 500);
+        assert_eq!(targets[0].spec.exec.max_blocking.as_millis(), 50);
         // The password read from url_file never shows in Debug output. (Matched with its
         // delimiters: the temp dir's random name may contain the letters "pw".)
         let (cfg_pw, _) = load(&write(

@@ -223,6 +223,7 @@ fn trip() -> EventKind {
         blocked_sessions: 3,
         longest_wait_ms: 700,
         blockers: vec![42],
+        blocked_by: Vec::new(),
         cancelled: true,
     }
 }

@@ -61,13 +61,55 @@ pub fn summarize(statuses: &[MigrationStatus]) -> MigrationSummary {
             .filter(|s| s.state == State::ChecksumMismatch)
             .map(name)
             .collect(),
+        lock_tables: Vec::new(),
     }
+}
+
+/// The tables (and indexes) the pending scripts lock, from the linter's lock analysis;
+/// a script it cannot parse contributes nothing (the lint gate reports it).
+fn lock_tables(dir: &std::path::Path, statuses: &[MigrationStatus]) -> Vec<String> {
+    let Ok(set) = belay_migrate::load(dir) else {
+        return Vec::new();
+    };
+    let pending: Vec<&str> = statuses
+        .iter()
+        .filter(|s| matches!(s.state, State::Pending | State::Undone))
+        .map(|s| s.script.as_str())
+        .collect();
+    let scripts = set
+        .migrations
+        .iter()
+        .filter(|m| pending.contains(&m.script_name.as_str()))
+        .map(|m| &m.up)
+        .chain(
+            set.repeatables
+                .iter()
+                .filter(|r| pending.contains(&r.script_name.as_str()))
+                .map(|r| &r.script),
+        );
+    let mut tables = std::collections::BTreeSet::new();
+    for script in scripts {
+        if let Ok(statements) = belay_lint::statements(&script.text) {
+            tables.extend(
+                statements
+                    .into_iter()
+                    .filter(|st| st.lock.is_some())
+                    .filter_map(|st| st.target),
+            );
+        }
+    }
+    tables.into_iter().collect()
 }
 
 #[async_trait::async_trait]
 impl MigrationFacts for MigrationFactsAdapter {
     async fn summary(&self, target: &str) -> Result<MigrationSummary, ApiError> {
-        Ok(summarize(&self.api.status(target).await?))
+        let statuses = self.api.status(target).await?;
+        let mut summary = summarize(&statuses);
+        if let Some(dir) = self.dirs.get(target) {
+            summary.lock_tables = lock_tables(dir, &statuses);
+        }
+        Ok(summary)
     }
 
     async fn verify_scripts(&self, target: &str) -> Result<Vec<VerifyScript>, ApiError> {

@@ -1,8 +1,10 @@
 //! [`LockGuardAdapter`]: `belay_migrate::LockGuardHook` over `belay_locks::LockGuard`.
 
 use belay_core::DatabaseUrl;
-use belay_locks::{LockGuard, LocksError, SessionInfo, WaitOutcome};
-use belay_migrate::{ApiError, ErrorKind, LockGuardHook, LockTrip, LockWatch, SessionBrief};
+use belay_locks::{Blocker, LockGuard, LocksError, SessionInfo, WaitOutcome};
+use belay_migrate::{
+    ApiError, ErrorKind, LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd,
+};
 use sqlx::PgConnection;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -23,6 +25,9 @@ pub struct LockGuardAdapter {
     /// The guard's connection between watches; `None` while a watch holds it, or before
     /// the first.
     idle: Arc<Mutex<Option<PgConnection>>>,
+    /// The migration session the last watch was for: what a wait for its blockers
+    /// announces.
+    migration_pid: Arc<Mutex<Option<i32>>>,
 }
 
 impl std::fmt::Debug for LockGuardAdapter {
@@ -60,9 +65,31 @@ fn brief(s: SessionInfo) -> SessionBrief {
         pid: s.pid,
         user: s.user,
         application: s.application,
+        client: s.client_addr,
         state: s.state,
         xact_ms: s.xact_ms,
         query: s.query,
+        mode: None,
+        relation: None,
+    }
+}
+
+fn brief_of(b: Blocker) -> SessionBrief {
+    let mode = match (b.held, b.waiting) {
+        (Some(h), _) => Some(h),
+        (None, Some(w)) => Some(format!("waiting for {w}")),
+        (None, None) => None,
+    };
+    SessionBrief {
+        pid: b.pid,
+        user: b.user,
+        application: b.application,
+        client: b.client_addr,
+        state: b.state,
+        xact_ms: b.xact_ms,
+        query: b.query,
+        mode,
+        relation: b.relation,
     }
 }
 
@@ -83,11 +110,36 @@ async fn describe(conn: Option<&mut PgConnection>, pids: &[i32]) -> Vec<SessionB
         .collect()
 }
 
+/// `belay-lock-guard: 1234 waits for 4242,4243`: as many pids as fit in
+/// `application_name` (63 bytes; the server would cut a pid in half), which `belay locks`
+/// reads back.
+fn announcement(migration_pid: i32, blockers: &[i32]) -> String {
+    let mut name = format!(
+        "{}: {migration_pid} waits for ",
+        belay_locks::GUARD_APPLICATION
+    );
+    let mut first = true;
+    for p in blockers {
+        let part = if first {
+            p.to_string()
+        } else {
+            format!(",{p}")
+        };
+        if name.len() + part.len() > 63 {
+            break;
+        }
+        name.push_str(&part);
+        first = false;
+    }
+    name
+}
+
 impl LockGuardAdapter {
     pub fn new(url: DatabaseUrl) -> Self {
         LockGuardAdapter {
             url,
             idle: Arc::new(Mutex::new(None)),
+            migration_pid: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -135,14 +187,19 @@ struct Watch {
 
 #[async_trait::async_trait]
 impl LockWatch for Watch {
-    async fn stop(self: Box<Self>) -> Result<Vec<LockTrip>, ApiError> {
+    async fn stop(self: Box<Self>) -> Result<WatchEnd, ApiError> {
         let Watch { guard, idle } = *self;
+        let last_blockers = guard.last_blockers().into_iter().map(brief_of).collect();
         let (trips, mut conn) = guard.stop_keeping_connection().await.map_err(api_error)?;
         let mut out = Vec::with_capacity(trips.len());
         for t in trips {
-            // Described now, while the blockers are most likely still there: the error
-            // that may end the run names who they are, not just their pids.
-            let blockers = describe(conn.as_mut(), &t.blockers_of_migration).await;
+            // The poll that tripped described them; only when it could not (they left
+            // between the two reads of one query) are they looked up again.
+            let blockers = if !t.blockers.is_empty() || t.blockers_of_migration.is_empty() {
+                t.blockers.into_iter().map(brief_of).collect()
+            } else {
+                describe(conn.as_mut(), &t.blockers_of_migration).await
+            };
             out.push(LockTrip {
                 at: t.at,
                 blocked_sessions: u32::try_from(t.blocked_sessions.len()).unwrap_or(u32::MAX),
@@ -153,7 +210,10 @@ impl LockWatch for Watch {
         if let Some(c) = conn {
             give_back(&idle, c);
         }
-        Ok(out)
+        Ok(WatchEnd {
+            trips: out,
+            last_blockers,
+        })
     }
 }
 
@@ -183,6 +243,10 @@ impl LockGuardHook for LockGuardAdapter {
         backend_pid: i32,
         max_blocking: Duration,
     ) -> Result<Box<dyn LockWatch>, ApiError> {
+        *self
+            .migration_pid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(backend_pid);
         let conn = self.session().await?;
         let guard = LockGuard::start_on(conn, backend_pid, max_blocking, period_for(max_blocking));
         Ok(Box::new(Watch {
@@ -197,10 +261,34 @@ impl LockGuardHook for LockGuardAdapter {
         timeout: Duration,
     ) -> Result<Vec<SessionBrief>, ApiError> {
         let mut conn = self.session().await?;
+        let migration = *self
+            .migration_pid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Between attempts nothing waits, so no blocking tree shows the migration; the
+        // guard's session says whom it waits for, for `belay locks` in any process.
+        let announced = match migration {
+            Some(m) => {
+                let name = announcement(m, pids);
+                sqlx::query("SELECT set_config('application_name', $1, false)")
+                    .bind(&name)
+                    .execute(&mut conn)
+                    .await
+                    .is_ok()
+            }
+            None => false,
+        };
         let outcome = belay_locks::wait_until_gone(&mut conn, pids, timeout)
             .instrument(tracing::info_span!("wait_until_gone", ?pids))
             .await
-            .map_err(api_error)?;
+            .map_err(api_error);
+        if announced {
+            let _ = sqlx::query("SELECT set_config('application_name', $1, false)")
+                .bind(belay_locks::GUARD_APPLICATION)
+                .execute(&mut conn)
+                .await;
+        }
+        let outcome = outcome?;
         let remaining = match outcome {
             WaitOutcome::Gone { .. } => Vec::new(),
             WaitOutcome::TimedOut { remaining } => describe(Some(&mut conn), &remaining).await,
@@ -213,6 +301,18 @@ impl LockGuardHook for LockGuardAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_announcement_fits_application_name_with_whole_pids() {
+        assert_eq!(
+            announcement(1234, &[4242, 4243]),
+            "belay-lock-guard: 1234 waits for 4242,4243"
+        );
+        let many: Vec<i32> = (1_000_000..1_000_010).collect();
+        let a = announcement(1234, &many);
+        assert!(a.len() <= 63, "{a}");
+        assert!(a.ends_with("1000000,1000001,1000002"), "{a}");
+    }
 
     #[test]
     fn the_guard_looks_five_times_per_budget_within_bounds() {

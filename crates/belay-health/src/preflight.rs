@@ -14,7 +14,7 @@ use crate::units::{self, format_bytes};
 use crate::{HealthError, disk};
 
 /// Every preflight check name, in report order (the names `--override-check` takes).
-pub const PREFLIGHT_CHECKS: [&str; 11] = [
+pub const PREFLIGHT_CHECKS: [&str; 12] = [
     "connectivity",
     "database_size",
     "disk_space",
@@ -26,6 +26,7 @@ pub const PREFLIGHT_CHECKS: [&str; 11] = [
     "pending_migrations",
     "failed_migrations",
     "checksum_drift",
+    "table_locks",
 ];
 
 /// Thresholds of every preflight check: `[preflight]` in `belay.toml`. Durations are
@@ -68,6 +69,12 @@ pub struct Thresholds {
     pub lock_wait_warn: Duration,
     #[serde(with = "units::duration")]
     pub lock_wait_block: Duration,
+    /// Age of the oldest transaction holding a lock on a table the pending migrations will
+    /// lock (a transaction that read or wrote a table holds its lock until it ends).
+    #[serde(with = "units::duration")]
+    pub table_lock_warn: Duration,
+    #[serde(with = "units::duration")]
+    pub table_lock_block: Duration,
     /// Bytes of WAL the slowest replica has not replayed.
     #[serde(with = "units::bytes")]
     pub replication_lag_warn: u64,
@@ -98,6 +105,11 @@ impl Default for Thresholds {
             // Any waiting session warns; one waiting more than a second blocks.
             lock_wait_warn: Duration::ZERO,
             lock_wait_block: Duration::from_secs(1),
+            // Any holder warns: the migration will queue behind it (the lock guard keeps
+            // the application moving meanwhile). A transaction already open for 30 s is
+            // unlikely to end within the migration's lock budget: fix it first.
+            table_lock_warn: Duration::ZERO,
+            table_lock_block: Duration::from_secs(30),
             replication_lag_warn: 16 << 20,
             replication_lag_block: 1 << 30,
             pending_migrations_warn: None,
@@ -109,7 +121,7 @@ impl Default for Thresholds {
 
 impl Thresholds {
     /// Every threshold's key, as `[preflight]` spells it.
-    pub const KEYS: [&'static str; 19] = [
+    pub const KEYS: [&'static str; 21] = [
         "min_server_version",
         "connect_latency_warn",
         "database_size_warn",
@@ -124,6 +136,8 @@ impl Thresholds {
         "idle_in_transaction_block",
         "lock_wait_warn",
         "lock_wait_block",
+        "table_lock_warn",
+        "table_lock_block",
         "replication_lag_warn",
         "replication_lag_block",
         "pending_migrations_warn",
@@ -205,6 +219,12 @@ impl Thresholds {
                 "lock_wait_block" => {
                     t.lock_wait_block = t.lock_wait_block.min(other.lock_wait_block)
                 }
+                "table_lock_warn" => {
+                    t.table_lock_warn = t.table_lock_warn.min(other.table_lock_warn);
+                }
+                "table_lock_block" => {
+                    t.table_lock_block = t.table_lock_block.min(other.table_lock_block);
+                }
                 "replication_lag_warn" => {
                     t.replication_lag_warn = t.replication_lag_warn.min(other.replication_lag_warn);
                 }
@@ -253,6 +273,10 @@ pub struct MigrationSummary {
     pub pending: usize,
     pub failed: Vec<String>,
     pub drift: Vec<String>,
+    /// The tables (and indexes) the pending migrations' statements lock, as the linter's
+    /// lock analysis names them.
+    #[serde(default)]
+    pub lock_tables: Vec<String>,
 }
 
 /// Connects to `url` and runs [`preflight`]. A failed connection is not an error but a
@@ -354,6 +378,11 @@ pub async fn preflight(
     ));
     if let Some(summary) = &ctx.migration_summary {
         out.extend(migration_checks(summary, t));
+        out.push(or_unmeasured(
+            "table_locks",
+            table_locks(conn, &summary.lock_tables, t).await,
+            &dur_threshold(t.table_lock_warn, t.table_lock_block),
+        ));
     }
     Ok(out)
 }
@@ -676,6 +705,68 @@ async fn idle_in_transaction(
     ))
 }
 
+/// Sessions holding a lock on a table the pending migrations will lock, oldest
+/// transaction first: the migration would queue behind each of them.
+async fn table_locks(
+    conn: &mut PgConnection,
+    tables: &[String],
+    t: &Thresholds,
+) -> Result<CheckResult, sqlx::Error> {
+    let threshold = dur_threshold(t.table_lock_warn, t.table_lock_block);
+    let fix = "the migration queues behind these transactions (the lock guard gives way to \
+               the application meanwhile): have them commit, or end them with SELECT \
+               pg_terminate_backend(pid), before migrating";
+    if tables.is_empty() {
+        return Ok(CheckResult::new(
+            "table_locks",
+            CheckStatus::Pass,
+            "the pending migrations lock no table".to_string(),
+            threshold,
+            fix,
+        ));
+    }
+    // to_regclass: a table the migrations create does not exist yet, and nobody holds it.
+    let rows: Vec<SessionRow> = sqlx::query_as(
+        "SELECT a.pid,
+                extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, clock_timestamp()))::float8,
+                coalesce(a.usename::text, ''), coalesce(a.application_name, ''),
+                string_agg(DISTINCT l.mode || ' on ' || l.relation::regclass::text, ', ')
+                  || ' (' || coalesce(a.state, '?') || '): ' || coalesce(a.query, '')
+           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.granted AND l.locktype = 'relation' AND l.pid <> pg_backend_pid()
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND l.relation IN (SELECT to_regclass(n) FROM unnest($1::text[]) n)
+          GROUP BY a.pid, a.xact_start, a.usename, a.application_name, a.state, a.query
+          ORDER BY a.xact_start NULLS LAST LIMIT 50",
+    )
+    .bind(tables)
+    .fetch_all(&mut *conn)
+    .await?;
+    let longest = rows.first().map_or(0.0, |r| r.1);
+    let status = if rows.is_empty() {
+        CheckStatus::Pass
+    } else {
+        grade(
+            longest,
+            t.table_lock_warn.as_secs_f64(),
+            t.table_lock_block.as_secs_f64(),
+        )
+    };
+    Ok(CheckResult::new(
+        "table_locks",
+        status,
+        describe_sessions(
+            &rows,
+            &format!(
+                "session(s) holding locks on tables the pending migrations lock ({})",
+                tables.join(", ")
+            ),
+        ),
+        threshold,
+        fix,
+    ))
+}
+
 async fn lock_waits(
     conn: &mut PgConnection,
     t: &Thresholds,
@@ -967,6 +1058,7 @@ mod tests {
             pending: 3,
             failed: vec!["4".into()],
             drift: vec!["2".into()],
+            lock_tables: vec![],
         };
         let st = |rs: Vec<CheckResult>| rs.iter().map(|r| r.status).collect::<Vec<_>>();
         use CheckStatus::*;

@@ -26,6 +26,7 @@ impl MigrationFacts for Facts {
             pending: 2,
             failed: vec!["3 (V3__bad.sql)".into()],
             drift: vec![],
+            lock_tables: vec![],
         })
     }
 

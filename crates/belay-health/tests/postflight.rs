@@ -224,6 +224,7 @@ async fn failing_verify_scripts_block() {
             pending: 0,
             failed: vec!["4".into()],
             drift: vec![],
+            lock_tables: vec![],
         }),
         ..PostflightSpec::default()
     };

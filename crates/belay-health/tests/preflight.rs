@@ -399,6 +399,7 @@ async fn migration_status_and_overrides() {
             pending: 4,
             failed: vec!["3".into()],
             drift: vec!["1.1".into()],
+            lock_tables: vec![],
         }),
         ..PreflightContext::default()
     };
@@ -517,4 +518,67 @@ async fn replication_lag() {
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_session_holding_a_table_the_pending_migrations_lock_warns_and_blocks_past_its_threshold()
+{
+    let (db, mut conn) = db().await;
+    sqlx::raw_sql("CREATE TABLE accounts (id int); CREATE TABLE other (id int)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let ctx = |tables: &[&str]| PreflightContext {
+        migration_summary: Some(MigrationSummary {
+            lock_tables: tables.iter().map(ToString::to_string).collect(),
+            ..MigrationSummary::default()
+        }),
+        ..PreflightContext::default()
+    };
+    let defaults = Thresholds::default();
+    // Nobody holds anything: it passes.
+    let r = check(&mut conn, &ctx(&["accounts"]), &defaults, "table_locks").await;
+    assert_eq!(r.status, CheckStatus::Pass, "{r:?}");
+
+    // A reader's open transaction holds ACCESS SHARE on accounts.
+    let mut holder = PgConnection::connect(&db.url).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+    sqlx::raw_sql("SET application_name = 'report'")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM accounts")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let r = check(
+        &mut conn,
+        &ctx(&["accounts", "new_table"]),
+        &defaults,
+        "table_locks",
+    )
+    .await;
+    assert_eq!(r.status, CheckStatus::Warn, "{r:?}");
+    for want in [
+        &format!("pid {pid}"),
+        "\"report\"",
+        "AccessShareLock on accounts",
+        "SELECT count(*) FROM accounts",
+    ] {
+        assert!(r.value.contains(want), "{want:?} missing: {r:?}");
+    }
+    // Past the block threshold it blocks.
+    let strict = Thresholds {
+        table_lock_block: Duration::ZERO,
+        ..Thresholds::default()
+    };
+    let r = check(&mut conn, &ctx(&["accounts"]), &strict, "table_locks").await;
+    assert_eq!(r.status, CheckStatus::Block, "{r:?}");
+    // A table the migrations do not lock is not the holder's business.
+    let r = check(&mut conn, &ctx(&["other"]), &strict, "table_locks").await;
+    assert_eq!(r.status, CheckStatus::Pass, "{r:?}");
+    sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
 }

@@ -87,6 +87,11 @@ pub fn filtered(mut s: LockSnapshot, database: Option<&str>) -> LockSnapshot {
     }
     s.trees.retain(|t| touches(t, db));
     s.long_running.retain(|x| x.database.as_deref() == Some(db));
+    s.pending_ddl.retain(|p| {
+        p.blockers
+            .iter()
+            .any(|b| b.session.database.as_deref() == Some(db))
+    });
     s.idle_in_transaction
         .retain(|x| x.database.as_deref() == Some(db));
     s
@@ -223,6 +228,7 @@ mod tests {
                 // A tree rooted elsewhere that holds up a session of ours is ours too.
                 node(5, "other", vec![node(6, "shop", vec![])]),
             ],
+            pending_ddl: vec![],
             long_running: vec![],
             idle_in_transaction: vec![],
             replication: vec![],

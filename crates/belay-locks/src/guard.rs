@@ -1,6 +1,7 @@
 //! The lock guard and the executor's helpers for retrying at the right moment.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use belay_core::DatabaseUrl;
@@ -18,8 +19,11 @@ use crate::{LocksError, QUERY_EXCERPT_CHARS};
 pub const GUARD_APPLICATION: &str = "belay-lock-guard";
 
 /// Every session waiting for a heavyweight lock, whom it waits for, and since when. The
-/// migration's own backend is included (its `blocked_by` are its blockers). One read of
-/// `pg_locks`; `pg_blocking_pids` only for waiting sessions.
+/// migration's own backend is included (its `blocked_by` are its blockers), and on its row
+/// alone its blockers are described (who, what transaction, which lock on what), so the
+/// poll that decides to give way has already read whom to name. One read of `pg_locks` for
+/// the queue; `pg_blocking_pids` only for waiting sessions; the description only while
+/// the migration waits. `$1` = the migration's pid, `$2` = query excerpt length.
 const QUEUE_SQL: &str = r#"
 WITH w AS MATERIALIZED (
     SELECT pid, min((to_jsonb(l) ->> 'waitstart')::timestamptz) AS waitstart
@@ -27,10 +31,70 @@ WITH w AS MATERIALIZED (
 )
 SELECT s.pid, coalesce(s.leader_pid, s.pid) AS leader,
        pg_blocking_pids(s.pid) AS blocked_by,
-       (extract(epoch FROM clock_timestamp() - coalesce(w.waitstart, s.state_change)) * 1000)::bigint AS waiting_ms
+       (extract(epoch FROM clock_timestamp() - coalesce(w.waitstart, s.state_change)) * 1000)::bigint AS waiting_ms,
+       CASE WHEN s.pid = $1 THEN (
+           SELECT json_agg(json_build_object(
+               'pid', b.pid, 'user', b.usename::text, 'application', nullif(b.application_name, ''),
+               'client_addr', host(b.client_addr), 'state', b.state,
+               'xact_ms', (extract(epoch FROM clock_timestamp() - b.xact_start) * 1000)::bigint,
+               'query', left(b.query, $2),
+               'held', (SELECT string_agg(DISTINCT h.mode, '+') FROM pg_locks h
+                        WHERE h.pid = b.pid AND h.granted AND h.locktype = want.locktype
+                          AND h.database IS NOT DISTINCT FROM want.database
+                          AND h.relation IS NOT DISTINCT FROM want.relation
+                          AND h.transactionid IS NOT DISTINCT FROM want.transactionid),
+               'waiting', (SELECT h.mode FROM pg_locks h WHERE h.pid = b.pid AND NOT h.granted LIMIT 1),
+               'relation', CASE WHEN want.relation IS NOT NULL AND want.database =
+                                     (SELECT oid FROM pg_database WHERE datname = current_database())
+                                THEN want.relation::regclass::text END
+           ) ORDER BY b.pid)::text
+           FROM pg_stat_activity b
+           LEFT JOIN LATERAL (SELECT m.locktype, m.database, m.relation, m.transactionid
+                              FROM pg_locks m WHERE m.pid = s.pid AND NOT m.granted LIMIT 1) want ON true
+           WHERE b.pid = ANY(pg_blocking_pids(s.pid))
+       ) END AS blockers
 FROM pg_stat_activity s LEFT JOIN w ON w.pid = s.pid
 WHERE s.wait_event_type = 'Lock' AND s.pid <> pg_backend_pid()
 "#;
+
+/// A session the migration waited for, as the guard's poll read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Blocker {
+    pub pid: i32,
+    pub user: Option<String>,
+    pub application: Option<String>,
+    pub client_addr: Option<String>,
+    /// `active`, `idle in transaction`, ...
+    pub state: Option<String>,
+    /// How long its current transaction has been open.
+    pub xact_ms: Option<u64>,
+    pub query: Option<String>,
+    /// The modes it holds on the lock the migration waits for (`AccessShareLock`, joined
+    /// with `+` when several); `None` when it holds none (it is queued ahead).
+    pub held: Option<String>,
+    /// The mode it waits for itself, when it is queued too.
+    pub waiting: Option<String>,
+    /// The relation of the lock the migration waits for (`public.accounts`).
+    pub relation: Option<String>,
+}
+
+impl Blocker {
+    /// Just the pid (the session could not be described, or has gone).
+    pub fn pid(pid: i32) -> Self {
+        Blocker {
+            pid,
+            user: None,
+            application: None,
+            client_addr: None,
+            state: None,
+            xact_ms: None,
+            query: None,
+            held: None,
+            waiting: None,
+            relation: None,
+        }
+    }
+}
 
 /// One intervention of the guard: sessions queued behind the migration waited past the
 /// budget, so the migration's statement was cancelled.
@@ -46,6 +110,8 @@ pub struct GuardTrip {
     /// Whom the migration itself was waiting for (empty when it held its locks and was
     /// running, e.g. a table rewrite): the sessions to wait out before retrying.
     pub blockers_of_migration: Vec<i32>,
+    /// The same sessions described, as the poll that tripped read them.
+    pub blockers: Vec<Blocker>,
     /// Whether `pg_cancel_backend` reported that the signal was sent.
     pub cancelled: bool,
 }
@@ -63,6 +129,8 @@ pub struct GuardTrip {
 #[derive(Debug)]
 pub struct LockGuard {
     trips: mpsc::UnboundedReceiver<GuardTrip>,
+    /// The migration's blockers at the last poll that saw it waiting.
+    last_blockers: Arc<Mutex<Vec<Blocker>>>,
     stop: Option<oneshot::Sender<()>>,
     /// Ends with the outcome and, after a clean stop, the connection (for reuse).
     task: JoinHandle<(Result<(), LocksError>, Option<PgConnection>)>,
@@ -96,6 +164,8 @@ impl LockGuard {
         let (trip_tx, trips) = mpsc::unbounded_channel();
         let (stop, mut stopped) = oneshot::channel::<()>();
         let budget = u64::try_from(max_blocking.as_millis()).unwrap_or(u64::MAX);
+        let last_blockers = Arc::new(Mutex::new(Vec::new()));
+        let seen = last_blockers.clone();
         let task = tokio::spawn(async move {
             // Each poll must stay cheap; a poll that cannot finish quickly is skipped.
             if let Err(e) = sqlx::query("SET statement_timeout = '2s'")
@@ -117,6 +187,9 @@ impl LockGuard {
                     Ok(q) => q,
                     Err(e) => break Err(e),
                 };
+                if !queue.blockers.is_empty() {
+                    *seen.lock().unwrap_or_else(PoisonError::into_inner) = queue.blockers.clone();
+                }
                 if queue.queued.is_empty() {
                     armed = true;
                     continue;
@@ -144,6 +217,7 @@ impl LockGuard {
                     blocked_sessions: queue.queued,
                     longest_wait_ms: queue.longest_wait_ms,
                     blockers_of_migration: queue.blockers_of_migration,
+                    blockers: queue.blockers,
                     cancelled,
                 };
                 tracing::warn!(
@@ -164,6 +238,7 @@ impl LockGuard {
         });
         LockGuard {
             trips,
+            last_blockers,
             stop: Some(stop),
             task,
         }
@@ -177,6 +252,15 @@ impl LockGuard {
     /// A trip already reported, without waiting.
     pub fn try_trip(&mut self) -> Option<GuardTrip> {
         self.trips.try_recv().ok()
+    }
+
+    /// Whom the migration was waiting for at the last poll that saw it waiting (empty:
+    /// never seen waiting).
+    pub fn last_blockers(&self) -> Vec<Blocker> {
+        self.last_blockers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether the guard has stopped polling on its own (it failed), or was stopped.
@@ -237,14 +321,30 @@ struct Queue {
     queued: Vec<i32>,
     longest_wait_ms: u64,
     blockers_of_migration: Vec<i32>,
+    blockers: Vec<Blocker>,
 }
 
+/// pid, leader, blocked_by, waiting_ms, the migration's blockers described (JSON).
+type QueueRow = (i32, i32, Vec<i32>, Option<i64>, Option<String>);
+
 async fn queue_behind(conn: &mut PgConnection, migration_pid: i32) -> Result<Queue, LocksError> {
-    let rows: Vec<(i32, i32, Vec<i32>, Option<i64>)> = sqlx::query_as(QUEUE_SQL)
+    let rows: Vec<QueueRow> = sqlx::query_as(QUEUE_SQL)
+        .bind(migration_pid)
+        .bind(i32::try_from(QUERY_EXCERPT_CHARS).unwrap_or(i32::MAX))
         .fetch_all(&mut *conn)
         .await
         .map_err(LocksError::query("lock queue"))?;
-    Ok(queue_from_rows(migration_pid, &rows))
+    let described = rows
+        .iter()
+        .find_map(|r| r.4.as_deref())
+        .map(serde_json::from_str::<Vec<Blocker>>)
+        .transpose()?
+        .unwrap_or_default();
+    let plain: Vec<(i32, i32, Vec<i32>, Option<i64>)> =
+        rows.into_iter().map(|r| (r.0, r.1, r.2, r.3)).collect();
+    let mut q = queue_from_rows(migration_pid, &plain);
+    q.blockers = described;
+    Ok(q)
 }
 
 /// Sessions waiting (directly or through other waiters) for `migration_pid`, parallel
@@ -293,6 +393,7 @@ fn queue_from_rows(migration_pid: i32, rows: &[(i32, i32, Vec<i32>, Option<i64>)
         queued: behind.into_iter().collect(),
         longest_wait_ms: longest,
         blockers_of_migration: blockers_of_migration.into_iter().collect(),
+        blockers: Vec::new(),
     }
 }
 
@@ -388,7 +489,10 @@ pub enum WaitOutcome {
     TimedOut { remaining: Vec<i32> },
 }
 
-const GONE_POLL: Duration = Duration::from_millis(25);
+/// Every round trip of the wait is one read of `pg_stat_activity` for a few pids: cheap
+/// enough to poll often, and each millisecond of it is a millisecond later the migration
+/// lands after its blockers leave.
+const GONE_POLL: Duration = Duration::from_millis(10);
 
 /// The transaction of each session: `(backend_start, xact_start)` in microseconds. A
 /// session is "gone" once that changes (it disconnected, or finished the transaction that
@@ -401,7 +505,7 @@ FROM pg_stat_activity WHERE pid = ANY($1)
 "#;
 
 /// Waits until every session in `pids` has finished the transaction it is in now (or
-/// disconnected), polling every 25 ms, for at most `timeout`. Sessions not in a
+/// disconnected), polling every 10 ms, for at most `timeout`. Sessions not in a
 /// transaction at the start count as gone. This is what lets the executor retry the
 /// moment its blockers are gone instead of after a blind backoff.
 pub async fn wait_until_gone(

@@ -30,10 +30,12 @@ pub use api::{
 };
 pub use error::LocksError;
 pub use guard::{
-    GUARD_APPLICATION, GuardTrip, LockGuard, WaitOutcome, blockers_of, describe_sessions,
+    Blocker, GUARD_APPLICATION, GuardTrip, LockGuard, WaitOutcome, blockers_of, describe_sessions,
     guard_session, wait_until_gone,
 };
-pub use model::{LockNode, LockSnapshot, ReplicaLag, SessionInfo, SnapshotOptions};
+pub use model::{
+    LockNode, LockSnapshot, PendingBlocker, PendingDdl, ReplicaLag, SessionInfo, SnapshotOptions,
+};
 pub use sample::snapshot;
 pub use watch::{MONITOR_APPLICATION, watch};
 

@@ -38,6 +38,12 @@ pub struct LockSnapshot {
     /// One tree per root blocker (a session that blocks others and waits for no one),
     /// longest wait first.
     pub trees: Vec<LockNode>,
+    /// belay runners retrying a migration statement, between attempts: whom their last
+    /// attempt waited for. Between attempts nothing waits, so no tree shows them; each
+    /// runner's lock guard names them in its `application_name` while it waits for them
+    /// to leave, and the sample describes those sessions.
+    #[serde(default)]
+    pub pending_ddl: Vec<PendingDdl>,
     /// Active queries running longer than the threshold, longest first.
     pub long_running: Vec<SessionInfo>,
     /// Sessions idle in a transaction longer than the threshold, longest first.
@@ -126,6 +132,25 @@ impl LockNode {
         }
         self.children.iter().find_map(|c| c.find(pid))
     }
+}
+
+/// A belay runner waiting, between attempts, for the sessions that blocked its statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingDdl {
+    /// The migration's session.
+    pub migration_pid: i32,
+    /// The lock guard's session, which announced the wait.
+    pub guard_pid: i32,
+    /// The sessions its last attempt waited for (those still connected).
+    pub blockers: Vec<PendingBlocker>,
+}
+
+/// A session a pending migration statement waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingBlocker {
+    pub session: SessionInfo,
+    /// The table locks it holds (`AccessShareLock on public.accounts, ...`).
+    pub holds: Option<String>,
 }
 
 /// A session reported for how long it has been running or idle in a transaction.

@@ -4,7 +4,9 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sqlx::{Acquire, PgConnection};
 
-use crate::model::{LockSnapshot, ReplicaLag, SessionInfo, SnapshotOptions};
+use crate::model::{
+    LockSnapshot, PendingBlocker, PendingDdl, ReplicaLag, SessionInfo, SnapshotOptions,
+};
 use crate::{LocksError, QUERY_EXCERPT_CHARS, tree};
 
 /// The server-side budget of one sample. A sample that cannot finish in this time is
@@ -79,6 +81,31 @@ SELECT json_build_object(
       AND l.pid IN (SELECT pid FROM blockers)),
   'waited_relations', (SELECT coalesce(json_agg(json_build_object('pid', w.pid, 'relation_oid', w.relation::bigint)), '[]'::json)
     FROM w WHERE w.relation IS NOT NULL),
+  'pending', (SELECT coalesce(json_agg(json_build_object(
+      'guard_pid', g.pid,
+      'migration_pid', split_part(split_part(g.application_name, ': ', 2), ' ', 1)::int,
+      'blockers', (SELECT coalesce(json_agg(json_build_object(
+          'pid', b.pid, 'leader_pid', b.leader_pid, 'user', b.usename::text,
+          'application', b.application_name, 'database', b.datname::text,
+          'client_addr', host(b.client_addr), 'state', b.state,
+          'wait_event_type', b.wait_event_type, 'wait_event', b.wait_event,
+          'backend_type', b.backend_type,
+          'query_ms', (extract(epoch FROM clock_timestamp() - b.query_start) * 1000)::bigint,
+          'xact_ms', (extract(epoch FROM clock_timestamp() - b.xact_start) * 1000)::bigint,
+          'state_ms', (extract(epoch FROM clock_timestamp() - b.state_change) * 1000)::bigint,
+          'query', left(b.query, 400), 'blocked_by', '{}'::int[],
+          'lock_type', NULL, 'mode', NULL, 'waiting_ms', NULL,
+          'relation', (SELECT string_agg(h.mode || ' on ' || h.relation::regclass::text, ', ')
+                       FROM pg_locks h JOIN pg_class c ON c.oid = h.relation
+                       WHERE h.pid = b.pid AND h.granted AND h.locktype = 'relation'
+                         AND c.relkind IN ('r', 'p', 'm')
+                         AND h.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+        ) ORDER BY b.pid), '[]'::json)
+        FROM pg_stat_activity b
+        WHERE b.pid = ANY(string_to_array(split_part(g.application_name, ' waits for ', 2), ',')::int[]))
+    )), '[]'::json)
+    FROM pg_stat_activity g
+    WHERE g.application_name ~ '^belay-lock-guard: [0-9]+ waits for [0-9]+(,[0-9]+)*$'),
   'replication', (SELECT coalesce(json_agg(json_build_object(
       'pid', r.pid, 'application', r.application_name, 'client_addr', host(r.client_addr),
       'state', r.state, 'sync_state', r.sync_state,
@@ -97,7 +124,18 @@ pub(crate) struct RawSample {
     pub sessions: Vec<RawSession>,
     pub held: Vec<RawHeld>,
     pub waited_relations: Vec<RawWaitedRel>,
+    #[serde(default)]
+    pub pending: Vec<RawPending>,
     pub replication: Vec<RawReplica>,
+}
+
+/// A runner between attempts, as its guard session's `application_name` announces it;
+/// `relation` of each blocker holds the relation locks it holds (`mode on table, ...`).
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct RawPending {
+    pub guard_pid: i32,
+    pub migration_pid: i32,
+    pub blockers: Vec<RawSession>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,9 +336,27 @@ pub(crate) fn build(raw: RawSample, opts: &SnapshotOptions) -> LockSnapshot {
         .filter(|t| t.longest_wait_ms() >= min_wait)
         .collect();
 
+    let pending_ddl = raw
+        .pending
+        .iter()
+        .map(|p| PendingDdl {
+            migration_pid: p.migration_pid,
+            guard_pid: p.guard_pid,
+            blockers: p
+                .blockers
+                .iter()
+                .map(|b| PendingBlocker {
+                    session: session_info(b),
+                    holds: b.relation.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+
     LockSnapshot {
         at: raw.at,
         trees,
+        pending_ddl,
         long_running,
         idle_in_transaction: idle,
         replication,

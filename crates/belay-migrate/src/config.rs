@@ -6,16 +6,26 @@ use std::time::Duration;
 ///
 /// The defaults keep the application flowing. While a migration waits for a lock that
 /// another session holds, every application query that needs a conflicting lock queues
-/// behind the migration, so `lock_timeout` *is* the longest stall belay can add to those
-/// queries. 100 ms keeps that stall far under a second while still landing at once when
-/// application transactions hold their row locks for up to ~100 ms (a 20 ms timeout needed
-/// 24 attempts there, 50 ms needed 12). Between attempts the queue drains; retries back off
-/// exponentially with jitter, capped at 1 s so a migration lands soon after its blocker
-/// leaves, and stop after `max_attempts` or `max_lock_wait`, whichever comes first — every
-/// attempt, including the last, runs with the timeout.
+/// behind the migration. With the lock guard (the default wiring of every caller), the
+/// guard watches that queue and gives way the moment an application session has waited
+/// behind the migration for `max_blocking`; nobody queued means waiting costs no one, so
+/// the statement keeps waiting, up to `guarded_lock_timeout`. After giving way the
+/// executor waits for the sessions it was blocked by to finish and retries at once.
+/// Without a guard, `lock_timeout` *is* the longest stall belay can add: 100 ms keeps it
+/// far under a second while still landing at once when application transactions hold
+/// their row locks for up to ~100 ms; retries then back off exponentially with jitter,
+/// capped at 1 s. Either way attempts stop after `max_attempts` or `max_lock_wait`,
+/// whichever comes first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecConfig {
+    /// `lock_timeout` of a statement the lock guard does not watch (no guard, the guard
+    /// off, or transaction control).
     pub lock_timeout: Duration,
+    /// `lock_timeout` of a statement the lock guard watches: only the outer safety net,
+    /// so no attempt waits unbounded if the guard stops mid-statement. The guard gives way
+    /// long before it whenever anyone queues behind the statement. 10 s: a blocker that
+    /// nobody else is waiting for costs one retry per 10 s instead of one per 100 ms.
+    pub guarded_lock_timeout: Duration,
     pub max_attempts: u32,
     /// Budget for one migration's lock waits and backoff together.
     pub max_lock_wait: Duration,
@@ -33,15 +43,14 @@ pub struct ExecConfig {
     pub runner_wait: Duration,
     pub history_schema: String,
     /// The lock guard's budget (used when a `LockGuardHook` is installed): the longest
-    /// an application session may wait in the lock queue behind a running migration
-    /// statement before the guard cancels the statement and the executor retries it
-    /// once the migration's blockers are gone.
+    /// an application session may wait in the lock queue behind a migration statement —
+    /// one waiting for its lock or one holding it while it works — before the guard
+    /// cancels the statement and the executor retries it once the migration's blockers are
+    /// gone.
     ///
-    /// 500 ms: well under the second or two after which people and HTTP clients notice
-    /// and time out, and five times `lock_timeout`, so a migration merely waiting for its
-    /// lock is stopped by `lock_timeout` first (the guard never competes with it) — the
-    /// guard acts on what `lock_timeout` cannot see: a long `-- belay:lock-timeout`, or a
-    /// statement that holds its lock while it works.
+    /// 50 ms: about what one more network round trip or a slow index lookup adds to a
+    /// query, so an application whose own p99 is tens of milliseconds sees belay as noise,
+    /// not as a stall; the guard polls every 10 ms (a fifth of it) while a statement runs.
     pub max_blocking: Duration,
 }
 
@@ -49,6 +58,7 @@ impl Default for ExecConfig {
     fn default() -> Self {
         ExecConfig {
             lock_timeout: Duration::from_millis(100),
+            guarded_lock_timeout: Duration::from_secs(10),
             max_attempts: 60,
             max_lock_wait: Duration::from_secs(120),
             backoff_initial: Duration::from_millis(100),
@@ -57,7 +67,7 @@ impl Default for ExecConfig {
             concurrent_lock_timeout: Duration::from_secs(30 * 60),
             runner_wait: Duration::from_secs(60),
             history_schema: belay_history::DEFAULT_SCHEMA.to_string(),
-            max_blocking: Duration::from_millis(500),
+            max_blocking: Duration::from_millis(50),
         }
     }
 }

@@ -20,7 +20,7 @@ pub enum MigrateError {
     #[error("{0}")]
     ScriptFailed(Box<ScriptFailure>),
     #[error(
-        "{}:{line}: gave up after {attempts} attempts and {waited_ms} ms waiting for locks (lock_timeout {lock_timeout}); the application holds conflicting locks too long — find the blocker with `belay locks` or pg_stat_activity, or raise --max-attempts / --max-lock-wait",
+        "{}:{line}: gave up after {attempts} attempts and {waited_ms} ms waiting for locks (lock_timeout {lock_timeout}); {who}",
         path.display()
     )]
     LockRetriesExhausted {
@@ -29,6 +29,8 @@ pub enum MigrateError {
         attempts: u32,
         waited_ms: u64,
         lock_timeout: String,
+        /// Who held the lock at the last attempt and what to do, as a sentence.
+        who: String,
     },
     /// The lock guard kept cancelling a migration until its budget was spent.
     #[error("{0}")]

@@ -40,7 +40,9 @@ pub enum EventKind {
         direction: Direction,
         in_transaction: bool,
     },
-    /// One attempt hit `lock_timeout`; the executor backs off and retries.
+    /// One attempt hit `lock_timeout`; the executor waits for the sessions that blocked it
+    /// to finish (when the lock guard saw them; `backoff_ms` is then 0), or backs off,
+    /// and retries.
     LockTimeout {
         version: Option<String>,
         script: String,
@@ -48,6 +50,10 @@ pub enum EventKind {
         attempt: u32,
         waited_ms: u64,
         backoff_ms: u64,
+        /// Whom the statement waited for, as the guard's last poll saw them (empty: the
+        /// guard is off, or never saw it waiting).
+        #[serde(default)]
+        blocked_by: Vec<crate::guard::SessionBrief>,
     },
     /// The lock guard found application sessions queued behind the migration for longer
     /// than `max_blocking` and cancelled its statement (rolled back); unless the budget is
@@ -63,6 +69,9 @@ pub enum EventKind {
         /// Pids of the sessions the migration itself was waiting for (empty: it held its
         /// locks and was working).
         blockers: Vec<i32>,
+        /// The same sessions described, as the poll that decided to give way read them.
+        #[serde(default)]
+        blocked_by: Vec<crate::guard::SessionBrief>,
         /// Whether the cancel stopped the statement; false when the statement finished
         /// first (the trip is still counted: the application did wait that long).
         cancelled: bool,
@@ -152,10 +161,23 @@ impl EventKind {
                 line,
                 attempt,
                 backoff_ms,
+                blocked_by,
                 ..
-            } => format!(
-                "  {script}:{line}: lock not granted within lock_timeout (attempt {attempt}); application queries were released; retrying in {backoff_ms} ms"
-            ),
+            } => {
+                let mut s = format!(
+                    "  {script}:{line}: lock not granted within lock_timeout (attempt {attempt})"
+                );
+                if !blocked_by.is_empty() {
+                    s.push_str(&format!(", {}", blocked_by_text(blocked_by)));
+                }
+                s.push_str("; application queries were released; ");
+                if *backoff_ms == 0 && !blocked_by.is_empty() {
+                    s.push_str("retrying as soon as the blocker has finished");
+                } else {
+                    s.push_str(&format!("retrying in {backoff_ms} ms"));
+                }
+                s
+            }
             EventKind::LockGuardTripped {
                 script,
                 line,
@@ -163,6 +185,7 @@ impl EventKind {
                 blocked_sessions,
                 longest_wait_ms,
                 blockers,
+                blocked_by,
                 cancelled,
                 ..
             } => {
@@ -174,12 +197,11 @@ impl EventKind {
                 } else {
                     s.push_str("; the statement finished before the cancel");
                 }
-                if !blockers.is_empty() {
+                if !blocked_by.is_empty() {
+                    s.push_str(&format!("; {}", blocked_by_text(blocked_by)));
+                } else if !blockers.is_empty() {
                     let pids: Vec<String> = blockers.iter().map(i32::to_string).collect();
-                    s.push_str(&format!(
-                        "; the migration was waiting for pid {}",
-                        pids.join(", ")
-                    ));
+                    s.push_str(&format!("; blocked by pid {}", pids.join(", ")));
                 }
                 s
             }
@@ -210,6 +232,13 @@ impl EventKind {
             }
         })
     }
+}
+
+/// `blocked by pid 4242 (app "report", idle in transaction 14s, holds AccessShareLock on
+/// public.accounts) and pid 4243 (...)`.
+pub fn blocked_by_text(blockers: &[crate::guard::SessionBrief]) -> String {
+    let named: Vec<String> = blockers.iter().map(|b| b.compact()).collect();
+    format!("blocked by {}", named.join(" and "))
 }
 
 /// Where events go. Cheap to clone; called synchronously from the executor, so a sink

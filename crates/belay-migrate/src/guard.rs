@@ -24,6 +24,9 @@ pub struct SessionBrief {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub application: Option<String>,
+    /// The client's address (`host(client_addr)`; none for a local socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     /// `active`, `idle in transaction`, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
@@ -33,6 +36,13 @@ pub struct SessionBrief {
     /// The first characters of its current or last query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
+    /// The lock mode(s) it holds on what the migration waited for (`AccessShareLock`), or
+    /// `waiting for <mode>` when it is itself queued ahead of the migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The relation that lock is on (`public.accounts`), when it is a relation lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relation: Option<String>,
 }
 
 impl SessionBrief {
@@ -42,29 +52,71 @@ impl SessionBrief {
             pid,
             user: None,
             application: None,
+            client: None,
             state: None,
             xact_ms: None,
             query: None,
+            mode: None,
+            relation: None,
         }
+    }
+
+    /// The short form a retry line shows: `pid 4242 (app "report", idle in transaction
+    /// 14s, holds AccessShareLock on public.accounts)`.
+    pub fn compact(&self) -> String {
+        let parts = self.parts(false);
+        if parts.is_empty() {
+            format!("pid {}", self.pid)
+        } else {
+            format!("pid {} ({})", self.pid, parts.join(", "))
+        }
+    }
+
+    fn parts(&self, full: bool) -> Vec<String> {
+        let mut parts = Vec::new();
+        if let Some(a) = &self.application {
+            parts.push(format!("app {a:?}"));
+        }
+        if full {
+            if let Some(u) = &self.user {
+                parts.push(format!("user {u}"));
+            }
+            if let Some(c) = &self.client {
+                parts.push(format!("from {c}"));
+            }
+        }
+        match (&self.state, self.xact_ms) {
+            (Some(s), Some(ms)) => parts.push(format!("{s} {}", age(ms))),
+            (Some(s), None) => parts.push(s.clone()),
+            (None, Some(ms)) => parts.push(format!("transaction open {}", age(ms))),
+            (None, None) => {}
+        }
+        match (&self.mode, &self.relation) {
+            (Some(m), Some(r)) if m.starts_with("waiting") => parts.push(format!("{m} on {r}")),
+            (Some(m), Some(r)) => parts.push(format!("holds {m} on {r}")),
+            (Some(m), None) if m.starts_with("waiting") => parts.push(m.clone()),
+            (Some(m), None) => parts.push(format!("holds {m}")),
+            (None, _) => {}
+        }
+        parts
+    }
+}
+
+/// A transaction's age as a person reads it: `850ms`, `14s`, `3min 5s`.
+fn age(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}min {}s", ms / 60_000, (ms % 60_000) / 1000)
     }
 }
 
 impl std::fmt::Display for SessionBrief {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "pid {}", self.pid)?;
-        let mut parts = Vec::new();
-        if let Some(u) = &self.user {
-            parts.push(format!("user {u}"));
-        }
-        if let Some(a) = &self.application {
-            parts.push(format!("application {a}"));
-        }
-        if let Some(s) = &self.state {
-            match self.xact_ms {
-                Some(ms) => parts.push(format!("{s}, transaction open {ms} ms")),
-                None => parts.push(s.clone()),
-            }
-        }
+        let parts = self.parts(true);
         if !parts.is_empty() {
             write!(f, " ({})", parts.join(", "))?;
         }
@@ -92,12 +144,24 @@ pub struct LockTrip {
     pub blockers: Vec<SessionBrief>,
 }
 
+/// What a watch saw, handed back when it stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchEnd {
+    /// The trips since the watch began (at most one, in practice).
+    pub trips: Vec<LockTrip>,
+    /// Whom the statement was waiting for at the guard's last poll that saw it waiting
+    /// (empty: never seen waiting). A statement that failed on `lock_timeout` names these:
+    /// the server's timeout says nothing about who held the lock, and once the statement
+    /// has given up nobody blocks it any more.
+    pub last_blockers: Vec<SessionBrief>,
+}
+
 /// A statement being watched; [`LockWatch::stop`] ends the watch.
 #[async_trait::async_trait]
 pub trait LockWatch: Send {
-    /// Stops watching and returns the trips since the watch began (at most one, in
-    /// practice). An error means the guard stopped early and cancelled nothing after it.
-    async fn stop(self: Box<Self>) -> Result<Vec<LockTrip>, ApiError>;
+    /// Stops watching and returns what the watch saw. An error means the guard stopped
+    /// early and cancelled nothing after it.
+    async fn stop(self: Box<Self>) -> Result<WatchEnd, ApiError>;
 }
 
 /// Guards migration statements against holding the application in their lock queue.
@@ -151,16 +215,23 @@ mod tests {
             pid: 4242,
             user: Some("app".into()),
             application: Some("billing".into()),
+            client: Some("10.0.0.5".into()),
             state: Some("idle in transaction".into()),
             xact_ms: Some(61_000),
             query: Some(format!("SELECT *\n  FROM t {}", "x".repeat(100))),
+            mode: Some("AccessShareLock".into()),
+            relation: Some("public.accounts".into()),
         };
         let text = s.to_string();
         assert!(
             text.starts_with(
-                "pid 4242 (user app, application billing, idle in transaction, transaction open 61000 ms): SELECT * FROM t x"
+                "pid 4242 (app \"billing\", user app, from 10.0.0.5, idle in transaction 1min 1s, holds AccessShareLock on public.accounts): SELECT * FROM t x"
             ),
             "{text}"
+        );
+        assert_eq!(
+            s.compact(),
+            "pid 4242 (app \"billing\", idle in transaction 1min 1s, holds AccessShareLock on public.accounts)"
         );
         assert!(text.ends_with('…'), "{text}");
         assert_eq!(SessionBrief::pid(7).to_string(), "pid 7");

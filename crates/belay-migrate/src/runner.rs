@@ -7,7 +7,7 @@ use crate::directives::NoTransactionSource;
 use crate::error::{GuardExhaustion, MigrateError, ScriptFailure};
 use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 use crate::gate::{GateScript, ScriptGate};
-use crate::guard::{LockGuardHook, LockTrip, SessionBrief};
+use crate::guard::{LockGuardHook, LockTrip, SessionBrief, WatchEnd};
 use crate::source::{Layout, MigrationSet, Script};
 use crate::sql::{self, Statement};
 use crate::status::{self, MigrationStatus, State};
@@ -204,6 +204,9 @@ struct Ran {
     result: Result<(), sqlx::Error>,
     /// The guard cancelled the statement: it failed with 57014 and the guard tripped.
     tripped: bool,
+    /// Whom the statement waited for at the guard's last look (empty: unwatched, or never
+    /// seen waiting).
+    last_blockers: Vec<SessionBrief>,
 }
 
 impl Migrator {
@@ -799,12 +802,13 @@ impl Migrator {
         trips: &mut Vec<TripNote>,
     ) -> Ran {
         let script = &step.source;
+        let guarded = self.guarded(backend_pid);
         let watch = match (&self.lock_guard, backend_pid) {
             (Some(hook), Some(pid))
                 if !st.concurrently
                     && !st.opens_transaction()
                     && !st.closes_transaction()
-                    && self.guard_off().is_none() =>
+                    && guarded =>
             {
                 match hook.watch(pid, self.config.max_blocking).await {
                     Ok(w) => Some(w),
@@ -816,6 +820,33 @@ impl Migrator {
             }
             _ => None,
         };
+        if guarded
+            && watch.is_none()
+            && !st.concurrently
+            && script.directives.lock_timeout.is_none()
+        {
+            // The attempt began under the guard's long safety-net timeout; unwatched, the
+            // statement must give way as an unguarded one does.
+            let set = if step.no_transaction.is_none() {
+                "SET LOCAL"
+            } else {
+                "SET"
+            };
+            let sql = format!(
+                "{set} lock_timeout = '{}'",
+                format_duration(self.config.lock_timeout)
+            );
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *conn)
+                .await
+            {
+                return Ran {
+                    result: Err(e),
+                    tripped: false,
+                    last_blockers: Vec::new(),
+                };
+            }
+        }
         let result = match &st.copy_data {
             Some(data) => copy_in(conn, st.text(&script.text), data).await,
             None => sqlx::raw_sql(sqlx::AssertSqlSafe(st.text(&script.text)))
@@ -823,13 +854,14 @@ impl Migrator {
                 .await
                 .map(|_| ()),
         };
-        let new_trips = match watch {
+        let end = match watch {
             Some(w) => w.stop().await.unwrap_or_else(|e| {
                 self.guard_unavailable(&e.message);
-                Vec::new()
+                WatchEnd::default()
             }),
-            None => Vec::new(),
+            None => WatchEnd::default(),
         };
+        let new_trips = end.trips;
         let tripped = !new_trips.is_empty() && matches!(&result, Err(e) if is_query_canceled(e));
         let line = sql::line_of_offset(&script.text, st.start);
         let n = new_trips.len();
@@ -844,6 +876,7 @@ impl Migrator {
                 blocked_sessions: trip.blocked_sessions,
                 longest_wait_ms: trip.longest_wait_ms,
                 blockers: trip.blockers.iter().map(|b| b.pid).collect(),
+                blocked_by: trip.blockers.clone(),
                 cancelled,
             });
             trips.push(TripNote {
@@ -853,7 +886,11 @@ impl Migrator {
                 cancelled,
             });
         }
-        Ran { result, tripped }
+        Ran {
+            result,
+            tripped,
+            last_blockers: end.last_blockers,
+        }
     }
 
     /// After the guard cancelled a statement: waits (bounded by what is left of the
@@ -892,9 +929,17 @@ impl Migrator {
             *lock_wait += waiting.elapsed();
             match outcome {
                 Ok(remaining) if !remaining.is_empty() => {
-                    return Err(exhausted(&remaining, true));
+                    return Err(exhausted(&still_held(remaining, &blockers), true));
                 }
-                Ok(_) => {}
+                // They are gone: the lock is free now, and every moment of backoff is a
+                // moment for the next transaction to take it first.
+                Ok(_) => {
+                    debug!(
+                        attempt = attempts,
+                        "retrying as soon as the blockers have gone"
+                    );
+                    return Ok(());
+                }
                 // Not knowing when they are gone, fall back to the backoff alone.
                 Err(e) => self.guard_unavailable(&e.message),
             }
@@ -1139,15 +1184,27 @@ impl Migrator {
         }
     }
 
-    fn lock_timeout_for(&self, script: &Script, st: Option<&Statement>) -> Duration {
+    /// The `lock_timeout` a statement (or, with `st` `None`, a transactional script) runs
+    /// with. `guarded`: the lock guard watches it, so the guard decides when to give way
+    /// and `lock_timeout` is only the outer safety net.
+    fn lock_timeout_for(&self, script: &Script, st: Option<&Statement>, guarded: bool) -> Duration {
         if let Some(t) = script.directives.lock_timeout {
             return t;
         }
         if st.is_some_and(|s| s.concurrently) {
             self.config.concurrent_lock_timeout
+        } else if guarded {
+            self.config
+                .guarded_lock_timeout
+                .max(self.config.lock_timeout)
         } else {
             self.config.lock_timeout
         }
+    }
+
+    /// Whether the lock guard watches this run's statements now.
+    fn guarded(&self, backend_pid: Option<i32>) -> bool {
+        backend_pid.is_some() && self.lock_guard.is_some() && self.guard_off().is_none()
     }
 
     fn statement_timeout_for(&self, script: &Script) -> Option<Duration> {
@@ -1188,7 +1245,7 @@ impl Migrator {
                 message: format!(
                     "{}:{line}: the script sets lock_timeout itself, so from that line on its lock waits are bounded by its value (0: none), not belay's {}; the lock guard still cancels a statement the application queues behind for longer than max_blocking. On a database in use, delete that line. The next migration starts from belay's settings again",
                     step.source.path.display(),
-                    format_duration(self.lock_timeout_for(&step.source, None)),
+                    format_duration(self.lock_timeout_for(&step.source, None, false)),
                 ),
             });
         }
@@ -1253,13 +1310,15 @@ impl Migrator {
         let mut attempts = 0u32;
         let mut lock_wait = Duration::ZERO;
         let mut trips = Vec::new();
-        let lock_timeout = format_duration(self.lock_timeout_for(script, None));
         // The transaction is driven with plain BEGIN/COMMIT rather than sqlx's
         // `Transaction` so that BEGIN travels with its settings, and the history row with
         // the COMMIT: two round trips around the script's statements instead of four.
-        let begin = self.begin_sql(script);
         loop {
             attempts += 1;
+            // Per attempt: the guard may have gone off since the last one.
+            let guarded = self.guarded(backend_pid);
+            let lock_timeout = format_duration(self.lock_timeout_for(script, None, guarded));
+            let begin = self.begin_sql(script, guarded);
             let attempt_started = Instant::now();
             sqlx::raw_sql(sqlx::AssertSqlSafe(begin.clone()))
                 .execute(&mut *conn)
@@ -1271,7 +1330,7 @@ impl Migrator {
                     .run_statement(conn, step, st, attempts, backend_pid, &mut trips)
                     .await;
                 if let Err(e) = ran.result {
-                    failure = Some((st, e, ran.tripped));
+                    failure = Some((st, e, ran.tripped, ran.last_blockers));
                     break;
                 }
             }
@@ -1299,7 +1358,7 @@ impl Migrator {
                     }
                     return Ok(self.result(step, execution, attempts - 1, lock_wait));
                 }
-                Some((st, e, tripped)) => {
+                Some((st, e, tripped, last_blockers)) => {
                     let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
                     if tripped {
                         // The whole transaction is retried, from BEGIN.
@@ -1312,32 +1371,100 @@ impl Migrator {
                         return Err(script_error(script, st, &e));
                     }
                     lock_wait += attempt_started.elapsed();
-                    self.after_lock_timeout(step, st, attempts, started, lock_wait, &lock_timeout)
-                        .await?;
+                    self.after_lock_timeout(
+                        step,
+                        st,
+                        attempts,
+                        started,
+                        &mut lock_wait,
+                        &lock_timeout,
+                        &last_blockers,
+                    )
+                    .await?;
                 }
             }
         }
     }
 
-    /// Reports a lock timeout and sleeps the backoff, or fails when the budget is spent.
+    /// Reports a lock timeout naming whom the statement waited for, then waits for them to
+    /// finish their transactions and retries at once (when the guard saw them), or sleeps
+    /// the backoff; fails naming them when the budget is spent.
+    #[allow(clippy::too_many_arguments, reason = "the attempt's whole state")]
     async fn after_lock_timeout(
         &self,
         step: &Step,
         st: &Statement,
         attempts: u32,
         started: Instant,
-        lock_wait: Duration,
+        lock_wait: &mut Duration,
         lock_timeout: &str,
+        blockers: &[SessionBrief],
     ) -> Result<(), MigrateError> {
         let line = sql::line_of_offset(&step.source.text, st.start);
-        let Some(backoff) = self.next_backoff(attempts, started) else {
-            return Err(MigrateError::LockRetriesExhausted {
+        let exhausted = |lock_wait: Duration, blockers: &[SessionBrief], still: bool| {
+            let who = if blockers.is_empty() {
+                "the application holds conflicting locks too long — find the blocker with `belay locks` or pg_stat_activity, or raise --max-attempts / --max-lock-wait".to_string()
+            } else {
+                let named: Vec<String> = blockers.iter().map(ToString::to_string).collect();
+                format!(
+                    "the statement was waiting for {}{}; end or commit that transaction, then run migrate again (or raise --max-attempts / --max-lock-wait)",
+                    named.join("; "),
+                    if still {
+                        ", still in the same transaction when the budget ran out"
+                    } else {
+                        ""
+                    }
+                )
+            };
+            MigrateError::LockRetriesExhausted {
                 path: step.source.path.clone(),
                 line,
                 attempts,
                 waited_ms: lock_wait.as_millis() as u64,
                 lock_timeout: lock_timeout.to_string(),
+                who,
+            }
+        };
+        if let Some(hook) = &self.lock_guard
+            && !blockers.is_empty()
+            && self.guard_off().is_none()
+        {
+            if attempts >= self.config.max_attempts
+                || started.elapsed() >= self.config.max_lock_wait
+            {
+                return Err(exhausted(*lock_wait, blockers, false));
+            }
+            self.emit(EventKind::LockTimeout {
+                version: step.version.clone(),
+                script: step.script.clone(),
+                line,
+                attempt: attempts,
+                waited_ms: lock_wait.as_millis() as u64,
+                backoff_ms: 0,
+                blocked_by: blockers.to_vec(),
             });
+            let pids: Vec<i32> = blockers.iter().map(|b| b.pid).collect();
+            let budget = self.config.max_lock_wait.saturating_sub(started.elapsed());
+            let waiting = Instant::now();
+            let outcome = hook
+                .wait_until_gone(&pids, budget)
+                .instrument(info_span!("wait_for_blockers", pids = ?pids))
+                .await;
+            *lock_wait += waiting.elapsed();
+            match outcome {
+                Ok(remaining) if !remaining.is_empty() => {
+                    return Err(exhausted(
+                        *lock_wait,
+                        &still_held(remaining, blockers),
+                        true,
+                    ));
+                }
+                Ok(_) => return Ok(()),
+                Err(e) => self.guard_unavailable(&e.message),
+            }
+        }
+        let Some(backoff) = self.next_backoff(attempts, started) else {
+            return Err(exhausted(*lock_wait, blockers, false));
         };
         self.emit(EventKind::LockTimeout {
             version: step.version.clone(),
@@ -1346,6 +1473,7 @@ impl Migrator {
             attempt: attempts,
             waited_ms: lock_wait.as_millis() as u64,
             backoff_ms: backoff.as_millis() as u64,
+            blocked_by: blockers.to_vec(),
         });
         tokio::time::sleep(backoff).await;
         Ok(())
@@ -1431,10 +1559,11 @@ impl Migrator {
             if st.opens_transaction() {
                 block_start = Some(i);
             }
-            let lock_timeout = format_duration(self.lock_timeout_for(script, Some(st)));
-            let sql_text = self.lock_timeout_sql(script, st);
+            let guarded = self.guarded(backend_pid);
+            let lock_timeout = format_duration(self.lock_timeout_for(script, Some(st), guarded));
+            let sql_text = self.lock_timeout_sql(script, st, guarded);
             let attempt_started = Instant::now();
-            let (res, tripped) = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql_text))
+            let (res, tripped, last_blockers) = match sqlx::raw_sql(sqlx::AssertSqlSafe(sql_text))
                 .execute(&mut *conn)
                 .await
             {
@@ -1442,9 +1571,9 @@ impl Migrator {
                     let ran = self
                         .run_statement(conn, step, st, attempts, backend_pid, trips)
                         .await;
-                    (ran.result, ran.tripped)
+                    (ran.result, ran.tripped, ran.last_blockers)
                 }
-                Err(e) => (Err(e), false),
+                Err(e) => (Err(e), false, Vec::new()),
             };
             match res {
                 Ok(()) => {
@@ -1480,7 +1609,15 @@ impl Migrator {
                     }
                     lock_wait += attempt_started.elapsed();
                     if let Err(err) = self
-                        .after_lock_timeout(step, st, attempts, started, lock_wait, &lock_timeout)
+                        .after_lock_timeout(
+                            step,
+                            st,
+                            attempts,
+                            started,
+                            &mut lock_wait,
+                            &lock_timeout,
+                            &last_blockers,
+                        )
                         .await
                     {
                         return Err(((attempts - 1, lock_wait), err));
@@ -1802,10 +1939,10 @@ impl Migrator {
     // `plan --sql`, which promises to print exactly what runs.
 
     /// BEGIN with the script's settings: one round trip before a transactional script.
-    fn begin_sql(&self, script: &Script) -> String {
+    fn begin_sql(&self, script: &Script, guarded: bool) -> String {
         let mut sql = format!(
             "BEGIN;\nSET LOCAL lock_timeout = '{}'",
-            format_duration(self.lock_timeout_for(script, None))
+            format_duration(self.lock_timeout_for(script, None, guarded))
         );
         if let Some(t) = self.statement_timeout_for(script) {
             sql.push_str(&format!(
@@ -1833,10 +1970,10 @@ impl Migrator {
     }
 
     /// `lock_timeout` before each statement of a no-transaction script.
-    fn lock_timeout_sql(&self, script: &Script, st: &Statement) -> String {
+    fn lock_timeout_sql(&self, script: &Script, st: &Statement, guarded: bool) -> String {
         format!(
             "SET lock_timeout = '{}'",
-            format_duration(self.lock_timeout_for(script, Some(st)))
+            format_duration(self.lock_timeout_for(script, Some(st), guarded))
         )
     }
 
@@ -1868,7 +2005,7 @@ impl Migrator {
                     out.push_str(&format!(
                         "-- {} (in one transaction with its history row)\n{};\n",
                         step.script,
-                        self.begin_sql(script)
+                        self.begin_sql(script, self.lock_guard.is_some())
                     ));
                     for st in &script.statements {
                         render_statement(&mut out, script, st);
@@ -1892,7 +2029,10 @@ impl Migrator {
                         out.push_str(&format!("{set};\n"));
                     }
                     for st in &script.statements {
-                        out.push_str(&format!("{};\n", self.lock_timeout_sql(script, st)));
+                        out.push_str(&format!(
+                            "{};\n",
+                            self.lock_timeout_sql(script, st, self.lock_guard.is_some())
+                        ));
                         render_statement(&mut out, script, st);
                     }
                     out.push_str(&format!(
@@ -1972,6 +2112,24 @@ fn copy_context_line(context: &str) -> Option<usize> {
         let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
         digits.parse().ok()
     })
+}
+
+/// The blockers still there, as described now, with the lock each held when the
+/// migration gave way (a description read between attempts cannot know which lock the
+/// migration wanted).
+fn still_held(remaining: Vec<SessionBrief>, seen: &[SessionBrief]) -> Vec<SessionBrief> {
+    remaining
+        .into_iter()
+        .map(|mut r| {
+            if let Some(b) = seen.iter().find(|b| b.pid == r.pid)
+                && r.mode.is_none()
+            {
+                r.mode.clone_from(&b.mode);
+                r.relation.clone_from(&b.relation);
+            }
+            r
+        })
+        .collect()
 }
 
 /// The first line where a script sets `lock_timeout` itself (pg_dump writes `SET

@@ -770,6 +770,7 @@ pub fn event(e: &Event, target: &str) -> pb::MigrationEvent {
             attempt,
             waited_ms,
             backoff_ms,
+            blocked_by,
         } => E::LockTimeout(pb::LockTimeout {
             version: v(version),
             script: script.clone(),
@@ -777,6 +778,7 @@ pub fn event(e: &Event, target: &str) -> pb::MigrationEvent {
             attempt: *attempt,
             waited_ms: *waited_ms,
             backoff_ms: *backoff_ms,
+            blocked_by: blocked_by.iter().map(blocking_session).collect(),
         }),
         EventKind::LockGuardTripped {
             version,
@@ -786,6 +788,7 @@ pub fn event(e: &Event, target: &str) -> pb::MigrationEvent {
             blocked_sessions,
             longest_wait_ms,
             blockers,
+            blocked_by,
             cancelled,
         } => E::LockGuardTripped(pb::LockGuardTripped {
             version: v(version),
@@ -796,6 +799,7 @@ pub fn event(e: &Event, target: &str) -> pb::MigrationEvent {
             longest_wait_ms: *longest_wait_ms,
             blockers: blockers.clone(),
             cancelled: *cancelled,
+            blocked_by: blocked_by.iter().map(blocking_session).collect(),
         }),
         EventKind::InvalidIndexDropped { script, index } => {
             E::InvalidIndexDropped(pb::InvalidIndexDropped {
@@ -870,6 +874,7 @@ pub fn event_from(e: &pb::MigrationEvent) -> Result<Event, DecodeError> {
             attempt: l.attempt,
             waited_ms: l.waited_ms,
             backoff_ms: l.backoff_ms,
+            blocked_by: l.blocked_by.iter().map(blocking_session_from).collect(),
         },
         E::LockGuardTripped(t) => EventKind::LockGuardTripped {
             version: opt(&t.version),
@@ -879,6 +884,7 @@ pub fn event_from(e: &pb::MigrationEvent) -> Result<Event, DecodeError> {
             blocked_sessions: t.blocked_sessions,
             longest_wait_ms: t.longest_wait_ms,
             blockers: t.blockers.clone(),
+            blocked_by: t.blocked_by.iter().map(blocking_session_from).collect(),
             cancelled: t.cancelled,
         },
         E::InvalidIndexDropped(i) => EventKind::InvalidIndexDropped {
@@ -1017,6 +1023,36 @@ pub fn validation_from(v: &pb::ValidateResponse) -> Validation {
     Validation {
         problems: v.problems.clone(),
         checked: v.checked as usize,
+    }
+}
+
+fn blocking_session(b: &belay_migrate::SessionBrief) -> pb::BlockingSession {
+    let text = |o: &Option<String>| o.clone().unwrap_or_default();
+    pb::BlockingSession {
+        pid: b.pid,
+        user: text(&b.user),
+        application: text(&b.application),
+        client: text(&b.client),
+        state: text(&b.state),
+        xact_ms: b.xact_ms,
+        query: text(&b.query),
+        mode: text(&b.mode),
+        relation: text(&b.relation),
+    }
+}
+
+fn blocking_session_from(b: &pb::BlockingSession) -> belay_migrate::SessionBrief {
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    belay_migrate::SessionBrief {
+        pid: b.pid,
+        user: opt(&b.user),
+        application: opt(&b.application),
+        client: opt(&b.client),
+        state: opt(&b.state),
+        xact_ms: b.xact_ms,
+        query: opt(&b.query),
+        mode: opt(&b.mode),
+        relation: opt(&b.relation),
     }
 }
 
@@ -1194,7 +1230,18 @@ mod tests {
                 line: 3,
                 attempt: 1,
                 waited_ms: 100,
-                backoff_ms: 70,
+                backoff_ms: 0,
+                blocked_by: vec![belay_migrate::SessionBrief {
+                    pid: 4242,
+                    user: Some("app".into()),
+                    application: Some("report".into()),
+                    client: Some("10.0.0.5".into()),
+                    state: Some("idle in transaction".into()),
+                    xact_ms: Some(14_000),
+                    query: Some("SELECT count(*) FROM accounts".into()),
+                    mode: Some("AccessShareLock".into()),
+                    relation: Some("public.accounts".into()),
+                }],
             },
             EventKind::Failed {
                 version: None,
@@ -1215,6 +1262,10 @@ mod tests {
                 blocked_sessions: 4,
                 longest_wait_ms: 612,
                 blockers: vec![4242, 4243],
+                blocked_by: vec![
+                    belay_migrate::SessionBrief::pid(4242),
+                    belay_migrate::SessionBrief::pid(4243),
+                ],
                 cancelled: true,
             },
         ];

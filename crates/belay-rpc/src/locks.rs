@@ -6,8 +6,8 @@ use crate::convert::{self, DecodeError};
 use belay_auth::MaybeTokenAttach;
 use belay_core::{ApiError, ErrorKind};
 use belay_locks::{
-    LockMonitorApi, LockNode, LockSnapshot, MonitorOptions, ReplicaLag, SessionInfo,
-    SnapshotOptions, SnapshotStream,
+    LockMonitorApi, LockNode, LockSnapshot, MonitorOptions, PendingBlocker, PendingDdl, ReplicaLag,
+    SessionInfo, SnapshotOptions, SnapshotStream,
 };
 use belay_proto::v1 as pb;
 use pb::lock_monitor_service_client::LockMonitorServiceClient;
@@ -136,6 +136,22 @@ pub fn snapshot(s: &LockSnapshot) -> pb::LockSnapshot {
         long_running: s.long_running.iter().map(session).collect(),
         idle_in_transaction: s.idle_in_transaction.iter().map(session).collect(),
         replication: s.replication.iter().map(replica).collect(),
+        pending_ddl: s
+            .pending_ddl
+            .iter()
+            .map(|p| pb::PendingDdl {
+                migration_pid: p.migration_pid,
+                guard_pid: p.guard_pid,
+                blockers: p
+                    .blockers
+                    .iter()
+                    .map(|b| pb::PendingBlocker {
+                        session: Some(session(&b.session)),
+                        holds: b.holds.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 
@@ -150,6 +166,24 @@ pub fn snapshot_from(s: &pb::LockSnapshot) -> Result<LockSnapshot, DecodeError> 
         long_running: s.long_running.iter().map(session_from).collect(),
         idle_in_transaction: s.idle_in_transaction.iter().map(session_from).collect(),
         replication: s.replication.iter().map(replica_from).collect(),
+        pending_ddl: s
+            .pending_ddl
+            .iter()
+            .map(|p| PendingDdl {
+                migration_pid: p.migration_pid,
+                guard_pid: p.guard_pid,
+                blockers: p
+                    .blockers
+                    .iter()
+                    .filter_map(|b| {
+                        Some(PendingBlocker {
+                            session: session_from(b.session.as_ref()?),
+                            holds: (!b.holds.is_empty()).then(|| b.holds.clone()),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect(),
     })
 }
 
@@ -442,6 +476,7 @@ mod tests {
                 None,
                 vec![full_node(2, Some(0), vec![full_node(3, Some(700), vec![])])],
             )],
+            pending_ddl: vec![],
             long_running: vec![s(4)],
             idle_in_transaction: vec![s(5), s(6)],
             replication: vec![ReplicaLag {

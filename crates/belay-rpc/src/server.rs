@@ -370,6 +370,7 @@ mod tests {
                 blocked_sessions: 4,
                 longest_wait_ms: 612,
                 blockers: vec![4242],
+                blocked_by: Vec::new(),
                 cancelled: true,
             },
         };
