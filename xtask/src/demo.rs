@@ -649,9 +649,10 @@ impl Demo {
              (V2) adds a column to orders, which needs a brief ACCESS EXCLUSIVE lock: it \
              cannot have it while the report runs, and a plain ALTER TABLE would wait, with \
              every application query on orders queued behind it until the report ends. belay \
-             asks for the lock with a short lock_timeout (100ms), gives up, lets the queued \
-             queries through, and retries with backoff: look for the `lock not granted` \
-             lines.",
+             waits for its lock only while nobody queues behind it: when the application reads \
+             orders, its lock guard sees the read queued behind the migration, cancels the \
+             ALTER within 50 ms (max_blocking) naming the session in the way, waits for that \
+             session to finish, and retries at once: look for the `lock guard` line.",
         );
         shown(&format!(
             "PGAPPNAME=nightly-report psql {}   # from another terminal",
@@ -676,13 +677,19 @@ impl Demo {
         let psql = self.bins.psql.clone();
         let shop_url = self.shop_url.clone();
         let r = self.belay_shown(&["deploy", "--targets", "shop", "--to", "2"], |line| {
-            if !line.contains("lock not granted within lock_timeout") {
-                return;
-            }
-            retries_seen += 1;
-            // After two retries, show the application is not stalled, then let the
-            // report finish so the migration can land.
-            if retries_seen == 2 {
+            if line.contains("started V2__") && app_query.is_none() {
+                // The application reads orders once the migration waits for its lock, so
+                // the read queues behind it and the guard has something to save.
+                let waiting = wait_for_sql(
+                    &psql,
+                    &shop_url,
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'ALTER TABLE%orders%'",
+                    "1",
+                );
+                if let Err(e) = waiting {
+                    app_query = Some(Err(e));
+                    return;
+                }
                 let started = Instant::now();
                 let read = Command::new(&psql)
                     .args(["-X", "-q", "-At", "-d", &shop_url])
@@ -701,16 +708,22 @@ impl Demo {
                 };
                 match &answer {
                     Ok(took) => aside(&format!(
-                        "meanwhile the application reads orders (psql -c 'SELECT count(*) FROM orders'): answered in {} ms, psql start-up included",
+                        "the application reads orders while the migration waits (psql -c 'SELECT count(*) FROM orders'): answered in {} ms, psql start-up included",
                         took.as_millis()
                     )),
                     Err(e) => aside(&format!("the application's read of orders failed: {e:#}")),
                 }
                 app_query = Some(answer);
-                if let Some(mut report) = report.take() {
-                    aside("the nightly report finishes: shop=# COMMIT;");
-                    let _ = report.write_all(b"COMMIT;\n\\q\n");
-                }
+                return;
+            }
+            if !(line.contains("lock guard:") || line.contains("lock not granted within lock_timeout")) {
+                return;
+            }
+            retries_seen += 1;
+            // belay gave way and waits for the report: let it finish so the migration lands.
+            if let Some(mut report) = report.take() {
+                aside("the nightly report finishes: shop=# COMMIT;");
+                let _ = report.write_all(b"COMMIT;\n\\q\n");
             }
         })?;
         drop(report);
@@ -720,8 +733,8 @@ impl Demo {
         let id = deployment_id(&r)?;
         ensure!(
             retries_seen >= 1,
-            "the migration was never refused its lock while the report held orders (no \
-             `lock not granted` line)"
+            "the migration never gave way while the report held orders (no `lock guard` \
+             or `lock not granted` line)"
         );
         ensure!(
             r.code == Some(0),
@@ -732,8 +745,8 @@ impl Demo {
             Some(Ok(_)) => {}
             Some(Err(e)) => bail!("the application's read during the lock wait failed: {e:#}"),
             None => bail!(
-                "the migration was refused its lock only {retries_seen} time(s): the demo \
-                 never saw the application read while it waited"
+                "the demo never saw the migration start, so the application never read while \
+                 it waited"
             ),
         }
         println!();
@@ -755,7 +768,7 @@ impl Demo {
             "V2's history row records {retries:?} retries, expected at least 1"
         );
         self.milestone(format!(
-            "deployment {} waited out the report: {retries} lock retries, the application answered meanwhile",
+            "deployment {} gave way to the application and waited out the report: {retries} lock retries",
             short(&id)
         ));
         Ok(())
@@ -1110,6 +1123,25 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
         .with_context(|| format!("could not create {}", path.display()))?;
     f.write_all(text.as_bytes())
         .with_context(|| format!("could not write {}", path.display()))
+}
+
+/// Polls `query` with psql until it prints `want`, for at most 30 s.
+fn wait_for_sql(psql: &std::path::Path, url: &str, query: &str, want: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(psql)
+            .args(["-X", "-q", "-At", "-d", url, "-c", query])
+            .stdin(Stdio::null())
+            .output()
+            .context("could not run psql")?;
+        if String::from_utf8_lossy(&out.stdout).trim() == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("waited 30 s for `{query}` to return {want}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[cfg(test)]

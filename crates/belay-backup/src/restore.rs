@@ -244,6 +244,24 @@ impl BackupManager {
             in_place,
         } = dest;
 
+        // A snapshot of some tables restored into a new database: their foreign keys may
+        // point at tables the snapshot does not hold (`orders.account_id` → `accounts`),
+        // which a whole-archive pg_restore would fail on. So it is restored as `--tables`
+        // naming each of its tables would be, without foreign keys (a recovery copy beside
+        // the live data, not a replacement), and the recover command a rollback prints
+        // works on its own.
+        let selected = match (&selected, &manifest.scope) {
+            (None, BackupScope::Tables(_)) if !in_place => Some(
+                manifest
+                    .tables
+                    .iter()
+                    .filter(|t| t.rows.is_some())
+                    .map(|t| (t.schema.clone(), t.name.clone()))
+                    .collect(),
+            ),
+            _ => selected,
+        };
+
         let mut emergency = None;
         if in_place && req.emergency_backup {
             emergency = self
