@@ -259,8 +259,14 @@ impl Executor {
                 ..BackupLocations::default()
             },
             started: started_at,
+            start_notices: None,
             prior,
         };
+        // The pager's trigger again: the crash may have come before it was sent, and its
+        // dedup key makes a second one the same incident.
+        if !matches!(action, NextAction::Refuse { .. }) {
+            run.notify_started();
+        }
         let result = run.resume(action).instrument(span).await;
         metrics::finished(&plan, &result, started.elapsed());
         result
