@@ -576,3 +576,123 @@ fn remote_backup_commands_go_to_the_controller_and_backup_flags_stay_local() {
         "{r:?}"
     );
 }
+
+/// The rows of `table` in a backup's dump, one COPY line each, as pg_restore prints them.
+fn dumped_rows(backup: &serde_json::Value, table: &str) -> Vec<String> {
+    let dir = Path::new(backup["path"].as_str().expect("backup path"));
+    let bin = belay_testkit::bin_dir().expect("postgres binaries");
+    let out = std::process::Command::new(bin.join("pg_restore"))
+        .args(["--data-only", "--table", table, "--file", "-"])
+        .arg(dir.join("dump.pgdump"))
+        .output()
+        .expect("run pg_restore");
+    assert!(out.status.success(), "pg_restore: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut rows = Vec::new();
+    let mut in_copy = false;
+    for line in text.lines() {
+        if line.starts_with("COPY ") {
+            in_copy = true;
+        } else if line == "\\." {
+            in_copy = false;
+        } else if in_copy {
+            rows.push(line.to_string());
+        }
+    }
+    rows
+}
+
+/// Polls (deadline 60 s) until a belay session waits for a lock on `table`.
+fn wait_until_belay_waits_on(url: &str, table: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+          WHERE NOT l.granted AND a.application_name = 'belay' \
+            AND l.relation = '{table}'::regclass"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while psql(url, &sql) == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "belay never waited for a lock on {table}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn spawn_belay_b(url: &str, dir: &Path, backups: &Path, args: &[&str]) -> std::process::Child {
+    belay_cmd(url, dir)
+        .arg("--backup-dir")
+        .arg(backups)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start belay")
+}
+
+fn finish(child: std::process::Child) -> (i32, String) {
+    let out = child.wait_with_output().expect("wait for belay");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_row_committed_while_the_undo_waits_is_in_its_snapshot() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__customers.sql",
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 5) g;",
+        ),
+        ("U1__customers.sql", "DROP TABLE customers;"),
+        ("V2__email.sql", "ALTER TABLE customers ADD COLUMN email text;"),
+        ("U2__email.sql", "ALTER TABLE customers DROP COLUMN email;"),
+    ]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    // The application's write, in flight when the rollback starts.
+    let mut writer = Session::open(&db.url);
+    writer.run("BEGIN; INSERT INTO customers VALUES (99, 'late', 'late@example.com');");
+    // A long lock_timeout: the undo keeps waiting (rather than retrying) while we look.
+    let undo = spawn_belay_b(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["undo", "--steps", "1", "--lock-timeout", "60s"],
+    );
+    wait_until_belay_waits_on(&db.url, "customers");
+    writer.run("COMMIT;");
+    let (code, out) = finish(undo);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'customers' AND column_name = 'email'"
+        ),
+        "0",
+        "{out}"
+    );
+    let snapshot = history_backup_ids(&db.url, "UNDO_SQL")[0].clone();
+    let entries = list(&db.url, dir.path(), b.path());
+    let e = entries
+        .iter()
+        .find(|e| e["id"] == snapshot.as_str())
+        .expect("snapshot listed");
+    let rows = dumped_rows(e, "customers");
+    assert!(
+        rows.contains(&"99\tlate\tlate@example.com".to_string()),
+        "the row committed during the undo is in its snapshot: {rows:?}\n{out}"
+    );
+    assert_eq!(rows.len(), 6, "{rows:?}");
+}
