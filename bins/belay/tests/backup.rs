@@ -144,24 +144,23 @@ fn an_undo_dropping_a_column_leaves_a_snapshot_that_restores_the_data() {
         ),
         "0"
     );
+    // One snapshot per undo script, each of what that script drops, in the order the
+    // undos run: V3's first.
     let undo_ids = history_backup_ids(&db.url, "UNDO_SQL");
     assert_eq!(undo_ids.len(), 2, "{undo_ids:?}");
-    assert_ne!(undo_ids[0], "-");
-    assert_eq!(undo_ids[0], undo_ids[1]);
-    let snapshot = undo_ids[0].clone();
+    assert!(!undo_ids.contains(&"-".to_string()), "{undo_ids:?}");
+    assert_ne!(undo_ids[0], undo_ids[1]);
     let entries = list(&db.url, dir.path(), b.path());
-    let e = entries
-        .iter()
-        .find(|e| e["id"] == snapshot.as_str())
-        .expect("snapshot listed");
-    assert_eq!(e["scope"], "tables");
-    assert_eq!(
-        e["tables"],
-        // In the order the undos run: V3's first.
-        serde_json::json!(["public.other", "public.customers"]),
-        "{e}"
-    );
-    assert_eq!(e["verified"], true);
+    for (id, table) in undo_ids.iter().zip(["public.other", "public.customers"]) {
+        let e = entries
+            .iter()
+            .find(|e| e["id"] == id.as_str())
+            .expect("snapshot listed");
+        assert_eq!(e["scope"], "tables");
+        assert_eq!(e["tables"], serde_json::json!([table]), "{e}");
+        assert_eq!(e["verified"], true);
+    }
+    let snapshot = undo_ids[1].clone();
 
     // Put back as it is, customers would have its email column again while history says
     // V2 is undone: refused, naming both schema versions.
@@ -173,7 +172,8 @@ fn an_undo_dropping_a_column_leaves_a_snapshot_that_restores_the_data() {
     );
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
-        r.stderr.contains("schema version 3") && r.stderr.contains("at 1 now"),
+        // Taken after V3's undo, just before V2's.
+        r.stderr.contains("schema version 2") && r.stderr.contains("at 1 now"),
         "{r:?}"
     );
     // The honest way back: re-apply V2 (the column, empty), then the column's data comes
@@ -652,7 +652,10 @@ fn a_row_committed_while_the_undo_waits_is_in_its_snapshot() {
             "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 5) g;",
         ),
         ("U1__customers.sql", "DROP TABLE customers;"),
-        ("V2__email.sql", "ALTER TABLE customers ADD COLUMN email text;"),
+        (
+            "V2__email.sql",
+            "ALTER TABLE customers ADD COLUMN email text;",
+        ),
         ("U2__email.sql", "ALTER TABLE customers DROP COLUMN email;"),
     ]);
     belay_b_ok(
@@ -695,4 +698,110 @@ fn a_row_committed_while_the_undo_waits_is_in_its_snapshot() {
         "the row committed during the undo is in its snapshot: {rows:?}\n{out}"
     );
     assert_eq!(rows.len(), 6, "{rows:?}");
+}
+
+#[test]
+fn each_undo_script_snapshots_the_rows_committed_before_its_own_drop() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__customers.sql",
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 5) g;",
+        ),
+        ("U1__customers.sql", "DROP TABLE customers;"),
+        (
+            "V2__email.sql",
+            "ALTER TABLE customers ADD COLUMN email text;",
+        ),
+        ("U2__email.sql", "ALTER TABLE customers DROP COLUMN email;"),
+        (
+            "V3__orders.sql",
+            "CREATE TABLE orders (id int PRIMARY KEY, total int);\nINSERT INTO orders VALUES (1, 10);",
+        ),
+        ("U3__orders.sql", "DROP TABLE orders;"),
+    ]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    // Two writes in flight, one to each table the undo scripts drop data from.
+    let mut to_orders = Session::open(&db.url);
+    to_orders.run("BEGIN; INSERT INTO orders VALUES (2, 20);");
+    let mut to_customers = Session::open(&db.url);
+    to_customers.run("BEGIN; INSERT INTO customers VALUES (99, 'late', 'late@example.com');");
+    let undo = spawn_belay_b(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["undo", "--steps", "2", "--lock-timeout", "60s"],
+    );
+    // U3 waits for the write to orders; once that is in, it drops orders, and U2 waits
+    // for the write to customers, which commits after U3's snapshot was taken.
+    wait_until_belay_waits_on(&db.url, "orders");
+    to_orders.run("COMMIT;");
+    wait_until_belay_waits_on(&db.url, "customers");
+    to_customers.run("COMMIT;");
+    let (code, out) = finish(undo);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(psql(&db.url, "SELECT to_regclass('orders') IS NULL"), "t");
+    let undo_ids = history_backup_ids(&db.url, "UNDO_SQL");
+    assert_eq!(undo_ids.len(), 2, "{undo_ids:?}\n{out}");
+    let entries = list(&db.url, dir.path(), b.path());
+    let rows_of = |id: &str, table: &str| {
+        let e = entries
+            .iter()
+            .find(|e| e["id"] == id)
+            .expect("snapshot listed");
+        dumped_rows(e, table)
+    };
+    assert_eq!(
+        rows_of(&undo_ids[0], "orders"),
+        ["1\t10", "2\t20"],
+        "U3's snapshot holds the write committed while it waited\n{out}"
+    );
+    let customers = rows_of(&undo_ids[1], "customers");
+    assert!(
+        customers.contains(&"99\tlate\tlate@example.com".to_string()),
+        "U2's snapshot holds the write committed after U3 ran: {customers:?}\n{out}"
+    );
+    assert_eq!(customers.len(), 6, "{customers:?}");
+}
+
+#[test]
+fn a_no_transaction_undo_dropping_data_says_its_snapshot_is_not_fenced() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__customers.sql",
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers VALUES (1, 'a');",
+        ),
+        (
+            "U1__customers.sql",
+            "-- belay:no-transaction\nDROP TABLE customers;",
+        ),
+    ]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    let r = belay_b_ok(&db.url, dir.path(), b.path(), &["undo"]);
+    assert!(
+        r.stdout.contains("warning: U1__customers.sql runs outside a transaction")
+            && r.stdout.contains("public.customers")
+            && r.stdout.contains("not in the snapshot"),
+        "{r:?}"
+    );
+    let id = history_backup_ids(&db.url, "UNDO_SQL")[0].clone();
+    let entries = list(&db.url, dir.path(), b.path());
+    let e = entries
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .expect("snapshot listed");
+    assert_eq!(dumped_rows(e, "customers"), ["1\ta"]);
 }
