@@ -792,7 +792,8 @@ fn a_no_transaction_undo_dropping_data_says_its_snapshot_is_not_fenced() {
     );
     let r = belay_b_ok(&db.url, dir.path(), b.path(), &["undo"]);
     assert!(
-        r.stdout.contains("warning: U1__customers.sql runs outside a transaction")
+        r.stdout
+            .contains("warning: U1__customers.sql runs outside a transaction")
             && r.stdout.contains("public.customers")
             && r.stdout.contains("not in the snapshot"),
         "{r:?}"
