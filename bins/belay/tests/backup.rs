@@ -806,3 +806,78 @@ fn a_no_transaction_undo_dropping_data_says_its_snapshot_is_not_fenced() {
         .expect("snapshot listed");
     assert_eq!(dumped_rows(e, "customers"), ["1\ta"]);
 }
+
+#[test]
+fn the_lock_guard_lets_writes_queued_behind_a_waiting_fence_through() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__customers.sql",
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers VALUES (1, 'a');",
+        ),
+        ("U1__customers.sql", "DROP TABLE customers;"),
+        (
+            "V2__email.sql",
+            "ALTER TABLE customers ADD COLUMN email text;",
+        ),
+        ("U2__email.sql", "ALTER TABLE customers DROP COLUMN email;"),
+    ]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    let mut open_write = Session::open(&db.url);
+    open_write.run("BEGIN; INSERT INTO customers VALUES (99, 'late', 'late@example.com');");
+    let undo = spawn_belay_b(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["undo", "--steps", "1", "--lock-timeout", "60s"],
+    );
+    wait_until_belay_waits_on(&db.url, "customers");
+    // A write arriving now queues behind the fence's pending EXCLUSIVE request; the guard
+    // cancels the fence's wait, so it goes through long before the 60 s lock_timeout.
+    let mut queued = Session::open(&db.url);
+    queued.send("INSERT INTO customers VALUES (100, 'queued', 'q@example.com');");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while psql(&db.url, "SELECT count(*) FROM customers WHERE id = 100") == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queued write never went through"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    open_write.run("COMMIT;");
+    let (code, out) = finish(undo);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        psql(
+            &db.url,
+            "SELECT lock_trips FROM belay.schema_history WHERE type = 'UNDO_SQL'"
+        )
+        .parse::<i32>()
+        .expect("a number")
+            >= 1,
+        "{out}"
+    );
+    let snapshot = history_backup_ids(&db.url, "UNDO_SQL")[0].clone();
+    let entries = list(&db.url, dir.path(), b.path());
+    let e = entries
+        .iter()
+        .find(|e| e["id"] == snapshot.as_str())
+        .expect("snapshot listed");
+    let mut rows = dumped_rows(e, "customers");
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            "100\tqueued\tq@example.com",
+            "1\ta\t\\N",
+            "99\tlate\tlate@example.com"
+        ],
+        "{out}"
+    );
+}

@@ -1156,6 +1156,12 @@ impl Migrator {
         tables: Vec<String>,
         action: &'static str,
     ) -> Result<Option<String>, MigrateError> {
+        // The guard's idle session is closed while the backup's two are open (the next
+        // watch reconnects): a run never holds more than its own session plus either,
+        // which the agent's connection budget counts on.
+        if let Some(guard) = &self.lock_guard {
+            guard.release().await;
+        }
         let undo = steps.iter().any(|s| s.direction == Direction::Undo);
         let ctx = BackupContext {
             deployment_id: self.deployment_id,
