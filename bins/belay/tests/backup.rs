@@ -874,8 +874,8 @@ fn the_lock_guard_lets_writes_queued_behind_a_waiting_fence_through() {
     assert_eq!(
         rows,
         [
-            "100\tqueued\tq@example.com",
             "1\ta\t\\N",
+            "100\tqueued\tq@example.com",
             "99\tlate\tlate@example.com"
         ],
         "{out}"
