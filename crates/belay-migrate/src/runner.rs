@@ -225,12 +225,17 @@ impl UndoFence<'_> {
     /// through `run_statement` (guard, events, trip notes) and its waits and failures are
     /// reported against the undo script (at line 1).
     fn lock_step(&self, step: &Step) -> Step {
-        let text = format!("LOCK TABLE {} IN EXCLUSIVE MODE", self.tables.join(", "));
+        // The session sits idle in its transaction while the snapshot runs: a server's
+        // idle_in_transaction_session_timeout must not end it (and the fence) meanwhile.
+        let text = format!(
+            "SET LOCAL idle_in_transaction_session_timeout = 0; LOCK TABLE {} IN EXCLUSIVE MODE",
+            self.tables.join(", ")
+        );
         let mut fence = step.clone();
         fence.source.statements = vec![Statement {
             start: 0,
             end: text.len(),
-            words: vec!["LOCK".into(), "TABLE".into()],
+            words: vec!["SET".into(), "LOCAL".into()],
             concurrently: false,
             copy_data: None,
         }];
