@@ -7,7 +7,8 @@
 //! at once, read from what the call does:
 //! - a migration run (`apply`, `undo`): its session, plus the pre-deployment backup's two
 //!   (`pg_dump` and the session exporting its snapshot) when the target takes backups, or
-//!   the lock guard's session (opened after the backup, closed at the run's end);
+//!   the lock guard's session (opened after the backup, closed while an undo script's
+//!   fenced snapshot runs and at the run's end);
 //! - a fleet deployment of a target: its deployment log's session, plus the most any of its
 //!   steps holds (preflight 1, the run, the watch window's SQL probes); everything the
 //!   deployment does runs within that one reservation, so a deployment never waits for a
@@ -76,8 +77,9 @@ impl TargetSlots {
             .backup
             .as_ref()
             .is_some_and(|(_, mode)| *mode != belay_guards::BackupMode::None);
-        // The backup is taken before the guard connects, and the guard's session is
-        // closed when the run ends: the two never overlap.
+        // The backup is taken before the guard connects (an undo's fenced snapshots with
+        // the guard's session closed), and the guard's session is closed when the run
+        // ends: the two never overlap.
         let extra = match (backup, t.lock_guard) {
             (true, _) => BACKUP_SLOTS,
             (false, true) => 1,

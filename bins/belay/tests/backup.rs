@@ -144,24 +144,23 @@ fn an_undo_dropping_a_column_leaves_a_snapshot_that_restores_the_data() {
         ),
         "0"
     );
+    // One snapshot per undo script, each of what that script drops, in the order the
+    // undos run: V3's first.
     let undo_ids = history_backup_ids(&db.url, "UNDO_SQL");
     assert_eq!(undo_ids.len(), 2, "{undo_ids:?}");
-    assert_ne!(undo_ids[0], "-");
-    assert_eq!(undo_ids[0], undo_ids[1]);
-    let snapshot = undo_ids[0].clone();
+    assert!(!undo_ids.contains(&"-".to_string()), "{undo_ids:?}");
+    assert_ne!(undo_ids[0], undo_ids[1]);
     let entries = list(&db.url, dir.path(), b.path());
-    let e = entries
-        .iter()
-        .find(|e| e["id"] == snapshot.as_str())
-        .expect("snapshot listed");
-    assert_eq!(e["scope"], "tables");
-    assert_eq!(
-        e["tables"],
-        // In the order the undos run: V3's first.
-        serde_json::json!(["public.other", "public.customers"]),
-        "{e}"
-    );
-    assert_eq!(e["verified"], true);
+    for (id, table) in undo_ids.iter().zip(["public.other", "public.customers"]) {
+        let e = entries
+            .iter()
+            .find(|e| e["id"] == id.as_str())
+            .expect("snapshot listed");
+        assert_eq!(e["scope"], "tables");
+        assert_eq!(e["tables"], serde_json::json!([table]), "{e}");
+        assert_eq!(e["verified"], true);
+    }
+    let snapshot = undo_ids[1].clone();
 
     // Put back as it is, customers would have its email column again while history says
     // V2 is undone: refused, naming both schema versions.
@@ -173,7 +172,8 @@ fn an_undo_dropping_a_column_leaves_a_snapshot_that_restores_the_data() {
     );
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
-        r.stderr.contains("schema version 3") && r.stderr.contains("at 1 now"),
+        // Taken after V3's undo, just before V2's.
+        r.stderr.contains("schema version 2") && r.stderr.contains("at 1 now"),
         "{r:?}"
     );
     // The honest way back: re-apply V2 (the column, empty), then the column's data comes
@@ -574,5 +574,310 @@ fn remote_backup_commands_go_to_the_controller_and_backup_flags_stay_local() {
     assert!(
         r.stderr.contains("not yet available in remote mode"),
         "{r:?}"
+    );
+}
+
+/// The rows of `table` in a backup's dump, one COPY line each, as pg_restore prints them.
+fn dumped_rows(backup: &serde_json::Value, table: &str) -> Vec<String> {
+    let dir = Path::new(backup["path"].as_str().expect("backup path"));
+    let bin = belay_testkit::bin_dir().expect("postgres binaries");
+    let out = std::process::Command::new(bin.join("pg_restore"))
+        .args(["--data-only", "--table", table, "--file", "-"])
+        .arg(dir.join("dump.pgdump"))
+        .output()
+        .expect("run pg_restore");
+    assert!(out.status.success(), "pg_restore: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut rows = Vec::new();
+    let mut in_copy = false;
+    for line in text.lines() {
+        if line.starts_with("COPY ") {
+            in_copy = true;
+        } else if line == "\\." {
+            in_copy = false;
+        } else if in_copy {
+            rows.push(line.to_string());
+        }
+    }
+    rows
+}
+
+/// Polls (deadline 60 s) until a belay session waits for a lock on `table`.
+fn wait_until_belay_waits_on(url: &str, table: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+          WHERE NOT l.granted AND a.application_name = 'belay' \
+            AND l.relation = '{table}'::regclass"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while psql(url, &sql) == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "belay never waited for a lock on {table}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn spawn_belay_b(url: &str, dir: &Path, backups: &Path, args: &[&str]) -> std::process::Child {
+    belay_cmd(url, dir)
+        .arg("--backup-dir")
+        .arg(backups)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start belay")
+}
+
+fn finish(child: std::process::Child) -> (i32, String) {
+    let out = child.wait_with_output().expect("wait for belay");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "--- stdout\n{}\n--- stderr\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_row_committed_while_the_undo_waits_is_in_its_snapshot() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__customers.sql",
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 5) g;",
+        ),
+        ("U1__customers.sql", "DROP TABLE customers;"),
+        (
+            "V2__email.sql",
+            "ALTER TABLE customers ADD COLUMN email text;",
+        ),
+        ("U2__email.sql", "ALTER TABLE customers DROP COLUMN email;"),
+    ]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    // The application's write, in flight when the rollback starts.
+    let mut writer = Session::open(&db.url);
+    writer.run("BEGIN; INSERT INTO customers VALUES (99, 'late', 'late@example.com');");
+    // A long lock_timeout: the undo keeps waiting (rather than retrying) while we look.
+    let undo = spawn_belay_b(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["undo", "--steps", "1", "--lock-timeout", "60s"],
+    );
+    wait_until_belay_waits_on(&db.url, "customers");
+    writer.run("COMMIT;");
+    let (code, out) = finish(undo);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'customers' AND column_name = 'email'"
+        ),
+        "0",
+        "{out}"
+    );
+    let snapshot = history_backup_ids(&db.url, "UNDO_SQL")[0].clone();
+    let entries = list(&db.url, dir.path(), b.path());
+    let e = entries
+        .iter()
+        .find(|e| e["id"] == snapshot.as_str())
+        .expect("snapshot listed");
+    let rows = dumped_rows(e, "customers");
+    assert!(
+        rows.contains(&"99\tlate\tlate@example.com".to_string()),
+        "the row committed during the undo is in its snapshot: {rows:?}\n{out}"
+    );
+    assert_eq!(rows.len(), 6, "{rows:?}");
+}
+
+#[test]
+fn each_undo_script_snapshots_the_rows_committed_before_its_own_drop() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__customers.sql",
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 5) g;",
+        ),
+        ("U1__customers.sql", "DROP TABLE customers;"),
+        (
+            "V2__email.sql",
+            "ALTER TABLE customers ADD COLUMN email text;",
+        ),
+        ("U2__email.sql", "ALTER TABLE customers DROP COLUMN email;"),
+        (
+            "V3__orders.sql",
+            "CREATE TABLE orders (id int PRIMARY KEY, total int);\nINSERT INTO orders VALUES (1, 10);",
+        ),
+        ("U3__orders.sql", "DROP TABLE orders;"),
+    ]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    // Two writes in flight, one to each table the undo scripts drop data from.
+    let mut to_orders = Session::open(&db.url);
+    to_orders.run("BEGIN; INSERT INTO orders VALUES (2, 20);");
+    let mut to_customers = Session::open(&db.url);
+    to_customers.run("BEGIN; INSERT INTO customers VALUES (99, 'late', 'late@example.com');");
+    let undo = spawn_belay_b(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["undo", "--steps", "2", "--lock-timeout", "60s"],
+    );
+    // U3 waits for the write to orders; once that is in, it drops orders, and U2 waits
+    // for the write to customers, which commits after U3's snapshot was taken.
+    wait_until_belay_waits_on(&db.url, "orders");
+    to_orders.run("COMMIT;");
+    wait_until_belay_waits_on(&db.url, "customers");
+    to_customers.run("COMMIT;");
+    let (code, out) = finish(undo);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(psql(&db.url, "SELECT to_regclass('orders') IS NULL"), "t");
+    let undo_ids = history_backup_ids(&db.url, "UNDO_SQL");
+    assert_eq!(undo_ids.len(), 2, "{undo_ids:?}\n{out}");
+    let entries = list(&db.url, dir.path(), b.path());
+    let rows_of = |id: &str, table: &str| {
+        let e = entries
+            .iter()
+            .find(|e| e["id"] == id)
+            .expect("snapshot listed");
+        dumped_rows(e, table)
+    };
+    assert_eq!(
+        rows_of(&undo_ids[0], "orders"),
+        ["1\t10", "2\t20"],
+        "U3's snapshot holds the write committed while it waited\n{out}"
+    );
+    let customers = rows_of(&undo_ids[1], "customers");
+    assert!(
+        customers.contains(&"99\tlate\tlate@example.com".to_string()),
+        "U2's snapshot holds the write committed after U3 ran: {customers:?}\n{out}"
+    );
+    assert_eq!(customers.len(), 6, "{customers:?}");
+}
+
+#[test]
+fn a_no_transaction_undo_dropping_data_says_its_snapshot_is_not_fenced() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__customers.sql",
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers VALUES (1, 'a');",
+        ),
+        (
+            "U1__customers.sql",
+            "-- belay:no-transaction\nDROP TABLE customers;",
+        ),
+    ]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    let r = belay_b_ok(&db.url, dir.path(), b.path(), &["undo"]);
+    assert!(
+        r.stdout
+            .contains("warning: U1__customers.sql runs outside a transaction")
+            && r.stdout.contains("public.customers")
+            && r.stdout.contains("not in the snapshot"),
+        "{r:?}"
+    );
+    let id = history_backup_ids(&db.url, "UNDO_SQL")[0].clone();
+    let entries = list(&db.url, dir.path(), b.path());
+    let e = entries
+        .iter()
+        .find(|e| e["id"] == id.as_str())
+        .expect("snapshot listed");
+    assert_eq!(dumped_rows(e, "customers"), ["1\ta"]);
+}
+
+#[test]
+fn the_lock_guard_lets_writes_queued_behind_a_waiting_fence_through() {
+    let db = db();
+    let b = backups();
+    let dir = migrations(&[
+        (
+            "V1__customers.sql",
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);\nINSERT INTO customers VALUES (1, 'a');",
+        ),
+        ("U1__customers.sql", "DROP TABLE customers;"),
+        (
+            "V2__email.sql",
+            "ALTER TABLE customers ADD COLUMN email text;",
+        ),
+        ("U2__email.sql", "ALTER TABLE customers DROP COLUMN email;"),
+    ]);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["migrate", "--backup", "none"],
+    );
+    let mut open_write = Session::open(&db.url);
+    open_write.run("BEGIN; INSERT INTO customers VALUES (99, 'late', 'late@example.com');");
+    let undo = spawn_belay_b(
+        &db.url,
+        dir.path(),
+        b.path(),
+        &["undo", "--steps", "1", "--lock-timeout", "60s"],
+    );
+    wait_until_belay_waits_on(&db.url, "customers");
+    // A write arriving now queues behind the fence's pending EXCLUSIVE request; the guard
+    // cancels the fence's wait, so it goes through long before the 60 s lock_timeout.
+    let mut queued = Session::open(&db.url);
+    queued.send("INSERT INTO customers VALUES (100, 'queued', 'q@example.com');");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while psql(&db.url, "SELECT count(*) FROM customers WHERE id = 100") == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queued write never went through"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    open_write.run("COMMIT;");
+    let (code, out) = finish(undo);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        psql(
+            &db.url,
+            "SELECT lock_trips FROM belay.schema_history WHERE type = 'UNDO_SQL'"
+        )
+        .parse::<i32>()
+        .expect("a number")
+            >= 1,
+        "{out}"
+    );
+    let snapshot = history_backup_ids(&db.url, "UNDO_SQL")[0].clone();
+    let entries = list(&db.url, dir.path(), b.path());
+    let e = entries
+        .iter()
+        .find(|e| e["id"] == snapshot.as_str())
+        .expect("snapshot listed");
+    let mut rows = dumped_rows(e, "customers");
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            "1\ta\t\\N",
+            "100\tqueued\tq@example.com",
+            "99\tlate\tlate@example.com"
+        ],
+        "{out}"
     );
 }

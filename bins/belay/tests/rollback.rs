@@ -732,3 +732,87 @@ fn a_rollback_killed_mid_step_leaves_an_exact_record_and_execute_resumes_it_once
         "{third:?}"
     );
 }
+
+#[test]
+fn an_undo_of_two_scripts_dropping_data_names_both_snapshots_and_recovers_each() {
+    let db = db();
+    let dir = migrations(&[
+        BASE,
+        (
+            "V2__email.sql",
+            "ALTER TABLE accounts ADD COLUMN email text;\n",
+        ),
+        ("U2__email.sql", "ALTER TABLE accounts DROP COLUMN email;\n"),
+        (
+            "V3__sessions.sql",
+            "CREATE TABLE sessions (id int PRIMARY KEY, token text);\n",
+        ),
+        ("U3__sessions.sql", "DROP TABLE sessions;\n"),
+    ]);
+    belay_ok(
+        &db.url,
+        dir.path(),
+        &["migrate", "--to", "1", "--backup", "none"],
+    );
+    let before = schema(&db.url);
+    belay_ok(
+        &db.url,
+        dir.path(),
+        &["migrate", "--no-lint", "--release", "1.1.0"],
+    );
+    psql(
+        &db.url,
+        "UPDATE accounts SET email = 'a' || id || '@example.com'; INSERT INTO sessions VALUES (1, 'tok-1');",
+    );
+    let id = deployments(&db.url, dir.path())[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = belay_ok(
+        &db.url,
+        dir.path(),
+        &["rollback", "execute", &id[..8], "--yes"],
+    );
+    assert!(r.stdout.contains("rolled_back"), "{r:?}");
+    assert_eq!(schema(&db.url), before);
+
+    let status = belay_ok(
+        &db.url,
+        dir.path(),
+        &["rollback", "status", "--output", "json"],
+    )
+    .json();
+    let backups = &status["report"]["backups"];
+    let recover = backups["recover_command"]
+        .as_str()
+        .expect("a recover command");
+    // U3 and U2 each snapshotted what they dropped: two snapshots, two commands.
+    let commands: Vec<&str> = recover.split(" && ").collect();
+    assert_eq!(commands.len(), 2, "{backups:#}");
+    assert_eq!(
+        backups["undo_snapshot"]
+            .as_str()
+            .unwrap()
+            .split(", ")
+            .count(),
+        2,
+        "{backups:#}"
+    );
+    let mut recovered = Vec::new();
+    for c in commands {
+        let args: Vec<&str> = c.split_whitespace().skip(1).collect();
+        belay_ok(&db.url, dir.path(), &args);
+        recovered.push(db.url.replace(
+            &format!("/{}", db.name),
+            &format!("/{}", args.last().unwrap()),
+        ));
+    }
+    assert_eq!(psql(&recovered[0], "SELECT token FROM sessions"), "tok-1");
+    assert_eq!(
+        psql(
+            &recovered[1],
+            "SELECT string_agg(email, ',' ORDER BY id) FROM accounts"
+        ),
+        "a1@example.com,a2@example.com"
+    );
+}

@@ -200,6 +200,10 @@ impl BackupHook for BackupGuard {
         self.take(scope, label, ctx).await.map(Some)
     }
 
+    fn snapshots_undo(&self) -> bool {
+        self.mode != BackupMode::None
+    }
+
     async fn before_undo(
         &self,
         ctx: &BackupContext,

@@ -47,6 +47,15 @@ pub trait BackupHook: Send + Sync {
     /// not to take one.
     async fn before_apply(&self, ctx: &BackupContext) -> Result<Option<BackupTaken>, ApiError>;
 
+    /// Whether `before_undo` takes anything. When it does, an undo script that drops
+    /// data calls `before_undo` for itself alone, inside its own transaction, with writes
+    /// to `ctx.tables` held back (`LOCK TABLE … IN EXCLUSIVE MODE`) until the script has
+    /// dropped them: every row committed before the drop is in the snapshot. Reads go on;
+    /// writes to those tables wait for as long as the hook takes.
+    fn snapshots_undo(&self) -> bool {
+        true
+    }
+
     /// Before an undo run: usually a snapshot of `ctx.tables` (whose data the undo drops);
     /// `None` when nothing needs saving or the hook was told not to. `reason` is a
     /// human label for the backup.

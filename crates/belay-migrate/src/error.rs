@@ -57,6 +57,17 @@ pub enum MigrateError {
         kind: ErrorKind,
         message: String,
     },
+    /// The snapshot an undo script takes of the data it drops, inside its own
+    /// transaction behind the write fence, failed: that script did not run.
+    #[error(
+        "the snapshot before {script} failed, so {script} did not run (undo scripts before it in this run are undone and recorded; the ones after it did not run): {message}"
+    )]
+    UndoSnapshotFailed {
+        script: String,
+        /// As for `BackupFailed`.
+        kind: ErrorKind,
+        message: String,
+    },
     /// The script gate (the linter, on the agent and in the CLI) refused the pending
     /// scripts; its message says why and how to proceed.
     #[error("{message}")]
@@ -142,9 +153,9 @@ impl MigrateError {
             MigrateError::Refused { .. } | MigrateError::UnknownVersion(_) => ErrorKind::Refused,
             MigrateError::RunnerBusy { .. } => ErrorKind::Busy,
             MigrateError::Database { .. } | MigrateError::History(_) => ErrorKind::Internal,
-            MigrateError::BackupFailed { kind, .. } | MigrateError::GateRefused { kind, .. } => {
-                *kind
-            }
+            MigrateError::BackupFailed { kind, .. }
+            | MigrateError::UndoSnapshotFailed { kind, .. }
+            | MigrateError::GateRefused { kind, .. } => *kind,
         }
     }
 }

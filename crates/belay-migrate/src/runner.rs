@@ -209,6 +209,62 @@ struct Ran {
     last_blockers: Vec<SessionBrief>,
 }
 
+/// The write fence of a data-preserving undo script. In the script's own transaction,
+/// before its first statement: `LOCK TABLE <tables> IN EXCLUSIVE MODE` (under the script's
+/// `lock_timeout`, retries and the lock guard, like any statement of it), which waits for
+/// the application's open writes to those tables to commit and holds new ones back while
+/// reads go on (pg_dump's ACCESS SHARE included); then the hook's snapshot, taken by
+/// another session, sees every committed row; then the script drops them, and COMMIT
+/// releases the fence. One fence and one snapshot per script, so each script keeps its
+/// own transaction, retries and history row, and writes stall for one script's snapshot
+/// at a time.
+struct UndoFence<'a> {
+    hook: &'a dyn BackupHook,
+    tables: Vec<String>,
+}
+
+impl UndoFence<'_> {
+    /// `step` with the fence's `LOCK TABLE` as its only statement, so the fence runs
+    /// through `run_statement` (guard, events, trip notes) and its waits and failures are
+    /// reported against the undo script (at line 1).
+    fn lock_step(&self, step: &Step) -> Step {
+        // The session sits idle in its transaction while the snapshot runs: a server's
+        // idle_in_transaction_session_timeout must not end it (and the fence) meanwhile.
+        let text = format!(
+            "SET LOCAL idle_in_transaction_session_timeout = 0; LOCK TABLE {} IN EXCLUSIVE MODE",
+            self.tables.join(", ")
+        );
+        let mut fence = step.clone();
+        fence.source.statements = vec![Statement {
+            start: 0,
+            end: text.len(),
+            words: vec!["SET".into(), "LOCAL".into()],
+            concurrently: false,
+            copy_data: None,
+        }];
+        fence.source.text = text;
+        fence
+    }
+}
+
+/// The tables a run's backup covers, as the scripts write them: those named in
+/// `-- belay:tables=`, those the DDL drops data from (dropped, truncated, columns
+/// dropped) and, for a migration, those it alters.
+fn backup_table_names(steps: &[Step], undo: bool) -> Vec<String> {
+    let mut named = Vec::new();
+    for step in steps {
+        named.extend(step.source.directives.tables.iter().cloned());
+        for st in &step.source.statements {
+            let t = st.table_targets(&step.source.text);
+            named.extend(t.data_lost);
+            if !undo {
+                named.extend(t.altered);
+            }
+        }
+    }
+    named
+}
+
 impl Migrator {
     pub fn new(
         url: DatabaseUrl,
@@ -710,8 +766,16 @@ impl Migrator {
         {
             self.check_scripts(conn, gate.as_ref(), &steps).await?;
         }
-        // The backup comes after the lock and the plan, before the first statement.
+        // An undo whose scripts drop data snapshots it script by script, each inside its
+        // script's own transaction behind a write fence (see `UndoFence`).
+        let fences = match &self.backup_hook {
+            Some(hook) => self.undo_fences(conn, hook.as_ref(), &steps).await?,
+            None => vec![Vec::new(); steps.len()],
+        };
+        // Otherwise the backup comes after the lock and the plan, before the first
+        // statement.
         if !steps.is_empty()
+            && fences.iter().all(Vec::is_empty)
             && let Some(hook) = &self.backup_hook
         {
             let backup_id = self
@@ -722,11 +786,68 @@ impl Migrator {
             }
         }
         let backend_pid = self.backend_pid(conn, !steps.is_empty()).await;
-        for step in steps {
-            let result = self.execute(conn, &step, backend_pid).await?;
+        for (mut step, tables) in steps.into_iter().zip(fences) {
+            let fence = match &self.backup_hook {
+                Some(hook) if !tables.is_empty() => Some(UndoFence {
+                    hook: hook.as_ref(),
+                    tables,
+                }),
+                _ => None,
+            };
+            let fence = match fence {
+                Some(f) if step.no_transaction.is_some() => {
+                    step.backup_id = self.unfenced_snapshot(&step, f).await?;
+                    None
+                }
+                f => f,
+            };
+            let result = self.execute(conn, &step, backend_pid, fence).await?;
             report.results.push(result);
         }
         Ok(())
+    }
+
+    /// For each step of an undo run, the existing tables it drops data from (or names in
+    /// `-- belay:tables=`): the tables its snapshot holds and its fence locks. All empty
+    /// for a migration run, when the hook takes nothing before an undo, or when no
+    /// script drops data; then the run takes one backup up front as before.
+    async fn undo_fences(
+        &self,
+        conn: &mut PgConnection,
+        hook: &dyn BackupHook,
+        steps: &[Step],
+    ) -> Result<Vec<Vec<String>>, MigrateError> {
+        let mut fences = vec![Vec::new(); steps.len()];
+        if !steps.iter().any(|s| s.direction == Direction::Undo) || !hook.snapshots_undo() {
+            return Ok(fences);
+        }
+        for (fence, step) in fences.iter_mut().zip(steps) {
+            if step.source.statements.is_empty() {
+                continue;
+            }
+            let named = backup_table_names(std::slice::from_ref(step), true);
+            *fence = self.existing_tables(conn, &named).await?;
+        }
+        Ok(fences)
+    }
+
+    /// A no-transaction undo script that drops data: nothing can hold writes between its
+    /// snapshot and its drop (each of its statements commits on its own), so its snapshot
+    /// is taken just before it runs, and the run says what that does not guarantee.
+    async fn unfenced_snapshot(
+        &self,
+        step: &Step,
+        fence: UndoFence<'_>,
+    ) -> Result<Option<String>, MigrateError> {
+        self.emit(EventKind::Warning {
+            message: format!(
+                "{} runs outside a transaction, so belay cannot hold writes to {} between its snapshot and its drop: rows written to them in between are not in the snapshot. For an exact snapshot, move the DROP into an undo script that runs in a transaction",
+                step.script,
+                fence.tables.join(", ")
+            ),
+        });
+        self.backup_hook_call(fence.hook, std::slice::from_ref(step), fence.tables, "undo")
+            .await
     }
 
     /// The migration session's pid, for the lock guard to watch; `None` without a guard
@@ -1072,18 +1193,26 @@ impl Migrator {
         action: &'static str,
     ) -> Result<Option<String>, MigrateError> {
         let undo = steps.iter().any(|s| s.direction == Direction::Undo);
-        let mut named = Vec::new();
-        for step in steps {
-            named.extend(step.source.directives.tables.iter().cloned());
-            for st in &step.source.statements {
-                let t = st.table_targets(&step.source.text);
-                named.extend(t.data_lost);
-                if !undo {
-                    named.extend(t.altered);
-                }
-            }
-        }
+        let named = backup_table_names(steps, undo);
         let tables = self.existing_tables(conn, &named).await?;
+        self.backup_hook_call(hook, steps, tables, action).await
+    }
+
+    /// Calls the hook for `steps` with `tables`; its failure is the run's.
+    async fn backup_hook_call(
+        &self,
+        hook: &dyn BackupHook,
+        steps: &[Step],
+        tables: Vec<String>,
+        action: &'static str,
+    ) -> Result<Option<String>, MigrateError> {
+        // The guard's idle session is closed while the backup's two are open (the next
+        // watch reconnects): a run never holds more than its own session plus either,
+        // which the agent's connection budget counts on.
+        if let Some(guard) = &self.lock_guard {
+            guard.release().await;
+        }
+        let undo = steps.iter().any(|s| s.direction == Direction::Undo);
         let ctx = BackupContext {
             deployment_id: self.deployment_id,
             direction: if undo {
@@ -1228,6 +1357,7 @@ impl Migrator {
         conn: &mut PgConnection,
         step: &Step,
         backend_pid: Option<i32>,
+        fence: Option<UndoFence<'_>>,
     ) -> Result<StepResult, MigrateError> {
         let span = info_span!("apply_migration", script = %step.script, version = ?step.version);
         self.emit(EventKind::Started {
@@ -1254,7 +1384,7 @@ impl Migrator {
                 .instrument(span)
                 .await
         } else {
-            self.execute_in_transaction(conn, step, backend_pid)
+            self.execute_in_transaction(conn, step, backend_pid, fence)
                 .instrument(span)
                 .await
         };
@@ -1304,12 +1434,14 @@ impl Migrator {
         conn: &mut PgConnection,
         step: &Step,
         backend_pid: Option<i32>,
+        fence: Option<UndoFence<'_>>,
     ) -> Result<StepResult, MigrateError> {
         let script = &step.source;
         let started = Instant::now();
         let mut attempts = 0u32;
         let mut lock_wait = Duration::ZERO;
         let mut trips = Vec::new();
+        let fence_step = fence.as_ref().map(|f| f.lock_step(step));
         // The transaction is driven with plain BEGIN/COMMIT rather than sqlx's
         // `Transaction` so that BEGIN travels with its settings, and the history row with
         // the COMMIT: two round trips around the script's statements instead of four.
@@ -1325,19 +1457,62 @@ impl Migrator {
                 .await
                 .map_err(self.db_err("beginning a transaction"))?;
             let mut failure = None;
-            for st in &script.statements {
+            let mut snapshot = None;
+            if let (Some(f), Some(fs)) = (&fence, &fence_step) {
+                let st = &fs.source.statements[0];
                 let ran = self
-                    .run_statement(conn, step, st, attempts, backend_pid, &mut trips)
+                    .run_statement(conn, fs, st, attempts, backend_pid, &mut trips)
                     .await;
-                if let Err(e) = ran.result {
-                    failure = Some((st, e, ran.tripped, ran.last_blockers));
-                    break;
+                match ran.result {
+                    Err(e) => failure = Some((fs, st, e, ran.tripped, ran.last_blockers)),
+                    // Fenced: every write to the tables has committed, none can start.
+                    Ok(()) => {
+                        match self
+                            .backup_hook_call(
+                                f.hook,
+                                std::slice::from_ref(step),
+                                f.tables.clone(),
+                                "undo",
+                            )
+                            .await
+                        {
+                            Ok(id) => snapshot = Some(id),
+                            Err(e) => {
+                                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                                let (kind, message) = match e {
+                                    MigrateError::BackupFailed { kind, message, .. } => {
+                                        (kind, message)
+                                    }
+                                    other => (other.kind(), other.to_string()),
+                                };
+                                return Err(MigrateError::UndoSnapshotFailed {
+                                    script: step.script.clone(),
+                                    kind,
+                                    message,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            if failure.is_none() {
+                for st in &script.statements {
+                    let ran = self
+                        .run_statement(conn, step, st, attempts, backend_pid, &mut trips)
+                        .await;
+                    if let Err(e) = ran.result {
+                        failure = Some((step, st, e, ran.tripped, ran.last_blockers));
+                        break;
+                    }
                 }
             }
             match failure {
                 None => {
                     let execution = attempt_started.elapsed();
                     let mut row = self.new_row(step, RowState::Success);
+                    if let Some(id) = snapshot {
+                        row.backup_id = id;
+                    }
                     row.execution_time_ms = execution.as_millis().min(i32::MAX as u128) as i32;
                     row.retries = (attempts - 1) as i32;
                     row.lock_wait_ms = lock_wait.as_millis() as i64;
@@ -1358,21 +1533,23 @@ impl Migrator {
                     }
                     return Ok(self.result(step, execution, attempts - 1, lock_wait));
                 }
-                Some((st, e, tripped, last_blockers)) => {
+                Some((at, st, e, tripped, last_blockers)) => {
                     let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                    // The fence is gone with the transaction: the retry fences and
+                    // snapshots again, as writes may have landed in between.
                     if tripped {
                         // The whole transaction is retried, from BEGIN.
                         lock_wait += attempt_started.elapsed();
-                        self.after_guard_trip(step, st, attempts, started, &mut lock_wait, &trips)
+                        self.after_guard_trip(at, st, attempts, started, &mut lock_wait, &trips)
                             .await?;
                         continue;
                     }
                     if !is_lock_timeout(&e) {
-                        return Err(script_error(script, st, &e));
+                        return Err(script_error(&at.source, st, &e));
                     }
                     lock_wait += attempt_started.elapsed();
                     self.after_lock_timeout(
-                        step,
+                        at,
                         st,
                         attempts,
                         started,

@@ -742,9 +742,19 @@ impl Run<'_> {
             .undo(self.target(), &undo_to, Some(self.primary()), sink)
             .await;
         let recorded: Vec<Event> = events.lock().map(|v| v.clone()).unwrap_or_default();
+        // Each undo script that drops data snapshots it behind its own fence: (script, id).
+        let mut snapshots: Vec<(String, String)> = Vec::new();
+        let mut script = String::new();
         for e in &recorded {
-            if let EventKind::BackupTaken { id, .. } = &e.kind {
-                self.locations.undo_snapshot = Some(id.clone());
+            match &e.kind {
+                EventKind::Started { script: s, .. } => script.clone_from(s),
+                // A script retried after a lock wait snapshots again: its last snapshot is
+                // the one whose fence held until its drop.
+                EventKind::BackupTaken { id, .. } => {
+                    snapshots.retain(|(s, _)| *s != script);
+                    snapshots.push((script.clone(), id.clone()));
+                }
+                _ => {}
             }
             self.emit(
                 self.primary(),
@@ -755,17 +765,26 @@ impl Run<'_> {
             )
             .await?;
         }
-        if let Some(id) = &self.locations.undo_snapshot {
+        if !snapshots.is_empty() {
+            let ids: Vec<&str> = snapshots.iter().map(|(_, id)| id.as_str()).collect();
+            self.locations.undo_snapshot = Some(ids.join(", "));
             self.locations.kept_tables = self
                 .plan
                 .migrations
                 .iter()
                 .flat_map(|m| m.undo_drops.clone())
                 .collect();
-            self.locations.recover_command = Some(format!(
-                "belay backup restore {id} --into {}",
-                recovery_database(self.primary())
-            ));
+            // One new database per snapshot: `--into` creates it.
+            let into = recovery_database(self.primary());
+            let commands: Vec<String> = ids
+                .iter()
+                .enumerate()
+                .map(|(n, id)| match n {
+                    0 => format!("belay backup restore {id} --into {into}"),
+                    _ => format!("belay backup restore {id} --into {into}_{}", n + 1),
+                })
+                .collect();
+            self.locations.recover_command = Some(commands.join(" && "));
         }
         match result {
             Ok(report) => {
