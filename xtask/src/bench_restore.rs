@@ -72,7 +72,7 @@ pub fn restore(size_mb: u64, reps: usize, belay_bin: Option<PathBuf>) -> Result<
         &db.url,
         &format!(
             "CREATE TABLE t (id bigint NOT NULL, account int NOT NULL, note text NOT NULL, created timestamptz NOT NULL);
-             INSERT INTO t SELECT g, (g * 7919) % 100000, repeat(md5(g::text), 3),
+             INSERT INTO t SELECT g, (g::bigint * 7919) % 100000, repeat(md5(g::text), 3),
                     timestamptz '2026-01-01' + g * interval '1 second'
                FROM generate_series(1, {rows}) g;
              ALTER TABLE t ADD PRIMARY KEY (id);
