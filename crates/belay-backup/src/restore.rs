@@ -444,12 +444,14 @@ impl BackupManager {
 
     /// Whether restoring `restored` read every table's data in the archive (belay's
     /// history aside): only then are the archive's bytes the restore's bytes, for its rate.
+    /// A schema-only archive tells nothing of a data restore's rate.
     fn read_whole_archive(&self, manifest: &Manifest, restored: &[(String, String)]) -> bool {
-        manifest
-            .tables
-            .iter()
-            .filter(|t| t.rows.is_some() && t.schema != self.history_schema())
-            .all(|t| restored.iter().any(|(s, n)| *s == t.schema && *n == t.name))
+        manifest.scope.has_data()
+            && manifest
+                .tables
+                .iter()
+                .filter(|t| t.rows.is_some() && t.schema != self.history_schema())
+                .all(|t| restored.iter().any(|(s, n)| *s == t.schema && *n == t.name))
     }
 
     /// Bounds every lock wait of a restore's session (`lock_timeout`, see
