@@ -7,6 +7,7 @@ mod bench_deploy;
 mod bench_fleet;
 mod bench_locks;
 mod bench_probes;
+mod bench_restore;
 mod bench_rollback;
 mod check;
 mod demo;
@@ -138,6 +139,19 @@ enum Bench {
         #[arg(long)]
         belay_bin: Option<PathBuf>,
     },
+    /// Table restore of one large table: `belay backup restore --tables` (a rollback's
+    /// `table_restore`) vs. `TRUNCATE` + `pg_restore --data-only -t` by hand, interleaved.
+    Restore {
+        /// Heap size of the generated table, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mb: u64,
+        /// Interleaved repetitions per side.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Benchmark this `belay` binary instead of building target/release/belay.
+        #[arg(long)]
+        belay_bin: Option<PathBuf>,
+    },
     /// Time from an HTTP endpoint starting to fail to the probe's trigger event.
     Probes {
         /// Repetitions, each switching at a different phase of the probe period.
@@ -203,6 +217,11 @@ fn run(task: Task) -> anyhow::Result<()> {
                 threshold,
             } => bench_probes::probes(reps, period_ms, threshold),
             Bench::Rollback { reps, belay_bin } => bench_rollback::rollback(reps, belay_bin),
+            Bench::Restore {
+                size_mb,
+                reps,
+                belay_bin,
+            } => bench_restore::restore(size_mb, reps, belay_bin),
         },
     }
 }

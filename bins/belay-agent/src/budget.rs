@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use belay_backfill::{BackfillApi, BackfillRequest, BackfillSink, CancellationToken, Summary};
 use belay_backup::{
-    BackupApi, BackupFormat, BackupRequest, CatalogEntry, Manifest, ProgressSink, PruneReport,
-    PruneRequest, RestoreReport, RestoreRequest, VerifyReport,
+    BackupApi, BackupFormat, BackupRequest, CatalogEntry, Manifest, MeasuredRates, ProgressSink,
+    PruneReport, PruneRequest, RestoreReport, RestoreRequest, VerifyReport,
 };
 use belay_core::{ApiError, ConnectionBudget};
 use belay_deploy::{DeploySink, TargetDeployApi, TargetDeployed, TargetDeployment, TargetRun};
@@ -465,6 +465,11 @@ impl BackupApi for Backups {
 
     async fn manifest(&self, target: &str, id: &str) -> Result<Manifest, ApiError> {
         self.inner.manifest(target, id).await
+    }
+
+    async fn measured_rates(&self, target: &str) -> Result<MeasuredRates, ApiError> {
+        // A file beside the catalog: nothing to budget.
+        self.inner.measured_rates(target).await
     }
 }
 

@@ -816,3 +816,81 @@ fn an_undo_of_two_scripts_dropping_data_names_both_snapshots_and_recovers_each()
         "a1@example.com,a2@example.com"
     );
 }
+
+#[test]
+fn the_plan_estimates_from_the_rates_measured_on_the_target_once_there_are_some() {
+    let db = db();
+    let backups = tempfile::tempdir().unwrap();
+    // Enough data that the archive (over 1 MiB) tells a rate rather than start-up time.
+    let dir = migrations(&[
+        (
+            "V1__accounts.sql",
+            "CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL);\nINSERT INTO accounts VALUES (1, 10), (2, 20);\n\
+             CREATE TABLE filler AS SELECT g AS id, md5(g::text) || md5((g + 1)::text) AS v FROM generate_series(1, 100000) g;\n",
+        ),
+        (
+            "V2__reset.sql",
+            "-- belay:tables=accounts\nUPDATE accounts SET balance = 0;\n",
+        ),
+    ]);
+    let b = backups.path();
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b,
+        &["migrate", "--to", "1", "--backup", "none"],
+    );
+    // The pre-deployment backup is the target's first measured backup.
+    belay_b_ok(&db.url, dir.path(), b, &["migrate", "--no-lint"]);
+    let plan = |what: &str| {
+        let listed = belay_b_ok(
+            &db.url,
+            dir.path(),
+            b,
+            &["rollback", "list", "--output", "json"],
+        )
+        .json();
+        let id = listed["deployments"][0]["id"].as_str().unwrap().to_string();
+        let plan = belay_b_ok(
+            &db.url,
+            dir.path(),
+            b,
+            &["rollback", "plan", &id, "--output", "json"],
+        )
+        .json();
+        assert_eq!(
+            plan["plan"]["strategy"], "table_restore",
+            "{what}: {plan:#}"
+        );
+        plan["plan"].clone()
+    };
+    let first = plan("before any restore");
+    let basis = first["estimate_basis"].as_str().unwrap();
+    assert!(
+        basis.contains("emergency backup at ")
+            && basis.contains(" MB/s measured on this target (1 backup)")
+            && basis
+                .contains("restore at an assumed 20 MB/s (no restore measured on this target yet)"),
+        "{basis}"
+    );
+
+    // One restore of the whole archive (into a new database, leaving the target as it is).
+    let backup_id = first["backups"][0]["id"].as_str().unwrap().to_string();
+    let copy = format!("{}_copy", db.name);
+    belay_b_ok(
+        &db.url,
+        dir.path(),
+        b,
+        &["backup", "restore", &backup_id, "--into", &copy],
+    );
+    psql(&db.url, &format!("DROP DATABASE {copy}"));
+
+    let second = plan("after one restore");
+    let basis = second["estimate_basis"].as_str().unwrap();
+    assert!(
+        basis.contains("restore at ")
+            && basis.contains(" MB/s measured on this target (1 restore)"),
+        "{basis}"
+    );
+    assert!(!basis.contains("assumed"), "{basis}");
+}

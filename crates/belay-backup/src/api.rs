@@ -22,6 +22,7 @@ use crate::model::{
     BackupRequest, CatalogEntry, KeepReason, Manifest, Progress, PruneReport, RestoreReport,
     RestoreRequest, VerifyReport,
 };
+use crate::rates::MeasuredRates;
 use crate::{BackupError, BackupManager, ErrorKind as BackupKind, db};
 
 /// Where progress events go; owned, so a server can forward them from its own task.
@@ -94,6 +95,14 @@ pub trait BackupApi: Send + Sync {
                 "reading the manifest of backup {id} of {target:?} is not supported over this connection yet"
             ),
         ))
+    }
+
+    /// The rates measured on `target` by its recent backups and restores, for estimates.
+    /// Implementations that do not keep them report none measured (estimates then say
+    /// their rates are assumed).
+    async fn measured_rates(&self, target: &str) -> Result<MeasuredRates, ApiError> {
+        let _ = target;
+        Ok(MeasuredRates::default())
     }
 }
 
@@ -212,6 +221,11 @@ impl BackupApi for LocalBackups {
     async fn manifest(&self, target: &str, id: &str) -> Result<Manifest, ApiError> {
         let (_, manager) = self.slot(target)?;
         Ok(manager.catalog(target)?.get(id)?)
+    }
+
+    async fn measured_rates(&self, target: &str) -> Result<MeasuredRates, ApiError> {
+        let (_, manager) = self.slot(target)?;
+        Ok(manager.measured_rates(target)?)
     }
 
     async fn list(&self, target: &str) -> Result<Vec<CatalogEntry>, ApiError> {

@@ -103,6 +103,18 @@ impl BackupManager {
             .create_unmetered(url, target, req, kind, progress)
             .await;
         record_metrics(target, &result);
+        if let Ok(m) = &result {
+            self.record_rate(
+                target,
+                crate::rates::RateKind::Create,
+                crate::RateSample {
+                    at: Utc::now(),
+                    backup_id: m.id.clone(),
+                    bytes: m.total_size(),
+                    ms: m.duration_ms,
+                },
+            );
+        }
         result
     }
 

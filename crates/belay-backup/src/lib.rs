@@ -9,7 +9,8 @@
 //! must not apply migrations: it is called before and after them.
 //!
 //! Layout: `<root>/<target>/<id>/` holds the dump (`dump.pgdump`, or `dump/` for the
-//! directory format) and `manifest.json`, written last. [`BackupManager`] is the entry point
+//! directory format) and `manifest.json`, written last; `<root>/<target>/rates.json` holds
+//! the bytes and seconds of the target's recent backups and restores (their measured rates). [`BackupManager`] is the entry point
 //! (one per process, cheap to clone); [`Catalog`] reads and prunes a target's backups.
 //! [`BackupApi`] is the capability as every caller sees it (in-process [`LocalBackups`],
 //! or over gRPC in `belay-rpc`); its prune never deletes the backup an unfinished
@@ -23,6 +24,7 @@ mod error;
 mod files;
 mod model;
 mod proc;
+mod rates;
 mod restore;
 mod tools;
 mod verify;
@@ -38,6 +40,7 @@ pub use model::{
     KeptBackup, Manifest, Operation, Progress, PruneReport, RestoreReport, RestoreRequest,
     RestoreTestReport, TableCheck, TableCount, VerifyProblem, VerifyReport,
 };
+pub use rates::{MeasuredRate, MeasuredRates, RateSample, median_rate};
 pub use tools::{CommandHook, CommandLine, PgTools, parse_version_num};
 
 /// Where progress events go. `&|_| {}` ignores them.
@@ -156,6 +159,23 @@ impl BackupManager {
             tools: self.tools().await?,
             hook: self.hook.clone(),
         })
+    }
+
+    /// The median rates of `target`'s recent backups and restores (`rates.json`), for
+    /// estimates; `None` in each where nothing large enough was measured yet.
+    pub fn measured_rates(&self, target: &str) -> Result<MeasuredRates, BackupError> {
+        rates::measured(self.catalog(target)?.dir())
+    }
+
+    /// Adds one measurement to `target`'s rates. A failure to write it is logged, not
+    /// returned: the backup or restore it measures succeeded.
+    pub(crate) fn record_rate(&self, target: &str, kind: rates::RateKind, sample: RateSample) {
+        let result = self
+            .catalog(target)
+            .and_then(|c| rates::record(c.dir(), kind, sample));
+        if let Err(err) = result {
+            tracing::warn!(target, %err, "could not record the measured rate");
+        }
     }
 
     /// A data-safe undo's first step: dump `tables` (definitions and data) before the undo

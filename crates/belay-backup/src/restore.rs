@@ -18,6 +18,7 @@ use crate::model::{
     Progress, RestoreReport, RestoreRequest, TableCheck, VerifyReport,
 };
 use crate::proc::{run_watched, table_of_line};
+use crate::rates::{RateKind, RateSample};
 use crate::tools::{ChildConn, Runner, stderr_summary};
 use crate::verify::{create_schemas, url_with_database};
 use crate::{BackupError, BackupManager, ProgressFn};
@@ -28,6 +29,8 @@ struct Dest {
     /// Its database name, for the report.
     database: String,
     in_place: bool,
+    /// When the restore began (its verification included), for the measured rate.
+    began: Instant,
 }
 
 impl BackupManager {
@@ -53,6 +56,7 @@ impl BackupManager {
         req: &RestoreRequest,
         progress: ProgressFn<'_>,
     ) -> Result<RestoreReport, BackupError> {
+        let began = Instant::now();
         let manifest = self.catalog(target)?.get(id)?;
         let verification = self.verify(target, id, None).await?;
         if !verification.ok && !req.force {
@@ -82,6 +86,7 @@ impl BackupManager {
                 url: url.clone(),
                 database,
                 in_place: true,
+                began,
             };
             return self
                 .restore_to(
@@ -103,6 +108,7 @@ impl BackupManager {
                     url: dest_url,
                     database: name.clone(),
                     in_place: false,
+                    began,
                 };
                 self.restore_to(
                     url,
@@ -242,6 +248,7 @@ impl BackupManager {
             url: dest_url,
             database,
             in_place,
+            began,
         } = dest;
 
         // A snapshot of some tables restored into a new database: their foreign keys may
@@ -263,10 +270,13 @@ impl BackupManager {
         };
 
         let mut emergency = None;
+        let mut emergency_took = Duration::ZERO;
         if in_place && req.emergency_backup {
+            let at = Instant::now();
             emergency = self
                 .emergency_backup(url, target, id, selected.as_deref())
                 .await?;
+            emergency_took = at.elapsed();
         }
 
         let conn = ChildConn::new(&dest_url)?;
@@ -413,6 +423,19 @@ impl BackupManager {
             .cloned()
             .collect();
         let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if mismatches.is_empty() && self.read_whole_archive(manifest, &restored) {
+            let took = began.elapsed().saturating_sub(emergency_took);
+            self.record_rate(
+                target,
+                RateKind::Restore,
+                RateSample {
+                    at: chrono::Utc::now(),
+                    backup_id: id.to_owned(),
+                    bytes: manifest.total_size(),
+                    ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                },
+            );
+        }
         progress(Progress::Finished {
             operation: Operation::Restore,
             target: target.to_owned(),
@@ -435,6 +458,18 @@ impl BackupManager {
             foreign_keys_readded: readded,
             duration_ms,
         })
+    }
+
+    /// Whether restoring `restored` read every table's data in the archive (belay's
+    /// history aside): only then are the archive's bytes the restore's bytes, for its rate.
+    /// A schema-only archive tells nothing of a data restore's rate.
+    fn read_whole_archive(&self, manifest: &Manifest, restored: &[(String, String)]) -> bool {
+        manifest.scope.has_data()
+            && manifest
+                .tables
+                .iter()
+                .filter(|t| t.rows.is_some() && t.schema != self.history_schema())
+                .all(|t| restored.iter().any(|(s, n)| *s == t.schema && *n == t.name))
     }
 
     /// Bounds every lock wait of a restore's session (`lock_timeout`, see

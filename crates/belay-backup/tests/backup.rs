@@ -760,6 +760,8 @@ async fn a_size_limit_removes_the_partial_backup_and_leaves_the_catalog_alone() 
     let names: Vec<String> = std::fs::read_dir(dir.path().join("shop"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        // The measured rates live beside the backups (the earlier backup's sample).
+        .filter(|n| n != "rates.json")
         .collect();
     assert_eq!(
         names,
@@ -1189,4 +1191,72 @@ async fn a_failed_restore_into_a_new_database_drops_it_and_a_retry_works() {
         &format!("DROP DATABASE \"{name}\""),
     )
     .unwrap();
+}
+
+#[tokio::test]
+async fn backups_and_whole_archive_restores_are_measured_but_a_restore_of_some_tables_is_not() {
+    let (db, url) = fixture().await;
+    // Over 1 MiB of archive, so the samples tell a rate.
+    psql(
+        &db.url,
+        "CREATE TABLE filler AS SELECT g AS id, md5(g::text) || md5((g + 1)::text) AS v FROM generate_series(1, 100000) g",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mgr = manager(dir.path());
+    assert_eq!(
+        mgr.measured_rates("shop").unwrap(),
+        belay_backup::MeasuredRates::default()
+    );
+    let backup = mgr
+        .create(&url, "shop", &BackupRequest::default(), &|_| {})
+        .await
+        .expect("create");
+    assert!(backup.total_size() > 1 << 20, "{}", backup.total_size());
+    let rates = mgr.measured_rates("shop").unwrap();
+    assert_eq!(rates.create.map(|r| r.samples), Some(1));
+    assert_eq!(rates.restore, None);
+
+    // Some tables of the archive: its bytes are not this restore's, so no sample. (Its
+    // emergency backup of users is recorded, but under 1 MiB it tells no rate.)
+    mgr.restore(
+        &url,
+        "shop",
+        &backup.id,
+        &RestoreRequest::tables(["users"]),
+        &|_| {},
+    )
+    .await
+    .expect("table restore");
+    let rates = mgr.measured_rates("shop").unwrap();
+    assert_eq!(rates.restore, None);
+    assert_eq!(rates.create.map(|r| r.samples), Some(1));
+
+    // The whole archive, into a new database: measured.
+    let copy = format!("{}_rates", db.name);
+    let report = mgr
+        .restore(
+            &url,
+            "shop",
+            &backup.id,
+            &RestoreRequest {
+                into: Some(copy.clone()),
+                ..RestoreRequest::default()
+            },
+            &|_| {},
+        )
+        .await
+        .expect("restore into");
+    assert!(report.mismatches.is_empty(), "{report:?}");
+    psql(&db.url, &format!("DROP DATABASE {copy}")).unwrap();
+    let rates = mgr.measured_rates("shop").unwrap();
+    let restore = rates.restore.expect("the restore was measured");
+    assert_eq!(restore.samples, 1);
+    assert!(restore.bytes_per_sec > 0.0);
+    assert!(dir.path().join("shop/rates.json").is_file());
+    // The catalog does not take the rates file for a backup.
+    assert_eq!(
+        mgr.catalog("shop").unwrap().incomplete().unwrap(),
+        Vec::<std::path::PathBuf>::new()
+    );
 }

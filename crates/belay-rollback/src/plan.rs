@@ -5,7 +5,7 @@
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-use belay_backup::{BackupApi, Manifest};
+use belay_backup::{BackupApi, Manifest, MeasuredRate, MeasuredRates};
 use belay_core::{ApiError, ErrorKind, Version};
 use belay_deploy::{DeploymentLog, DeploymentRecord, Step};
 use uuid::Uuid;
@@ -271,8 +271,8 @@ pub struct PlanInput {
     pub backup_problem: Option<String>,
     /// Live row counts of the tables a restore would overwrite.
     pub live: Vec<LiveTable>,
-    /// Bytes per second a restore on this target ran at, when one was measured.
-    pub restore_rate: Option<f64>,
+    /// The median rates of this target's recent backups and restores, where measured.
+    pub rates: MeasuredRates,
 }
 
 /// Rates assumed when none was measured on the target (conservative for local disks).
@@ -562,35 +562,23 @@ pub fn decide(input: &PlanInput) -> RollbackPlan {
     }
 
     let size = backup.map(|b| b.total_size()).unwrap_or(0) as f64;
-    let (rate, basis_rate) = match input.restore_rate {
-        Some(r) if r > 0.0 => (
-            r,
-            format!("restore rate measured on this target ({:.1} MB/s)", r / 1e6),
-        ),
-        _ => (
-            ASSUMED_RESTORE_RATE,
-            format!(
-                "assumed restore rate {:.0} MB/s (none measured here)",
-                ASSUMED_RESTORE_RATE / 1e6
-            ),
-        ),
-    };
-    let emergency_ms = (size / ASSUMED_DUMP_RATE * 1000.0) as u64;
+    let (restore_rate, restore_basis) =
+        rate_basis(input.rates.restore, ASSUMED_RESTORE_RATE, "restore");
+    let (dump_rate, dump_basis) = rate_basis(input.rates.create, ASSUMED_DUMP_RATE, "backup");
+    let emergency_ms = (size / dump_rate * 1000.0) as u64;
     let (estimated_ms, estimate_basis) = match strategy {
         Strategy::Undo => (
             emergency_ms + UNDO_STEP_MS * migrations.len() as u64 + VERIFY_MS,
             format!(
-                "emergency backup of {} bytes at an assumed {:.0} MB/s, ~{UNDO_STEP_MS} ms per undo script, ~{VERIFY_MS} ms to verify; the settle period comes on top",
+                "emergency backup of {} bytes at {dump_basis}, ~{UNDO_STEP_MS} ms per undo script, ~{VERIFY_MS} ms to verify; the settle period comes on top",
                 size as u64,
-                ASSUMED_DUMP_RATE / 1e6
             ),
         ),
         Strategy::TableRestore | Strategy::FullRestore => (
-            emergency_ms + (size / rate * 1000.0) as u64 + VERIFY_MS,
+            emergency_ms + (size / restore_rate * 1000.0) as u64 + VERIFY_MS,
             format!(
-                "backup of {} bytes: emergency backup at an assumed {:.0} MB/s, {basis_rate}, ~{VERIFY_MS} ms to verify; the settle period comes on top",
+                "backup of {} bytes: emergency backup at {dump_basis}, restore at {restore_basis}, ~{VERIFY_MS} ms to verify; the settle period comes on top",
                 size as u64,
-                ASSUMED_DUMP_RATE / 1e6
             ),
         ),
         Strategy::Escalate => (0, "nothing runs".into()),
@@ -611,6 +599,29 @@ pub fn decide(input: &PlanInput) -> RollbackPlan {
         estimated_ms,
         estimate_basis,
         resume: None,
+    }
+}
+
+/// The rate to estimate with, and how it reads: the target's measured median when there
+/// is one, else `assumed` (bytes per second), labelled as assumed.
+fn rate_basis(measured: Option<MeasuredRate>, assumed: f64, what: &str) -> (f64, String) {
+    match measured {
+        Some(m) if m.bytes_per_sec > 0.0 => (
+            m.bytes_per_sec,
+            format!(
+                "{:.1} MB/s measured on this target ({} {what}{})",
+                m.bytes_per_sec / 1e6,
+                m.samples,
+                if m.samples == 1 { "" } else { "s" }
+            ),
+        ),
+        _ => (
+            assumed,
+            format!(
+                "an assumed {:.0} MB/s (no {what} measured on this target yet)",
+                assumed / 1e6
+            ),
+        ),
     }
 }
 
@@ -710,6 +721,14 @@ impl Planner {
         } else {
             self.stats.rows(target, &tables).await?
         };
+        // Only the estimate depends on them: a plan made without is labelled assumed.
+        let rates = match self.backups.measured_rates(&self.backup_target).await {
+            Ok(rates) => rates,
+            Err(err) => {
+                tracing::warn!(target, error = %err.message, "measured rates unreadable; estimating with assumed ones");
+                MeasuredRates::default()
+            }
+        };
         Ok(PlanInput {
             target: target.to_string(),
             deployments: resolved.deployments.iter().map(|r| r.start.id).collect(),
@@ -719,7 +738,7 @@ impl Planner {
             backup,
             backup_problem,
             live,
-            restore_rate: None,
+            rates,
         })
     }
 

@@ -1,7 +1,10 @@
 //! The decision tree and the resolution of `<to>`, case by case: pure functions over
 //! records and facts, so every branch is shown without a database.
 
-use belay_backup::{BackupFormat, BackupKind, BackupScope, Manifest, TableCount};
+use belay_backup::{
+    BackupFormat, BackupKind, BackupScope, FileEntry, Manifest, MeasuredRate, MeasuredRates,
+    TableCount,
+};
 use belay_deploy::{AppliedMigration, DeploymentOutcome, DeploymentRecord, NewDeployment, Step};
 use belay_rollback::{
     LiveTable, PlanInput, RevertedMigration, RollbackError, RollbackTo, Strategy, Trigger, decide,
@@ -76,7 +79,7 @@ fn input(migrations: Vec<RevertedMigration>, b: Option<Manifest>, suspect: bool)
             table: "public.accounts".into(),
             rows: Some(12),
         }],
-        restore_rate: None,
+        rates: MeasuredRates::default(),
     }
 }
 
@@ -175,6 +178,77 @@ fn each_branch_of_the_tree_picks_its_strategy_and_says_why() {
             assert_eq!(plan.losses[0].strategy, strategy, "{name}");
         }
     }
+}
+
+#[test]
+fn the_estimate_uses_the_rates_measured_on_the_target_and_labels_assumed_ones() {
+    let mut b = backup(BackupScope::Full, true);
+    b.files = vec![FileEntry {
+        path: "dump.pgdump".into(),
+        size: 400_000_000,
+        sha256: String::new(),
+    }];
+    let no_undo = || vec![migration("2", false, false, Some(&["accounts"]))];
+
+    // Nothing measured: 400 MB at the assumed 50 MB/s (backup) and 20 MB/s (restore).
+    let assumed = decide(&input(no_undo(), Some(b.clone()), false));
+    assert_eq!(assumed.strategy, Strategy::TableRestore);
+    assert_eq!(assumed.estimated_ms, 8_000 + 20_000 + 200);
+    assert!(
+        assumed
+            .estimate_basis
+            .contains("restore at an assumed 20 MB/s (no restore measured on this target yet)")
+            && assumed
+                .estimate_basis
+                .contains("emergency backup at an assumed 50 MB/s (no backup measured"),
+        "{}",
+        assumed.estimate_basis
+    );
+
+    // Restores measured at 80 MB/s (3 of them), one backup at 100 MB/s.
+    let mut measured = input(no_undo(), Some(b.clone()), false);
+    measured.rates = MeasuredRates {
+        create: Some(MeasuredRate {
+            bytes_per_sec: 100e6,
+            samples: 1,
+        }),
+        restore: Some(MeasuredRate {
+            bytes_per_sec: 80e6,
+            samples: 3,
+        }),
+    };
+    let plan = decide(&measured);
+    assert_eq!(plan.estimated_ms, 4_000 + 5_000 + 200);
+    assert!(
+        plan.estimate_basis
+            .contains("restore at 80.0 MB/s measured on this target (3 restores)")
+            && plan
+                .estimate_basis
+                .contains("emergency backup at 100.0 MB/s measured on this target (1 backup)"),
+        "{}",
+        plan.estimate_basis
+    );
+
+    // Only the restore measured: the backup's rate is still assumed, and says so; an undo
+    // uses the backup rate alone.
+    let mut half = input(no_undo(), Some(b.clone()), false);
+    half.rates.restore = measured.rates.restore;
+    let plan = decide(&half);
+    assert_eq!(plan.estimated_ms, 8_000 + 5_000 + 200);
+    assert!(
+        plan.estimate_basis.contains("an assumed 50 MB/s"),
+        "{}",
+        plan.estimate_basis
+    );
+    let mut undo = input(
+        vec![migration("2", true, false, Some(&["accounts"]))],
+        Some(b),
+        false,
+    );
+    undo.rates = measured.rates;
+    let plan = decide(&undo);
+    assert_eq!(plan.strategy, Strategy::Undo);
+    assert_eq!(plan.estimated_ms, 4_000 + 500 + 200);
 }
 
 #[test]
