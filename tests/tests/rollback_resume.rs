@@ -571,6 +571,16 @@ async fn a_controller_killed_during_a_routed_rollback_takes_the_agents_outcome_a
         Ok(started.exists())
     })
     .await?;
+    // The agent's events reach the controller's store through a stream: kill it once it
+    // recorded the target rolling back, as a controller dying mid-rollback would have.
+    wait_for(
+        "the controller to record the rollback under way",
+        || async {
+            let doc = belay_e2e::show(&c.addr, &id).await?;
+            Ok(belay_e2e::target(&doc, "rc_1")["step"] == "rolling_back")
+        },
+    )
+    .await?;
     c.kill().await?;
     let cut = execute.await??;
     assert_ne!(cut.code, 0, "the caller lost its controller: {cut:?}");

@@ -154,13 +154,14 @@ fn table_exists(url: &str, name: &str) -> bool {
     psql(url, &format!("SELECT to_regclass('{name}') IS NOT NULL")) == "t"
 }
 
-/// What a fresh session of `url` has, with belay's lock_timeout: what the migration after
-/// the dump must see.
+/// What a fresh session of `url` has, with belay's lock_timeout for a statement the lock
+/// guard watches (`guarded_lock_timeout`, 10 s: the guard gives way first): what the
+/// migration after the dump must see.
 fn fresh_session_settings(url: &str) -> String {
     psql(
         url,
         "SELECT current_setting('search_path'), current_setting('check_function_bodies'), \
-         current_setting('client_min_messages'), current_setting('row_security'), '100ms'",
+         current_setting('client_min_messages'), current_setting('row_security'), '10s'",
     )
 }
 

@@ -248,7 +248,7 @@ fn plan_sql_shows_transactions_directives_and_history_rows() {
         "{sql}"
     );
     assert!(
-        sql.contains("BEGIN;\nSET LOCAL lock_timeout = '100ms';\nCREATE TABLE users"),
+        sql.contains("BEGIN;\nSET LOCAL lock_timeout = '10s';\nCREATE TABLE users"),
         "{sql}"
     );
     assert!(

@@ -15,6 +15,10 @@ use uuid::Uuid;
 /// it was recording when it stopped.
 const ROLLBACK_LOOKBACK: i64 = 200;
 
+/// How many times a restarted controller asks an agent about a rollback it was
+/// recording, a heartbeat apart, before leaving it to the next registration.
+const RECONCILE_ATTEMPTS: u32 = 10;
+
 impl Fleet {
     /// Settles, once their agents answer, the targets among `targets` whose rollback this
     /// controller was recording when it stopped (their step on record is still
@@ -40,8 +44,17 @@ impl Fleet {
                 let (id, target) = (d.id, t.target.clone());
                 tokio::spawn(
                     async move {
-                        if let Err(e) = fleet.reconcile_rollback(id, &target).await {
-                            tracing::debug!(target = %target, error = %e, "cannot reconcile the rollback yet");
+                        // Just after a registration the agent may not answer yet (its
+                        // first heartbeat, a connection being set up): try again a few
+                        // heartbeats later rather than leave the record rolling back.
+                        for attempt in 1..=RECONCILE_ATTEMPTS {
+                            match fleet.reconcile_rollback(id, &target).await {
+                                Ok(()) => break,
+                                Err(e) => {
+                                    tracing::debug!(target = %target, attempt, error = %e, "cannot reconcile the rollback yet");
+                                    tokio::time::sleep(fleet.config.heartbeat_interval).await;
+                                }
+                            }
                         }
                     }
                     .instrument(info_span!("reconcile_rollback", deployment = %id)),

@@ -197,19 +197,10 @@ impl LockGuard {
                 if !armed || queue.longest_wait_ms <= budget {
                     continue;
                 }
-                let cancelled: bool = match sqlx::query_scalar("SELECT pg_cancel_backend($1)")
+                let sent = sqlx::query_scalar("SELECT pg_cancel_backend($1)")
                     .bind(migration_pid)
                     .fetch_one(&mut conn)
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        break Err(LocksError::Query {
-                            what: "pg_cancel_backend",
-                            source: e,
-                        });
-                    }
-                };
+                    .await;
                 armed = false;
                 let trip = GuardTrip {
                     at: Utc::now(),
@@ -218,8 +209,18 @@ impl LockGuard {
                     longest_wait_ms: queue.longest_wait_ms,
                     blockers_of_migration: queue.blockers_of_migration,
                     blockers: queue.blockers,
-                    cancelled,
+                    cancelled: matches!(sent, Ok(true)),
                 };
+                if let Err(e) = sent {
+                    // The signal may have gone out before the guard's own session failed
+                    // (the migration then fails with 57014): the trip is reported either
+                    // way, so the executor can tell a guard's cancel from any other.
+                    let _ = trip_tx.send(trip);
+                    break Err(LocksError::Query {
+                        what: "pg_cancel_backend",
+                        source: e,
+                    });
+                }
                 tracing::warn!(
                     migration_pid,
                     blocked = trip.blocked_sessions.len(),

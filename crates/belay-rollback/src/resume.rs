@@ -269,7 +269,7 @@ mod tests {
             backup: None,
             backup_problem: Some("none".into()),
             live: vec![],
-            restore_rate: None,
+            rates: Default::default(),
         });
         assert_eq!(plan.strategy, Strategy::Undo);
         let events = vec![
