@@ -73,6 +73,7 @@ pub fn policy(
     policy.backup.scope = backup_scope;
     policy.postflight.spec = settings.postflight.clone();
     policy.lock_trip_budget = settings.deploy.lock_trip_budget;
+    policy.hooks = settings.deploy_hooks.clone();
     policy.on_failure = match checks.on_failure.or(settings.deploy.on_failure) {
         Some(OnFailureArg::Rollback) => OnFailure::Rollback,
         Some(OnFailureArg::Stop) | None => OnFailure::Stop,
@@ -269,6 +270,11 @@ fn failure_of(f: &StepFailure) -> Failure {
                 },
             }
         }
+        // Refused before anything changed, as a blocking preflight check is.
+        Cause::HookFailed => Failure {
+            code: exit::REFUSED,
+            message: format!("migrate refused: {}", f.reason),
+        },
         Cause::ProbeTriggered => Failure {
             code: exit::PROBE_FAILED,
             message: f.reason.clone(),
