@@ -375,6 +375,8 @@ fn render_sink(
             }
             belay_deploy::KIND_CHECK => render_checks(e),
             belay_deploy::KIND_FAILURE_HANDLER => println!("{}", e.message),
+            belay_deploy::KIND_HOOK if e.payload["warning"] == true => eprintln!("{}", e.message),
+            belay_deploy::KIND_HOOK => println!("{}", e.message),
             belay_deploy::KIND_RUN_REPORT => render_report(&e.payload),
             belay_deploy::KIND_PROBE => {
                 probe_attempts.fetch_add(1, Ordering::Relaxed);
