@@ -40,7 +40,10 @@ pub async fn run(command: &str, timeout: Duration, env: &[(&str, String)]) -> Ho
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .kill_on_drop(true)
+        // Its own process group, so a timeout ends what the shell started too: a
+        // `sleep` left behind would hold the hook's pipes (and inherited ones) open.
+        .process_group(0);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -55,6 +58,7 @@ pub async fn run(command: &str, timeout: Duration, env: &[(&str, String)]) -> Ho
         Ok(c) => c,
         Err(e) => return done(false, format!("could not start sh: {e}"), String::new()),
     };
+    let pid = child.id();
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let read = async {
@@ -99,7 +103,14 @@ pub async fn run(command: &str, timeout: Duration, env: &[(&str, String)]) -> Ho
         }
         Ok((Err(e), _)) => done(false, format!("could not wait for it: {e}"), String::new()),
         Err(_) => {
-            // kill_on_drop ends it; say so rather than leave it running unseen.
+            // kill_on_drop ends the shell; the group ends what it started. Said in the
+            // status rather than left running unseen.
+            if let Some(pid) = pid
+                .and_then(|p| i32::try_from(p).ok())
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
             done(
                 false,
                 format!(
