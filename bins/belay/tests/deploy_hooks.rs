@@ -292,3 +292,29 @@ fn deploy_hook_keys_are_checked_with_file_and_line() {
         assert!(r.stderr.contains(&shown), "{body}\nwant {shown}\n{r:?}");
     }
 }
+
+#[test]
+fn remote_migrate_refuses_deploy_hooks_before_contacting_anything() {
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        cfg_dir.path(),
+        "[deploy.before]\ncommand = \"./maintenance-mode.sh enable\"\n",
+    );
+    let dir = migrations(&[V1]);
+    let r = belay(
+        "postgres://app@db.invalid/shop",
+        dir.path(),
+        &[
+            "--controller",
+            "127.0.0.1:1",
+            "--target",
+            "shop",
+            "--config",
+            &cfg,
+            "migrate",
+        ],
+    );
+    assert_eq!(r.code, 64, "{r:?}");
+    assert!(r.stderr.contains("[deploy.before]"), "{r:?}");
+    assert!(r.stderr.contains("nothing was run"), "{r:?}");
+}
