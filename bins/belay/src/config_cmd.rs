@@ -134,6 +134,8 @@ fn effective(s: &Settings) -> Value {
                 Some(crate::cli::RollbackScopeArg::Deployment) => "deployment",
                 _ => "wave",
             },
+            "before": s.deploy_hooks.before.as_ref().map(|h| json!({"command": h.command, "timeout": dur(h.timeout)})),
+            "after": s.deploy_hooks.after.as_ref().map(|h| json!({"command": h.command, "timeout": dur(h.timeout)})),
         },
         "rollback": {
             "policy": s.rollback.mode,

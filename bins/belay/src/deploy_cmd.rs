@@ -73,6 +73,7 @@ pub fn policy(
     policy.backup.scope = backup_scope;
     policy.postflight.spec = settings.postflight.clone();
     policy.lock_trip_budget = settings.deploy.lock_trip_budget;
+    policy.hooks = settings.deploy_hooks.clone();
     policy.on_failure = match checks.on_failure.or(settings.deploy.on_failure) {
         Some(OnFailureArg::Rollback) => OnFailure::Rollback,
         Some(OnFailureArg::Stop) | None => OnFailure::Stop,
@@ -269,6 +270,11 @@ fn failure_of(f: &StepFailure) -> Failure {
                 },
             }
         }
+        // Refused before anything changed, as a blocking preflight check is.
+        Cause::HookFailed => Failure {
+            code: exit::REFUSED,
+            message: format!("migrate refused: {}", f.reason),
+        },
         Cause::ProbeTriggered => Failure {
             code: exit::PROBE_FAILED,
             message: f.reason.clone(),
@@ -369,6 +375,8 @@ fn render_sink(
             }
             belay_deploy::KIND_CHECK => render_checks(e),
             belay_deploy::KIND_FAILURE_HANDLER => println!("{}", e.message),
+            belay_deploy::KIND_HOOK if e.payload["warning"] == true => eprintln!("{}", e.message),
+            belay_deploy::KIND_HOOK => println!("{}", e.message),
             belay_deploy::KIND_RUN_REPORT => render_report(&e.payload),
             belay_deploy::KIND_PROBE => {
                 probe_attempts.fetch_add(1, Ordering::Relaxed);

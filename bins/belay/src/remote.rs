@@ -125,6 +125,14 @@ fn deployer_policy(
         code: exit::USAGE,
         message,
     };
+    if file.before.is_some() || file.after.is_some() {
+        return Err(usage(
+            "belay.toml sets [deploy.before] or [deploy.after], which run only with local \
+             `migrate` (the agents run remote deployments and have no deployment hooks yet); \
+             use a belay.toml without them for remote mode; nothing was run"
+                .into(),
+        ));
+    }
     let watch = checks
         .watch
         .map(|w| belay_core::parse_duration(w).map_err(|e| usage(format!("--watch: {e}"))))

@@ -82,7 +82,7 @@ pub struct FileRollback {
     pub notify: Vec<belay_rollback::NotifierSetting>,
 }
 
-/// A command run around a rollback.
+/// A command run around a rollback or a deployment.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileHook {
@@ -104,6 +104,10 @@ pub struct FileDeploy {
     pub canary_soak: Option<String>,
     /// `deploy --rollback-scope`'s default: `wave` (default) or `deployment`.
     pub rollback_scope: Option<crate::cli::RollbackScopeArg>,
+    /// `[deploy.before]`: run once preflight passed, before the backup (local `migrate`).
+    pub before: Option<FileHook>,
+    /// `[deploy.after]`: run once the deployment succeeded (local `migrate`).
+    pub after: Option<FileHook>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -173,6 +177,8 @@ pub struct Settings {
     pub rollback: belay_rollback::RollbackPolicy,
     /// `[rollback] restore_lock_timeout`.
     pub restore_lock_timeout: std::time::Duration,
+    /// `[deploy.before]`/`[deploy.after]`, validated.
+    pub deploy_hooks: belay_deploy::DeployHooks,
 }
 
 /// Where belay.toml came from, for errors naming its file, line and key.
@@ -221,6 +227,40 @@ fn rollback_policy(
     }
     .resolve_keyed()
     .map_err(|(key, message)| file_err(src, &format!("rollback.{key}"), message))
+}
+
+/// `[deploy.before]`/`[deploy.after]` checked as the rollback hooks are: a command, and a
+/// positive timeout [30s].
+fn deploy_hooks(file: &FileDeploy, src: Option<&Source>) -> Result<belay_deploy::DeployHooks> {
+    let hook = |key: &str, h: &Option<FileHook>| -> Result<Option<belay_deploy::DeployHook>> {
+        let Some(h) = h else { return Ok(None) };
+        if h.command.trim().is_empty() {
+            return Err(file_err(
+                src,
+                &format!("deploy.{key}.command"),
+                "is empty: name the command to run (`command = \"./maintenance on\"`), or remove the section",
+            ));
+        }
+        let timeout = match &h.timeout {
+            Some(t) => {
+                let key = format!("deploy.{key}.timeout");
+                let d = parse_duration(t).map_err(|e| file_err(src, &key, e))?;
+                if d.is_zero() {
+                    return Err(file_err(src, &key, "must be greater than zero"));
+                }
+                d
+            }
+            None => std::time::Duration::from_secs(30),
+        };
+        Ok(Some(belay_deploy::DeployHook {
+            command: h.command.clone(),
+            timeout,
+        }))
+    };
+    Ok(belay_deploy::DeployHooks {
+        before: hook("before", &file.before)?,
+        after: hook("after", &file.after)?,
+    })
 }
 
 pub fn load_file(cli: &Cli) -> Result<FileConfig> {
@@ -462,6 +502,7 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
         parse_duration(soak).map_err(|e| file_err(src, "deploy.canary_soak", e))?;
     }
     let (rollback, restore_lock_timeout) = rollback_policy(&file.rollback, src)?;
+    let deploy_hooks = deploy_hooks(&file.deploy, src)?;
     let mut deploy = file.deploy;
     match (deploy.on_failure, file.rollback.on_failure) {
         (Some(a), Some(b)) if a != b => {
@@ -479,6 +520,7 @@ pub fn resolve(cli: &Cli, url_from_argv: bool, exec_args: Option<&ExecArgs>) -> 
         _ => {}
     }
     Ok(Settings {
+        deploy_hooks,
         rollback,
         restore_lock_timeout,
         deploy,

@@ -13,6 +13,7 @@
 //! insides, open database connections of its own, or print anything: callers render its
 //! events.
 
+pub mod hooks;
 pub mod memory;
 mod metrics;
 pub mod pipeline;
@@ -20,14 +21,16 @@ pub mod policy;
 pub mod record;
 pub mod target;
 
+pub use hooks::{DeployHook, HookRun};
 pub use memory::MemoryLog;
 pub use pipeline::{
     Cause, DeployError, DeploySink, Deployment, DeploymentRequest, FailureHandler, KIND_CHECK,
-    KIND_FAILURE_HANDLER, KIND_MIGRATION, KIND_NOTE, KIND_PROBE, KIND_RUN_REPORT, KIND_TRANSITION,
-    Pipeline, SOAK_PHASE, StepFailure,
+    KIND_FAILURE_HANDLER, KIND_HOOK, KIND_MIGRATION, KIND_NOTE, KIND_PROBE, KIND_RUN_REPORT,
+    KIND_TRANSITION, Pipeline, SOAK_PHASE, StepFailure,
 };
 pub use policy::{
-    BackupPolicy, DeploymentPolicy, OnFailure, PostflightPolicy, PreflightPolicy, WatchPolicy,
+    BackupPolicy, DeployHooks, DeploymentPolicy, OnFailure, PostflightPolicy, PreflightPolicy,
+    WatchPolicy,
 };
 pub use record::{
     AppliedMigration, DeployEvent, DeploymentLog, DeploymentOutcome, DeploymentRecord, LogError,

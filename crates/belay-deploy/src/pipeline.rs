@@ -45,6 +45,9 @@ pub const KIND_FAILURE_HANDLER: &str = "failure_handler";
 /// Something the record cannot say exactly (e.g. checksums unknown in remote mode):
 /// payload its details.
 pub const KIND_NOTE: &str = "note";
+/// A `[deploy.before]`/`[deploy.after]` hook ran: payload the `HookRun` plus `phase`
+/// (`before`/`after`) and `warning` (an `after` hook that failed: the migrations are in).
+pub const KIND_HOOK: &str = "hook";
 /// `phase` of the canary soak's events and of a failure in it (its step is `watching`).
 pub const SOAK_PHASE: &str = "canary_soak";
 
@@ -67,6 +70,8 @@ pub enum Cause {
     ProbeTriggered,
     /// The run took more lock guard trips than the policy's budget.
     LockTripBudget,
+    /// The `before` hook failed or timed out (nothing changed).
+    HookFailed,
 }
 
 /// A failed step: what the record's outcome and the failure handler get.
@@ -427,6 +432,12 @@ impl Run<'_> {
             Ok(o) => o,
             Err(f) => return Ok(Err(f)),
         };
+        // Still at `preflight`: the last thing before anything changes (the backup).
+        if let Some(hook) = self.request.policy.hooks.before.clone()
+            && let Err(f) = self.hook("before", &hook).await?
+        {
+            return Ok(Err(f));
+        }
         match self.apply(overrides).await? {
             Ok(r) => *report = Some(r),
             Err(f) => return Ok(Err(f)),
@@ -437,7 +448,76 @@ impl Run<'_> {
         if let Err(f) = self.validate().await? {
             return Ok(Err(f));
         }
-        self.watch().await
+        if let Err(f) = self.watch().await? {
+            return Ok(Err(f));
+        }
+        if let Some(hook) = self.request.policy.hooks.after.clone() {
+            // Too late to fail the deployment: the migrations are in. Its failure is on
+            // record as a warning event.
+            let _warned = self.hook("after", &hook).await?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Runs a `[deploy.*]` hook and records it; `Err` in the inner result when it failed
+    /// (the caller decides what that means for the deployment).
+    async fn hook(
+        &mut self,
+        phase: &str,
+        hook: &crate::hooks::DeployHook,
+    ) -> Result<StepResult<()>, LogError> {
+        let version = match phase {
+            "after" => self.to_version(),
+            _ => self.request.forward.to.clone(),
+        };
+        let env = [
+            ("BELAY_DEPLOYMENT_ID", self.id().to_string()),
+            ("BELAY_TARGET", self.target().to_string()),
+            ("BELAY_DEPLOY_PHASE", phase.to_string()),
+            ("BELAY_TARGET_VERSION", version.unwrap_or_default()),
+        ];
+        let run = crate::hooks::run(&hook.command, hook.timeout, &env)
+            .instrument(info_span!("deploy_hook", phase = phase))
+            .await;
+        let warning = !run.ok && phase == "after";
+        let mut payload = json!(run);
+        payload["phase"] = json!(phase);
+        payload["warning"] = json!(warning);
+        let output = if run.output.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", one_line(&run.output))
+        };
+        let message = if run.ok {
+            format!(
+                "{phase} hook `{}` {} in {} ms",
+                run.command, run.status, run.ms
+            )
+        } else if warning {
+            format!(
+                "warning: after hook `{}` failed ({}){output}; the migrations are applied and stay applied",
+                run.command, run.status
+            )
+        } else {
+            format!(
+                "{phase} hook `{}` failed ({}){output}",
+                run.command, run.status
+            )
+        };
+        self.emit(KIND_HOOK, message, payload.clone()).await?;
+        if run.ok {
+            return Ok(Ok(()));
+        }
+        Ok(Err(StepFailure {
+            step: self.current(),
+            kind: ErrorKind::Refused,
+            cause: Cause::HookFailed,
+            reason: format!(
+                "the {phase} hook `{}` failed ({}){output}; nothing was changed",
+                run.command, run.status
+            ),
+            evidence: json!({ "hook": payload }),
+        }))
     }
 
     async fn preflight(&mut self) -> Result<StepResult<Vec<CheckOverride>>, LogError> {

@@ -24,6 +24,18 @@ pub struct DeploymentPolicy {
     /// `None`: no budget.
     pub lock_trip_budget: Option<u32>,
     pub on_failure: OnFailure,
+    /// Commands run around the deployment (`[deploy.before]`/`[deploy.after]`).
+    pub hooks: DeployHooks,
+}
+
+/// `before` runs once preflight passed and before the backup (a failure or timeout fails
+/// the deployment at `preflight`, nothing changed); `after` once every step passed (a
+/// failure is a warning: the migrations are in).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeployHooks {
+    pub before: Option<crate::hooks::DeployHook>,
+    pub after: Option<crate::hooks::DeployHook>,
 }
 
 /// The preflight checklist before anything runs.
@@ -95,6 +107,19 @@ impl OnFailure {
             OnFailure::Stop => "stop",
             OnFailure::Rollback => "rollback",
         }
+    }
+}
+
+pub(crate) mod duration_text {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&belay_core::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        belay_core::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }
 

@@ -1,98 +1,11 @@
 //! Commands run before and after a rollback (maintenance mode on/off, a traffic switch,
-//! a notification): `sh -c` with a timeout, killed when it runs over; stdout and stderr
-//! kept (bounded) for the record.
-
-use std::process::Stdio;
-
-use tokio::io::AsyncReadExt;
+//! a notification), by the same runner as a deployment's hooks.
 
 use crate::model::HookCommand;
 
-/// How a hook ended.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct HookRun {
-    pub command: String,
-    pub ok: bool,
-    /// `exit status 3`, `timed out after 5s`, `could not start: …`.
-    pub status: String,
-    /// The last part of what it printed (stdout then stderr), at most 2 kB.
-    pub output: String,
-    pub ms: u64,
-}
-
-const KEEP: usize = 2048;
+pub use belay_deploy::hooks::HookRun;
 
 /// Runs `hook` with `env` added (the deployment id, the phase, the strategy).
 pub async fn run(hook: &HookCommand, env: &[(&str, String)]) -> HookRun {
-    let started = std::time::Instant::now();
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(&hook.command)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let done = |ok: bool, status: String, output: String| HookRun {
-        command: hook.command.clone(),
-        ok,
-        status,
-        output,
-        ms: started.elapsed().as_millis() as u64,
-    };
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return done(false, format!("could not start sh: {e}"), String::new()),
-    };
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let read = async {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.read_to_end(&mut out).await;
-        }
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_end(&mut err).await;
-        }
-        out.extend(err);
-        out
-    };
-    let waited = tokio::time::timeout(hook.timeout, async {
-        let output = read.await;
-        (child.wait().await, output)
-    })
-    .await;
-    match waited {
-        Ok((Ok(status), output)) => {
-            let text = String::from_utf8_lossy(&output);
-            let tail: String = text
-                .chars()
-                .rev()
-                .take(KEEP)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            done(
-                status.success(),
-                status.to_string(),
-                tail.trim().to_string(),
-            )
-        }
-        Ok((Err(e), _)) => done(false, format!("could not wait for it: {e}"), String::new()),
-        Err(_) => {
-            // kill_on_drop ends it; say so rather than leave it running unseen.
-            done(
-                false,
-                format!(
-                    "timed out after {} (killed)",
-                    belay_core::format_duration(hook.timeout)
-                ),
-                String::new(),
-            )
-        }
-    }
+    belay_deploy::hooks::run(&hook.command, hook.timeout, env).await
 }

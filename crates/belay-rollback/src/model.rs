@@ -92,7 +92,7 @@ impl Trigger {
             Cause::ProbeTriggered => TriggerKind::ProbeThreshold,
             Cause::AssertionFailed => TriggerKind::ValidationFailed,
             Cause::LockTripBudget => TriggerKind::LockTrips,
-            Cause::Blocked | Cause::Error => TriggerKind::MigrationFailed,
+            Cause::Blocked | Cause::Error | Cause::HookFailed => TriggerKind::MigrationFailed,
         };
         Trigger {
             kind,

@@ -182,6 +182,7 @@ fn cause_from(s: &str) -> Result<Cause, DecodeError> {
         "assertion_failed" => Cause::AssertionFailed,
         "probe_triggered" => Cause::ProbeTriggered,
         "lock_trip_budget" => Cause::LockTripBudget,
+        "hook_failed" => Cause::HookFailed,
         other => {
             return Err(bad(
                 "deployment outcome",
