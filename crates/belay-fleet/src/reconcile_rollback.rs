@@ -11,10 +11,6 @@ use belay_store::DeploymentState;
 use tracing::{Instrument, info_span};
 use uuid::Uuid;
 
-/// How many of the newest deployments a restarted controller looks through for rollbacks
-/// it was recording when it stopped.
-const ROLLBACK_LOOKBACK: i64 = 200;
-
 /// How many times a restarted controller asks an agent about a rollback it was
 /// recording, a heartbeat apart, before leaving it to the next registration.
 const RECONCILE_ATTEMPTS: u32 = 10;
@@ -31,11 +27,7 @@ impl Fleet {
         &self,
         targets: &std::collections::HashSet<String>,
     ) -> Result<(), ApiError> {
-        let deployments = self
-            .store
-            .deployments(ROLLBACK_LOOKBACK)
-            .await
-            .map_err(store_err)?;
+        let deployments = self.store.rolling_back().await.map_err(store_err)?;
         for d in deployments {
             for t in d.targets.iter().filter(|t| {
                 t.step == Some(DeploymentState::RollingBack) && targets.contains(&t.target)

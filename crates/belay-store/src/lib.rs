@@ -905,6 +905,29 @@ impl Store {
         group_deployments(&rows).map_err(&err)
     }
 
+    /// Every deployment, however old, with a target whose rollback this controller was
+    /// recording (its step `rolling_back`), oldest first, with all its targets: what a
+    /// restarted controller takes over from the agents. No limit, as for [`Self::unsettled`].
+    pub async fn rolling_back(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let err = self.db("listing deployments with targets rolling back");
+        let rows = self
+            .pool
+            .fetch_all(
+                "SELECT d.*, t.target, t.state AS target_state, t.message AS target_message,
+                     t.updated_at AS target_updated_at, t.step AS target_step,
+                     t.outcome AS target_outcome
+                 FROM belay_controller.deployments d
+                 LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
+                 WHERE d.id IN (SELECT deployment_id FROM belay_controller.deployment_targets
+                                WHERE step = 'rolling_back')
+                 ORDER BY d.created_at, d.id, t.position",
+                &[],
+            )
+            .await
+            .map_err(&err)?;
+        group_deployments(&rows).map_err(&err)
+    }
+
     /// The promotion gate: whether a deployment to `to_version` succeeded in `environment`.
     pub async fn succeeded_in(
         &self,

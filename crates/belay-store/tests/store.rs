@@ -1033,3 +1033,38 @@ async fn deployments_are_found_by_id_prefix_in_the_store() {
         }
     }
 }
+
+#[tokio::test]
+async fn every_target_rolling_back_is_listed_however_old() {
+    for f in both().await {
+        let b = f.backend;
+        let store = f.open().await;
+        // Older than any page of recent deployments: a restarted controller still takes
+        // over its rollback from the agent.
+        let old = deployment(&["orders", "billing"], None, None);
+        store.create_deployment(&old).await.unwrap();
+        store
+            .append_target_event(
+                &NewEvent {
+                    deployment_id: old.id,
+                    target: Some("orders".into()),
+                    kind: "transition".into(),
+                    message: "→ rolling_back".into(),
+                    payload: json!({ "to": "rolling_back", "step": "rolling_back" }),
+                },
+                Some(DeploymentState::RollingBack),
+            )
+            .await
+            .unwrap();
+        for _ in 0..210 {
+            store
+                .create_deployment(&deployment(&["orders"], None, None))
+                .await
+                .unwrap();
+        }
+        let listed = store.rolling_back().await.unwrap();
+        let got: Vec<_> = listed.iter().map(|d| d.id).collect();
+        assert_eq!(got, vec![old.id], "{b}");
+        assert_eq!(listed[0].targets.len(), 2, "{b}: with all its targets");
+    }
+}
