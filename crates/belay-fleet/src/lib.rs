@@ -329,7 +329,7 @@ impl Fleet {
             if let Err(e) = fleet.reconcile(Some(&targets)).await {
                 warn!(error = %e, "reconciliation after registration failed");
             }
-            if let Err(e) = fleet.reconcile_rollbacks(&targets).await {
+            if let Err(e) = fleet.reconcile_rollbacks(Some(&targets)).await {
                 warn!(error = %e, "reconciling rollbacks after registration failed");
             }
         });
@@ -498,6 +498,11 @@ impl Fleet {
     pub fn spawn_reconciler(&self) {
         let fleet = self.clone();
         tokio::spawn(async move {
+            // Rollbacks this controller was recording before it restarted: nothing in this
+            // process records them now, so their agents' records are taken over.
+            if let Err(e) = fleet.reconcile_rollbacks(None).await {
+                warn!(error = %e, "reconciling rollbacks at start-up failed");
+            }
             loop {
                 match fleet.reconcile(None).await {
                     Ok(started) => tracing::debug!(started, "reconciliation pass"),

@@ -8,12 +8,13 @@ use belay_deploy::DeployEvent;
 use belay_rollback::RollbackApi;
 use belay_rpc::RollbackClient;
 use belay_store::DeploymentState;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, info_span, warn};
 use uuid::Uuid;
 
-/// How many times a restarted controller asks an agent about a rollback it was
-/// recording, a heartbeat apart, before leaving it to the next registration.
-const RECONCILE_ATTEMPTS: u32 = 10;
+/// How long a restarted controller keeps asking (a heartbeat apart) an agent that does
+/// not answer yet about a rollback it was recording, before leaving it to the agent's
+/// next registration.
+const RECONCILE_FOR: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Fleet {
     /// Settles, once their agents answer, the targets among `targets` whose rollback this
@@ -22,31 +23,51 @@ impl Fleet {
     /// target says how it went. Waits while the agent still runs it; records the steps
     /// the controller missed, the incident report, and the end (`rolled_back`,
     /// `escalated`). One left interrupted on the agent stays `rolling_back` here too:
-    /// `rollback status` through the controller says what `execute` would do.
+    /// `rollback status` through the controller says what `execute` would do. `None`:
+    /// every target (at start-up, when an agent may simply resume its heartbeats with the
+    /// restarted controller instead of registering again). One pass per (deployment,
+    /// target) at a time, so the start-up pass and a registration's never both record.
     pub(crate) async fn reconcile_rollbacks(
         &self,
-        targets: &std::collections::HashSet<String>,
+        targets: Option<&std::collections::HashSet<String>>,
     ) -> Result<(), ApiError> {
         let deployments = self.store.rolling_back().await.map_err(store_err)?;
         for d in deployments {
             for t in d.targets.iter().filter(|t| {
-                t.step == Some(DeploymentState::RollingBack) && targets.contains(&t.target)
+                t.step == Some(DeploymentState::RollingBack)
+                    && targets.is_none_or(|ts| ts.contains(&t.target))
             }) {
                 let fleet = self.clone();
                 let (id, target) = (d.id, t.target.clone());
+                let key = (id, format!("rollback:{target}"));
+                let claimed = self
+                    .reconciling
+                    .lock()
+                    .is_ok_and(|mut r| r.insert(key.clone()));
+                if !claimed {
+                    continue;
+                }
                 tokio::spawn(
                     async move {
                         // Just after a registration the agent may not answer yet (its
                         // first heartbeat, a connection being set up): try again a few
                         // heartbeats later rather than leave the record rolling back.
-                        for attempt in 1..=RECONCILE_ATTEMPTS {
+                        let give_up = tokio::time::Instant::now() + RECONCILE_FOR;
+                        loop {
                             match fleet.reconcile_rollback(id, &target).await {
                                 Ok(()) => break,
-                                Err(e) => {
-                                    tracing::debug!(target = %target, attempt, error = %e, "cannot reconcile the rollback yet");
+                                Err(e) if tokio::time::Instant::now() < give_up => {
+                                    tracing::debug!(target = %target, error = %e, "cannot reconcile the rollback yet");
                                     tokio::time::sleep(fleet.config.heartbeat_interval).await;
                                 }
+                                Err(e) => {
+                                    warn!(target = %target, error = %e, "gave up reconciling the rollback until its agent registers again");
+                                    break;
+                                }
                             }
+                        }
+                        if let Ok(mut r) = fleet.reconciling.lock() {
+                            r.remove(&key);
                         }
                     }
                     .instrument(info_span!("reconcile_rollback", deployment = %id)),
