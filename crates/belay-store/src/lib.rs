@@ -90,6 +90,24 @@ fn parse_spec(spec: &str) -> Result<Spec, StoreError> {
     Ok(Spec::Sqlite(PathBuf::from(trimmed)))
 }
 
+/// Every deployment matching a condition over `d` (the deployment), oldest first, with its
+/// targets joined: the statement behind `unfinished`, `unsettled` and `rolling_back`, kept
+/// a `&'static str` as every statement the store runs is.
+macro_rules! deployments_where {
+    ($condition:literal) => {
+        concat!(
+            "SELECT d.*, t.target, t.state AS target_state, t.message AS target_message,
+                 t.updated_at AS target_updated_at, t.step AS target_step,
+                 t.outcome AS target_outcome
+             FROM belay_controller.deployments d
+             LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
+             WHERE ",
+            $condition,
+            " ORDER BY d.created_at, d.id, t.position"
+        )
+    };
+}
+
 impl Store {
     /// Opens the store and migrates its schema.
     ///
@@ -863,22 +881,11 @@ impl Store {
     /// Deployments not in a terminal state (including `failed` ones, which await a
     /// rollback or an escalation), oldest first: what a restarted controller reconciles.
     pub async fn unfinished(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
-        let err = self.db("listing unfinished deployments");
-        let rows = self
-            .pool
-            .fetch_all(
-                "SELECT d.*, t.target, t.state AS target_state, t.message AS target_message,
-                     t.updated_at AS target_updated_at, t.step AS target_step,
-                     t.outcome AS target_outcome
-                 FROM belay_controller.deployments d
-                 LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
-                 WHERE d.state NOT IN ('succeeded', 'rolled_back', 'escalated')
-                 ORDER BY d.created_at, d.id, t.position",
-                &[],
-            )
-            .await
-            .map_err(&err)?;
-        group_deployments(&rows).map_err(&err)
+        self.deployments_matching(
+            "listing unfinished deployments",
+            deployments_where!("d.state NOT IN ('succeeded', 'rolled_back', 'escalated')"),
+        )
+        .await
     }
 
     /// Every deployment, however old, with a target the controller lost track of
@@ -886,45 +893,33 @@ impl Store {
     /// settles. No limit: an unsettled target is never forgotten because newer deployments
     /// came after it.
     pub async fn unsettled(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
-        let err = self.db("listing deployments with unsettled targets");
-        let rows = self
-            .pool
-            .fetch_all(
-                "SELECT d.*, t.target, t.state AS target_state, t.message AS target_message,
-                     t.updated_at AS target_updated_at, t.step AS target_step,
-                     t.outcome AS target_outcome
-                 FROM belay_controller.deployments d
-                 LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
-                 WHERE d.id IN (SELECT deployment_id FROM belay_controller.deployment_targets
-                                WHERE state IN ('unknown', 'running'))
-                 ORDER BY d.created_at, d.id, t.position",
-                &[],
-            )
-            .await
-            .map_err(&err)?;
-        group_deployments(&rows).map_err(&err)
+        self.deployments_matching(
+            "listing deployments with unsettled targets",
+            deployments_where!("d.id IN (SELECT deployment_id FROM belay_controller.deployment_targets WHERE state IN ('unknown', 'running'))"),
+        )
+        .await
     }
 
     /// Every deployment, however old, with a target whose rollback this controller was
     /// recording (its step `rolling_back`), oldest first, with all its targets: what a
     /// restarted controller takes over from the agents. No limit, as for [`Self::unsettled`].
     pub async fn rolling_back(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
-        let err = self.db("listing deployments with targets rolling back");
-        let rows = self
-            .pool
-            .fetch_all(
-                "SELECT d.*, t.target, t.state AS target_state, t.message AS target_message,
-                     t.updated_at AS target_updated_at, t.step AS target_step,
-                     t.outcome AS target_outcome
-                 FROM belay_controller.deployments d
-                 LEFT JOIN belay_controller.deployment_targets t ON t.deployment_id = d.id
-                 WHERE d.id IN (SELECT deployment_id FROM belay_controller.deployment_targets
-                                WHERE step = 'rolling_back')
-                 ORDER BY d.created_at, d.id, t.position",
-                &[],
-            )
-            .await
-            .map_err(&err)?;
+        self.deployments_matching(
+            "listing deployments with targets rolling back",
+            deployments_where!("d.id IN (SELECT deployment_id FROM belay_controller.deployment_targets WHERE step = 'rolling_back')"),
+        )
+        .await
+    }
+
+    /// The deployments `sql` (from [`deployments_where!`]) selects, each with all its
+    /// targets.
+    async fn deployments_matching(
+        &self,
+        doing: &'static str,
+        sql: &'static str,
+    ) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let err = self.db(doing);
+        let rows = self.pool.fetch_all(sql, &[]).await.map_err(&err)?;
         group_deployments(&rows).map_err(&err)
     }
 
