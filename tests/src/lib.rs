@@ -402,6 +402,34 @@ pub async fn agent(config: &Path) -> Result<Daemon> {
     .await
 }
 
+/// The schema as `pg_dump --schema-only` prints it, belay's own schema and the
+/// `\restrict` lines of newer pg_dumps left out: what a rollback must restore.
+pub fn schema(url: &str) -> Result<String> {
+    let bin = belay_testkit::bin_dir()?;
+    let out = std::process::Command::new(bin.join("pg_dump"))
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--exclude-schema=belay",
+            "--dbname",
+            url,
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
 /// `belay deployments show ID --output json` against the controller at `addr`.
 pub async fn show(addr: &str, id: &str) -> Result<serde_json::Value> {
     let r = belay(addr, &["deployments", "show", id, "--output", "json"]).await?;

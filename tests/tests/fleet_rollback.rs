@@ -23,34 +23,6 @@ const U1: &str = "DROP TABLE sessions;\nALTER TABLE accounts DROP COLUMN email;\
 /// has a row "breaks" on the new schema.
 const BROKEN: &str = "SELECT count(*) FROM chaos WHERE EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'email')";
 
-/// The schema as `pg_dump --schema-only` prints it, belay's own schema and the
-/// `\restrict` lines of newer pg_dumps left out.
-fn schema(url: &str) -> Result<String> {
-    let bin = belay_testkit::bin_dir()?;
-    let out = std::process::Command::new(bin.join("pg_dump"))
-        .args([
-            "--schema-only",
-            "--no-owner",
-            "--no-privileges",
-            "--exclude-schema=belay",
-            "--dbname",
-            url,
-        ])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
-        })
-        .collect::<Vec<_>>()
-        .join("\n"))
-}
-
 /// Targets `names` on one agent, each its own database with `accounts`; the last one's
 /// application breaks on the new schema when `last_fails` (a postflight check in its
 /// agent.toml fails it at `validating`).
@@ -91,7 +63,7 @@ async fn fleet(names: &[&str], last_fails: bool) -> Result<Fleet> {
                 tmp.path().join(format!("backups-{name}")).display()
             ),
         ));
-        let before = schema(&db.url)?;
+        let before = belay_e2e::schema(&db.url)?;
         dbs.push((name.to_string(), db, before));
     }
     let c = controller(&tmp.path().join("controller.db").to_string_lossy(), &[]).await?;
@@ -150,7 +122,7 @@ async fn rollback_scope_deployment_rolls_back_every_earlier_wave_last_first() ->
         let t = target(&doc, name);
         assert_eq!(t["step"], "rolled_back", "{name}: {t}");
         assert_eq!(
-            &schema(&db.url)?,
+            &belay_e2e::schema(&db.url)?,
             before,
             "{name}'s schema is the pre-deployment one"
         );
@@ -219,7 +191,11 @@ async fn wave_scope_leaves_earlier_waves_deployed_until_an_operator_rolls_back_t
     assert_eq!(target(&doc, "fv_c")["step"], "rolled_back", "{doc}");
     for (name, db, before) in &f.dbs[..2] {
         assert_eq!(target(&doc, name)["step"], "succeeded", "{name}: {doc}");
-        assert_ne!(&schema(&db.url)?, before, "{name} is still deployed");
+        assert_ne!(
+            &belay_e2e::schema(&db.url)?,
+            before,
+            "{name} is still deployed"
+        );
     }
 
     // The operator's plan: the two targets still deployed, last wave first; the failed
@@ -248,7 +224,7 @@ async fn wave_scope_leaves_earlier_waves_deployed_until_an_operator_rolls_back_t
     // Without --yes and no terminal: refused, nothing changed.
     let unasked = belay(&f.addr, &["rollback", "execute", &id]).await?;
     assert_eq!(unasked.code, 64, "{unasked:?}");
-    assert_ne!(schema(&f.dbs[0].1.url)?, f.dbs[0].2);
+    assert_ne!(belay_e2e::schema(&f.dbs[0].1.url)?, f.dbs[0].2);
 
     let run = belay(&f.addr, &["rollback", "execute", &id[..8], "--yes"]).await?;
     assert_eq!(run.code, 0, "{run:?}");
@@ -258,7 +234,7 @@ async fn wave_scope_leaves_earlier_waves_deployed_until_an_operator_rolls_back_t
     for (name, db, before) in &f.dbs {
         assert_eq!(target(&doc, name)["step"], "rolled_back", "{name}: {doc}");
         assert_eq!(
-            &schema(&db.url)?,
+            &belay_e2e::schema(&db.url)?,
             before,
             "{name}'s schema is the pre-deployment one"
         );
@@ -286,7 +262,7 @@ async fn an_operator_rolls_back_a_succeeded_fleet_deployment_and_other_ids_are_r
     .await?;
     assert_eq!(r.code, 64, "{r:?}");
     assert!(r.stderr.contains("--on-failure rollback"), "{r:?}");
-    assert_eq!(schema(&f.dbs[0].1.url)?, f.dbs[0].2);
+    assert_eq!(belay_e2e::schema(&f.dbs[0].1.url)?, f.dbs[0].2);
 
     let r = belay(
         &f.addr,
@@ -347,7 +323,7 @@ async fn an_operator_rolls_back_a_succeeded_fleet_deployment_and_other_ids_are_r
     for (name, db, before) in &f.dbs[..2] {
         assert_eq!(target(&doc, name)["step"], "rolled_back", "{name}: {doc}");
         assert_eq!(
-            &schema(&db.url)?,
+            &belay_e2e::schema(&db.url)?,
             before,
             "{name}'s schema is the pre-deployment one"
         );

@@ -34,33 +34,6 @@ fn migrations(dir: &Path) -> Result<std::path::PathBuf> {
     Ok(m)
 }
 
-/// The schema as `pg_dump --schema-only` prints it, belay's own schema left out.
-fn schema(url: &str) -> Result<String> {
-    let bin = belay_testkit::bin_dir()?;
-    let out = std::process::Command::new(bin.join("pg_dump"))
-        .args([
-            "--schema-only",
-            "--no-owner",
-            "--no-privileges",
-            "--exclude-schema=belay",
-            "--dbname",
-            url,
-        ])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
-        })
-        .collect::<Vec<_>>()
-        .join("\n"))
-}
-
 /// A controller and one agent owning `targets`.
 async fn fleet(dir: &Path, targets: &[String]) -> Result<(Daemon, Daemon)> {
     let c = controller(&dir.join("controller.db").to_string_lossy(), &[]).await?;
@@ -125,7 +98,7 @@ async fn remote_plan_and_execute_match_local_and_a_second_execute_is_refused() -
     for db in [&remote_db, &local_db] {
         psql(&db.url, ACCOUNTS);
     }
-    let before = schema(&remote_db.url)?;
+    let before = belay_e2e::schema(&remote_db.url)?;
     let (c, _a) = fleet(
         tmp.path(),
         &[rb_target("rb_1", &remote_db, &m, tmp.path(), "")],
@@ -270,8 +243,8 @@ async fn remote_plan_and_execute_match_local_and_a_second_execute_is_refused() -
     assert_eq!(step_names(&rdoc), step_names(&ldoc), "{rdoc}\n{ldoc}");
     // Schema as before the deployment; the rows written meanwhile to accounts kept; the
     // dropped data recoverable from the snapshot the report names.
-    assert_eq!(schema(&remote_db.url)?, before);
-    assert_eq!(schema(&local_db.url)?, before);
+    assert_eq!(belay_e2e::schema(&remote_db.url)?, before);
+    assert_eq!(belay_e2e::schema(&local_db.url)?, before);
     assert_eq!(
         psql(
             &remote_db.url,
@@ -336,7 +309,7 @@ async fn rolled_back_by_its_agent(
     let m = migrations(tmp.path())?;
     psql(&db.url, ACCOUNTS);
     psql(&db.url, "INSERT INTO chaos VALUES (1)");
-    let before = schema(&db.url)?;
+    let before = belay_e2e::schema(&db.url)?;
     let (c, _a) = fleet(tmp.path(), &[rb_target(name, &db, &m, tmp.path(), extra)]).await?;
     let mut args = vec!["deploy", "--targets", name, "--on-failure", "rollback"];
     args.extend_from_slice(deploy);
@@ -371,7 +344,7 @@ async fn rolled_back_by_its_agent(
         "{t}"
     );
     assert!(events.iter().any(|e| e["kind"] == "incident_report"), "{t}");
-    assert_eq!(schema(&db.url)?, before);
+    assert_eq!(belay_e2e::schema(&db.url)?, before);
     assert_eq!(psql(&db.url, "SELECT count(*) FROM accounts"), "2");
     // The agent's record says the same, and the rollback's report is there.
     let st = belay(
@@ -442,7 +415,7 @@ async fn abort_stops_a_remote_rollback_between_steps_and_execute_then_refuses() 
     let r = belay(&c.addr, &["deploy", "--targets", "ab_1"]).await?;
     assert_eq!(r.code, 0, "{r:?}");
     let id = deployment_id(&r.stdout);
-    let with_schema = schema(&db.url)?;
+    let with_schema = belay_e2e::schema(&db.url)?;
 
     let exe = belay_e2e::binary("belay")?;
     let execute = tokio::process::Command::new(&exe)
@@ -535,7 +508,7 @@ async fn abort_stops_a_remote_rollback_between_steps_and_execute_then_refuses() 
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     // Nothing past the hook ran: the deployment's schema is as it was.
-    assert_eq!(schema(&db.url)?, with_schema);
+    assert_eq!(belay_e2e::schema(&db.url)?, with_schema);
     // Execute afterwards refuses, saying why.
     let again = belay(
         &c.addr,

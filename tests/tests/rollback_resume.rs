@@ -32,33 +32,6 @@ fn migrations(dir: &Path, with_undo: bool) -> Result<PathBuf> {
     Ok(m)
 }
 
-/// The schema as `pg_dump --schema-only` prints it, belay's own schema left out.
-fn schema(url: &str) -> Result<String> {
-    let bin = belay_testkit::bin_dir()?;
-    let out = std::process::Command::new(bin.join("pg_dump"))
-        .args([
-            "--schema-only",
-            "--no-owner",
-            "--no-privileges",
-            "--exclude-schema=belay",
-            "--dbname",
-            url,
-        ])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
-        })
-        .collect::<Vec<_>>()
-        .join("\n"))
-}
-
 /// The id `deploy` printed (`deployment ID: state`).
 fn deployment_id(stdout: &str) -> String {
     stdout
@@ -224,7 +197,7 @@ async fn kill_at(c: &Daemon, tmp: &Path, i: usize, case: &Case) -> Result<()> {
     let fp = case.failpoint;
     let db = Cluster::shared().create_database().await?;
     psql(&db.url, ACCOUNTS);
-    let before = schema(&db.url)?;
+    let before = belay_e2e::schema(&db.url)?;
     let m = migrations(tmp, case.undo)?;
     let name = format!("rs_{i}");
     let config = tmp.join(format!("agent-{i}.toml"));
@@ -314,7 +287,7 @@ async fn kill_at(c: &Daemon, tmp: &Path, i: usize, case: &Case) -> Result<()> {
     let out = r.json();
     assert_eq!(out["state"], "rolled_back", "{fp}: {out}");
     assert_eq!(
-        schema(&db.url)?,
+        belay_e2e::schema(&db.url)?,
         before,
         "{fp}: the schema is as before the deployment"
     );
@@ -424,7 +397,7 @@ async fn two_processes_executing_one_rollback_give_exactly_one() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let db = Cluster::shared().create_database().await?;
     psql(&db.url, ACCOUNTS);
-    let before = schema(&db.url)?;
+    let before = belay_e2e::schema(&db.url)?;
     let m = migrations(tmp.path(), true)?;
     let cfg = tmp.path().join("belay.toml");
     std::fs::write(&cfg, "[rollback]\nsettle = \"200ms\"\n")?;
@@ -485,7 +458,7 @@ async fn two_processes_executing_one_rollback_give_exactly_one() -> Result<()> {
     a.kill().await?;
     let c = run(second.clone()).await?;
     assert_eq!(c.code, 0, "the resumed execute: {c:?}");
-    assert_eq!(schema(&db.url)?, before);
+    assert_eq!(belay_e2e::schema(&db.url)?, before);
     let d = run(second).await?;
     assert_eq!(d.code, 2, "{d:?}");
     assert!(d.stderr.contains("already rolled back"), "{d:?}");
@@ -518,7 +491,7 @@ async fn a_controller_killed_during_a_routed_rollback_takes_the_agents_outcome_a
     let tmp = tempfile::tempdir()?;
     let db = Cluster::shared().create_database().await?;
     psql(&db.url, ACCOUNTS);
-    let before = schema(&db.url)?;
+    let before = belay_e2e::schema(&db.url)?;
     let m = migrations(tmp.path(), true)?;
     let store = tmp
         .path()
@@ -606,7 +579,7 @@ async fn a_controller_killed_during_a_routed_rollback_takes_the_agents_outcome_a
         ) == "rolled_back")
     })
     .await?;
-    assert_eq!(schema(&db.url)?, before);
+    assert_eq!(belay_e2e::schema(&db.url)?, before);
 
     // Restarted at the same address over the same store: the agent registers again and
     // the controller's record takes the agent's outcome, with the steps it missed.
