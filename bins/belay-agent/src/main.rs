@@ -565,6 +565,9 @@ async fn serve(args: Args) -> ExitCode {
         ("rollbacks", rollback_service.runs().clone()),
         ("migration runs", migration_service.runs().clone()),
         ("backups and restores", backup_service.ops().clone()),
+        // Told to stop with the server: each commits its batch in flight, then ends; one
+        // cancelled past the grace has that batch rolled back, and the same command resumes.
+        ("backfills", backfill_service.runs().clone()),
     ];
     for (what, work) in &in_flight {
         work.close();
@@ -572,27 +575,8 @@ async fn serve(args: Args) -> ExitCode {
             tracing::info!(count = work.len(), grace = ?grace, "waiting for {what} in flight");
         }
     }
-    // Backfills were told to stop with the server: each commits its batch in flight and
-    // ends, within the same deadline; one still in a batch past it is rolled back by
-    // PostgreSQL when the process exits, and the same command resumes it.
-    let backfill_runs = backfill_service.runs();
-    backfill_runs.close();
-    if !backfill_runs.is_empty() {
-        tracing::info!(
-            backfills = backfill_runs.len(),
-            "waiting for backfills to commit their batch in flight"
-        );
-    }
-    let all_done = async {
-        backfill_runs.wait().await;
-        all_ended(&in_flight).await;
-    };
+    let all_done = all_ended(&in_flight);
     if tokio::time::timeout_at(deadline, all_done).await.is_err() {
-        if !backfill_runs.is_empty() {
-            tracing::warn!(
-                "backfills still in a batch after the shutdown grace; PostgreSQL rolls that batch back and the same command resumes"
-            );
-        }
         // Cancelled where they wait: each task's database sessions close, so an open
         // transaction rolls back; the caller is told; each deployment is recorded failed
         // at its step (deploy again to resume from what committed).

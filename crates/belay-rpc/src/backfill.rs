@@ -23,7 +23,6 @@ use pb::backfill_service_server::{BackfillService, BackfillServiceServer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -253,7 +252,7 @@ pub fn summary_from(s: &pb::BackfillSummary) -> Summary {
 #[derive(Clone)]
 pub struct BackfillGrpc {
     api: Arc<dyn BackfillApi>,
-    runs: TaskTracker,
+    runs: crate::InFlight,
 }
 
 impl std::fmt::Debug for BackfillGrpc {
@@ -266,13 +265,14 @@ impl BackfillGrpc {
     pub fn new(api: Arc<dyn BackfillApi>) -> Self {
         BackfillGrpc {
             api,
-            runs: TaskTracker::new(),
+            runs: crate::InFlight::new(),
         }
     }
 
     /// The backfills in flight. On shutdown a daemon stops them (each commits its batch in
-    /// flight) and waits for them, bounded.
-    pub fn runs(&self) -> &TaskTracker {
+    /// flight) and waits for them within its grace, then cancels the rest (PostgreSQL rolls
+    /// a batch in flight back; the same command resumes).
+    pub fn runs(&self) -> &crate::InFlight {
         &self.runs
     }
 
@@ -318,6 +318,7 @@ impl BackfillService for BackfillGrpc {
             })
         };
         let api = self.api.clone();
+        let last_word = tx.clone();
         self.runs.spawn(
             async move {
                 let msg = match api.run(&t, request, stop, sink).await {
@@ -330,6 +331,10 @@ impl BackfillService for BackfillGrpc {
                 let _ = tx.send(msg).await;
             }
             .instrument(span),
+            move || async move {
+                let _ = last_word
+                    .send_now(Err(Status::unavailable(crate::inflight::CANCELLED_AT_STOP)));
+            },
         );
         Ok(Response::new(rx))
     }
