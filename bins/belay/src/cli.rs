@@ -54,8 +54,9 @@ Environment:
 /// Applies versioned SQL migrations (Flyway V1__x.sql, paired 1_x.up.sql/1_x.down.sql,
 /// or one folder per migration with up.sql/down.sql) so that the application keeps
 /// running: one runner per database, each migration in its own transaction together
-/// with its history row, and short lock timeouts retried with backoff so application
-/// queries never queue behind a migration for long.
+/// with its history row, and each lock waited for only while no application query queues
+/// behind it (past `max_blocking`, 50 ms by default, belay gives way, names the blocker and
+/// retries the moment it leaves).
 #[derive(Debug, Parser)]
 #[command(name = "belay", version, after_help = EXIT_CODES_HELP, max_term_width = 100)]
 pub struct Cli {

@@ -59,7 +59,9 @@ pub fn run_report(
             let n = r.results.len();
             let retries: u32 = r.results.iter().map(|s| s.retries).sum();
             let wait: u64 = r.results.iter().map(|s| s.lock_wait_ms).sum();
-            if n == 0 {
+            if n == 0 && action == "undo" {
+                println!("nothing to undo: no applied migration to revert");
+            } else if n == 0 {
                 println!("nothing to {action}: database is up to date");
             } else {
                 println!(

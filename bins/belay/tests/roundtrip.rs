@@ -19,6 +19,14 @@ fn round_trip(dir: &Path) {
         "undo --all did not restore the starting schema"
     );
     assert!(states(&db.url, dir).iter().all(|(_, s)| s == "undone"));
+    // A second undo has nothing to revert, and says so in undo's words.
+    let again = belay_ok(&db.url, dir, &["undo", "--all"]);
+    assert!(
+        again
+            .stdout
+            .contains("nothing to undo: no applied migration to revert"),
+        "{again:?}"
+    );
 
     belay_ok(&db.url, dir, &["migrate"]);
     assert_eq!(
