@@ -27,7 +27,12 @@ pub(crate) fn release_belay(given: Option<PathBuf>) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------------------
 // runner: per-migration overhead of belay against the cheapest honest baseline
 
-pub fn runner(reps: usize, migrations: usize, belay_bin: Option<PathBuf>) -> Result<()> {
+pub fn runner(
+    reps: usize,
+    migrations: usize,
+    belay_bin: Option<PathBuf>,
+    corpora: Vec<PathBuf>,
+) -> Result<()> {
     anyhow::ensure!(reps > 0, "--reps must be at least 1");
     let bin = ensure_postgres()?;
     let belay = release_belay(belay_bin)?;
@@ -68,6 +73,32 @@ pub fn runner(reps: usize, migrations: usize, belay_bin: Option<PathBuf>) -> Res
             Err(err) => lines.push(format!("runner examples/migrations: skipped ({err:#})")),
         }
     }
+    let corpora = if corpora.is_empty() {
+        crate::bench_corpus::default_corpora()
+    } else {
+        corpora
+    };
+    for corpus in &corpora {
+        lines.extend(crate::bench_corpus::corpus(
+            &cluster, &bin, &belay, corpus, reps,
+        )?);
+    }
+    heading("process start-up (`--version`, median of 21)");
+    let start_up = |cmd: &Path| -> Result<f64> {
+        let runs = (0..21)
+            .map(|_| {
+                let start = Instant::now();
+                capture(Command::new(cmd).arg("--version"))?;
+                Ok(start.elapsed())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(median(&runs) * 1000.0)
+    };
+    lines.push(format!(
+        "process start-up: belay {:.1} ms, psql {:.1} ms",
+        start_up(&belay)?,
+        start_up(&bin.join("psql"))?
+    ));
     heading("results");
     for line in lines {
         println!("{line}");
@@ -124,7 +155,7 @@ fn compare(
 }
 
 /// The history table of the baseline, close to what a runner records per migration.
-const BENCH_HISTORY_DDL: &str = "CREATE TABLE bench_history (installed_rank serial PRIMARY KEY, \
+pub(crate) const BENCH_HISTORY_DDL: &str = "CREATE TABLE bench_history (installed_rank serial PRIMARY KEY, \
      version text NOT NULL, script text NOT NULL, checksum bigint NOT NULL, \
      installed_on timestamptz NOT NULL DEFAULT now(), success boolean NOT NULL)";
 
@@ -155,11 +186,13 @@ pub(crate) fn time_psql(bin: &Path, script: &Path, db: &TestDb) -> Result<Durati
 pub(crate) struct Script {
     /// Numeric parts; `u128` because popx versions (kratos) have 20 digits.
     version: Vec<u128>,
-    version_text: String,
+    pub(crate) version_text: String,
     /// Repeatable scripts run after all versioned ones, by name.
     pub(crate) repeatable: bool,
     name: String,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
+    /// The undo script (folder layout `down.sql`, paired `.down.sql`), when there is one.
+    pub(crate) down: Option<PathBuf>,
     pub(crate) no_transaction: bool,
 }
 
@@ -172,7 +205,9 @@ pub(crate) fn forward_scripts(dir: &Path) -> Result<Vec<Script>> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
         let mut sidecar_no_transaction = false;
+        let mut down = None;
         let (version_text, repeatable, path) = if path.is_dir() {
+            down = Some(path.join("down.sql")).filter(|d| d.is_file());
             let up = path.join("up.sql");
             sidecar_no_transaction = diesel_no_transaction(&path.join("metadata.toml"))?;
             match name.split_once('_') {
@@ -186,7 +221,8 @@ pub(crate) fn forward_scripts(dir: &Path) -> Result<Vec<Script>> {
             }
         } else if name.starts_with("R__") && name.ends_with(".sql") {
             (String::new(), true, path)
-        } else if name.ends_with(".up.sql") {
+        } else if let Some(stem) = name.strip_suffix(".up.sql") {
+            down = Some(dir.join(format!("{stem}.down.sql"))).filter(|d| d.is_file());
             match name.split_once('_') {
                 Some((v, _)) => (v.to_owned(), false, path),
                 None => continue,
@@ -197,7 +233,9 @@ pub(crate) fn forward_scripts(dir: &Path) -> Result<Vec<Script>> {
         let version = if repeatable {
             Vec::new()
         } else {
+            // diesel's dashed dates (lemmy: `2019-02-26-002946`) order as their digits.
             version_text
+                .replace('-', "")
                 .split(['.', '_'])
                 .map(str::parse::<u128>)
                 .collect::<Result<Vec<_>, _>>()
@@ -213,6 +251,7 @@ pub(crate) fn forward_scripts(dir: &Path) -> Result<Vec<Script>> {
             no_transaction: sidecar_no_transaction
                 || text.lines().any(|l| l.trim() == "-- belay:no-transaction"),
             path,
+            down,
         });
     }
     scripts.sort_by(|a, b| {
@@ -258,7 +297,7 @@ pub(crate) fn baseline_script(scripts: &[Script]) -> Result<String> {
 }
 
 /// CRC-32 (IEEE), the checksum Flyway records.
-fn crc32(bytes: &[u8]) -> u32 {
+pub(crate) fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &byte in bytes {
         crc ^= u32::from(byte);

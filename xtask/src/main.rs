@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_backup;
+mod bench_corpus;
 mod bench_deploy;
 mod bench_fleet;
 mod bench_locks;
@@ -51,7 +52,9 @@ enum Task {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
-    /// Migration runner overhead: `belay migrate` vs. one psql session doing the same work.
+    /// Migration runner overhead: `belay migrate` vs. one psql session doing the same work,
+    /// on generated migrations, examples/ and real corpora (up and down), with a breakdown
+    /// of what each side sends per migration.
     Runner {
         /// Interleaved repetitions per side, each on a fresh database.
         #[arg(long, default_value_t = 5)]
@@ -62,6 +65,12 @@ enum Bench {
         /// Benchmark this `belay` binary instead of building target/release/belay.
         #[arg(long)]
         belay_bin: Option<PathBuf>,
+        /// A real project's migrations (the corpus dir or its `migrations` folder), applied
+        /// and reverted; repeatable [default: $BENCH_HOME/corpus/kratos and lemmy-0.19.20,
+        /// BENCH_HOME=/tmp/belay-bench, skipped with a note when absent]; with
+        /// BENCH_KEEP_LOG=DIR the breakdown runs' server logs are kept there
+        #[arg(long, value_name = "DIR")]
+        corpus: Vec<PathBuf>,
     },
     /// Each step of a local `belay migrate` deployment (lint, preflight, full backup, lock
     /// guard, postflight with an assertion, a short --watch) from its recorded transition
@@ -190,7 +199,8 @@ fn run(task: Task) -> anyhow::Result<()> {
                 reps,
                 migrations,
                 belay_bin,
-            } => bench::runner(reps, migrations, belay_bin),
+                corpus,
+            } => bench::runner(reps, migrations, belay_bin, corpus),
             Bench::Deploy {
                 reps,
                 corpus,

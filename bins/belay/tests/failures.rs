@@ -319,3 +319,63 @@ fn baseline_adopts_an_existing_database() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("baseline only adopts"), "{r:?}");
 }
+
+/// A deferred constraint fails at COMMIT, which now travels in one message with the
+/// history row and the session reset: the failure is the script's (named at its last
+/// statement), nothing of it is recorded or kept, and the session the next run starts
+/// from is clean.
+#[test]
+fn a_deferred_constraint_failing_at_commit_is_the_scripts_failure() {
+    let db = db();
+    let dir = migrations(&[
+        (
+            "V1__parent.sql",
+            "CREATE TABLE parent (id int PRIMARY KEY);\n",
+        ),
+        (
+            "V2__child.sql",
+            "SET search_path = pg_catalog;\n\
+             CREATE TABLE public.child (id int, parent_id int REFERENCES public.parent \
+             DEFERRABLE INITIALLY DEFERRED);\n\
+             INSERT INTO public.child VALUES (1, 42);\n",
+        ),
+    ]);
+    let r = belay(&db.url, dir.path(), &["migrate", "--no-lint"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("V2__child.sql:3:"), "{r:?}");
+    assert!(r.stderr.contains("SQLSTATE 23503"), "{r:?}");
+    assert_eq!(
+        psql(&db.url, "SELECT to_regclass('public.child') IS NULL"),
+        "t"
+    );
+    let s = states(&db.url, dir.path());
+    assert_eq!(s[0], ("1".to_string(), "success".to_string()));
+    assert_eq!(s[1], ("2".to_string(), "pending".to_string()));
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT count(*) FROM belay.schema_history WHERE version = '2'"
+        ),
+        "0"
+    );
+    // Fixed, it applies; its `SET search_path` did not outlive it (V3 creates in public).
+    std::fs::write(
+        dir.path().join("V2__child.sql"),
+        "SET search_path = pg_catalog;\n\
+         CREATE TABLE public.child (id int, parent_id int REFERENCES public.parent \
+         DEFERRABLE INITIALLY DEFERRED);\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("V3__after.sql"),
+        "CREATE TABLE after_v2 (id int);\n",
+    )
+    .unwrap();
+    belay_ok(&db.url, dir.path(), &["migrate", "--no-lint"]);
+    assert_eq!(
+        psql(&db.url, "SELECT to_regclass('public.after_v2') IS NOT NULL"),
+        "t"
+    );
+    let s = states(&db.url, dir.path());
+    assert_eq!(s[2], ("3".to_string(), "success".to_string()));
+}

@@ -606,7 +606,8 @@ impl Run<'_> {
         )
         .await?;
         // The executor calls its sink synchronously and must not block: events go through
-        // a channel and are recorded (an async write) while the run goes on.
+        // a channel and are recorded (an async write, on the log's own session) while the
+        // run goes on, so a migration never waits for its events' round trips.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
         let sink: EventSink = Arc::new(move |e: &Event| {
             let _ = tx.send(e.clone());
@@ -618,21 +619,29 @@ impl Run<'_> {
         let migrations = self.pipeline.migrations.clone();
         let target = self.target().to_string();
         let forward = self.request.forward.clone();
-        let mut run =
-            std::pin::pin!(
-                async move { migrations.apply(&target, &forward, &options, sink).await }
-            );
-        let result = loop {
-            tokio::select! {
-                // Events first: a run's last events are recorded before its result.
-                biased;
-                Some(event) = rx.recv() => self.record(event).await?,
-                r = &mut run => break r,
-            }
+        let (done, mut finished) = tokio::sync::oneshot::channel::<()>();
+        let run = async move {
+            let r = migrations.apply(&target, &forward, &options, sink).await;
+            let _ = done.send(());
+            Ok::<_, LogError>(r)
         };
-        while let Ok(event) = rx.try_recv() {
-            self.record(event).await?;
-        }
+        // Polled together with the run, not in turns: while an event is written the
+        // executor goes on. In order, one write at a time; a failed write drops the run
+        // (as it always did), and a run's last events are recorded before its result.
+        let recorder = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(event) = rx.recv() => self.record(event).await?,
+                    _ = &mut finished => break,
+                }
+            }
+            while let Ok(event) = rx.try_recv() {
+                self.record(event).await?;
+            }
+            Ok::<_, LogError>(())
+        };
+        let (result, ()) = tokio::try_join!(run, recorder)?;
         match result {
             Ok(report) => {
                 if self.current() == Step::BackingUp {

@@ -167,21 +167,31 @@ impl LockGuard {
         let last_blockers = Arc::new(Mutex::new(Vec::new()));
         let seen = last_blockers.clone();
         let task = tokio::spawn(async move {
-            // Each poll must stay cheap; a poll that cannot finish quickly is skipped.
-            if let Err(e) = sqlx::query("SET statement_timeout = '2s'")
-                .execute(&mut conn)
-                .await
-            {
-                let _ = conn.close().await;
-                return (Err(LocksError::query("set statement_timeout")(e)), None);
-            }
-            let mut tick = tokio::time::interval(period.max(Duration::from_millis(5)));
+            // The first look comes one period in, not at once: nobody can have queued
+            // behind a statement for `max_blocking` before it has run for a fifth of that
+            // (a queue left from the transaction's earlier statements was watched by
+            // their watches), and most migration statements end well within a period, so
+            // they cost the server nothing here.
+            let period = period.max(Duration::from_millis(5));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut armed = true;
+            let mut bounded = false;
             let result = loop {
                 tokio::select! {
                     _ = &mut stopped => break Ok(()),
                     _ = tick.tick() => {}
+                }
+                if !bounded {
+                    // Each poll must stay cheap; a poll that cannot finish quickly is
+                    // skipped.
+                    if let Err(e) = sqlx::query("SET statement_timeout = '2s'")
+                        .execute(&mut conn)
+                        .await
+                    {
+                        break Err(LocksError::query("set statement_timeout")(e));
+                    }
+                    bounded = true;
                 }
                 let queue = match queue_behind(&mut conn, migration_pid).await {
                     Ok(q) => q,

@@ -14,6 +14,8 @@ use crate::status::{self, MigrationStatus, State};
 use belay_core::{DatabaseUrl, Version, format_duration};
 use belay_history::{EntryType, History, HistoryRow, NewRow, Outcome, RowState};
 use chrono::Utc;
+use futures::TryStreamExt as _;
+use sqlx::Either;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgErrorPosition};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 use std::str::FromStr;
@@ -1379,14 +1381,21 @@ impl Migrator {
                 ),
             });
         }
-        let result = if step.no_transaction.is_some() {
-            self.execute_without_transaction(conn, step, backend_pid)
+        let (result, reset_done) = if step.no_transaction.is_some() {
+            let r = self
+                .execute_without_transaction(conn, step, backend_pid)
                 .instrument(span)
-                .await
+                .await;
+            (r, false)
         } else {
-            self.execute_in_transaction(conn, step, backend_pid, fence)
+            match self
+                .execute_in_transaction(conn, step, backend_pid, fence)
                 .instrument(span)
                 .await
+            {
+                Ok((r, reset_done)) => (Ok(r), reset_done),
+                Err(e) => (Err(e), false),
+            }
         };
         match &result {
             Ok(r) => self.emit(EventKind::Succeeded {
@@ -1407,7 +1416,10 @@ impl Migrator {
         // Also after a failure: belay's statements after it (the lock's release) need
         // their own settings. A migration that committed stays reported as succeeded;
         // the run stops before the next one rather than run it in a session it did not
-        // expect.
+        // expect. A transactional migration's COMMIT usually carried the reset already.
+        if reset_done {
+            return result;
+        }
         let reset = self.reset_session(conn).await;
         result.and_then(|r| reset.map(|()| r))
     }
@@ -1435,7 +1447,7 @@ impl Migrator {
         step: &Step,
         backend_pid: Option<i32>,
         fence: Option<UndoFence<'_>>,
-    ) -> Result<StepResult, MigrateError> {
+    ) -> Result<(StepResult, bool), MigrateError> {
         let script = &step.source;
         let started = Instant::now();
         let mut attempts = 0u32;
@@ -1518,20 +1530,50 @@ impl Migrator {
                     row.lock_wait_ms = lock_wait.as_millis() as i64;
                     row.lock_trips = i32::try_from(trips.len()).unwrap_or(i32::MAX);
                     row.notes = self.notes(step, &trips);
-                    let finish = self.commit_sql(&row);
-                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(finish))
-                        .execute(&mut *conn)
-                        .await
-                    {
-                        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-                        // Deferred constraints are checked at COMMIT: that is the
-                        // script's failure, reported at its last statement.
-                        return Err(match script.statements.last() {
-                            Some(last) => script_error(script, last, &e),
-                            None => self.db_err("recording the migration")(e),
-                        });
+                    let commit = self.commit_sql(&row);
+                    // The session reset rides in the same message, after the COMMIT: one
+                    // round trip ends the migration and readies the session for the
+                    // next. The server runs a message's statements in order and stops at
+                    // the first error, so counting the completed ones tells whether the
+                    // COMMIT went through when something fails.
+                    let reset = session_reset_sql(conn);
+                    let needed = sql::split(&commit).len();
+                    let finish = match &reset {
+                        Some(r) => format!("{commit};\n{r}"),
+                        None => commit,
+                    };
+                    let mut completed = 0usize;
+                    let sent = {
+                        let mut results =
+                            sqlx::raw_sql(sqlx::AssertSqlSafe(finish)).fetch_many(&mut *conn);
+                        loop {
+                            match results.try_next().await {
+                                Ok(Some(Either::Left(_))) => completed += 1,
+                                Ok(Some(Either::Right(_))) => {}
+                                Ok(None) => break Ok(()),
+                                Err(e) => break Err(e),
+                            }
+                        }
+                    };
+                    let result = self.result(step, execution, attempts - 1, lock_wait);
+                    match sent {
+                        Ok(()) => return Ok((result, reset.is_some())),
+                        Err(e) if completed >= needed => {
+                            // Committed; only the reset failed: `execute` resets again and
+                            // reports that failure as it does for a separate reset.
+                            debug!(error = %e, "the session reset after COMMIT failed");
+                            return Ok((result, false));
+                        }
+                        Err(e) => {
+                            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                            // Deferred constraints are checked at COMMIT: that is the
+                            // script's failure, reported at its last statement.
+                            return Err(match script.statements.last() {
+                                Some(last) => script_error(script, last, &e),
+                                None => self.db_err("recording the migration")(e),
+                            });
+                        }
                     }
-                    return Ok(self.result(step, execution, attempts - 1, lock_wait));
                 }
                 Some((at, st, e, tripped, last_blockers)) => {
                     let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
@@ -2251,6 +2293,15 @@ const RESET_SESSION_SQL: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; D
 /// back instead of finishing work nobody will record (PostgreSQL ≥ 14; older servers refuse
 /// the setting, and go without).
 const SESSION_SETTINGS_SQL: &str = "SET client_connection_check_interval = '1s'";
+
+/// [`RESET_SESSION_SQL`] and [`SESSION_SETTINGS_SQL`] as one message, for a server that
+/// takes both (PostgreSQL ≥ 14); `None`: reset with [`Migrator::reset_session`], which
+/// lets an older server refuse the setting alone.
+fn session_reset_sql(conn: &PgConnection) -> Option<String> {
+    conn.server_version_num()
+        .filter(|v| *v >= 140_000)
+        .map(|_| format!("{RESET_SESSION_SQL};\n{SESSION_SETTINGS_SQL}"))
+}
 
 /// Settings belay gives every migration session, at connect and after each migration.
 async fn apply_session_settings(conn: &mut PgConnection) {
