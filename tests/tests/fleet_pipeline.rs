@@ -146,7 +146,18 @@ async fn every_target_goes_through_the_same_steps_as_local_migrate() -> Result<(
             .collect();
         assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "{t}");
     }
-    // The target keeps its own record too, under the fleet deployment's id.
+    // The target keeps its own record too, under the fleet deployment's id; the agent
+    // reads its files for it as local `migrate` does: the same checksums, undos and
+    // `irreversible` flags, and no note that it could not.
+    let local_applied: Value = serde_json::from_str(&psql(
+        &local.url,
+        "SELECT applied FROM belay.deployments ORDER BY started_at DESC LIMIT 1",
+    ))?;
+    assert_eq!(
+        local_applied.as_array().map(Vec::len),
+        Some(4),
+        "{local_applied}"
+    );
     for d in [&d1, &d2] {
         assert_eq!(
             psql(
@@ -154,6 +165,28 @@ async fn every_target_goes_through_the_same_steps_as_local_migrate() -> Result<(
                 &format!("SELECT step FROM belay.deployments WHERE id = '{id}'")
             ),
             "succeeded"
+        );
+        let applied: Value = serde_json::from_str(&psql(
+            &d.url,
+            &format!("SELECT applied FROM belay.deployments WHERE id = '{id}'"),
+        ))?;
+        assert_eq!(applied, local_applied);
+        assert!(
+            applied
+                .as_array()
+                .is_some_and(|a| a.iter().all(|m| m["checksum"].is_string())),
+            "{applied}"
+        );
+    }
+    for name in ["life_1", "life_2"] {
+        let t = target(&doc, name);
+        assert!(
+            !t["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["kind"] == "note"),
+            "{t}"
         );
     }
     // Text names each target's step.

@@ -19,6 +19,7 @@ use belay_testkit::Cluster;
 use pb::controller_service_client::ControllerServiceClient;
 use tonic::transport::Endpoint;
 
+use crate::bench_fleet_steps;
 use crate::pg::ensure_postgres;
 use crate::util::{capture, cargo, describe, heading, step, target_dir};
 
@@ -113,6 +114,7 @@ pub fn fleet(
     seconds: u64,
     parallel: u32,
     budget: u32,
+    no_preflight: bool,
     bin_dir: Option<PathBuf>,
 ) -> Result<()> {
     ensure!(
@@ -147,6 +149,7 @@ pub fn fleet(
             tenants,
             parallel,
             budget,
+            no_preflight,
         )?
     };
     let heartbeat_line = heartbeats(&bins, work.path(), agents, seconds)?;
@@ -171,6 +174,7 @@ fn deploy_vs_sequential(
     tenants: usize,
     parallel: u32,
     budget: u32,
+    no_preflight: bool,
 ) -> Result<String> {
     let migrations = work.join("migrations");
     fs::create_dir(&migrations).context("could not create the migrations dir")?;
@@ -202,7 +206,7 @@ fn deploy_vs_sequential(
         created.elapsed().as_secs_f64()
     );
 
-    let local_migrate = local_migrate_command(&bins.belay, &migrations)?;
+    let local_migrate = local_migrate_command(&bins.belay, &migrations, no_preflight)?;
     // One untimed run: the first migrations after a cluster starts pay for cold caches.
     capture(&mut local_migrate(&cluster.url(&warmup)))?;
 
@@ -248,7 +252,11 @@ fn deploy_vs_sequential(
         .args(["deploy", "--targets", "tenant_*", "--canary", "1"])
         .args(["--batch", "25%", "--parallel", &parallel.to_string()])
         .args(["--output", "json"]);
+    if no_preflight {
+        deploy.arg("--no-preflight");
+    }
     println!("$ {}", describe(&deploy));
+    println!("{}", same_work(no_preflight));
     // Every client session on the server during the deployment is the agent's: the
     // controller's store is SQLite and the CLI talks to the controller only.
     let sessions = SessionSampler::start(cluster.url("postgres"))?;
@@ -256,7 +264,7 @@ fn deploy_vs_sequential(
     let out = deploy.output().context("could not run belay deploy")?;
     let fleet_time = started.elapsed();
     let sessions = sessions.stop()?;
-    check_deploy(&out, tenants, &controller)?;
+    let deployment_id = check_deploy(&out, tenants, &controller)?;
     println!(
         "peak server sessions during the deployment: {} open, {} listed with those closing ({} samples), budget {budget}",
         sessions.open, sessions.listed, sessions.samples
@@ -275,9 +283,12 @@ fn deploy_vs_sequential(
         describe(&local_migrate(&cluster.url(&seq_dbs[0])))
     );
     let started = Instant::now();
+    let mut walls = std::collections::BTreeMap::new();
     for db in &seq_dbs {
+        let one = Instant::now();
         capture(&mut local_migrate(&cluster.url(db)))
             .with_context(|| format!("local migrate of {db} failed"))?;
+        walls.insert(db.clone(), one.elapsed().as_secs_f64());
     }
     let seq_time = started.elapsed();
     println!(
@@ -285,24 +296,38 @@ fn deploy_vs_sequential(
         seq_time.as_secs_f64()
     );
 
-    heading("checking every database's history");
-    for db in fleet_dbs.iter().chain(&seq_dbs) {
-        let rows = belay_testkit::psql(
-            &cluster.url(db),
-            "SELECT count(*) FROM belay.schema_history WHERE success AND state = 'success'",
-        )
-        .with_context(|| format!("could not read the history of {db}"))?;
-        ensure!(
-            rows.trim() == CHANGE.len().to_string(),
-            "{db}: {} successful history rows, expected {}",
-            rows.trim(),
-            CHANGE.len()
-        );
-    }
+    heading("checking every database's history; reading where each target's time went");
+    let urls: Vec<(String, String)> = fleet_dbs
+        .iter()
+        .chain(&seq_dbs)
+        .map(|db| (db.clone(), cluster.url(db)))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("could not start a tokio runtime")?;
+    let local_steps = runtime.block_on(bench_fleet_steps::check_databases(
+        &urls,
+        CHANGE.len(),
+        &walls,
+    ))?;
     println!(
         "all {} databases record {} migrations",
         2 * tenants,
         CHANGE.len()
+    );
+    let fleet_steps = runtime.block_on(bench_fleet_steps::fleet_from_store(
+        &work.join("deploy-store.db"),
+        &deployment_id,
+    ))?;
+    print!(
+        "{}",
+        bench_fleet_steps::render(
+            &fleet_steps,
+            &local_steps,
+            fleet_time.as_secs_f64(),
+            seq_time.as_secs_f64()
+        )
     );
 
     let (f, s) = (fleet_time.as_secs_f64(), seq_time.as_secs_f64());
@@ -405,20 +430,28 @@ impl SessionSampler {
     }
 }
 
-/// `belay --dir D migrate` for a database URL; without a pre-deployment backup when the
-/// CLI takes one by default, since the agent's deploy path is what it is compared with.
-fn local_migrate_command(belay: &Path, migrations: &Path) -> Result<impl Fn(&str) -> Command> {
+/// `belay --dir D migrate` for a database URL, doing what the agent's pipeline does for a
+/// fleet target: the agent's targets here have no `backup_dir` (no pre-deployment backup),
+/// so `--backup none`; preflight, the lint gate, the lock guard, postflight validation and
+/// the deployment log in the database run on both sides, unless `no_preflight`, which
+/// skips preflight on both.
+fn local_migrate_command(
+    belay: &Path,
+    migrations: &Path,
+    no_preflight: bool,
+) -> Result<impl Fn(&str) -> Command> {
     let help = capture(scrubbed(belay).args(["migrate", "--help"]))?;
-    let no_backup = String::from_utf8_lossy(&help.stdout).contains("--backup");
-    // The agent's deploy path runs no preflight either: same work on both sides.
-    let no_preflight = String::from_utf8_lossy(&help.stdout).contains("--no-preflight");
+    let help = String::from_utf8_lossy(&help.stdout);
+    ensure!(
+        help.contains("--backup") && help.contains("--no-preflight"),
+        "{} migrate has no --backup or --no-preflight: too old for this bench",
+        belay.display()
+    );
     let (belay, migrations) = (belay.to_path_buf(), migrations.to_path_buf());
     Ok(move |url: &str| {
         let mut cmd = scrubbed(&belay);
         cmd.arg("--dir").arg(&migrations).arg("migrate");
-        if no_backup {
-            cmd.args(["--backup", "none"]);
-        }
+        cmd.args(["--backup", "none"]);
         if no_preflight {
             cmd.arg("--no-preflight");
         }
@@ -463,7 +496,7 @@ fn wait_for_agent(belay: &Path, controller: &Daemon, targets: usize) -> Result<(
 
 /// Fails, naming the targets that did not succeed, unless the deployment succeeded on
 /// every target.
-fn check_deploy(out: &std::process::Output, tenants: usize, controller: &Daemon) -> Result<()> {
+fn check_deploy(out: &std::process::Output, tenants: usize, controller: &Daemon) -> Result<String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let failed = |why: String| -> anyhow::Error {
@@ -501,7 +534,25 @@ fn check_deploy(out: &std::process::Output, tenants: usize, controller: &Daemon)
             targets.len()
         )));
     }
-    Ok(())
+    doc["id"]
+        .as_str()
+        .map(String::from)
+        .ok_or_else(|| failed("the deployment document has no id".into()))
+}
+
+/// What each side does per database, printed beside the commands.
+fn same_work(no_preflight: bool) -> String {
+    format!(
+        "same work per database on both sides: {}the runner lock, the lint gate, the lock \
+         guard's session, the 3 migrations, postflight validation, the deployment log in the \
+         database; no backup (the agent's targets have no backup_dir; locally --backup none). \
+         The fleet side also streams every event to the controller, which stores it",
+        if no_preflight {
+            "no preflight (--no-preflight on both), "
+        } else {
+            "preflight, "
+        }
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ mod bench_backup;
 mod bench_corpus;
 mod bench_deploy;
 mod bench_fleet;
+mod bench_fleet_steps;
 mod bench_locks;
 mod bench_probes;
 mod bench_restore;
@@ -118,6 +119,10 @@ enum Bench {
         /// The agent's `[limits] max_connections_per_server` (its default: 10).
         #[arg(long, default_value_t = 10)]
         budget: u32,
+        /// Skip preflight on both sides (`deploy --no-preflight`, `migrate
+        /// --no-preflight`); by default both run it, as both commands do.
+        #[arg(long)]
+        no_preflight: bool,
         /// Simulated agents in the heartbeat bench.
         #[arg(long, default_value_t = 1000)]
         agents: usize,
@@ -216,10 +221,19 @@ fn run(task: Task) -> anyhow::Result<()> {
                 tenants,
                 parallel,
                 budget,
+                no_preflight,
                 agents,
                 seconds,
                 bin_dir,
-            } => bench_fleet::fleet(tenants, agents, seconds, parallel, budget, bin_dir),
+            } => bench_fleet::fleet(
+                tenants,
+                agents,
+                seconds,
+                parallel,
+                budget,
+                no_preflight,
+                bin_dir,
+            ),
             Bench::Backup { scale, reps } => bench_backup::backup(scale, reps),
             Bench::Probes {
                 reps,

@@ -253,6 +253,10 @@ async fn serve(args: Args) -> ExitCode {
                 )
             })
             .collect();
+    let migration_dirs: std::collections::BTreeMap<String, std::path::PathBuf> = targets
+        .iter()
+        .map(|t| (t.spec.name.clone(), t.spec.dir.clone()))
+        .collect();
     let lock_samples = sampler::plan(&targets);
     // Backfills run here, beside each target's database: they outlive the operator's
     // session, take their connection from the budget, and are exported on /metrics.
@@ -359,6 +363,13 @@ async fn serve(args: Args) -> ExitCode {
     drop(targets);
     let deployer = Arc::new(
         belay_deploy::PipelineDeployer::new(local, health, log_for, policies)
+            // The files are here: read for the record as local `migrate` reads them (the
+            // executor reads them again for the run, and a script changed in between is
+            // asked of the migration API).
+            .with_catalogs(Arc::new(move |name: &str| {
+                let set = belay_migrate::load(migration_dirs.get(name)?).ok()?;
+                Some(belay_deploy::AppliedMigration::catalog(&set))
+            }))
             .with_failure_handlers(rollbacks::handlers(
                 rollbacks.clone(),
                 agent_config.controller.clone(),

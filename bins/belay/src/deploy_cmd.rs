@@ -17,7 +17,7 @@ use belay_health::{
     CheckResult, CheckStatus, HealthApi, PostflightSpec, PreflightOptions, ProbeEvents, ProbeSpec,
     TargetProbe,
 };
-use belay_migrate::{MigrationSet, Target};
+use belay_migrate::Target;
 use futures::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,27 +79,6 @@ pub fn policy(
         Some(OnFailureArg::Stop) | None => OnFailure::Stop,
     };
     Ok(policy)
-}
-
-/// What the local files say about each migration, for the record: checksum, undo,
-/// `-- belay:irreversible`.
-pub fn catalog(set: &MigrationSet) -> Vec<AppliedMigration> {
-    let forward = set.migrations.iter().map(|m| AppliedMigration {
-        version: Some(m.version.to_string()),
-        script: m.script_name.clone(),
-        checksum: Some(m.checksum.to_string()),
-        has_undo: m.down.is_some(),
-        irreversible: m.up.directives.irreversible,
-    });
-    let repeatable = set.repeatables.iter().map(|r| AppliedMigration {
-        version: None,
-        script: r.script_name.clone(),
-        checksum: Some(r.script.checksum.to_string()),
-        // Re-run, not undone.
-        has_undo: true,
-        irreversible: false,
-    });
-    forward.chain(repeatable).collect()
 }
 
 /// Where the lint gate's notes (downgraded and allowed findings) go in text mode.

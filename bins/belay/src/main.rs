@@ -431,7 +431,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         } else {
             pipeline
         };
-        let catalog = deploy_cmd::catalog(&set);
+        let catalog = belay_deploy::AppliedMigration::catalog(&set);
         return deploy_cmd::migrate(
             &pipeline,
             LOCAL_TARGET,

@@ -37,6 +37,6 @@ pub use record::{
     NewDeployment, Step,
 };
 pub use target::{
-    DeployerPolicy, HandlerFor, LogFor, PipelineDeployer, TargetDeployApi, TargetDeployed,
-    TargetDeployment, TargetPolicy, TargetRun,
+    CatalogFor, DeployerPolicy, HandlerFor, LogFor, PipelineDeployer, TargetDeployApi,
+    TargetDeployed, TargetDeployment, TargetPolicy, TargetRun,
 };

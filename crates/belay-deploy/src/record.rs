@@ -77,6 +77,29 @@ pub struct AppliedMigration {
     pub irreversible: bool,
 }
 
+impl AppliedMigration {
+    /// What the files say about each migration of `set`, for the record: checksum, undo,
+    /// `-- belay:irreversible`.
+    pub fn catalog(set: &belay_migrate::MigrationSet) -> Vec<AppliedMigration> {
+        let forward = set.migrations.iter().map(|m| AppliedMigration {
+            version: Some(m.version.to_string()),
+            script: m.script_name.clone(),
+            checksum: Some(m.checksum.to_string()),
+            has_undo: m.down.is_some(),
+            irreversible: m.up.directives.irreversible,
+        });
+        let repeatable = set.repeatables.iter().map(|r| AppliedMigration {
+            version: None,
+            script: r.script_name.clone(),
+            checksum: Some(r.script.checksum.to_string()),
+            // Re-run, not undone.
+            has_undo: true,
+            irreversible: false,
+        });
+        forward.chain(repeatable).collect()
+    }
+}
+
 /// One thing that happened in a deployment: a step transition, a migration event, a check
 /// result, an attempt that failed. Ordered by `seq` within the deployment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

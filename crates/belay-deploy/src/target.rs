@@ -26,7 +26,9 @@ use uuid::Uuid;
 use crate::Step;
 use crate::pipeline::{Cause, DeployError, DeploySink, DeploymentRequest, Pipeline};
 use crate::policy::{DeploymentPolicy, OnFailure};
-use crate::record::{DeployEvent, DeploymentLog, DeploymentOutcome, DeploymentRecord};
+use crate::record::{
+    AppliedMigration, DeployEvent, DeploymentLog, DeploymentOutcome, DeploymentRecord,
+};
 
 /// The deployer's part of the policy: what the operator asked for, for every target alike.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -200,6 +202,11 @@ pub type LogFor = Arc<dyn Fn(&str) -> Result<Arc<dyn DeploymentLog>, ApiError> +
 pub type HandlerFor =
     Arc<dyn Fn(&str, DeploySink) -> Option<Arc<dyn crate::pipeline::FailureHandler>> + Send + Sync>;
 
+/// What a target's migration files say of each migration (checksum, undo,
+/// `-- belay:irreversible`), read when its deployment starts; `None` when they cannot be
+/// read (the pipeline then asks the migration API, as in remote mode).
+pub type CatalogFor = Arc<dyn Fn(&str) -> Option<Vec<AppliedMigration>> + Send + Sync>;
+
 /// [`TargetDeployApi`] in-process: the [`Pipeline`] over the targets' own capability
 /// implementations (the agent's `LocalTargets` with their lint gate, lock guard and backup
 /// hook, and its `HealthTargets`), each target with its [`TargetPolicy`].
@@ -212,6 +219,8 @@ pub struct PipelineDeployer {
     /// `on_failure = rollback`'s handler per target; without one such a deployment is
     /// refused before it runs.
     handler_for: Option<HandlerFor>,
+    /// The files' catalog per target, where the files are beside this process.
+    catalog_for: Option<CatalogFor>,
     /// Deployments running in this process right now: id → target.
     running: Arc<Mutex<HashMap<Uuid, String>>>,
     /// When this deployer (its process) started: a record left unfinished from before
@@ -243,6 +252,7 @@ impl PipelineDeployer {
             log_for,
             targets: targets.into_iter().collect(),
             handler_for: None,
+            catalog_for: None,
             running: Arc::default(),
             started: Utc::now(),
             settling: Arc::default(),
@@ -252,6 +262,14 @@ impl PipelineDeployer {
     /// Installs the failure handlers (`on_failure = rollback`).
     pub fn with_failure_handlers(mut self, handler_for: HandlerFor) -> Self {
         self.handler_for = Some(handler_for);
+        self
+    }
+
+    /// Installs where each target's migration files are read for the record (the agent:
+    /// beside it). The pipeline then records their checksums and needs neither the plan
+    /// before the run nor the history after it, two sessions fewer per deployment.
+    pub fn with_catalogs(mut self, catalog_for: CatalogFor) -> Self {
+        self.catalog_for = Some(catalog_for);
         self
     }
 
@@ -466,9 +484,9 @@ impl TargetDeployApi for PipelineDeployer {
                     requested_by: request.requested_by,
                     release: request.release,
                     policy,
-                    // The files are here, but the pipeline reads what it needs through the
-                    // migration API (plan, status), as in remote mode.
-                    catalog: None,
+                    // Without the files' catalog the pipeline reads what it needs through
+                    // the migration API (plan, status), as in remote mode.
+                    catalog: self.catalog_for.as_ref().and_then(|f| f(&request.target)),
                 },
                 sink,
             )

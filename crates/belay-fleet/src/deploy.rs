@@ -391,19 +391,29 @@ impl Fleet {
                 // A span per step the agent reports, as the agent has one: entered at its
                 // transition, closed at the next.
                 let mut _step_span = None;
-                while let Some(e) = rx.recv().await {
-                    seen.note(&e);
-                    if e.kind == KIND_TRANSITION {
-                        _step_span = (!matches!(e.step, Step::Succeeded | Step::Failed)).then(|| {
-                            info_span!(parent: &span, "deploy_step", otel.name = e.step.as_str(), step = %e.step)
-                        });
+                while let Some(first) = rx.recv().await {
+                    // What arrived meanwhile is stored with it, in one transaction.
+                    let mut burst = vec![first];
+                    while burst.len() < EVENT_BURST
+                        && let Ok(e) = rx.try_recv()
+                    {
+                        burst.push(e);
                     }
-                    let entered_watching =
-                        e.kind == KIND_TRANSITION && e.step == Step::Watching && last_wave;
-                    if let Err(err) = fleet.record_target_event(id, &target, e).await {
+                    let mut entered_watching = false;
+                    for e in &burst {
+                        seen.note(e);
+                        if e.kind == KIND_TRANSITION {
+                            _step_span = (!matches!(e.step, Step::Succeeded | Step::Failed)).then(|| {
+                                info_span!(parent: &span, "deploy_step", otel.name = e.step.as_str(), step = %e.step)
+                            });
+                        }
+                        entered_watching |=
+                            e.kind == KIND_TRANSITION && e.step == Step::Watching && last_wave;
+                    }
+                    if let Err(err) = fleet.record_target_events(id, &target, burst).await {
                         // The run goes on on the agent; what the store missed is said in
                         // the log, and the target's outcome is still recorded below.
-                        tracing::error!(target = %target, error = %err, "a target event could not be stored");
+                        tracing::error!(target = %target, error = %err, "target events could not be stored");
                     }
                     if entered_watching {
                         fleet.deployment_watching(id).await;
@@ -528,47 +538,23 @@ impl Fleet {
         target: &str,
         e: DeployEvent,
     ) -> Result<(), ApiError> {
-        let kind = if e.kind == KIND_MIGRATION {
-            e.payload
-                .get("event")
-                .and_then(|v| v.as_str())
-                .unwrap_or("migration")
-                .to_string()
-        } else {
-            e.kind.clone()
-        };
-        let mut payload = match e.payload {
-            serde_json::Value::Object(o) => o,
-            serde_json::Value::Null => serde_json::Map::new(),
-            other => {
-                let mut o = serde_json::Map::new();
-                o.insert("value".into(), other);
-                o
-            }
-        };
-        // A rollback step's record names its own step (`undo`, `verify_probes`): kept as
-        // `rollback_step`, since `step` is the pipeline's here.
-        if e.kind == belay_rollback::KIND_ROLLBACK_STEP
-            && let Some(own) = payload.remove("step")
-        {
-            payload.insert("rollback_step".into(), own);
-        }
-        payload.insert("step".into(), serde_json::json!(e.step.as_str()));
-        payload.insert("target_seq".into(), serde_json::json!(e.seq));
-        let step = (e.kind == KIND_TRANSITION)
-            .then(|| state_of(e.step))
-            .flatten();
+        self.record_target_events(id, target, vec![e]).await
+    }
+
+    /// [`Fleet::record_target_event`] for events that arrived together, in order, stored
+    /// in one transaction.
+    pub(crate) async fn record_target_events(
+        &self,
+        id: Uuid,
+        target: &str,
+        events: Vec<DeployEvent>,
+    ) -> Result<(), ApiError> {
+        let rows: Vec<(NewEvent, Option<DeploymentState>)> = events
+            .into_iter()
+            .map(|e| target_event(id, target, e))
+            .collect();
         self.store
-            .append_target_event(
-                &NewEvent {
-                    deployment_id: id,
-                    target: Some(target.to_string()),
-                    kind,
-                    message: e.message,
-                    payload: serde_json::Value::Object(payload),
-                },
-                step,
-            )
+            .append_target_events(&rows)
             .await
             .map_err(store_err)?;
         self.notify();
@@ -661,6 +647,54 @@ fn failure_trigger(id: Uuid, target: &str, deployed: &TargetDeployed) -> Trigger
         "evidence": o.evidence,
     });
     trigger
+}
+
+/// How many events that arrived together one store transaction records at most.
+const EVENT_BURST: usize = 64;
+
+/// One pipeline event of `target` as the store keeps it, with the step it moves the
+/// target to (a transition).
+fn target_event(id: Uuid, target: &str, e: DeployEvent) -> (NewEvent, Option<DeploymentState>) {
+    let kind = if e.kind == KIND_MIGRATION {
+        e.payload
+            .get("event")
+            .and_then(|v| v.as_str())
+            .unwrap_or("migration")
+            .to_string()
+    } else {
+        e.kind.clone()
+    };
+    let mut payload = match e.payload {
+        serde_json::Value::Object(o) => o,
+        serde_json::Value::Null => serde_json::Map::new(),
+        other => {
+            let mut o = serde_json::Map::new();
+            o.insert("value".into(), other);
+            o
+        }
+    };
+    // A rollback step's record names its own step (`undo`, `verify_probes`): kept as
+    // `rollback_step`, since `step` is the pipeline's here.
+    if e.kind == belay_rollback::KIND_ROLLBACK_STEP
+        && let Some(own) = payload.remove("step")
+    {
+        payload.insert("rollback_step".into(), own);
+    }
+    payload.insert("step".into(), serde_json::json!(e.step.as_str()));
+    payload.insert("target_seq".into(), serde_json::json!(e.seq));
+    let step = (e.kind == KIND_TRANSITION)
+        .then(|| state_of(e.step))
+        .flatten();
+    (
+        NewEvent {
+            deployment_id: id,
+            target: Some(target.to_string()),
+            kind,
+            message: e.message,
+            payload: serde_json::Value::Object(payload),
+        },
+        step,
+    )
 }
 
 /// The store's name for a pipeline step (the same vocabulary).

@@ -137,11 +137,15 @@ pub fn watch(fleet: Fleet, id: Uuid, mut after_seq: i64) -> EventStream {
                     return; // the watcher went away
                 }
             }
-            let done = match fleet.store().deployment(id).await {
-                Ok(Some(d)) => d.state.is_finished() && !fleet.is_active(id),
-                Ok(None) => true,
-                Err(_) => true,
-            };
+            // A deployment this controller is running is not done: asked first, since
+            // reading the deployment reads every one of its targets, and this loop wakes
+            // at every event of a thousand-target deployment.
+            let done = !fleet.is_active(id)
+                && match fleet.store().deployment_state(id).await {
+                    Ok(Some(state)) => state.is_finished(),
+                    Ok(None) => true,
+                    Err(_) => true,
+                };
             if done {
                 // One last read: events stored between the read above and the state check.
                 if let Ok(rest) = fleet.store().events(id, after_seq).await {

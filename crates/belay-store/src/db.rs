@@ -16,8 +16,24 @@ pub(crate) const SCHEMA_PREFIX: &str = "belay_controller.";
 
 #[derive(Clone, Debug)]
 pub(crate) enum Pool {
-    Sqlite(sqlx::SqlitePool),
+    /// With the lock every write of this process takes (see [`SqliteWriter`]).
+    Sqlite(sqlx::SqlitePool, SqliteWriter),
     Pg(sqlx::PgPool),
+}
+
+/// SQLite has one writer at a time, and a writer that finds the file locked waits in
+/// SQLite's busy handler, which sleeps (1, 2, 5, 10 … ms) and polls; with the controller
+/// recording the events of many targets at once, those sleeps added up to most of a
+/// write's time. The controller's writes take this lock first instead: they queue in
+/// order and each starts the moment the previous one commits. `busy_timeout` still covers
+/// another process on the same file.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SqliteWriter(std::sync::Arc<tokio::sync::Mutex<()>>);
+
+impl SqliteWriter {
+    async fn lock(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.0.clone().lock_owned().await
+    }
 }
 
 /// A bind value.
@@ -210,7 +226,10 @@ impl Pool {
         vals: &[Val<'_>],
     ) -> Result<u64, sqlx::Error> {
         Ok(match self {
-            Pool::Sqlite(p) => sqlite_query(sql, vals).execute(p).await?.rows_affected(),
+            Pool::Sqlite(p, writer) => {
+                let _writing = writer.lock().await;
+                sqlite_query(sql, vals).execute(p).await?.rows_affected()
+            }
             Pool::Pg(p) => pg_query(sql, vals).execute(p).await?.rows_affected(),
         })
     }
@@ -221,7 +240,7 @@ impl Pool {
         vals: &[Val<'_>],
     ) -> Result<Vec<Row>, sqlx::Error> {
         Ok(match self {
-            Pool::Sqlite(p) => sqlite_query(sql, vals)
+            Pool::Sqlite(p, _) => sqlite_query(sql, vals)
                 .fetch_all(p)
                 .await?
                 .into_iter()
@@ -242,7 +261,7 @@ impl Pool {
         vals: &[Val<'_>],
     ) -> Result<Option<Row>, sqlx::Error> {
         Ok(match self {
-            Pool::Sqlite(p) => sqlite_query(sql, vals)
+            Pool::Sqlite(p, _) => sqlite_query(sql, vals)
                 .fetch_optional(p)
                 .await?
                 .map(Row::Sqlite),
@@ -253,17 +272,23 @@ impl Pool {
     /// A write transaction. On SQLite it is `BEGIN IMMEDIATE`, which takes the write lock
     /// at once (waiting up to `busy_timeout`): a deferred transaction that reads first and
     /// writes later can fail with SQLITE_BUSY without waiting when another writer got in
-    /// between.
+    /// between. It holds this process's [`SqliteWriter`] until it ends.
     pub(crate) async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
-            Pool::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+            Pool::Sqlite(p, writer) => {
+                let writing = writer.lock().await;
+                Tx::Sqlite {
+                    tx: p.begin_with("BEGIN IMMEDIATE").await?,
+                    _writing: writing,
+                }
+            }
             Pool::Pg(p) => Tx::Pg(p.begin().await?),
         })
     }
 
     pub(crate) async fn close(&self) {
         match self {
-            Pool::Sqlite(p) => p.close().await,
+            Pool::Sqlite(p, _) => p.close().await,
             Pool::Pg(p) => p.close().await,
         }
     }
@@ -271,7 +296,11 @@ impl Pool {
 
 /// A transaction on either backend; dropped without `commit`, it rolls back.
 pub(crate) enum Tx {
-    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    Sqlite {
+        tx: sqlx::Transaction<'static, Sqlite>,
+        /// This process's write lock, held until the transaction ends.
+        _writing: tokio::sync::OwnedMutexGuard<()>,
+    },
     Pg(sqlx::Transaction<'static, Postgres>),
 }
 
@@ -282,7 +311,7 @@ impl Tx {
         vals: &[Val<'_>],
     ) -> Result<u64, sqlx::Error> {
         Ok(match self {
-            Tx::Sqlite(t) => sqlite_query(sql, vals)
+            Tx::Sqlite { tx: t, .. } => sqlite_query(sql, vals)
                 .execute(&mut **t)
                 .await?
                 .rows_affected(),
@@ -296,7 +325,7 @@ impl Tx {
         vals: &[Val<'_>],
     ) -> Result<Option<Row>, sqlx::Error> {
         Ok(match self {
-            Tx::Sqlite(t) => sqlite_query(sql, vals)
+            Tx::Sqlite { tx: t, .. } => sqlite_query(sql, vals)
                 .fetch_optional(&mut **t)
                 .await?
                 .map(Row::Sqlite),
@@ -324,7 +353,7 @@ impl Tx {
 
     pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
-            Tx::Sqlite(t) => t.commit().await,
+            Tx::Sqlite { tx: t, .. } => t.commit().await,
             Tx::Pg(t) => t.commit().await,
         }
     }

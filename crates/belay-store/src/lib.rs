@@ -152,7 +152,7 @@ impl Store {
             .map_err(|e| open_err(e.to_string()))?;
         schema::migrate_sqlite(&pool, &name).await?;
         Ok(Store {
-            pool: Pool::Sqlite(pool),
+            pool: Pool::Sqlite(pool, db::SqliteWriter::default()),
             name: name.into(),
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
         })
@@ -191,7 +191,7 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         match self.pool {
-            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Sqlite(..) => Backend::Sqlite,
             Pool::Pg(_) => Backend::Postgres,
         }
     }
@@ -655,38 +655,57 @@ impl Store {
         e: &NewEvent,
         step: Option<DeploymentState>,
     ) -> Result<EventRecord, StoreError> {
+        let mut records = self.append_target_events(&[(e.clone(), step)]).await?;
+        records
+            .pop()
+            .ok_or(StoreError::NoSuchDeployment(e.deployment_id))
+    }
+
+    /// [`Store::append_target_event`] for a burst of events (in order) in one transaction:
+    /// all of them are stored or none, and a thousand targets streaming their events cost
+    /// one commit per burst, not one per event.
+    pub async fn append_target_events(
+        &self,
+        events: &[(NewEvent, Option<DeploymentState>)],
+    ) -> Result<Vec<EventRecord>, StoreError> {
         const DOING: &str = "recording a target's pipeline event";
         let err = self.db(DOING);
-        let target = e.target.as_deref().ok_or_else(|| StoreError::Invalid {
-            what: "target event",
-            reason: "names no target".into(),
-        })?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
         let now = db::now();
         let mut tx = self.begin(DOING).await?;
-        let record = self.append_in(&mut tx, e, now).await?;
-        if let Some(step) = step {
-            let n = tx
-                .execute(
-                    "UPDATE belay_controller.deployment_targets SET step = $3, updated_at = $4
-                     WHERE deployment_id = $1 AND target = $2",
-                    &[
-                        Val::Uuid(e.deployment_id),
-                        Val::Text(target),
-                        Val::Text(step.as_str()),
-                        Val::Ts(now),
-                    ],
-                )
-                .await
-                .map_err(&err)?;
-            if n == 0 {
-                return Err(StoreError::NoSuchTarget {
-                    id: e.deployment_id,
-                    target: target.to_string(),
-                });
+        let mut records = Vec::with_capacity(events.len());
+        for (e, step) in events {
+            let target = e.target.as_deref().ok_or_else(|| StoreError::Invalid {
+                what: "target event",
+                reason: "names no target".into(),
+            })?;
+            records.push(self.append_in(&mut tx, e, now).await?);
+            if let Some(step) = step {
+                let n = tx
+                    .execute(
+                        "UPDATE belay_controller.deployment_targets SET step = $3, updated_at = $4
+                         WHERE deployment_id = $1 AND target = $2",
+                        &[
+                            Val::Uuid(e.deployment_id),
+                            Val::Text(target),
+                            Val::Text(step.as_str()),
+                            Val::Ts(now),
+                        ],
+                    )
+                    .await
+                    .map_err(&err)?;
+                if n == 0 {
+                    return Err(StoreError::NoSuchTarget {
+                        id: e.deployment_id,
+                        target: target.to_string(),
+                    });
+                }
             }
         }
         tx.commit().await.map_err(&err)?;
-        Ok(record)
+        Ok(records)
     }
 
     async fn target_state(
@@ -834,6 +853,20 @@ impl Store {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(&err)
+    }
+
+    /// A deployment's state alone (`None`: no such deployment), without its targets.
+    pub async fn deployment_state(&self, id: Uuid) -> Result<Option<DeploymentState>, StoreError> {
+        let err = self.db("reading a deployment's state");
+        let row = self
+            .pool
+            .fetch_optional(
+                "SELECT state FROM belay_controller.deployments WHERE id = $1",
+                &[Val::Uuid(id)],
+            )
+            .await
+            .map_err(&err)?;
+        row.map(|r| r.parsed("state")).transpose().map_err(&err)
     }
 
     pub async fn deployment(&self, id: Uuid) -> Result<Option<DeploymentRecord>, StoreError> {

@@ -869,6 +869,99 @@ async fn each_targets_step_moves_with_its_transition_events_and_keeps_its_outcom
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_target_events_is_stored_in_order_all_or_nothing_beside_other_writers() {
+    use DeploymentState::*;
+    const TARGETS: usize = 12;
+    const BURSTS: usize = 5;
+    for f in both().await {
+        let b = f.backend;
+        let store = f.open().await;
+        let names: Vec<String> = (0..TARGETS).map(|i| format!("tenant_{i:02}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let new = deployment(&refs, None, None);
+        store.create_deployment(&new).await.unwrap();
+        let id = new.id;
+        let ev = move |target: &str, kind: &str, n: usize| NewEvent {
+            deployment_id: id,
+            target: Some(target.into()),
+            kind: kind.into(),
+            message: format!("{target} {n}"),
+            payload: json!({ "n": n }),
+        };
+        // Every target's recorder writes its bursts at once: on SQLite all of them queue
+        // on the store's one writer.
+        let mut tasks = Vec::new();
+        for t in names.clone() {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for burst in 0..BURSTS {
+                    let rows: Vec<(NewEvent, Option<DeploymentState>)> = (0..3)
+                        .map(|i| {
+                            let n = burst * 3 + i;
+                            if i == 0 {
+                                (ev(&t, "transition", n), Some(Preflight))
+                            } else {
+                                (ev(&t, "check", n), None)
+                            }
+                        })
+                        .collect();
+                    let stored = store.append_target_events(&rows).await.unwrap();
+                    assert_eq!(stored.len(), 3);
+                    assert!(
+                        stored.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+                        "a burst's events are consecutive: {stored:?}"
+                    );
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let events = store.events(new.id, 0).await.unwrap();
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let last = (1 + TARGETS * BURSTS * 3) as i64;
+        assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "{b}: gap-free");
+        for t in &names {
+            let mine: Vec<i64> = events
+                .iter()
+                .filter(|e| e.target.as_deref() == Some(t))
+                .map(|e| e.payload["n"].as_i64().unwrap())
+                .collect();
+            assert_eq!(
+                mine,
+                (0..(BURSTS * 3) as i64).collect::<Vec<_>>(),
+                "{b}: {t} in order"
+            );
+        }
+        let d = store.deployment(new.id).await.unwrap().unwrap();
+        assert!(
+            d.targets.iter().all(|t| t.step == Some(Preflight)),
+            "{b}: each burst's transition moved its target's step"
+        );
+        // A burst naming a target the deployment does not have stores none of its events.
+        let before = d.last_seq;
+        let bad = [
+            (ev("tenant_00", "check", 99), None),
+            (ev("nope", "transition", 100), Some(Migrating)),
+        ];
+        assert!(matches!(
+            store.append_target_events(&bad).await,
+            Err(StoreError::NoSuchTarget { .. })
+        ));
+        let after = store.events(new.id, before).await.unwrap();
+        assert!(
+            after.is_empty(),
+            "{b}: nothing of a refused burst: {after:?}"
+        );
+        assert_eq!(
+            store.deployment(new.id).await.unwrap().unwrap().last_seq,
+            before,
+            "{b}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn unsettled_lists_every_lost_target_however_old_and_settles_it_once() {
     for f in both().await {
