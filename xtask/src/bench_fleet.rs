@@ -99,7 +99,7 @@ fn release_bins(given: Option<PathBuf>) -> Result<Bins> {
     Ok(bins)
 }
 
-fn scrubbed(program: &Path) -> Command {
+pub(crate) fn scrubbed(program: &Path) -> Command {
     let mut cmd = Command::new(program);
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
@@ -815,16 +815,16 @@ fn mib(kib: u64) -> String {
 /// A controller or agent started by the bench: stderr goes to a log file; killed when
 /// dropped.
 #[derive(Debug)]
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     pid: u32,
-    addr: String,
+    pub(crate) addr: String,
     log: PathBuf,
 }
 
 impl Daemon {
     /// Starts `cmd` (which listens on 127.0.0.1:0) and waits for its `listening on ADDR`.
-    fn start(what: &str, cmd: &mut Command, log: &Path) -> Result<Daemon> {
+    pub(crate) fn start(what: &str, cmd: &mut Command, log: &Path) -> Result<Daemon> {
         let log_file =
             fs::File::create(log).with_context(|| format!("could not create {}", log.display()))?;
         cmd.stdout(Stdio::piped()).stderr(log_file);
@@ -869,7 +869,7 @@ impl Daemon {
         parse_memory(&status).with_context(|| format!("no VmRSS/VmHWM in {path}"))
     }
 
-    fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")

@@ -12,15 +12,22 @@
 //!    p99 read and write latency and transactions over 1 s in the affected window
 //!    (migration start to landing + 1 s), attempts, and (a) the time from the blocker's
 //!    COMMIT to the migration's exit.
-//! 2. **Monitor latency.** `belay locks --watch --output json` runs at its default period
-//!    while an ALTER is queued behind a holder, repeatedly; the latency is the waiting time
-//!    the monitor reports for the ALTER in the first sample that shows it (how long it had
-//!    been in the queue before the monitor saw the chain).
-//! 3. **Monitor overhead.** Unthrottled pgbench TPS with `belay locks --watch` sampling at
-//!    its default period vs without, interleaved.
+//! 2. **Monitor latency.** `belay locks --watch --output json` runs at its default settings
+//!    while an ALTER is queued behind a holder, repeatedly; the latency is from the moment
+//!    the ALTER began to wait (`pg_locks.waitstart`, as the sample reports it: the sample's
+//!    `at` minus the ALTER's `waiting_ms`) to the moment the line showing the chain reached
+//!    the bench (same machine, same clock). Also printed: the waiting time the sample
+//!    itself reports (without the print and pipe).
+//! 3. **Gauge latency.** A `belay-agent` with `--metrics-listen` at its default sampling
+//!    runs a migration (`belay --controller <the agent> --target … migrate`, the CLI's
+//!    remote path straight to the agent's DeployService) whose ALTER queues behind a
+//!    holder; `/metrics` is scraped every 2 ms until `belay_blocked_sessions` shows it; the
+//!    latency is from the ALTER's `pg_locks.waitstart` to that scrape.
+//! 4. **Monitor overhead.** Unthrottled pgbench TPS with `belay locks --watch` at its
+//!    default settings vs without, interleaved.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -31,6 +38,7 @@ use anyhow::{Context, Result, bail};
 use belay_testkit::{Cluster, TestDb, psql};
 
 use crate::bench::release_belay;
+use crate::bench_fleet::{Daemon, scrubbed};
 use crate::pg::ensure_postgres;
 use crate::util::{capture, describe, heading};
 
@@ -41,6 +49,8 @@ const MIGRATE_AT: Duration = Duration::from_secs(3);
 const HOLD_FOR_SECS: u64 = 15;
 /// The issue's target for the worst application latency (ms).
 const TARGET_WORST_MS: f64 = 60.0;
+/// The issue's target for the monitor's and the gauges' chain-to-report latency (ms, max).
+const TARGET_REPORT_MS: f64 = 60.0;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Scenario {
@@ -103,6 +113,12 @@ pub fn locks(
     anyhow::ensure!(overhead_secs >= 2, "--overhead-secs must be at least 2");
     let bin = ensure_postgres()?;
     let belay = release_belay(belay_bin)?;
+    let agent = belay.with_file_name("belay-agent");
+    anyhow::ensure!(
+        agent.is_file(),
+        "{} is not a file: the gauge latency needs the agent beside belay (cargo build --release -p belay-agent)",
+        agent.display()
+    );
     heading("starting a throwaway PostgreSQL cluster");
     let cluster = Cluster::start().context("could not start a PostgreSQL cluster")?;
     let db = cluster.create_database_blocking()?;
@@ -126,6 +142,7 @@ pub fn locks(
         }
     }
     let monitor = monitor_latency(&cluster, &bin, &belay, trials)?;
+    let gauges = gauge_latency(&cluster, &bin, &belay, &agent, trials)?;
     let overhead = monitor_overhead(&cluster, &bin, &belay, overhead_secs)?;
 
     heading(
@@ -174,12 +191,23 @@ pub fn locks(
             ),
         }
     }
+    let reported: Vec<f64> = monitor.iter().map(|m| m.reported).collect();
+    let in_sample: Vec<f64> = monitor.iter().map(|m| m.in_sample).collect();
     println!(
-        "monitor latency (ALTER queued → chain reported, default sampling, {} trials): median {:.0} ms, max {:.0} ms; target ≤ 250 ms: {}",
-        monitor.len(),
-        median_ms(&monitor),
-        monitor.iter().copied().fold(0.0, f64::max),
-        verdict(monitor.iter().all(|&ms| ms <= 250.0))
+        "monitor latency (`belay locks --watch`, ALTER queued → its line read, default settings, {} trials): median {:.0} ms, max {:.0} ms (the wait the sample itself shows: median {:.0}, max {:.0}); target max ≤ {TARGET_REPORT_MS:.0} ms: {}",
+        reported.len(),
+        median_ms(&reported),
+        max_ms(&reported),
+        median_ms(&in_sample),
+        max_ms(&in_sample),
+        verdict(max_ms(&reported) <= TARGET_REPORT_MS)
+    );
+    println!(
+        "gauge latency (agent `belay_blocked_sessions`, migration's ALTER queued → /metrics shows it, default settings, {} trials): median {:.0} ms, max {:.0} ms; target max ≤ {TARGET_REPORT_MS:.0} ms: {}",
+        gauges.len(),
+        median_ms(&gauges),
+        max_ms(&gauges),
+        verdict(max_ms(&gauges) <= TARGET_REPORT_MS)
     );
     println!(
         "monitor overhead: pgbench TPS with `belay locks --watch` {:.0} vs without {:.0} (median of {} interleaved runs each) → {:.3}×; target ≥ 0.99: {}",
@@ -498,9 +526,26 @@ fn app_run(
 // ---------------------------------------------------------------------------------------
 // monitor latency: from an ALTER entering the lock queue to the monitor reporting it
 
-fn monitor_latency(cluster: &Cluster, bin: &Path, belay: &Path, trials: usize) -> Result<Vec<f64>> {
+/// One trial of the monitor latency (ms).
+struct Reported {
+    /// From the ALTER's wait start to its line read by the bench.
+    reported: f64,
+    /// The ALTER's waiting time in the sample that first showed it.
+    in_sample: f64,
+}
+
+fn max_ms(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
+}
+
+fn monitor_latency(
+    cluster: &Cluster,
+    bin: &Path,
+    belay: &Path,
+    trials: usize,
+) -> Result<Vec<Reported>> {
     heading(&format!(
-        "monitor latency: `belay locks --watch` at its default period, {trials} trials"
+        "monitor latency: `belay locks --watch` at its default settings, {trials} trials"
     ));
     let db = cluster.create_database_blocking()?;
     psql(&db.url, "CREATE TABLE watched (id int)")?;
@@ -521,12 +566,22 @@ fn monitor_latency(cluster: &Cluster, bin: &Path, belay: &Path, trials: usize) -
         .stdout
         .take()
         .context("belay locks --watch has no stdout")?;
-    // Each sample's ALTER nodes (marker → reported waiting time), sent as they arrive.
-    let (tx, rx) = mpsc::channel::<(String, f64)>();
+    // Each sample's ALTER nodes (marker, reported waiting time, wait start → line read),
+    // sent as they arrive.
+    let (tx, rx) = mpsc::channel::<(String, Reported)>();
     thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
+            let Ok(read_at) = epoch_now() else { break };
             let Ok(sample) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            #[allow(clippy::cast_precision_loss)]
+            let Some(at) = sample["at"]
+                .as_str()
+                .and_then(|a| chrono::DateTime::parse_from_rfc3339(a).ok())
+                .map(|a| a.timestamp_micros() as f64 / 1e6)
+            else {
                 continue;
             };
             let mut found = Vec::new();
@@ -535,8 +590,13 @@ fn monitor_latency(cluster: &Cluster, bin: &Path, belay: &Path, trials: usize) -
                     collect_markers(t, &mut found);
                 }
             }
-            for f in found {
-                if tx.send(f).is_err() {
+            for (marker, waiting_ms) in found {
+                let reported = (read_at - (at - waiting_ms / 1000.0)) * 1000.0;
+                let r = Reported {
+                    reported,
+                    in_sample: waiting_ms,
+                };
+                if tx.send((marker, r)).is_err() {
                     return;
                 }
             }
@@ -546,37 +606,7 @@ fn monitor_latency(cluster: &Cluster, bin: &Path, belay: &Path, trials: usize) -
     let mut latencies = Vec::with_capacity(trials);
     for trial in 0..trials {
         let marker = format!("bench_marker_{trial}");
-        let mut holder = Command::new(bin.join("psql"));
-        holder
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &db.url])
-            .env("PGAPPNAME", "bench-holder")
-            .args([
-                "-c",
-                "BEGIN",
-                "-c",
-                "LOCK TABLE watched IN ACCESS SHARE MODE",
-                "-c",
-                "SELECT pg_sleep(1.5)",
-                "-c",
-                "COMMIT",
-            ])
-            .stdout(Stdio::null());
-        let holder = Killed(holder.spawn().context("could not start the holder psql")?);
-        // The ALTER must queue behind a granted lock, so wait until the holder has it.
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let held = psql(
-                &db.url,
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'bench-holder' AND l.granted AND l.relation = 'watched'::regclass",
-            )?;
-            if held.trim() != "0" {
-                break;
-            }
-            if Instant::now() > until {
-                bail!("the holder session never took its lock");
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        let holder = hold(bin, &db.url, "watched")?;
         let mut alter = Command::new(bin.join("psql"));
         alter
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &db.url, "-c"])
@@ -586,14 +616,17 @@ fn monitor_latency(cluster: &Cluster, bin: &Path, belay: &Path, trials: usize) -
             .stdout(Stdio::null());
         let alter = Killed(alter.spawn().context("could not start the ALTER psql")?);
         let reported = loop {
-            let (m, waiting_ms) = rx
+            let (m, r) = rx
                 .recv_timeout(Duration::from_secs(10))
                 .context("the monitor never reported the queued ALTER")?;
             if m == marker {
-                break waiting_ms;
+                break r;
             }
         };
-        println!("trial {trial}: first reported after {reported:.0} ms in the queue");
+        println!(
+            "trial {trial}: line read {:.1} ms after the ALTER began to wait (the sample shows {:.0} ms of waiting)",
+            reported.reported, reported.in_sample
+        );
         latencies.push(reported);
         let deadline = Instant::now() + Duration::from_secs(20);
         holder.wait_until(deadline).context("the holder session")?;
@@ -601,6 +634,195 @@ fn monitor_latency(cluster: &Cluster, bin: &Path, belay: &Path, trials: usize) -
     }
     drop(watch);
     Ok(latencies)
+}
+
+// ---------------------------------------------------------------------------------------
+// gauge latency: from a migration's ALTER entering the lock queue to the agent's gauge
+
+/// One scrape of `/metrics` at `addr` (plain HTTP/1.0, one connection per scrape).
+fn scrape(addr: &str) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("could not connect to the agent's metrics at {addr}"))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .context("could not ask for /metrics")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .context("could not read /metrics")?;
+    Ok(text)
+}
+
+/// The value of one series of a Prometheus text exposition, `None` when absent.
+fn series(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).map(str::trim))
+        .and_then(|v| v.parse().ok())
+}
+
+fn gauge_latency(
+    cluster: &Cluster,
+    bin: &Path,
+    belay: &Path,
+    agent: &Path,
+    trials: usize,
+) -> Result<Vec<f64>> {
+    heading(&format!(
+        "gauge latency: a migration run by `belay-agent` queues behind a holder, {trials} trials"
+    ));
+    let db = cluster.create_database_blocking()?;
+    psql(&db.url, "CREATE TABLE gauged (id int)")?;
+    let work = tempfile::tempdir().context("could not create a temp dir")?;
+    let migrations = work.path().join("migrations");
+    fs::create_dir(&migrations).context("could not create the migrations dir")?;
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("could not find a free port")?
+        .to_string();
+    let config = work.path().join("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "name = \"bench-gauges\"\n\n[[targets]]\nname = \"gauged\"\nurl = \"{}\"\nmigrations = \"{}\"\n",
+            db.url,
+            migrations.display()
+        ),
+    )
+    .context("could not write agent.toml")?;
+    let daemon = Daemon::start(
+        "belay-agent",
+        scrubbed(agent)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                &metrics,
+                "--config",
+            ])
+            .arg(&config),
+        &work.path().join("agent.log"),
+    )?;
+    let blocked = r#"belay_blocked_sessions{target="gauged"}"#;
+    let gauge = || -> Result<Option<f64>> { Ok(series(&scrape(&metrics)?, blocked)) };
+    let until = |what: &str, ok: &dyn Fn(Option<f64>) -> bool| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if ok(gauge()?) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{what}: not within 20 s; the agent's log:\n{}",
+                    daemon.log_tail(20)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until("the first sample", &|v| v == Some(0.0))?;
+
+    let mut latencies = Vec::with_capacity(trials);
+    for trial in 0..trials {
+        let holder = hold(bin, &db.url, "gauged")?;
+        fs::write(
+            migrations.join(format!("V{}__g{trial}.sql", trial + 1)),
+            format!("ALTER TABLE gauged ADD COLUMN g{trial} int;\n"),
+        )
+        .context("could not write a migration")?;
+        let mut migrate = scrubbed(belay);
+        migrate
+            .args([
+                "--controller",
+                &daemon.addr,
+                "--target",
+                "gauged",
+                "migrate",
+            ])
+            .arg("--no-preflight")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if trial == 0 {
+            println!("$ {}", describe(&migrate));
+        }
+        let migrate = migrate.spawn().context("could not run belay migrate")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seen = loop {
+            if gauge()?.is_some_and(|v| v >= 1.0) {
+                break epoch_now()?;
+            }
+            if Instant::now() > deadline {
+                let out = migrate.wait_with_output().context("belay migrate")?;
+                bail!(
+                    "the gauge never showed the queued ALTER; migrate said:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            thread::sleep(Duration::from_millis(2));
+        };
+        let began = psql(
+            &db.url,
+            "SELECT extract(epoch FROM waitstart) FROM pg_locks WHERE NOT granted AND locktype = 'relation' AND relation = 'gauged'::regclass",
+        )?;
+        let began: f64 = began
+            .trim()
+            .parse()
+            .with_context(|| format!("no waiting ALTER in pg_locks ({began:?})"))?;
+        let ms = (seen - began) * 1000.0;
+        println!(
+            "trial {trial}: the gauge showed the queued ALTER {ms:.1} ms after it began to wait"
+        );
+        latencies.push(ms);
+        let out = migrate.wait_with_output().context("belay migrate")?;
+        if !out.status.success() {
+            bail!(
+                "belay migrate failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        holder
+            .wait_until(Instant::now() + Duration::from_secs(20))
+            .context("the holder session")?;
+        until("the gauge back to zero", &|v| v == Some(0.0))?;
+    }
+    Ok(latencies)
+}
+
+/// A psql session (`bench-holder`) holding ACCESS SHARE on `table` for 1.5 s, returned
+/// once it holds it.
+fn hold(bin: &Path, url: &str, table: &str) -> Result<Killed> {
+    let mut holder = Command::new(bin.join("psql"));
+    holder
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url])
+        .env("PGAPPNAME", "bench-holder")
+        .args([
+            "-c",
+            "BEGIN",
+            "-c",
+            &format!("LOCK TABLE {table} IN ACCESS SHARE MODE"),
+            "-c",
+            "SELECT pg_sleep(1.5)",
+            "-c",
+            "COMMIT",
+        ])
+        .stdout(Stdio::null());
+    let holder = Killed(holder.spawn().context("could not start the holder psql")?);
+    // The ALTER must queue behind a granted lock, so wait until the holder has it.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = psql(
+            url,
+            &format!(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'bench-holder' AND l.granted AND l.relation = '{table}'::regclass"
+            ),
+        )?;
+        if held.trim() != "0" {
+            return Ok(holder);
+        }
+        if Instant::now() > until {
+            bail!("the holder session never took its lock");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Finds nodes whose query carries a `bench_marker_N` comment and is waiting.

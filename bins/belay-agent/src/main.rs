@@ -311,7 +311,14 @@ async fn serve(args: Args) -> ExitCode {
         local = local.with_script_gate(&name, Arc::new(lint_gate));
     }
     for (name, url) in guarded {
-        local = local.with_lock_guard(&name, Arc::new(belay_guards::LockGuardAdapter::new(url)));
+        let mut guard = belay_guards::LockGuardAdapter::new(url);
+        // The guard's polls feed the target's lock gauges, when they are exported.
+        if args.metrics_listen.is_some()
+            && let Some(s) = lock_samples.iter().find(|s| s.name() == name)
+        {
+            guard = guard.with_observer(s.observer());
+        }
+        local = local.with_lock_guard(&name, Arc::new(guard));
     }
     for (name, url, dir, mode) in backups {
         let target = name.clone();

@@ -7,11 +7,20 @@
 //! the agent's whole life, which would take one of the target's `max_connections` slots,
 //! sit idle in every DBA's `pg_stat_activity`, and stay pinned to a server a failover may
 //! have replaced.
+//!
+//! While a migration statement of a sampled target runs, its lock guard polls the lock
+//! queue every 10 ms anyway: [`TargetGauges`] takes each of those polls into the
+//! `belay_blocked_sessions` and `belay_longest_lock_wait_seconds` gauges, so a chain that
+//! forms during a migration shows within a guard poll instead of a sampling period, for no
+//! extra query; when the statement ends they keep the waits of the guard's last poll that
+//! the statement's end did not release (the migration's own and those queued behind it).
 
 use std::time::Duration;
 
 use belay_core::DatabaseUrl;
-use belay_locks::{LocalLocks, LockMonitorApi, LockSnapshot, MonitorOptions};
+use belay_locks::{
+    LocalLocks, LockMonitorApi, LockSnapshot, MonitorOptions, QueueObserver, QueueSeen,
+};
 use belay_telemetry::names;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +40,56 @@ pub struct Sampled {
     name: String,
     url: DatabaseUrl,
     period: Duration,
+    gauges: Arc<TargetGauges>,
+}
+
+impl Sampled {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the target's lock guard tells, for its gauges.
+    pub fn observer(&self) -> Arc<dyn QueueObserver> {
+        self.gauges.clone()
+    }
+}
+
+/// The lock-wait gauges of one target: set by each sample, and by each poll of the
+/// target's lock guard while a migration statement runs.
+#[derive(Debug)]
+pub struct TargetGauges {
+    target: String,
+}
+
+impl TargetGauges {
+    fn new(target: &str) -> Self {
+        TargetGauges {
+            target: target.to_string(),
+        }
+    }
+
+    fn set_waits(&self, waiting: f64, longest_s: f64) {
+        metrics::gauge!(names::BLOCKED_SESSIONS, "target" => self.target.clone()).set(waiting);
+        metrics::gauge!(names::LONGEST_LOCK_WAIT_SECONDS, "target" => self.target.clone())
+            .set(longest_s);
+    }
+}
+
+impl QueueObserver for TargetGauges {
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "gauges are f64; session counts far below 2^52"
+    )]
+    fn seen(&self, queue: QueueSeen) {
+        self.set_waits(
+            queue.waiting as f64,
+            Duration::from_millis(queue.longest_wait_ms).as_secs_f64(),
+        );
+    }
+
+    fn ended(&self, rest: QueueSeen) {
+        self.seen(rest);
+    }
 }
 
 /// The targets whose locks are sampled (those with a `lock_sample_period`).
@@ -42,6 +101,7 @@ pub fn plan(targets: &[LoadedTarget]) -> Vec<Sampled> {
                 name: t.spec.name.clone(),
                 url: t.spec.url.clone(),
                 period,
+                gauges: Arc::new(TargetGauges::new(&t.spec.name)),
             })
         })
         .collect()
@@ -131,7 +191,7 @@ async fn sample_loop(t: Sampled, offset: Duration, stop: CancellationToken, budg
         };
         match result {
             Ok(snapshot) => {
-                record(&t.name, &snapshot);
+                record(&t.gauges, &snapshot);
                 if failing {
                     tracing::info!("lock sampling works again");
                     failing = false;
@@ -161,13 +221,13 @@ async fn sample_loop(t: Sampled, offset: Duration, stop: CancellationToken, budg
     clippy::cast_precision_loss,
     reason = "gauges are f64; counts and byte lags far below 2^52"
 )]
-fn record(target: &str, s: &LockSnapshot) {
+fn record(gauges: &TargetGauges, s: &LockSnapshot) {
+    let target = &gauges.target;
     let gauge = |name: &'static str, value: f64| {
         metrics::gauge!(name, "target" => target.to_string()).set(value);
     };
-    gauge(names::BLOCKED_SESSIONS, s.waiting_count() as f64);
-    gauge(
-        names::LONGEST_LOCK_WAIT_SECONDS,
+    gauges.set_waits(
+        s.waiting_count() as f64,
         Duration::from_millis(s.longest_wait_ms()).as_secs_f64(),
     );
     gauge(names::LONG_RUNNING_QUERIES, s.long_running.len() as f64);

@@ -18,8 +18,8 @@ pub struct LocksArgs {
     /// json: one JSON object per line)
     #[arg(long)]
     pub watch: bool,
-    /// Time between samples with --watch. Each sample is one cheap catalog query; the
-    /// default reports a new lock queue within about a quarter of a second
+    /// Time between samples with --watch. Each sample is one catalog query; a new lock wait
+    /// is reported at once whatever the period (a probe looks for one every 20 ms)
     #[arg(long, value_name = "DURATION", default_value = "200ms")]
     pub period: String,
     /// With --watch: stop after printing N snapshots [default: until Ctrl-C]

@@ -1,7 +1,7 @@
 //! [`LockGuardAdapter`]: `belay_migrate::LockGuardHook` over `belay_locks::LockGuard`.
 
 use belay_core::DatabaseUrl;
-use belay_locks::{Blocker, LockGuard, LocksError, SessionInfo, WaitOutcome};
+use belay_locks::{Blocker, LockGuard, LocksError, QueueObserver, SessionInfo, WaitOutcome};
 use belay_migrate::{
     ApiError, ErrorKind, LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd,
 };
@@ -28,6 +28,8 @@ pub struct LockGuardAdapter {
     /// The migration session the last watch was for: what a wait for its blockers
     /// announces.
     migration_pid: Arc<Mutex<Option<i32>>>,
+    /// Told what each of the guard's polls sees (the agent's lock gauges).
+    observer: Option<Arc<dyn QueueObserver>>,
 }
 
 impl std::fmt::Debug for LockGuardAdapter {
@@ -54,8 +56,9 @@ fn api_error(e: LocksError) -> ApiError {
     ApiError::new(kind, format!("lock guard: {e}"))
 }
 
-/// How often the guard looks at the queue: a fifth of the budget, so a trip comes at most
-/// ~20% late, between 10 ms (the queue query's cost stays negligible) and 100 ms.
+/// How often the guard looks at the queue: a fifth of the budget, between 10 ms (the queue
+/// query's cost stays negligible) and 100 ms. The guard trips at the last poll before a
+/// wait would pass the budget, so a trip comes up to one period early, never late.
 fn period_for(max_blocking: Duration) -> Duration {
     (max_blocking / 5).clamp(Duration::from_millis(10), Duration::from_millis(100))
 }
@@ -140,7 +143,16 @@ impl LockGuardAdapter {
             url,
             idle: Arc::new(Mutex::new(None)),
             migration_pid: Arc::new(Mutex::new(None)),
+            observer: None,
         }
+    }
+
+    /// Tells `observer` what every poll of the guard sees while a statement runs: the
+    /// target's lock waits at the guard's rate (10 ms at the default budget), where a
+    /// sample of its own would come once per sampling period.
+    pub fn with_observer(mut self, observer: Arc<dyn QueueObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The idle connection, or a new one.
@@ -248,7 +260,13 @@ impl LockGuardHook for LockGuardAdapter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(backend_pid);
         let conn = self.session().await?;
-        let guard = LockGuard::start_on(conn, backend_pid, max_blocking, period_for(max_blocking));
+        let guard = LockGuard::start_on(
+            conn,
+            backend_pid,
+            max_blocking,
+            period_for(max_blocking),
+            self.observer.clone(),
+        );
         Ok(Box::new(Watch {
             guard,
             idle: self.idle.clone(),

@@ -28,9 +28,9 @@ pub struct MonitorOptions {
     pub period: Duration,
 }
 
-/// Default time between samples of a watch: one cheap query per sample, frequent enough that
-/// a new lock queue is reported within about a quarter of a second (`cargo xtask bench
-/// locks` measures it, and what the sampling costs pgbench).
+/// Default time between samples of a watch: one query per sample. A new lock queue does not
+/// wait for it: the watch's probe ([`crate::PROBE_PERIOD`]) samples at once when a wait
+/// begins (`cargo xtask bench locks` measures the latency, and what watching costs pgbench).
 pub const DEFAULT_WATCH_PERIOD: Duration = Duration::from_millis(200);
 
 impl Default for MonitorOptions {

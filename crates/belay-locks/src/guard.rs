@@ -23,7 +23,8 @@ pub const GUARD_APPLICATION: &str = "belay-lock-guard";
 /// alone its blockers are described (who, what transaction, which lock on what), so the
 /// poll that decides to give way has already read whom to name. One read of `pg_locks` for
 /// the queue; `pg_blocking_pids` only for waiting sessions; the description only while
-/// the migration waits. `$1` = the migration's pid, `$2` = query excerpt length.
+/// the migration waits; and whether the waiter is in the guard's own database (what a
+/// [`QueueObserver`] is told). `$1` = the migration's pid, `$2` = query excerpt length.
 const QUEUE_SQL: &str = r#"
 WITH w AS MATERIALIZED (
     SELECT pid, min((to_jsonb(l) ->> 'waitstart')::timestamptz) AS waitstart
@@ -52,7 +53,8 @@ SELECT s.pid, coalesce(s.leader_pid, s.pid) AS leader,
            LEFT JOIN LATERAL (SELECT m.locktype, m.database, m.relation, m.transactionid
                               FROM pg_locks m WHERE m.pid = s.pid AND NOT m.granted LIMIT 1) want ON true
            WHERE b.pid = ANY(pg_blocking_pids(s.pid))
-       ) END AS blockers
+       ) END AS blockers,
+       s.datname IS NOT DISTINCT FROM current_database() AS here
 FROM pg_stat_activity s LEFT JOIN w ON w.pid = s.pid
 WHERE s.wait_event_type = 'Lock' AND s.pid <> pg_backend_pid()
 "#;
@@ -96,8 +98,29 @@ impl Blocker {
     }
 }
 
-/// One intervention of the guard: sessions queued behind the migration waited past the
-/// budget, so the migration's statement was cancelled.
+/// The lock waits of the guard's database as one poll saw them: every session waiting for
+/// a heavyweight lock there (parallel workers counted as their leader), whether or not it
+/// is behind the migration, and the longest of their waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueSeen {
+    pub waiting: usize,
+    pub longest_wait_ms: u64,
+}
+
+/// Told what every poll of a guard sees, and when the guard stops: a live picture of the
+/// target's lock waits while a migration statement runs, at the guard's poll rate, for
+/// whoever reports them (the agent's lock gauges) without a sample of its own. Called on
+/// the guard's task: it must return at once.
+pub trait QueueObserver: Send + Sync + std::fmt::Debug {
+    fn seen(&self, queue: QueueSeen);
+    /// The guard stopped (the statement ended, or the guard failed). `rest`: the waits of
+    /// its last poll without the migration and the sessions queued behind it, which the
+    /// statement's end released — what is left of the picture without a new look.
+    fn ended(&self, rest: QueueSeen);
+}
+
+/// One intervention of the guard: sessions queued behind the migration would have waited
+/// past the budget by the next poll, so the migration's statement was cancelled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GuardTrip {
     pub at: DateTime<Utc>,
@@ -117,7 +140,10 @@ pub struct GuardTrip {
 }
 
 /// Watches the lock queue behind a migration's backend from a connection of its own and
-/// cancels the migration's statement when that queue has waited past `max_blocking`.
+/// cancels the migration's statement before anyone in that queue has waited past
+/// `max_blocking`: at the last poll before the budget runs out (at a wait that would pass
+/// it before the next poll), so the longest the application waits is about the budget
+/// plus the cancel's round trip, not the budget plus a poll period.
 ///
 /// Typical use by the executor, per statement attempt:
 /// `start` → run the statement → `stop`; if the statement failed with SQLSTATE 57014
@@ -151,101 +177,38 @@ impl LockGuard {
             migration_backend_pid,
             max_blocking,
             period,
+            None,
         ))
     }
 
-    /// As [`LockGuard::start`], on a connection the caller opened (it is closed on stop).
+    /// As [`LockGuard::start`], on a connection the caller opened (it is closed on stop),
+    /// telling `observer` (if any) what each poll sees.
     pub fn start_on(
-        mut conn: PgConnection,
+        conn: PgConnection,
         migration_pid: i32,
         max_blocking: Duration,
         period: Duration,
+        observer: Option<Arc<dyn QueueObserver>>,
     ) -> LockGuard {
         let (trip_tx, trips) = mpsc::unbounded_channel();
-        let (stop, mut stopped) = oneshot::channel::<()>();
-        let budget = u64::try_from(max_blocking.as_millis()).unwrap_or(u64::MAX);
+        let (stop, stopped) = oneshot::channel::<()>();
         let last_blockers = Arc::new(Mutex::new(Vec::new()));
-        let seen = last_blockers.clone();
+        let poll = Poll {
+            migration_pid,
+            period: period.max(Duration::from_millis(5)),
+            budget: max_blocking,
+            seen: last_blockers.clone(),
+            trip_tx,
+        };
         let task = tokio::spawn(async move {
-            // The first look comes one period in, not at once: nobody can have queued
-            // behind a statement for `max_blocking` before it has run for a fifth of that
-            // (a queue left from the transaction's earlier statements was watched by
-            // their watches), and most migration statements end well within a period, so
-            // they cost the server nothing here.
-            let period = period.max(Duration::from_millis(5));
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut armed = true;
-            let mut bounded = false;
-            let result = loop {
-                tokio::select! {
-                    _ = &mut stopped => break Ok(()),
-                    _ = tick.tick() => {}
-                }
-                if !bounded {
-                    // Each poll must stay cheap; a poll that cannot finish quickly is
-                    // skipped.
-                    if let Err(e) = sqlx::query("SET statement_timeout = '2s'")
-                        .execute(&mut conn)
-                        .await
-                    {
-                        break Err(LocksError::query("set statement_timeout")(e));
-                    }
-                    bounded = true;
-                }
-                let queue = match queue_behind(&mut conn, migration_pid).await {
-                    Ok(q) => q,
-                    Err(e) => break Err(e),
-                };
-                if !queue.blockers.is_empty() {
-                    *seen.lock().unwrap_or_else(PoisonError::into_inner) = queue.blockers.clone();
-                }
-                if queue.queued.is_empty() {
-                    armed = true;
-                    continue;
-                }
-                if !armed || queue.longest_wait_ms <= budget {
-                    continue;
-                }
-                let sent = sqlx::query_scalar("SELECT pg_cancel_backend($1)")
-                    .bind(migration_pid)
-                    .fetch_one(&mut conn)
-                    .await;
-                armed = false;
-                let trip = GuardTrip {
-                    at: Utc::now(),
-                    migration_pid,
-                    blocked_sessions: queue.queued,
-                    longest_wait_ms: queue.longest_wait_ms,
-                    blockers_of_migration: queue.blockers_of_migration,
-                    blockers: queue.blockers,
-                    cancelled: matches!(sent, Ok(true)),
-                };
-                if let Err(e) = sent {
-                    // The signal may have gone out before the guard's own session failed
-                    // (the migration then fails with 57014): the trip is reported either
-                    // way, so the executor can tell a guard's cancel from any other.
-                    let _ = trip_tx.send(trip);
-                    break Err(LocksError::Query {
-                        what: "pg_cancel_backend",
-                        source: e,
-                    });
-                }
-                tracing::warn!(
-                    migration_pid,
-                    blocked = trip.blocked_sessions.len(),
-                    longest_wait_ms = trip.longest_wait_ms,
-                    blockers = ?trip.blockers_of_migration,
-                    "lock guard cancelled the migration statement"
-                );
-                let _ = trip_tx.send(trip);
-            };
-            if result.is_err() {
-                // The connection may be what failed: never hand it out again.
-                let _ = conn.close().await;
-                return (result, None);
+            let mut rest = QueueSeen::default();
+            let out = poll
+                .run(conn, stopped, observer.as_deref(), &mut rest)
+                .await;
+            if let Some(o) = &observer {
+                o.ended(rest);
             }
-            (result, Some(conn))
+            out
         });
         LockGuard {
             trips,
@@ -327,6 +290,118 @@ impl Drop for LockGuard {
     }
 }
 
+/// One guard's polling, on its own task.
+struct Poll {
+    migration_pid: i32,
+    period: Duration,
+    budget: Duration,
+    /// The migration's blockers at the last poll that saw it waiting.
+    seen: Arc<Mutex<Vec<Blocker>>>,
+    trip_tx: mpsc::UnboundedSender<GuardTrip>,
+}
+
+impl Poll {
+    /// Whether a queue whose longest wait is `longest_wait_ms` must be released now: the
+    /// next poll would see it past the budget.
+    fn must_trip(&self, longest_wait_ms: u64) -> bool {
+        let budget = u64::try_from(self.budget.as_millis()).unwrap_or(u64::MAX);
+        let period = u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX);
+        longest_wait_ms.saturating_add(period) > budget
+    }
+
+    async fn run(
+        self,
+        mut conn: PgConnection,
+        mut stopped: oneshot::Receiver<()>,
+        observer: Option<&dyn QueueObserver>,
+        rest: &mut QueueSeen,
+    ) -> (Result<(), LocksError>, Option<PgConnection>) {
+        let migration_pid = self.migration_pid;
+        // The first look comes one period in, not at once: nobody can have queued behind a
+        // statement for `max_blocking` before it has run for a fifth of that (a queue left
+        // from the transaction's earlier statements was watched by their watches), and
+        // most migration statements end well within a period, so they cost the server
+        // nothing here.
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.period, self.period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut armed = true;
+        let mut bounded = false;
+        let result = loop {
+            tokio::select! {
+                _ = &mut stopped => break Ok(()),
+                _ = tick.tick() => {}
+            }
+            if !bounded {
+                // Each poll must stay cheap; a poll that cannot finish quickly is skipped.
+                if let Err(e) = sqlx::query("SET statement_timeout = '2s'")
+                    .execute(&mut conn)
+                    .await
+                {
+                    break Err(LocksError::query("set statement_timeout")(e));
+                }
+                bounded = true;
+            }
+            let (queue, here) = match queue_behind(&mut conn, migration_pid).await {
+                Ok(q) => q,
+                Err(e) => break Err(e),
+            };
+            if let Some(o) = observer {
+                o.seen(here.all);
+            }
+            *rest = here.rest;
+            if !queue.blockers.is_empty() {
+                *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = queue.blockers.clone();
+            }
+            if queue.queued.is_empty() {
+                armed = true;
+                continue;
+            }
+            if !armed || !self.must_trip(queue.longest_wait_ms) {
+                continue;
+            }
+            let sent = sqlx::query_scalar("SELECT pg_cancel_backend($1)")
+                .bind(migration_pid)
+                .fetch_one(&mut conn)
+                .await;
+            armed = false;
+            let trip = GuardTrip {
+                at: Utc::now(),
+                migration_pid,
+                blocked_sessions: queue.queued,
+                longest_wait_ms: queue.longest_wait_ms,
+                blockers_of_migration: queue.blockers_of_migration,
+                blockers: queue.blockers,
+                cancelled: matches!(sent, Ok(true)),
+            };
+            if let Err(e) = sent {
+                // The signal may have gone out before the guard's own session failed
+                // (the migration then fails with 57014): the trip is reported either
+                // way, so the executor can tell a guard's cancel from any other.
+                let _ = self.trip_tx.send(trip);
+                break Err(LocksError::Query {
+                    what: "pg_cancel_backend",
+                    source: e,
+                });
+            }
+            tracing::warn!(
+                migration_pid,
+                blocked = trip.blocked_sessions.len(),
+                longest_wait_ms = trip.longest_wait_ms,
+                blockers = ?trip.blockers_of_migration,
+                "lock guard cancelled the migration statement"
+            );
+            let _ = self.trip_tx.send(trip);
+        };
+        if result.is_err() {
+            // The connection may be what failed: never hand it out again.
+            let _ = conn.close().await;
+            return (result, None);
+        }
+        (result, Some(conn))
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     queued: Vec<i32>,
@@ -335,10 +410,30 @@ struct Queue {
     blockers: Vec<Blocker>,
 }
 
-/// pid, leader, blocked_by, waiting_ms, the migration's blockers described (JSON).
-type QueueRow = (i32, i32, Vec<i32>, Option<i64>, Option<String>);
+/// pid, leader, blocked_by, waiting_ms, the migration's blockers described (JSON), in
+/// the guard's database.
+type QueueRow = (
+    i32,
+    i32,
+    Vec<i32>,
+    Option<i64>,
+    Option<String>,
+    Option<bool>,
+);
 
-async fn queue_behind(conn: &mut PgConnection, migration_pid: i32) -> Result<Queue, LocksError> {
+/// The lock waits of the guard's database: all of them, and the rest once the migration
+/// and the sessions queued behind it are left out.
+#[derive(Debug, Clone, Copy, Default)]
+struct Here {
+    all: QueueSeen,
+    rest: QueueSeen,
+}
+
+/// The queue behind the migration, and the lock waits of the guard's database.
+async fn queue_behind(
+    conn: &mut PgConnection,
+    migration_pid: i32,
+) -> Result<(Queue, Here), LocksError> {
     let rows: Vec<QueueRow> = sqlx::query_as(QUEUE_SQL)
         .bind(migration_pid)
         .bind(i32::try_from(QUERY_EXCERPT_CHARS).unwrap_or(i32::MAX))
@@ -351,11 +446,30 @@ async fn queue_behind(conn: &mut PgConnection, migration_pid: i32) -> Result<Que
         .map(serde_json::from_str::<Vec<Blocker>>)
         .transpose()?
         .unwrap_or_default();
+    let mut here: HashMap<i32, u64> = HashMap::new();
+    for r in rows.iter().filter(|r| r.5 == Some(true)) {
+        let w = r.3.map_or(0, |v| u64::try_from(v).unwrap_or(0));
+        let e = here.entry(r.1).or_default();
+        *e = (*e).max(w);
+    }
     let plain: Vec<(i32, i32, Vec<i32>, Option<i64>)> =
         rows.into_iter().map(|r| (r.0, r.1, r.2, r.3)).collect();
     let mut q = queue_from_rows(migration_pid, &plain);
     q.blockers = described;
-    Ok(q)
+    let seen = |waits: &mut dyn Iterator<Item = u64>| {
+        waits.fold(QueueSeen::default(), |s, w| QueueSeen {
+            waiting: s.waiting + 1,
+            longest_wait_ms: s.longest_wait_ms.max(w),
+        })
+    };
+    let all = seen(&mut here.values().copied());
+    let rest = seen(
+        &mut here
+            .iter()
+            .filter(|(p, _)| **p != migration_pid && q.queued.binary_search(p).is_err())
+            .map(|(_, w)| *w),
+    );
+    Ok((q, Here { all, rest }))
 }
 
 /// Sessions waiting (directly or through other waiters) for `migration_pid`, parallel

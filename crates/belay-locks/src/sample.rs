@@ -14,6 +14,9 @@ use crate::{LocksError, QUERY_EXCERPT_CHARS, tree};
 pub(crate) const SAMPLE_STATEMENT_TIMEOUT: &str = "SET LOCAL statement_timeout = '2s'";
 /// Reading catalog views takes no heavyweight lock worth waiting for.
 pub(crate) const SAMPLE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '200ms'";
+/// The same limits for a session that only samples (a watch's own): set once.
+pub(crate) const SAMPLE_SESSION_SETTINGS: &str =
+    "SET statement_timeout = '2s'; SET lock_timeout = '200ms'";
 
 /// One round trip, one row, one JSON document. `pg_locks` is read once (each reference to
 /// the view would call `pg_lock_status()` again, which briefly takes every lock-manager
@@ -223,6 +226,21 @@ pub(crate) async fn sample_raw(
         .map_err(LocksError::query("sample"))?;
     tx.commit().await.map_err(LocksError::query("commit"))?;
     Ok(json.0)
+}
+
+/// As [`snapshot`], on a session that is the caller's own and already carries
+/// [`SAMPLE_SESSION_SETTINGS`]: the query alone, one round trip.
+pub(crate) async fn snapshot_on_own_session(
+    conn: &mut PgConnection,
+    opts: &SnapshotOptions,
+) -> Result<LockSnapshot, LocksError> {
+    let json: sqlx::types::Json<RawSample> = sqlx::query_scalar(SAMPLE_SQL)
+        .bind(millis(opts.long_running))
+        .bind(millis(opts.idle_in_transaction))
+        .fetch_one(conn)
+        .await
+        .map_err(LocksError::query("sample"))?;
+    Ok(build(json.0, opts))
 }
 
 fn millis(d: std::time::Duration) -> i64 {

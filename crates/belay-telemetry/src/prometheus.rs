@@ -308,7 +308,7 @@ pub const CATALOG: &[Metric] = {
             unit: Some(Unit::Count),
             labels: &["target"],
             exposed_by: Agent,
-            help: "Sessions waiting for a lock in the target database, by target (agent's last lock sample).",
+            help: "Sessions waiting for a lock in the target database, by target (agent's last lock sample, or its lock guard's last poll while a migration statement runs).",
         },
         Metric {
             name: LONGEST_LOCK_WAIT_SECONDS,
@@ -316,7 +316,7 @@ pub const CATALOG: &[Metric] = {
             unit: Some(Unit::Seconds),
             labels: &["target"],
             exposed_by: Agent,
-            help: "The longest lock wait in the target database, by target (agent's last lock sample).",
+            help: "The longest lock wait in the target database, by target (agent's last lock sample, or its lock guard's last poll while a migration statement runs).",
         },
         Metric {
             name: LONG_RUNNING_QUERIES,
