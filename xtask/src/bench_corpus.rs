@@ -477,6 +477,9 @@ impl Class {
     }
 }
 
+/// One phase of the breakdown run: its wall time and what the server logged.
+type PhaseRun = (Phase, Duration, Logged);
+
 #[derive(Default)]
 struct Logged {
     /// (messages, server-side ms) per class.
@@ -546,7 +549,7 @@ fn breakdown(
     heading(&format!(
         "corpus {label}: breakdown run (every message logged)"
     ));
-    let mut per_side: Vec<(&'static str, Vec<(Phase, Duration, Logged)>)> = Vec::new();
+    let mut per_side: Vec<(&'static str, Vec<PhaseRun>)> = Vec::new();
     for side in sides {
         let db = cluster.create_database_blocking()?;
         belay_testkit::psql(

@@ -14,7 +14,8 @@ use tracing::Instrument;
 /// the migration's session from a session of its own (`belay-lock-guard` in
 /// `pg_stat_activity`, needing `pg_monitor` or the migration's own role to see and cancel
 /// it), cancels the statement when the application has queued behind it past the budget,
-/// and waits out the migration's blockers before the executor retries.
+/// and waits out the migration's blockers before the executor retries — with the sessions
+/// its last cancel released, which hold the table's lock until their transactions end.
 ///
 /// One connection serves the whole run: handed from one statement's watch to the next
 /// (a guard connecting per statement would cost a connection setup per statement), and
@@ -30,6 +31,9 @@ pub struct LockGuardAdapter {
     migration_pid: Arc<Mutex<Option<i32>>>,
     /// Told what each of the guard's polls sees (the agent's lock gauges).
     observer: Option<Arc<dyn QueueObserver>>,
+    /// The sessions the last trip's cancel released (they were queued behind the
+    /// migration): see [`LockGuardHook::wait_until_gone`] below.
+    released: Arc<Mutex<Vec<i32>>>,
 }
 
 impl std::fmt::Debug for LockGuardAdapter {
@@ -144,6 +148,7 @@ impl LockGuardAdapter {
             idle: Arc::new(Mutex::new(None)),
             migration_pid: Arc::new(Mutex::new(None)),
             observer: None,
+            released: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -195,14 +200,23 @@ fn give_back(idle: &Mutex<Option<PgConnection>>, conn: PgConnection) {
 struct Watch {
     guard: LockGuard,
     idle: Arc<Mutex<Option<PgConnection>>>,
+    released: Arc<Mutex<Vec<i32>>>,
 }
 
 #[async_trait::async_trait]
 impl LockWatch for Watch {
     async fn stop(self: Box<Self>) -> Result<WatchEnd, ApiError> {
-        let Watch { guard, idle } = *self;
+        let Watch {
+            guard,
+            idle,
+            released,
+        } = *self;
         let last_blockers = guard.last_blockers().into_iter().map(brief_of).collect();
         let (trips, mut conn) = guard.stop_keeping_connection().await.map_err(api_error)?;
+        if let Some(last) = trips.last() {
+            *released.lock().unwrap_or_else(PoisonError::into_inner) =
+                last.blocked_sessions.clone();
+        }
         let mut out = Vec::with_capacity(trips.len());
         for t in trips {
             // The poll that tripped described them; only when it could not (they left
@@ -259,6 +273,11 @@ impl LockGuardHook for LockGuardAdapter {
             .migration_pid
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(backend_pid);
+        // Only the trip of the statement watched last releases anyone worth waiting for.
+        self.released
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         let conn = self.session().await?;
         let guard = LockGuard::start_on(
             conn,
@@ -270,6 +289,7 @@ impl LockGuardHook for LockGuardAdapter {
         Ok(Box::new(Watch {
             guard,
             idle: self.idle.clone(),
+            released: self.released.clone(),
         }))
     }
 
@@ -283,6 +303,15 @@ impl LockGuardHook for LockGuardAdapter {
             .migration_pid
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // The sessions the cancel released got the lock they queued for, and hold it until
+        // their transactions end: the next attempt's blockers as much as `pids`. Retrying
+        // the moment `pids` are gone would queue behind them at once, each with its whole
+        // transaction still ahead (under steady short writes, the worst moment to try).
+        let released =
+            std::mem::take(&mut *self.released.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut all = pids.to_vec();
+        all.extend(released.into_iter().filter(|p| !pids.contains(p)));
+        let pids = all.as_slice();
         // Between attempts nothing waits, so no blocking tree shows the migration; the
         // guard's session says whom it waits for, for `belay locks` in any process.
         let announced = match migration {

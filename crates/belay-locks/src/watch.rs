@@ -120,6 +120,8 @@ pub fn watch(
                 () = tx.closed() => break,
             }
             let due = Instant::now() >= next_sample;
+            // A probe that found something new has just looked: the sample follows at once.
+            let mut looked = false;
             if !due {
                 let Some(c) = conn.as_mut() else { continue };
                 match probe(c).await {
@@ -129,6 +131,7 @@ pub fn watch(
                         if !new {
                             continue;
                         }
+                        looked = true;
                     }
                     // Said by the sample taken now, which reconnects if it must.
                     Err(e) => {
@@ -145,6 +148,9 @@ pub fn watch(
                 }
             }
             let result = match conn.as_mut() {
+                Some(c) if looked => snapshot_on_own_session(c, &opts)
+                    .await
+                    .map(|snap| (known.clone().unwrap_or_default(), snap)),
                 Some(c) => probe_and_sample(c, &opts).await,
                 None => match watch_session(&url).await {
                     Ok(mut c) => {
