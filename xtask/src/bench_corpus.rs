@@ -457,7 +457,7 @@ impl Class {
         } else if lower.contains("deployment") {
             Class::DeployLog
         } else if [
-            "pg_advisory",
+            "advisory_",
             "pg_locks",
             "pg_stat_activity",
             "pg_backend_pid",
