@@ -146,10 +146,12 @@ pub fn fleet(
             &pg_bin,
             &bins,
             work.path(),
-            tenants,
-            parallel,
-            budget,
-            no_preflight,
+            &Shape {
+                tenants,
+                parallel,
+                budget,
+                no_preflight,
+            },
         )?
     };
     let heartbeat_line = heartbeats(&bins, work.path(), agents, seconds)?;
@@ -166,16 +168,27 @@ pub fn fleet(
 // ---------------------------------------------------------------------------------------
 // (a) deploy through controller + agent vs. (b) local-mode migrate, target by target
 
+/// What the deploy-vs-sequential comparison runs.
+struct Shape {
+    tenants: usize,
+    parallel: u32,
+    budget: u32,
+    no_preflight: bool,
+}
+
 fn deploy_vs_sequential(
     cluster: &Cluster,
     pg_bin: &Path,
     bins: &Bins,
     work: &Path,
-    tenants: usize,
-    parallel: u32,
-    budget: u32,
-    no_preflight: bool,
+    shape: &Shape,
 ) -> Result<String> {
+    let &Shape {
+        tenants,
+        parallel,
+        budget,
+        no_preflight,
+    } = shape;
     let migrations = work.join("migrations");
     fs::create_dir(&migrations).context("could not create the migrations dir")?;
     for (name, sql) in CHANGE {

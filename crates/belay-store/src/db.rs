@@ -24,8 +24,9 @@ pub(crate) enum Pool {
 /// SQLite has one writer at a time, and a writer that finds the file locked waits in
 /// SQLite's busy handler, which sleeps (1, 2, 5, 10 … ms) and polls; with the controller
 /// recording the events of many targets at once, those sleeps added up to most of a
-/// write's time. The controller's writes take this lock first instead: they queue in
-/// order and each starts the moment the previous one commits. `busy_timeout` still covers
+/// write's time. The controller's write transactions take this lock first instead: they
+/// queue in order and each starts the moment the previous one commits. Single autocommitted
+/// statements (heartbeats) do not queue behind them; `busy_timeout` covers those and
 /// another process on the same file.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SqliteWriter(std::sync::Arc<tokio::sync::Mutex<()>>);
@@ -226,10 +227,9 @@ impl Pool {
         vals: &[Val<'_>],
     ) -> Result<u64, sqlx::Error> {
         Ok(match self {
-            Pool::Sqlite(p, writer) => {
-                let _writing = writer.lock().await;
-                sqlite_query(sql, vals).execute(p).await?.rows_affected()
-            }
+            // One autocommitted statement (a heartbeat): not queued behind the
+            // transactions of a deployment's targets, as before the writer lock.
+            Pool::Sqlite(p, _) => sqlite_query(sql, vals).execute(p).await?.rows_affected(),
             Pool::Pg(p) => pg_query(sql, vals).execute(p).await?.rows_affected(),
         })
     }
