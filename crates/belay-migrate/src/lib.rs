@@ -1,7 +1,7 @@
 //! The migration engine: reads migration sources in five layouts, plans what to apply
 //! or undo against a target's history, and executes it lock-safely — one runner per
-//! database, one transaction per migration with its history row inside, short lock
-//! timeouts retried with backoff so the application's queries never queue for long.
+//! database, one transaction per migration with its history row inside, each lock waited
+//! for only while no application query queues behind it longer than `max_blocking`.
 //! It must not decide rollbacks (that is `belay-rollback`'s job) nor own the history
 //! table's storage (that is `belay-history`).
 

@@ -1,5 +1,6 @@
 //! The executor: one runner per database, one transaction per migration with its history
-//! row inside, short lock timeouts retried with backoff, failures mapped to `file:line`.
+//! row inside, lock waits given up (and retried once the blockers leave) as soon as the
+//! application queues behind them, failures mapped to `file:line`.
 
 use crate::backup::{BackupContext, BackupHook, BackupStep};
 use crate::config::ExecConfig;
