@@ -36,7 +36,7 @@ const PROBE_PERIOD: &str = "500ms";
 const DEFAULT_CORPUS: &str = "/tmp/belay-bench/corpus/kratos/migrations";
 
 /// The recorded steps, in order, as `belay_deploy::Step` spells them.
-const STEPS: [&str; 6] = [
+pub(crate) const STEPS: [&str; 6] = [
     "planned",
     "preflight",
     "backing_up",

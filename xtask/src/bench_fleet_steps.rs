@@ -10,15 +10,7 @@ use anyhow::{Context, Result, ensure};
 use chrono::{DateTime, Utc};
 use sqlx::Connection as _;
 
-/// Pipeline steps in their order, as the transitions name them.
-const STEPS: &[&str] = &[
-    "planned",
-    "preflight",
-    "backing_up",
-    "migrating",
-    "validating",
-    "watching",
-];
+use crate::bench_deploy::STEPS;
 
 /// What a stage of a target's run covers, by the marker it starts at.
 fn describe(stage: &str) -> &'static str {
