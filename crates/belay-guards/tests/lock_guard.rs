@@ -291,7 +291,11 @@ async fn guard_releases_the_application_and_the_migration_lands_after_the_blocke
         "{first}"
     );
     assert!(first["blocked_sessions"].as_u64().is_some_and(|n| n >= 1));
-    assert!(first["longest_wait_ms"].as_u64().is_some_and(|n| n >= 50));
+    // Recorded as the trip saw it: past the last poll before the budget (see above).
+    assert!(
+        first["longest_wait_ms"].as_u64().is_some_and(|n| n > 40),
+        "{first}"
+    );
     assert!(first["at"].is_string());
     assert_eq!(first["line"], 3);
     assert_eq!(
