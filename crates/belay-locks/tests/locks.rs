@@ -48,6 +48,29 @@ async fn background(
     Ok((pid, h))
 }
 
+/// Runs `sql` on the migration's session in the background and returns once the lock tree
+/// shows it waiting behind `holder`.
+async fn waiting_migration(
+    admin: &mut PgConnection,
+    mut m: PgConnection,
+    m_pid: i32,
+    holder: i32,
+    sql: &'static str,
+) -> R<JoinHandle<(PgConnection, Result<(), sqlx::Error>)>> {
+    let migration = tokio::spawn(async move {
+        let r = sqlx::raw_sql(sql).execute(&mut m).await.map(|_| ());
+        (m, r)
+    });
+    until(
+        admin,
+        &SnapshotOptions::default(),
+        "migration waiting",
+        |s| tree_of(s, holder).is_some_and(|t| t.find(m_pid).is_some()),
+    )
+    .await?;
+    Ok(migration)
+}
+
 async fn until(
     conn: &mut PgConnection,
     opts: &SnapshotOptions,
@@ -331,7 +354,7 @@ async fn guard_cancels_a_migration_whose_queue_waits_too_long() -> R<()> {
         .execute(&mut a)
         .await?;
 
-    let (mut m, m_pid) = session(&db.url).await?;
+    let (m, m_pid) = session(&db.url).await?;
     let mut guard = LockGuard::start(
         &url,
         m_pid,
@@ -339,17 +362,13 @@ async fn guard_cancels_a_migration_whose_queue_waits_too_long() -> R<()> {
         Duration::from_millis(50),
     )
     .await?;
-    let migration = tokio::spawn(async move {
-        let r = sqlx::raw_sql("ALTER TABLE t ADD COLUMN z int")
-            .execute(&mut m)
-            .await
-            .map(|_| ());
-        (m, r)
-    });
-    let opts = SnapshotOptions::default();
-    until(&mut admin, &opts, "migration waiting", |s| {
-        tree_of(s, a_pid).is_some_and(|t| t.find(m_pid).is_some())
-    })
+    let migration = waiting_migration(
+        &mut admin,
+        m,
+        m_pid,
+        a_pid,
+        "ALTER TABLE t ADD COLUMN z int",
+    )
     .await?;
     let queued_at = Instant::now();
     let (r_pid, reader) = background(&db.url, "SELECT count(*) FROM t").await?;
@@ -398,7 +417,7 @@ async fn guard_stays_quiet_when_nobody_queues_behind() -> R<()> {
     sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
         .execute(&mut a)
         .await?;
-    let (mut m, m_pid) = session(&db.url).await?;
+    let (m, m_pid) = session(&db.url).await?;
     let guard = LockGuard::start(
         &url,
         m_pid,
@@ -406,18 +425,12 @@ async fn guard_stays_quiet_when_nobody_queues_behind() -> R<()> {
         Duration::from_millis(20),
     )
     .await?;
-    let migration = tokio::spawn(async move {
-        let r = sqlx::raw_sql("ALTER TABLE t ADD COLUMN z int")
-            .execute(&mut m)
-            .await
-            .map(|_| ());
-        (m, r)
-    });
-    until(
+    let migration = waiting_migration(
         &mut admin,
-        &SnapshotOptions::default(),
-        "migration waiting",
-        |s| tree_of(s, a_pid).is_some_and(|t| t.find(m_pid).is_some()),
+        m,
+        m_pid,
+        a_pid,
+        "ALTER TABLE t ADD COLUMN z int",
     )
     .await?;
     // The migration waits far past the budget, but nobody waits for it.
@@ -544,7 +557,7 @@ async fn a_trip_is_reported_even_when_the_guard_fails_after_it() -> R<()> {
     sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
         .execute(&mut a)
         .await?;
-    let (mut m, m_pid) = session(&db.url).await?;
+    let (m, m_pid) = session(&db.url).await?;
     let guard = LockGuard::start(
         &url,
         m_pid,
@@ -552,18 +565,12 @@ async fn a_trip_is_reported_even_when_the_guard_fails_after_it() -> R<()> {
         Duration::from_millis(20),
     )
     .await?;
-    let migration = tokio::spawn(async move {
-        let r = sqlx::raw_sql("ALTER TABLE t ADD COLUMN z int")
-            .execute(&mut m)
-            .await
-            .map(|_| ());
-        (m, r)
-    });
-    until(
+    let migration = waiting_migration(
         &mut admin,
-        &SnapshotOptions::default(),
-        "migration waiting",
-        |s| tree_of(s, a_pid).is_some_and(|t| t.find(m_pid).is_some()),
+        m,
+        m_pid,
+        a_pid,
+        "ALTER TABLE t ADD COLUMN z int",
     )
     .await?;
     let (_r_pid, reader) = background(&db.url, "SELECT count(*) FROM t").await?;
@@ -703,7 +710,7 @@ async fn a_guard_tells_its_observer_the_lock_waits_of_its_database() -> R<()> {
     sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
         .execute(&mut a)
         .await?;
-    let (mut m, m_pid) = session(&db.url).await?;
+    let (m, m_pid) = session(&db.url).await?;
     let recorder = Arc::new(Recorder::default());
     let conn = guard_session(&DatabaseUrl::parse(&db.url)?).await?;
     // A budget no test reaches: the guard only watches.
@@ -714,18 +721,12 @@ async fn a_guard_tells_its_observer_the_lock_waits_of_its_database() -> R<()> {
         Duration::from_millis(10),
         Some(recorder.clone()),
     );
-    let migration = tokio::spawn(async move {
-        let r = sqlx::raw_sql("ALTER TABLE t ADD COLUMN v int")
-            .execute(&mut m)
-            .await
-            .map(|_| ());
-        (m, r)
-    });
-    until(
+    let migration = waiting_migration(
         &mut admin,
-        &SnapshotOptions::default(),
-        "migration waiting",
-        |s| tree_of(s, a_pid).is_some_and(|t| t.find(m_pid).is_some()),
+        m,
+        m_pid,
+        a_pid,
+        "ALTER TABLE t ADD COLUMN v int",
     )
     .await?;
     // The migration waits, then a reader queues behind it: two waits in this database.
