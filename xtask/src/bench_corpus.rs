@@ -436,7 +436,8 @@ impl Class {
     }
 
     /// A message as the server logged it: belay sends BEGIN with its SET LOCALs and the
-    /// history row with COMMIT in one message, which counts as history.
+    /// script's statements in one message, which counts as the script's, and the history
+    /// row with COMMIT in another, which counts as history.
     fn of(text: &str) -> Class {
         let lower = text.to_ascii_lowercase();
         let first = lower
@@ -468,7 +469,17 @@ impl Class {
         {
             Class::LockAndGuard
         } else if matches!(first, "begin" | "commit" | "rollback" | "start" | "end") {
-            Class::Transaction
+            // belay sends a transactional script's statements in one message with its BEGIN
+            // and SET LOCALs: that message is the script's.
+            let batched = lower.lines().skip(1).any(|l| {
+                let l = l.trim();
+                !l.is_empty() && !l.starts_with("set local ")
+            });
+            if batched {
+                Class::Script
+            } else {
+                Class::Transaction
+            }
         } else if matches!(first, "set" | "reset" | "discard" | "show") {
             Class::Settings
         } else {
@@ -640,6 +651,10 @@ mod tests {
     #[test]
     fn messages_are_classed_by_what_they_do() {
         assert!(Class::of("BEGIN;\nSET LOCAL lock_timeout = '5s'") == Class::Transaction);
+        assert!(
+            Class::of("BEGIN;\nSET LOCAL lock_timeout = '5s';\nCREATE TABLE a (id int);\n")
+                == Class::Script
+        );
         assert!(
             Class::of(
                 "SET SESSION AUTHORIZATION DEFAULT;\nINSERT INTO belay.schema_history (x) VALUES (1);\nCOMMIT"

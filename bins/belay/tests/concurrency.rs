@@ -92,9 +92,10 @@ fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
         &db.url,
         "CREATE TABLE accounts (id int PRIMARY KEY, balance int); INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 100) g",
     );
+    // Two statements, sent to the server in one message with the script's BEGIN.
     let dir = migrations(&[(
         "V1__add_column.sql",
-        "ALTER TABLE accounts ADD COLUMN note text;\n",
+        "CREATE TABLE audit (id int);\n\nALTER TABLE accounts ADD COLUMN note text;\n",
     )]);
 
     // The application holds ACCESS SHARE on accounts in an open transaction.
@@ -119,6 +120,17 @@ fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
         assert!(std::time::Instant::now() < deadline, "belay never queued");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    let waiting = psql(
+        &db.url,
+        "SELECT a.query FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+         WHERE NOT l.granted AND l.relation = 'accounts'::regclass",
+    );
+    assert!(
+        waiting.starts_with("BEGIN;")
+            && waiting.contains("CREATE TABLE audit")
+            && waiting.contains("ALTER TABLE accounts"),
+        "one message from BEGIN to the script's last statement: {waiting}"
+    );
 
     // New readers arriving while belay waits are not stuck behind its ALTER: the lock
     // guard gives way as soon as one has queued behind it for max_blocking, so each
@@ -142,7 +154,8 @@ fn a_migration_blocked_by_a_reader_retries_without_stalling_other_readers() {
             break;
         }
     }
-    assert!(seen.contains("V1__add_column.sql:1"), "{seen}");
+    // The trip names the statement the guard's cancel failed, not the message's first.
+    assert!(seen.contains("V1__add_column.sql:3"), "{seen}");
     assert!(
         seen.contains(&format!("blocked by pid {holder_pid} (")),
         "{seen}"

@@ -62,6 +62,20 @@ fn error_position_maps_to_line_and_column_mid_script() {
             .contains("1_x.up.sql:1:33: column \"nope\" does not exist"),
         "{r:?}"
     );
+    // The script's statements go to the server in one message: the position the server
+    // gives counts characters from the message's start, é and the statements before
+    // included, and still lands on the failing statement's own line and column.
+    let dir = migrations(&[(
+        "1_x.up.sql",
+        "-- café\nCREATE TABLE b (id int, note text DEFAULT 'é');\nINSERT INTO b (id)\n  SELECT nope FROM b;\n",
+    )]);
+    let r = belay(&db.url, dir.path(), &["migrate"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("1_x.up.sql:4:10: column \"nope\" does not exist"),
+        "{r:?}"
+    );
 }
 
 #[test]

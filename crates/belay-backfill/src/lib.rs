@@ -231,6 +231,7 @@ pub async fn connect(url: &DatabaseUrl) -> Result<PgConnection, BackfillError> {
     let mut conn = PgConnection::connect_with(&opts)
         .await
         .map_err(|e| err(e.to_string()))?;
+    belay_core::send_without_delay();
     let _ = sqlx::raw_sql("SET client_connection_check_interval = '1s'")
         .execute(&mut conn)
         .await;

@@ -28,6 +28,7 @@ pub(crate) async fn connect<'a>(
         .application_name("belay-backup")
         .log_statements(tracing::log::LevelFilter::Trace);
     let conn = opts.connect().await.map_err(|e| err(e.to_string()))?;
+    belay_core::send_without_delay();
     Ok(Db { conn, url, target })
 }
 

@@ -1,7 +1,8 @@
 //! Shared vocabulary of belay: migration versions and their ordering, script checksums,
 //! database URLs that redact their password wherever they are shown, human durations, and the
 //! error type every capability API returns (`ApiError`), and the per-server budget of
-//! connections (`ConnectionBudget`: counting only).
+//! connections (`ConnectionBudget`: counting only), and Nagle's algorithm off on the
+//! process's sockets (`send_without_delay`, for sqlx 0.9.0's connections).
 //! It owns parsing and display of these values and nothing else: it must not talk to a
 //! database, read migration directories, or depend on any other belay crate.
 
@@ -9,6 +10,7 @@ mod api;
 mod budget;
 mod checksum;
 mod duration;
+mod net;
 mod url;
 mod version;
 
@@ -18,5 +20,6 @@ pub use budget::{
 };
 pub use checksum::Checksum;
 pub use duration::{DurationError, format_duration, parse_duration};
+pub use net::send_without_delay;
 pub use url::{DatabaseUrl, UrlError, redact_url};
 pub use version::{Version, VersionError};

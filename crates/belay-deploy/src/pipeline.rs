@@ -230,6 +230,7 @@ impl Pipeline {
             succeeded: Vec::new(),
             trips: Vec::new(),
             irreversible: None,
+            held: None,
         }
         .execute()
         .instrument(span)
@@ -263,7 +264,13 @@ struct Run<'a> {
     /// Without a catalog: each planned script's `-- belay:irreversible`, from the plan
     /// read before the run (`None` when it could not be read).
     irreversible: Option<std::collections::BTreeMap<String, bool>>,
+    /// While the executor's events that are ready together are recorded: the events
+    /// emitted meanwhile, written to the log in one go by [`Run::flush`].
+    held: Option<Vec<DeployEvent>>,
 }
+
+/// The most events [`Run::flush`] writes in one go.
+const MAX_EVENTS_PER_WRITE: usize = 256;
 
 /// A step's verdict: go on, or fail with this.
 type StepResult<T> = Result<T, StepFailure>;
@@ -292,9 +299,49 @@ impl Run<'_> {
             message,
             payload,
         };
+        if let Some(held) = &mut self.held {
+            held.push(event);
+            return Ok(());
+        }
         event.seq = self.pipeline.log.append(event.clone()).await?;
         (self.sink)(&event);
         Ok(())
+    }
+
+    /// Writes the held events (in writes of at most [`MAX_EVENTS_PER_WRITE`]) and hands
+    /// each to the sink once it has its `seq`; emits go straight to the log again.
+    async fn flush(&mut self) -> Result<(), LogError> {
+        let held = self.held.take().unwrap_or_default();
+        let mut held = held.into_iter().peekable();
+        while held.peek().is_some() {
+            let mut chunk: Vec<DeployEvent> = held.by_ref().take(MAX_EVENTS_PER_WRITE).collect();
+            let seqs = self.pipeline.log.append_all(chunk.clone()).await?;
+            for (event, seq) in chunk.iter_mut().zip(seqs) {
+                event.seq = seq;
+                (self.sink)(event);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `first` and every event already queued behind it, in one log write.
+    async fn record_ready(
+        &mut self,
+        first: Option<Event>,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    ) -> Result<(), LogError> {
+        self.held = Some(Vec::new());
+        let mut recorded = Ok(());
+        if let Some(event) = first {
+            recorded = self.record(event).await;
+        }
+        while recorded.is_ok()
+            && let Ok(event) = rx.try_recv()
+        {
+            recorded = self.record(event).await;
+        }
+        let flushed = self.flush().await;
+        recorded.and(flushed)
     }
 
     async fn transition(&mut self, to: Step, reason: &str) -> Result<(), LogError> {
@@ -625,20 +672,20 @@ impl Run<'_> {
             let _ = done.send(());
             Ok::<_, LogError>(r)
         };
-        // Polled together with the run, not in turns: while an event is written the
-        // executor goes on. In order, one write at a time; a failed write drops the run
-        // (as it always did), and a run's last events are recorded before its result.
+        // Polled together with the run, not in turns: while events are written the
+        // executor goes on. In order, one write at a time, each with every event that was
+        // ready when it began (a migration's end and the next one's start, often); a
+        // failed write drops the run (as it always did), and a run's last events are
+        // recorded before its result.
         let recorder = async {
             loop {
                 tokio::select! {
                     biased;
-                    Some(event) = rx.recv() => self.record(event).await?,
+                    Some(event) = rx.recv() => self.record_ready(Some(event), &mut rx).await?,
                     _ = &mut finished => break,
                 }
             }
-            while let Ok(event) = rx.try_recv() {
-                self.record(event).await?;
-            }
+            self.record_ready(None, &mut rx).await?;
             Ok::<_, LogError>(())
         };
         let (result, ()) = tokio::try_join!(run, recorder)?;

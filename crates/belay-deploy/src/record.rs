@@ -155,6 +155,17 @@ pub trait DeploymentLog: Send + Sync {
     /// Appends `event` (its `seq` is assigned here) and, for a `transition`, moves the
     /// deployment to `event.step`.
     async fn append(&self, event: DeployEvent) -> Result<u64, LogError>;
+    /// Appends events of one deployment that are ready together, in order, and returns
+    /// their `seq`s. A log that can store them in one write does (the deployment log in
+    /// the target database: one statement instead of one per event); by default, one
+    /// `append` each.
+    async fn append_all(&self, events: Vec<DeployEvent>) -> Result<Vec<u64>, LogError> {
+        let mut seqs = Vec::with_capacity(events.len());
+        for event in events {
+            seqs.push(self.append(event).await?);
+        }
+        Ok(seqs)
+    }
     async fn finish(&self, id: Uuid, outcome: &DeploymentOutcome) -> Result<(), LogError>;
     async fn get(&self, id: Uuid) -> Result<Option<DeploymentRecord>, LogError>;
     async fn events(&self, id: Uuid) -> Result<Vec<DeployEvent>, LogError>;

@@ -147,7 +147,10 @@ impl HistoryDeploymentLog {
                 ("statement_timeout", LOG_STATEMENT_TIMEOUT),
             ]);
         match tokio::time::timeout(LOG_CONNECT_TIMEOUT, PgConnection::connect_with(&opts)).await {
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(conn)) => {
+                belay_core::send_without_delay();
+                Ok(conn)
+            }
             Ok(Err(e)) => Err(fail(e.to_string())),
             Err(_) => Err(fail(format!(
                 "no connection within {}",
@@ -261,6 +264,42 @@ impl DeploymentLog for HistoryDeploymentLog {
             .await?
         {
             Some(seq) => Ok(u64::try_from(seq).unwrap_or(0)),
+            None => Err(LogError(format!(
+                "no deployment {id} in the log: `begin` records it before its events"
+            ))),
+        }
+    }
+
+    async fn append_all(&self, events: Vec<DeployEvent>) -> Result<Vec<u64>, LogError> {
+        let Some(id) = events.first().map(|e| e.deployment_id) else {
+            return Ok(Vec::new());
+        };
+        if let Some(other) = events.iter().find(|e| e.deployment_id != id) {
+            return Err(LogError(format!(
+                "events of deployments {id} and {} in one write: append them apart",
+                other.deployment_id
+            )));
+        }
+        let new: Vec<NewDeploymentEvent> = events
+            .into_iter()
+            .map(|event| NewDeploymentEvent {
+                deployment_id: id,
+                at: event.at,
+                step: event.step.as_str().to_string(),
+                moves_step: event.kind == "transition",
+                kind: event.kind,
+                message: event.message,
+                payload: event.payload,
+            })
+            .collect();
+        match self
+            .with_session(async |h, c| h.append_deployment_events(c, id, &new).await)
+            .await?
+        {
+            Some(seqs) => Ok(seqs
+                .into_iter()
+                .map(|seq| u64::try_from(seq).unwrap_or(0))
+                .collect()),
             None => Err(LogError(format!(
                 "no deployment {id} in the log: `begin` records it before its events"
             ))),

@@ -296,7 +296,10 @@ pub async fn facts_session(url: &DatabaseUrl) -> Result<PgConnection, String> {
         .instrument(tracing::info_span!("lint_facts_connect"))
         .await
     {
-        Ok(Ok(c)) => Ok(c),
+        Ok(Ok(c)) => {
+            belay_core::send_without_delay();
+            Ok(c)
+        }
         Ok(Err(e)) => Err(belay_core::redact_url(&e.to_string())),
         Err(_) => Err(format!(
             "no connection within {}",

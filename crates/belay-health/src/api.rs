@@ -316,6 +316,7 @@ impl HealthApi for HealthTargets {
                     format!("cannot connect to {url}: {}", redact_url(&e.to_string())),
                 )
             })?;
+            belay_core::send_without_delay();
             let results = postflight(&mut conn, &spec).await;
             let _ = conn.close().await;
             Ok(results?)

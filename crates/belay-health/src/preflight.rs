@@ -293,7 +293,10 @@ pub async fn preflight_url(
         .application_name("belay-preflight");
     let connect = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect_with(&opts));
     let mut conn = match connect.await {
-        Ok(Ok(conn)) => conn,
+        Ok(Ok(conn)) => {
+            belay_core::send_without_delay();
+            conn
+        }
         Ok(Err(e)) => return Ok(vec![unreachable(url, &redact_url(&e.to_string()))]),
         Err(_) => return Ok(vec![unreachable(url, "timed out after 10s")]),
     };

@@ -258,6 +258,57 @@ CREATE TABLE IF NOT EXISTS {events} (
             .map_err(|err| self.log_err(err))
     }
 
+    /// Appends several events of one deployment in one statement and returns their `seq`s,
+    /// in order: [`History::append_deployment_event`]'s bump, by their count, with the
+    /// deployment's step moved to the last transition among them. All or none are stored.
+    /// `None` when the deployment is not recorded.
+    pub async fn append_deployment_events(
+        &self,
+        conn: &mut PgConnection,
+        deployment_id: Uuid,
+        events: &[NewDeploymentEvent],
+    ) -> Result<Option<Vec<i64>>, HistoryError> {
+        if events.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let sql = format!(
+            "WITH e AS (SELECT * FROM unnest($2::timestamptz[], $3::text[], $4::text[], \
+                 $5::text[], $6::jsonb[], $7::bool[]) WITH ORDINALITY \
+                 AS e(at, step, kind, message, payload, moves, n)), \
+             d AS (UPDATE {deployments} SET last_seq = last_seq + $8, \
+                 step = coalesce((SELECT step FROM e WHERE moves ORDER BY n DESC LIMIT 1), step) \
+               WHERE id = $1 RETURNING last_seq) \
+             INSERT INTO {events} (deployment_id, seq, at, step, kind, message, payload) \
+             SELECT $1, d.last_seq - $8 + e.n, e.at, e.step, e.kind, e.message, e.payload \
+             FROM d, e RETURNING seq",
+            deployments = self.deployments_table(),
+            events = self.events_table(),
+        );
+        let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
+        let mut seqs: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(deployment_id)
+            .bind(events.iter().map(|e| e.at).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.step.clone()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| text(&e.kind)).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| text(&e.message)).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| sqlx::types::Json(storable_notes(&e.payload)))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(events.iter().map(|e| e.moves_step).collect::<Vec<_>>())
+            .bind(count)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|err| self.log_err(err))?;
+        if seqs.is_empty() {
+            return Ok(None);
+        }
+        seqs.sort_unstable();
+        Ok(Some(seqs))
+    }
+
     /// Records how a deployment ended; `false` when it is not recorded.
     pub async fn finish_deployment(
         &self,
@@ -562,6 +613,100 @@ mod tests {
         // Ensuring again (or from the log's side) changes nothing.
         h.ensure_and_read(&mut conn).await.unwrap();
         h.ensure_deployments(&mut conn).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_events_takes_the_next_seqs_in_order_and_moves_the_step() {
+        let db = belay_testkit::Cluster::shared()
+            .create_database()
+            .await
+            .unwrap();
+        let mut conn = PgConnection::connect(&db.url).await.unwrap();
+        let h = History::new("belay").unwrap();
+        h.ensure_deployments(&mut conn).await.unwrap();
+        let at: DateTime<Utc> = "2026-01-02T03:04:05Z".parse().unwrap();
+        let start = DeploymentStart {
+            id: Uuid::new_v4(),
+            target: "shop".into(),
+            started_at: at,
+            step: "planned".into(),
+            environment: None,
+            requested_by: None,
+            release: None,
+            from_version: None,
+            to_version: None,
+            policy: serde_json::json!({}),
+        };
+        h.insert_deployment(&mut conn, &start).await.unwrap();
+        let event = |step: &str, moves_step, message: &str| NewDeploymentEvent {
+            deployment_id: start.id,
+            at,
+            step: step.into(),
+            kind: if moves_step {
+                "transition"
+            } else {
+                "migration"
+            }
+            .into(),
+            message: message.into(),
+            payload: serde_json::json!({ "m": message }),
+            moves_step,
+        };
+        assert_eq!(
+            h.append_deployment_event(&mut conn, &event("backing_up", true, "one"))
+                .await
+                .unwrap(),
+            Some(1)
+        );
+        let batch = [
+            event("migrating", true, "two"),
+            event("migrating", false, "three\0"),
+            event("validating", true, "four"),
+            event("validating", false, "five"),
+        ];
+        assert_eq!(
+            h.append_deployment_events(&mut conn, start.id, &batch)
+                .await
+                .unwrap(),
+            Some(vec![2, 3, 4, 5])
+        );
+        assert_eq!(
+            h.append_deployment_events(&mut conn, start.id, &[])
+                .await
+                .unwrap(),
+            Some(vec![])
+        );
+        assert_eq!(
+            h.append_deployment_events(&mut conn, Uuid::new_v4(), &batch)
+                .await
+                .unwrap(),
+            None,
+            "no deployment, nothing stored"
+        );
+        let row = h.deployment(&mut conn, start.id).await.unwrap().unwrap();
+        assert_eq!((row.start.step.as_str(), row.last_seq), ("validating", 5));
+        let events = h.deployment_events(&mut conn, start.id).await.unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.seq, e.step.as_str(), e.message.as_str()))
+                .collect::<Vec<_>>(),
+            vec![
+                (1, "backing_up", "one"),
+                (2, "migrating", "two"),
+                (3, "migrating", "three"),
+                (4, "validating", "four"),
+                (5, "validating", "five"),
+            ]
+        );
+        assert_eq!(events[4].payload["m"], "five");
+        // The next single append follows the batch.
+        assert_eq!(
+            h.append_deployment_event(&mut conn, &event("validating", false, "six"))
+                .await
+                .unwrap(),
+            Some(6)
+        );
     }
 
     #[tokio::test]

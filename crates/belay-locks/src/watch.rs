@@ -9,6 +9,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::LocksError;
+use crate::guard::GUARD_APPLICATION;
 use crate::model::{LockSnapshot, SnapshotOptions};
 use crate::sample::{SAMPLE_SESSION_SETTINGS, snapshot_on_own_session};
 
@@ -22,17 +23,20 @@ pub const MONITOR_APPLICATION: &str = "belay-locks";
 /// enough for 50 a second (`cargo xtask bench locks` measures what it costs pgbench).
 pub const PROBE_PERIOD: Duration = Duration::from_millis(20);
 
-/// The probe: who waits for a heavyweight lock now, and which belay guards announce a
-/// pending DDL. `pg_stat_get_activity` straight, not the `pg_stat_activity` view: no join
-/// with `pg_database`/`pg_authid`, so no catalog is opened or locked, and not `pg_locks`,
-/// whose read takes the lock manager's partition locks. A wait is keyed by its statement's
-/// start, an announcement by its text, so a new wait of the same session is new too.
+/// The probe: who waits for a heavyweight lock now, and whether a belay run is on the
+/// server (its guard's session, announcing a pending DDL or not). `pg_stat_get_activity`
+/// straight, not the `pg_stat_activity` view: no join with `pg_database`/`pg_authid`, so no
+/// catalog is opened or locked, and not `pg_locks`, whose read takes the lock manager's
+/// partition locks. A wait is keyed by its statement's start, so a new wait of the same
+/// session is new too; row-level waits (`transactionid`, `tuple`) are keyed apart (`x`),
+/// see [`worth_a_sample`].
 const PROBE_SQL: &str = r#"
-SELECT pid, CASE WHEN wait_event_type = 'Lock'
-                 THEN 'w' || (extract(epoch FROM query_start) * 1000000)::bigint
-                 ELSE application_name END
+SELECT pid, CASE WHEN application_name LIKE 'belay-lock-guard%' THEN application_name
+                 WHEN wait_event IN ('transactionid', 'tuple')
+                 THEN 'x' || (extract(epoch FROM query_start) * 1000000)::bigint
+                 ELSE 'w' || (extract(epoch FROM query_start) * 1000000)::bigint END
 FROM pg_stat_get_activity(NULL)
-WHERE (wait_event_type = 'Lock' OR application_name LIKE 'belay-lock-guard: %')
+WHERE (wait_event_type = 'Lock' OR application_name LIKE 'belay-lock-guard%')
   AND pid <> pg_backend_pid()
 "#;
 
@@ -46,12 +50,14 @@ pub(crate) async fn connect(url: &DatabaseUrl, app: &str) -> Result<PgConnection
             source,
         })?
         .application_name(app);
-    PgConnection::connect_with(&opts)
+    let conn = PgConnection::connect_with(&opts)
         .await
         .map_err(|source| LocksError::Connect {
             url: url.redacted().to_string(),
             source,
-        })
+        })?;
+    belay_core::send_without_delay();
+    Ok(conn)
 }
 
 /// The watch's own session: the sample's timeouts set once for the session, so a sample
@@ -70,10 +76,26 @@ async fn probe(conn: &mut PgConnection) -> Result<ProbeKeys, LocksError> {
         .fetch_all(conn)
         .await
         .map_err(LocksError::query("probe"))?;
-    Ok(rows
-        .into_iter()
-        .map(|(pid, key)| (pid, key.unwrap_or_default()))
-        .collect())
+    Ok(worth_a_sample(
+        rows.into_iter()
+            .map(|(pid, key)| (pid, key.unwrap_or_default()))
+            .collect(),
+    ))
+}
+
+/// The probe's findings that call for a sample at once when new. Waits for a row lock are
+/// an OLTP application's everyday contention (pgbench's writers queue on one branch row
+/// all the time): sampling at each would sample every probe period and cost the
+/// application throughput, so without a belay run on the server they wait for the next
+/// periodic sample. The waits DDL queues are made of (`relation`, `object`, `virtualxid`,
+/// …) always count, and while a belay run's guard is connected every wait counts, since a
+/// migration's own row locks can queue the application too.
+fn worth_a_sample(mut keys: ProbeKeys) -> ProbeKeys {
+    let run = keys.iter().any(|(_, k)| k.starts_with(GUARD_APPLICATION));
+    if !run {
+        keys.retain(|(_, k)| !k.starts_with('x'));
+    }
+    keys
 }
 
 /// A probe, then a sample: what the next probes are compared with. A wait that begins

@@ -1,5 +1,6 @@
 //! Against a real PostgreSQL: sessions hold and queue for locks on their own connections.
 
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -683,6 +684,85 @@ async fn a_watch_reports_a_new_chain_without_waiting_for_its_period() -> R<()> {
 
     sqlx::raw_sql("COMMIT").execute(&mut a).await?;
     b.await?.1?;
+    Ok(())
+}
+
+/// Waits until a probe of the watch (`belay-locks` session) has run and finished since
+/// `waiter` began to wait for its lock: whatever that probe asked for is sampled by now.
+async fn until_probed_since_wait(admin: &mut PgConnection, waiter: i32) -> R<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity m, pg_locks l
+                             WHERE m.application_name = 'belay-locks' AND m.state = 'idle'
+                               AND l.pid = $1 AND NOT l.granted
+                               AND m.query_start > l.waitstart)",
+        )
+        .bind(waiter)
+        .fetch_one(&mut *admin)
+        .await?;
+        if seen {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no probe after session {waiter} began to wait").into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_samples_at_once_for_a_row_lock_wait_only_while_a_belay_run_is_on() -> R<()> {
+    // A cluster of its own: another test's lock wait would bring a sample of its own.
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await??;
+    let db = cluster.create_database().await?;
+    let mut admin = PgConnection::connect(&db.url).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10);
+         CREATE TABLE u (id int)",
+    )
+    .execute(&mut admin)
+    .await?;
+    let url = DatabaseUrl::parse(&db.url)?;
+    // A period no test outlives: every sample after the first is one the probe asked for.
+    let stream = watch(url, Duration::from_secs(3600), SnapshotOptions::default());
+    tokio::pin!(stream);
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await?
+        .ok_or("stream ended")??;
+
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; UPDATE t SET id = id WHERE id IN (1, 2); SELECT count(*) FROM u")
+        .execute(&mut a)
+        .await?;
+    // No belay run: a row-lock wait is the application's own contention, left to the period.
+    let (b_pid, b) = background(&db.url, "UPDATE t SET id = id WHERE id = 1").await?;
+    until_probed_since_wait(&mut admin, b_pid).await?;
+    // A queue on a table's lock is sampled at once, and is the first sample since.
+    let (c_pid, c) = background(&db.url, "ALTER TABLE u ADD COLUMN w int").await?;
+    let s = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await?
+        .ok_or("stream ended")??;
+    let tree = tree_of(&s, a_pid).ok_or("no tree for the holder")?;
+    assert!(
+        tree.find(c_pid).is_some(),
+        "the first sample after the row-lock wait should be the ALTER's: {s:?}"
+    );
+
+    // With a belay run's guard connected, a row-lock wait is sampled at once too.
+    let opts =
+        sqlx::postgres::PgConnectOptions::from_str(&db.url)?.application_name(GUARD_APPLICATION);
+    let _guard = PgConnection::connect_with(&opts).await?;
+    let (d_pid, d) = background(&db.url, "UPDATE t SET id = id WHERE id = 2").await?;
+    next_where(&mut stream, "the row-lock wait during a run", |s| {
+        tree_of(s, a_pid).is_some_and(|t| t.find(d_pid).is_some())
+    })
+    .await?;
+
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
+    for h in [b, c, d] {
+        h.await?.1?;
+    }
     Ok(())
 }
 

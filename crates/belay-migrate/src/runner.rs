@@ -8,7 +8,7 @@ use crate::directives::NoTransactionSource;
 use crate::error::{GuardExhaustion, MigrateError, ScriptFailure};
 use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 use crate::gate::{GateScript, ScriptGate};
-use crate::guard::{LockGuardHook, LockTrip, SessionBrief, WatchEnd};
+use crate::guard::{LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd};
 use crate::source::{Layout, MigrationSet, Script};
 use crate::sql::{self, Statement};
 use crate::status::{self, MigrationStatus, State};
@@ -203,6 +203,41 @@ fn is_query_canceled(e: &sqlx::Error) -> bool {
 }
 
 /// What a statement came to.
+/// A failed attempt: the step and statement that failed, the error, whether the guard's
+/// cancel failed it, whom it waited for at the guard's last look, and the error
+/// position's shift (see [`script_error_at`]).
+type Failure<'s> = (
+    &'s Step,
+    &'s Statement,
+    sqlx::Error,
+    bool,
+    Vec<SessionBrief>,
+    usize,
+);
+
+/// How a batch ([`Migrator::run_batch`]) went.
+enum Batch<'s> {
+    Ran,
+    Failed(Failure<'s>),
+    /// The server refused the message before running any of it (a syntax error).
+    Unparsed,
+}
+
+/// Whether a transactional script's statements can go in one message with its BEGIN:
+/// nothing among them needs a round trip of its own (COPY's inline data, transaction
+/// control, `CONCURRENTLY`), and the server times each statement of a message on its own
+/// (≥ 13; belay batches from 14, where the session reset rides with COMMIT too).
+fn batchable(conn: &PgConnection, script: &Script) -> bool {
+    conn.server_version_num().is_some_and(|v| v >= 140_000)
+        && !script.statements.is_empty()
+        && script.statements.iter().all(|st| {
+            st.copy_data.is_none()
+                && !st.concurrently
+                && !st.opens_transaction()
+                && !st.closes_transaction()
+        })
+}
+
 struct Ran {
     result: Result<(), sqlx::Error>,
     /// The guard cancelled the statement: it failed with 57014 and the guard tripped.
@@ -367,6 +402,7 @@ impl Migrator {
             .connect()
             .await
             .map_err(|e| connect_err(belay_core::redact_url(&crate::error::db_error_text(&e))))?;
+        belay_core::send_without_delay();
         apply_session_settings(&mut conn).await;
         Ok(conn)
     }
@@ -927,22 +963,10 @@ impl Migrator {
     ) -> Ran {
         let script = &step.source;
         let guarded = self.guarded(backend_pid);
-        let watch = match (&self.lock_guard, backend_pid) {
-            (Some(hook), Some(pid))
-                if !st.concurrently
-                    && !st.opens_transaction()
-                    && !st.closes_transaction()
-                    && guarded =>
-            {
-                match hook.watch(pid, self.config.max_blocking).await {
-                    Ok(w) => Some(w),
-                    Err(e) => {
-                        self.guard_unavailable(&e.message);
-                        None
-                    }
-                }
-            }
-            _ => None,
+        let watch = if !st.concurrently && !st.opens_transaction() && !st.closes_transaction() {
+            self.start_watch(backend_pid).await
+        } else {
+            None
         };
         if guarded
             && watch.is_none()
@@ -978,6 +1002,48 @@ impl Migrator {
                 .await
                 .map(|_| ()),
         };
+        let cancelled = matches!(&result, Err(e) if is_query_canceled(e));
+        let line = sql::line_of_offset(&script.text, st.start);
+        let (tripped, last_blockers) = self
+            .end_watch(step, watch, cancelled, line, attempt, trips)
+            .await;
+        Ran {
+            result,
+            tripped,
+            last_blockers,
+        }
+    }
+
+    /// Starts the guard's watch over the migration's session, when the run is guarded; a
+    /// guard that cannot watch is off for the rest of the run (said once).
+    async fn start_watch(&self, backend_pid: Option<i32>) -> Option<Box<dyn LockWatch>> {
+        let (Some(hook), Some(pid)) = (&self.lock_guard, backend_pid) else {
+            return None;
+        };
+        if !self.guarded(backend_pid) {
+            return None;
+        }
+        match hook.watch(pid, self.config.max_blocking).await {
+            Ok(w) => Some(w),
+            Err(e) => {
+                self.guard_unavailable(&e.message);
+                None
+            }
+        }
+    }
+
+    /// Stops a watch and reports its trips (at `line`): whether the guard's cancel is what
+    /// failed the work (`cancel_failed`: it ended with 57014), and whom the migration waited
+    /// for at the guard's last look.
+    async fn end_watch(
+        &self,
+        step: &Step,
+        watch: Option<Box<dyn LockWatch>>,
+        cancel_failed: bool,
+        line: usize,
+        attempt: u32,
+        trips: &mut Vec<TripNote>,
+    ) -> (bool, Vec<SessionBrief>) {
         let end = match watch {
             Some(w) => w.stop().await.unwrap_or_else(|e| {
                 self.guard_unavailable(&e.message);
@@ -986,8 +1052,7 @@ impl Migrator {
             None => WatchEnd::default(),
         };
         let new_trips = end.trips;
-        let tripped = !new_trips.is_empty() && matches!(&result, Err(e) if is_query_canceled(e));
-        let line = sql::line_of_offset(&script.text, st.start);
+        let tripped = !new_trips.is_empty() && cancel_failed;
         let n = new_trips.len();
         for (k, trip) in new_trips.into_iter().enumerate() {
             // The last trip is the one whose cancel landed, if any did.
@@ -1010,11 +1075,7 @@ impl Migrator {
                 cancelled,
             });
         }
-        Ran {
-            result,
-            tripped,
-            last_blockers: end.last_blockers,
-        }
+        (tripped, end.last_blockers)
     }
 
     /// After the guard cancelled a statement: waits (bounded by what is left of the
@@ -1455,29 +1516,48 @@ impl Migrator {
         let mut lock_wait = Duration::ZERO;
         let mut trips = Vec::new();
         let fence_step = fence.as_ref().map(|f| f.lock_step(step));
+        let mut batched = fence.is_none() && batchable(conn, script);
         // The transaction is driven with plain BEGIN/COMMIT rather than sqlx's
-        // `Transaction` so that BEGIN travels with its settings, and the history row with
-        // the COMMIT: two round trips around the script's statements instead of four.
+        // `Transaction` so that BEGIN travels with its settings and (batched) the script's
+        // statements, and the history row with the COMMIT: two round trips per migration.
         loop {
             attempts += 1;
+            let watch = if batched {
+                self.start_watch(backend_pid).await
+            } else {
+                None
+            };
             // Per attempt: the guard may have gone off since the last one.
             let guarded = self.guarded(backend_pid);
             let lock_timeout = format_duration(self.lock_timeout_for(script, None, guarded));
             let begin = self.begin_sql(script, guarded);
             let attempt_started = Instant::now();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(begin.clone()))
-                .execute(&mut *conn)
-                .await
-                .map_err(self.db_err("beginning a transaction"))?;
             let mut failure = None;
             let mut snapshot = None;
+            if batched {
+                match self
+                    .run_batch(conn, step, &begin, watch, attempts, &mut trips)
+                    .await?
+                {
+                    Batch::Ran => {}
+                    Batch::Failed(f) => failure = Some(f),
+                    // Nothing ran: statement by statement, this attempt and the next.
+                    Batch::Unparsed => batched = false,
+                }
+            }
+            if !batched {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(begin.clone()))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(self.db_err("beginning a transaction"))?;
+            }
             if let (Some(f), Some(fs)) = (&fence, &fence_step) {
                 let st = &fs.source.statements[0];
                 let ran = self
                     .run_statement(conn, fs, st, attempts, backend_pid, &mut trips)
                     .await;
                 match ran.result {
-                    Err(e) => failure = Some((fs, st, e, ran.tripped, ran.last_blockers)),
+                    Err(e) => failure = Some((fs, st, e, ran.tripped, ran.last_blockers, 0)),
                     // Fenced: every write to the tables has committed, none can start.
                     Ok(()) => {
                         match self
@@ -1508,13 +1588,13 @@ impl Migrator {
                     }
                 }
             }
-            if failure.is_none() {
+            if failure.is_none() && !batched {
                 for st in &script.statements {
                     let ran = self
                         .run_statement(conn, step, st, attempts, backend_pid, &mut trips)
                         .await;
                     if let Err(e) = ran.result {
-                        failure = Some((step, st, e, ran.tripped, ran.last_blockers));
+                        failure = Some((step, st, e, ran.tripped, ran.last_blockers, 0));
                         break;
                     }
                 }
@@ -1576,7 +1656,7 @@ impl Migrator {
                         }
                     }
                 }
-                Some((at, st, e, tripped, last_blockers)) => {
+                Some((at, st, e, tripped, last_blockers, shift)) => {
                     let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
                     // The fence is gone with the transaction: the retry fences and
                     // snapshots again, as writes may have landed in between.
@@ -1588,7 +1668,7 @@ impl Migrator {
                         continue;
                     }
                     if !is_lock_timeout(&e) {
-                        return Err(script_error(&at.source, st, &e));
+                        return Err(script_error_at(&at.source, st, &e, shift));
                     }
                     lock_wait += attempt_started.elapsed();
                     self.after_lock_timeout(
@@ -1603,6 +1683,84 @@ impl Migrator {
                     .await?;
                 }
             }
+        }
+    }
+
+    /// One attempt of a transactional script in one message: BEGIN with its settings, then
+    /// every statement, under one watch of the guard. The server runs a message's
+    /// statements in order, each under its own `statement_timeout` (PostgreSQL ≥ 13), and
+    /// stops at the first error, so the count of completed ones names the statement that
+    /// failed; its error position is made relative to that statement (the returned shift,
+    /// in characters). A trip is reported at the statement the cancel failed, or at the
+    /// script's last statement when it landed on none. [`Batch::Ran`]: every statement ran
+    /// and the transaction is open for the history row and COMMIT.
+    ///
+    /// The server parses a whole message before it runs any of it: a syntax error anywhere
+    /// fails it with nothing run, not even BEGIN ([`Batch::Unparsed`]); the caller then
+    /// runs the script statement by statement, which names the statement and its line.
+    async fn run_batch<'s>(
+        &self,
+        conn: &mut PgConnection,
+        step: &'s Step,
+        begin: &str,
+        watch: Option<Box<dyn LockWatch>>,
+        attempt: u32,
+        trips: &mut Vec<TripNote>,
+    ) -> Result<Batch<'s>, MigrateError> {
+        let script = &step.source;
+        let prefix = sql::split(begin).len();
+        let mut text = String::with_capacity(begin.len() + script.text.len() + 8);
+        text.push_str(begin);
+        text.push_str(";\n");
+        let mut chars = text.chars().count();
+        let mut shifts = Vec::with_capacity(script.statements.len());
+        for st in &script.statements {
+            shifts.push(chars);
+            let body = st.text(&script.text);
+            // A last statement without `;` may end in a line comment.
+            let sep = if body.ends_with(';') { "\n" } else { "\n;\n" };
+            text.push_str(body);
+            text.push_str(sep);
+            chars += body.chars().count() + sep.len();
+        }
+        let mut completed = 0usize;
+        let sent = {
+            let mut results = sqlx::raw_sql(sqlx::AssertSqlSafe(text)).fetch_many(&mut *conn);
+            loop {
+                match results.try_next().await {
+                    Ok(Some(Either::Left(_))) => completed += 1,
+                    Ok(Some(Either::Right(_))) => {}
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            }
+        };
+        let last = script.statements.len().saturating_sub(1);
+        let at = completed.saturating_sub(prefix).min(last);
+        let st = &script.statements[at];
+        let cancel_failed = matches!(&sent, Err(e) if is_query_canceled(e));
+        let line = sql::line_of_offset(&script.text, st.start);
+        let (tripped, last_blockers) = self
+            .end_watch(step, watch, cancel_failed, line, attempt, trips)
+            .await;
+        match sent {
+            Ok(()) => Ok(Batch::Ran),
+            Err(e) if completed == 0 && matches!(e, sqlx::Error::Database(_)) => {
+                debug!(error = %e, "the batch did not parse; statement by statement");
+                Ok(Batch::Unparsed)
+            }
+            Err(e) if completed < prefix => {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                Err(self.db_err("beginning a transaction")(e))
+            }
+            Err(e) => Ok(Batch::Failed((
+                step,
+                st,
+                e,
+                tripped,
+                last_blockers,
+                shifts[at],
+            ))),
         }
     }
 
@@ -2389,6 +2547,12 @@ fn newest_applied(statuses: &[MigrationStatus]) -> Option<Version> {
 
 /// Maps a PostgreSQL error back to the script's file, line and column.
 fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateError {
+    script_error_at(script, st, e, 0)
+}
+
+/// [`script_error`] for a statement sent after `shift` characters of other SQL in the
+/// same message: the server's error position counts from the message's start.
+fn script_error_at(script: &Script, st: &Statement, e: &sqlx::Error, shift: usize) -> MigrateError {
     let base_line = sql::line_of_offset(&script.text, st.start);
     let line_start = script.text[..st.start].rfind('\n').map_or(0, |i| i + 1);
     let start_col = script.text[line_start..st.start].chars().count();
@@ -2403,8 +2567,8 @@ fn script_error(script: &Script, st: &Statement, e: &sqlx::Error) -> MigrateErro
         let (line, column) = match (pg.position(), copy_line) {
             // A bad data row: point at it rather than at the COPY.
             (_, Some(line)) => (line, None),
-            (Some(PgErrorPosition::Original(p)), None) => {
-                let (l, c) = sql::line_col(st.text(&script.text), p);
+            (Some(PgErrorPosition::Original(p)), None) if p > shift => {
+                let (l, c) = sql::line_col(st.text(&script.text), p - shift);
                 (
                     base_line + l - 1,
                     Some(if l == 1 { start_col + c } else { c }),

@@ -74,6 +74,7 @@ impl TableStats for PgTableStats {
         let mut conn = PgConnection::connect(self.url.expose())
             .await
             .map_err(unavailable)?;
+        belay_core::send_without_delay();
         sqlx::raw_sql(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL statement_timeout = '30s'",
         )

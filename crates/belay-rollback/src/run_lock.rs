@@ -48,6 +48,7 @@ impl PgRunLock {
         let mut conn = PgConnection::connect(self.url.expose())
             .await
             .map_err(|e| unavailable(target, "connecting for the rollback's run lock", e))?;
+        belay_core::send_without_delay();
         sqlx::query("SELECT set_config('application_name', $1, false)")
             .bind(APPLICATION_NAME)
             .execute(&mut conn)

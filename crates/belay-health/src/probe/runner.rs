@@ -395,7 +395,10 @@ async fn sql_attempt(
     let conn = match slot {
         Some(conn) => conn,
         None => match PgConnection::connect_with(opts).await {
-            Ok(conn) => slot.insert(conn),
+            Ok(conn) => {
+                belay_core::send_without_delay();
+                slot.insert(conn)
+            }
             Err(e) => {
                 return error(
                     ProbeResult::Error,
