@@ -50,10 +50,13 @@ pub fn local_health(
     settings: &Settings,
     url: Option<&DatabaseUrl>,
 ) -> HealthTargets {
-    let facts = belay_guards::MigrationFactsAdapter::new(
+    let mut facts = belay_guards::MigrationFactsAdapter::new(
         Arc::new(migrations.clone()),
         [(target.to_string(), settings.dir.clone())],
     );
+    if let Some(set) = migrations.files(target) {
+        facts = facts.with_files(target, set);
+    }
     HealthTargets::new([(
         target.to_string(),
         HealthTarget {

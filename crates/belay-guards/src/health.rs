@@ -4,9 +4,12 @@
 //! answer the same way.
 
 use belay_health::{MigrationFacts, MigrationSummary, VerifyScript};
-use belay_migrate::{ApiError, ErrorKind, MigrateError, MigrationApi, MigrationStatus, State};
+use belay_migrate::{
+    ApiError, ErrorKind, MigrateError, MigrationApi, MigrationSet, MigrationStatus, SourceError,
+    State,
+};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// [`MigrationFacts`] from a [`MigrationApi`] (for states) and each target's migrations
@@ -15,6 +18,8 @@ use std::sync::Arc;
 pub struct MigrationFactsAdapter {
     api: Arc<dyn MigrationApi>,
     dirs: BTreeMap<String, PathBuf>,
+    /// Per target: its files as the caller already read them (else read at each question).
+    files: BTreeMap<String, Arc<MigrationSet>>,
 }
 
 impl std::fmt::Debug for MigrationFactsAdapter {
@@ -33,6 +38,21 @@ impl MigrationFactsAdapter {
         MigrationFactsAdapter {
             api,
             dirs: dirs.into_iter().collect(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Answers about `target` from `set` instead of reading its directory at each
+    /// question (see `LocalTargets::with_files`: a command that reads its files once).
+    pub fn with_files(mut self, target: &str, set: Arc<MigrationSet>) -> Self {
+        self.files.insert(target.to_string(), set);
+        self
+    }
+
+    fn files(&self, target: &str, dir: &Path) -> Result<Arc<MigrationSet>, SourceError> {
+        match self.files.get(target) {
+            Some(set) => Ok(set.clone()),
+            None => belay_migrate::load(dir).map(Arc::new),
         }
     }
 }
@@ -67,10 +87,7 @@ pub fn summarize(statuses: &[MigrationStatus]) -> MigrationSummary {
 
 /// The tables (and indexes) the pending scripts lock, from the linter's lock analysis;
 /// a script it cannot parse contributes nothing (the lint gate reports it).
-fn lock_tables(dir: &std::path::Path, statuses: &[MigrationStatus]) -> Vec<String> {
-    let Ok(set) = belay_migrate::load(dir) else {
-        return Vec::new();
-    };
+fn lock_tables(set: &MigrationSet, statuses: &[MigrationStatus]) -> Vec<String> {
     let pending: Vec<&str> = statuses
         .iter()
         .filter(|s| matches!(s.state, State::Pending | State::Undone))
@@ -106,8 +123,10 @@ impl MigrationFacts for MigrationFactsAdapter {
     async fn summary(&self, target: &str) -> Result<MigrationSummary, ApiError> {
         let statuses = self.api.status(target).await?;
         let mut summary = summarize(&statuses);
-        if let Some(dir) = self.dirs.get(target) {
-            summary.lock_tables = lock_tables(dir, &statuses);
+        if let Some(dir) = self.dirs.get(target)
+            && let Ok(set) = self.files(target, dir)
+        {
+            summary.lock_tables = lock_tables(&set, &statuses);
         }
         Ok(summary)
     }
@@ -119,7 +138,7 @@ impl MigrationFacts for MigrationFactsAdapter {
                 format!("unknown target {target:?}: no migrations directory"),
             )
         })?;
-        let set = belay_migrate::load(dir).map_err(MigrateError::from)?;
+        let set = self.files(target, dir).map_err(MigrateError::from)?;
         let statuses = self.api.status(target).await?;
         Ok(set
             .migrations

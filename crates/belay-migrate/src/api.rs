@@ -210,6 +210,11 @@ impl LocalTargets {
         self
     }
 
+    /// `target`'s files, when given with [`LocalTargets::with_files`].
+    pub fn files(&self, target: &str) -> Option<Arc<MigrationSet>> {
+        self.files.get(target).cloned()
+    }
+
     /// Runs `hook` before every `apply` and `undo` on `target` that has something to do
     /// (see [`BackupHook`]).
     pub fn with_backup_hook(mut self, target: &str, hook: Arc<dyn BackupHook>) -> Self {
