@@ -384,3 +384,26 @@ fn a_version_older_than_the_newest_applied_is_applied_with_a_warning() {
             .all(|(_, s)| s == "success")
     );
 }
+
+#[test]
+fn the_history_row_times_the_script_it_records() {
+    // The row travels in the script's own message, and the server times it: at least
+    // the script's sleep, whatever the client's latency.
+    let db = db();
+    let dir = migrations(&[
+        (
+            "V1__slow.sql",
+            "CREATE TABLE slow (id int);\nSELECT pg_sleep(0.2);\n",
+        ),
+        ("V2__quick.sql", "CREATE TABLE quick (id int);\n"),
+    ]);
+    belay_ok(&db.url, dir.path(), &["migrate"]);
+    assert_eq!(
+        psql(
+            &db.url,
+            "SELECT string_agg(version || ':' || (version <> '1' OR execution_time >= 200)::text \
+             || ':' || state, ',' ORDER BY installed_rank) FROM belay.schema_history"
+        ),
+        "1:true:success,2:true:success"
+    );
+}

@@ -224,6 +224,19 @@ impl HistoryDeploymentLog {
     }
 }
 
+/// An event as the log's table stores it: a `transition` moves the deployment's step.
+fn new_event(event: DeployEvent) -> NewDeploymentEvent {
+    NewDeploymentEvent {
+        deployment_id: event.deployment_id,
+        at: event.at,
+        step: event.step.as_str().to_string(),
+        moves_step: event.kind == "transition",
+        kind: event.kind,
+        message: event.message,
+        payload: event.payload,
+    }
+}
+
 #[async_trait::async_trait]
 impl DeploymentLog for HistoryDeploymentLog {
     async fn begin(&self, d: &NewDeployment) -> Result<(), LogError> {
@@ -250,15 +263,7 @@ impl DeploymentLog for HistoryDeploymentLog {
 
     async fn append(&self, event: DeployEvent) -> Result<u64, LogError> {
         let id = event.deployment_id;
-        let new = NewDeploymentEvent {
-            deployment_id: id,
-            at: event.at,
-            step: event.step.as_str().to_string(),
-            moves_step: event.kind == "transition",
-            kind: event.kind,
-            message: event.message,
-            payload: event.payload,
-        };
+        let new = new_event(event);
         match self
             .with_session(async |h, c| h.append_deployment_event(c, &new).await)
             .await?
@@ -280,18 +285,7 @@ impl DeploymentLog for HistoryDeploymentLog {
                 other.deployment_id
             )));
         }
-        let new: Vec<NewDeploymentEvent> = events
-            .into_iter()
-            .map(|event| NewDeploymentEvent {
-                deployment_id: id,
-                at: event.at,
-                step: event.step.as_str().to_string(),
-                moves_step: event.kind == "transition",
-                kind: event.kind,
-                message: event.message,
-                payload: event.payload,
-            })
-            .collect();
+        let new: Vec<NewDeploymentEvent> = events.into_iter().map(new_event).collect();
         match self
             .with_session(async |h, c| h.append_deployment_events(c, id, &new).await)
             .await?

@@ -615,15 +615,21 @@ mod tests {
         h.ensure_deployments(&mut conn).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn a_batch_of_events_takes_the_next_seqs_in_order_and_moves_the_step() {
+    /// A database with the deployment log's tables in `schema`.
+    async fn log_db(schema: &str) -> (belay_testkit::TestDb, PgConnection, History) {
         let db = belay_testkit::Cluster::shared()
             .create_database()
             .await
             .unwrap();
         let mut conn = PgConnection::connect(&db.url).await.unwrap();
-        let h = History::new("belay").unwrap();
+        let h = History::new(schema).unwrap();
         h.ensure_deployments(&mut conn).await.unwrap();
+        (db, conn, h)
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_events_takes_the_next_seqs_in_order_and_moves_the_step() {
+        let (_db, mut conn, h) = log_db("belay").await;
         let at: DateTime<Utc> = "2026-01-02T03:04:05Z".parse().unwrap();
         let start = DeploymentStart {
             id: Uuid::new_v4(),
@@ -711,13 +717,7 @@ mod tests {
 
     #[tokio::test]
     async fn deployments_and_events_round_trip() {
-        let db = belay_testkit::Cluster::shared()
-            .create_database()
-            .await
-            .unwrap();
-        let mut conn = PgConnection::connect(&db.url).await.unwrap();
-        let h = History::new("ops").unwrap();
-        h.ensure_deployments(&mut conn).await.unwrap();
+        let (_db, mut conn, h) = log_db("ops").await;
         let at: DateTime<Utc> = "2026-01-02T03:04:05Z".parse().unwrap();
         let start = DeploymentStart {
             id: Uuid::new_v4(),

@@ -533,6 +533,47 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);
     /// print exactly what runs. Strings are `E''` literals, whose escaping does not depend
     /// on `standard_conforming_strings`.
     pub fn insert_statement(&self, row: &NewRow) -> String {
+        self.render_insert(row, &row.execution_time_ms.to_string())
+    }
+
+    /// [`History::insert_statement`] for a row sent in the same message as the script it
+    /// records: the server fills in `execution_time` (milliseconds since the message
+    /// arrived, `statement_timestamp()`), and the statement returns the row's
+    /// `installed_rank`.
+    pub fn insert_statement_timed_here(&self, row: &NewRow) -> String {
+        format!(
+            "{} RETURNING installed_rank",
+            self.render_insert(
+                row,
+                "(extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::int",
+            )
+        )
+    }
+
+    /// Records the lock guard's trips on a row after its commit: those of the attempt that
+    /// went on to commit, which its insert, sent before the attempt ran, could not know.
+    pub async fn record_trips(
+        &self,
+        conn: &mut PgConnection,
+        rank: i32,
+        lock_trips: i32,
+        notes: Option<&serde_json::Value>,
+    ) -> Result<(), HistoryError> {
+        let sql = format!(
+            "UPDATE {} SET lock_trips = $2, notes = $3 WHERE installed_rank = $1",
+            self.qualified
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(rank)
+            .bind(lock_trips)
+            .bind(notes.map(|n| sqlx::types::Json(storable_notes(n))))
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn render_insert(&self, row: &NewRow, execution_time: &str) -> String {
         fn lit(s: Option<&str>) -> String {
             match s {
                 Some(s) => format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'")),
@@ -549,7 +590,7 @@ CREATE INDEX IF NOT EXISTS "{idx}" ON {table} (version);
             row.entry_type,
             lit(Some(&row.script)),
             lit(row.checksum.as_deref()),
-            row.execution_time_ms,
+            execution_time,
             row.state == RowState::Success,
             row.deployment_id
                 .map_or("NULL".to_string(), |u| format!("'{u}'")),

@@ -217,7 +217,12 @@ type Failure<'s> = (
 
 /// How a batch ([`Migrator::run_batch`]) went.
 enum Batch<'s> {
-    Ran,
+    /// The migration committed, its history row `rank` with it; `reset_done`: the session
+    /// is ready for the next one.
+    Committed {
+        rank: Option<i32>,
+        reset_done: bool,
+    },
     Failed(Failure<'s>),
     /// The server refused the message before running any of it (a syntax error).
     Unparsed,
@@ -1535,11 +1540,26 @@ impl Migrator {
             let mut failure = None;
             let mut snapshot = None;
             if batched {
+                // The row as this attempt would write it: the trips of earlier attempts,
+                // the waits they cost; the server times the attempt.
+                let mut row = self.new_row(step, RowState::Success);
+                row.retries = (attempts - 1) as i32;
+                row.lock_wait_ms = lock_wait.as_millis() as i64;
+                row.lock_trips = i32::try_from(trips.len()).unwrap_or(i32::MAX);
+                row.notes = self.notes(step, &trips);
+                let known_trips = trips.len();
                 match self
-                    .run_batch(conn, step, &begin, watch, attempts, &mut trips)
+                    .run_batch(conn, step, &begin, &row, watch, attempts, &mut trips)
                     .await?
                 {
-                    Batch::Ran => {}
+                    Batch::Committed { rank, reset_done } => {
+                        if trips.len() > known_trips {
+                            self.record_late_trips(conn, step, rank, &trips).await;
+                        }
+                        let execution = attempt_started.elapsed();
+                        let result = self.result(step, execution, attempts - 1, lock_wait);
+                        return Ok((result, reset_done));
+                    }
                     Batch::Failed(f) => failure = Some(f),
                     // Nothing ran: statement by statement, this attempt and the next.
                     Batch::Unparsed => batched = false,
@@ -1686,6 +1706,27 @@ impl Migrator {
         }
     }
 
+    /// The trips of the attempt that committed, on its history row (they happened after
+    /// the row was sent). A failure only costs the row its note: the migration stands.
+    async fn record_late_trips(
+        &self,
+        conn: &mut PgConnection,
+        step: &Step,
+        rank: Option<i32>,
+        trips: &[TripNote],
+    ) {
+        let Some(rank) = rank else { return };
+        let count = i32::try_from(trips.len()).unwrap_or(i32::MAX);
+        let notes = self.notes(step, trips);
+        if let Err(e) = self
+            .history
+            .record_trips(conn, rank, count, notes.as_ref())
+            .await
+        {
+            debug!(error = %e, "recording the lock guard's trips on the history row");
+        }
+    }
+
     /// One attempt of a transactional script in one message: BEGIN with its settings, then
     /// every statement, under one watch of the guard. The server runs a message's
     /// statements in order, each under its own `statement_timeout` (PostgreSQL ≥ 13), and
@@ -1698,17 +1739,26 @@ impl Migrator {
     /// The server parses a whole message before it runs any of it: a syntax error anywhere
     /// fails it with nothing run, not even BEGIN ([`Batch::Unparsed`]); the caller then
     /// runs the script statement by statement, which names the statement and its line.
+    #[allow(clippy::too_many_arguments, reason = "one attempt's whole state")]
     async fn run_batch<'s>(
         &self,
         conn: &mut PgConnection,
         step: &'s Step,
         begin: &str,
+        row: &NewRow,
         watch: Option<Box<dyn LockWatch>>,
         attempt: u32,
         trips: &mut Vec<TripNote>,
     ) -> Result<Batch<'s>, MigrateError> {
         let script = &step.source;
         let prefix = sql::split(begin).len();
+        // After the script: the history row (as the role belay connected as), COMMIT, and
+        // the session reset for the next migration (PostgreSQL ≥ 14, as batching is); the
+        // session authorization set for the row stays set past COMMIT.
+        let tail = format!(
+            "{HISTORY_AS_SESSION_USER};\n{};\nCOMMIT;\nRESET ALL; DISCARD TEMP;\n{SESSION_SETTINGS_SQL}",
+            self.history.insert_statement_timed_here(row)
+        );
         let mut text = String::with_capacity(begin.len() + script.text.len() + 8);
         text.push_str(begin);
         text.push_str(";\n");
@@ -1723,19 +1773,28 @@ impl Migrator {
             text.push_str(sep);
             chars += body.chars().count() + sep.len();
         }
+        text.push_str(&tail);
+        let statements = script.statements.len();
+        // Completed statements before the row's insert, and once COMMIT is through.
+        let before_insert = prefix + statements + 1;
+        let committed_at = prefix + statements + 3;
         let mut completed = 0usize;
+        let mut rank = None;
         let sent = {
             let mut results = sqlx::raw_sql(sqlx::AssertSqlSafe(text)).fetch_many(&mut *conn);
             loop {
                 match results.try_next().await {
                     Ok(Some(Either::Left(_))) => completed += 1,
+                    Ok(Some(Either::Right(r))) if completed == before_insert => {
+                        rank = r.try_get::<i32, _>(0).ok();
+                    }
                     Ok(Some(Either::Right(_))) => {}
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(e),
                 }
             }
         };
-        let last = script.statements.len().saturating_sub(1);
+        let last = statements.saturating_sub(1);
         let at = completed.saturating_sub(prefix).min(last);
         let st = &script.statements[at];
         let cancel_failed = matches!(&sent, Err(e) if is_query_canceled(e));
@@ -1744,7 +1803,19 @@ impl Migrator {
             .end_watch(step, watch, cancel_failed, line, attempt, trips)
             .await;
         match sent {
-            Ok(()) => Ok(Batch::Ran),
+            Ok(()) => Ok(Batch::Committed {
+                rank,
+                reset_done: true,
+            }),
+            Err(e) if completed >= committed_at => {
+                // Committed; only the reset failed: `execute` resets again and reports
+                // that failure as it does for a separate reset.
+                debug!(error = %e, "the session reset after COMMIT failed");
+                Ok(Batch::Committed {
+                    rank,
+                    reset_done: false,
+                })
+            }
             Err(e) if completed == 0 && matches!(e, sqlx::Error::Database(_)) => {
                 debug!(error = %e, "the batch did not parse; statement by statement");
                 Ok(Batch::Unparsed)
@@ -1753,6 +1824,18 @@ impl Migrator {
                 let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
                 Err(self.db_err("beginning a transaction")(e))
             }
+            // The row's insert failed (not the guard's cancel, which is retried as a
+            // statement's): belay's own write, not the script's.
+            Err(e)
+                if completed >= prefix + statements
+                    && completed < before_insert + 1
+                    && !tripped =>
+            {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                Err(self.db_err("recording the migration")(e))
+            }
+            // A statement failed, or COMMIT did (deferred constraints: the script's failure,
+            // at its last statement).
             Err(e) => Ok(Batch::Failed((
                 step,
                 st,
