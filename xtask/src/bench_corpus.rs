@@ -426,7 +426,7 @@ impl Class {
 
     fn label(self) -> &'static str {
         match self {
-            Class::Script => "migration SQL (+ catalog reads)",
+            Class::Script => "migration SQL (belay: +row, COMMIT)",
             Class::Transaction => "BEGIN/COMMIT/ROLLBACK",
             Class::Settings => "SET/RESET/DISCARD",
             Class::History => "history (read, write)",
@@ -435,9 +435,9 @@ impl Class {
         }
     }
 
-    /// A message as the server logged it: belay sends BEGIN with its SET LOCALs and the
-    /// script's statements in one message, which counts as the script's, and the history
-    /// row with COMMIT in another, which counts as history.
+    /// A message as the server logged it. belay's one message per transactional migration
+    /// counts as the script's; a history row sent with COMMIT on its own (after a
+    /// statement-by-statement script) counts as history.
     fn of(text: &str) -> Class {
         let lower = text.to_ascii_lowercase();
         let first = lower
@@ -445,6 +445,17 @@ impl Class {
             .split(|c: char| !c.is_ascii_alphabetic())
             .next()
             .unwrap_or("");
+        // belay sends a transactional migration as one message: BEGIN with its SET LOCALs,
+        // the script, the history row, COMMIT and the session reset. That message is the
+        // script's (its history row and COMMIT ride along).
+        let batched = matches!(first, "begin")
+            && lower.lines().skip(1).any(|l| {
+                let l = l.trim();
+                !l.is_empty() && !l.starts_with("set local ")
+            });
+        if batched {
+            return Class::Script;
+        }
         if [
             "schema_history",
             "bench_history",
@@ -469,17 +480,7 @@ impl Class {
         {
             Class::LockAndGuard
         } else if matches!(first, "begin" | "commit" | "rollback" | "start" | "end") {
-            // belay sends a transactional script's statements in one message with its BEGIN
-            // and SET LOCALs: that message is the script's.
-            let batched = lower.lines().skip(1).any(|l| {
-                let l = l.trim();
-                !l.is_empty() && !l.starts_with("set local ")
-            });
-            if batched {
-                Class::Script
-            } else {
-                Class::Transaction
-            }
+            Class::Transaction
         } else if matches!(first, "set" | "reset" | "discard" | "show") {
             Class::Settings
         } else {
@@ -652,8 +653,10 @@ mod tests {
     fn messages_are_classed_by_what_they_do() {
         assert!(Class::of("BEGIN;\nSET LOCAL lock_timeout = '5s'") == Class::Transaction);
         assert!(
-            Class::of("BEGIN;\nSET LOCAL lock_timeout = '5s';\nCREATE TABLE a (id int);\n")
-                == Class::Script
+            Class::of(
+                "BEGIN;\nSET LOCAL lock_timeout = '5s';\nCREATE TABLE a (id int);\n\
+                 INSERT INTO belay.schema_history (x) VALUES (1);\nCOMMIT"
+            ) == Class::Script
         );
         assert!(
             Class::of(
