@@ -426,7 +426,7 @@ impl Class {
 
     fn label(self) -> &'static str {
         match self {
-            Class::Script => "migration SQL (belay: +row, COMMIT)",
+            Class::Script => "script SQL (belay: + row, COMMIT)",
             Class::Transaction => "BEGIN/COMMIT/ROLLBACK",
             Class::Settings => "SET/RESET/DISCARD",
             Class::History => "history (read, write)",
