@@ -683,7 +683,7 @@ impl Demo {
                 let waiting = wait_for_sql(
                     &psql,
                     &shop_url,
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE 'ALTER TABLE%orders%'",
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'belay' AND query ILIKE '%ALTER TABLE%orders%'",
                     "1",
                 );
                 if let Err(e) = waiting {

@@ -402,7 +402,11 @@ impl Migrator {
         let opts = PgConnectOptions::from_str(self.url.expose())
             .map_err(|e| connect_err(belay_core::redact_url(&e.to_string())))?
             .application_name("belay")
-            .log_statements(tracing::log::LevelFilter::Trace);
+            .log_statements(tracing::log::LevelFilter::Trace)
+            // A migration's message waits for its locks and runs the whole script: slow is
+            // its nature, and belay reports its time itself; sqlx's default would print
+            // the message (history row included) as a warning on the user's terminal.
+            .log_slow_statements(tracing::log::LevelFilter::Trace, Duration::from_secs(1));
         let mut conn = opts
             .connect()
             .await
@@ -1523,8 +1527,9 @@ impl Migrator {
         let fence_step = fence.as_ref().map(|f| f.lock_step(step));
         let mut batched = fence.is_none() && batchable(conn, script);
         // The transaction is driven with plain BEGIN/COMMIT rather than sqlx's
-        // `Transaction` so that BEGIN travels with its settings and (batched) the script's
-        // statements, and the history row with the COMMIT: two round trips per migration.
+        // `Transaction` so that BEGIN, the script, the history row and COMMIT travel in one
+        // message (batched: one round trip per migration), or at least BEGIN with its
+        // settings and the history row with the COMMIT.
         loop {
             attempts += 1;
             let watch = if batched {
@@ -1733,8 +1738,8 @@ impl Migrator {
     /// stops at the first error, so the count of completed ones names the statement that
     /// failed; its error position is made relative to that statement (the returned shift,
     /// in characters). A trip is reported at the statement the cancel failed, or at the
-    /// script's last statement when it landed on none. [`Batch::Ran`]: every statement ran
-    /// and the transaction is open for the history row and COMMIT.
+    /// script's last statement when it landed on none. After the script, the message
+    /// carries the history row, COMMIT and the session reset ([`Batch::Committed`]).
     ///
     /// The server parses a whole message before it runs any of it: a syntax error anywhere
     /// fails it with nothing run, not even BEGIN ([`Batch::Unparsed`]); the caller then
