@@ -230,8 +230,12 @@ enum Batch<'s> {
 
 /// Whether a transactional script's statements can go in one message with its BEGIN:
 /// nothing among them needs a round trip of its own (COPY's inline data, transaction
-/// control, `CONCURRENTLY`), and the server times each statement of a message on its own
-/// (≥ 13; belay batches from 14, where the session reset rides with COMMIT too).
+/// control, `CONCURRENTLY`), the server times each statement of a message on its own
+/// (≥ 13; belay batches from 14, where the session reset rides with COMMIT too), and the
+/// server will count the statements as belay does. The batch's accounting rests on that
+/// count (which statement failed, whether COMMIT went through), so a statement the
+/// splitter cut inside parentheses (a multi-action rule) keeps the script statement by
+/// statement, where it fails as it always did.
 fn batchable(conn: &PgConnection, script: &Script) -> bool {
     conn.server_version_num().is_some_and(|v| v >= 140_000)
         && !script.statements.is_empty()
@@ -240,6 +244,7 @@ fn batchable(conn: &PgConnection, script: &Script) -> bool {
                 && !st.concurrently
                 && !st.opens_transaction()
                 && !st.closes_transaction()
+                && sql::parens_balanced(st.text(&script.text))
         })
 }
 
@@ -1772,8 +1777,13 @@ impl Migrator {
         for st in &script.statements {
             shifts.push(chars);
             let body = st.text(&script.text);
-            // A last statement without `;` may end in a line comment.
-            let sep = if body.ends_with(';') { "\n" } else { "\n;\n" };
+            // A last statement without `;` may end in a line comment (even one ending
+            // in `;`).
+            let sep = if sql::ends_with_terminator(body) {
+                "\n"
+            } else {
+                "\n;\n"
+            };
             text.push_str(body);
             text.push_str(sep);
             chars += body.chars().count() + sep.len();

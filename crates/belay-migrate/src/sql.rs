@@ -645,6 +645,32 @@ fn tokens(text: &str) -> Vec<Tok> {
     out
 }
 
+/// Whether `text`'s parentheses (outside strings and comments) close in order. The
+/// splitter ends a statement at every `;` outside quotes, comments and `BEGIN ATOMIC`, so
+/// a statement that holds `;` inside parentheses (a multi-action rule, `DO INSTEAD (…;
+/// …)`) comes out in pieces that do not balance: the server would see one statement where
+/// belay counts several.
+pub fn parens_balanced(text: &str) -> bool {
+    let mut depth = 0usize;
+    for t in tokens(text) {
+        match t {
+            Tok::Punct('(') => depth += 1,
+            Tok::Punct(')') => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return false,
+            },
+            _ => {}
+        }
+    }
+    depth == 0
+}
+
+/// Whether `text` (one statement from [`split`]) ends with its terminating `;`, not in a
+/// trailing comment.
+pub fn ends_with_terminator(text: &str) -> bool {
+    matches!(tokens(text).last(), Some(Tok::Punct(';')))
+}
+
 /// A possibly qualified name starting at `i`: (`a.b` as written, index after it).
 fn name_at(toks: &[Tok], mut i: usize) -> Option<(String, usize)> {
     let Some(Tok::Word(first)) = toks.get(i) else {
@@ -809,6 +835,33 @@ mod tests {
             .iter()
             .map(|s| s.text(script).trim().to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_statement_split_inside_parentheses_does_not_balance() {
+        let rule = "CREATE RULE r AS ON INSERT TO t DO INSTEAD (INSERT INTO a VALUES (1); \
+                    UPDATE b SET x = 1; );\nCREATE TABLE c (id int, note text DEFAULT ')');";
+        let pieces = split(rule);
+        assert_eq!(
+            pieces.len(),
+            4,
+            "the splitter cuts the rule's actions apart"
+        );
+        let balanced: Vec<bool> = pieces
+            .iter()
+            .map(|p| parens_balanced(p.text(rule)))
+            .collect();
+        assert_eq!(balanced, [false, true, false, true]);
+        assert!(parens_balanced("SELECT f(g(1)) /* ( */ -- )\n"));
+        assert!(!parens_balanced(") ("));
+    }
+
+    #[test]
+    fn a_statement_ends_with_its_terminator_not_a_comment() {
+        assert!(ends_with_terminator("SELECT 1;"));
+        assert!(ends_with_terminator("SELECT ';';"));
+        assert!(!ends_with_terminator("SELECT 1 -- done;"));
+        assert!(!ends_with_terminator("SELECT 1 /* ; */"));
     }
 
     #[test]
