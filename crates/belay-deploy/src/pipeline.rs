@@ -330,7 +330,10 @@ impl Run<'_> {
     }
 
     /// Records `first` and the events that follow it within [`EVENT_WINDOW`] (or until
-    /// the run has `finished`), in one log write. Returns whether the run has finished.
+    /// the run has `finished`), in one log write. A step transition ends the window at
+    /// once: where a deployment stands reaches the log and the sink (the controller, for
+    /// an agent) without the window's delay, so an agent lost a moment later is known to
+    /// have been `migrating`. Returns whether the run has finished.
     async fn record_window(
         &mut self,
         first: Event,
@@ -339,10 +342,12 @@ impl Run<'_> {
     ) -> Result<bool, LogError> {
         self.held = Some(Vec::new());
         let window = tokio::time::Instant::now() + EVENT_WINDOW;
+        let step = self.current();
         let mut done = false;
         let mut recorded = self.record(first).await;
         while recorded.is_ok()
             && !done
+            && self.current() == step
             && self.held.as_ref().map_or(0, Vec::len) < MAX_EVENTS_PER_WRITE
         {
             tokio::select! {
