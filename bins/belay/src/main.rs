@@ -346,6 +346,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     if let Command::Adopt { from, dry_run, .. } = &cli.command {
         return adopt_cmd::run(*from, *dry_run, set, &settings, &url, cli.output).await;
     }
+    let set = Arc::new(set);
     let backup_hook = backup_cmd::hook_for(&cli.command, &settings, &url);
     // The files as read above, for every call of this command: what it checked and
     // planned is what it runs, and the directory is read once.
@@ -355,7 +356,7 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
         dir: settings.dir.clone(),
         exec: settings.exec.clone(),
     }])
-    .with_files(LOCAL_TARGET, Arc::new(set.clone()));
+    .with_files(LOCAL_TARGET, set.clone());
     let api = match backup_hook {
         Some(hook) => api.with_backup_hook(LOCAL_TARGET, hook),
         None => api,

@@ -253,8 +253,8 @@ impl LocalTargets {
             )
         })?;
         let set = match self.files.get(target) {
-            Some(set) => MigrationSet::clone(set),
-            None => crate::source::load(&spec.dir).map_err(MigrateError::from)?,
+            Some(set) => set.clone(),
+            None => Arc::new(crate::source::load(&spec.dir).map_err(MigrateError::from)?),
         };
         let mut m = Migrator::new(spec.url.clone(), set, spec.exec.clone(), sink)?;
         if let Some(id) = deployment_id {

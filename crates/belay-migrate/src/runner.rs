@@ -163,7 +163,8 @@ impl RunnerSession {
 /// Runs migrations from one set against one database.
 pub struct Migrator {
     url: DatabaseUrl,
-    set: MigrationSet,
+    /// Shared, not copied: a command's several calls run from the set it read once.
+    set: Arc<MigrationSet>,
     config: ExecConfig,
     history: History,
     sink: EventSink,
@@ -316,14 +317,14 @@ fn backup_table_names(steps: &[Step], undo: bool) -> Vec<String> {
 impl Migrator {
     pub fn new(
         url: DatabaseUrl,
-        set: MigrationSet,
+        set: impl Into<Arc<MigrationSet>>,
         config: ExecConfig,
         sink: EventSink,
     ) -> Result<Self, MigrateError> {
         let history = History::new(&config.history_schema)?;
         Ok(Migrator {
             url,
-            set,
+            set: set.into(),
             config,
             history,
             sink,
