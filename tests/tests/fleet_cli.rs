@@ -1,5 +1,6 @@
 //! The small things a user of the fleet CLI hits: `deployments show` with an id prefix
-//! (unknown: exit 66), and `belay agents` naming each target's environment.
+//! (unknown: exit 66), `belay agents` naming each target's environment, and a deployment
+//! whose events outgrow a default gRPC message.
 
 use anyhow::Result;
 use belay_e2e::{TargetDef, agent, agent_config, belay, controller, examples, wait_agents};
@@ -81,5 +82,72 @@ async fn deployments_show_takes_a_prefix_and_agents_show_environments() -> Resul
         let r = belay(&c.addr, &["deployments", "show", bad]).await?;
         assert_eq!(r.code, 64, "{bad}: {r:?}");
     }
+    Ok(())
+}
+
+/// A deployment to a thousand targets stores megabytes of events (9 MiB at 1,000 in
+/// `bench fleet`). Following it asked the controller for every event again at the end,
+/// in one reply past gRPC's 4 MiB default, and `deploy` failed after the deployment had
+/// succeeded; `deployments show` of it failed the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_whose_events_outgrow_a_grpc_message_can_be_followed_and_shown()
+-> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let db = Cluster::shared().create_database().await?;
+    let ex = examples();
+    let store_path = tmp
+        .path()
+        .join("controller.db")
+        .to_string_lossy()
+        .into_owned();
+    let c = controller(&store_path, &[]).await?;
+    let a = agent_config(
+        tmp.path(),
+        "agent-1",
+        &c.addr,
+        &[TargetDef {
+            name: "shop",
+            url: &db.url,
+            migrations: &ex,
+            environment: None,
+        }],
+    )?;
+    let _a = agent(&a).await?;
+    wait_agents(&c.addr, 1).await?;
+    let r = belay(&c.addr, &["deploy", "--targets", "shop", "--output", "json"]).await?;
+    assert_eq!(r.code, 0, "{r:?}");
+    let id = r.json()["id"].as_str().expect("id").to_string();
+
+    // 5 MiB more of the target's notes, as a fleet's worth of targets would leave.
+    let store = belay_store::Store::open(&store_path).await?;
+    let note = "x".repeat(100 << 10);
+    for _ in 0..50 {
+        store
+            .append_event(&belay_store::NewEvent {
+                deployment_id: id.parse()?,
+                target: Some("shop".into()),
+                kind: "note".into(),
+                message: note.clone(),
+                payload: serde_json::json!({}),
+            })
+            .await?;
+    }
+    store.close().await;
+
+    let r = belay(&c.addr, &["deployments", "watch", &id, "--output", "json"]).await?;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc = r.json();
+    assert_eq!(doc["state"], "succeeded", "{}", r.stderr);
+    let events = doc["events"].as_array().expect("events");
+    assert!(events.len() > 50, "{} events", events.len());
+    assert_eq!(doc["targets"][0]["state"], "succeeded");
+
+    let r = belay(&c.addr, &["deployments", "show", &id, "--output", "json"]).await?;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let shown = r.json()["targets"][0]["events"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let streamed = events.iter().filter(|e| e["target"] == "shop").count();
+    assert_eq!(shown, streamed, "show lists every event of the target the watch streamed");
     Ok(())
 }

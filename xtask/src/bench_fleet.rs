@@ -246,7 +246,7 @@ fn deploy_vs_sequential(
     }
     let config_path = work.join("agent.toml");
     fs::write(&config_path, config).context("could not write agent.toml")?;
-    let _agent = Daemon::start(
+    let agent = Daemon::start(
         "belay-agent",
         scrubbed(&bins.agent)
             .args(["--listen", "127.0.0.1:0", "--config"])
@@ -273,9 +273,11 @@ fn deploy_vs_sequential(
     // Every client session on the server during the deployment is the agent's: the
     // controller's store is SQLite and the CLI talks to the controller only.
     let sessions = SessionSampler::start(cluster.url("postgres"))?;
+    let cpu_before = Cpu::read(cluster.pid(), Some((&agent, &controller)))?;
     let started = Instant::now();
     let out = deploy.output().context("could not run belay deploy")?;
     let fleet_time = started.elapsed();
+    let fleet_cpu = Cpu::read(cluster.pid(), Some((&agent, &controller)))?.since(&cpu_before);
     let sessions = sessions.stop()?;
     let deployment_id = check_deploy(&out, tenants, &controller)?;
     println!(
@@ -295,6 +297,7 @@ fn deploy_vs_sequential(
         "$ {} (per database)",
         describe(&local_migrate(&cluster.url(&seq_dbs[0])))
     );
+    let cpu_before = Cpu::read(cluster.pid(), None)?;
     let started = Instant::now();
     let mut walls = std::collections::BTreeMap::new();
     for db in &seq_dbs {
@@ -304,6 +307,7 @@ fn deploy_vs_sequential(
         walls.insert(db.clone(), one.elapsed().as_secs_f64());
     }
     let seq_time = started.elapsed();
+    let seq_cpu = Cpu::read(cluster.pid(), None)?.since(&cpu_before);
     println!(
         "{tenants} databases migrated in {:.2}s",
         seq_time.as_secs_f64()
@@ -345,6 +349,8 @@ fn deploy_vs_sequential(
 
     let (f, s) = (fleet_time.as_secs_f64(), seq_time.as_secs_f64());
     let n = tenants as f64;
+    println!("{}", fleet_cpu.render("fleet", n, f));
+    println!("{}", seq_cpu.render("local", n, s));
     let held = if sessions.open <= i64::from(budget) {
         "held"
     } else {
@@ -363,6 +369,61 @@ fn deploy_vs_sequential(
         sessions.open,
         sessions.listed
     ))
+}
+
+/// CPU time (clock ticks) spent so far, per party: the server (the postmaster and its
+/// exited backends: every session of a phase has closed by its end), the daemons, and the
+/// bench's own child processes (the CLI runs).
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    server: u64,
+    agent: u64,
+    controller: u64,
+    cli: u64,
+}
+
+impl Cpu {
+    fn read(postmaster: u32, daemons: Option<(&Daemon, &Daemon)>) -> Result<Cpu> {
+        let (agent, controller) = match daemons {
+            Some((a, c)) => (cpu_ticks(a.pid)?, cpu_ticks(c.pid)?),
+            None => (0, 0),
+        };
+        let own = std::process::id();
+        Ok(Cpu {
+            server: cpu_ticks_with_children(postmaster)?,
+            agent,
+            controller,
+            cli: cpu_ticks_with_children(own)? - cpu_ticks(own)?,
+        })
+    }
+
+    fn since(&self, before: &Cpu) -> Cpu {
+        Cpu {
+            server: self.server.saturating_sub(before.server),
+            agent: self.agent.saturating_sub(before.agent),
+            controller: self.controller.saturating_sub(before.controller),
+            cli: self.cli.saturating_sub(before.cli),
+        }
+    }
+
+    /// Milliseconds of CPU per target, per party, and the share of the machine's cores
+    /// the phase kept busy.
+    fn render(&self, side: &str, targets: f64, wall_secs: f64) -> String {
+        let ms = 1000.0 / clock_ticks_per_second();
+        let per = |ticks: u64| ticks as f64 * ms / targets;
+        let total = self.server + self.agent + self.controller + self.cli;
+        let cores = thread::available_parallelism().map_or(1, usize::from) as f64;
+        format!(
+            "{side} CPU per target: {:.1} ms total = server {:.1} + agent {:.1} + controller {:.1} \
+             + CLI {:.1}; {:.0}% of {cores} cores busy over the phase",
+            per(total),
+            per(self.server),
+            per(self.agent),
+            per(self.controller),
+            per(self.cli),
+            total as f64 * ms / 1000.0 / wall_secs / cores * 100.0
+        )
+    }
 }
 
 /// Counts the server's client sessions (other than its own) every few milliseconds, on a
@@ -780,13 +841,25 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
 }
 
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    stat_fields(stat, 11..=12)
+}
+
+/// The sum of a process's fields 14 to 17 (utime, stime and its reaped children's: a
+/// postmaster's backends, the bench's own CLI runs).
+fn cpu_ticks_with_children(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("could not read /proc/{pid}/stat"))?;
+    stat_fields(&stat, 11..=14).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+}
+
+fn stat_fields(stat: &str, range: std::ops::RangeInclusive<usize>) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces: count from the
     // last ')'. After it, field 3 (state) comes first, so utime is index 11.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    range
+        .map(|i| fields.get(i)?.parse::<u64>().ok())
+        .sum::<Option<u64>>()
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -904,8 +977,9 @@ mod tests {
 
     #[test]
     fn cpu_ticks_are_read_past_a_command_name_with_spaces() {
-        let stat = "1234 (belay (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0 99 1000 50";
+        let stat = "1234 (belay (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 7 3 20 0 4 0 99 1000 50";
         assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(stat_fields(stat, 11..=14), Some(335));
     }
 
     #[test]

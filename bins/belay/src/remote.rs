@@ -13,6 +13,10 @@ use pb::controller_service_client::ControllerServiceClient;
 use pb::history_service_client::HistoryServiceClient;
 use serde_json::json;
 
+/// The largest reply the CLI takes from a controller: a deployment to thousands of
+/// targets, with its events, runs past gRPC's default 4 MiB.
+const REPLY_LIMIT: usize = 256 << 20;
+
 fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
         .and_then(|t| belay_rpc::convert::from_timestamp(t).ok())
@@ -276,8 +280,14 @@ async fn follow_until(
         }
         events.push(event_json(&e));
     }
+    // The events came over the stream: asking for them again would send them twice, in
+    // one message too large for a deployment to a thousand targets.
     let d = HistoryServiceClient::new(conn.intercepted())
-        .get_deployment(pb::GetDeploymentRequest { id })
+        .max_decoding_message_size(REPLY_LIMIT)
+        .get_deployment(pb::GetDeploymentRequest {
+            id,
+            without_events: true,
+        })
         .await
         .map_err(err(conn))?
         .into_inner();
@@ -333,7 +343,8 @@ async fn rollback_whole(
         deployment_id: id.to_string(),
         trigger: Some(belay_rpc::rollback::trigger(&trigger)),
     };
-    let mut client = ControllerServiceClient::new(conn.intercepted());
+    let mut client =
+        ControllerServiceClient::new(conn.intercepted()).max_decoding_message_size(REPLY_LIMIT);
     let plan = client
         .plan_deployment_rollback(req.clone())
         .await
@@ -474,6 +485,7 @@ pub async fn fleet_command(
                 rollback_scope: scope.into(),
             };
             match ControllerServiceClient::new(conn.intercepted())
+                .max_decoding_message_size(REPLY_LIMIT)
                 .deploy(req)
                 .await
             {
@@ -482,7 +494,8 @@ pub async fn fleet_command(
             }
         }
         Command::Deployments { command } => {
-            let mut client = HistoryServiceClient::new(conn.intercepted());
+            let mut client = HistoryServiceClient::new(conn.intercepted())
+                .max_decoding_message_size(REPLY_LIMIT);
             match command
                 .as_ref()
                 .unwrap_or(&DeploymentsCommand::List { limit: 20 })
@@ -526,7 +539,10 @@ pub async fn fleet_command(
                 }
                 DeploymentsCommand::Show { id, .. } => {
                     match client
-                        .get_deployment(pb::GetDeploymentRequest { id: id.clone() })
+                        .get_deployment(pb::GetDeploymentRequest {
+                            id: id.clone(),
+                            without_events: false,
+                        })
                         .await
                     {
                         Ok(d) => {
@@ -555,6 +571,7 @@ pub async fn fleet_command(
             }
         }
         Command::Agents => match ControllerServiceClient::new(conn.intercepted())
+            .max_decoding_message_size(REPLY_LIMIT)
             .list_agents(pb::ListAgentsRequest {})
             .await
         {
@@ -563,6 +580,7 @@ pub async fn fleet_command(
                 // Each target's environment, as its agent.toml gives it.
                 let environments: std::collections::BTreeMap<String, String> =
                     match ControllerServiceClient::new(conn.intercepted())
+                        .max_decoding_message_size(REPLY_LIMIT)
                         .list_targets(pb::ListTargetsRequest {})
                         .await
                     {

@@ -465,6 +465,7 @@ impl pb::history_service_server::HistoryService for HistoryGrpc {
             .await
             .map_err(|e| st(store_err(e)))?
         {
+            Some(d) if req.get_ref().without_events => Ok(Response::new(deployment_pb(&d))),
             Some(d) => {
                 let events = self
                     .0
