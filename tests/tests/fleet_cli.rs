@@ -90,8 +90,8 @@ async fn deployments_show_takes_a_prefix_and_agents_show_environments() -> Resul
 /// in one reply past gRPC's 4 MiB default, and `deploy` failed after the deployment had
 /// succeeded; `deployments show` of it failed the same way.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_deployment_whose_events_outgrow_a_grpc_message_can_be_followed_and_shown()
--> Result<()> {
+async fn a_deployment_whose_events_outgrow_a_grpc_message_can_be_followed_and_shown() -> Result<()>
+{
     let tmp = tempfile::tempdir()?;
     let db = Cluster::shared().create_database().await?;
     let ex = examples();
@@ -114,7 +114,11 @@ async fn a_deployment_whose_events_outgrow_a_grpc_message_can_be_followed_and_sh
     )?;
     let _a = agent(&a).await?;
     wait_agents(&c.addr, 1).await?;
-    let r = belay(&c.addr, &["deploy", "--targets", "shop", "--output", "json"]).await?;
+    let r = belay(
+        &c.addr,
+        &["deploy", "--targets", "shop", "--output", "json"],
+    )
+    .await?;
     assert_eq!(r.code, 0, "{r:?}");
     let id = r.json()["id"].as_str().expect("id").to_string();
 
@@ -148,6 +152,9 @@ async fn a_deployment_whose_events_outgrow_a_grpc_message_can_be_followed_and_sh
         .as_array()
         .map_or(0, Vec::len);
     let streamed = events.iter().filter(|e| e["target"] == "shop").count();
-    assert_eq!(shown, streamed, "show lists every event of the target the watch streamed");
+    assert_eq!(
+        shown, streamed,
+        "show lists every event of the target the watch streamed"
+    );
     Ok(())
 }

@@ -349,14 +349,16 @@ async fn run(cli: Cli, url_from_argv: bool) -> Result<u8, Failure> {
     let set = Arc::new(set);
     let backup_hook = backup_cmd::hook_for(&cli.command, &settings, &url);
     // The files as read above, for every call of this command: what it checked and
-    // planned is what it runs, and the directory is read once.
+    // planned is what it runs, and the directory is read once; the plan's session is the
+    // run's.
     let api = LocalTargets::new([TargetSpec {
         name: LOCAL_TARGET.to_string(),
         url: url.clone(),
         dir: settings.dir.clone(),
         exec: settings.exec.clone(),
     }])
-    .with_files(LOCAL_TARGET, set.clone());
+    .with_files(LOCAL_TARGET, set.clone())
+    .reusing_sessions();
     let api = match backup_hook {
         Some(hook) => api.with_backup_hook(LOCAL_TARGET, hook),
         None => api,

@@ -204,6 +204,14 @@ impl BackupHook for BackupGuard {
         self.mode != BackupMode::None
     }
 
+    fn reads_tables(&self, direction: belay_migrate::Direction) -> bool {
+        let mode = match direction {
+            belay_migrate::Direction::Undo => self.undo_mode,
+            _ => self.mode,
+        };
+        mode == BackupMode::Tables
+    }
+
     async fn before_undo(
         &self,
         ctx: &BackupContext,

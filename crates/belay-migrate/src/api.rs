@@ -161,6 +161,9 @@ pub struct LocalTargets {
     lock_guards: BTreeMap<String, Arc<dyn LockGuardHook>>,
     /// Per target: the check of the pending scripts before `apply` runs any.
     script_gates: BTreeMap<String, Arc<dyn ScriptGate>>,
+    /// Per target, with [`LocalTargets::reusing_sessions`]: the session one call leaves
+    /// for the next.
+    stashes: BTreeMap<String, Arc<crate::SessionStash>>,
 }
 
 impl std::fmt::Debug for LocalTargets {
@@ -189,6 +192,7 @@ impl LocalTargets {
             backup_hooks: BTreeMap::new(),
             lock_guards: BTreeMap::new(),
             script_gates: BTreeMap::new(),
+            stashes: BTreeMap::new(),
         }
     }
 
@@ -207,6 +211,19 @@ impl LocalTargets {
     /// deployments.
     pub fn with_files(mut self, target: &str, set: Arc<MigrationSet>) -> Self {
         self.files.insert(target.to_string(), set);
+        self
+    }
+
+    /// A command's calls hand each other their target's session: the plan's read leaves
+    /// it, the run takes it (see [`crate::SessionStash`]). For a command-line run, which
+    /// ends soon after; a long-lived process (the agent) does not: an idle session would
+    /// hold a connection outside its budget.
+    pub fn reusing_sessions(mut self) -> Self {
+        self.stashes = self
+            .targets
+            .keys()
+            .map(|t| (t.clone(), Arc::default()))
+            .collect();
         self
     }
 
@@ -268,6 +285,9 @@ impl LocalTargets {
         }
         if let Some(gate) = self.script_gates.get(target) {
             m = m.with_script_gate(gate.clone());
+        }
+        if let Some(stash) = self.stashes.get(target) {
+            m = m.with_session_stash(stash.clone());
         }
         Ok(m)
     }

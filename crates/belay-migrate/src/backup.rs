@@ -56,6 +56,13 @@ pub trait BackupHook: Send + Sync {
         true
     }
 
+    /// Whether the hook reads [`BackupContext::tables`] for a run in `direction`; when it
+    /// does not (a full backup, or none), belay does not look them up.
+    fn reads_tables(&self, direction: Direction) -> bool {
+        let _ = direction;
+        true
+    }
+
     /// Before an undo run: usually a snapshot of `ctx.tables` (whose data the undo drops);
     /// `None` when nothing needs saving or the hook was told not to. `reason` is a
     /// human label for the backup.

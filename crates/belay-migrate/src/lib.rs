@@ -30,8 +30,8 @@ pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 pub use gate::{GateScript, ScriptGate};
 pub use guard::{LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd};
 pub use runner::{
-    CheckOverride, Migrator, Plan, RepairAction, RepairScope, RunReport, RunnerSession, Step,
-    StepResult, Target, UndoTarget,
+    CheckOverride, Migrator, Plan, RepairAction, RepairScope, RunReport, RunnerSession,
+    SessionStash, Step, StepResult, Target, UndoTarget,
 };
 pub use source::{Layout, Migration, MigrationSet, SourceError, load};
 pub use status::{MigrationStatus, State};

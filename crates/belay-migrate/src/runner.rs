@@ -177,6 +177,33 @@ pub struct Migrator {
     /// ends, so a guard that cannot connect costs one attempt (and one warning), not one
     /// per statement while the migration may be holding its locks.
     guard_off: Mutex<Option<String>>,
+    /// Where a read leaves its session for the command's next call (see [`SessionStash`]).
+    stash: Option<Arc<SessionStash>>,
+}
+
+/// One idle session of a target kept between the calls of one command: its plan's read
+/// leaves the session here and the run (or the next read) takes it, instead of each
+/// opening its own (a connection costs a few milliseconds of the server's time, most of
+/// a small deployment's). Only reads leave a session: one that ran a migration's
+/// scripts may hold what they left (an advisory lock, a `LISTEN`), and is closed.
+/// Not for a daemon: an idle session would sit outside its connection budget.
+#[derive(Debug, Default)]
+pub struct SessionStash(Mutex<Option<(PgConnection, Instant)>>);
+
+impl SessionStash {
+    /// Older than this, a kept session is closed rather than reused: the server (an
+    /// `idle_session_timeout`, a pooler) may have dropped it while the user read a plan.
+    const FRESH_FOR: Duration = Duration::from_secs(30);
+
+    fn take(&self) -> Option<PgConnection> {
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        kept.filter(|(_, at)| at.elapsed() < Self::FRESH_FOR)
+            .map(|(conn, _)| conn)
+    }
+
+    fn keep(&self, conn: PgConnection) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((conn, Instant::now()));
+    }
 }
 
 impl std::fmt::Debug for Migrator {
@@ -299,6 +326,25 @@ impl UndoFence<'_> {
 /// The tables a run's backup covers, as the scripts write them: those named in
 /// `-- belay:tables=`, those the DDL drops data from (dropped, truncated, columns
 /// dropped) and, for a migration, those it alters.
+/// A table name `to_regclass` parses without raising: one or two parts (three name
+/// another database, which it refuses), each a plain identifier or a double-quoted one.
+fn is_plain_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    (1..=2).contains(&parts.len())
+        && parts.iter().all(
+            |p| match p.strip_prefix('"').and_then(|q| q.strip_suffix('"')) {
+                Some(q) => !q.is_empty() && !q.contains('"'),
+                None => {
+                    let mut chars = p.chars();
+                    chars
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+                }
+            },
+        )
+}
+
 fn backup_table_names(steps: &[Step], undo: bool) -> Vec<String> {
     let mut named = Vec::new();
     for step in steps {
@@ -334,7 +380,22 @@ impl Migrator {
             script_gate: None,
             overrides: Vec::new(),
             guard_off: Mutex::new(None),
+            stash: None,
         })
+    }
+
+    /// Reads leave their session in `stash`, and every call takes a session from it
+    /// before opening one (see [`SessionStash`]).
+    pub fn with_session_stash(mut self, stash: Arc<SessionStash>) -> Self {
+        self.stash = Some(stash);
+        self
+    }
+
+    /// After a read: the session for the next call, when a stash is kept.
+    fn leave(&self, conn: PgConnection) {
+        if let Some(stash) = &self.stash {
+            stash.keep(conn);
+        }
     }
 
     /// Guards every statement of `migrate` and `undo` with `hook` (see [`LockGuardHook`]),
@@ -401,6 +462,12 @@ impl Migrator {
     }
 
     async fn connect(&self) -> Result<PgConnection, MigrateError> {
+        if let Some(mut conn) = self.stash.as_ref().and_then(|s| s.take()) {
+            // One round trip tells a live session from one the server has closed.
+            if sqlx::Connection::ping(&mut conn).await.is_ok() {
+                return Ok(conn);
+            }
+        }
         let connect_err = |reason: String| MigrateError::Connect {
             url: self.url.to_string(),
             reason,
@@ -526,6 +593,7 @@ impl Migrator {
     pub async fn status(&self) -> Result<Vec<MigrationStatus>, MigrateError> {
         let mut conn = self.connect().await?;
         let (rows, active) = self.read(&mut conn).await?;
+        self.leave(conn);
         Ok(status::compute(&self.set, &rows, active))
     }
 
@@ -700,11 +768,13 @@ impl Migrator {
         let (rows, active) = self.read(&mut conn).await?;
         let statuses = status::compute(&self.set, &rows, active);
         let steps = self.forward_steps(&statuses, target)?;
+        let history_exists = self.history.exists(&mut conn).await?;
+        self.leave(conn);
         Ok(Plan {
             steps,
             blockers: Self::blockers(&statuses),
             warnings: self.set.warnings.clone(),
-            history_exists: self.history.exists(&mut conn).await?,
+            history_exists,
         })
     }
 
@@ -712,6 +782,7 @@ impl Migrator {
     pub async fn plan_undo(&self, target: &UndoTarget) -> Result<Plan, MigrateError> {
         let mut conn = self.connect().await?;
         let (rows, active) = self.read(&mut conn).await?;
+        self.leave(conn);
         let statuses = status::compute(&self.set, &rows, active);
         Ok(Plan {
             steps: self.undo_steps(&statuses, target)?,
@@ -1272,8 +1343,17 @@ impl Migrator {
         action: &'static str,
     ) -> Result<Option<String>, MigrateError> {
         let undo = steps.iter().any(|s| s.direction == Direction::Undo);
-        let named = backup_table_names(steps, undo);
-        let tables = self.existing_tables(conn, &named).await?;
+        let direction = if undo {
+            Direction::Undo
+        } else {
+            Direction::Forward
+        };
+        let tables = if hook.reads_tables(direction) {
+            self.existing_tables(conn, &backup_table_names(steps, undo))
+                .await?
+        } else {
+            Vec::new()
+        };
         self.backup_hook_call(hook, steps, tables, action).await
     }
 
@@ -1347,8 +1427,31 @@ impl Migrator {
         conn: &mut PgConnection,
         names: &[String],
     ) -> Result<Vec<String>, MigrateError> {
-        let mut out: Vec<String> = Vec::new();
-        for name in names {
+        // `to_regclass` raises on a name it cannot parse, failing a whole query: plain
+        // names go in one query, any other alone.
+        let (plain, odd): (Vec<&String>, Vec<&String>) =
+            names.iter().partition(|n| is_plain_name(n));
+        let mut found_at: Vec<(usize, String)> = Vec::new();
+        if !plain.is_empty() {
+            let rows: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT n.i, format('%I.%I', ns.nspname, c.relname) \
+                   FROM unnest($1::text[]) WITH ORDINALITY AS n(name, i) \
+                   JOIN pg_class c ON c.oid = to_regclass(n.name) \
+                   JOIN pg_namespace ns ON ns.oid = c.relnamespace \
+                  WHERE c.relkind IN ('r', 'p')",
+            )
+            .bind(plain.iter().map(|n| n.as_str()).collect::<Vec<_>>())
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(self.db_err("looking up tables to back up"))?;
+            for (i, table) in rows {
+                let name = usize::try_from(i - 1).ok().and_then(|i| plain.get(i));
+                if let Some(at) = name.and_then(|n| names.iter().position(|m| m == *n)) {
+                    found_at.push((at, table));
+                }
+            }
+        }
+        for name in odd {
             let found: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
                 "SELECT format('%I.%I', n.nspname, c.relname) \
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -1358,12 +1461,23 @@ impl Migrator {
             .fetch_optional(&mut *conn)
             .await;
             match found {
-                Ok(Some(t)) if !out.contains(&t) => out.push(t),
-                Ok(_) => {}
+                Ok(Some(t)) => {
+                    if let Some(at) = names.iter().position(|m| m == name) {
+                        found_at.push((at, t));
+                    }
+                }
+                Ok(None) => {}
                 Err(sqlx::Error::Database(e)) => {
                     debug!(table = %name, error = %e, "not a table name PostgreSQL can parse");
                 }
                 Err(e) => return Err(self.db_err("looking up tables to back up")(e)),
+            }
+        }
+        found_at.sort_by_key(|(at, _)| *at);
+        let mut out: Vec<String> = Vec::new();
+        for (_, t) in found_at {
+            if !out.contains(&t) {
+                out.push(t);
             }
         }
         Ok(out)
@@ -2698,7 +2812,34 @@ fn script_error_at(script: &Script, st: &Statement, e: &sqlx::Error, shift: usiz
 
 #[cfg(test)]
 mod tests {
-    use super::copy_context_line;
+    use super::{copy_context_line, is_plain_name};
+
+    #[test]
+    fn only_names_to_regclass_parses_go_in_the_one_lookup() {
+        for plain in [
+            "items",
+            "public.items",
+            "\"Order Items\"",
+            "s.\"T\"",
+            "_a$1",
+        ] {
+            assert!(is_plain_name(plain), "{plain}");
+        }
+        // Each would make `to_regclass` raise (a syntax error, another database), or
+        // holds a dot or quote inside quotes: looked up alone.
+        for odd in [
+            "",
+            "a b",
+            "db.s.t",
+            "\"a.b\".c",
+            "\"\"",
+            "1abc",
+            "a..b",
+            "\"x\"\"y\"",
+        ] {
+            assert!(!is_plain_name(odd), "{odd}");
+        }
+    }
 
     #[test]
     fn finds_the_copy_data_line_in_an_error_context() {
