@@ -103,8 +103,10 @@ pub fn locks(
     seconds: u64,
     trials: usize,
     overhead_secs: u64,
+    row_lock_runs: usize,
     belay_bin: Option<std::path::PathBuf>,
 ) -> Result<()> {
+    anyhow::ensure!(row_lock_runs > 0, "--row-lock-runs must be at least 1");
     anyhow::ensure!(
         seconds >= 8,
         "--seconds must be at least 8 to cover scenario (b)'s migration"
@@ -128,7 +130,15 @@ pub fn locks(
 
     let mut runs = Vec::new();
     for scenario in [Scenario::LongRead, Scenario::RowLocks] {
-        for mode in [Mode::Naive, Mode::Retry, Mode::Belay] {
+        // Landing in (b) is a matter of chance (which transactions hold the table when
+        // the ALTER queues): its attempts are counted over several runs, interleaved.
+        let repeat = match scenario {
+            Scenario::RowLocks => row_lock_runs,
+            Scenario::LongRead => 1,
+        };
+        let modes = std::iter::once(Mode::Naive)
+            .chain((0..repeat).flat_map(|_| [Mode::Retry, Mode::Belay]));
+        for mode in modes {
             runs.push(app_run(
                 scenario,
                 mode,
@@ -177,7 +187,32 @@ pub fn locks(
             }
         );
     }
-    for r in runs.iter().filter(|r| r.mode == Mode::Belay) {
+    for mode in [Mode::Retry, Mode::Belay] {
+        let row_locks: Vec<&AppRun> = runs
+            .iter()
+            .filter(|r| r.scenario == Scenario::RowLocks && r.mode == mode)
+            .collect();
+        let within = row_locks
+            .iter()
+            .filter(|r| r.landed && r.attempts.is_some_and(|a| a <= 2))
+            .count();
+        let attempts: Vec<String> = row_locks
+            .iter()
+            .map(|r| r.attempts.map_or_else(|| "?".into(), |a| a.to_string()))
+            .collect();
+        let worst = row_locks.iter().map(|r| r.reads.max_ms).fold(0.0, f64::max);
+        println!(
+            "locks (b) over {} run(s) / {}: attempts {}; landed in ≤ 2 attempts in {within} of {}; reads worst {worst:.1} ms",
+            row_locks.len(),
+            mode.label(),
+            attempts.join(", "),
+            row_locks.len()
+        );
+    }
+    for r in runs
+        .iter()
+        .filter(|r| r.mode == Mode::Belay && r.scenario == Scenario::LongRead)
+    {
         let worst = r.reads.max_ms.max(r.writes.max_ms);
         match r.scenario {
             Scenario::LongRead => println!(
@@ -190,14 +225,24 @@ pub fn locks(
                         .is_some_and(|ms| ms <= 100.0)
                 )
             ),
-            Scenario::RowLocks => println!(
-                "targets (b, belay): lands in ≤ 2 attempts: {}; worst read ≤ {TARGET_WORST_MS:.0} ms: {} ({:.1})",
-                verdict(r.landed && r.attempts.is_some_and(|a| a <= 2)),
-                verdict(r.reads.max_ms <= TARGET_WORST_MS),
-                r.reads.max_ms
-            ),
+            Scenario::RowLocks => {}
         }
     }
+    let belay_b: Vec<&AppRun> = runs
+        .iter()
+        .filter(|r| r.mode == Mode::Belay && r.scenario == Scenario::RowLocks)
+        .collect();
+    let worst_b = belay_b.iter().map(|r| r.reads.max_ms).fold(0.0, f64::max);
+    println!(
+        "targets (b, belay, every one of {} run(s)): lands in ≤ 2 attempts: {}; worst read ≤ {TARGET_WORST_MS:.0} ms: {} ({worst_b:.1})",
+        belay_b.len(),
+        verdict(
+            belay_b
+                .iter()
+                .all(|r| r.landed && r.attempts.is_some_and(|a| a <= 2))
+        ),
+        verdict(worst_b <= TARGET_WORST_MS),
+    );
     let reported: Vec<f64> = monitor.iter().map(|m| m.reported).collect();
     let in_sample: Vec<f64> = monitor.iter().map(|m| m.in_sample).collect();
     println!(

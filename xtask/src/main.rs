@@ -102,6 +102,10 @@ enum Bench {
         /// Seconds of each unthrottled pgbench run for the monitor's overhead.
         #[arg(long, default_value_t = 8)]
         overhead_secs: u64,
+        /// Runs of scenario (b) for belay and the retry script each (interleaved): whether
+        /// it lands in 2 attempts is chance, counted over the runs.
+        #[arg(long, default_value_t = 1)]
+        row_lock_runs: usize,
         /// Benchmark this `belay` binary instead of building target/release/belay.
         #[arg(long)]
         belay_bin: Option<PathBuf>,
@@ -215,8 +219,9 @@ fn run(task: Task) -> anyhow::Result<()> {
                 seconds,
                 trials,
                 overhead_secs,
+                row_lock_runs,
                 belay_bin,
-            } => bench_locks::locks(seconds, trials, overhead_secs, belay_bin),
+            } => bench_locks::locks(seconds, trials, overhead_secs, row_lock_runs, belay_bin),
             Bench::Fleet {
                 tenants,
                 parallel,
