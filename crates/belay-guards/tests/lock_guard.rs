@@ -912,3 +912,89 @@ async fn after_a_trip_belay_also_waits_for_the_sessions_its_cancel_released() ->
     assert!(column_exists(&mut admin, "r").await?);
     Ok(())
 }
+
+/// A session of its own on `db` and its pid.
+async fn session_on(url: &str) -> R<(PgConnection, i32)> {
+    let mut c = PgConnection::connect(url).await?;
+    let pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut c)
+        .await?;
+    Ok((c, pid))
+}
+
+/// The application's transactions outlast the budget: retrying the moment the blockers
+/// left would queue behind a transaction just begun, and trip again. The guard waits
+/// until every holder of the table's locks is far enough in to end within the budget,
+/// judged by how long the session its cancel released held the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_trip_the_retry_waits_until_the_holders_are_far_enough_in() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let guard = LockGuardAdapter::new(DatabaseUrl::parse(&db.url)?);
+    let (mut a, a_pid) = blocker(&db.url).await?;
+
+    // The migration queues behind the blocker; a reader queues behind the migration.
+    let (mut m, m_pid) = session_on(&db.url).await?;
+    let watch = guard.watch(m_pid, Duration::from_millis(50)).await?;
+    let alter = tokio::spawn(async move {
+        let r = sqlx::raw_sql("ALTER TABLE t ADD COLUMN z int")
+            .execute(&mut m)
+            .await
+            .map(|_| ());
+        (m, r)
+    });
+    let deadline = Instant::now() + SOON;
+    while waiting_on_t(&mut admin).await?.is_none() {
+        if Instant::now() > deadline {
+            return Err("the ALTER never queued".into());
+        }
+    }
+    let (mut r, r_pid) = session_on(&db.url).await?;
+    let reader = tokio::spawn(async move {
+        let res = sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
+            .execute(&mut r)
+            .await
+            .map(|_| ());
+        (r, res)
+    });
+    // The guard cancels the ALTER; the reader gets its lock and keeps its transaction.
+    let (_m, res) = tokio::time::timeout(SOON, alter).await??;
+    assert!(res.is_err(), "the guard cancelled the ALTER");
+    let (mut r, res) = tokio::time::timeout(SOON, reader).await??;
+    res?;
+    let end = watch.stop().await?;
+    assert_eq!(end.trips.len(), 1, "{:?}", end.trips);
+
+    // The blocker leaves at once; the released reader holds its lock 400 ms (far past
+    // the budget), and another transaction on t begins just before it ends.
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
+    let waiting = {
+        let guard = guard.clone();
+        tokio::spawn(async move { guard.wait_until_gone(&[a_pid], SOON).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (mut y, y_pid) = session_on(&db.url).await?;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
+        .execute(&mut y)
+        .await?;
+    sqlx::raw_sql("COMMIT").execute(&mut r).await?;
+
+    let remaining = tokio::time::timeout(SOON, waiting).await???;
+    assert!(remaining.is_empty(), "{remaining:?}");
+    // Ripe: the new transaction is as far in as the reader's hold, less the budget (about
+    // 350 ms); without the wait it would be milliseconds old.
+    let age_ms: f64 = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM clock_timestamp() - xact_start) * 1000)::float8 \
+           FROM pg_stat_activity WHERE pid = $1",
+    )
+    .bind(y_pid)
+    .fetch_one(&mut admin)
+    .await?;
+    assert!(
+        age_ms >= 300.0,
+        "retried when the holder was {age_ms} ms in"
+    );
+    assert_ne!(r_pid, y_pid);
+    sqlx::raw_sql("COMMIT").execute(&mut y).await?;
+    guard.release().await;
+    Ok(())
+}
