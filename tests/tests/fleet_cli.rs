@@ -138,6 +138,24 @@ async fn a_deployment_whose_events_outgrow_a_grpc_message_can_be_followed_and_sh
     }
     store.close().await;
 
+    // The controller leaves the events out when asked to (what a follow asks).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addr))?
+        .connect()
+        .await?;
+    let mut history = belay_proto::v1::history_service_client::HistoryServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20);
+    for without_events in [true, false] {
+        let d = history
+            .get_deployment(belay_proto::v1::GetDeploymentRequest {
+                id: id.clone(),
+                without_events,
+            })
+            .await?
+            .into_inner();
+        assert_eq!(d.targets.len(), 1);
+        assert_eq!(d.events.is_empty(), without_events, "{}", d.events.len());
+    }
+
     let r = belay(&c.addr, &["deployments", "watch", &id, "--output", "json"]).await?;
     assert_eq!(r.code, 0, "{}", r.stderr);
     let doc = r.json();
@@ -145,6 +163,9 @@ async fn a_deployment_whose_events_outgrow_a_grpc_message_can_be_followed_and_sh
     let events = doc["events"].as_array().expect("events");
     assert!(events.len() > 50, "{} events", events.len());
     assert_eq!(doc["targets"][0]["state"], "succeeded");
+    // Each target's events, as `deployments show` gives them, from what was streamed.
+    let per_target = doc["targets"][0]["events"].as_array().map_or(0, Vec::len);
+    assert!(per_target > 50, "{per_target} events under the target");
 
     let r = belay(&c.addr, &["deployments", "show", &id, "--output", "json"]).await?;
     assert_eq!(r.code, 0, "{}", r.stderr);

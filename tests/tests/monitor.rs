@@ -684,13 +684,16 @@ async fn the_agent_samples_lock_gauges_per_target() -> Result<()> {
 
     // B queues behind A: the next sample shows it.
     let c = conflict(&db.url).await?;
-    wait_for("the gauge to show the blocked session", || async {
-        Ok(series(&scrape(&metrics).await?, blocked).is_some_and(|v| v >= 1.0))
+    // A sample taken the instant B queued shows it blocked for 0 s; the next shows it
+    // waiting (B waits until A leaves).
+    let longest = r#"belay_longest_lock_wait_seconds{target="gauged"}"#;
+    wait_for("the gauge to show the blocked session waiting", || async {
+        let text = scrape(&metrics).await?;
+        Ok(series(&text, blocked).is_some_and(|v| v >= 1.0)
+            && series(&text, longest).is_some_and(|s| s > 0.0))
     })
     .await?;
     let text = scrape(&metrics).await?;
-    let longest = series(&text, r#"belay_longest_lock_wait_seconds{target="gauged"}"#);
-    assert!(longest.is_some_and(|s| s > 0.0), "{text}");
     for name in [
         "belay_blocked_sessions",
         "belay_longest_lock_wait_seconds",

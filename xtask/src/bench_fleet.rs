@@ -388,12 +388,11 @@ impl Cpu {
             Some((a, c)) => (cpu_ticks(a.pid)?, cpu_ticks(c.pid)?),
             None => (0, 0),
         };
-        let own = std::process::id();
         Ok(Cpu {
-            server: cpu_ticks_with_children(postmaster)?,
+            server: cpu_ticks_with_children(postmaster, false)?,
             agent,
             controller,
-            cli: cpu_ticks_with_children(own)? - cpu_ticks(own)?,
+            cli: cpu_ticks_with_children(std::process::id(), true)?,
         })
     }
 
@@ -845,11 +844,12 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
 }
 
 /// The sum of a process's fields 14 to 17 (utime, stime and its reaped children's: a
-/// postmaster's backends, the bench's own CLI runs).
-fn cpu_ticks_with_children(pid: u32) -> Result<u64> {
+/// postmaster's backends), or with `children_only` 16 and 17 (the bench's own CLI runs).
+fn cpu_ticks_with_children(pid: u32, children_only: bool) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("could not read /proc/{pid}/stat"))?;
-    stat_fields(&stat, 11..=14).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+    let fields = if children_only { 13..=14 } else { 11..=14 };
+    stat_fields(&stat, fields).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
 }
 
 fn stat_fields(stat: &str, range: std::ops::RangeInclusive<usize>) -> Option<u64> {

@@ -270,6 +270,7 @@ async fn follow_until(
 ) -> Result<u8, Failure> {
     let mut id = String::new();
     let mut events = Vec::new();
+    let mut streamed = Vec::new();
     while let Some(e) = stream.message().await.map_err(err(conn))? {
         id.clone_from(&e.deployment_id);
         if out == Output::Text && !e.message.is_empty() {
@@ -279,10 +280,11 @@ async fn follow_until(
             }
         }
         events.push(event_json(&e));
+        streamed.push(e);
     }
     // The events came over the stream: asking for them again would send them twice, in
     // one message too large for a deployment to a thousand targets.
-    let d = HistoryServiceClient::new(conn.intercepted())
+    let mut d = HistoryServiceClient::new(conn.intercepted())
         .max_decoding_message_size(REPLY_LIMIT)
         .get_deployment(pb::GetDeploymentRequest {
             id,
@@ -291,6 +293,9 @@ async fn follow_until(
         .await
         .map_err(err(conn))?
         .into_inner();
+    // What the rendering reads of them (each target's events, the alerts' rollback
+    // requests), as a `deployments show` would have them.
+    d.events = streamed;
     match out {
         Output::Text => print_deployment(&d),
         Output::Json => {

@@ -384,7 +384,7 @@ impl LockGuardHook for LockGuardAdapter {
                 &relations,
                 &exclude,
                 ripe,
-                (budget * RIPE_WAIT_BUDGETS).min(left),
+                budget.saturating_mul(RIPE_WAIT_BUDGETS).min(left),
             )
             .instrument(tracing::info_span!("wait_until_ripe", ?relations, ?ripe))
             .await;

@@ -610,7 +610,8 @@ pub async fn describe_sessions(
 pub enum WaitOutcome {
     /// Every session has ended its transaction (or disconnected). `ended_ms`: for each
     /// that was in one when the wait began, how long into the wait a poll found it ended,
-    /// by pid (for sessions just granted their lock, how long they held it, at most).
+    /// by pid: for sessions granted their lock just before the wait, about how long they
+    /// held it (to the 10 ms of a poll; longer when they first queued behind another).
     Gone {
         waited_ms: u64,
         ended_ms: Vec<(i32, u64)>,

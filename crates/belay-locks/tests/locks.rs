@@ -866,10 +866,15 @@ async fn wait_until_ripe_returns_once_every_holder_is_far_enough_in() -> R<()> {
     // A session left out does not count (the migration's own).
     let out = wait_until_ripe(&mut admin, &t, &[a_pid], long, Duration::from_secs(10)).await?;
     assert!(out.ripe, "{out:?}");
-    // A lock on another table does not count.
-    let other = vec!["public.nothing_here".to_string()];
-    let out = wait_until_ripe(&mut admin, &other, &[], long, Duration::from_secs(10)).await?;
-    assert!(out.ripe, "{out:?}");
+    // A lock on another table does not count, nor a name that is no table.
+    sqlx::raw_sql("CREATE TABLE u (id int)")
+        .execute(&mut admin)
+        .await?;
+    for other in ["public.u", "public.nothing_here"] {
+        let other = vec![other.to_string()];
+        let out = wait_until_ripe(&mut admin, &other, &[], long, Duration::from_secs(10)).await?;
+        assert!(out.ripe, "{out:?}");
+    }
 
     // Ripe once the holder is 300 ms in, and not before.
     let ripe = Duration::from_millis(300);

@@ -187,22 +187,41 @@ pub struct Migrator {
 /// a small deployment's). Only reads leave a session: one that ran a migration's
 /// scripts may hold what they left (an advisory lock, a `LISTEN`), and is closed.
 /// Not for a daemon: an idle session would sit outside its connection budget.
+/// Once a run has taken the session, nothing is kept any more: what follows a run (its
+/// postflight, a watch window of minutes) would leave an idle session open until the
+/// command ends.
 #[derive(Debug, Default)]
-pub struct SessionStash(Mutex<Option<(PgConnection, Instant)>>);
+pub struct SessionStash(Mutex<Stashed>);
+
+#[derive(Debug, Default)]
+struct Stashed {
+    kept: Option<(PgConnection, Instant)>,
+    /// A run has taken the stash's session: reads close theirs from now on.
+    retired: bool,
+}
 
 impl SessionStash {
     /// Older than this, a kept session is closed rather than reused: the server (an
     /// `idle_session_timeout`, a pooler) may have dropped it while the user read a plan.
     const FRESH_FOR: Duration = Duration::from_secs(30);
+    /// A kept session that does not answer its ping within this is dropped for a new one
+    /// (a network path gone silent would hold the ping for the kernel's retransmissions).
+    const PING_WITHIN: Duration = Duration::from_secs(2);
 
-    fn take(&self) -> Option<PgConnection> {
-        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
-        kept.filter(|(_, at)| at.elapsed() < Self::FRESH_FOR)
+    fn take(&self, for_run: bool) -> Option<PgConnection> {
+        let mut s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        s.retired |= for_run;
+        s.kept
+            .take()
+            .filter(|(_, at)| at.elapsed() < Self::FRESH_FOR)
             .map(|(conn, _)| conn)
     }
 
     fn keep(&self, conn: PgConnection) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((conn, Instant::now()));
+        let mut s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if !s.retired {
+            s.kept = Some((conn, Instant::now()));
+        }
     }
 }
 
@@ -323,9 +342,6 @@ impl UndoFence<'_> {
     }
 }
 
-/// The tables a run's backup covers, as the scripts write them: those named in
-/// `-- belay:tables=`, those the DDL drops data from (dropped, truncated, columns
-/// dropped) and, for a migration, those it alters.
 /// A table name `to_regclass` parses without raising: one or two parts (three name
 /// another database, which it refuses), each a plain identifier or a double-quoted one.
 fn is_plain_name(name: &str) -> bool {
@@ -345,6 +361,9 @@ fn is_plain_name(name: &str) -> bool {
         )
 }
 
+/// The tables a run's backup covers, as the scripts write them: those named in
+/// `-- belay:tables=`, those the DDL drops data from (dropped, truncated, columns
+/// dropped) and, for a migration, those it alters.
 fn backup_table_names(steps: &[Step], undo: bool) -> Vec<String> {
     let mut named = Vec::new();
     for step in steps {
@@ -462,9 +481,17 @@ impl Migrator {
     }
 
     async fn connect(&self) -> Result<PgConnection, MigrateError> {
-        if let Some(mut conn) = self.stash.as_ref().and_then(|s| s.take()) {
+        self.connect_for(false).await
+    }
+
+    /// A session, from the stash when it keeps a live one; `for_run`: the stash keeps no
+    /// session from now on (see [`SessionStash`]).
+    async fn connect_for(&self, for_run: bool) -> Result<PgConnection, MigrateError> {
+        if let Some(mut conn) = self.stash.as_ref().and_then(|s| s.take(for_run)) {
             // One round trip tells a live session from one the server has closed.
-            if sqlx::Connection::ping(&mut conn).await.is_ok() {
+            let ping =
+                tokio::time::timeout(SessionStash::PING_WITHIN, sqlx::Connection::ping(&mut conn));
+            if matches!(ping.await, Ok(Ok(()))) {
                 return Ok(conn);
             }
         }
@@ -819,7 +846,7 @@ impl Migrator {
             .guard_off
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
-        let mut conn = self.connect().await?;
+        let mut conn = self.connect_for(true).await?;
         let mut report = RunReport {
             deployment_id: self.deployment_id,
             results: Vec::new(),

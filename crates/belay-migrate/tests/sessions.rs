@@ -58,6 +58,21 @@ async fn the_run_takes_the_session_its_plan_read_with() {
         .await
         .expect("ran_in");
     assert_eq!(ran_in, left[0], "the run used the plan's session");
+
+    // After a run, reads keep no session: what follows it (a watch window) would hold
+    // an idle one until the command ends.
+    api.status("db").await.expect("status");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = belay_sessions(&mut admin).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a session stays after the run: {left:?}"
+        );
+    }
 }
 
 #[tokio::test]
