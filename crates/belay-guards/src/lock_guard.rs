@@ -34,9 +34,6 @@ pub struct LockGuardAdapter {
     /// The sessions the last trip's cancel released (they were queued behind the
     /// migration): see [`LockGuardHook::wait_until_gone`] below.
     released: Arc<Mutex<Vec<i32>>>,
-    /// The relations the last trip's blockers held their locks on, and the budget of the
-    /// watch it ended: what the wait for a ripe moment (see `wait_until_gone`) watches.
-    last_trip: Arc<Mutex<(Vec<String>, Duration)>>,
 }
 
 impl std::fmt::Debug for LockGuardAdapter {
@@ -152,7 +149,6 @@ impl LockGuardAdapter {
             migration_pid: Arc::new(Mutex::new(None)),
             observer: None,
             released: Arc::new(Mutex::new(Vec::new())),
-            last_trip: Arc::new(Mutex::new((Vec::new(), Duration::ZERO))),
         }
     }
 
@@ -205,26 +201,6 @@ struct Watch {
     guard: LockGuard,
     idle: Arc<Mutex<Option<PgConnection>>>,
     released: Arc<Mutex<Vec<i32>>>,
-    last_trip: Arc<Mutex<(Vec<String>, Duration)>>,
-    budget: Duration,
-}
-
-/// The longest [`LockGuardAdapter::wait_until_gone`] waits for a ripe moment, in budgets
-/// (2 s at the default 50 ms); then the executor retries anyway.
-const RIPE_WAIT_BUDGETS: u32 = 40;
-
-/// How far into their transactions the lock holders must be for a retry to queue less
-/// than `budget` behind them, judged by the longest the sessions the last cancel
-/// released held the lock it gave them (the application's own traffic, which had queued
-/// behind the migration; not the blockers, whose one long transaction says nothing of
-/// the rest): `None` when those fit in the budget, or none ended.
-fn ripe_age(released: &[i32], ended_ms: &[(i32, u64)], budget: Duration) -> Option<Duration> {
-    let longest = ended_ms
-        .iter()
-        .filter(|(pid, _)| released.contains(pid))
-        .map(|(_, ms)| Duration::from_millis(*ms))
-        .max()?;
-    longest.checked_sub(budget).filter(|d| !d.is_zero())
 }
 
 #[async_trait::async_trait]
@@ -234,21 +210,12 @@ impl LockWatch for Watch {
             guard,
             idle,
             released,
-            last_trip,
-            budget,
         } = *self;
         let last_blockers = guard.last_blockers().into_iter().map(brief_of).collect();
         let (trips, mut conn) = guard.stop_keeping_connection().await.map_err(api_error)?;
         if let Some(last) = trips.last() {
             *released.lock().unwrap_or_else(PoisonError::into_inner) =
                 last.blocked_sessions.clone();
-            let mut relations: Vec<String> = Vec::new();
-            for r in last.blockers.iter().filter_map(|b| b.relation.clone()) {
-                if !relations.contains(&r) {
-                    relations.push(r);
-                }
-            }
-            *last_trip.lock().unwrap_or_else(PoisonError::into_inner) = (relations, budget);
         }
         let mut out = Vec::with_capacity(trips.len());
         for t in trips {
@@ -323,8 +290,6 @@ impl LockGuardHook for LockGuardAdapter {
             guard,
             idle: self.idle.clone(),
             released: self.released.clone(),
-            last_trip: self.last_trip.clone(),
-            budget: max_blocking,
         }))
     }
 
@@ -344,15 +309,8 @@ impl LockGuardHook for LockGuardAdapter {
         // transaction still ahead (under steady short writes, the worst moment to try).
         let released =
             std::mem::take(&mut *self.released.lock().unwrap_or_else(PoisonError::into_inner));
-        let (relations, budget) = std::mem::take(
-            &mut *self
-                .last_trip
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        let started = tokio::time::Instant::now();
         let mut all = pids.to_vec();
-        all.extend(released.iter().copied().filter(|p| !pids.contains(p)));
+        all.extend(released.into_iter().filter(|p| !pids.contains(p)));
         let pids = all.as_slice();
         // Between attempts nothing waits, so no blocking tree shows the migration; the
         // guard's session says whom it waits for, for `belay locks` in any process.
@@ -371,29 +329,6 @@ impl LockGuardHook for LockGuardAdapter {
             .instrument(tracing::info_span!("wait_until_gone", ?pids))
             .await
             .map_err(api_error);
-        // Gone; but under steady traffic the locks have new holders, and a retry queues
-        // behind all of them: retry when they are far enough in to finish within budget.
-        if let Ok(WaitOutcome::Gone { ended_ms, .. }) = &outcome
-            && let Some(ripe) = ripe_age(&released, ended_ms, budget)
-            && !relations.is_empty()
-        {
-            let left = timeout.saturating_sub(started.elapsed());
-            let exclude: Vec<i32> = migration.into_iter().collect();
-            let waited = belay_locks::wait_until_ripe(
-                &mut conn,
-                &relations,
-                &exclude,
-                ripe,
-                budget.saturating_mul(RIPE_WAIT_BUDGETS).min(left),
-            )
-            .instrument(tracing::info_span!("wait_until_ripe", ?relations, ?ripe))
-            .await;
-            match waited {
-                Ok(r) => tracing::debug!(ripe = r.ripe, waited_ms = r.waited_ms, "lock holders"),
-                // Only a better moment is lost: the retry goes ahead.
-                Err(e) => tracing::debug!(error = %e, "could not watch the lock holders"),
-            }
-        }
         if announced {
             let _ = sqlx::query("SELECT set_config('application_name', $1, false)")
                 .bind(belay_locks::GUARD_APPLICATION)
@@ -413,23 +348,6 @@ impl LockGuardHook for LockGuardAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_ripe_moment_is_judged_by_the_released_sessions_alone() {
-        let budget = Duration::from_millis(50);
-        // 7 was a blocker (a 15 s read); 8 and 9 queued behind the migration.
-        let lasted = [(7, 15_000), (8, 95), (9, 30)];
-        assert_eq!(
-            ripe_age(&[8, 9], &lasted, budget),
-            Some(Duration::from_millis(45))
-        );
-        // Released transactions within the budget: retry at once.
-        assert_eq!(ripe_age(&[9], &lasted, budget), None);
-        assert_eq!(ripe_age(&[8], &[(8, 50)], budget), None);
-        // None released, or none ended: at once.
-        assert_eq!(ripe_age(&[], &lasted, budget), None);
-        assert_eq!(ripe_age(&[8], &[(7, 15_000)], budget), None);
-    }
 
     #[test]
     fn the_announcement_fits_application_name_with_whole_pids() {

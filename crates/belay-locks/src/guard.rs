@@ -608,14 +608,8 @@ pub async fn describe_sessions(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum WaitOutcome {
-    /// Every session has ended its transaction (or disconnected). `ended_ms`: for each
-    /// that was in one when the wait began, how long into the wait a poll found it ended,
-    /// by pid: for sessions granted their lock just before the wait, about how long they
-    /// held it (to the 10 ms of a poll; longer when they first queued behind another).
-    Gone {
-        waited_ms: u64,
-        ended_ms: Vec<(i32, u64)>,
-    },
+    /// Every session has ended its transaction (or disconnected).
+    Gone { waited_ms: u64 },
     /// The timeout passed; these are still in the transaction they were in at the start.
     TimedOut { remaining: Vec<i32> },
 }
@@ -658,7 +652,6 @@ pub async fn wait_until_gone(
             .await
             .map_err(LocksError::query("session transactions"))?,
     );
-    let mut ended_ms: Vec<(i32, u64)> = Vec::new();
     loop {
         let now = fetch(
             sqlx::query_as(XACT_SQL)
@@ -667,20 +660,14 @@ pub async fn wait_until_gone(
                 .await
                 .map_err(LocksError::query("session transactions"))?,
         );
-        let elapsed_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let mut remaining: Vec<i32> = Vec::new();
-        for (pid, key) in &initial {
-            if now.get(pid) == Some(key) {
-                remaining.push(*pid);
-            } else if !ended_ms.iter().any(|(p, _)| p == pid) {
-                ended_ms.push((*pid, elapsed_ms));
-            }
-        }
+        let remaining: Vec<i32> = initial
+            .iter()
+            .filter(|(pid, key)| now.get(pid) == Some(key))
+            .map(|(pid, _)| *pid)
+            .collect();
         if remaining.is_empty() {
-            ended_ms.sort_unstable();
             return Ok(WaitOutcome::Gone {
-                waited_ms: elapsed_ms,
-                ended_ms,
+                waited_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
             });
         }
         if start.elapsed() >= timeout {
@@ -689,71 +676,6 @@ pub async fn wait_until_gone(
             return Ok(WaitOutcome::TimedOut { remaining });
         }
         tokio::time::sleep(GONE_POLL.min(timeout.saturating_sub(start.elapsed()))).await;
-    }
-}
-
-/// How [`wait_until_ripe`] ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RipeOutcome {
-    /// Every session holding a lock on the relations was at least `ripe` into its
-    /// transaction (or none held one); `false`: `timeout` passed first.
-    pub ripe: bool,
-    pub waited_ms: u64,
-}
-
-/// A moment's poll for [`wait_until_ripe`]: short, as ripe moments under steady traffic
-/// last a few milliseconds.
-const RIPE_POLL: Duration = Duration::from_millis(5);
-
-/// The youngest transaction (its age in ms) among sessions holding a granted lock on any
-/// of the relations, other than `$2` and this session; NULL when none holds one.
-const YOUNGEST_HOLDER_SQL: &str = r#"
-SELECT (extract(epoch FROM clock_timestamp() - max(a.xact_start)) * 1000)::float8
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'relation' AND l.granted
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.relation = ANY (ARRAY(SELECT to_regclass(r)::oid FROM unnest($1::text[]) AS r))
-  AND l.pid <> ALL ($2) AND l.pid <> pg_backend_pid()
-  AND a.xact_start IS NOT NULL
-"#;
-
-/// Waits, for at most `timeout`, until every session holding a lock on `relations`
-/// (`schema.table`, as a trip names them; other than `exclude`) is at least `ripe` into
-/// its transaction. When the application's transactions last at most `ripe` plus the
-/// lock guard's budget, a statement that queues for its lock at that moment waits less
-/// than the budget for all of them: under steady traffic of transactions longer than the
-/// budget, retrying the moment the last blockers left would queue behind young ones and
-/// trip again.
-pub async fn wait_until_ripe(
-    conn: &mut PgConnection,
-    relations: &[String],
-    exclude: &[i32],
-    ripe: Duration,
-    timeout: Duration,
-) -> Result<RipeOutcome, LocksError> {
-    let start = Instant::now();
-    let ripe_ms = ripe.as_secs_f64() * 1000.0;
-    loop {
-        let youngest: Option<f64> = sqlx::query_scalar(YOUNGEST_HOLDER_SQL)
-            .bind(relations)
-            .bind(exclude)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(LocksError::query("lock holders' transactions"))?;
-        let waited_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if youngest.is_none_or(|age| age >= ripe_ms) {
-            return Ok(RipeOutcome {
-                ripe: true,
-                waited_ms,
-            });
-        }
-        if start.elapsed() >= timeout {
-            return Ok(RipeOutcome {
-                ripe: false,
-                waited_ms,
-            });
-        }
-        tokio::time::sleep(RIPE_POLL.min(timeout.saturating_sub(start.elapsed()))).await;
     }
 }
 

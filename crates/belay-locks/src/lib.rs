@@ -34,8 +34,8 @@ pub use api::{
 };
 pub use error::LocksError;
 pub use guard::{
-    Blocker, GUARD_APPLICATION, GuardTrip, LockGuard, QueueObserver, QueueSeen, RipeOutcome,
-    WaitOutcome, blockers_of, describe_sessions, guard_session, wait_until_gone, wait_until_ripe,
+    Blocker, GUARD_APPLICATION, GuardTrip, LockGuard, QueueObserver, QueueSeen, WaitOutcome,
+    blockers_of, describe_sessions, guard_session, wait_until_gone,
 };
 pub use model::{
     LockNode, LockSnapshot, PendingBlocker, PendingDdl, ReplicaLag, SessionInfo, SnapshotOptions,

@@ -8,7 +8,7 @@ use belay_core::DatabaseUrl;
 use belay_locks::{
     GUARD_APPLICATION, LockGuard, LockNode, LockSnapshot, QueueObserver, QueueSeen,
     SnapshotOptions, WaitOutcome, blockers_of, describe_sessions, guard_session, snapshot,
-    wait_until_gone, wait_until_ripe, watch,
+    wait_until_gone, watch,
 };
 use belay_testkit::{Cluster, TestDb};
 use sqlx::{Connection, PgConnection};
@@ -468,11 +468,7 @@ async fn wait_until_gone_returns_when_the_blocker_commits() -> R<()> {
     let out = wait_until_gone(&mut admin, &[a_pid], Duration::from_secs(10)).await?;
     let took = start.elapsed();
     committer.await?.1?;
-    let WaitOutcome::Gone { ended_ms, .. } = &out else {
-        panic!("{out:?}");
-    };
-    assert_eq!(ended_ms.len(), 1, "{out:?}");
-    assert_eq!(ended_ms[0].0, a_pid, "{out:?}");
+    assert!(matches!(out, WaitOutcome::Gone { .. }), "{out:?}");
     assert!(took >= Duration::from_millis(250), "{took:?}");
     assert!(took < Duration::from_millis(1500), "{took:?}");
 
@@ -843,54 +839,5 @@ async fn a_guard_tells_its_observer_the_lock_waits_of_its_database() -> R<()> {
     sqlx::raw_sql("COMMIT").execute(&mut a).await?;
     migration.await?.1?;
     reader.await?.1?;
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn wait_until_ripe_returns_once_every_holder_is_far_enough_in() -> R<()> {
-    let (db, mut admin) = setup().await?;
-    let (mut a, a_pid) = session(&db.url).await?;
-    let t = vec!["public.t".to_string()];
-    let long = Duration::from_secs(60);
-
-    // Nobody holds a lock on t: ripe at once.
-    let out = wait_until_ripe(&mut admin, &t, &[], long, Duration::from_secs(10)).await?;
-    assert!(out.ripe, "{out:?}");
-
-    sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
-        .execute(&mut a)
-        .await?;
-    // Not a minute into its transaction before the timeout.
-    let out = wait_until_ripe(&mut admin, &t, &[], long, Duration::from_millis(100)).await?;
-    assert!(!out.ripe, "{out:?}");
-    // A session left out does not count (the migration's own).
-    let out = wait_until_ripe(&mut admin, &t, &[a_pid], long, Duration::from_secs(10)).await?;
-    assert!(out.ripe, "{out:?}");
-    // A lock on another table does not count, nor a name that is no table.
-    sqlx::raw_sql("CREATE TABLE u (id int)")
-        .execute(&mut admin)
-        .await?;
-    for other in ["public.u", "public.nothing_here"] {
-        let other = vec![other.to_string()];
-        let out = wait_until_ripe(&mut admin, &other, &[], long, Duration::from_secs(10)).await?;
-        assert!(out.ripe, "{out:?}");
-    }
-
-    // Ripe once the holder is 300 ms in, and not before.
-    let ripe = Duration::from_millis(300);
-    let out = wait_until_ripe(&mut admin, &t, &[], ripe, Duration::from_secs(10)).await?;
-    assert!(out.ripe, "{out:?}");
-    let age_ms: f64 = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM clock_timestamp() - xact_start) * 1000)::float8 \
-           FROM pg_stat_activity WHERE pid = $1",
-    )
-    .bind(a_pid)
-    .fetch_one(&mut admin)
-    .await?;
-    assert!(
-        age_ms >= 300.0,
-        "returned when the holder was {age_ms} ms in"
-    );
-    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
     Ok(())
 }
