@@ -18,17 +18,14 @@ async fn belay_sessions(admin: &mut sqlx::PgConnection) -> Vec<i32> {
     .expect("pg_stat_activity")
 }
 
-fn target(db: &str, dir: &std::path::Path) -> TargetSpec {
-    TargetSpec {
-        name: "db".into(),
-        url: DatabaseUrl::parse(db).expect("url"),
-        dir: dir.to_path_buf(),
-        exec: Default::default(),
-    }
-}
-
-#[tokio::test]
-async fn the_run_takes_the_session_its_plan_read_with() {
+/// A database, one migration that records the session it ran in (`ran_in`), a target
+/// reusing sessions, and an admin session.
+async fn setup() -> (
+    belay_testkit::TestDb,
+    tempfile::TempDir,
+    LocalTargets,
+    sqlx::PgConnection,
+) {
     let db = Cluster::shared().create_database().await.expect("database");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
@@ -36,8 +33,20 @@ async fn the_run_takes_the_session_its_plan_read_with() {
         "CREATE TABLE ran_in AS SELECT pg_backend_pid() AS pid;\n",
     )
     .expect("write");
-    let api = LocalTargets::new([target(&db.url, dir.path())]).reusing_sessions();
-    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("admin");
+    let spec = TargetSpec {
+        name: "db".into(),
+        url: DatabaseUrl::parse(&db.url).expect("url"),
+        dir: dir.path().to_path_buf(),
+        exec: Default::default(),
+    };
+    let api = LocalTargets::new([spec]).reusing_sessions();
+    let admin = sqlx::PgConnection::connect(&db.url).await.expect("admin");
+    (db, dir, api, admin)
+}
+
+#[tokio::test]
+async fn the_run_takes_the_session_its_plan_read_with() {
+    let (_db, _dir, api, mut admin) = setup().await;
 
     api.plan("db", &Target::default(), false)
         .await
@@ -77,15 +86,7 @@ async fn the_run_takes_the_session_its_plan_read_with() {
 
 #[tokio::test]
 async fn a_kept_session_the_server_dropped_is_replaced() {
-    let db = Cluster::shared().create_database().await.expect("database");
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("V1__pid.sql"),
-        "CREATE TABLE ran_in AS SELECT pg_backend_pid() AS pid;\n",
-    )
-    .expect("write");
-    let api = LocalTargets::new([target(&db.url, dir.path())]).reusing_sessions();
-    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("admin");
+    let (_db, _dir, api, mut admin) = setup().await;
 
     api.status("db").await.expect("status");
     let left = belay_sessions(&mut admin).await;
