@@ -389,10 +389,10 @@ impl Cpu {
             None => (0, 0),
         };
         Ok(Cpu {
-            server: cpu_ticks_with_children(postmaster, false)?,
+            server: stat_ticks(postmaster, 11..=14)?,
             agent,
             controller,
-            cli: cpu_ticks_with_children(std::process::id(), true)?,
+            cli: stat_ticks(std::process::id(), 13..=14)?,
         })
     }
 
@@ -834,21 +834,15 @@ async fn simulate(controller: &Daemon, agents: usize, seconds: u64) -> Result<He
 
 /// utime + stime of a process, in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
 fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("could not read /proc/{pid}/stat"))?;
-    parse_cpu_ticks(&stat).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+    stat_ticks(pid, 11..=12)
 }
 
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    stat_fields(stat, 11..=12)
-}
-
-/// The sum of a process's fields 14 to 17 (utime, stime and its reaped children's: a
-/// postmaster's backends), or with `children_only` 16 and 17 (the bench's own CLI runs).
-fn cpu_ticks_with_children(pid: u32, children_only: bool) -> Result<u64> {
+/// The sum of `fields` of `/proc/<pid>/stat`, counted after the command name: 11..=12
+/// utime and stime, 13..=14 the reaped children's (a postmaster's backends, the bench's
+/// own CLI runs).
+fn stat_ticks(pid: u32, fields: std::ops::RangeInclusive<usize>) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("could not read /proc/{pid}/stat"))?;
-    let fields = if children_only { 13..=14 } else { 11..=14 };
     stat_fields(&stat, fields).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
 }
 
@@ -978,7 +972,7 @@ mod tests {
     #[test]
     fn cpu_ticks_are_read_past_a_command_name_with_spaces() {
         let stat = "1234 (belay (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 7 3 20 0 4 0 99 1000 50";
-        assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(stat_fields(stat, 11..=12), Some(325));
         assert_eq!(stat_fields(stat, 11..=14), Some(335));
     }
 

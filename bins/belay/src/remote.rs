@@ -17,6 +17,21 @@ use serde_json::json;
 /// targets, with its events, runs past gRPC's default 4 MiB.
 const REPLY_LIMIT: usize = 256 << 20;
 
+type Intercepted = tonic::service::interceptor::InterceptedService<
+    tonic::transport::Channel,
+    belay_auth::MaybeTokenAttach,
+>;
+
+/// The controller's `ControllerService`, taking replies up to [`REPLY_LIMIT`].
+fn controller_client(conn: &Connection) -> ControllerServiceClient<Intercepted> {
+    ControllerServiceClient::new(conn.intercepted()).max_decoding_message_size(REPLY_LIMIT)
+}
+
+/// The controller's `HistoryService`, taking replies up to [`REPLY_LIMIT`].
+fn history_client(conn: &Connection) -> HistoryServiceClient<Intercepted> {
+    HistoryServiceClient::new(conn.intercepted()).max_decoding_message_size(REPLY_LIMIT)
+}
+
 fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
         .and_then(|t| belay_rpc::convert::from_timestamp(t).ok())
@@ -284,8 +299,7 @@ async fn follow_until(
     }
     // The events came over the stream: asking for them again would send them twice, in
     // one message too large for a deployment to a thousand targets.
-    let mut d = HistoryServiceClient::new(conn.intercepted())
-        .max_decoding_message_size(REPLY_LIMIT)
+    let mut d = history_client(conn)
         .get_deployment(pb::GetDeploymentRequest {
             id,
             without_events: true,
@@ -348,8 +362,7 @@ async fn rollback_whole(
         deployment_id: id.to_string(),
         trigger: Some(belay_rpc::rollback::trigger(&trigger)),
     };
-    let mut client =
-        ControllerServiceClient::new(conn.intercepted()).max_decoding_message_size(REPLY_LIMIT);
+    let mut client = controller_client(conn);
     let plan = client
         .plan_deployment_rollback(req.clone())
         .await
@@ -489,18 +502,13 @@ pub async fn fleet_command(
                 requested_by: crate::history_cmd::os_user(),
                 rollback_scope: scope.into(),
             };
-            match ControllerServiceClient::new(conn.intercepted())
-                .max_decoding_message_size(REPLY_LIMIT)
-                .deploy(req)
-                .await
-            {
+            match controller_client(conn).deploy(req).await {
                 Ok(stream) => follow(conn, stream.into_inner(), out).await,
                 Err(s) => Err(err(conn)(s)),
             }
         }
         Command::Deployments { command } => {
-            let mut client = HistoryServiceClient::new(conn.intercepted())
-                .max_decoding_message_size(REPLY_LIMIT);
+            let mut client = history_client(conn);
             match command
                 .as_ref()
                 .unwrap_or(&DeploymentsCommand::List { limit: 20 })
@@ -575,8 +583,7 @@ pub async fn fleet_command(
                 }
             }
         }
-        Command::Agents => match ControllerServiceClient::new(conn.intercepted())
-            .max_decoding_message_size(REPLY_LIMIT)
+        Command::Agents => match controller_client(conn)
             .list_agents(pb::ListAgentsRequest {})
             .await
         {
@@ -584,8 +591,7 @@ pub async fn fleet_command(
                 let agents = r.into_inner().agents;
                 // Each target's environment, as its agent.toml gives it.
                 let environments: std::collections::BTreeMap<String, String> =
-                    match ControllerServiceClient::new(conn.intercepted())
-                        .max_decoding_message_size(REPLY_LIMIT)
+                    match controller_client(conn)
                         .list_targets(pb::ListTargetsRequest {})
                         .await
                     {

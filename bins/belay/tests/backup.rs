@@ -73,10 +73,15 @@ fn migrate_records_its_verified_backup_in_every_history_row() {
         ("V2__idx.sql", "CREATE INDEX orders_note ON orders (note);"),
         (
             "V3__more.sql",
-            "-- belay:tables=orders\nALTER TABLE orders ADD COLUMN extra int;\nALTER TABLE IF EXISTS no_such_table ADD COLUMN x int;\nALTER TABLE \"Line Items\" ADD COLUMN x int;\nALTER TABLE public.orders ADD COLUMN more int;",
+            "-- belay:tables=orders\nALTER TABLE orders ADD COLUMN extra int;\nALTER TABLE IF EXISTS no_such_table ADD COLUMN x int;\nALTER TABLE \"Line Items\" ADD COLUMN x int;\nALTER TABLE \"v1.archive\" ADD COLUMN x int;\nALTER TABLE public.orders ADD COLUMN more int;",
         ),
     ]);
-    belay_testkit::psql(&db.url, "CREATE TABLE \"Line Items\" (id int)").expect("psql");
+    // A dot inside quotes: not a plain name, looked up on its own.
+    belay_testkit::psql(
+        &db.url,
+        "CREATE TABLE \"Line Items\" (id int); CREATE TABLE \"v1.archive\" (id int)",
+    )
+    .expect("psql");
     let r = belay_b_ok(
         &db.url,
         dir2.path(),
@@ -99,10 +104,14 @@ fn migrate_records_its_verified_backup_in_every_history_row() {
         .iter()
         .find(|e| e["id"] == id3.as_str())
         .expect("listed");
-    // Looked up in one query: in the order named, once each, a missing one left out.
+    // In the order named, once each, a missing one left out, whichever query found it.
     assert_eq!(
         e["tables"],
-        serde_json::json!(["public.orders", "public.\"Line Items\""]),
+        serde_json::json!([
+            "public.orders",
+            "public.\"Line Items\"",
+            "public.\"v1.archive\""
+        ]),
         "{e}"
     );
 }

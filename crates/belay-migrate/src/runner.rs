@@ -1454,48 +1454,36 @@ impl Migrator {
         conn: &mut PgConnection,
         names: &[String],
     ) -> Result<Vec<String>, MigrateError> {
-        // `to_regclass` raises on a name it cannot parse, failing a whole query: plain
-        // names go in one query, any other alone.
-        let (plain, odd): (Vec<&String>, Vec<&String>) =
-            names.iter().partition(|n| is_plain_name(n));
-        let mut found_at: Vec<(usize, String)> = Vec::new();
-        if !plain.is_empty() {
-            let rows: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT n.i, format('%I.%I', ns.nspname, c.relname) \
-                   FROM unnest($1::text[]) WITH ORDINALITY AS n(name, i) \
-                   JOIN pg_class c ON c.oid = to_regclass(n.name) \
-                   JOIN pg_namespace ns ON ns.oid = c.relnamespace \
-                  WHERE c.relkind IN ('r', 'p')",
-            )
-            .bind(plain.iter().map(|n| n.as_str()).collect::<Vec<_>>())
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(self.db_err("looking up tables to back up"))?;
-            for (i, table) in rows {
-                let name = usize::try_from(i - 1).ok().and_then(|i| plain.get(i));
-                if let Some(at) = name.and_then(|n| names.iter().position(|m| m == *n)) {
-                    found_at.push((at, table));
-                }
-            }
-        }
-        for name in odd {
-            let found: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
-                "SELECT format('%I.%I', n.nspname, c.relname) \
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                  WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')",
-            )
-            .bind(name)
-            .fetch_optional(&mut *conn)
-            .await;
-            match found {
-                Ok(Some(t)) => {
-                    if let Some(at) = names.iter().position(|m| m == name) {
-                        found_at.push((at, t));
-                    }
-                }
-                Ok(None) => {}
-                Err(sqlx::Error::Database(e)) => {
-                    debug!(table = %name, error = %e, "not a table name PostgreSQL can parse");
+        // `to_regclass` raises on a name it cannot parse, failing the whole query: plain
+        // names go in one query, any other in one of its own (skipped when it raises).
+        const LOOKUP: &str = "SELECT n.at, format('%I.%I', ns.nspname, c.relname) \
+               FROM unnest($1::text[], $2::int8[]) AS n(name, at) \
+               JOIN pg_class c ON c.oid = to_regclass(n.name) \
+               JOIN pg_namespace ns ON ns.oid = c.relnamespace \
+              WHERE c.relkind IN ('r', 'p')";
+        type Named<'n> = Vec<(usize, &'n String)>;
+        let (plain, odd): (Named, Named) = names
+            .iter()
+            .enumerate()
+            .partition(|(_, n)| is_plain_name(n));
+        let batches = std::iter::once(plain)
+            .filter(|p| !p.is_empty())
+            .chain(odd.into_iter().map(|one| vec![one]));
+        let mut found_at: Vec<(i64, String)> = Vec::new();
+        for batch in batches {
+            let (ats, batch_names): (Vec<i64>, Vec<&str>) = batch
+                .iter()
+                .map(|(at, n)| (i64::try_from(*at).unwrap_or(i64::MAX), n.as_str()))
+                .unzip();
+            let rows: Result<Vec<(i64, String)>, sqlx::Error> = sqlx::query_as(LOOKUP)
+                .bind(&batch_names)
+                .bind(&ats)
+                .fetch_all(&mut *conn)
+                .await;
+            match rows {
+                Ok(rows) => found_at.extend(rows),
+                Err(sqlx::Error::Database(e)) if batch.len() == 1 => {
+                    debug!(table = %batch_names[0], error = %e, "not a table name PostgreSQL can parse");
                 }
                 Err(e) => return Err(self.db_err("looking up tables to back up")(e)),
             }
