@@ -3,7 +3,7 @@
 use belay_core::DatabaseUrl;
 use belay_locks::{Blocker, LockGuard, LocksError, QueueObserver, SessionInfo, WaitOutcome};
 use belay_migrate::{
-    ApiError, ErrorKind, LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd,
+    ApiError, BlockersGone, ErrorKind, LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd,
 };
 use sqlx::PgConnection;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,6 +34,10 @@ pub struct LockGuardAdapter {
     /// The sessions the last trip's cancel released (they were queued behind the
     /// migration): see [`LockGuardHook::wait_until_gone`] below.
     released: Arc<Mutex<Vec<i32>>>,
+    /// The relations the last trip's blockers held their locks on, and the budget of the
+    /// watch it ended: what the retry's wait for a ripe moment (see `wait_until_gone`)
+    /// watches.
+    last_trip: Arc<Mutex<(Vec<String>, Duration)>>,
 }
 
 impl std::fmt::Debug for LockGuardAdapter {
@@ -149,6 +153,7 @@ impl LockGuardAdapter {
             migration_pid: Arc::new(Mutex::new(None)),
             observer: None,
             released: Arc::new(Mutex::new(Vec::new())),
+            last_trip: Arc::new(Mutex::new((Vec::new(), Duration::ZERO))),
         }
     }
 
@@ -201,6 +206,33 @@ struct Watch {
     guard: LockGuard,
     idle: Arc<Mutex<Option<PgConnection>>>,
     released: Arc<Mutex<Vec<i32>>>,
+    last_trip: Arc<Mutex<(Vec<String>, Duration)>>,
+    budget: Duration,
+}
+
+/// The longest a retry waits for a ripe moment, in budgets (2 s at the default 50 ms);
+/// then it goes ahead anyway.
+const RIPE_WAIT_BUDGETS: u32 = 40;
+
+/// How far into their transactions the lock holders must be for a retry to queue less
+/// than the guard's trip point (four fifths of `budget`: see `period_for`) behind them,
+/// judged by the longest the sessions the last cancel released held the lock it gave
+/// them (the application's own traffic, which had queued behind the migration; not the
+/// blockers, whose one long transaction says nothing of the rest): `None` when those fit
+/// in the budget, or none ended. Never less than the budget: by hand under scenario
+/// (b)'s writers, ages from the few holds one trip measures ranged 16–66 ms, and those
+/// under the budget waited for next to nothing.
+fn ripe_age(released: &[i32], ended_ms: &[(i32, u64)], budget: Duration) -> Option<Duration> {
+    let longest = ended_ms
+        .iter()
+        .filter(|(pid, _)| released.contains(pid))
+        .map(|(_, ms)| Duration::from_millis(*ms))
+        .max()?;
+    if longest <= budget {
+        return None;
+    }
+    let age = longest.saturating_sub(budget.saturating_sub(period_for(budget)));
+    Some(age.max(budget))
 }
 
 #[async_trait::async_trait]
@@ -210,12 +242,21 @@ impl LockWatch for Watch {
             guard,
             idle,
             released,
+            last_trip,
+            budget,
         } = *self;
         let last_blockers = guard.last_blockers().into_iter().map(brief_of).collect();
         let (trips, mut conn) = guard.stop_keeping_connection().await.map_err(api_error)?;
         if let Some(last) = trips.last() {
             *released.lock().unwrap_or_else(PoisonError::into_inner) =
                 last.blocked_sessions.clone();
+            let mut relations: Vec<String> = Vec::new();
+            for r in last.blockers.iter().filter_map(|b| b.relation.clone()) {
+                if !relations.contains(&r) {
+                    relations.push(r);
+                }
+            }
+            *last_trip.lock().unwrap_or_else(PoisonError::into_inner) = (relations, budget);
         }
         let mut out = Vec::with_capacity(trips.len());
         for t in trips {
@@ -290,6 +331,8 @@ impl LockGuardHook for LockGuardAdapter {
             guard,
             idle: self.idle.clone(),
             released: self.released.clone(),
+            last_trip: self.last_trip.clone(),
+            budget: max_blocking,
         }))
     }
 
@@ -297,7 +340,7 @@ impl LockGuardHook for LockGuardAdapter {
         &self,
         pids: &[i32],
         timeout: Duration,
-    ) -> Result<Vec<SessionBrief>, ApiError> {
+    ) -> Result<BlockersGone, ApiError> {
         let mut conn = self.session().await?;
         let migration = *self
             .migration_pid
@@ -309,8 +352,15 @@ impl LockGuardHook for LockGuardAdapter {
         // transaction still ahead (under steady short writes, the worst moment to try).
         let released =
             std::mem::take(&mut *self.released.lock().unwrap_or_else(PoisonError::into_inner));
+        let (relations, budget) = std::mem::take(
+            &mut *self
+                .last_trip
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let started = tokio::time::Instant::now();
         let mut all = pids.to_vec();
-        all.extend(released.into_iter().filter(|p| !pids.contains(p)));
+        all.extend(released.iter().copied().filter(|p| !pids.contains(p)));
         let pids = all.as_slice();
         // Between attempts nothing waits, so no blocking tree shows the migration; the
         // guard's session says whom it waits for, for `belay locks` in any process.
@@ -335,19 +385,53 @@ impl LockGuardHook for LockGuardAdapter {
                 .execute(&mut conn)
                 .await;
         }
-        let outcome = outcome?;
-        let remaining = match outcome {
-            WaitOutcome::Gone { .. } => Vec::new(),
-            WaitOutcome::TimedOut { remaining } => describe(Some(&mut conn), &remaining).await,
+        let gone = match outcome? {
+            // Gone; but under steady traffic the locks have new holders, and a retry
+            // queues behind all of them: when the released sessions held the lock longer
+            // than the budget, the retry waits until the holders are far enough in.
+            WaitOutcome::Gone { ended_ms, .. } => BlockersGone {
+                remaining: Vec::new(),
+                ripe_wait: ripe_age(&released, &ended_ms, budget).and_then(|age| {
+                    tracing::debug!(age_ms = age.as_millis() as u64, ?relations, "ripe wait");
+                    let left = timeout.saturating_sub(started.elapsed());
+                    belay_locks::ripe_wait_sql(
+                        &relations,
+                        age,
+                        budget.saturating_mul(RIPE_WAIT_BUDGETS).min(left),
+                    )
+                }),
+            },
+            WaitOutcome::TimedOut { remaining } => BlockersGone {
+                remaining: describe(Some(&mut conn), &remaining).await,
+                ripe_wait: None,
+            },
         };
         give_back(&self.idle, conn);
-        Ok(remaining)
+        Ok(gone)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ripe_moment_is_judged_by_the_released_sessions_alone() {
+        let budget = Duration::from_millis(50);
+        // 7 was a blocker (a 15 s read); 8 and 9 queued behind the migration.
+        let lasted = [(7, 15_000), (8, 95), (9, 30)];
+        // 95 ms, less the guard's trip point (40 ms).
+        assert_eq!(
+            ripe_age(&[8, 9], &lasted, budget),
+            Some(Duration::from_millis(55))
+        );
+        // Released transactions within the budget: retry at once.
+        assert_eq!(ripe_age(&[9], &lasted, budget), None);
+        assert_eq!(ripe_age(&[8], &[(8, 50)], budget), None);
+        // None released, or none ended: at once.
+        assert_eq!(ripe_age(&[], &lasted, budget), None);
+        assert_eq!(ripe_age(&[8], &[(7, 15_000)], budget), None);
+    }
 
     #[test]
     fn the_announcement_fits_application_name_with_whole_pids() {

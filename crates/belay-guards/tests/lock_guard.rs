@@ -7,8 +7,8 @@ use belay_core::DatabaseUrl;
 use belay_guards::LockGuardAdapter;
 use belay_history::{History, HistoryRow, RowState};
 use belay_migrate::{
-    ApiError, Event, EventKind, ExecConfig, LockGuardHook, LockWatch, MigrateError, Migrator,
-    RunReport, SessionBrief, Target, load,
+    ApiError, BlockersGone, Event, EventKind, ExecConfig, LockGuardHook, LockWatch, MigrateError,
+    Migrator, RunReport, Target, load,
 };
 use belay_testkit::{Cluster, TestDb};
 use sqlx::{Connection, PgConnection};
@@ -498,7 +498,7 @@ impl LockGuardHook for Counting {
         &self,
         pids: &[i32],
         timeout: Duration,
-    ) -> Result<Vec<SessionBrief>, ApiError> {
+    ) -> Result<BlockersGone, ApiError> {
         self.inner.wait_until_gone(pids, timeout).await
     }
 }
@@ -848,23 +848,36 @@ async fn the_lock_timeout_safety_net_names_the_blocker_in_its_event_and_final_er
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn after_a_trip_belay_also_waits_for_the_sessions_its_cancel_released() -> R<()> {
-    let (db, mut admin) = setup().await?;
+/// A session of its own on `url`, and its pid.
+async fn session_on(url: &str) -> R<(PgConnection, i32)> {
+    let mut c = PgConnection::connect(url).await?;
+    let pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut c)
+        .await?;
+    Ok((c, pid))
+}
+
+/// A run whose ALTER queued behind `blocker`; a reader queued behind the ALTER, the guard
+/// cancelled it, and the reader, released, keeps ACCESS SHARE in its open transaction.
+/// Returns once the guard's session announces that the pending DDL waits for both.
+struct Released {
+    run: tokio::task::JoinHandle<Result<RunReport, belay_migrate::MigrateError>>,
+    blocker: PgConnection,
+    reader: PgConnection,
+}
+
+async fn trip_releasing_a_reader(db: &TestDb, admin: &mut PgConnection) -> R<Released> {
     let dir = migrations(&[("V1__add_r.sql", "ALTER TABLE t ADD COLUMN r int;\n")])?;
-    let (mut blocker, blocker_pid) = blocker(&db.url).await?;
-    let (run, mut events) = migrate(&db, dir.path(), ExecConfig::default())?;
+    let (blocker, blocker_pid) = blocker(&db.url).await?;
+    let (run, mut events) = migrate(db, dir.path(), ExecConfig::default())?;
     let deadline = Instant::now() + SOON;
-    while waiting_on_t(&mut admin).await?.is_none() {
+    while waiting_on_t(admin).await?.is_none() {
         assert!(Instant::now() < deadline, "the ALTER never queued");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // A reader queues behind the ALTER; the guard's cancel lets it take ACCESS SHARE, which
     // its transaction keeps: it blocks the next attempt as much as the first blocker.
-    let mut reader = PgConnection::connect(&db.url).await?;
-    let reader_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut reader)
-        .await?;
+    let (mut reader, reader_pid) = session_on(&db.url).await?;
     let reading = tokio::spawn(async move {
         let r = sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
             .execute(&mut reader)
@@ -873,7 +886,7 @@ async fn after_a_trip_belay_also_waits_for_the_sessions_its_cancel_released() ->
         (reader, r)
     });
     next_event(&mut events, "the guard's trip", trip_of).await?;
-    let (mut reader, r) = tokio::time::timeout(SOON, reading).await??;
+    let (reader, r) = tokio::time::timeout(SOON, reading).await??;
     r?;
 
     // The guard's session says whom the pending DDL waits for: both.
@@ -892,7 +905,7 @@ async fn after_a_trip_belay_also_waits_for_the_sessions_its_cancel_released() ->
         let apps: Vec<String> = sqlx::query_scalar(
             "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()",
         )
-        .fetch_all(&mut admin)
+        .fetch_all(&mut *admin)
         .await?;
         if apps.iter().any(|a| {
             let pids = announced(a);
@@ -903,10 +916,101 @@ async fn after_a_trip_belay_also_waits_for_the_sessions_its_cancel_released() ->
         assert!(Instant::now() < deadline, "never announced both: {apps:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(Released {
+        run,
+        blocker,
+        reader,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_trip_belay_also_waits_for_the_sessions_its_cancel_released() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let Released {
+        run,
+        mut blocker,
+        mut reader,
+    } = trip_releasing_a_reader(&db, &mut admin).await?;
     sqlx::raw_sql("COMMIT").execute(&mut blocker).await?;
     // Still waiting for the reader: the ALTER has not queued behind it.
     assert_eq!(waiting_on_t(&mut admin).await?, None);
     sqlx::raw_sql("COMMIT").execute(&mut reader).await?;
+    let report = tokio::time::timeout(SOON, run).await???;
+    assert_eq!(report.results[0].retries, 1, "{report:?}");
+    assert!(column_exists(&mut admin, "r").await?);
+    Ok(())
+}
+
+/// The ripe wait only chooses a moment: where it cannot run (a database without
+/// PL/pgSQL), the retry goes ahead without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_whose_ripe_wait_cannot_run_goes_ahead_without_it() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    sqlx::raw_sql("DROP EXTENSION plpgsql")
+        .execute(&mut admin)
+        .await?;
+    let Released {
+        run,
+        mut blocker,
+        mut reader,
+    } = trip_releasing_a_reader(&db, &mut admin).await?;
+    // The released reader holds its lock past the budget: the retry would wait.
+    sqlx::raw_sql("COMMIT").execute(&mut blocker).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sqlx::raw_sql("COMMIT").execute(&mut reader).await?;
+    let report = tokio::time::timeout(SOON, run).await???;
+    assert_eq!(report.results[0].retries, 1, "{report:?}");
+    assert!(column_exists(&mut admin, "r").await?);
+    Ok(())
+}
+
+/// The application's transactions outlast the budget: retrying the moment the blockers
+/// left would queue behind a transaction just begun, and trip again. The retry waits, in
+/// its own message right after BEGIN, until every holder of the table's locks is far
+/// enough in to end within the budget, judged by how long the released reader held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_trip_the_retry_queues_only_once_the_holders_are_far_enough_in() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let Released {
+        run,
+        mut blocker,
+        mut reader,
+    } = trip_releasing_a_reader(&db, &mut admin).await?;
+    // The blocker leaves; the released reader holds its lock 400 ms (far past the
+    // budget), and another transaction on t begins just before it ends.
+    sqlx::raw_sql("COMMIT").execute(&mut blocker).await?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (mut young, young_pid) = session_on(&db.url).await?;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
+        .execute(&mut young)
+        .await?;
+    sqlx::raw_sql("COMMIT").execute(&mut reader).await?;
+
+    // The retry's ALTER queues behind the young transaction only once it is as far in as
+    // the reader's hold, less the budget (about 350 ms); without the wait it would queue
+    // within milliseconds.
+    let deadline = Instant::now() + SOON;
+    let age_when_queued: f64 = loop {
+        let seen: Option<(f64, bool)> = sqlx::query_as(
+            "SELECT (extract(epoch FROM clock_timestamp() - a.xact_start) * 1000)::float8, \
+                    EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND relation = 't'::regclass) \
+               FROM pg_stat_activity a WHERE a.pid = $1",
+        )
+        .bind(young_pid)
+        .fetch_optional(&mut admin)
+        .await?;
+        match seen {
+            Some((age, true)) => break age,
+            Some(_) => {}
+            None => return Err("the young transaction's session is gone".into()),
+        }
+        assert!(Instant::now() < deadline, "the retry never queued");
+    };
+    assert!(
+        age_when_queued >= 300.0,
+        "the retry queued when the holder was {age_when_queued} ms in"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut young).await?;
     let report = tokio::time::timeout(SOON, run).await???;
     assert_eq!(report.results[0].retries, 1, "{report:?}");
     assert!(column_exists(&mut admin, "r").await?);

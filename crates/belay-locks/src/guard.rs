@@ -608,8 +608,14 @@ pub async fn describe_sessions(
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum WaitOutcome {
-    /// Every session has ended its transaction (or disconnected).
-    Gone { waited_ms: u64 },
+    /// Every session has ended its transaction (or disconnected). `ended_ms`: for each
+    /// that was in one when the wait began, how long into the wait a poll found it ended,
+    /// by pid: for sessions granted their lock just before the wait, about how long they
+    /// held it (to the 10 ms of a poll; longer when they first queued behind another).
+    Gone {
+        waited_ms: u64,
+        ended_ms: Vec<(i32, u64)>,
+    },
     /// The timeout passed; these are still in the transaction they were in at the start.
     TimedOut { remaining: Vec<i32> },
 }
@@ -652,6 +658,7 @@ pub async fn wait_until_gone(
             .await
             .map_err(LocksError::query("session transactions"))?,
     );
+    let mut ended_ms: Vec<(i32, u64)> = Vec::new();
     loop {
         let now = fetch(
             sqlx::query_as(XACT_SQL)
@@ -660,14 +667,20 @@ pub async fn wait_until_gone(
                 .await
                 .map_err(LocksError::query("session transactions"))?,
         );
-        let remaining: Vec<i32> = initial
-            .iter()
-            .filter(|(pid, key)| now.get(pid) == Some(key))
-            .map(|(pid, _)| *pid)
-            .collect();
+        let elapsed_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut remaining: Vec<i32> = Vec::new();
+        for (pid, key) in &initial {
+            if now.get(pid) == Some(key) {
+                remaining.push(*pid);
+            } else if !ended_ms.iter().any(|(p, _)| p == pid) {
+                ended_ms.push((*pid, elapsed_ms));
+            }
+        }
         if remaining.is_empty() {
+            ended_ms.sort_unstable();
             return Ok(WaitOutcome::Gone {
-                waited_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+                waited_ms: elapsed_ms,
+                ended_ms,
             });
         }
         if start.elapsed() >= timeout {
@@ -677,6 +690,64 @@ pub async fn wait_until_gone(
         }
         tokio::time::sleep(GONE_POLL.min(timeout.saturating_sub(start.elapsed()))).await;
     }
+}
+
+/// The statement [`ripe_wait_sql`] builds: `{RELATIONS}`, `{AGE_MS}` and `{WITHIN_MS}`
+/// are filled in. It runs in the migration's transaction, right after its `BEGIN`.
+/// Within one transaction `pg_stat_activity` is a snapshot taken at its first read, so
+/// every round clears it; `pg_locks` is read afresh each time. It never waits longer than
+/// half the session's `statement_timeout`, so the wait itself is never what times out.
+const RIPE_WAIT_SQL: &str = r#"DO $belay_ripe_wait$
+DECLARE
+  deadline timestamptz := clock_timestamp() + interval '{WITHIN_MS} milliseconds';
+  youngest float8;
+BEGIN
+  IF current_setting('statement_timeout') <> '0' THEN
+    deadline := least(deadline,
+      clock_timestamp() + current_setting('statement_timeout')::interval / 2);
+  END IF;
+  LOOP
+    PERFORM pg_stat_clear_snapshot();
+    SELECT extract(epoch FROM clock_timestamp() - max(a.xact_start)) * 1000 INTO youngest
+      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'relation' AND l.granted
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.relation = ANY (ARRAY(SELECT to_regclass(r)::oid FROM unnest(ARRAY[{RELATIONS}]::text[]) AS r))
+       AND l.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL;
+    EXIT WHEN youngest IS NULL OR youngest >= {AGE_MS} OR clock_timestamp() >= deadline;
+    PERFORM pg_sleep(0.001);
+  END LOOP;
+END
+$belay_ripe_wait$"#;
+
+/// A statement that waits, for at most `within`, until every other session holding a
+/// granted lock on `relations` (as a trip names them, `public.accounts`) is at least
+/// `age` into its transaction, polling every millisecond on the server. Run right after
+/// a retry's `BEGIN`, in the same message as the script: when the application's
+/// transactions last at most `age` plus the lock guard's budget, the script's first lock
+/// request then queues less than the budget behind all of them, and no transaction can
+/// begin between the moment chosen and that request (a client's separate retry arrives
+/// milliseconds later, by which time a busy application has begun new ones). `None`
+/// when there is nothing to wait for, or a name could not be quoted safely.
+pub fn ripe_wait_sql(relations: &[String], age: Duration, within: Duration) -> Option<String> {
+    if relations.is_empty() || age.is_zero() || within.is_zero() {
+        return None;
+    }
+    // Names come from `regclass::text`; one that could close the literal or the body's
+    // dollar quote is left out of the wait altogether.
+    if relations.iter().any(|r| r.contains(['$', '\\', '\0'])) {
+        return None;
+    }
+    let list: Vec<String> = relations
+        .iter()
+        .map(|r| format!("'{}'", r.replace('\'', "''")))
+        .collect();
+    Some(
+        RIPE_WAIT_SQL
+            .replace("{RELATIONS}", &list.join(", "))
+            .replace("{AGE_MS}", &age.as_millis().to_string())
+            .replace("{WITHIN_MS}", &within.as_millis().to_string()),
+    )
 }
 
 #[cfg(test)]

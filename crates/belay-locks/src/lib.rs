@@ -35,7 +35,7 @@ pub use api::{
 pub use error::LocksError;
 pub use guard::{
     Blocker, GUARD_APPLICATION, GuardTrip, LockGuard, QueueObserver, QueueSeen, WaitOutcome,
-    blockers_of, describe_sessions, guard_session, wait_until_gone,
+    blockers_of, describe_sessions, guard_session, ripe_wait_sql, wait_until_gone,
 };
 pub use model::{
     LockNode, LockSnapshot, PendingBlocker, PendingDdl, ReplicaLag, SessionInfo, SnapshotOptions,

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use belay_core::DatabaseUrl;
 use belay_locks::{
     GUARD_APPLICATION, LockGuard, LockNode, LockSnapshot, QueueObserver, QueueSeen,
-    SnapshotOptions, WaitOutcome, blockers_of, describe_sessions, guard_session, snapshot,
-    wait_until_gone, watch,
+    SnapshotOptions, WaitOutcome, blockers_of, describe_sessions, guard_session, ripe_wait_sql,
+    snapshot, wait_until_gone, watch,
 };
 use belay_testkit::{Cluster, TestDb};
 use sqlx::{Connection, PgConnection};
@@ -468,7 +468,11 @@ async fn wait_until_gone_returns_when_the_blocker_commits() -> R<()> {
     let out = wait_until_gone(&mut admin, &[a_pid], Duration::from_secs(10)).await?;
     let took = start.elapsed();
     committer.await?.1?;
-    assert!(matches!(out, WaitOutcome::Gone { .. }), "{out:?}");
+    let WaitOutcome::Gone { ended_ms, .. } = &out else {
+        panic!("{out:?}");
+    };
+    assert_eq!(ended_ms.len(), 1, "{out:?}");
+    assert_eq!(ended_ms[0].0, a_pid, "{out:?}");
     assert!(took >= Duration::from_millis(250), "{took:?}");
     assert!(took < Duration::from_millis(1500), "{took:?}");
 
@@ -839,5 +843,76 @@ async fn a_guard_tells_its_observer_the_lock_waits_of_its_database() -> R<()> {
     sqlx::raw_sql("COMMIT").execute(&mut a).await?;
     migration.await?.1?;
     reader.await?.1?;
+    Ok(())
+}
+
+/// Runs a ripe wait in a transaction of `conn`'s, as a retry's message does; gives up (an
+/// error) should it not return within a test's patience.
+async fn ripe_wait(conn: &mut PgConnection, wait: &str) -> R<()> {
+    let message = format!("BEGIN; SELECT count(*) FROM t; {wait}; COMMIT");
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        sqlx::raw_sql(sqlx::AssertSqlSafe(message)).execute(&mut *conn),
+    )
+    .await
+    .map_err(|_| "the ripe wait did not return")??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_ripe_wait_returns_once_every_other_holder_is_far_enough_in() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let (mut m, _) = session(&db.url).await?;
+    let t = vec!["public.t".to_string()];
+    let minute = Duration::from_secs(60);
+    let sql = |rels: &[String], age: Duration, within: Duration| {
+        ripe_wait_sql(rels, age, within).ok_or("no ripe wait")
+    };
+
+    // Nothing to wait for, or a name that could break out of the literal or the body.
+    assert_eq!(ripe_wait_sql(&[], minute, minute), None);
+    assert_eq!(ripe_wait_sql(&t, Duration::ZERO, minute), None);
+    assert_eq!(
+        ripe_wait_sql(&["public.\"a$$b\"".into()], minute, minute),
+        None
+    );
+    // A quote is doubled: the name reaches to_regclass whole (and is no table).
+    ripe_wait(&mut m, &sql(&["public.\"it's\"".into()], minute, minute)?).await?;
+
+    // Only the session's own lock on t: nobody else holds one, ripe at once.
+    ripe_wait(&mut m, &sql(&t, minute, minute)?).await?;
+
+    let (mut a, a_pid) = session(&db.url).await?;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM t")
+        .execute(&mut a)
+        .await?;
+    // A lock on another table does not count.
+    sqlx::raw_sql("CREATE TABLE u (id int)")
+        .execute(&mut admin)
+        .await?;
+    ripe_wait(&mut m, &sql(&["public.u".into()], minute, minute)?).await?;
+    // Never waits past half the session's statement_timeout: the wait itself never fails.
+    sqlx::raw_sql("SET statement_timeout = '200ms'")
+        .execute(&mut m)
+        .await?;
+    ripe_wait(&mut m, &sql(&t, minute, minute)?).await?;
+    sqlx::raw_sql("RESET statement_timeout")
+        .execute(&mut m)
+        .await?;
+
+    // Returns once the holder is 300 ms into its transaction, and not before.
+    ripe_wait(&mut m, &sql(&t, Duration::from_millis(300), minute)?).await?;
+    let age_ms: f64 = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM clock_timestamp() - xact_start) * 1000)::float8 \
+           FROM pg_stat_activity WHERE pid = $1",
+    )
+    .bind(a_pid)
+    .fetch_one(&mut admin)
+    .await?;
+    assert!(
+        age_ms >= 300.0,
+        "returned when the holder was {age_ms} ms in"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut a).await?;
     Ok(())
 }

@@ -197,12 +197,34 @@ pub trait LockGuardHook: Send + Sync {
 
     /// Waits until every session in `pids` has finished the transaction it is in now (or
     /// disconnected), for at most `timeout`. Returns the sessions still in it (empty: all
-    /// gone), described.
+    /// gone), described, and, when they are gone, what the retry should wait for first.
     async fn wait_until_gone(
         &self,
         pids: &[i32],
         timeout: Duration,
-    ) -> Result<Vec<SessionBrief>, ApiError>;
+    ) -> Result<BlockersGone, ApiError>;
+}
+
+/// What [`LockGuardHook::wait_until_gone`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BlockersGone {
+    /// The sessions still in the transaction they were in when the wait began (empty:
+    /// all gone).
+    pub remaining: Vec<SessionBrief>,
+    /// One statement for the retry to run right after its `BEGIN`, in the same message
+    /// as the script, so that nothing can begin between it and the script's first lock
+    /// request: it waits (server-side, bounded) for a moment when every session holding
+    /// a lock on the tables is far enough into its transaction to end within the guard's
+    /// budget. `None`: retry at once. It holds no lock the application needs; the
+    /// executor runs the retry without it should it fail.
+    pub ripe_wait: Option<String>,
+}
+
+impl BlockersGone {
+    /// All gone; the retry waits for nothing.
+    pub fn gone() -> Self {
+        BlockersGone::default()
+    }
 }
 
 #[cfg(test)]

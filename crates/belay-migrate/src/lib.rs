@@ -28,7 +28,7 @@ pub use config::ExecConfig;
 pub use error::{ErrorKind, GuardExhaustion, MigrateError, ScriptFailure};
 pub use events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 pub use gate::{GateScript, ScriptGate};
-pub use guard::{LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd};
+pub use guard::{BlockersGone, LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd};
 pub use runner::{
     CheckOverride, Migrator, Plan, RepairAction, RepairScope, RunReport, RunnerSession,
     SessionStash, Step, StepResult, Target, UndoTarget,

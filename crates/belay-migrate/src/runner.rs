@@ -8,7 +8,7 @@ use crate::directives::NoTransactionSource;
 use crate::error::{GuardExhaustion, MigrateError, ScriptFailure};
 use crate::events::{Direction, Event, EventKind, EventSink, RunnerHolder};
 use crate::gate::{GateScript, ScriptGate};
-use crate::guard::{LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd};
+use crate::guard::{BlockersGone, LockGuardHook, LockTrip, LockWatch, SessionBrief, WatchEnd};
 use crate::source::{Layout, MigrationSet, Script};
 use crate::sql::{self, Statement};
 use crate::status::{self, MigrationStatus, State};
@@ -273,6 +273,8 @@ enum Batch<'s> {
     Failed(Failure<'s>),
     /// The server refused the message before running any of it (a syntax error).
     Unparsed,
+    /// The retry's wait for a ripe moment failed (rolled back; nothing of the script ran).
+    RipeWaitFailed,
 }
 
 /// Whether a transactional script's statements can go in one message with its BEGIN:
@@ -1194,7 +1196,8 @@ impl Migrator {
     /// After the guard cancelled a statement: waits (bounded by what is left of the
     /// migration's budget) until the sessions the migration was waiting for have finished
     /// their transactions, then backs off with jitter, or fails naming them when the
-    /// budget is spent. Adds the wait to `lock_wait`.
+    /// budget is spent. Adds the wait to `lock_wait`. Returns what a batched retry waits
+    /// for first ([`BlockersGone::ripe_wait`]).
     async fn after_guard_trip(
         &self,
         step: &Step,
@@ -1203,7 +1206,7 @@ impl Migrator {
         started: Instant,
         lock_wait: &mut Duration,
         trips: &[TripNote],
-    ) -> Result<(), MigrateError> {
+    ) -> Result<Option<String>, MigrateError> {
         let blockers: Vec<SessionBrief> = trips
             .last()
             .map(|t| t.trip.blockers.clone())
@@ -1226,17 +1229,18 @@ impl Migrator {
                 .await;
             *lock_wait += waiting.elapsed();
             match outcome {
-                Ok(remaining) if !remaining.is_empty() => {
-                    return Err(exhausted(&still_held(remaining, &blockers), true));
+                Ok(gone) if !gone.remaining.is_empty() => {
+                    return Err(exhausted(&still_held(gone.remaining, &blockers), true));
                 }
                 // They are gone: the lock is free now, and every moment of backoff is a
                 // moment for the next transaction to take it first.
-                Ok(_) => {
+                Ok(gone) => {
                     debug!(
                         attempt = attempts,
+                        ripe_wait = gone.ripe_wait.is_some(),
                         "retrying as soon as the blockers have gone"
                     );
-                    return Ok(());
+                    return Ok(gone.ripe_wait);
                 }
                 // Not knowing when they are gone, fall back to the backoff alone.
                 Err(e) => self.guard_unavailable(&e.message),
@@ -1251,7 +1255,7 @@ impl Migrator {
             "retrying after a lock guard trip"
         );
         tokio::time::sleep(backoff).await;
-        Ok(())
+        Ok(None)
     }
 
     #[allow(clippy::too_many_arguments, reason = "everything the message names")]
@@ -1661,6 +1665,9 @@ impl Migrator {
         let mut trips = Vec::new();
         let fence_step = fence.as_ref().map(|f| f.lock_step(step));
         let mut batched = fence.is_none() && batchable(conn, script);
+        // What the next attempt waits for after its BEGIN (batched only): see
+        // `BlockersGone::ripe_wait`.
+        let mut ripe_wait: Option<String> = None;
         // The transaction is driven with plain BEGIN/COMMIT rather than sqlx's
         // `Transaction` so that BEGIN, the script, the history row and COMMIT travel in one
         // message (batched: one round trip per migration), or at least BEGIN with its
@@ -1688,8 +1695,19 @@ impl Migrator {
                 row.lock_trips = i32::try_from(trips.len()).unwrap_or(i32::MAX);
                 row.notes = self.notes(step, &trips);
                 let known_trips = trips.len();
+                let ripe = ripe_wait.take();
+                let had_ripe_wait = ripe.is_some();
                 match self
-                    .run_batch(conn, step, &begin, &row, watch, attempts, &mut trips)
+                    .run_batch(
+                        conn,
+                        step,
+                        &begin,
+                        ripe.as_deref(),
+                        &row,
+                        watch,
+                        attempts,
+                        &mut trips,
+                    )
                     .await?
                 {
                     Batch::Committed { rank, reset_done } => {
@@ -1702,7 +1720,13 @@ impl Migrator {
                     }
                     Batch::Failed(f) => failure = Some(f),
                     // Nothing ran: statement by statement, this attempt and the next.
-                    Batch::Unparsed => batched = false,
+                    Batch::Unparsed if !had_ripe_wait => batched = false,
+                    // The wait only chooses a moment: the same attempt again, without it
+                    // (it cannot have made the script's statements unparsable).
+                    Batch::Unparsed | Batch::RipeWaitFailed => {
+                        attempts -= 1;
+                        continue;
+                    }
                 }
             }
             if !batched {
@@ -1823,7 +1847,8 @@ impl Migrator {
                     if tripped {
                         // The whole transaction is retried, from BEGIN.
                         lock_wait += attempt_started.elapsed();
-                        self.after_guard_trip(at, st, attempts, started, &mut lock_wait, &trips)
+                        ripe_wait = self
+                            .after_guard_trip(at, st, attempts, started, &mut lock_wait, &trips)
                             .await?;
                         continue;
                     }
@@ -1831,16 +1856,17 @@ impl Migrator {
                         return Err(script_error_at(&at.source, st, &e, shift));
                     }
                     lock_wait += attempt_started.elapsed();
-                    self.after_lock_timeout(
-                        at,
-                        st,
-                        attempts,
-                        started,
-                        &mut lock_wait,
-                        &lock_timeout,
-                        &last_blockers,
-                    )
-                    .await?;
+                    ripe_wait = self
+                        .after_lock_timeout(
+                            at,
+                            st,
+                            attempts,
+                            started,
+                            &mut lock_wait,
+                            &lock_timeout,
+                            &last_blockers,
+                        )
+                        .await?;
                 }
             }
         }
@@ -1879,19 +1905,24 @@ impl Migrator {
     /// The server parses a whole message before it runs any of it: a syntax error anywhere
     /// fails it with nothing run, not even BEGIN ([`Batch::Unparsed`]); the caller then
     /// runs the script statement by statement, which names the statement and its line.
+    ///
+    /// A retry after the guard gave way may wait for a ripe moment right after its BEGIN
+    /// (`ripe_wait`, one statement): in the same message, so no application transaction
+    /// can begin between the moment chosen and the script's first lock request.
     #[allow(clippy::too_many_arguments, reason = "one attempt's whole state")]
     async fn run_batch<'s>(
         &self,
         conn: &mut PgConnection,
         step: &'s Step,
         begin: &str,
+        ripe_wait: Option<&str>,
         row: &NewRow,
         watch: Option<Box<dyn LockWatch>>,
         attempt: u32,
         trips: &mut Vec<TripNote>,
     ) -> Result<Batch<'s>, MigrateError> {
         let script = &step.source;
-        let prefix = sql::split(begin).len();
+        let prefix = sql::split(begin).len() + usize::from(ripe_wait.is_some());
         // After the script: the history row (as the role belay connected as), COMMIT, and
         // the session reset for the next migration (PostgreSQL ≥ 14, as batching is); the
         // session authorization set for the row stays set past COMMIT.
@@ -1902,6 +1933,10 @@ impl Migrator {
         let mut text = String::with_capacity(begin.len() + script.text.len() + 8);
         text.push_str(begin);
         text.push_str(";\n");
+        if let Some(wait) = ripe_wait {
+            text.push_str(wait);
+            text.push_str(";\n");
+        }
         let mut chars = text.chars().count();
         let mut shifts = Vec::with_capacity(script.statements.len());
         for st in &script.statements {
@@ -1965,7 +2000,14 @@ impl Migrator {
                 debug!(error = %e, "the batch did not parse; statement by statement");
                 Ok(Batch::Unparsed)
             }
-            Err(e) if completed < prefix => {
+            // Not the guard's cancel (nothing queues behind a session holding no lock but
+            // its own transaction's; should it, the retry goes as for any trip).
+            Err(e) if ripe_wait.is_some() && completed + 1 == prefix && !tripped => {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                debug!(error = %e, "waiting for a ripe moment failed; retrying without");
+                Ok(Batch::RipeWaitFailed)
+            }
+            Err(e) if completed < prefix && !tripped => {
                 let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
                 Err(self.db_err("beginning a transaction")(e))
             }
@@ -1994,7 +2036,8 @@ impl Migrator {
 
     /// Reports a lock timeout naming whom the statement waited for, then waits for them to
     /// finish their transactions and retries at once (when the guard saw them), or sleeps
-    /// the backoff; fails naming them when the budget is spent.
+    /// the backoff; fails naming them when the budget is spent. Returns what a batched
+    /// retry waits for first ([`BlockersGone::ripe_wait`]).
     #[allow(clippy::too_many_arguments, reason = "the attempt's whole state")]
     async fn after_lock_timeout(
         &self,
@@ -2005,7 +2048,7 @@ impl Migrator {
         lock_wait: &mut Duration,
         lock_timeout: &str,
         blockers: &[SessionBrief],
-    ) -> Result<(), MigrateError> {
+    ) -> Result<Option<String>, MigrateError> {
         let line = sql::line_of_offset(&step.source.text, st.start);
         let exhausted = |lock_wait: Duration, blockers: &[SessionBrief], still: bool| {
             let who = if blockers.is_empty() {
@@ -2058,14 +2101,14 @@ impl Migrator {
                 .await;
             *lock_wait += waiting.elapsed();
             match outcome {
-                Ok(remaining) if !remaining.is_empty() => {
+                Ok(gone) if !gone.remaining.is_empty() => {
                     return Err(exhausted(
                         *lock_wait,
-                        &still_held(remaining, blockers),
+                        &still_held(gone.remaining, blockers),
                         true,
                     ));
                 }
-                Ok(_) => return Ok(()),
+                Ok(BlockersGone { ripe_wait, .. }) => return Ok(ripe_wait),
                 Err(e) => self.guard_unavailable(&e.message),
             }
         }
@@ -2082,7 +2125,7 @@ impl Migrator {
             blocked_by: blockers.to_vec(),
         });
         tokio::time::sleep(backoff).await;
-        Ok(())
+        Ok(None)
     }
 
     /// A migration that cannot run in a transaction (`CREATE INDEX CONCURRENTLY`, its own
