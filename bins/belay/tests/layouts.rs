@@ -259,9 +259,10 @@ fn files_the_layouts_tool_ignores_are_skipped_with_a_warning() {
     let r = belay_ok(&db.url, dir.path(), &["status"]);
     assert!(
         r.stderr
-            .contains("skipped 2 file(s) that are not migrations: .gitkeep, README.md"),
+            .contains("skipped 1 file(s) that are not migrations: README.md"),
         "{r:?}"
     );
+    assert!(!r.stderr.contains(".gitkeep"), "{r:?}");
     assert!(r.stderr.contains("create_t/README.md: skipped"), "{r:?}");
     let r = belay_ok(&db.url, dir.path(), &["migrate"]);
     assert!(r.stdout.contains("seed_data.sql: skipped"), "{r:?}");

@@ -3,14 +3,17 @@
 //! statement runs.
 //!
 //! What each layout's own tool ignores is skipped with a warning, never run and never an
-//! error: files that are not SQL (README, `.gitkeep`) in every layout, and in the folder
+//! error: files that are not SQL (README) in every layout, and in the folder
 //! layout every loose file beside the migration folders and every unknown file inside
 //! one (diesel reads only `<version>_<name>/` folders and their `up.sql`/`down.sql`).
 //! A loose `.sql` file whose name is no migration name is an error in the other layouts:
 //! there migrations are loose files, so it is far more likely a migration with a
 //! mistyped name that would otherwise never run. A name that looks like a migration but
 //! is malformed (`V1_x.sql`, `1_x.up.sq`, a folder holding `up.sql` without a version)
-//! is an error in every layout.
+//! is an error in every layout. Hidden files that are not SQL (`.gitkeep`, `.DS_Store`)
+//! are skipped without a word: no tool reads them, and a warning about them on every
+//! command would teach users to skip belay's warnings. A hidden `.sql` file (an editor's
+//! `.#V2__x.sql`, a draft put aside) is still named, as it may be a migration mislaid.
 
 use crate::directives::{self, DirectiveError, Directives, NoTransactionSource};
 use crate::sections::{self, SectionError, Tool};
@@ -637,6 +640,9 @@ fn single_file_layout(text: &str) -> Layout {
 /// A file that is not a `.sql` script: a sidecar belay reads, a malformed migration name,
 /// or something no layout's tool reads.
 fn not_sql(path: PathBuf, name: &str, sc: &mut Scan) {
+    if is_hidden(&path) && !name.ends_with(".sql") {
+        return; // see the module documentation
+    }
     if let Some(script) = name.strip_suffix(".conf")
         && script.ends_with(".sql")
         && path.with_file_name(script).is_file()
@@ -1339,6 +1345,7 @@ mod tests {
             ("2024-01-01-000000_a/notes.txt", "why"),
             ("README.md", "how to"),
             (".gitkeep", ""),
+            (".V2__draft.sql", "select 3;"),
             ("data_seed.sql", "insert into t values (1);"),
         ]);
         let set = load(d.path()).unwrap();
@@ -1348,9 +1355,10 @@ mod tests {
         assert!(w.contains("data_seed.sql: skipped, not a migration"), "{w}");
         assert!(w.contains("notes.txt: skipped"), "{w}");
         assert!(
-            w.contains("2 file(s) that are not migrations: .gitkeep, README.md"),
+            w.contains("2 file(s) that are not migrations: .V2__draft.sql, README.md"),
             "{w}"
         );
+        assert!(!w.contains(".gitkeep"), "{w}");
 
         type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
         let cases: &[Case] = &[
