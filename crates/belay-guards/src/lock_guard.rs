@@ -215,7 +215,7 @@ struct Watch {
 const RIPE_WAIT_BUDGETS: u32 = 40;
 
 /// How far into their transactions the lock holders must be for a retry to queue less
-/// than the guard's trip point (four fifths of `budget`: see `period_for`) behind them,
+/// than the guard's trip point (`budget` less one poll period: see `period_for`) behind them,
 /// judged by the longest the sessions the last cancel released held the lock it gave
 /// them (the application's own traffic, which had queued behind the migration; not the
 /// blockers, whose one long transaction says nothing of the rest): `None` when those fit

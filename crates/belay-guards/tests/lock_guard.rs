@@ -145,13 +145,22 @@ type Running = (
 
 /// Runs `migrate` in a task, its events forwarded to a channel.
 fn migrate(db: &TestDb, dir: &std::path::Path, config: ExecConfig) -> R<Running> {
+    let guard = Arc::new(LockGuardAdapter::new(DatabaseUrl::parse(&db.url)?));
+    migrate_guarded(db, dir, config, guard)
+}
+
+fn migrate_guarded(
+    db: &TestDb,
+    dir: &std::path::Path,
+    config: ExecConfig,
+    guard: Arc<dyn LockGuardHook>,
+) -> R<Running> {
     let url = DatabaseUrl::parse(&db.url)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let sink = Arc::new(move |e: &Event| {
         let _ = tx.send(e.clone());
     });
-    let m = Migrator::new(url.clone(), load(dir)?, config, sink)?
-        .with_lock_guard(Arc::new(LockGuardAdapter::new(url)));
+    let m = Migrator::new(url, load(dir)?, config, sink)?.with_lock_guard(guard);
     Ok((
         tokio::spawn(async move { m.migrate(&Target::default()).await }),
         rx,
@@ -857,6 +866,43 @@ async fn session_on(url: &str) -> R<(PgConnection, i32)> {
     Ok((c, pid))
 }
 
+/// The adapter, counting the ripe waits it hands the executor.
+struct CountingRipeWaits {
+    inner: LockGuardAdapter,
+    ripe_waits: AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl LockGuardHook for CountingRipeWaits {
+    async fn prepare(&self) -> Result<(), ApiError> {
+        self.inner.prepare().await
+    }
+
+    async fn release(&self) {
+        self.inner.release().await
+    }
+
+    async fn watch(
+        &self,
+        backend_pid: i32,
+        max_blocking: Duration,
+    ) -> Result<Box<dyn LockWatch>, ApiError> {
+        self.inner.watch(backend_pid, max_blocking).await
+    }
+
+    async fn wait_until_gone(
+        &self,
+        pids: &[i32],
+        timeout: Duration,
+    ) -> Result<BlockersGone, ApiError> {
+        let gone = self.inner.wait_until_gone(pids, timeout).await?;
+        if gone.ripe_wait.is_some() {
+            self.ripe_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(gone)
+    }
+}
+
 /// A run whose ALTER queued behind `blocker`; a reader queued behind the ALTER, the guard
 /// cancelled it, and the reader, released, keeps ACCESS SHARE in its open transaction.
 /// Returns once the guard's session announces that the pending DDL waits for both.
@@ -864,12 +910,17 @@ struct Released {
     run: tokio::task::JoinHandle<Result<RunReport, belay_migrate::MigrateError>>,
     blocker: PgConnection,
     reader: PgConnection,
+    guard: Arc<CountingRipeWaits>,
 }
 
 async fn trip_releasing_a_reader(db: &TestDb, admin: &mut PgConnection) -> R<Released> {
     let dir = migrations(&[("V1__add_r.sql", "ALTER TABLE t ADD COLUMN r int;\n")])?;
     let (blocker, blocker_pid) = blocker(&db.url).await?;
-    let (run, mut events) = migrate(db, dir.path(), ExecConfig::default())?;
+    let guard = Arc::new(CountingRipeWaits {
+        inner: LockGuardAdapter::new(DatabaseUrl::parse(&db.url)?),
+        ripe_waits: AtomicU32::new(0),
+    });
+    let (run, mut events) = migrate_guarded(db, dir.path(), ExecConfig::default(), guard.clone())?;
     let deadline = Instant::now() + SOON;
     while waiting_on_t(admin).await?.is_none() {
         assert!(Instant::now() < deadline, "the ALTER never queued");
@@ -920,6 +971,7 @@ async fn trip_releasing_a_reader(db: &TestDb, admin: &mut PgConnection) -> R<Rel
         run,
         blocker,
         reader,
+        guard,
     })
 }
 
@@ -930,6 +982,7 @@ async fn after_a_trip_belay_also_waits_for_the_sessions_its_cancel_released() ->
         run,
         mut blocker,
         mut reader,
+        guard: _,
     } = trip_releasing_a_reader(&db, &mut admin).await?;
     sqlx::raw_sql("COMMIT").execute(&mut blocker).await?;
     // Still waiting for the reader: the ALTER has not queued behind it.
@@ -953,12 +1006,18 @@ async fn a_retry_whose_ripe_wait_cannot_run_goes_ahead_without_it() -> R<()> {
         run,
         mut blocker,
         mut reader,
+        guard,
     } = trip_releasing_a_reader(&db, &mut admin).await?;
     // The released reader holds its lock past the budget: the retry would wait.
     sqlx::raw_sql("COMMIT").execute(&mut blocker).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     sqlx::raw_sql("COMMIT").execute(&mut reader).await?;
     let report = tokio::time::timeout(SOON, run).await???;
+    assert_eq!(
+        guard.ripe_waits.load(Ordering::Relaxed),
+        1,
+        "the retry had a ripe wait"
+    );
     assert_eq!(report.results[0].retries, 1, "{report:?}");
     assert!(column_exists(&mut admin, "r").await?);
     Ok(())
@@ -975,6 +1034,7 @@ async fn after_a_trip_the_retry_queues_only_once_the_holders_are_far_enough_in()
         run,
         mut blocker,
         mut reader,
+        guard,
     } = trip_releasing_a_reader(&db, &mut admin).await?;
     // The blocker leaves; the released reader holds its lock 400 ms (far past the
     // budget), and another transaction on t begins just before it ends.
@@ -1012,6 +1072,7 @@ async fn after_a_trip_the_retry_queues_only_once_the_holders_are_far_enough_in()
     );
     sqlx::raw_sql("COMMIT").execute(&mut young).await?;
     let report = tokio::time::timeout(SOON, run).await???;
+    assert_eq!(guard.ripe_waits.load(Ordering::Relaxed), 1);
     assert_eq!(report.results[0].retries, 1, "{report:?}");
     assert!(column_exists(&mut admin, "r").await?);
     Ok(())

@@ -692,20 +692,29 @@ pub async fn wait_until_gone(
     }
 }
 
-/// The statement [`ripe_wait_sql`] builds: `{RELATIONS}`, `{AGE_MS}` and `{WITHIN_MS}`
-/// are filled in. It runs in the migration's transaction, right after its `BEGIN`.
-/// Within one transaction `pg_stat_activity` is a snapshot taken at its first read, so
-/// every round clears it; `pg_locks` is read afresh each time. It never waits longer than
-/// half the session's `statement_timeout`, so the wait itself is never what times out.
+/// The statement [`ripe_wait_sql`] builds: `{AGE_MS}`, `{WITHIN_MS}` and `{RELATIONS}`
+/// are filled in (the names last, so none can be taken for a placeholder). It runs in the
+/// migration's transaction, right after its `BEGIN`. Within one transaction
+/// `pg_stat_activity` is a snapshot taken at its first read, so every round clears it;
+/// `pg_locks` is read afresh each time. It never waits longer than half the session's
+/// `statement_timeout` (or, on PostgreSQL ≥ 17, `transaction_timeout`), so the wait itself
+/// is never what times out. Only client backends count: autovacuum gives way to DDL by
+/// itself. Sessions whose activity the role may not see (other roles', without
+/// `pg_read_all_stats`) show no `xact_start` and do not count either: the wait is then
+/// shorter, never longer. A round reads `pg_locks` (briefly taking every lock-table
+/// partition's lock), so it polls every 2 ms, not faster.
 const RIPE_WAIT_SQL: &str = r#"DO $belay_ripe_wait$
 DECLARE
   deadline timestamptz := clock_timestamp() + interval '{WITHIN_MS} milliseconds';
+  bound text;
   youngest float8;
 BEGIN
-  IF current_setting('statement_timeout') <> '0' THEN
-    deadline := least(deadline,
-      clock_timestamp() + current_setting('statement_timeout')::interval / 2);
-  END IF;
+  FOREACH bound IN ARRAY ARRAY[current_setting('statement_timeout'),
+                               coalesce(current_setting('transaction_timeout', true), '0')] LOOP
+    IF bound <> '0' THEN
+      deadline := least(deadline, clock_timestamp() + bound::interval / 2);
+    END IF;
+  END LOOP;
   LOOP
     PERFORM pg_stat_clear_snapshot();
     SELECT extract(epoch FROM clock_timestamp() - max(a.xact_start)) * 1000 INTO youngest
@@ -713,20 +722,21 @@ BEGIN
      WHERE l.locktype = 'relation' AND l.granted
        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
        AND l.relation = ANY (ARRAY(SELECT to_regclass(r)::oid FROM unnest(ARRAY[{RELATIONS}]::text[]) AS r))
-       AND l.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL;
+       AND l.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL
+       AND a.backend_type = 'client backend';
     EXIT WHEN youngest IS NULL OR youngest >= {AGE_MS} OR clock_timestamp() >= deadline;
-    PERFORM pg_sleep(0.001);
+    PERFORM pg_sleep(0.002);
   END LOOP;
 END
 $belay_ripe_wait$"#;
 
 /// A statement that waits, for at most `within`, until every other session holding a
 /// granted lock on `relations` (as a trip names them, `public.accounts`) is at least
-/// `age` into its transaction, polling every millisecond on the server. Run right after
-/// a retry's `BEGIN`, in the same message as the script: when the application's
-/// transactions last at most `age` plus the lock guard's budget, the script's first lock
-/// request then queues less than the budget behind all of them, and no transaction can
-/// begin between the moment chosen and that request (a client's separate retry arrives
+/// `age` into its transaction, polling on the server. Run right after a retry's `BEGIN`,
+/// in the same message as the script: when the application's transactions last at most
+/// `age` plus the lock guard's trip point, the script's first lock request then queues
+/// behind all of them for less than that, and no client round trip lies between the
+/// moment chosen and that request (a client's separate retry arrives
 /// milliseconds later, by which time a busy application has begun new ones). `None`
 /// when there is nothing to wait for, or a name could not be quoted safely.
 pub fn ripe_wait_sql(relations: &[String], age: Duration, within: Duration) -> Option<String> {
@@ -744,9 +754,9 @@ pub fn ripe_wait_sql(relations: &[String], age: Duration, within: Duration) -> O
         .collect();
     Some(
         RIPE_WAIT_SQL
-            .replace("{RELATIONS}", &list.join(", "))
             .replace("{AGE_MS}", &age.as_millis().to_string())
-            .replace("{WITHIN_MS}", &within.as_millis().to_string()),
+            .replace("{WITHIN_MS}", &within.as_millis().to_string())
+            .replace("{RELATIONS}", &list.join(", ")),
     )
 }
 

@@ -892,7 +892,7 @@ async fn the_ripe_wait_returns_once_every_other_holder_is_far_enough_in() -> R<(
         .await?;
     ripe_wait(&mut m, &sql(&["public.u".into()], minute, minute)?).await?;
     // Never waits past half the session's statement_timeout: the wait itself never fails.
-    sqlx::raw_sql("SET statement_timeout = '200ms'")
+    sqlx::raw_sql("SET statement_timeout = '2s'")
         .execute(&mut m)
         .await?;
     ripe_wait(&mut m, &sql(&t, minute, minute)?).await?;
@@ -900,7 +900,11 @@ async fn the_ripe_wait_returns_once_every_other_holder_is_far_enough_in() -> R<(
         .execute(&mut m)
         .await?;
 
-    // Returns once the holder is 300 ms into its transaction, and not before.
+    // Returns once the holder is 300 ms into its transaction, and not before: a
+    // transaction begun just now.
+    sqlx::raw_sql("COMMIT; BEGIN; SELECT count(*) FROM t")
+        .execute(&mut a)
+        .await?;
     ripe_wait(&mut m, &sql(&t, Duration::from_millis(300), minute)?).await?;
     let age_ms: f64 = sqlx::query_scalar(
         "SELECT (extract(epoch FROM clock_timestamp() - xact_start) * 1000)::float8 \

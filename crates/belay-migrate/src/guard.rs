@@ -212,19 +212,13 @@ pub struct BlockersGone {
     /// all gone).
     pub remaining: Vec<SessionBrief>,
     /// One statement for the retry to run right after its `BEGIN`, in the same message
-    /// as the script, so that nothing can begin between it and the script's first lock
-    /// request: it waits (server-side, bounded) for a moment when every session holding
-    /// a lock on the tables is far enough into its transaction to end within the guard's
-    /// budget. `None`: retry at once. It holds no lock the application needs; the
-    /// executor runs the retry without it should it fail.
+    /// as the script, so that no client round trip lies between it and the script's
+    /// first lock request: it waits (server-side, bounded) for a moment when every
+    /// session holding a lock on the tables is far enough into its transaction to end
+    /// within the guard's trip point. `None`: retry at once. It locks none of the application's
+    /// tables; the executor runs the retry without it should it fail. Its time counts
+    /// in the attempt's execution time, as the successful attempt's own lock wait does.
     pub ripe_wait: Option<String>,
-}
-
-impl BlockersGone {
-    /// All gone; the retry waits for nothing.
-    pub fn gone() -> Self {
-        BlockersGone::default()
-    }
 }
 
 #[cfg(test)]

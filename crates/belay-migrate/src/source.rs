@@ -12,8 +12,9 @@
 //! is malformed (`V1_x.sql`, `1_x.up.sq`, a folder holding `up.sql` without a version)
 //! is an error in every layout. Hidden files that are not SQL (`.gitkeep`, `.DS_Store`)
 //! are skipped without a word: no tool reads them, and a warning about them on every
-//! command would teach users to skip belay's warnings. A hidden `.sql` file (an editor's
-//! `.#V2__x.sql`, a draft put aside) is still named, as it may be a migration mislaid.
+//! command would teach users to skip belay's warnings. A hidden loose `.sql` file (an
+//! editor's `.#V2__x.sql`, a draft put aside) is still named, as it may be a migration
+//! mislaid.
 
 use crate::directives::{self, DirectiveError, Directives, NoTransactionSource};
 use crate::sections::{self, SectionError, Tool};
