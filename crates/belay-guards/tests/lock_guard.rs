@@ -975,6 +975,17 @@ async fn trip_releasing_a_reader(db: &TestDb, admin: &mut PgConnection) -> R<Rel
     })
 }
 
+/// The run of [`trip_releasing_a_reader`] lands on its one retry.
+async fn lands_on_the_retry(
+    run: tokio::task::JoinHandle<Result<RunReport, belay_migrate::MigrateError>>,
+    admin: &mut PgConnection,
+) -> R<()> {
+    let report = tokio::time::timeout(SOON, run).await???;
+    assert_eq!(report.results[0].retries, 1, "{report:?}");
+    assert!(column_exists(admin, "r").await?);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_a_trip_belay_also_waits_for_the_sessions_its_cancel_released() -> R<()> {
     let (db, mut admin) = setup().await?;
@@ -988,10 +999,7 @@ async fn after_a_trip_belay_also_waits_for_the_sessions_its_cancel_released() ->
     // Still waiting for the reader: the ALTER has not queued behind it.
     assert_eq!(waiting_on_t(&mut admin).await?, None);
     sqlx::raw_sql("COMMIT").execute(&mut reader).await?;
-    let report = tokio::time::timeout(SOON, run).await???;
-    assert_eq!(report.results[0].retries, 1, "{report:?}");
-    assert!(column_exists(&mut admin, "r").await?);
-    Ok(())
+    lands_on_the_retry(run, &mut admin).await
 }
 
 /// The ripe wait only chooses a moment: where it cannot run (a database without
@@ -1012,14 +1020,12 @@ async fn a_retry_whose_ripe_wait_cannot_run_goes_ahead_without_it() -> R<()> {
     sqlx::raw_sql("COMMIT").execute(&mut blocker).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     sqlx::raw_sql("COMMIT").execute(&mut reader).await?;
-    let report = tokio::time::timeout(SOON, run).await???;
+    lands_on_the_retry(run, &mut admin).await?;
     assert_eq!(
         guard.ripe_waits.load(Ordering::Relaxed),
         1,
         "the retry had a ripe wait"
     );
-    assert_eq!(report.results[0].retries, 1, "{report:?}");
-    assert!(column_exists(&mut admin, "r").await?);
     Ok(())
 }
 
@@ -1071,9 +1077,7 @@ async fn after_a_trip_the_retry_queues_only_once_the_holders_are_far_enough_in()
         "the retry queued when the holder was {age_when_queued} ms in"
     );
     sqlx::raw_sql("COMMIT").execute(&mut young).await?;
-    let report = tokio::time::timeout(SOON, run).await???;
+    lands_on_the_retry(run, &mut admin).await?;
     assert_eq!(guard.ripe_waits.load(Ordering::Relaxed), 1);
-    assert_eq!(report.results[0].retries, 1, "{report:?}");
-    assert!(column_exists(&mut admin, "r").await?);
     Ok(())
 }
