@@ -1907,8 +1907,8 @@ impl Migrator {
     /// runs the script statement by statement, which names the statement and its line.
     ///
     /// A retry after the guard gave way may wait for a ripe moment right after its BEGIN
-    /// (`ripe_wait`, one statement): in the same message, so no application transaction
-    /// can begin between the moment chosen and the script's first lock request.
+    /// (`ripe_wait`, one statement): in the same message, so no client round trip lies
+    /// between the moment chosen and the script's first lock request.
     #[allow(clippy::too_many_arguments, reason = "one attempt's whole state")]
     async fn run_batch<'s>(
         &self,
