@@ -1081,3 +1081,105 @@ async fn after_a_trip_the_retry_queues_only_once_the_holders_are_far_enough_in()
     assert_eq!(guard.ripe_waits.load(Ordering::Relaxed), 1);
     Ok(())
 }
+
+/// A guard whose watch cancels the migration's backend once the migration has committed
+/// (the table its script creates is visible to others), as a real guard's cancel does
+/// when it lands while the session reset after COMMIT runs, and reports the trip.
+struct CancelAfterCommit {
+    url: String,
+}
+
+struct LateCancel {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<Result<(), sqlx::Error>>,
+}
+
+#[async_trait::async_trait]
+impl LockWatch for LateCancel {
+    async fn stop(self: Box<Self>) -> Result<belay_migrate::WatchEnd, ApiError> {
+        self.stop.store(true, Ordering::Relaxed);
+        let polled = self.task.await;
+        assert!(matches!(polled, Ok(Ok(()))), "{polled:?}");
+        Ok(belay_migrate::WatchEnd {
+            trips: vec![belay_migrate::LockTrip {
+                at: chrono::Utc::now(),
+                blocked_sessions: 1,
+                longest_wait_ms: 45,
+                blockers: Vec::new(),
+            }],
+            last_blockers: Vec::new(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl LockGuardHook for CancelAfterCommit {
+    async fn watch(
+        &self,
+        backend_pid: i32,
+        _max_blocking: Duration,
+    ) -> Result<Box<dyn LockWatch>, ApiError> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let url = self.url.clone();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut c = PgConnection::connect(&url).await?;
+            while !stopped.load(Ordering::Relaxed) {
+                let committed: bool =
+                    sqlx::query_scalar("SELECT to_regclass('marker') IS NOT NULL")
+                        .fetch_one(&mut c)
+                        .await?;
+                if committed {
+                    sqlx::query("SELECT pg_cancel_backend($1)")
+                        .bind(backend_pid)
+                        .execute(&mut c)
+                        .await?;
+                    break;
+                }
+            }
+            Ok(())
+        });
+        Ok(Box::new(LateCancel { stop, task }))
+    }
+
+    async fn wait_until_gone(
+        &self,
+        _pids: &[i32],
+        _timeout: Duration,
+    ) -> Result<BlockersGone, ApiError> {
+        Ok(BlockersGone::default())
+    }
+}
+
+/// The guard's cancel can land after the migration's COMMIT, on the session reset that
+/// shares its message (here made long: 200 temporary tables to drop). The migration
+/// stands, once, and the trip says the statement finished before the cancel instead of
+/// "cancelled and rolled back".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_that_lands_after_commit_leaves_the_migration_standing_and_says_so() -> R<()> {
+    let (db, mut admin) = setup().await?;
+    let dir = migrations(&[(
+        "V1__temp_then_marker.sql",
+        "DO $$ BEGIN FOR i IN 1..200 LOOP \
+         EXECUTE format('CREATE TEMP TABLE tmp_%s (id int PRIMARY KEY, v text)', i); \
+         END LOOP; END $$;\nCREATE TABLE marker (id int);\n",
+    )])?;
+    let guard = Arc::new(CancelAfterCommit {
+        url: db.url.clone(),
+    });
+    let (run, mut events) = migrate_guarded(&db, dir.path(), ExecConfig::default(), guard)?;
+    let report = tokio::time::timeout(SOON, run).await???;
+    assert_eq!(report.results[0].retries, 0, "{report:?}");
+    let (_, _, _, _, cancelled) = next_event(&mut events, "the trip", trip_of).await?;
+    assert!(
+        !cancelled,
+        "the trip claimed to have cancelled a committed migration"
+    );
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM belay.schema_history WHERE script = 'V1__temp_then_marker.sql'",
+    )
+    .fetch_one(&mut admin)
+    .await?;
+    assert_eq!(rows, 1);
+    Ok(())
+}

@@ -384,7 +384,9 @@ impl Poll {
                     source: e,
                 });
             }
-            tracing::warn!(
+            // Info, not a warning: the executor reports the trip as an event (the CLI
+            // prints its own line for it); a daemon's log still has this at its default.
+            tracing::info!(
                 migration_pid,
                 blocked = trip.blocked_sessions.len(),
                 longest_wait_ms = trip.longest_wait_ms,

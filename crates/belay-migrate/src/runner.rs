@@ -1977,7 +1977,10 @@ impl Migrator {
         let last = statements.saturating_sub(1);
         let at = completed.saturating_sub(prefix).min(last);
         let st = &script.statements[at];
-        let cancel_failed = matches!(&sent, Err(e) if is_query_canceled(e));
+        // A cancel that lands after COMMIT (on the session reset) cancelled nothing of the
+        // migration: the trip is reported as one the statement finished before.
+        let cancel_failed =
+            matches!(&sent, Err(e) if is_query_canceled(e)) && completed < committed_at;
         let line = sql::line_of_offset(&script.text, st.start);
         let (tripped, last_blockers) = self
             .end_watch(step, watch, cancel_failed, line, attempt, trips)
