@@ -31,13 +31,20 @@ pub struct LockGuardAdapter {
     migration_pid: Arc<Mutex<Option<i32>>>,
     /// Told what each of the guard's polls sees (the agent's lock gauges).
     observer: Option<Arc<dyn QueueObserver>>,
-    /// The sessions the last trip's cancel released (they were queued behind the
-    /// migration): see [`LockGuardHook::wait_until_gone`] below.
-    released: Arc<Mutex<Vec<i32>>>,
-    /// The relations the last trip's blockers held their locks on, and the budget of the
-    /// watch it ended: what the retry's wait for a ripe moment (see `wait_until_gone`)
-    /// watches.
-    last_trip: Arc<Mutex<(Vec<String>, Duration)>>,
+    /// What the last trip left for [`LockGuardHook::wait_until_gone`] below.
+    last_trip: Arc<Mutex<LastTrip>>,
+}
+
+/// What the trip of the statement watched last tells the wait after it.
+#[derive(Debug, Default)]
+struct LastTrip {
+    /// The sessions its cancel released (they were queued behind the migration).
+    released: Vec<i32>,
+    /// The relations its blockers held their locks on: what the retry's wait for a ripe
+    /// moment watches.
+    relations: Vec<String>,
+    /// The budget of the watch it ended.
+    budget: Duration,
 }
 
 impl std::fmt::Debug for LockGuardAdapter {
@@ -152,8 +159,7 @@ impl LockGuardAdapter {
             idle: Arc::new(Mutex::new(None)),
             migration_pid: Arc::new(Mutex::new(None)),
             observer: None,
-            released: Arc::new(Mutex::new(Vec::new())),
-            last_trip: Arc::new(Mutex::new((Vec::new(), Duration::ZERO))),
+            last_trip: Arc::new(Mutex::new(LastTrip::default())),
         }
     }
 
@@ -205,8 +211,7 @@ fn give_back(idle: &Mutex<Option<PgConnection>>, conn: PgConnection) {
 struct Watch {
     guard: LockGuard,
     idle: Arc<Mutex<Option<PgConnection>>>,
-    released: Arc<Mutex<Vec<i32>>>,
-    last_trip: Arc<Mutex<(Vec<String>, Duration)>>,
+    last_trip: Arc<Mutex<LastTrip>>,
     budget: Duration,
 }
 
@@ -241,22 +246,23 @@ impl LockWatch for Watch {
         let Watch {
             guard,
             idle,
-            released,
             last_trip,
             budget,
         } = *self;
         let last_blockers = guard.last_blockers().into_iter().map(brief_of).collect();
         let (trips, mut conn) = guard.stop_keeping_connection().await.map_err(api_error)?;
         if let Some(last) = trips.last() {
-            *released.lock().unwrap_or_else(PoisonError::into_inner) =
-                last.blocked_sessions.clone();
             let mut relations: Vec<String> = Vec::new();
             for r in last.blockers.iter().filter_map(|b| b.relation.clone()) {
                 if !relations.contains(&r) {
                     relations.push(r);
                 }
             }
-            *last_trip.lock().unwrap_or_else(PoisonError::into_inner) = (relations, budget);
+            *last_trip.lock().unwrap_or_else(PoisonError::into_inner) = LastTrip {
+                released: last.blocked_sessions.clone(),
+                relations,
+                budget,
+            };
         }
         let mut out = Vec::with_capacity(trips.len());
         for t in trips {
@@ -315,10 +321,10 @@ impl LockGuardHook for LockGuardAdapter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(backend_pid);
         // Only the trip of the statement watched last releases anyone worth waiting for.
-        self.released
+        *self
+            .last_trip
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+            .unwrap_or_else(PoisonError::into_inner) = LastTrip::default();
         let conn = self.session().await?;
         let guard = LockGuard::start_on(
             conn,
@@ -330,7 +336,6 @@ impl LockGuardHook for LockGuardAdapter {
         Ok(Box::new(Watch {
             guard,
             idle: self.idle.clone(),
-            released: self.released.clone(),
             last_trip: self.last_trip.clone(),
             budget: max_blocking,
         }))
@@ -350,9 +355,11 @@ impl LockGuardHook for LockGuardAdapter {
         // their transactions end: the next attempt's blockers as much as `pids`. Retrying
         // the moment `pids` are gone would queue behind them at once, each with its whole
         // transaction still ahead (under steady short writes, the worst moment to try).
-        let released =
-            std::mem::take(&mut *self.released.lock().unwrap_or_else(PoisonError::into_inner));
-        let (relations, budget) = std::mem::take(
+        let LastTrip {
+            released,
+            relations,
+            budget,
+        } = std::mem::take(
             &mut *self
                 .last_trip
                 .lock()

@@ -1696,7 +1696,6 @@ impl Migrator {
                 row.notes = self.notes(step, &trips);
                 let known_trips = trips.len();
                 let ripe = ripe_wait.take();
-                let had_ripe_wait = ripe.is_some();
                 match self
                     .run_batch(
                         conn,
@@ -1720,7 +1719,7 @@ impl Migrator {
                     }
                     Batch::Failed(f) => failure = Some(f),
                     // Nothing ran: statement by statement, this attempt and the next.
-                    Batch::Unparsed if !had_ripe_wait => batched = false,
+                    Batch::Unparsed if ripe.is_none() => batched = false,
                     // The wait only chooses a moment: the same attempt again, without it
                     // (it cannot have made the script's statements unparsable).
                     Batch::Unparsed | Batch::RipeWaitFailed => {
